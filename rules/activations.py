@@ -1,0 +1,265 @@
+"""Activation health: dead units, saturation, and signal scale along depth."""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Iterator
+
+from trainlint.engine import Hit, Thresholds, rule
+from trainlint.trace import LayerTrace, RunTrace
+
+from ._graph import WEIGHT_LAYERS, is_model_output
+
+FP16_MAX = 65504.0
+# Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
+ACTIVATION_TYPES = ("GELU", "SiLU", "ELU", "LeakyReLU", "PReLU", "Mish", "SELU", "CELU",
+                    "Softplus", "Hardswish", "GELUActivation", "NewGELUActivation")
+
+
+def _fmt_pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+@rule("TL101", "dead-relu", "warning", dead_fraction=0.5, min_units=8)
+def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Dead ReLU units: units that output 0 for every sample, position and observed step.
+
+    ## What it does
+    For every ReLU-family output (``nn.ReLU``, ``F.relu``, ``x.relu()`` ...) it records, per
+    unit (channel of a conv map, feature of a linear output), whether the unit was ever
+    positive over all observed samples, positions and steps. GELU-family outputs (GELU, SiLU,
+    Mish) count too: their unit is dead when |output| never exceeds 1e-3 (input below about
+    -3.4, where the derivative is ~0). It fires when the share of dead units is at least
+    ``dead_fraction`` (in layers of at least ``min_units`` units). Healthy deep ReLU nets at
+    init can show 20-30% units silent on a small batch, so the default sits above that.
+
+    ## Why is this bad?
+    A ReLU whose input is negative everywhere outputs 0 and passes no gradient: the unit
+    never learns again. A large share of dead units wastes the layer's capacity. Usual causes
+    are a learning rate so high that one update pushes units negative for the whole data set,
+    negative biases, or badly scaled weights.
+
+    ## Example
+    ``nn.Linear(256, 256)`` with ``bias.fill_(-5.0)`` followed by ``nn.ReLU()``.
+
+    ## Fix
+    Lower the learning rate; initialize with ``nn.init.kaiming_normal_(w, nonlinearity="relu")``
+    and zero (or slightly positive) biases; normalize before the activation; or use
+    ``nn.LeakyReLU(0.01)`` / ``nn.GELU()``, which keep a gradient for x < 0.
+    """
+    for lt in trace.layers:
+        if lt.kind not in ("relu", "gelu") or lt.unit_ever_active is None:
+            continue
+        units = lt.unit_ever_active.size
+        dead = lt.dead_fraction
+        if units < t.min_units or dead is None or dead < t.dead_fraction:
+            continue
+        listed = lt.dead_units[:10]
+        more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
+        samples = f" over {trace.observed_steps} step(s)" if trace.observed_steps else ""
+        zero = "0" if lt.kind == "relu" else "~0 (|y| < 1e-3)"
+        yield Hit(
+            module=lt.module,
+            message=(f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type}) output "
+                     f"{zero} for every sample{samples} (threshold {_fmt_pct(t.dead_fraction)}); "
+                     f"dead units: {listed}{more}"),
+            fix=("lower the learning rate; re-initialize the layer feeding it with "
+                 "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
+                 "nn.init.zeros_(layer.bias); or replace the ReLU with nn.LeakyReLU(0.01)"),
+            evidence={"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),
+                      "units": units, "threshold": t.dead_fraction},
+        )
+
+
+@rule("TL102", "saturated-activation", "warning", saturated_fraction=0.3)
+def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Saturated tanh/sigmoid: many outputs sit in the flat tails, where the derivative is ~0.
+
+    ## What it does
+    For every tanh/sigmoid-family output that is a hidden activation (not the model's own
+    output, not a gate multiplied into another tensor), it measures the share of outputs with
+    ``|tanh| > 0.99`` (for sigmoid ``|2σ - 1| > 0.99``: the local derivative is below 2% of its
+    peak). It fires when that share is at least ``saturated_fraction``.
+
+    ## Why is this bad?
+    A saturated unit passes almost no gradient: learning stalls in every layer below it.
+    The classic cause is weights that are too large, e.g. N(0, 1) in a wide layer.
+
+    ## Example
+    A 10-layer, 500-wide tanh MLP initialized with ``nn.init.normal_(w, std=1.0)``.
+
+    ## Fix
+    Initialize with ``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``, add a
+    normalization layer before the activation, or use ReLU/GELU.
+    """
+    for lt in trace.layers:
+        if lt.kind not in ("tanh", "sigmoid") or lt.activation is None:
+            continue
+        share = lt.activation.saturated_fraction or 0.0
+        if share < t.saturated_fraction or is_model_output(trace, lt) or _is_gate(trace, lt):
+            continue
+        yield Hit(
+            module=lt.module,
+            message=(f"{_fmt_pct(share)} of the outputs of {lt.label} ({lt.kind}) sit in the "
+                     f"saturated tails (derivative < 2% of its peak; threshold "
+                     f"{_fmt_pct(t.saturated_fraction)}); output std {lt.activation.std:.3g}"),
+            fix=(f"re-initialize the layer feeding it with nn.init.xavier_normal_(layer.weight, "
+                 f"gain=nn.init.calculate_gain('{lt.kind}')), add nn.LayerNorm/BatchNorm before "
+                 f"the {lt.kind}, or use a non-saturating activation (nn.ReLU, nn.GELU)"),
+            evidence={"saturated_fraction": round(share, 4), "threshold": t.saturated_fraction,
+                      "std": lt.activation.std},
+        )
+
+
+def _is_gate(trace: RunTrace, lt: LayerTrace) -> bool:
+    """An output multiplied into another tensor (LSTM/GLU/SE gates, tanh inside GELU)."""
+    return any(e.src == lt.node and e.dst[0] == "op" for e in trace.edges)
+
+
+def depth_series(trace: RunTrace) -> list[LayerTrace]:
+    """The signal path along depth: weight-layer and nonlinearity outputs, in forward order,
+    without the model's own output (a zero-initialized head is not a vanishing signal)."""
+    series = []
+    for lt in trace.ordered_layers():
+        act = lt.activation
+        if act is None or act.count == 0 or lt.kind in ("softmax", "log_softmax"):
+            continue
+        if not (lt.kind in ("relu", "tanh", "sigmoid", "gelu") or lt.type in WEIGHT_LAYERS
+                or lt.type in ACTIVATION_TYPES):
+            continue
+        if is_model_output(trace, lt):
+            continue
+        series.append(lt)
+    return series
+
+
+def _dominant_nonlinearity(series: list[LayerTrace]) -> str:
+    kinds = [lt.kind for lt in series if lt.kind in ("relu", "tanh", "sigmoid")]
+    return max(set(kinds), key=kinds.count) if kinds else "relu"
+
+
+def _init_fix(kind: str) -> str:
+    if kind == "relu":
+        return ("initialize every weight layer with nn.init.kaiming_normal_(layer.weight, "
+                "nonlinearity='relu') (He init, std = sqrt(2 / fan_in))")
+    return (f"initialize every weight layer with nn.init.xavier_normal_(layer.weight, "
+            f"gain=nn.init.calculate_gain('{kind}')) (Glorot init)")
+
+
+def _scale_profile(trace: RunTrace, window: int, min_layers: int):
+    series = depth_series(trace)
+    if len(series) < min_layers:
+        return None
+    scales = [lt.activation.rms for lt in series]
+    reference = median(scales[:window])
+    if not reference > 0 or not math.isfinite(reference):
+        return None
+    return series, scales, reference
+
+
+@rule("TL103", "vanishing-activations", "warning", min_ratio=0.01, window=3, min_layers=6)
+def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Vanishing activations: the signal's scale decays with depth to a small fraction.
+
+    ## What it does
+    Along the forward path (outputs of weight layers and nonlinearities, in execution order,
+    the model's final output excluded) it compares the RMS of the deepest ``window`` layers with
+    that of the first ``window``. It fires when the ratio falls below ``min_ratio`` in a
+    network of at least ``min_layers`` such layers, naming the first layer below it.
+
+    ## Why is this bad?
+    When activations shrink layer after layer, so do the weight gradients (which are
+    proportional to the layer inputs): the deep layers output ~0 and the network barely
+    learns. The classic cause is small random weights, e.g. N(0, 0.01²) in a 10-layer MLP,
+    where each layer multiplies the scale by about sqrt(fan_in)·0.01 < 1.
+
+    ## Example
+    ``nn.init.normal_(layer.weight, std=0.01)`` in a 10 × 500 tanh MLP.
+
+    ## Fix
+    Kaiming init for ReLU (``nn.init.kaiming_normal_(w, nonlinearity='relu')``), Xavier for
+    tanh (``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``), or add
+    normalization layers / residual connections.
+    """
+    profile = _scale_profile(trace, t.window, t.min_layers)
+    if profile is None:
+        return
+    series, scales, reference = profile
+    deep = median(scales[-t.window:])
+    ratio = deep / reference
+    if ratio >= t.min_ratio:
+        return
+    first = next(i for i, s in enumerate(scales) if s < t.min_ratio * reference)
+    where = series[first]
+    yield Hit(
+        module=where.module,
+        message=(f"activation RMS decays along depth: {reference:.3g} in the first layers, "
+                 f"{deep:.3g} in the last ({ratio:.2g}× , threshold {t.min_ratio:g}×); it first "
+                 f"falls below the threshold at {where.label} (layer {first + 1} of "
+                 f"{len(series)})"),
+        fix=_init_fix(_dominant_nonlinearity(series)),
+        evidence={"ratio": ratio, "threshold": t.min_ratio, "first_rms": reference,
+                  "last_rms": deep, "layers": len(series)},
+    )
+
+
+@rule("TL104", "exploding-activations", "warning", max_ratio=1000.0, window=3, min_layers=6,
+      fp16_fraction=0.25)
+def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Exploding activations: the signal's scale grows with depth by orders of magnitude, or
+    magnitudes approach the float16 range.
+
+    ## What it does
+    Along the forward path it compares the RMS of the deepest ``window`` layers with that of
+    the first ``window`` and fires when the ratio exceeds ``max_ratio``. Separately it fires
+    when any activation's magnitude reaches ``fp16_fraction`` of float16's maximum (65504),
+    where mixed-precision training overflows to Inf.
+
+    ## Why is this bad?
+    Growing activations mean growing gradients and unstable updates; in float16 they overflow
+    to Inf and then NaN.
+
+    ## Example
+    A 10-layer ReLU MLP initialized with ``nn.init.normal_(w, std=1.0)`` (each layer multiplies
+    the scale by about sqrt(fan_in / 2)).
+
+    ## Fix
+    Kaiming/Xavier initialization matched to the nonlinearity, normalization layers, and a
+    lower learning rate.
+    """
+    profile = _scale_profile(trace, t.window, t.min_layers)
+    if profile is not None:
+        series, scales, reference = profile
+        deep = median(scales[-t.window:])
+        ratio = deep / reference
+        if ratio > t.max_ratio:
+            first = next(i for i, s in enumerate(scales) if s > t.max_ratio * reference)
+            where = series[first]
+            yield Hit(
+                module=where.module,
+                message=(f"activation RMS grows along depth: {reference:.3g} in the first "
+                         f"layers, {deep:.3g} in the last ({ratio:.3g}×, threshold "
+                         f"{t.max_ratio:g}×); it first exceeds it at {where.label}"),
+                fix=_init_fix(_dominant_nonlinearity(series)),
+                evidence={"ratio": ratio, "threshold": t.max_ratio, "first_rms": reference,
+                          "last_rms": deep},
+            )
+            return
+    limit = t.fp16_fraction * FP16_MAX
+    for lt in trace.ordered_layers():
+        act = lt.activation
+        if act is None or act.nonfinite:
+            continue
+        peak = max(abs(act.min), abs(act.max))
+        if math.isfinite(peak) and peak >= limit:
+            yield Hit(
+                module=lt.module,
+                message=(f"activations of {lt.label} reach |x| = {peak:.3g}, "
+                         f"{peak / FP16_MAX:.0%} of the float16 maximum (threshold "
+                         f"{t.fp16_fraction:.0%}): mixed precision would overflow to Inf"),
+                fix=("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
+                     "before it, or keep this part in float32/bfloat16"),
+                evidence={"max_abs": peak, "threshold": limit},
+            )
+            return

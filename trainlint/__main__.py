@@ -1,0 +1,5 @@
+"""``python -m trainlint`` is the ``trainlint`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,215 @@
+"""Turn the probe's per-step host snapshots into the RunTrace the rules read."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch.nn as nn
+
+from . import stats
+from .origins import origin_of
+from .probe import ProbeSnapshot
+from .trace import (
+    ActivationStats,
+    Edge,
+    InputTrace,
+    LayerTrace,
+    ModuleFacts,
+    ParamTrace,
+    RunTrace,
+)
+
+_PLAIN = (bool, int, float, str)
+
+
+def module_attrs(module: nn.Module) -> dict:
+    """Plain constructor-level facts of a module (ints, floats, bools, strings, int tuples)."""
+    attrs: dict = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        if isinstance(value, _PLAIN) or (
+            isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+        ):
+            attrs[key] = value
+    for name in ("bias", "weight"):
+        if name in module._parameters or hasattr(module, name):
+            attrs[f"has_{name}"] = getattr(module, name, None) is not None
+    return attrs
+
+
+class TraceBuilder:
+    """Accumulates observed steps of one model and builds the RunTrace on demand."""
+
+    def __init__(self, model: nn.Module, *, mode: str = "check") -> None:
+        self.model = model
+        self.mode = mode
+        self.act_rows: dict[tuple, list] = {}
+        self.grad_rows: dict[tuple, list] = {}
+        self.units: dict[tuple, np.ndarray] = {}
+        self.backward_order: dict[tuple, int] = {}
+        self.points: dict = {}
+        self.norm_calls: list = []
+        self.edges: set = set()
+        self.output_origins: list = []
+        self.inputs: dict = {}
+        self.params: dict[str, ParamTrace] = {}
+        self.losses: list[float] = []
+        self.per_step: list[dict] = []
+        self.errors: list[dict] = []
+        self.train_flags: list[dict] = []
+        self.observed = 0
+
+    def add(self, snap: ProbeSnapshot, step: int) -> None:
+        """Fold one observed step into the run."""
+        self.observed += 1
+        self.points.update(snap.points)
+        self.norm_calls.extend(snap.norm_calls)
+        self.edges |= snap.edges
+        if snap.output_origins:
+            self.output_origins = snap.output_origins
+        step_info: dict = {"step": step, "layers": {}}
+        for tag, value in snap.values.items():
+            kind = tag[0]
+            if kind == "act":
+                self.act_rows.setdefault(tag[1], []).append(value)
+                merged = stats.merge_moments(value)
+                step_info["layers"][tag[1]] = {"std": merged["std"], "mean": merged["mean"],
+                                               "zero_fraction": merged["zero_fraction"]}
+            elif kind == "grad":
+                self.grad_rows.setdefault(tag[1], []).append(value)
+            elif kind == "units":
+                self.units[tag[1]] = value.astype(bool)
+            elif kind == "input":
+                self._add_input(tag, value)
+            elif kind == "param":
+                self._add_param(tag, value)
+            elif kind == "extra" and tag[1] == "loss":
+                loss = float(value.reshape(-1)[0])
+                self.losses.append(loss)
+                step_info["loss"] = loss
+        for key, point in snap.points.items():
+            if point.backward_order is not None and key not in self.backward_order:
+                self.backward_order[key] = point.backward_order
+        grad_total = [p.grad_norm for p in self.params.values() if p.grad_norm is not None]
+        step_info["grad_norm"] = math.sqrt(sum(g * g for g in grad_total)) if grad_total else None
+        self.per_step.append(step_info)
+        self.train_flags.append(self._train_flags(step))
+
+    def _train_flags(self, step: int) -> dict:
+        eval_modules = [n for n, m in self.model.named_modules()
+                        if not m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
+                                                             nn.modules.dropout._DropoutNd))]
+        return {"step": step, "model_training": self.model.training,
+                "eval_modules": eval_modules}
+
+    def _add_input(self, tag: tuple, value: np.ndarray) -> None:
+        _, _, name, shape, dtype, dim = tag
+        current = self.inputs.get((name, dim))
+        if current is None:
+            self.inputs[(name, dim)] = InputTrace(name=name, shape=shape, dtype=dtype,
+                                                  channel_dim=dim, mean=value[0], std=value[1],
+                                                  min=value[2], max=value[3])
+        else:  # keep the first step's batch: inputs are the data, not the model state
+            return
+
+    def _add_param(self, tag: tuple, value: np.ndarray) -> None:
+        _, name, has_grad, has_update, in_opt, shape, requires_grad = tag
+        values = list(value)
+        norm, std = float(values[0]), float(values[1])
+        grad = float(values[2]) if has_grad else None
+        update = float(values[-1]) if has_update else None
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        previous = self.params.get(name)
+        trace = ParamTrace(name=name, module=module, shape=shape, requires_grad=requires_grad,
+                           in_optimizer=in_opt, norm=norm, std=std, grad_norm=grad,
+                           update_norm=update,
+                           nonfinite=int(not math.isfinite(norm)),
+                           grad_nonfinite=int(grad is not None and not math.isfinite(grad)))
+        if previous is not None:
+            trace.update_ratios = previous.update_ratios
+        if update is not None and norm:
+            trace.update_ratios.append(update / norm)
+        self.params[name] = trace
+
+    def build(self, **run: object) -> RunTrace:
+        """The RunTrace of everything observed so far (``run`` fills RunTrace fields)."""
+        modules = self._module_facts()
+        layers = []
+        for key, point in self.points.items():
+            rows = self.act_rows.get(key)
+            activation = None
+            if rows:
+                merged = stats.merge_moments(np.concatenate(rows))
+                activation = ActivationStats(**merged)
+            grad_norm = grad_rms = None
+            grad_nonfinite = 0
+            if key in self.grad_rows:
+                g = stats.merge_grads(np.concatenate(self.grad_rows[key]))
+                grad_norm, grad_rms, grad_nonfinite = g["norm"], g["rms"], g["nonfinite"]
+            facts = modules.get(point.module)
+            layers.append(LayerTrace(
+                module=point.module, type=point.type, op=point.op, depth=point.depth,
+                kind=point.kind, activation=activation, unit_ever_active=self.units.get(key),
+                unit_dim=point.unit_dim, grad_norm=grad_norm, grad_rms=grad_rms,
+                grad_nonfinite=grad_nonfinite, backward_order=self.backward_order.get(key),
+                location=facts.location if facts else None, shape=point.shape,
+                node=("point",) + key))
+        layers.sort(key=lambda lt: lt.depth)
+        trace = RunTrace(
+            layers=layers, modules=modules, params=list(self.params.values()),
+            inputs=self._chosen_inputs(modules),
+            edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
+            losses=list(self.losses), observed_steps=self.observed, mode=self.mode,
+            model_type=type(self.model).__name__,
+            output_ops=tuple(o for o in self.output_origins if o is not None),
+            errors=list(self.errors), train_flags=list(self.train_flags),
+            per_step=list(self.per_step),
+        )
+        for name, value in run.items():
+            setattr(trace, name, value)
+        return trace
+
+    def _module_facts(self) -> dict:
+        facts: dict[str, ModuleFacts] = {}
+        for name, module in self.model.named_modules():
+            facts[name] = ModuleFacts(
+                name=name, type=type(module).__name__, training=module.training,
+                is_leaf=not any(True for _ in module.children()),
+                location=origin_of(module), attrs=module_attrs(module))
+        for call in self.norm_calls:
+            fact = facts.get(call.module)
+            if fact is None or len(call.shape) < 2 or not call.training:
+                continue
+            numel = 1
+            for s in call.shape:
+                numel *= s
+            fact.values_per_channel.append(numel // max(call.shape[1], 1))
+            fact.batch_sizes.append(call.shape[0])
+            if call.shape not in fact.input_shapes:
+                fact.input_shapes.append(call.shape)
+        return facts
+
+    def _chosen_inputs(self, modules: dict) -> list:
+        """One InputTrace per input; for 3-D inputs the channel dim follows the first consumer
+        (dim 1 for Conv1d/BatchNorm1d, the last dim otherwise)."""
+        chosen: dict[str, InputTrace] = {}
+        for (name, dim), trace in sorted(self.inputs.items(), key=lambda kv: kv[0][1]):
+            if len(trace.shape) < 3:
+                chosen[name] = trace
+                continue
+            wants_channel_first = self._first_consumer_is_channel_first(name, modules)
+            if (dim == 1) == wants_channel_first:
+                chosen[name] = trace
+        return list(chosen.values())
+
+    def _first_consumer_is_channel_first(self, name: str, modules: dict) -> bool:
+        for src, dst, _ in self.edges:
+            if src == ("input", name) and dst[0] == "module":
+                facts: Optional[ModuleFacts] = modules.get(dst[1])
+                if facts is not None and facts.is_leaf:
+                    return facts.type.startswith(("Conv", "BatchNorm", "InstanceNorm",
+                                                  "GroupNorm", "MaxPool", "AvgPool"))
+        return False

@@ -1,0 +1,151 @@
+"""Batches and losses: how a user's batch becomes model inputs, targets and a scalar loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import TargetError
+
+
+@dataclass
+class Batch:
+    """Model inputs (positional and keyword) and optional targets."""
+
+    args: tuple
+    kwargs: dict
+    targets: Any = None
+
+    def tensors(self) -> list:
+        items = list(self.args) + list(self.kwargs.values())
+        return [t for t in items if isinstance(t, torch.Tensor)]
+
+    @property
+    def size(self) -> Optional[int]:
+        for t in self.tensors():
+            if t.dim() > 0:
+                return int(t.shape[0])
+        return None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(tuple(move_to(a, device) for a in self.args),
+                     {k: move_to(v, device) for k, v in self.kwargs.items()},
+                     move_to(self.targets, device))
+
+
+def move_to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value
+
+
+def split_batch(batch: Any) -> Batch:
+    """``inputs`` or ``(inputs, targets)``; inputs: a tensor, a tuple of tensors or a dict."""
+    targets = None
+    if isinstance(batch, tuple) and len(batch) == 2:
+        batch, targets = batch
+    if isinstance(batch, torch.Tensor):
+        result = Batch((batch,), {}, targets)
+    elif isinstance(batch, dict):
+        result = Batch((), dict(batch), targets)
+    elif isinstance(batch, (list, tuple)) and batch and all(
+            isinstance(b, torch.Tensor) for b in batch):
+        result = Batch(tuple(batch), {}, targets)
+    else:
+        raise TargetError(
+            f"the batch must be a tensor, a tuple of tensors or a dict of tensors (optionally "
+            f"as (inputs, targets)); got {_describe(batch)}")
+    if not result.tensors():
+        raise TargetError("the batch holds no tensor to feed the model")
+    for t in result.tensors():
+        if t.dim() > 0 and t.shape[0] == 0:
+            raise TargetError(f"the batch is empty: an input has shape {tuple(t.shape)}")
+    return result
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        kinds = ", ".join(type(v).__name__ for v in value)
+        return f"a {type(value).__name__} of {len(value)} ({kinds})"
+    return f"a {type(value).__name__}"
+
+
+def output_loss(outputs: Any) -> Optional[torch.Tensor]:
+    """The loss a model computed itself (transformers' ``ModelOutput.loss``, a dict 'loss')."""
+    loss = None
+    if isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    elif hasattr(outputs, "loss"):
+        loss = getattr(outputs, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def primary_output(outputs: Any) -> Optional[torch.Tensor]:
+    """The tensor a default loss is computed on: the output, the 'logits', or the first one."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) or hasattr(outputs, "logits"):
+        logits = outputs.get("logits") if isinstance(outputs, dict) else outputs.logits
+        if isinstance(logits, torch.Tensor):
+            return logits
+    from .probe import first_float_tensor
+
+    return first_float_tensor(outputs)
+
+
+@dataclass
+class LossChoice:
+    fn: Callable[[Any, Any], torch.Tensor]
+    kind: str
+    note: Optional[str] = None
+    class_dim: int = 1
+
+
+def default_loss(outputs: Any, targets: Any) -> LossChoice:
+    """SPEC's defaults: the model's own loss, cross-entropy, MSE, or a synthetic loss."""
+    if output_loss(outputs) is not None:
+        return LossChoice(lambda out, _t: output_loss(out), "model",
+                          "loss taken from the model's output (.loss)")
+    out = primary_output(outputs)
+    if out is None:
+        raise TargetError("the model's forward returned no floating-point tensor to train on")
+    if isinstance(targets, torch.Tensor):
+        if not targets.is_floating_point() and out.dim() >= 2 and \
+                targets.shape == out.shape[:1] + out.shape[2:]:
+            return LossChoice(lambda o, t: F.cross_entropy(primary_output(o), t),
+                              "cross_entropy", "default loss: cross-entropy")
+        if not targets.is_floating_point() and out.dim() >= 2 and \
+                targets.shape == out.shape[:-1]:
+            return LossChoice(
+                lambda o, t: F.cross_entropy(primary_output(o).flatten(0, -2), t.flatten()),
+                "cross_entropy", "default loss: cross-entropy over the last dim", class_dim=-1)
+        if targets.is_floating_point() and targets.shape == out.shape:
+            return LossChoice(lambda o, t: F.mse_loss(primary_output(o), t), "mse",
+                              "default loss: mean squared error")
+    return LossChoice(lambda o, _t: primary_output(o).float().pow(2).mean() / 2, "synthetic",
+                      "synthetic loss used (mean of squared outputs / 2): no loss_fn and no "
+                      "targets that match the output")
+
+
+def loss_kind_of(loss_fn: Any) -> str:
+    """Which loss family a user's loss is, when recognisable (for TL302/TL601)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn in (F.cross_entropy,):
+        return "cross_entropy"
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss) or \
+            loss_fn is F.binary_cross_entropy_with_logits:
+        return "bce_with_logits"
+    if isinstance(loss_fn, nn.NLLLoss) or loss_fn is F.nll_loss:
+        return "nll"
+    if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
+        return "mse"
+    return "custom"

@@ -1,0 +1,520 @@
+"""Hooks on the user's model that accumulate statistics on the device.
+
+The probe attaches forward hooks (leaf-module outputs, BatchNorm input shapes, the module
+stack), tensor hooks on observed outputs (gradients), a ``TorchFunctionMode`` during the
+root forward (functional activations and data flow between observation points) and
+optimizer step hooks (update sizes). Nothing in a hook syncs with the host: every
+statistic is a device tensor until :meth:`Probe.collect` copies them all at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from . import stats
+
+ACTIVATION_MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu",
+    nn.Tanh: "tanh", nn.Hardtanh: "tanh",
+    nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "sigmoid",
+    nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax",
+    nn.GELU: "gelu", nn.SiLU: "gelu", nn.Mish: "gelu",
+}
+
+# Activation classes from other libraries, recognised by name (transformers' GELUActivation...).
+GELU_NAMES = ("GELU", "SiLU", "Swish", "Mish")
+
+FUNCTIONAL_ACTIVATIONS: dict[Callable, str] = {
+    F.gelu: "gelu", F.silu: "gelu", F.mish: "gelu",
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu",
+    torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
+    torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
+    torch.Tensor.tanh: "tanh", torch.Tensor.tanh_: "tanh",
+    torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid", torch.Tensor.sigmoid_: "sigmoid",
+    torch.special.expit: "sigmoid",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    torch.Tensor.log_softmax: "log_softmax",
+}
+
+CHANNEL_FIRST_TYPES = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+UNIT_KINDS = ("relu", "gelu")
+MAX_VIA = 4
+# Element-wise products: a tensor flowing into one of these is used as a gate.
+GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
+
+
+def activation_kind(module: nn.Module) -> Optional[str]:
+    """The activation family of a module, or None when it is not an activation."""
+    kind = ACTIVATION_MODULES.get(type(module))
+    if kind is None and not any(True for _ in module.parameters(recurse=False)):
+        name = type(module).__name__
+        if any(g in name for g in GELU_NAMES):
+            kind = "gelu"
+    return kind
+
+
+def first_float_tensor(obj: Any) -> Optional[torch.Tensor]:
+    """The first floating-point tensor in a (nested) module output, or None."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() or obj.is_complex() else None
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dataclass_fields__"):
+        items = (getattr(obj, f) for f in obj.__dataclass_fields__)
+    else:
+        return None
+    for item in items:
+        found = first_float_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> list:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 2:
+        return []
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        out: list = []
+        for item in obj:
+            out.extend(_tensors_in(item, depth + 1))
+        return out
+    return []
+
+
+@dataclass
+class Point:
+    """One observation point and its device accumulators for the current step."""
+
+    key: tuple
+    module: str
+    type: str
+    op: str
+    kind: Optional[str]
+    depth: int
+    unit_dim: Optional[int] = None
+    shape: tuple = ()
+    act_rows: list = field(default_factory=list)
+    grad_rows: list = field(default_factory=list)
+    ever_active: Optional[torch.Tensor] = None
+    backward_order: Optional[int] = None
+
+
+@dataclass
+class NormCall:
+    module: str
+    shape: tuple
+    training: bool
+
+
+class _ProbeMode(TorchFunctionMode):
+    """Sees every torch function during the root forward: functional activations and flow."""
+
+    def __init__(self, probe: Probe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        probe = self.probe
+        if probe.busy:
+            return out
+        probe.busy = True
+        try:
+            op = FUNCTIONAL_ACTIVATIONS.get(func)
+            if op is not None and not probe.inside_activation_module():
+                probe.on_functional(op, args, out)
+            else:
+                probe.propagate(getattr(func, "__name__", "op"), args, kwargs, out)
+        finally:
+            probe.busy = False
+        return out
+
+
+class Probe:
+    """Attach to a model; observe the steps you ask for; hand back device statistics.
+
+    Usage: ``attach()``, then for each observed step ``begin_step()`` ... training step ...
+    ``collect()`` (the one host sync), and ``detach()`` at the end (idempotent).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 *, grad_scale: Optional[Callable[[], Optional[float]]] = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.names = {m: n for n, m in model.named_modules()}
+        self.param_names = {p: n for n, p in model.named_parameters()}
+        self.handles: list[RemovableHandle] = []
+        self.tensor_handles: list[RemovableHandle] = []
+        self.points: dict[tuple, Point] = {}
+        self.observing = False
+        self.busy = False
+        self.stack: list[nn.Module] = []
+        self.call_counts: dict[tuple, int] = {}
+        self.counter = 0
+        self.bw_counter = 0
+        self.last_layout_channel_first = False
+        self.producers: dict[int, tuple] = {}
+        self.edges: set[tuple] = set()
+        self.output_origins: list[tuple] = []
+        self.input_rows: list[tuple] = []
+        self.norm_calls: list[NormCall] = []
+        self.failed_module: Optional[str] = None
+        self.update_snapshots: dict[nn.Parameter, torch.Tensor] = {}
+        self.update_norms: dict[nn.Parameter, torch.Tensor] = {}
+        self.mode: Optional[_ProbeMode] = None
+        self.attached = False
+        self.grad_scale = grad_scale
+
+    # ---------------------------------------------------------------- lifecycle
+    def attach(self) -> Probe:
+        if self.attached:
+            return self
+        root = self.model
+        self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self.handles.append(root.register_forward_hook(self._root_post, always_call=True))
+        for module in root.modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+            if isinstance(module, NORM_TYPES):
+                self.handles.append(module.register_forward_pre_hook(self._norm_input))
+            if not any(True for _ in module.children()):
+                self.handles.append(module.register_forward_hook(self._leaf_output))
+        if self.optimizer is not None:
+            self.handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
+            self.handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this probe attached and leave no mode on the stack."""
+        self._exit_mode()
+        for handle in self.handles + self.tensor_handles:
+            handle.remove()
+        self.handles.clear()
+        self.tensor_handles.clear()
+        self.observing = False
+        self.stack.clear()
+        self.attached = False
+
+    def begin_step(self) -> None:
+        """Observe the next forward/backward/optimizer step."""
+        self.observing = True
+        self.failed_module = None
+
+    def end_step(self) -> None:
+        """Stop observing; drop per-step bookkeeping that references tensors."""
+        self.observing = False
+        for handle in self.tensor_handles:
+            handle.remove()
+        self.tensor_handles.clear()
+        self.producers.clear()
+        self.update_snapshots.clear()
+
+    # ---------------------------------------------------------------- module stack
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.observing:
+            return
+        self.call_counts.clear()
+        self.producers.clear()
+        self.busy = True
+        try:
+            for i, t in enumerate(_tensors_in(args) + _tensors_in(kwargs)):
+                name = f"input{i}"
+                self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
+                if t.is_floating_point() and t.dim() >= 1 and t.numel() > 0:
+                    self._record_input(name, t)
+        finally:
+            self.busy = False
+        if self.mode is None:
+            self.mode = _ProbeMode(self)
+            self.mode.__enter__()
+
+    def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.mode is not None and output is not None and self.observing:
+            self.output_origins = [self._origin_of(t) for t in _tensors_in(output)]
+        self._exit_mode()
+
+    def _exit_mode(self) -> None:
+        if self.mode is not None:
+            mode, self.mode = self.mode, None
+            mode.__exit__(None, None, None)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        if self.observing:
+            self.stack.append(module)
+            if self.mode is not None:
+                self._link_inputs(args, ("module", self.names.get(module, "")))
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.observing:
+            return
+        if output is None and sys.exc_info()[0] is not None and self.failed_module is None:
+            self.failed_module = self.names.get(module, "")
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def inside_activation_module(self) -> bool:
+        return bool(self.stack) and activation_kind(self.stack[-1]) is not None
+
+    def current_module_name(self) -> str:
+        return self.names.get(self.stack[-1], "") if self.stack else ""
+
+    # ---------------------------------------------------------------- observation
+    def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.observing:
+            return
+        tensor = first_float_tensor(output)
+        if tensor is None:
+            return
+        self.busy = True
+        try:
+            name = self.names.get(module, "")
+            kind = activation_kind(module)
+            point = self._observe(name, type(module).__name__, "output", kind, tensor)
+            self._set_producer(tensor, point.key)
+            if isinstance(module, CHANNEL_FIRST_TYPES):
+                self.last_layout_channel_first = True
+            elif kind is None and any(True for _ in module.parameters(recurse=False)):
+                self.last_layout_channel_first = False
+        finally:
+            self.busy = False
+
+    def on_functional(self, op: str, args: tuple, out: Any) -> None:
+        tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
+        if tensor is None or not self.observing:
+            return
+        module = self.stack[-1] if self.stack else self.model
+        name = self.names.get(module, "")
+        origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
+        point = self._observe(name, type(module).__name__, op, op, tensor)
+        for src, via in origins:
+            self.edges.add((src, ("point",) + point.key, via))
+        self._set_producer(tensor, point.key)
+
+    def _observe(self, name: str, type_name: str, op: str, kind: Optional[str],
+                 tensor: torch.Tensor) -> Point:
+        unit_dim = None
+        if kind in UNIT_KINDS and tensor.dim() >= 1:
+            unit_dim = 1 if (tensor.dim() >= 3 and self.last_layout_channel_first) else -1
+            if tensor.dim() == 1:
+                unit_dim = 0
+        units = tensor.shape[unit_dim] if unit_dim is not None else None
+        count_key = (name, op)
+        index = self.call_counts.get(count_key, 0)
+        self.call_counts[count_key] = index + 1
+        label = op if (op == "output" or index == 0) else f"{op}#{index}"
+        key = (name, label, units)
+        point = self.points.get(key)
+        if point is None:
+            point = Point(key=key, module=name, type=type_name, op=label, kind=kind,
+                          depth=self.counter, unit_dim=unit_dim, shape=tuple(tensor.shape))
+            self.points[key] = point
+        self.counter += 1
+        point.act_rows.append(stats.activation_stats(tensor, kind))
+        if unit_dim is not None:
+            positive = stats.unit_active(tensor, unit_dim, kind)
+            point.ever_active = (positive if point.ever_active is None
+                                   else point.ever_active | positive)
+        if tensor.requires_grad and torch.is_grad_enabled():
+            self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
+        return point
+
+    def _grad_hook(self, point: Point) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if point.backward_order is None:
+                point.backward_order = self.bw_counter
+            self.bw_counter += 1
+            point.grad_rows.append(stats.grad_stats(grad))
+        return hook
+
+    def _record_input(self, name: str, t: torch.Tensor) -> None:
+        x = t.detach().to(torch.float64)
+        dims = [1, -1] if x.dim() >= 3 else [-1]
+        for dim in dims:
+            y = x.movedim(dim, -1).reshape(-1, x.shape[dim])
+            finite = torch.isfinite(y)
+            z = torch.where(finite, y, 0)
+            n = finite.sum(0).clamp(min=1)
+            mean = z.sum(0) / n
+            var = (torch.where(finite, y - mean, 0) ** 2).sum(0) / n
+            big = torch.finfo(torch.float64).max
+            lo = torch.where(finite, y, big).amin(0)
+            hi = torch.where(finite, y, -big).amax(0)
+            self.input_rows.append((name, tuple(t.shape), str(t.dtype).replace("torch.", ""),
+                                    dim % x.dim(), torch.stack([mean, var.sqrt(), lo, hi])))
+
+    def _norm_input(self, module: nn.Module, args: tuple) -> None:
+        if self.observing and args and isinstance(args[0], torch.Tensor):
+            self.norm_calls.append(NormCall(self.names.get(module, ""), tuple(args[0].shape),
+                                            module.training))
+
+    # ---------------------------------------------------------------- data flow
+    def _origin_of(self, t: torch.Tensor) -> Optional[tuple]:
+        entry = self.producers.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        return entry[1], entry[2]
+
+    def _set_producer(self, t: torch.Tensor, key: tuple) -> None:
+        if self.mode is not None:
+            self.producers[id(t)] = (weakref.ref(t), ("point",) + key, ())
+
+    def _link_inputs(self, args: Any, dst: tuple) -> None:
+        for t in _tensors_in(args):
+            origin = self._origin_of(t)
+            if origin is not None:
+                self.edges.add((origin[0], dst, origin[1]))
+
+    def propagate(self, op: str, args: tuple, kwargs: dict, out: Any) -> None:
+        """Carry producer tags through plain ops (views, arithmetic) so edges span them."""
+        if not self.observing:
+            return
+        origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
+        if not origins:
+            return
+        outs = _tensors_in(out)
+        for src, via in origins[:2]:
+            if len(via) >= MAX_VIA:
+                continue
+            for t in outs:
+                if id(t) not in self.producers or self._origin_of(t) is None:
+                    self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
+            if op in GATE_OPS:
+                self.edges.add((src, ("op", op), via))
+
+    # ---------------------------------------------------------------- optimizer
+    def _before_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.observing:
+            return
+        self.busy = True
+        try:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    self.update_snapshots[p] = _update_sample(p).clone()
+        finally:
+            self.busy = False
+
+    def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.observing:
+            return
+        for p, before in self.update_snapshots.items():
+            after = _update_sample(p)
+            scale = p.numel() / max(after.numel(), 1)
+            delta = torch.linalg.vector_norm((after - before).to(torch.float64))
+            self.update_norms[p] = delta * (scale ** 0.5)
+        self.update_snapshots.clear()
+
+    # ---------------------------------------------------------------- sync
+    def collect(self, extra: Optional[dict] = None) -> ProbeSnapshot:
+        """Copy every statistic of the observed step (and ``extra`` device scalars, such as the
+        loss) to the host in one transfer."""
+        parts: list[torch.Tensor] = []
+        layout: list[tuple] = []
+        device = _model_device(self.model)
+
+        def add(tag: tuple, value: torch.Tensor) -> None:
+            flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
+            layout.append((tag, tuple(value.shape), flat.numel()))
+            parts.append(flat)
+
+        for key, point in self.points.items():
+            if point.act_rows:
+                add(("act", key), torch.stack(point.act_rows))
+            if point.grad_rows:
+                add(("grad", key), torch.stack(point.grad_rows))
+            if point.ever_active is not None:
+                add(("units", key), point.ever_active)
+        for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
+            add(("input", i, name, shape, dtype, dim), value)
+        in_opt = _optimizer_params(self.optimizer)
+        for name, p in self.model.named_parameters():
+            vec = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64),
+                   p.detach().to(torch.float64).std() if p.numel() > 1
+                   else torch.zeros((), dtype=torch.float64, device=p.device)]
+            grad = p.grad
+            if grad is not None:
+                vec.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64))
+            update = self.update_norms.get(p)
+            if update is not None:
+                vec.append(update)
+            add(("param", name, grad is not None, update is not None,
+                 (p in in_opt) if self.optimizer is not None else None,
+                 tuple(p.shape), p.requires_grad), torch.stack([v.to(device) for v in vec]))
+        for name, value in (extra or {}).items():
+            if isinstance(value, torch.Tensor):
+                add(("extra", name), value)
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        host = flat.cpu().numpy()  # the one host sync of the observed step
+        snapshot = ProbeSnapshot(points=dict(self.points), norm_calls=list(self.norm_calls),
+                                 edges=set(self.edges), output_origins=list(self.output_origins),
+                                 failed_module=self.failed_module)
+        offset = 0
+        for tag, shape, numel in layout:
+            snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
+            offset += numel
+        for point in self.points.values():
+            point.act_rows.clear()
+            point.grad_rows.clear()
+            point.backward_order = None
+        self.input_rows.clear()
+        self.norm_calls.clear()
+        self.update_norms.clear()
+        self.bw_counter = 0
+        return snapshot
+
+
+@dataclass
+class ProbeSnapshot:
+    """Host copies of one observed step's statistics, keyed by what they describe."""
+
+    points: dict
+    norm_calls: list
+    edges: set
+    output_origins: list
+    failed_module: Optional[str]
+    values: dict = field(default_factory=dict)
+
+
+def _update_sample(p: torch.Tensor) -> torch.Tensor:
+    """A strided subset of a parameter, enough to estimate the norm of its update."""
+    flat = p.detach().reshape(-1)
+    if flat.numel() <= 4096:
+        return flat
+    return flat[:: flat.numel() // 4096]
+
+
+def _optimizer_params(optimizer: Optional[torch.optim.Optimizer]) -> set:
+    if optimizer is None:
+        return set()
+    return {p for group in optimizer.param_groups for p in group["params"]}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")

@@ -1,0 +1,201 @@
+"""The plain-data trace that rules read: numbers and module facts, never tensors or modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+# Activation families the probe distinguishes (what "kind" a LayerTrace has).
+RELU_FAMILY = "relu"
+SATURATING_FAMILY = ("tanh", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where in the user's source a module was built."""
+
+    path: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass
+class ActivationStats:
+    """Statistics of one observed output, merged over every call and observed step.
+
+    ``mean``/``std``/``zero_fraction``/``saturated_fraction`` are over the finite
+    elements (NaN/Inf are counted in ``nonfinite`` and skipped). ``sampled`` is
+    True when the moments were estimated on a subset of the elements.
+    """
+
+    count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    zero_fraction: float
+    nonfinite: int = 0
+    saturated_fraction: Optional[float] = None
+    rms: float = 0.0
+    sampled: bool = False
+
+    @property
+    def scale(self) -> float:
+        """Root mean square of the output: the 'size' of the signal."""
+        return self.rms
+
+
+@dataclass
+class LayerTrace:
+    """One observation point: a leaf module's output, or a functional activation in a module.
+
+    ``module`` is the qualified name from ``named_modules()``; ``op`` is ``"output"`` for a
+    leaf module's output and the function name (``"relu"``, ``"tanh"`` ...) for a functional
+    activation called inside ``module``'s forward.
+    """
+
+    module: str
+    type: str
+    op: str
+    depth: int
+    kind: Optional[str] = None
+    activation: Optional[ActivationStats] = None
+    unit_ever_active: Optional[np.ndarray] = None
+    unit_dim: Optional[int] = None
+    grad_norm: Optional[float] = None
+    grad_rms: Optional[float] = None
+    grad_nonfinite: int = 0
+    backward_order: Optional[int] = None
+    location: Optional[Location] = None
+    shape: tuple = ()
+    # This point's node in RunTrace.edges: ("point", module, op, units).
+    node: tuple = ()
+
+    @property
+    def label(self) -> str:
+        """Display name: the module, plus the function when it is a functional activation."""
+        if self.op == "output":
+            return self.module or "(model)"
+        return f"{self.module or '(model)'}:{self.op}"
+
+    @property
+    def dead_fraction(self) -> Optional[float]:
+        if self.unit_ever_active is None or self.unit_ever_active.size == 0:
+            return None
+        return float(1.0 - self.unit_ever_active.mean())
+
+    @property
+    def dead_units(self) -> list[int]:
+        if self.unit_ever_active is None:
+            return []
+        return [int(i) for i in np.flatnonzero(~self.unit_ever_active)]
+
+
+@dataclass
+class ModuleFacts:
+    """What the rules need to know about one module, independent of any step."""
+
+    name: str
+    type: str
+    training: bool
+    is_leaf: bool
+    location: Optional[Location] = None
+    # Constructor-level facts (e.g. num_features, in_channels, bias, affine); plain values only.
+    attrs: dict = field(default_factory=dict)
+    # Shapes of the inputs seen by a normalization layer: values per channel per call.
+    values_per_channel: list = field(default_factory=list)
+    batch_sizes: list = field(default_factory=list)
+    input_shapes: list = field(default_factory=list)
+
+
+@dataclass
+class ParamTrace:
+    """One parameter: its size, its gradient, and the update the optimizer made."""
+
+    name: str
+    module: str
+    shape: tuple
+    requires_grad: bool
+    in_optimizer: Optional[bool]
+    norm: float
+    std: float
+    grad_norm: Optional[float]
+    update_norm: Optional[float] = None
+    nonfinite: int = 0
+    grad_nonfinite: int = 0
+    # ||update|| / ||weight|| of every observed optimizer step, in order.
+    update_ratios: list = field(default_factory=list)
+
+    @property
+    def update_ratio(self) -> Optional[float]:
+        if self.update_norm is None or self.norm == 0:
+            return None
+        return self.update_norm / self.norm
+
+
+@dataclass
+class InputTrace:
+    """Per-channel statistics of one floating-point model input (channel = dim 1 of images,
+    the last dim of tabular/sequence inputs)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    channel_dim: int
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+
+@dataclass
+class Edge:
+    """Data flowed from one observation point to a consumer, through ``via`` plain ops."""
+
+    src: tuple
+    dst: tuple
+    via: tuple = ()
+
+
+@dataclass
+class RunTrace:
+    """Everything observed in a run: what the rules receive."""
+
+    layers: list = field(default_factory=list)
+    modules: dict = field(default_factory=dict)
+    params: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    edges: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    steps: int = 0
+    observed_steps: int = 0
+    batch_size: Optional[int] = None
+    device: str = "cpu"
+    mode: str = "check"
+    world_size: int = 1
+    global_batch_size: Optional[int] = None
+    model_type: str = ""
+    output_ops: tuple = ()
+    loss_kind: Optional[str] = None
+    num_classes: Optional[int] = None
+    errors: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    train_flags: list = field(default_factory=list)
+    amp_dtype: Optional[str] = None
+    per_step: list = field(default_factory=list)
+
+    def layer_by_key(self) -> dict:
+        return {(lt.module, lt.op): lt for lt in self.layers}
+
+    def ordered_layers(self) -> list:
+        """Observation points in forward execution order."""
+        return sorted(self.layers, key=lambda lt: lt.depth)
+
+    @property
+    def model_location(self) -> Optional[Location]:
+        facts = self.modules.get("")
+        return facts.location if facts else None
