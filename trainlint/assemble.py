@@ -9,7 +9,7 @@ import numpy as np
 import torch.nn as nn
 
 from . import stats
-from .origins import origin_of
+from .origins import locate
 from .probe import ProbeSnapshot
 from .trace import (
     ActivationStats,
@@ -90,9 +90,8 @@ class TraceBuilder:
                 loss = float(value.reshape(-1)[0])
                 self.losses.append(loss)
                 step_info["loss"] = loss
-        for key, point in snap.points.items():
-            if point.backward_order is not None and key not in self.backward_order:
-                self.backward_order[key] = point.backward_order
+        for key, order in snap.backward_order.items():
+            self.backward_order.setdefault(key, order)
         grad_total = [p.grad_norm for p in self.params.values() if p.grad_norm is not None]
         step_info["grad_norm"] = math.sqrt(sum(g * g for g in grad_total)) if grad_total else None
         self.per_step.append(step_info)
@@ -178,7 +177,7 @@ class TraceBuilder:
             facts[name] = ModuleFacts(
                 name=name, type=type(module).__name__, training=module.training,
                 is_leaf=not any(True for _ in module.children()),
-                location=origin_of(module), attrs=module_attrs(module))
+                location=locate(self.model, name, module), attrs=module_attrs(module))
         for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:

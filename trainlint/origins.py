@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
+import re
 import sys
 import sysconfig
 import weakref
@@ -74,3 +77,50 @@ def copy_origins(src: nn.Module, dst: nn.Module) -> None:
         loc = _ORIGINS.get(a)
         if loc is not None:
             _ORIGINS[b] = loc
+
+
+def locate(root: nn.Module, name: str, module: nn.Module) -> Optional[Location]:
+    """Where ``module`` (named ``name`` under ``root``) was built: the recorded line, else the
+    ``self.<attr> = ...`` line in the nearest user-defined parent class, else None."""
+    recorded = _ORIGINS.get(module)
+    if recorded is not None:
+        return recorded
+    parts = name.split(".") if name else []
+    while parts:
+        parent = root.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else root
+        found = _assignment_line(type(parent), parts[-1])
+        if found is not None:
+            return found
+        parts = parts[:-1]
+    return _class_line(type(root)) if not name else None
+
+
+@functools.lru_cache(maxsize=512)
+def _assignment_line(cls: type, attr: str) -> Optional[Location]:
+    pattern = re.compile(rf"\b[A-Za-z_]\w*\.{re.escape(attr)}\s*(:[^=]*)?=[^=]")
+    for klass in cls.__mro__:
+        source = _source(klass)
+        if source is None:
+            continue
+        path, lines, start = source
+        for offset, text in enumerate(lines):
+            if pattern.search(text):
+                return Location(path=path, line=start + offset)
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _class_line(cls: type) -> Optional[Location]:
+    source = _source(cls)
+    return Location(path=source[0], line=source[2]) if source else None
+
+
+def _source(klass: type) -> Optional[tuple]:
+    try:
+        path = inspect.getsourcefile(klass)
+        if path is None or not _is_user_file(path):
+            return None
+        lines, start = inspect.getsourcelines(klass)
+    except (OSError, TypeError):
+        return None
+    return path, lines, start

@@ -470,7 +470,9 @@ class Probe:
         host = flat.cpu().numpy()  # the one host sync of the observed step
         snapshot = ProbeSnapshot(points=dict(self.points), norm_calls=list(self.norm_calls),
                                  edges=set(self.edges), output_origins=list(self.output_origins),
-                                 failed_module=self.failed_module)
+                                 failed_module=self.failed_module,
+                                 backward_order={k: p.backward_order for k, p in self.points.items()
+                                                 if p.backward_order is not None})
         offset = 0
         for tag, shape, numel in layout:
             snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
@@ -495,6 +497,7 @@ class ProbeSnapshot:
     edges: set
     output_origins: list
     failed_module: Optional[str]
+    backward_order: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
 
 
