@@ -6,14 +6,18 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 from tabulate import tabulate
 
 from .errors import TrainlintError, UserCodeError
 
+if TYPE_CHECKING:
+    from .report import Report
+
 FORMAT_CHOICES = ["text", "json", "sarif", "junit", "github", "markdown", "html"]
+PLOT_SUFFIXES = (".png", ".svg")
 
 
 def _fail(exc: TrainlintError) -> None:
@@ -23,6 +27,13 @@ def _fail(exc: TrainlintError) -> None:
     sys.exit(2)
 
 
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file (mkstemp's own is 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename: all or nothing."""
     folder = path.resolve().parent
@@ -30,6 +41,7 @@ def write_atomic(path: Path, text: str) -> None:
         raise TrainlintError(f"cannot write {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -69,26 +81,62 @@ def main() -> None:
               default=None, help="Lowest severity that makes the exit status 1 (warning).")
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A TOML file with a [tool.trainlint] table (default: nearest pyproject.toml).")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Findings listed in this baseline file do not fail the run.")
+@click.option("--write-baseline", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write this run's findings to a baseline file (and treat them as baselined).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also save the report's plots to FILE.png or FILE.svg (needs matplotlib).")
 def check(target: str, steps: Optional[int], batch_size: Optional[int],
           input_shape: Optional[str], device: Optional[str], seed: Optional[int], fmt: str,
           output: Optional[Path], select: tuple, ignore: tuple, fail_on: Optional[str],
-          config: Optional[Path]) -> None:
+          config: Optional[Path], baseline: Optional[Path], write_baseline: Optional[Path],
+          plot: Optional[Path]) -> None:
     """Run a few training steps of TARGET (model.py or model.py:NAME) and lint them."""
-    from .runner import CheckOptions, run_cli_check
+    from .runner import CheckOptions, render, run_check
 
     options = CheckOptions(target=target, steps=steps, batch_size=batch_size,
                            input_shape=input_shape, device=device, seed=seed, fmt=fmt,
                            select=_codes(select, "--select"), ignore=_codes(ignore, "--ignore"),
-                           fail_on=fail_on, config=config)
+                           fail_on=fail_on, config=config, baseline=baseline)
     try:
-        text, code = run_cli_check(options)
+        if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+            raise TrainlintError(f"--plot {plot}: use a .png or .svg file name")
+        report, fail_on = run_check(options)
+        if write_baseline is not None:
+            _write_baseline(report, write_baseline)
+        text = render(report, fmt, fail_on=fail_on)
         if output is not None:
             write_atomic(output, text)
         else:
             click.echo(text, nl=False)
+        if plot is not None:
+            report.plot(str(plot))
+        if fmt == "github":
+            _step_summary(render(report, "markdown", fail_on=fail_on))
     except TrainlintError as exc:
         _fail(exc)
-    sys.exit(code)
+    sys.exit(report.exit_code(fail_on))
+
+
+def _write_baseline(report: Report, path: Path) -> None:
+    """Save the findings as the new baseline; the run then counts them as baselined."""
+    from . import baseline
+
+    write_atomic(path, baseline.dumps(report))
+    baseline.apply(report, frozenset(baseline.finding_key(f) for f in report.findings))
+
+
+def _step_summary(markdown: str) -> None:
+    """Append to the GitHub Actions job summary when running there."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(markdown)
+    except OSError as exc:
+        raise TrainlintError(f"cannot append to $GITHUB_STEP_SUMMARY ({path}): {exc}") from None
 
 
 @main.command("rules")

@@ -145,6 +145,8 @@ class Selection:
     select: Optional[set] = None
     ignore: set = field(default_factory=set)
     thresholds: dict = field(default_factory=dict)
+    # module-name glob -> codes whose findings on matching modules are suppressed
+    per_module_ignores: dict = field(default_factory=dict)
 
     def active(self) -> list[Rule]:
         rules = load_rules()
@@ -184,10 +186,15 @@ def run_rules(trace: RunTrace, selection: Selection) -> tuple[list[Finding], lis
         try:
             hits = list(r.func(trace, selection.thresholds_for(r)))
         except Skip as why:
-            notes.append(f"{r.code} {r.name} not checked: {why}")
+            notes.append(skip_note(r, str(why)))
             continue
         findings.extend(_finding(r, hit, trace) for hit in hits)
     return sort_findings(findings, module_order(trace)), notes
+
+
+def skip_note(r: Rule, why: str) -> str:
+    """The run note of a rule that could not run (``why`` empty: the note's prefix)."""
+    return f"{r.code} {r.name} not checked: {why}"
 
 
 def module_order(trace: RunTrace) -> dict[str, int]:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from . import baseline
 from .batch import move_to
 from .check import check
 from .config import Config, load_config
@@ -17,6 +18,7 @@ from .engine import Selection, resolve_codes, set_thresholds
 from .errors import ConfigError, TargetError
 from .report import Report
 from .reports import FORMATS, renderer
+from .suppress import resolve_ignores
 from .target import load_target
 
 DEFAULT_STEPS = 3
@@ -35,6 +37,7 @@ class CheckOptions:
     ignore: list = field(default_factory=list)
     fail_on: Optional[str] = None
     config: Optional[Path] = None
+    baseline: Optional[Path] = None
 
 
 def selection_from(config: Config, select: list, ignore: list) -> Selection:
@@ -43,6 +46,7 @@ def selection_from(config: Config, select: list, ignore: list) -> Selection:
     selection = Selection(select=resolve_codes(chosen) if chosen else None,
                           ignore=resolve_codes(list(config.ignore) + list(ignore)))
     set_thresholds(selection, config.thresholds)
+    selection.per_module_ignores = resolve_ignores(config.per_module_ignores)
     return selection
 
 
@@ -70,6 +74,12 @@ def seed_everything(seed: int) -> None:
 
 def run_cli_check(options: CheckOptions) -> tuple[str, int]:
     """Run the check the CLI describes; return the rendered report and the exit status."""
+    report, fail_on = run_check(options)
+    return render(report, options.fmt, fail_on=fail_on), report.exit_code(fail_on)
+
+
+def run_check(options: CheckOptions) -> tuple[Report, str]:
+    """Run the check the CLI describes; return the report (baseline applied) and ``fail_on``."""
     config = load_config(options.config)
     merged = {**config.options}
     steps = _positive(options.steps if options.steps is not None else
@@ -83,6 +93,7 @@ def run_cli_check(options: CheckOptions) -> tuple[str, int]:
         raise ConfigError(f"--format {options.fmt} is not available in this version "
                           f"(available: {', '.join(FORMATS)})")
     selection = selection_from(config, options.select, options.ignore)
+    known = baseline.load(options.baseline) if options.baseline is not None else None
     seed_everything(seed)
     target = load_target(options.target, batch_size=batch_size, input_shape=options.input_shape)
     model = target.model
@@ -93,8 +104,9 @@ def run_cli_check(options: CheckOptions) -> tuple[str, int]:
     report = check(model, lambda: move_to(target.batch(), device), loss_fn=target.loss_fn,
                    optimizer=target.optimizer, steps=steps, selection=selection,
                    target=str(target.path), notes=target.notes)
-    text = render(report, options.fmt, fail_on=fail_on)
-    return text, report.exit_code(fail_on)
+    if known is not None:
+        baseline.apply(report, known)
+    return report, fail_on
 
 
 def render(report: Report, fmt: str, **options: Any) -> str:

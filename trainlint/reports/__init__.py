@@ -9,6 +9,11 @@ from typing import Callable
 FORMATS: dict[str, str] = {
     "text": "text",
     "json": "json",
+    "sarif": "sarif",
+    "junit": "junit",
+    "github": "github",
+    "markdown": "markdown",
+    "html": "html",
 }
 
 

@@ -18,7 +18,12 @@ def report_dict(report: Report) -> dict:
         item = f.to_dict()
         if item["location"]:
             item["location"]["path"] = relative_path(item["location"]["path"])
+        if report.baseline is not None:
+            item["baselined"] = report.is_baselined(f)
         findings.append(item)
+    summary = {**report.summary, "suppressed": len(report.suppressed)}
+    if report.baseline is not None:
+        summary["baselined"] = sum(report.is_baselined(f) for f in report.findings)
     return {
         "version": 1,
         "tool": {"name": "trainlint", "version": __version__},
@@ -26,7 +31,7 @@ def report_dict(report: Report) -> dict:
         "run": {"steps": trace.steps, "observed_steps": trace.observed_steps,
                 "batch_size": trace.batch_size, "device": trace.device, "mode": trace.mode,
                 "notes": list(report.notes)},
-        "summary": {**report.summary, "suppressed": len(report.suppressed)},
+        "summary": summary,
         "findings": findings,
         "layers": layer_rows(trace),
     }

@@ -45,6 +45,8 @@ def _findings(report: Report) -> str:
     for f in report.findings:
         where = relative_path(str(f.location)) if f.location else "-"
         head = f"{f.severity.upper():<7} {f.code} {f.rule}  {f.module or '(model)'}  {where}"
+        if report.is_baselined(f):
+            head += "  (baselined)"
         lines.append(head)
         lines += textwrap.wrap(f.message, WIDTH, initial_indent="    ", subsequent_indent="    ")
         lines += textwrap.wrap(f.fix, WIDTH, initial_indent="    fix: ",

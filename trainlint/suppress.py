@@ -1,0 +1,115 @@
+"""Suppression: ``# trainlint: ignore[...]`` comments and ``per-module-ignores`` globs.
+
+A finding is suppressed when the source line that built its module carries
+``# trainlint: ignore`` (every rule) or ``# trainlint: ignore[TL401, dead-relu]`` (those rules),
+or when its module name matches a glob of ``[tool.trainlint.per-module-ignores]`` listing its
+code. Suppressed findings are kept on the report (``Report.suppressed``), never dropped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+from .engine import Finding, resolve_codes
+from .errors import ConfigError
+from .report import relative_path
+
+IGNORE_COMMENT = re.compile(r"#.*?\btrainlint:\s*ignore\b(?:\[([^\]]*)\])?", re.IGNORECASE)
+ALL = "*"
+
+
+@dataclass
+class Suppressed:
+    """A finding that was not reported as active, and why."""
+
+    finding: Finding
+    kind: str  # "inline" (a source comment) or "config" (per-module-ignores)
+    reason: str
+
+
+def resolve_ignores(table: Mapping[str, Iterable[str]]) -> dict[str, frozenset]:
+    """Validate ``per-module-ignores`` (glob -> codes/names/prefixes) into glob -> codes."""
+    return {pattern: frozenset(resolve_codes(list(codes))) for pattern, codes in table.items()}
+
+
+def _codes_in(spec: Optional[str], where: str, notes: list) -> frozenset:
+    """Codes named in the brackets of an ignore comment; ``None`` (no brackets) means all."""
+    if spec is None:
+        return frozenset([ALL])
+    codes: set = set()
+    for token in spec.split(","):
+        token = token.strip()
+        if not token:
+            continue
+        try:
+            codes |= resolve_codes([token])
+        except ConfigError:
+            notes.append(f"{where}: unknown rule {token!r} in a '# trainlint: ignore' comment")
+    return frozenset(codes)
+
+
+class _Comments:
+    """Ignore comments of source lines, each file read at most once."""
+
+    def __init__(self, notes: list) -> None:
+        self.notes = notes
+        self.files: dict[str, Optional[list]] = {}
+        self.parsed: dict[tuple, frozenset] = {}
+
+    def _lines(self, path: str) -> Optional[list]:
+        if path not in self.files:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as handle:
+                    self.files[path] = handle.read().splitlines()
+            except OSError:
+                self.files[path] = None
+        return self.files[path]
+
+    def codes_at(self, path: str, line: int) -> frozenset:
+        key = (path, line)
+        if key not in self.parsed:
+            lines = self._lines(path)
+            text = lines[line - 1] if lines is not None and 0 < line <= len(lines) else ""
+            match = IGNORE_COMMENT.search(text)
+            where = f"{relative_path(path)}:{line}"
+            self.parsed[key] = (_codes_in(match.group(1), where, self.notes) if match
+                                else frozenset())
+        return self.parsed[key]
+
+
+def apply_suppressions(findings: Iterable[Finding],
+                       per_module_ignores: Optional[Mapping[str, Iterable[str]]] = None,
+                       ) -> tuple[list[Finding], list[Suppressed], list[str]]:
+    """Split ``findings`` into (kept, suppressed, notes about malformed comments)."""
+    notes: list[str] = []
+    ignores = resolve_ignores(per_module_ignores or {})
+    comments = _Comments(notes)
+    kept: list[Finding] = []
+    suppressed: list[Suppressed] = []
+    for f in findings:
+        why = _inline(f, comments) or _configured(f, ignores)
+        if why is None:
+            kept.append(f)
+        else:
+            suppressed.append(Suppressed(f, *why))
+    return kept, suppressed, notes
+
+
+def _inline(f: Finding, comments: _Comments) -> Optional[tuple[str, str]]:
+    if f.location is None:
+        return None
+    codes = comments.codes_at(f.location.path, f.location.line)
+    if ALL in codes or f.code in codes:
+        where = f"{relative_path(f.location.path)}:{f.location.line}"
+        return "inline", f"'# trainlint: ignore' comment at {where}"
+    return None
+
+
+def _configured(f: Finding, ignores: Mapping[str, frozenset]) -> Optional[tuple[str, str]]:
+    for pattern, codes in ignores.items():
+        if f.code in codes and fnmatch.fnmatchcase(f.module, pattern):
+            return "config", f"per-module-ignores {pattern!r}"
+    return None
