@@ -7,6 +7,9 @@ with :func:`merge_moments` once per observed step.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import torch
 
@@ -25,13 +28,22 @@ SAMPLE_ABOVE = 1 << 18
 SAMPLE_TARGET = 1 << 16
 
 
+@functools.lru_cache(maxsize=256)
+def _prime_stride(base: int) -> int:
+    """The smallest prime >= ``base``: a prime stride does not alias with the tensor's layout
+    (a stride of 256 over 64x64 maps would sample one column of every map)."""
+    stride = max(base, 2)
+    while any(stride % d == 0 for d in range(2, math.isqrt(stride) + 1)):
+        stride += 1
+    return stride
+
+
 def _moment_sample(flat: torch.Tensor) -> torch.Tensor:
     """An evenly strided view of at most ~SAMPLE_TARGET elements (the whole tensor when small)."""
     n = flat.numel()
     if n <= SAMPLE_ABOVE:
         return flat
-    stride = n // SAMPLE_TARGET
-    return flat[::stride]
+    return flat[::_prime_stride(n // SAMPLE_TARGET)]
 
 
 def activation_stats(x: torch.Tensor, kind: str | None) -> torch.Tensor:
@@ -59,7 +71,7 @@ def activation_stats(x: torch.Tensor, kind: str | None) -> torch.Tensor:
     if kind == "tanh":
         saturated = (xd.abs() > SATURATION_LEVEL).sum(dtype=torch.float64)
     elif kind == "sigmoid":
-        saturated = ((2 * xd - 1).abs() > SATURATION_LEVEL).sum(dtype=torch.float64)
+        saturated = (((2 * xd - 1).abs() > SATURATION_LEVEL) & finite).sum(dtype=torch.float64)
     else:
         saturated = torch.zeros((), dtype=torch.float64, device=flat.device)
     n = torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device)

@@ -1,0 +1,280 @@
+"""trainlint.stats and the probe's per-layer numbers against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trainlint
+from trainlint import stats
+
+A = stats.A
+
+
+def direct_moments(values: np.ndarray, kind: str | None = None) -> dict:
+    """Moments of the finite elements, computed in float64 with numpy."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    finite = x[np.isfinite(x)]
+    if kind == "tanh":
+        saturated = int((np.abs(finite) > 0.99).sum())
+    elif kind == "sigmoid":
+        saturated = int((np.abs(2 * finite - 1) > 0.99).sum())
+    else:
+        saturated = 0
+    return {"count": x.size, "finite": finite.size, "mean": finite.mean(), "std": finite.std(),
+            "min": finite.min(), "max": finite.max(), "zeros": int((finite == 0).sum()),
+            "saturated": saturated}
+
+
+def tensor_with_specials(seed: int, shape: tuple) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 2
+    flat = x.view(-1)
+    flat[::7] = 0.0
+    flat[3] = float("nan")
+    flat[5] = float("inf")
+    flat[11] = -float("inf")
+    return x
+
+
+@pytest.mark.parametrize("kind", [None, "relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6, 5), (2, 9, 8)])
+def test_activation_stats_match_direct_computation(kind: str | None, shape: tuple) -> None:
+    x = tensor_with_specials(1, shape)
+    if kind == "tanh":
+        x = torch.where(torch.isfinite(x), torch.tanh(x * 2), x)
+    elif kind == "sigmoid":
+        x = torch.where(torch.isfinite(x), torch.sigmoid(x * 3), x)
+    v = stats.activation_stats(x, kind).numpy()
+    d = direct_moments(x.numpy(), kind)
+    assert v[A["n"]] == d["count"]
+    assert v[A["n_finite"]] == d["finite"] == d["count"] - 3
+    assert v[A["m"]] == d["count"] and v[A["m_finite"]] == d["finite"]
+    assert v[A["zeros"]] == d["zeros"]
+    assert v[A["saturated"]] == d["saturated"]
+    assert v[A["min"]] == d["min"] and v[A["max"]] == d["max"]
+    merged = stats.merge_moments(v[None])
+    assert merged["mean"] == pytest.approx(d["mean"], rel=1e-9, abs=1e-12)
+    assert merged["std"] == pytest.approx(d["std"], rel=1e-9)
+    assert merged["nonfinite"] == 3
+    assert merged["zero_fraction"] == d["zeros"] / d["finite"]
+    assert not merged["sampled"]
+
+
+def test_saturation_counts_are_nonzero_where_expected() -> None:
+    """Guard for the test above: the tanh/sigmoid inputs really have saturated elements."""
+    x = torch.tanh(torch.linspace(-5, 5, 1001))
+    v = stats.activation_stats(x, "tanh").numpy()
+    assert v[A["saturated"]] == int((x.double().abs() > 0.99).sum()) > 0
+    s = torch.sigmoid(torch.linspace(-8, 8, 1001))
+    v = stats.activation_stats(s, "sigmoid").numpy()
+    assert v[A["saturated"]] == int(((2 * s.double() - 1).abs() > 0.99).sum()) > 0
+    assert stats.activation_stats(x, None).numpy()[A["saturated"]] == 0
+
+
+def test_all_nonfinite_tensor_gives_nan_extremes_and_zero_moments() -> None:
+    x = torch.tensor([float("nan"), float("inf")])
+    merged = stats.merge_moments(stats.activation_stats(x, None).numpy()[None])
+    assert merged["nonfinite"] == 2 and merged["count"] == 2
+    assert math.isnan(merged["min"]) and math.isnan(merged["max"])
+    assert merged["mean"] == 0.0 and merged["std"] == 0.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+       seed=st.integers(0, 2**31 - 1), offset=st.floats(-1e3, 1e3))
+def test_merged_moments_equal_moments_of_concatenation(sizes: list, seed: int,
+                                                       offset: float) -> None:
+    rng = np.random.default_rng(seed)
+    chunks = [torch.from_numpy(rng.normal(offset, 1 + i, size=n)).float()
+              for i, n in enumerate(sizes)]
+    rows = np.stack([stats.activation_stats(c, None).numpy() for c in chunks])
+    merged = stats.merge_moments(rows)
+    d = direct_moments(torch.cat(chunks).numpy())
+    assert merged["count"] == d["count"]
+    assert merged["mean"] == pytest.approx(d["mean"], rel=1e-9, abs=1e-9)
+    assert merged["std"] == pytest.approx(d["std"], rel=1e-7, abs=1e-9)
+    assert merged["rms"] == pytest.approx(math.sqrt(d["std"] ** 2 + d["mean"] ** 2), rel=1e-7)
+    assert merged["min"] == d["min"] and merged["max"] == d["max"]
+
+
+def test_strided_estimate_on_large_tensor_is_within_stated_error() -> None:
+    """Above SAMPLE_ABOVE elements the moments come from a strided sample; counts and extremes
+    stay exact. Stated error: the mean within 5 standard errors, the std and the zero fraction
+    within 2% (relative)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(17, 8, 64, 64, generator=g) * 3 + 1)
+    assert x.numel() > stats.SAMPLE_ABOVE
+    v = stats.activation_stats(x, "relu").numpy()
+    merged = stats.merge_moments(v[None])
+    d = direct_moments(x.numpy())
+    m = v[A["m"]]
+    assert merged["sampled"] and m <= stats.SAMPLE_TARGET * 1.01
+    assert merged["count"] == d["count"]
+    assert merged["min"] == d["min"] and merged["max"] == d["max"]
+    assert abs(merged["mean"] - d["mean"]) <= 5 * d["std"] / math.sqrt(m)
+    assert merged["std"] == pytest.approx(d["std"], rel=0.02)
+    assert merged["zero_fraction"] == pytest.approx(d["zeros"] / d["count"], rel=0.02)
+
+
+def test_strided_sample_does_not_alias_with_the_layout() -> None:
+    """Power-of-two maps where one column differs (e.g. zero padding): a stride that divides
+    the map size would sample only that column."""
+    x = torch.randn(16, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+    x[..., 0] = 0.0
+    merged = stats.merge_moments(stats.activation_stats(x, None).numpy()[None])
+    truth = 1 / 64
+    assert merged["sampled"]
+    assert merged["zero_fraction"] == pytest.approx(truth, rel=0.1)
+    assert merged["std"] == pytest.approx(float(x.double().std()), rel=0.02)
+
+
+@pytest.mark.parametrize("shape,unit_dim", [((4, 6), -1), ((3, 5, 4, 4), 1), ((2, 7, 6), -1),
+                                             ((6,), 0)])
+def test_unit_active_matches_direct_any(shape: tuple, unit_dim: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.relu(torch.randn(*shape, generator=g) - 1.0)
+    units = shape[unit_dim]
+    for u in range(0, units, 2):  # every other unit is dead
+        x.select(unit_dim, u).zero_()
+    got = stats.unit_active(x, unit_dim).numpy()
+    axes = tuple(i for i in range(x.dim()) if i != unit_dim % x.dim())
+    expected = (x.numpy() > 0).any(axis=axes) if axes else x.numpy() > 0
+    np.testing.assert_array_equal(got, expected)
+    assert not got[::2].any()
+
+
+def test_unit_active_gelu_family_uses_level() -> None:
+    x = torch.tensor([[0.0, 5e-4, -2e-3, 0.5]])
+    got = stats.unit_active(x, -1, "gelu").numpy()
+    np.testing.assert_array_equal(got, np.abs(x.numpy()[0]) > stats.GELU_ACTIVE_LEVEL)
+
+
+def test_grad_stats_match_direct_norm_and_skip_nonfinite() -> None:
+    g = torch.randn(10, 20, generator=torch.Generator().manual_seed(3))
+    g[0, 0] = float("nan")
+    g[1, 1] = float("inf")
+    merged = stats.merge_grads(np.stack([stats.grad_stats(g).numpy(),
+                                         stats.grad_stats(g[2:]).numpy()]))
+    finite = np.concatenate([g.numpy().ravel(), g[2:].numpy().ravel()])
+    finite = finite[np.isfinite(finite)].astype(np.float64)
+    assert merged["norm"] == pytest.approx(np.sqrt((finite ** 2).sum()), rel=1e-9)
+    assert merged["nonfinite"] == 2
+    assert merged["rms"] == pytest.approx(merged["norm"] / math.sqrt(200 + 160), rel=1e-9)
+
+
+# ------------------------------------------------------------------ the probe on a real model
+
+class Capture:
+    """Our own hooks: a copy of every output and of the gradient w.r.t. it, per call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.outputs: dict[str, list] = {}
+        self.grads: dict[str, list] = {}
+        self.handles = []
+        for name, module in model.named_modules():
+            if name and not any(True for _ in module.children()):
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.outputs.setdefault(name, []).append(out.detach().clone())
+            if out.requires_grad:
+                out.register_hook(lambda g: self.grads.setdefault(name, []).append(g.clone()))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def probe_net() -> nn.Sequential:
+    """1x1 conv copying its inputs into channels 0 and 1, channel 2 biased dead, channel 3 =
+    x0 + x1; then Linear features with two dead ones, a tanh, a head."""
+    conv = nn.Conv2d(2, 4, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0] = conv.weight[1, 1] = 1.0
+        conv.weight[3, 0] = conv.weight[3, 1] = 1.0
+        conv.bias.copy_(torch.tensor([0.0, 0.0, -100.0, 0.0]))
+    fc = nn.Linear(4 * 5 * 5, 12)
+    with torch.no_grad():
+        fc.bias[:2] = -100.0
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), fc, nn.ReLU(), nn.Linear(12, 6),
+                         nn.Tanh(), nn.Linear(6, 3))
+
+
+def probe_batches() -> list:
+    """Three steps of negative inputs; channel 0 gets one positive value in step 1 only."""
+    g = torch.Generator().manual_seed(4)
+    batches = []
+    for step in range(3):
+        x = -torch.rand(6, 2, 5, 5, generator=g) - 0.1
+        if step == 1:
+            x[2, 0, 3, 1] = 4.0
+        batches.append((x * 3, torch.randint(0, 3, (6,), generator=g)))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def probed() -> tuple:
+    model = probe_net()
+    batches = iter(probe_batches())
+    capture = Capture(model)
+    try:
+        report = trainlint.check(model, lambda: next(batches), steps=3)
+    finally:
+        capture.remove()
+    return report.trace, capture
+
+
+def test_probe_counts_statistics_and_extremes_match_captured_outputs(probed: tuple) -> None:
+    trace, capture = probed
+    layers = trace.layer_by_key()
+    assert set(capture.outputs) == {k[0] for k in layers}
+    for name, outs in capture.outputs.items():
+        assert len(outs) == trace.observed_steps == 3
+        lt = layers[(name, "output")]
+        values = np.concatenate([o.numpy().ravel() for o in outs])
+        d = direct_moments(values, lt.kind if lt.kind in ("tanh", "sigmoid") else None)
+        act = lt.activation
+        assert act.count == d["count"], name
+        assert round(act.zero_fraction * act.count) == d["zeros"], name
+        assert act.zero_fraction * act.count == pytest.approx(d["zeros"], abs=1e-6)
+        assert act.mean == pytest.approx(d["mean"], rel=1e-5, abs=1e-9), name
+        assert act.std == pytest.approx(d["std"], rel=1e-5), name
+        assert act.min == d["min"] and act.max == d["max"], name
+        if lt.kind == "tanh":
+            assert round(act.saturated_fraction * act.count) == d["saturated"]
+
+
+def test_probe_dead_units_are_exact_over_all_steps(probed: tuple) -> None:
+    trace, capture = probed
+    layers = trace.layer_by_key()
+    conv_relu, fc_relu = layers[("1", "output")], layers[("4", "output")]
+    assert conv_relu.unit_dim == 1 and fc_relu.unit_dim == -1
+    conv_outs = np.stack([o.numpy() for o in capture.outputs["1"]])  # (step, N, C, H, W)
+    alive_per_step = (conv_outs > 0).any(axis=(1, 3, 4))
+    assert alive_per_step[:, 0].tolist() == [False, True, False], "design: unit 0 lives once"
+    expected = sorted(np.flatnonzero(~alive_per_step.any(axis=0)))
+    assert conv_relu.dead_units == expected
+    assert 0 not in expected and {1, 2} <= set(expected)
+    fc_outs = np.concatenate([o.numpy() for o in capture.outputs["4"]])
+    fc_expected = sorted(np.flatnonzero(~(fc_outs > 0).any(axis=0)))
+    assert fc_relu.dead_units == fc_expected and {0, 1} <= set(fc_expected)
+    assert fc_relu.dead_fraction == pytest.approx(len(fc_expected) / 12, rel=1e-12)
+
+
+def test_probe_gradient_norms_match_captured_gradients(probed: tuple) -> None:
+    trace, capture = probed
+    layers = trace.layer_by_key()
+    for name, grads in capture.grads.items():
+        assert len(grads) == 3
+        expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+        assert layers[(name, "output")].grad_norm == pytest.approx(expected, rel=1e-5), name
