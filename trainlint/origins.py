@@ -33,11 +33,13 @@ def _is_user_file(path: str) -> bool:
     return not real.startswith(_LIBRARY_ROOTS) and "site-packages" not in real
 
 
-def _user_frame_location() -> Optional[Location]:
+def _user_frame_location(module: nn.Module) -> Optional[Location]:
+    """The innermost user-code frame outside ``module``'s own ``__init__`` chain (the line that
+    called ``Block(...)``, not the ``super().__init__()`` inside ``Block``)."""
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename
-        if _is_user_file(path):
+        if _is_user_file(path) and frame.f_locals.get("self") is not module:
             return Location(path=path, line=frame.f_lineno)
         frame = frame.f_back
     return None
@@ -54,7 +56,7 @@ def recording_origins() -> Iterator[None]:
     def init(self: nn.Module, *args: object, **kwargs: object) -> None:
         original(self, *args, **kwargs)
         if self not in _ORIGINS:
-            location = _user_frame_location()
+            location = _user_frame_location(self)
             if location is not None:
                 _ORIGINS[self] = location
 
