@@ -95,6 +95,8 @@ def _tensors_in(obj: Any, depth: int = 0) -> list:
         return []
     if isinstance(obj, dict):
         obj = list(obj.values())
+    elif hasattr(obj, "__dataclass_fields__"):
+        obj = [getattr(obj, name) for name in obj.__dataclass_fields__]
     if isinstance(obj, (list, tuple)):
         out: list = []
         for item in obj:
