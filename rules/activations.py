@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from statistics import median
-from typing import Iterator
+from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
-from trainlint.trace import LayerTrace, RunTrace
+from trainlint.trace import LayerTrace, ModuleFacts, RunTrace
 
-from ._graph import WEIGHT_LAYERS, is_model_output
+from ._graph import PASS_THROUGH, WEIGHT_LAYERS, is_model_output
 
 FP16_MAX = 65504.0
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -59,17 +59,86 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
         samples = f" over {trace.observed_steps} step(s)" if trace.observed_steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (|y| < 1e-3)"
+        feeder = feeding_module(trace, lt)
+        evidence = {"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),
+                    "units": units, "threshold": t.dead_fraction}
+        if feeder is not None:
+            evidence["feeding_module"] = feeder.name
+            evidence.update(_param_state(trace, feeder))
         yield Hit(
             module=lt.module,
             message=(f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type}) output "
                      f"{zero} for every sample{samples} (threshold {_fmt_pct(t.dead_fraction)}); "
                      f"dead units: {listed}{more}"),
-            fix=("lower the learning rate; re-initialize the layer feeding it with "
-                 "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
-                 "nn.init.zeros_(layer.bias); or replace the ReLU with nn.LeakyReLU(0.01)"),
-            evidence={"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),
-                      "units": units, "threshold": t.dead_fraction},
+            fix=_dead_relu_fix(feeder, evidence),
+            evidence=evidence,
         )
+
+
+def feeding_module(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[ModuleFacts]:
+    """The module whose output feeds this activation, looking back through pass-through
+    layers (Dropout, pooling, reshapes); None when the trace's edges do not say."""
+    target = ("module", lt.module) if lt.op == "output" else lt.node
+    for _ in range(hops):
+        sources = [e.src for e in trace.edges if e.dst == target and e.src[0] == "point"]
+        if not sources:
+            return None
+        facts = trace.modules.get(sources[0][1])
+        if facts is None or facts.type not in PASS_THROUGH:
+            return facts
+        target = ("module", facts.name)
+    return None
+
+
+def _param_state(trace: RunTrace, facts: ModuleFacts) -> dict:
+    """The measured bias RMS and weight std of a module, and the Kaiming std for its fan-in."""
+    state = {}
+    for p in trace.params:
+        if p.module != facts.name or not p.shape:
+            continue
+        size = math.prod(p.shape)
+        if p.name.endswith(".bias") and size:
+            state["feeding_bias_rms"] = p.norm / math.sqrt(size)
+        elif p.name.endswith(".weight") and facts.type in WEIGHT_LAYERS:
+            state["feeding_weight_std"] = p.std
+    fan_in = _fan_in(facts)
+    if fan_in and "feeding_weight_std" in state:
+        state["kaiming_std"] = math.sqrt(2.0 / fan_in)
+    return state
+
+
+def _fan_in(facts: ModuleFacts) -> Optional[int]:
+    attrs = facts.attrs
+    if isinstance(attrs.get("in_features"), int):
+        return attrs["in_features"]
+    if isinstance(attrs.get("in_channels"), int) and isinstance(attrs.get("kernel_size"), tuple):
+        return attrs["in_channels"] // max(attrs.get("groups", 1), 1) * math.prod(
+            attrs["kernel_size"])
+    return None
+
+
+def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict) -> str:
+    tail = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
+    if feeder is None:
+        return ("lower the learning rate; re-initialize the layer feeding it with "
+                "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
+                "nn.init.zeros_(layer.bias)" + tail)
+    measured = []
+    if "feeding_bias_rms" in evidence:
+        measured.append(f"bias RMS {evidence['feeding_bias_rms']:.3g}")
+    if "feeding_weight_std" in evidence:
+        kaiming = evidence.get("kaiming_std")
+        measured.append(f"weight std {evidence['feeding_weight_std']:.3g}" +
+                        (f" vs Kaiming's {kaiming:.3g}" if kaiming else ""))
+    state = f" ({', '.join(measured)})" if measured else ""
+    layer = f"{feeder.type} {feeder.name!r}{state}"
+    if feeder.type in WEIGHT_LAYERS:
+        return (f"lower the learning rate; re-initialize the layer feeding it, {layer}, with "
+                f"nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
+                f"nn.init.zeros_(layer.bias)" + tail)
+    return (f"lower the learning rate; check the layer feeding it, {layer}: its outputs are "
+            f"negative for these units (e.g. reset a norm layer's bias with "
+            f"nn.init.zeros_(layer.bias))" + tail)
 
 
 @rule("TL102", "saturated-activation", "warning", saturated_fraction=0.3)

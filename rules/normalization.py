@@ -18,8 +18,9 @@ def batchnorms(trace: RunTrace) -> Iterator[ModuleFacts]:
 
 
 def group_count(channels: int, preferred: int = 32) -> int:
-    """The largest number of groups <= ``preferred`` that divides ``channels``."""
-    for groups in range(min(preferred, channels), 0, -1):
+    """The largest number of groups <= ``preferred`` that divides ``channels`` with at least 2
+    channels per group (one channel per group would be InstanceNorm)."""
+    for groups in range(min(preferred, max(channels // 2, 1)), 0, -1):
         if channels % groups == 0:
             return groups
     return 1

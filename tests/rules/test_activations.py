@@ -1,0 +1,300 @@
+"""TL101-TL104 on hand-built traces, at the edges of their thresholds."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pytest
+
+from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
+from trainlint.errors import ConfigError
+from trainlint.trace import (
+    ActivationStats,
+    Edge,
+    LayerTrace,
+    Location,
+    ModuleFacts,
+    ParamTrace,
+    RunTrace,
+)
+
+load_rules()
+FP16_MAX = 65504.0
+
+
+def act(rms: float = 1.0, *, mean: float = 0.0, saturated: Optional[float] = None,
+        peak: Optional[float] = None) -> ActivationStats:
+    peak = 3 * rms if peak is None else peak
+    return ActivationStats(count=1000, mean=mean, std=math.sqrt(max(rms * rms - mean * mean, 0)),
+                           min=-peak, max=peak, zero_fraction=0.0,
+                           saturated_fraction=saturated, rms=rms)
+
+
+def point(module: str, type_: str, depth: int, *, kind: Optional[str] = None,
+          op: str = "output", activation: Optional[ActivationStats] = None,
+          ever_active: Optional[np.ndarray] = None) -> LayerTrace:
+    units = None if ever_active is None else ever_active.size
+    return LayerTrace(module=module, type=type_, op=op, depth=depth, kind=kind,
+                      activation=activation or act(), unit_ever_active=ever_active,
+                      unit_dim=None if ever_active is None else -1,
+                      node=("point", module, op, units))
+
+
+def facts(name: str, type_: str, **attrs: object) -> ModuleFacts:
+    return ModuleFacts(name=name, type=type_, training=True, is_leaf=True,
+                       location=Location("model.py", 10 + len(name)), attrs=dict(attrs))
+
+
+def run(code: str, trace: RunTrace, **overrides: object) -> list:
+    selection = Selection(select={code})
+    if overrides:
+        set_thresholds(selection, {code: overrides})
+    findings, _notes = run_rules(trace, selection)
+    assert all(f.code == code for f in findings)
+    return findings
+
+
+def edge_sizes(threshold: float, low: int) -> tuple[int, int]:
+    """A unit count n >= low where k = threshold * n dead units give exactly ``threshold``."""
+    for n in range(max(low, 2), 5000):
+        k = round(threshold * n)
+        if k / n == threshold and 1.0 - (n - k) / n == threshold and 0 < k < n:
+            return n, k
+    raise AssertionError(f"no unit count represents {threshold} exactly")
+
+
+# ------------------------------------------------------------------------------ TL101
+
+def relu_trace(dead: int, units: int, *, kind: str = "relu", functional: bool = False,
+               through_dropout: bool = False) -> RunTrace:
+    """Linear 'fc' (bias all -5) -> [Dropout 'drop'] -> ReLU ('act', or F.relu in 'block')."""
+    ever = np.ones(units, dtype=bool)
+    ever[:dead] = False
+    fc = point("fc", "Linear", 0)
+    layers = [fc]
+    modules = {"fc": facts("fc", "Linear", in_features=64, out_features=units)}
+    src = fc.node
+    if through_dropout:
+        drop = point("drop", "Dropout", 1)
+        layers.append(drop)
+        modules["drop"] = facts("drop", "Dropout")
+        edges = [Edge(src, ("module", "drop"))]
+        src = drop.node
+    else:
+        edges = []
+    if functional:
+        relu = point("block", "Block", 2, kind=kind, op="relu", ever_active=ever)
+        modules["block"] = facts("block", "Block")
+        edges.append(Edge(src, relu.node))
+    else:
+        relu = point("act", "ReLU" if kind == "relu" else "GELU", 2, kind=kind, ever_active=ever)
+        modules["act"] = facts("act", relu.type)
+        edges.append(Edge(src, ("module", "act")))
+    layers.append(relu)
+    params = [ParamTrace("fc.weight", "fc", (units, 64), True, True, norm=1.0, std=0.05,
+                         grad_norm=0.1),
+              ParamTrace("fc.bias", "fc", (units,), True, True, norm=5.0 * math.sqrt(units),
+                         std=0.0, grad_norm=0.0)]
+    return RunTrace(layers=layers, modules=modules, params=params, edges=edges,
+                    observed_steps=3)
+
+
+def test_tl101_at_the_edges_of_dead_fraction() -> None:
+    d = RULES["TL101"].defaults["dead_fraction"]
+    n, k = edge_sizes(d, RULES["TL101"].defaults["min_units"])
+    assert run("TL101", relu_trace(k - 1, n)) == []
+    at = run("TL101", relu_trace(k, n))
+    above = run("TL101", relu_trace(k + 1, n))
+    assert [f.module for f in at] == ["act"] and [f.module for f in above] == ["act"]
+    finding = at[0]
+    assert finding.severity == RULES["TL101"].severity == "warning"
+    assert finding.evidence["dead_fraction"] == pytest.approx(d)
+    assert finding.evidence["dead_units"] == k and finding.evidence["units"] == n
+    assert f"{100 * d:.0f}%" in finding.message and f"of the {n} units" in finding.message
+    assert finding.location == Location("model.py", 13)
+
+
+def test_tl101_needs_min_units() -> None:
+    m = RULES["TL101"].defaults["min_units"]
+    assert run("TL101", relu_trace(m - 1, m - 1)) == []
+    assert len(run("TL101", relu_trace(m, m))) == 1
+
+
+def test_tl101_fix_names_the_feeding_layer_and_its_state() -> None:
+    [finding] = run("TL101", relu_trace(60, 64))
+    assert "Linear 'fc'" in finding.fix and "bias RMS 5" in finding.fix
+    assert "kaiming_normal_" in finding.fix and "LeakyReLU" in finding.fix
+    assert finding.evidence["feeding_module"] == "fc"
+    assert finding.evidence["feeding_bias_rms"] == pytest.approx(5.0)
+    assert finding.evidence["kaiming_std"] == pytest.approx(math.sqrt(2 / 64))
+
+
+def test_tl101_looks_back_through_dropout_to_the_weight_layer() -> None:
+    [finding] = run("TL101", relu_trace(60, 64, through_dropout=True))
+    assert finding.evidence["feeding_module"] == "fc"
+
+
+def test_tl101_functional_relu_is_reported_on_the_calling_module() -> None:
+    [finding] = run("TL101", relu_trace(60, 64, functional=True))
+    assert finding.module == "block" and "block:relu" in finding.message
+    assert finding.evidence["feeding_module"] == "fc"
+
+
+def test_tl101_counts_gelu_family_but_not_other_kinds() -> None:
+    assert len(run("TL101", relu_trace(60, 64, kind="gelu"))) == 1
+    trace = relu_trace(60, 64)
+    trace.layers[-1].kind = "tanh"
+    assert run("TL101", trace) == []
+
+
+def test_tl101_thresholds_can_be_overridden() -> None:
+    d = RULES["TL101"].defaults["dead_fraction"]
+    n, k = edge_sizes(d, RULES["TL101"].defaults["min_units"])
+    trace = relu_trace(k, n)
+    assert run("TL101", trace, dead_fraction=min(1.0, d + 2 / n)) == []
+    assert len(run("TL101", relu_trace(k - 1, n), dead_fraction=(k - 1) / n)) == 1
+    assert run("TL101", trace, min_units=n + 1) == []
+    with pytest.raises(ConfigError):
+        run("TL101", trace, no_such_threshold=1)
+
+
+# ------------------------------------------------------------------------------ TL102
+
+def tanh_trace(share: float, kind: str = "tanh") -> RunTrace:
+    fc = point("fc", "Linear", 0)
+    tanh = point("act", "Tanh" if kind == "tanh" else "Sigmoid", 1, kind=kind,
+                 activation=act(0.9, saturated=share, peak=1.0))
+    head = point("head", "Linear", 2)
+    return RunTrace(layers=[fc, tanh, head],
+                    modules={n: facts(n, t) for n, t in
+                             [("fc", "Linear"), ("act", tanh.type), ("head", "Linear")]},
+                    edges=[Edge(fc.node, ("module", "act")), Edge(tanh.node, ("module", "head"))],
+                    output_ops=((head.node, ()),))
+
+
+@pytest.mark.parametrize("kind", ["tanh", "sigmoid"])
+def test_tl102_at_the_edges_of_saturated_fraction(kind: str) -> None:
+    s = RULES["TL102"].defaults["saturated_fraction"]
+    assert run("TL102", tanh_trace(np.nextafter(s, 0), kind)) == []
+    [at] = run("TL102", tanh_trace(s, kind))
+    assert len(run("TL102", tanh_trace(np.nextafter(s, 1), kind))) == 1
+    assert at.module == "act" and at.evidence["saturated_fraction"] == pytest.approx(s)
+    assert f"threshold {100 * s:.0f}%" in at.message
+    assert f"calculate_gain('{kind}')" in at.fix
+
+
+def test_tl102_skips_model_outputs_gates_and_other_kinds() -> None:
+    trace = tanh_trace(0.9)
+    trace.output_ops = ((trace.layers[1].node, ("view",)),)
+    assert run("TL102", trace) == []
+    gated = tanh_trace(0.9)
+    gated.edges.append(Edge(gated.layers[1].node, ("op", "mul")))
+    assert run("TL102", gated) == []
+    relu = tanh_trace(0.9)
+    relu.layers[1].kind = "relu"
+    assert run("TL102", relu) == []
+
+
+def test_tl102_threshold_override() -> None:
+    s = RULES["TL102"].defaults["saturated_fraction"]
+    assert run("TL102", tanh_trace(s), saturated_fraction=np.nextafter(s, 1)) == []
+    selection = Selection(select={"TL102"})
+    set_thresholds(selection, {"saturated-activation": {"saturated_fraction": s / 2}})
+    findings, _ = run_rules(tanh_trace(s / 2), selection)
+    assert len(findings) == 1
+
+
+# ------------------------------------------------------------------------------ TL103/104
+
+def depth_trace(scales: list, kind: str = "tanh", head: Optional[float] = None) -> RunTrace:
+    """Alternating Linear / activation outputs with the given RMS values, in forward order."""
+    layers, modules = [], {}
+    for i, rms in enumerate(scales):
+        is_act = i % 2 == 1
+        type_ = {"tanh": "Tanh", "relu": "ReLU"}[kind] if is_act else "Linear"
+        layers.append(point(str(i), type_, i, kind=kind if is_act else None,
+                            activation=act(rms)))
+        modules[str(i)] = facts(str(i), type_)
+    output_ops: tuple = ()
+    if head is not None:
+        name = str(len(scales))
+        layers.append(point(name, "Linear", len(scales), activation=act(head)))
+        modules[name] = facts(name, "Linear")
+        output_ops = ((layers[-1].node, ()),)
+    edges = [Edge(a.node, ("module", b.module)) for a, b in zip(layers, layers[1:])]
+    return RunTrace(layers=layers, modules=modules, edges=edges, output_ops=output_ops)
+
+
+def profile(code: str, deep: float) -> list:
+    """``window`` layers at RMS 1, then layers at RMS ``deep`` (at least min_layers in all)."""
+    t = RULES[code].defaults
+    n = max(t["min_layers"], 2 * t["window"])
+    return [1.0] * t["window"] + [deep] * (n - t["window"])
+
+
+def test_tl103_at_the_edges_of_min_ratio() -> None:
+    r = RULES["TL103"].defaults["min_ratio"]
+    assert run("TL103", depth_trace(profile("TL103", r))) == []
+    [below] = run("TL103", depth_trace(profile("TL103", np.nextafter(r, 0))))
+    first_small = RULES["TL103"].defaults["window"]
+    assert below.module == str(first_small)
+    assert below.evidence["ratio"] < r and below.evidence["threshold"] == r
+    assert f"threshold {r:g}" in below.message
+    assert "xavier_normal_" in below.fix and "calculate_gain('tanh')" in below.fix
+    [relu] = run("TL103", depth_trace(profile("TL103", r / 10), kind="relu"))
+    assert "kaiming_normal_" in relu.fix
+
+
+def test_tl103_needs_min_layers_and_ignores_the_model_output() -> None:
+    t = RULES["TL103"].defaults
+    scales = profile("TL103", t["min_ratio"] / 100)[: t["min_layers"] - 1]
+    assert run("TL103", depth_trace(scales)) == []
+    flat = [1.0] * max(t["min_layers"], 2 * t["window"])
+    assert run("TL103", depth_trace(flat, head=1e-9)) == []
+
+
+def test_tl103_threshold_override() -> None:
+    r = RULES["TL103"].defaults["min_ratio"]
+    trace = depth_trace(profile("TL103", r * 5))
+    assert run("TL103", trace) == []
+    assert len(run("TL103", trace, min_ratio=r * 10)) == 1
+    short = depth_trace([1.0, 1.0, r / 10, r / 10])
+    assert len(run("TL103", short, min_layers=4, window=2)) == 1
+
+
+def test_tl104_at_the_edges_of_max_ratio() -> None:
+    r = RULES["TL104"].defaults["max_ratio"]
+    assert run("TL104", depth_trace(profile("TL104", r), kind="relu")) == []
+    [above] = run("TL104", depth_trace(profile("TL104", np.nextafter(r, math.inf)),
+                                       kind="relu"))
+    assert above.module == str(RULES["TL104"].defaults["window"])
+    assert above.evidence["ratio"] > r and f"threshold {r:g}" in above.message
+    assert "kaiming_normal_" in above.fix
+
+
+def test_tl104_fp16_range() -> None:
+    frac = RULES["TL104"].defaults["fp16_fraction"]
+    limit = frac * FP16_MAX
+    few = RULES["TL104"].defaults["min_layers"] - 1
+
+    def trace(peak: float) -> RunTrace:
+        t = depth_trace([1.0] * few, kind="relu")
+        t.layers[2].activation = act(1.0, peak=peak)
+        return t
+
+    assert run("TL104", trace(np.nextafter(limit, 0))) == []
+    [at] = run("TL104", trace(limit))
+    assert at.module == "2" and at.evidence["threshold"] == limit
+    nonfinite = trace(limit)
+    nonfinite.layers[2].activation.nonfinite = 4
+    assert run("TL104", nonfinite) == []
+    assert run("TL104", trace(limit), fp16_fraction=frac * 2) == []
+
+
+def test_tl104_threshold_override() -> None:
+    r = RULES["TL104"].defaults["max_ratio"]
+    trace = depth_trace(profile("TL104", r / 2), kind="relu")
+    assert run("TL104", trace) == []
+    assert len(run("TL104", trace, max_ratio=r / 4)) == 1

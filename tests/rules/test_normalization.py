@@ -1,0 +1,99 @@
+"""TL401 and TL404 on hand-built traces, at the edges of their thresholds."""
+
+from __future__ import annotations
+
+import re
+
+from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
+from trainlint.trace import Location, ModuleFacts, RunTrace
+
+load_rules()
+
+
+def bn(name: str, batch: int, *, channels: int = 48, spatial: int = 8 * 8,
+       type_: str = "BatchNorm2d", training: bool = True) -> ModuleFacts:
+    """A BatchNorm that saw one training-mode call at ``batch``."""
+    shape = (batch, channels) + ((8, 8) if spatial > 1 else ())
+    facts = ModuleFacts(name=name, type=type_, training=training, is_leaf=True,
+                        location=Location("model.py", 7), attrs={"num_features": channels})
+    if training:
+        facts.values_per_channel.append(batch * spatial)
+        facts.batch_sizes.append(batch)
+        facts.input_shapes.append(shape)
+    return facts
+
+
+def trace_of(*modules: ModuleFacts, world_size: int = 1) -> RunTrace:
+    return RunTrace(modules={m.name: m for m in modules}, world_size=world_size)
+
+
+def run(code: str, trace: RunTrace, **overrides: object) -> list:
+    selection = Selection(select={code})
+    if overrides:
+        set_thresholds(selection, {code: overrides})
+    findings, _ = run_rules(trace, selection)
+    return findings
+
+
+def test_tl401_at_the_edges_of_min_batch() -> None:
+    m = RULES["TL401"].defaults["min_batch"]
+    assert run("TL401", trace_of(bn("bn", m))) == []
+    assert run("TL401", trace_of(bn("bn", m + 1))) == []
+    [below] = run("TL401", trace_of(bn("bn", m - 1)))
+    assert below.module == "bn" and below.severity == "warning"
+    assert below.location == Location("model.py", 7)
+    assert below.evidence["batch_size"] == m - 1 and below.evidence["threshold"] == m
+    assert f"batches of {m - 1} sample" in below.message and f"threshold {m}" in below.message
+
+
+def test_tl401_fix_is_a_groupnorm_that_divides_the_channels() -> None:
+    for channels in (48, 64, 30, 16, 7):
+        [finding] = run("TL401", trace_of(bn("bn", 2, channels=channels)))
+        groups, c = map(int, re.search(r"nn\.GroupNorm\((\d+), (\d+)\)", finding.fix).groups())
+        assert c == channels and channels % groups == 0
+        assert groups <= 32 and channels // groups >= 2  # not InstanceNorm in disguise
+    [features] = run("TL401", trace_of(bn("bn", 2, channels=32, spatial=1,
+                                          type_="BatchNorm1d")))
+    assert "nn.LayerNorm(32)" in features.fix
+
+
+def test_tl401_distributed_run_suggests_syncbatchnorm() -> None:
+    m = RULES["TL401"].defaults["min_batch"]
+    [finding] = run("TL401", trace_of(bn("bn", 4), world_size=m))
+    assert "SyncBatchNorm" in finding.fix and finding.evidence["global_batch"] == 4 * m
+    [alone] = run("TL401", trace_of(bn("bn", 4)))
+    assert "SyncBatchNorm" not in alone.fix
+
+
+def test_tl401_ignores_eval_mode_and_single_values() -> None:
+    assert run("TL401", trace_of(bn("bn", 2, training=False))) == []
+    assert run("TL401", trace_of(bn("bn", 1, spatial=1, type_="BatchNorm1d"))) == []
+
+
+def test_tl401_threshold_override() -> None:
+    m = RULES["TL401"].defaults["min_batch"]
+    assert run("TL401", trace_of(bn("bn", m - 1)), min_batch=m - 1) == []
+    assert len(run("TL401", trace_of(bn("bn", m)), min_batch=m + 1)) == 1
+    selection = Selection(select={"TL401"})
+    set_thresholds(selection, {"batchnorm-small-batch": {"min_batch": 2}})
+    assert run_rules(trace_of(bn("bn", 4)), selection)[0] == []
+
+
+def test_tl404_one_value_per_channel_is_an_error() -> None:
+    [one] = run("TL404", trace_of(bn("bn", 1, spatial=1, type_="BatchNorm1d", channels=64)))
+    assert one.severity == RULES["TL404"].severity == "error" and one.module == "bn"
+    assert "nn.LayerNorm(64)" in one.fix and "drop_last=True" in one.fix
+    assert run("TL404", trace_of(bn("bn", 2, spatial=1, type_="BatchNorm1d"))) == []
+    assert run("TL404", trace_of(bn("bn", 1))) == []  # one image, but 64 values per channel
+
+
+def test_tl404_from_the_error_pytorch_raised() -> None:
+    failed = bn("net.bn", 1, spatial=1, type_="BatchNorm1d", channels=16)
+    trace = trace_of(bn("other", 32), failed)
+    trace.errors.append({"module": "net.bn", "phase": "forward", "kind": "batchnorm-single-value",
+                         "message": "Expected more than 1 value per channel when training"})
+    findings = run("TL404", trace)
+    assert [f.module for f in findings] == ["net.bn"]
+    trace.errors[0]["kind"] = "something-else"
+    failed.values_per_channel.clear()
+    assert run("TL404", trace) == []
