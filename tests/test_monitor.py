@@ -1,0 +1,133 @@
+"""``trainlint.Monitor``: sampling every N-th step, idle hooks in between, clean detach."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+
+import trainlint
+from trainlint import stats
+
+
+class ModeSpy(nn.Module):
+    """Records, at each forward, whether a TorchFunctionMode is active (the probe's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(len(_get_current_function_mode_stack()))
+        return x
+
+
+def make() -> tuple:
+    torch.manual_seed(0)
+    model = nn.Sequential(ModeSpy(), nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def hook_count(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    total = len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    return total
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, monitor: trainlint.Monitor,
+          steps: int, batch: int = 4) -> list:
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("every,steps", [(3, 10), (1, 4), (5, 5)])
+def test_monitor_observes_exactly_every_nth_step(every: int, steps: int) -> None:
+    model, opt = make()
+    monitor = trainlint.Monitor(model, optimizer=opt, every=every)
+    losses = train(model, opt, monitor, steps)
+    observed = list(range(0, steps, every))
+    report = monitor.report()
+    trace = report.trace
+    assert trace.observed_steps == len(observed) and trace.steps == steps
+    assert [s["step"] for s in trace.per_step] == observed
+    assert trace.losses == pytest.approx([losses[i] for i in observed], rel=1e-6)
+    # Statistics come from the observed steps only: 4 samples x 16 features per step.
+    relu = trace.layer_by_key()[("2", "output")]
+    assert relu.activation.count == len(observed) * 4 * 16
+    spy = model[0].modes
+    assert spy == [1 if i in observed else 0 for i in range(steps)]
+    assert trace.mode == "monitor" and trace.batch_size == 4
+    monitor.close()
+
+
+def test_idle_steps_gather_no_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = make()
+    calls = []
+    original = stats.activation_stats
+    monkeypatch.setattr(stats, "activation_stats",
+                        lambda x, kind: calls.append(1) or original(x, kind))
+    with trainlint.Monitor(model, optimizer=opt, every=4) as monitor:
+        train(model, opt, monitor, 1)
+        per_step = len(calls)
+        assert per_step > 0
+        train(model, opt, monitor, 3)
+        assert len(calls) == per_step
+        train(model, opt, monitor, 1)
+        assert len(calls) == 2 * per_step
+
+
+def test_close_and_context_manager_remove_every_hook() -> None:
+    model, opt = make()
+    bare = hook_count(model, opt)
+    monitor = trainlint.Monitor(model, optimizer=opt, every=2)
+    assert hook_count(model, opt) > bare
+    train(model, opt, monitor, 3)
+    monitor.close()
+    monitor.close()
+    assert hook_count(model, opt) == bare
+    assert _get_current_function_mode_stack() == []
+    with pytest.raises(trainlint.ConfigError):
+        monitor.step()
+    with trainlint.Monitor(model, optimizer=opt, every=2) as again:
+        train(model, opt, again, 2)
+        assert again.report().trace.observed_steps == 1
+    assert hook_count(model, opt) == bare
+
+
+def test_context_manager_detaches_when_training_raises() -> None:
+    model, opt = make()
+    bare = hook_count(model, opt)
+    with pytest.raises(RuntimeError, match="shape"):
+        with trainlint.Monitor(model, optimizer=opt, every=1):
+            model(torch.randn(2, 5))
+    assert hook_count(model, opt) == bare
+    assert _get_current_function_mode_stack() == []
+
+
+def test_monitor_report_finds_a_dead_layer() -> None:
+    model, opt = make()
+    with torch.no_grad():
+        model[1].bias.fill_(-50.0)
+    with trainlint.Monitor(model, optimizer=opt, every=2) as monitor:
+        train(model, opt, monitor, 4, batch=16)
+        report = monitor.report()
+    assert [(f.code, f.module) for f in report.findings if f.code == "TL101"] == [("TL101", "2")]
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_every_must_be_a_positive_whole_number(every: object) -> None:
+    model, opt = make()
+    with pytest.raises(trainlint.ConfigError):
+        trainlint.Monitor(model, optimizer=opt, every=every)

@@ -1,0 +1,225 @@
+"""What the probe observes: in-place ops, functional activations, odd outputs and inputs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+
+def moments(tensors: list) -> dict:
+    x = np.concatenate([t.detach().double().numpy().ravel() for t in tensors])
+    return {"count": x.size, "mean": x.mean(), "std": x.std(), "min": x.min(), "max": x.max(),
+            "zeros": int((x == 0).sum())}
+
+
+def assert_matches(lt, tensors: list) -> None:
+    d = moments(tensors)
+    act = lt.activation
+    assert act.count == d["count"], lt.label
+    assert act.mean == pytest.approx(d["mean"], rel=1e-5, abs=1e-9), lt.label
+    assert act.std == pytest.approx(d["std"], rel=1e-5), lt.label
+    assert act.min == d["min"] and act.max == d["max"], lt.label
+    assert round(act.zero_fraction * act.count) == d["zeros"], lt.label
+
+
+def xent(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y)
+
+
+# ------------------------------------------------------------------ in-place ReLU after BN
+
+class BnInplace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 24)
+        self.bn = nn.BatchNorm1d(24)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.bn(self.fc(x))))
+
+
+def test_inplace_relu_after_batchnorm_is_observed_correctly() -> None:
+    torch.manual_seed(0)
+    model = BnInplace()
+    x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+    report = trainlint.check(model, (x, y), loss_fn=xent, steps=1)
+    layers = report.trace.layer_by_key()
+    # Independent recomputation of the same step without in-place ops (the model is restored).
+    pre = model.bn(model.fc(x))
+    pre.retain_grad()
+    post = torch.relu(pre)
+    post.retain_grad()
+    xent(model.head(post), y).backward()
+    bn, act = layers[("bn", "output")], layers[("act", "output")]
+    assert bn.activation.min < 0, "BN statistics must be taken before the in-place ReLU"
+    assert_matches(bn, [pre])
+    assert_matches(act, [post])
+    assert act.dead_units == sorted(np.flatnonzero(~(post > 0).any(0).numpy()))
+    assert bn.grad_norm == pytest.approx(float(pre.grad.norm()), rel=1e-5)
+    assert act.grad_norm == pytest.approx(float(post.grad.norm()), rel=1e-5)
+
+
+# ------------------------------------------------------------------ functional activations
+
+class Mixer(nn.Module):
+    """Every functional activation form, called inside this module's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        h = F.relu(self.a(x))
+        t = torch.tanh(self.b(h))
+        return t.sigmoid(), t.relu()
+
+
+class FunctionalNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = Mixer()
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, r = self.mixer(x)
+        return self.head(torch.cat([s, r], dim=1))
+
+
+def test_functional_activations_are_attributed_to_the_calling_module() -> None:
+    torch.manual_seed(1)
+    model = FunctionalNet()
+    x, y = torch.randn(8, 10), torch.randint(0, 4, (8,))
+    report = trainlint.check(model, (x, y), loss_fn=xent, steps=1)
+    layers = report.trace.layer_by_key()
+    expected_kinds = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "relu#1": "relu"}
+    found = {op: lt.kind for (module, op), lt in layers.items() if module == "mixer"}
+    assert found == expected_kinds
+    with torch.no_grad():
+        h = F.relu(model.mixer.a(x))
+        t = torch.tanh(model.mixer.b(h))
+        computed = {"relu": h, "tanh": t, "sigmoid": t.sigmoid(), "relu#1": t.relu()}
+    for op, value in computed.items():
+        lt = layers[("mixer", op)]
+        assert lt.type == "Mixer" and lt.label == f"mixer:{op}"
+        assert_matches(lt, [value])
+    tanh = layers[("mixer", "tanh")]
+    assert round(tanh.activation.saturated_fraction * tanh.activation.count) == int(
+        (t.abs() > 0.99).sum())
+    relu = layers[("mixer", "relu")]
+    assert relu.dead_units == sorted(np.flatnonzero(~(h > 0).any(0).numpy()))
+    assert [lt.depth for lt in report.trace.ordered_layers()] == sorted(
+        lt.depth for lt in report.trace.layers)
+
+
+def test_functional_activation_inside_activation_module_is_not_double_counted() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Tanh(), nn.Linear(8, 2))
+    report = trainlint.check(model, (torch.randn(4, 4), torch.randint(0, 2, (4,))), steps=1)
+    assert sorted(k for k in report.trace.layer_by_key()) == [
+        ("0", "output"), ("1", "output"), ("2", "output"), ("3", "output")]
+
+
+# ------------------------------------------------------------------ outputs and inputs
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Shaped(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Linear(6, 12)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> object:
+        h = self.act(self.body(x))
+        logits = self.head(h)
+        if self.kind == "tuple":
+            return logits, h
+        if self.kind == "dict":
+            return {"logits": logits, "hidden": h}
+        return Output(logits=logits, hidden=h)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "dataclass"])
+def test_models_returning_tuples_dicts_and_dataclasses(kind: str) -> None:
+    torch.manual_seed(2)
+    model = Shaped(kind)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    report = trainlint.check(model, (x, y), steps=2)
+    layers = report.trace.layer_by_key()
+    assert set(layers) == {("body", "output"), ("act", "output"), ("head", "output")}
+    assert report.trace.loss_kind == "cross_entropy" and len(report.trace.losses) == 2
+    assert layers[("head", "output")].grad_norm > 0
+    head_nodes = [origin for origin, _via in report.trace.output_ops]
+    assert layers[("head", "output")].node in head_nodes
+
+
+class Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.fc(self.embed(ids))))
+
+
+def test_integer_token_ids_into_an_embedding() -> None:
+    torch.manual_seed(3)
+    model = Tokens()
+    ids = torch.randint(0, 50, (4, 7))
+    report = trainlint.check(model, (ids, torch.randint(0, 50, (4, 7))), steps=2)
+    layers = report.trace.layer_by_key()
+    embed = layers[("embed", "output")]
+    assert embed.activation.count == 2 * 4 * 7 * 16
+    with torch.no_grad():
+        first = model.embed(ids)
+    assert embed.activation.min <= float(first.min())
+    assert layers[("", "gelu")].kind == "gelu" and layers[("", "gelu")].unit_dim == -1
+    assert report.trace.inputs == []  # integer ids are not a float input to describe
+    assert report.trace.batch_size == 4
+    assert all(math.isfinite(lt.grad_norm) for lt in report.trace.layers)
+    assert report.trace.params[0].name == "embed.weight" and report.trace.params[0].grad_norm > 0
+
+
+class Keyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(features)) * mask)
+
+
+def test_dict_inputs_are_passed_as_keywords() -> None:
+    torch.manual_seed(4)
+    model = Keyword()
+    features = torch.randn(10, 5)
+    mask = (torch.arange(8) % 2).float().expand(10, 8)
+    report = trainlint.check(model, ({"features": features, "mask": mask},
+                                     torch.randint(0, 2, (10,))), steps=1)
+    layers = report.trace.layer_by_key()
+    with torch.no_grad():
+        relu = torch.relu(model.fc(features))
+    assert_matches(layers[("", "relu")], [relu])
+    inputs = {i.name: i for i in report.trace.inputs}
+    assert len(inputs) == 2 and report.trace.batch_size == 10
+    first = next(i for i in inputs.values() if i.shape == (10, 5))
+    np.testing.assert_allclose(first.mean, features.double().mean(0).numpy(), rtol=1e-6)
