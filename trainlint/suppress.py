@@ -9,7 +9,9 @@ code. Suppressed findings are kept on the report (``Report.suppressed``), never 
 from __future__ import annotations
 
 import fnmatch
+import io
 import re
+import tokenize
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
@@ -17,7 +19,7 @@ from .engine import Finding, resolve_codes
 from .errors import ConfigError
 from .report import relative_path
 
-IGNORE_COMMENT = re.compile(r"#.*?\btrainlint:\s*ignore\b(?:\[([^\]]*)\])?", re.IGNORECASE)
+IGNORE_COMMENT = re.compile(r"^#.*?\btrainlint:\s*ignore\b(?:\[([^\]]*)\])?", re.IGNORECASE)
 ALL = "*"
 
 
@@ -51,29 +53,39 @@ def _codes_in(spec: Optional[str], where: str, notes: list) -> frozenset:
     return frozenset(codes)
 
 
+def comments_by_line(source: str) -> dict[int, str]:
+    """The comment of each line of a Python source (a marker inside a string is no comment);
+    for text that does not tokenize, everything from a line's first ``#``."""
+    try:
+        return {tok.start[0]: tok.string
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    except (tokenize.TokenError, SyntaxError):
+        return {i: line[line.index("#"):]
+                for i, line in enumerate(source.splitlines(), 1) if "#" in line}
+
+
 class _Comments:
     """Ignore comments of source lines, each file read at most once."""
 
     def __init__(self, notes: list) -> None:
         self.notes = notes
-        self.files: dict[str, Optional[list]] = {}
+        self.files: dict[str, dict[int, str]] = {}
         self.parsed: dict[tuple, frozenset] = {}
 
-    def _lines(self, path: str) -> Optional[list]:
+    def _comments(self, path: str) -> dict[int, str]:
         if path not in self.files:
             try:
                 with open(path, encoding="utf-8", errors="replace") as handle:
-                    self.files[path] = handle.read().splitlines()
+                    self.files[path] = comments_by_line(handle.read())
             except OSError:
-                self.files[path] = None
+                self.files[path] = {}
         return self.files[path]
 
     def codes_at(self, path: str, line: int) -> frozenset:
         key = (path, line)
         if key not in self.parsed:
-            lines = self._lines(path)
-            text = lines[line - 1] if lines is not None and 0 < line <= len(lines) else ""
-            match = IGNORE_COMMENT.search(text)
+            match = IGNORE_COMMENT.search(self._comments(path).get(line, ""))
             where = f"{relative_path(path)}:{line}"
             self.parsed[key] = (_codes_in(match.group(1), where, self.notes) if match
                                 else frozenset())

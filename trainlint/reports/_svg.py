@@ -32,7 +32,8 @@ def tick_labels(ticks: list[float], log: bool) -> list[str]:
     step = ticks[1] - ticks[0]
     biggest = max(abs(t) for t in ticks)
     if biggest >= 1e4 or biggest < 1e-3:
-        return [f"{t:.3g}" for t in ticks]
+        digits = math.floor(math.log10(biggest)) - math.floor(math.log10(step) + 1e-9) + 1
+        return [f"{t:.{min(max(digits, 1), 15)}g}" for t in ticks]
     decimals = min(8, max(0, -math.floor(math.log10(step) + 1e-9)))
     return [f"{t:.{decimals}f}" for t in ticks]
 

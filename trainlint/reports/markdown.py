@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from html import escape
+
 from ..report import Report
 from ._common import num, pct, summary_line, verdict, where_text
 from .layers import layer_rows
@@ -10,14 +12,14 @@ ICONS = {"error": "🔴", "warning": "🟠", "info": "🔵"}
 
 
 def cell(text: object) -> str:
-    """Text safe inside a table cell: pipes escaped, newlines as <br>."""
-    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "")
-            .replace("\n", "<br>"))
+    """Prose safe inside a table cell: no raw HTML, pipes escaped, newlines as <br>."""
+    text = escape(str(text), quote=False).replace("\\", "\\\\")
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
 
 def code(text: str) -> str:
-    """Inline code that survives backticks in ``text``."""
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
+    """A table cell holding inline code (which survives backticks in ``text``)."""
+    return (f"`` {text} ``" if "`" in text else f"`{text}`").replace("|", "\\|")
 
 
 def _findings(report: Report) -> list[str]:
@@ -31,8 +33,8 @@ def _findings(report: Report) -> list[str]:
             severity += " (baselined)"
         location = where_text(report, f)
         lines.append("| " + " | ".join([
-            severity, f.code, f.rule, cell(code(f.module or "(model)")),
-            cell(code(location)) if location else "-", cell(f.message), cell(f.fix)]) + " |")
+            severity, f.code, f.rule, code(f.module or "(model)"),
+            code(location) if location else "-", cell(f.message), cell(f.fix)]) + " |")
     return lines
 
 
@@ -43,7 +45,7 @@ def _suppressed(report: Report) -> list[str]:
              "", "| code | rule | module | suppressed by | message |", "|---|---|---|---|---|"]
     for s in report.suppressed:
         f = s.finding
-        lines.append(f"| {f.code} | {f.rule} | {cell(code(f.module or '(model)'))} | "
+        lines.append(f"| {f.code} | {f.rule} | {code(f.module or '(model)')} | "
                      f"{cell(s.reason)} | {cell(f.message)} |")
     return lines + ["", "</details>"]
 
@@ -60,7 +62,7 @@ def _layers(report: Report) -> list[str]:
         act = r["activation"] or {}
         grad = r["gradient"] or {}
         lines.append("| " + " | ".join([
-            cell(code(r["label"])), cell(r["type"]), num(act.get("mean")), num(act.get("std")),
+            code(r["label"]), cell(r["type"]), num(act.get("mean")), num(act.get("std")),
             num(act.get("min")), num(act.get("max")), pct(act.get("dead_fraction")),
             pct(act.get("saturated_fraction")), num(grad.get("norm"))]) + " |")
     return lines + ["", "</details>"]
