@@ -1,10 +1,20 @@
-"""Shared test helpers."""
+"""Shared test helpers: paths, the in-process CLI, cached fixture runs, the JSON schema."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Iterator, Optional
 
+import jsonschema
 import pytest
+from click.testing import CliRunner
+
+from trainlint.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -13,3 +23,58 @@ FIXTURES = ROOT / "fixtures"
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@dataclass
+class CliRun:
+    """One in-process ``trainlint`` invocation."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def doc(self) -> dict:
+        return json.loads(self.stdout)
+
+
+def run_cli(args: list, cwd: Optional[Path] = None) -> CliRun:
+    """Invoke the click CLI in this process, in ``cwd`` (default: the repository root)."""
+    runner = CliRunner()
+    with _chdir(cwd or ROOT):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return CliRun(result.exit_code, result.stdout, result.stderr)
+
+
+@contextlib.contextmanager
+def _chdir(path: Path) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+_RUNS: dict = {}
+
+
+def fixture_run(name: str, *extra: str) -> CliRun:
+    """``trainlint check fixtures/NAME.py --format json`` (cached per session)."""
+    key = (name, extra)
+    if key not in _RUNS:
+        _RUNS[key] = run_cli(["check", f"fixtures/{name}.py", "--format", "json", *extra])
+    return _RUNS[key]
+
+
+def report_schema() -> dict:
+    """The report schema as shipped in the package."""
+    text = resources.files("trainlint").joinpath("schema/report.schema.json").read_text()
+    return json.loads(text)
+
+
+@pytest.fixture(scope="session")
+def schema_validator() -> jsonschema.Draft202012Validator:
+    schema = report_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)

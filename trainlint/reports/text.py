@@ -85,5 +85,7 @@ def render(report: Report, **_options: object) -> str:
     if layers:
         parts += ["", layers]
     if report.notes:
-        parts += ["", "notes:"] + [f"  - {n}" for n in report.notes]
+        parts += ["", "notes:"]
+        for note in report.notes:
+            parts += textwrap.wrap(note, WIDTH, initial_indent="  - ", subsequent_indent="    ")
     return "\n".join(parts) + "\n"

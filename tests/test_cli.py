@@ -1,0 +1,291 @@
+"""``trainlint check`` / ``rules`` / ``rule`` through the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, ROOT, fixture_run, run_cli
+from tests.fixture_cases import CASES, FixtureCase
+from trainlint.engine import RULES, load_rules
+from trainlint.reports.layers import SPARKS
+
+load_rules()
+WIDTH = 100
+
+
+# ------------------------------------------------------------------ every fixture
+
+def test_every_fixture_has_a_case() -> None:
+    on_disk = {p.stem for p in FIXTURES.glob("*.py") if not p.name.startswith("_")}
+    assert on_disk == {case.name for case in CASES}
+    faulty = {case.name for case in CASES if not case.healthy}
+    twins = {case.twin_of for case in CASES if case.twin_of is not None}
+    assert twins <= faulty
+    assert all(case.healthy for case in CASES if case.twin_of is not None)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_fixture_through_the_cli(case: FixtureCase, schema_validator) -> None:
+    run = fixture_run(case.name)
+    assert run.exit_code == case.exit_code, run.stderr
+    doc = run.doc
+    schema_validator.validate(doc)
+    assert doc["target"] == f"fixtures/{case.name}.py"
+    serious = [(f["code"], f["module"]) for f in doc["findings"]
+               if f["severity"] in ("error", "warning")]
+    if case.healthy:
+        assert serious == []
+        return
+    for code, modules in case.expect.items():
+        named = {f["module"] for f in doc["findings"] if f["code"] == code}
+        assert named, f"{code} did not fire on {case.name}"
+        if modules is not None:
+            assert named == set(modules)
+    for finding in doc["findings"]:
+        if finding["code"] in case.expect:
+            assert finding["location"] is not None
+            path = ROOT / finding["location"]["path"]
+            assert finding["location"]["path"].startswith("fixtures/") and path.is_file()
+
+
+@pytest.mark.parametrize("name,module,source", [
+    ("dead_relu", "3", "nn.ReLU()"),
+    ("functional_dead_relu", "blocks.1", "Block(HIDDEN, HIDDEN, dead_bias)"),
+    ("functional_tanh_saturated", "hidden", "TanhLayer("),
+    ("batchnorm_small_batch", "4", "nn.BatchNorm2d(32)"),
+    ("batchnorm_single_value", "1", "nn.BatchNorm1d(64)"),
+])
+def test_findings_point_at_the_line_that_built_the_module(name: str, module: str,
+                                                          source: str) -> None:
+    [finding] = [f for f in fixture_run(name).doc["findings"] if f["module"] == module]
+    line = (ROOT / finding["location"]["path"]).read_text().splitlines()[
+        finding["location"]["line"] - 1]
+    assert source in line
+
+
+def test_dead_relu_fix_names_the_feeding_layer() -> None:
+    [finding] = [f for f in fixture_run("dead_relu").doc["findings"] if f["code"] == "TL101"]
+    assert "Linear '2'" in finding["fix"] and finding["evidence"]["feeding_module"] == "2"
+    assert finding["evidence"]["feeding_bias_rms"] == pytest.approx(5.0, rel=1e-3)
+
+
+def test_batchnorm_single_value_is_reported_instead_of_crashing() -> None:
+    run = fixture_run("batchnorm_single_value")
+    assert run.exit_code == 1
+    [finding] = [f for f in run.doc["findings"] if f["code"] == "TL404"]
+    assert finding["severity"] == "error" and "Traceback" not in run.stderr
+
+
+def test_python_dash_m_is_the_same_command(schema_validator) -> None:
+    proc = subprocess.run([sys.executable, "-m", "trainlint", "check", "fixtures/dead_relu.py",
+                           "--format", "json", "--select", "TL101"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    schema_validator.validate(doc)
+    assert [f["code"] for f in doc["findings"]] == ["TL101"]
+
+
+# ------------------------------------------------------------------ select / ignore
+
+def codes(*args: str) -> tuple[int, list]:
+    run = run_cli(["check", "fixtures/dead_relu.py", "--format", "json", *args])
+    return run.exit_code, [f["code"] for f in run.doc["findings"]]
+
+
+@pytest.mark.parametrize("select", ["TL101", "dead-relu", "TL1", "tl10", "TL401,dead-relu"])
+def test_select_by_code_name_and_prefix(select: str) -> None:
+    exit_code, found = codes("--select", select)
+    assert exit_code == 1 and "TL101" in found
+    allowed = {c for c in RULES if c == "TL101" or c.startswith(select.upper()) or
+               c in select.upper().split(",")}
+    assert set(found) <= allowed
+
+
+@pytest.mark.parametrize("ignore", ["TL101", "dead-relu", "TL1"])
+def test_ignore_by_code_name_and_prefix(ignore: str) -> None:
+    _exit_code, found = codes("--ignore", ignore)
+    assert "TL101" not in found
+
+
+def test_unknown_rule_is_a_usage_error() -> None:
+    run = run_cli(["check", "fixtures/dead_relu.py", "--select", "TL999"])
+    assert run.exit_code == 2 and "TL999" in run.stderr
+
+
+# ------------------------------------------------------------------ exit codes
+
+@pytest.mark.parametrize("fixture,fail_on,expected", [
+    ("dead_relu", None, 1), ("dead_relu", "warning", 1), ("dead_relu", "info", 1),
+    ("dead_relu", "error", 0), ("dead_relu", "never", 0),
+    ("batchnorm_single_value", "error", 1), ("batchnorm_single_value", "never", 0),
+    ("healthy_relu", "warning", 0),
+])
+def test_fail_on_levels(fixture: str, fail_on: str | None, expected: int) -> None:
+    extra = ["--fail-on", fail_on] if fail_on else []
+    run = run_cli(["check", f"fixtures/{fixture}.py", "--format", "json", *extra])
+    assert run.exit_code == expected
+    severities = {f["severity"] for f in run.doc["findings"]}
+    if expected == 0 and fail_on in ("error", "warning"):
+        assert "error" not in severities
+
+
+def test_exit_2_for_a_missing_file_and_missing_names(tmp_path: Path) -> None:
+    run = run_cli(["check", str(tmp_path / "nope.py")])
+    assert run.exit_code == 2 and "not found" in run.stderr
+    empty = tmp_path / "model.py"
+    empty.write_text("x = 1\n")
+    run = run_cli(["check", str(empty)])
+    assert run.exit_code == 2
+    assert "build_model" in run.stderr and "model" in run.stderr
+
+
+# ------------------------------------------------------------------ config
+
+def project(tmp_path: Path, table: str) -> Path:
+    shutil.copy(FIXTURES / "dead_relu.py", tmp_path / "model.py")
+    (tmp_path / "pyproject.toml").write_text(f"[project]\nname = 'user'\n\n{table}\n")
+    return tmp_path
+
+
+def dead_fraction() -> float:
+    [finding] = [f for f in fixture_run("dead_relu").doc["findings"] if f["code"] == "TL101"]
+    return finding["evidence"]["dead_fraction"]
+
+
+@pytest.mark.parametrize("key", ["TL101", "dead-relu"])
+def test_config_thresholds(tmp_path: Path, key: str) -> None:
+    above = (dead_fraction() + 1.0) / 2
+    assert above > RULES["TL101"].defaults["dead_fraction"]
+    folder = project(tmp_path, f"[tool.trainlint.rules.{key}]\ndead_fraction = {above}\n")
+    run = run_cli(["check", "model.py", "--format", "json"], cwd=folder)
+    assert "TL101" not in [f["code"] for f in run.doc["findings"]]
+    assert run.doc["target"] == "model.py"
+
+
+def test_config_select_ignore_and_fail_on(tmp_path: Path) -> None:
+    folder = project(tmp_path, '[tool.trainlint]\nignore = ["dead-relu"]\n')
+    run = run_cli(["check", "model.py", "--format", "json"], cwd=folder)
+    assert "TL101" not in [f["code"] for f in run.doc["findings"]]
+    (folder / "pyproject.toml").write_text('[tool.trainlint]\nselect = ["TL4"]\n')
+    run = run_cli(["check", "model.py", "--format", "json"], cwd=folder)
+    assert all(f["code"].startswith("TL4") for f in run.doc["findings"])
+    run = run_cli(["check", "model.py", "--format", "json", "--select", "TL101"], cwd=folder)
+    assert [f["code"] for f in run.doc["findings"]] == ["TL101"], "the CLI overrides the file"
+    (folder / "pyproject.toml").write_text('[tool.trainlint]\nfail-on = "error"\n'
+                                           'select = ["TL101"]\n')
+    run = run_cli(["check", "model.py", "--format", "json"], cwd=folder)
+    assert run.exit_code == 0 and [f["code"] for f in run.doc["findings"]] == ["TL101"]
+
+
+def test_explicit_config_file_and_bad_threshold(tmp_path: Path) -> None:
+    config = tmp_path / "lint.toml"
+    config.write_text('[tool.trainlint]\nselect = ["TL101"]\n'
+                      '[tool.trainlint.rules.TL101]\nmin_units = 100000\n')
+    run = run_cli(["check", "fixtures/dead_relu.py", "--format", "json", "--config", config])
+    assert run.exit_code == 0 and run.doc["findings"] == []
+    config.write_text("[tool.trainlint.rules.TL101]\nno_such = 1\n")
+    run = run_cli(["check", "fixtures/dead_relu.py", "--config", config])
+    assert run.exit_code == 2 and "no_such" in run.stderr
+
+
+# ------------------------------------------------------------------ rules / rule / --output
+
+def test_rules_lists_every_registered_rule() -> None:
+    run = run_cli(["rules"])
+    assert run.exit_code == 0
+    for r in load_rules().values():
+        line = next((ln for ln in run.stdout.splitlines() if ln.startswith(r.code)), "")
+        assert r.name in line and r.severity in line, r.code
+
+
+@pytest.mark.parametrize("name", ["TL101", "dead-relu"])
+def test_rule_prints_the_documentation_and_thresholds(name: str) -> None:
+    run = run_cli(["rule", name])
+    assert run.exit_code == 0
+    for section in ("## What it does", "## Why is this bad?", "## Example", "## Fix"):
+        assert section in run.stdout
+    for key, value in RULES["TL101"].defaults.items():
+        assert f"{key} = {value}" in run.stdout
+    assert run_cli(["rule", "TL999"]).exit_code == 2
+
+
+def test_output_writes_the_file(tmp_path: Path, schema_validator) -> None:
+    target = tmp_path / "report.json"
+    run = run_cli(["check", "fixtures/dead_relu.py", "--format", "json", "--output", target,
+                   "--select", "TL101"])
+    assert run.exit_code == 1 and run.stdout == ""
+    doc = json.loads(target.read_text())
+    schema_validator.validate(doc)
+    assert [f["code"] for f in doc["findings"]] == ["TL101"]
+
+
+# ------------------------------------------------------------------ text report
+
+@pytest.fixture(scope="module")
+def text_runs() -> dict:
+    return {name: run_cli(["check", f"fixtures/{name}.py"])
+            for name in ("dead_relu", "functional_dead_relu", "init_tanh_large")}
+
+
+def test_text_findings_have_each_fix_under_them(text_runs: dict) -> None:
+    doc = fixture_run("dead_relu").doc
+    lines = text_runs["dead_relu"].stdout.splitlines()
+    for finding in doc["findings"]:
+        head = next(i for i, ln in enumerate(lines)
+                    if finding["code"] in ln and finding["rule"] in ln
+                    and f" {finding['module']} " in ln)
+        where = f"{finding['location']['path']}:{finding['location']['line']}"
+        assert lines[head].startswith(finding["severity"].upper()) and where in lines[head]
+        block = []
+        for ln in lines[head + 1:]:
+            if not ln.startswith("    "):
+                break
+            block.append(ln.strip())
+        joined = " ".join(block)
+        fix_at = joined.index("fix: ")
+        assert joined[:fix_at].split() == finding["message"].split()
+        assert joined[fix_at + 5:].split() == finding["fix"].split()
+
+
+def test_text_layer_table_and_sparkline(text_runs: dict) -> None:
+    for name, run in text_runs.items():
+        layers = fixture_run(name).doc["layers"]
+        lines = run.stdout.splitlines()
+        header = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
+        for column in ("type", "act mean", "act std", "dead", "sat", "grad norm"):
+            assert column in lines[header]
+        rows = lines[header + 2: header + 2 + len(layers)]
+        assert [r.split()[:2] for r in rows] == [[lay["label"], lay["type"]] for lay in layers]
+        spark = next(ln for ln in lines if ln.startswith("activation std along depth"))
+        chars = spark.split(": ", 1)[1]
+        assert len(chars) == len(layers) and set(chars) <= set(SPARKS)
+        stds = [lay["activation"]["std"] for lay in layers]
+        assert chars[stds.index(max(stds))] == SPARKS[-1]
+        assert chars[stds.index(min(stds))] == SPARKS[0]
+
+
+def test_text_lines_fit_100_columns(text_runs: dict) -> None:
+    for name, run in text_runs.items():
+        for line in run.stdout.splitlines():
+            assert len(line) <= WIDTH or len(line.split()) == 1, f"{name}: {line!r}"
+
+
+def test_text_numbers_match_the_json(text_runs: dict) -> None:
+    layers = fixture_run("dead_relu").doc["layers"]
+    lines = text_runs["dead_relu"].stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
+    for layer, row in zip(layers, lines[header + 2:]):
+        cells = row.split()
+        assert float(cells[2]) == pytest.approx(layer["activation"]["mean"], rel=5e-3, abs=1e-9)
+        assert float(cells[3]) == pytest.approx(layer["activation"]["std"], rel=5e-3)
+        dead = layer["activation"]["dead_fraction"]
+        assert cells[4] == ("-" if dead is None else f"{100 * dead:.0f}%")
+        assert math.isfinite(float(cells[6]))
