@@ -283,7 +283,8 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Along the forward path it compares the RMS of the deepest ``window`` layers with that of
     the first ``window`` and fires when the ratio exceeds ``max_ratio``. Separately it fires
     when any activation's magnitude reaches ``fp16_fraction`` of float16's maximum (65504),
-    where mixed-precision training overflows to Inf.
+    where mixed-precision training overflows to Inf; that check follows the run's dtype
+    (``RunTrace.amp_dtype``): it is skipped under bfloat16, whose range is float32's.
 
     ## Why is this bad?
     Growing activations mean growing gradients and unstable updates; in float16 they overflow
@@ -315,7 +316,11 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                           "last_rms": deep},
             )
             return
+    if trace.amp_dtype == "bfloat16":
+        return
     limit = t.fp16_fraction * FP16_MAX
+    overflow = ("this run computes in float16 and overflows there to Inf"
+                if trace.amp_dtype == "float16" else "mixed precision would overflow to Inf")
     for lt in trace.ordered_layers():
         act = lt.activation
         if act is None or act.nonfinite:
@@ -326,9 +331,9 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 module=lt.module,
                 message=(f"activations of {lt.label} reach |x| = {peak:.3g}, "
                          f"{peak / FP16_MAX:.0%} of the float16 maximum (threshold "
-                         f"{t.fp16_fraction:.0%}): mixed precision would overflow to Inf"),
+                         f"{t.fp16_fraction:.0%}): {overflow}"),
                 fix=("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
                      "before it, or keep this part in float32/bfloat16"),
-                evidence={"max_abs": peak, "threshold": limit},
+                evidence={"max_abs": peak, "threshold": limit, "dtype": trace.amp_dtype},
             )
             return

@@ -76,12 +76,17 @@ class TraceBuilder:
             if kind == "act":
                 self.act_rows.setdefault(tag[1], []).append(value)
                 merged = stats.merge_moments(value)
-                step_info["layers"][tag[1]] = {"std": merged["std"], "mean": merged["mean"],
-                                               "zero_fraction": merged["zero_fraction"]}
+                step_info["layers"].setdefault(tag[1], {}).update(
+                    std=merged["std"], mean=merged["mean"], zero_fraction=merged["zero_fraction"])
             elif kind == "grad":
                 self.grad_rows.setdefault(tag[1], []).append(value)
+                grads = stats.merge_grads(value)
+                step_info["layers"].setdefault(tag[1], {})["grad_norm"] = grads["norm"]
             elif kind == "units":
                 self.units[tag[1]] = value.astype(bool)
+                if value.size:
+                    step_info["layers"].setdefault(tag[1], {})["dead_fraction"] = float(
+                        1.0 - self.units[tag[1]].mean())
             elif kind == "input":
                 self._add_input(tag, value)
             elif kind == "param":

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .assemble import TraceBuilder
+from .batch import output_loss
 from .engine import Selection
-from .errors import ConfigError
-from .probe import Probe, _model_device
-from .report import Report, build_report
+from .errors import ConfigError, TrainlintError
+from .probe import Probe, ProbeSnapshot, _model_device
+from .report import FAIL_LEVELS, Report, build_report
+from .sinks import make_sink, step_scalars
+from .stats import G
+
+# Observed steps in a row that a GradScaler may skip (inf/NaN gradients at its loss scale)
+# before the step is linted as it is.
+MAX_SCALER_SKIPS = 8
+
+
+class RunFailed(TrainlintError):
+    """Raised by ``Monitor.step`` when ``fail_on`` is set and an observed step produced a
+    finding at or above it: the run is doomed, stop it early. ``report`` holds the findings."""
+
+    def __init__(self, report: Report, fail_on: str) -> None:
+        failing = report.failing(fail_on)
+        lines = "".join(f"\n  {f.code} {f.rule} {f.module or '(model)'}: {f.message}"
+                        for f in failing)
+        super().__init__(f"trainlint stopped the run: {len(failing)} finding(s) at or above "
+                         f"{fail_on!r}{lines}")
+        self.report = report
 
 
 class Monitor:
@@ -19,23 +42,58 @@ class Monitor:
 
     Call ``step(loss)`` once per training step, after ``optimizer.step()``. Between
     observations the hooks return at once; an observed step costs one host sync.
+
+    ``model`` may be wrapped in DistributedDataParallel or ``torch.compile`` (the module
+    inside is hooked; observed steps of a compiled model run eagerly). Under a process group,
+    every rank's statistics are merged once per observed step and only rank 0 logs.
+    ``log_to`` receives per-layer scalars after each observed step (see ``trainlint.sinks``);
+    ``scaler`` (a ``GradScaler``) lets gradient statistics be unscaled; with ``fail_on``
+    (``"error"``, ``"warning"``, ``"info"``) ``step`` raises :class:`RunFailed` as soon as an
+    observed step yields a finding at or above that severity.
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 every: int = 100, *, selection: Optional[Selection] = None) -> None:
+                 every: int = 100, *, selection: Optional[Selection] = None,
+                 log_to: Any = None, scaler: Any = None, fail_on: Optional[str] = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"every must be a whole number >= 1, got {every!r}")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        if fail_on is not None and fail_on not in FAIL_LEVELS:
+            raise ConfigError(f"fail_on must be one of {', '.join(FAIL_LEVELS)}, got {fail_on!r}")
+        self.compiled = _is_compiled(model)
+        if self.compiled and not hasattr(torch.compiler, "set_stance"):
+            raise ConfigError("Monitor on a torch.compile'd model needs torch>=2.6 (to run the "
+                              "observed steps eagerly); pass the model before torch.compile, or "
+                              "lint it with trainlint.check(model, batch)")
+        self.model = distributed.unwrap(model)
         self.optimizer = optimizer
         self.every = every
         self.selection = selection or Selection()
+        self.scaler = scaler
+        self.fail_on = fail_on
+        self.rank, self.world_size = distributed.world()
+        sink = make_sink(log_to)
+        self.sink = sink if self.rank == 0 else None
         self.steps_seen = 0
         self.batch_size: Optional[int] = None
-        self.probe = Probe(model, optimizer).attach()
-        self.builder = TraceBuilder(model, mode="monitor")
-        self.probe.begin_step()
+        self.global_batch_size: Optional[int] = None
+        self.scaler_skips = 0
+        self._skips_in_row = 0
+        self._scale: Optional[float] = None
+        self._retry = False
+        self._explicit = False
+        self._stance: Any = None
+        self._autocast: Optional[str] = None
+        self._model_loss: Optional[torch.Tensor] = None
+        self.probe = Probe(self.model, optimizer).attach()
+        self._hooks = [self.model.register_forward_hook(self._after_forward)]
+        # Device-side sum and max of the losses since the last observed step (no host sync).
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_max: Optional[torch.Tensor] = None
+        self._loss_count = 0
+        self.builder = TraceBuilder(self.model, mode="monitor")
+        self._open()
 
     @property
     def observing(self) -> bool:
@@ -46,37 +104,162 @@ class Monitor:
         """Mark the end of one training step (after ``optimizer.step()``)."""
         if not self.probe.attached:
             raise ConfigError("this Monitor is closed")
+        if loss is None and self.probe.observing:
+            loss = self._model_loss
+        value = self._accumulate(loss)
         if self.probe.observing:
             extra = {}
-            if isinstance(loss, torch.Tensor):
-                extra["loss"] = loss.detach().float().reshape(-1)[:1]
-            elif isinstance(loss, (int, float)):
-                extra["loss"] = torch.tensor([float(loss)], device=_model_device(self.model))
-            self._note_batch()
-            self.builder.add(self.probe.collect(extra=extra), self.steps_seen)
-            self.probe.end_step()
+            if value is not None:
+                extra["loss"] = value
+                extra["loss_mean"] = self._loss_sum / self._loss_count
+                extra["loss_max"] = self._loss_max
+                self._loss_sum = self._loss_max = None
+                self._loss_count = 0
+            self._observed(extra)
         self.steps_seen += 1
-        if self.steps_seen % self.every == 0:
-            self.probe.begin_step()
+        if not self._explicit and self._due():
+            self._open()
 
-    def _note_batch(self) -> None:
-        for call in self.probe.norm_calls:
-            if call.shape:
-                self.batch_size = call.shape[0]
-                return
-        for _name, shape, *_ in self.probe.input_rows:
-            if shape:
-                self.batch_size = shape[0]
-                return
+    def start_step(self) -> None:
+        """Mark the start of a training step (optional; the callbacks call it).
+
+        Once called, a step is observed from its ``start_step()`` to its ``step()``, so
+        evaluation run between training steps is never observed.
+        """
+        if not self.probe.attached:
+            raise ConfigError("this Monitor is closed")
+        self._explicit = True
+        if not self.probe.observing and self._due():
+            self._open()
+
+    def _due(self) -> bool:
+        return self._retry or self.steps_seen % self.every == 0
+
+    def _open(self) -> None:
+        """Start observing: read the loss scale, run compiled code eagerly, arm the probe."""
+        self._retry = False
+        self._model_loss = None
+        if self.scaler is not None:
+            self._scale = float(self.scaler.get_scale())
+        if "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
+            self._stance = torch.compiler.set_stance("force_eager")
+        self.probe.begin_step()
+
+    def _close_stance(self) -> None:
+        if self._stance is not None:
+            stance, self._stance = self._stance, None
+            stance.__exit__(None, None, None)
+
+    def _observed(self, extra: dict) -> None:
+        """The observed step is over: sync once, merge ranks, fold it into the trace."""
+        snap = self.probe.collect(extra=extra)
+        self.probe.end_step()
+        self._close_stance()
+        if self.scaler is not None and not self._unscale(snap):
+            return
+        local_batch = _batch_size(snap)
+        batches = [local_batch]
+        if self.world_size > 1:
+            gathered = distributed.gather({"values": snap.values, "batch": local_batch})
+            snap.values = distributed.reduce_values([g["values"] for g in gathered],
+                                                    self.world_size)
+            batches = [g["batch"] for g in gathered]
+        if local_batch is not None:
+            self.batch_size = local_batch
+        if all(b is not None for b in batches):
+            self.global_batch_size = sum(batches)
+        self.builder.add(snap, self.steps_seen)
+        if self.sink is not None:
+            self.sink(step_scalars(self.builder.per_step[-1]), self.steps_seen)
+        if self.fail_on is not None:
+            report = self.report()
+            if report.failing(self.fail_on):
+                raise RunFailed(report, self.fail_on)
+
+    def _unscale(self, snap: ProbeSnapshot) -> bool:
+        """Divide gradient statistics by the loss scale the step's backward used; False (and
+        observe the next step instead) when the scaler skipped the step for inf/NaN gradients
+        while the loss itself was finite."""
+        scale = self._scale or 1.0
+        loss = snap.values.get(("extra", "loss"))
+        finite_loss = loss is None or bool(math.isfinite(float(loss.reshape(-1)[0])))
+        if (float(self.scaler.get_scale()) < scale and finite_loss
+                and self._skips_in_row < MAX_SCALER_SKIPS):
+            self.scaler_skips += 1
+            self._skips_in_row += 1
+            self._retry = True
+            return False
+        self._skips_in_row = 0
+        for tag, value in snap.values.items():
+            if tag[0] == "grad":
+                rows = value.astype("float64", copy=True)
+                rows[..., G["sumsq"]] /= scale * scale
+                snap.values[tag] = rows
+        return True
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Root forward hook: note autocast's dtype and a loss the model computed itself."""
+        if not self.probe.observing:
+            return
+        device = _model_device(self.model).type
+        if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):
+            self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
+        loss = output_loss(output)
+        if loss is not None:
+            self._model_loss = loss.detach()
+
+    def _amp_dtype(self) -> Optional[str]:
+        if self._autocast is not None:
+            return self._autocast
+        for p in self.model.parameters():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                return str(p.dtype).replace("torch.", "")
+        return None
+
+    def _accumulate(self, loss: Any) -> Optional[torch.Tensor]:
+        """This step's loss as a 1-element device tensor, added to the running window."""
+        if isinstance(loss, torch.Tensor) and loss.numel() > 0:
+            value = loss.detach().float().reshape(-1)[:1]
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            value = torch.tensor([float(loss)], device=_model_device(self.model))
+        else:
+            return None
+        if self._loss_sum is None:
+            self._loss_sum, self._loss_max = value.clone(), value.clone()
+        else:
+            self._loss_sum += value.to(self._loss_sum.device)
+            torch.maximum(self._loss_max, value.to(self._loss_max.device), out=self._loss_max)
+        self._loss_count += 1
+        return value
 
     def report(self) -> Report:
-        """Findings over the observed steps so far."""
+        """Findings over the observed steps so far (the same on every rank)."""
+        notes = []
+        if self.compiled:
+            notes.append("the model is torch.compile'd: observed steps ran eagerly "
+                         "(torch.compiler.set_stance('force_eager')), the others compiled")
+        if self.scaler_skips:
+            notes.append(f"the GradScaler skipped {self.scaler_skips} observed step(s) "
+                         "(inf/NaN gradients at its loss scale); the next step was observed "
+                         "instead")
         trace = self.builder.build(steps=self.steps_seen, batch_size=self.batch_size,
-                                   device=str(_model_device(self.model)))
-        return build_report(trace, self.selection)
+                                   device=str(_model_device(self.model)),
+                                   world_size=self.world_size,
+                                   global_batch_size=self.global_batch_size,
+                                   amp_dtype=self._amp_dtype())
+        return build_report(trace, self.selection, notes=notes)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports: rank 0, or the only process."""
+        return self.rank == 0
 
     def close(self) -> None:
         """Detach every hook (idempotent)."""
+        self._close_stance()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         self.probe.detach()
 
     def __enter__(self) -> Monitor:
@@ -84,3 +267,19 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule is a ``torch.compile`` wrapper."""
+    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
+
+
+def _batch_size(snap: ProbeSnapshot) -> Optional[int]:
+    """This process's batch size: what the first normalization layer or input saw."""
+    for call in snap.norm_calls:
+        if call.shape:
+            return int(call.shape[0])
+    for tag in snap.values:
+        if tag[0] == "input" and tag[3]:
+            return int(tag[3][0])
+    return None

@@ -1,0 +1,105 @@
+"""TrainlintCallback inside a real lightning.Trainer (CPU, a few batches)."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainlint.engine import RULES, load_rules
+from trainlint.integrations.lightning import TrainlintCallback
+from trainlint.monitor import RunFailed
+
+from ._models import WIDTH, dead_relu_net
+
+BATCH = 16
+VAL_BATCH = 5
+BATCHES = 4
+
+
+class DeadReluModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = dead_relu_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def loader(n: int, batch: int) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g))
+    return DataLoader(data, batch_size=batch)
+
+
+def fit(callback: TrainlintCallback, tmp_path, **kwargs) -> L.Trainer:
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"),
+                        callbacks=[callback], **kwargs)
+    trainer.fit(DeadReluModule(), loader(BATCH * BATCHES, BATCH), loader(10, VAL_BATCH))
+    return trainer
+
+
+def test_dead_relu_reported_and_logged(tmp_path, capsys):
+    load_rules()
+    callback = TrainlintCallback(every=2)
+    trainer = fit(callback, tmp_path, val_check_interval=2, num_sanity_val_steps=1)
+    report = callback.report
+    assert report is not None and callback.monitor is None  # reported, hooks removed
+    assert report.trace.observed_steps == BATCHES // 2
+    dead = [f for f in report.findings if f.code == "TL101"]
+    assert [f.module for f in dead] == ["net.3"]
+    assert dead[0].evidence["dead_fraction"] >= RULES["TL101"].defaults["dead_fraction"]
+    # Only training batches were observed: validation (5 samples a batch, run between
+    # training batches and before training) would add rows of another size.
+    layer = next(lt for lt in report.trace.layers if lt.module == "net.1")
+    assert layer.activation.count == report.trace.observed_steps * BATCH * WIDTH
+    assert "TL101" in capsys.readouterr().out
+    assert not any(h for m in trainer.lightning_module.modules()
+                   for h in (m._forward_hooks, m._forward_pre_hooks))
+
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = [r for r in rows if r.get("trainlint/net.3/dead_fraction")]
+    assert [int(r["step"]) for r in logged] == [0, 2]
+    assert all(float(r["trainlint/net.3/dead_fraction"]) == 1.0 for r in logged)
+    healthy = RULES["TL101"].defaults["dead_fraction"]
+    assert all(float(r["trainlint/net.1/dead_fraction"]) < healthy for r in logged)
+    step_std = report.trace.per_step[-1]["layers"]
+    key = next(k for k in step_std if k[0] == "net.0")
+    assert float(logged[-1]["trainlint/net.0/act_std"]) == pytest.approx(step_std[key]["std"])
+
+
+def test_fail_on_stops_a_doomed_run_early(tmp_path):
+    callback = TrainlintCallback(every=1, fail_on="warning", verbose=False)
+    with pytest.raises(RunFailed) as failed:
+        fit(callback, tmp_path)
+    assert "TL101" in str(failed.value)
+    assert callback.report is failed.value.report
+    assert callback.report.trace.observed_steps == 1  # stopped at the first batch
+    assert callback.monitor is None
+
+
+def test_fail_on_error_lets_warnings_through(tmp_path):
+    callback = TrainlintCallback(every=1, fail_on="error", verbose=False)
+    trainer = fit(callback, tmp_path)
+    assert trainer.global_step == BATCHES
+    assert any(f.code == "TL101" for f in callback.report.findings)
+    assert not callback.report.failing("error")

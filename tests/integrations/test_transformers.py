@@ -1,0 +1,81 @@
+"""TrainlintCallback inside a real transformers.Trainer (CPU, a tiny random-init BERT)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from trainlint.engine import RULES, load_rules
+from trainlint.integrations.transformers import TrainlintCallback
+from trainlint.monitor import RunFailed
+
+from ._models import DEAD_BIAS
+
+BATCH = 8
+STEPS = 4
+DEAD = "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    """A 2-layer BERT whose first feed-forward GELU is dead (its Linear's bias is -10)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                        num_labels=3)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.bias.fill_(DEAD_BIAS)
+    return model
+
+
+def dataset(n: int = BATCH * STEPS, length: int = 12) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (n, length), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(length, dtype=torch.long),
+             "labels": labels[i]} for i in range(n)]
+
+
+def train(callback: TrainlintCallback, tmp_path) -> Trainer:
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             max_steps=STEPS, learning_rate=1e-4, report_to=[], use_cpu=True,
+                             logging_strategy="no", save_strategy="no", disable_tqdm=True,
+                             seed=0)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=dataset(),
+                      callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def test_dead_gelu_reported(tmp_path, capsys):
+    load_rules()
+    logged: list = []
+    callback = TrainlintCallback(every=2, log_to=lambda scalars, step: logged.append(step))
+    trainer = train(callback, tmp_path)
+    report = callback.report
+    assert callback.monitor is None
+    assert report.trace.observed_steps == STEPS // 2
+    assert logged == [0, 2]
+    dead = [f for f in report.findings if f.code == "TL101"]
+    assert [f.module for f in dead] == [DEAD]
+    assert dead[0].evidence["dead_fraction"] >= RULES["TL101"].defaults["dead_fraction"]
+    # The loss is the model's own .loss; gradients were read before Trainer zeroed them.
+    assert len(report.trace.losses) == STEPS // 2
+    assert all(math.isfinite(v) and v > 0 for v in report.trace.losses)
+    trainable = [p for p in report.trace.params if p.requires_grad]
+    assert trainable and all(p.grad_norm is not None for p in trainable)
+    assert all(p.update_norm is not None for p in trainable)
+    assert DEAD in capsys.readouterr().out
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in trainer.model.modules())
+
+
+def test_fail_on_stops_training(tmp_path):
+    callback = TrainlintCallback(every=1, fail_on="warning", verbose=False)
+    with pytest.raises(RunFailed) as failed:
+        train(callback, tmp_path)
+    assert DEAD in str(failed.value)
+    assert callback.report.trace.observed_steps == 1
+    assert callback.monitor is None

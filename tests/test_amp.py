@@ -1,0 +1,147 @@
+"""Mixed precision: statistics accumulate in float64 under autocast, GradScaler'd gradients are
+unscaled, skipped scaler steps are not linted, and TL104's float16 check follows the dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import trainlint
+from trainlint.engine import RULES, Thresholds, load_rules
+from trainlint.trace import ActivationStats, LayerTrace, RunTrace
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+
+def capture(net: nn.Sequential, index: int) -> dict:
+    """Record the output of ``net[index]`` and the gradient w.r.t. it, at every call."""
+    seen: dict = {"act": [], "grad": []}
+
+    def keep(module, args, out):
+        seen["act"].append(out.detach())
+        out.register_hook(lambda g: seen["grad"].append(g.detach()))
+
+    net[index].register_forward_hook(keep)
+    return seen
+
+
+def train(net: nn.Module, steps: int, *, scaler=None, monitor_scaler=True, autocast=None,
+          every: int = 1, gain: float = 1.0) -> trainlint.Report:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+    with trainlint.Monitor(net, opt, every=every,
+                           scaler=scaler if monitor_scaler else None) as monitor:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                loss = gain * (net(x).float() - y).pow(2).mean()
+            opt.zero_grad()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            monitor.step(loss)
+        return monitor.report()
+
+
+def layer(report: trainlint.Report, module: str) -> LayerTrace:
+    return next(lt for lt in report.trace.layers if lt.module == module and lt.op == "output")
+
+
+def test_bf16_autocast_statistics_are_exact():
+    net = mlp()
+    seen = capture(net, 2)
+    report = train(net, 2, autocast=torch.bfloat16)
+    outs = torch.cat([a.reshape(-1) for a in seen["act"]])
+    assert outs.dtype == torch.bfloat16  # the layer really computed in bfloat16
+    ref = outs.double()
+    act = layer(report, "2").activation
+    # Accumulating in bfloat16 would be off by ~1e-3; float64 accumulation is exact.
+    assert act.mean == pytest.approx(ref.mean().item(), rel=1e-12, abs=1e-15)
+    assert act.std == pytest.approx(ref.std(unbiased=False).item(), rel=1e-12)
+    assert act.max == ref.max().item() and act.min == ref.min().item()
+    assert report.trace.amp_dtype == "bfloat16"
+
+
+def test_fp16_autocast_is_recorded():
+    report = train(mlp(), 1, autocast=torch.float16)
+    assert report.trace.amp_dtype == "float16"
+    assert train(mlp(), 1).trace.amp_dtype is None
+
+
+def test_grad_scaler_gradients_are_unscaled():
+    scale = 2.0 ** 10
+    plain = train(mlp(), 2)
+    scaled = train(mlp(), 2, scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+    unaware = train(mlp(), 2, scaler=torch.amp.GradScaler("cpu", init_scale=scale),
+                    monitor_scaler=False)
+    for module in ("0", "2", "4"):
+        expected = layer(plain, module).grad_norm
+        assert layer(scaled, module).grad_norm == pytest.approx(expected, rel=1e-6)
+        # Without the scaler, what the hooks see is the scaled gradient.
+        assert layer(unaware, module).grad_norm == pytest.approx(expected * scale, rel=1e-6)
+    plain_params = {p.name: p.grad_norm for p in plain.trace.params}
+    for p in scaled.trace.params:
+        assert p.grad_norm == pytest.approx(plain_params[p.name], rel=1e-6)
+
+
+def test_step_skipped_by_the_scaler_is_not_linted():
+    # A loss scale of 2**127 on a loss weighted 2**10 overflows the gradients: the scaler
+    # skips the step and backs off to 2**107, where the next step goes through.
+    net = mlp()
+    seen = capture(net, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -20)
+    report = train(net, 4, scaler=scaler, every=4, gain=2.0 ** 10)
+    assert scaler.get_scale() == 2.0 ** 107
+    assert report.trace.observed_steps == 1
+    assert any("GradScaler skipped 1" in note for note in report.notes)
+    lt = layer(report, "2")
+    assert lt.grad_nonfinite == 0
+    retried = seen["grad"][1].double() / 2.0 ** 107
+    assert lt.grad_norm == pytest.approx(retried.norm().item(), rel=1e-6)
+    assert not [f for f in report.findings if f.code == "TL504"]
+
+
+def test_nonfinite_loss_is_not_hidden_by_the_scaler():
+    net = mlp()
+    with torch.no_grad():
+        net[0].bias.fill_(float("nan"))
+    report = train(net, 1, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert report.trace.observed_steps == 1
+    assert all(v != v for v in report.trace.losses)  # NaN kept, for TL504/TL604 to see
+
+
+def fp16_trace(peak: float, amp_dtype) -> RunTrace:
+    act = ActivationStats(count=64, mean=0.0, std=peak / 4, min=-peak, max=peak,
+                          zero_fraction=0.0, rms=peak / 4)
+    lt = LayerTrace(module="fc", type="Linear", op="output", depth=0, activation=act,
+                    node=("point", "fc", "output", None))
+    return RunTrace(layers=[lt], amp_dtype=amp_dtype)
+
+
+@pytest.mark.parametrize("amp_dtype, fires, wording", [
+    (None, True, "mixed precision would overflow"),
+    ("float16", True, "computes in float16"),
+    ("bfloat16", False, None),
+])
+def test_tl104_fp16_check_follows_the_dtype(amp_dtype, fires, wording):
+    load_rules()
+    rule = RULES["TL104"]
+    t = Thresholds(rule.defaults)
+    peak = t.fp16_fraction * FP16_MAX * 1.01
+    hits = list(rule.func(fp16_trace(peak, amp_dtype), t))
+    assert bool(hits) == fires
+    if fires:
+        assert wording in hits[0].message
+    below = t.fp16_fraction * FP16_MAX * 0.99
+    assert not list(rule.func(fp16_trace(below, amp_dtype), t))

@@ -1,0 +1,83 @@
+"""``TrainlintCallback`` for Lightning: ``trainlint.Monitor`` inside ``Trainer.fit``.
+
+    from trainlint.integrations.lightning import TrainlintCallback
+    trainer = lightning.Trainer(callbacks=[TrainlintCallback(every=100, fail_on="error")])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:  # the standalone package
+    from pytorch_lightning import Callback, LightningModule, Trainer
+
+import torch.nn as nn
+
+from ..engine import Selection
+from ..monitor import Monitor, RunFailed
+from ..report import Report
+
+
+class TrainlintCallback(Callback):
+    """Observe every ``every``-th training batch; report at the end of ``fit``.
+
+    Per-layer summary scalars go to the trainer's loggers after each observed batch (rank 0
+    only). With ``fail_on`` (``"error"``, ``"warning"`` or ``"info"``) the run stops with
+    ``trainlint.monitor.RunFailed`` at the first observed batch whose findings reach it.
+    ``module`` names the submodule of the LightningModule to observe (default: the
+    LightningModule itself, whose ``forward`` must then be what ``training_step`` calls for
+    functional activations and data flow to be seen). The last report is ``self.report``.
+    """
+
+    def __init__(self, every: int = 100, fail_on: Optional[str] = None, *,
+                 module: Optional[str] = None, selection: Optional[Selection] = None,
+                 log: bool = True, verbose: bool = True) -> None:
+        super().__init__()
+        self.every = every
+        self.fail_on = fail_on
+        self.module = module
+        self.selection = selection
+        self.log = log
+        self.verbose = verbose
+        self.monitor: Optional[Monitor] = None
+        self.report: Optional[Report] = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        model: nn.Module = pl_module.get_submodule(self.module) if self.module else pl_module
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.monitor = Monitor(model, optimizer, every=self.every, selection=self.selection,
+                               log_to=trainer.loggers if self.log else None, scaler=scaler,
+                               fail_on=self.fail_on)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.monitor is not None:
+            self.monitor.start_step()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self.monitor.step(loss)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.monitor is None:
+            return
+        self.report = self.monitor.report()
+        self._close()
+        if self.verbose and trainer.is_global_zero:
+            print(self.report)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule,
+                     exception: BaseException) -> None:
+        if isinstance(exception, RunFailed):
+            self.report = exception.report
+        self._close()
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
