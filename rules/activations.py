@@ -216,15 +216,44 @@ def _init_fix(kind: str) -> str:
             f"gain=nn.init.calculate_gain('{kind}')) (Glorot init)")
 
 
-def _scale_profile(trace: RunTrace, window: int, min_layers: int):
+def _step_scales(step: dict, series: list[LayerTrace]) -> Optional[list[float]]:
+    """The RMS of each series layer at one observed step; None when one of them was not seen
+    or held NaN/Inf then (a diverged step says nothing about scale)."""
+    layers = step.get("layers", {})
+    bad = step.get("nonfinite", {}).get("activations", {})
+    scales = []
+    for lt in series:
+        key = lt.node[1:]
+        entry = layers.get(key)
+        if key in bad or entry is None or "std" not in entry:
+            return None
+        scale = math.hypot(entry["std"], entry["mean"])
+        if scale == 0 and lt.activation.nonfinite:  # all NaN/Inf: no finite moments
+            return None
+        scales.append(scale)
+    return scales
+
+
+def _scale_profiles(trace: RunTrace, window: int, min_layers: int) -> list[tuple]:
+    """(step, series, scales, reference) for each observed step whose profile is finite; one
+    profile of the statistics merged over the run (step None) when there is none."""
     series = depth_series(trace)
     if len(series) < min_layers:
-        return None
-    scales = [lt.activation.rms for lt in series]
-    reference = median(scales[:window])
-    if not reference > 0 or not math.isfinite(reference):
-        return None
-    return series, scales, reference
+        return []
+    candidates = [(s.get("step"), scales) for s in trace.per_step
+                  if (scales := _step_scales(s, series)) is not None]
+    if not candidates:
+        candidates = [(None, [lt.activation.rms for lt in series])]
+    profiles = []
+    for step, scales in candidates:
+        reference = median(scales[:window])
+        if reference > 0 and math.isfinite(reference):
+            profiles.append((step, series, scales, reference))
+    return profiles
+
+
+def _at_step(step: Optional[int]) -> str:
+    return "" if step is None else f" at step {step + 1}"
 
 
 @rule("TL103", "vanishing-activations", "warning", min_ratio=0.01, window=3, min_layers=6)
@@ -251,26 +280,24 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     tanh (``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``), or add
     normalization layers / residual connections.
     """
-    profile = _scale_profile(trace, t.window, t.min_layers)
-    if profile is None:
+    for step, series, scales, reference in _scale_profiles(trace, t.window, t.min_layers):
+        deep = median(scales[-t.window:])
+        ratio = deep / reference
+        if ratio >= t.min_ratio:
+            continue
+        first = next(i for i, s in enumerate(scales) if s < t.min_ratio * reference)
+        where = series[first]
+        yield Hit(
+            module=where.module,
+            message=(f"activation RMS decays along depth{_at_step(step)}: {reference:.3g} in "
+                     f"the first layers, {deep:.3g} in the last ({ratio:.2g}×, threshold "
+                     f"{t.min_ratio:g}×); it first falls below the threshold at {where.label} "
+                     f"(layer {first + 1} of {len(series)})"),
+            fix=_init_fix(_dominant_nonlinearity(series)),
+            evidence={"ratio": ratio, "threshold": t.min_ratio, "first_rms": reference,
+                      "last_rms": deep, "layers": len(series), "step": step},
+        )
         return
-    series, scales, reference = profile
-    deep = median(scales[-t.window:])
-    ratio = deep / reference
-    if ratio >= t.min_ratio:
-        return
-    first = next(i for i, s in enumerate(scales) if s < t.min_ratio * reference)
-    where = series[first]
-    yield Hit(
-        module=where.module,
-        message=(f"activation RMS decays along depth: {reference:.3g} in the first layers, "
-                 f"{deep:.3g} in the last ({ratio:.2g}× , threshold {t.min_ratio:g}×); it first "
-                 f"falls below the threshold at {where.label} (layer {first + 1} of "
-                 f"{len(series)})"),
-        fix=_init_fix(_dominant_nonlinearity(series)),
-        evidence={"ratio": ratio, "threshold": t.min_ratio, "first_rms": reference,
-                  "last_rms": deep, "layers": len(series)},
-    )
 
 
 @rule("TL104", "exploding-activations", "warning", max_ratio=1000.0, window=3, min_layers=6,
@@ -298,9 +325,7 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Kaiming/Xavier initialization matched to the nonlinearity, normalization layers, and a
     lower learning rate.
     """
-    profile = _scale_profile(trace, t.window, t.min_layers)
-    if profile is not None:
-        series, scales, reference = profile
+    for step, series, scales, reference in _scale_profiles(trace, t.window, t.min_layers):
         deep = median(scales[-t.window:])
         ratio = deep / reference
         if ratio > t.max_ratio:
@@ -308,12 +333,12 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             where = series[first]
             yield Hit(
                 module=where.module,
-                message=(f"activation RMS grows along depth: {reference:.3g} in the first "
-                         f"layers, {deep:.3g} in the last ({ratio:.3g}×, threshold "
-                         f"{t.max_ratio:g}×); it first exceeds it at {where.label}"),
+                message=(f"activation RMS grows along depth{_at_step(step)}: {reference:.3g} "
+                         f"in the first layers, {deep:.3g} in the last ({ratio:.3g}×, "
+                         f"threshold {t.max_ratio:g}×); it first exceeds it at {where.label}"),
                 fix=_init_fix(_dominant_nonlinearity(series)),
                 evidence={"ratio": ratio, "threshold": t.max_ratio, "first_rms": reference,
-                          "last_rms": deep},
+                          "last_rms": deep, "step": step},
             )
             return
     if trace.amp_dtype == "bfloat16":

@@ -223,3 +223,30 @@ def test_dict_inputs_are_passed_as_keywords() -> None:
     assert len(inputs) == 2 and report.trace.batch_size == 10
     first = next(i for i in inputs.values() if i.shape == (10, 5))
     np.testing.assert_allclose(first.mean, features.double().mean(0).numpy(), rtol=1e-6)
+
+
+class Shared(nn.Module):
+    """One Linear applied twice per forward: its statistics merge both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(torch.relu(self.fc(x))))
+
+
+def test_a_module_called_twice_merges_both_calls_over_steps() -> None:
+    torch.manual_seed(5)
+    model = Shared()
+    outs: list = []
+    handle = model.fc.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    try:
+        report = trainlint.check(model, (torch.randn(9, 6) * 4 + 1, torch.randint(0, 2, (9,))),
+                                 steps=3)
+    finally:
+        handle.remove()
+    assert len(outs) == 6
+    fc = report.trace.layer_by_key()[("fc", "output")]
+    assert_matches(fc, outs)

@@ -298,3 +298,35 @@ def test_tl104_threshold_override() -> None:
     trace = depth_trace(profile("TL104", r / 2), kind="relu")
     assert run("TL104", trace) == []
     assert len(run("TL104", trace, max_ratio=r / 4)) == 1
+
+
+def with_steps(trace: RunTrace, *profiles: list, bad: dict | None = None) -> RunTrace:
+    """Per-step RMS profiles (mean 0, so RMS = std) for the trace's layers, in order."""
+    for step, scales in enumerate(profiles):
+        layers = {lt.node[1:]: {"std": s, "mean": 0.0} for lt, s in zip(trace.layers, scales)}
+        nonfinite = {"activations": (bad or {}).get(step, {})}
+        trace.per_step.append({"step": step, "layers": layers, "nonfinite": nonfinite})
+    return trace
+
+
+@pytest.mark.parametrize("code", ["TL103", "TL104"])
+def test_depth_profile_is_judged_per_step(code: str) -> None:
+    t = RULES[code].defaults
+    limit = t["min_ratio"] if code == "TL103" else t["max_ratio"]
+    bad = profile(code, limit / 10 if code == "TL103" else limit * 10)
+    good = profile(code, 1.0)
+    flat = depth_trace(good, kind="relu")  # merged statistics: no trend at all
+    [finding] = run(code, with_steps(flat, good, [2 * s for s in bad]))
+    assert finding.evidence["step"] == 1 and "at step 2" in finding.message
+    assert finding.evidence["first_rms"] == pytest.approx(2.0)
+    quiet = with_steps(depth_trace(good, kind="relu"), good, good)
+    assert run(code, quiet) == []
+
+
+def test_steps_with_nonfinite_activations_are_not_judged() -> None:
+    bad = profile("TL104", RULES["TL104"].defaults["max_ratio"] * 10)
+    good = profile("TL104", 1.0)
+    trace = depth_trace(good, kind="relu")
+    deepest = trace.layers[-1].node[1:]
+    with_steps(trace, good, bad, bad=({1: {deepest: 5}}))
+    assert run("TL104", trace) == []
