@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from trainlint.report import Report
 from trainlint.reports import FORMATS, renderer
 
@@ -46,3 +48,21 @@ def test_exit_status_does_not_depend_on_the_format(fmt: str, tmp_path: Path) -> 
 def test_fail_on_error_passes_a_warning_in_every_format(fmt: str) -> None:
     run = run_cli(["check", "fixtures/dead_relu.py", "--format", fmt, "--fail-on", "error"])
     assert run.exit_code == 0, run.stderr
+
+
+def test_pre_commit_hook_runs_the_cli() -> None:
+    (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text(encoding="utf-8"))
+    assert hook["id"] == "trainlint" and hook["entry"] == "trainlint check"
+    # `trainlint check` takes one TARGET (given as args), not the list of changed files
+    assert hook["pass_filenames"] is False
+
+
+def test_readme_ci_recipes_use_real_formats_and_parse() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = readme[readme.index("## CI"):]
+    used = re.findall(r"trainlint check \S+ --format (\w+)", ci)
+    assert {"sarif", "junit", "github"} <= set(used) <= set(FORMATS)
+    blocks = re.findall(r"```yaml\n(.*?)```", ci, re.S)
+    assert len(blocks) >= 3 and all(yaml.safe_load(b) for b in blocks)
+    shot = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", ci).group(1)
+    assert (ROOT / shot).read_bytes().startswith(b"\x89PNG")

@@ -77,10 +77,12 @@ def test_box_geometry_matches_the_scale() -> None:
     root = ET.fromstring(_svg.render_panel(panel, width=400, height=300))
     rect = next(r for r in root.iter("rect") if r.get("fill") == "#123456")
     top, height = float(rect.get("y")), float(rect.get("height"))
-    # y axis spans [-2, 2] between pixel 300-86 (bottom) and the top margin: +-1 is the middle half
-    y0, y1 = 300 - 86, _svg.TOP
-    assert top == pytest.approx(y1 + (y0 - y1) * 0.25)
-    assert height == pytest.approx((y0 - y1) * 0.5)
+    # the box spans mean +- std = [-1, 1]: exactly between the grid lines of ticks 1 and -1
+    children = list(root)  # each y grid line is followed by its tick label
+    grid = {text.text: float(line.get("y1")) for line, text in zip(children, children[1:])
+            if line.tag == "line" and text.tag == "text" and text.get("text-anchor") == "end"}
+    assert top == pytest.approx(grid["1"]) and top + height == pytest.approx(grid["-1"])
+    assert grid["0"] - grid["1"] == pytest.approx(grid["-1"] - grid["0"])
 
 
 def test_lines_break_at_missing_values() -> None:

@@ -11,6 +11,7 @@ from ._panels import Panel
 WIDTH, HEIGHT = 560, 320
 LEFT, RIGHT, TOP = 64, 16, 34
 MAX_XLABELS = 36
+XLABEL_CHARS = 14  # longer layer names keep their last characters
 LEGEND_ROW = 15
 CHAR_WIDTH = 5.6  # rough width of one 10px sans-serif character
 AXIS = "#444"
@@ -111,7 +112,8 @@ class _Canvas:
 
 def render_panel(panel: Panel, width: int = WIDTH, height: int = HEIGHT) -> str:
     """One panel as an ``<svg>`` element."""
-    bottom = 86 if panel.xlabels else 44
+    longest = min(max((len(x) for x in panel.xlabels), default=0), XLABEL_CHARS)
+    bottom = 40 + round(4.3 * longest) if panel.xlabels else 44
     c = _Canvas()
     legend = _legend_rows(panel, width - LEFT - RIGHT)
     x0, x1, y0, y1 = LEFT, width - RIGHT, height - bottom, TOP + LEGEND_ROW * len(legend)
@@ -157,7 +159,8 @@ def _axes(c: _Canvas, panel: Panel, xs: Scale, ys: Scale, box: tuple) -> None:
         stride = max(1, math.ceil(len(panel.xlabels) / MAX_XLABELS))
         for i in range(0, len(panel.xlabels), stride):
             label = panel.xlabels[i]
-            label = label if len(label) <= 14 else "…" + label[-13:]
+            if len(label) > XLABEL_CHARS:
+                label = "…" + label[1 - XLABEL_CHARS:]
             x = xs(i)
             c.add("text", label, x=x, y=y0 + 12, font_size=9, fill=AXIS, text_anchor="end",
                   transform=f"rotate(-45 {x} {y0 + 12})")

@@ -36,9 +36,10 @@ border-radius:3px}
 .sev.error{background:#dc2626}.sev.warning{background:#ea580c}.sev.info{background:#2563eb}
 tr.baselined{opacity:.6}
 .fix{color:#065f46}
-.plots{display:flex;flex-wrap:wrap;gap:14px}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(440px,1fr));gap:14px}
 figure{margin:0;background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:8px}
-figcaption{font-size:12px;color:#555;max-width:560px}
+figure svg{width:100%;height:auto}
+figcaption{font-size:12px;color:#555}
 ul.notes{color:#444}
 footer{color:#777;font-size:12px;margin-top:24px}
 """
