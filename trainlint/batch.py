@@ -67,7 +67,9 @@ def split_batch(batch: Any) -> Batch:
         raise TargetError("the batch holds no tensor to feed the model")
     for t in result.tensors():
         if t.dim() > 0 and t.shape[0] == 0:
-            raise TargetError(f"the batch is empty: an input has shape {tuple(t.shape)}")
+            raise TargetError(f"the batch is empty: an input has shape {tuple(t.shape)}; the "
+                              "batch must hold at least one sample (check get_batch() and "
+                              "--batch-size)")
     return result
 
 

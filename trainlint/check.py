@@ -8,7 +8,15 @@ import torch
 import torch.nn as nn
 
 from .assemble import TraceBuilder
-from .batch import Batch, LossChoice, default_loss, loss_kind_of, primary_output, split_batch
+from .batch import (
+    Batch,
+    LossChoice,
+    default_loss,
+    loss_kind_of,
+    output_loss,
+    primary_output,
+    split_batch,
+)
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .probe import Probe, _model_device
@@ -36,10 +44,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     notes = list(notes or [])
     model = _probe_target(model, notes)
     _validate_steps(steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise TargetError("the model has no trainable parameters (every requires_grad is False); "
-                          "there is no training step to check")
+    trainable = _trainable(model)
     opt, made_here = _optimizer(optimizer, model, trainable, notes)
     saved = snapshot(model, None if made_here else opt)
     probe = Probe(model, opt)
@@ -68,10 +73,35 @@ def _probe_target(model: Any, notes: list) -> nn.Module:
     original = getattr(model, "_orig_mod", None)
     if isinstance(original, nn.Module):
         notes.append("the model is torch.compile'd: the original module was probed eagerly")
-        return original
+        model = original
     if not isinstance(model, nn.Module):
         raise TargetError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise TargetError(f"submodule {name!r} is a TorchScript module: scripted modules do "
+                              "not run Python hooks, so trainlint cannot observe them. Build the "
+                              "model from the eager nn.Module instead of its scripted version")
     return model
+
+
+def _trainable(model: nn.Module) -> list:
+    """The trainable parameters, after checking the model can run a training step at all."""
+    params = list(model.parameters())
+    if any(nn.parameter.is_lazy(p) for p in params):
+        raise TargetError("the model has uninitialized lazy parameters (nn.LazyLinear, ...): run "
+                          "one forward pass on a real batch before checking it, so that the "
+                          "parameters exist")
+    if any(p.device.type == "meta" for p in params):
+        raise TargetError("the model's parameters are on the meta device (shapes without data): "
+                          "materialize them first, e.g. model.to_empty(device='cpu') and then "
+                          "initialize the weights")
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise TargetError(
+            f"the model has no trainable parameters ({len(params)} parameter(s), every "
+            "requires_grad is False), so there is no training step to check: unfreeze the "
+            "layers you train (e.g. model.requires_grad_(True) or layer.requires_grad_(True))")
+    return trainable
 
 
 def _validate_steps(steps: Any) -> None:
@@ -102,20 +132,35 @@ def _optimizer(optimizer: OptimizerArg, model: nn.Module, trainable: list,
 
 def _check_devices(batch: Batch, model: nn.Module) -> None:
     device = _model_device(model)
-    for t in batch.tensors():
-        if t.device != device:
-            raise TargetError(f"an input is on {t.device} but the model is on {device}: move the "
-                              f"batch with .to({str(device)!r}) (the CLI's --device does this)")
+    for name, t in _named_inputs(batch) + [("the targets", batch.targets)]:
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise TargetError(
+                f"{name} is on {t.device} but the model is on {device}: move the batch to the "
+                f"model's device (e.g. .to({str(device)!r}); the CLI's --device does this)")
+
+
+def _next_batch(batch: Any) -> Batch:
+    if not callable(batch):
+        return split_batch(batch)
+    try:
+        value = batch()
+    except TrainlintError:
+        raise
+    except Exception as exc:
+        raise UserCodeError(f"the batch function raised {type(exc).__name__}: {_flat(exc)}",
+                            user_traceback(exc), phase="batch") from exc
+    return split_batch(value)
 
 
 def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
               opt: torch.optim.Optimizer, probe: Probe, builder: TraceBuilder, step: int,
               run: dict, notes: list) -> bool:
     """One observed training step; False when the run cannot go on (the reason is recorded)."""
-    data = split_batch(batch() if callable(batch) else batch)
+    data = _next_batch(batch)
     _check_devices(data, model)
     run["batch_size"] = data.size
     probe.begin_step()
+    phase = "forward"
     try:
         opt.zero_grad(set_to_none=True)
         try:
@@ -127,35 +172,92 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
                                    "kind": "batchnorm-single-value", "message": str(exc)})
             builder.add(probe.collect(), step)
             return False
+        phase = "loss"
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
         loss = choice.fn(outputs, data.targets)
         _validate_loss(loss)
         if step == 0:
             run["loss_kind"] = choice.kind
             run["num_classes"] = _num_classes(choice, outputs)
+        phase = "backward"
         loss.backward()
+        phase = "optimizer step"
         opt.step()
-        builder.add(probe.collect(extra={"loss": loss.detach().float()}), step)
     except TrainlintError:
+        probe.end_step()
         raise
-    except torch.OutOfMemoryError as exc:
-        raise UserCodeError(
-            f"out of memory during training step {step + 1}: {str(exc).splitlines()[0]}. "
-            "Try a smaller --batch-size", user_traceback(exc), phase="step") from exc
     except Exception as exc:
-        phase = "forward" if probe.failed_module is not None else "training step"
-        where = f" in module {probe.failed_module!r}" if probe.failed_module else ""
-        raise UserCodeError(f"the model's {phase} raised {type(exc).__name__}{where}: {exc}",
-                            user_traceback(exc), phase=phase) from exc
+        probe.end_step()
+        raise _user_error(exc, phase, step, data, probe.failed_module) from exc
+    try:
+        builder.add(probe.collect(extra={"loss": loss.detach().float()}), step)
     finally:
         probe.end_step()
     return True
+
+
+PHASES = {"forward": "the model's forward pass", "loss": "computing the loss",
+          "backward": "the backward pass", "optimizer step": "the optimizer step"}
+
+
+def _user_error(exc: Exception, phase: str, step: int, data: Batch,
+                failed_module: Optional[str]) -> UserCodeError:
+    """The user's code raised during ``phase``: say where, with what, and what to try."""
+    where = PHASES[phase]
+    if phase == "forward" and failed_module:
+        where += f" (in module {failed_module!r})"
+    if isinstance(exc, torch.OutOfMemoryError):
+        message = (f"out of memory in {where} of training step {step + 1}, fed "
+                   f"{_describe_batch(data)}: {_flat(exc)}; try a smaller batch (--batch-size, "
+                   "or fewer samples from get_batch()), shorter inputs or a smaller model")
+    else:
+        message = f"{where} raised {type(exc).__name__} in training step {step + 1}: {_flat(exc)}"
+        if phase == "forward":
+            message += (f"; it was fed {_describe_batch(data)}: check that the batch is what "
+                        "the model's forward expects")
+    return UserCodeError(message, user_traceback(exc), phase=phase)
+
+
+def _named_inputs(data: Batch) -> list:
+    named = [(f"input {i}", a) for i, a in enumerate(data.args)]
+    return named + [(f"input {k!r}", v) for k, v in data.kwargs.items()]
+
+
+def _describe_batch(data: Batch) -> str:
+    """``input 0: float32 tensor of shape (8, 5); targets: int64 tensor of shape (8,)``."""
+    parts = [f"{name}: {_describe_value(v)}" for name, v in _named_inputs(data)]
+    if data.targets is not None:
+        parts.append(f"targets: {_describe_value(data.targets)}")
+    return "; ".join(parts)
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k!r}: {_describe_value(v)}" for k, v in value.items())
+        return f"a dict {{{inner}}}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_describe_value(v) for v in value)
+        return f"a {type(value).__name__} ({inner})"
+    return f"a {type(value).__name__}"
+
+
+def _flat(exc: BaseException) -> str:
+    """The exception's text on one line."""
+    return " ".join(str(exc).split()) or "(no message)"
 
 
 def _loss_choice(loss_fn: Optional[Callable], outputs: Any, data: Batch, notes: list,
                  step: int) -> LossChoice:
     if loss_fn is not None:
         return LossChoice(loss_fn, loss_kind_of(loss_fn))
+    if output_loss(outputs) is None and primary_output(outputs) is None:
+        raise TargetError(
+            f"the model's forward returned {_describe_value(outputs)}, with no floating-point "
+            "tensor to compute a loss on: return the logits (or any float tensor), a .loss / "
+            "['loss'] tensor, or give a loss_fn that handles this output")
     choice = default_loss(outputs, data.targets)
     if step == 0 and choice.note:
         notes.append(choice.note)
@@ -164,7 +266,8 @@ def _loss_choice(loss_fn: Optional[Callable], outputs: Any, data: Batch, notes: 
 
 def _validate_loss(loss: Any) -> None:
     if not isinstance(loss, torch.Tensor):
-        raise TargetError(f"the loss must be a tensor, got {type(loss).__name__}")
+        raise TargetError(f"the loss must be a scalar tensor, got {_describe_value(loss)}: "
+                          "return the loss tensor from loss_fn (not loss.item())")
     if loss.numel() != 1:
         raise TargetError(f"the loss must be a scalar, got shape {tuple(loss.shape)}: reduce it "
                           "(e.g. .mean()) in loss_fn")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -24,6 +25,16 @@ def _fail(exc: TrainlintError) -> None:
     click.echo(f"trainlint: error: {exc}", err=True)
     if isinstance(exc, UserCodeError) and exc.user_traceback:
         click.echo(exc.user_traceback.rstrip(), err=True)
+    sys.exit(2)
+
+
+def _internal_error(exc: Exception) -> None:
+    """A bug in trainlint itself: say so, keep the full traceback for the report, exit 2."""
+    click.echo(f"trainlint: internal error: {type(exc).__name__}: {exc}. This is a bug in "
+               "trainlint, not in your code; please report it with the traceback below.",
+               err=True)
+    click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
+               err=True)
     sys.exit(2)
 
 
@@ -116,6 +127,8 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
             _step_summary(render(report, "markdown", fail_on=fail_on))
     except TrainlintError as exc:
         _fail(exc)
+    except Exception as exc:
+        _internal_error(exc)
     sys.exit(report.exit_code(fail_on))
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 from . import baseline
 from .batch import move_to
-from .check import check
+from .check import MAX_STEPS, check
 from .config import Config, load_config
 from .engine import Selection, resolve_codes, set_thresholds
 from .errors import ConfigError, TargetError
@@ -42,20 +43,53 @@ class CheckOptions:
 
 def selection_from(config: Config, select: list, ignore: list) -> Selection:
     """CLI --select/--ignore override the config's lists; thresholds come from the config."""
-    chosen = select or config.select
-    selection = Selection(select=resolve_codes(chosen) if chosen else None,
-                          ignore=resolve_codes(list(config.ignore) + list(ignore)))
-    set_thresholds(selection, config.thresholds)
-    selection.per_module_ignores = resolve_ignores(config.per_module_ignores)
+    cli_select = _codes_from(select, "--select")
+    cli_ignore = _codes_from(ignore, "--ignore")
+    with _from_config(config):
+        chosen = cli_select if select else (resolve_codes(config.select)
+                                            if config.select else None)
+        selection = Selection(select=chosen, ignore=resolve_codes(config.ignore) | cli_ignore)
+        set_thresholds(selection, config.thresholds)
+        selection.per_module_ignores = resolve_ignores(config.per_module_ignores)
     return selection
 
 
-def resolve_device(name: str) -> torch.device:
+def _codes_from(values: list, option: str) -> set:
+    try:
+        return resolve_codes(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _from_config(config: Config) -> Iterator[None]:
+    """Name the config file in errors about values that came from it."""
+    try:
+        yield
+    except ConfigError as exc:
+        where = config.path or "the config"
+        raise ConfigError(f"{where}: [tool.trainlint]: {exc}") from None
+
+
+def resolve_device(name: Any, what: str = "--device") -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or (
+            name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but CUDA is not available here")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{what} is {name!r}, but CUDA is not available here (torch "
+                          f"{torch.__version__}, {_cuda_build()}): use --device cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"{what} is {name!r}, but only {torch.cuda.device_count()} CUDA "
+                          "device(s) are visible")
     return torch.device(name)
+
+
+def _cuda_build() -> str:
+    return "a CPU-only build" if torch.version.cuda is None else \
+        f"built for CUDA {torch.version.cuda} but no GPU is visible"
 
 
 def _positive(value: Any, what: str, upper: int) -> Optional[int]:
@@ -64,6 +98,15 @@ def _positive(value: Any, what: str, upper: int) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
         raise ConfigError(f"{what} must be a whole number from 1 to {upper}, got {value!r}")
     return value
+
+
+def _option(options: CheckOptions, config: Config, attr: str, key: str) -> tuple[Any, str]:
+    """The CLI value when given, else the config's; and how to name it in an error."""
+    value = getattr(options, attr)
+    if value is not None:
+        return value, f"--{key}"
+    where = config.path or "the config"
+    return config.options.get(key), f"{key} in {where} [tool.trainlint]"
 
 
 def seed_everything(seed: int) -> None:
@@ -81,13 +124,16 @@ def run_cli_check(options: CheckOptions) -> tuple[str, int]:
 def run_check(options: CheckOptions) -> tuple[Report, str]:
     """Run the check the CLI describes; return the report (baseline applied) and ``fail_on``."""
     config = load_config(options.config)
-    merged = {**config.options}
-    steps = _positive(options.steps if options.steps is not None else
-                      merged.get("steps", DEFAULT_STEPS), "--steps", 1000)
-    batch_size = _positive(options.batch_size if options.batch_size is not None else
-                           merged.get("batch-size"), "--batch-size", 1 << 20)
-    seed = options.seed if options.seed is not None else merged.get("seed", 0)
-    device = resolve_device(options.device or merged.get("device", "auto"))
+    steps, what = _option(options, config, "steps", "steps")
+    steps = _positive(DEFAULT_STEPS if steps is None else steps, what, MAX_STEPS)
+    batch_size = _positive(*_option(options, config, "batch_size", "batch-size"), 1 << 20)
+    seed, what = _option(options, config, "seed", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2**32):
+        raise ConfigError(f"{what} must be a whole number from 0 to 2**32 - 1, got {seed!r}")
+    seed = 0 if seed is None else seed
+    device, what = _option(options, config, "device", "device")
+    device = resolve_device("auto" if device is None else device, what)
     fail_on = options.fail_on or config.fail_on or "warning"
     if options.fmt not in FORMATS:
         raise ConfigError(f"--format {options.fmt} is not available in this version "

@@ -45,10 +45,14 @@ def _drive(spec: str) -> bool:
 
 def import_file(path: Path) -> ModuleType:
     """Import ``path`` as a module with its folder on sys.path (as pytest does)."""
+    if path.is_dir():
+        raise TargetError(f"{path} is a folder: give the model file inside it, e.g. "
+                          f"trainlint check {path / 'model.py'}")
     if not path.is_file():
-        raise TargetError(f"target file not found: {path}")
+        raise TargetError(f"target file not found: {path} (looked in {Path.cwd()}); TARGET is "
+                          "path/to/model.py or path/to/model.py:NAME")
     if path.suffix != ".py":
-        raise TargetError(f"target must be a Python file (model.py), got {path}")
+        raise TargetError(f"target must be a Python file such as model.py, got {path}")
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -61,11 +65,22 @@ def import_file(path: Path) -> ModuleType:
     try:
         with recording_origins():
             spec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(name, None)
+        raise UserCodeError(f"importing {path} called sys.exit({exc.code!r}): code that runs a "
+                            "script or parses the command line (argparse) at module level must "
+                            "sit under `if __name__ == \"__main__\":`",
+                            user_traceback(exc), phase="import") from None
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise UserCodeError(f"importing {path} raised {type(exc).__name__}: {exc}",
+        raise UserCodeError(f"importing {path} raised {type(exc).__name__}: {_flat(exc)}; fix "
+                            "the error in your file (your traceback follows)",
                             user_traceback(exc), phase="import") from exc
     return module
+
+
+def _flat(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or "(no message)"
 
 
 def _call_user(func: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
@@ -73,7 +88,7 @@ def _call_user(func: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
         with recording_origins():
             return func(*args, **kwargs)
     except Exception as exc:
-        raise UserCodeError(f"{what} raised {type(exc).__name__}: {exc}",
+        raise UserCodeError(f"{what} raised {type(exc).__name__}: {_flat(exc)}",
                             user_traceback(exc), phase=what) from exc
 
 
@@ -81,7 +96,8 @@ def find_model(module: ModuleType, path: Path, name: Optional[str]) -> nn.Module
     """NAME, else ``build_model()``, else a module-level ``model``."""
     if name is not None:
         if not hasattr(module, name):
-            raise TargetError(f"{path} has no name {name!r}")
+            raise TargetError(f"{path} has no name {name!r}; it defines "
+                              f"{_candidates(module) or 'no module or function'}")
         candidates = [(name, getattr(module, name))]
     else:
         candidates = [(n, getattr(module, n)) for n in MODEL_NAMES if hasattr(module, n)]
@@ -98,17 +114,36 @@ def find_model(module: ModuleType, path: Path, name: Optional[str]) -> nn.Module
     if isinstance(obj, torch.jit.ScriptModule):
         return obj
     if not isinstance(obj, nn.Module):
-        raise TargetError(f"{label} in {path} gave {type(obj).__name__}, not a torch.nn.Module")
+        made = f"{label}()" if label != "model" and callable(candidates[0][1]) else label
+        raise TargetError(f"{made} in {path} gave {_describe(obj)}, not a torch.nn.Module: the "
+                          "model must be an nn.Module (wrap a list of layers in nn.Sequential)")
     return obj
 
 
+def _candidates(module: ModuleType) -> str:
+    """Names in the file that could be a model: modules, classes and functions defined there."""
+    names = [n for n, v in vars(module).items() if not n.startswith("_") and (
+        isinstance(v, nn.Module) or (callable(v) and getattr(v, "__module__", None)
+                                     == module.__name__))]
+    return ", ".join(names)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, (list, tuple)):
+        kinds = ", ".join(type(v).__name__ for v in obj[:5]) + (", ..." if len(obj) > 5 else "")
+        return f"a {type(obj).__name__} of {len(obj)} ({kinds})"
+    return "None" if obj is None else f"a {type(obj).__name__}"
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
+    usage = f"--input-shape must be positive integers separated by commas, like 32,3,32,32 " \
+            f"(batch first); got {text!r}"
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
     except ValueError:
-        raise TargetError(f"--input-shape must be integers like 32,3,32,32, got {text!r}") from None
+        raise TargetError(usage) from None
     if not shape or any(s <= 0 for s in shape):
-        raise TargetError(f"--input-shape needs positive sizes, got {text!r}")
+        raise TargetError(usage)
     return shape
 
 
@@ -117,9 +152,14 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
     """``get_batch()`` / ``get_batch(batch_size)``, else a standard-normal ``--input-shape``."""
     get_batch = getattr(module, "get_batch", None)
     if callable(get_batch):
-        takes_size = len(inspect.signature(get_batch).parameters) > 0
+        try:
+            takes_size = len(inspect.signature(get_batch).parameters) > 0
+        except (TypeError, ValueError):
+            takes_size = True
         if batch_size is not None and not takes_size:
-            raise TargetError(f"--batch-size given but get_batch() in {path} takes no batch_size")
+            raise TargetError(f"--batch-size {batch_size} was given but get_batch() in {path} "
+                              "takes no argument: drop --batch-size, or define "
+                              "get_batch(batch_size) to use it")
 
         def batch() -> Any:
             if batch_size is not None:

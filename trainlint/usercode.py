@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import traceback
 
 from .origins import _is_user_file
 
+_OWN_PACKAGE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+
 
 def user_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` keeping only frames from the user's files (all, if none is)."""
+    """The traceback of ``exc`` keeping only frames from the user's files.
+
+    When none of the frames is the user's (the error came from inside a library, such as a
+    shape mismatch in ``F.linear``), only the innermost frame outside trainlint is kept: the
+    line that raised. trainlint's own frames are never shown.
+    """
     frames = traceback.extract_tb(exc.__traceback__)
     mine = [f for f in frames if _is_user_file(f.filename)]
-    lines = ["Traceback (most recent call last, user frames only):\n"]
-    lines += traceback.format_list(mine or frames)
+    if mine:
+        header = "Traceback (most recent call last, your frames only):\n"
+    else:
+        mine = [f for f in frames if not _is_own(f.filename)][-1:]
+        header = "Raised in library code (none of the frames is in your files):\n"
+    lines = [header] if mine else []
+    lines += traceback.format_list(mine)
     lines += traceback.format_exception_only(type(exc), exc)
     return "".join(lines)
+
+
+def _is_own(path: str) -> bool:
+    return os.path.realpath(path).startswith(_OWN_PACKAGE + os.sep)

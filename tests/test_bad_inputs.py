@@ -1,0 +1,463 @@
+"""Every bad input gets one clear paragraph naming the problem and what to do: exit status 2 from
+the CLI (never trainlint's own traceback; the user's, trimmed to their frames, when their code
+raised) and a ``TrainlintError`` subclass from the API.
+
+The CLI cases use the small model files in ``tests/bad_inputs/``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+from tests.conftest import CliRun, run_cli
+from trainlint.errors import ConfigError, TargetError, TrainlintError, UserCodeError
+from trainlint.target import load_target
+
+BAD = Path(__file__).resolve().parent / "bad_inputs"
+NEUTRAL = BAD / "neutral.toml"
+OWN_PACKAGE = Path(trainlint.__file__).resolve().parent
+
+
+def cli(*args: Any, config: Path = NEUTRAL, cwd: Path = BAD) -> CliRun:
+    return run_cli(["check", *args, "--config", config], cwd=cwd)
+
+
+def frames(text: str) -> list:
+    return [Path(p).resolve() for p in re.findall(r'File "([^"]+)", line \d+', text)]
+
+
+def assert_clean_error(run: CliRun, *phrases: str, user_code: bool = False,
+                       user_output: int = 0) -> str:
+    """Exit 2, no report, one paragraph containing ``phrases``; return that paragraph.
+
+    A traceback may follow only when the user's code raised, and it never shows a frame from
+    trainlint's own package. ``user_output``: lines the user's code printed before it.
+    """
+    assert run.exit_code == 2, run.stderr
+    assert run.stdout == ""
+    lines = run.stderr.rstrip("\n").splitlines()[user_output:]
+    paragraph = lines[0]
+    assert paragraph.startswith("trainlint: error: "), run.stderr
+    for phrase in phrases:
+        assert phrase in paragraph, f"{phrase!r} not in {paragraph!r}"
+    if user_code:
+        assert lines[1].startswith(("Traceback (most recent call last, your frames only)",
+                                    "Raised in library code"))
+    else:
+        assert len(lines) == 1, run.stderr
+    assert not any(OWN_PACKAGE in f.parents for f in frames(run.stderr)), run.stderr
+    return paragraph
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def small_batch(n: int = 8) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+# ------------------------------------------------------------------ the target file
+
+def test_missing_file() -> None:
+    assert_clean_error(cli("missing.py"), "target file not found: missing.py",
+                       "path/to/model.py or path/to/model.py:NAME")
+    with pytest.raises(TargetError, match="target file not found"):
+        load_target(str(BAD / "missing.py"))
+
+
+def test_folder_instead_of_file() -> None:
+    assert_clean_error(cli("."), "is a folder", "model.py")
+
+
+def test_file_that_raises_on_import_shows_the_users_traceback_only() -> None:
+    run = cli("raises_on_import.py")
+    assert_clean_error(run, "importing raises_on_import.py raised KeyError: 'depth'",
+                       "fix the error in your file", user_code=True)
+    shown = frames(run.stderr)
+    assert shown == [BAD / "raises_on_import.py"] * 2, "only the user's two frames"
+    assert 'return {"width": 8}["depth"]' in run.stderr and "importlib" not in run.stderr
+    with pytest.raises(UserCodeError) as info:
+        load_target(str(BAD / "raises_on_import.py"))
+    assert info.value.phase == "import"
+    assert "raises_on_import.py" in info.value.user_traceback
+
+
+def test_file_that_exits_on_import() -> None:
+    run = cli("exits_at_import.py")
+    assert run.stderr.startswith("usage: "), "argparse's own message comes first"
+    assert_clean_error(run, "importing exits_at_import.py called sys.exit(2)",
+                       'if __name__ == "__main__":', user_code=True, user_output=2)
+
+
+def test_no_model_lists_the_names_looked_for() -> None:
+    assert_clean_error(cli("no_model.py"), "no model found in no_model.py",
+                       "looked for: build_model, model", "no_model.py:NAME")
+
+
+def test_named_model_that_does_not_exist_lists_what_the_file_defines() -> None:
+    assert_clean_error(cli("fixed_batch.py:nothere"), "fixed_batch.py has no name 'nothere'",
+                       "it defines build_model, get_batch")
+
+
+def test_factory_returning_a_non_module() -> None:
+    assert_clean_error(cli("not_a_module.py"),
+                       "build_model() in not_a_module.py gave a list of 3 (Linear, ReLU, Linear)",
+                       "not a torch.nn.Module", "nn.Sequential")
+    with pytest.raises(TargetError, match="must be a torch.nn.Module, got list"):
+        trainlint.check([nn.Linear(8, 4)], small_batch())
+
+
+def test_get_batch_that_raises_shows_the_users_frames() -> None:
+    run = cli("batch_raises.py")
+    assert_clean_error(run, "get_batch() raised FileNotFoundError: no such shard: shard-000.pt",
+                       user_code=True)
+    assert frames(run.stderr) == [BAD / "batch_raises.py"] * 2
+
+    def get_batch() -> Any:
+        raise OSError("disk gone")
+
+    with pytest.raises(UserCodeError, match="the batch function raised OSError: disk gone") as info:
+        trainlint.check(small_model(), get_batch)
+    assert info.value.phase == "batch"
+
+
+# ------------------------------------------------------------------ the batch
+
+def test_batch_of_the_wrong_shape_shows_the_models_error_and_what_was_fed() -> None:
+    run = cli("wrong_shape.py")
+    assert_clean_error(
+        run, "the model's forward pass (in module '0') raised RuntimeError in training step 1",
+        "mat1 and mat2 shapes cannot be multiplied (8x5 and 8x16)",
+        "it was fed input 0: float32 tensor of shape (8, 5); targets: int64 tensor of shape (8,)",
+        "check that the batch is what the model's forward expects", user_code=True)
+    assert "Raised in library code" in run.stderr and "linear.py" in run.stderr
+    with pytest.raises(UserCodeError, match=r"input 0: float32 tensor of shape \(8, 5\)") as info:
+        trainlint.check(small_model(), (torch.randn(8, 5), torch.randint(0, 4, (8,))))
+    assert info.value.phase == "forward"
+
+
+def test_batch_of_the_wrong_dtype() -> None:
+    assert_clean_error(cli("wrong_dtype.py"), "mat1 and mat2 must have the same dtype",
+                       "it was fed input 0: int64 tensor of shape (8, 8)", user_code=True)
+
+
+def test_keyword_inputs_are_named_in_the_message() -> None:
+    with pytest.raises(UserCodeError, match=r"input 'input': float32 tensor of shape \(4, 3\)"):
+        trainlint.check(small_model(), {"input": torch.randn(4, 3)})
+
+
+def test_batch_of_the_wrong_type() -> None:
+    assert_clean_error(cli("wrong_type.py"), "the batch must be a tensor, a tuple of tensors or "
+                       "a dict of tensors", "got a str")
+    with pytest.raises(TargetError, match="got a str"):
+        trainlint.check(small_model(), "data/train.csv")
+
+
+def test_empty_batch() -> None:
+    assert_clean_error(cli("empty_batch.py"), "the batch is empty", "shape (0, 8)",
+                       "at least one sample")
+    with pytest.raises(TargetError, match="the batch is empty"):
+        trainlint.check(small_model(), (torch.randn(0, 8), torch.zeros(0, dtype=torch.long)))
+
+
+def test_inputs_on_another_device_than_the_model() -> None:
+    x, y = small_batch()
+    with pytest.raises(TargetError, match=r"input 0 is on meta but the model is on cpu: move the "
+                                          r"batch to the model's device \(e\.g\. \.to\('cpu'\)"):
+        trainlint.check(small_model(), (x.to("meta"), y))
+    with pytest.raises(TargetError, match="the targets is on meta"):
+        trainlint.check(small_model(), (x, y.to("meta")))
+    with pytest.raises(TargetError, match=r"input 'input' is on meta"):
+        trainlint.check(small_model(), {"input": x.to("meta")})
+
+
+def test_model_on_the_meta_device() -> None:
+    with pytest.raises(TargetError, match="meta device .* model.to_empty"):
+        trainlint.check(nn.Linear(8, 4, device="meta"), small_batch())
+
+
+def test_uninitialized_lazy_model() -> None:
+    with pytest.raises(TargetError, match="uninitialized lazy parameters .* forward pass"):
+        trainlint.check(nn.Sequential(nn.LazyLinear(4)), small_batch())
+
+
+def test_no_batch_at_all() -> None:
+    assert_clean_error(cli("no_batch.py"), "no batch: define get_batch() in no_batch.py",
+                       "--input-shape")
+
+
+@pytest.mark.parametrize("shape", ["a,b", "0,8", "", "8,-1", "8;8"])
+def test_malformed_input_shape(shape: str) -> None:
+    assert_clean_error(cli("no_batch.py", "--input-shape", shape),
+                       "--input-shape must be positive integers separated by commas, like "
+                       f"32,3,32,32 (batch first); got {shape!r}")
+
+
+def test_input_shape_works_when_well_formed() -> None:
+    run = cli("no_batch.py", "--input-shape", "4,8", "--format", "json")
+    assert run.exit_code in (0, 1) and run.doc["run"]["batch_size"] == 4
+
+
+def test_batch_size_with_a_get_batch_that_takes_no_argument() -> None:
+    assert_clean_error(cli("fixed_batch.py", "--batch-size", "4"),
+                       "--batch-size 4 was given but get_batch() in fixed_batch.py takes no "
+                       "argument", "define get_batch(batch_size)")
+
+
+# ------------------------------------------------------------------ the model and loss
+
+def test_model_with_no_trainable_parameters() -> None:
+    assert_clean_error(cli("no_trainable.py"), "the model has no trainable parameters",
+                       "4 parameter(s)", "requires_grad_(True)")
+    model = small_model().requires_grad_(False)
+    with pytest.raises(TargetError, match="no trainable parameters"):
+        trainlint.check(model, small_batch())
+
+
+def test_forward_that_returns_no_tensor() -> None:
+    assert_clean_error(cli("no_tensor_output.py"),
+                       "the model's forward returned a dict {'score': a float}",
+                       "no floating-point tensor", "return the logits")
+
+    class ReturnsNone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> None:
+            self.linear(x)
+
+    with pytest.raises(TargetError, match="the model's forward returned a NoneType"):
+        trainlint.check(ReturnsNone(), small_batch())
+
+
+def test_loss_that_is_not_a_scalar() -> None:
+    assert_clean_error(cli("non_scalar_loss.py"), "the loss must be a scalar, got shape (8,)",
+                       ".mean()")
+
+    def per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y, reduction="none")
+
+    with pytest.raises(TargetError, match=r"must be a scalar, got shape \(8,\)"):
+        trainlint.check(small_model(), small_batch(), loss_fn=per_sample)
+    with pytest.raises(TargetError, match=r"got a float: return the loss tensor .*loss\.item"):
+        trainlint.check(small_model(), small_batch(),
+                        loss_fn=lambda out, y: F.cross_entropy(out, y).item())
+    with pytest.raises(TargetError, match="does not require grad"):
+        trainlint.check(small_model(), small_batch(),
+                        loss_fn=lambda out, y: F.cross_entropy(out.detach(), y))
+
+
+def test_user_forward_raising_is_trimmed_to_the_users_frames() -> None:
+    run = cli("forward_raises.py")
+    assert_clean_error(run, "the model's forward pass raised ValueError in training step 1: "
+                       "inputs must be in [0, 0]", "it was fed input 0: float32 tensor of "
+                       "shape (8, 8)", user_code=True)
+    assert frames(run.stderr) == [BAD / "forward_raises.py"] * 2
+    assert "torch/nn/modules" not in run.stderr
+
+
+def test_torchscript_model() -> None:
+    assert_clean_error(cli("torchscript.py"), "TorchScript module",
+                       "do not run Python hooks", "eager nn.Module")
+    with pytest.raises(TargetError, match="TorchScript"):
+        trainlint.check(torch.jit.script(small_model()), small_batch())
+    partly = nn.Sequential(nn.Linear(8, 8), torch.jit.script(nn.Linear(8, 4)))
+    with pytest.raises(TargetError, match="submodule '1' is a TorchScript module"):
+        trainlint.check(partly, small_batch())
+
+
+class CountingBackend:
+    """A torch.compile backend that only counts how often Dynamo handed it a graph."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        self.compiles += 1
+        return gm.forward
+
+
+def test_compiled_model_is_probed_through_its_original_module() -> None:
+    run = cli("compiled.py", "--format", "json")
+    assert run.exit_code == 0, run.stderr
+    assert "the model is torch.compile'd: the original module was probed eagerly" in \
+        run.doc["run"]["notes"]
+    assert [layer["module"] for layer in run.doc["layers"]][:3] == ["0", "1", "2"]
+
+    backend = CountingBackend()
+    model = small_model()
+    compiled = torch.compile(model, backend=backend)
+    report = trainlint.check(compiled, small_batch())
+    assert backend.compiles == 0, "the compiled graph was never built or run"
+    assert any("torch.compile" in note for note in report.notes)
+    assert {layer.module for layer in report.trace.layers} >= {"0", "1", "2"}
+
+
+def _raise_oom() -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class _OomInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _raise_oom()
+
+
+class OomInBackward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OomInBackward.apply(x)
+
+
+class OomOptimizer(torch.optim.SGD):
+    def step(self, closure: Any = None) -> None:
+        _raise_oom()
+
+
+def test_out_of_memory_names_the_phase_and_suggests_a_smaller_batch() -> None:
+    run = cli("out_of_memory.py")
+    assert_clean_error(run, "out of memory in the model's forward pass (in module '1') of "
+                       "training step 1", "fed input 0: float32 tensor of shape (8, 8)",
+                       "CUDA out of memory. Tried to allocate 20.00 GiB",
+                       "try a smaller batch (--batch-size", user_code=True)
+    assert frames(run.stderr) == [BAD / "out_of_memory.py"]
+
+    model = nn.Sequential(nn.Linear(8, 8), OomInBackward(), nn.Linear(8, 4))
+    with pytest.raises(UserCodeError, match="out of memory in the backward pass of training "
+                                            "step 1.*try a smaller batch") as info:
+        trainlint.check(model, small_batch())
+    assert info.value.phase == "backward"
+    with pytest.raises(UserCodeError, match="out of memory in the optimizer step") as info:
+        trainlint.check(small_model(), small_batch(),
+                        optimizer=lambda params: OomOptimizer(params, lr=0.1))
+    assert info.value.phase == "optimizer step"
+
+
+# ------------------------------------------------------------------ options
+
+@pytest.mark.parametrize("steps", ["0", "-3", str(10**12)])
+def test_steps_out_of_range(steps: str) -> None:
+    assert_clean_error(cli("fixed_batch.py", "--steps", steps),
+                       f"--steps must be a whole number from 1 to 1000, got {steps}")
+
+
+@pytest.mark.parametrize("steps", [0, -1, 10**6, 2.5, True, "3"])
+def test_api_steps_out_of_range(steps: Any) -> None:
+    with pytest.raises(ConfigError, match="steps must be a whole number from 1 to 1000"):
+        trainlint.check(small_model(), small_batch(), steps=steps)
+
+
+def test_steps_not_a_number_is_a_usage_error() -> None:
+    run = cli("fixed_batch.py", "--steps", "many")
+    assert run.exit_code == 2 and "'many' is not a valid integer" in run.stderr
+
+
+@pytest.mark.parametrize("option,value", [("--select", "TL999"), ("--ignore", "dead-reluu"),
+                                          ("--select", "TL101,nonsense")])
+def test_unknown_rule_codes_on_the_command_line(option: str, value: str) -> None:
+    bad = value.split(",")[-1]
+    assert_clean_error(cli("fixed_batch.py", option, value),
+                       f"{option}: unknown rule {bad!r}", "`trainlint rules` lists them")
+
+
+def test_device_cuda_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_clean_error(cli("fixed_batch.py", "--device", "cuda"),
+                       "--device is 'cuda', but CUDA is not available here",
+                       "use --device cpu or auto")
+
+
+def test_device_index_beyond_the_visible_gpus(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = write(tmp_path, '[tool.trainlint]\ndevice = "cuda:3"\n')
+    assert_clean_error(cli("fixed_batch.py", config=config), "device in",
+                       "is 'cuda:3', but only 1 CUDA device(s) are visible")
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**40)])
+def test_seed_out_of_range(seed: str) -> None:
+    assert_clean_error(cli("fixed_batch.py", "--seed", seed),
+                       f"--seed must be a whole number from 0 to 2**32 - 1, got {seed}")
+
+
+# ------------------------------------------------------------------ config
+
+def write(folder: Path, text: str, name: str = "lint.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("table,phrases", [
+    ('[tool.trainlint\nselect = ["TL101"]\n', ["not valid TOML", "line 1"]),
+    ('[tool.trainlint]\nselect = "TL101"\n', ["select must be a list of rule codes or names"]),
+    ('[tool.trainlint]\nselct = ["TL101"]\n', ["unknown key(s) selct", "known: batch-size"]),
+    ('[tool.trainlint]\nselect = ["TL999"]\n', ["[tool.trainlint]: unknown rule 'TL999'"]),
+    ('[tool.trainlint]\nignore = ["no-such-rule"]\n', ["unknown rule 'no-such-rule'"]),
+    ('[tool.trainlint]\nsteps = "3"\n', ["steps in", "must be a whole number from 1 to 1000, "
+                                                    "got '3'"]),
+    ('[tool.trainlint]\nsteps = 0\n', ["steps in", "got 0"]),
+    ('[tool.trainlint]\nbatch-size = 2.5\n', ["batch-size in", "got 2.5"]),
+    ('[tool.trainlint]\nseed = "x"\n', ["seed in", "got 'x'"]),
+    ('[tool.trainlint]\ndevice = "tpu"\n', ["device in", "must be auto, cpu, cuda or cuda:N, "
+                                                         "got 'tpu'"]),
+    ('[tool.trainlint]\nfail-on = "sometimes"\n', ["fail-on must be error, warning, info or "
+                                                   "never"]),
+    ('[tool.trainlint]\nrules = 3\n', ["rules must hold one table per rule"]),
+    ("[tool.trainlint.rules.TL101]\ndead_fraction = 'high'\n",
+     ["TL101.dead_fraction must be a number, got 'high'"]),
+    ("[tool.trainlint.rules.TL999]\nx = 1\n", ["unknown rule 'TL999'"]),
+])
+def test_malformed_config(tmp_path: Path, table: str, phrases: list) -> None:
+    config = write(tmp_path, table)
+    paragraph = assert_clean_error(cli("fixed_batch.py", config=config), *phrases)
+    assert str(config) in paragraph, "the message names the config file"
+
+
+def test_malformed_pyproject_found_by_discovery(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text((BAD / "fixed_batch.py").read_text())
+    (tmp_path / "_helpers.py").write_text((BAD / "_helpers.py").read_text())
+    write(tmp_path, "[tool.trainlint]\nsteps = [\n", name="pyproject.toml")
+    run = run_cli(["check", "model.py"], cwd=tmp_path)
+    assert_clean_error(run, "pyproject.toml: not valid TOML")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_clean_error(cli("fixed_batch.py", config=tmp_path / "nope.toml"),
+                       "config file not found")
+
+
+# ------------------------------------------------------------------ trainlint's own bugs
+
+def test_an_internal_error_is_exit_2_and_says_it_is_a_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainlint.runner
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        raise KeyError("layout")
+
+    monkeypatch.setattr(trainlint.runner, "render", broken)
+    run = cli("fixed_batch.py")
+    assert run.exit_code == 2
+    assert run.stderr.startswith("trainlint: internal error: KeyError: 'layout'. This is a bug "
+                                 "in trainlint, not in your code")
+
+
+def test_every_api_error_is_a_trainlint_error() -> None:
+    assert all(issubclass(e, TrainlintError) for e in (ConfigError, TargetError, UserCodeError))
