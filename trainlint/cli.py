@@ -46,19 +46,32 @@ def new_file_mode() -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename: all or nothing."""
+    """Write ``text`` to ``path`` through a temp file and a rename: all or nothing.
+
+    Readers see the old file or the complete new one, never a part; on any failure the old
+    file is untouched and the temp file is removed. An existing file keeps its permissions.
+    """
     folder = path.resolve().parent
     if not folder.is_dir():
         raise TrainlintError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
-        os.chmod(tmp, new_file_mode())
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else new_file_mode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.chmod(tmp, mode)
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}; the previous "
+                                 "file, if any, is unchanged") from None
         raise
 
 
