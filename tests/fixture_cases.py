@@ -1,14 +1,21 @@
 """What each bundled fixture must produce through ``trainlint check``.
 
-``expect`` maps a rule code to the modules it must name (None: any module, at least one
-finding). A healthy twin expects nothing: no warning and no error from any rule.
+Every fixture's docstring says what it is: ``Fault (TL101, ...): ...`` (those codes must fire)
+or ``Healthy ...`` (no warning and no error from any rule). A fault for a Monitor run
+(``Fault (TL603, Monitor)``, or a docstring that speaks of "a Monitor run") is checked by its
+own tests; through ``trainlint check`` it must only run and report cleanly. ``REFINED`` adds,
+for some fixtures, the modules each code must name (None: any module).
 """
 
 from __future__ import annotations
 
+import ast
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TANH_MLP_ACTIVATIONS = frozenset(str(i) for i in range(1, 20, 2))
 
 
@@ -17,17 +24,14 @@ class FixtureCase:
     name: str
     expect: dict = field(default_factory=dict)
     twin_of: Optional[str] = None
+    monitor: bool = False
 
     @property
     def healthy(self) -> bool:
         return not self.expect
 
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.healthy else 1
 
-
-CASES = [
+REFINED = {case.name: case for case in [
     FixtureCase("dead_relu", {"TL101": {"3"}}),
     FixtureCase("healthy_relu", twin_of="dead_relu"),
     FixtureCase("functional_dead_relu", {"TL101": {"blocks.1"}}),
@@ -45,6 +49,27 @@ CASES = [
     FixtureCase("batchnorm_features", twin_of="batchnorm_single_value"),
     # act1's finding is suppressed by an inline comment.
     FixtureCase("report_suppressed", {"TL101": {"act2"}}),
-]
+]}
 
-BY_NAME = {case.name: case for case in CASES}
+FAULT = re.compile(r"^Fault \(([^)]*)\)")
+
+
+def from_docstring(path: Path) -> Optional[FixtureCase]:
+    """The case a fixture's docstring declares, or None when it declares none."""
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    fault = FAULT.match(doc)
+    if fault:
+        codes = re.findall(r"TL\d{3}", fault.group(1))
+        monitor = "Monitor" in fault.group(1) or "Monitor run" in doc
+        return FixtureCase(path.stem, {c: None for c in codes}, monitor=monitor) if codes else None
+    if doc.startswith("Healthy"):
+        return FixtureCase(path.stem)
+    return None
+
+
+def fixture_names() -> list[str]:
+    return sorted(p.stem for p in FIXTURES.glob("*.py") if not p.name.startswith("_"))
+
+
+def case_for(name: str) -> Optional[FixtureCase]:
+    return REFINED.get(name) or from_docstring(FIXTURES / f"{name}.py")
