@@ -136,6 +136,21 @@ def test_tl101_looks_back_through_dropout_to_the_weight_layer() -> None:
     assert finding.evidence["feeding_module"] == "fc"
 
 
+def test_tl101_fed_by_a_norm_layer_points_at_its_shift() -> None:
+    trace = relu_trace(60, 64)
+    trace.modules["fc"] = facts("fc", "BatchNorm1d", num_features=64)
+    [finding] = run("TL101", trace)
+    assert "BatchNorm1d 'fc'" in finding.fix and "bias RMS 5" in finding.fix
+    assert "kaiming_std" not in finding.evidence and "feeding_weight_std" not in finding.evidence
+
+
+def test_tl101_without_a_known_feeder_gives_the_generic_fix() -> None:
+    trace = relu_trace(60, 64)
+    trace.edges = []
+    [finding] = run("TL101", trace)
+    assert "feeding_module" not in finding.evidence and "kaiming_normal_" in finding.fix
+
+
 def test_tl101_functional_relu_is_reported_on_the_calling_module() -> None:
     [finding] = run("TL101", relu_trace(60, 64, functional=True))
     assert finding.module == "block" and "block:relu" in finding.message
