@@ -13,6 +13,7 @@ import yaml
 from tests.conftest import ROOT, run_cli
 from trainlint.report import Report
 from trainlint.reports import FORMATS, renderer
+from trainlint.trace import RunTrace
 
 CI_FORMATS = ["sarif", "junit", "github", "markdown", "html"]
 
@@ -66,3 +67,14 @@ def test_readme_ci_recipes_use_real_formats_and_parse() -> None:
     assert len(blocks) >= 3 and all(yaml.safe_load(b) for b in blocks)
     shot = re.search(r"!\[[^\]]*\]\(([^)]+\.png)\)", ci).group(1)
     assert (ROOT / shot).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("fmt", CI_FORMATS)
+def test_an_empty_run_renders(fmt: str) -> None:
+    """A run that observed nothing (e.g. it stopped at the first forward) still reports."""
+    report = Report(findings=[], trace=RunTrace(), target="", notes=["stopped early"])
+    text = renderer(fmt)(report, fail_on="warning")
+    assert text.strip()
+    if fmt in ("markdown", "html", "sarif"):
+        assert "stopped early" in text
+    assert len(report.plot().get_axes()) == 1

@@ -40,6 +40,6 @@ def annotation(report: Report, f: Finding) -> str:
 
 def render(report: Report, fail_on: str = "warning", **_options: object) -> str:
     lines = [annotation(report, f) for f in report.findings]
-    lines.append(f"trainlint {report.target}: {summary_line(report)}; "
-                 f"{verdict(report, fail_on)}")
+    target = report.target or report.trace.model_type or "model"
+    lines.append(f"trainlint {target}: {summary_line(report)}; {verdict(report, fail_on)}")
     return "\n".join(lines) + "\n"
