@@ -206,7 +206,7 @@ block_specs = st.one_of(
 )
 failures = st.one_of(
     st.none(),
-    st.tuples(st.sampled_from(["forward", "backward", "loss"]), st.integers(1, 3),
+    st.tuples(st.sampled_from(["forward", "backward", "loss", "batch"]), st.integers(1, 3),
               st.sampled_from(["runtime", "bn", "oom", "interrupt"])),
 )
 
@@ -237,7 +237,7 @@ def build(case: dict) -> tuple[nn.Module, list[Boom]]:
     body = [_block(spec, image) for spec in case["blocks"]]
     booms: list[Boom] = []
     failure = case["failure"]
-    if failure is not None and failure[0] != "loss":
+    if failure is not None and failure[0] in ("forward", "backward"):
         where, k, kind = failure
         boom = (Boom if where == "forward" else BackwardBoom)(k, kind)
         body.insert(case["failure_at"], boom)
@@ -273,6 +273,20 @@ class FailingLoss:
             if self.calls == self.k:
                 raise _make_exception(self.kind)
         return F.cross_entropy(outputs, targets)
+
+
+class FailingBatch:
+    """A batch function that raises on its k-th call once armed."""
+
+    def __init__(self, batch: Any, k: int, kind: str) -> None:
+        self.batch, self.k, self.kind, self.calls, self.armed = batch, k, kind, 0, False
+
+    def __call__(self) -> Any:
+        if self.armed:
+            self.calls += 1
+            if self.calls == self.k:
+                raise _make_exception(self.kind)
+        return self.batch
 
 
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -436,6 +450,10 @@ def test_check_leaves_user_state_and_no_hooks(case: dict) -> None:
         loss_fn = (FailingLoss(failure[1], failure[2]) if failure and failure[0] == "loss"
                    else FailingLoss())
         booms.append(loss_fn)
+    fed: Any = batch
+    if failure and failure[0] == "batch":
+        fed = FailingBatch(batch, failure[1], failure[2])
+        booms.append(fed)
     for boom in booms:
         boom.armed = True
     passed = {"default": None, "factory": lambda params: torch.optim.Adam(params, lr=1e-3)}.get(
@@ -445,7 +463,7 @@ def test_check_leaves_user_state_and_no_hooks(case: dict) -> None:
     before, hooks_before = user_state(model, opt), hook_census(model, opt)
     outcome: Any = None
     try:
-        outcome = trainlint.check(model, batch, loss_fn=loss_fn, optimizer=passed,
+        outcome = trainlint.check(model, fed, loss_fn=loss_fn, optimizer=passed,
                                   steps=case["steps"])
     except (TrainlintError, KeyboardInterrupt) as exc:
         outcome = exc

@@ -160,6 +160,21 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
     _check_devices(data, model)
     run["batch_size"] = data.size
     probe.begin_step()
+    try:
+        loss = _train_step(model, data, loss_fn, opt, probe, builder, step, run, notes)
+        if loss is None:
+            return False
+        builder.add(probe.collect(extra={"loss": loss.detach().float()}), step)
+    finally:
+        probe.end_step()
+    return True
+
+
+def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
+                opt: torch.optim.Optimizer, probe: Probe, builder: TraceBuilder, step: int,
+                run: dict, notes: list) -> Optional[torch.Tensor]:
+    """Forward, loss, backward, optimizer step; the loss, or None when a BatchNorm saw a single
+    value (recorded as a run error). The user's exceptions become :class:`UserCodeError`."""
     phase = "forward"
     try:
         opt.zero_grad(set_to_none=True)
@@ -171,7 +186,7 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
             builder.errors.append({"module": probe.failed_module or "", "phase": "forward",
                                    "kind": "batchnorm-single-value", "message": str(exc)})
             builder.add(probe.collect(), step)
-            return False
+            return None
         phase = "loss"
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
         loss = choice.fn(outputs, data.targets)
@@ -184,16 +199,10 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
         phase = "optimizer step"
         opt.step()
     except TrainlintError:
-        probe.end_step()
         raise
     except Exception as exc:
-        probe.end_step()
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
-    try:
-        builder.add(probe.collect(extra={"loss": loss.detach().float()}), step)
-    finally:
-        probe.end_step()
-    return True
+    return loss
 
 
 PHASES = {"forward": "the model's forward pass", "loss": "computing the loss",
