@@ -459,5 +459,25 @@ def test_an_internal_error_is_exit_2_and_says_it_is_a_bug(monkeypatch: pytest.Mo
                                  "in trainlint, not in your code")
 
 
+def test_a_bug_in_trainlints_hooks_is_not_blamed_on_the_user(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainlint.stats
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise IndexError("stats bug")
+
+    monkeypatch.setattr(trainlint.stats, "activation_stats", broken)
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(IndexError, match="stats bug"):
+        trainlint.check(model, small_batch())
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    run = cli("fixed_batch.py")
+    assert run.exit_code == 2
+    assert run.stderr.startswith("trainlint: internal error: IndexError: stats bug. This is a "
+                                 "bug in trainlint")
+
+
 def test_every_api_error_is_a_trainlint_error() -> None:
     assert all(issubclass(e, TrainlintError) for e in (ConfigError, TargetError, UserCodeError))

@@ -22,7 +22,7 @@ from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .probe import Probe, _model_device
 from .report import Report, build_report
 from .state import restore, snapshot
-from .usercode import user_traceback
+from .usercode import raised_by_trainlint, user_traceback
 
 MAX_STEPS = 1000
 BN_SINGLE_VALUE = "Expected more than 1 value per channel when training"
@@ -201,6 +201,8 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
     except TrainlintError:
         raise
     except Exception as exc:
+        if raised_by_trainlint(exc):
+            raise
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
     return loss
 

@@ -30,5 +30,23 @@ def user_traceback(exc: BaseException) -> str:
     return "".join(lines)
 
 
+def raised_by_trainlint(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of trainlint's own hook code (a bug), not the user's.
+
+    Past the first frame outside trainlint (the user's training step), a trainlint frame can
+    only be one of its hooks; the probe's torch-function pass-through only forwards the
+    user's own call and does not count.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    entered = False
+    for frame in frames:
+        own = _is_own(frame.filename)
+        if not own:
+            entered = True
+        elif entered and frame.name != "__torch_function__":
+            return True
+    return False
+
+
 def _is_own(path: str) -> bool:
     return os.path.realpath(path).startswith(_OWN_PACKAGE + os.sep)
