@@ -71,6 +71,7 @@ class TraceBuilder:
         if snap.output_origins:
             self.output_origins = snap.output_origins
         step_info: dict = {"step": step, "layers": {}}
+        nonfinite: dict = {"activations": {}, "gradients": {}}
         for tag, value in snap.values.items():
             kind = tag[0]
             if kind == "act":
@@ -78,10 +79,15 @@ class TraceBuilder:
                 merged = stats.merge_moments(value)
                 step_info["layers"].setdefault(tag[1], {}).update(
                     std=merged["std"], mean=merged["mean"], zero_fraction=merged["zero_fraction"])
+                if merged["nonfinite"]:
+                    nonfinite["activations"][tag[1]] = merged["nonfinite"]
             elif kind == "grad":
                 self.grad_rows.setdefault(tag[1], []).append(value)
                 grads = stats.merge_grads(value)
                 step_info["layers"].setdefault(tag[1], {})["grad_norm"] = grads["norm"]
+                bad = int(grads["nonfinite"])
+                if bad:
+                    nonfinite["gradients"][tag[1]] = bad
             elif kind == "units":
                 self.units[tag[1]] = value.astype(bool)
                 if value.size:
@@ -95,10 +101,17 @@ class TraceBuilder:
                 loss = float(value.reshape(-1)[0])
                 self.losses.append(loss)
                 step_info["loss"] = loss
+            elif kind == "extra" and tag[1] in ("loss_mean", "loss_max"):
+                step_info[tag[1]] = float(value.reshape(-1)[0])
         for key, order in snap.backward_order.items():
             self.backward_order.setdefault(key, order)
         grad_total = [p.grad_norm for p in self.params.values() if p.grad_norm is not None]
         step_info["grad_norm"] = math.sqrt(sum(g * g for g in grad_total)) if grad_total else None
+        step_info["param_grad_norms"] = {n: p.grad_norm for n, p in self.params.items()
+                                         if p.grad_norm is not None}
+        nonfinite["parameters"] = [p.name for p in self.params.values() if p.nonfinite]
+        nonfinite["parameter_grads"] = [p.name for p in self.params.values() if p.grad_nonfinite]
+        step_info["nonfinite"] = nonfinite
         self.per_step.append(step_info)
         self.train_flags.append(self._train_flags(step))
 
@@ -112,6 +125,9 @@ class TraceBuilder:
     def _add_input(self, tag: tuple, value: np.ndarray) -> None:
         _, _, name, shape, dtype, dim = tag
         current = self.inputs.get((name, dim))
+        if len(shape) == 1:  # one value per sample: a single feature over the batch
+            value = np.array([[value[0].mean()], [value[0].std()], [value[2].min()],
+                              [value[3].max()]])
         if current is None:
             self.inputs[(name, dim)] = InputTrace(name=name, shape=shape, dtype=dtype,
                                                   channel_dim=dim, mean=value[0], std=value[1],
@@ -121,10 +137,10 @@ class TraceBuilder:
 
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
         _, name, has_grad, has_update, in_opt, shape, requires_grad = tag
-        values = list(value)
-        norm, std = float(values[0]), float(values[1])
-        grad = float(values[2]) if has_grad else None
-        update = float(values[-1]) if has_update else None
+        values = [float(v) for v in value]
+        norm, std = values[0], values[1]
+        grad = values[2] if has_grad else None
+        update, before = (values[-2], values[-1]) if has_update else (None, None)
         module = name.rsplit(".", 1)[0] if "." in name else ""
         previous = self.params.get(name)
         trace = ParamTrace(name=name, module=module, shape=shape, requires_grad=requires_grad,
@@ -134,8 +150,15 @@ class TraceBuilder:
                            grad_nonfinite=int(grad is not None and not math.isfinite(grad)))
         if previous is not None:
             trace.update_ratios = previous.update_ratios
-        if update is not None and norm:
-            trace.update_ratios.append(update / norm)
+            trace.norms_before = previous.norms_before
+            trace.update_norms = previous.update_norms
+            trace.grad_steps = previous.grad_steps
+        trace.grad_steps += int(has_grad)
+        if update is not None:
+            trace.norms_before.append(before)
+            trace.update_norms.append(update)
+            if before > 0:
+                trace.update_ratios.append(update / before)
         self.params[name] = trace
 
     def build(self, **run: object) -> RunTrace:
@@ -182,7 +205,9 @@ class TraceBuilder:
             facts[name] = ModuleFacts(
                 name=name, type=type(module).__name__, training=module.training,
                 is_leaf=not any(True for _ in module.children()),
-                location=locate(self.model, name, module), attrs=module_attrs(module))
+                location=locate(self.model, name, module),
+                attrs={**module_attrs(module),
+                       "overrides_train": type(module).train is not nn.Module.train})
         for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:

@@ -288,7 +288,7 @@ def _validate_loss(loss: Any) -> None:
 
 
 def _num_classes(choice: LossChoice, outputs: Any) -> Optional[int]:
-    if choice.kind != "cross_entropy":
+    if choice.kind not in ("cross_entropy", "nll"):
         return None
     out = primary_output(outputs)
     if out is None or out.dim() < 2:

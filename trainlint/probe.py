@@ -186,6 +186,7 @@ class Probe:
         self.failed_module: Optional[str] = None
         self.update_snapshots: dict[nn.Parameter, torch.Tensor] = {}
         self.update_norms: dict[nn.Parameter, torch.Tensor] = {}
+        self.before_norms: dict[nn.Parameter, torch.Tensor] = {}
         self.mode: Optional[_ProbeMode] = None
         self.attached = False
         self.grad_scale = grad_scale
@@ -427,6 +428,8 @@ class Probe:
             scale = p.numel() / max(after.numel(), 1)
             delta = torch.linalg.vector_norm((after - before).to(torch.float64))
             self.update_norms[p] = delta * (scale ** 0.5)
+            self.before_norms[p] = (torch.linalg.vector_norm(before.to(torch.float64))
+                                    * (scale ** 0.5))
         self.update_snapshots.clear()
 
     # ---------------------------------------------------------------- sync
@@ -462,6 +465,7 @@ class Probe:
             update = self.update_norms.get(p)
             if update is not None:
                 vec.append(update)
+                vec.append(self.before_norms[p])
             add(("param", name, grad is not None, update is not None,
                  (p in in_opt) if self.optimizer is not None else None,
                  tuple(p.shape), p.requires_grad), torch.stack([v.to(device) for v in vec]))
@@ -486,6 +490,7 @@ class Probe:
         self.input_rows.clear()
         self.norm_calls.clear()
         self.update_norms.clear()
+        self.before_norms.clear()
         self.bw_counter = 0
         return snapshot
 

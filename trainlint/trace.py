@@ -105,6 +105,8 @@ class ModuleFacts:
     is_leaf: bool
     location: Optional[Location] = None
     # Constructor-level facts (e.g. num_features, in_channels, bias, affine); plain values only.
+    # ``overrides_train``: the module's class defines its own ``train()`` (e.g. to keep norms
+    # frozen).
     attrs: dict = field(default_factory=dict)
     # Shapes of the inputs seen by a normalization layer: values per channel per call.
     values_per_channel: list = field(default_factory=list)
@@ -127,8 +129,14 @@ class ParamTrace:
     update_norm: Optional[float] = None
     nonfinite: int = 0
     grad_nonfinite: int = 0
-    # ||update|| / ||weight|| of every observed optimizer step, in order.
+    # ||update|| / ||weight before the update|| of every observed optimizer step, in order
+    # (steps where the weight was exactly 0 before the update are left out).
     update_ratios: list = field(default_factory=list)
+    # ||weight|| before, and ||update|| of, every observed optimizer step that updated it.
+    norms_before: list = field(default_factory=list)
+    update_norms: list = field(default_factory=list)
+    # Observed steps at which the parameter had a gradient (``.grad`` not None).
+    grad_steps: int = 0
 
     @property
     def update_ratio(self) -> Optional[float]:
