@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from trainlint.trace import LayerTrace, RunTrace
 
 # Leaf modules that pass their input on without weights: look through them.
@@ -74,3 +76,99 @@ def is_model_output(trace: RunTrace, layer: LayerTrace) -> bool:
     """Whether this point's output is (a reshape of) what the model returns."""
     return any(origin == layer.node and only_shape_ops(via)
                for origin, via in trace.output_ops)
+
+
+# Normalization layers, by what they normalize over.
+BATCHNORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+                   "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d")
+INSTANCENORM_TYPES = ("InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+                      "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d")
+NORM_TYPES = BATCHNORM_TYPES + INSTANCENORM_TYPES + ("GroupNorm", "LayerNorm", "RMSNorm",
+                                                     "LocalResponseNorm")
+# Library subclasses are named after what they normalize (ConvNextLayerNorm, T5LayerNorm,
+# LlamaRMSNorm): recognised by the end of the class name.
+NORM_NAME_ENDINGS = ("LayerNorm", "RMSNorm", "GroupNorm")
+
+
+def is_norm_type(type_name: str) -> bool:
+    """Whether a module type normalizes its input (torch's norm layers and named subclasses)."""
+    return type_name in NORM_TYPES or type_name.endswith(NORM_NAME_ENDINGS)
+DROPOUT_TYPES = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+                 "FeatureAlphaDropout")
+# Sequence-model building blocks.
+RNN_TYPES = ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell")
+EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
+ATTENTION_TYPES = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
+                   "Transformer", "TransformerEncoder", "TransformerDecoder")
+# Plain ops that sum two tensors: a residual connection when they join two paths.
+ADD_OPS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
+
+
+def is_gate(trace: RunTrace, layer: LayerTrace) -> bool:
+    """Whether this point's output is multiplied into another tensor (SE, GLU, LSTM gates)."""
+    return any(e.src == layer.node and e.dst[0] == "op" for e in trace.edges)
+
+
+def is_attention(type_name: str) -> bool:
+    return type_name in ATTENTION_TYPES or "Attention" in type_name
+
+
+def ancestors(name: str) -> list[str]:
+    """``name`` and every enclosing module's name, innermost first ("" = the model)."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def inside_attention(trace: RunTrace, module: str) -> bool:
+    """Whether ``module`` is (inside) an attention block."""
+    for name in ancestors(module):
+        facts = trace.modules.get(name)
+        if facts is not None and is_attention(facts.type):
+            return True
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if "attn" in leaf or "attention" in leaf:
+            return True
+    return False
+
+
+def sources(trace: RunTrace, module: str) -> list[tuple]:
+    """What flows into ``module``'s forward: (src, via) pairs."""
+    return [(e.src, e.via) for e in trace.edges if e.dst == ("module", module)]
+
+
+def layer_at(trace: RunTrace, node: tuple) -> Optional[LayerTrace]:
+    """The observation point of a ("point", ...) node, or None."""
+    for lt in trace.layers:
+        if lt.node == node:
+            return lt
+    return None
+
+
+def output_layer(trace: RunTrace) -> Optional[LayerTrace]:
+    """The observation point the model's (first) output comes from, through reshapes only."""
+    for origin, via in trace.output_ops:
+        if origin[0] == "point" and only_shape_ops(via):
+            return layer_at(trace, origin)
+    return None
+
+
+def has_module_type(trace: RunTrace, types: tuple) -> bool:
+    return any(f.type in types for f in trace.modules.values())
+
+
+def maximal_groups(bad: set, universe: set, *, params: bool) -> dict[str, list]:
+    """Group the dotted names in ``bad`` under the outermost module whose every name in
+    ``universe`` is bad: {module: [names]}. Names are parameter names (``params``: a name
+    left alone is grouped under its own module) or module names (grouped under itself)."""
+    groups: dict[str, list] = {}
+    for name in sorted(bad):
+        base = (name.rsplit(".", 1)[0] if "." in name else "") if params else name
+        key = base
+        for candidate in reversed(ancestors(base)):
+            inside = {n for n in universe
+                      if candidate == "" or n == candidate or n.startswith(candidate + ".")}
+            if inside and inside <= bad:
+                key = candidate
+                break
+        groups.setdefault(key, []).append(name)
+    return groups

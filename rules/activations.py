@@ -9,7 +9,14 @@ from typing import Iterator, Optional
 from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import LayerTrace, ModuleFacts, RunTrace
 
-from ._graph import PASS_THROUGH, WEIGHT_LAYERS, is_model_output
+from ._graph import (
+    PASS_THROUGH,
+    WEIGHT_LAYERS,
+    feeds_weight_layer,
+    inside_attention,
+    is_gate,
+    is_model_output,
+)
 
 FP16_MAX = 65504.0
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -362,3 +369,52 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 evidence={"max_abs": peak, "threshold": limit, "dtype": trace.amp_dtype},
             )
             return
+
+
+@rule("TL105", "sigmoid-hidden-activation", "info")
+def sigmoid_hidden_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Sigmoid used as a hidden-layer nonlinearity.
+
+    ## What it does
+    Finds sigmoid outputs (``nn.Sigmoid``, ``torch.sigmoid``, ``x.sigmoid()``, hard sigmoid)
+    that go straight into another weight layer (Linear, Conv, RNN). A sigmoid that is the
+    model's output, a gate multiplied into another tensor (squeeze-and-excitation, GLU,
+    LSTM-style gating, a hand-written SiLU) or that sits inside an attention block is not
+    reported. All such sigmoids are reported in one finding, at the first.
+
+    ## Why is this bad?
+    Sigmoid outputs are always positive (not zero-centred): the next layer's weight gradients
+    share one sign per input, so updates zig-zag. Its derivative is at most 0.25 and ~0 in
+    both tails, so gradients shrink through every sigmoid layer. It is fine as an output or a
+    gate, not as a hidden nonlinearity.
+
+    ## Example
+    ``nn.Sequential(nn.Linear(64, 128), nn.Sigmoid(), nn.Linear(128, 10))``.
+
+    ## Fix
+    Use ``nn.ReLU()`` (with Kaiming init) or ``nn.GELU()``; ``nn.Tanh()`` if a bounded,
+    zero-centred output is needed.
+    """
+    found = []
+    for lt in trace.ordered_layers():
+        if lt.kind != "sigmoid" or is_model_output(trace, lt) or is_gate(trace, lt):
+            continue
+        if inside_attention(trace, lt.module):
+            continue
+        targets = feeds_weight_layer(trace, lt)
+        if targets:
+            found.append((lt, targets))
+    if not found:
+        return
+    first, targets = found[0]
+    others = [lt.label for lt, _ in found[1:]]
+    also = f"; {len(others)} more alike: {others[:8]}" if others else ""
+    yield Hit(
+        module=first.module,
+        message=(f"{first.label} ({first.type}) is a sigmoid used as a hidden nonlinearity: it "
+                 f"feeds {', '.join(repr(n) for n in targets[:3])}; its output is always "
+                 f"positive and its derivative at most 0.25{also}"),
+        fix=("replace it with nn.ReLU() (initialize the layer before it with "
+             "nn.init.kaiming_normal_(w, nonlinearity='relu')) or nn.GELU()"),
+        evidence={"feeds": targets, "sigmoids": [lt.label for lt, _ in found]},
+    )

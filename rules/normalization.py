@@ -7,6 +7,19 @@ from typing import Iterator
 from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import ModuleFacts, RunTrace
 
+from ._graph import (
+    DROPOUT_TYPES,
+    EMBEDDING_TYPES,
+    INSTANCENORM_TYPES,
+    RNN_TYPES,
+    WEIGHT_LAYERS,
+    is_attention,
+    only_shape_ops,
+    output_layer,
+    sources,
+    successors,
+)
+
 BATCHNORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
                    "LazyBatchNorm2d", "LazyBatchNorm3d")
 
@@ -122,3 +135,201 @@ def batchnorm_single_value(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  f"final batch of 1), or replace it with {swap}"),
             evidence={"values_per_channel": 1},
         )
+
+
+def _sequence_blocks(trace: RunTrace) -> list[str]:
+    """Types of the RNN, attention and embedding layers in the model."""
+    found = []
+    for facts in trace.modules.values():
+        if (facts.type in RNN_TYPES + EMBEDDING_TYPES or is_attention(facts.type)) \
+                and facts.type not in found:
+            found.append(facts.type)
+    return found
+
+
+@rule("TL402", "batchnorm-in-sequence-model", "warning")
+def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """BatchNorm over token/time features in a sequence model.
+
+    ## What it does
+    In a model with RNN, attention or embedding layers, it finds BatchNorm layers that
+    normalize over time or token positions: a ``BatchNorm1d`` fed ``(N, C, L)`` sequences, or
+    fed ``(N * L, C)`` rows of flattened tokens (more rows than the batch has samples).
+    BatchNorm over one feature vector per sample (tabular heads) is left alone.
+
+    ## Why is this bad?
+    BatchNorm's statistics mix positions, sequence lengths and padding across the batch; they
+    change with the batch's composition and differ between training and inference (often
+    one token at a time). RNNs and transformers use LayerNorm, which normalizes each token over
+    its features, independently of the batch.
+
+    ## Example
+    ``nn.BatchNorm1d(d_model)`` applied to ``x.transpose(1, 2)`` between transformer blocks.
+
+    ## Fix
+    Use ``nn.LayerNorm(d_model)`` on the ``(N, L, C)`` tokens (no transpose needed).
+    """
+    blocks = _sequence_blocks(trace)
+    if not blocks:
+        return
+    for facts in batchnorms(trace):
+        if not facts.input_shapes or not facts.type.endswith(("1d", "SyncBatchNorm")):
+            continue
+        over_time = [s for s in facts.input_shapes if len(s) == 3 or (
+            len(s) == 2 and trace.batch_size and s[0] > trace.batch_size)]
+        if not over_time:
+            continue
+        channels = facts.attrs.get("num_features")
+        yield Hit(
+            module=facts.name,
+            message=(f"{facts.type} {facts.name!r} normalizes over token/time positions "
+                     f"(input {tuple(over_time[0])}) in a sequence model "
+                     f"({', '.join(blocks[:3])}): its statistics mix positions, lengths and "
+                     "padding across the batch"),
+            fix=(f"replace it with nn.LayerNorm({channels}) applied to the (N, L, {channels}) "
+                 "tokens"),
+            evidence={"input_shape": list(over_time[0]), "sequence_layers": blocks},
+        )
+
+
+def _cancels_bias(norm: ModuleFacts) -> bool:
+    """Whether the norm subtracts a per-channel mean (and so cancels a per-channel bias)."""
+    if norm.type in BATCHNORM_TYPES + INSTANCENORM_TYPES:
+        return True
+    return norm.type == "GroupNorm" and norm.attrs.get("num_groups") == norm.attrs.get(
+        "num_channels")
+
+
+@rule("TL403", "bias-before-norm", "info")
+def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """A Conv/Linear bias that the next normalization layer cancels.
+
+    ## What it does
+    Finds Conv/Linear layers with a bias whose output goes straight (through reshapes only)
+    into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per group: layers that
+    subtract a per-channel mean.
+
+    ## Why is this bad?
+    The mean subtraction removes any per-channel constant, so the bias has no effect on the
+    output and gets no useful gradient; the norm's own shift (β, when affine) takes its role.
+    It wastes parameters, memory and optimizer state.
+
+    ## Example
+    ``nn.Conv2d(64, 128, 3, padding=1)`` followed by ``nn.BatchNorm2d(128)``.
+
+    ## Fix
+    Build the layer with ``bias=False``.
+    """
+    for lt in trace.ordered_layers():
+        facts = trace.modules.get(lt.module)
+        if lt.op != "output" or facts is None or facts.type not in WEIGHT_LAYERS:
+            continue
+        if not facts.attrs.get("has_bias"):
+            continue
+        for dst, via in successors(trace, lt.node):
+            norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
+            if norm is None or not norm.is_leaf or not only_shape_ops(via) \
+                    or not _cancels_bias(norm):
+                continue
+            shift = ("its affine shift β takes the bias's role" if norm.attrs.get("affine")
+                     else "the norm has no affine shift, so the output has no offset at all")
+            yield Hit(
+                module=lt.module,
+                message=(f"{facts.type} {lt.module!r} has a bias, but its output goes straight "
+                         f"into {norm.type} {norm.name!r}, whose per-channel mean subtraction "
+                         f"cancels it; {shift}"),
+                fix=f"build {lt.module!r} with bias=False",
+                evidence={"norm": norm.name, "norm_type": norm.type},
+            )
+            break
+
+
+IMAGE_CHANNELS = (1, 2, 3, 4)
+
+
+@rule("TL405", "batchnorm-image-generator", "info")
+def batchnorm_image_generator(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """BatchNorm in an image-to-image generator.
+
+    ## What it does
+    Fires when the model maps an image to an image of the same size and channels
+    (``(N, C, H, W)`` in and out, C ≤ 4) with a regression-style loss (not a per-pixel
+    classification: segmentation nets are left alone) and contains BatchNorm layers.
+
+    ## Why is this bad?
+    In image generation and style transfer each output depends on one image instance, but
+    BatchNorm mixes statistics across the batch: the output of one image depends on the others
+    in the batch, and training and eval outputs differ. Instance normalization fixes the
+    statistics per image.
+
+    ## Example
+    A U-Net denoiser or a style-transfer network built with ``nn.BatchNorm2d``.
+
+    ## Fix
+    Replace ``nn.BatchNorm2d(C)`` with ``nn.InstanceNorm2d(C, affine=True)`` (or
+    ``nn.GroupNorm``).
+    """
+    if trace.loss_kind in ("cross_entropy", "nll", "bce_with_logits"):
+        return
+    out = output_layer(trace)
+    images = [i for i in trace.inputs if len(i.shape) == 4 and i.channel_dim == 1]
+    if out is None or len(out.shape) != 4 or not images:
+        return
+    source = images[0].shape
+    if out.shape[1:] != source[1:] or out.shape[1] not in IMAGE_CHANNELS:
+        return
+    for facts in batchnorms(trace):
+        channels = facts.attrs.get("num_features")
+        yield Hit(
+            module=facts.name,
+            message=(f"{facts.type} {facts.name!r} normalizes over the batch in an "
+                     f"image-to-image model (input {tuple(source)}, output {tuple(out.shape)}): "
+                     "each generated image depends on the others in its batch"),
+            fix=f"replace it with nn.InstanceNorm2d({channels}, affine=True)",
+            evidence={"input_shape": list(source), "output_shape": list(out.shape)},
+        )
+
+
+FUNCTIONAL_DROPOUT = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                      "feature_alpha_dropout")
+
+
+@rule("TL406", "dropout-before-batchnorm", "info")
+def dropout_before_batchnorm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Dropout whose output feeds a BatchNorm.
+
+    ## What it does
+    Finds BatchNorm layers whose input comes straight from a Dropout module (p > 0) or a
+    functional ``F.dropout``.
+
+    ## Why is this bad?
+    Dropout changes the variance of its output between training (units zeroed and the rest
+    scaled by 1/(1-p)) and evaluation (no dropout). BatchNorm's running variance is learned on
+    the training variance, so at evaluation it normalizes with the wrong statistics ("variance
+    shift", Li et al. 2019) and accuracy drops.
+
+    ## Example
+    ``nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.5), nn.BatchNorm1d(256))``.
+
+    ## Fix
+    Move the Dropout after the last BatchNorm (just before the classifier), or drop one of them.
+    """
+    for facts in batchnorms(trace):
+        for src, via in sources(trace, facts.name):
+            if not only_shape_ops(tuple(op for op in via if op not in FUNCTIONAL_DROPOUT)):
+                continue
+            functional = any(op in FUNCTIONAL_DROPOUT for op in via)
+            feeder = trace.modules.get(src[1]) if src[0] == "point" else None
+            if not functional and (feeder is None or feeder.type not in DROPOUT_TYPES
+                                   or not feeder.attrs.get("p")):
+                continue
+            what = "F.dropout" if functional else f"{feeder.type} {feeder.name!r}"
+            yield Hit(
+                module=facts.name if functional else feeder.name,
+                message=(f"{what} feeds {facts.type} {facts.name!r}: the variance BatchNorm "
+                         "learns in training (with dropout) is not the one it sees at eval"),
+                fix=(f"move the dropout after {facts.name!r} (e.g. just before the classifier), "
+                     "or remove one of the two"),
+                evidence={"batchnorm": facts.name},
+            )
+            break

@@ -1,0 +1,186 @@
+"""The data fed to the model: input scale and centring, and features that never vary."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+
+from trainlint.engine import Hit, Thresholds, rule
+from trainlint.trace import InputTrace, ModuleFacts, RunTrace
+
+from ._graph import NORM_TYPES, WEIGHT_LAYERS, downstream, only_shape_ops
+
+# Per-channel values printed in a fix or in evidence; beyond that, one summary value.
+MAX_LISTED = 16
+
+
+def direct_consumers(trace: RunTrace, inp: InputTrace) -> list[ModuleFacts]:
+    """Leaf modules that take this input as it is (through reshapes and dropout only)."""
+    found = []
+    for dst, via in downstream(trace, ("input", inp.name)):
+        if dst[0] != "module" or not only_shape_ops(via):
+            continue
+        facts = trace.modules.get(dst[1])
+        if facts is not None and facts.is_leaf and facts not in found:
+            found.append(facts)
+    return found
+
+
+def values_per_channel(inp: InputTrace) -> int:
+    """How many values each channel's statistics are computed over."""
+    return math.prod(inp.shape) // max(inp.shape[inp.channel_dim], 1)
+
+
+def is_image(inp: InputTrace) -> bool:
+    """Channel-first input of at least 3 dims (N, C, ...) whose channels are dim 1."""
+    return len(inp.shape) >= 3 and inp.channel_dim == 1
+
+
+def _values(xs: np.ndarray) -> str:
+    return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
+
+
+def normalize_fix(inp: InputTrace) -> str:
+    """A ready line that normalizes this input with the measured statistics."""
+    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+    safe = np.where(std > 0, std, 1.0)
+    where = "on the training set (these values come from one batch)"
+    if len(mean) <= MAX_LISTED and is_image(inp):
+        return (f"normalize each channel: transforms.Normalize(mean={_values(mean)}, "
+                f"std={_values(safe)}) (torchvision), or x = (x - mean[:, None, None]) / "
+                f"std[:, None, None] in get_batch/the data pipeline; compute the statistics "
+                f"{where}")
+    if len(mean) <= MAX_LISTED:
+        return (f"standardize each feature: x = (x - mean) / std with "
+                f"mean = torch.tensor({_values(mean)}), std = torch.tensor({_values(safe)}) "
+                f"(or sklearn's StandardScaler); compute the statistics {where}")
+    overall_mean = float(mean.mean())
+    overall_std = float(math.sqrt(max(np.mean(std ** 2 + (mean - overall_mean) ** 2), 0.0)))
+    return (f"standardize the input per feature (sklearn's StandardScaler, or "
+            f"x = (x - mean) / std with per-feature statistics computed {where}); overall it "
+            f"has mean {overall_mean:.4g} and std {overall_std:.4g}, so at least "
+            f"x = (x - {overall_mean:.4g}) / {overall_std:.4g}")
+
+
+def _describe(inp: InputTrace) -> str:
+    what = "channel" if is_image(inp) else "feature"
+    return f"input {inp.name!r} {tuple(inp.shape)} ({len(inp.mean)} {what}s)"
+
+
+@rule("TL201", "input-not-normalized", "warning", max_abs_mean=2.0, max_std=5.0, min_std=0.01,
+      min_values=16)
+def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Model inputs far from zero mean and unit scale.
+
+    ## What it does
+    For every floating-point input that reaches a weight layer (Linear, Conv, RNN) as it is,
+    it measures each channel's (images: dim 1) or feature's (last dim) mean and std over the
+    batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or its std exceeds
+    ``max_std`` or is below ``min_std`` (constant features are TL202's), over at least
+    ``min_values`` values per channel. Integer inputs (token ids), inputs the model transforms
+    before its first layer (``x / 255`` in ``forward``) and inputs that go into a
+    normalization layer first are not checked. Images scaled to [0, 1] pass.
+
+    ## Why is this bad?
+    The first layer's init assumes inputs of unit scale around zero: raw values (0..255
+    pixels, ages, prices) make its outputs huge or offset, saturate the next nonlinearity,
+    and make the loss surface badly conditioned (features on very different scales need very
+    different learning rates). Raw pixels into a network are a classic mistake.
+
+    ## Example
+    ``get_batch`` returning ``torch.randint(0, 256, (32, 3, 32, 32)).float()``.
+
+    ## Fix
+    Subtract the per-channel mean and divide by the per-channel std, computed on the training
+    set only and applied to validation and test data too: ``transforms.Normalize(mean, std)``
+    for images, ``StandardScaler`` for tabular features. The finding prints the measured values.
+    """
+    for inp in trace.inputs:
+        consumers = direct_consumers(trace, inp)
+        if not any(f.type in WEIGHT_LAYERS for f in consumers):
+            continue
+        if any(f.type in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
+            continue
+        mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+        off = np.abs(mean) > t.max_abs_mean
+        wide = std > t.max_std
+        narrow = (std > 0) & (std < t.min_std)
+        bad = off | wide | narrow
+        if not bad.any():
+            continue
+        worst_mean = float(np.abs(mean).max())
+        reasons = []
+        if off.any():
+            reasons.append(f"|mean| up to {worst_mean:.4g} (threshold {t.max_abs_mean:g})")
+        if wide.any():
+            reasons.append(f"std up to {float(std.max()):.4g} (threshold {t.max_std:g})")
+        if narrow.any():
+            reasons.append(f"std down to {float(std[std > 0].min()):.4g} "
+                           f"(threshold {t.min_std:g})")
+        count = int(bad.sum())
+        yield Hit(
+            module="",
+            message=(f"{_describe(inp)} is not normalized: {count} of {len(mean)} have "
+                     f"{'; '.join(reasons)}; it goes straight into "
+                     f"{', '.join(repr(f.name) for f in consumers[:3])}"),
+            fix=normalize_fix(inp),
+            evidence={"input": inp.name, "channels": len(mean), "not_normalized": count,
+                      "mean": [float(x) for x in mean[:MAX_LISTED]],
+                      "std": [float(x) for x in std[:MAX_LISTED]],
+                      "max_abs_mean": worst_mean, "max_std": float(std.max()),
+                      "thresholds": t.as_dict()},
+        )
+
+
+@rule("TL202", "constant-input-features", "warning", min_values=16)
+def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Input features or channels that do not vary over the batch.
+
+    ## What it does
+    For every floating-point input that reaches a layer as it is, it lists the channels
+    (images: dim 1) or features (last dim) whose minimum equals their maximum over the whole
+    batch (at least ``min_values`` values per channel). A feature stuck at the input's overall
+    minimum is left out: that is an absent category of a one-hot/multi-hot encoding, padding,
+    or an image border, which a small batch legitimately never varies. Inputs of one value per
+    sample (timesteps, scalars) are not checked.
+
+    ## Why is this bad?
+    A feature that never varies carries no information: it wastes a channel of the first
+    layer, and after standardization it divides by a zero std. It usually means a data bug:
+    an alpha channel, a column the loader failed to fill, a default value everywhere.
+
+    ## Example
+    RGBA images whose alpha channel is 1.0 everywhere, fed to ``nn.Conv2d(4, ...)``.
+
+    ## Fix
+    Drop the constant channels/features from the input (and shrink the first layer), or fix the
+    data pipeline that leaves them constant.
+    """
+    for inp in trace.inputs:
+        if len(inp.shape) < 2 or not direct_consumers(trace, inp):
+            continue
+        per_channel = values_per_channel(inp)
+        if per_channel < t.min_values:
+            continue
+        lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
+        floor = float(lo.min())
+        constant = [i for i in range(len(lo)) if lo[i] == hi[i] and lo[i] != floor]
+        if not constant:
+            continue
+        what = "channel" if is_image(inp) else "feature"
+        listed = ", ".join(f"{i} (= {lo[i]:.4g})" for i in constant[:MAX_LISTED])
+        more = "" if len(constant) <= MAX_LISTED else f" and {len(constant) - MAX_LISTED} more"
+        yield Hit(
+            module="",
+            message=(f"{len(constant)} of the {len(lo)} {what}s of {_describe(inp)} are "
+                     f"constant over the batch ({per_channel} values each): "
+                     f"{what}s {listed}{more}"),
+            fix=(f"drop {what}s {[i for i in constant[:MAX_LISTED]]}{more} from the input and "
+                 f"shrink the first layer to match, or fix the data pipeline that leaves them "
+                 f"constant"),
+            evidence={"input": inp.name, "constant": constant, "channels": len(lo),
+                      "values": [float(lo[i]) for i in constant[:MAX_LISTED]],
+                      "values_per_channel": per_channel, "threshold": t.min_values},
+        )

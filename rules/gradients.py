@@ -1,0 +1,400 @@
+"""Gradients and updates: vanishing/exploding gradients, the update ratio, NaN/Inf."""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Iterator, Optional
+
+from trainlint.engine import Hit, Skip, Thresholds, rule
+from trainlint.trace import LayerTrace, ParamTrace, RunTrace
+
+from ._graph import (
+    EMBEDDING_TYPES,
+    WEIGHT_LAYERS,
+    downstream,
+    is_norm_type,
+    only_shape_ops,
+    output_layer,
+    output_nodes,
+)
+
+
+def gradient_series(trace: RunTrace) -> list[LayerTrace]:
+    """Weight-layer outputs with a finite gradient, in forward order, without the model's
+    output (its gradient is set by the loss, not by backpropagation through the network)."""
+    out = output_layer(trace)
+    series = []
+    for lt in trace.ordered_layers():
+        if lt.op != "output" or lt.type not in WEIGHT_LAYERS or lt.grad_norm is None:
+            continue
+        if lt.grad_nonfinite or not math.isfinite(lt.grad_norm):
+            continue
+        if out is not None and lt.node == out.node:
+            continue
+        series.append(lt)
+    return series
+
+
+def _profile(trace: RunTrace, window: int, min_layers: int) -> Optional[tuple]:
+    series = gradient_series(trace)
+    if len(series) < min_layers:
+        return None
+    grads = [lt.grad_norm for lt in series]
+    return series, grads, median(grads[:window]), median(grads[-window:])
+
+
+@rule("TL501", "vanishing-gradients", "warning", min_ratio=1e-3, zero_ratio=1e-6, window=3,
+      min_layers=4)
+def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Vanishing gradients: early layers get gradients orders of magnitude below the last ones.
+
+    ## What it does
+    Along depth (outputs of Linear/Conv/RNN layers, in forward order, the model's output left
+    out) it takes the norm of the gradient of the loss with respect to each layer's output,
+    over the observed steps. It fires when the median of the first ``window`` layers is below
+    ``min_ratio`` × the median of the last ``window`` (in a network of at least ``min_layers``
+    such layers), or below ``zero_ratio`` × the gradient at the model's output (~0). The
+    finding names the first layer, going backward from the output, below the threshold.
+
+    ## Why is this bad?
+    The weight gradient of a layer is proportional to the gradient reaching its output: if
+    that fades toward the input, the early layers barely learn. Causes: small weights
+    (each layer scales the backward signal by about its weight scale × sqrt(fan-out)),
+    saturated tanh/sigmoid units, dead ReLUs, very deep plain stacks.
+
+    ## Example
+    A 10-layer tanh MLP with ``nn.init.normal_(w, std=0.01)``: each layer shrinks the
+    gradient about 4×.
+
+    ## Fix
+    Kaiming/Xavier init matched to the nonlinearity; ReLU/GELU instead of sigmoid/tanh;
+    normalization layers; residual connections.
+    """
+    profile = _profile(trace, t.window, t.min_layers)
+    if profile is None:
+        return
+    series, grads, early, late = profile
+    out = output_layer(trace)
+    reference = out.grad_norm if out is not None and out.grad_norm else None
+    near_zero = reference is not None and early <= t.zero_ratio * reference
+    ratio = early / late if late > 0 else (0.0 if early == 0 else math.inf)
+    if ratio >= t.min_ratio and not near_zero:
+        return
+    limit = t.min_ratio * late if late > 0 else t.zero_ratio * (reference or 0.0)
+    where = next((lt for lt in reversed(series) if lt.grad_norm <= limit), series[0])
+    zero = (f"; {early:.3g} is ~0 next to the {reference:.3g} at the model's output "
+            f"(threshold {t.zero_ratio:g}×)" if near_zero else "")
+    yield Hit(
+        module=where.module,
+        message=(f"gradient norms fade toward the input: median {early:.3g} at the first "
+                 f"{t.window} layers vs {late:.3g} at the last {t.window} ({ratio:.3g}×, "
+                 f"threshold {t.min_ratio:g}×){zero}; going backward it first drops below the "
+                 f"threshold at {where.label} ({series.index(where) + 1} of {len(series)})"),
+        fix=("initialize weight layers with nn.init.kaiming_normal_(w, nonlinearity='relu') "
+             "(ReLU) or nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh')) (tanh); "
+             "prefer ReLU/GELU to sigmoid/tanh; add normalization layers or residual "
+             "connections"),
+        evidence={"ratio": ratio, "first_grad_norm": early, "last_grad_norm": late,
+                  "output_grad_norm": reference, "threshold": t.min_ratio,
+                  "layers": len(series)},
+    )
+
+
+def nice_below(x: float) -> float:
+    """The largest 1, 2 or 5 × 10^k not above ``x``."""
+    if not x > 0 or not math.isfinite(x):
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(x))
+    return max(m * power for m in (1, 2, 5) if m * power <= x * (1 + 1e-9))
+
+
+def suggested_max_norm(trace: RunTrace) -> tuple[float, float, int]:
+    """A clip_grad_norm_ max_norm: the total norm the gradient would have with every
+    parameter's gradient at the median level. Returns (max_norm, median, count)."""
+    norms = [p.grad_norm for p in trace.params
+             if p.grad_norm is not None and math.isfinite(p.grad_norm) and p.grad_norm > 0]
+    if not norms:
+        return 1.0, 0.0, 0
+    typical = median(norms)
+    return nice_below(typical * math.sqrt(len(norms))), typical, len(norms)
+
+
+def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
+    clip, typical, count = suggested_max_norm(trace)
+    if count and clip <= t.max_norm:
+        basis = (f" (the total norm if every parameter's gradient were at the measured median "
+                 f"{typical:.3g}, over {count} parameters)")
+        scale = ""
+    else:
+        clip, basis = 1.0, ""
+        scale = ("; the gradients are large everywhere, so the loss itself is too large: "
+                 "standardize regression targets, use reduction='mean'")
+    return (f"clip between loss.backward() and optimizer.step(): "
+            f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip:g}){basis}"
+            f"{scale}; also lower the learning rate and use Kaiming/Xavier init or "
+            f"normalization layers"), clip
+
+
+def scale_invariant_weights(trace: RunTrace) -> set:
+    """Names of weights whose layer's output goes straight into a normalization layer."""
+    names = set()
+    for p in trace.params:
+        facts = trace.modules.get(p.module)
+        if len(p.shape) < 2 or facts is None or facts.type not in WEIGHT_LAYERS:
+            continue
+        for node in output_nodes(trace, p.module):
+            for dst, via in downstream(trace, node, hops=2):
+                norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
+                if norm is not None and is_norm_type(norm.type) and only_shape_ops(via):
+                    names.add(p.name)
+    return names
+
+
+def total_grad_norm(step: dict, skip: set) -> Optional[float]:
+    """One observed step's gradient norm over the parameters not in ``skip``."""
+    norms = step.get("param_grad_norms")
+    if norms is None:
+        return step.get("grad_norm")
+    kept = [g for name, g in norms.items() if name not in skip]
+    return math.sqrt(sum(g * g for g in kept)) if kept else None
+
+
+@rule("TL502", "exploding-gradients", "warning", max_ratio=1e3, max_norm=1e3, window=3,
+      min_layers=4)
+def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Exploding gradients: huge, or growing by orders of magnitude toward the input.
+
+    ## What it does
+    Fires when the median gradient norm at the first ``window`` weight layers' outputs exceeds
+    ``max_ratio`` × that of the last ``window`` (at least ``min_layers`` layers), or when the
+    total gradient norm over the parameters exceeds ``max_norm`` at an observed step. Weights
+    of layers that feed a normalization layer directly are left out of that total: the norm
+    cancels their scale, so their gradient's norm is about 1/‖w‖ (large for a small init such
+    as transformers' std 0.02 before a BatchNorm) whatever the backward signal does; their
+    effective step is TL503's to judge.
+
+    ## Why is this bad?
+    Huge gradients make huge updates: the loss jumps or diverges, and in mixed precision they
+    overflow to Inf. Gradients that grow toward the input make the early layers' updates
+    dominate and the training unstable.
+
+    ## Example
+    A deep MLP or RNN with weights too large for its fan-in (``nn.init.normal_(w, std=1.0)``).
+
+    ## Fix
+    Clip the gradient norm between ``loss.backward()`` and ``optimizer.step()``:
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=...)`` (the finding suggests
+    a value from the measured norms); lower the learning rate; fix the init; add normalization.
+    """
+    fix, clip = _clip_fix(trace, t)
+    profile = _profile(trace, t.window, t.min_layers)
+    if profile is not None:
+        series, grads, early, late = profile
+        ratio = early / late if late > 0 else math.inf
+        if ratio > t.max_ratio:
+            limit = t.max_ratio * late
+            where = next((lt for lt in reversed(series) if lt.grad_norm > limit), series[0])
+            yield Hit(
+                module=where.module,
+                message=(f"gradient norms grow toward the input: median {early:.3g} at the "
+                         f"first {t.window} layers vs {late:.3g} at the last {t.window} "
+                         f"({ratio:.3g}×, threshold {t.max_ratio:g}×); going backward it first "
+                         f"exceeds the threshold at {where.label}"),
+                fix=fix,
+                evidence={"ratio": ratio, "first_grad_norm": early, "last_grad_norm": late,
+                          "threshold": t.max_ratio, "suggested_max_norm": clip},
+            )
+            return
+    invariant = scale_invariant_weights(trace)
+    totals = [(s["step"], total_grad_norm(s, invariant)) for s in trace.per_step]
+    totals = [(step, g) for step, g in totals if g is not None and math.isfinite(g)]
+    if not totals:
+        return
+    step, total = max(totals, key=lambda pair: pair[1])
+    if total <= t.max_norm:
+        return
+    finite = [p for p in trace.params if p.grad_norm is not None and math.isfinite(p.grad_norm)
+              and p.name not in invariant]
+    biggest = max(finite, key=lambda p: p.grad_norm) if finite else None
+    largest = (f"; the largest is {biggest.name!r} ({biggest.grad_norm:.3g})"
+               if biggest is not None else "")
+    yield Hit(
+        module="",
+        message=(f"the total gradient norm reaches {total:.3g} at step {step} (threshold "
+                 f"{t.max_norm:g}){largest}"),
+        fix=fix,
+        evidence={"total_grad_norm": total, "step": step, "threshold": t.max_norm,
+                  "largest_param": biggest.name if biggest else None,
+                  "suggested_max_norm": clip},
+    )
+
+
+def update_ratio_of(p: ParamTrace) -> Optional[float]:
+    """The largest ‖Δw‖/‖w‖ over the observed steps that changed the parameter, or None."""
+    ratios = [r for r in p.update_ratios if r > 0 and math.isfinite(r)]
+    return max(ratios) if ratios else None
+
+
+def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
+    """Weight matrices/kernels with a measured update ratio: not biases or norm scales (1-D),
+    not embedding tables (only the rows in the batch move), not zero-initialized ones (their
+    relative update is undefined at first)."""
+    judged = []
+    for p in trace.params:
+        facts = trace.modules.get(p.module)
+        if not p.requires_grad or len(p.shape) < 2 or (facts and facts.type in EMBEDDING_TYPES):
+            continue
+        if not p.norms_before or p.norms_before[0] == 0 or p.grad_steps == 0:
+            continue
+        ratio = update_ratio_of(p)
+        if ratio is not None:
+            judged.append((p, ratio))
+    return judged
+
+
+@rule("TL503", "update-ratio", "warning", min_ratio=1e-5, max_ratio=0.5, target=1e-3)
+def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """The size of the optimizer's updates against the weights, ‖Δw‖/‖w‖, is far from ~1e-3.
+
+    ## What it does
+    Measures, for every weight matrix/kernel, ‖Δw‖/‖w‖ of each observed optimizer step (the
+    real step, so momentum and Adam's scaling count; ‖w‖ before the step) and takes its largest
+    value over the steps. It fires when the median over the weights is above ``max_ratio`` (learning
+    rate too high) or below ``min_ratio`` (too low), lists the weights outside the band, and
+    suggests a learning-rate factor toward ``target``. The learning rate is one number for all
+    layers, so one layer out of the band (e.g. behind vanishing gradients) does not decide it.
+    Biases, norm scales, embedding tables and zero-initialized weights are not judged. The
+    band is wide on purpose: Adam's first steps move every weight by about the learning rate,
+    a ratio of lr / RMS(w) (~0.01-0.1 for lr=1e-3 on standard layers), and SGD with momentum
+    starts slowly.
+
+    ## Why is this bad?
+    Around 1e-3 each step changes a weight by a small fraction of itself. Far above, updates
+    overwrite the weights (the loss jumps or diverges, ReLUs die); far below, the network
+    barely moves and training wastes its budget.
+
+    ## Example
+    ``torch.optim.SGD(params, lr=10)`` (ratios ~1), or ``Adam(params, lr=1e-7)`` (~1e-6).
+
+    ## Fix
+    Multiply the learning rate by the factor the finding suggests (and use warmup for large
+    rates); if the ratio is low because the gradients vanish, fix that first (TL501).
+    """
+    judged = judged_params(trace)
+    if not judged:
+        if any(p.update_norms for p in trace.params):
+            return
+        raise Skip("no optimizer step was observed (the update ratio needs one)")
+    typical = median(r for _, r in judged)
+    if t.min_ratio <= typical <= t.max_ratio:
+        return
+    direction = "high" if typical > t.max_ratio else "low"
+    starved = [p.name for p in trace.params if len(p.shape) >= 2 and p.norms_before
+               and p.norms_before[0] == 0]
+    if direction == "low" and starved:
+        raise Skip(f"{starved[0]} starts at zero, which starves the layers before it of "
+                   "gradient in the first steps: their small updates do not measure the "
+                   "learning rate")
+    threshold = t.max_ratio if direction == "high" else t.min_ratio
+    bad = [(p, r) for p, r in judged if (r > threshold if direction == "high" else r < threshold)]
+    bad.sort(key=lambda pr: pr[1], reverse=direction == "high")
+    factor = t.target / typical
+    listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
+    more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+    cause = "" if direction == "high" else " (or the gradients vanish: check TL501 and the init)"
+    yield Hit(
+        module="",
+        message=(f"update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per step over "
+                 f"{len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
+                 f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. The "
+                 f"learning rate is too {direction}{cause}"),
+        fix=(f"multiply the learning rate by about {factor:.2g} (toward an update ratio of "
+             f"~{t.target:g})" + ("; add warmup and gradient clipping"
+                                  if direction == "high" else "")),
+        evidence={"direction": direction, "median_ratio": typical, "lr_factor": factor,
+                  "params": [p.name for p, _ in bad], "threshold": threshold},
+    )
+
+
+def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
+    """(what, module, detail) for the first place NaN/Inf shows in one observed step."""
+    bad = step.get("nonfinite") or {}
+    by_key = {lt.node[1:]: lt for lt in trace.layers}
+    acts = [by_key[key] for key in bad.get("activations", {}) if key in by_key]
+    if acts:
+        first = min(acts, key=lambda lt: lt.depth)
+        count = bad["activations"][first.node[1:]]
+        return "forward", first.module, (f"the output of {first.label} ({first.type}) holds "
+                                         f"{count} NaN/Inf value(s)")
+    loss = step.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        return "loss", "", f"the loss is {loss} while every observed activation is finite"
+    grads = [by_key[key] for key in bad.get("gradients", {}) if key in by_key]
+    if grads:
+        first = min(grads, key=lambda lt: (lt.backward_order is None, lt.backward_order or 0))
+        return "backward", first.module, (f"the gradient at the output of {first.label} "
+                                          f"({first.type}) is the first NaN/Inf in backward "
+                                          f"order")
+    for what, names in (("parameter gradient", bad.get("parameter_grads", [])),
+                        ("parameter", bad.get("parameters", []))):
+        if names:
+            owner = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
+            return what, owner, f"{len(names)} {what}(s) hold NaN/Inf: {names[:5]}"
+    return None
+
+
+@rule("TL504", "nonfinite", "error")
+def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """NaN or Inf in the loss, an activation, a gradient or a parameter.
+
+    ## What it does
+    The probe counts non-finite elements of every observed output, gradient and parameter on
+    the device. At the first observed step with any, this names where it appeared first: the
+    first module in forward execution order whose output holds NaN/Inf; else the loss;
+    else the first module in backward order whose output gradient does; else the parameters
+    (gradients, then values after the optimizer step).
+
+    ## Why is this bad?
+    One NaN spreads to every weight in the next update: training is already broken.
+
+    ## Example
+    ``torch.log(x)`` or ``x.sqrt()`` on values that can be negative or zero; a division by a
+    variance that can be 0; a learning rate so high that the weights overflow.
+
+    ## Fix
+    Fix the named module's computation (clamp before log/sqrt/division, add an epsilon, use
+    ``log_softmax``/``logsumexp`` instead of ``log(softmax)``); for parameters, lower the
+    learning rate and clip gradients; in fp16, use a GradScaler or bf16.
+    """
+    for step in trace.per_step:
+        found = _first_nonfinite(trace, step)
+        if found is None:
+            continue
+        what, module, detail = found
+        yield Hit(
+            module=module,
+            message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
+            fix=_nonfinite_fix(what, module, trace),
+            evidence={"step": step["step"], "where": what},
+        )
+        return
+
+
+def _nonfinite_fix(what: str, module: str, trace: RunTrace) -> str:
+    facts = trace.modules.get(module)
+    if what in ("forward", "backward") and facts is not None and facts.type in WEIGHT_LAYERS:
+        return (f"{module!r} overflowed: its weights or inputs grew out of range (check the "
+                "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "
+                "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)), and use "
+                "Kaiming/Xavier init")
+    if what in ("forward", "backward"):
+        return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
+                "log/sqrt/pow/division (x.clamp_min(eps)), add eps to denominators, use "
+                "F.log_softmax/torch.logsumexp instead of log(softmax(x))")
+    if what == "loss":
+        return ("make the loss safe: use nn.CrossEntropyLoss/BCEWithLogitsLoss on logits "
+                "rather than log of probabilities, clamp inside log, check the targets' range")
+    return ("lower the learning rate and clip gradients "
+            "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)); in float16 "
+            "use torch.amp.GradScaler or bfloat16")

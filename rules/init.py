@@ -1,0 +1,286 @@
+"""Weight initialization: layer scales against their fan-in, and the loss at the first step."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import numpy as np
+
+from trainlint.engine import Hit, Skip, Thresholds, rule
+from trainlint.trace import LayerTrace, ModuleFacts, ParamTrace, RunTrace
+
+from ._graph import (
+    ADD_OPS,
+    downstream,
+    is_norm_type,
+    layer_at,
+    only_shape_ops,
+    output_layer,
+    sources,
+)
+
+# nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
+GAINS = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0}
+# Layers whose weight is (out, in / groups, *kernel): fan-in = in / groups * prod(kernel).
+SCALED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+# How far to look past the nonlinearity for a residual sum.
+RESIDUAL_HOPS = 3
+
+
+def first_step(trace: RunTrace) -> dict:
+    """The observed data of training step 0; Skip when the run was not seen from the start."""
+    if not trace.per_step or trace.per_step[0]["step"] != 0:
+        raise Skip("it needs the first training step (trainlint check, or a Monitor created "
+                   "before training starts)")
+    return trace.per_step[0]
+
+
+def fan_in(shape: tuple) -> int:
+    """``nn.init``'s fan-in of a weight of this shape."""
+    return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else 0
+
+
+def init_call(kind: str) -> str:
+    if kind in ("relu", "gelu"):
+        return "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')"
+    return f"nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain('{kind}'))"
+
+
+def following_nonlinearity(trace: RunTrace, layer: LayerTrace) -> Optional[LayerTrace]:
+    """The nonlinearity that takes this layer's output as it is (through reshapes only)."""
+    for dst, via in downstream(trace, layer.node, hops=2):
+        if not only_shape_ops(via):
+            continue
+        if dst[0] == "point":
+            point = layer_at(trace, dst)
+        else:
+            point = next((lt for lt in trace.layers
+                          if lt.module == dst[1] and lt.op == "output"), None)
+        if point is not None and point.kind in GAINS:
+            return point
+    return None
+
+
+def first_rms(lt: LayerTrace, first: dict) -> Optional[float]:
+    """RMS of a point's output at the first training step."""
+    stats = first["layers"].get(lt.node[1:])
+    if not stats or stats.get("std") is None:
+        return None
+    return math.sqrt(stats["std"] ** 2 + stats["mean"] ** 2)
+
+
+def initial_weight_rms(p: ParamTrace) -> float:
+    """RMS of the weight before the first observed optimizer step (its init, in a check)."""
+    if p.norms_before:
+        return p.norms_before[0] / math.sqrt(max(math.prod(p.shape), 1))
+    return p.std
+
+
+def input_rms(trace: RunTrace, module: str, first: dict) -> Optional[float]:
+    """RMS of what flows into ``module`` unchanged (another point's output or a model input)."""
+    for src, via in sources(trace, module):
+        if not only_shape_ops(via):
+            continue
+        if src[0] == "point":
+            lt = layer_at(trace, src)
+            if lt is not None:
+                return first_rms(lt, first)
+        elif src[0] == "input":
+            for inp in trace.inputs:
+                if inp.name == src[1]:
+                    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+                    return float(np.sqrt(np.mean(mean ** 2 + std ** 2)))
+    return None
+
+
+def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) -> bool:
+    """Whether the layer sits in a block whose scale a norm layer or a skip connection sets:
+    its input comes from a norm layer, or the path after its nonlinearity reaches a sum."""
+    for src, via in sources(trace, layer.module):
+        if src[0] == "point" and only_shape_ops(via):
+            facts = trace.modules.get(src[1])
+            if facts is not None and is_norm_type(facts.type):
+                return True
+    frontier = [act.node]
+    for _ in range(RESIDUAL_HOPS):
+        nxt = []
+        for node in frontier:
+            for dst, via in downstream(trace, node, hops=2):
+                if any(op in ADD_OPS for op in via):
+                    return True
+                nxt += [lt.node for lt in trace.layers
+                        if dst[0] == "module" and lt.module == dst[1] and lt.op == "output"]
+        frontier = nxt
+    return False
+
+
+def _weight(trace: RunTrace, module: str) -> Optional[ParamTrace]:
+    for p in trace.params:
+        if p.name == f"{module}.weight" and len(p.shape) >= 2:
+            return p
+    return None
+
+
+def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: ModuleFacts,
+                 first: dict) -> Optional[dict]:
+    weight = _weight(trace, layer.module)
+    act = following_nonlinearity(trace, layer)
+    if weight is None or act is None or act.activation is None:
+        return None
+    fans = fan_in(weight.shape)
+    if not fans or normalized_or_residual(trace, layer, act):
+        return None
+    gain = GAINS[act.kind]
+    expected = gain / math.sqrt(fans)
+    std = initial_weight_rms(weight)
+    ratio = std / expected
+    in_rms = input_rms(trace, layer.module, first)
+    out_rms = first_rms(layer, first)
+    if in_rms is None or out_rms is None or not in_rms > 0:
+        return None
+    # The same ratio seen in the signal: RMS of the pre-activation against what a well-scaled
+    # layer makes of this input (gain * input RMS).
+    signal = out_rms / (gain * in_rms)
+    saturated = act.activation.saturated_fraction or 0.0
+    if ratio < t.min_ratio and signal < t.min_ratio:
+        direction = "small"
+    elif ratio > t.max_ratio and (signal > t.max_ratio or saturated >= t.saturated_fraction):
+        direction = "large"
+    else:
+        return None
+    return {"module": layer.module, "type": facts.type, "kind": act.kind, "std": std,
+            "expected_std": expected, "ratio": ratio, "signal_ratio": signal,
+            "saturated_fraction": saturated, "fan_in": fans, "direction": direction,
+            "activation": act.label}
+
+
+@rule("TL301", "init-scale-mismatch", "warning", min_ratio=0.2, max_ratio=5.0,
+      saturated_fraction=0.3)
+def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """A layer's weight scale is far from what its fan-in and nonlinearity call for.
+
+    ## What it does
+    For every Linear/Conv layer whose output goes straight into a nonlinearity (ReLU, GELU,
+    tanh, sigmoid), it compares the weight's scale at the first training step (its RMS before
+    the first update) with ``gain / sqrt(fan_in)`` (Kaiming for ReLU/GELU, Xavier-style for
+    tanh/sigmoid, gains from ``nn.init.calculate_gain``). It fires when the ratio is below
+    ``min_ratio`` or above ``max_ratio`` AND the first step's activations show it: the layer's
+    output RMS against its input's is off by the same factor (or, for too-large weights, at
+    least ``saturated_fraction`` of a tanh/sigmoid output is saturated). Layers
+    in a block normalized by a norm layer, or on a residual branch, are skipped: there the
+    scale of one layer does not carry on. PyTorch's default init (ratio 0.35-0.58) passes.
+    Layers with the same problem are reported together, at the first one.
+
+    ## Why is this bad?
+    Each badly scaled layer multiplies the signal's scale by about the ratio: too small and
+    activations (and their gradients) shrink layer after layer; too large and tanh/sigmoid
+    units saturate or ReLU activations blow up. Either way learning stalls or diverges.
+
+    ## Example
+    ``nn.init.normal_(layer.weight, std=0.01)`` on 500-wide tanh layers: ratio 0.13.
+
+    ## Fix
+    Initialize with the call the finding names, e.g.
+    ``nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')`` before ReLU, or
+    ``nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain('tanh'))`` before tanh;
+    or add normalization layers.
+    """
+    first = first_step(trace)
+    groups: dict[tuple, list] = {}
+    for layer in trace.ordered_layers():
+        facts = trace.modules.get(layer.module)
+        if layer.op != "output" or facts is None or facts.type not in SCALED_LAYERS:
+            continue
+        found = _check_layer(trace, t, layer, facts, first)
+        if found is not None:
+            groups.setdefault((found["direction"], found["kind"]), []).append(found)
+    for (direction, kind), found in groups.items():
+        first = found[0]
+        others = [f["module"] for f in found[1:]]
+        also = f"; {len(others)} more layer(s) alike: {others[:8]}" if others else ""
+        shows = (f"the pre-activation RMS is {first['signal_ratio']:.3g}× what a well-scaled "
+                 f"layer gives this input")
+        if direction == "large" and first["saturated_fraction"] >= t.saturated_fraction:
+            shows += f", and {first['saturated_fraction']:.0%} of {first['activation']} saturates"
+        threshold = t.min_ratio if direction == "small" else t.max_ratio
+        yield Hit(
+            module=first["module"],
+            message=(f"{first['type']} {first['module']!r} feeds a {kind} with weight std "
+                     f"{first['std']:.3g}, {first['ratio']:.3g}× the {first['expected_std']:.3g} "
+                     f"that fan-in {first['fan_in']} and gain {GAINS[kind]:.3g} call for "
+                     f"(threshold {threshold:g}×); {shows}{also}"),
+            fix=(f"initialize {'these layers' if others else 'it'} with {init_call(kind)} "
+                 f"(std {first['expected_std']:.3g} here) and nn.init.zeros_(layer.bias), or "
+                 f"put a normalization layer before the {kind}"),
+            evidence={"ratio": first["ratio"], "signal_ratio": first["signal_ratio"],
+                      "weight_std": first["std"], "expected_std": first["expected_std"],
+                      "saturated_fraction": first["saturated_fraction"],
+                      "layers": [f["module"] for f in found], "threshold": threshold},
+        )
+
+
+# Expected first-step loss of an uninformed classifier.
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
+
+
+@rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0)
+def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """The classification loss at the first step is far above ln(num_classes).
+
+    ## What it does
+    For cross-entropy (and NLL) losses with C classes, an untrained classifier's first loss
+    should be about ln(C) (2.303 for 10 classes); for BCE-with-logits about ln(2). It fires
+    when the loss of the first training step exceeds ``max_ratio`` × that value and by at
+    least ``min_excess`` nats. A first loss below ln(C) is not flagged (a pretrained model).
+    It needs the first step (``trainlint check``, or a Monitor created before training) and a
+    recognised loss.
+
+    ## Why is this bad?
+    A first loss well above ln(C) means confident random predictions: the last layer's
+    weights (or the features reaching it) are too large. The first iterations are then spent
+    undoing the init ("hockey-stick" loss curve), and large logits can saturate the softmax.
+
+    ## Example
+    ``nn.Linear(256, 10)`` as the head, initialized with ``nn.init.normal_(w, std=1.0)``:
+    first loss ~15 instead of 2.3.
+
+    ## Fix
+    Scale down the last layer's init (e.g. ``nn.init.normal_(head.weight, std=0.01)``) or zero
+    it (``nn.init.zeros_(head.weight)``), and set its bias to the log class priors.
+    """
+    if trace.loss_kind is None:
+        raise Skip("the loss function is not known (a Monitor sees only the loss value)")
+    if trace.loss_kind in ("custom", "model"):
+        raise Skip(f"the loss is not a recognised classification loss ({trace.loss_kind}); "
+                   "pass nn.CrossEntropyLoss/F.cross_entropy as loss_fn to check it")
+    if trace.loss_kind not in CLASSIFICATION_LOSSES:
+        return
+    first = next((s for s in trace.per_step if s.get("loss") is not None), None)
+    if first is None or first["step"] != 0 or not math.isfinite(first["loss"]):
+        return
+    if trace.loss_kind == "bce_with_logits":
+        classes, expected = 2, math.log(2.0)
+    elif trace.num_classes and trace.num_classes >= 2:
+        classes, expected = trace.num_classes, math.log(trace.num_classes)
+    else:
+        return
+    loss = first["loss"]
+    if loss <= t.max_ratio * expected or loss - expected < t.min_excess:
+        return
+    head = output_layer(trace)
+    module = head.module if head is not None else ""
+    logits = (f"; the output ({head.label}) has std {head.activation.std:.3g}"
+              if head is not None and head.activation is not None else "")
+    yield Hit(
+        module=module,
+        message=(f"the first-step {trace.loss_kind} loss is {loss:.4g}, {loss / expected:.3g}× "
+                 f"ln({classes}) = {expected:.4g}, the loss of an uninformed classifier "
+                 f"(threshold {t.max_ratio:g}×){logits}: the initial predictions are "
+                 f"confidently random"),
+        fix=(f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
+             f"nn.init.normal_(layer.weight, std=0.01) or nn.init.zeros_(layer.weight), with "
+             f"nn.init.zeros_(layer.bias) (or the log class priors)"),
+        evidence={"loss": loss, "expected": expected, "ratio": loss / expected,
+                  "num_classes": classes, "threshold": t.max_ratio},
+    )

@@ -1,0 +1,132 @@
+"""The loss over a run: not going down, or diverging."""
+
+from __future__ import annotations
+
+import math
+from statistics import median
+from typing import Iterator
+
+from trainlint.engine import Hit, Skip, Thresholds, rule
+from trainlint.trace import RunTrace
+
+
+def loss_curve(trace: RunTrace) -> list[tuple[int, float]]:
+    """(step, loss) per observed step: in a Monitor run the mean loss over the steps since the
+    previous observation (every step counts, not only the observed ones); else the step's."""
+    curve = []
+    for s in trace.per_step:
+        value = s.get("loss_mean", s.get("loss"))
+        if value is not None:
+            curve.append((s["step"], value))
+    return curve
+
+
+@rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05)
+def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Over a monitored run the loss does not go down.
+
+    ## What it does
+    Takes the loss curve of a Monitor run (the mean loss of every window between two observed
+    steps), splits it into thirds and compares the median of the last third with the median of
+    the first. When the Monitor saw the run from step 0 it fires if the loss fell by less than
+    ``min_drop`` (relative); when it joined later, only if the loss rose by more than that.
+    It needs at least ``min_points`` observed steps; medians make it robust to noisy batches.
+
+    ## Why is this bad?
+    A training loss that does not fall means the model is not learning: the learning rate is
+    far off, the gradients do not reach the weights (frozen or not in the optimizer, detached
+    graph), the labels do not match the inputs, or the loss is computed on the wrong tensor.
+
+    ## Example
+    ``SGD(model.parameters(), lr=1e-7)``: the loss stays at ln(C) for thousands of steps.
+
+    ## Fix
+    Overfit a single batch first (the loss must go to ~0); then check the learning rate
+    (TL503), the gradients (TL501, TL505, TL506) and the data/label pairing.
+    """
+    if trace.mode != "monitor":
+        raise Skip("it needs a Monitor run (the loss over many training steps)")
+    curve = [(step, loss) for step, loss in loss_curve(trace) if math.isfinite(loss)]
+    if len(curve) < t.min_points:
+        raise Skip(f"it needs at least {t.min_points} observed steps with a loss; "
+                   f"saw {len(curve)}")
+    third = len(curve) // 3
+    first = median(loss for _, loss in curve[:third])
+    last = median(loss for _, loss in curve[-third:])
+    scale = abs(first) if first else 1.0
+    change = (last - first) / scale
+    from_start = curve[0][0] == 0
+    if change > t.min_drop or (from_start and change > -t.min_drop):
+        trend = "rose" if change > 0 else "barely fell"
+        span = f"steps {curve[0][0]}-{curve[-1][0]}"
+        yield Hit(
+            module="",
+            message=(f"the loss {trend} over {span}: median {first:.4g} in the first third of "
+                     f"the {len(curve)} observed steps, {last:.4g} in the last ({change:+.1%}; "
+                     f"it must fall by at least {t.min_drop:.0%})"),
+            fix=("overfit one batch first; then check the learning rate (TL503), that every "
+                 "parameter gets a gradient and is in the optimizer (TL505, TL506), and that "
+                 "inputs and labels match"),
+            evidence={"first_median": first, "last_median": last, "change": change,
+                      "points": len(curve), "threshold": t.min_drop},
+        )
+
+
+@rule("TL604", "loss-divergence", "error", rise_factor=3.0)
+def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """The loss rises sharply or becomes NaN/Inf.
+
+    ## What it does
+    Walks the loss of the observed steps (in a Monitor run: the mean and the maximum over
+    each window between observations, so a NaN between two observations counts). It fires
+    when the loss becomes NaN/Inf, or when it climbs above ``rise_factor`` × its running
+    minimum and above its starting value (a noisy tail near zero is not a divergence).
+
+    ## Why is this bad?
+    A diverging loss means the updates overshoot: the learning rate is too high (or warmup is
+    missing), gradients spike, or a numerical problem produced NaN/Inf. Every step after it
+    is wasted, and a NaN poisons the weights for good.
+
+    ## Example
+    ``SGD(params, lr=10)``: the loss goes 2.3 → 40 → NaN within a few steps.
+
+    ## Fix
+    Lower the learning rate (add warmup), clip gradients with
+    ``torch.nn.utils.clip_grad_norm_``, and look for the origin of NaN/Inf (TL504).
+    """
+    curve = loss_curve(trace)
+    if not curve:
+        raise Skip("no loss was observed (pass the loss to monitor.step(loss))")
+    start = next((loss for _, loss in curve if math.isfinite(loss)), None)
+    running = math.inf
+    for s in trace.per_step:
+        values = [s[k] for k in ("loss", "loss_mean", "loss_max") if s.get(k) is not None]
+        if any(not math.isfinite(v) for v in values):
+            previous = "" if running == math.inf else f" (lowest before: {running:.4g})"
+            yield Hit(
+                module="",
+                message=f"the loss became NaN/Inf by step {s['step']}{previous}",
+                fix=("find the first NaN/Inf (TL504); lower the learning rate, clip gradients "
+                     "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)); in "
+                     "float16 use a GradScaler or bfloat16"),
+                evidence={"step": s["step"], "running_min": None if running == math.inf
+                          else running},
+            )
+            return
+        value = s.get("loss_mean", s.get("loss"))
+        if value is None:
+            continue
+        if (running > 0 and running != math.inf and value > t.rise_factor * running
+                and start is not None and value > start):
+            yield Hit(
+                module="",
+                message=(f"the loss diverges: {value:.4g} at step {s['step']}, "
+                         f"{value / running:.3g}× its running minimum {running:.4g} (threshold "
+                         f"{t.rise_factor:g}×) and above its start {start:.4g}"),
+                fix=("lower the learning rate (e.g. 10×) and add warmup; clip gradients with "
+                     "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
+                evidence={"step": s["step"], "loss": value, "running_min": running,
+                          "factor": value / running, "threshold": t.rise_factor},
+            )
+            return
+        running = min(running, value)

@@ -1,0 +1,265 @@
+"""How the training step is wired: parameters, optimizer, loss and train/eval mode."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from trainlint.engine import Hit, Skip, Thresholds, rule
+from trainlint.trace import RunTrace
+
+from ._graph import (
+    BATCHNORM_TYPES,
+    DROPOUT_TYPES,
+    ancestors,
+    layer_at,
+    maximal_groups,
+    only_shape_ops,
+)
+
+
+def _listed(names: list, limit: int = 8) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def module_expr(module: str) -> str:
+    """Python that reaches ``module`` from ``model``."""
+    if all(part.isidentifier() for part in module.split(".")):
+        return f"model.{module}"
+    return f"model.get_submodule({module!r})"
+
+
+def _where(module: str) -> str:
+    return f"module {module!r}" if module else "the model itself"
+
+
+@rule("TL505", "unused-parameters", "warning")
+def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Trainable parameters that never get a gradient.
+
+    ## What it does
+    Lists parameters with ``requires_grad=True`` whose ``.grad`` is still None after every
+    observed backward pass, while other parameters do get gradients. Parameters of one unused
+    submodule are reported together, at that submodule.
+
+    ## Why is this bad?
+    The parameter does not take part in the loss: a layer built but not called in
+    ``forward``, a branch cut off by ``.detach()``/``torch.no_grad()``, an output that is not
+    used. It never learns, wastes memory and optimizer state, and makes
+    ``DistributedDataParallel`` fail ("Expected to have finished reduction in the prior
+    iteration") unless ``find_unused_parameters=True``, which costs time on every step.
+
+    ## Example
+    ``self.aux_head = nn.Linear(256, 10)`` built in ``__init__`` but never used in ``forward``.
+
+    ## Fix
+    Use the layer in ``forward`` (or drop it), remove the stray ``.detach()``, or freeze it on
+    purpose with ``requires_grad_(False)``.
+    """
+    trainable = [p for p in trace.params if p.requires_grad]
+    if not trainable or trace.observed_steps == 0:
+        return
+    if not any(p.grad_steps for p in trainable):
+        raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
+                   "after optimizer.step() and before zero_grad())")
+    unused = {p.name for p in trainable if p.grad_steps == 0}
+    if not unused:
+        return
+    groups = maximal_groups(unused, {p.name for p in trainable}, params=True)
+    for module, names in groups.items():
+        yield Hit(
+            module=module,
+            message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no gradient "
+                     f"in {trace.observed_steps} observed step(s): {_listed(names)}; they do "
+                     "not take part in the loss"),
+            fix=(f"use {module or 'them'!r} in forward (or delete it), remove a .detach() / "
+                 "torch.no_grad() that cuts it off, or freeze it with requires_grad_(False); "
+                 "under DistributedDataParallel unused parameters need "
+                 "find_unused_parameters=True, which slows every step"),
+            evidence={"params": names, "observed_steps": trace.observed_steps},
+        )
+
+
+@rule("TL506", "parameters-not-in-optimizer", "error")
+def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Trainable parameters that no optimizer param group holds.
+
+    ## What it does
+    Lists parameters with ``requires_grad=True`` that are in none of the optimizer's param
+    groups. Parameters of one submodule are reported together.
+
+    ## Why is this bad?
+    They get gradients but are never updated: that part of the model silently stays at its
+    init. Usual causes: the optimizer was built before a layer was added or replaced
+    (``model.fc = nn.Linear(...)`` after ``Adam(model.parameters())``), or param groups
+    listed by hand missed a module.
+
+    ## Example
+    ``opt = Adam(model.backbone.parameters())`` while ``model.head`` is trainable.
+
+    ## Fix
+    Build the optimizer from ``model.parameters()`` after the model is complete, or add the
+    group: ``optimizer.add_param_group({"params": model.head.parameters()})``; if they are
+    frozen on purpose, ``requires_grad_(False)`` them.
+    """
+    trainable = [p for p in trace.params if p.requires_grad]
+    if not trainable:
+        return
+    if all(p.in_optimizer is None for p in trainable):
+        raise Skip("no optimizer was given (pass optimizer= to the Monitor)")
+    missing = {p.name for p in trainable if p.in_optimizer is False}
+    groups = maximal_groups(missing, {p.name for p in trainable}, params=True)
+    for module, names in groups.items():
+        target = f"{module_expr(module)}.parameters()" if module else "[...]"
+        yield Hit(
+            module=module,
+            message=(f"{len(names)} trainable parameter(s) of {_where(module)} are in no "
+                     f"optimizer param group, so they are never updated: {_listed(names)}"),
+            fix=(f"build the optimizer after the model is complete, from model.parameters(), or "
+                 f"optimizer.add_param_group({{'params': {target}}}); if they are frozen on "
+                 "purpose, call requires_grad_(False) on them"),
+            evidence={"params": names},
+        )
+
+
+# (output activation, loss kind) -> (severity override or None, what the loss does again)
+DOUBLE = {
+    ("softmax", "cross_entropy"): (None, "CrossEntropyLoss applies log_softmax itself"),
+    ("softmax", "nll"): (None, "NLLLoss expects log-probabilities, not probabilities"),
+    ("log_softmax", "cross_entropy"): (
+        "info", "CrossEntropyLoss applies log_softmax again (harmless: log_softmax is "
+                "idempotent, but redundant)"),
+    ("sigmoid", "bce_with_logits"): (None, "BCEWithLogitsLoss applies the sigmoid itself"),
+}
+
+
+@rule("TL601", "double-softmax", "error")
+def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """The model already ends in softmax/sigmoid and the loss applies it again.
+
+    ## What it does
+    Looks at the operation that produced the model's output (a module such as ``nn.Softmax``
+    or a functional ``F.softmax``/``torch.sigmoid`` in ``forward``, through reshapes only) and
+    at the loss: softmax into ``CrossEntropyLoss`` or ``NLLLoss``, sigmoid into
+    ``BCEWithLogitsLoss``. ``log_softmax`` into ``CrossEntropyLoss`` is reported as info: it
+    computes the same loss, only redundantly.
+
+    ## Why is this bad?
+    ``CrossEntropyLoss`` expects raw logits: fed probabilities, it squashes them into [0, 1]
+    before its own softmax, so the loss can never get near 0 and the gradients shrink ~C×;
+    training stalls at a poor accuracy. ``NLLLoss`` on probabilities computes a meaningless
+    loss; ``BCEWithLogitsLoss`` after a sigmoid has the same problem as the first.
+
+    ## Example
+    ``nn.Sequential(..., nn.Linear(128, 10), nn.Softmax(dim=1))`` trained with
+    ``nn.CrossEntropyLoss()``.
+
+    ## Fix
+    Return logits from ``forward`` and apply softmax/sigmoid only at inference; or keep
+    ``log_softmax`` and use ``NLLLoss``.
+    """
+    if trace.loss_kind is None:
+        raise Skip("the loss function is not known (a Monitor sees only the loss value)")
+    for origin, via in trace.output_ops[:1]:
+        lt = layer_at(trace, origin) if origin[0] == "point" else None
+        if lt is None or not only_shape_ops(via):
+            continue
+        entry = DOUBLE.get((lt.kind, trace.loss_kind))
+        if entry is None:
+            continue
+        classes = trace.num_classes
+        if classes and lt.shape and classes not in (lt.shape[1:2] + lt.shape[-1:]):
+            continue
+        severity, why = entry
+        yield Hit(
+            module=lt.module,
+            message=(f"the model's output comes from {lt.kind} ({lt.label}) and the loss is "
+                     f"{trace.loss_kind}: {why}"),
+            fix=(f"return the raw logits from forward (drop the final {lt.kind}) and apply "
+                 f"{lt.kind} only at inference" +
+                 ("; or keep log_softmax with nn.NLLLoss" if lt.kind == "log_softmax" else "")),
+            evidence={"output_op": lt.kind, "loss": trace.loss_kind},
+            severity=severity,
+        )
+
+
+MODE_TYPES = BATCHNORM_TYPES + DROPOUT_TYPES
+
+
+def _deliberate(trace: RunTrace, module: str) -> bool:
+    """Frozen on purpose: its parameters are frozen, or a class on its path overrides train()."""
+    own = [p for p in trace.params if p.module == module]
+    if own and not any(p.requires_grad for p in own):
+        return True
+    return any(trace.modules[name].attrs.get("overrides_train")
+               for name in ancestors(module) if name in trace.modules)
+
+
+@rule("TL602", "eval-mode-training", "error")
+def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
+    """Training steps run while the model, or a BatchNorm/Dropout in it, is in eval mode.
+
+    ## What it does
+    At every observed step of a Monitor run it reads ``model.training`` and the mode of each
+    BatchNorm/Dropout submodule. It fires when the model is in eval mode (and has such layers,
+    whose behaviour depends on the mode), or when one of those submodules is in eval mode while
+    the model trains. Submodules frozen on purpose are left alone: their parameters are frozen
+    (``requires_grad=False``), or a class on their path overrides ``train()`` to keep them in
+    eval (the detection-backbone idiom). ``trainlint check`` puts the model in train mode
+    itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides), so
+    this rule needs a Monitor run.
+
+    ## Why is this bad?
+    In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running
+    statistics and stops updating them: the model trains with different behaviour than
+    intended, usually because ``model.eval()`` was called for validation and ``model.train()``
+    never followed.
+
+    ## Example
+    A loop that validates with ``model.eval()`` at the end of epoch 1, and trains epoch 2
+    without calling ``model.train()``.
+
+    ## Fix
+    Call ``model.train()`` at the start of every training epoch (after each validation pass).
+    """
+    if trace.mode != "monitor":
+        raise Skip("trainlint check runs the model in train mode itself; a Monitor run "
+                   "watches the mode the training loop uses")
+    flags = trace.train_flags
+    if not flags:
+        return
+    mode_modules = {f.name for f in trace.modules.values() if f.type in MODE_TYPES}
+    eval_steps = [f["step"] for f in flags if not f["model_training"]]
+    if eval_steps and mode_modules:
+        yield Hit(
+            module="",
+            message=(f"{len(eval_steps)} of {len(flags)} observed training step(s) ran with the "
+                     f"model in eval mode (model.training is False; first at step "
+                     f"{eval_steps[0]}): its {len(mode_modules)} BatchNorm/Dropout layer(s) "
+                     "behave as at inference"),
+            fix="call model.train() before the training steps (after every validation pass)",
+            evidence={"eval_steps": len(eval_steps), "observed_steps": len(flags),
+                      "first_step": eval_steps[0]},
+        )
+        return
+    bad: dict[str, int] = {}
+    for f in flags:
+        if f["model_training"]:
+            for name in f["eval_modules"]:
+                if name in mode_modules and not _deliberate(trace, name):
+                    bad[name] = bad.get(name, 0) + 1
+    if not bad:
+        return
+    for module, names in maximal_groups(set(bad), mode_modules, params=False).items():
+        steps = max(bad[n] for n in names)
+        types = sorted({trace.modules[n].type for n in names})
+        yield Hit(
+            module=module,
+            message=(f"{len(names)} {'/'.join(types)} layer(s) in {_where(module)} were in eval "
+                     f"mode during {steps} of {len(flags)} observed training step(s) while the "
+                     f"model trained: {_listed(names)}"),
+            fix=(f"call model.train() rather than leaving {module or 'them'!r} in eval; to "
+                 "freeze BatchNorm on purpose, also freeze its parameters "
+                 "(requires_grad_(False)) or override train() to keep it in eval"),
+            evidence={"modules": names, "steps": steps, "observed_steps": len(flags)},
+        )
