@@ -1,0 +1,126 @@
+"""TL201 input-not-normalized and TL202 constant-input-features on hand-built traces."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.rules.tracekit import defaults, edge, hits, inputs, module, point, trace
+
+INPUT = ("input", "input0")
+
+
+def _fed_to(inp, consumer: str = "fc", type_: str = "Linear", via: tuple = ()):
+    layer = point(consumer, type_)
+    return trace([layer], inputs=[inp], edges=[edge(INPUT, ("module", consumer), via)])
+
+
+def _tabular(mean, std, rows=64, **kw):
+    return inputs("input0", (rows, len(mean)), mean, std, **kw)
+
+
+@pytest.mark.parametrize("scale, fires", [(0.99, False), (1.01, True)])
+def test_tl201_mean_threshold_edge(scale, fires):
+    limit = defaults("TL201")["max_abs_mean"]
+    t = _fed_to(_tabular([0.0, -scale * limit, 0.1], [1.0, 1.0, 1.0]))
+    found = hits("TL201", t)
+    assert bool(found) is fires
+    if fires:
+        assert found[0].module == ""
+        assert found[0].evidence["not_normalized"] == 1
+
+
+@pytest.mark.parametrize("scale, fires", [(0.99, False), (1.01, True)])
+def test_tl201_std_upper_edge(scale, fires):
+    limit = defaults("TL201")["max_std"]
+    assert bool(hits("TL201", _fed_to(_tabular([0.0, 0.0], [1.0, scale * limit])))) is fires
+
+
+@pytest.mark.parametrize("scale, fires", [(1.01, False), (0.99, True)])
+def test_tl201_std_lower_edge(scale, fires):
+    limit = defaults("TL201")["min_std"]
+    assert bool(hits("TL201", _fed_to(_tabular([0.0, 0.0], [1.0, scale * limit])))) is fires
+
+
+def test_tl201_leaves_constant_features_to_tl202():
+    assert hits("TL201", _fed_to(_tabular([0.0, 0.5], [1.0, 0.0]))) == []
+
+
+def test_tl201_needs_enough_values_per_channel():
+    rows = defaults("TL201")["min_values"]
+    raw = ([100.0], [50.0])
+    assert hits("TL201", _fed_to(_tabular(*raw, rows=rows - 1))) == []
+    assert hits("TL201", _fed_to(_tabular(*raw, rows=rows)))
+
+
+def test_tl201_image_fix_prints_a_normalize_line_with_the_measured_values():
+    raw = inputs("input0", (8, 3, 16, 16), [125.3, 123.0, 113.9], [63.0, 62.1, 66.7],
+                 channel_dim=1)
+    found = hits("TL201", _fed_to(raw, "conv", "Conv2d"))
+    assert len(found) == 1
+    assert "transforms.Normalize(mean=[125.3, 123, 113.9], std=[63, 62.1, 66.7])" in found[0].fix
+    assert found[0].evidence["mean"] == pytest.approx([125.3, 123.0, 113.9])
+
+
+def test_tl201_many_features_get_one_overall_scale():
+    mean = [50.0] * 40
+    found = hits("TL201", _fed_to(_tabular(mean, [10.0] * 40)))
+    assert "x = (x - 50) / 10" in found[0].fix
+
+
+@pytest.mark.parametrize("consumer, type_, via", [
+    ("bn", "BatchNorm1d", ()),          # the model normalizes its input itself
+    ("fc", "Linear", ("div",)),          # forward computes x / 255 first
+    ("act", "ReLU", ()),                 # not a weight layer
+])
+def test_tl201_inputs_normalized_or_transformed_inside_the_model_are_skipped(consumer, type_,
+                                                                               via):
+    raw = _tabular([120.0, 130.0], [60.0, 60.0])
+    assert hits("TL201", _fed_to(raw, consumer, type_, via)) == []
+
+
+def test_tl201_looks_through_dropout_to_the_first_layer():
+    raw = _tabular([120.0, 130.0], [60.0, 60.0])
+    drop, fc = point("drop", "Dropout"), point("fc", "Linear")
+    t = trace([drop, fc], inputs=[raw],
+              edges=[edge(INPUT, ("module", "drop")), edge(drop.node, ("module", "fc"))])
+    assert len(hits("TL201", t)) == 1
+
+
+def _constant(lo, hi, shape=(64, 3), channel_dim=-1):
+    mean = [(a + b) / 2 for a, b in zip(lo, hi)]
+    return inputs("input0", shape, mean, [0.0 if a == b else 1.0 for a, b in zip(lo, hi)],
+                  lo=lo, hi=hi, channel_dim=channel_dim)
+
+
+def test_tl202_lists_constant_features_by_index():
+    found = hits("TL202", _fed_to(_constant([-2.0, 1.0, -1.5, 3.7], [2.0, 1.0, 1.5, 3.7],
+                                            shape=(64, 4))))
+    assert len(found) == 1
+    assert found[0].evidence["constant"] == [1, 3]
+    assert found[0].evidence["values"] == [1.0, 3.7]
+
+
+def test_tl202_constant_image_channel_fires():
+    rgba = _constant([-2.0, -2.1, -1.9, 1.0], [2.0, 2.1, 1.9, 1.0], shape=(2, 4, 8, 8),
+                     channel_dim=1)
+    found = hits("TL202", _fed_to(rgba, "conv", "Conv2d"))
+    assert found and found[0].evidence["constant"] == [3]
+    assert "channels 3" in found[0].message
+
+
+def test_tl202_features_stuck_at_the_input_floor_are_absent_categories():
+    one_hot = _constant([0.0, 0.0, 0.0], [1.0, 0.0, 1.0])
+    assert hits("TL202", _fed_to(one_hot)) == []
+
+
+def test_tl202_needs_enough_values_per_feature():
+    rows = defaults("TL202")["min_values"]
+    lo, hi = [-1.0, 5.0], [1.0, 5.0]
+    assert hits("TL202", _fed_to(_constant(lo, hi, shape=(rows - 1, 2)))) == []
+    assert hits("TL202", _fed_to(_constant(lo, hi, shape=(rows, 2))))
+
+
+def test_tl202_skips_inputs_the_model_does_not_feed_to_a_layer_as_they_are():
+    mask = _constant([-1.0, 5.0], [1.0, 5.0])
+    assert hits("TL202", _fed_to(mask, via=("mul",))) == []
+    assert hits("TL202", trace([], inputs=[mask], modules=[module("fc", "Linear")])) == []

@@ -1,0 +1,187 @@
+"""TL501-TL504 (gradients, update ratio, NaN/Inf) on hand-built traces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from trainlint.rules.gradients import nice_below
+
+from tests.rules.tracekit import defaults, hits, module, param, point, trace
+from trainlint.engine import Skip
+
+
+def _depth(grads: list, output_grad: float = 1.0, **fields):
+    """A stack of Linear layers l0..ln with these output-gradient norms, then a head."""
+    layers = [point(f"l{i}", "Linear", depth=i, grad_norm=g) for i, g in enumerate(grads)]
+    head = point("head", "Linear", depth=len(grads), grad_norm=output_grad)
+    return trace(layers + [head], output_ops=((head.node, ()),), **fields)
+
+
+def _profile(ratio: float, layers: int = 8) -> list:
+    """First three layers at ``ratio`` × the rest."""
+    return [ratio] * 3 + [1.0] * (layers - 3)
+
+
+@pytest.mark.parametrize("factor, fires", [(1.01, False), (0.99, True)])
+def test_tl501_ratio_edge(factor, fires):
+    t = defaults("TL501")
+    found = hits("TL501", _depth(_profile(factor * t["min_ratio"])))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].module == "l2"  # going backward, the first layer below the threshold
+        assert found[0].evidence["ratio"] == pytest.approx(factor * t["min_ratio"])
+
+
+def test_tl501_needs_depth():
+    t = defaults("TL501")
+    shallow = _profile(t["min_ratio"] / 100, layers=t["min_layers"] - 1)
+    assert hits("TL501", _depth(shallow[: t["min_layers"] - 1])) == []
+
+
+@pytest.mark.parametrize("factor, fires", [(1.01, False), (0.99, True)])
+def test_tl501_near_zero_against_the_output_gradient(factor, fires):
+    zero = defaults("TL501")["zero_ratio"]
+    flat = [factor * zero] * 6  # flat along depth, but ~0 next to the output's gradient
+    assert bool(hits("TL501", _depth(flat, output_grad=1.0))) is fires
+
+
+def test_tl501_exactly_zero_early_gradients_fire():
+    assert hits("TL501", _depth([0.0, 0.0, 0.0, 0.5, 0.5, 0.5]))
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl502_growth_edge(factor, fires):
+    t = defaults("TL502")
+    found = hits("TL502", _depth(_profile(factor * t["max_ratio"])))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].module == "l2"
+        assert "clip_grad_norm_" in found[0].fix
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl502_total_norm_edge(factor, fires):
+    limit = defaults("TL502")["max_norm"]
+    per_step = [{"step": 0, "layers": {}, "grad_norm": 1.0},
+                {"step": 1, "layers": {}, "grad_norm": factor * limit}]
+    found = hits("TL502", trace([], per_step=per_step,
+                                params=[param("fc.weight", (4, 4), grad_norm=factor * limit)]))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["step"] == 1
+
+
+def test_tl502_suggests_a_max_norm_from_the_median_gradient():
+    params = [param(f"l{i}.weight", (4, 4), grad_norm=g) for i, g in enumerate([3.0] * 8 + [900.0])]
+    t = _depth(_profile(defaults("TL502")["max_ratio"] * 10), params=params)
+    found = hits("TL502", t)
+    expected = nice_below(3.0 * math.sqrt(9))
+    assert found[0].evidence["suggested_max_norm"] == expected
+    assert f"max_norm={expected:g}" in found[0].fix
+
+
+@pytest.mark.parametrize("x, nice", [(0.7, 0.5), (3.2, 2.0), (10.0, 10.0), (99.0, 50.0),
+                                     (1.0e-3, 1.0e-3)])
+def test_nice_below(x, nice):
+    assert nice_below(x) == pytest.approx(nice)
+
+
+def _weights(ratio_list, **kwargs):
+    return trace([], params=[param(f"l{i}.weight", (8, 8), ratios=(r,), **kwargs)
+                             for i, r in enumerate(ratio_list)])
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl503_too_high_edge(factor, fires):
+    high = defaults("TL503")["max_ratio"]
+    found = hits("TL503", _weights([factor * high] * 3))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["direction"] == "high"
+        target = defaults("TL503")["target"]
+        assert found[0].evidence["lr_factor"] == pytest.approx(target / (factor * high))
+
+
+@pytest.mark.parametrize("factor, fires", [(1.01, False), (0.99, True)])
+def test_tl503_too_low_edge(factor, fires):
+    low = defaults("TL503")["min_ratio"]
+    found = hits("TL503", _weights([factor * low] * 3))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["direction"] == "low"
+
+
+def test_tl503_judges_the_median_weight_not_one_layer():
+    t = defaults("TL503")
+    found = hits("TL503", _weights([t["min_ratio"] / 100, 1e-3, 1e-3]))
+    assert found == []
+
+
+def test_tl503_uses_each_weights_largest_step():
+    high = defaults("TL503")["max_ratio"]
+    t = trace([], params=[param(f"l{i}.weight", (8, 8), ratios=(1e-3, 2 * high, 1e-3))
+                          for i in range(3)])
+    assert hits("TL503", t)[0].evidence["median_ratio"] == pytest.approx(2 * high)
+
+
+def test_tl503_skips_biases_embeddings_and_zero_init():
+    high = defaults("TL503")["max_ratio"] * 10
+    biases = trace([], params=[param("l.bias", (8,), ratios=(high,))])
+    embedding = trace([], params=[param("emb.weight", (100, 8), ratios=(high,))],
+                      modules=[module("emb", "Embedding")])
+    zero = trace([], params=[param("l.weight", (8, 8), ratios=(high,), norm_before=0.0)])
+    for t in (biases, embedding, zero):
+        assert hits("TL503", t) == []
+
+
+def test_tl503_low_ratios_behind_a_zero_initialized_layer_are_a_note():
+    low = defaults("TL503")["min_ratio"] / 10
+    params = [param(f"l{i}.weight", (8, 8), ratios=(low,)) for i in range(3)]
+    params.append(param("head.weight", (8, 8), ratios=(0.5,), norm_before=0.0))
+    with pytest.raises(Skip):
+        hits("TL503", trace([], params=params))
+
+
+def test_tl503_without_an_optimizer_step_is_a_note():
+    with pytest.raises(Skip):
+        hits("TL503", trace([], params=[param("l.weight", (8, 8))]))
+
+
+def _nan_step(step=0, loss=1.0, **bad):
+    nonfinite = {"activations": {}, "gradients": {}, "parameters": [], "parameter_grads": []}
+    nonfinite.update(bad)
+    return {"step": step, "layers": {}, "loss": loss, "nonfinite": nonfinite}
+
+
+def _nan_model():
+    return [point("a", "Linear", depth=0, backward_order=2),
+            point("b", "LogFeatures", depth=1, backward_order=1),
+            point("c", "Linear", depth=2, backward_order=0)]
+
+
+def test_tl504_names_the_first_module_in_forward_order():
+    a, b, c = _nan_model()
+    steps = [_nan_step(0), _nan_step(1, activations={c.node[1:]: 5, b.node[1:]: 7})]
+    found = hits("TL504", trace([a, b, c], per_step=steps))
+    assert [h.module for h in found] == ["b"]
+    assert found[0].evidence == {"step": 1, "where": "forward"}
+
+
+def test_tl504_names_the_first_module_in_backward_order():
+    a, b, c = _nan_model()
+    steps = [_nan_step(0, gradients={a.node[1:]: 1, b.node[1:]: 1})]
+    found = hits("TL504", trace([a, b, c], per_step=steps))
+    assert found[0].module == "b" and found[0].evidence["where"] == "backward"
+
+
+def test_tl504_loss_then_parameters():
+    layers = _nan_model()
+    loss = hits("TL504", trace(layers, per_step=[_nan_step(0, loss=float("nan"))]))
+    assert loss[0].evidence["where"] == "loss" and loss[0].module == ""
+    params = hits("TL504", trace(layers, per_step=[_nan_step(0, parameters=["c.weight"])]))
+    assert params[0].module == "c" and params[0].evidence["where"] == "parameter"
+
+
+def test_tl504_silent_when_everything_is_finite():
+    assert hits("TL504", trace(_nan_model(), per_step=[_nan_step(0), _nan_step(1)])) == []

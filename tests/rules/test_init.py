@@ -1,0 +1,161 @@
+"""TL301 init-scale-mismatch and TL302 loss-at-init on hand-built traces."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch.nn as nn
+
+from tests.rules.tracekit import (
+    defaults,
+    edge,
+    hits,
+    param,
+    point,
+    steps,
+    to_module,
+    trace,
+)
+from trainlint.engine import Skip
+
+GAINS = {kind: nn.init.calculate_gain(kind) for kind in ("relu", "tanh", "sigmoid")}
+FAN_IN, FAN_OUT = 100, 50
+
+
+def _stack(ratio: float, signal: float, *, prefix: str = "", depth: int = 0,
+           kind: str = "relu", saturated: float = 0.0, feeder_type: str = "ReLU",
+           residual: bool = False) -> tuple[list, list, list, dict]:
+    """prev -> fc -> act -> fc2, with fc's weight at ``ratio`` × gain/sqrt(fan_in) before the
+    first update and its pre-activation at ``signal`` × gain × (input RMS) at step 0.
+    Returns (layers, params, edges, step-0 layer stats)."""
+    gain = GAINS[kind]
+    prev = point(f"{prefix}prev", feeder_type, depth=depth,
+                 kind="relu" if feeder_type == "ReLU" else None)
+    fc = point(f"{prefix}fc", "Linear", depth=depth + 1)
+    act = point(f"{prefix}act", kind.capitalize(), depth=depth + 2, kind=kind,
+                saturated=saturated)
+    fc2 = point(f"{prefix}fc2", "Linear", depth=depth + 3)
+    in_rms = 0.8
+    rms = ratio * gain / math.sqrt(FAN_IN)
+    weight = param(f"{prefix}fc.weight", (FAN_OUT, FAN_IN), ratios=(1e-3,),
+                   norm_before=rms * math.sqrt(FAN_IN * FAN_OUT))
+    edges = [to_module(prev, fc.module), to_module(fc, act.module), to_module(act, fc2.module)]
+    if residual:
+        edges.append(edge(fc2.node, ("module", "out"), ("add",)))
+    first = {prev.node[1:]: {"std": in_rms, "mean": 0.0},
+             fc.node[1:]: {"std": signal * gain * in_rms, "mean": 0.0}}
+    return [prev, fc, act, fc2], [weight], edges, first
+
+
+def _layer_trace(ratio: float, signal: float, first_step: int = 0, **kwargs):
+    layers, params, edges, first = _stack(ratio, signal, **kwargs)
+    return trace(layers, params=params, edges=edges,
+                 per_step=[{"step": first_step, "layers": first}])
+
+
+@pytest.mark.parametrize("factor, fires", [(1.02, False), (0.98, True)])
+def test_tl301_small_weights_at_the_threshold(factor, fires):
+    low = defaults("TL301")["min_ratio"]
+    found = hits("TL301", _layer_trace(low * factor, low * factor))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].module == "fc"
+        assert found[0].evidence["ratio"] == pytest.approx(low * factor)
+        assert "kaiming_normal_" in found[0].fix
+
+
+@pytest.mark.parametrize("factor, fires", [(0.98, False), (1.02, True)])
+def test_tl301_large_weights_at_the_threshold(factor, fires):
+    high = defaults("TL301")["max_ratio"]
+    assert bool(hits("TL301", _layer_trace(high * factor, high * factor))) is fires
+
+
+def test_tl301_needs_the_activations_to_show_it():
+    low = defaults("TL301")["min_ratio"]
+    assert hits("TL301", _layer_trace(low / 10, signal=1.0)) == []
+
+
+@pytest.mark.parametrize("shift, fires", [(-0.01, False), (0.01, True)])
+def test_tl301_large_tanh_weights_show_as_saturation(shift, fires):
+    t = defaults("TL301")
+    found = hits("TL301", _layer_trace(t["max_ratio"] * 2, signal=1.0, kind="tanh",
+                                       saturated=t["saturated_fraction"] + shift))
+    assert bool(found) is fires
+    if fires:
+        assert "calculate_gain('tanh')" in found[0].fix
+
+
+@pytest.mark.parametrize("kwargs", [{"feeder_type": "LayerNorm"}, {"residual": True}])
+def test_tl301_skips_normalized_and_residual_blocks(kwargs):
+    low = defaults("TL301")["min_ratio"]
+    assert hits("TL301", _layer_trace(low / 10, low / 10, **kwargs)) == []
+
+
+def test_tl301_default_pytorch_init_passes():
+    for kind, gain in GAINS.items():
+        default = (1 / math.sqrt(3)) / gain  # kaiming_uniform_(a=sqrt(5)): std 1/sqrt(3 fan_in)
+        assert hits("TL301", _layer_trace(default, default, kind=kind)) == []
+
+
+def test_tl301_needs_the_first_step():
+    with pytest.raises(Skip):
+        hits("TL301", _layer_trace(0.01, 0.01, first_step=100))
+
+
+def test_tl301_groups_layers_with_the_same_problem():
+    low = defaults("TL301")["min_ratio"] / 10
+    a_layers, a_params, a_edges, a_first = _stack(low, low, prefix="a.")
+    b_layers, b_params, b_edges, b_first = _stack(low, low, prefix="b.", depth=10)
+    merged = trace(a_layers + b_layers, params=a_params + b_params, edges=a_edges + b_edges,
+                   per_step=[{"step": 0, "layers": {**a_first, **b_first}}])
+    found = hits("TL301", merged)
+    assert len(found) == 1
+    assert found[0].module == "a.fc"
+    assert found[0].evidence["layers"] == ["a.fc", "b.fc"]
+
+
+def _loss_trace(loss: float, kind: str = "cross_entropy", classes=10, first=0):
+    head = point("head", "Linear", depth=1, shape=(8, classes or 1))
+    return trace([head], output_ops=((head.node, ()),), loss_kind=kind, num_classes=classes,
+                 per_step=steps(loss, loss * 0.9, first=first))
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl302_ratio_edge(factor, fires):
+    ratio = defaults("TL302")["max_ratio"]
+    found = hits("TL302", _loss_trace(factor * ratio * math.log(10)))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].module == "head"
+        assert found[0].evidence["expected"] == pytest.approx(math.log(10))
+
+
+def test_tl302_needs_a_large_excess_in_nats_for_few_classes():
+    t = defaults("TL302")
+    above_ratio = 1.01 * t["max_ratio"] * math.log(2)
+    assert above_ratio - math.log(2) < t["min_excess"]
+    assert hits("TL302", _loss_trace(above_ratio, classes=2)) == []
+    assert hits("TL302", _loss_trace(math.log(2) + 1.01 * t["min_excess"], classes=2))
+
+
+def test_tl302_bce_with_logits_expects_ln2():
+    t = defaults("TL302")
+    loss = max(t["max_ratio"] * math.log(2), math.log(2) + t["min_excess"]) * 1.01
+    found = hits("TL302", _loss_trace(loss, kind="bce_with_logits", classes=None))
+    assert found and found[0].evidence["expected"] == pytest.approx(math.log(2))
+
+
+def test_tl302_silent_below_ln_c_and_for_regression():
+    assert hits("TL302", _loss_trace(0.1)) == []
+    assert hits("TL302", _loss_trace(50.0, kind="mse", classes=None)) == []
+
+
+def test_tl302_needs_step_zero():
+    assert hits("TL302", _loss_trace(50.0, first=300)) == []
+
+
+@pytest.mark.parametrize("kind", [None, "custom", "model"])
+def test_tl302_unknown_loss_is_a_note(kind):
+    with pytest.raises(Skip):
+        hits("TL302", _loss_trace(50.0, kind=kind))

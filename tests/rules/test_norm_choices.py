@@ -1,0 +1,111 @@
+"""TL402, TL403, TL405, TL406 (normalization choices) on hand-built traces."""
+
+from __future__ import annotations
+
+from tests.rules.tracekit import edge, hits, inputs, module, point, to_module, trace
+
+
+def _bn(name="bn", type_="BatchNorm1d", shapes=((32, 16, 20),), **attrs):
+    facts = module(name, type_, num_features=16, affine=True, **attrs)
+    facts.input_shapes = [tuple(s) for s in shapes]
+    facts.batch_sizes = [s[0] for s in shapes]
+    return facts
+
+
+def test_tl402_batchnorm_over_time_in_a_sequence_model_fires():
+    t = trace([point("bn", "BatchNorm1d")],
+              modules=[_bn(), module("embed", "Embedding"), module("rnn", "LSTM")], batch_size=32)
+    found = hits("TL402", t)
+    assert [h.module for h in found] == ["bn"]
+    assert "nn.LayerNorm(16)" in found[0].fix
+
+
+def test_tl402_flattened_tokens_count_as_time():
+    t = trace([], modules=[_bn(shapes=((32 * 20, 16),)), module("attn", "MultiheadAttention")],
+              batch_size=32)
+    assert len(hits("TL402", t)) == 1
+
+
+def test_tl402_feature_batchnorm_in_a_sequence_model_is_fine():
+    t = trace([], modules=[_bn(shapes=((32, 16),)), module("embed", "Embedding")], batch_size=32)
+    assert hits("TL402", t) == []
+
+
+def test_tl402_needs_a_sequence_model():
+    assert hits("TL402", trace([], modules=[_bn(), module("conv", "Conv1d")], batch_size=32)) == []
+    images = _bn(type_="BatchNorm2d", shapes=((32, 16, 8, 8),))
+    assert hits("TL402", trace([], modules=[images, module("rnn", "GRU")], batch_size=32)) == []
+
+
+def _conv_into(norm_facts, *, bias=True, via=()):
+    conv = point("conv", "Conv2d")
+    return trace([conv], modules=[module("conv", "Conv2d", has_bias=bias), norm_facts],
+                 edges=[to_module(conv, norm_facts.name, via)])
+
+
+def test_tl403_bias_into_batchnorm_fires():
+    found = hits("TL403", _conv_into(_bn(type_="BatchNorm2d")))
+    assert [h.module for h in found] == ["conv"]
+    assert "bias=False" in found[0].fix
+
+
+def test_tl403_no_bias_or_layernorm_is_fine():
+    assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), bias=False)) == []
+    assert hits("TL403", _conv_into(module("ln", "LayerNorm"))) == []
+
+
+def test_tl403_groupnorm_cancels_the_bias_only_with_one_channel_per_group():
+    per_channel = module("gn", "GroupNorm", num_groups=16, num_channels=16, affine=True)
+    grouped = module("gn", "GroupNorm", num_groups=4, num_channels=16, affine=True)
+    assert len(hits("TL403", _conv_into(per_channel))) == 1
+    assert hits("TL403", _conv_into(grouped)) == []
+
+
+def test_tl403_only_straight_into_the_norm():
+    assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), via=("add",))) == []
+    assert len(hits("TL403", _conv_into(module("inorm", "InstanceNorm2d"), via=("view",)))) == 1
+
+
+def _image_model(out_shape, loss_kind="mse", norm="BatchNorm2d"):
+    out = point("out", "Conv2d", shape=out_shape, depth=3)
+    image = inputs("input0", (4, 3, 16, 16), [0.0] * 3, [1.0] * 3, channel_dim=1)
+    return trace([out], modules=[_bn(type_=norm, shapes=((4, 16, 16, 16),))], inputs=[image],
+                 output_ops=((out.node, ()),), loss_kind=loss_kind)
+
+
+def test_tl405_batchnorm_in_an_image_to_image_model_fires():
+    found = hits("TL405", _image_model((4, 3, 16, 16)))
+    assert [h.module for h in found] == ["bn"]
+    assert "nn.InstanceNorm2d(16, affine=True)" in found[0].fix
+
+
+def test_tl405_segmentation_and_classifiers_are_fine():
+    assert hits("TL405", _image_model((4, 3, 16, 16), loss_kind="cross_entropy")) == []
+    assert hits("TL405", _image_model((4, 10))) == []
+    assert hits("TL405", _image_model((4, 3, 32, 32))) == []
+    assert hits("TL405", _image_model((4, 3, 16, 16), norm="InstanceNorm2d")) == []
+
+
+def test_tl406_dropout_module_into_batchnorm_fires():
+    drop = point("drop", "Dropout")
+    t = trace([drop], modules=[module("drop", "Dropout", p=0.5), _bn()],
+              edges=[to_module(drop, "bn")])
+    assert [h.module for h in hits("TL406", t)] == ["drop"]
+
+
+def test_tl406_functional_dropout_into_batchnorm_fires_at_the_batchnorm():
+    fc = point("fc", "Linear")
+    t = trace([fc], modules=[_bn()], edges=[to_module(fc, "bn", ("dropout", "view"))])
+    assert [h.module for h in hits("TL406", t)] == ["bn"]
+
+
+def test_tl406_dropout_elsewhere_or_disabled_is_fine():
+    drop = point("drop", "Dropout")
+    off = trace([drop], modules=[module("drop", "Dropout", p=0.0), _bn()],
+                edges=[to_module(drop, "bn")])
+    assert hits("TL406", off) == []
+    fc = point("fc", "Linear")
+    after = trace([fc, drop], modules=[module("drop", "Dropout", p=0.5), _bn()],
+                  edges=[to_module(fc, "bn"), edge(("point", "bn", "output", None),
+                                                   ("module", "drop"))])
+    assert hits("TL406", after) == []

@@ -1,0 +1,86 @@
+"""TL603 loss-not-decreasing and TL604 loss-divergence on hand-built traces."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.rules.tracekit import defaults, hits, steps, trace
+from trainlint.engine import Skip
+
+NAN = float("nan")
+
+
+def _monitor(*losses, first=0, key="loss_mean"):
+    return trace([], mode="monitor", per_step=steps(*losses, first=first, every=50, key=key))
+
+
+def _curve(first_level: float, last_level: float, n: int = 9) -> list:
+    third = n // 3
+    return [first_level] * third + [(first_level + last_level) / 2] * (n - 2 * third) + \
+        [last_level] * third
+
+
+@pytest.mark.parametrize("factor, fires", [(1.02, False), (0.98, True)])
+def test_tl603_from_the_start_the_loss_must_fall(factor, fires):
+    drop = defaults("TL603")["min_drop"]
+    last = 2.0 * (1 - factor * drop)
+    found = hits("TL603", _monitor(*_curve(2.0, last)))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["change"] == pytest.approx(-factor * drop)
+
+
+@pytest.mark.parametrize("factor, fires", [(0.98, False), (1.02, True)])
+def test_tl603_joined_later_only_a_rise_counts(factor, fires):
+    drop = defaults("TL603")["min_drop"]
+    curve = _curve(1.0, 1.0 * (1 + factor * drop))
+    assert bool(hits("TL603", _monitor(*curve, first=500))) is fires
+    assert hits("TL603", _monitor(*_curve(1.0, 1.0), first=500)) == []
+
+
+def test_tl603_robust_to_one_noisy_window():
+    curve = _curve(2.0, 1.0)
+    curve[-1] = 5.0
+    assert hits("TL603", _monitor(*curve)) == []
+
+
+def test_tl603_needs_a_monitor_run_and_enough_points():
+    points = defaults("TL603")["min_points"]
+    with pytest.raises(Skip):
+        hits("TL603", trace([], mode="check", per_step=steps(2.0, 2.0, 2.0)))
+    with pytest.raises(Skip):
+        hits("TL603", _monitor(*[2.0] * (points - 1)))
+    assert hits("TL603", _monitor(*[2.0] * points))
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl604_rise_over_the_running_minimum(factor, fires):
+    rise = defaults("TL604")["rise_factor"]
+    losses = (2.0, 1.0, factor * rise * 1.0)
+    found = hits("TL604", trace([], per_step=steps(*losses)))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["step"] == 2
+        assert found[0].evidence["running_min"] == 1.0
+
+
+def test_tl604_a_noisy_tail_below_the_start_is_not_divergence():
+    rise = defaults("TL604")["rise_factor"]
+    assert hits("TL604", trace([], per_step=steps(2.0, 0.01, 0.01 * rise * 2))) == []
+
+
+def test_tl604_nonfinite_loss_fires():
+    found = hits("TL604", trace([], per_step=steps(2.0, 1.5, NAN)))
+    assert found and found[0].evidence["step"] == 2
+
+
+def test_tl604_nan_between_two_monitor_observations_counts():
+    per_step = steps(2.0, 1.5, 1.2, key="loss_mean")
+    per_step[1]["loss_max"] = float("inf")
+    found = hits("TL604", trace([], mode="monitor", per_step=per_step))
+    assert found and found[0].evidence["step"] == per_step[1]["step"]
+
+
+def test_tl604_without_losses_is_a_note():
+    with pytest.raises(Skip):
+        hits("TL604", trace([], mode="monitor", per_step=[{"step": 0, "layers": {}}]))

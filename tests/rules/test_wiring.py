@@ -1,0 +1,147 @@
+"""TL505, TL506, TL601, TL602 (how the step is wired) on hand-built traces."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.rules.tracekit import hits, module, param, point, trace
+from trainlint.engine import Skip
+
+
+def _params(**overrides):
+    """body.0 / body.1 / head / aux parameters; ``overrides`` maps a name to param kwargs."""
+    names = ["body.0.weight", "body.0.bias", "body.1.weight", "head.weight", "head.bias",
+             "aux.weight", "aux.bias"]
+    return [param(n, (4, 4) if n.endswith("weight") else (4,), **overrides.get(n, {}))
+            for n in names]
+
+
+def test_tl505_groups_an_unused_submodule():
+    unused = {"grad_steps": 0, "grad_norm": None}
+    t = trace([], params=_params(**{"aux.weight": unused, "aux.bias": unused}),
+              observed_steps=3)
+    found = hits("TL505", t)
+    assert [h.module for h in found] == ["aux"]
+    assert found[0].evidence["params"] == ["aux.bias", "aux.weight"]
+    assert "find_unused_parameters" in found[0].fix
+
+
+def test_tl505_a_single_parameter_is_named_at_its_module():
+    t = trace([], params=_params(**{"head.bias": {"grad_steps": 0}}), observed_steps=2)
+    found = hits("TL505", t)
+    assert [(h.module, h.evidence["params"]) for h in found] == [("head", ["head.bias"])]
+
+
+def test_tl505_frozen_or_used_at_some_step_is_fine():
+    frozen = {"grad_steps": 0, "requires_grad": False}
+    t = trace([], params=_params(**{"aux.weight": frozen, "aux.bias": frozen}), observed_steps=3)
+    assert hits("TL505", t) == []
+    t = trace([], params=_params(**{"aux.weight": {"grad_steps": 1}}), observed_steps=3)
+    assert hits("TL505", t) == []
+
+
+def test_tl505_no_gradient_anywhere_is_a_note():
+    none = {name: {"grad_steps": 0} for name in [p.name for p in _params()]}
+    with pytest.raises(Skip):
+        hits("TL505", trace([], params=_params(**none), observed_steps=1))
+
+
+def test_tl506_missing_params_grouped_by_module():
+    missing = {"in_optimizer": False}
+    t = trace([], params=_params(**{"head.weight": missing, "head.bias": missing}))
+    found = hits("TL506", t)
+    assert [h.module for h in found] == ["head"]
+    assert "model.head.parameters()" in found[0].fix
+
+
+def test_tl506_numeric_module_names_get_valid_python():
+    t = trace([], params=_params(**{"body.1.weight": {"in_optimizer": False}}))
+    found = hits("TL506", t)
+    assert found[0].module == "body.1"
+    assert "model.get_submodule('body.1').parameters()" in found[0].fix
+
+
+def test_tl506_frozen_params_and_unknown_optimizer():
+    frozen = {"in_optimizer": False, "requires_grad": False}
+    assert hits("TL506", trace([], params=_params(**{"aux.weight": frozen}))) == []
+    unknown = {n.name: {"in_optimizer": None} for n in _params()}
+    with pytest.raises(Skip):
+        hits("TL506", trace([], params=_params(**unknown)))
+
+
+def _ending_in(kind: str, loss: str, shape=(8, 10), classes=10, via=()):
+    last = point("out", kind.capitalize(), op="output", kind=kind, shape=shape)
+    return trace([last], output_ops=((last.node, via),), loss_kind=loss, num_classes=classes)
+
+
+@pytest.mark.parametrize("kind, loss, severity", [
+    ("softmax", "cross_entropy", None),
+    ("softmax", "nll", None),
+    ("sigmoid", "bce_with_logits", None),
+    ("log_softmax", "cross_entropy", "info"),
+])
+def test_tl601_fires_for_double_application(kind, loss, severity):
+    found = hits("TL601", _ending_in(kind, loss, classes=10 if loss != "bce_with_logits"
+                                      else None))
+    assert [h.module for h in found] == ["out"]
+    assert found[0].severity == severity
+
+
+@pytest.mark.parametrize("kind, loss", [("log_softmax", "nll"), ("softmax", "mse"),
+                                        ("sigmoid", "custom"), ("relu", "cross_entropy")])
+def test_tl601_correct_pairs_are_fine(kind, loss):
+    assert hits("TL601", _ending_in(kind, loss)) == []
+
+
+def test_tl601_only_the_class_scores_count():
+    attention_map = _ending_in("softmax", "cross_entropy", shape=(8, 4, 16, 16), classes=10)
+    assert hits("TL601", attention_map) == []
+    through_arithmetic = _ending_in("softmax", "cross_entropy", via=("mul",))
+    assert hits("TL601", through_arithmetic) == []
+
+
+def test_tl601_unknown_loss_is_a_note():
+    with pytest.raises(Skip):
+        hits("TL601", _ending_in("softmax", None))
+
+
+def _flags(model_training=True, eval_modules=(), n=4):
+    return [{"step": 10 * i, "model_training": model_training,
+             "eval_modules": list(eval_modules)} for i in range(n)]
+
+
+def _mode_model(flags, **bn_param):
+    facts = [module("backbone", "Backbone", leaf=False), module("backbone.bn", "BatchNorm2d"),
+             module("head.drop", "Dropout")]
+    params = [param("backbone.bn.weight", (4,), **bn_param)]
+    return trace([], modules=facts, params=params, train_flags=flags, mode="monitor")
+
+
+def test_tl602_model_in_eval_mode_fires():
+    found = hits("TL602", _mode_model(_flags(model_training=False)))
+    assert [h.module for h in found] == [""]
+    assert found[0].evidence["eval_steps"] == 4
+
+
+def test_tl602_submodule_in_eval_while_training_fires():
+    found = hits("TL602", _mode_model(_flags(eval_modules=["backbone.bn"])))
+    assert [h.module for h in found] == ["backbone"]
+
+
+def test_tl602_frozen_on_purpose_is_fine():
+    frozen = _mode_model(_flags(eval_modules=["backbone.bn"]), requires_grad=False)
+    assert hits("TL602", frozen) == []
+    overridden = _mode_model(_flags(eval_modules=["backbone.bn"]))
+    overridden.modules["backbone"].attrs["overrides_train"] = True
+    assert hits("TL602", overridden) == []
+
+
+def test_tl602_is_a_monitor_rule():
+    t = _mode_model(_flags(model_training=False))
+    t.mode = "check"
+    with pytest.raises(Skip):
+        hits("TL602", t)
+
+
+def test_tl602_training_mode_throughout_is_fine():
+    assert hits("TL602", _mode_model(_flags())) == []
