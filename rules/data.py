@@ -141,10 +141,11 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## What it does
     For every floating-point input that reaches a layer as it is, it lists the channels
     (images: dim 1) or features (last dim) whose minimum equals their maximum over the whole
-    batch (at least ``min_values`` values per channel). A feature stuck at the input's overall
-    minimum is left out: that is an absent category of a one-hot/multi-hot encoding, padding,
-    or an image border, which a small batch legitimately never varies. Inputs of one value per
-    sample (timesteps, scalars) are not checked.
+    batch (at least ``min_values`` values per channel). Left out, because a small batch
+    legitimately never varies them: a feature stuck at the input's overall minimum (an absent
+    category of a one-hot/multi-hot encoding, padding, an image border), and a non-image
+    feature stuck at exactly 0 or 1 (an indicator that is rare or common). Inputs of one value
+    per sample (timesteps, scalars) are not checked.
 
     ## Why is this bad?
     A feature that never varies carries no information: it wastes a channel of the first
@@ -166,7 +167,9 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
         floor = float(lo.min())
-        constant = [i for i in range(len(lo)) if lo[i] == hi[i] and lo[i] != floor]
+        indicators = (0.0, 1.0) if not is_image(inp) else ()
+        constant = [i for i in range(len(lo))
+                    if lo[i] == hi[i] and lo[i] != floor and lo[i] not in indicators]
         if not constant:
             continue
         what = "channel" if is_image(inp) else "feature"

@@ -220,7 +220,7 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
 
 
-# Expected first-step loss of an uninformed classifier.
+# Losses whose value for an uninformed classifier is known: ln(C), or ln(2) per output.
 CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 
 

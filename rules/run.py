@@ -47,6 +47,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.mode != "monitor":
         raise Skip("it needs a Monitor run (the loss over many training steps)")
     curve = [(step, loss) for step, loss in loss_curve(trace) if math.isfinite(loss)]
+    if not curve:
+        raise Skip("no loss was observed (pass the loss to monitor.step(loss))")
     if len(curve) < t.min_points:
         raise Skip(f"it needs at least {t.min_points} observed steps with a loss; "
                    f"saw {len(curve)}")

@@ -204,10 +204,11 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     BatchNorm/Dropout submodule. It fires when the model is in eval mode (and has such layers,
     whose behaviour depends on the mode), or when one of those submodules is in eval mode while
     the model trains. Submodules frozen on purpose are left alone: their parameters are frozen
-    (``requires_grad=False``), or a class on their path overrides ``train()`` to keep them in
-    eval (the detection-backbone idiom). ``trainlint check`` puts the model in train mode
-    itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides), so
-    this rule needs a Monitor run.
+    (``requires_grad=False``), or a user class on their path overrides ``train()`` to keep them
+    in eval (the detection-backbone idiom; library wrappers whose ``train()`` only passes the
+    mode on, such as DDP or transformers' models, do not count). ``trainlint check`` puts the
+    model in train mode itself (as a training loop's ``model.train()`` does, honouring
+    ``train()`` overrides), so this rule needs a Monitor run.
 
     ## Why is this bad?
     In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running

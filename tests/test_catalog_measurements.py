@@ -150,7 +150,19 @@ def test_modules_that_override_train_are_marked():
         def train(self, mode: bool = True):
             return super().train(False)
 
-    model = nn.Sequential(FrozenBackbone())
+    class LibraryWrapper(nn.Module):  # as DistributedDataParallel / PreTrainedModel
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def train(self, mode: bool = True):
+            return super().train(mode)
+
+    LibraryWrapper.train.__module__ = "transformers.modeling_utils"
+    model = LibraryWrapper(nn.Sequential(FrozenBackbone()))
     report = trainlint.check(model, _batch(), steps=1)
-    assert report.trace.modules["0"].attrs["overrides_train"] is True
-    assert report.trace.modules["0.fc"].attrs["overrides_train"] is False
+    marked = {name: facts.attrs["overrides_train"] for name, facts in report.trace.modules.items()}
+    assert marked == {"": False, "inner": False, "inner.0": True, "inner.0.fc": False}

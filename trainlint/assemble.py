@@ -40,6 +40,19 @@ def module_attrs(module: nn.Module) -> dict:
     return attrs
 
 
+# Libraries whose train() overrides only pass the mode on (DistributedDataParallel,
+# transformers' PreTrainedModel): not a user's way to keep layers in eval.
+MODE_FORWARDING_LIBRARIES = ("torch.", "transformers.", "lightning.", "pytorch_lightning.")
+
+
+def overrides_train(module: nn.Module) -> bool:
+    """Whether the module's class redefines ``train()`` in user code (e.g. to keep its
+    BatchNorm layers in eval mode while the rest trains)."""
+    train = type(module).train
+    return train is not nn.Module.train and not getattr(train, "__module__", "").startswith(
+        MODE_FORWARDING_LIBRARIES)
+
+
 class TraceBuilder:
     """Accumulates observed steps of one model and builds the RunTrace on demand."""
 
@@ -206,8 +219,7 @@ class TraceBuilder:
                 name=name, type=type(module).__name__, training=module.training,
                 is_leaf=not any(True for _ in module.children()),
                 location=locate(self.model, name, module),
-                attrs={**module_attrs(module),
-                       "overrides_train": type(module).train is not nn.Module.train})
+                attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
         for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:

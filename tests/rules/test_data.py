@@ -93,11 +93,11 @@ def _constant(lo, hi, shape=(64, 3), channel_dim=-1):
 
 
 def test_tl202_lists_constant_features_by_index():
-    found = hits("TL202", _fed_to(_constant([-2.0, 1.0, -1.5, 3.7], [2.0, 1.0, 1.5, 3.7],
+    found = hits("TL202", _fed_to(_constant([-2.0, 0.5, -1.5, 3.7], [2.0, 0.5, 1.5, 3.7],
                                             shape=(64, 4))))
     assert len(found) == 1
     assert found[0].evidence["constant"] == [1, 3]
-    assert found[0].evidence["values"] == [1.0, 3.7]
+    assert found[0].evidence["values"] == [0.5, 3.7]
 
 
 def test_tl202_constant_image_channel_fires():
@@ -111,6 +111,13 @@ def test_tl202_constant_image_channel_fires():
 def test_tl202_features_stuck_at_the_input_floor_are_absent_categories():
     one_hot = _constant([0.0, 0.0, 0.0], [1.0, 0.0, 1.0])
     assert hits("TL202", _fed_to(one_hot)) == []
+
+
+def test_tl202_tabular_indicators_at_0_or_1_may_be_constant_in_a_batch():
+    tabular = _constant([-2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, 1.0], shape=(64, 4))
+    assert hits("TL202", _fed_to(tabular)) == []
+    image = _constant([-2.0, 1.0, -1.5], [2.0, 1.0, 1.5], shape=(4, 3, 8, 8), channel_dim=1)
+    assert hits("TL202", _fed_to(image, "conv", "Conv2d"))[0].evidence["constant"] == [1]
 
 
 def test_tl202_needs_enough_values_per_feature():
