@@ -152,10 +152,6 @@ def output_layer(trace: RunTrace) -> Optional[LayerTrace]:
     return None
 
 
-def has_module_type(trace: RunTrace, types: tuple) -> bool:
-    return any(f.type in types for f in trace.modules.values())
-
-
 def maximal_groups(bad: set, universe: set, *, params: bool) -> dict[str, list]:
     """Group the dotted names in ``bad`` under the outermost module whose every name in
     ``universe`` is bad: {module: [names]}. Names are parameter names (``params``: a name
