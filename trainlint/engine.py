@@ -67,7 +67,9 @@ class Rule:
 
     @property
     def summary(self) -> str:
-        return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
+        """The docstring's first paragraph, on one line (the rule's name when undocumented)."""
+        first = self.doc.strip().split("\n\n", 1)[0]
+        return " ".join(first.split()) or self.name
 
 
 class Thresholds:

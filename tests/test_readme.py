@@ -1,0 +1,27 @@
+"""README.md stays true: its rule table is the registry, its commands are the Makefile's."""
+
+from __future__ import annotations
+
+import re
+
+from trainlint.engine import iter_rules
+
+from .conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_rule_table_lists_every_rule_with_name_and_severity() -> None:
+    rows = {m.group(1): (m.group(2), m.group(3))
+            for m in re.finditer(r"^\| (TL\d{3}) \| ([a-z0-9-]+) \| (\w+) \|", README, re.M)}
+    assert rows == {r.code: (r.name, r.severity) for r in iter_rules()}
+
+
+def test_opening_commands_are_make_targets_and_ci_runs_the_test_one() -> None:
+    opening = README.split("```", 2)[1]
+    commands = re.findall(r"^(make \w+)", opening, re.M)
+    assert commands[:2] == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for command in commands:
+        assert re.search(rf"^{command.split()[1]}:", makefile, re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
