@@ -193,8 +193,16 @@ class Probe:
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self) -> Probe:
-        if self.attached:
-            return self
+        """Arm the probe on the model. Its hooks sit on the model only while a step is observed
+        (``begin_step`` to ``end_step``), so training between observations runs untouched."""
+        self.attached = True
+        if self.observing:
+            self._install()
+        return self
+
+    def _install(self) -> None:
+        if self.handles:
+            return
         root = self.model
         self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(root.register_forward_hook(self._root_post, always_call=True))
@@ -208,31 +216,33 @@ class Probe:
         if self.optimizer is not None:
             self.handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
             self.handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
-        self.attached = True
-        return self
 
-    def detach(self) -> None:
-        """Remove every hook this probe attached and leave no mode on the stack."""
+    def _uninstall(self) -> None:
         self._exit_mode()
         for handle in self.handles + self.tensor_handles:
             handle.remove()
         self.handles.clear()
         self.tensor_handles.clear()
-        self.observing = False
         self.stack.clear()
+
+    def detach(self) -> None:
+        """Remove every hook this probe attached and leave no mode on the stack."""
+        self._uninstall()
+        self.observing = False
         self.attached = False
 
     def begin_step(self) -> None:
-        """Observe the next forward/backward/optimizer step."""
+        """Observe the next forward/backward/optimizer step (hooks go on the model now)."""
         self.observing = True
         self.failed_module = None
+        if self.attached:
+            self._install()
 
     def end_step(self) -> None:
-        """Stop observing; drop per-step bookkeeping that references tensors."""
+        """Stop observing: take the hooks off; drop per-step bookkeeping that references
+        tensors."""
         self.observing = False
-        for handle in self.tensor_handles:
-            handle.remove()
-        self.tensor_handles.clear()
+        self._uninstall()
         self.producers.clear()
         self.update_snapshots.clear()
 
@@ -336,13 +346,15 @@ class Probe:
                           depth=self.counter, unit_dim=unit_dim, shape=tuple(tensor.shape))
             self.points[key] = point
         self.counter += 1
-        point.act_rows.append(stats.activation_stats(tensor, kind))
-        if unit_dim is not None:
-            positive = stats.unit_active(tensor, unit_dim, kind)
-            point.ever_active = (positive if point.ever_active is None
-                                   else point.ever_active | positive)
-        if tensor.requires_grad and torch.is_grad_enabled():
-            self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
+        # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
+        with torch._C.DisableTorchFunction():
+            point.act_rows.append(stats.activation_stats(tensor, kind))
+            if unit_dim is not None:
+                positive = stats.unit_active(tensor, unit_dim, kind)
+                point.ever_active = (positive if point.ever_active is None
+                                     else point.ever_active | positive)
+            if tensor.requires_grad and torch.is_grad_enabled():
+                self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
         return point
 
     def _grad_hook(self, point: Point) -> Callable[[torch.Tensor], None]:
@@ -354,20 +366,27 @@ class Probe:
         return hook
 
     def _record_input(self, name: str, t: torch.Tensor) -> None:
+        """Per-channel mean, std, min and max of a model input over its finite elements, for
+        the channel dim 1 (images, sequences of channels) and the last dim (features)."""
         x = t.detach().to(torch.float64)
-        dims = [1, -1] if x.dim() >= 3 else [-1]
-        for dim in dims:
-            y = x.movedim(dim, -1).reshape(-1, x.shape[dim])
-            finite = torch.isfinite(y)
-            z = torch.where(finite, y, 0)
-            n = finite.sum(0).clamp(min=1)
-            mean = z.sum(0) / n
-            var = (torch.where(finite, y - mean, 0) ** 2).sum(0) / n
-            big = torch.finfo(torch.float64).max
-            lo = torch.where(finite, y, big).amin(0)
-            hi = torch.where(finite, y, -big).amax(0)
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+        bad = (x * 0).nan_to_num_(1.0)
+        z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        big = torch.finfo(torch.float64).max  # what a channel with no finite value reports
+        low = torch.nan_to_num(x, nan=big, posinf=big, neginf=big)
+        high = torch.nan_to_num(x, nan=-big, posinf=-big, neginf=-big)
+        for dim in ([1, x.dim() - 1] if x.dim() >= 3 else [x.dim() - 1]):
+            others = [d for d in range(x.dim()) if d != dim]
+            missing = bad.sum(others, keepdim=True)
+            n = (x.numel() // x.shape[dim] - missing).clamp(min=1)
+            mean = z.sum(others, keepdim=True) / n
+            centred = z - mean
+            var = ((centred * centred).sum(others, keepdim=True) - missing * mean * mean) / n
+            value = torch.stack([mean.reshape(-1), var.clamp(min=0).sqrt().reshape(-1),
+                                 low.amin(others), high.amax(others)])
             self.input_rows.append((name, tuple(t.shape), str(t.dtype).replace("torch.", ""),
-                                    dim % x.dim(), torch.stack([mean, var.sqrt(), lo, hi])))
+                                    dim if t.dim() > 1 else 0, value))
 
     def _norm_input(self, module: nn.Module, args: tuple) -> None:
         if self.observing and args and isinstance(args[0], torch.Tensor):
@@ -456,12 +475,10 @@ class Probe:
             add(("input", i, name, shape, dtype, dim), value)
         in_opt = _optimizer_params(self.optimizer)
         for name, p in self.model.named_parameters():
-            vec = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64),
-                   p.detach().to(torch.float64).std() if p.numel() > 1
-                   else torch.zeros((), dtype=torch.float64, device=p.device)]
+            vec = list(stats.norm_and_std(p))
             grad = p.grad
             if grad is not None:
-                vec.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float64))
+                vec.append(stats.norm(grad))
             update = self.update_norms.get(p)
             if update is not None:
                 vec.append(update)
@@ -509,11 +526,13 @@ class ProbeSnapshot:
 
 
 def _update_sample(p: torch.Tensor) -> torch.Tensor:
-    """A strided subset of a parameter, enough to estimate the norm of its update."""
+    """A subset of a parameter, enough to estimate the norm of its update. The positions do
+    not alias with the layout: a plain stride of 9 over a 3x3 conv kernel would read only its
+    top-left tap, whose updates differ from the other taps' (zero padding)."""
     flat = p.detach().reshape(-1)
     if flat.numel() <= 4096:
         return flat
-    return flat[:: flat.numel() // 4096]
+    return flat.index_select(0, stats.sample_index(flat.numel(), 4096, flat.device))
 
 
 def _optimizer_params(optimizer: Optional[torch.optim.Optimizer]) -> set:
