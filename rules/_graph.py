@@ -131,6 +131,20 @@ def inside_attention(trace: RunTrace, module: str) -> bool:
     return False
 
 
+def inside_attention_sublayer(trace: RunTrace, module: str) -> bool:
+    """Whether ``module`` is inside the attention sub-layer itself (q/k/v/out projections),
+    as opposed to anywhere in a transformer block (see :func:`inside_attention`)."""
+    for name in ancestors(module)[1:]:
+        facts = trace.modules.get(name)
+        if facts is not None and (facts.type == "MultiheadAttention"
+                                  or "Attention" in facts.type):
+            return True
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if "attn" in leaf or "attention" in leaf:
+            return True
+    return False
+
+
 def sources(trace: RunTrace, module: str) -> list[tuple]:
     """What flows into ``module``'s forward: (src, via) pairs."""
     return [(e.src, e.via) for e in trace.edges if e.dst == ("module", module)]

@@ -13,6 +13,7 @@ from ._graph import (
     EMBEDDING_TYPES,
     WEIGHT_LAYERS,
     downstream,
+    inside_attention_sublayer,
     is_norm_type,
     only_shape_ops,
     output_layer,
@@ -22,11 +23,15 @@ from ._graph import (
 
 def gradient_series(trace: RunTrace) -> list[LayerTrace]:
     """Weight-layer outputs with a finite gradient, in forward order, without the model's
-    output (its gradient is set by the loss, not by backpropagation through the network)."""
+    output (its gradient is set by the loss, not by backpropagation through the network) and
+    without projections inside attention blocks (at init the softmax is nearly flat, so the
+    query/key gradients are orders of magnitude below the rest in every healthy transformer)."""
     out = output_layer(trace)
     series = []
     for lt in trace.ordered_layers():
         if lt.op != "output" or lt.type not in WEIGHT_LAYERS or lt.grad_norm is None:
+            continue
+        if inside_attention_sublayer(trace, lt.module):
             continue
         if lt.grad_nonfinite or not math.isfinite(lt.grad_norm):
             continue
@@ -50,12 +55,13 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Vanishing gradients: early layers get gradients orders of magnitude below the last ones.
 
     ## What it does
-    Along depth (outputs of Linear/Conv/RNN layers, in forward order, the model's output left
-    out) it takes the norm of the gradient of the loss with respect to each layer's output,
-    over the observed steps. It fires when the median of the first ``window`` layers is below
-    ``min_ratio`` × the median of the last ``window`` (in a network of at least ``min_layers``
-    such layers), or below ``zero_ratio`` × the gradient at the model's output (~0). The
-    finding names the first layer, going backward from the output, below the threshold.
+    Along depth (outputs of Linear/Conv/RNN layers, in forward order, the model's output and the
+    projections inside attention sub-layers left out) it takes the norm of the gradient of the
+    loss with respect to each layer's output, over the observed steps. It fires when the median
+    of the first ``window`` layers is below ``min_ratio`` × the median of the last ``window``
+    (in a network of at least ``min_layers`` such layers), or below ``zero_ratio`` × the
+    gradient at the model's output (~0). The finding names the first layer, going backward from
+    the output, below the threshold.
 
     ## Why is this bad?
     The weight gradient of a layer is proportional to the gradient reaching its output: if

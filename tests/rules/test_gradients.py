@@ -185,3 +185,18 @@ def test_tl504_loss_then_parameters():
 
 def test_tl504_silent_when_everything_is_finite():
     assert hits("TL504", trace(_nan_model(), per_step=[_nan_step(0), _nan_step(1)])) == []
+
+
+def test_tl501_leaves_attention_projections_out_of_the_depth_profile():
+    """Query/key gradients are tiny at init in every healthy transformer (flat softmax)."""
+    tiny = defaults("TL501")["min_ratio"] / 100
+    names = ["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2",
+             "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "blocks.2.mlp.fc1", "blocks.2.mlp.fc2"]
+    grads = [tiny, tiny] + [1.0] * 6
+    layers = [point(n, "Linear", depth=i, grad_norm=g)
+              for i, (n, g) in enumerate(zip(names, grads))]
+    head = point("head", "Linear", depth=len(names), grad_norm=1.0)
+    assert hits("TL501", trace(layers + [head], output_ops=((head.node, ()),))) == []
+    renamed = [point(n.replace("attn", "proj"), "Linear", depth=i, grad_norm=g)
+               for i, (n, g) in enumerate(zip(names, grads))]
+    assert hits("TL501", trace(renamed + [head], output_ops=((head.node, ()),)))
