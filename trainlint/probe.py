@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -120,6 +121,7 @@ class Point:
     act_rows: list = field(default_factory=list)
     grad_rows: list = field(default_factory=list)
     ever_active: Optional[torch.Tensor] = None
+    signal: Optional[torch.Tensor] = None
     backward_order: Optional[int] = None
 
 
@@ -188,6 +190,8 @@ class Probe:
         self.update_norms: dict[nn.Parameter, torch.Tensor] = {}
         self.before_norms: dict[nn.Parameter, torch.Tensor] = {}
         self.mode: Optional[_ProbeMode] = None
+        # Per device: the statistics batches of the observed step (their buffers are reused).
+        self.batches: dict[torch.device, tuple] = {}
         self.attached = False
         self.grad_scale = grad_scale
 
@@ -348,7 +352,11 @@ class Probe:
         self.counter += 1
         # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
         with torch._C.DisableTorchFunction():
-            point.act_rows.append(stats.activation_stats(tensor, kind))
+            acts = self._batches(tensor.device)[0]
+            point.act_rows.append((tensor.device, acts.add(tensor, kind)))
+            if tensor.dim() >= 2 and tensor.shape[0] >= 2:
+                pair = stats.between_sample(tensor)
+                point.signal = pair if point.signal is None else point.signal + pair
             if unit_dim is not None:
                 positive = stats.unit_active(tensor, unit_dim, kind)
                 point.ever_active = (positive if point.ever_active is None
@@ -362,8 +370,17 @@ class Probe:
             if point.backward_order is None:
                 point.backward_order = self.bw_counter
             self.bw_counter += 1
-            point.grad_rows.append(stats.grad_stats(grad))
+            with torch._C.DisableTorchFunction():
+                point.grad_rows.append((grad.device, self._batches(grad.device)[1].add(grad)))
         return hook
+
+    def _batches(self, device: torch.device) -> tuple:
+        """This step's activation and gradient statistics batches on ``device``."""
+        pair = self.batches.get(device)
+        if pair is None:
+            pair = self.batches[device] = (stats.ActivationBatch(device),
+                                           stats.GradientBatch(device))
+        return pair
 
     def _record_input(self, name: str, t: torch.Tensor) -> None:
         """Per-channel mean, std, min and max of a model input over its finite elements, for
@@ -464,13 +481,14 @@ class Probe:
             layout.append((tag, tuple(value.shape), flat.numel()))
             parts.append(flat)
 
+        for dev, (acts, grads) in self.batches.items():
+            add(("acts", dev), acts.device_part())
+            add(("grads", dev), grads.device_part())
         for key, point in self.points.items():
-            if point.act_rows:
-                add(("act", key), torch.stack(point.act_rows))
-            if point.grad_rows:
-                add(("grad", key), torch.stack(point.grad_rows))
             if point.ever_active is not None:
                 add(("units", key), point.ever_active)
+            if point.signal is not None:
+                add(("signal", key), point.signal)
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
         in_opt = _optimizer_params(self.optimizer)
@@ -500,9 +518,18 @@ class Probe:
         for tag, shape, numel in layout:
             snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
             offset += numel
+        rows = {}
+        for dev, (acts, grads) in self.batches.items():
+            rows[dev] = (acts.rows(snapshot.values.pop(("acts", dev))),
+                         grads.rows(snapshot.values.pop(("grads", dev))))
+        for key, point in self.points.items():
+            for tag, which, ids in (("act", 0, point.act_rows), ("grad", 1, point.grad_rows)):
+                if ids:
+                    snapshot.values[(tag, key)] = np.stack([rows[d][which][i] for d, i in ids])
         for point in self.points.values():
             point.act_rows.clear()
             point.grad_rows.clear()
+            point.signal = None
             point.backward_order = None
         self.input_rows.clear()
         self.norm_calls.clear()

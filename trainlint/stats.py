@@ -1,18 +1,22 @@
-"""On-device statistics of one tensor, as a small float64 vector; merged on the host.
+"""Statistics of the observed tensors, computed on their device; merged on the host.
 
-Every function here runs inside hooks: it only launches tensor ops and never syncs
-(no ``.item()``, ``.cpu()``, ``bool(tensor)``); its branches depend on shapes and dtypes only.
-The host merges the per-call vectors with :func:`merge_moments` once per observed step.
+The probe hands every observed activation and gradient to an :class:`ActivationBatch` /
+:class:`GradientBatch`. Per tensor that launches a handful of ops and never syncs (no
+``.item()``, ``.cpu()``, ``bool(tensor)``; branches depend on shapes and dtypes only): a
+tensor of up to ``SAMPLE_ABOVE`` elements is copied whole into a float64 row; a larger one is
+read in full by one reduction (min/max of an activation, the sum of a gradient: exact extremes
+and exact presence of NaN/Inf) and its sample (at most ``SAMPLE_TARGET`` elements, gathered
+right after, while the tensor is still in cache) becomes the row. Every ``BATCH_ROWS`` rows,
+one batch of float64 ops computes all their moments. After the observed step's one copy to
+the host, :func:`finish_activations` / :func:`finish_gradients` turn the raw numbers into
+``ACT_FIELDS`` / ``GRAD_FIELDS`` vectors, which :func:`merge_moments` / :func:`merge_grads`
+merge over calls and steps.
 
-Cost model (CPU): reading a tensor that is not in cache costs what memory bandwidth allows
-(the floor: one read of each observed tensor); an element-wise op writing a new tensor costs
-3-5x a read, boolean ops 10x, and each fresh temporary of 128 KiB or more pays page faults
-(about 80 us) first. So a tensor of up to ``SAMPLE_ABOVE`` elements is measured exactly, in
-float64. A larger one is read in full by one reduction (min/max of an activation, the sum of a
-gradient: exact extremes and exact presence of NaN/Inf) plus, for ReLU/GELU outputs, one
-per-unit max (exact dead-unit records); everything else comes from a sample of at most
-``SAMPLE_TARGET`` elements taken right after, while the tensor is still in cache. Temporaries
-live in reused per-thread buffers on the CPU (CUDA's caching allocator makes fresh ones cheap)."""
+Why (CPU, measured): each eager op costs a few microseconds of dispatch, which dominated the
+per-tensor cost when every tensor ran ~40 ops; an element-wise op costs 3-5x a reduction and a
+boolean one 10x; a fresh temporary of 128 KiB or more pays about 80 us of page faults; and a
+gather of single elements from a tensor out of cache waits on memory once per element, while
+runs of a cache line's length cost one wait per run."""
 
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ SATURATION_LEVEL = 0.99
 # SAMPLE_TARGET / 2 to SAMPLE_TARGET elements.
 SAMPLE_ABOVE = 1 << 14
 SAMPLE_TARGET = 1 << 14
+# The sample is made of runs of this many consecutive elements.
+RUN = 16
 # Sample positions: one per window of ``stride`` elements, at an offset that moves by the
 # golden ratio from window to window, so the sample never aliases with the tensor's layout.
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -65,14 +71,15 @@ def sample_index(n: int, target: int, device: torch.device) -> torch.Tensor:
 def _scratch(slot: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An ``n``-element work tensor: on the CPU a view of this thread's reused buffer number
     ``slot``, elsewhere a fresh tensor."""
-    if device.type != "cpu" or n > max(SAMPLE_TARGET, SAMPLE_ABOVE):
+    size = max(SAMPLE_TARGET, SAMPLE_ABOVE)
+    if device.type != "cpu" or n > size:
         return torch.empty(n, dtype=dtype, device=device)
     pool = getattr(_buffers, "pool", None)
     if pool is None:
         pool = _buffers.pool = {}
     buffer = pool.get((slot, dtype))
     if buffer is None or buffer.numel() < n:
-        buffer = pool[(slot, dtype)] = torch.empty(max(SAMPLE_TARGET, SAMPLE_ABOVE), dtype=dtype)
+        buffer = pool[(slot, dtype)] = torch.empty(size, dtype=dtype)
     return buffer[:n]
 
 
@@ -81,52 +88,216 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return flat.abs() if flat.is_complex() else flat
 
 
-def _full(value: float, like: torch.Tensor) -> torch.Tensor:
-    # torch.full launches a fill (no host-to-device copy), unlike torch.tensor(value, device=).
-    return torch.full((), value, dtype=_F64, device=like.device)
-
-
 def _exact_copy(flat: torch.Tensor) -> torch.Tensor:
     """All of a small tensor, in float64 (in scratch slot 0)."""
     return _scratch(0, flat.numel(), _F64, flat.device).copy_(flat)
 
 
-def _sample(flat: torch.Tensor, target: int, dtype: torch.dtype) -> torch.Tensor:
-    """The sample of a large tensor (in scratch slot 0), as ``dtype``."""
-    index = sample_index(flat.numel(), target, flat.device)
-    out = _scratch(0, index.numel(), dtype, flat.device)
-    if flat.dtype == dtype:
-        return torch.index_select(flat, 0, index, out=out)
-    return out.copy_(flat.index_select(0, index))
+def _values(flat: torch.Tensor) -> torch.Tensor:
+    """What the element-wise statistics read: all of a tensor of up to ``SAMPLE_ABOVE``
+    elements, else its sample: ``SAMPLE_TARGET / RUN`` runs of ``RUN`` consecutive elements
+    (a cache line of float32) at golden-ratio positions. Reading whole cache lines makes the
+    gather several times cheaper than picking single elements from a tensor out of cache."""
+    n = flat.numel()
+    if n <= SAMPLE_ABOVE:
+        return flat
+    if not flat.is_contiguous():
+        return torch.take(flat, sample_index(n, SAMPLE_TARGET, flat.device))
+    runs = flat[: n - n % RUN].view(-1, RUN)
+    index = sample_index(runs.shape[0], SAMPLE_TARGET // RUN, flat.device)
+    return runs.index_select(0, index).reshape(-1)
 
 
-def _moments(s: torch.Tensor, kind: Optional[str]) -> list:
-    """Statistics of the finite elements of a 1-D float tensor, ``ACT_FIELDS[3:]`` in order.
+# Statistics computed on the device for a batch of rows (``_RAW_ACT``, ``_RAW_GRAD``); the host
+# turns them into ``ACT_FIELDS``/``GRAD_FIELDS`` vectors with the per-row sizes it knows.
+_RAW_ACT = ("finite", "mean", "m2", "min", "max", "zeros", "tanh_tails", "sigmoid_tails")
+_RAW_GRAD = ("finite", "sumsq")
+# Rows per batch: the statistics of this many tensors are computed together.
+BATCH_ROWS = 8
+_KINDS = {"tanh": 1, "sigmoid": 2}
 
-    Float element-wise ops and reductions only: NaN/Inf become 0 in ``z`` and are counted back
-    out. Temporaries go to scratch slots 1 and 2 (``s`` may be slot 0).
-    """
-    n = s.numel()
-    work = _scratch(1, n, s.dtype, s.device)
-    z = _scratch(2, n, s.dtype, s.device)
-    nonfinite = torch.mul(s, 0, out=work).nan_to_num_(1.0).sum()
-    torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0, out=z)
-    count = n - nonfinite
-    mean = z.sum() / count.clamp(min=1)
-    centred = torch.sub(z, mean, out=work)
-    m2 = (torch.dot(centred, centred) - nonfinite * mean * mean).clamp(min=0)
-    zeros = count - torch.sign(z, out=work).abs_().sum()
-    if kind == "tanh":
-        saturated = torch.abs(z, out=work).sub_(SATURATION_LEVEL).clamp_min_(0).sign_().sum()
-    elif kind == "sigmoid":
-        tails = torch.mul(z, 2, out=work).sub_(1).abs_().sub_(SATURATION_LEVEL)
-        saturated = tails.clamp_min_(0).sign_().sum() - nonfinite  # NaN/Inf sit at z = 0
-    else:
-        saturated = torch.zeros((), dtype=s.dtype, device=s.device)
-    lo = torch.nan_to_num(s, nan=math.inf, posinf=math.inf, neginf=math.inf, out=work).amin()
-    hi = torch.nan_to_num(s, nan=-math.inf, posinf=-math.inf, neginf=-math.inf,
-                          out=work).amax()
-    return [count, mean, m2, lo, hi, zeros, saturated]
+
+class RowBatch:
+    """Tensors waiting for their statistics, one NaN-padded float64 row each (the values that
+    :func:`_values` picks); every ``BATCH_ROWS`` rows one batch of ops computes them all, on
+    the device and without a host sync. ``take()`` returns the raw results so far."""
+
+    def __init__(self, device: torch.device, kernel: Callable, fields: int) -> None:
+        self.device = device
+        self.kernel = kernel
+        self.fields = fields
+        self.rows: Optional[torch.Tensor] = None
+        self.work: list = []
+        self.count = 0
+        self.done: list = []
+        self.kinds: set = set()
+
+    def add(self, values: torch.Tensor, kind: Optional[str] = None) -> None:
+        if self.rows is None:
+            shape = (BATCH_ROWS, max(SAMPLE_TARGET, SAMPLE_ABOVE))
+            self.rows = torch.full(shape, math.nan, dtype=_F64, device=self.device)
+            self.work = [torch.empty(shape, dtype=_F64, device=self.device) for _ in range(3)]
+        self.rows[self.count, :values.numel()].copy_(values)
+        self.kinds.add(kind)
+        self.count += 1
+        if self.count == BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.count:
+            rows = self.rows[:self.count]
+            self.done.append(self.kernel(rows, [w[:self.count] for w in self.work], self.kinds))
+            rows.fill_(math.nan)
+            self.count = 0
+            self.kinds = set()
+
+    def take(self) -> torch.Tensor:
+        """The raw statistics of every row added since the last ``take``, in order."""
+        self._flush()
+        done, self.done = self.done, []
+        if not done:
+            return torch.zeros((0, self.fields), dtype=_F64, device=self.device)
+        return torch.cat(done) if len(done) > 1 else done[0]
+
+
+def _act_kernel(rows: torch.Tensor, work: list, kinds: set) -> torch.Tensor:
+    """``_RAW_ACT`` of NaN-padded rows: NaN/Inf (and padding) become 0 in ``z``, the row's
+    mean in ``y``, and are counted back out. Float ops and row reductions only."""
+    bad, z, y = work
+    torch.mul(rows, 0, out=bad).nan_to_num_(1.0)
+    nonfinite = bad.sum(1)
+    torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0, out=z)
+    count = rows.shape[1] - nonfinite
+    mean = z.sum(1) / count.clamp(min=1)
+    torch.addcmul(z, bad, mean[:, None], out=y).sub_(mean[:, None])  # 0 where not finite
+    m2 = torch.mul(y, y, out=bad).sum(1)
+    lo = torch.nan_to_num(rows, nan=math.inf, posinf=math.inf, neginf=math.inf, out=y).amin(1)
+    hi = torch.nan_to_num(rows, nan=-math.inf, posinf=-math.inf, neginf=-math.inf,
+                          out=y).amax(1)
+    zeros = count - torch.sign(z, out=y).abs_().sum(1)
+    tails = torch.zeros_like(count)
+    tanh, sigmoid = tails, tails
+    if "tanh" in kinds:
+        tanh = torch.abs(z, out=y).sub_(SATURATION_LEVEL).clamp_min_(0).sign_().sum(1)
+    if "sigmoid" in kinds:
+        torch.mul(z, 2, out=y).sub_(1).abs_().sub_(SATURATION_LEVEL).clamp_min_(0)
+        sigmoid = y.sign_().sum(1) - nonfinite  # NaN/Inf/padding sit at z = 0, a lower tail
+    return torch.stack([count, mean, m2, lo, hi, zeros, tanh, sigmoid], dim=1)
+
+
+def _grad_kernel(rows: torch.Tensor, work: list, kinds: set) -> torch.Tensor:
+    """``_RAW_GRAD`` of NaN-padded rows."""
+    bad, z, _ = work
+    nonfinite = torch.mul(rows, 0, out=bad).nan_to_num_(1.0).sum(1)
+    torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0, out=z)
+    sumsq = torch.mul(z, z, out=bad).sum(1)
+    return torch.stack([rows.shape[1] - nonfinite, sumsq], dim=1)
+
+
+class ActivationBatch:
+    """Activation statistics of one observed step on one device, computed in batches.
+
+    Per tensor: for a large one, one full reduction (``aminmax``: exact extremes and exact
+    presence of NaN/Inf) and a gather of its sample; for a small one, a copy. :meth:`add`
+    returns the row number; :meth:`rows` (after the step's one copy to the host) gives the
+    ``ACT_FIELDS`` vectors, in order."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.batch = RowBatch(device, _act_kernel, len(_RAW_ACT))
+        self.meta: list = []
+        self.extremes: list = []
+        self._none = torch.full((2,), math.nan, dtype=_F64, device=device)
+
+    def add(self, x: torch.Tensor, kind: Optional[str]) -> int:
+        flat = _flat(x)
+        n = flat.numel()
+        values = _values(flat)
+        if values is flat:
+            self.extremes.append(self._none)
+        else:
+            self.extremes.append(torch.stack(torch.aminmax(flat)).to(_F64))
+        self.batch.add(values, kind)  # a sample is taken after the full pass: still in cache
+        self.meta.append((n, values.numel(), _KINDS.get(kind, 0)))
+        return len(self.meta) - 1
+
+    def device_part(self) -> torch.Tensor:
+        """Everything the host needs, as one float64 device tensor (empty when unused)."""
+        raw = self.batch.take()
+        extremes = torch.stack(self.extremes) if self.extremes else raw[:, :2]
+        return torch.cat([raw, extremes], dim=1).reshape(-1)
+
+    def rows(self, host: np.ndarray) -> np.ndarray:
+        """``ACT_FIELDS`` rows from :meth:`device_part` as copied to the host."""
+        raw = np.asarray(host, dtype=np.float64).reshape(len(self.meta), len(_RAW_ACT) + 2)
+        meta = np.asarray(self.meta, dtype=np.float64).reshape(-1, 3)
+        self.meta, self.extremes = [], []
+        return finish_activations(raw, meta)
+
+
+def finish_activations(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """``ACT_FIELDS`` rows from raw batch results (``_RAW_ACT`` + full-tensor min/max) and
+    per-row ``(n, m, kind code)``."""
+    r = {name: raw[:, i] for i, name in enumerate(_RAW_ACT)}
+    n, m, kind = meta[:, 0], meta[:, 1], meta[:, 2]
+    count = r["finite"]
+    full_lo, full_hi = raw[:, len(_RAW_ACT)], raw[:, len(_RAW_ACT) + 1]
+    sampled = m < n
+    clean = np.isfinite(full_lo) & np.isfinite(full_hi)
+    use_full = sampled & clean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        estimate = np.minimum(np.round(count * n / np.maximum(m, 1)), n - 1)
+    n_finite = np.where(sampled, np.where(clean, n, estimate), count)
+    saturated = np.where(kind == 1, r["tanh_tails"], np.where(kind == 2, r["sigmoid_tails"], 0))
+    return np.stack([n, n_finite, m, count, r["mean"], r["m2"],
+                     np.where(use_full, full_lo, r["min"]), np.where(use_full, full_hi, r["max"]),
+                     r["zeros"], saturated], axis=1)
+
+
+class GradientBatch:
+    """Gradient statistics of one observed step on one device, as :class:`ActivationBatch`:
+    per large tensor one full reduction (the presence of NaN/Inf) and a gather of its sample;
+    the sum of squares and the number of non-finite values come from the sample."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.batch = RowBatch(device, _grad_kernel, len(_RAW_GRAD))
+        self.meta: list = []
+        self.clean: list = []
+        self._exact = torch.ones((), dtype=_F64, device=device)
+
+    def add(self, g: torch.Tensor) -> int:
+        flat = _flat(g)
+        values = _values(flat)
+        if values is flat:
+            self.clean.append(self._exact)
+        else:
+            self.clean.append(_all_finite(flat).to(_F64))
+        self.batch.add(values)
+        self.meta.append((flat.numel(), values.numel()))
+        return len(self.meta) - 1
+
+    def device_part(self) -> torch.Tensor:
+        raw = self.batch.take()
+        clean = torch.stack(self.clean)[:, None] if self.clean else raw[:, :1]
+        return torch.cat([raw, clean], dim=1).reshape(-1)
+
+    def rows(self, host: np.ndarray) -> np.ndarray:
+        raw = np.asarray(host, dtype=np.float64).reshape(len(self.meta), len(_RAW_GRAD) + 1)
+        meta = np.asarray(self.meta, dtype=np.float64).reshape(-1, 2)
+        self.meta, self.clean = [], []
+        return finish_gradients(raw, meta)
+
+
+def finish_gradients(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """``GRAD_FIELDS`` rows from raw batch results (``_RAW_GRAD`` + all-finite flag) and per-row
+    ``(n, m)``."""
+    count, sumsq, clean = raw[:, 0], raw[:, 1], raw[:, 2] > 0
+    n, m = meta[:, 0], meta[:, 1]
+    sampled = m < n
+    scale = n / np.maximum(m, 1)
+    missing = m - count
+    estimate = np.clip(np.round(missing * scale), 1, np.maximum(n, 1))
+    nonfinite = np.where(sampled, np.where(clean, 0, estimate), missing)
+    return np.stack([n, np.where(sampled, sumsq * scale, sumsq), nonfinite], axis=1)
 
 
 def activation_stats(x: torch.Tensor, kind: Optional[str]) -> torch.Tensor:
@@ -138,31 +309,53 @@ def activation_stats(x: torch.Tensor, kind: Optional[str]) -> torch.Tensor:
     fractions come from the sample (``m`` elements, ``m_finite`` of them finite), as do min,
     max and the number of non-finite values when the tensor has any. All arithmetic on the
     values is float64, so 16-bit inputs and magnitudes from 1e-300 to 1e300 stay exact.
+    One tensor at a time (this reads the result on the host); the probe batches
+    :class:`ActivationBatch` instead.
     """
-    flat = _flat(x)
-    n = flat.numel()
-    if n == 0:
-        zero = torch.zeros((), dtype=_F64, device=flat.device)
-        return torch.stack([zero, zero, zero, zero, zero, zero, _full(math.inf, flat),
-                            _full(-math.inf, flat), zero, zero])
-    if n <= SAMPLE_ABOVE:
-        m_finite, mean, m2, lo, hi, zeros, saturated = _moments(_exact_copy(flat), kind)
-        return torch.stack([_full(n, flat), m_finite, _full(n, flat), m_finite, mean, m2, lo,
-                            hi, zeros, saturated])
-    full_lo, full_hi = (v.to(_F64) for v in torch.aminmax(flat))
-    sample = _sample(flat, SAMPLE_TARGET, _F64)  # after the full pass: still in cache
-    m = sample.numel()
-    m_finite, mean, m2, s_lo, s_hi, zeros, saturated = _moments(sample, kind)
-    clean = torch.isfinite(full_lo) & torch.isfinite(full_hi)
-    estimate = torch.round(m_finite * (n / m)).clamp(max=n - 1)
-    return torch.stack([_full(n, flat), torch.where(clean, n, estimate), _full(m, flat),
-                        m_finite, mean, m2, torch.where(clean, full_lo, s_lo),
-                        torch.where(clean, full_hi, s_hi), zeros, saturated])
+    batch = ActivationBatch(x.device)
+    batch.add(x, kind)
+    return torch.from_numpy(batch.rows(batch.device_part().cpu().numpy())[0])
+
+
+def grad_stats(g: torch.Tensor) -> torch.Tensor:
+    """Gradient statistics as a float64 vector laid out as ``GRAD_FIELDS`` (NaN/Inf skipped).
+
+    Exact up to ``SAMPLE_ABOVE`` elements. Above it one reduction reads every element, so the
+    presence of NaN/Inf is exact (float32/float64 gradients: their sum is non-finite, which
+    finite values cannot cause short of summing beyond 3.4e38; 16-bit ones: min/max); the sum
+    of squares of the finite elements and, when there are any NaN/Inf, their number are scaled
+    up from the sample (relative error of the sum of squares about ``sqrt((kurtosis - 1) / m)``:
+    1% for Gaussian values). One tensor at a time; the probe batches :class:`GradientBatch`.
+    """
+    batch = GradientBatch(g.device)
+    batch.add(g)
+    return torch.from_numpy(batch.rows(batch.device_part().cpu().numpy())[0])
 
 
 # A GELU-family unit (GELU, SiLU, Mish) counts as active when |y| exceeds this: below it the
 # input is < about -3.4, where the local derivative is < 1% as well.
 GELU_ACTIVE_LEVEL = 1e-3
+
+
+# Sample pairs compared by :func:`between_sample`.
+SIGNAL_PAIRS = 4
+
+
+def between_sample(x: torch.Tensor) -> torch.Tensor:
+    """``[sum of d**2 / 2, count]`` over ``d = x[2i] - x[2i + 1]`` for up to ``SIGNAL_PAIRS``
+    pairs of samples (dim 0) at the same position: the between-sample variance, averaged over
+    units and positions. An output that no longer depends on the input (e.g. only its biases
+    survive a vanishing signal) scores 0 however large its values. Needs ``x.shape[0] >= 2``."""
+    pairs = min(x.shape[0] // 2, SIGNAL_PAIRS)
+    a = x.detach()[0:2 * pairs:2].reshape(-1)
+    b = x.detach()[1:2 * pairs:2].reshape(-1)
+    if a.numel() > SAMPLE_TARGET:
+        index = sample_index(a.numel(), SAMPLE_TARGET, a.device)
+        a, b = a.take(index), b.take(index)
+    d = a.to(_F64) - b.to(_F64)
+    finite = torch.isfinite(d)
+    d = torch.where(finite, d, 0.0)
+    return torch.stack([(d * d).sum() / 2, finite.sum(dtype=_F64)])
 
 
 def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Tensor:
@@ -200,33 +393,6 @@ def _per_unit(y: torch.Tensor, unit_dim: int, reduce: Callable) -> torch.Tensor:
     return reduce(reduce(y.reshape(before // fold, fold * units), 0).view(fold, units), 0)
 
 
-def grad_stats(g: torch.Tensor) -> torch.Tensor:
-    """Gradient statistics as a float64 vector laid out as ``GRAD_FIELDS`` (NaN/Inf skipped).
-
-    Exact up to ``SAMPLE_ABOVE`` elements. Above it one reduction reads every element, so the
-    presence of NaN/Inf is exact (float32/float64 gradients: their sum is non-finite, which
-    finite values cannot cause short of summing beyond 3.4e38; 16-bit ones: min/max); the sum
-    of squares of the finite elements and, when there are any NaN/Inf, their number are scaled
-    up from the sample (relative error of the sum of squares about ``sqrt((kurtosis - 1) / m)``:
-    1% for Gaussian values).
-    """
-    flat = _flat(g)
-    n = flat.numel()
-    if n <= SAMPLE_ABOVE:
-        s = _exact_copy(flat)
-        nonfinite = torch.mul(s, 0, out=_scratch(1, n, _F64, s.device)).nan_to_num_(1.0).sum()
-        z = s.nan_to_num_(0.0, 0.0, 0.0)
-        return torch.stack([_full(n, flat), torch.dot(z, z), nonfinite])
-    clean = _all_finite(flat)
-    sample = _sample(flat, SAMPLE_TARGET, _F64)  # after the full pass: the tensor is in cache
-    scale = n / sample.numel()
-    work = _scratch(1, sample.numel(), _F64, sample.device)
-    missing = torch.mul(sample, 0, out=work).nan_to_num_(1.0).sum()
-    z = sample.nan_to_num_(0.0, 0.0, 0.0)
-    return torch.stack([_full(n, flat), torch.dot(z, z) * scale,
-                        torch.where(clean, 0.0, (missing * scale).round().clamp(1, n))])
-
-
 def _all_finite(flat: torch.Tensor) -> torch.Tensor:
     """Whether every element is finite, in one reduction (a 0-d bool tensor)."""
     if flat.dtype in (torch.float16, torch.bfloat16):  # their sums overflow too easily
@@ -255,7 +421,8 @@ def norm_and_std(t: torch.Tensor) -> tuple:
     if n <= SAMPLE_ABOVE:
         s = _exact_copy(flat)
         return torch.linalg.vector_norm(s), s.std()
-    return norm(flat), _sample(flat, SAMPLE_TARGET, _F64).std()
+    sample = _values(flat)
+    return norm(flat), _scratch(0, sample.numel(), _F64, flat.device).copy_(sample).std()
 
 
 def _sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
