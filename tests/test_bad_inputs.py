@@ -466,7 +466,7 @@ def test_a_bug_in_trainlints_hooks_is_not_blamed_on_the_user(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise IndexError("stats bug")
 
-    monkeypatch.setattr(trainlint.stats, "activation_stats", broken)
+    monkeypatch.setattr(trainlint.stats.ActivationBatch, "add", broken)
     model = small_model()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(IndexError, match="stats bug"):

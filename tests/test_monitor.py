@@ -75,9 +75,9 @@ def test_monitor_observes_exactly_every_nth_step(every: int, steps: int) -> None
 def test_idle_steps_gather_no_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
     model, opt = make()
     calls = []
-    original = stats.activation_stats
-    monkeypatch.setattr(stats, "activation_stats",
-                        lambda x, kind: calls.append(1) or original(x, kind))
+    original = stats.ActivationBatch.add
+    monkeypatch.setattr(stats.ActivationBatch, "add",
+                        lambda self, x, kind: calls.append(1) or original(self, x, kind))
     with trainlint.Monitor(model, optimizer=opt, every=4) as monitor:
         train(model, opt, monitor, 1)
         per_step = len(calls)
