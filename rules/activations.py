@@ -223,9 +223,10 @@ def _init_fix(kind: str) -> str:
             f"gain=nn.init.calculate_gain('{kind}')) (Glorot init)")
 
 
-def _step_scales(step: dict, series: list[LayerTrace]) -> Optional[list[float]]:
-    """The RMS of each series layer at one observed step; None when one of them was not seen
-    or held NaN/Inf then (a diverged step says nothing about scale)."""
+def _step_scales(step: dict, series: list[LayerTrace], measure: str) -> Optional[list[float]]:
+    """Each series layer's scale at one observed step (``measure`` "signal": between-sample
+    RMS; "rms": RMS); None when one of them was not measured or held NaN/Inf then (a diverged
+    step says nothing about scale)."""
     layers = step.get("layers", {})
     bad = step.get("nonfinite", {}).get("activations", {})
     scales = []
@@ -234,23 +235,33 @@ def _step_scales(step: dict, series: list[LayerTrace]) -> Optional[list[float]]:
         entry = layers.get(key)
         if key in bad or entry is None or "std" not in entry:
             return None
-        scale = math.hypot(entry["std"], entry["mean"])
+        if measure == "signal":
+            if entry.get("signal") is None:
+                return None
+            scale = entry["signal"]
+        else:
+            scale = math.hypot(entry["std"], entry["mean"])
         if scale == 0 and lt.activation.nonfinite:  # all NaN/Inf: no finite moments
             return None
         scales.append(scale)
     return scales
 
 
-def _scale_profiles(trace: RunTrace, window: int, min_layers: int) -> list[tuple]:
+def _scale_profiles(trace: RunTrace, window: int, min_layers: int,
+                    measure: str = "rms") -> list[tuple]:
     """(step, series, scales, reference) for each observed step whose profile is finite; one
     profile of the statistics merged over the run (step None) when there is none."""
     series = depth_series(trace)
     if len(series) < min_layers:
         return []
     candidates = [(s.get("step"), scales) for s in trace.per_step
-                  if (scales := _step_scales(s, series)) is not None]
+                  if (scales := _step_scales(s, series, measure)) is not None]
     if not candidates:
-        candidates = [(None, [lt.activation.rms for lt in series])]
+        merged = [lt.activation.signal if measure == "signal" else lt.activation.rms
+                  for lt in series]
+        if any(v is None for v in merged):
+            return []
+        candidates = [(None, merged)]
     profiles = []
     for step, scales in candidates:
         reference = median(scales[:window])
@@ -269,9 +280,13 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     Along the forward path (outputs of weight layers and nonlinearities, in execution order,
-    the model's final output excluded) it compares the RMS of the deepest ``window`` layers with
-    that of the first ``window``. It fires when the ratio falls below ``min_ratio`` in a
-    network of at least ``min_layers`` such layers, naming the first layer below it.
+    the model's final output excluded) it compares the scale of the signal in the deepest
+    ``window`` layers with that of the first ``window``. The scale is the between-sample RMS
+    (how much an output differs from one sample to the next at the same position), so a
+    layer whose output is only its bias, the same for every input, counts as vanished; with
+    batches of one it falls back to the RMS. It fires when the ratio falls below
+    ``min_ratio`` in a network of at least ``min_layers`` such layers, naming the first layer
+    below it.
 
     ## Why is this bad?
     When activations shrink layer after layer, so do the weight gradients (which are
@@ -287,7 +302,9 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     tanh (``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``), or add
     normalization layers / residual connections.
     """
-    for step, series, scales, reference in _scale_profiles(trace, t.window, t.min_layers):
+    profiles = (_scale_profiles(trace, t.window, t.min_layers, "signal")
+                or _scale_profiles(trace, t.window, t.min_layers, "rms"))
+    for step, series, scales, reference in profiles:
         deep = median(scales[-t.window:])
         ratio = deep / reference
         if ratio >= t.min_ratio:
@@ -296,7 +313,7 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         where = series[first]
         yield Hit(
             module=where.module,
-            message=(f"activation RMS decays along depth{_at_step(step)}: {reference:.3g} in "
+            message=(f"activation scale decays along depth{_at_step(step)}: {reference:.3g} in "
                      f"the first layers, {deep:.3g} in the last ({ratio:.2g}×, threshold "
                      f"{t.min_ratio:g}×); it first falls below the threshold at {where.label} "
                      f"(layer {first + 1} of {len(series)})"),

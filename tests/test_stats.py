@@ -278,3 +278,19 @@ def test_probe_gradient_norms_match_captured_gradients(probed: tuple) -> None:
         assert len(grads) == 3
         expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
         assert layers[(name, "output")].grad_norm == pytest.approx(expected, rel=1e-5), name
+
+
+def test_between_sample_is_half_the_mean_squared_pair_difference():
+    x = torch.randn(9, 3, 5, 5, dtype=torch.float64)
+    total, count = stats.between_sample(x).tolist()
+    pairs = min(x.shape[0] // 2, stats.SIGNAL_PAIRS)
+    d = torch.stack([x[2 * i] - x[2 * i + 1] for i in range(pairs)])
+    assert count == d.numel()
+    assert total == pytest.approx(float((d ** 2).sum() / 2), rel=1e-12)
+
+
+def test_between_sample_ignores_what_every_sample_shares():
+    bias = torch.randn(1, 64) * 5
+    x = bias.expand(16, 64) + 1e-3 * torch.randn(16, 64)
+    total, count = stats.between_sample(x).tolist()
+    assert (total / count) ** 0.5 == pytest.approx(1e-3, rel=0.2)

@@ -62,6 +62,7 @@ class TraceBuilder:
         self.act_rows: dict[tuple, list] = {}
         self.grad_rows: dict[tuple, list] = {}
         self.units: dict[tuple, np.ndarray] = {}
+        self.signal: dict[tuple, np.ndarray] = {}
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
         self.norm_calls: list = []
@@ -106,6 +107,11 @@ class TraceBuilder:
                 if value.size:
                     step_info["layers"].setdefault(tag[1], {})["dead_fraction"] = float(
                         1.0 - self.units[tag[1]].mean())
+            elif kind == "signal":
+                self.signal[tag[1]] = self.signal.get(tag[1], 0.0) + value
+                if value[1] > 0:
+                    step_info["layers"].setdefault(tag[1], {})["signal"] = float(
+                        np.sqrt(value[0] / value[1]))
             elif kind == "input":
                 self._add_input(tag, value)
             elif kind == "param":
@@ -183,6 +189,9 @@ class TraceBuilder:
             activation = None
             if rows:
                 merged = stats.merge_moments(np.concatenate(rows))
+                signal = self.signal.get(key)
+                if signal is not None and signal[1] > 0:
+                    merged["signal"] = float(np.sqrt(signal[0] / signal[1]))
                 activation = ActivationStats(**merged)
             grad_norm = grad_rms = None
             grad_nonfinite = 0

@@ -42,6 +42,9 @@ class ActivationStats:
     saturated_fraction: Optional[float] = None
     rms: float = 0.0
     sampled: bool = False
+    # Between-sample RMS: sqrt of half the mean squared difference of paired samples at the
+    # same position (None with batches of one). What of the output depends on the input.
+    signal: Optional[float] = None
 
     @property
     def scale(self) -> float:

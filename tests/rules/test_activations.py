@@ -345,3 +345,20 @@ def test_steps_with_nonfinite_activations_are_not_judged() -> None:
     deepest = trace.layers[-1].node[1:]
     with_steps(trace, good, bad, bad=({1: {deepest: 5}}))
     assert run("TL104", trace) == []
+
+
+def test_tl103_judges_the_between_sample_signal_when_measured() -> None:
+    """Outputs that are only their (input-independent) biases have a flat RMS but no signal."""
+    r = RULES["TL103"].defaults["min_ratio"]
+    flat_rms = [1.0] * len(profile("TL103", 1.0))
+    faded = profile("TL103", r / 10)
+    trace = depth_trace(flat_rms)
+    for step in range(2):
+        layers = {lt.node[1:]: {"std": 1.0, "mean": 0.0, "signal": s}
+                  for lt, s in zip(trace.layers, faded)}
+        trace.per_step.append({"step": step, "layers": layers, "nonfinite": {}})
+    [hit] = run("TL103", trace)
+    assert hit.evidence["ratio"] == pytest.approx(r / 10)
+    for step in trace.per_step:  # one layer without a signal (batch of one): RMS decides
+        next(iter(step["layers"].values())).pop("signal")
+    assert run("TL103", trace) == []
