@@ -120,7 +120,9 @@ class Point:
     shape: tuple = ()
     act_rows: list = field(default_factory=list)
     grad_rows: list = field(default_factory=list)
-    ever_active: Optional[torch.Tensor] = None
+    # Per-unit max (and min, GELU family) over every observed call: the "ever active" record.
+    unit_hi: Optional[torch.Tensor] = None
+    unit_lo: Optional[torch.Tensor] = None
     signal: Optional[torch.Tensor] = None
     backward_order: Optional[int] = None
 
@@ -358,9 +360,11 @@ class Probe:
                 pair = stats.between_sample(tensor)
                 point.signal = pair if point.signal is None else point.signal + pair
             if unit_dim is not None:
-                positive = stats.unit_active(tensor, unit_dim, kind)
-                point.ever_active = (positive if point.ever_active is None
-                                     else point.ever_active | positive)
+                hi, lo = stats.unit_extremes(tensor, unit_dim, kind)
+                point.unit_hi = hi if point.unit_hi is None else torch.maximum(point.unit_hi, hi)
+                if lo is not None:
+                    point.unit_lo = (lo if point.unit_lo is None
+                                     else torch.minimum(point.unit_lo, lo))
             if tensor.requires_grad and torch.is_grad_enabled():
                 self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
         return point
@@ -384,24 +388,28 @@ class Probe:
 
     def _record_input(self, name: str, t: torch.Tensor) -> None:
         """Per-channel mean, std, min and max of a model input over its finite elements, for
-        the channel dim 1 (images, sequences of channels) and the last dim (features)."""
-        x = t.detach().to(torch.float64)
+        the channel dim 1 (images, sequences of channels) and the last dim (features). Two
+        float64 temporaries the input's size, whatever its rank."""
+        x = t.detach().to(torch.float64, copy=True)
         if x.dim() == 1:
             x = x.unsqueeze(0)
-        bad = (x * 0).nan_to_num_(1.0)
-        z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        work = torch.empty_like(x)
+        dims = [1, x.dim() - 1] if x.dim() >= 3 else [x.dim() - 1]
+        others = [[d for d in range(x.dim()) if d != dim] for dim in dims]
         big = torch.finfo(torch.float64).max  # what a channel with no finite value reports
-        low = torch.nan_to_num(x, nan=big, posinf=big, neginf=big)
-        high = torch.nan_to_num(x, nan=-big, posinf=-big, neginf=-big)
-        for dim in ([1, x.dim() - 1] if x.dim() >= 3 else [x.dim() - 1]):
-            others = [d for d in range(x.dim()) if d != dim]
-            missing = bad.sum(others, keepdim=True)
-            n = (x.numel() // x.shape[dim] - missing).clamp(min=1)
-            mean = z.sum(others, keepdim=True) / n
-            centred = z - mean
-            var = ((centred * centred).sum(others, keepdim=True) - missing * mean * mean) / n
-            value = torch.stack([mean.reshape(-1), var.clamp(min=0).sqrt().reshape(-1),
-                                 low.amin(others), high.amax(others)])
+        torch.nan_to_num(x, nan=big, posinf=big, neginf=big, out=work)
+        lows = [work.amin(o) for o in others]
+        torch.nan_to_num(x, nan=-big, posinf=-big, neginf=-big, out=work)
+        highs = [work.amax(o) for o in others]
+        torch.mul(x, 0, out=work).nan_to_num_(1.0)
+        missing = [work.sum(o, keepdim=True) for o in others]
+        z = x.nan_to_num_(0.0, 0.0, 0.0)
+        for dim, o, lo, hi, gone in zip(dims, others, lows, highs, missing):
+            n = (x.numel() // x.shape[dim] - gone).clamp(min=1)
+            mean = z.sum(o, keepdim=True) / n
+            squares = torch.sub(z, mean, out=work).square_().sum(o, keepdim=True)
+            var = (squares - gone * mean * mean) / n
+            value = torch.stack([mean.reshape(-1), var.clamp(min=0).sqrt().reshape(-1), lo, hi])
             self.input_rows.append((name, tuple(t.shape), str(t.dtype).replace("torch.", ""),
                                     dim if t.dim() > 1 else 0, value))
 
@@ -450,22 +458,23 @@ class Probe:
             return
         self.busy = True
         try:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    self.update_snapshots[p] = _update_sample(p).clone()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if params:
+                copies = torch._foreach_mul([_update_sample(p) for p in params], 1.0)
+                self.update_snapshots.update(zip(params, copies))
         finally:
             self.busy = False
 
     def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.observing:
+        if not self.observing or not self.update_snapshots:
             return
-        for p, before in self.update_snapshots.items():
-            after = _update_sample(p)
-            scale = p.numel() / max(after.numel(), 1)
-            delta = torch.linalg.vector_norm((after - before).to(torch.float64))
-            self.update_norms[p] = delta * (scale ** 0.5)
-            self.before_norms[p] = (torch.linalg.vector_norm(before.to(torch.float64))
-                                    * (scale ** 0.5))
+        params, befores = list(self.update_snapshots), list(self.update_snapshots.values())
+        scales = [(p.numel() / max(b.numel(), 1)) ** 0.5 for p, b in zip(params, befores)]
+        deltas = torch._foreach_sub([_update_sample(p) for p in params], befores)
+        updates = torch._foreach_mul(torch._foreach_norm(deltas), scales)
+        norms = torch._foreach_mul(torch._foreach_norm(befores), scales)
+        self.update_norms.update(zip(params, updates))
+        self.before_norms.update(zip(params, norms))
         self.update_snapshots.clear()
 
     # ---------------------------------------------------------------- sync
@@ -485,8 +494,8 @@ class Probe:
             add(("acts", dev), acts.device_part())
             add(("grads", dev), grads.device_part())
         for key, point in self.points.items():
-            if point.ever_active is not None:
-                add(("units", key), point.ever_active)
+            if point.unit_hi is not None:
+                add(("units", key), stats.active_units(point.unit_hi, point.unit_lo, point.kind))
             if point.signal is not None:
                 add(("signal", key), point.signal)
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
@@ -553,13 +562,11 @@ class ProbeSnapshot:
 
 
 def _update_sample(p: torch.Tensor) -> torch.Tensor:
-    """A subset of a parameter, enough to estimate the norm of its update. The positions do
-    not alias with the layout: a plain stride of 9 over a 3x3 conv kernel would read only its
-    top-left tap, whose updates differ from the other taps' (zero padding)."""
-    flat = p.detach().reshape(-1)
-    if flat.numel() <= 4096:
-        return flat
-    return flat.index_select(0, stats.sample_index(flat.numel(), 4096, flat.device))
+    """A subset of a parameter, enough to estimate the norm of its update (4096 elements in
+    runs of 16 at golden-ratio positions: no aliasing with the layout, e.g. a plain stride of 9
+    over a 3x3 conv kernel would read only its top-left tap), 16-bit values as float32."""
+    values = stats.sample(p.detach().reshape(-1), 4096)
+    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
 def _optimizer_params(optimizer: Optional[torch.optim.Optimizer]) -> set:

@@ -93,19 +93,28 @@ def _exact_copy(flat: torch.Tensor) -> torch.Tensor:
     return _scratch(0, flat.numel(), _F64, flat.device).copy_(flat)
 
 
+def sample(flat: torch.Tensor, target: int) -> torch.Tensor:
+    """At most ``target`` elements of a 1-D tensor (all of it when it is that small), always at
+    the same positions for the same size: runs of ``RUN`` consecutive elements (a cache line
+    of float32) at golden-ratio positions. Reading whole cache lines makes the gather several
+    times cheaper than picking single elements from a tensor out of cache."""
+    return flat if flat.numel() <= target else _runs(flat, target).reshape(-1)
+
+
+def _runs(flat: torch.Tensor, target: int) -> torch.Tensor:
+    """The sample of :func:`sample` for a tensor above ``target`` elements, as ``[runs, RUN]``
+    (``[target]`` when it cannot be read in runs)."""
+    n = flat.numel()
+    if target < RUN or not flat.is_contiguous():
+        return torch.take(flat, sample_index(n, target, flat.device))
+    runs = flat[: n - n % RUN].view(-1, RUN)
+    return runs.index_select(0, sample_index(runs.shape[0], target // RUN, flat.device))
+
+
 def _values(flat: torch.Tensor) -> torch.Tensor:
     """What the element-wise statistics read: all of a tensor of up to ``SAMPLE_ABOVE``
-    elements, else its sample: ``SAMPLE_TARGET / RUN`` runs of ``RUN`` consecutive elements
-    (a cache line of float32) at golden-ratio positions. Reading whole cache lines makes the
-    gather several times cheaper than picking single elements from a tensor out of cache."""
-    n = flat.numel()
-    if n <= SAMPLE_ABOVE:
-        return flat
-    if not flat.is_contiguous():
-        return torch.take(flat, sample_index(n, SAMPLE_TARGET, flat.device))
-    runs = flat[: n - n % RUN].view(-1, RUN)
-    index = sample_index(runs.shape[0], SAMPLE_TARGET // RUN, flat.device)
-    return runs.index_select(0, index).reshape(-1)
+    elements, else its sample (as ``[runs, RUN]``)."""
+    return flat if flat.numel() <= SAMPLE_ABOVE else _runs(flat, SAMPLE_TARGET)
 
 
 # Statistics computed on the device for a batch of rows (``_RAW_ACT``, ``_RAW_GRAD``); the host
@@ -131,13 +140,18 @@ class RowBatch:
         self.count = 0
         self.done: list = []
         self.kinds: set = set()
+        self.views: dict = {}
 
     def add(self, values: torch.Tensor, kind: Optional[str] = None) -> None:
         if self.rows is None:
             shape = (BATCH_ROWS, max(SAMPLE_TARGET, SAMPLE_ABOVE))
             self.rows = torch.full(shape, math.nan, dtype=_F64, device=self.device)
             self.work = [torch.empty(shape, dtype=_F64, device=self.device) for _ in range(3)]
-        self.rows[self.count, :values.numel()].copy_(values)
+        key = (self.count, values.shape)
+        view = self.views.get(key)
+        if view is None:  # each (row, shape) is sliced once: per tensor, one copy op remains
+            view = self.views[key] = self.rows[self.count, :values.numel()].view(values.shape)
+        view.copy_(values)
         self.kinds.add(kind)
         self.count += 1
         if self.count == BATCH_ROWS:
@@ -205,32 +219,39 @@ class ActivationBatch:
     def __init__(self, device: torch.device) -> None:
         self.batch = RowBatch(device, _act_kernel, len(_RAW_ACT))
         self.meta: list = []
-        self.extremes: list = []
-        self._none = torch.full((2,), math.nan, dtype=_F64, device=device)
+        self.lo: list = []
+        self.hi: list = []
+        self._none = torch.full((), math.nan, dtype=_F64, device=device)
 
     def add(self, x: torch.Tensor, kind: Optional[str]) -> int:
         flat = _flat(x)
         n = flat.numel()
-        values = _values(flat)
-        if values is flat:
-            self.extremes.append(self._none)
+        if n <= SAMPLE_ABOVE:
+            values = flat
+            self.lo.append(self._none)
+            self.hi.append(self._none)
         else:
-            self.extremes.append(torch.stack(torch.aminmax(flat)).to(_F64))
-        self.batch.add(values, kind)  # a sample is taken after the full pass: still in cache
+            lo, hi = torch.aminmax(flat)
+            self.lo.append(lo)
+            self.hi.append(hi)
+            values = _runs(flat, SAMPLE_TARGET)  # after the full pass: still in cache
+        self.batch.add(values, kind)
         self.meta.append((n, values.numel(), _KINDS.get(kind, 0)))
         return len(self.meta) - 1
 
     def device_part(self) -> torch.Tensor:
         """Everything the host needs, as one float64 device tensor (empty when unused)."""
         raw = self.batch.take()
-        extremes = torch.stack(self.extremes) if self.extremes else raw[:, :2]
+        if not self.meta:
+            return raw.reshape(-1)
+        extremes = torch.stack([torch.stack(self.lo).to(_F64), torch.stack(self.hi).to(_F64)], 1)
         return torch.cat([raw, extremes], dim=1).reshape(-1)
 
     def rows(self, host: np.ndarray) -> np.ndarray:
         """``ACT_FIELDS`` rows from :meth:`device_part` as copied to the host."""
         raw = np.asarray(host, dtype=np.float64).reshape(len(self.meta), len(_RAW_ACT) + 2)
         meta = np.asarray(self.meta, dtype=np.float64).reshape(-1, 3)
-        self.meta, self.extremes = [], []
+        self.meta, self.lo, self.hi = [], [], []
         return finish_activations(raw, meta)
 
 
@@ -261,29 +282,33 @@ class GradientBatch:
     def __init__(self, device: torch.device) -> None:
         self.batch = RowBatch(device, _grad_kernel, len(_RAW_GRAD))
         self.meta: list = []
-        self.clean: list = []
-        self._exact = torch.ones((), dtype=_F64, device=device)
+        self.sums: list = []
+        self._exact = torch.zeros((), dtype=_F64, device=device)
 
     def add(self, g: torch.Tensor) -> int:
         flat = _flat(g)
-        values = _values(flat)
-        if values is flat:
-            self.clean.append(self._exact)
+        n = flat.numel()
+        if n <= SAMPLE_ABOVE:
+            values = flat
+            self.sums.append(self._exact)
         else:
-            self.clean.append(_all_finite(flat).to(_F64))
+            self.sums.append(_finite_probe(flat))
+            values = _runs(flat, SAMPLE_TARGET)
         self.batch.add(values)
-        self.meta.append((flat.numel(), values.numel()))
+        self.meta.append((n, values.numel()))
         return len(self.meta) - 1
 
     def device_part(self) -> torch.Tensor:
         raw = self.batch.take()
-        clean = torch.stack(self.clean)[:, None] if self.clean else raw[:, :1]
+        if not self.meta:
+            return raw.reshape(-1)
+        clean = torch.isfinite(torch.stack(self.sums).to(_F64)).to(_F64)[:, None]
         return torch.cat([raw, clean], dim=1).reshape(-1)
 
     def rows(self, host: np.ndarray) -> np.ndarray:
         raw = np.asarray(host, dtype=np.float64).reshape(len(self.meta), len(_RAW_GRAD) + 1)
         meta = np.asarray(self.meta, dtype=np.float64).reshape(-1, 2)
-        self.meta, self.clean = [], []
+        self.meta, self.sums = [], []
         return finish_gradients(raw, meta)
 
 
@@ -345,17 +370,24 @@ def between_sample(x: torch.Tensor) -> torch.Tensor:
     """``[sum of d**2 / 2, count]`` over ``d = x[2i] - x[2i + 1]`` for up to ``SIGNAL_PAIRS``
     pairs of samples (dim 0) at the same position: the between-sample variance, averaged over
     units and positions. An output that no longer depends on the input (e.g. only its biases
-    survive a vanishing signal) scores 0 however large its values. Needs ``x.shape[0] >= 2``."""
+    survive a vanishing signal) scores 0 however large its values. Needs ``x.shape[0] >= 2``.
+    Above ``SAMPLE_TARGET`` values per side, the same runs of positions are read in each pair."""
     pairs = min(x.shape[0] // 2, SIGNAL_PAIRS)
-    a = x.detach()[0:2 * pairs:2].reshape(-1)
-    b = x.detach()[1:2 * pairs:2].reshape(-1)
-    if a.numel() > SAMPLE_TARGET:
-        index = sample_index(a.numel(), SAMPLE_TARGET, a.device)
-        a, b = a.take(index), b.take(index)
-    d = a.to(_F64) - b.to(_F64)
-    finite = torch.isfinite(d)
-    d = torch.where(finite, d, 0.0)
-    return torch.stack([(d * d).sum() / 2, finite.sum(dtype=_F64)])
+    rows = x.detach().reshape(x.shape[0], -1)
+    a, b = rows[0:2 * pairs:2], rows[1:2 * pairs:2]
+    width = rows.shape[1]
+    if pairs * width > SAMPLE_TARGET:
+        if width % RUN == 0 and rows.stride(1) == 1:
+            runs = sample_index(width // RUN, max(SAMPLE_TARGET // (RUN * pairs), 1), x.device)
+            a = a.reshape(pairs, -1, RUN).index_select(1, runs)
+            b = b.reshape(pairs, -1, RUN).index_select(1, runs)
+        else:
+            index = sample_index(pairs * width, SAMPLE_TARGET, x.device)
+            a, b = a.reshape(-1).take(index), b.reshape(-1).take(index)
+    d = (a.to(_F64) - b.to(_F64)).reshape(-1)
+    bad = (d * 0).nan_to_num_(1.0)
+    d = d.nan_to_num_(0.0, 0.0, 0.0)
+    return torch.stack([torch.dot(d, d) / 2, d.numel() - bad.sum()])
 
 
 def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Tensor:
@@ -365,16 +397,27 @@ def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Ten
     One max (and for the GELU family one min) reduction over the other dims; a unit holding a
     NaN counts as active, so that a NaN never reads as a dead unit.
     """
+    return active_units(*unit_extremes(x, unit_dim, kind), kind)
+
+
+def unit_extremes(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> tuple:
+    """Per unit along ``unit_dim``: the max, and for the GELU family the min (else None), over
+    the other dims. Merge calls with ``torch.maximum``/``torch.minimum``."""
     y = x.detach()
     if y.dim() == 0:
         y = y.reshape(1)
     unit_dim %= y.dim()
     if y.numel() == 0:
-        return torch.zeros(y.shape[unit_dim], dtype=torch.bool, device=y.device)
+        empty = torch.full((y.shape[unit_dim],), -math.inf, dtype=y.dtype, device=y.device)
+        return empty, (None if kind == "relu" else -empty)
     hi = _per_unit(y, unit_dim, torch.amax)
-    if kind == "relu":
+    return hi, (None if kind == "relu" else _per_unit(y, unit_dim, torch.amin))
+
+
+def active_units(hi: torch.Tensor, lo: Optional[torch.Tensor], kind: str = "relu") -> torch.Tensor:
+    """:func:`unit_active` from :func:`unit_extremes` (possibly merged over calls)."""
+    if kind == "relu" or lo is None:
         return ~(hi <= 0)
-    lo = _per_unit(y, unit_dim, torch.amin)
     return ~((hi <= GELU_ACTIVE_LEVEL) & (lo >= -GELU_ACTIVE_LEVEL))
 
 
@@ -393,12 +436,13 @@ def _per_unit(y: torch.Tensor, unit_dim: int, reduce: Callable) -> torch.Tensor:
     return reduce(reduce(y.reshape(before // fold, fold * units), 0).view(fold, units), 0)
 
 
-def _all_finite(flat: torch.Tensor) -> torch.Tensor:
-    """Whether every element is finite, in one reduction (a 0-d bool tensor)."""
-    if flat.dtype in (torch.float16, torch.bfloat16):  # their sums overflow too easily
-        lo, hi = torch.aminmax(flat)
-        return torch.isfinite(lo) & torch.isfinite(hi)
-    return torch.isfinite(flat.sum())
+def _finite_probe(flat: torch.Tensor) -> torch.Tensor:
+    """One reduction whose 0-d result is finite exactly when every element is: the sum for
+    float32/float64 (short of finite values summing beyond 3.4e38), min + max in float32 for
+    16-bit dtypes, whose own sums overflow too easily."""
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        return torch.stack(torch.aminmax(flat)).float().sum()
+    return flat.sum()
 
 
 def norm(t: torch.Tensor) -> torch.Tensor:
@@ -421,8 +465,8 @@ def norm_and_std(t: torch.Tensor) -> tuple:
     if n <= SAMPLE_ABOVE:
         s = _exact_copy(flat)
         return torch.linalg.vector_norm(s), s.std()
-    sample = _values(flat)
-    return norm(flat), _scratch(0, sample.numel(), _F64, flat.device).copy_(sample).std()
+    values = sample(flat, SAMPLE_TARGET)
+    return norm(flat), _scratch(0, values.numel(), _F64, flat.device).copy_(values).std()
 
 
 def _sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
