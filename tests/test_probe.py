@@ -250,3 +250,16 @@ def test_a_module_called_twice_merges_both_calls_over_steps() -> None:
     assert len(outs) == 6
     fc = report.trace.layer_by_key()[("fc", "output")]
     assert_matches(fc, outs)
+
+
+def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():
+    """An Inf in an embedding row the batch never looks up is still a non-finite parameter."""
+    embedding = nn.Embedding(4096, 16)  # above the sampling size: the norm/std are estimated
+    with torch.no_grad():
+        embedding.weight[4095, 3] = float("inf")
+    model = nn.Sequential(embedding, nn.Flatten(), nn.Linear(16 * 4, 3))
+    batch = (torch.randint(0, 10, (8, 4)), torch.randint(0, 3, (8,)))
+    report = trainlint.check(model, batch)
+    flagged = {p.name for p in report.trace.params if p.nonfinite}
+    assert flagged == {"0.weight"}
+    assert any(f.code == "TL504" and "0.weight" in f.message for f in report.findings)

@@ -63,6 +63,7 @@ class TraceBuilder:
         self.grad_rows: dict[tuple, list] = {}
         self.units: dict[tuple, np.ndarray] = {}
         self.signal: dict[tuple, np.ndarray] = {}
+        self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
         self.norm_calls: list = []
@@ -114,6 +115,8 @@ class TraceBuilder:
                         np.sqrt(value[0] / value[1]))
             elif kind == "input":
                 self._add_input(tag, value)
+            elif kind == "param_finite":
+                self.param_finite = dict(zip(tag[1], value.astype(bool)))
             elif kind == "param":
                 self._add_param(tag, value)
             elif kind == "extra" and tag[1] == "loss":
@@ -165,7 +168,8 @@ class TraceBuilder:
         trace = ParamTrace(name=name, module=module, shape=shape, requires_grad=requires_grad,
                            in_optimizer=in_opt, norm=norm, std=std, grad_norm=grad,
                            update_norm=update,
-                           nonfinite=int(not math.isfinite(norm)),
+                           nonfinite=int(not math.isfinite(norm)
+                                         or not self.param_finite.get(name, True)),
                            grad_nonfinite=int(grad is not None and not math.isfinite(grad)))
         if previous is not None:
             trace.update_ratios = previous.update_ratios

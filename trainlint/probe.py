@@ -501,7 +501,12 @@ class Probe:
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
         in_opt = _optimizer_params(self.optimizer)
-        for name, p in self.model.named_parameters():
+        named = list(self.model.named_parameters())
+        if named:  # exact NaN/Inf presence in the weights: one fused norm over all of them
+            exact = torch._foreach_norm([p.detach() for _, p in named])
+            add(("param_finite", tuple(n for n, _ in named)),
+                torch.stack([v.to(device=device, dtype=torch.float32) for v in exact]).isfinite())
+        for name, p in named:
             vec = list(stats.norm_and_std(p))
             grad = p.grad
             if grad is not None:
