@@ -166,8 +166,7 @@ class Probe:
     ``collect()`` (the one host sync), and ``detach()`` at the end (idempotent).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 *, grad_scale: Optional[Callable[[], Optional[float]]] = None) -> None:
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.names = {m: n for n, m in model.named_modules()}
@@ -195,7 +194,6 @@ class Probe:
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
         self.attached = False
-        self.grad_scale = grad_scale
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self) -> Probe:

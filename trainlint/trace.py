@@ -46,10 +46,6 @@ class ActivationStats:
     # same position (None with batches of one). What of the output depends on the input.
     signal: Optional[float] = None
 
-    @property
-    def scale(self) -> float:
-        """Root mean square of the output: the 'size' of the signal."""
-        return self.rms
 
 
 @dataclass
@@ -205,8 +201,3 @@ class RunTrace:
     def ordered_layers(self) -> list:
         """Observation points in forward execution order."""
         return sorted(self.layers, key=lambda lt: lt.depth)
-
-    @property
-    def model_location(self) -> Optional[Location]:
-        facts = self.modules.get("")
-        return facts.location if facts else None
