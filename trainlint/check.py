@@ -17,6 +17,7 @@ from .batch import (
     primary_output,
     split_batch,
 )
+from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .probe import Probe, _model_device
@@ -28,6 +29,7 @@ MAX_STEPS = 1000
 BN_SINGLE_VALUE = "Expected more than 1 value per channel when training"
 
 OptimizerArg = Union[None, torch.optim.Optimizer, Callable[[Any], torch.optim.Optimizer]]
+StepOptimizer = Union[torch.optim.Optimizer, DefaultSGD]
 
 
 def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
@@ -110,10 +112,11 @@ def _validate_steps(steps: Any) -> None:
 
 
 def _optimizer(optimizer: OptimizerArg, model: nn.Module, trainable: list,
-               notes: list) -> tuple[torch.optim.Optimizer, bool]:
+               notes: list) -> tuple[StepOptimizer, bool]:
     if optimizer is None:
-        notes.append("default optimizer used: SGD(lr=0.01, momentum=0.9)")
-        return torch.optim.SGD(trainable, lr=0.01, momentum=0.9), True
+        default = DefaultSGD(trainable, lr=0.01, momentum=0.9)
+        notes.append(f"default optimizer used: {default!r}")
+        return default, True
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer, False
     if callable(optimizer):
@@ -153,7 +156,7 @@ def _next_batch(batch: Any) -> Batch:
 
 
 def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
-              opt: torch.optim.Optimizer, probe: Probe, builder: TraceBuilder, step: int,
+              opt: StepOptimizer, probe: Probe, builder: TraceBuilder, step: int,
               run: dict, notes: list) -> bool:
     """One observed training step; False when the run cannot go on (the reason is recorded)."""
     data = _next_batch(batch)
@@ -171,7 +174,7 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
 
 
 def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
-                opt: torch.optim.Optimizer, probe: Probe, builder: TraceBuilder, step: int,
+                opt: StepOptimizer, probe: Probe, builder: TraceBuilder, step: int,
                 run: dict, notes: list) -> Optional[torch.Tensor]:
     """Forward, loss, backward, optimizer step; the loss, or None when a BatchNorm saw a single
     value (recorded as a run error). The user's exceptions become :class:`UserCodeError`."""

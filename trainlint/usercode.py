@@ -35,12 +35,13 @@ def raised_by_trainlint(exc: BaseException) -> bool:
 
     Past the first frame outside trainlint (the user's training step), a trainlint frame can
     only be one of its hooks; the probe's torch-function pass-through only forwards the
-    user's own call and does not count.
+    user's own call and does not count. The default optimizer stands in for the user's, so
+    its frames count as the training step's.
     """
     frames = traceback.extract_tb(exc.__traceback__)
     entered = False
     for frame in frames:
-        own = _is_own(frame.filename)
+        own = _is_own(frame.filename) and not _is_default_optimizer(frame.filename)
         if not own:
             entered = True
         elif entered and frame.name != "__torch_function__":
@@ -50,3 +51,7 @@ def raised_by_trainlint(exc: BaseException) -> bool:
 
 def _is_own(path: str) -> bool:
     return os.path.realpath(path).startswith(_OWN_PACKAGE + os.sep)
+
+
+def _is_default_optimizer(path: str) -> bool:
+    return os.path.realpath(path) == os.path.join(_OWN_PACKAGE, "default_optimizer.py")
