@@ -1,6 +1,8 @@
 """End-to-end latency of ``trainlint check`` on a small fixture (process start to exit), as a
-ratio to ``python -c "import torch"`` and to a bare training step in a fresh process (the
-first ``optimizer.step()`` imports ``torch._dynamo``, which any torch.optim user pays).
+ratio to ``python -c "import torch"`` and to a bare training step in a fresh process (creating
+a ``torch.optim`` optimizer imports ``torch._dynamo``, ~2 s that any torch.optim user pays;
+``trainlint check`` of a model.py without ``build_optimizer`` does not: see
+trainlint/default_optimizer.py).
 
     python benchmarks/latency.py [--runs 7] [--fixture fixtures/healthy_relu.py]
 
