@@ -63,11 +63,12 @@ def test_huge_and_tiny_values_give_finite_correct_statistics(scale: float, shape
     truth = finite_truth(x)
     assert all(math.isfinite(got[k]) for k in ("mean", "std", "min", "max", "rms"))
     assert got["count"] == truth["n"] and got["nonfinite"] == 0
-    assert got["min"] == truth["min"] and got["max"] == truth["max"]
     if x.numel() <= stats.SAMPLE_ABOVE:
+        assert got["min"] == truth["min"] and got["max"] == truth["max"]
         assert got["mean"] == pytest.approx(truth["mean"], rel=1e-12)
         assert got["std"] == pytest.approx(truth["std"], rel=1e-12)
-    else:
+    else:  # extremes from the sample: inside the tensor's
+        assert truth["min"] <= got["min"] <= got["max"] <= truth["max"]
         assert_estimates(got, truth, row[A["m"]])
     grads = stats.merge_grads(stats.grad_stats(x).numpy()[None])
     assert math.isfinite(grads["norm"]) and grads["nonfinite"] == 0
@@ -204,7 +205,9 @@ def test_empty_tensors() -> None:
         assert math.isnan(got["min"]) and math.isnan(got["max"])
         grads = stats.merge_grads(stats.grad_stats(x).numpy()[None])
         assert grads == {"norm": 0.0, "rms": 0.0, "nonfinite": 0}
-        assert [float(v) for v in stats.norm_and_std(x)] == [0.0, 0.0]
+        params = stats.ParamBatch(x.device)
+        params.add(x)
+        assert params.stds(params.device_part().cpu().numpy()).tolist() == [0.0]
     assert stats.unit_active(torch.empty(0, 7), -1).tolist() == [False] * 7
     assert stats.unit_active(torch.empty(4, 0), -1).tolist() == []
 

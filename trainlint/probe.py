@@ -9,6 +9,7 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -123,7 +124,6 @@ class Point:
     # Per-unit max (and min, GELU family) over every observed call: the "ever active" record.
     unit_hi: Optional[torch.Tensor] = None
     unit_lo: Optional[torch.Tensor] = None
-    signal: Optional[torch.Tensor] = None
     backward_order: Optional[int] = None
 
 
@@ -185,6 +185,8 @@ class Probe:
         self.edges: set[tuple] = set()
         self.output_origins: list[tuple] = []
         self.input_rows: list[tuple] = []
+        # The run's inputs are described by the first observed batch (the trace keeps that one).
+        self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
         self.failed_module: Optional[str] = None
         self.update_snapshots: dict[nn.Parameter, torch.Tensor] = {}
@@ -261,7 +263,8 @@ class Probe:
             for i, t in enumerate(_tensors_in(args) + _tensors_in(kwargs)):
                 name = f"input{i}"
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
-                if t.is_floating_point() and t.dim() >= 1 and t.numel() > 0:
+                if (not self.inputs_seen and t.is_floating_point() and t.dim() >= 1
+                        and t.numel() > 0):
                     self._record_input(name, t)
         finally:
             self.busy = False
@@ -352,17 +355,17 @@ class Probe:
         self.counter += 1
         # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
         with torch._C.DisableTorchFunction():
-            acts = self._batches(tensor.device)[0]
-            point.act_rows.append((tensor.device, acts.add(tensor, kind)))
-            if tensor.dim() >= 2 and tensor.shape[0] >= 2:
-                pair = stats.between_sample(tensor)
-                point.signal = pair if point.signal is None else point.signal + pair
+            known = None
             if unit_dim is not None:
                 hi, lo = stats.unit_extremes(tensor, unit_dim, kind)
                 point.unit_hi = hi if point.unit_hi is None else torch.maximum(point.unit_hi, hi)
                 if lo is not None:
                     point.unit_lo = (lo if point.unit_lo is None
                                      else torch.minimum(point.unit_lo, lo))
+                if tensor.numel() > stats.SAMPLE_ABOVE:  # the record read it all: reuse that
+                    known = _known_extremes(tensor, hi, lo)
+            acts = self._batches(tensor.device)[0]
+            point.act_rows.append((tensor.device, acts.add(tensor, kind, known)))
             if tensor.requires_grad and torch.is_grad_enabled():
                 self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
         return point
@@ -381,7 +384,9 @@ class Probe:
         pair = self.batches.get(device)
         if pair is None:
             pair = self.batches[device] = (stats.ActivationBatch(device),
-                                           stats.GradientBatch(device))
+                                           stats.GradientBatch(device),
+                                           stats.ParamBatch(device),
+                                           stats.GradientBatch(device, full_pass=False))
         return pair
 
     def _record_input(self, name: str, t: torch.Tensor) -> None:
@@ -488,34 +493,29 @@ class Probe:
             layout.append((tag, tuple(value.shape), flat.numel()))
             parts.append(flat)
 
-        for dev, (acts, grads) in self.batches.items():
+        named = [(name, p) for name, p in self.model.named_parameters()]
+        params = [p.detach() for _, p in named]
+        for _, p in named:
+            batches = self._batches(p.device)
+            batches[2].add(p)
+            if p.grad is not None:
+                batches[3].add(p.grad)
+        for dev, (acts, grads, stds, param_grads) in self.batches.items():
             add(("acts", dev), acts.device_part())
             add(("grads", dev), grads.device_part())
+            add(("stds", dev), stds.device_part())
+            add(("param_grads", dev), param_grads.device_part())
         for key, point in self.points.items():
             if point.unit_hi is not None:
                 add(("units", key), stats.active_units(point.unit_hi, point.unit_lo, point.kind))
-            if point.signal is not None:
-                add(("signal", key), point.signal)
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
-        in_opt = _optimizer_params(self.optimizer)
-        named = list(self.model.named_parameters())
-        if named:  # exact NaN/Inf presence in the weights: one fused norm over all of them
-            exact = torch._foreach_norm([p.detach() for _, p in named])
-            add(("param_finite", tuple(n for n, _ in named)),
-                torch.stack([v.to(device=device, dtype=torch.float32) for v in exact]).isfinite())
-        for name, p in named:
-            vec = list(stats.norm_and_std(p))
-            grad = p.grad
-            if grad is not None:
-                vec.append(stats.norm(grad))
-            update = self.update_norms.get(p)
-            if update is not None:
-                vec.append(update)
-                vec.append(self.before_norms[p])
-            add(("param", name, grad is not None, update is not None,
-                 (p in in_opt) if self.optimizer is not None else None,
-                 tuple(p.shape), p.requires_grad), torch.stack([v.to(device) for v in vec]))
+        if named:  # exact norms (and NaN/Inf presence) of the weights: one fused read
+            add(("param_norms",), _stack(torch._foreach_norm(params), device))
+            updated = [p for _, p in named if p in self.update_norms]
+            if updated:
+                add(("updates",), _stack([self.update_norms[p] for p in updated]
+                                         + [self.before_norms[p] for p in updated], device))
         for name, value in (extra or {}).items():
             if isinstance(value, torch.Tensor):
                 add(("extra", name), value)
@@ -531,24 +531,57 @@ class Probe:
             snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
             offset += numel
         rows = {}
-        for dev, (acts, grads) in self.batches.items():
-            rows[dev] = (acts.rows(snapshot.values.pop(("acts", dev))),
-                         grads.rows(snapshot.values.pop(("grads", dev))))
+        for dev, (acts, grads, stds, param_grads) in self.batches.items():
+            act_rows, signal = acts.rows(snapshot.values.pop(("acts", dev)))
+            param_grad_rows = param_grads.rows(snapshot.values.pop(("param_grads", dev)))
+            rows[dev] = (act_rows, grads.rows(snapshot.values.pop(("grads", dev))), signal,
+                         iter(stds.stds(snapshot.values.pop(("stds", dev)))),
+                         iter(param_grad_rows))
         for key, point in self.points.items():
             for tag, which, ids in (("act", 0, point.act_rows), ("grad", 1, point.grad_rows)):
                 if ids:
                     snapshot.values[(tag, key)] = np.stack([rows[d][which][i] for d, i in ids])
+            pairs = sum((rows[d][2][i] for d, i in point.act_rows), np.zeros(2))
+            if pairs[1] > 0:
+                snapshot.values[("signal", key)] = pairs
+        self._param_values(snapshot, named, rows)
         for point in self.points.values():
             point.act_rows.clear()
             point.grad_rows.clear()
-            point.signal = None
             point.backward_order = None
+        self.inputs_seen = self.inputs_seen or bool(self.input_rows)
         self.input_rows.clear()
         self.norm_calls.clear()
         self.update_norms.clear()
         self.before_norms.clear()
         self.bw_counter = 0
         return snapshot
+
+    def _param_values(self, snapshot: ProbeSnapshot, named: list, rows: dict) -> None:
+        """Per-parameter vectors ``[norm, std, (grad norm), (update norm, norm before)]`` and
+        the exact NaN/Inf presence of every weight, from the step's fused reads."""
+        if not named:
+            return
+        values = snapshot.values
+        norms = values.pop(("param_norms",))
+        updates = values.pop(("updates",), np.zeros(0))
+        half = len(updates) // 2
+        update_of = dict(zip((p for _, p in named if p in self.update_norms),
+                             zip(updates[:half], updates[half:])))
+        in_opt = _optimizer_params(self.optimizer)
+        values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(norms)
+        for (name, p), norm in zip(named, norms):
+            vec = [norm, next(rows[p.device][3])]
+            if p.grad is not None:  # from the gradient's sample above SAMPLE_ABOVE elements
+                grad = next(rows[p.grad.device][4])
+                vec.append(math.sqrt(grad[stats.G["sumsq"]]) if grad[stats.G["nonfinite"]] == 0
+                           else math.nan)
+            update = update_of.get(p)
+            if update is not None:
+                vec += list(update)
+            values[("param", name, p.grad is not None, update is not None,
+                    (p in in_opt) if self.optimizer is not None else None,
+                    tuple(p.shape), p.requires_grad)] = np.asarray(vec, dtype=np.float64)
 
 
 @dataclass
@@ -570,6 +603,26 @@ def _update_sample(p: torch.Tensor) -> torch.Tensor:
     over a 3x3 conv kernel would read only its top-left tap), 16-bit values as float32."""
     values = stats.sample(p.detach().reshape(-1), 4096)
     return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+
+
+def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor]) -> tuple:
+    """``(probe, min, max)`` of ``x`` from its per-unit max (and min): NaN propagates through
+    them and an Inf shows, so the probe is finite exactly when ``x`` is. Without a min (ReLU
+    family: no -Inf comes out of it) the min is left unknown."""
+    top = hi.amax()
+    if lo is None:
+        return top, stats.unknown(x), top
+    bottom = lo.amin()
+    return torch.mul(top, 0).add_(bottom * 0), bottom, top
+
+
+def _stack(values: list, device: torch.device) -> torch.Tensor:
+    """0-d device tensors as one float64 vector on ``device``: one op per (device, dtype)
+    group, in order."""
+    first = values[0]
+    if all(v.device == first.device and v.dtype == first.dtype for v in values):
+        return torch.stack(values).to(device=device, dtype=torch.float64)
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
 
 
 def _optimizer_params(optimizer: Optional[torch.optim.Optimizer]) -> set:

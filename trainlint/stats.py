@@ -1,27 +1,34 @@
 """Statistics of the observed tensors, computed on their device; merged on the host.
 
 The probe hands every observed activation and gradient to an :class:`ActivationBatch` /
-:class:`GradientBatch`. Per tensor that launches a handful of ops and never syncs (no
-``.item()``, ``.cpu()``, ``bool(tensor)``; branches depend on shapes and dtypes only): a
-tensor of up to ``SAMPLE_ABOVE`` elements is copied whole into a float64 row; a larger one is
-read in full by one reduction (min/max of an activation, the sum of a gradient: exact extremes
-and exact presence of NaN/Inf) and its sample (at most ``SAMPLE_TARGET`` elements, gathered
-right after, while the tensor is still in cache) becomes the row. Every ``BATCH_ROWS`` rows,
-one batch of float64 ops computes all their moments. After the observed step's one copy to
-the host, :func:`finish_activations` / :func:`finish_gradients` turn the raw numbers into
-``ACT_FIELDS`` / ``GRAD_FIELDS`` vectors, which :func:`merge_moments` / :func:`merge_grads`
-merge over calls and steps.
+:class:`GradientBatch` (and every parameter to a :class:`ParamBatch`). Per tensor that is one
+or two ops and never a sync (no ``.item()``, ``.cpu()``, ``bool(tensor)``; branches depend on
+shapes and dtypes only):
 
-Why (CPU, measured): each eager op costs a few microseconds of dispatch, which dominated the
-per-tensor cost when every tensor ran ~40 ops; an element-wise op costs 3-5x a reduction and a
-boolean one 10x; a fresh temporary of 128 KiB or more pays about 80 us of page faults; and a
-gather of single elements from a tensor out of cache waits on memory once per element, while
-runs of a cache line's length cost one wait per run."""
+* a tensor of up to ``SAMPLE_ABOVE`` elements is copied whole into a row: exact statistics;
+* a larger one is read in full by one reduction (``aminmax`` of an activation: exact extremes
+  and exact presence of NaN/Inf; the sum of a gradient: exact presence of NaN/Inf), and its
+  sample of exactly ``SAMPLE_TARGET`` elements (runs of ``RUN`` consecutive elements at
+  golden-ratio positions) is gathered into the row by one ``index_select``;
+* an activation row also holds up to ``SIGNAL_WIDTH`` pairs of values from samples 0/1, 2/3 ...
+  of the batch at the same positions: the between-sample signal.
+
+Rows are laid out by a :class:`Plan`, built once per shape and cached. Every ``BATCH_ROWS``
+rows, one batch of float64 row ops computes all their moments. After the observed step's one
+copy to the host, :func:`finish_activations` / :func:`finish_gradients` turn the raw numbers
+into ``ACT_FIELDS`` / ``GRAD_FIELDS`` vectors, which :func:`merge_moments` /
+:func:`merge_grads` merge over calls and steps.
+
+Why (CPU, measured): an eager op costs 5-10 us of dispatch, which dominated the per-tensor cost
+when every tensor ran ~40 ops; an element-wise op costs 3-5x a reduction; and a gather of single
+elements from a tensor out of cache waits on memory once per element, while runs of a cache
+line's length cost one wait per run."""
 
 from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -38,278 +45,444 @@ G = {name: i for i, name in enumerate(GRAD_FIELDS)}
 # derivative's maximum: |tanh| > 0.99, or |2*sigmoid - 1| > 0.99.
 SATURATION_LEVEL = 0.99
 # Tensors above this many elements have their element-wise statistics estimated on a sample of
-# SAMPLE_TARGET / 2 to SAMPLE_TARGET elements.
+# exactly SAMPLE_TARGET elements.
 SAMPLE_ABOVE = 1 << 14
-SAMPLE_TARGET = 1 << 14
-# The sample is made of runs of this many consecutive elements.
+SAMPLE_TARGET = 1 << 12
+# The sample is made of runs of this many consecutive elements (a cache line of float32).
 RUN = 16
-# Sample positions: one per window of ``stride`` elements, at an offset that moves by the
-# golden ratio from window to window, so the sample never aliases with the tensor's layout.
+# Pairs of samples (dim 0) compared for the between-sample signal, and at most this many
+# positions per side.
+SIGNAL_PAIRS = 4
+SIGNAL_WIDTH = 1 << 10
+# Rows per batch: the statistics of this many tensors are computed together.
+BATCH_ROWS = 8
 _GOLDEN = (math.sqrt(5) - 1) / 2
-_MAX_CACHED = 64
+_MAX_CACHED = 256
 _F64 = torch.float64
-_index_cache: dict = {}
-_buffers = threading.local()
+_cache: dict = {}
+
+
+def _cached(key: tuple, make: Callable) -> object:
+    found = _cache.get(key)
+    if found is None:
+        if len(_cache) >= _MAX_CACHED:
+            _cache.pop(next(iter(_cache)))
+        found = _cache[key] = make()
+    return found
 
 
 def sample_index(n: int, target: int, device: torch.device) -> torch.Tensor:
-    """Positions of the sample of an ``n``-element tensor: ``ceil(n / stride)`` of them, with
-    ``stride = ceil(n / target)``. Built on ``device`` (no host copy) and cached."""
-    key = (n, target, str(device))
-    index = _index_cache.get(key)
-    if index is None:
+    """Positions of a sample of an ``n``-element tensor: ``ceil(n / stride)`` of them, with
+    ``stride = ceil(n / target)``, one per window of ``stride`` at an offset that moves by the
+    golden ratio from window to window (no aliasing with the tensor's layout). Built on
+    ``device`` (no host copy) and cached."""
+    def make() -> torch.Tensor:
         stride = -(-n // target)
         k = torch.arange(-(-n // stride), dtype=_F64, device=device)
         offset = torch.floor(torch.frac(k * _GOLDEN) * stride)
-        index = (k * stride + offset).clamp(max=n - 1).to(torch.int64)
-        if len(_index_cache) >= _MAX_CACHED:
-            _index_cache.pop(next(iter(_index_cache)))
-        _index_cache[key] = index
-    return index
+        return (k * stride + offset).clamp(max=n - 1).to(torch.int64)
+    return _cached(("index", n, target, str(device)), make)
 
 
-def _scratch(slot: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An ``n``-element work tensor: on the CPU a view of this thread's reused buffer number
-    ``slot``, elsewhere a fresh tensor."""
-    size = max(SAMPLE_TARGET, SAMPLE_ABOVE)
-    if device.type != "cpu" or n > size:
-        return torch.empty(n, dtype=dtype, device=device)
-    pool = getattr(_buffers, "pool", None)
-    if pool is None:
-        pool = _buffers.pool = {}
-    buffer = pool.get((slot, dtype))
-    if buffer is None or buffer.numel() < n:
-        buffer = pool[(slot, dtype)] = torch.empty(size, dtype=dtype)
-    return buffer[:n]
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().reshape(-1)
-    return flat.abs() if flat.is_complex() else flat
-
-
-def _exact_copy(flat: torch.Tensor) -> torch.Tensor:
-    """All of a small tensor, in float64 (in scratch slot 0)."""
-    return _scratch(0, flat.numel(), _F64, flat.device).copy_(flat)
+def spread(total: int, count: int, device: torch.device) -> torch.Tensor:
+    """Exactly ``count`` distinct positions in ``range(total)`` (``count <= total``): one per
+    window of the even split, at a golden-ratio offset inside it. Built on ``device``."""
+    k = torch.arange(count + 1, dtype=_F64, device=device)
+    edges = torch.floor(k * (total / count))
+    width = edges[1:] - edges[:-1]
+    return (edges[:-1] + torch.floor(torch.frac(k[:-1] * _GOLDEN) * width)).to(torch.int64)
 
 
 def sample(flat: torch.Tensor, target: int) -> torch.Tensor:
     """At most ``target`` elements of a 1-D tensor (all of it when it is that small), always at
-    the same positions for the same size: runs of ``RUN`` consecutive elements (a cache line
-    of float32) at golden-ratio positions. Reading whole cache lines makes the gather several
-    times cheaper than picking single elements from a tensor out of cache."""
-    return flat if flat.numel() <= target else _runs(flat, target).reshape(-1)
+    the same positions for the same size."""
+    if flat.numel() <= target:
+        return flat
+    return torch.take(flat, sample_index(flat.numel(), target, flat.device))
 
 
-def _runs(flat: torch.Tensor, target: int) -> torch.Tensor:
-    """The sample of :func:`sample` for a tensor above ``target`` elements, as ``[runs, RUN]``
-    (``[target]`` when it cannot be read in runs)."""
-    n = flat.numel()
-    if target < RUN or not flat.is_contiguous():
-        return torch.take(flat, sample_index(n, target, flat.device))
-    runs = flat[: n - n % RUN].view(-1, RUN)
-    return runs.index_select(0, sample_index(runs.shape[0], target // RUN, flat.device))
+@dataclass
+class Copy:
+    """One op that fills part of a row: ``whole`` copies the tensor, ``runs`` gathers runs of
+    ``RUN`` elements of a contiguous tensor, ``take`` gathers single elements, ``nan`` fills
+    what no value reaches."""
+
+    how: str
+    index: Optional[torch.Tensor]
+    offset: int
+    length: int
 
 
-def _values(flat: torch.Tensor) -> torch.Tensor:
-    """What the element-wise statistics read: all of a tensor of up to ``SAMPLE_ABOVE``
-    elements, else its sample (as ``[runs, RUN]``)."""
-    return flat if flat.numel() <= SAMPLE_ABOVE else _runs(flat, SAMPLE_TARGET)
+@dataclass
+class Plan:
+    """How a tensor of one shape fills a row: ``m`` values (all ``n`` of a small tensor, else
+    its sample) in the row's first ``width`` columns, and with a signal part, ``signal`` pairs
+    of values at ``width`` and ``width + SIGNAL_WIDTH``; NaN everywhere else."""
+
+    n: int
+    m: int
+    width: int
+    signal: int
+    copies: tuple
 
 
-# Statistics computed on the device for a batch of rows (``_RAW_ACT``, ``_RAW_GRAD``); the host
-# turns them into ``ACT_FIELDS``/``GRAD_FIELDS`` vectors with the per-row sizes it knows.
-_RAW_ACT = ("finite", "mean", "m2", "min", "max", "zeros", "tanh_tails", "sigmoid_tails")
-_RAW_GRAD = ("finite", "sumsq")
-# Rows per batch: the statistics of this many tensors are computed together.
-BATCH_ROWS = 8
-_KINDS = {"tanh": 1, "sigmoid": 2}
+# Widths of the rows of small tensors (copied whole): the narrowest that holds them.
+EXACT_WIDTHS = (1 << 10, 1 << 12, SAMPLE_ABOVE)
 
 
-class RowBatch:
-    """Tensors waiting for their statistics, one NaN-padded float64 row each (the values that
-    :func:`_values` picks); every ``BATCH_ROWS`` rows one batch of ops computes them all, on
-    the device and without a host sync. ``take()`` returns the raw results so far."""
+def plan_for(x: torch.Tensor, with_signal: bool) -> Plan:
+    """The cached :class:`Plan` of ``x``'s shape and layout."""
+    contiguous = x.is_contiguous()
+    key = ("plan", tuple(x.shape), contiguous, with_signal, str(x.device))
+    return _cached(key, lambda: _make_plan(tuple(x.shape), contiguous, with_signal, x.device))
 
-    def __init__(self, device: torch.device, kernel: Callable, fields: int) -> None:
-        self.device = device
+
+def _make_plan(shape: tuple, contiguous: bool, with_signal: bool, device: torch.device) -> Plan:
+    n = math.prod(shape)
+    copies: list[Copy] = []
+    run_index: list[torch.Tensor] = []
+    if n <= SAMPLE_ABOVE:
+        width = next(w for w in EXACT_WIDTHS if n <= w)
+        m = n
+        copies.append(Copy("whole", None, 0, n))
+        if n < width:
+            copies.append(Copy("nan", None, n, width - n))
+    else:
+        width = m = SAMPLE_TARGET
+        runs = spread(n // RUN, SAMPLE_TARGET // RUN, device)
+        if contiguous:
+            run_index.append(runs)
+        else:
+            elements = runs[:, None] * RUN + torch.arange(RUN, device=device)
+            copies.append(Copy("take", elements.reshape(-1), 0, m))
+    signal = 0
+    if with_signal and len(shape) >= 2 and shape[0] >= 2 and n > 0:
+        pairs = min(shape[0] // 2, SIGNAL_PAIRS)
+        per_sample = n // shape[0]
+        signal = min(pairs * per_sample, SIGNAL_WIDTH)
+        if contiguous and per_sample % RUN == 0 and signal == SIGNAL_WIDTH:
+            per = per_sample // RUN
+            picked = spread(pairs * per, SIGNAL_WIDTH // RUN, device)
+            first = (picked // per) * (2 * per) + picked % per
+            run_index += [first, first + per]
+        else:
+            picked = spread(pairs * per_sample, signal, device)
+            first = (picked // per_sample) * (2 * per_sample) + picked % per_sample
+            if signal == SIGNAL_WIDTH:
+                copies.append(Copy("take", torch.cat([first, first + per_sample]), width,
+                                   2 * signal))
+            else:
+                gap = SIGNAL_WIDTH - signal
+                copies += [Copy("take", first, width, signal),
+                           Copy("nan", None, width + signal, gap),
+                           Copy("take", first + per_sample, width + SIGNAL_WIDTH, signal),
+                           Copy("nan", None, width + SIGNAL_WIDTH + signal, gap)]
+    elif with_signal:
+        copies.append(Copy("nan", None, width, 2 * SIGNAL_WIDTH))
+    if run_index:
+        index = torch.cat(run_index) if len(run_index) > 1 else run_index[0]
+        offset = 0 if n > SAMPLE_ABOVE else width
+        copies.append(Copy("runs", index, offset, index.numel() * RUN))
+    return Plan(n=n, m=m, width=width, signal=signal, copies=tuple(copies))
+
+
+def _work_buffers(device: torch.device, shape: tuple) -> list:
+    """Four contiguous float64 work tensors of ``shape``, views of buffers shared by every
+    store of this device and thread (a kernel runs to its end before the next starts)."""
+    size = BATCH_ROWS * (SAMPLE_ABOVE + 2 * SIGNAL_WIDTH)
+    buffers = _cached(("work", str(device), threading.get_ident()),
+                      lambda: [torch.empty(size, dtype=_F64, device=device) for _ in range(4)])
+    return [b[:math.prod(shape)].view(shape) for b in buffers]
+
+
+class RowStore:
+    """Rows of one dtype and width on one device waiting for their statistics (NaN where a
+    row holds no value); every ``BATCH_ROWS`` rows, ``kernel`` computes them all in float64.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, width: int, extra: int,
+                 kernel: Callable, fields: int) -> None:
         self.kernel = kernel
         self.fields = fields
-        self.rows: Optional[torch.Tensor] = None
-        self.work: list = []
+        self.width = width
+        self.rows = torch.full((BATCH_ROWS, width + extra), math.nan, dtype=dtype,
+                               device=device)
+        self.work = _work_buffers(device, tuple(self.rows.shape))
         self.count = 0
-        self.done: list = []
+        self.total = 0
         self.kinds: set = set()
+        self.done: list = []
         self.views: dict = {}
 
-    def add(self, values: torch.Tensor, kind: Optional[str] = None) -> None:
-        if self.rows is None:
-            shape = (BATCH_ROWS, max(SAMPLE_TARGET, SAMPLE_ABOVE))
-            self.rows = torch.full(shape, math.nan, dtype=_F64, device=self.device)
-            self.work = [torch.empty(shape, dtype=_F64, device=self.device) for _ in range(3)]
-        key = (self.count, values.shape)
-        view = self.views.get(key)
-        if view is None:  # each (row, shape) is sliced once: per tensor, one copy op remains
-            view = self.views[key] = self.rows[self.count, :values.numel()].view(values.shape)
-        view.copy_(values)
+    def add(self, x: torch.Tensor, plan: Plan, kind: Optional[str] = None) -> int:
+        """Fill the next row from ``x`` following ``plan``; the row's number."""
+        slot = self.count
+        for copy in plan.copies:
+            key = (slot, copy.offset, copy.length, copy.how)
+            out = self.views.get(key)
+            if out is None:
+                out = self.rows[slot, copy.offset:copy.offset + copy.length]
+                if copy.how == "runs":
+                    out = out.view(-1, RUN)
+                self.views[key] = out
+            if copy.how == "runs":
+                torch.index_select(x.view(-1)[:x.numel() - x.numel() % RUN].view(-1, RUN), 0,
+                                   copy.index, out=out)
+            elif copy.how == "take":
+                torch.take(x, copy.index, out=out)
+            elif copy.how == "whole":
+                out.view(x.shape).copy_(x)
+            else:
+                out.fill_(math.nan)
         self.kinds.add(kind)
         self.count += 1
+        self.total += 1
         if self.count == BATCH_ROWS:
-            self._flush()
+            self.flush()
+        return self.total - 1
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if self.count:
             rows = self.rows[:self.count]
-            self.done.append(self.kernel(rows, [w[:self.count] for w in self.work], self.kinds))
-            rows.fill_(math.nan)
+            work = [w[:self.count] for w in self.work]
+            x = rows if rows.dtype == _F64 else work.pop().copy_(rows)
+            self.done.append(self.kernel(x, work, self.kinds, self.width))
             self.count = 0
             self.kinds = set()
 
     def take(self) -> torch.Tensor:
         """The raw statistics of every row added since the last ``take``, in order."""
-        self._flush()
+        self.flush()
         done, self.done = self.done, []
+        self.total = 0
         if not done:
-            return torch.zeros((0, self.fields), dtype=_F64, device=self.device)
+            return torch.zeros((0, self.fields), dtype=_F64, device=self.rows.device)
         return torch.cat(done) if len(done) > 1 else done[0]
 
 
-def _act_kernel(rows: torch.Tensor, work: list, kinds: set) -> torch.Tensor:
-    """``_RAW_ACT`` of NaN-padded rows: NaN/Inf (and padding) become 0 in ``z``, the row's
-    mean in ``y``, and are counted back out. Float ops and row reductions only."""
-    bad, z, y = work
-    torch.mul(rows, 0, out=bad).nan_to_num_(1.0)
+# Statistics computed on the device for a batch of rows (``_RAW_ACT``, ``_RAW_GRAD``); the host
+# turns them into ``ACT_FIELDS``/``GRAD_FIELDS`` vectors with the per-row sizes it knows.
+_RAW_ACT = ("finite", "mean", "m2", "min", "max", "zeros", "tanh_tails", "sigmoid_tails",
+            "signal_sum", "signal_count")
+_RAW_GRAD = ("finite", "sumsq")
+_KINDS = {"tanh": 1, "sigmoid": 2}
+
+
+def _act_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
+    """``_RAW_ACT`` of float64 rows: values in the first ``s`` columns, signal pairs (when
+    present) after them. NaN/Inf and the NaN padding are counted, then stand in as 0 (zeros,
+    tails) or as the row's mean (extremes, moments), where they change nothing. Row ops only."""
+    bad = torch.mul(x[:, :s], 0, out=work[0][:, :s]).nan_to_num_(1.0)
     nonfinite = bad.sum(1)
-    torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0, out=z)
-    count = rows.shape[1] - nonfinite
-    mean = z.sum(1) / count.clamp(min=1)
-    torch.addcmul(z, bad, mean[:, None], out=y).sub_(mean[:, None])  # 0 where not finite
-    m2 = torch.mul(y, y, out=bad).sum(1)
-    lo = torch.nan_to_num(rows, nan=math.inf, posinf=math.inf, neginf=math.inf, out=y).amin(1)
-    hi = torch.nan_to_num(rows, nan=-math.inf, posinf=-math.inf, neginf=-math.inf,
-                          out=y).amax(1)
-    zeros = count - torch.sign(z, out=y).abs_().sum(1)
-    tails = torch.zeros_like(count)
-    tanh, sigmoid = tails, tails
+    count = s - nonfinite
+    z = torch.nan_to_num(x[:, :s], nan=0.0, posinf=0.0, neginf=0.0, out=work[1][:, :s])
+    t = work[2][:, :s]
+    zeros = s - nonfinite - torch.sign(z, out=t).abs_().sum(1)
+    tanh = sigmoid = torch.zeros_like(count)
     if "tanh" in kinds:
-        tanh = torch.abs(z, out=y).sub_(SATURATION_LEVEL).clamp_min_(0).sign_().sum(1)
+        tanh = torch.abs(z, out=t).sub_(SATURATION_LEVEL).clamp_min_(0).sign_().sum(1)
     if "sigmoid" in kinds:
-        torch.mul(z, 2, out=y).sub_(1).abs_().sub_(SATURATION_LEVEL).clamp_min_(0)
-        sigmoid = y.sign_().sum(1) - nonfinite  # NaN/Inf/padding sit at z = 0, a lower tail
-    return torch.stack([count, mean, m2, lo, hi, zeros, tanh, sigmoid], dim=1)
+        torch.mul(z, 2, out=t).sub_(1).abs_().sub_(SATURATION_LEVEL).clamp_min_(0)
+        sigmoid = t.sign_().sum(1) - nonfinite  # NaN/Inf/padding sit at z = 0, a lower tail
+    mean = z.sum(1) / count.clamp(min=1)
+    z.addcmul_(bad, mean[:, None])
+    columns = [count, mean, None, z.amin(1), z.amax(1), zeros, tanh, sigmoid]
+    columns[2] = torch.mul(z.sub_(mean[:, None]), z, out=t).sum(1)
+    if x.shape[1] > s:
+        p = SIGNAL_WIDTH
+        d = torch.sub(x[:, s:s + p], x[:, s + p:s + 2 * p], out=work[1][:, s:s + p])
+        bad_pairs = torch.mul(d, 0, out=work[2][:, s:s + p]).nan_to_num_(1.0).sum(1)
+        d.nan_to_num_(0.0, 0.0, 0.0)
+        columns += [torch.mul(d, d, out=work[2][:, s:s + p]).sum(1) / 2, p - bad_pairs]
+    else:
+        columns += [torch.zeros_like(count), torch.zeros_like(count)]
+    return torch.stack(columns, dim=1)
 
 
-def _grad_kernel(rows: torch.Tensor, work: list, kinds: set) -> torch.Tensor:
-    """``_RAW_GRAD`` of NaN-padded rows."""
-    bad, z, _ = work
-    nonfinite = torch.mul(rows, 0, out=bad).nan_to_num_(1.0).sum(1)
-    torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0, out=z)
-    sumsq = torch.mul(z, z, out=bad).sum(1)
-    return torch.stack([rows.shape[1] - nonfinite, sumsq], dim=1)
+def _grad_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
+    """``_RAW_GRAD`` of float64 rows."""
+    nonfinite = torch.mul(x, 0, out=work[0]).nan_to_num_(1.0).sum(1)
+    z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=work[1])
+    return torch.stack([s - nonfinite, torch.mul(z, z, out=work[0]).sum(1)], dim=1)
 
 
-class ActivationBatch:
-    """Activation statistics of one observed step on one device, computed in batches.
+def _moment_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
+    """``(finite, mean, m2)`` of float64 rows, NaN/Inf and padding left out."""
+    bad = torch.mul(x, 0, out=work[0]).nan_to_num_(1.0)
+    count = s - bad.sum(1)
+    z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=work[1])
+    mean = z.sum(1) / count.clamp(min=1)
+    z.addcmul_(bad, mean[:, None]).sub_(mean[:, None])
+    return torch.stack([count, mean, torch.mul(z, z, out=work[0]).sum(1)], dim=1)
 
-    Per tensor: for a large one, one full reduction (``aminmax``: exact extremes and exact
-    presence of NaN/Inf) and a gather of its sample; for a small one, a copy. :meth:`add`
-    returns the row number; :meth:`rows` (after the step's one copy to the host) gives the
-    ``ACT_FIELDS`` vectors, in order."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.batch = RowBatch(device, _act_kernel, len(_RAW_ACT))
+class _Batch:
+    """Rows of one observed step on one device, one :class:`RowStore` per dtype and row
+    width, plus one full-tensor reduction per sampled tensor (``full``: tensor -> tuple of
+    0-d tensors)."""
+
+    def __init__(self, device: torch.device, kernel: Callable, fields: int,
+                 full: Optional[Callable], with_signal: bool) -> None:
+        self.device = device
+        self.kernel = kernel
+        self.fields = fields
+        self.full = full
+        self.with_signal = with_signal
+        self.stores: dict[tuple, RowStore] = {}
+        self.reduced: dict[tuple, list] = {}
         self.meta: list = []
-        self.lo: list = []
-        self.hi: list = []
-        self._none = torch.full((), math.nan, dtype=_F64, device=device)
 
-    def add(self, x: torch.Tensor, kind: Optional[str]) -> int:
-        flat = _flat(x)
-        n = flat.numel()
-        if n <= SAMPLE_ABOVE:
-            values = flat
-            self.lo.append(self._none)
-            self.hi.append(self._none)
-        else:
-            lo, hi = torch.aminmax(flat)
-            self.lo.append(lo)
-            self.hi.append(hi)
-            values = _runs(flat, SAMPLE_TARGET)  # after the full pass: still in cache
-        self.batch.add(values, kind)
-        self.meta.append((n, values.numel(), _KINDS.get(kind, 0)))
+    def _add(self, x: torch.Tensor, extra: tuple, kind: Optional[str] = None,
+             full: Optional[Callable] = None) -> int:
+        x = x.detach()
+        if x.is_complex():
+            x = x.abs()
+        plan = plan_for(x, self.with_signal)
+        key = (x.dtype, plan.width)
+        store = self.stores.get(key)
+        if store is None:
+            extra_columns = 2 * SIGNAL_WIDTH if self.with_signal else 0
+            store = self.stores[key] = RowStore(self.device, x.dtype, plan.width, extra_columns,
+                                                self.kernel, self.fields)
+            self.reduced[key] = []
+        row = store.add(x, plan, kind)
+        reduced = -1
+        full = full or self.full
+        if plan.m < plan.n and full is not None:
+            reduced = len(self.reduced[key])
+            self.reduced[key].append(full(x))
+        self.meta.append((key, row, reduced, plan) + extra)
         return len(self.meta) - 1
 
     def device_part(self) -> torch.Tensor:
         """Everything the host needs, as one float64 device tensor (empty when unused)."""
-        raw = self.batch.take()
+        parts = []
+        for key, store in self.stores.items():
+            parts.append(store.take().reshape(-1))
+            reduced = self.reduced[key]
+            if reduced:
+                parts.append(torch.stack([v for r in reduced for v in r]).to(_F64))
+        if not parts:
+            return torch.zeros(0, dtype=_F64, device=self.device)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _split(self, host: np.ndarray, reduced_width: int) -> tuple:
+        """Per added tensor, in order: its raw row and its full-reduction values (NaN when
+        the tensor was not sampled)."""
+        host = np.asarray(host, dtype=np.float64)
+        raw, red, offset = {}, {}, 0
+        for key in self.stores:
+            rows = sum(1 for meta in self.meta if meta[0] == key)
+            raw[key] = host[offset:offset + rows * self.fields].reshape(rows, self.fields)
+            offset += rows * self.fields
+            k = len(self.reduced[key])
+            red[key] = host[offset:offset + k * reduced_width].reshape(k, reduced_width)
+            offset += k * reduced_width
+            self.reduced[key] = []
         if not self.meta:
-            return raw.reshape(-1)
-        extremes = torch.stack([torch.stack(self.lo).to(_F64), torch.stack(self.hi).to(_F64)], 1)
-        return torch.cat([raw, extremes], dim=1).reshape(-1)
-
-    def rows(self, host: np.ndarray) -> np.ndarray:
-        """``ACT_FIELDS`` rows from :meth:`device_part` as copied to the host."""
-        raw = np.asarray(host, dtype=np.float64).reshape(len(self.meta), len(_RAW_ACT) + 2)
-        meta = np.asarray(self.meta, dtype=np.float64).reshape(-1, 3)
-        self.meta, self.lo, self.hi = [], [], []
-        return finish_activations(raw, meta)
+            return np.zeros((0, self.fields)), np.zeros((0, reduced_width))
+        nan = np.full(reduced_width, np.nan)
+        return (np.stack([raw[key][row] for key, row, *_ in self.meta]),
+                np.stack([red[key][i] if i >= 0 else nan for key, _, i, *_ in self.meta]))
 
 
-def finish_activations(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
-    """``ACT_FIELDS`` rows from raw batch results (``_RAW_ACT`` + full-tensor min/max) and
-    per-row ``(n, m, kind code)``."""
+class ActivationBatch(_Batch):
+    """Activation statistics of one observed step on one device, computed in batches.
+
+    Per tensor: its row (one copy or gather), and for a sampled one a full read that finds
+    every NaN/Inf: the sum (16-bit tensors: ``aminmax``), or what the caller already read in
+    full (``known``: the per-unit record of a ReLU/GELU output gives its exact max, and min).
+    :meth:`add` returns the row number; :meth:`rows` (after the step's one copy to the host)
+    gives the ``ACT_FIELDS`` vectors, in order, and the between-sample signal
+    ``[sum of d**2 / 2, pairs]`` of each (count 0: not measured)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device, _act_kernel, len(_RAW_ACT), _full_read, True)
+
+    def add(self, x: torch.Tensor, kind: Optional[str] = None,
+            known: Optional[tuple] = None) -> int:
+        """Add ``x``; ``known``: ``(probe, min, max)`` 0-d tensors in ``x``'s dtype from a full
+        read of ``x`` (``probe`` finite exactly when ``x`` is all finite; NaN for an
+        unknown min or max), used instead of a read of our own when ``x`` is sampled."""
+        if known is None:
+            return self._add(x, (_KINDS.get(kind, 0),), kind)
+        return self._add(x, (_KINDS.get(kind, 0),), kind, lambda _: known)
+
+    def rows(self, host: np.ndarray) -> tuple:
+        """``(ACT_FIELDS rows, signal rows)`` from :meth:`device_part` as copied to the host."""
+        raw, full = self._split(host, 3)
+        meta = np.asarray([(p.n, p.m, code) for _, _, _, p, code in self.meta],
+                          dtype=np.float64).reshape(-1, 3)
+        self.meta = []
+        signal = raw[:, [_RAW_ACT.index("signal_sum"), _RAW_ACT.index("signal_count")]]
+        return finish_activations(raw, full, meta), signal
+
+
+def unknown(x: torch.Tensor) -> torch.Tensor:
+    """A NaN 0-d tensor of ``x``'s dtype and device (cached): a value not read."""
+    return _cached(("nan", x.dtype, str(x.device)),
+                   lambda: torch.full((), math.nan, dtype=x.dtype, device=x.device))
+
+
+def _full_read(x: torch.Tensor) -> tuple:
+    """``(probe, min, max)`` of one full read of ``x``: the sum (finite exactly when every
+    element is, short of finite values summing beyond 3.4e38) with min and max not read, or
+    for 16-bit dtypes, whose sums overflow too easily, ``aminmax``."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        lo, hi = torch.aminmax(x)
+        return torch.mul(lo, 0).add_(hi * 0), lo, hi
+    nan = unknown(x)
+    return x.sum(), nan, nan
+
+
+def finish_activations(raw: np.ndarray, full: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """``ACT_FIELDS`` rows from raw batch results (``_RAW_ACT``), the full read of each
+    sampled tensor (``probe, min, max``; all NaN for a tensor copied whole) and per-row
+    ``(n, m, kind code)``. A sampled tensor's min/max are exact where the full read has them
+    and it is all finite; else they are the sample's."""
     r = {name: raw[:, i] for i, name in enumerate(_RAW_ACT)}
     n, m, kind = meta[:, 0], meta[:, 1], meta[:, 2]
     count = r["finite"]
-    full_lo, full_hi = raw[:, len(_RAW_ACT)], raw[:, len(_RAW_ACT) + 1]
     sampled = m < n
-    clean = np.isfinite(full_lo) & np.isfinite(full_hi)
-    use_full = sampled & clean
+    clean = np.isfinite(full[:, 0])
     with np.errstate(invalid="ignore", divide="ignore"):
         estimate = np.minimum(np.round(count * n / np.maximum(m, 1)), n - 1)
     n_finite = np.where(sampled, np.where(clean, n, estimate), count)
     saturated = np.where(kind == 1, r["tanh_tails"], np.where(kind == 2, r["sigmoid_tails"], 0))
+    lo = np.where(count > 0, r["min"], np.inf)
+    hi = np.where(count > 0, r["max"], -np.inf)
+    use_lo = sampled & clean & np.isfinite(full[:, 1])
+    use_hi = sampled & clean & np.isfinite(full[:, 2])
     return np.stack([n, n_finite, m, count, r["mean"], r["m2"],
-                     np.where(use_full, full_lo, r["min"]), np.where(use_full, full_hi, r["max"]),
+                     np.where(use_lo, full[:, 1], lo), np.where(use_hi, full[:, 2], hi),
                      r["zeros"], saturated], axis=1)
 
 
-class GradientBatch:
+class GradientBatch(_Batch):
     """Gradient statistics of one observed step on one device, as :class:`ActivationBatch`:
-    per large tensor one full reduction (the presence of NaN/Inf) and a gather of its sample;
-    the sum of squares and the number of non-finite values come from the sample."""
+    per sampled tensor one full reduction (the presence of NaN/Inf); the sum of squares and
+    the number of non-finite values of a sampled tensor come from its sample. Without
+    ``full_pass`` the presence of NaN/Inf in a sampled tensor comes from the sample too (for
+    parameter gradients: a NaN/Inf there reaches the weight at the optimizer step, and the
+    probe reads every weight in full after it)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.batch = RowBatch(device, _grad_kernel, len(_RAW_GRAD))
-        self.meta: list = []
-        self.sums: list = []
-        self._exact = torch.zeros((), dtype=_F64, device=device)
+    def __init__(self, device: torch.device, full_pass: bool = True) -> None:
+        super().__init__(device, _grad_kernel, len(_RAW_GRAD),
+                         (lambda g: _full_read(g)[:1]) if full_pass else None, False)
 
     def add(self, g: torch.Tensor) -> int:
-        flat = _flat(g)
-        n = flat.numel()
-        if n <= SAMPLE_ABOVE:
-            values = flat
-            self.sums.append(self._exact)
-        else:
-            self.sums.append(_finite_probe(flat))
-            values = _runs(flat, SAMPLE_TARGET)
-        self.batch.add(values)
-        self.meta.append((n, values.numel()))
-        return len(self.meta) - 1
-
-    def device_part(self) -> torch.Tensor:
-        raw = self.batch.take()
-        if not self.meta:
-            return raw.reshape(-1)
-        clean = torch.isfinite(torch.stack(self.sums).to(_F64)).to(_F64)[:, None]
-        return torch.cat([raw, clean], dim=1).reshape(-1)
+        return self._add(g, ())
 
     def rows(self, host: np.ndarray) -> np.ndarray:
-        raw = np.asarray(host, dtype=np.float64).reshape(len(self.meta), len(_RAW_GRAD) + 1)
-        meta = np.asarray(self.meta, dtype=np.float64).reshape(-1, 2)
-        self.meta, self.sums = [], []
-        return finish_gradients(raw, meta)
+        raw, sums = self._split(host, 1)
+        meta = np.asarray([(p.n, p.m) for _, _, _, p in self.meta],
+                          dtype=np.float64).reshape(-1, 2)
+        self.meta = []
+        if self.full is not None:  # read for sampled rows only
+            clean = np.isfinite(sums[:, 0])
+        else:
+            clean = raw[:, 0] >= meta[:, 1]
+        return finish_gradients(np.column_stack([raw, clean.astype(np.float64)]), meta)
 
 
 def finish_gradients(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
@@ -323,6 +496,10 @@ def finish_gradients(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
     estimate = np.clip(np.round(missing * scale), 1, np.maximum(n, 1))
     nonfinite = np.where(sampled, np.where(clean, 0, estimate), missing)
     return np.stack([n, np.where(sampled, sumsq * scale, sumsq), nonfinite], axis=1)
+
+
+def _host_rows(batch: _Batch) -> np.ndarray:
+    return batch.device_part().cpu().numpy()
 
 
 def activation_stats(x: torch.Tensor, kind: Optional[str]) -> torch.Tensor:
@@ -339,7 +516,19 @@ def activation_stats(x: torch.Tensor, kind: Optional[str]) -> torch.Tensor:
     """
     batch = ActivationBatch(x.device)
     batch.add(x, kind)
-    return torch.from_numpy(batch.rows(batch.device_part().cpu().numpy())[0])
+    return torch.from_numpy(batch.rows(_host_rows(batch))[0][0])
+
+
+def between_sample(x: torch.Tensor) -> torch.Tensor:
+    """``[sum of d**2 / 2, count]`` over ``d = x[2i] - x[2i + 1]`` (finite ``d`` only) for up to
+    ``SIGNAL_PAIRS`` pairs of samples (dim 0) at the same positions (at most ``SIGNAL_WIDTH``
+    of them, spread over the pairs): the between-sample variance, averaged over units and
+    positions. An output that no longer depends on the input (e.g. only its biases survive a
+    vanishing signal) scores 0 however large its values. Count 0: not measurable (fewer than two
+    samples). One tensor at a time; the probe reads it from :class:`ActivationBatch` rows."""
+    batch = ActivationBatch(x.device)
+    batch.add(x)
+    return torch.from_numpy(batch.rows(_host_rows(batch))[1][0])
 
 
 def grad_stats(g: torch.Tensor) -> torch.Tensor:
@@ -354,56 +543,34 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
     """
     batch = GradientBatch(g.device)
     batch.add(g)
-    return torch.from_numpy(batch.rows(batch.device_part().cpu().numpy())[0])
+    return torch.from_numpy(batch.rows(_host_rows(batch))[0])
+
+
+class ParamBatch(_Batch):
+    """Standard deviation of parameters: each one's row (all of it up to ``SAMPLE_ABOVE``
+    elements, else its sample: relative error about ``1 / sqrt(2 m)``, 1.1% for Gaussian
+    weights at m = 4096); no full read (the probe reads every weight once, fused, for exact
+    norms)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device, _moment_kernel, 3, None, False)
+
+    def add(self, p: torch.Tensor) -> int:
+        return self._add(p, ())
+
+    def stds(self, host: np.ndarray) -> np.ndarray:
+        """The unbiased standard deviation of each parameter's finite values (0 for fewer
+        than two), in order."""
+        raw, _ = self._split(host, 1)
+        self.meta = []
+        count, m2 = raw[:, 0], raw[:, 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 1, np.sqrt(np.maximum(m2, 0) / (count - 1)), 0.0)
 
 
 # A GELU-family unit (GELU, SiLU, Mish) counts as active when |y| exceeds this: below it the
 # input is < about -3.4, where the local derivative is < 1% as well.
 GELU_ACTIVE_LEVEL = 1e-3
-
-
-# Sample pairs compared by :func:`between_sample`.
-SIGNAL_PAIRS = 4
-
-
-def between_sample(x: torch.Tensor) -> torch.Tensor:
-    """``[sum of d**2 / 2, count]`` over ``d = x[2i] - x[2i + 1]`` for up to ``SIGNAL_PAIRS``
-    pairs of samples (dim 0) at the same position: the between-sample variance, averaged over
-    units and positions. An output that no longer depends on the input (e.g. only its biases
-    survive a vanishing signal) scores 0 however large its values. Needs ``x.shape[0] >= 2``.
-    Above ``SAMPLE_TARGET`` values per side, the same runs of positions are read in each pair."""
-    pairs = min(x.shape[0] // 2, SIGNAL_PAIRS)
-    rows = x.detach().reshape(x.shape[0], -1)
-    a, b = rows[0:2 * pairs:2], rows[1:2 * pairs:2]
-    width = rows.shape[1]
-    if pairs * width > SAMPLE_TARGET:
-        if width % RUN == 0 and rows.is_contiguous():
-            first, second = _pair_runs(pairs, width // RUN, x.device)
-            cells = rows.view(-1, RUN)  # gathering along dim 0 only: other dims are slow paths
-            a, b = cells.index_select(0, first), cells.index_select(0, second)
-        else:
-            index = sample_index(pairs * width, SAMPLE_TARGET, x.device)
-            a, b = a.reshape(-1).take(index), b.reshape(-1).take(index)
-    size = a.numel()
-    d = _scratch(1, size, _F64, a.device).view(a.shape).copy_(a)
-    other = _scratch(2, size, _F64, a.device).view(a.shape).copy_(b)
-    d = d.sub_(other).reshape(-1)
-    bad = torch.mul(d, 0, out=other.reshape(-1)).nan_to_num_(1.0).sum()
-    d.nan_to_num_(0.0, 0.0, 0.0)
-    return torch.stack([torch.dot(d, d) / 2, size - bad])
-
-
-def _pair_runs(pairs: int, runs: int, device: torch.device) -> tuple:
-    """Rows of ``view(-1, RUN)`` for :func:`between_sample`: the same sampled runs in samples
-    0, 2, 4 ... (first) and 1, 3, 5 ... (second), ``runs`` runs per sample. Cached."""
-    key = ("pairs", pairs, runs, str(device))
-    found = _index_cache.get(key)
-    if found is None:
-        picked = sample_index(runs, max(SAMPLE_TARGET // (RUN * pairs), 1), device)
-        starts = torch.arange(pairs, device=device) * (2 * runs)
-        first = (starts[:, None] + picked[None, :]).reshape(-1)
-        found = _index_cache[key] = (first, first + runs)
-    return found
 
 
 def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Tensor:
@@ -450,48 +617,6 @@ def _per_unit(y: torch.Tensor, unit_dim: int, reduce: Callable) -> torch.Tensor:
     while fold < 64 and before % (2 * fold) == 0 and fold * units < (1 << 16):
         fold *= 2
     return reduce(reduce(y.reshape(before // fold, fold * units), 0).view(fold, units), 0)
-
-
-def _finite_probe(flat: torch.Tensor) -> torch.Tensor:
-    """One reduction whose 0-d result is finite exactly when every element is: the sum for
-    float32/float64 (short of finite values summing beyond 3.4e38), min + max in float32 for
-    16-bit dtypes, whose own sums overflow too easily."""
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        return torch.stack(torch.aminmax(flat)).float().sum()
-    return flat.sum()
-
-
-def norm(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm as a float64 scalar: exact up to ``SAMPLE_ABOVE`` elements, accumulated in the
-    tensor's precision above (float32: relative error about 1e-5; an element above 1.8e19
-    overflows the float32 sum of squares to Inf). NaN/Inf propagate."""
-    flat = _flat(t)
-    if flat.numel() <= SAMPLE_ABOVE:
-        return torch.linalg.vector_norm(_exact_copy(flat))
-    return _sum_of_squares(flat).to(_F64).sqrt()
-
-
-def norm_and_std(t: torch.Tensor) -> tuple:
-    """L2 norm and standard deviation (unbiased) of a parameter, as float64 scalars: exact up to
-    ``SAMPLE_ABOVE`` elements; above, both come from its sample (relative error about
-    ``1 / sqrt(2 m)``, 0.6% for Gaussian weights), so the weights are never read in full: a NaN
-    or Inf in a weight shows exactly in the output of the layer that uses it."""
-    flat = _flat(t)
-    n = flat.numel()
-    if n <= 1:
-        return norm(flat), torch.zeros((), dtype=_F64, device=flat.device)
-    if n <= SAMPLE_ABOVE:
-        s = _exact_copy(flat)
-        return torch.linalg.vector_norm(s), s.std()
-    values = sample(flat, SAMPLE_TARGET)
-    s = _scratch(0, values.numel(), _F64, flat.device).copy_(values)
-    return torch.linalg.vector_norm(s) * math.sqrt(n / s.numel()), s.std()
-
-
-def _sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.vector_norm(flat, dtype=torch.float32) ** 2
-    return torch.dot(flat, flat)
 
 
 def merge_moments(rows: np.ndarray) -> dict:
