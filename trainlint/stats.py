@@ -13,7 +13,7 @@ shapes and dtypes only):
 * an activation row also holds up to ``SIGNAL_WIDTH`` pairs of values from samples 0/1, 2/3 ...
   of the batch at the same positions: the between-sample signal.
 
-Rows are laid out by a :class:`Plan`, built once per shape and cached. Every ``BATCH_ROWS``
+Rows are laid out by a :class:`Plan`, built once per shape and cached. Every :func:`batch_rows`
 rows, one batch of float64 row ops computes all their moments. After the observed step's one
 copy to the host, :func:`finish_activations` / :func:`finish_gradients` turn the raw numbers
 into ``ACT_FIELDS`` / ``GRAD_FIELDS`` vectors, which :func:`merge_moments` /
@@ -47,15 +47,17 @@ SATURATION_LEVEL = 0.99
 # Tensors above this many elements have their element-wise statistics estimated on a sample of
 # exactly SAMPLE_TARGET elements.
 SAMPLE_ABOVE = 1 << 14
-SAMPLE_TARGET = 1 << 12
+SAMPLE_TARGET = 1 << 11
 # The sample is made of runs of this many consecutive elements (a cache line of float32).
 RUN = 16
 # Pairs of samples (dim 0) compared for the between-sample signal, and at most this many
 # positions per side.
 SIGNAL_PAIRS = 4
-SIGNAL_WIDTH = 1 << 10
-# Rows per batch: the statistics of this many tensors are computed together.
-BATCH_ROWS = 8
+SIGNAL_WIDTH = 1 << 9
+# Each batch of rows holds at most this many values (and at most 32 rows): the statistics of
+# that many tensors are computed together (per row, a batch of 32 costs a third of a batch
+# of 8: each op's dispatch is shared).
+BATCH_VALUES = 1 << 18
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_CACHED = 256
 _F64 = torch.float64
@@ -127,7 +129,7 @@ class Plan:
 
 
 # Widths of the rows of small tensors (copied whole): the narrowest that holds them.
-EXACT_WIDTHS = (1 << 10, 1 << 12, SAMPLE_ABOVE)
+EXACT_WIDTHS = (SAMPLE_TARGET, SAMPLE_ABOVE)
 
 
 def plan_for(x: torch.Tensor, with_signal: bool) -> Plan:
@@ -186,10 +188,18 @@ def _make_plan(shape: tuple, contiguous: bool, with_signal: bool, device: torch.
     return Plan(n=n, m=m, width=width, signal=signal, copies=tuple(copies))
 
 
+def batch_rows(width: int) -> int:
+    """Rows per batch for rows of ``width`` values: a power of two from 4 to 32."""
+    rows = 4
+    while rows < 32 and 2 * rows * width <= BATCH_VALUES:
+        rows *= 2
+    return rows
+
+
 def _work_buffers(device: torch.device, shape: tuple) -> list:
     """Four contiguous float64 work tensors of ``shape``, views of buffers shared by every
     store of this device and thread (a kernel runs to its end before the next starts)."""
-    size = BATCH_ROWS * (SAMPLE_ABOVE + 2 * SIGNAL_WIDTH)
+    size = max(BATCH_VALUES, 4 * (SAMPLE_ABOVE + 2 * SIGNAL_WIDTH))
     buffers = _cached(("work", str(device), threading.get_ident()),
                       lambda: [torch.empty(size, dtype=_F64, device=device) for _ in range(4)])
     return [b[:math.prod(shape)].view(shape) for b in buffers]
@@ -197,7 +207,7 @@ def _work_buffers(device: torch.device, shape: tuple) -> list:
 
 class RowStore:
     """Rows of one dtype and width on one device waiting for their statistics (NaN where a
-    row holds no value); every ``BATCH_ROWS`` rows, ``kernel`` computes them all in float64.
+    row holds no value); every :func:`batch_rows` rows, ``kernel`` computes them all in float64.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, width: int, extra: int,
@@ -205,7 +215,8 @@ class RowStore:
         self.kernel = kernel
         self.fields = fields
         self.width = width
-        self.rows = torch.full((BATCH_ROWS, width + extra), math.nan, dtype=dtype,
+        self.batch = batch_rows(width + extra)
+        self.rows = torch.full((self.batch, width + extra), math.nan, dtype=dtype,
                                device=device)
         self.work = _work_buffers(device, tuple(self.rows.shape))
         self.count = 0
@@ -237,7 +248,7 @@ class RowStore:
         self.kinds.add(kind)
         self.count += 1
         self.total += 1
-        if self.count == BATCH_ROWS:
+        if self.count == self.batch:
             self.flush()
         return self.total - 1
 
