@@ -598,10 +598,9 @@ class ProbeSnapshot:
 
 
 def _update_sample(p: torch.Tensor) -> torch.Tensor:
-    """A subset of a parameter, enough to estimate the norm of its update (4096 elements in
-    runs of 16 at golden-ratio positions: no aliasing with the layout, e.g. a plain stride of 9
-    over a 3x3 conv kernel would read only its top-left tap), 16-bit values as float32."""
-    values = stats.sample(p.detach().reshape(-1), 4096)
+    """The sample of a parameter that measures its update (the statistics' sample: runs of
+    16 at golden-ratio positions, so no aliasing with the layout), 16-bit values as float32."""
+    values = stats.sample_values(p)
     return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
@@ -617,8 +616,8 @@ def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor
 
 
 def _stack(values: list, device: torch.device) -> torch.Tensor:
-    """0-d device tensors as one float64 vector on ``device``: one op per (device, dtype)
-    group, in order."""
+    """0-d device tensors as one float64 vector on ``device``, in order (one stack when they
+    share a device and dtype)."""
     first = values[0]
     if all(v.device == first.device and v.dtype == first.dtype for v in values):
         return torch.stack(values).to(device=device, dtype=torch.float64)

@@ -73,19 +73,6 @@ def _cached(key: tuple, make: Callable) -> object:
     return found
 
 
-def sample_index(n: int, target: int, device: torch.device) -> torch.Tensor:
-    """Positions of a sample of an ``n``-element tensor: ``ceil(n / stride)`` of them, with
-    ``stride = ceil(n / target)``, one per window of ``stride`` at an offset that moves by the
-    golden ratio from window to window (no aliasing with the tensor's layout). Built on
-    ``device`` (no host copy) and cached."""
-    def make() -> torch.Tensor:
-        stride = -(-n // target)
-        k = torch.arange(-(-n // stride), dtype=_F64, device=device)
-        offset = torch.floor(torch.frac(k * _GOLDEN) * stride)
-        return (k * stride + offset).clamp(max=n - 1).to(torch.int64)
-    return _cached(("index", n, target, str(device)), make)
-
-
 def spread(total: int, count: int, device: torch.device) -> torch.Tensor:
     """Exactly ``count`` distinct positions in ``range(total)`` (``count <= total``): one per
     window of the even split, at a golden-ratio offset inside it. Built on ``device``."""
@@ -93,14 +80,6 @@ def spread(total: int, count: int, device: torch.device) -> torch.Tensor:
     edges = torch.floor(k * (total / count))
     width = edges[1:] - edges[:-1]
     return (edges[:-1] + torch.floor(torch.frac(k[:-1] * _GOLDEN) * width)).to(torch.int64)
-
-
-def sample(flat: torch.Tensor, target: int) -> torch.Tensor:
-    """At most ``target`` elements of a 1-D tensor (all of it when it is that small), always at
-    the same positions for the same size."""
-    if flat.numel() <= target:
-        return flat
-    return torch.take(flat, sample_index(flat.numel(), target, flat.device))
 
 
 @dataclass
@@ -194,6 +173,30 @@ def batch_rows(width: int) -> int:
     while rows < 32 and 2 * rows * width <= BATCH_VALUES:
         rows *= 2
     return rows
+
+
+def sample_positions(x: torch.Tensor) -> torch.Tensor:
+    """The element positions (in ``x.reshape(-1)``) whose values make up ``x``'s sample."""
+    plan = plan_for(x, False)
+    copy = plan.copies[0]
+    if copy.how == "whole":
+        return torch.arange(plan.n, device=x.device)
+    if copy.how == "take":
+        return copy.index
+    return (copy.index[:, None] * RUN + torch.arange(RUN, device=x.device)).reshape(-1)
+
+
+def sample_values(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s sample (all of it up to ``SAMPLE_ABOVE`` elements) as a 1-D tensor: one
+    gather, a view of ``x`` when it is small and contiguous."""
+    x = x.detach()
+    copy = plan_for(x, False).copies[0]
+    if copy.how == "whole":
+        return x.reshape(-1)
+    if copy.how == "take":
+        return torch.take(x, copy.index)
+    n = x.numel()
+    return x.view(-1)[:n - n % RUN].view(-1, RUN).index_select(0, copy.index).view(-1)
 
 
 def _work_buffers(device: torch.device, shape: tuple) -> list:
@@ -636,38 +639,35 @@ def merge_moments(rows: np.ndarray) -> dict:
     Chan's parallel formula on float64 partial moments, so merging is exact up to rounding.
     """
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(ACT_FIELDS))
-    n_total = rows[:, A["n"]].sum()
-    n_finite = rows[:, A["n_finite"]].sum()
-    weights = rows[:, A["m_finite"]]
-    weight = weights.sum()
+    totals = rows.sum(axis=0).tolist()
+    n_total, n_finite, weight = totals[A["n"]], totals[A["n_finite"]], totals[A["m_finite"]]
     if weight > 0:
-        mean = float((rows[:, A["mean"]] * weights).sum() / weight)
-        m2 = float(rows[:, A["m2"]].sum() + (weights * (rows[:, A["mean"]] - mean) ** 2).sum())
-        var = m2 / weight
+        weights, means = rows[:, A["m_finite"]], rows[:, A["mean"]]
+        mean = float(weights @ means / weight)
+        var = (totals[A["m2"]] + float(weights @ (means - mean) ** 2)) / weight
     else:
         mean, var = 0.0, 0.0
     has_finite = n_finite > 0
     return {
         "count": int(n_total),
         "mean": mean,
-        "std": float(np.sqrt(max(var, 0.0))),
-        "rms": float(np.sqrt(max(var + mean * mean, 0.0))),
+        "std": math.sqrt(max(var, 0.0)),
+        "rms": math.sqrt(max(var + mean * mean, 0.0)),
         "min": float(rows[:, A["min"]].min()) if has_finite else float("nan"),
         "max": float(rows[:, A["max"]].max()) if has_finite else float("nan"),
-        "zero_fraction": float(rows[:, A["zeros"]].sum() / weight) if weight else 0.0,
-        "saturated_fraction": float(rows[:, A["saturated"]].sum() / weight) if weight else 0.0,
+        "zero_fraction": totals[A["zeros"]] / weight if weight else 0.0,
+        "saturated_fraction": totals[A["saturated"]] / weight if weight else 0.0,
         "nonfinite": int(n_total - n_finite),
-        "sampled": bool((rows[:, A["m"]] < rows[:, A["n"]]).any()),
+        "sampled": totals[A["m"]] < n_total,
     }
 
 
 def merge_grads(rows: np.ndarray) -> dict:
     """Merge per-call gradient vectors into norm, RMS and the non-finite count."""
-    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(GRAD_FIELDS))
-    n = rows[:, G["n"]].sum()
-    sumsq = rows[:, G["sumsq"]].sum()
+    n, sumsq, nonfinite = np.asarray(rows, dtype=np.float64).reshape(
+        -1, len(GRAD_FIELDS)).sum(axis=0).tolist()
     return {
-        "norm": float(np.sqrt(sumsq)),
-        "rms": float(np.sqrt(sumsq / n)) if n else 0.0,
-        "nonfinite": int(rows[:, G["nonfinite"]].sum()),
+        "norm": math.sqrt(sumsq),
+        "rms": math.sqrt(sumsq / n) if n else 0.0,
+        "nonfinite": int(nonfinite),
     }
