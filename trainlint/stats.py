@@ -6,10 +6,12 @@ or two ops and never a sync (no ``.item()``, ``.cpu()``, ``bool(tensor)``; branc
 shapes and dtypes only):
 
 * a tensor of up to ``SAMPLE_ABOVE`` elements is copied whole into a row: exact statistics;
-* a larger one is read in full by one reduction (``aminmax`` of an activation: exact extremes
-  and exact presence of NaN/Inf; the sum of a gradient: exact presence of NaN/Inf), and its
-  sample of exactly ``SAMPLE_TARGET`` elements (runs of ``RUN`` consecutive elements at
-  golden-ratio positions) is gathered into the row by one ``index_select``;
+* a larger one is read in full once for the exact presence of NaN/Inf (its sum; a ReLU/GELU
+  output's per-unit record, which the probe reads anyway and which gives its exact max/min;
+  parameter gradients are not: a NaN/Inf there reaches the weight, read in full after the
+  optimizer step), and its sample of exactly ``SAMPLE_TARGET`` elements (runs of ``RUN``
+  consecutive elements at golden-ratio positions) is gathered into the row by one
+  ``index_select``;
 * an activation row also holds up to ``SIGNAL_WIDTH`` pairs of values from samples 0/1, 2/3 ...
   of the batch at the same positions: the between-sample signal.
 
@@ -20,7 +22,9 @@ into ``ACT_FIELDS`` / ``GRAD_FIELDS`` vectors, which :func:`merge_moments` /
 :func:`merge_grads` merge over calls and steps.
 
 Why (CPU, measured): an eager op costs 5-10 us of dispatch, which dominated the per-tensor cost
-when every tensor ran ~40 ops; an element-wise op costs 3-5x a reduction; and a gather of single
+when every tensor ran ~40 ops; a batch of 32 rows costs a third per row of a batch of 8; rows
+and work buffers small enough to stay in cache leave the model's own tensors there (a 16384-value
+sample cost the CNN workload several times its kernels' own time); and a gather of single
 elements from a tensor out of cache waits on memory once per element, while runs of a cache
 line's length cost one wait per run."""
 
@@ -520,10 +524,10 @@ def activation_stats(x: torch.Tensor, kind: Optional[str]) -> torch.Tensor:
     """Statistics of an activation tensor as a float64 vector laid out as ``ACT_FIELDS``.
 
     Up to ``SAMPLE_ABOVE`` elements everything is exact (float64). Above it: the element count
-    is exact; min, max and ``n_finite`` are exact whenever the tensor is all finite, and the
-    presence of NaN/Inf always is (``n_finite < n``); the moments and the zero and saturated
-    fractions come from the sample (``m`` elements, ``m_finite`` of them finite), as do min,
-    max and the number of non-finite values when the tensor has any. All arithmetic on the
+    is exact, and so is the presence of NaN/Inf (``n_finite < n``; ``n_finite`` is exact when
+    the tensor is all finite); the moments, the zero and saturated fractions, min and max
+    (16-bit tensors: exact min/max) and the number of non-finite values when there are any
+    come from the sample (``m`` elements, ``m_finite`` of them finite). All arithmetic on the
     values is float64, so 16-bit inputs and magnitudes from 1e-300 to 1e300 stay exact.
     One tensor at a time (this reads the result on the host); the probe batches
     :class:`ActivationBatch` instead.
@@ -553,7 +557,8 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
     finite values cannot cause short of summing beyond 3.4e38; 16-bit ones: min/max); the sum
     of squares of the finite elements and, when there are any NaN/Inf, their number are scaled
     up from the sample (relative error of the sum of squares about ``sqrt((kurtosis - 1) / m)``:
-    1% for Gaussian values). One tensor at a time; the probe batches :class:`GradientBatch`.
+    3% for Gaussian values at m = 2048, the norm half that). One tensor at a time; the probe
+    batches :class:`GradientBatch`.
     """
     batch = GradientBatch(g.device)
     batch.add(g)
@@ -562,8 +567,8 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
 
 class ParamBatch(_Batch):
     """Standard deviation of parameters: each one's row (all of it up to ``SAMPLE_ABOVE``
-    elements, else its sample: relative error about ``1 / sqrt(2 m)``, 1.1% for Gaussian
-    weights at m = 4096); no full read (the probe reads every weight once, fused, for exact
+    elements, else its sample: relative error about ``1 / sqrt(2 m)``, 1.6% for Gaussian
+    weights at m = 2048); no full read (the probe reads every weight once, fused, for exact
     norms)."""
 
     def __init__(self, device: torch.device) -> None:
