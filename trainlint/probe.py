@@ -493,7 +493,7 @@ class Probe:
             layout.append((tag, tuple(value.shape), flat.numel()))
             parts.append(flat)
 
-        named = [(name, p) for name, p in self.model.named_parameters()]
+        named = list(self.model.named_parameters())
         params = [p.detach() for _, p in named]
         for _, p in named:
             batches = self._batches(p.device)
@@ -612,7 +612,7 @@ def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor
     if lo is None:
         return top, stats.unknown(x), top
     bottom = lo.amin()
-    return torch.mul(top, 0).add_(bottom * 0), bottom, top
+    return stats.finite_probe(bottom, top), bottom, top
 
 
 def _stack(values: list, device: torch.device) -> torch.Tensor:

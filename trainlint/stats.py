@@ -199,16 +199,21 @@ def sample_values(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1)
     if copy.how == "take":
         return torch.take(x, copy.index)
+    return _runs_of(x).index_select(0, copy.index).view(-1)
+
+
+def _runs_of(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as ``[runs, RUN]`` (a view; a last partial run is left out)."""
     n = x.numel()
-    return x.view(-1)[:n - n % RUN].view(-1, RUN).index_select(0, copy.index).view(-1)
+    return x.view(-1)[:n - n % RUN].view(-1, RUN)
 
 
 def _work_buffers(device: torch.device, shape: tuple) -> list:
     """Four contiguous float64 work tensors of ``shape``, views of buffers shared by every
     store of this device and thread (a kernel runs to its end before the next starts)."""
-    size = max(BATCH_VALUES, 4 * (SAMPLE_ABOVE + 2 * SIGNAL_WIDTH))
     buffers = _cached(("work", str(device), threading.get_ident()),
-                      lambda: [torch.empty(size, dtype=_F64, device=device) for _ in range(4)])
+                      lambda: [torch.empty(BATCH_VALUES, dtype=_F64, device=device)
+                               for _ in range(4)])
     return [b[:math.prod(shape)].view(shape) for b in buffers]
 
 
@@ -244,8 +249,7 @@ class RowStore:
                     out = out.view(-1, RUN)
                 self.views[key] = out
             if copy.how == "runs":
-                torch.index_select(x.view(-1)[:x.numel() - x.numel() % RUN].view(-1, RUN), 0,
-                                   copy.index, out=out)
+                torch.index_select(_runs_of(x), 0, copy.index, out=out)
             elif copy.how == "take":
                 torch.take(x, copy.index, out=out)
             elif copy.how == "whole":
@@ -442,13 +446,18 @@ def unknown(x: torch.Tensor) -> torch.Tensor:
                    lambda: torch.full((), math.nan, dtype=x.dtype, device=x.device))
 
 
+def finite_probe(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """0 when both 0-d tensors are finite, NaN otherwise (no overflow, whatever the dtype)."""
+    return torch.mul(lo, 0).add_(hi * 0)
+
+
 def _full_read(x: torch.Tensor) -> tuple:
     """``(probe, min, max)`` of one full read of ``x``: the sum (finite exactly when every
     element is, short of finite values summing beyond 3.4e38) with min and max not read, or
     for 16-bit dtypes, whose sums overflow too easily, ``aminmax``."""
     if x.dtype in (torch.float16, torch.bfloat16):
         lo, hi = torch.aminmax(x)
-        return torch.mul(lo, 0).add_(hi * 0), lo, hi
+        return finite_probe(lo, hi), lo, hi
     nan = unknown(x)
     return x.sum(), nan, nan
 
