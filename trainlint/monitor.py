@@ -119,6 +119,8 @@ class Monitor:
         self.steps_seen += 1
         if not self._explicit and self._due():
             self._open()
+        else:
+            self.probe.take_off()
 
     def start_step(self) -> None:
         """Mark the start of a training step (optional; the callbacks call it).
@@ -153,7 +155,9 @@ class Monitor:
     def _observed(self, extra: dict) -> None:
         """The observed step is over: sync once, merge ranks, fold it into the trace."""
         snap = self.probe.collect(extra=extra)
-        self.probe.end_step()
+        # Hooks stay on (idle) when the next step is observed too: every=1 re-installs nothing.
+        self.probe.end_step(keep_hooks=not self._explicit
+                            and (self.steps_seen + 1) % self.every == 0)
         self._close_stance()
         if self.scaler is not None and not self._unscale(snap):
             return
@@ -174,6 +178,7 @@ class Monitor:
         if self.fail_on is not None:
             report = self.report()
             if report.failing(self.fail_on):
+                self.probe.take_off()
                 raise RunFailed(report, self.fail_on)
 
     def _unscale(self, snap: ProbeSnapshot) -> bool:

@@ -107,6 +107,17 @@ def _tensors_in(obj: Any, depth: int = 0) -> list:
     return []
 
 
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the hooks need to know of a module, worked out once per module."""
+
+    name: str
+    type: str
+    kind: Optional[str]
+    has_params: bool
+    channel_first: bool
+
+
 @dataclass
 class Point:
     """One observation point and its device accumulators for the current step."""
@@ -170,6 +181,7 @@ class Probe:
         self.model = model
         self.optimizer = optimizer
         self.names = {m: n for n, m in model.named_modules()}
+        self.infos: dict[nn.Module, ModuleInfo] = {}
         self.param_names = {p: n for n, p in model.named_parameters()}
         self.handles: list[RemovableHandle] = []
         self.tensor_handles: list[RemovableHandle] = []
@@ -190,6 +202,8 @@ class Probe:
         self.norm_calls: list[NormCall] = []
         self.failed_module: Optional[str] = None
         self.update_snapshots: dict[nn.Parameter, torch.Tensor] = {}
+        # Each updated parameter's sample right after the optimizer step (its std row).
+        self.after_samples: dict[nn.Parameter, torch.Tensor] = {}
         self.update_norms: dict[nn.Parameter, torch.Tensor] = {}
         self.before_norms: dict[nn.Parameter, torch.Tensor] = {}
         self.mode: Optional[_ProbeMode] = None
@@ -244,13 +258,27 @@ class Probe:
         if self.attached:
             self._install()
 
-    def end_step(self) -> None:
-        """Stop observing: take the hooks off; drop per-step bookkeeping that references
-        tensors."""
+    def end_step(self, keep_hooks: bool = False) -> None:
+        """Stop observing: take the hooks off (``keep_hooks``: leave the module and optimizer
+        hooks on, idle, for a next step that is observed too); drop per-step bookkeeping that
+        references tensors."""
         self.observing = False
-        self._uninstall()
+        if keep_hooks:
+            self._exit_mode()
+            for handle in self.tensor_handles:
+                handle.remove()
+            self.tensor_handles.clear()
+            self.stack.clear()
+        else:
+            self._uninstall()
         self.producers.clear()
         self.update_snapshots.clear()
+        self.after_samples.clear()
+
+    def take_off(self) -> None:
+        """Remove the hooks that :meth:`end_step` left on (no-op while observing)."""
+        if not self.observing:
+            self._uninstall()
 
     # ---------------------------------------------------------------- module stack
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -296,8 +324,19 @@ class Probe:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
 
+    def info(self, module: nn.Module) -> ModuleInfo:
+        """The cached :class:`ModuleInfo` of ``module``."""
+        found = self.infos.get(module)
+        if found is None:
+            found = self.infos[module] = ModuleInfo(
+                name=self.names.get(module, ""), type=type(module).__name__,
+                kind=activation_kind(module),
+                has_params=any(True for _ in module.parameters(recurse=False)),
+                channel_first=isinstance(module, CHANNEL_FIRST_TYPES))
+        return found
+
     def inside_activation_module(self) -> bool:
-        return bool(self.stack) and activation_kind(self.stack[-1]) is not None
+        return bool(self.stack) and self.info(self.stack[-1]).kind is not None
 
     def current_module_name(self) -> str:
         return self.names.get(self.stack[-1], "") if self.stack else ""
@@ -306,18 +345,22 @@ class Probe:
     def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self.observing:
             return
+        # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
+        with torch._C.DisableTorchFunction():
+            self._observe_output(module, output)
+
+    def _observe_output(self, module: nn.Module, output: Any) -> None:
         tensor = first_float_tensor(output)
         if tensor is None:
             return
         self.busy = True
         try:
-            name = self.names.get(module, "")
-            kind = activation_kind(module)
-            point = self._observe(name, type(module).__name__, "output", kind, tensor)
+            info = self.info(module)
+            point = self._observe(info.name, info.type, "output", info.kind, tensor)
             self._set_producer(tensor, point.key)
-            if isinstance(module, CHANNEL_FIRST_TYPES):
+            if info.channel_first:
                 self.last_layout_channel_first = True
-            elif kind is None and any(True for _ in module.parameters(recurse=False)):
+            elif info.kind is None and info.has_params:
                 self.last_layout_channel_first = False
         finally:
             self.busy = False
@@ -326,10 +369,9 @@ class Probe:
         tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
         if tensor is None or not self.observing:
             return
-        module = self.stack[-1] if self.stack else self.model
-        name = self.names.get(module, "")
+        info = self.info(self.stack[-1] if self.stack else self.model)
         origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
-        point = self._observe(name, type(module).__name__, op, op, tensor)
+        point = self._observe(info.name, info.type, op, op, tensor)
         for src, via in origins:
             self.edges.add((src, ("point",) + point.key, via))
         self._set_producer(tensor, point.key)
@@ -418,8 +460,9 @@ class Probe:
 
     def _norm_input(self, module: nn.Module, args: tuple) -> None:
         if self.observing and args and isinstance(args[0], torch.Tensor):
-            self.norm_calls.append(NormCall(self.names.get(module, ""), tuple(args[0].shape),
-                                            module.training))
+            with torch._C.DisableTorchFunction():
+                shape = tuple(args[0].shape)
+            self.norm_calls.append(NormCall(self.names.get(module, ""), shape, module.training))
 
     # ---------------------------------------------------------------- data flow
     def _origin_of(self, t: torch.Tensor) -> Optional[tuple]:
@@ -473,7 +516,9 @@ class Probe:
             return
         params, befores = list(self.update_snapshots), list(self.update_snapshots.values())
         scales = [(p.numel() / max(b.numel(), 1)) ** 0.5 for p, b in zip(params, befores)]
-        deltas = torch._foreach_sub([_update_sample(p) for p in params], befores)
+        afters = [_update_sample(p) for p in params]
+        self.after_samples.update(zip(params, afters))
+        deltas = torch._foreach_sub(afters, befores)
         updates = torch._foreach_mul(torch._foreach_norm(deltas), scales)
         norms = torch._foreach_mul(torch._foreach_norm(befores), scales)
         self.update_norms.update(zip(params, updates))
@@ -484,20 +529,28 @@ class Probe:
     def collect(self, extra: Optional[dict] = None) -> ProbeSnapshot:
         """Copy every statistic of the observed step (and ``extra`` device scalars, such as the
         loss) to the host in one transfer."""
+        with torch.no_grad():
+            return self._collect(extra)
+
+    def _collect(self, extra: Optional[dict]) -> ProbeSnapshot:
         parts: list[torch.Tensor] = []
         layout: list[tuple] = []
         device = _model_device(self.model)
 
         def add(tag: tuple, value: torch.Tensor) -> None:
-            flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
+            flat = value.reshape(-1)
+            if flat.dtype != torch.float64 or flat.device != device:
+                flat = flat.to(device=device, dtype=torch.float64)
             layout.append((tag, tuple(value.shape), flat.numel()))
             parts.append(flat)
 
         named = list(self.model.named_parameters())
-        params = [p.detach() for _, p in named]
+        params = [p for _, p in named]
         for _, p in named:
             batches = self._batches(p.device)
-            batches[2].add(p)
+            # The std of the sample the update measured after the optimizer step (the same
+            # values as the statistics' sample of p, without a second gather).
+            batches[2].add(self.after_samples.get(p, p))
             if p.grad is not None:
                 batches[3].add(p.grad)
         for dev, (acts, grads, stds, param_grads) in self.batches.items():
@@ -540,10 +593,11 @@ class Probe:
         for key, point in self.points.items():
             for tag, which, ids in (("act", 0, point.act_rows), ("grad", 1, point.grad_rows)):
                 if ids:
-                    snapshot.values[(tag, key)] = np.stack([rows[d][which][i] for d, i in ids])
-            pairs = sum((rows[d][2][i] for d, i in point.act_rows), np.zeros(2))
-            if pairs[1] > 0:
-                snapshot.values[("signal", key)] = pairs
+                    snapshot.values[(tag, key)] = _pick(rows, which, ids)
+            if point.act_rows:
+                pairs = _pick(rows, 2, point.act_rows).sum(axis=0)
+                if pairs[1] > 0:
+                    snapshot.values[("signal", key)] = pairs
         self._param_values(snapshot, named, rows)
         for point in self.points.values():
             point.act_rows.clear()
@@ -554,6 +608,7 @@ class Probe:
         self.norm_calls.clear()
         self.update_norms.clear()
         self.before_norms.clear()
+        self.after_samples.clear()
         self.bw_counter = 0
         return snapshot
 
@@ -613,6 +668,15 @@ def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor
         return top, stats.unknown(x), top
     bottom = lo.amin()
     return stats.finite_probe(bottom, top), bottom, top
+
+
+def _pick(rows: dict, which: int, ids: list) -> np.ndarray:
+    """The rows ``ids`` (``(device, row number)`` pairs) of table ``which`` of each device's
+    ``rows``, stacked in order (one fancy index when they share a device)."""
+    device = ids[0][0]
+    if all(d == device for d, _ in ids):
+        return rows[device][which][[i for _, i in ids]]
+    return np.stack([rows[d][which][i] for d, i in ids])
 
 
 def _stack(values: list, device: torch.device) -> torch.Tensor:

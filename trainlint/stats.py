@@ -64,6 +64,7 @@ SIGNAL_WIDTH = 1 << 9
 BATCH_VALUES = 1 << 18
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_CACHED = 256
+_MAX_VIEWS = 4096
 _F64 = torch.float64
 _cache: dict = {}
 
@@ -86,7 +87,7 @@ def spread(total: int, count: int, device: torch.device) -> torch.Tensor:
     return (edges[:-1] + torch.floor(torch.frac(k[:-1] * _GOLDEN) * width)).to(torch.int64)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Copy:
     """One op that fills part of a row: ``whole`` copies the tensor, ``runs`` gathers runs of
     ``RUN`` elements of a contiguous tensor, ``take`` gathers single elements, ``nan`` fills
@@ -111,8 +112,9 @@ class Plan:
     copies: tuple
 
 
-# Widths of the rows of small tensors (copied whole): the narrowest that holds them.
-EXACT_WIDTHS = (SAMPLE_TARGET, SAMPLE_ABOVE)
+# Widths of the rows of small tensors (copied whole): the narrowest that holds them (a row
+# is at most half padding, which the kernels read too).
+EXACT_WIDTHS = (SAMPLE_TARGET, 2 * SAMPLE_TARGET, 4 * SAMPLE_TARGET, SAMPLE_ABOVE)
 
 
 def plan_for(x: torch.Tensor, with_signal: bool) -> Plan:
@@ -193,7 +195,8 @@ def sample_positions(x: torch.Tensor) -> torch.Tensor:
 def sample_values(x: torch.Tensor) -> torch.Tensor:
     """``x``'s sample (all of it up to ``SAMPLE_ABOVE`` elements) as a 1-D tensor: one
     gather, a view of ``x`` when it is small and contiguous."""
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     copy = plan_for(x, False).copies[0]
     if copy.how == "whole":
         return x.reshape(-1)
@@ -203,9 +206,8 @@ def sample_values(x: torch.Tensor) -> torch.Tensor:
 
 
 def _runs_of(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor as ``[runs, RUN]`` (a view; a last partial run is left out)."""
-    n = x.numel()
-    return x.view(-1)[:n - n % RUN].view(-1, RUN)
+    """A contiguous tensor as ``[runs, RUN]`` (one view op; a last partial run is left out)."""
+    return x.as_strided((x.numel() // RUN, RUN), (RUN, 1))
 
 
 def _work_buffers(device: torch.device, shape: tuple) -> list:
@@ -241,19 +243,18 @@ class RowStore:
         """Fill the next row from ``x`` following ``plan``; the row's number."""
         slot = self.count
         for copy in plan.copies:
-            key = (slot, copy.offset, copy.length, copy.how)
+            key = (slot, copy, x.shape)
             out = self.views.get(key)
             if out is None:
-                out = self.rows[slot, copy.offset:copy.offset + copy.length]
-                if copy.how == "runs":
-                    out = out.view(-1, RUN)
-                self.views[key] = out
+                if len(self.views) >= _MAX_VIEWS:
+                    self.views.clear()
+                out = self.views[key] = self._view(slot, copy, x.shape)
             if copy.how == "runs":
                 torch.index_select(_runs_of(x), 0, copy.index, out=out)
             elif copy.how == "take":
                 torch.take(x, copy.index, out=out)
             elif copy.how == "whole":
-                out.view(x.shape).copy_(x)
+                out.copy_(x)
             else:
                 out.fill_(math.nan)
         self.kinds.add(kind)
@@ -262,6 +263,13 @@ class RowStore:
         if self.count == self.batch:
             self.flush()
         return self.total - 1
+
+    def _view(self, slot: int, copy: Copy, shape: tuple) -> torch.Tensor:
+        """The part of row ``slot`` that ``copy`` fills, shaped for its one op."""
+        out = self.rows[slot, copy.offset:copy.offset + copy.length]
+        if copy.how == "runs":
+            return out.view(-1, RUN)
+        return out.view(shape) if copy.how == "whole" else out
 
     def flush(self) -> None:
         if self.count:
@@ -356,7 +364,8 @@ class _Batch:
 
     def _add(self, x: torch.Tensor, extra: tuple, kind: Optional[str] = None,
              full: Optional[Callable] = None) -> int:
-        x = x.detach()
+        if x.requires_grad:
+            x = x.detach()
         if x.is_complex():
             x = x.abs()
         plan = plan_for(x, self.with_signal)
@@ -392,20 +401,29 @@ class _Batch:
         """Per added tensor, in order: its raw row and its full-reduction values (NaN when
         the tensor was not sampled)."""
         host = np.asarray(host, dtype=np.float64)
-        raw, red, offset = {}, {}, 0
+        if not self.meta:
+            for key in self.stores:
+                self.reduced[key] = []
+            return np.zeros((0, self.fields)), np.zeros((0, reduced_width))
+        counts: dict = {}
+        for meta in self.meta:
+            counts[meta[0]] = counts.get(meta[0], 0) + 1
+        raw, red, raw_base, red_base, offset = [], [], {}, {}, 0
         for key in self.stores:
-            rows = sum(1 for meta in self.meta if meta[0] == key)
-            raw[key] = host[offset:offset + rows * self.fields].reshape(rows, self.fields)
+            rows, k = counts.get(key, 0), len(self.reduced[key])
+            raw_base[key] = sum(len(r) for r in raw)
+            raw.append(host[offset:offset + rows * self.fields].reshape(rows, self.fields))
             offset += rows * self.fields
-            k = len(self.reduced[key])
-            red[key] = host[offset:offset + k * reduced_width].reshape(k, reduced_width)
+            red_base[key] = sum(len(r) for r in red)
+            red.append(host[offset:offset + k * reduced_width].reshape(k, reduced_width))
             offset += k * reduced_width
             self.reduced[key] = []
-        if not self.meta:
-            return np.zeros((0, self.fields)), np.zeros((0, reduced_width))
-        nan = np.full(reduced_width, np.nan)
-        return (np.stack([raw[key][row] for key, row, *_ in self.meta]),
-                np.stack([red[key][i] if i >= 0 else nan for key, _, i, *_ in self.meta]))
+        # One extra all-NaN reduction row stands for the tensors that were not sampled.
+        red.append(np.full((1, reduced_width), np.nan))
+        missing = sum(len(r) for r in red) - 1
+        rows_at = [raw_base[key] + row for key, row, *_ in self.meta]
+        reduced_at = [red_base[key] + i if i >= 0 else missing for key, _, i, *_ in self.meta]
+        return np.concatenate(raw)[rows_at], np.concatenate(red)[reduced_at]
 
 
 class ActivationBatch(_Batch):
@@ -614,7 +632,7 @@ def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Ten
 def unit_extremes(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> tuple:
     """Per unit along ``unit_dim``: the max, and for the GELU family the min (else None), over
     the other dims. Merge calls with ``torch.maximum``/``torch.minimum``."""
-    y = x.detach()
+    y = x.detach() if x.requires_grad else x
     if y.dim() == 0:
         y = y.reshape(1)
     unit_dim %= y.dim()
@@ -653,22 +671,27 @@ def merge_moments(rows: np.ndarray) -> dict:
     Chan's parallel formula on float64 partial moments, so merging is exact up to rounding.
     """
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(ACT_FIELDS))
-    totals = rows.sum(axis=0).tolist()
+    single = len(rows) == 1  # one call: its row is the summary (the common case)
+    totals = rows[0].tolist() if single else rows.sum(axis=0).tolist()
     n_total, n_finite, weight = totals[A["n"]], totals[A["n_finite"]], totals[A["m_finite"]]
-    if weight > 0:
+    if weight > 0 and single:
+        mean, var = totals[A["mean"]], totals[A["m2"]] / weight
+    elif weight > 0:
         weights, means = rows[:, A["m_finite"]], rows[:, A["mean"]]
         mean = float(weights @ means / weight)
         var = (totals[A["m2"]] + float(weights @ (means - mean) ** 2)) / weight
     else:
         mean, var = 0.0, 0.0
     has_finite = n_finite > 0
+    lo = totals[A["min"]] if single else float(rows[:, A["min"]].min())
+    hi = totals[A["max"]] if single else float(rows[:, A["max"]].max())
     return {
         "count": int(n_total),
         "mean": mean,
         "std": math.sqrt(max(var, 0.0)),
         "rms": math.sqrt(max(var + mean * mean, 0.0)),
-        "min": float(rows[:, A["min"]].min()) if has_finite else float("nan"),
-        "max": float(rows[:, A["max"]].max()) if has_finite else float("nan"),
+        "min": lo if has_finite else float("nan"),
+        "max": hi if has_finite else float("nan"),
         "zero_fraction": totals[A["zeros"]] / weight if weight else 0.0,
         "saturated_fraction": totals[A["saturated"]] / weight if weight else 0.0,
         "nonfinite": int(n_total - n_finite),
