@@ -263,3 +263,30 @@ def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():
     flagged = {p.name for p in report.trace.params if p.nonfinite}
     assert flagged == {"0.weight"}
     assert any(f.code == "TL504" and "0.weight" in f.message for f in report.findings)
+
+
+def test_parameter_norms_are_exact_when_small_and_estimated_within_error_when_large():
+    """Weights up to SAMPLE_ABOVE elements: exact norm; larger: the sample's sum of squares
+    scaled to the whole (relative error of the norm about sqrt((kurtosis - 1) / 4m))."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    big = model[2].weight  # 32768 elements: sampled
+    assert big.numel() > trainlint.stats.SAMPLE_ABOVE >= model[0].weight.numel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(torch.randn(16, 32)), torch.randint(0, 10, (16,)))
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        params = {p.name: p for p in monitor.report().trace.params}
+    for name, p in model.named_parameters():
+        truth = p.detach().double().norm().item()
+        got = params[name].norm
+        if p.numel() <= trainlint.stats.SAMPLE_ABOVE:
+            assert got == pytest.approx(truth, rel=1e-9), name
+        else:
+            m = trainlint.stats.SAMPLE_TARGET
+            assert got == pytest.approx(truth, rel=5 * math.sqrt(2 / (4 * m))), name

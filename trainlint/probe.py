@@ -506,7 +506,8 @@ class Probe:
         try:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if params:
-                copies = torch._foreach_mul([_update_sample(p) for p in params], 1.0)
+                with torch.no_grad():
+                    copies = torch._foreach_mul([_update_sample(p) for p in params], 1.0)
                 self.update_snapshots.update(zip(params, copies))
         finally:
             self.busy = False
@@ -516,11 +517,12 @@ class Probe:
             return
         params, befores = list(self.update_snapshots), list(self.update_snapshots.values())
         scales = [(p.numel() / max(b.numel(), 1)) ** 0.5 for p, b in zip(params, befores)]
-        afters = [_update_sample(p) for p in params]
+        with torch.no_grad():
+            afters = [_update_sample(p) for p in params]
+            deltas = torch._foreach_sub(afters, befores)
+            updates = torch._foreach_mul(torch._foreach_norm(deltas), scales)
+            norms = torch._foreach_mul(torch._foreach_norm(befores), scales)
         self.after_samples.update(zip(params, afters))
-        deltas = torch._foreach_sub(afters, befores)
-        updates = torch._foreach_mul(torch._foreach_norm(deltas), scales)
-        norms = torch._foreach_mul(torch._foreach_norm(befores), scales)
         self.update_norms.update(zip(params, updates))
         self.before_norms.update(zip(params, norms))
         self.update_snapshots.clear()
@@ -558,13 +560,14 @@ class Probe:
             add(("grads", dev), grads.device_part())
             add(("stds", dev), stds.device_part())
             add(("param_grads", dev), param_grads.device_part())
-        for key, point in self.points.items():
-            if point.unit_hi is not None:
-                add(("units", key), stats.active_units(point.unit_hi, point.unit_lo, point.kind))
+        unit_groups = self._unit_groups()
+        for i, (_, active) in enumerate(unit_groups):
+            add(("units", i), active)
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
-        if named:  # exact norms (and NaN/Inf presence) of the weights: one fused read
-            add(("param_norms",), _stack(torch._foreach_norm(params), device))
+        if named:  # the exact presence of NaN/Inf in the weights: one sum each
+            add(("param_probes",), _stack([stats._full_read(p)[0] if p.numel() else
+                                           p.new_zeros(()) for p in params], device))
             updated = [p for _, p in named if p in self.update_norms]
             if updated:
                 add(("updates",), _stack([self.update_norms[p] for p in updated]
@@ -583,12 +586,19 @@ class Probe:
         for tag, shape, numel in layout:
             snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
             offset += numel
+        for i, (points, _) in enumerate(unit_groups):
+            active = snapshot.values.pop(("units", i))
+            start = 0
+            for point in points:
+                size = point.unit_hi.numel()
+                snapshot.values[("units", point.key)] = active[start:start + size]
+                start += size
         rows = {}
         for dev, (acts, grads, stds, param_grads) in self.batches.items():
             act_rows, signal = acts.rows(snapshot.values.pop(("acts", dev)))
             param_grad_rows = param_grads.rows(snapshot.values.pop(("param_grads", dev)))
             rows[dev] = (act_rows, grads.rows(snapshot.values.pop(("grads", dev))), signal,
-                         iter(stds.stds(snapshot.values.pop(("stds", dev)))),
+                         iter(zip(*stds.moments(snapshot.values.pop(("stds", dev))))),
                          iter(param_grad_rows))
         for key, point in self.points.items():
             for tag, which, ids in (("act", 0, point.act_rows), ("grad", 1, point.grad_rows)):
@@ -612,21 +622,41 @@ class Probe:
         self.bw_counter = 0
         return snapshot
 
+    def _unit_groups(self) -> list:
+        """``(points, active)`` per device and unit family: which units of each point's
+        record were ever active, as one vector for the group (its points' units in order)."""
+        groups: dict = {}
+        for point in self.points.values():
+            if point.unit_hi is not None:
+                relu_like = point.kind == "relu" or point.unit_lo is None
+                groups.setdefault((point.unit_hi.device, relu_like), []).append(point)
+        out = []
+        for (_, relu_like), points in groups.items():
+            hi = torch.cat([p.unit_hi for p in points])
+            lo = None if relu_like else torch.cat([p.unit_lo for p in points])
+            out.append((points, stats.active_units(hi, lo, "relu" if relu_like else "gelu")))
+        return out
+
     def _param_values(self, snapshot: ProbeSnapshot, named: list, rows: dict) -> None:
         """Per-parameter vectors ``[norm, std, (grad norm), (update norm, norm before)]`` and
-        the exact NaN/Inf presence of every weight, from the step's fused reads."""
+        the exact NaN/Inf presence of every weight (its full read). The norm comes from the
+        std row: exact up to ``SAMPLE_ABOVE`` elements, else the sample's sum of squares
+        scaled to the whole (NaN when the sample holds NaN/Inf)."""
         if not named:
             return
         values = snapshot.values
-        norms = values.pop(("param_norms",))
+        probes = values.pop(("param_probes",))
         updates = values.pop(("updates",), np.zeros(0))
         half = len(updates) // 2
         update_of = dict(zip((p for _, p in named if p in self.update_norms),
                              zip(updates[:half], updates[half:])))
         in_opt = _optimizer_params(self.optimizer)
-        values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(norms)
-        for (name, p), norm in zip(named, norms):
-            vec = [norm, next(rows[p.device][3])]
+        values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
+        for name, p in named:
+            std, sumsq, finite, m = next(rows[p.device][3])
+            norm = math.sqrt(sumsq * p.numel() / m) if finite == m and m > 0 else (
+                0.0 if m == 0 else math.nan)
+            vec = [norm, std]
             if p.grad is not None:  # from the gradient's sample above SAMPLE_ABOVE elements
                 grad = next(rows[p.grad.device][4])
                 vec.append(math.sqrt(grad[stats.G["sumsq"]]) if grad[stats.G["nonfinite"]] == 0

@@ -120,8 +120,12 @@ EXACT_WIDTHS = (SAMPLE_TARGET, 2 * SAMPLE_TARGET, 4 * SAMPLE_TARGET, SAMPLE_ABOV
 def plan_for(x: torch.Tensor, with_signal: bool) -> Plan:
     """The cached :class:`Plan` of ``x``'s shape and layout."""
     contiguous = x.is_contiguous()
-    key = ("plan", tuple(x.shape), contiguous, with_signal, str(x.device))
-    return _cached(key, lambda: _make_plan(tuple(x.shape), contiguous, with_signal, x.device))
+    key = ("plan", x.shape, contiguous, with_signal, x.device)
+    found = _cache.get(key)
+    if found is None:
+        found = _cached(key, lambda: _make_plan(tuple(x.shape), contiguous, with_signal,
+                                                x.device))
+    return found
 
 
 def _make_plan(shape: tuple, contiguous: bool, with_signal: bool, device: torch.device) -> Plan:
@@ -195,7 +199,7 @@ def sample_positions(x: torch.Tensor) -> torch.Tensor:
 def sample_values(x: torch.Tensor) -> torch.Tensor:
     """``x``'s sample (all of it up to ``SAMPLE_ABOVE`` elements) as a 1-D tensor: one
     gather, a view of ``x`` when it is small and contiguous."""
-    if x.requires_grad:
+    if x.requires_grad and torch.is_grad_enabled():
         x = x.detach()
     copy = plan_for(x, False).copies[0]
     if copy.how == "whole":
@@ -238,11 +242,18 @@ class RowStore:
         self.kinds: set = set()
         self.done: list = []
         self.views: dict = {}
+        # The plan each slot was last filled by: the same plan leaves its NaN padding as it was
+        # (a training step adds the same tensors in the same order each time).
+        self.last: list = [None] * self.batch
 
     def add(self, x: torch.Tensor, plan: Plan, kind: Optional[str] = None) -> int:
         """Fill the next row from ``x`` following ``plan``; the row's number."""
         slot = self.count
+        padded = self.last[slot] is plan
+        self.last[slot] = plan
         for copy in plan.copies:
+            if copy.how == "nan" and padded:
+                continue
             key = (slot, copy, x.shape)
             out = self.views.get(key)
             if out is None:
@@ -273,8 +284,10 @@ class RowStore:
 
     def flush(self) -> None:
         if self.count:
-            rows = self.rows[:self.count]
-            work = [w[:self.count] for w in self.work]
+            if self.count == self.batch:
+                rows, work = self.rows, list(self.work)
+            else:
+                rows, work = self.rows[:self.count], [w[:self.count] for w in self.work]
             x = rows if rows.dtype == _F64 else work.pop().copy_(rows)
             self.done.append(self.kernel(x, work, self.kinds, self.width))
             self.count = 0
@@ -364,7 +377,7 @@ class _Batch:
 
     def _add(self, x: torch.Tensor, extra: tuple, kind: Optional[str] = None,
              full: Optional[Callable] = None) -> int:
-        if x.requires_grad:
+        if x.requires_grad and torch.is_grad_enabled():
             x = x.detach()
         if x.is_complex():
             x = x.abs()
@@ -593,10 +606,11 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
 
 
 class ParamBatch(_Batch):
-    """Standard deviation of parameters: each one's row (all of it up to ``SAMPLE_ABOVE``
-    elements, else its sample: relative error about ``1 / sqrt(2 m)``, 1.6% for Gaussian
-    weights at m = 2048); no full read (the probe reads every weight once, fused, for exact
-    norms)."""
+    """Standard deviation and sum of squares of parameters: each one's row (all of it up to
+    ``SAMPLE_ABOVE`` elements, else its sample: relative error of the std about
+    ``1 / sqrt(2 m)``, 1.6% for Gaussian weights at m = 2048, of the norm half the sum of
+    squares' ``sqrt((kurtosis - 1) / m)``, 1.6%); no full read (the probe reads every weight
+    once for the exact presence of NaN/Inf)."""
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device, _moment_kernel, 3, None, False)
@@ -604,14 +618,21 @@ class ParamBatch(_Batch):
     def add(self, p: torch.Tensor) -> int:
         return self._add(p, ())
 
-    def stds(self, host: np.ndarray) -> np.ndarray:
-        """The unbiased standard deviation of each parameter's finite values (0 for fewer
-        than two), in order."""
+    def moments(self, host: np.ndarray) -> tuple:
+        """``(std, sumsq, finite, m)`` per parameter row, in order: the unbiased standard
+        deviation of its finite values (0 for fewer than two), their sum of squares and
+        number, and the number of values in the row."""
         raw, _ = self._split(host, 1)
+        m = np.asarray([plan.m for *_, plan in self.meta], dtype=np.float64)
         self.meta = []
-        count, m2 = raw[:, 0], raw[:, 2]
+        count, mean, m2 = raw[:, 0], raw[:, 1], np.maximum(raw[:, 2], 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 1, np.sqrt(np.maximum(m2, 0) / (count - 1)), 0.0)
+            std = np.where(count > 1, np.sqrt(m2 / (count - 1)), 0.0)
+        return std, m2 + count * mean * mean, count, m
+
+    def stds(self, host: np.ndarray) -> np.ndarray:
+        """The std part of :meth:`moments`."""
+        return self.moments(host)[0]
 
 
 # A GELU-family unit (GELU, SiLU, Mish) counts as active when |y| exceeds this: below it the
@@ -652,13 +673,16 @@ def active_units(hi: torch.Tensor, lo: Optional[torch.Tensor], kind: str = "relu
 
 def _per_unit(y: torch.Tensor, unit_dim: int, reduce: Callable) -> torch.Tensor:
     """``reduce`` (amax/amin) over every dim but ``unit_dim``, in a layout CPUs reduce fast:
-    contiguous runs first; when the units are the last dim, rows are folded into wider rows
-    (reducing a tall, narrow matrix column-wise is several times slower)."""
+    contiguous runs first; when the units are the last dim of a large or narrow tensor, rows
+    are folded into wider rows (reducing a tall, narrow matrix column-wise is several times
+    slower; a wide one of up to 2^20 elements reduces fastest as it is)."""
     units = y.shape[unit_dim]
     before = math.prod(y.shape[:unit_dim])
     after = y.numel() // (before * units)
     if after > 1:
         return reduce(reduce(y.reshape(before, units, after), 2), 0)
+    if units >= 64 and y.numel() <= 1 << 20:
+        return reduce(y.reshape(before, units), 0)
     fold = 1
     while fold < 64 and before % (2 * fold) == 0 and fold * units < (1 << 16):
         fold *= 2
