@@ -473,8 +473,11 @@ class ActivationBatch(_Batch):
 
 def unknown(x: torch.Tensor) -> torch.Tensor:
     """A NaN 0-d tensor of ``x``'s dtype and device (cached): a value not read."""
-    return _cached(("nan", x.dtype, str(x.device)),
-                   lambda: torch.full((), math.nan, dtype=x.dtype, device=x.device))
+    key = ("nan", x.dtype, x.device)
+    found = _cache.get(key)
+    if found is None:
+        found = _cached(key, lambda: torch.full((), math.nan, dtype=x.dtype, device=x.device))
+    return found
 
 
 def finite_probe(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -491,6 +494,13 @@ def _full_read(x: torch.Tensor) -> tuple:
         return finite_probe(lo, hi), lo, hi
     nan = unknown(x)
     return x.sum(), nan, nan
+
+
+def _full_probe(x: torch.Tensor) -> tuple:
+    """``(probe,)`` of :func:`_full_read`: finite exactly when every element of ``x`` is."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return _full_read(x)[:1]
+    return (x.sum(),)
 
 
 def finish_activations(raw: np.ndarray, full: np.ndarray, meta: np.ndarray) -> np.ndarray:
@@ -526,7 +536,7 @@ class GradientBatch(_Batch):
 
     def __init__(self, device: torch.device, full_pass: bool = True) -> None:
         super().__init__(device, _grad_kernel, len(_RAW_GRAD),
-                         (lambda g: _full_read(g)[:1]) if full_pass else None, False)
+                         _full_probe if full_pass else None, False)
 
     def add(self, g: torch.Tensor) -> int:
         return self._add(g, ())
