@@ -418,17 +418,17 @@ class Probe:
                 point.backward_order = self.bw_counter
             self.bw_counter += 1
             with torch._C.DisableTorchFunction():
-                point.grad_rows.append((grad.device, self._batches(grad.device)[1].add(grad)))
+                point.grad_rows.append((grad.device, self._batches(grad.device)[1].add(
+                    grad, full_pass=True)))
         return hook
 
     def _batches(self, device: torch.device) -> tuple:
-        """This step's activation and gradient statistics batches on ``device``."""
+        """This step's statistics batches on ``device``: activations, and the moments of
+        output gradients, parameters and their gradients."""
         pair = self.batches.get(device)
         if pair is None:
             pair = self.batches[device] = (stats.ActivationBatch(device),
-                                           stats.GradientBatch(device),
-                                           stats.ParamBatch(device),
-                                           stats.GradientBatch(device, full_pass=False))
+                                           stats.MomentBatch(device))
         return pair
 
     def _record_input(self, name: str, t: torch.Tensor) -> None:
@@ -548,18 +548,18 @@ class Probe:
 
         named = list(self.model.named_parameters())
         params = [p for _, p in named]
+        param_rows = []
         for _, p in named:
-            batches = self._batches(p.device)
+            moments = self._batches(p.device)[1]
             # The std of the sample the update measured after the optimizer step (the same
             # values as the statistics' sample of p, without a second gather).
-            batches[2].add(self.after_samples.get(p, p))
-            if p.grad is not None:
-                batches[3].add(p.grad)
-        for dev, (acts, grads, stds, param_grads) in self.batches.items():
+            row = moments.add(self.after_samples.get(p, p))
+            grad = None if p.grad is None else (p.grad.device,
+                                                self._batches(p.grad.device)[1].add(p.grad))
+            param_rows.append(((p.device, row), grad))
+        for dev, (acts, moments) in self.batches.items():
             add(("acts", dev), acts.device_part())
-            add(("grads", dev), grads.device_part())
-            add(("stds", dev), stds.device_part())
-            add(("param_grads", dev), param_grads.device_part())
+            add(("moments", dev), moments.device_part())
         unit_groups = self._unit_groups()
         for i, (_, active) in enumerate(unit_groups):
             add(("units", i), active)
@@ -594,12 +594,11 @@ class Probe:
                 snapshot.values[("units", point.key)] = active[start:start + size]
                 start += size
         rows = {}
-        for dev, (acts, grads, stds, param_grads) in self.batches.items():
+        for dev, (acts, moments) in self.batches.items():
             act_rows, signal = acts.rows(snapshot.values.pop(("acts", dev)))
-            param_grad_rows = param_grads.rows(snapshot.values.pop(("param_grads", dev)))
-            rows[dev] = (act_rows, grads.rows(snapshot.values.pop(("grads", dev))), signal,
-                         iter(zip(*stds.moments(snapshot.values.pop(("stds", dev))))),
-                         iter(param_grad_rows))
+            table = moments.table(snapshot.values.pop(("moments", dev)))
+            rows[dev] = (act_rows, stats.gradient_fields(table), signal,
+                         np.column_stack(stats.parameter_moments(table)))
         for key, point in self.points.items():
             for tag, which, ids in (("act", 0, point.act_rows), ("grad", 1, point.grad_rows)):
                 if ids:
@@ -608,7 +607,7 @@ class Probe:
                 pairs = _pick(rows, 2, point.act_rows).sum(axis=0)
                 if pairs[1] > 0:
                     snapshot.values[("signal", key)] = pairs
-        self._param_values(snapshot, named, rows)
+        self._param_values(snapshot, named, rows, param_rows)
         for point in self.points.values():
             point.act_rows.clear()
             point.grad_rows.clear()
@@ -637,7 +636,8 @@ class Probe:
             out.append((points, stats.active_units(hi, lo, "relu" if relu_like else "gelu")))
         return out
 
-    def _param_values(self, snapshot: ProbeSnapshot, named: list, rows: dict) -> None:
+    def _param_values(self, snapshot: ProbeSnapshot, named: list, rows: dict,
+                      param_rows: list) -> None:
         """Per-parameter vectors ``[norm, std, (grad norm), (update norm, norm before)]`` and
         the exact NaN/Inf presence of every weight (its full read). The norm comes from the
         std row: exact up to ``SAMPLE_ABOVE`` elements, else the sample's sum of squares
@@ -652,13 +652,13 @@ class Probe:
                              zip(updates[:half], updates[half:])))
         in_opt = _optimizer_params(self.optimizer)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
-        for name, p in named:
-            std, sumsq, finite, m = next(rows[p.device][3])
+        for (name, p), ((dev, row), grad_row) in zip(named, param_rows):
+            std, sumsq, finite, m = rows[dev][3][row]
             norm = math.sqrt(sumsq * p.numel() / m) if finite == m and m > 0 else (
                 0.0 if m == 0 else math.nan)
             vec = [norm, std]
-            if p.grad is not None:  # from the gradient's sample above SAMPLE_ABOVE elements
-                grad = next(rows[p.grad.device][4])
+            if grad_row is not None:  # from the gradient's sample above SAMPLE_ABOVE elements
+                grad = rows[grad_row[0]][1][grad_row[1]]
                 vec.append(math.sqrt(grad[stats.G["sumsq"]]) if grad[stats.G["nonfinite"]] == 0
                            else math.nan)
             update = update_of.get(p)

@@ -303,11 +303,11 @@ class RowStore:
         return torch.cat(done) if len(done) > 1 else done[0]
 
 
-# Statistics computed on the device for a batch of rows (``_RAW_ACT``, ``_RAW_GRAD``); the host
+# Statistics computed on the device for a batch of rows (``_RAW_ACT``, ``_RAW_MOMENTS``); the host
 # turns them into ``ACT_FIELDS``/``GRAD_FIELDS`` vectors with the per-row sizes it knows.
 _RAW_ACT = ("finite", "mean", "m2", "min", "max", "zeros", "tanh_tails", "sigmoid_tails",
             "signal_sum", "signal_count")
-_RAW_GRAD = ("finite", "sumsq")
+_RAW_MOMENTS = ("finite", "mean", "m2")
 _KINDS = {"tanh": 1, "sigmoid": 2}
 
 
@@ -340,13 +340,6 @@ def _act_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor
     else:
         columns += [torch.zeros_like(count), torch.zeros_like(count)]
     return torch.stack(columns, dim=1)
-
-
-def _grad_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
-    """``_RAW_GRAD`` of float64 rows."""
-    nonfinite = torch.mul(x, 0, out=work[0]).nan_to_num_(1.0).sum(1)
-    z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=work[1])
-    return torch.stack([s - nonfinite, torch.mul(z, z, out=work[0]).sum(1)], dim=1)
 
 
 def _moment_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
@@ -526,35 +519,66 @@ def finish_activations(raw: np.ndarray, full: np.ndarray, meta: np.ndarray) -> n
                      r["zeros"], saturated], axis=1)
 
 
-class GradientBatch(_Batch):
-    """Gradient statistics of one observed step on one device, as :class:`ActivationBatch`:
-    per sampled tensor one full reduction (the presence of NaN/Inf); the sum of squares and
-    the number of non-finite values of a sampled tensor come from its sample. Without
-    ``full_pass`` the presence of NaN/Inf in a sampled tensor comes from the sample too (for
-    parameter gradients: a NaN/Inf there reaches the weight at the optimizer step, and the
-    probe reads every weight in full after it)."""
+class MomentBatch(_Batch):
+    """``(finite, mean, m2)`` of gradients and parameters of one observed step on one device,
+    in batches of rows: output gradients, parameter gradients and parameter values share its
+    rows and kernels. ``add(x, full_pass=True)`` also reads a sampled ``x`` in full once (the
+    exact presence of NaN/Inf: output gradients); without it the presence in a sampled tensor
+    comes from its sample (parameter gradients: a NaN/Inf there reaches the weight at the
+    optimizer step, and the probe reads every weight in full after it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device, _moment_kernel, len(_RAW_MOMENTS), None, False)
+
+    def add(self, x: torch.Tensor, full_pass: bool = False) -> int:
+        return self._add(x, (), None, _full_probe if full_pass else None)
+
+    def table(self, host: np.ndarray) -> np.ndarray:
+        """Per added tensor, in order: ``[n, m, finite, mean, m2, clean]`` (``clean``: 1 when
+        it holds no NaN/Inf, exact where it was read in full, else from its row)."""
+        raw, probe = self._split(host, 1)
+        meta = np.asarray([(plan.n, plan.m, reduced >= 0) for _, _, reduced, plan in self.meta],
+                          dtype=np.float64).reshape(-1, 3)
+        self.meta = []
+        clean = np.where(meta[:, 2] > 0, np.isfinite(probe[:, 0]), raw[:, 0] >= meta[:, 1])
+        return np.column_stack([meta[:, :2], raw, clean.astype(np.float64)])
+
+
+def gradient_fields(table: np.ndarray) -> np.ndarray:
+    """``GRAD_FIELDS`` rows from :meth:`MomentBatch.table` rows."""
+    n, m, count, mean, m2, clean = table.T
+    sumsq = np.maximum(m2, 0) + count * mean * mean
+    return finish_gradients(np.column_stack([count, sumsq, clean]), np.column_stack([n, m]))
+
+
+def parameter_moments(table: np.ndarray) -> tuple:
+    """``(std, sumsq, finite, m)`` per :meth:`MomentBatch.table` row: the unbiased standard
+    deviation of its finite values (0 for fewer than two), their sum of squares and number,
+    and the number of values in the row."""
+    _, m, count, mean, m2, _ = table.T
+    m2 = np.maximum(m2, 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.where(count > 1, np.sqrt(m2 / (count - 1)), 0.0)
+    return std, m2 + count * mean * mean, count, m
+
+
+class GradientBatch(MomentBatch):
+    """Gradient statistics of tensors added one by one: :class:`MomentBatch` rows as
+    ``GRAD_FIELDS`` (``full_pass``: each sampled tensor read in full once)."""
 
     def __init__(self, device: torch.device, full_pass: bool = True) -> None:
-        super().__init__(device, _grad_kernel, len(_RAW_GRAD),
-                         _full_probe if full_pass else None, False)
+        super().__init__(device)
+        self.full_pass = full_pass
 
-    def add(self, g: torch.Tensor) -> int:
-        return self._add(g, ())
+    def add(self, g: torch.Tensor, full_pass: Optional[bool] = None) -> int:
+        return super().add(g, self.full_pass if full_pass is None else full_pass)
 
     def rows(self, host: np.ndarray) -> np.ndarray:
-        raw, sums = self._split(host, 1)
-        meta = np.asarray([(p.n, p.m) for _, _, _, p in self.meta],
-                          dtype=np.float64).reshape(-1, 2)
-        self.meta = []
-        if self.full is not None:  # read for sampled rows only
-            clean = np.isfinite(sums[:, 0])
-        else:
-            clean = raw[:, 0] >= meta[:, 1]
-        return finish_gradients(np.column_stack([raw, clean.astype(np.float64)]), meta)
+        return gradient_fields(self.table(host))
 
 
 def finish_gradients(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
-    """``GRAD_FIELDS`` rows from raw batch results (``_RAW_GRAD`` + all-finite flag) and per-row
+    """``GRAD_FIELDS`` rows from ``(finite, sumsq, all-finite flag)`` rows and per-row
     ``(n, m)``."""
     count, sumsq, clean = raw[:, 0], raw[:, 1], raw[:, 2] > 0
     n, m = meta[:, 0], meta[:, 1]
@@ -615,30 +639,16 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(batch.rows(_host_rows(batch))[0])
 
 
-class ParamBatch(_Batch):
+class ParamBatch(MomentBatch):
     """Standard deviation and sum of squares of parameters: each one's row (all of it up to
     ``SAMPLE_ABOVE`` elements, else its sample: relative error of the std about
     ``1 / sqrt(2 m)``, 1.6% for Gaussian weights at m = 2048, of the norm half the sum of
     squares' ``sqrt((kurtosis - 1) / m)``, 1.6%); no full read (the probe reads every weight
     once for the exact presence of NaN/Inf)."""
 
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device, _moment_kernel, 3, None, False)
-
-    def add(self, p: torch.Tensor) -> int:
-        return self._add(p, ())
-
     def moments(self, host: np.ndarray) -> tuple:
-        """``(std, sumsq, finite, m)`` per parameter row, in order: the unbiased standard
-        deviation of its finite values (0 for fewer than two), their sum of squares and
-        number, and the number of values in the row."""
-        raw, _ = self._split(host, 1)
-        m = np.asarray([plan.m for *_, plan in self.meta], dtype=np.float64)
-        self.meta = []
-        count, mean, m2 = raw[:, 0], raw[:, 1], np.maximum(raw[:, 2], 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.where(count > 1, np.sqrt(m2 / (count - 1)), 0.0)
-        return std, m2 + count * mean * mean, count, m
+        """:func:`parameter_moments` of every added parameter, in order."""
+        return parameter_moments(self.table(host))
 
     def stds(self, host: np.ndarray) -> np.ndarray:
         """The std part of :meth:`moments`."""
