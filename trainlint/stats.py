@@ -315,7 +315,7 @@ def _act_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor
     """``_RAW_ACT`` of float64 rows: values in the first ``s`` columns, signal pairs (when
     present) after them. NaN/Inf and the NaN padding are counted, then stand in as 0 (zeros,
     tails) or as the row's mean (extremes, moments), where they change nothing. Row ops only."""
-    bad = torch.mul(x[:, :s], 0, out=work[0][:, :s]).nan_to_num_(1.0)
+    bad = torch.mul(x[:, :s], 0.0, out=work[0][:, :s]).nan_to_num_(1.0)
     nonfinite = bad.sum(1)
     count = s - nonfinite
     z = torch.nan_to_num(x[:, :s], nan=0.0, posinf=0.0, neginf=0.0, out=work[1][:, :s])
@@ -323,20 +323,21 @@ def _act_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor
     zeros = s - nonfinite - torch.sign(z, out=t).abs_().sum(1)
     tanh = sigmoid = torch.zeros_like(count)
     if "tanh" in kinds:
-        tanh = torch.abs(z, out=t).sub_(SATURATION_LEVEL).clamp_min_(0).sign_().sum(1)
+        tanh = torch.abs(z, out=t).sub_(SATURATION_LEVEL).clamp_min_(0.0).sign_().sum(1)
     if "sigmoid" in kinds:
-        torch.mul(z, 2, out=t).sub_(1).abs_().sub_(SATURATION_LEVEL).clamp_min_(0)
+        torch.mul(z, 2.0, out=t).sub_(1.0).abs_().sub_(SATURATION_LEVEL).clamp_min_(0.0)
         sigmoid = t.sign_().sum(1) - nonfinite  # NaN/Inf/padding sit at z = 0, a lower tail
-    mean = z.sum(1) / count.clamp(min=1)
+    mean = z.sum(1) / count.clamp(min=1.0)
     z.addcmul_(bad, mean[:, None])
     columns = [count, mean, None, z.amin(1), z.amax(1), zeros, tanh, sigmoid]
-    columns[2] = torch.mul(z.sub_(mean[:, None]), z, out=t).sum(1)
+    centered = z.sub_(mean[:, None])
+    columns[2] = torch.linalg.vecdot(centered, centered)
     if x.shape[1] > s:
         p = SIGNAL_WIDTH
         d = torch.sub(x[:, s:s + p], x[:, s + p:s + 2 * p], out=work[1][:, s:s + p])
-        bad_pairs = torch.mul(d, 0, out=work[2][:, s:s + p]).nan_to_num_(1.0).sum(1)
+        bad_pairs = torch.mul(d, 0.0, out=work[2][:, s:s + p]).nan_to_num_(1.0).sum(1)
         d.nan_to_num_(0.0, 0.0, 0.0)
-        columns += [torch.mul(d, d, out=work[2][:, s:s + p]).sum(1) / 2, p - bad_pairs]
+        columns += [torch.linalg.vecdot(d, d) / 2.0, p - bad_pairs]
     else:
         columns += [torch.zeros_like(count), torch.zeros_like(count)]
     return torch.stack(columns, dim=1)
@@ -344,12 +345,12 @@ def _act_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor
 
 def _moment_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
     """``(finite, mean, m2)`` of float64 rows, NaN/Inf and padding left out."""
-    bad = torch.mul(x, 0, out=work[0]).nan_to_num_(1.0)
+    bad = torch.mul(x, 0.0, out=work[0]).nan_to_num_(1.0)
     count = s - bad.sum(1)
     z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=work[1])
-    mean = z.sum(1) / count.clamp(min=1)
+    mean = z.sum(1) / count.clamp(min=1.0)
     z.addcmul_(bad, mean[:, None]).sub_(mean[:, None])
-    return torch.stack([count, mean, torch.mul(z, z, out=work[0]).sum(1)], dim=1)
+    return torch.stack([count, mean, torch.linalg.vecdot(z, z)], dim=1)
 
 
 class _Batch:
