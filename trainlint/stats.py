@@ -58,10 +58,11 @@ RUN = 16
 # positions per side.
 SIGNAL_PAIRS = 4
 SIGNAL_WIDTH = 1 << 9
-# Each batch of rows holds at most this many values (and at most 32 rows): the statistics of
-# that many tensors are computed together (per row, a batch of 32 costs a third of a batch
+# Each batch of rows holds at most this many values (and at most MAX_ROWS rows): the statistics
+# of that many tensors are computed together (per row, a batch of 32 costs a third of a batch
 # of 8: each op's dispatch is shared).
 BATCH_VALUES = 1 << 18
+MAX_ROWS = 64
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_CACHED = 256
 _MAX_VIEWS = 4096
@@ -178,9 +179,9 @@ def _make_plan(shape: tuple, contiguous: bool, with_signal: bool, device: torch.
 
 
 def batch_rows(width: int) -> int:
-    """Rows per batch for rows of ``width`` values: a power of two from 4 to 32."""
+    """Rows per batch for rows of ``width`` values: a power of two from 4 to ``MAX_ROWS``."""
     rows = 4
-    while rows < 32 and 2 * rows * width <= BATCH_VALUES:
+    while rows < MAX_ROWS and 2 * rows * width <= BATCH_VALUES:
         rows *= 2
     return rows
 
