@@ -566,7 +566,7 @@ class Probe:
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
         if named:  # the exact presence of NaN/Inf in the weights: one sum each
-            add(("param_probes",), _stack([stats._full_probe(p)[0] if p.numel() else
+            add(("param_probes",), _stack([stats.full_probe(p)[0] if p.numel() else
                                            p.new_zeros(()) for p in params], device))
             updated = [p for _, p in named if p in self.update_norms]
             if updated:

@@ -1,7 +1,7 @@
 """Statistics of the observed tensors, computed on their device; merged on the host.
 
-The probe hands every observed activation and gradient to an :class:`ActivationBatch` /
-:class:`GradientBatch` (and every parameter to a :class:`ParamBatch`). Per tensor that is one
+The probe hands every observed activation to an :class:`ActivationBatch`, and every output
+gradient, parameter and parameter gradient to a :class:`MomentBatch`. Per tensor that is one
 or two ops and never a sync (no ``.item()``, ``.cpu()``, ``bool(tensor)``; branches depend on
 shapes and dtypes only):
 
@@ -17,7 +17,7 @@ shapes and dtypes only):
 
 Rows are laid out by a :class:`Plan`, built once per shape and cached. Every :func:`batch_rows`
 rows, one batch of float64 row ops computes all their moments. After the observed step's one
-copy to the host, :func:`finish_activations` / :func:`finish_gradients` turn the raw numbers
+copy to the host, :func:`finish_activations` / :func:`gradient_fields` turn the raw numbers
 into ``ACT_FIELDS`` / ``GRAD_FIELDS`` vectors, which :func:`merge_moments` /
 :func:`merge_grads` merge over calls and steps.
 
@@ -491,7 +491,7 @@ def _full_read(x: torch.Tensor) -> tuple:
     return x.sum(), nan, nan
 
 
-def _full_probe(x: torch.Tensor) -> tuple:
+def full_probe(x: torch.Tensor) -> tuple:
     """``(probe,)`` of :func:`_full_read`: finite exactly when every element of ``x`` is."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return _full_read(x)[:1]
@@ -533,7 +533,7 @@ class MomentBatch(_Batch):
         super().__init__(device, _moment_kernel, len(_RAW_MOMENTS), None, False)
 
     def add(self, x: torch.Tensor, full_pass: bool = False) -> int:
-        return self._add(x, (), None, _full_probe if full_pass else None)
+        return self._add(x, (), None, full_probe if full_pass else None)
 
     def table(self, host: np.ndarray) -> np.ndarray:
         """Per added tensor, in order: ``[n, m, finite, mean, m2, clean]`` (``clean``: 1 when
