@@ -131,3 +131,32 @@ def test_every_must_be_a_positive_whole_number(every: object) -> None:
     model, opt = make()
     with pytest.raises(trainlint.ConfigError):
         trainlint.Monitor(model, optimizer=opt, every=every)
+
+
+def test_every_step_observed_keeps_hooks_on_and_hooks_a_module_added_later() -> None:
+    """With every=1 the hooks stay on between observed steps; a module added to the model
+    between steps is hooked, under its name, when the next observation is armed (at the end of
+    the step after it was added: the hooks for a step go on as the step before it ends);
+    close() leaves none."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step(monitor: trainlint.Monitor) -> None:
+        opt.zero_grad()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+
+    monitor = trainlint.Monitor(model, optimizer=opt, every=1)
+    step(monitor)
+    assert model[0]._forward_hooks  # kept for the next observed step
+    model.append(nn.Tanh())
+    step(monitor)
+    assert model[2]._forward_hooks
+    step(monitor)
+    keys = {lt.node[1:3] for lt in monitor.report().trace.layers}
+    assert ("2", "output") in keys
+    monitor.close()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -210,6 +210,7 @@ class Probe:
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
         self.attached = False
+        self.hooked_modules = 0
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self) -> Probe:
@@ -221,8 +222,16 @@ class Probe:
         return self
 
     def _install(self) -> None:
-        if self.handles:
+        modules = sum(1 for _ in self.model.modules())
+        if self.handles and modules == self.hooked_modules:
             return
+        if self.handles:  # the model gained or lost modules since: hook them all anew
+            self._uninstall()
+        if self.hooked_modules and modules != self.hooked_modules:
+            self.names = {m: n for n, m in self.model.named_modules()}
+            self.param_names = {p: n for n, p in self.model.named_parameters()}
+            self.infos.clear()
+        self.hooked_modules = modules
         root = self.model
         self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(root.register_forward_hook(self._root_post, always_call=True))
