@@ -62,7 +62,7 @@ SIGNAL_WIDTH = 1 << 9
 # of that many tensors are computed together (per row, a batch of 32 costs a third of a batch
 # of 8: each op's dispatch is shared).
 BATCH_VALUES = 1 << 18
-MAX_ROWS = 64
+MAX_ROWS = 128
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_CACHED = 256
 _MAX_VIEWS = 4096
