@@ -206,9 +206,10 @@ def test_empty_tensors() -> None:
         assert math.isnan(got["min"]) and math.isnan(got["max"])
         grads = stats.merge_grads(stats.grad_stats(x).numpy()[None])
         assert grads == {"norm": 0.0, "rms": 0.0, "nonfinite": 0}
-        params = stats.ParamBatch(x.device)
+        params = stats.MomentBatch(x.device)
         params.add(x)
-        assert params.stds(params.device_part().cpu().numpy()).tolist() == [0.0]
+        std = stats.parameter_moments(params.table(params.device_part().cpu().numpy()))[0]
+        assert std.tolist() == [0.0]
     assert stats.unit_active(torch.empty(0, 7), -1).tolist() == [False] * 7
     assert stats.unit_active(torch.empty(4, 0), -1).tolist() == []
 

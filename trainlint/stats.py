@@ -556,27 +556,14 @@ def gradient_fields(table: np.ndarray) -> np.ndarray:
 def parameter_moments(table: np.ndarray) -> tuple:
     """``(std, sumsq, finite, m)`` per :meth:`MomentBatch.table` row: the unbiased standard
     deviation of its finite values (0 for fewer than two), their sum of squares and number,
-    and the number of values in the row."""
+    and the number of values in the row. For a sampled parameter the relative error of the std
+    is about ``1 / sqrt(2 m)`` (1.6% for Gaussian weights at m = 2048), of the norm half the
+    sum of squares' ``sqrt((kurtosis - 1) / m)`` (1.6%)."""
     _, m, count, mean, m2, _ = table.T
     m2 = np.maximum(m2, 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         std = np.where(count > 1, np.sqrt(m2 / (count - 1)), 0.0)
     return std, m2 + count * mean * mean, count, m
-
-
-class GradientBatch(MomentBatch):
-    """Gradient statistics of tensors added one by one: :class:`MomentBatch` rows as
-    ``GRAD_FIELDS`` (``full_pass``: each sampled tensor read in full once)."""
-
-    def __init__(self, device: torch.device, full_pass: bool = True) -> None:
-        super().__init__(device)
-        self.full_pass = full_pass
-
-    def add(self, g: torch.Tensor, full_pass: Optional[bool] = None) -> int:
-        return super().add(g, self.full_pass if full_pass is None else full_pass)
-
-    def rows(self, host: np.ndarray) -> np.ndarray:
-        return gradient_fields(self.table(host))
 
 
 def finish_gradients(raw: np.ndarray, meta: np.ndarray) -> np.ndarray:
@@ -634,27 +621,11 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
     of squares of the finite elements and, when there are any NaN/Inf, their number are scaled
     up from the sample (relative error of the sum of squares about ``sqrt((kurtosis - 1) / m)``:
     3% for Gaussian values at m = 2048, the norm half that). One tensor at a time; the probe
-    batches :class:`GradientBatch`.
+    batches :class:`MomentBatch`.
     """
-    batch = GradientBatch(g.device)
-    batch.add(g)
-    return torch.from_numpy(batch.rows(_host_rows(batch))[0])
-
-
-class ParamBatch(MomentBatch):
-    """Standard deviation and sum of squares of parameters: each one's row (all of it up to
-    ``SAMPLE_ABOVE`` elements, else its sample: relative error of the std about
-    ``1 / sqrt(2 m)``, 1.6% for Gaussian weights at m = 2048, of the norm half the sum of
-    squares' ``sqrt((kurtosis - 1) / m)``, 1.6%); no full read (the probe reads every weight
-    once for the exact presence of NaN/Inf)."""
-
-    def moments(self, host: np.ndarray) -> tuple:
-        """:func:`parameter_moments` of every added parameter, in order."""
-        return parameter_moments(self.table(host))
-
-    def stds(self, host: np.ndarray) -> np.ndarray:
-        """The std part of :meth:`moments`."""
-        return self.moments(host)[0]
+    batch = MomentBatch(g.device)
+    batch.add(g, full_pass=True)
+    return torch.from_numpy(gradient_fields(batch.table(_host_rows(batch)))[0])
 
 
 # A GELU-family unit (GELU, SiLU, Mish) counts as active when |y| exceeds this: below it the

@@ -47,7 +47,6 @@ class ActivationStats:
     signal: Optional[float] = None
 
 
-
 @dataclass
 class LayerTrace:
     """One observation point: a leaf module's output, or a functional activation in a module.
