@@ -134,8 +134,9 @@ class Monitor:
         if not self.probe.observing and self._due():
             self._open()
 
-    def _due(self) -> bool:
-        return self._retry or self.steps_seen % self.every == 0
+    def _due(self, ahead: int = 0) -> bool:
+        """Whether the step ``ahead`` steps after the current count is observed."""
+        return self._retry or (self.steps_seen + ahead) % self.every == 0
 
     def _open(self) -> None:
         """Start observing: read the loss scale, run compiled code eagerly, arm the probe."""
@@ -156,8 +157,7 @@ class Monitor:
         """The observed step is over: sync once, merge ranks, fold it into the trace."""
         snap = self.probe.collect(extra=extra)
         # Hooks stay on (idle) when the next step is observed too: every=1 re-installs nothing.
-        self.probe.end_step(keep_hooks=not self._explicit
-                            and (self.steps_seen + 1) % self.every == 0)
+        self.probe.end_step(keep_hooks=not self._explicit and self._due(ahead=1))
         self._close_stance()
         if self.scaler is not None and not self._unscale(snap):
             return

@@ -223,11 +223,11 @@ class Probe:
 
     def _install(self) -> None:
         modules = sum(1 for _ in self.model.modules())
-        if self.handles and modules == self.hooked_modules:
+        changed = self.hooked_modules > 0 and modules != self.hooked_modules
+        if self.handles and not changed:
             return
-        if self.handles:  # the model gained or lost modules since: hook them all anew
+        if changed:  # the model gained or lost modules since: name and hook them all anew
             self._uninstall()
-        if self.hooked_modules and modules != self.hooked_modules:
             self.names = {m: n for n, m in self.model.named_modules()}
             self.param_names = {p: n for n, p in self.model.named_parameters()}
             self.infos.clear()
@@ -247,10 +247,16 @@ class Probe:
             self.handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
 
     def _uninstall(self) -> None:
-        self._exit_mode()
-        for handle in self.handles + self.tensor_handles:
+        self._drop_step_hooks()
+        for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+    def _drop_step_hooks(self) -> None:
+        """Leave the mode and remove the tensor hooks of the step; module hooks stay."""
+        self._exit_mode()
+        for handle in self.tensor_handles:
+            handle.remove()
         self.tensor_handles.clear()
         self.stack.clear()
 
@@ -273,11 +279,7 @@ class Probe:
         references tensors."""
         self.observing = False
         if keep_hooks:
-            self._exit_mode()
-            for handle in self.tensor_handles:
-                handle.remove()
-            self.tensor_handles.clear()
-            self.stack.clear()
+            self._drop_step_hooks()
         else:
             self._uninstall()
         self.producers.clear()
