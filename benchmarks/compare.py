@@ -14,13 +14,11 @@ step in ONE process (the order rotates every round), so noise slows them alike. 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,45 +42,22 @@ def import_revision(rev: str, into: Path) -> Any:
     return importlib.import_module("trainlint_base")
 
 
-class Runner:
-    """One copy of the workload's model and optimizer, with a Monitor of ``package``."""
+def compare(workload: overhead.Workload, base_package: Any, steps: int,
+            warmup: int) -> dict:
+    """Per mode (plain, base, current): (10th percentile, median) wall step time in seconds,
+    from :func:`overhead.time_modes` (the modes take turns step by step)."""
+    def factory(name: str, model: torch.nn.Module, optimizer: Any) -> overhead.Mode:
+        if name == "plain":
+            return overhead.Mode(model, optimizer)
+        package = base_package if name == "base" else None
+        return overhead.Trainlint(model, optimizer, every=1, package=package)
 
-    def __init__(self, workload: overhead.Workload, base: torch.nn.Module, batch: tuple,
-                 package: Optional[Any]) -> None:
-        self.workload = workload
-        self.batch = batch
-        self.model = copy.deepcopy(base)
-        self.optimizer = workload.optimizer(self.model.parameters())
-        self.monitor = (None if package is None
-                        else package.Monitor(self.model, optimizer=self.optimizer, every=1))
-        self.times: list[float] = []
-
-    def step(self) -> None:
-        start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.workload.loss(self.model(self.batch[0]), self.batch[1])
-        loss.backward()
-        self.optimizer.step()
-        if self.monitor is not None:
-            self.monitor.step(loss)
-        self.times.append(time.perf_counter() - start)
-
-
-def compare(workload: overhead.Workload, packages: dict, steps: int, warmup: int) -> dict:
-    """Per package name: (10th percentile, median) step time in seconds."""
-    torch.manual_seed(0)
-    base = workload.model().train()
-    batch = overhead._batch(workload, torch.device("cpu"))
-    runners = {name: Runner(workload, base, batch, pkg) for name, pkg in packages.items()}
-    order = list(runners.values())
-    for i in range(warmup + steps):
-        shift = i % len(order)
-        for runner in order[shift:] + order[:shift]:
-            runner.step()
+    times = overhead.time_modes(workload, ("plain", "base", "current"), steps, warmup,
+                                torch.device("cpu"), factory)
     out = {}
-    for name, runner in runners.items():
-        times = sorted(runner.times[warmup:])
-        out[name] = (times[len(times) // 10], statistics.median(times))
+    for name, pairs in times.items():
+        wall = sorted(w for w, _ in pairs)
+        out[name] = (wall[len(wall) // 10], statistics.median(wall))
     return out
 
 
@@ -99,16 +74,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [w for w in args.workloads.split(",") if w not in table]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; known: {', '.join(table)}")
-    import trainlint
     with tempfile.TemporaryDirectory() as tmp:
-        packages = {"plain": None, "base": import_revision(args.rev, Path(tmp)),
-                    "current": trainlint}
+        base_package = import_revision(args.rev, Path(tmp))
         print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps after "
               f"{args.warmup}; base = {args.rev}")
         print(f"  {'workload':12s} {'mode':8s} {'p10 ms':>9s} {'x plain':>8s} "
               f"{'median ms':>10s} {'x plain':>8s}")
         for name in args.workloads.split(","):
-            result = compare(table[name], packages, args.steps, args.warmup)
+            result = compare(table[name], base_package, args.steps, args.warmup)
             p10, med = result["plain"]
             for mode, (a, b) in result.items():
                 print(f"  {name:12s} {mode:8s} {1e3 * a:9.1f} {a / p10:8.3f} "

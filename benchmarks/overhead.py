@@ -236,11 +236,13 @@ class Trainlint(Mode):
     """``trainlint.Monitor``; ``every=1`` observes every step, a huge ``every`` none after the
     first (the first step is part of the warm-up)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int,
+                 package: Any = None) -> None:
         super().__init__(model, optimizer)
-        import trainlint
+        if package is None:
+            import trainlint as package
 
-        self.monitor = trainlint.Monitor(model, optimizer=optimizer, every=every)
+        self.monitor = package.Monitor(model, optimizer=optimizer, every=every)
 
     def after_step(self, loss: torch.Tensor) -> None:
         self.monitor.step(loss)
@@ -268,14 +270,14 @@ class Runner:
     """One mode's own model copy, optimizer and batch."""
 
     def __init__(self, mode: str, base: nn.Module, workload: Workload, batch: tuple,
-                 device: torch.device) -> None:
+                 device: torch.device, factory: Callable[..., Mode] = make_mode) -> None:
         self.name = mode
         self.model = copy.deepcopy(base).to(device).train()
         self.optimizer = workload.optimizer(self.model.parameters())
         self.inputs, self.targets = batch
         self.loss = workload.loss
         self.device = device
-        self.mode = make_mode(mode, self.model, self.optimizer)
+        self.mode = factory(mode, self.model, self.optimizer)
 
     def step(self) -> tuple[float, float]:
         """One timed training step: (wall seconds, CPU seconds of this process)."""
@@ -302,13 +304,14 @@ def _batch(workload: Workload, device: torch.device) -> tuple:
 
 
 def time_modes(workload: Workload, modes: tuple, steps: int, warmup: int,
-               device: torch.device) -> dict[str, list[tuple[float, float]]]:
+               device: torch.device, factory: Callable[..., Mode] = make_mode
+               ) -> dict[str, list[tuple[float, float]]]:
     """(wall, CPU) step times per mode, the modes taking turns step by step in a rotating
-    order."""
+    order; ``factory(name, model, optimizer)`` makes each mode (default :func:`make_mode`)."""
     torch.manual_seed(0)
     base = workload.model()
     batch = _batch(workload, device)
-    runners = [Runner(mode, base, workload, batch, device) for mode in modes]
+    runners = [Runner(mode, base, workload, batch, device, factory) for mode in modes]
     times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     try:
         for i in range(warmup + steps):
