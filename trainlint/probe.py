@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from . import stats
+from .updates import UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu",
@@ -201,11 +202,10 @@ class Probe:
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
         self.failed_module: Optional[str] = None
-        self.update_snapshots: dict[nn.Parameter, torch.Tensor] = {}
-        # Each updated parameter's sample right after the optimizer step (its std row).
-        self.after_samples: dict[nn.Parameter, torch.Tensor] = {}
-        self.update_norms: dict[nn.Parameter, torch.Tensor] = {}
-        self.before_norms: dict[nn.Parameter, torch.Tensor] = {}
+        # The optimizer's parameters sampled around its step; per group of them, the sums of
+        # squares of the update and of the weight before it.
+        self.updates = UpdateSampler()
+        self.update_sums: list[tuple] = []
         self.mode: Optional[_ProbeMode] = None
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
@@ -283,8 +283,8 @@ class Probe:
         else:
             self._uninstall()
         self.producers.clear()
-        self.update_snapshots.clear()
-        self.after_samples.clear()
+        self.updates.clear()
+        self.update_sums.clear()
 
     def take_off(self) -> None:
         """Remove the hooks that :meth:`end_step` left on (no-op while observing)."""
@@ -513,30 +513,13 @@ class Probe:
     def _before_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self.observing:
             return
-        self.busy = True
-        try:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if params:
-                with torch.no_grad():
-                    copies = torch._foreach_mul([_update_sample(p) for p in params], 1.0)
-                self.update_snapshots.update(zip(params, copies))
-        finally:
-            self.busy = False
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if params:
+            self.updates.before(params)
 
     def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.observing or not self.update_snapshots:
-            return
-        params, befores = list(self.update_snapshots), list(self.update_snapshots.values())
-        scales = [(p.numel() / max(b.numel(), 1)) ** 0.5 for p, b in zip(params, befores)]
-        with torch.no_grad():
-            afters = [_update_sample(p) for p in params]
-            deltas = torch._foreach_sub(afters, befores)
-            updates = torch._foreach_mul(torch._foreach_norm(deltas), scales)
-            norms = torch._foreach_mul(torch._foreach_norm(befores), scales)
-        self.after_samples.update(zip(params, afters))
-        self.update_norms.update(zip(params, updates))
-        self.before_norms.update(zip(params, norms))
-        self.update_snapshots.clear()
+        if self.observing:
+            self.update_sums = self.updates.after()
 
     # ---------------------------------------------------------------- sync
     def collect(self, extra: Optional[dict] = None) -> ProbeSnapshot:
@@ -564,7 +547,8 @@ class Probe:
             moments = self._batches(p.device)[1]
             # The std of the sample the update measured after the optimizer step (the same
             # values as the statistics' sample of p, without a second gather).
-            row = moments.add(self.after_samples.get(p, p))
+            after = self.updates.after_sample(p)
+            row = moments.add(p if after is None else after)
             grad = None if p.grad is None else (p.grad.device,
                                                 self._batches(p.grad.device)[1].add(p.grad))
             param_rows.append(((p.device, row), grad))
@@ -579,10 +563,8 @@ class Probe:
         if named:  # the exact presence of NaN/Inf in the weights: one sum each
             add(("param_probes",), _stack([stats.full_probe(p)[0] if p.numel() else
                                            p.new_zeros(()) for p in params], device))
-            updated = [p for _, p in named if p in self.update_norms]
-            if updated:
-                add(("updates",), _stack([self.update_norms[p] for p in updated]
-                                         + [self.before_norms[p] for p in updated], device))
+        for i, (_, sums) in enumerate(self.update_sums):
+            add(("updates", i), sums)
         for name, value in (extra or {}).items():
             if isinstance(value, torch.Tensor):
                 add(("extra", name), value)
@@ -626,9 +608,8 @@ class Probe:
         self.inputs_seen = self.inputs_seen or bool(self.input_rows)
         self.input_rows.clear()
         self.norm_calls.clear()
-        self.update_norms.clear()
-        self.before_norms.clear()
-        self.after_samples.clear()
+        self.updates.clear()
+        self.update_sums = []
         self.bw_counter = 0
         return snapshot
 
@@ -657,10 +638,12 @@ class Probe:
             return
         values = snapshot.values
         probes = values.pop(("param_probes",))
-        updates = values.pop(("updates",), np.zeros(0))
-        half = len(updates) // 2
-        update_of = dict(zip((p for _, p in named if p in self.update_norms),
-                             zip(updates[:half], updates[half:])))
+        update_of = {}
+        for i, (params, _) in enumerate(self.update_sums):
+            sums = values.pop(("updates", i))
+            for p, before, delta in zip(params, sums[0], sums[1]):
+                scale = p.numel() / max(self.updates.sample_size(p), 1)
+                update_of[p] = (math.sqrt(delta * scale), math.sqrt(before * scale))
         in_opt = _optimizer_params(self.optimizer)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         for (name, p), ((dev, row), grad_row) in zip(named, param_rows):
@@ -691,13 +674,6 @@ class ProbeSnapshot:
     failed_module: Optional[str]
     backward_order: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
-
-
-def _update_sample(p: torch.Tensor) -> torch.Tensor:
-    """The sample of a parameter that measures its update (the statistics' sample: runs of
-    16 at golden-ratio positions, so no aliasing with the layout), 16-bit values as float32."""
-    values = stats.sample_values(p)
-    return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
 
 def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor]) -> tuple:

@@ -1,0 +1,99 @@
+"""UpdateSampler: the before/after samples of the optimizer's parameters and the sums of
+squares it derives from them, against the same sums computed directly on the parameters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainlint import stats
+from trainlint.updates import UpdateSampler
+
+
+def _params() -> list:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(300, 200, generator=g),                       # sampled (runs)
+        torch.randn(40, 30, generator=g),                         # small: copied whole
+        torch.randn(200, 300, generator=g).t(),                   # sampled, not contiguous
+        torch.randn(50, generator=g, dtype=torch.float64),        # another dtype group
+        torch.randn(70000, generator=g).to(torch.bfloat16),       # 16-bit: float32 sample
+        torch.randn(10, 8, generator=g).to(torch.float16).t(),    # 16-bit, small, strided
+        torch.zeros(0),                                           # empty
+    ]
+
+
+def _step(params: list) -> None:
+    for i, p in enumerate(params):
+        p.add_(torch.ones_like(p) * 0.5 * (i + 1))
+
+
+def _direct(p: torch.Tensor, before: torch.Tensor) -> tuple:
+    """Sums of squares of the sample of ``before`` and of the sample of ``p - before``."""
+    positions = stats.sample_positions(p)
+    b = before.reshape(-1).double()[positions] if p.numel() else torch.zeros(0)
+    a = p.detach().reshape(-1).double()[positions] if p.numel() else torch.zeros(0)
+    if p.dtype in (torch.float16, torch.bfloat16):  # the sample is kept in float32
+        b, a = b.float().double(), a.float().double()
+    return float((b * b).sum()), float(((a.float() - b.float()).double() ** 2).sum())
+
+
+def test_sums_match_a_direct_computation_on_each_parameters_sample() -> None:
+    params = _params()
+    before = [p.clone() for p in params]
+    sampler = UpdateSampler()
+    sampler.before(params)
+    _step(params)
+    groups = sampler.after()
+    assert sorted(id(p) for ps, _ in groups for p in ps) == sorted(id(p) for p in params)
+    for ps, sums in groups:
+        for p, got_before, got_delta in zip(ps, sums[0].tolist(), sums[1].tolist()):
+            i = next(k for k, q in enumerate(params) if q is p)
+            want_before, want_delta = _direct(p, before[i])
+            assert got_before == pytest.approx(want_before, rel=1e-6)
+            assert got_delta == pytest.approx(want_delta, rel=1e-5)
+            expected_m = p.numel() if p.numel() <= stats.SAMPLE_ABOVE else stats.SAMPLE_TARGET
+            assert sampler.sample_size(p) == expected_m
+
+
+def test_after_sample_is_the_parameters_sample_after_the_step_until_cleared() -> None:
+    params = _params()
+    sampler = UpdateSampler()
+    assert sampler.after() == []  # no before: nothing measured
+    sampler.before(params)
+    _step(params)
+    sampler.after()
+    for p in params:
+        want = stats.sample_values(p).float() if p.dtype != torch.float64 else \
+            stats.sample_values(p)
+        assert torch.equal(sampler.after_sample(p), want.reshape(-1))
+    assert sampler.after_sample(torch.zeros(3)) is None
+    sampler.clear()
+    assert sampler.after_sample(params[0]) is None
+
+
+def test_nonfinite_values_in_the_sample_give_nonfinite_sums() -> None:
+    params = [torch.randn(100), torch.randn(100)]
+    sampler = UpdateSampler()
+    sampler.before(params)
+    params[0][7] = math.nan
+    params[1][3] = math.inf
+    [(_, sums)] = sampler.after()
+    assert math.isnan(sums[1, 0]) and math.isfinite(sums[0, 0])
+    assert math.isinf(sums[1, 1])
+
+
+def test_the_layout_follows_a_parameter_that_changes_shape() -> None:
+    p, q = torch.randn(64), torch.randn(8)
+    sampler = UpdateSampler()
+    sampler.before([p, q])
+    sampler.after()
+    p.data = torch.randn(32)  # resized in place of the old tensor's data
+    sampler.before([p, q])
+    p.data.add_(1.0)
+    [(_, sums)] = sampler.after()
+    assert sums[1, 0] == pytest.approx(32.0)
+    assert sums[1, 1] == 0.0
+    assert sampler.sample_size(p) == 32
