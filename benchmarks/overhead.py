@@ -14,6 +14,10 @@ Modes:
   plain               the training step alone
   floor               hooks that read every observed tensor once (one ``sum()`` into a
                       device accumulator per leaf output and per gradient w.r.t. it)
+  exact-floor         the floor plus the other full reads trainlint's exact answers need,
+                      done as trainlint does them: a ReLU/GELU-family output's per-unit
+                      max (and min) instead of its sum, one sum of every parameter after
+                      the optimizer step (no samples, no statistics)
   naive               the usual hand-written monitor: per leaf output mean/std/zero
                       fraction, each read with ``.item()``
   trainlint-observed  ``trainlint.Monitor(every=1)``: every step observed
@@ -38,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODES = ("plain", "floor", "naive", "trainlint-observed", "trainlint-idle")
+MODES = ("plain", "floor", "exact-floor", "naive", "trainlint-observed", "trainlint-idle")
 DEPTH_MODES = ("plain", "floor", "trainlint-observed", "trainlint-idle")
 DEPTHS = (8, 32, 128)
 
@@ -210,6 +214,47 @@ class Floor(Mode):
         self.acc.add_(grad.sum())
 
 
+class ExactFloor(Floor):
+    """The floor plus the full reads behind trainlint's exact answers (NaN/Inf presence, the
+    per-unit ever-active record, the weights' NaN/Inf presence), with trainlint's own reads."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from trainlint.probe import activation_kind
+
+        self.units = {m: activation_kind(m) for _, m in _leaves(model)}
+        self.channel_first = {m: isinstance(m, (nn.modules.conv._ConvNd,
+                                                nn.modules.batchnorm._BatchNorm))
+                              for _, m in _leaves(model)}
+        super().__init__(model, optimizer)
+        self.params = list(model.parameters())
+        self.layout_channel_first = False
+
+    def _output(self, module: nn.Module, args: Any, out: Any) -> None:
+        from trainlint import stats
+
+        t = _first_float(out)
+        if t is None:
+            return
+        kind = self.units.get(module)
+        if self.channel_first.get(module):
+            self.layout_channel_first = True
+        elif kind is None:
+            self.layout_channel_first = False
+        if kind in ("relu", "gelu") and t.dim() >= 1:
+            dim = 1 if t.dim() >= 3 and self.layout_channel_first else -1
+            hi, lo = stats.unit_extremes(t.detach(), dim, kind)
+            self.acc.add_(hi.amax() if lo is None else hi.amax() + lo.amin())
+        else:
+            self.acc.add_(t.detach().sum())
+        if t.requires_grad:
+            t.register_hook(self._grad)
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p in self.params:
+                self.acc.add_(p.sum())
+
+
 class Naive(Mode):
     """The common hand-written monitor: mean, std and zero fraction read with ``.item()``."""
 
@@ -256,6 +301,8 @@ def make_mode(name: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
         return Mode(model, optimizer)
     if name == "floor":
         return Floor(model, optimizer)
+    if name == "exact-floor":
+        return ExactFloor(model, optimizer)
     if name == "naive":
         return Naive(model, optimizer)
     if name == "trainlint-observed":

@@ -203,7 +203,7 @@ class Probe:
         self.norm_calls: list[NormCall] = []
         self.failed_module: Optional[str] = None
         # The optimizer's parameters sampled around its step; per group of them, the sums of
-        # squares of the update and of the weight before it.
+        # squares of the weight before the step and of the update.
         self.updates = UpdateSampler()
         self.update_sums: list[tuple] = []
         self.mode: Optional[_ProbeMode] = None
