@@ -290,3 +290,52 @@ def test_parameter_norms_are_exact_when_small_and_estimated_within_error_when_la
         else:
             m = trainlint.stats.SAMPLE_TARGET
             assert got == pytest.approx(truth, rel=5 * math.sqrt(2 / (4 * m))), name
+
+
+# ------------------------------------------------------------------ data flow through leaves
+
+class FlowMix(nn.Module):
+    """torch.nn leaves the probe's mode skips, beside functional ops, a gate, a custom leaf
+    and an int path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 16)
+        self.drop = nn.Dropout(0.0)
+        self.norm = nn.LayerNorm(16)
+        self.gate = nn.Linear(16, 16)
+        self.conv = nn.Conv1d(1, 2, 3, padding=1)
+        self.act = nn.ReLU()
+        self.soft = nn.Softmax(dim=-1)
+        self.flat = nn.Flatten(0)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.drop(F.gelu(self.fc(self.emb(self.flat(ids)).mean(0, keepdim=True)))))
+        h = h * torch.sigmoid(self.gate(h))
+        c = self.conv(h.unsqueeze(1)).mean(1)
+        return self.head(self.soft(self.act(c + h)) * 2.0)
+
+
+def _flow(model: nn.Module, ids: torch.Tensor) -> tuple:
+    probe = trainlint.probe.Probe(model).attach()
+    probe.begin_step()
+    model(ids).sum().backward()
+    snap = probe.collect()
+    probe.detach()
+    return snap.edges, snap.output_origins, set(snap.points)
+
+
+def test_skipping_the_ops_inside_torch_nn_leaves_changes_no_data_flow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = FlowMix()
+    ids = torch.randint(0, 10, (2, 3))
+    skipped = _flow(model, ids)
+    monkeypatch.setattr(trainlint.probe, "OPAQUE_LEAVES", frozenset())
+    followed = _flow(model, ids)
+    assert skipped == followed
+    edges = skipped[0]
+    assert any(dst == ("op", "mul") for _, dst, _ in edges)  # the gate is seen
+    assert any(dst == ("module", "norm") for _, dst, _ in edges)

@@ -56,6 +56,18 @@ CHANNEL_FIRST_TYPES = (
     nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
 )
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+# torch.nn leaves (these exact types) whose forward is one functional op on float tensors plus
+# checks of the input's shape: the leaf hook tags their output itself, so the probe's mode need
+# not follow the ops inside them (Identity and Flatten, which pass any tensor on, are not here).
+OPAQUE_LEAVES = frozenset({
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+    nn.Embedding, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+}) | frozenset(ACTIVATION_MODULES)
 UNIT_KINDS = ("relu", "gelu")
 MAX_VIA = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
@@ -117,6 +129,7 @@ class ModuleInfo:
     kind: Optional[str]
     has_params: bool
     channel_first: bool
+    opaque: bool
 
 
 @dataclass
@@ -157,7 +170,7 @@ class _ProbeMode(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         probe = self.probe
-        if probe.busy:
+        if probe.busy or (probe.stack and probe.info(probe.stack[-1]).opaque):
             return out
         probe.busy = True
         try:
@@ -343,7 +356,8 @@ class Probe:
                 name=self.names.get(module, ""), type=type(module).__name__,
                 kind=activation_kind(module),
                 has_params=any(True for _ in module.parameters(recurse=False)),
-                channel_first=isinstance(module, CHANNEL_FIRST_TYPES))
+                channel_first=isinstance(module, CHANNEL_FIRST_TYPES),
+                opaque=type(module) in OPAQUE_LEAVES)
         return found
 
     def inside_activation_module(self) -> bool:
