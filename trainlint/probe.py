@@ -250,11 +250,11 @@ class Probe:
         self.handles.append(root.register_forward_hook(self._root_post, always_call=True))
         for module in root.modules():
             self.handles.append(module.register_forward_pre_hook(self._enter))
-            self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+            leaf = not any(True for _ in module.children())
+            self.handles.append(module.register_forward_hook(
+                self._leave_leaf if leaf else self._leave, always_call=True))
             if isinstance(module, NORM_TYPES):
                 self.handles.append(module.register_forward_pre_hook(self._norm_input))
-            if not any(True for _ in module.children()):
-                self.handles.append(module.register_forward_hook(self._leaf_output))
         if self.optimizer is not None:
             self.handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
             self.handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
@@ -347,6 +347,13 @@ class Probe:
             self.failed_module = self.names.get(module, "")
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
+
+    def _leave_leaf(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A leaf module's forward is over: leave it, then observe its output (None when its
+        forward raised)."""
+        self._leave(module, args, output)
+        if output is not None:
+            self._leaf_output(module, args, output)
 
     def info(self, module: nn.Module) -> ModuleInfo:
         """The cached :class:`ModuleInfo` of ``module``."""
