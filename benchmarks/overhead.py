@@ -225,6 +225,7 @@ class ExactFloor(Floor):
         self.channel_first = {m: isinstance(m, (nn.modules.conv._ConvNd,
                                                 nn.modules.batchnorm._BatchNorm))
                               for _, m in _leaves(model)}
+        self.has_params = {m: any(True for _ in m.parameters()) for _, m in _leaves(model)}
         super().__init__(model, optimizer)
         self.params = list(model.parameters())
         self.layout_channel_first = False
@@ -238,7 +239,7 @@ class ExactFloor(Floor):
         kind = self.units.get(module)
         if self.channel_first.get(module):
             self.layout_channel_first = True
-        elif kind is None:
+        elif kind is None and self.has_params.get(module):  # as the probe reads the layout
             self.layout_channel_first = False
         if kind in ("relu", "gelu") and t.dim() >= 1:
             dim = 1 if t.dim() >= 3 and self.layout_channel_first else -1
