@@ -104,6 +104,34 @@ def test_merged_moments_equal_moments_of_concatenation(sizes: list, seed: int,
     assert merged["min"] == d["min"] and merged["max"] == d["max"]
 
 
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+       seed=st.integers(0, 2**31 - 1), offset=st.floats(-1e3, 1e3),
+       bad=st.lists(st.booleans(), min_size=6, max_size=6))
+def test_rows_folded_one_call_at_a_time_merge_as_all_the_rows(sizes: list, seed: int,
+                                                              offset: float, bad: list) -> None:
+    rng = np.random.default_rng(seed)
+    chunks = [torch.from_numpy(rng.normal(offset, 1 + i, size=n)).float()
+              for i, n in enumerate(sizes)]
+    for chunk, nan in zip(chunks, bad):
+        if nan:
+            chunk[0] = math.nan
+    rows = np.stack([stats.activation_stats(c, "relu").numpy() for c in chunks])
+    folded = rows[:1]
+    for row in rows[1:]:
+        folded = stats.fold_moments(np.concatenate([folded, row[None]]))
+    assert folded.shape == (1, len(stats.ACT_FIELDS))
+    once, all_rows = stats.merge_moments(folded), stats.merge_moments(rows)
+    assert once.keys() == all_rows.keys()
+    for key, value in all_rows.items():
+        assert once[key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), key
+    finite = torch.cat(chunks).numpy()
+    d = direct_moments(finite[np.isfinite(finite)])
+    assert once["mean"] == pytest.approx(d["mean"], rel=1e-9, abs=1e-9)
+    assert once["std"] == pytest.approx(d["std"], rel=1e-7, abs=1e-9)
+    assert once["nonfinite"] == sum(bad[:len(sizes)])
+
+
 def kurtosis(x: np.ndarray) -> float:
     v = np.asarray(x, dtype=np.float64).reshape(-1)
     return float(((v - v.mean()) ** 4).mean() / v.var() ** 2)

@@ -59,8 +59,10 @@ class TraceBuilder:
     def __init__(self, model: nn.Module, *, mode: str = "check") -> None:
         self.model = model
         self.mode = mode
-        self.act_rows: dict[tuple, list] = {}
-        self.grad_rows: dict[tuple, list] = {}
+        # Per point, every observed call so far folded into one activation row and one
+        # gradient row (memory stays O(points), however long the run).
+        self.act_rows: dict[tuple, np.ndarray] = {}
+        self.grad_rows: dict[tuple, np.ndarray] = {}
         self.units: dict[tuple, np.ndarray] = {}
         self.signal: dict[tuple, np.ndarray] = {}
         self.param_finite: dict[str, bool] = {}
@@ -90,14 +92,19 @@ class TraceBuilder:
         for tag, value in snap.values.items():
             kind = tag[0]
             if kind == "act":
-                self.act_rows.setdefault(tag[1], []).append(value)
+                seen = self.act_rows.get(tag[1])
+                self.act_rows[tag[1]] = stats.fold_moments(
+                    value if seen is None else np.concatenate([seen, value]))
                 merged = stats.merge_moments(value)
                 step_info["layers"].setdefault(tag[1], {}).update(
                     std=merged["std"], mean=merged["mean"], zero_fraction=merged["zero_fraction"])
                 if merged["nonfinite"]:
                     nonfinite["activations"][tag[1]] = merged["nonfinite"]
             elif kind == "grad":
-                self.grad_rows.setdefault(tag[1], []).append(value)
+                seen = self.grad_rows.get(tag[1])
+                self.grad_rows[tag[1]] = np.asarray(value, dtype=np.float64).reshape(
+                    -1, len(stats.GRAD_FIELDS)).sum(axis=0, keepdims=True) + (
+                    0.0 if seen is None else seen)
                 grads = stats.merge_grads(value)
                 step_info["layers"].setdefault(tag[1], {})["grad_norm"] = grads["norm"]
                 bad = int(grads["nonfinite"])
@@ -191,8 +198,8 @@ class TraceBuilder:
         for key, point in self.points.items():
             rows = self.act_rows.get(key)
             activation = None
-            if rows:
-                merged = stats.merge_moments(np.concatenate(rows))
+            if rows is not None:
+                merged = stats.merge_moments(rows)
                 signal = self.signal.get(key)
                 if signal is not None and signal[1] > 0:
                     merged["signal"] = float(np.sqrt(signal[0] / signal[1]))
@@ -200,7 +207,7 @@ class TraceBuilder:
             grad_norm = grad_rms = None
             grad_nonfinite = 0
             if key in self.grad_rows:
-                g = stats.merge_grads(np.concatenate(self.grad_rows[key]))
+                g = stats.merge_grads(self.grad_rows[key])
                 grad_norm, grad_rms, grad_nonfinite = g["norm"], g["rms"], g["nonfinite"]
             facts = modules.get(point.module)
             layers.append(LayerTrace(

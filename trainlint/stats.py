@@ -682,6 +682,26 @@ def _per_unit(y: torch.Tensor, unit_dim: int, reduce: Callable) -> torch.Tensor:
     return reduce(reduce(y.reshape(before // fold, fold * units), 0).view(fold, units), 0)
 
 
+def fold_moments(rows: np.ndarray) -> np.ndarray:
+    """Per-call activation vectors (``ACT_FIELDS`` rows) folded into one row that
+    :func:`merge_moments` reads as it reads them all: counts, zeros and saturated summed, the
+    moments by Chan's formula, min and max over the rows. A running summary of many calls
+    keeps one row, not one per call."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(ACT_FIELDS))
+    if len(rows) == 1:
+        return rows
+    out = rows.sum(axis=0)
+    weights, means = rows[:, A["m_finite"]], rows[:, A["mean"]]
+    weight = out[A["m_finite"]]
+    mean = float(weights @ means / weight) if weight > 0 else 0.0
+    out[A["mean"]] = mean
+    out[A["m2"]] = rows[:, A["m2"]].sum() + (float(weights @ (means - mean) ** 2)
+                                             if weight > 0 else 0.0)
+    out[A["min"]] = rows[:, A["min"]].min()
+    out[A["max"]] = rows[:, A["max"]].max()
+    return out[None]
+
+
 def merge_moments(rows: np.ndarray) -> dict:
     """Merge per-call activation vectors (one row each, ``ACT_FIELDS``) into one summary.
 
