@@ -44,7 +44,9 @@ def tensor_with_specials(seed: int, shape: tuple) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", [None, "relu", "tanh", "sigmoid"])
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6, 5), (2, 9, 8)])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6, 5), (2, 9, 8),
+                                   # still copied whole, into rows wider than SAMPLE_TARGET
+                                   (2049,), (40, 130), (3, 1000, 3), (16, 64, 4, 4)])
 def test_activation_stats_match_direct_computation(kind: str | None, shape: tuple) -> None:
     x = tensor_with_specials(1, shape)
     if kind == "tanh":
@@ -346,6 +348,17 @@ def test_between_sample_is_half_the_mean_squared_pair_difference():
     pairs = min(x.shape[0] // 2, stats.SIGNAL_PAIRS)
     d = torch.stack([x[2 * i] - x[2 * i + 1] for i in range(pairs)])
     assert count == d.numel()
+    assert total == pytest.approx(float((d ** 2).sum() / 2), rel=1e-12)
+
+
+def test_between_sample_of_a_mid_size_tensor_copied_whole():
+    x = torch.randn(8, 1300, dtype=torch.float64)  # 10400 values: exact, a 16384-wide row
+    total, count = stats.between_sample(x).tolist()
+    assert count == stats.SIGNAL_WIDTH
+    positions = stats.spread(4 * 1300, stats.SIGNAL_WIDTH, torch.device("cpu"))
+    first = (positions // 1300) * 2600 + positions % 1300
+    flat = x.reshape(-1)
+    d = flat[first] - flat[first + 1300]
     assert total == pytest.approx(float((d ** 2).sum() / 2), rel=1e-12)
 
 
