@@ -22,6 +22,7 @@ def _params() -> list:
         torch.randn(70000, generator=g).to(torch.bfloat16),       # 16-bit: float32 sample
         torch.randn(10, 8, generator=g).to(torch.float16).t(),    # 16-bit, small, strided
         torch.zeros(0),                                           # empty
+        torch.randn(6, 5, generator=g, dtype=torch.complex64),    # complex: |z|^2
     ]
 
 
@@ -33,6 +34,9 @@ def _step(params: list) -> None:
 def _direct(p: torch.Tensor, before: torch.Tensor) -> tuple:
     """Sums of squares of the sample of ``before`` and of the sample of ``p - before``."""
     positions = stats.sample_positions(p)
+    if p.is_complex():
+        b, a = before.reshape(-1)[positions], p.detach().reshape(-1)[positions]
+        return float((b.abs().double() ** 2).sum()), float(((a - b).abs().double() ** 2).sum())
     b = before.reshape(-1).double()[positions] if p.numel() else torch.zeros(0)
     a = p.detach().reshape(-1).double()[positions] if p.numel() else torch.zeros(0)
     if p.dtype in (torch.float16, torch.bfloat16):  # the sample is kept in float32
@@ -66,8 +70,9 @@ def test_after_sample_is_the_parameters_sample_after_the_step_until_cleared() ->
     _step(params)
     sampler.after()
     for p in params:
-        want = stats.sample_values(p).float() if p.dtype != torch.float64 else \
-            stats.sample_values(p)
+        want = stats.sample_values(p)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            want = want.float()
         assert torch.equal(sampler.after_sample(p), want.reshape(-1))
     assert sampler.after_sample(torch.zeros(3)) is None
     sampler.clear()
@@ -97,3 +102,47 @@ def test_the_layout_follows_a_parameter_that_changes_shape() -> None:
     assert sums[1, 0] == pytest.approx(32.0)
     assert sums[1, 1] == 0.0
     assert sampler.sample_size(p) == 32
+
+
+def test_a_complex_parameters_update_is_measured_in_a_monitored_step() -> None:
+    class Complex(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.complex64))
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((x.to(torch.complex64) @ self.w).abs())
+
+    import trainlint
+
+    torch.manual_seed(0)
+    model = Complex()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        before = model.w.detach().clone()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+        expected = float((model.w.detach() - before).abs().pow(2).sum().sqrt())
+        [w] = [p for p in monitor.report().trace.params if p.name == "w"]
+    assert w.update_norms == [pytest.approx(expected, rel=1e-5)]
+
+
+def test_a_nan_in_the_imaginary_part_of_a_complex_weight_is_seen() -> None:
+    import trainlint
+
+    model = torch.nn.Linear(4, 2)
+    model.register_parameter("c", torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64)))
+    with torch.no_grad():
+        model.c[1] = complex(0.0, float("nan"))
+    probe = trainlint.probe.Probe(model).attach()
+    probe.begin_step()
+    model(torch.randn(5, 4)).sum().backward()
+    snap = probe.collect()
+    probe.detach()
+    [(names, finite)] = [(k[1], v) for k, v in snap.values.items() if k[0] == "param_finite"]
+    assert dict(zip(names, finite.tolist())) == {"weight": True, "bias": True, "c": False}

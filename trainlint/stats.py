@@ -495,7 +495,8 @@ def full_probe(x: torch.Tensor) -> tuple:
     """``(probe,)`` of :func:`_full_read`: finite exactly when every element of ``x`` is."""
     if x.dtype in (torch.float16, torch.bfloat16):
         return _full_read(x)[:1]
-    return (x.sum(),)
+    total = x.sum()
+    return (total.abs() if total.is_complex() else total,)  # a NaN/Inf imaginary part too
 
 
 def finish_activations(raw: np.ndarray, full: np.ndarray, meta: np.ndarray) -> np.ndarray:

@@ -59,6 +59,8 @@ class _Group:
         before, after, delta = self.buffer
         torch.sub(after, before, out=delta)
         pair = self.buffer[0::2]
+        if pair.is_complex():  # |z|^2
+            pair = pair.abs()
         torch.mul(pair, pair, out=self.squares)
         out = torch.zeros((2, len(self.slots)), dtype=_F64, device=self.buffer.device)
         return out.index_add_(1, self.segments, self.squares)
