@@ -339,3 +339,19 @@ def test_skipping_the_ops_inside_torch_nn_leaves_changes_no_data_flow(
     edges = skipped[0]
     assert any(dst == ("op", "mul") for _, dst, _ in edges)  # the gate is seen
     assert any(dst == ("module", "norm") for _, dst, _ in edges)
+
+
+def test_an_integer_parameter_is_measured_not_a_crash() -> None:
+    model = nn.Linear(4, 2)
+    model.register_parameter("k", nn.Parameter(torch.arange(5), requires_grad=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = model(torch.randn(3, 4)).sum()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        [k] = [p for p in monitor.report().trace.params if p.name == "k"]
+    assert k.norm == pytest.approx(math.sqrt(30.0))
+    assert k.update_norms == [0.0, 0.0] and not k.nonfinite

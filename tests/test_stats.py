@@ -127,11 +127,12 @@ def test_rows_folded_one_call_at_a_time_merge_as_all_the_rows(sizes: list, seed:
     assert once.keys() == all_rows.keys()
     for key, value in all_rows.items():
         assert once[key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), key
-    finite = torch.cat(chunks).numpy()
-    d = direct_moments(finite[np.isfinite(finite)])
-    assert once["mean"] == pytest.approx(d["mean"], rel=1e-9, abs=1e-9)
-    assert once["std"] == pytest.approx(d["std"], rel=1e-7, abs=1e-9)
+    values = torch.cat(chunks).numpy()
     assert once["nonfinite"] == sum(bad[:len(sizes)])
+    if np.isfinite(values).any():
+        d = direct_moments(values)
+        assert once["mean"] == pytest.approx(d["mean"], rel=1e-9, abs=1e-9)
+        assert once["std"] == pytest.approx(d["std"], rel=1e-7, abs=1e-9)
 
 
 def kurtosis(x: np.ndarray) -> float:

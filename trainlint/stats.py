@@ -376,6 +376,8 @@ class _Batch:
             x = x.detach()
         if x.is_complex():
             x = x.abs()
+        elif not x.is_floating_point():  # an integer or bool parameter: its values as float32
+            x = x.float()
         plan = plan_for(x, self.with_signal)
         key = (x.dtype, plan.width)
         store = self.stores.get(key)
