@@ -101,10 +101,9 @@ class TraceBuilder:
                 if merged["nonfinite"]:
                     nonfinite["activations"][tag[1]] = merged["nonfinite"]
             elif kind == "grad":
-                seen = self.grad_rows.get(tag[1])
-                self.grad_rows[tag[1]] = np.asarray(value, dtype=np.float64).reshape(
-                    -1, len(stats.GRAD_FIELDS)).sum(axis=0, keepdims=True) + (
-                    0.0 if seen is None else seen)
+                seen = self.grad_rows.get(tag[1])  # gradient fields are all sums
+                self.grad_rows[tag[1]] = (value if seen is None else np.concatenate(
+                    [seen, value])).sum(axis=0, keepdims=True)
                 grads = stats.merge_grads(value)
                 step_info["layers"].setdefault(tag[1], {})["grad_norm"] = grads["norm"]
                 bad = int(grads["nonfinite"])

@@ -215,6 +215,25 @@ def _runs_of(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided((x.numel() // RUN, RUN), (RUN, 1))
 
 
+def shaped_for(out: torch.Tensor, copy: Copy, shape: tuple) -> torch.Tensor:
+    """``out``, a 1-D stretch of a buffer, shaped for ``copy``'s op on a tensor of ``shape``."""
+    if copy.how == "runs":
+        return out.view(-1, RUN)
+    return out.view(shape) if copy.how == "whole" else out
+
+
+def fill(out: torch.Tensor, x: torch.Tensor, copy: Copy) -> None:
+    """``copy``'s one op: its values of ``x`` (or NaN) into ``out``, from :func:`shaped_for`."""
+    if copy.how == "runs":
+        torch.index_select(_runs_of(x), 0, copy.index, out=out)
+    elif copy.how == "take":
+        torch.take(x, copy.index, out=out)
+    elif copy.how == "whole":
+        out.copy_(x)
+    else:
+        out.fill_(math.nan)
+
+
 def _work_buffers(device: torch.device, shape: tuple) -> list:
     """Four contiguous float64 work tensors of ``shape``, views of buffers shared by every
     store of this device and thread (a kernel runs to its end before the next starts)."""
@@ -261,14 +280,7 @@ class RowStore:
                 if len(self.views) >= _MAX_VIEWS:
                     self.views.clear()
                 out = self.views[key] = self._view(slot, copy, x.shape)
-            if copy.how == "runs":
-                torch.index_select(_runs_of(x), 0, copy.index, out=out)
-            elif copy.how == "take":
-                torch.take(x, copy.index, out=out)
-            elif copy.how == "whole":
-                out.copy_(x)
-            else:
-                out.fill_(math.nan)
+            fill(out, x, copy)
         self.kinds.add(kind)
         self.count += 1
         self.total += 1
@@ -278,10 +290,7 @@ class RowStore:
 
     def _view(self, slot: int, copy: Copy, shape: tuple) -> torch.Tensor:
         """The part of row ``slot`` that ``copy`` fills, shaped for its one op."""
-        out = self.rows[slot, copy.offset:copy.offset + copy.length]
-        if copy.how == "runs":
-            return out.view(-1, RUN)
-        return out.view(shape) if copy.how == "whole" else out
+        return shaped_for(self.rows[slot, copy.offset:copy.offset + copy.length], copy, shape)
 
     def flush(self) -> None:
         if self.count:
@@ -708,23 +717,14 @@ def fold_moments(rows: np.ndarray) -> np.ndarray:
 def merge_moments(rows: np.ndarray) -> dict:
     """Merge per-call activation vectors (one row each, ``ACT_FIELDS``) into one summary.
 
-    Chan's parallel formula on float64 partial moments, so merging is exact up to rounding.
+    Chan's parallel formula on float64 partial moments (:func:`fold_moments`), so merging is
+    exact up to rounding.
     """
-    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(ACT_FIELDS))
-    single = len(rows) == 1  # one call: its row is the summary (the common case)
-    totals = rows[0].tolist() if single else rows.sum(axis=0).tolist()
+    totals = fold_moments(rows)[0].tolist()
     n_total, n_finite, weight = totals[A["n"]], totals[A["n_finite"]], totals[A["m_finite"]]
-    if weight > 0 and single:
-        mean, var = totals[A["mean"]], totals[A["m2"]] / weight
-    elif weight > 0:
-        weights, means = rows[:, A["m_finite"]], rows[:, A["mean"]]
-        mean = float(weights @ means / weight)
-        var = (totals[A["m2"]] + float(weights @ (means - mean) ** 2)) / weight
-    else:
-        mean, var = 0.0, 0.0
+    mean, var = (totals[A["mean"]], totals[A["m2"]] / weight) if weight > 0 else (0.0, 0.0)
     has_finite = n_finite > 0
-    lo = totals[A["min"]] if single else float(rows[:, A["min"]].min())
-    hi = totals[A["max"]] if single else float(rows[:, A["max"]].max())
+    lo, hi = totals[A["min"]], totals[A["max"]]
     return {
         "count": int(n_total),
         "mean": mean,

@@ -43,10 +43,8 @@ class _Group:
         self.views = [[self._view(row, s) for s in slots] for row in (0, 1)]
 
     def _view(self, row: int, slot: _Slot) -> torch.Tensor:
-        out = self.buffer[row, slot.offset:slot.offset + slot.length]
-        if slot.copy.how == "runs":
-            return out.view(-1, stats.RUN)
-        return out.view(slot.shape) if slot.copy.how == "whole" else out
+        return stats.shaped_for(self.buffer[row, slot.offset:slot.offset + slot.length],
+                                slot.copy, slot.shape)
 
     def fill(self, row: int) -> None:
         with torch.no_grad():
@@ -73,14 +71,10 @@ class _Group:
 def _fill(out: torch.Tensor, slot: _Slot) -> None:
     """Write ``slot.param``'s sample into ``out`` (one op; two for 16-bit parameters)."""
     p, copy = slot.param.detach(), slot.copy
-    if copy.how == "whole":
-        out.copy_(p)
-    elif p.dtype != out.dtype:
+    if copy.how != "whole" and p.dtype != out.dtype:  # a gather keeps the dtype: cast after it
         out.copy_(stats.sample_values(p).view(out.shape))
-    elif copy.how == "runs":
-        torch.index_select(stats._runs_of(p), 0, copy.index, out=out)
     else:
-        torch.take(p, copy.index, out=out)
+        stats.fill(out, p, copy)
 
 
 def sample_dtype(p: torch.Tensor) -> torch.dtype:
