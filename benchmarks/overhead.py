@@ -219,12 +219,10 @@ class ExactFloor(Floor):
     per-unit ever-active record, the weights' NaN/Inf presence), with trainlint's own reads."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        from trainlint.probe import activation_kind
+        from trainlint.probe import CHANNEL_FIRST_TYPES, activation_kind
 
         self.units = {m: activation_kind(m) for _, m in _leaves(model)}
-        self.channel_first = {m: isinstance(m, (nn.modules.conv._ConvNd,
-                                                nn.modules.batchnorm._BatchNorm))
-                              for _, m in _leaves(model)}
+        self.channel_first = {m: isinstance(m, CHANNEL_FIRST_TYPES) for _, m in _leaves(model)}
         self.has_params = {m: any(True for _ in m.parameters()) for _, m in _leaves(model)}
         super().__init__(model, optimizer)
         self.params = list(model.parameters())
