@@ -295,8 +295,8 @@ def test_parameter_norms_are_exact_when_small_and_estimated_within_error_when_la
 # ------------------------------------------------------------------ data flow through leaves
 
 class FlowMix(nn.Module):
-    """torch.nn leaves the probe's mode skips, beside functional ops, a gate, a custom leaf
-    and an int path."""
+    """torch.nn leaves the probe's mode skips, beside functional ops, a gate and an int path
+    through a pass-through leaf (Flatten)."""
 
     def __init__(self) -> None:
         super().__init__()
