@@ -355,3 +355,48 @@ def test_an_integer_parameter_is_measured_not_a_crash() -> None:
         [k] = [p for p in monitor.report().trace.params if p.name == "k"]
     assert k.norm == pytest.approx(math.sqrt(30.0))
     assert k.update_norms == [0.0, 0.0] and not k.nonfinite
+
+
+class _SparseBag(nn.Module):
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(rows, 32, sparse=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("rows", [100, 5000])  # values copied whole / sampled
+def test_a_sparse_gradient_is_measured_by_its_summed_values(rows: int) -> None:
+    """A sparse embedding's gradient holds one entry per lookup (repeated ids repeat); its norm
+    is that of the dense gradient, not of the entries."""
+    torch.manual_seed(3)
+    model = _SparseBag(rows)
+    ids = torch.randint(0, 20, (64, 6))  # ids repeat: an uncoalesced gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(ids), torch.randint(0, 3, (64,)))
+        loss.backward()
+        grad = model.emb.weight.grad
+        assert grad.is_sparse and not grad.is_coalesced()
+        truth = grad.to_dense().double().norm().item()
+        entries = grad._values().double().norm().item()
+        assert abs(entries - truth) > 1e-3 * truth  # the distinction this test is about
+        opt.step()
+        monitor.step(loss)
+        [emb] = [p for p in monitor.report().trace.params if p.name == "emb.weight"]
+    assert emb.grad_norm == pytest.approx(truth, rel=1e-5)
+    assert not emb.grad_nonfinite
+
+
+def test_a_sparse_gradient_with_nan_is_flagged_and_check_runs_on_sparse_models() -> None:
+    model = _SparseBag(100)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")  # reaches the embedding's gradient
+    report = trainlint.check(model, (torch.randint(0, 100, (8, 4)), torch.randint(0, 3, (8,))),
+                             steps=1)
+    params = {p.name: p for p in report.trace.params}
+    assert params["emb.weight"].grad_nonfinite
+    assert any(f.code == "TL504" for f in report.findings)

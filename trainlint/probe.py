@@ -103,6 +103,17 @@ def first_float_tensor(obj: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """The values a tensor stores, as a strided tensor: itself, or for a sparse tensor (a sparse
+    embedding's gradient) its values, duplicates of a COO index summed first, so that their norm
+    and NaN/Inf are the tensor's (``coalesce`` syncs with the host on CUDA: sparse only)."""
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()
+
+
 def _tensors_in(obj: Any, depth: int = 0) -> list:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -571,7 +582,8 @@ class Probe:
             after = self.updates.after_sample(p)
             row = moments.add(p if after is None else after)
             grad = None if p.grad is None else (p.grad.device,
-                                                self._batches(p.grad.device)[1].add(p.grad))
+                                                self._batches(p.grad.device)[1].add(
+                                                    stored_values(p.grad)))
             param_rows.append(((p.device, row), grad))
         for dev, (acts, moments) in self.batches.items():
             add(("acts", dev), acts.device_part())
