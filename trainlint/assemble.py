@@ -89,36 +89,25 @@ class TraceBuilder:
             self.output_origins = snap.output_origins
         step_info: dict = {"step": step, "layers": {}}
         nonfinite: dict = {"activations": {}, "gradients": {}}
+        layers = step_info["layers"]
+        acts: list = []
+        grads: list = []
         for tag, value in snap.values.items():
             kind = tag[0]
+            if kind in ("act", "grad", "units", "signal"):
+                layers.setdefault(tag[1], {})  # the layers in the snapshot's order
             if kind == "act":
-                seen = self.act_rows.get(tag[1])
-                self.act_rows[tag[1]] = stats.fold_moments(
-                    value if seen is None else np.concatenate([seen, value]))
-                merged = stats.merge_moments(value)
-                step_info["layers"].setdefault(tag[1], {}).update(
-                    std=merged["std"], mean=merged["mean"], zero_fraction=merged["zero_fraction"])
-                if merged["nonfinite"]:
-                    nonfinite["activations"][tag[1]] = merged["nonfinite"]
+                acts.append((tag[1], value))
             elif kind == "grad":
-                seen = self.grad_rows.get(tag[1])  # gradient fields are all sums
-                self.grad_rows[tag[1]] = (value if seen is None else np.concatenate(
-                    [seen, value])).sum(axis=0, keepdims=True)
-                grads = stats.merge_grads(value)
-                step_info["layers"].setdefault(tag[1], {})["grad_norm"] = grads["norm"]
-                bad = int(grads["nonfinite"])
-                if bad:
-                    nonfinite["gradients"][tag[1]] = bad
+                grads.append((tag[1], value))
             elif kind == "units":
                 self.units[tag[1]] = value.astype(bool)
                 if value.size:
-                    step_info["layers"].setdefault(tag[1], {})["dead_fraction"] = float(
-                        1.0 - self.units[tag[1]].mean())
+                    layers[tag[1]]["dead_fraction"] = 1.0 - np.count_nonzero(value) / value.size
             elif kind == "signal":
                 self.signal[tag[1]] = self.signal.get(tag[1], 0.0) + value
                 if value[1] > 0:
-                    step_info["layers"].setdefault(tag[1], {})["signal"] = float(
-                        np.sqrt(value[0] / value[1]))
+                    layers[tag[1]]["signal"] = float(np.sqrt(value[0] / value[1]))
             elif kind == "input":
                 self._add_input(tag, value)
             elif kind == "param_finite":
@@ -131,6 +120,10 @@ class TraceBuilder:
                 step_info["loss"] = loss
             elif kind == "extra" and tag[1] in ("loss_mean", "loss_max"):
                 step_info[tag[1]] = float(value.reshape(-1)[0])
+        if acts:
+            self._add_acts(acts, layers, nonfinite["activations"])
+        if grads:
+            self._add_grads(grads, layers, nonfinite["gradients"])
         for key, order in snap.backward_order.items():
             self.backward_order.setdefault(key, order)
         grad_total = [p.grad_norm for p in self.params.values() if p.grad_norm is not None]
@@ -142,6 +135,40 @@ class TraceBuilder:
         step_info["nonfinite"] = nonfinite
         self.per_step.append(step_info)
         self.train_flags.append(self._train_flags(step))
+
+    def _add_acts(self, acts: list, layers: dict, nonfinite: dict) -> None:
+        """This step's activation rows of every point: its std, mean and zero fraction into
+        ``layers``, its NaN/Inf count into ``nonfinite``, and the rows folded into the run's
+        (all points at once)."""
+        keys = [key for key, _ in acts]
+        step = np.concatenate([stats.fold_moments(value) for _, value in acts])
+        summary = stats.moment_summaries(step)
+        for i, key in enumerate(keys):
+            layers[key].update(std=float(summary["std"][i]), mean=float(summary["mean"][i]),
+                               zero_fraction=float(summary["zero_fraction"][i]))
+            if summary["nonfinite"][i]:
+                nonfinite[key] = int(summary["nonfinite"][i])
+        seen = [i for i, key in enumerate(keys) if key in self.act_rows]
+        if seen:
+            pairs = np.stack([np.concatenate([self.act_rows[keys[i]], step[i:i + 1]])
+                              for i in seen])
+            step[seen] = stats.fold_stacked(pairs)
+        for i, key in enumerate(keys):
+            self.act_rows[key] = step[i:i + 1]
+
+    def _add_grads(self, grads: list, layers: dict, nonfinite: dict) -> None:
+        """This step's gradient rows of every point (all fields are sums): its norm into
+        ``layers``, its NaN/Inf count into ``nonfinite``, and the sums into the run's."""
+        step = np.stack([value.reshape(-1, len(stats.GRAD_FIELDS)).sum(axis=0)
+                         for _, value in grads])
+        norms = np.sqrt(step[:, stats.G["sumsq"]])
+        for i, (key, _) in enumerate(grads):
+            layers[key]["grad_norm"] = float(norms[i])
+            bad = int(step[i, stats.G["nonfinite"]])
+            if bad:
+                nonfinite[key] = bad
+            seen = self.grad_rows.get(key)
+            self.grad_rows[key] = step[i:i + 1] if seen is None else seen + step[i:i + 1]
 
     def _train_flags(self, step: int) -> dict:
         eval_modules = [n for n, m in self.model.named_modules()

@@ -702,16 +702,47 @@ def fold_moments(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(ACT_FIELDS))
     if len(rows) == 1:
         return rows
-    out = rows.sum(axis=0)
-    weights, means = rows[:, A["m_finite"]], rows[:, A["mean"]]
-    weight = out[A["m_finite"]]
-    mean = float(weights @ means / weight) if weight > 0 else 0.0
-    out[A["mean"]] = mean
-    out[A["m2"]] = rows[:, A["m2"]].sum() + (float(weights @ (means - mean) ** 2)
-                                             if weight > 0 else 0.0)
-    out[A["min"]] = rows[:, A["min"]].min()
-    out[A["max"]] = rows[:, A["max"]].max()
-    return out[None]
+    return fold_stacked(rows[None])
+
+
+def fold_stacked(rows: np.ndarray) -> np.ndarray:
+    """:func:`fold_moments` of many points at once: ``[points, calls, ACT_FIELDS]`` rows, each
+    point's calls folded into one row; ``[points, ACT_FIELDS]``."""
+    out = rows.sum(axis=1)
+    weights, means = rows[..., A["m_finite"]], rows[..., A["mean"]]
+    weight = out[:, A["m_finite"]]
+    some = weight > 0
+    mean = np.where(some, (weights * means).sum(axis=1) / np.where(some, weight, 1.0), 0.0)
+    spread = (weights * (means - mean[:, None]) ** 2).sum(axis=1)
+    out[:, A["mean"]] = mean
+    out[:, A["m2"]] = rows[..., A["m2"]].sum(axis=1) + np.where(some, spread, 0.0)
+    out[:, A["min"]] = rows[..., A["min"]].min(axis=1)
+    out[:, A["max"]] = rows[..., A["max"]].max(axis=1)
+    return out
+
+
+def moment_summaries(rows: np.ndarray) -> dict:
+    """:func:`merge_moments`' fields for each folded row (``[points, ACT_FIELDS]``, from
+    :func:`fold_moments`/:func:`fold_stacked`), as arrays."""
+    n_total, n_finite = rows[:, A["n"]], rows[:, A["n_finite"]]
+    weight = rows[:, A["m_finite"]]
+    some = weight > 0
+    per = np.where(some, weight, 1.0)
+    mean = np.where(some, rows[:, A["mean"]], 0.0)
+    var = np.where(some, rows[:, A["m2"]] / per, 0.0)
+    has_finite = n_finite > 0
+    return {
+        "count": n_total,
+        "mean": mean,
+        "std": np.sqrt(np.maximum(var, 0.0)),
+        "rms": np.sqrt(np.maximum(var + mean * mean, 0.0)),
+        "min": np.where(has_finite, rows[:, A["min"]], np.nan),
+        "max": np.where(has_finite, rows[:, A["max"]], np.nan),
+        "zero_fraction": np.where(some, rows[:, A["zeros"]] / per, 0.0),
+        "saturated_fraction": np.where(some, rows[:, A["saturated"]] / per, 0.0),
+        "nonfinite": n_total - n_finite,
+        "sampled": rows[:, A["m"]] < n_total,
+    }
 
 
 def merge_moments(rows: np.ndarray) -> dict:
@@ -720,23 +751,11 @@ def merge_moments(rows: np.ndarray) -> dict:
     Chan's parallel formula on float64 partial moments (:func:`fold_moments`), so merging is
     exact up to rounding.
     """
-    totals = fold_moments(rows)[0].tolist()
-    n_total, n_finite, weight = totals[A["n"]], totals[A["n_finite"]], totals[A["m_finite"]]
-    mean, var = (totals[A["mean"]], totals[A["m2"]] / weight) if weight > 0 else (0.0, 0.0)
-    has_finite = n_finite > 0
-    lo, hi = totals[A["min"]], totals[A["max"]]
-    return {
-        "count": int(n_total),
-        "mean": mean,
-        "std": math.sqrt(max(var, 0.0)),
-        "rms": math.sqrt(max(var + mean * mean, 0.0)),
-        "min": lo if has_finite else float("nan"),
-        "max": hi if has_finite else float("nan"),
-        "zero_fraction": totals[A["zeros"]] / weight if weight else 0.0,
-        "saturated_fraction": totals[A["saturated"]] / weight if weight else 0.0,
-        "nonfinite": int(n_total - n_finite),
-        "sampled": totals[A["m"]] < n_total,
-    }
+    summary = moment_summaries(fold_moments(rows))
+    out = {name: float(values[0]) for name, values in summary.items()}
+    out["count"], out["nonfinite"] = int(out["count"]), int(out["nonfinite"])
+    out["sampled"] = bool(summary["sampled"][0])
+    return out
 
 
 def merge_grads(rows: np.ndarray) -> dict:
