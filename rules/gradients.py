@@ -41,8 +41,14 @@ def gradient_series(trace: RunTrace) -> list[LayerTrace]:
     return series
 
 
-def _profile(trace: RunTrace, window: int, min_layers: int) -> Optional[tuple]:
+def _profile(trace: RunTrace, window: int, min_layers: int,
+             with_signal: bool = False) -> Optional[tuple]:
+    """``(series, grads, early median, late median)`` along depth; ``with_signal``: only the
+    layers whose gradient is not exactly 0 (a branch the loss ignores, such as an auxiliary
+    head weighted 0 or an expert that got no token, carries no backward signal to compare)."""
     series = gradient_series(trace)
+    if with_signal:
+        series = [lt for lt in series if lt.grad_norm > 0]
     if len(series) < min_layers:
         return None
     grads = [lt.grad_norm for lt in series]
@@ -173,8 +179,10 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     Fires when the median gradient norm at the first ``window`` weight layers' outputs exceeds
-    ``max_ratio`` × that of the last ``window`` (at least ``min_layers`` layers), or when the
-    total gradient norm over the parameters exceeds ``max_norm`` at an observed step. Weights
+    ``max_ratio`` × that of the last ``window`` (at least ``min_layers`` layers; layers whose
+    gradient is exactly 0, such as an auxiliary head weighted 0 or an expert that got no
+    token, carry no backward signal and are left out), or when the total gradient norm
+    over the parameters exceeds ``max_norm`` at an observed step. Weights
     of layers that feed a normalization layer directly are left out of that total: the norm
     cancels their scale, so their gradient's norm is about 1/‖w‖ (large for a small init such
     as transformers' std 0.02 before a BatchNorm) whatever the backward signal does; their
@@ -194,7 +202,7 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     a value from the measured norms); lower the learning rate; fix the init; add normalization.
     """
     fix, clip = _clip_fix(trace, t)
-    profile = _profile(trace, t.window, t.min_layers)
+    profile = _profile(trace, t.window, t.min_layers, with_signal=True)
     if profile is not None:
         series, grads, early, late = profile
         ratio = early / late if late > 0 else math.inf

@@ -400,3 +400,30 @@ def test_a_sparse_gradient_with_nan_is_flagged_and_check_runs_on_sparse_models()
     params = {p.name: p for p in report.trace.params}
     assert params["emb.weight"].grad_nonfinite
     assert any(f.code == "TL504" for f in report.findings)
+
+
+class _Routed(nn.Module):
+    """Two ReLU experts; the batch rows go to expert 0 only (expert 1 sees an empty batch),
+    unless ``dead``: then expert 0's bias is so negative that its ReLU never fires."""
+
+    def __init__(self, dead: bool) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(
+            [nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+        if dead:
+            with torch.no_grad():
+                self.experts[0][0].bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.experts[0](x) + self.experts[1](x[:0]).sum(0))
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_units_of_an_empty_call_are_not_dead_units(dead: bool) -> None:
+    batch = (torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    report = trainlint.check(_Routed(dead), batch)
+    flagged = {f.module for f in report.findings if f.code == "TL101"}
+    layers = {lt.module: lt for lt in report.trace.layers}
+    assert layers["experts.1.1"].unit_ever_active is None  # no sample: no record at all
+    assert flagged == ({"experts.0.1"} if dead else set())

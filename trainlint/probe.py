@@ -441,7 +441,7 @@ class Probe:
         # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
         with torch._C.DisableTorchFunction():
             known = None
-            if unit_dim is not None:
+            if unit_dim is not None and tensor.numel():  # an empty call is no evidence
                 hi, lo = stats.unit_extremes(tensor, unit_dim, kind)
                 point.unit_hi = hi if point.unit_hi is None else torch.maximum(point.unit_hi, hi)
                 if lo is not None:

@@ -60,6 +60,21 @@ def test_tl502_growth_edge(factor, fires):
         assert "clip_grad_norm_" in found[0].fix
 
 
+def test_tl502_leaves_out_layers_without_backward_signal():
+    """An auxiliary branch weighted 0 in the loss (or an expert that got no token) has exactly
+    0 gradient at its layers: no signal to compare, not an infinite growth."""
+    healthy = [0.03] * 6
+    assert hits("TL502", _depth(healthy + [0.0, 0.0, 0.0])) == []
+    t = defaults("TL502")
+    growing = _profile(1.01 * t["max_ratio"])  # a real growth among the layers with signal
+    found = hits("TL502", _depth(growing + [0.0, 0.0, 0.0]))
+    assert found and found[0].evidence["ratio"] == pytest.approx(1.01 * t["max_ratio"])
+
+
+def test_tl501_still_reads_exactly_zero_late_gradients_as_no_vanishing():
+    assert hits("TL501", _depth([0.03] * 6 + [0.0, 0.0, 0.0])) == []
+
+
 @pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
 def test_tl502_total_norm_edge(factor, fires):
     limit = defaults("TL502")["max_norm"]
