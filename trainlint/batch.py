@@ -28,7 +28,7 @@ class Batch:
     def size(self) -> Optional[int]:
         for t in self.tensors():
             if t.dim() > 0:
-                return int(t.shape[0])
+                return int(t.size(0))
         return None
 
     def to(self, device: torch.device) -> Batch:
@@ -66,7 +66,7 @@ def split_batch(batch: Any) -> Batch:
     if not result.tensors():
         raise TargetError("the batch holds no tensor to feed the model")
     for t in result.tensors():
-        if t.dim() > 0 and t.shape[0] == 0:
+        if t.dim() > 0 and t.size(0) == 0:  # size(0): nested tensors have no .shape
             raise TargetError(f"the batch is empty: an input has shape {tuple(t.shape)}; the "
                               "batch must hold at least one sample (check get_batch() and "
                               "--batch-size)")

@@ -14,7 +14,7 @@ from .assemble import TraceBuilder
 from .batch import output_loss
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
-from .probe import Probe, ProbeSnapshot, _model_device
+from .probe import Probe, ProbeSnapshot, _model_device, ordinary_autograd
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
 from .stats import G
@@ -204,7 +204,7 @@ class Monitor:
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         """Root forward hook: note autocast's dtype and a loss the model computed itself."""
-        if not self.probe.observing:
+        if not self.probe.observing or not ordinary_autograd():
             return
         device = _model_device(self.model).type
         if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):

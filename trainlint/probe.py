@@ -84,10 +84,26 @@ def activation_kind(module: nn.Module) -> Optional[str]:
     return kind
 
 
+_peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def ordinary_autograd() -> bool:
+    """Whether the code running now is an ordinary forward/backward that the probe reads: not
+    under inference mode (no training there, and its tensors cannot be written into the
+    probe's buffers) nor inside a ``torch.func`` transform (vmap/grad/jvp wrap the tensors,
+    and the probe's in-place ops on them are refused)."""
+    return not torch.is_inference_mode_enabled() and _peek_transform() is None
+
+
+def strided(t: torch.Tensor) -> bool:
+    """A dense tensor the statistics can read (not sparse, not nested)."""
+    return t.layout == torch.strided and not t.is_nested
+
+
 def first_float_tensor(obj: Any) -> Optional[torch.Tensor]:
-    """The first floating-point tensor in a (nested) module output, or None."""
+    """The first dense floating-point tensor in a (nested) module output, or None."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.is_floating_point() or obj.is_complex() else None
+        return obj if (obj.is_floating_point() or obj.is_complex()) and strided(obj) else None
     if isinstance(obj, dict):
         items = obj.values()
     elif isinstance(obj, (list, tuple)):
@@ -317,7 +333,7 @@ class Probe:
 
     # ---------------------------------------------------------------- module stack
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.observing:
+        if not self.observing or not ordinary_autograd():
             return
         self.call_counts.clear()
         self.producers.clear()
@@ -326,8 +342,8 @@ class Probe:
             for i, t in enumerate(_tensors_in(args) + _tensors_in(kwargs)):
                 name = f"input{i}"
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
-                if (not self.inputs_seen and t.is_floating_point() and t.dim() >= 1
-                        and t.numel() > 0):
+                if (not self.inputs_seen and t.is_floating_point() and strided(t)
+                        and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
         finally:
             self.busy = False
@@ -386,7 +402,7 @@ class Probe:
 
     # ---------------------------------------------------------------- observation
     def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.observing:
+        if not self.observing or not ordinary_autograd():
             return
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
@@ -410,7 +426,7 @@ class Probe:
 
     def on_functional(self, op: str, args: tuple, out: Any) -> None:
         tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
-        if tensor is None or not self.observing:
+        if tensor is None or not self.observing or not strided(tensor) or not ordinary_autograd():
             return
         info = self.info(self.stack[-1] if self.stack else self.model)
         origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
@@ -502,7 +518,8 @@ class Probe:
                                     dim if t.dim() > 1 else 0, value))
 
     def _norm_input(self, module: nn.Module, args: tuple) -> None:
-        if self.observing and args and isinstance(args[0], torch.Tensor):
+        if (self.observing and args and isinstance(args[0], torch.Tensor)
+                and ordinary_autograd()):
             with torch._C.DisableTorchFunction():
                 shape = tuple(args[0].shape)
             self.norm_calls.append(NormCall(self.names.get(module, ""), shape, module.training))

@@ -103,3 +103,10 @@ def test_fail_on_error_lets_warnings_through(tmp_path):
     assert trainer.global_step == BATCHES
     assert any(f.code == "TL101" for f in callback.report.findings)
     assert not callback.report.failing("error")
+
+
+def test_an_unknown_submodule_is_a_config_error(tmp_path):
+    from trainlint.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"module='nope'.*children: \['net'\]"):
+        fit(TrainlintCallback(module="nope"), tmp_path, num_sanity_val_steps=0)

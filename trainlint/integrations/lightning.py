@@ -16,6 +16,7 @@ except ImportError:  # the standalone package
 import torch.nn as nn
 
 from ..engine import Selection
+from ..errors import ConfigError
 from ..monitor import Monitor, RunFailed
 from ..report import Report
 
@@ -45,7 +46,15 @@ class TrainlintCallback(Callback):
         self.report: Optional[Report] = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        model: nn.Module = pl_module.get_submodule(self.module) if self.module else pl_module
+        model: nn.Module = pl_module
+        if self.module:
+            try:
+                model = pl_module.get_submodule(self.module)
+            except AttributeError as err:
+                names = [n for n, _ in pl_module.named_children()]
+                raise ConfigError(f"TrainlintCallback(module={self.module!r}): the "
+                                  f"LightningModule has no such submodule ({err}); its "
+                                  f"children: {names}") from None
         optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.monitor = Monitor(model, optimizer, every=self.every, selection=self.selection,

@@ -1,0 +1,147 @@
+"""Forwards the probe does not read (inference mode, ``torch.func`` transforms) next to the
+ordinary forward/backward it does, and inputs it cannot read (nested tensors): the run goes
+on, and what the probe reports comes from the ordinary training steps only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vmap
+
+import trainlint
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _layers(report: trainlint.Report) -> dict:
+    return {lt.module: lt for lt in report.trace.layers}
+
+
+def test_an_inference_mode_pass_before_training_is_not_observed() -> None:
+    model = _mlp()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with trainlint.Monitor(model, optimizer=opt, every=100) as monitor:
+        with torch.inference_mode():  # a baseline validation, inputs 1000x the training ones
+            model.eval()
+            model(1000 * x)
+            model.train()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        first_out = F.linear(x, model[0].weight, model[0].bias)  # not a module call
+        expected = first_out.std(correction=0).item()
+        opt.step()
+        monitor.step(loss)
+        report = monitor.report()
+    first = _layers(report)["0"]
+    assert first.activation.count == 8 * 16  # the training forward's values only
+    assert first.activation.std == pytest.approx(expected, rel=1e-6)
+    assert report.trace.inputs[0].std == pytest.approx(x.std(0, correction=0).numpy(), rel=1e-5)
+
+
+class _Distill(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        self.teacher.requires_grad_(False)
+        self.student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            target = self.teacher(x)
+        return self.student(x) + 0 * target.clone()
+
+
+def test_a_teacher_under_inference_mode_inside_forward_is_left_out_of_a_check() -> None:
+    report = trainlint.check(_Distill(), (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+    observed = {lt.module for lt in report.trace.layers}
+    assert {"student.0", "student.1", "student.2"} <= observed
+    assert not any(name.startswith("teacher") for name in observed)
+
+
+class _VmappedHead(nn.Module):
+    """A per-sample function applied with vmap inside forward, after an ordinary layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vmap(self.head)(torch.tanh(self.body(x)))
+
+
+def test_vmap_inside_forward_observes_the_layers_outside_it() -> None:
+    report = trainlint.check(_VmappedHead(), (torch.randn(8, 4), torch.randint(0, 2, (8,))))
+    layers = _layers(report)
+    assert layers["body"].activation.count == 3 * 8 * 6  # three steps
+    assert layers["body"].grad_norm > 0
+    assert "head" not in layers  # its output only exists batched inside vmap
+
+
+def test_per_sample_gradients_with_torch_func_and_a_monitor() -> None:
+    model = _mlp()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def loss_one(params: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None])
+
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(2):
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+            for name, p in model.named_parameters():
+                p.grad = per_sample[name].mean(0)
+            expected = model[0].weight.grad.norm().item()
+            opt.step()
+            monitor.step()
+        params = {p.name: p for p in monitor.report().trace.params}
+    assert params["0.weight"].grad_norm == pytest.approx(expected, rel=1e-6)
+    assert len(params["0.weight"].update_norms) == 2
+
+
+def test_a_jvp_regularizer_beside_the_ordinary_forward() -> None:
+    model = _mlp()
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        opt.zero_grad()
+        _, tangent = jvp(model, (x,), (torch.ones_like(x),))
+        loss = F.cross_entropy(model(x), y) + 0.01 * tangent.pow(2).mean()
+        loss.backward()
+        first_out = F.linear(x, model[0].weight, model[0].bias)  # not a module call
+        expected = first_out.std(correction=0).item()
+        opt.step()
+        monitor.step(loss)
+        first = _layers(monitor.report())["0"]
+    assert first.activation.count == 8 * 16  # the ordinary forward only
+    assert first.activation.std == pytest.approx(expected, rel=1e-6)
+
+
+class _Ragged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, nt: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t.mean(0) for t in self.proj(nt).unbind()])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_batch_is_checked(layout: torch.layout) -> None:
+    torch.manual_seed(0)
+    nt = torch.nested.nested_tensor([torch.randn(3, 4), torch.randn(5, 4)], layout=layout)
+    report = trainlint.check(_Ragged(), nt)
+    assert report.trace.observed_steps == 3
+    assert report.trace.batch_size == 2
+    assert report.trace.inputs == []  # a ragged input has no per-channel table
+
