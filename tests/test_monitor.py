@@ -135,9 +135,8 @@ def test_every_must_be_a_positive_whole_number(every: object) -> None:
 
 def test_every_step_observed_keeps_hooks_on_and_hooks_a_module_added_later() -> None:
     """With every=1 the hooks stay on between observed steps; a module added to the model
-    between steps is hooked, under its name, when the next observation is armed (at the end of
-    the step after it was added: the hooks for a step go on as the step before it ends);
-    close() leaves none."""
+    between steps is hooked, under its name, at the next observed forward; close() leaves
+    none."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -160,3 +159,26 @@ def test_every_step_observed_keeps_hooks_on_and_hooks_a_module_added_later() -> 
     assert ("2", "output") in keys
     monitor.close()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_module_replaced_mid_run_is_observed_under_its_name(every: int) -> None:
+    """Replacing a module keeps the module count: the new one is still hooked and named (it was
+    reported as a functional op of the root), and the one it replaced keeps no hook."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    old = model[1]
+    with trainlint.Monitor(model, optimizer=opt, every=every) as monitor:
+        for i in range(4):
+            if i == 1:
+                model[1] = nn.Sigmoid()
+            opt.zero_grad()
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        layers = {(lt.module, lt.type) for lt in monitor.report().trace.layers}
+    assert ("1", "Sigmoid") in layers
+    assert not any(module == "" for module, _ in layers)
+    assert not old._forward_hooks and not old._forward_pre_hooks

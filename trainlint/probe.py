@@ -250,7 +250,8 @@ class Probe:
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
         self.attached = False
-        self.hooked_modules = 0
+        # The modules the hooks went on, in order (a change re-hooks them all).
+        self.hooked: list[nn.Module] = []
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self) -> Probe:
@@ -262,16 +263,17 @@ class Probe:
         return self
 
     def _install(self) -> None:
-        modules = sum(1 for _ in self.model.modules())
-        changed = self.hooked_modules > 0 and modules != self.hooked_modules
+        modules = list(self.model.modules())
+        changed = bool(self.hooked) and (len(modules) != len(self.hooked) or any(
+            a is not b for a, b in zip(modules, self.hooked)))
         if self.handles and not changed:
             return
-        if changed:  # the model gained or lost modules since: name and hook them all anew
+        if changed:  # modules were added, removed or replaced since: name and hook all anew
             self._uninstall()
             self.names = {m: n for n, m in self.model.named_modules()}
             self.param_names = {p: n for n, p in self.model.named_parameters()}
             self.infos.clear()
-        self.hooked_modules = modules
+        self.hooked = modules
         root = self.model
         self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(root.register_forward_hook(self._root_post, always_call=True))
@@ -335,6 +337,7 @@ class Probe:
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.observing or not ordinary_autograd():
             return
+        self._install()  # a module replaced since begin_step (the same step) gets its hooks
         self.call_counts.clear()
         self.producers.clear()
         self.busy = True
