@@ -14,6 +14,7 @@ from .assemble import TraceBuilder
 from .batch import output_loss
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
+from .hooks import OwnedHook
 from .probe import Probe, ProbeSnapshot, _model_device, ordinary_autograd
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
@@ -87,7 +88,7 @@ class Monitor:
         self._autocast: Optional[str] = None
         self._model_loss: Optional[torch.Tensor] = None
         self.probe = Probe(self.model, optimizer).attach()
-        self._hooks = [self.model.register_forward_hook(self._after_forward)]
+        self._hooks = [self.model.register_forward_hook(OwnedHook(self._after_forward))]
         # Device-side sum and max of the losses since the last observed step (no host sync).
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_max: Optional[torch.Tensor] = None

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from . import stats
+from .hooks import OwnedHook
 from .updates import UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
@@ -275,18 +276,21 @@ class Probe:
             self.infos.clear()
         self.hooked = modules
         root = self.model
-        self.handles.append(root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        self.handles.append(root.register_forward_hook(self._root_post, always_call=True))
+        add = self.handles.append
+        add(root.register_forward_pre_hook(OwnedHook(self._root_pre), with_kwargs=True))
+        add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
+        enter, leave, leave_leaf = (OwnedHook(self._enter), OwnedHook(self._leave),
+                                    OwnedHook(self._leave_leaf))
+        norm_input = OwnedHook(self._norm_input)
         for module in root.modules():
-            self.handles.append(module.register_forward_pre_hook(self._enter))
+            add(module.register_forward_pre_hook(enter))
             leaf = not any(True for _ in module.children())
-            self.handles.append(module.register_forward_hook(
-                self._leave_leaf if leaf else self._leave, always_call=True))
+            add(module.register_forward_hook(leave_leaf if leaf else leave, always_call=True))
             if isinstance(module, NORM_TYPES):
-                self.handles.append(module.register_forward_pre_hook(self._norm_input))
+                add(module.register_forward_pre_hook(norm_input))
         if self.optimizer is not None:
-            self.handles.append(self.optimizer.register_step_pre_hook(self._before_opt_step))
-            self.handles.append(self.optimizer.register_step_post_hook(self._after_opt_step))
+            add(self.optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
+            add(self.optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
 
     def _uninstall(self) -> None:
         self._drop_step_hooks()
