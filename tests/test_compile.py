@@ -110,3 +110,21 @@ def test_compiled_submodule(eager):
     report = train(model, model)
     assert report.trace.observed_steps == STEPS // EVERY
     assert_same(report, eager)
+
+
+def test_check_runs_a_compiled_submodule_eagerly() -> None:
+    """trainlint.check with one block compiled: before, dynamo traced the probe's hooks and
+    the failure was blamed on the user's forward."""
+    def batch() -> tuple:
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)
+
+    reference = summary(trainlint.check(net(), batch(), loss_fn=nn.MSELoss()))
+    model = net()
+    backend = Counting()
+    model[2] = torch.compile(model[2], backend=backend)
+    report = trainlint.check(model, batch(), loss_fn=nn.MSELoss())
+    assert_same(report, reference)
+    assert any("ran eagerly" in note for note in report.notes)
+    assert backend.runs == 0  # every step of the check ran eagerly
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

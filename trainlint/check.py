@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -20,7 +21,7 @@ from .batch import (
 from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
-from .probe import Probe, _model_device
+from .probe import Probe, _model_device, compiled_inside
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import raised_by_trainlint, user_traceback
@@ -55,9 +56,10 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     try:
         probe.attach()
         model.train()
-        for step in range(steps):
-            if not _one_step(model, batch, loss_fn, opt, probe, builder, step, run, notes):
-                break
+        with _eager(model, notes):
+            for step in range(steps):
+                if not _one_step(model, batch, loss_fn, opt, probe, builder, step, run, notes):
+                    break
     finally:
         probe.detach()
         restore(saved, model, None if made_here else opt)
@@ -65,6 +67,19 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
                           loss_kind=run["loss_kind"], num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
+
+
+def _eager(model: nn.Module, notes: list) -> Any:
+    """Run the compiled submodules of ``model`` eagerly (their compiled code runs no hook, and
+    dynamo would trace the probe's hooks); a no-op context for an eager model."""
+    if not compiled_inside(model):
+        return contextlib.nullcontext()
+    if not hasattr(torch.compiler, "set_stance"):
+        raise TargetError("a submodule is torch.compile'd: checking it needs torch>=2.6 (to run "
+                          "it eagerly); check the model before torch.compile instead")
+    notes.append("torch.compile'd submodules ran eagerly (torch.compiler.set_stance"
+                 "('force_eager'))")
+    return torch.compiler.set_stance("force_eager")
 
 
 def _probe_target(model: Any, notes: list) -> nn.Module:

@@ -15,7 +15,7 @@ from .batch import output_loss
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
-from .probe import Probe, ProbeSnapshot, _model_device, ordinary_autograd
+from .probe import Probe, ProbeSnapshot, _model_device, compiled_inside, ordinary_autograd
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
 from .stats import G
@@ -62,7 +62,7 @@ class Monitor:
             raise ConfigError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
         if fail_on is not None and fail_on not in FAIL_LEVELS:
             raise ConfigError(f"fail_on must be one of {', '.join(FAIL_LEVELS)}, got {fail_on!r}")
-        self.compiled = _is_compiled(model)
+        self.compiled = compiled_inside(model)
         if self.compiled and not hasattr(torch.compiler, "set_stance"):
             raise ConfigError("Monitor on a torch.compile'd model needs torch>=2.6 (to run the "
                               "observed steps eagerly); pass the model before torch.compile, or "
@@ -273,11 +273,6 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` or a submodule is a ``torch.compile`` wrapper."""
-    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
 
 
 def _batch_size(snap: ProbeSnapshot) -> Optional[int]:

@@ -96,6 +96,12 @@ def ordinary_autograd() -> bool:
     return not torch.is_inference_mode_enabled() and _peek_transform() is None
 
 
+def compiled_inside(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule is a ``torch.compile`` wrapper (its compiled code runs
+    no hook: observed steps must run it eagerly)."""
+    return any(isinstance(getattr(m, "_orig_mod", None), nn.Module) for m in model.modules())
+
+
 def strided(t: torch.Tensor) -> bool:
     """A dense tensor the statistics can read (not sparse, not nested)."""
     return t.layout == torch.strided and not t.is_nested
