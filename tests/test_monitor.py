@@ -182,3 +182,27 @@ def test_a_module_replaced_mid_run_is_observed_under_its_name(every: int) -> Non
     assert ("1", "Sigmoid") in layers
     assert not any(module == "" for module, _ in layers)
     assert not old._forward_hooks and not old._forward_pre_hooks
+
+
+@pytest.mark.parametrize("eval_when", ["after_update", "whole_step"])
+def test_eval_mode_is_read_at_the_training_forward(eval_when: str) -> None:
+    """TL602 judges the mode the training forward ran in: a validation pass in eval mode after
+    optimizer.step() and before monitor.step() is no eval-mode training."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1),
+                          nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(4):
+            model.train(eval_when == "after_update")
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            monitor.step(loss)
+        found = [f for f in monitor.report().findings if f.code == "TL602"]
+    assert bool(found) is (eval_when == "whole_step")

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from . import stats
 from .origins import locate
-from .probe import ProbeSnapshot
+from .probe import ProbeSnapshot, training_flags
 from .trace import (
     ActivationStats,
     Edge,
@@ -134,7 +134,8 @@ class TraceBuilder:
         nonfinite["parameter_grads"] = [p.name for p in self.params.values() if p.grad_nonfinite]
         step_info["nonfinite"] = nonfinite
         self.per_step.append(step_info)
-        self.train_flags.append(self._train_flags(step))
+        # The modes the training forward ran in (read now when no forward said: a check).
+        self.train_flags.append({"step": step, **(snap.train_flags or training_flags(self.model))})
 
     def _add_acts(self, acts: list, layers: dict, nonfinite: dict) -> None:
         """This step's activation rows of every point: its std, mean and zero fraction into
@@ -169,13 +170,6 @@ class TraceBuilder:
                 nonfinite[key] = bad
             seen = self.grad_rows.get(key)
             self.grad_rows[key] = step[i:i + 1] if seen is None else seen + step[i:i + 1]
-
-    def _train_flags(self, step: int) -> dict:
-        eval_modules = [n for n, m in self.model.named_modules()
-                        if not m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
-                                                             nn.modules.dropout._DropoutNd))]
-        return {"step": step, "model_training": self.model.training,
-                "eval_modules": eval_modules}
 
     def _add_input(self, tag: tuple, value: np.ndarray) -> None:
         _, _, name, shape, dtype, dim = tag

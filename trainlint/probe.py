@@ -249,6 +249,8 @@ class Probe:
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
         self.failed_module: Optional[str] = None
+        # The model's train/eval flags at this step's first forward with autograd on.
+        self.forward_flags: Optional[dict] = None
         # The optimizer's parameters sampled around its step; per group of them, the sums of
         # squares of the weight before the step and of the update.
         self.updates = UpdateSampler()
@@ -322,6 +324,7 @@ class Probe:
         """Observe the next forward/backward/optimizer step (hooks go on the model now)."""
         self.observing = True
         self.failed_module = None
+        self.forward_flags = None
         if self.attached:
             self._install()
 
@@ -348,6 +351,8 @@ class Probe:
         if not self.observing or not ordinary_autograd():
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
+        if self.forward_flags is None and torch.is_grad_enabled():  # the training forward
+            self.forward_flags = training_flags(self.model)
         self.call_counts.clear()
         self.producers.clear()
         self.busy = True
@@ -637,7 +642,9 @@ class Probe:
                                  edges=set(self.edges), output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
-                                                 if p.backward_order is not None})
+                                                 if p.backward_order is not None},
+                                 train_flags=self.forward_flags)
+        self.forward_flags = None
         offset = 0
         for tag, shape, numel in layout:
             snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
@@ -737,6 +744,17 @@ class ProbeSnapshot:
     failed_module: Optional[str]
     backward_order: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
+    # The model's train/eval flags at the step's first forward with autograd on
+    # (:func:`training_flags`); None when no such forward was observed.
+    train_flags: Optional[dict] = None
+
+
+def training_flags(model: nn.Module) -> dict:
+    """``model.training`` and the names of its BatchNorm/Dropout modules in eval mode."""
+    eval_modules = [n for n, m in model.named_modules()
+                    if not m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
+                                                         nn.modules.dropout._DropoutNd))]
+    return {"model_training": model.training, "eval_modules": eval_modules}
 
 
 def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor]) -> tuple:
