@@ -172,6 +172,16 @@ def total_grad_norm(step: dict, skip: set) -> Optional[float]:
     return math.sqrt(sum(g * g for g in kept)) if kept else None
 
 
+def _largest_grad(trace: RunTrace, step: int, skip: set) -> Optional[tuple]:
+    """``(name, norm)`` of the largest finite parameter gradient at observed step ``step``
+    (the last observed gradients when the step kept no per-parameter norms)."""
+    at = next((s.get("param_grad_norms") for s in trace.per_step if s["step"] == step), None)
+    if at is None:
+        at = {p.name: p.grad_norm for p in trace.params if p.grad_norm is not None}
+    finite = [(name, g) for name, g in at.items() if math.isfinite(g) and name not in skip]
+    return max(finite, key=lambda pair: pair[1]) if finite else None
+
+
 @rule("TL502", "exploding-gradients", "warning", max_ratio=1e3, max_norm=1e3, window=3,
       min_layers=4)
 def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
@@ -228,18 +238,15 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     step, total = max(totals, key=lambda pair: pair[1])
     if total <= t.max_norm:
         return
-    finite = [p for p in trace.params if p.grad_norm is not None and math.isfinite(p.grad_norm)
-              and p.name not in invariant]
-    biggest = max(finite, key=lambda p: p.grad_norm) if finite else None
-    largest = (f"; the largest is {biggest.name!r} ({biggest.grad_norm:.3g})"
-               if biggest is not None else "")
+    biggest = _largest_grad(trace, step, invariant)
+    largest = f"; the largest is {biggest[0]!r} ({biggest[1]:.3g})" if biggest else ""
     yield Hit(
         module="",
         message=(f"the total gradient norm reaches {total:.3g} at step {step} (threshold "
                  f"{t.max_norm:g}){largest}"),
         fix=fix,
         evidence={"total_grad_norm": total, "step": step, "threshold": t.max_norm,
-                  "largest_param": biggest.name if biggest else None,
+                  "largest_param": biggest[0] if biggest else None,
                   "suggested_max_norm": clip},
     )
 

@@ -87,6 +87,18 @@ def test_tl502_total_norm_edge(factor, fires):
         assert found[0].evidence["step"] == 1
 
 
+def test_tl502_names_the_largest_gradient_of_the_step_it_reports():
+    """A spike at step 0 that is gone later: the largest parameter named is step 0's, not the
+    last step's."""
+    limit = defaults("TL502")["max_norm"]
+    per_step = [{"step": 0, "layers": {}, "param_grad_norms": {"a": 2 * limit, "b": 1.0}},
+                {"step": 1, "layers": {}, "param_grad_norms": {"a": 0.5, "b": 3.0}}]
+    params = [param("a", (4, 4), grad_norm=0.5), param("b", (4, 4), grad_norm=3.0)]
+    [found] = hits("TL502", trace([], per_step=per_step, params=params))
+    assert found.evidence["step"] == 0 and found.evidence["largest_param"] == "a"
+    assert "'a' (2e+03)" in found.message
+
+
 def test_tl502_suggests_a_max_norm_from_the_median_gradient():
     params = [param(f"l{i}.weight", (4, 4), grad_norm=g) for i, g in enumerate([3.0] * 8 + [900.0])]
     t = _depth(_profile(defaults("TL502")["max_ratio"] * 10), params=params)
