@@ -6,6 +6,8 @@ import math
 from statistics import median
 from typing import Iterator
 
+import numpy as np
+
 from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import RunTrace
 
@@ -21,7 +23,29 @@ def loss_curve(trace: RunTrace) -> list[tuple[int, float]]:
     return curve
 
 
-@rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05)
+def _ranks(values: list) -> np.ndarray:
+    """Ranks of ``values`` (0 for the smallest), ties sharing their average rank."""
+    _, inverse, counts = np.unique(np.asarray(values, dtype=np.float64), return_inverse=True,
+                                   return_counts=True)
+    return (np.cumsum(counts) - (counts + 1) / 2.0)[inverse]
+
+
+def trend_z(losses: list) -> float:
+    """Spearman's rank correlation of the losses with their order, in units of its standard
+    deviation when there is no trend (``rho * sqrt(n - 1)``): about -2.3 or below, the loss
+    falls steadily (a 1% chance for a flat noisy curve); 0 when it cannot tell (ties only)."""
+    n = len(losses)
+    if n < 3:
+        return 0.0
+    order = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    ranks = _ranks(losses)
+    ranks -= ranks.mean()
+    spread = math.sqrt(float(order @ order) * float(ranks @ ranks))
+    return float(order @ ranks) / spread * math.sqrt(n - 1) if spread > 0 else 0.0
+
+
+@rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05,
+      min_steady_drop=0.005, steady_z=-2.33)
 def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Over a monitored run the loss does not go down.
 
@@ -29,8 +53,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Takes the loss curve of a Monitor run (the mean loss of every window between two observed
     steps), splits it into thirds and compares the median of the last third with the median of
     the first. When the Monitor saw the run from step 0 it fires if the loss fell by less than
-    ``min_drop`` (relative); when it joined later, only if the loss rose by more than that.
-    It needs at least ``min_points`` observed steps; medians make it robust to noisy batches.
+    ``min_drop`` (relative), unless it fell steadily: a rank correlation of the loss with the
+    step at or below ``steady_z`` standard deviations of a flat curve's (a slow but sure start,
+    as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
+    later, it fires only if the loss rose by more than ``min_drop``. It needs at least
+    ``min_points`` observed steps; medians make it robust to noisy batches.
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
@@ -58,7 +85,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     scale = abs(first) if first else 1.0
     change = (last - first) / scale
     from_start = curve[0][0] == 0
-    if change > t.min_drop or (from_start and change > -t.min_drop):
+    steady = (change <= -t.min_steady_drop
+              and trend_z([loss for _, loss in curve]) <= t.steady_z)
+    if change > t.min_drop or (from_start and change > -t.min_drop and not steady):
         trend = "rose" if change > 0 else "barely fell"
         span = f"steps {curve[0][0]}-{curve[-1][0]}"
         yield Hit(

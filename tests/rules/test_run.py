@@ -20,14 +20,37 @@ def _curve(first_level: float, last_level: float, n: int = 9) -> list:
         [last_level] * third
 
 
+def _noisy(first_level: float, last_level: float) -> list:
+    """Thirds with these medians whose values interleave (no steady trend)."""
+    f, m, last = first_level, (first_level + last_level) / 2, last_level
+    return [f, f - 0.1, f + 0.1, m + 0.05, m - 0.05, m, last, last - 0.1, last + 0.2]
+
+
 @pytest.mark.parametrize("factor, fires", [(1.02, False), (0.98, True)])
 def test_tl603_from_the_start_the_loss_must_fall(factor, fires):
     drop = defaults("TL603")["min_drop"]
     last = 2.0 * (1 - factor * drop)
-    found = hits("TL603", _monitor(*_curve(2.0, last)))
+    found = hits("TL603", _monitor(*_noisy(2.0, last)))
     assert bool(found) is fires
     if fires:
         assert found[0].evidence["change"] == pytest.approx(-factor * drop)
+
+
+@pytest.mark.parametrize("factor, fires", [(1.02, False), (0.98, True)])
+def test_tl603_a_steady_slow_fall_is_learning(factor, fires):
+    """A transformer's first steps (a warmup): the loss falls at every step, by less than
+    min_drop in all. It is not stuck, down to min_steady_drop (below it: lr=1e-7)."""
+    steady = defaults("TL603")["min_steady_drop"]
+    # 20 points, thirds of 6: their medians sit at points 2.5 and 16.5, 14 steps apart
+    losses = [2.0 * (1 - factor * steady * i / 14) for i in range(20)]
+    found = hits("TL603", _monitor(*losses))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["change"] == pytest.approx(-factor * steady, rel=1e-2)
+
+
+def test_tl603_a_fall_within_the_noise_is_no_steady_fall():
+    assert hits("TL603", _monitor(*_noisy(2.0, 2.0 * (1 - 0.04))))
 
 
 @pytest.mark.parametrize("factor, fires", [(0.98, False), (1.02, True)])
