@@ -237,6 +237,46 @@ def test_output_writes_the_file(tmp_path: Path, schema_validator) -> None:
     assert [f["code"] for f in doc["findings"]] == ["TL101"]
 
 
+NOISY_MODEL = """
+import os
+import torch
+import torch.nn as nn
+
+print("hello from import")
+
+
+def build_model():
+    print("building")
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def get_batch(batch_size=16):
+    print("a batch")
+    os.chdir({away!r})
+    return torch.randn(batch_size, 8), torch.randint(0, 3, (batch_size,))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "sarif"])
+def test_stdout_holds_the_report_alone_and_paths_ignore_the_users_chdir(
+        tmp_path: Path, fmt: str) -> None:
+    """What the model prints goes to stderr, so a machine-readable report on stdout parses; a
+    relative --output is where it was when trainlint started, whatever directory the user's
+    code moves to."""
+    away = tmp_path / "away"
+    away.mkdir()
+    (tmp_path / "noisy.py").write_text(NOISY_MODEL.format(away=str(away)))
+    run = run_cli(["check", "noisy.py", "--format", fmt], cwd=tmp_path)
+    assert run.exit_code == 0
+    assert json.loads(run.stdout)  # the report alone
+    assert "hello from import" in run.stderr and "a batch" in run.stderr
+    run = run_cli(["check", "noisy.py", "--format", fmt, "--output", f"report.{fmt}"],
+                  cwd=tmp_path)
+    assert run.exit_code == 0
+    assert json.loads((tmp_path / f"report.{fmt}").read_text())
+    assert not (away / f"report.{fmt}").exists()
+
+
 # ------------------------------------------------------------------ text report
 
 @pytest.fixture(scope="module")

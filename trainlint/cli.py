@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -119,6 +120,10 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
     """Run a few training steps of TARGET (model.py or model.py:NAME) and lint them."""
     from .runner import CheckOptions, render, run_check
 
+    # The user's code may change the working directory: paths are taken as given now.
+    output, config, baseline, write_baseline, plot = (
+        None if p is None else p.absolute()
+        for p in (output, config, baseline, write_baseline, plot))
     options = CheckOptions(target=target, steps=steps, batch_size=batch_size,
                            input_shape=input_shape, device=device, seed=seed, fmt=fmt,
                            select=_codes(select, "--select"), ignore=_codes(ignore, "--ignore"),
@@ -126,7 +131,10 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
     try:
         if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
             raise TrainlintError(f"--plot {plot}: use a .png or .svg file name")
-        report, fail_on = run_check(options)
+        # stdout carries the report only (JSON, SARIF, JUnit must parse): what the user's code
+        # prints goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            report, fail_on = run_check(options)
         if write_baseline is not None:
             _write_baseline(report, write_baseline)
         text = render(report, fmt, fail_on=fail_on)
