@@ -197,7 +197,7 @@ def test_no_batch_at_all() -> None:
                        "--input-shape")
 
 
-@pytest.mark.parametrize("shape", ["a,b", "0,8", "", "8,-1", "8;8"])
+@pytest.mark.parametrize("shape", ["a,b", "0,8", "", "8,-1", "8;8", "3,x", "32,,3", "8,"])
 def test_malformed_input_shape(shape: str) -> None:
     assert_clean_error(cli("no_batch.py", "--input-shape", shape),
                        "--input-shape must be positive integers separated by commas, like "

@@ -206,6 +206,16 @@ def test_explicit_config_file_and_bad_threshold(tmp_path: Path) -> None:
     assert run.exit_code == 2 and "no_such" in run.stderr
 
 
+@pytest.mark.parametrize("value", ["nan", "-0.5", "-inf"])
+def test_a_threshold_of_no_sense_is_a_config_error(tmp_path: Path, value: str) -> None:
+    """NaN (every comparison false: the rule silently off or always on) or a sign the default
+    does not have."""
+    config = tmp_path / "lint.toml"
+    config.write_text(f"[tool.trainlint.rules.TL102]\nsaturated_fraction = {value}\n")
+    run = run_cli(["check", "fixtures/dead_relu.py", "--config", config])
+    assert run.exit_code == 2 and "TL102.saturated_fraction" in run.stderr
+
+
 # ------------------------------------------------------------------ rules / rule / --output
 
 def test_rules_lists_every_registered_rule() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -177,6 +178,9 @@ def set_thresholds(selection: Selection, overrides: Mapping[str, Mapping[str, An
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"{code}.{name} must be a number, got {value!r}")
+                if math.isnan(value) or (default >= 0) != (value >= 0):
+                    raise ConfigError(f"{code}.{name} must be a number of the default's sign "
+                                      f"({default!r}), got {value!r}")
             selection.thresholds.setdefault(code, {})[name] = value
 
 

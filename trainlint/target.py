@@ -138,8 +138,8 @@ def _describe(obj: Any) -> str:
 def parse_shape(text: str) -> tuple[int, ...]:
     usage = f"--input-shape must be positive integers separated by commas, like 32,3,32,32 " \
             f"(batch first); got {text!r}"
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    try:  # every part a number: "3,x" or "32,,3" is a typo, not a shorter shape
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         raise TargetError(usage) from None
     if not shape or any(s <= 0 for s in shape):
