@@ -16,6 +16,7 @@ from ._graph import (
     inside_attention,
     is_gate,
     is_model_output,
+    is_norm_type,
 )
 
 FP16_MAX = 65504.0
@@ -77,7 +78,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             message=(f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type}) output "
                      f"{zero} for every sample{samples} (threshold {_fmt_pct(t.dead_fraction)}); "
                      f"dead units: {listed}{more}"),
-            fix=_dead_relu_fix(feeder, evidence),
+            fix=_dead_relu_fix(feeder, evidence, lt.kind),
             evidence=evidence,
         )
 
@@ -108,6 +109,8 @@ def _param_state(trace: RunTrace, facts: ModuleFacts) -> dict:
             state["feeding_bias_rms"] = p.norm / math.sqrt(size)
         elif p.name.endswith(".weight") and facts.type in WEIGHT_LAYERS:
             state["feeding_weight_std"] = p.std
+        elif p.name.endswith(".weight") and is_norm_type(facts.type) and size:
+            state["feeding_norm_weight_rms"] = p.norm / math.sqrt(size)
     fan_in = _fan_in(facts)
     if fan_in and "feeding_weight_std" in state:
         state["kaiming_std"] = math.sqrt(2.0 / fan_in)
@@ -124,8 +127,18 @@ def _fan_in(facts: ModuleFacts) -> Optional[int]:
     return None
 
 
-def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict) -> str:
-    tail = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
+# A norm layer's weight (gamma) below this RMS scales its normalized output down to ~0: the
+# units after it read as dead whatever their input (transformers' EfficientNet/MobileViT init
+# draws gamma from N(0, 0.02)).
+NORM_WEIGHT_COLLAPSED = 0.1
+
+
+def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[str]) -> str:
+    if kind == "relu":
+        tail = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
+    else:  # GELU family: ~0 out means inputs below about -3.4, or a scale collapsed to ~0
+        tail = ("; a GELU/SiLU output ~0 also means its input is ~0: check that the scale of "
+                "the signal does not collapse before it (TL103)")
     if feeder is None:
         return ("lower the learning rate; re-initialize the layer feeding it with "
                 "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
@@ -137,12 +150,18 @@ def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict) -> str:
         kaiming = evidence.get("kaiming_std")
         measured.append(f"weight std {evidence['feeding_weight_std']:.3g}" +
                         (f" vs Kaiming's {kaiming:.3g}" if kaiming else ""))
+    if "feeding_norm_weight_rms" in evidence:
+        measured.append(f"weight RMS {evidence['feeding_norm_weight_rms']:.3g}")
     state = f" ({', '.join(measured)})" if measured else ""
     layer = f"{feeder.type} {feeder.name!r}{state}"
     if feeder.type in WEIGHT_LAYERS:
         return (f"lower the learning rate; re-initialize the layer feeding it, {layer}, with "
                 f"nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
                 f"nn.init.zeros_(layer.bias)" + tail)
+    if evidence.get("feeding_norm_weight_rms", 1.0) < NORM_WEIGHT_COLLAPSED:
+        return (f"re-initialize the norm layer feeding it, {layer}, with "
+                f"nn.init.ones_(layer.weight) and nn.init.zeros_(layer.bias): its weight "
+                f"scales every normalized output to about its own size" + tail)
     return (f"lower the learning rate; check the layer feeding it, {layer}: its outputs are "
             f"negative for these units (e.g. reset a norm layer's bias with "
             f"nn.init.zeros_(layer.bias))" + tail)

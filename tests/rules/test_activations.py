@@ -144,6 +144,21 @@ def test_tl101_fed_by_a_norm_layer_points_at_its_shift() -> None:
     assert "kaiming_std" not in finding.evidence and "feeding_weight_std" not in finding.evidence
 
 
+@pytest.mark.parametrize("gamma_rms, collapsed", [(0.02, True), (1.0, False)])
+def test_tl101_fed_by_a_norm_layer_with_a_collapsed_weight_points_at_it(
+        gamma_rms: float, collapsed: bool) -> None:
+    """A norm layer whose weight (gamma) is ~0 scales its output to ~0: the GELU/SiLU units
+    after it read as dead; the fix is its weight, not the learning rate or the activation."""
+    trace = relu_trace(60, 64, kind="gelu")
+    trace.modules["fc"] = facts("fc", "BatchNorm2d", num_features=64)
+    trace.params[0] = ParamTrace("fc.weight", "fc", (64,), True, True, norm=gamma_rms * 8.0,
+                                 std=gamma_rms, grad_norm=0.1)
+    [finding] = run("TL101", trace)
+    assert finding.evidence["feeding_norm_weight_rms"] == pytest.approx(gamma_rms)
+    assert ("nn.init.ones_(layer.weight)" in finding.fix) is collapsed
+    assert "LeakyReLU" not in finding.fix and "TL103" in finding.fix
+
+
 def test_tl101_without_a_known_feeder_gives_the_generic_fix() -> None:
     trace = relu_trace(60, 64)
     trace.edges = []
