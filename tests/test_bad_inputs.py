@@ -76,6 +76,14 @@ def test_missing_file() -> None:
         load_target(str(BAD / "missing.py"))
 
 
+def test_a_file_name_with_a_colon_is_that_file(tmp_path: Path) -> None:
+    (tmp_path / "v2:model.py").write_text((BAD / "fixed_batch.py").read_text())
+    (tmp_path / "_helpers.py").write_text((BAD / "_helpers.py").read_text())
+    run = run_cli(["check", "v2:model.py", "--format", "json"], cwd=tmp_path)
+    assert run.exit_code == 0 and run.doc["target"]
+    assert_clean_error(cli("missing.py:build_model"), "target file not found: missing.py")
+
+
 def test_folder_instead_of_file() -> None:
     assert_clean_error(cli("."), "is a folder", "model.py")
 

@@ -33,7 +33,10 @@ class Target:
 
 
 def parse_target(spec: str) -> tuple[Path, Optional[str]]:
-    """``path/to/model.py`` or ``path/to/model.py:NAME``."""
+    """``path/to/model.py`` or ``path/to/model.py:NAME`` (a file whose name holds the colon
+    is that file)."""
+    if Path(spec).is_file():
+        return Path(spec), None
     path, _, name = spec.partition(":") if spec.count(":") == 1 and not _drive(spec) else (
         spec, "", "")
     return Path(path), (name or None)
