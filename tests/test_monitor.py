@@ -206,3 +206,77 @@ def test_eval_mode_is_read_at_the_training_forward(eval_when: str) -> None:
             monitor.step(loss)
         found = [f for f in monitor.report().findings if f.code == "TL602"]
     assert bool(found) is (eval_when == "whole_step")
+
+
+def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:
+    """A plain loop that evaluates (autograd off, eval mode, another batch size) between the
+    training step and monitor.step(): the step's statistics are the training forward's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y, x_eval = torch.randn(64, 8), torch.randint(0, 3, (64,)), 50 * torch.randn(3, 8)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(3):
+            model.train()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            model.eval()
+            with torch.no_grad():
+                model(x_eval)
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.batch_size == 64
+    first = next(lt for lt in report.trace.layers if lt.module == "0")
+    assert first.activation.count == 3 * 64 * 16
+    norm = report.trace.modules["1"]
+    assert norm.batch_sizes == [64, 64, 64]
+
+
+def test_a_keyboard_interrupt_in_forward_leaves_no_mode_over_the_users() -> None:
+    """torch skips the forward hooks on a KeyboardInterrupt: the probe's mode stays pushed.
+    It must never pop a mode the user entered later (here torch.device('meta'))."""
+    class Interrupting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.armed = True
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+            return self.fc(x)
+
+    model = Interrupting()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = trainlint.Monitor(model, optimizer=opt, every=1)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(2, 4))
+    with torch.device("meta"):
+        model(torch.randn(2, 4, device="cpu"))
+        assert torch.empty(1).device.type == "meta"  # the user's mode is still on
+    model(torch.randn(2, 4))
+    monitor.close()
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_loop_that_goes_on_after_run_failed_stays_on_the_every_grid() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    failed_at = []
+    with trainlint.Monitor(model, optimizer=opt, every=2, fail_on="error") as monitor:
+        for step in range(9):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            if step >= 4:
+                loss = loss * float("nan")
+            loss.backward()
+            opt.step()
+            try:
+                monitor.step(loss)
+            except trainlint.monitor.RunFailed:
+                failed_at.append(step)
+    assert failed_at == [4, 6, 8]

@@ -116,7 +116,11 @@ class Monitor:
                 extra["loss_max"] = self._loss_max
                 self._loss_sum = self._loss_max = None
                 self._loss_count = 0
-            self._observed(extra)
+            try:
+                self._observed(extra)
+            except RunFailed:
+                self.steps_seen += 1  # a loop that goes on stays on the every-N grid
+                raise
         self.steps_seen += 1
         if not self._explicit and self._due():
             self._open()
@@ -205,7 +209,7 @@ class Monitor:
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         """Root forward hook: note autocast's dtype and a loss the model computed itself."""
-        if not self.probe.observing or not ordinary_autograd():
+        if not self.probe.observing or not torch.is_grad_enabled() or not ordinary_autograd():
             return
         device = _model_device(self.model).type
         if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):

@@ -198,13 +198,13 @@ class _ProbeMode(TorchFunctionMode):
 
     def __init__(self, probe: Probe) -> None:
         super().__init__()
-        self.probe = probe
+        self.probe: Optional[Probe] = probe
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         probe = self.probe
-        if probe.busy or (probe.stack and probe.info(probe.stack[-1]).opaque):
+        if probe is None or probe.busy or (probe.stack and probe.info(probe.stack[-1]).opaque):
             return out
         probe.busy = True
         try:
@@ -256,6 +256,10 @@ class Probe:
         self.updates = UpdateSampler()
         self.update_sums: list[tuple] = []
         self.mode: Optional[_ProbeMode] = None
+        # The probe's modes whose forward ended without its hooks: popped once innermost.
+        self.stale_modes: list[_ProbeMode] = []
+        # This root forward is not read (autograd off, inference mode, a torch.func transform).
+        self.skipping = False
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
         self.attached = False
@@ -325,6 +329,7 @@ class Probe:
         self.observing = True
         self.failed_module = None
         self.forward_flags = None
+        self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
         if self.attached:
             self._install()
 
@@ -348,7 +353,11 @@ class Probe:
 
     # ---------------------------------------------------------------- module stack
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self.observing or not ordinary_autograd():
+        self._drop_stale_modes()
+        # A forward of the model with autograd off (an evaluation between the observed step's
+        # start and monitor.step()) is not the training step's: it is not read.
+        self.skipping = not (torch.is_grad_enabled() and ordinary_autograd())
+        if not self.observing or self.skipping:
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
         if self.forward_flags is None and torch.is_grad_enabled():  # the training forward
@@ -373,11 +382,25 @@ class Probe:
         if self.mode is not None and output is not None and self.observing:
             self.output_origins = [self._origin_of(t) for t in _tensors_in(output)]
         self._exit_mode()
+        self.skipping = False
 
     def _exit_mode(self) -> None:
+        """Leave the probe's mode, if it is the innermost one; else (a forward interrupted by
+        a KeyboardInterrupt, which skips the forward hooks, and a mode the user entered since)
+        leave it to :meth:`_drop_stale_modes`, never popping the user's mode instead."""
         if self.mode is not None:
             mode, self.mode = self.mode, None
-            mode.__exit__(None, None, None)
+            mode.probe = None  # inert from now on
+            self.stale_modes.append(mode)
+        self._drop_stale_modes()
+
+    def _drop_stale_modes(self) -> None:
+        """Pop the probe's left-over modes that are innermost now."""
+        while self.stale_modes:
+            depth = torch._C._len_torch_function_stack()
+            if not depth or torch._C._get_function_stack_at(depth - 1) is not self.stale_modes[-1]:
+                return
+            self.stale_modes.pop().__exit__(None, None, None)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         if self.observing:
@@ -420,7 +443,7 @@ class Probe:
 
     # ---------------------------------------------------------------- observation
     def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.observing or not ordinary_autograd():
+        if not self.observing or self.skipping or not ordinary_autograd():
             return
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
@@ -444,7 +467,8 @@ class Probe:
 
     def on_functional(self, op: str, args: tuple, out: Any) -> None:
         tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
-        if tensor is None or not self.observing or not strided(tensor) or not ordinary_autograd():
+        if (tensor is None or not self.observing or self.skipping or not strided(tensor)
+                or not ordinary_autograd()):
             return
         info = self.info(self.stack[-1] if self.stack else self.model)
         origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
@@ -536,7 +560,7 @@ class Probe:
                                     dim if t.dim() > 1 else 0, value))
 
     def _norm_input(self, module: nn.Module, args: tuple) -> None:
-        if (self.observing and args and isinstance(args[0], torch.Tensor)
+        if (self.observing and not self.skipping and args and isinstance(args[0], torch.Tensor)
                 and ordinary_autograd()):
             with torch._C.DisableTorchFunction():
                 shape = tuple(args[0].shape)
