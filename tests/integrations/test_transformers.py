@@ -79,3 +79,39 @@ def test_fail_on_stops_training(tmp_path):
     assert DEAD in str(failed.value)
     assert callback.report.trace.observed_steps == 1
     assert callback.monitor is None
+
+
+class _RaisesOnThirdLoss(Trainer):
+    calls = 0
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            raise RuntimeError("a bug in compute_loss")
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_a_train_that_raises_leaves_hooks_that_close_or_the_next_train_takes_off(tmp_path):
+    """Trainer tells callbacks nothing when train() raises: close() takes the hooks off, and
+    a later train() with the same callback does before it starts."""
+    def hooks(model) -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             max_steps=STEPS, learning_rate=1e-4, report_to=[], use_cpu=True,
+                             logging_strategy="no", save_strategy="no", disable_tqdm=True,
+                             seed=0)
+    callback = TrainlintCallback(every=1, verbose=False)
+    trainer = _RaisesOnThirdLoss(model=tiny_bert(), args=args, train_dataset=dataset(),
+                                 callbacks=[callback])
+    with pytest.raises(RuntimeError, match="a bug in compute_loss"):
+        trainer.train()
+    assert hooks(trainer.model) > 0
+    trainer.train()  # calls 4.. : no raise
+    assert hooks(trainer.model) == 0 and callback.monitor is None
+    with pytest.raises(RuntimeError):
+        _RaisesOnThirdLoss.calls = 2
+        trainer.train()
+    callback.close()
+    callback.close()
+    assert hooks(trainer.model) == 0

@@ -39,6 +39,7 @@ class TrainlintCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, model: Any = None, optimizer: Any = None,
                        **kwargs: Any) -> None:
+        self.close()  # a train() that raised left its monitor (Trainer has no exception event)
         # accelerate wraps the optimizer (and holds the GradScaler); hook the real one.
         inner = getattr(optimizer, "optimizer", optimizer)
         self.monitor = Monitor(model, inner, every=self.every, selection=self.selection,
@@ -59,7 +60,7 @@ class TrainlintCallback(TrainerCallback):
             self.monitor.step()
         except RunFailed as failed:
             self.report = failed.report
-            self._close()
+            self.close()
             raise
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
@@ -68,11 +69,14 @@ class TrainlintCallback(TrainerCallback):
             return
         self.report = self.monitor.report()
         main = self.monitor.is_main
-        self._close()
+        self.close()
         if self.verbose and main:
             print(self.report)
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Take the hooks off the model (idempotent). ``Trainer`` tells callbacks nothing when
+        ``train()`` raises: call this in a ``finally`` around it to leave the model clean at
+        once (the next ``train()`` with this callback does it too)."""
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
