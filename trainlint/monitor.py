@@ -15,7 +15,7 @@ from .batch import output_loss
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
-from .probe import Probe, ProbeSnapshot, _model_device, compiled_inside, ordinary_autograd
+from .probe import Probe, ProbeSnapshot, _model_device, compiled_inside, training_forward
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
 from .stats import G
@@ -108,20 +108,18 @@ class Monitor:
         if loss is None and self.probe.observing:
             loss = self._model_loss
         value = self._accumulate(loss)
-        if self.probe.observing:
-            extra = {}
-            if value is not None:
-                extra["loss"] = value
-                extra["loss_mean"] = self._loss_sum / self._loss_count
-                extra["loss_max"] = self._loss_max
-                self._loss_sum = self._loss_max = None
-                self._loss_count = 0
-            try:
+        try:
+            if self.probe.observing:
+                extra = {}
+                if value is not None:
+                    extra["loss"] = value
+                    extra["loss_mean"] = self._loss_sum / self._loss_count
+                    extra["loss_max"] = self._loss_max
+                    self._loss_sum = self._loss_max = None
+                    self._loss_count = 0
                 self._observed(extra)
-            except RunFailed:
-                self.steps_seen += 1  # a loop that goes on stays on the every-N grid
-                raise
-        self.steps_seen += 1
+        finally:  # counted also when RunFailed: a loop that goes on stays on the every-N grid
+            self.steps_seen += 1
         if not self._explicit and self._due():
             self._open()
         else:
@@ -209,7 +207,7 @@ class Monitor:
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         """Root forward hook: note autocast's dtype and a loss the model computed itself."""
-        if not self.probe.observing or not torch.is_grad_enabled() or not ordinary_autograd():
+        if not self.probe.observing or not training_forward():
             return
         device = _model_device(self.model).type
         if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):

@@ -96,6 +96,11 @@ def ordinary_autograd() -> bool:
     return not torch.is_inference_mode_enabled() and _peek_transform() is None
 
 
+def training_forward() -> bool:
+    """Whether a forward running now can be the training step's: autograd on, ordinarily."""
+    return torch.is_grad_enabled() and ordinary_autograd()
+
+
 def compiled_inside(model: nn.Module) -> bool:
     """Whether ``model`` or a submodule is a ``torch.compile`` wrapper (its compiled code runs
     no hook: observed steps must run it eagerly)."""
@@ -356,11 +361,11 @@ class Probe:
         self._drop_stale_modes()
         # A forward of the model with autograd off (an evaluation between the observed step's
         # start and monitor.step()) is not the training step's: it is not read.
-        self.skipping = not (torch.is_grad_enabled() and ordinary_autograd())
+        self.skipping = not training_forward()
         if not self.observing or self.skipping:
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
-        if self.forward_flags is None and torch.is_grad_enabled():  # the training forward
+        if self.forward_flags is None:  # the step's first training forward
             self.forward_flags = training_flags(self.model)
         self.call_counts.clear()
         self.producers.clear()
@@ -442,8 +447,13 @@ class Probe:
         return self.names.get(self.stack[-1], "") if self.stack else ""
 
     # ---------------------------------------------------------------- observation
+    def _reading(self) -> bool:
+        """Whether the hooks read what runs now: an observed step, a forward not skipped at the
+        root, and no inference mode or torch.func transform inside it."""
+        return self.observing and not self.skipping and ordinary_autograd()
+
     def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.observing or self.skipping or not ordinary_autograd():
+        if not self._reading():
             return
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
@@ -467,8 +477,7 @@ class Probe:
 
     def on_functional(self, op: str, args: tuple, out: Any) -> None:
         tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
-        if (tensor is None or not self.observing or self.skipping or not strided(tensor)
-                or not ordinary_autograd()):
+        if tensor is None or not strided(tensor) or not self._reading():
             return
         info = self.info(self.stack[-1] if self.stack else self.model)
         origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
@@ -560,8 +569,7 @@ class Probe:
                                     dim if t.dim() > 1 else 0, value))
 
     def _norm_input(self, module: nn.Module, args: tuple) -> None:
-        if (self.observing and not self.skipping and args and isinstance(args[0], torch.Tensor)
-                and ordinary_autograd()):
+        if args and isinstance(args[0], torch.Tensor) and self._reading():
             with torch._C.DisableTorchFunction():
                 shape = tuple(args[0].shape)
             self.norm_calls.append(NormCall(self.names.get(module, ""), shape, module.training))
