@@ -184,6 +184,23 @@ def test_a_module_replaced_mid_run_is_observed_under_its_name(every: int) -> Non
     assert not old._forward_hooks and not old._forward_pre_hooks
 
 
+def _train_then_evaluate(model: nn.Module, opt: torch.optim.Optimizer,
+                         monitor: trainlint.Monitor, steps: int, x: torch.Tensor,
+                         y: torch.Tensor, x_eval: torch.Tensor, train_mode: bool = True) -> None:
+    """A plain loop that evaluates (eval mode, autograd off) after each optimizer step and
+    before monitor.step()."""
+    for _ in range(steps):
+        model.train(train_mode)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            model(x_eval)
+        monitor.step(loss)
+
+
 @pytest.mark.parametrize("eval_when", ["after_update", "whole_step"])
 def test_eval_mode_is_read_at_the_training_forward(eval_when: str) -> None:
     """TL602 judges the mode the training forward ran in: a validation pass in eval mode after
@@ -194,16 +211,8 @@ def test_eval_mode_is_read_at_the_training_forward(eval_when: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for _ in range(4):
-            model.train(eval_when == "after_update")
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            model.eval()
-            with torch.no_grad():
-                model(x)
-            monitor.step(loss)
+        _train_then_evaluate(model, opt, monitor, 4, x, y, x,
+                             train_mode=eval_when == "after_update")
         found = [f for f in monitor.report().findings if f.code == "TL602"]
     assert bool(found) is (eval_when == "whole_step")
 
@@ -216,16 +225,7 @@ def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y, x_eval = torch.randn(64, 8), torch.randint(0, 3, (64,)), 50 * torch.randn(3, 8)
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for _ in range(3):
-            model.train()
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            model.eval()
-            with torch.no_grad():
-                model(x_eval)
-            monitor.step(loss)
+        _train_then_evaluate(model, opt, monitor, 3, x, y, x_eval)
         report = monitor.report()
     assert report.trace.batch_size == 64
     first = next(lt for lt in report.trace.layers if lt.module == "0")
