@@ -44,6 +44,28 @@ def trend_z(losses: list) -> float:
     return float(order @ ranks) / spread * math.sqrt(n - 1) if spread > 0 else 0.0
 
 
+# Points that measure where a run started, and how many standard errors of the noise a fall
+# from them must clear (a flat noisy curve clears it about once in 700 runs).
+EARLY_POINTS = 3
+EARLY_SIGMAS = 3.0
+
+
+def early_fall(losses: list, third: int) -> float:
+    """The relative fall from the first :data:`EARLY_POINTS` losses (their median) to the
+    last third's median, or 0 when it is within :data:`EARLY_SIGMAS` standard errors of the
+    noise (the last third's spread, robustly): a run that learned early and then converged
+    fell, although its first third is mostly plateau already."""
+    start = median(losses[:EARLY_POINTS])
+    tail = np.asarray(losses[-third:], dtype=np.float64)
+    end = float(np.median(tail))
+    sigma = 1.4826 * float(np.median(np.abs(tail - end)))
+    # the standard error of a median of k points is about 1.2533 sigma / sqrt(k)
+    error = 1.2533 * sigma * math.sqrt(1.0 / EARLY_POINTS + 1.0 / len(tail))
+    if start - end <= EARLY_SIGMAS * error:
+        return 0.0
+    return (start - end) / (abs(start) if start else 1.0)
+
+
 @rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05,
       min_steady_drop=0.005, steady_z=-2.33)
 def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
@@ -57,7 +79,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     step at or below ``steady_z`` standard deviations of a flat curve's (a slow but sure start,
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
     later, it fires only if the loss rose by more than ``min_drop``. It needs at least
-    ``min_points`` observed steps; medians make it robust to noisy batches.
+    ``min_points`` observed steps; medians make it robust to noisy batches. A run that
+    learned early and then converged also fell: the median of its first three points is
+    ``min_drop`` above the last third's, beyond three standard errors of the noise.
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
@@ -87,7 +111,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     from_start = curve[0][0] == 0
     steady = (change <= -t.min_steady_drop
               and trend_z([loss for _, loss in curve]) <= t.steady_z)
-    if change > t.min_drop or (from_start and change > -t.min_drop and not steady):
+    fell = change <= -t.min_drop or early_fall([loss for _, loss in curve], third) >= t.min_drop
+    if change > t.min_drop or (from_start and not fell and not steady):
         trend = "rose" if change > 0 else "barely fell"
         span = f"steps {curve[0][0]}-{curve[-1][0]}"
         yield Hit(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from trainlint.rules import run
 
 from tests.rules.tracekit import defaults, hits, steps, trace
 from trainlint.engine import Skip
@@ -47,6 +50,36 @@ def test_tl603_a_steady_slow_fall_is_learning(factor, fires):
     assert bool(found) is fires
     if fires:
         assert found[0].evidence["change"] == pytest.approx(-factor * steady, rel=1e-2)
+
+
+def _converged(start: float, end: float = 1.0, wobble: float = 0.01, n: int = 30) -> list:
+    """Three points at ``start``, then a plateau at ``end`` that wobbles by +-``wobble`` (the
+    last third's robust sigma is 1.4826 * wobble)."""
+    return [start] * 3 + [end + (wobble if i % 2 else -wobble) for i in range(n - 3)]
+
+
+def test_tl603_a_run_that_learned_early_and_converged_fell():
+    """Observed every 100 steps, the loss fell from 2.3 to 0.3 by the second point: the first
+    third's median is plateau already, yet the run learned."""
+    assert hits("TL603", _monitor(*_converged(2.3, 0.3, 0.003))) == []
+    assert hits("TL603", _monitor(*[2.3, 0.8] + [0.3 + 0.003 * (-1) ** i for i in range(40)])) == []
+
+
+@pytest.mark.parametrize("factor, fires", [(0.98, True), (1.02, False)])
+def test_tl603_an_early_fall_must_clear_the_noise(factor, fires):
+    wobble = 0.05  # 3 standard errors of it are far above min_drop: the noise decides
+    sigma = 1.4826 * wobble
+    error = 1.2533 * sigma * math.sqrt(1 / run.EARLY_POINTS + 1 / 10)
+    start = 1.0 + factor * run.EARLY_SIGMAS * error
+    assert (start - 1.0) / start > 2 * defaults("TL603")["min_drop"]
+    assert bool(hits("TL603", _monitor(*_converged(start, 1.0, wobble)))) is fires
+
+
+@pytest.mark.parametrize("factor, fires", [(0.98, True), (1.02, False)])
+def test_tl603_an_early_fall_must_clear_min_drop(factor, fires):
+    drop = defaults("TL603")["min_drop"]
+    start = 1.0 / (1 - factor * drop)  # (start - end) / start = factor * drop
+    assert bool(hits("TL603", _monitor(*_converged(start, 1.0, 1e-4)))) is fires
 
 
 def test_tl603_a_fall_within_the_noise_is_no_steady_fall():
