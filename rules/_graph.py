@@ -45,11 +45,11 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
         for current, via0 in frontier:
             for dst, via in successors(trace, current):
                 facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
-                if facts is not None and facts.is_leaf and facts.type in PASS_THROUGH:
+                if facts is not None and facts.is_leaf and facts.base in PASS_THROUGH:
                     for out_node in output_nodes(trace, dst[1]):
                         if out_node not in seen:
                             seen.add(out_node)
-                            nxt.append((out_node, via0 + via + (facts.type,)))
+                            nxt.append((out_node, via0 + via + (facts.base,)))
                 elif facts is None or facts.is_leaf:
                     out.append((dst, via0 + via))
         frontier = nxt
@@ -67,7 +67,7 @@ def feeds_weight_layer(trace: RunTrace, layer: LayerTrace) -> list[str]:
         if dst[0] != "module" or not only_shape_ops(via):
             continue
         facts = trace.modules.get(dst[1])
-        if facts is not None and facts.type in WEIGHT_LAYERS:
+        if facts is not None and facts.base in WEIGHT_LAYERS:
             names.append(dst[1])
     return names
 
@@ -123,7 +123,7 @@ def inside_attention(trace: RunTrace, module: str) -> bool:
     """Whether ``module`` is (inside) an attention block."""
     for name in ancestors(module):
         facts = trace.modules.get(name)
-        if facts is not None and is_attention(facts.type):
+        if facts is not None and is_attention(facts.base):
             return True
         leaf = name.rsplit(".", 1)[-1].lower()
         if "attn" in leaf or "attention" in leaf:
@@ -136,7 +136,7 @@ def inside_attention_sublayer(trace: RunTrace, module: str) -> bool:
     as opposed to anywhere in a transformer block (see :func:`inside_attention`)."""
     for name in ancestors(module)[1:]:
         facts = trace.modules.get(name)
-        if facts is not None and (facts.type == "MultiheadAttention"
+        if facts is not None and (facts.base == "MultiheadAttention"
                                   or "Attention" in facts.type):
             return True
         leaf = name.rsplit(".", 1)[-1].lower()

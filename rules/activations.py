@@ -92,7 +92,7 @@ def feeding_module(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[M
         if not sources:
             return None
         facts = trace.modules.get(sources[0][1])
-        if facts is None or facts.type not in PASS_THROUGH:
+        if facts is None or facts.base not in PASS_THROUGH:
             return facts
         target = ("module", facts.name)
     return None
@@ -107,9 +107,9 @@ def _param_state(trace: RunTrace, facts: ModuleFacts) -> dict:
         size = math.prod(p.shape)
         if p.name.endswith(".bias") and size:
             state["feeding_bias_rms"] = p.norm / math.sqrt(size)
-        elif p.name.endswith(".weight") and facts.type in WEIGHT_LAYERS:
+        elif p.name.endswith(".weight") and facts.base in WEIGHT_LAYERS:
             state["feeding_weight_std"] = p.std
-        elif p.name.endswith(".weight") and is_norm_type(facts.type) and size:
+        elif p.name.endswith(".weight") and is_norm_type(facts.base) and size:
             state["feeding_norm_weight_rms"] = p.norm / math.sqrt(size)
     fan_in = _fan_in(facts)
     if fan_in and "feeding_weight_std" in state:
@@ -154,7 +154,7 @@ def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional
         measured.append(f"weight RMS {evidence['feeding_norm_weight_rms']:.3g}")
     state = f" ({', '.join(measured)})" if measured else ""
     layer = f"{feeder.type} {feeder.name!r}{state}"
-    if feeder.type in WEIGHT_LAYERS:
+    if feeder.base in WEIGHT_LAYERS:
         return (f"lower the learning rate; re-initialize the layer feeding it, {layer}, with "
                 f"nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
                 f"nn.init.zeros_(layer.bias)" + tail)
@@ -220,8 +220,8 @@ def depth_series(trace: RunTrace) -> list[LayerTrace]:
         act = lt.activation
         if act is None or act.count == 0 or lt.kind in ("softmax", "log_softmax"):
             continue
-        if not (lt.kind in ("relu", "tanh", "sigmoid", "gelu") or lt.type in WEIGHT_LAYERS
-                or lt.type in ACTIVATION_TYPES):
+        if not (lt.kind in ("relu", "tanh", "sigmoid", "gelu") or lt.base in WEIGHT_LAYERS
+                or lt.base in ACTIVATION_TYPES):
             continue
         if is_model_output(trace, lt):
             continue

@@ -99,9 +99,9 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     for inp in trace.inputs:
         consumers = direct_consumers(trace, inp)
-        if not any(f.type in WEIGHT_LAYERS for f in consumers):
+        if not any(f.base in WEIGHT_LAYERS for f in consumers):
             continue
-        if any(f.type in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
+        if any(f.base in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
             continue
         mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
         off = np.abs(mean) > t.max_abs_mean

@@ -29,7 +29,7 @@ def gradient_series(trace: RunTrace) -> list[LayerTrace]:
     out = output_layer(trace)
     series = []
     for lt in trace.ordered_layers():
-        if lt.op != "output" or lt.type not in WEIGHT_LAYERS or lt.grad_norm is None:
+        if lt.op != "output" or lt.base not in WEIGHT_LAYERS or lt.grad_norm is None:
             continue
         if inside_attention_sublayer(trace, lt.module):
             continue
@@ -153,12 +153,12 @@ def scale_invariant_weights(trace: RunTrace) -> set:
     names = set()
     for p in trace.params:
         facts = trace.modules.get(p.module)
-        if len(p.shape) < 2 or facts is None or facts.type not in WEIGHT_LAYERS:
+        if len(p.shape) < 2 or facts is None or facts.base not in WEIGHT_LAYERS:
             continue
         for node in output_nodes(trace, p.module):
             for dst, via in downstream(trace, node, hops=2):
                 norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
-                if norm is not None and is_norm_type(norm.type) and only_shape_ops(via):
+                if norm is not None and is_norm_type(norm.base) and only_shape_ops(via):
                     names.add(p.name)
     return names
 
@@ -264,7 +264,7 @@ def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
     judged = []
     for p in trace.params:
         facts = trace.modules.get(p.module)
-        if not p.requires_grad or len(p.shape) < 2 or (facts and facts.type in EMBEDDING_TYPES):
+        if not p.requires_grad or len(p.shape) < 2 or (facts and facts.base in EMBEDDING_TYPES):
             continue
         if not p.norms_before or p.norms_before[0] == 0 or p.grad_steps == 0:
             continue
@@ -404,7 +404,7 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 def _nonfinite_fix(what: str, module: str, trace: RunTrace) -> str:
     facts = trace.modules.get(module)
-    if what in ("forward", "backward") and facts is not None and facts.type in WEIGHT_LAYERS:
+    if what in ("forward", "backward") and facts is not None and facts.base in WEIGHT_LAYERS:
         return (f"{module!r} overflowed: its weights or inputs grew out of range (check the "
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "
                 "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)), and use "

@@ -100,7 +100,7 @@ def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) 
     for src, via in sources(trace, layer.module):
         if src[0] == "point" and only_shape_ops(via):
             facts = trace.modules.get(src[1])
-            if facts is not None and is_norm_type(facts.type):
+            if facts is not None and is_norm_type(facts.base):
                 return True
     frontier = [act.node]
     for _ in range(RESIDUAL_HOPS):
@@ -190,7 +190,7 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     groups: dict[tuple, list] = {}
     for layer in trace.ordered_layers():
         facts = trace.modules.get(layer.module)
-        if layer.op != "output" or facts is None or facts.type not in SCALED_LAYERS:
+        if layer.op != "output" or facts is None or facts.base not in SCALED_LAYERS:
             continue
         found = _check_layer(trace, t, layer, facts, first)
         if found is not None:

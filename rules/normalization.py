@@ -26,7 +26,7 @@ BATCHNORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
 
 def batchnorms(trace: RunTrace) -> Iterator[ModuleFacts]:
     for facts in trace.modules.values():
-        if facts.type in BATCHNORM_TYPES:
+        if facts.base in BATCHNORM_TYPES:
             yield facts
 
 
@@ -42,7 +42,7 @@ def group_count(channels: int, preferred: int = 32) -> int:
 def replacement(facts: ModuleFacts) -> str:
     """The batch-independent layer that replaces this BatchNorm."""
     channels = int(facts.attrs.get("num_features", 0) or 0)
-    if facts.type.endswith("1d") and all(len(s) == 2 for s in facts.input_shapes):
+    if facts.base.endswith("1d") and all(len(s) == 2 for s in facts.input_shapes):
         return f"nn.LayerNorm({channels})"
     return f"nn.GroupNorm({group_count(channels)}, {channels})"
 
@@ -141,7 +141,7 @@ def _sequence_blocks(trace: RunTrace) -> list[str]:
     """Types of the RNN, attention and embedding layers in the model."""
     found = []
     for facts in trace.modules.values():
-        if (facts.type in RNN_TYPES + EMBEDDING_TYPES or is_attention(facts.type)) \
+        if (facts.base in RNN_TYPES + EMBEDDING_TYPES or is_attention(facts.base)) \
                 and facts.type not in found:
             found.append(facts.type)
     return found
@@ -173,7 +173,7 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     if not blocks:
         return
     for facts in batchnorms(trace):
-        if not facts.input_shapes or not facts.type.endswith(("1d", "SyncBatchNorm")):
+        if not facts.input_shapes or not facts.base.endswith(("1d", "SyncBatchNorm")):
             continue
         over_time = [s for s in facts.input_shapes if len(s) == 3 or (
             len(s) == 2 and trace.batch_size and s[0] > trace.batch_size)]
@@ -194,9 +194,9 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
 
 def _cancels_bias(norm: ModuleFacts) -> bool:
     """Whether the norm subtracts a per-channel mean (and so cancels a per-channel bias)."""
-    if norm.type in BATCHNORM_TYPES + INSTANCENORM_TYPES:
+    if norm.base in BATCHNORM_TYPES + INSTANCENORM_TYPES:
         return True
-    return norm.type == "GroupNorm" and norm.attrs.get("num_groups") == norm.attrs.get(
+    return norm.base == "GroupNorm" and norm.attrs.get("num_groups") == norm.attrs.get(
         "num_channels")
 
 
@@ -222,7 +222,7 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     for lt in trace.ordered_layers():
         facts = trace.modules.get(lt.module)
-        if lt.op != "output" or facts is None or facts.type not in WEIGHT_LAYERS:
+        if lt.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS:
             continue
         if not facts.attrs.get("has_bias"):
             continue
@@ -320,7 +320,7 @@ def dropout_before_batchnorm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 continue
             functional = any(op in FUNCTIONAL_DROPOUT for op in via)
             feeder = trace.modules.get(src[1]) if src[0] == "point" else None
-            if not functional and (feeder is None or feeder.type not in DROPOUT_TYPES
+            if not functional and (feeder is None or feeder.base not in DROPOUT_TYPES
                                    or not feeder.attrs.get("p")):
                 continue
             what = "F.dropout" if functional else f"{feeder.type} {feeder.name!r}"

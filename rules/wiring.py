@@ -229,7 +229,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     flags = trace.train_flags
     if not flags:
         return
-    mode_modules = {f.name for f in trace.modules.values() if f.type in MODE_TYPES}
+    mode_modules = {f.name for f in trace.modules.values() if f.base in MODE_TYPES}
     eval_steps = [f["step"] for f in flags if not f["model_training"]]
     if eval_steps and mode_modules:
         yield Hit(

@@ -40,6 +40,17 @@ def module_attrs(module: nn.Module) -> dict:
     return attrs
 
 
+def torch_base(cls: type) -> str:
+    """The name of the first torch.nn class other than ``Module`` in ``cls``'s MRO (a subclass
+    of ``nn.BatchNorm2d`` gives "BatchNorm2d"), or ``cls``'s own name when there is none."""
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            break
+        if klass.__module__.startswith("torch.nn."):
+            return klass.__name__
+    return cls.__name__
+
+
 # Libraries whose train() overrides only pass the mode on (DistributedDataParallel,
 # transformers' PreTrainedModel): not a user's way to keep layers in eval.
 MODE_FORWARDING_LIBRARIES = ("torch.", "transformers.", "lightning.", "pytorch_lightning.")
@@ -236,7 +247,7 @@ class TraceBuilder:
                 unit_dim=point.unit_dim, grad_norm=grad_norm, grad_rms=grad_rms,
                 grad_nonfinite=grad_nonfinite, backward_order=self.backward_order.get(key),
                 location=facts.location if facts else None, shape=point.shape,
-                node=("point",) + key))
+                node=("point",) + key, base=facts.base if facts else point.type))
         layers.sort(key=lambda lt: lt.depth)
         trace = RunTrace(
             layers=layers, modules=modules, params=list(self.params.values()),
@@ -256,7 +267,8 @@ class TraceBuilder:
         facts: dict[str, ModuleFacts] = {}
         for name, module in self.model.named_modules():
             facts[name] = ModuleFacts(
-                name=name, type=type(module).__name__, training=module.training,
+                name=name, type=type(module).__name__, base=torch_base(type(module)),
+                training=module.training,
                 is_leaf=not any(True for _ in module.children()),
                 location=locate(self.model, name, module),
                 attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
@@ -291,6 +303,6 @@ class TraceBuilder:
             if src == ("input", name) and dst[0] == "module":
                 facts: Optional[ModuleFacts] = modules.get(dst[1])
                 if facts is not None and facts.is_leaf:
-                    return facts.type.startswith(("Conv", "BatchNorm", "InstanceNorm",
+                    return facts.base.startswith(("Conv", "BatchNorm", "InstanceNorm",
                                                   "GroupNorm", "MaxPool", "AvgPool"))
         return False

@@ -77,7 +77,8 @@ GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul
 
 def activation_kind(module: nn.Module) -> Optional[str]:
     """The activation family of a module, or None when it is not an activation."""
-    kind = ACTIVATION_MODULES.get(type(module))
+    kind = next((ACTIVATION_MODULES[c] for c in type(module).__mro__ if c in ACTIVATION_MODULES),
+                None)  # a subclass of nn.ReLU is a ReLU
     if kind is None and not any(True for _ in module.parameters(recurse=False)):
         name = type(module).__name__
         if any(g in name for g in GELU_NAMES):

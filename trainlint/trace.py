@@ -72,6 +72,12 @@ class LayerTrace:
     shape: tuple = ()
     # This point's node in RunTrace.edges: ("point", module, op, units).
     node: tuple = ()
+    # The torch.nn class the module is or derives from (``type`` when it derives from none):
+    # what the rules recognise, so that a subclass of nn.BatchNorm2d is a BatchNorm2d.
+    base: str = ""
+
+    def __post_init__(self) -> None:
+        self.base = self.base or self.type
 
     @property
     def label(self) -> str:
@@ -110,6 +116,11 @@ class ModuleFacts:
     values_per_channel: list = field(default_factory=list)
     batch_sizes: list = field(default_factory=list)
     input_shapes: list = field(default_factory=list)
+    # The torch.nn class the module is or derives from (``type`` when it derives from none).
+    base: str = ""
+
+    def __post_init__(self) -> None:
+        self.base = self.base or self.type
 
 
 @dataclass
