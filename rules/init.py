@@ -251,11 +251,16 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     if trace.loss_kind is None:
         raise Skip("the loss function is not known (a Monitor sees only the loss value)")
-    if trace.loss_kind in ("custom", "model"):
-        raise Skip(f"the loss is not a recognised classification loss ({trace.loss_kind}); "
-                   "pass nn.CrossEntropyLoss/F.cross_entropy as loss_fn to check it")
+    if trace.loss_kind == "model":
+        raise Skip("the loss comes from the model's own output (.loss): its kind is not known")
+    if trace.loss_kind == "custom":
+        raise Skip("the loss is not a recognised classification loss: it calls no "
+                   "F.cross_entropy, F.nll_loss or F.binary_cross_entropy_with_logits")
     if trace.loss_kind not in CLASSIFICATION_LOSSES:
         return
+    if trace.loss_reduction not in (None, "mean"):
+        raise Skip(f"the loss is reduced by {trace.loss_reduction!r}, not averaged over the "
+                   "samples: its first value is not comparable with ln(C)")
     first = next((s for s in trace.per_step if s.get("loss") is not None), None)
     if first is None or first["step"] != 0 or not math.isfinite(first["loss"]):
         return

@@ -21,7 +21,8 @@ from .batch import (
 from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
-from .probe import Probe, _model_device, compiled_inside
+from .losswatch import LossCall, output_index, watched
+from .probe import Probe, _model_device, _tensors_in, compiled_inside
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import raised_by_trainlint, user_traceback
@@ -52,7 +53,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     saved = snapshot(model, None if made_here else opt)
     probe = Probe(model, opt)
     builder = TraceBuilder(model, mode="check")
-    run: dict = {"loss_kind": None, "num_classes": None, "batch_size": None}
+    run: dict = {"loss_kind": None, "loss_reduction": None, "num_classes": None,
+                 "batch_size": None}
     try:
         probe.attach()
         model.train()
@@ -65,7 +67,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
         restore(saved, model, None if made_here else opt)
     device = str(_model_device(model))
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
-                          loss_kind=run["loss_kind"], num_classes=run["num_classes"])
+                          loss_kind=run["loss_kind"], loss_reduction=run["loss_reduction"],
+                          num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
 
@@ -207,11 +210,11 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             return None
         phase = "loss"
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
-        loss = choice.fn(outputs, data.targets)
+        loss, call = watched(choice.fn, outputs, data.targets)
         _validate_loss(loss)
+        _loss_reads_first(probe, call, outputs)
         if step == 0:
-            run["loss_kind"] = choice.kind
-            run["num_classes"] = _num_classes(choice, outputs)
+            _note_loss(run, choice, call, outputs)
         phase = "backward"
         loss.backward()
         phase = "optimizer step"
@@ -303,6 +306,27 @@ def _validate_loss(loss: Any) -> None:
     if not loss.requires_grad:
         raise TargetError("the loss does not require grad: nothing in it depends on a trainable "
                           "parameter (is the forward under torch.no_grad()?)")
+
+
+def _loss_reads_first(probe: Probe, call: Optional[LossCall], outputs: Any) -> None:
+    """Put the output the loss read first among the step's output origins (the rules read the
+    model's output there: a dict's 'logits' after its 'features', say)."""
+    index = output_index(call, _tensors_in(outputs))
+    origins = probe.output_origins
+    if index is not None and 0 < index < len(origins):
+        origins.insert(0, origins.pop(index))
+
+
+def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall], outputs: Any) -> None:
+    """The loss family (a user's function is known by the torch loss it calls), its
+    reduction and the number of classes it reads."""
+    kind = choice.kind
+    if kind == "custom" and call is not None:
+        kind = call.kind
+    seen = call is not None and call.kind == kind
+    run["loss_kind"] = kind
+    run["loss_reduction"] = call.reduction if seen else None
+    run["num_classes"] = (call.num_classes if seen else None) or _num_classes(choice, outputs)
 
 
 def _num_classes(choice: LossChoice, outputs: Any) -> Optional[int]:

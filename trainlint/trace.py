@@ -198,6 +198,8 @@ class RunTrace:
     model_type: str = ""
     output_ops: tuple = ()
     loss_kind: Optional[str] = None
+    # "mean", "sum" or "none" when the loss's torch call was seen (None: not seen).
+    loss_reduction: Optional[str] = None
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)

@@ -1,0 +1,78 @@
+"""What a loss function computes, seen while it runs: the torch loss it calls (also inside a
+user's ``def loss_fn(o, t): return F.cross_entropy(o, t)`` or an ``nn.Module`` wrapping
+``nn.CrossEntropyLoss``), its reduction, and which of the model's outputs it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+LOSS_FUNCTIONS = {
+    F.cross_entropy: "cross_entropy",
+    F.nll_loss: "nll",
+    F.binary_cross_entropy_with_logits: "bce_with_logits",
+    F.mse_loss: "mse",
+}
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """The first torch loss a loss function called: its family, reduction and input."""
+
+    kind: str
+    reduction: str
+    shape: tuple
+    storage: int  # the input's storage address: a view or reshape of an output shares it
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """C of a (N, C, ...) cross-entropy or NLL input (dim 1, as torch reads it)."""
+        if self.kind in ("cross_entropy", "nll") and len(self.shape) >= 2:
+            return int(self.shape[1])
+        return None
+
+
+class LossWatch(TorchFunctionMode):
+    """A ``TorchFunctionMode`` around a loss computation that notes its first torch loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call: Optional[LossCall] = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        kind = LOSS_FUNCTIONS.get(func)
+        if kind is not None and self.call is None and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            self.call = LossCall(kind, str(kwargs.get("reduction", "mean")), tuple(x.shape),
+                                 _storage(x))
+        return func(*args, **kwargs)
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (a subclass)
+        return -1
+
+
+def output_index(call: Optional[LossCall], outputs: list) -> Optional[int]:
+    """The position in ``outputs`` of the tensor the loss read (a view of it counts), or None."""
+    if call is None or call.storage in (-1, 0):
+        return None
+    for i, t in enumerate(outputs):
+        if isinstance(t, torch.Tensor) and _storage(t) == call.storage:
+            return i
+    return None
+
+
+def watched(loss_fn: Any, outputs: Any, targets: Any) -> tuple[Any, Optional[LossCall]]:
+    """``loss_fn(outputs, targets)`` and the first torch loss it called."""
+    watch = LossWatch()
+    with watch:
+        loss = loss_fn(outputs, targets)
+    return loss, watch.call
