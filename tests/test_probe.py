@@ -252,6 +252,41 @@ def test_a_module_called_twice_merges_both_calls_over_steps() -> None:
     assert_matches(fc, outs)
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block: one nn.ReLU module after bn1 and after the residual sum."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)) + x)
+        return self.head(out.mean((2, 3)))
+
+
+def test_each_call_of_an_activation_module_is_its_own_point() -> None:
+    """The dead channels behind bn1 are not hidden by the live ones after the residual sum."""
+    torch.manual_seed(0)
+    block = BasicBlock()
+    with torch.no_grad():
+        block.bn1.bias[:6] = -20.0
+    report = trainlint.check(block, (torch.randn(8, 8, 6, 6), torch.randint(0, 3, (8,))),
+                             steps=2)
+    points = report.trace.layer_by_key()
+    first, second = points[("relu", "output")], points[("relu", "output#1")]
+    assert first.dead_fraction == pytest.approx(6 / 8)
+    assert second.dead_fraction < 0.5
+    dead = [f for f in report.findings if f.code == "TL101"]
+    assert [f.module for f in dead] == ["relu"]
+    assert "bn1" in dead[0].fix
+
+
 def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():
     """An Inf in an embedding row the batch never looks up is still a non-finite parameter."""
     embedding = nn.Embedding(4096, 16)  # above the sampling size: the norm/std are estimated

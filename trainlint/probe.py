@@ -498,7 +498,10 @@ class Probe:
         count_key = (name, op)
         index = self.call_counts.get(count_key, 0)
         self.call_counts[count_key] = index + 1
-        label = op if (op == "output" or index == 0) else f"{op}#{index}"
+        # Each call of a functional activation, or of an activation module used twice (a ResNet
+        # block's one nn.ReLU), is a point of its own: its units are other units. Other modules'
+        # calls share their point.
+        label = op if (index == 0 or (op == "output" and kind is None)) else f"{op}#{index}"
         key = (name, label, units)
         point = self.points.get(key)
         if point is None:
