@@ -287,6 +287,40 @@ def test_each_call_of_an_activation_module_is_its_own_point() -> None:
     assert "bn1" in dead[0].fix
 
 
+class GatedConv(nn.Module):
+    """A conv map gated by a squeeze-excitation made of nn.Linear, then ReLU; and a ConvNeXt
+    style channels-last MLP (permute, Linear, GELU) on the same map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(12, 4), nn.Linear(4, 12)
+        self.pw = nn.Linear(12, 20)
+        self.head = nn.Linear(20, 3)
+        with torch.no_grad():
+            self.conv.bias[:9] = -50.0  # 9 of the 12 channels never pass the ReLU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3))))))
+        h = F.relu(h * gate[:, :, None, None])
+        h = F.gelu(self.pw(h.permute(0, 2, 3, 1)))  # (N, H, W, 20): units in the last dim
+        return self.head(h.mean((1, 2)))
+
+
+def test_the_unit_dim_follows_the_layer_that_made_the_tensor() -> None:
+    """After the SE gate's Linear, the ReLU on the conv map still has the conv's channels as
+    units (dim 1); the GELU after a Linear on the permuted map has the Linear's (last dim)."""
+    torch.manual_seed(0)
+    report = trainlint.check(GatedConv(), (torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))),
+                             steps=2)
+    points = report.trace.layer_by_key()
+    relu, gelu = points[("", "relu#1")], points[("", "gelu")]
+    assert (relu.unit_dim, relu.unit_ever_active.size) == (1, 12)
+    assert relu.dead_fraction == pytest.approx(9 / 12)
+    assert (gelu.unit_dim, gelu.unit_ever_active.size) == (-1, 20)
+
+
 def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():
     """An Inf in an embedding row the batch never looks up is still a non-finite parameter."""
     embedding = nn.Embedding(4096, 16)  # above the sampling size: the norm/std are estimated

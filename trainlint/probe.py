@@ -73,6 +73,14 @@ UNIT_KINDS = ("relu", "gelu")
 MAX_VIA = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
+# Ops whose output has the dims of their input in the same order (element-wise ops, casts): a
+# tensor that flowed through only these has its producer's channel layout.
+LAYOUT_KEEPING = GATE_OPS | frozenset({
+    "add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__", "sub_",
+    "__isub__", "div", "__truediv__", "__rtruediv__", "div_", "__itruediv__", "neg", "__neg__",
+    "pow", "__pow__", "abs", "clamp", "clamp_", "clamp_min", "clamp_max", "contiguous", "clone",
+    "detach", "float", "half", "bfloat16", "to", "type", "dropout", "where", "addcmul",
+})
 
 
 def activation_kind(module: nn.Module) -> Optional[str]:
@@ -190,6 +198,8 @@ class Point:
     unit_hi: Optional[torch.Tensor] = None
     unit_lo: Optional[torch.Tensor] = None
     backward_order: Optional[int] = None
+    # Whether the tensor at this point has its channels in dim 1 (None: not known).
+    channel_first: Optional[bool] = None
 
 
 @dataclass
@@ -458,16 +468,19 @@ class Probe:
             return
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
-            self._observe_output(module, output)
+            self._observe_output(module, args, output)
 
-    def _observe_output(self, module: nn.Module, output: Any) -> None:
+    def _observe_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         tensor = first_float_tensor(output)
         if tensor is None:
             return
         self.busy = True
         try:
             info = self.info(module)
-            point = self._observe(info.name, info.type, "output", info.kind, tensor)
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            own = True if info.channel_first else (False if info.has_params else None)
+            point = self._observe(info.name, info.type, "output", info.kind, tensor, source,
+                                  own)
             self._set_producer(tensor, point.key)
             if info.channel_first:
                 self.last_layout_channel_first = True
@@ -482,16 +495,25 @@ class Probe:
             return
         info = self.info(self.stack[-1] if self.stack else self.model)
         origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
-        point = self._observe(info.name, info.type, op, op, tensor)
+        point = self._observe(info.name, info.type, op, op, tensor,
+                              next(iter(_tensors_in(args)), None))
         for src, via in origins:
             self.edges.add((src, ("point",) + point.key, via))
         self._set_producer(tensor, point.key)
 
     def _observe(self, name: str, type_name: str, op: str, kind: Optional[str],
-                 tensor: torch.Tensor) -> Point:
+                 tensor: torch.Tensor, source: Optional[torch.Tensor] = None,
+                 layout: Optional[bool] = None) -> Point:
+        """Observe ``tensor``, made from ``source`` (the layout of its channels follows the
+        point that made ``source``, else the last layer with parameters); ``layout``: the
+        channel layout a module's own output has whatever its input (Conv: first; Linear:
+        last)."""
+        channel_first = self._layout_from(source)
+        if channel_first is None:
+            channel_first = self.last_layout_channel_first
         unit_dim = None
         if kind in UNIT_KINDS and tensor.dim() >= 1:
-            unit_dim = 1 if (tensor.dim() >= 3 and self.last_layout_channel_first) else -1
+            unit_dim = 1 if (tensor.dim() >= 3 and channel_first) else -1
             if tensor.dim() == 1:
                 unit_dim = 0
         units = tensor.shape[unit_dim] if unit_dim is not None else None
@@ -506,7 +528,9 @@ class Probe:
         point = self.points.get(key)
         if point is None:
             point = Point(key=key, module=name, type=type_name, op=label, kind=kind,
-                          depth=self.counter, unit_dim=unit_dim, shape=tuple(tensor.shape))
+                          depth=self.counter, unit_dim=unit_dim, shape=tuple(tensor.shape),
+                          channel_first=layout if layout is not None else (
+                              channel_first if tensor.dim() >= 3 else None))
             self.points[key] = point
         self.counter += 1
         # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
@@ -584,6 +608,15 @@ class Probe:
         if entry is None or entry[0]() is not t:
             return None
         return entry[1], entry[2]
+
+    def _layout_from(self, source: Optional[torch.Tensor]) -> Optional[bool]:
+        """The channel layout of ``source`` when it comes from an observed point through
+        element-wise ops only (an SE gate's product keeps the conv's layout), else None."""
+        origin = None if source is None else self._origin_of(source)
+        if origin is None or origin[0][0] != "point" or not LAYOUT_KEEPING.issuperset(origin[1]):
+            return None
+        point = self.points.get(origin[0][1:])
+        return None if point is None else point.channel_first
 
     def _set_producer(self, t: torch.Tensor, key: tuple) -> None:
         if self.mode is not None:
