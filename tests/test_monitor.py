@@ -217,6 +217,60 @@ def test_eval_mode_is_read_at_the_training_forward(eval_when: str) -> None:
     assert bool(found) is (eval_when == "whole_step")
 
 
+@pytest.mark.parametrize("train_after", [True, False])
+def test_eval_mode_is_read_at_the_forward_the_backward_reached(train_after: bool) -> None:
+    """A validation forward in eval mode with autograd on (no no_grad) before the training
+    forward: TL602 judges the forward whose output the backward reached."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(3):
+            model.eval()
+            F.cross_entropy(model(x[:8]), y[:8])  # validation, autograd on, never backpropagated
+            model.train(train_after)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            monitor.step()
+        found = [f for f in monitor.report().findings if f.code == "TL602"]
+    assert bool(found) is not train_after
+
+
+class FlatTokens(nn.Module):
+    """BatchNorm1d over the (N*L, C) rows of token embeddings: it sees N*L rows, not N."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.bn, self.out = nn.Embedding(50, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        n, length, c = h.shape
+        return self.out(self.bn(h.reshape(n * length, c)).reshape(n, length, c).mean(1))
+
+
+def test_the_batch_size_is_dim_0_of_the_training_forwards_input() -> None:
+    """As trainlint check reads it: 8 sequences of 12 tokens, not the BatchNorm's 96 rows (and
+    not the 3 of a validation forward run with autograd on before the training forward)."""
+    torch.manual_seed(0)
+    model = FlatTokens()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randint(0, 50, (8, 12)), torch.randint(0, 4, (8,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(3):
+            model(x[:3])  # a validation forward, autograd on, never backpropagated
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            monitor.step()
+        report = monitor.report()
+    assert report.trace.batch_size == 8
+    assert "TL402" in {f.code for f in report.findings}
+    assert report.trace.batch_size == trainlint.check(model, (x, y)).trace.batch_size
+
+
 def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:
     """A plain loop that evaluates (autograd off, eval mode, another batch size) between the
     training step and monitor.step(): the step's statistics are the training forward's."""

@@ -278,7 +278,11 @@ class Monitor:
 
 
 def _batch_size(snap: ProbeSnapshot) -> Optional[int]:
-    """This process's batch size: what the first normalization layer or input saw."""
+    """This process's batch size: dim 0 of the training forward's first input (as ``trainlint
+    check`` reads it; a BatchNorm over flattened tokens sees N*L rows), else what the first
+    normalization layer or input saw."""
+    if snap.batch_size is not None:
+        return snap.batch_size
     for call in snap.norm_calls:
         if call.shape:
             return int(call.shape[0])

@@ -265,8 +265,12 @@ class Probe:
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
         self.failed_module: Optional[str] = None
-        # The model's train/eval flags at this step's first forward with autograd on.
-        self.forward_flags: Optional[dict] = None
+        # ``(train/eval flags, batch size)`` of this step's first forward with autograd on, of
+        # the last such forward, and of the first forward whose output a backward reached (the
+        # training forward, not a validation run before it without no_grad).
+        self.first_forward: Optional[tuple] = None
+        self.last_forward: Optional[tuple] = None
+        self.trained_forward: Optional[tuple] = None
         # The optimizer's parameters sampled around its step; per group of them, the sums of
         # squares of the weight before the step and of the update.
         self.updates = UpdateSampler()
@@ -344,7 +348,7 @@ class Probe:
         """Observe the next forward/backward/optimizer step (hooks go on the model now)."""
         self.observing = True
         self.failed_module = None
-        self.forward_flags = None
+        self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
         if self.attached:
             self._install()
@@ -376,8 +380,9 @@ class Probe:
         if not self.observing or self.skipping:
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
-        if self.forward_flags is None:  # the step's first training forward
-            self.forward_flags = training_flags(self.model)
+        self.last_forward = (training_flags(self.model), _batch_of(args, kwargs))
+        if self.first_forward is None:
+            self.first_forward = self.last_forward
         self.call_counts.clear()
         self.producers.clear()
         self.busy = True
@@ -397,8 +402,21 @@ class Probe:
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.mode is not None and output is not None and self.observing:
             self.output_origins = [self._origin_of(t) for t in _tensors_in(output)]
+            self._on_backward(output, self.last_forward)
         self._exit_mode()
         self.skipping = False
+
+    def _on_backward(self, output: Any, facts: Optional[tuple]) -> None:
+        """Keep ``facts`` as the training forward's once a backward reaches ``output``."""
+        grad_out = next((t for t in _tensors_in(output) if t.requires_grad), None)
+        if grad_out is None or facts is None:
+            return
+
+        def reached(grad: torch.Tensor) -> None:
+            if self.trained_forward is None:
+                self.trained_forward = facts
+
+        self.tensor_handles.append(grad_out.register_hook(reached))
 
     def _exit_mode(self) -> None:
         """Leave the probe's mode, if it is the innermost one; else (a forward interrupted by
@@ -707,13 +725,14 @@ class Probe:
                 add(("extra", name), value)
         flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         host = flat.cpu().numpy()  # the one host sync of the observed step
+        trained = self.trained_forward or self.first_forward or (None, None)
         snapshot = ProbeSnapshot(points=dict(self.points), norm_calls=list(self.norm_calls),
                                  edges=set(self.edges), output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
                                                  if p.backward_order is not None},
-                                 train_flags=self.forward_flags)
-        self.forward_flags = None
+                                 train_flags=trained[0], batch_size=trained[1])
+        self.first_forward = self.trained_forward = None
         offset = 0
         for tag, shape, numel in layout:
             snapshot.values[tag] = host[offset:offset + numel].reshape(shape)
@@ -813,9 +832,19 @@ class ProbeSnapshot:
     failed_module: Optional[str]
     backward_order: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
-    # The model's train/eval flags at the step's first forward with autograd on
-    # (:func:`training_flags`); None when no such forward was observed.
+    # The model's train/eval flags (:func:`training_flags`) and the batch size (dim 0 of its
+    # first input) at the training forward: the first whose output a backward reached, else
+    # the first with autograd on; None when no such forward was observed.
     train_flags: Optional[dict] = None
+    batch_size: Optional[int] = None
+
+
+def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:
+    """Dim 0 of a forward's first input tensor, as ``trainlint check`` reads a batch's size."""
+    for t in _tensors_in(args) + _tensors_in(kwargs):
+        if t.dim() > 0:
+            return int(t.size(0))
+    return None
 
 
 def training_flags(model: nn.Module) -> dict:
