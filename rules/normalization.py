@@ -207,7 +207,8 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## What it does
     Finds Conv/Linear layers with a bias whose output goes straight (through reshapes only)
     into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per group: layers that
-    subtract a per-channel mean.
+    subtract a per-channel mean. Recurrent layers (LSTM, GRU, RNN) are left alone: their
+    biases sit inside the gates, before the nonlinearities, where no later norm cancels them.
 
     ## Why is this bad?
     The mean subtraction removes any per-channel constant, so the bias has no effect on the
@@ -224,7 +225,7 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         facts = trace.modules.get(lt.module)
         if lt.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS:
             continue
-        if not facts.attrs.get("has_bias"):
+        if not facts.attrs.get("has_bias") or facts.type in RNN_TYPES:
             continue
         for dst, via in successors(trace, lt.node):
             norm = trace.modules.get(dst[1]) if dst[0] == "module" else None

@@ -61,6 +61,14 @@ def test_tl403_groupnorm_cancels_the_bias_only_with_one_channel_per_group():
     assert hits("TL403", _conv_into(grouped)) == []
 
 
+def test_tl403_recurrent_biases_sit_inside_the_gates():
+    for type_ in ("LSTM", "GRU", "RNN"):
+        rnn = point("rnn", type_)
+        t = trace([rnn], modules=[module("rnn", type_, has_bias=True), _bn()],
+                  edges=[to_module(rnn, "bn", ("__getitem__",))])
+        assert hits("TL403", t) == [], type_
+
+
 def test_tl403_only_straight_into_the_norm():
     assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), via=("add",))) == []
     assert len(hits("TL403", _conv_into(module("inorm", "InstanceNorm2d"), via=("view",)))) == 1
