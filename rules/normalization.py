@@ -206,9 +206,10 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     Finds Conv/Linear layers with a bias whose output goes straight (through reshapes only)
-    into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per group: layers that
-    subtract a per-channel mean. Recurrent layers (LSTM, GRU, RNN) are left alone: their
-    biases sit inside the gates, before the nonlinearities, where no later norm cancels them.
+    into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per group (layers that
+    subtract a per-channel mean), and nowhere else: an output also used elsewhere (a residual
+    add) keeps the bias there. Recurrent layers (LSTM, GRU, RNN) are left alone: their biases
+    sit inside the gates, before the nonlinearities, where no later norm cancels them.
 
     ## Why is this bad?
     The mean subtraction removes any per-channel constant, so the bias has no effect on the
@@ -227,22 +228,26 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if not facts.attrs.get("has_bias") or facts.type in RNN_TYPES:
             continue
-        for dst, via in successors(trace, lt.node):
-            norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
-            if norm is None or not norm.is_leaf or not only_shape_ops(via) \
-                    or not _cancels_bias(norm):
-                continue
-            shift = ("its affine shift β takes the bias's role" if norm.attrs.get("affine")
-                     else "the norm has no affine shift, so the output has no offset at all")
-            yield Hit(
-                module=lt.module,
-                message=(f"{facts.type} {lt.module!r} has a bias, but its output goes straight "
-                         f"into {norm.type} {norm.name!r}, whose per-channel mean subtraction "
-                         f"cancels it; {shift}"),
-                fix=f"build {lt.module!r} with bias=False",
-                evidence={"norm": norm.name, "norm_type": norm.type},
-            )
-            break
+        # Every consumer of the output (containers aside: what they do with it has edges of
+        # its own) must be the norm: a bias that also reaches a residual add is not cancelled.
+        consumers = [(dst, via) for dst, via in successors(trace, lt.node)
+                     if dst[0] != "module" or getattr(trace.modules.get(dst[1]), "is_leaf", True)]
+        if len(consumers) != 1:
+            continue
+        (dst, via), = consumers
+        norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
+        if norm is None or not only_shape_ops(via) or not _cancels_bias(norm):
+            continue
+        shift = ("its affine shift β takes the bias's role" if norm.attrs.get("affine")
+                 else "the norm has no affine shift, so the output has no offset at all")
+        yield Hit(
+            module=lt.module,
+            message=(f"{facts.type} {lt.module!r} has a bias, but its output goes straight "
+                     f"into {norm.type} {norm.name!r}, whose per-channel mean subtraction "
+                     f"cancels it; {shift}"),
+            fix=f"build {lt.module!r} with bias=False",
+            evidence={"norm": norm.name, "norm_type": norm.type},
+        )
 
 
 IMAGE_CHANNELS = (1, 2, 3, 4)

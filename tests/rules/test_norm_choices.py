@@ -69,6 +69,17 @@ def test_tl403_recurrent_biases_sit_inside_the_gates():
         assert hits("TL403", t) == [], type_
 
 
+def test_tl403_output_also_used_elsewhere_keeps_its_bias():
+    conv = point("conv", "Conv2d")
+    norm, head = _bn(type_="BatchNorm2d"), module("head", "Linear")
+    into_norm = [to_module(conv, "bn"), to_module(conv, "block")]
+    block = module("block", "Sequential", leaf=False)
+    modules = [module("conv", "Conv2d", has_bias=True), norm, head, block]
+    assert len(hits("TL403", trace([conv], modules=modules, edges=into_norm))) == 1
+    residual = into_norm + [to_module(conv, "head", ("add", "mean"))]
+    assert hits("TL403", trace([conv], modules=modules, edges=residual)) == []
+
+
 def test_tl403_only_straight_into_the_norm():
     assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), via=("add",))) == []
     assert len(hits("TL403", _conv_into(module("inorm", "InstanceNorm2d"), via=("view",)))) == 1
