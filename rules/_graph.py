@@ -166,10 +166,12 @@ def output_layer(trace: RunTrace) -> Optional[LayerTrace]:
     return None
 
 
-def maximal_groups(bad: set, universe: set, *, params: bool) -> dict[str, list]:
+def maximal_groups(bad: set, universe: set, *, params: bool,
+                   root: bool = True) -> dict[str, list]:
     """Group the dotted names in ``bad`` under the outermost module whose every name in
     ``universe`` is bad: {module: [names]}. Names are parameter names (``params``: a name
-    left alone is grouped under its own module) or module names (grouped under itself)."""
+    left alone is grouped under its own module) or module names (grouped under itself).
+    Without ``root``, no group is made at the model itself ("")."""
     groups: dict[str, list] = {}
     for name in sorted(bad):
         base = (name.rsplit(".", 1)[0] if "." in name else "") if params else name
@@ -177,7 +179,7 @@ def maximal_groups(bad: set, universe: set, *, params: bool) -> dict[str, list]:
         for candidate in reversed(ancestors(base)):
             inside = {n for n in universe
                       if candidate == "" or n == candidate or n.startswith(candidate + ".")}
-            if inside and inside <= bad:
+            if (candidate or root) and inside and inside <= bad:
                 key = candidate
                 break
         groups.setdefault(key, []).append(name)

@@ -203,12 +203,13 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     At every observed step of a Monitor run it reads ``model.training`` and the mode of each
     BatchNorm/Dropout submodule. It fires when the model is in eval mode (and has such layers,
     whose behaviour depends on the mode), or when one of those submodules is in eval mode while
-    the model trains. Submodules frozen on purpose are left alone: their parameters are frozen
-    (``requires_grad=False``), or a user class on their path overrides ``train()`` to keep them
-    in eval (the detection-backbone idiom; library wrappers whose ``train()`` only passes the
-    mode on, such as DDP or transformers' models, do not count). ``trainlint check`` puts the
-    model in train mode itself (as a training loop's ``model.train()`` does, honouring
-    ``train()`` overrides), so this rule needs a Monitor run.
+    the model trains, at the outermost submodule whose BatchNorm/Dropout layers are all in eval
+    (never at the model itself, which trains). Submodules frozen on purpose are left alone:
+    their parameters are frozen (``requires_grad=False``), or a user class on their path
+    overrides ``train()`` to keep them in eval (the detection-backbone idiom; library wrappers
+    whose ``train()`` only passes the mode on, such as DDP or transformers' models, do not
+    count). ``trainlint check`` puts the model in train mode itself (as a training loop's
+    ``model.train()`` does, honouring ``train()`` overrides), so this rule needs a Monitor run.
 
     ## Why is this bad?
     In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running
@@ -251,15 +252,17 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                     bad[name] = bad.get(name, 0) + 1
     if not bad:
         return
-    for module, names in maximal_groups(set(bad), mode_modules, params=False).items():
+    # The model trains: a group is a submodule (the model itself is not left in eval).
+    groups = maximal_groups(set(bad), mode_modules, params=False, root=False)
+    for module, names in groups.items():
         steps = max(bad[n] for n in names)
         types = sorted({trace.modules[n].type for n in names})
         yield Hit(
             module=module,
-            message=(f"{len(names)} {'/'.join(types)} layer(s) in {_where(module)} were in eval "
+            message=(f"{len(names)} {'/'.join(types)} layer(s) in module {module!r} were in eval "
                      f"mode during {steps} of {len(flags)} observed training step(s) while the "
                      f"model trained: {_listed(names)}"),
-            fix=(f"call model.train() rather than leaving {module or 'them'!r} in eval; to "
+            fix=(f"call model.train() rather than leaving {module!r} in eval; to "
                  "freeze BatchNorm on purpose, also freeze its parameters "
                  "(requires_grad_(False)) or override train() to keep it in eval"),
             evidence={"modules": names, "steps": steps, "observed_steps": len(flags)},

@@ -29,6 +29,8 @@ def test_maximal_groups_for_modules():
     assert maximal_groups({"backbone.bn1"}, universe, params=False) == {
         "backbone.bn1": ["backbone.bn1"]}
     assert maximal_groups(set(universe), universe, params=False) == {"": sorted(universe)}
+    assert maximal_groups(set(universe), universe, params=False, root=False) == {
+        "backbone": ["backbone.bn1", "backbone.layer1.bn"], "head": ["head.drop"]}
 
 
 def test_inside_attention_by_type_or_name():

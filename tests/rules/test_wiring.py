@@ -128,6 +128,16 @@ def test_tl602_submodule_in_eval_while_training_fires():
     assert [h.module for h in found] == ["backbone"]
 
 
+def test_tl602_names_the_submodules_when_all_are_in_eval():
+    alone = trace([], modules=[module("1", "BatchNorm1d")], train_flags=_flags(eval_modules=["1"]),
+                  mode="monitor")
+    found = hits("TL602", alone)
+    assert [h.module for h in found] == ["1"]
+    assert "the model itself" not in found[0].message and "'1'" in found[0].fix
+    every = _mode_model(_flags(eval_modules=["backbone.bn", "head.drop"]))
+    assert [h.module for h in hits("TL602", every)] == ["backbone", "head"]
+
+
 def test_tl602_frozen_on_purpose_is_fine():
     frozen = _mode_model(_flags(eval_modules=["backbone.bn"]), requires_grad=False)
     assert hits("TL602", frozen) == []
