@@ -67,12 +67,14 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         return
     groups = maximal_groups(unused, {p.name for p in trainable}, params=True)
     for module, names in groups.items():
+        # A group at the model itself holds the model's own parameters: name them.
+        what = repr(module) if module else _listed([repr(n) for n in names])
         yield Hit(
             module=module,
             message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no gradient "
                      f"in {trace.observed_steps} observed step(s): {_listed(names)}; they do "
                      "not take part in the loss"),
-            fix=(f"use {module or 'them'!r} in forward (or delete it), remove a .detach() / "
+            fix=(f"use {what} in forward (or delete it), remove a .detach() / "
                  "torch.no_grad() that cuts it off, or freeze it with requires_grad_(False); "
                  "under DistributedDataParallel unused parameters need "
                  "find_unused_parameters=True, which slows every step"),

@@ -32,6 +32,13 @@ def test_tl505_a_single_parameter_is_named_at_its_module():
     assert [(h.module, h.evidence["params"]) for h in found] == [("head", ["head.bias"])]
 
 
+def test_tl505_a_parameter_of_the_model_itself_is_named_in_the_fix():
+    t = trace([], params=_params() + [param("gate", (4,), grad_steps=0)], observed_steps=2)
+    found = hits("TL505", t)
+    assert [h.module for h in found] == [""]
+    assert found[0].fix.startswith("use 'gate' in forward")
+
+
 def test_tl505_frozen_or_used_at_some_step_is_fine():
     frozen = {"grad_steps": 0, "requires_grad": False}
     t = trace([], params=_params(**{"aux.weight": frozen, "aux.bias": frozen}), observed_steps=3)
