@@ -101,8 +101,10 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
 
     ## Fix
     Build the optimizer from ``model.parameters()`` after the model is complete, or add the
-    group: ``optimizer.add_param_group({"params": model.head.parameters()})``; if they are
-    frozen on purpose, ``requires_grad_(False)`` them.
+    group: ``optimizer.add_param_group({"params": model.head.parameters()})``, or just the
+    missing parameters when the module's others are in a group already (a parameter may be in
+    only one group): ``[model.get_parameter("head.bias")]``; if they are frozen on purpose,
+    ``requires_grad_(False)`` them.
     """
     trainable = [p for p in trace.params if p.requires_grad]
     if not trainable:
@@ -112,7 +114,11 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     missing = {p.name for p in trainable if p.in_optimizer is False}
     groups = maximal_groups(missing, {p.name for p in trainable}, params=True)
     for module, names in groups.items():
-        target = f"{module_expr(module)}.parameters()" if module else "[...]"
+        under = [p for p in trace.params if not module or p.name.startswith(module + ".")]
+        if any(p.in_optimizer for p in under):  # adding them all would add some twice
+            target = "[" + ", ".join(f"model.get_parameter({n!r})" for n in names) + "]"
+        else:
+            target = f"{module_expr(module)}.parameters()" if module else "model.parameters()"
         yield Hit(
             module=module,
             message=(f"{len(names)} trainable parameter(s) of {_where(module)} are in no "

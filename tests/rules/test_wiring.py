@@ -68,6 +68,17 @@ def test_tl506_numeric_module_names_get_valid_python():
     assert "model.get_submodule('body.1').parameters()" in found[0].fix
 
 
+def test_tl506_partly_missing_module_lists_just_the_missing_params():
+    missing = {"in_optimizer": False}
+    t = trace([], params=_params(**{"body.0.bias": missing, "head.bias": missing}))
+    found = hits("TL506", t)
+    assert [h.module for h in found] == ["body.0", "head"]
+    assert "{'params': [model.get_parameter('body.0.bias')]}" in found[0].fix
+    assert "{'params': [model.get_parameter('head.bias')]}" in found[1].fix
+    own = trace([], params=_params() + [param("gate", (4,), in_optimizer=False)])
+    assert "{'params': [model.get_parameter('gate')]}" in hits("TL506", own)[0].fix
+
+
 def test_tl506_frozen_params_and_unknown_optimizer():
     frozen = {"in_optimizer": False, "requires_grad": False}
     assert hits("TL506", trace([], params=_params(**{"aux.weight": frozen}))) == []
