@@ -19,6 +19,12 @@ SHAPE_OPS = frozenset({
     "__getitem__", "expand", "unflatten", "view_as", "reshape_as", "t", "chunk", "split",
     "narrow", "movedim", "to", "float", "type", "clone", "detach",
 })
+# Functional twins of the dropout and pooling pass-through modules (F.dropout, F.max_pool2d).
+FUNCTIONAL_DROPOUT = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                      "feature_alpha_dropout")
+FUNCTIONAL_PASS_THROUGH = frozenset(FUNCTIONAL_DROPOUT) | {
+    f"{kind}_pool{d}d" for kind in ("max", "avg", "adaptive_max", "adaptive_avg")
+    for d in (1, 2, 3)}
 # Leaf module types that hold weights applied to their input.
 WEIGHT_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                  "ConvTranspose3d", "Bilinear", "LazyLinear", "LSTM", "GRU", "RNN",
@@ -57,7 +63,8 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
 
 
 def only_shape_ops(via: tuple) -> bool:
-    return all(op in SHAPE_OPS or op in PASS_THROUGH for op in via)
+    return all(op in SHAPE_OPS or op in PASS_THROUGH or op in FUNCTIONAL_PASS_THROUGH
+               for op in via)
 
 
 def feeds_weight_layer(trace: RunTrace, layer: LayerTrace) -> list[str]:

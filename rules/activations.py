@@ -413,9 +413,10 @@ def sigmoid_hidden_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     Finds sigmoid outputs (``nn.Sigmoid``, ``torch.sigmoid``, ``x.sigmoid()``, hard sigmoid)
-    that go straight into another weight layer (Linear, Conv, RNN). A sigmoid that is the
-    model's output, a gate multiplied into another tensor (squeeze-and-excitation, GLU,
-    LSTM-style gating, a hand-written SiLU) or that sits inside an attention block is not
+    that go straight (through reshapes, dropout and pooling, as modules or functional ops such
+    as ``F.dropout``/``F.max_pool2d``) into another weight layer (Linear, Conv, RNN). A sigmoid
+    that is the model's output, a gate multiplied into another tensor (squeeze-and-excitation,
+    GLU, LSTM-style gating, a hand-written SiLU) or that sits inside an attention block is not
     reported. All such sigmoids are reported in one finding, at the first.
 
     ## Why is this bad?

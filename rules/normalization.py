@@ -10,8 +10,10 @@ from trainlint.trace import ModuleFacts, RunTrace
 from ._graph import (
     DROPOUT_TYPES,
     EMBEDDING_TYPES,
+    FUNCTIONAL_DROPOUT,
     INSTANCENORM_TYPES,
     RNN_TYPES,
+    SHAPE_OPS,
     WEIGHT_LAYERS,
     is_attention,
     only_shape_ops,
@@ -236,7 +238,7 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         (dst, via), = consumers
         norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
-        if norm is None or not only_shape_ops(via) or not _cancels_bias(norm):
+        if norm is None or not set(via) <= SHAPE_OPS or not _cancels_bias(norm):
             continue
         shift = ("its affine shift β takes the bias's role" if norm.attrs.get("affine")
                  else "the norm has no affine shift, so the output has no offset at all")
@@ -296,10 +298,6 @@ def batchnorm_image_generator(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
 
 
-FUNCTIONAL_DROPOUT = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-                      "feature_alpha_dropout")
-
-
 @rule("TL406", "dropout-before-batchnorm", "info")
 def dropout_before_batchnorm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Dropout whose output feeds a BatchNorm.
@@ -322,7 +320,7 @@ def dropout_before_batchnorm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     for facts in batchnorms(trace):
         for src, via in sources(trace, facts.name):
-            if not only_shape_ops(tuple(op for op in via if op not in FUNCTIONAL_DROPOUT)):
+            if not only_shape_ops(via):
                 continue
             functional = any(op in FUNCTIONAL_DROPOUT for op in via)
             feeder = trace.modules.get(src[1]) if src[0] == "point" else None

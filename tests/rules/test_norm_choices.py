@@ -82,6 +82,7 @@ def test_tl403_output_also_used_elsewhere_keeps_its_bias():
 
 def test_tl403_only_straight_into_the_norm():
     assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), via=("add",))) == []
+    assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), via=("dropout",))) == []
     assert len(hits("TL403", _conv_into(module("inorm", "InstanceNorm2d"), via=("view",)))) == 1
 
 

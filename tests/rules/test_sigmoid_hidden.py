@@ -30,6 +30,14 @@ def test_functional_sigmoid_through_a_reshape_fires():
     assert [h.module for h in hits("TL105", t)] == ["block"]
 
 
+def test_sigmoid_through_functional_dropout_or_pooling_fires():
+    for via in (("dropout",), ("max_pool2d", "flatten"), ("adaptive_avg_pool2d",)):
+        fc1, sig, fc2 = _stack()
+        t = trace([fc1, sig, fc2], edges=[to_module(fc1, "act"), to_module(sig, "fc2", via)],
+                  output_ops=((fc2.node, ()),))
+        assert [h.module for h in hits("TL105", t)] == ["act"], via
+
+
 def test_several_hidden_sigmoids_are_one_finding():
     a = point("a", "Sigmoid", depth=1, kind="sigmoid")
     b = point("b", "Sigmoid", depth=3, kind="sigmoid")
