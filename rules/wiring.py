@@ -141,16 +141,21 @@ DOUBLE = {
 }
 
 
+# Clamping probabilities away from 0 and 1 leaves them probabilities.
+CLAMP_OPS = frozenset({"clamp", "clip", "clamp_min", "clamp_max"})
+
+
 @rule("TL601", "double-softmax", "error")
 def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The model already ends in softmax/sigmoid and the loss applies it again.
 
     ## What it does
     Looks at the operation that produced the model's output (a module such as ``nn.Softmax``
-    or a functional ``F.softmax``/``torch.sigmoid`` in ``forward``, through reshapes only) and
-    at the loss: softmax into ``CrossEntropyLoss`` or ``NLLLoss``, sigmoid into
-    ``BCEWithLogitsLoss``. ``log_softmax`` into ``CrossEntropyLoss`` is reported as info: it
-    computes the same loss, only redundantly.
+    or a functional ``F.softmax``/``torch.sigmoid`` in ``forward``, through reshapes and
+    clamps such as ``.clamp(min=1e-7)`` only) and at the loss: softmax into
+    ``CrossEntropyLoss`` or ``NLLLoss``, sigmoid into ``BCEWithLogitsLoss``. ``log_softmax``
+    into ``CrossEntropyLoss`` is reported as info: it computes the same loss, only
+    redundantly.
 
     ## Why is this bad?
     ``CrossEntropyLoss`` expects raw logits: fed probabilities, it squashes them into [0, 1]
@@ -170,7 +175,7 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raise Skip("the loss function is not known (a Monitor sees only the loss value)")
     for origin, via in trace.output_ops[:1]:
         lt = layer_at(trace, origin) if origin[0] == "point" else None
-        if lt is None or not only_shape_ops(via):
+        if lt is None or not only_shape_ops(tuple(op for op in via if op not in CLAMP_OPS)):
             continue
         entry = DOUBLE.get((lt.kind, trace.loss_kind))
         if entry is None:

@@ -111,6 +111,12 @@ def test_tl601_correct_pairs_are_fine(kind, loss):
     assert hits("TL601", _ending_in(kind, loss)) == []
 
 
+def test_tl601_clamped_probabilities_are_still_probabilities():
+    for via in (("clamp",), ("clip", "view"), ("clamp_min",)):
+        assert [h.module for h in hits("TL601", _ending_in("softmax", "cross_entropy",
+                                                            via=via))] == ["out"], via
+
+
 def test_tl601_only_the_class_scores_count():
     attention_map = _ending_in("softmax", "cross_entropy", shape=(8, 4, 16, 16), classes=10)
     assert hits("TL601", attention_map) == []
