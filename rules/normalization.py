@@ -228,7 +228,7 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         facts = trace.modules.get(lt.module)
         if lt.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS:
             continue
-        if not facts.attrs.get("has_bias") or facts.type in RNN_TYPES:
+        if not facts.attrs.get("has_bias") or facts.base in RNN_TYPES:
             continue
         # Every consumer of the output (containers aside: what they do with it has edges of
         # its own) must be the norm: a bias that also reaches a residual add is not cancelled.
