@@ -12,6 +12,7 @@ from trainlint.trace import LayerTrace, ParamTrace, RunTrace
 from ._graph import (
     EMBEDDING_TYPES,
     WEIGHT_LAYERS,
+    ancestors,
     downstream,
     inside_attention_sublayer,
     is_norm_type,
@@ -341,10 +342,31 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     """(what, module, detail) for the first place NaN/Inf shows in one observed step."""
     bad = step.get("nonfinite") or {}
+    if bad.get("inputs"):
+        return "input", "", (f"the batch holds NaN/Inf before the model runs "
+                             f"({', '.join(bad['inputs'])})")
+    stale = bad.get("parameters_before") or []
+    if stale:
+        owner = stale[0].rsplit(".", 1)[0] if "." in stale[0] else ""
+        return "stale parameter", owner, (
+            f"{len(stale)} parameter(s) already held NaN/Inf when the step began "
+            f"({stale[:5]}): it appeared at a step that was not observed")
     by_key = {lt.node[1:]: lt for lt in trace.layers}
     acts = [by_key[key] for key in bad.get("activations", {}) if key in by_key]
+    first_depth = min((lt.depth for lt in acts), default=math.inf)
+    for name, after in bad.get("modules", []):  # in the order they finished
+        if after < first_depth:  # before any observed output held NaN/Inf
+            facts = trace.modules.get(name)
+            kind = f" ({facts.type})" if facts is not None else ""
+            return "forward", name, (
+                f"the output of {name or 'the model'}{kind} holds NaN/Inf, made by its own "
+                f"forward code: every layer output observed before it is finite")
+        break
     if acts:
         first = min(acts, key=lambda lt: lt.depth)
+        made = _made_on_the_way(trace, first, bad["activations"])
+        if made is not None:
+            return made
         count = bad["activations"][first.node[1:]]
         return "forward", first.module, (f"the output of {first.label} ({first.type}) holds "
                                          f"{count} NaN/Inf value(s)")
@@ -365,16 +387,52 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     return None
 
 
+# Ops that make NaN/Inf out of finite values (log of 0 or less, 0/0, overflowing exp...).
+RISKY_OPS = frozenset({
+    "log", "log2", "log10", "log1p", "log_", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "div", "div_",
+    "true_divide", "__truediv__", "__rtruediv__", "__itruediv__", "reciprocal", "reciprocal_",
+    "pow", "pow_", "__pow__", "__rpow__", "exp", "exp_", "exp2", "expm1", "acos", "asin",
+    "atanh", "acosh", "tan", "lgamma", "digamma", "erfinv", "xlogy", "fmod", "remainder",
+})
+
+
+def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
+    """When the first non-finite output's input came from a finite output through ops that
+    can make NaN/Inf (``torch.log`` between two layers), those ops made it: they ran in the
+    forward of the modules' common parent. ``(what, module, detail)`` or None."""
+    by_node = {lt.node: lt for lt in trace.layers}
+    for edge in trace.edges:
+        if edge.dst not in (("module", first.module), first.node) or \
+                not RISKY_OPS.intersection(edge.via):
+            continue
+        src = by_node.get(edge.src)
+        if src is None or src.node[1:] in bad:
+            continue
+        parent = next(name for name in ancestors(first.module) if name != first.module and (
+            not name or src.module == name or src.module.startswith(name + ".")))
+        ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
+        return "forward", parent, (
+            f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes "
+            f"from {src.label}, which is finite, through {ops} in the forward of "
+            f"{parent or 'the model'}: those ops made it")
+    return None
+
+
 @rule("TL504", "nonfinite", "error")
 def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """NaN or Inf in the loss, an activation, a gradient or a parameter.
 
     ## What it does
     The probe counts non-finite elements of every observed output, gradient and parameter on
-    the device. At the first observed step with any, this names where it appeared first: the
-    first module in forward execution order whose output holds NaN/Inf; else the loss;
-    else the first module in backward order whose output gradient does; else the parameters
-    (gradients, then values after the optimizer step).
+    the device, and reads each input of the model and each output that a module's own code
+    makes (a module with children, the model itself) in full. At the first observed step with
+    any, this names where it appeared first: the input batch; else parameters that already
+    held NaN/Inf when the step began (it appeared at an unobserved step: a Monitor with
+    ``every > 1``); else the first module in forward execution order whose output holds
+    NaN/Inf, a module whose own code (``torch.log`` in its ``forward``) made it before any
+    observed output held any; else the loss; else the first module in backward order whose
+    output gradient does; else the parameters (gradients, then values after the optimizer
+    step).
 
     ## Why is this bad?
     One NaN spreads to every weight in the next update: training is already broken.
@@ -413,6 +471,14 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace) -> str:
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
                 "log/sqrt/pow/division (x.clamp_min(eps)), add eps to denominators, use "
                 "F.log_softmax/torch.logsumexp instead of log(softmax(x))")
+    if what == "input":
+        return ("clean the data before the model: find the samples with NaN/Inf "
+                "(torch.isfinite(x).all(dim=...)), drop or impute them (torch.nan_to_num), and "
+                "check the preprocessing (a division by a zero std, a log of 0)")
+    if what == "stale parameter":
+        return ("observe every step (trainlint.Monitor(every=1), or trainlint check) to find "
+                "where NaN/Inf first appears; meanwhile lower the learning rate and clip "
+                "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0))")
     if what == "loss":
         return ("make the loss safe: use nn.CrossEntropyLoss/BCEWithLogitsLoss on logits "
                 "rather than log of probabilities, clamp inside log, check the targets' range")

@@ -82,6 +82,7 @@ class TraceBuilder:
         self.norm_calls: list = []
         self.edges: set = set()
         self.output_origins: list = []
+        self.before_nonfinite: list = []
         self.inputs: dict = {}
         self.params: dict[str, ParamTrace] = {}
         self.losses: list[float] = []
@@ -99,7 +100,11 @@ class TraceBuilder:
         if snap.output_origins:
             self.output_origins = snap.output_origins
         step_info: dict = {"step": step, "layers": {}}
-        nonfinite: dict = {"activations": {}, "gradients": {}}
+        nonfinite: dict = {"activations": {}, "gradients": {},
+                           "inputs": sorted({name for name, in snap.nonfinite_inputs}),
+                           "modules": [[name, self.points[key].depth if key in self.points
+                                        else -1] for name, key in snap.nonfinite_modules]}
+        self.before_nonfinite = []
         layers = step_info["layers"]
         acts: list = []
         grads: list = []
@@ -143,6 +148,7 @@ class TraceBuilder:
                                          if p.grad_norm is not None}
         nonfinite["parameters"] = [p.name for p in self.params.values() if p.nonfinite]
         nonfinite["parameter_grads"] = [p.name for p in self.params.values() if p.grad_nonfinite]
+        nonfinite["parameters_before"] = self.before_nonfinite
         step_info["nonfinite"] = nonfinite
         self.per_step.append(step_info)
         # The modes the training forward ran in (read now when no forward said: a check).
@@ -216,6 +222,8 @@ class TraceBuilder:
             trace.grad_steps = previous.grad_steps
         trace.grad_steps += int(has_grad)
         if update is not None:
+            if not math.isfinite(before):  # NaN/Inf in the weight's sample before the step
+                self.before_nonfinite.append(name)
             trace.norms_before.append(before)
             trace.update_norms.append(update)
             if before > 0:

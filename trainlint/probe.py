@@ -261,6 +261,12 @@ class Probe:
         self.edges: set[tuple] = set()
         self.output_origins: list[tuple] = []
         self.input_rows: list[tuple] = []
+        # Full reads for the exact NaN/Inf presence where no point looks: each float input of
+        # a training forward ``(name, probe)``, and each output of a module with children
+        # that its own code made ``(name, key of the last point observed before it, probe)``.
+        self.input_probes: list[tuple] = []
+        self.container_probes: list[tuple] = []
+        self.last_key: Optional[tuple] = None
         # The run's inputs are described by the first observed batch (the trace keeps that one).
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
@@ -311,7 +317,7 @@ class Probe:
         add = self.handles.append
         add(root.register_forward_pre_hook(OwnedHook(self._root_pre), with_kwargs=True))
         add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
-        enter, leave, leave_leaf = (OwnedHook(self._enter), OwnedHook(self._leave),
+        enter, leave, leave_leaf = (OwnedHook(self._enter), OwnedHook(self._leave_container),
                                     OwnedHook(self._leave_leaf))
         norm_input = OwnedHook(self._norm_input)
         for module in root.modules():
@@ -365,6 +371,8 @@ class Probe:
         self.producers.clear()
         self.updates.clear()
         self.update_sums.clear()
+        self.input_probes.clear()
+        self.container_probes.clear()
 
     def take_off(self) -> None:
         """Remove the hooks that :meth:`end_step` left on (no-op while observing)."""
@@ -385,11 +393,15 @@ class Probe:
             self.first_forward = self.last_forward
         self.call_counts.clear()
         self.producers.clear()
+        self.last_key = None
         self.busy = True
         try:
             for i, t in enumerate(_tensors_in(args) + _tensors_in(kwargs)):
                 name = f"input{i}"
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
+                if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
+                    with torch._C.DisableTorchFunction():
+                        self.input_probes.append((name, stats.full_probe(t)[0]))
                 if (not self.inputs_seen and t.is_floating_point() and strided(t)
                         and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
@@ -449,6 +461,22 @@ class Probe:
             self.failed_module = self.names.get(module, "")
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
+
+    def _leave_container(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """A module with children is done: leave it, and read its output in full for NaN/Inf
+        when its own code made it (not a point's output passed on as it is)."""
+        self._leave(module, args, output)
+        if output is None or self.mode is None or not self._reading():
+            return
+        with torch._C.DisableTorchFunction():
+            tensor = first_float_tensor(output)
+            if tensor is None or not tensor.numel():
+                return
+            origin = self._origin_of(tensor)
+            if origin is not None and origin[0][0] == "point" and not origin[1]:
+                return  # a point's output as it is: that point's read covers it
+            self.container_probes.append((self.names.get(module, ""), self.last_key,
+                                          stats.full_probe(tensor)[0]))
 
     def _leave_leaf(self, module: nn.Module, args: tuple, output: Any) -> None:
         """A leaf module's forward is over: leave it, then observe its output (None when its
@@ -551,6 +579,7 @@ class Probe:
                               channel_first if tensor.dim() >= 3 else None))
             self.points[key] = point
         self.counter += 1
+        self.last_key = key
         # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
         with torch._C.DisableTorchFunction():
             known = None
@@ -720,6 +749,10 @@ class Probe:
                                            p.new_zeros(()) for p in params], device))
         for i, (_, sums) in enumerate(self.update_sums):
             add(("updates", i), sums)
+        for tag, probes in (("input_probes", self.input_probes),
+                            ("container_probes", self.container_probes)):
+            if probes:
+                add((tag,), _stack([entry[-1] for entry in probes], device))
         for name, value in (extra or {}).items():
             if isinstance(value, torch.Tensor):
                 add(("extra", name), value)
@@ -763,6 +796,7 @@ class Probe:
             point.act_rows.clear()
             point.grad_rows.clear()
             point.backward_order = None
+        self._where_nonfinite(snapshot)
         self.inputs_seen = self.inputs_seen or bool(self.input_rows)
         self.input_rows.clear()
         self.norm_calls.clear()
@@ -770,6 +804,18 @@ class Probe:
         self.update_sums = []
         self.bw_counter = 0
         return snapshot
+
+    def _where_nonfinite(self, snapshot: ProbeSnapshot) -> None:
+        """Which inputs held NaN/Inf, and which modules with children made it in their own
+        code (in the order they finished, each with the key of the point observed last
+        before it): ``snapshot.nonfinite_inputs`` and ``snapshot.nonfinite_modules``."""
+        for tag, probes, out in (("input_probes", self.input_probes, snapshot.nonfinite_inputs),
+                                 ("container_probes", self.container_probes,
+                                  snapshot.nonfinite_modules)):
+            if probes:
+                finite = np.isfinite(snapshot.values.pop((tag,)))
+                out.extend(entry[:-1] for entry, ok in zip(probes, finite) if not ok)
+            probes.clear()
 
     def _unit_groups(self) -> list:
         """``(points, active)`` per device and unit family: which units of each point's
@@ -837,6 +883,10 @@ class ProbeSnapshot:
     # the first with autograd on; None when no such forward was observed.
     train_flags: Optional[dict] = None
     batch_size: Optional[int] = None
+    # ``(input name,)`` of the inputs that held NaN/Inf; ``(module, key of the last point
+    # observed before it finished)`` of the modules with children whose own code made NaN/Inf.
+    nonfinite_inputs: list = field(default_factory=list)
+    nonfinite_modules: list = field(default_factory=list)
 
 
 def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:

@@ -1,0 +1,96 @@
+"""TL504 names where NaN/Inf first appears also when no layer output shows it first: code in a
+module's own forward, ops between two layers, the input batch, or an unobserved step."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+
+def _tl504(report: trainlint.Report) -> trainlint.Finding:
+    found = [f for f in report.findings if f.code == "TL504"]
+    assert len(found) == 1
+    return found[0]
+
+
+class LogBlock(nn.Module):
+    """A module with a child whose own forward takes the log of the child's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.fc(x))  # negative values: NaN
+
+
+def _batch() -> tuple:
+    torch.manual_seed(0)
+    return torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+
+def test_nan_made_by_a_modules_own_forward_code_names_that_module() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), LogBlock(), nn.Linear(8, 3))
+    found = _tl504(trainlint.check(model, _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("2", "forward")
+    assert "own forward code" in found.message
+
+
+class LogBetween(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.log(self.a(x)))))
+
+
+def test_nan_made_by_ops_between_two_layers_names_their_parent_and_the_op() -> None:
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(LogBetween(), _batch(), steps=1))
+    assert found.module == ""
+    assert "from a, which is finite, through log" in found.message
+    assert "overflowed" not in found.fix
+
+
+def test_nan_in_the_input_batch_is_the_datas() -> None:
+    x, y = _batch()
+    x[3, 2] = float("nan")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    found = _tl504(trainlint.check(model, (x, y), steps=1))
+    assert found.evidence["where"] == "input"
+    assert "input0" in found.message
+
+
+class Breaks(nn.Module):
+    """Divides by zero at its seventh call (training step 6, not observed with every=5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x / 0.0 if self.calls == 7 else x
+
+
+def test_nan_made_at_an_unobserved_step_is_not_blamed_on_the_first_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Breaks(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch()
+    with trainlint.Monitor(model, optimizer=opt, every=5) as monitor:
+        for _ in range(11):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        found = _tl504(monitor.report())
+    assert (found.evidence["step"], found.evidence["where"]) == (10, "stale parameter")
+    assert "every=1" in found.fix
