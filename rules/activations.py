@@ -31,12 +31,14 @@ def _fmt_pct(x: float) -> str:
 
 @rule("TL101", "dead-relu", "warning", dead_fraction=0.5, min_units=8)
 def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
-    """Dead ReLU units: units that output 0 for every sample, position and observed step.
+    """Dead ReLU units: units that output 0 for every sample and position of recent steps.
 
     ## What it does
     For every ReLU-family output (``nn.ReLU``, ``F.relu``, ``x.relu()`` ...) it records, per
     unit (channel of a conv map, feature of a linear output), whether the unit was ever
-    positive over all observed samples, positions and steps. GELU-family outputs (GELU, SiLU,
+    positive over all samples and positions of the last 10 observed steps (all of them in a
+    ``trainlint check``; in a long Monitor run, units that a too-high learning rate killed
+    mid-run count although they were active at its start). GELU-family outputs (GELU, SiLU,
     Mish) count too: their unit is dead when |output| never exceeds 1e-3 (input below about
     -3.4, where the derivative is ~0). It fires when the share of dead units is at least
     ``dead_fraction`` (in layers of at least ``min_units`` units). Healthy deep ReLU nets at
@@ -65,7 +67,9 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         listed = lt.dead_units[:10]
         more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
-        samples = f" over {trace.observed_steps} step(s)" if trace.observed_steps else ""
+        steps = trace.unit_steps or trace.observed_steps
+        last = "the last " if steps < trace.observed_steps else ""
+        samples = f" over {last}{steps} observed step(s)" if steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (|y| < 1e-3)"
         feeder = feeding_module(trace, lt)
         evidence = {"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),

@@ -10,6 +10,7 @@ from torch.overrides import _get_current_function_mode_stack
 
 import trainlint
 from trainlint import stats
+from trainlint.assemble import UNIT_WINDOW
 
 
 class ModeSpy(nn.Module):
@@ -269,6 +270,33 @@ def test_the_batch_size_is_dim_0_of_the_training_forwards_input() -> None:
     assert report.trace.batch_size == 8
     assert "TL402" in {f.code for f in report.findings}
     assert report.trace.batch_size == trainlint.check(model, (x, y)).trace.batch_size
+
+
+@pytest.mark.parametrize("knock_out", [True, False])
+def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) -> None:
+    """One huge update at step 5 (here: the bias pushed to -100) kills every unit of a layer
+    that was active before: a Monitor run reports them once they stay dead for the window."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for step in range(5 + UNIT_WINDOW):
+            if step == 5 and knock_out:
+                with torch.no_grad():
+                    model[2].bias -= 100.0
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    found = [f for f in report.findings if f.code == "TL101"]
+    assert [f.module for f in found] == (["3"] if knock_out else [])
+    if knock_out:
+        assert found[0].evidence["dead_fraction"] == 1.0
+        assert f"over the last {UNIT_WINDOW} observed step(s)" in found[0].message
 
 
 def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:

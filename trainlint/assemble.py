@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -22,6 +23,9 @@ from .trace import (
 )
 
 _PLAIN = (bool, int, float, str)
+# The dead-unit records cover this many of the last observed steps: a unit that a too-high
+# learning rate killed mid-run is dead although it was active at the run's start.
+UNIT_WINDOW = 10
 
 
 def module_attrs(module: nn.Module) -> dict:
@@ -75,6 +79,7 @@ class TraceBuilder:
         self.act_rows: dict[tuple, np.ndarray] = {}
         self.grad_rows: dict[tuple, np.ndarray] = {}
         self.units: dict[tuple, np.ndarray] = {}
+        self.unit_steps: dict[tuple, deque] = {}
         self.signal: dict[tuple, np.ndarray] = {}
         self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
@@ -117,9 +122,11 @@ class TraceBuilder:
             elif kind == "grad":
                 grads.append((tag[1], value))
             elif kind == "units":
-                self.units[tag[1]] = value.astype(bool)
-                if value.size:
-                    layers[tag[1]]["dead_fraction"] = 1.0 - np.count_nonzero(value) / value.size
+                window = self.unit_steps.setdefault(tag[1], deque(maxlen=UNIT_WINDOW))
+                window.append(value.astype(bool))
+                active = self.units[tag[1]] = np.logical_or.reduce(list(window))
+                if active.size:
+                    layers[tag[1]]["dead_fraction"] = 1.0 - np.count_nonzero(active) / active.size
             elif kind == "signal":
                 self.signal[tag[1]] = self.signal.get(tag[1], 0.0) + value
                 if value[1] > 0:
@@ -262,6 +269,7 @@ class TraceBuilder:
             inputs=self._chosen_inputs(modules),
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,
+            unit_steps=min(self.observed, UNIT_WINDOW),
             model_type=type(self.model).__name__,
             output_ops=tuple(o for o in self.output_origins if o is not None),
             errors=list(self.errors), train_flags=list(self.train_flags),

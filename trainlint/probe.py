@@ -796,6 +796,7 @@ class Probe:
             point.act_rows.clear()
             point.grad_rows.clear()
             point.backward_order = None
+            point.unit_hi = point.unit_lo = None  # each step's record is its own
         self._where_nonfinite(snapshot)
         self.inputs_seen = self.inputs_seen or bool(self.input_rows)
         self.input_rows.clear()
