@@ -321,6 +321,39 @@ def test_the_unit_dim_follows_the_layer_that_made_the_tensor() -> None:
     assert (gelu.unit_dim, gelu.unit_ever_active.size) == (-1, 20)
 
 
+class Tanhs(nn.Module):
+    """Saturated tanh layers (weights N(0, 1)) scaled by a number, masked by a padding mask,
+    and one used as a gate on features."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(16, 64)
+        self.gate = nn.Linear(16, 64)
+        self.head = nn.Linear(64, 3)
+        nn.init.normal_(self.fc.weight, std=1.0)
+        nn.init.normal_(self.gate.weight, std=1.0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.how == "scaled":
+            h = 1.7159 * torch.tanh(self.fc(x))
+        elif self.how == "masked":
+            h = torch.tanh(self.fc(x)) * mask.unsqueeze(-1).float()
+        else:  # gated: tanh(gate) multiplies the features (as in an LSTM's output gate)
+            h = torch.tanh(self.gate(x)) * self.fc(x)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("how, fires", [("scaled", True), ("masked", True), ("gated", False)])
+def test_a_scaled_or_masked_tanh_is_no_gate(how: str, fires: bool) -> None:
+    torch.manual_seed(0)
+    mask = torch.ones(16, 10, dtype=torch.bool)
+    mask[:, 7:] = False
+    batch = ((torch.randn(16, 10, 16) * 3, mask), torch.randint(0, 3, (16,)))
+    report = trainlint.check(Tanhs(how), batch, steps=1)
+    assert any(f.code == "TL102" for f in report.findings) is fires
+
+
 def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():
     """An Inf in an embedding row the batch never looks up is still a non-finite parameter."""
     embedding = nn.Embedding(4096, 16)  # above the sampling size: the norm/std are estimated

@@ -267,6 +267,8 @@ class Probe:
         self.input_probes: list[tuple] = []
         self.container_probes: list[tuple] = []
         self.last_key: Optional[tuple] = None
+        # The model's integer and bool inputs (token ids, padding masks), by name.
+        self.masks: set = set()
         # The run's inputs are described by the first observed batch (the trace keeps that one).
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
@@ -399,6 +401,8 @@ class Probe:
             for i, t in enumerate(_tensors_in(args) + _tensors_in(kwargs)):
                 name = f"input{i}"
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
+                if not (t.is_floating_point() or t.is_complex()):
+                    self.masks.add(name)
                 if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
                     with torch._C.DisableTorchFunction():
                         self.input_probes.append((name, stats.full_probe(t)[0]))
@@ -679,18 +683,33 @@ class Probe:
         """Carry producer tags through plain ops (views, arithmetic) so edges span them."""
         if not self.observing:
             return
-        origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
+        tensors = _tensors_in(args)
+        origins = [(i, o) for i, o in enumerate(self._origin_of(t) for t in tensors)
+                   if o is not None]
         if not origins:
             return
         outs = _tensors_in(out)
-        for src, via in origins[:2]:
+        for i, (src, via) in origins[:2]:
             if len(via) >= MAX_VIA:
                 continue
             for t in outs:
                 if id(t) not in self.producers or self._origin_of(t) is None:
                     self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
-            if op in GATE_OPS:
+            if op in GATE_OPS and self._gates(tensors, i):
                 self.edges.add((src, ("op", op), via))
+
+    def _gates(self, tensors: list, i: int) -> bool:
+        """Whether ``tensors[i]`` multiplies a tensor of data (an SE, GLU or LSTM gate): not
+        only scalars (a scaled tanh, ``1.7159 * tanh(x)``) nor a mask made from an integer or
+        bool input of the model (padding)."""
+        for j, t in enumerate(tensors):
+            if j == i or t.numel() <= 1:
+                continue
+            origin = self._origin_of(t)
+            if origin is not None and origin[0][0] == "input" and origin[0][1] in self.masks:
+                continue
+            return True
+        return False
 
     # ---------------------------------------------------------------- optimizer
     def _before_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
