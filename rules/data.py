@@ -75,11 +75,12 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Model inputs far from zero mean and unit scale.
 
     ## What it does
-    For every floating-point input that reaches a weight layer (Linear, Conv, RNN) as it is,
-    it measures each channel's (images: dim 1) or feature's (last dim) mean and std over the
-    batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or its std exceeds
+    For every floating-point input, and every uint8/int8/int16 one (raw pixel bytes cast with
+    ``.float()`` in ``forward``, PCM audio), that reaches a weight layer (Linear, Conv, RNN) as
+    it is, it measures each channel's (images: dim 1) or feature's (last dim) mean and std
+    over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or its std exceeds
     ``max_std`` or is below ``min_std`` (constant features are TL202's), over at least
-    ``min_values`` values per channel. Integer inputs (token ids), inputs the model transforms
+    ``min_values`` values per channel. Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``) and inputs that go into a
     normalization layer first are not checked. Images scaled to [0, 1] pass.
 
@@ -139,7 +140,8 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Input features or channels that do not vary over the batch.
 
     ## What it does
-    For every floating-point input that reaches a layer as it is, it lists the channels
+    For every floating-point input that reaches a layer as it is (uint8/int8/int16 ones: a
+    weight layer, not an embedding), it lists the channels
     (images: dim 1) or features (last dim) whose minimum equals their maximum over the whole
     batch (at least ``min_values`` values per channel). Left out, because a small batch
     legitimately never varies them: a feature stuck at the input's overall minimum (an absent
@@ -160,8 +162,12 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     data pipeline that leaves them constant.
     """
     for inp in trace.inputs:
-        if len(inp.shape) < 2 or not direct_consumers(trace, inp):
+        consumers = direct_consumers(trace, inp)
+        if len(inp.shape) < 2 or not consumers:
             continue
+        if inp.dtype.startswith(("uint", "int")) and not any(
+                f.base in WEIGHT_LAYERS for f in consumers):
+            continue  # integer codes into an embedding or a lookup, not measurements
         per_channel = values_per_channel(inp)
         if per_channel < t.min_values:
             continue

@@ -70,6 +70,9 @@ OPAQUE_LEAVES = frozenset({
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 }) | frozenset(ACTIVATION_MODULES)
 UNIT_KINDS = ("relu", "gelu")
+# Integer inputs recorded like float ones: raw pixel bytes and PCM samples (token ids, int64,
+# are not measurements).
+RAW_INTS = (torch.uint8, torch.int8, torch.int16)
 MAX_VIA = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
@@ -406,8 +409,8 @@ class Probe:
                 if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
                     with torch._C.DisableTorchFunction():
                         self.input_probes.append((name, stats.full_probe(t)[0]))
-                if (not self.inputs_seen and t.is_floating_point() and strided(t)
-                        and t.dim() >= 1 and t.numel() > 0):
+                if (not self.inputs_seen and (t.is_floating_point() or t.dtype in RAW_INTS)
+                        and strided(t) and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
         finally:
             self.busy = False
