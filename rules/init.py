@@ -224,15 +224,34 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 
 
-@rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0)
+# The RMS of the features reaching the last layer above which they, not its weights, make the
+# logits large (normalized features have RMS ~1).
+LARGE_FEATURES = 10.0
+
+
+def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[LayerTrace]:
+    """The observed output feeding the last layer when its RMS is above LARGE_FEATURES."""
+    if head is None or head.op != "output":
+        return None
+    for src, via in sources(trace, head.module):
+        fed = layer_at(trace, src) if src[0] == "point" else None
+        if fed is not None and fed.activation is not None and only_shape_ops(via) and \
+                fed.activation.rms > LARGE_FEATURES:
+            return fed
+    return None
+
+
+@rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0, max_excess=3.0)
 def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The classification loss at the first step is far above ln(num_classes).
 
     ## What it does
     For cross-entropy (and NLL) losses with C classes, an untrained classifier's first loss
     should be about ln(C) (2.303 for 10 classes); for BCE-with-logits about ln(2). It fires
-    when the loss of the first training step exceeds ``max_ratio`` × that value and by at
-    least ``min_excess`` nats. A first loss below ln(C) is not flagged (a pretrained model).
+    when the loss of the first training step exceeds that value by at least ``min_excess``
+    nats and either ``max_ratio`` × it or by more than ``max_excess`` nats (many classes:
+    logits of std s add about s²/2 nats whatever C is, so 3 nats is a logit std of ~2.4 at
+    1000 classes as at 10). A first loss below ln(C) is not flagged (a pretrained model).
     It needs the first step (``trainlint check``, or a Monitor created before training) and a
     recognised loss.
 
@@ -271,19 +290,24 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     else:
         return
     loss = first["loss"]
-    if loss <= t.max_ratio * expected or loss - expected < t.min_excess:
+    excess = loss - expected
+    if excess < t.min_excess or (loss <= t.max_ratio * expected and excess <= t.max_excess):
         return
     head = output_layer(trace)
     module = head.module if head is not None else ""
     logits = (f"; the output ({head.label}) has std {head.activation.std:.3g}"
               if head is not None and head.activation is not None else "")
+    fed = _head_input(trace, head)
     yield Hit(
         module=module,
         message=(f"the first-step {trace.loss_kind} loss is {loss:.4g}, {loss / expected:.3g}× "
                  f"ln({classes}) = {expected:.4g}, the loss of an uninformed classifier "
-                 f"(threshold {t.max_ratio:g}×){logits}: the initial predictions are "
-                 f"confidently random"),
-        fix=(f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
+                 f"(threshold {t.max_ratio:g}× or +{t.max_excess:g} nats){logits}: the initial "
+                 f"predictions are confidently random"),
+        fix=(f"the features reaching the last layer are too large ({fed.label} has RMS "
+             f"{fed.activation.rms:.3g}): fix the scale of the layers before it first (TL301, "
+             f"TL104: Kaiming/Xavier init, normalization)" if fed is not None else
+             f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
              f"nn.init.normal_(layer.weight, std=0.01) or nn.init.zeros_(layer.weight), with "
              f"nn.init.zeros_(layer.bias) (or the log class priors)"),
         evidence={"loss": loss, "expected": expected, "ratio": loss / expected,

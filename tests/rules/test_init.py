@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch.nn as nn
+from trainlint.rules.init import LARGE_FEATURES
 
 from tests.rules.tracekit import (
     defaults,
@@ -137,6 +138,27 @@ def test_tl302_needs_a_large_excess_in_nats_for_few_classes():
     assert above_ratio - math.log(2) < t["min_excess"]
     assert hits("TL302", _loss_trace(above_ratio, classes=2)) == []
     assert hits("TL302", _loss_trace(math.log(2) + 1.01 * t["min_excess"], classes=2))
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl302_many_classes_fire_on_an_excess_in_nats(factor, fires):
+    """At 1000 classes 2x ln(C) is 6.9 nats above it: logits of std ~3.7. The excess caps it."""
+    t = defaults("TL302")
+    loss = math.log(1000) + factor * t["max_excess"]
+    assert loss < t["max_ratio"] * math.log(1000)
+    assert bool(hits("TL302", _loss_trace(loss, classes=1000))) is fires
+
+
+@pytest.mark.parametrize("rms, blamed", [(0.99, "head"), (1.01, "features")])
+def test_tl302_blames_large_features_over_the_head(rms, blamed):
+    """A hidden layer 100x too large makes the logits large through a well-initialized head."""
+    body = point("body", "ReLU", depth=0, kind="relu", rms=rms * LARGE_FEATURES, shape=(8, 32))
+    head = point("head", "Linear", depth=1, shape=(8, 10))
+    found = hits("TL302", trace([body, head], edges=[to_module(body, "head")],
+                                output_ops=((head.node, ()),), loss_kind="cross_entropy",
+                                num_classes=10, per_step=steps(20.0, 18.0)))
+    assert found[0].module == "head"
+    assert ("features reaching the last layer" in found[0].fix) is (blamed == "features")
 
 
 def test_tl302_bce_with_logits_expects_ln2():
