@@ -105,7 +105,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if any(f.base in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
             continue
         mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
-        off = np.abs(mean) > t.max_abs_mean
+        off = (np.abs(mean) > t.max_abs_mean) & (std > 0)  # a constant one is TL202's
         wide = std > t.max_std
         narrow = (std > 0) & (std < t.min_std)
         bad = off | wide | narrow

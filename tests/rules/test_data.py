@@ -43,6 +43,9 @@ def test_tl201_std_lower_edge(scale, fires):
 
 def test_tl201_leaves_constant_features_to_tl202():
     assert hits("TL201", _fed_to(_tabular([0.0, 0.5], [1.0, 0.0]))) == []
+    far = 2 * defaults("TL201")["max_abs_mean"]  # a constant 7: TL202's, even far from 0
+    assert hits("TL201", _fed_to(_tabular([0.0, far], [1.0, 0.0]))) == []
+    assert hits("TL201", _fed_to(_tabular([0.0, far], [1.0, 0.5])))
 
 
 def test_tl201_needs_enough_values_per_channel():
