@@ -220,9 +220,33 @@ def test_dict_inputs_are_passed_as_keywords() -> None:
         relu = torch.relu(model.fc(features))
     assert_matches(layers[("", "relu")], [relu])
     inputs = {i.name: i for i in report.trace.inputs}
-    assert len(inputs) == 2 and report.trace.batch_size == 10
-    first = next(i for i in inputs.values() if i.shape == (10, 5))
-    np.testing.assert_allclose(first.mean, features.double().mean(0).numpy(), rtol=1e-6)
+    assert set(inputs) == {"features", "mask"} and report.trace.batch_size == 10
+    np.testing.assert_allclose(inputs["features"].mean, features.double().mean(0).numpy(),
+                               rtol=1e-6)
+
+
+class Hard(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.gate = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.hardtanh(self.fc(x)) + F.hardsigmoid(self.gate(x)))
+
+
+def test_functional_hardtanh_and_hardsigmoid_are_observed_with_their_family() -> None:
+    torch.manual_seed(0)
+    model = Hard()
+    x = 10 * torch.randn(32, 6)
+    report = trainlint.check(model, (x, torch.randint(0, 2, (32,))), steps=1)
+    layers = report.trace.layer_by_key()
+    tanh, sigmoid = layers[("", "tanh")], layers[("", "sigmoid")]
+    assert (tanh.kind, sigmoid.kind) == ("tanh", "sigmoid")
+    with torch.no_grad():
+        expected = (F.hardtanh(model.fc(x)).abs() > 0.99).double().mean().item()
+    assert tanh.activation.saturated_fraction == pytest.approx(expected)
 
 
 class Shared(nn.Module):

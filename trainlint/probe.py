@@ -40,6 +40,7 @@ GELU_NAMES = ("GELU", "SiLU", "Swish", "Mish")
 FUNCTIONAL_ACTIVATIONS: dict[Callable, str] = {
     F.gelu: "gelu", F.silu: "gelu", F.mish: "gelu",
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu",
+    F.hardtanh: "tanh", F.hardtanh_: "tanh", F.hardsigmoid: "sigmoid",
     torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
     torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh",
     torch.Tensor.tanh: "tanh", torch.Tensor.tanh_: "tanh",
@@ -401,8 +402,7 @@ class Probe:
         self.last_key = None
         self.busy = True
         try:
-            for i, t in enumerate(_tensors_in(args) + _tensors_in(kwargs)):
-                name = f"input{i}"
+            for name, t in _named_inputs(args, kwargs):
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
                 if not (t.is_floating_point() or t.is_complex()):
                     self.masks.add(name)
@@ -910,6 +910,16 @@ class ProbeSnapshot:
     # observed before it finished)`` of the modules with children whose own code made NaN/Inf.
     nonfinite_inputs: list = field(default_factory=list)
     nonfinite_modules: list = field(default_factory=list)
+
+
+def _named_inputs(args: tuple, kwargs: dict) -> list:
+    """``(name, tensor)`` of a forward's inputs: ``input0``... for positional ones, the
+    keyword's name (``mask``, or ``mask0``... when it holds several) for keyword ones."""
+    named = [(f"input{i}", t) for i, t in enumerate(_tensors_in(args))]
+    for key, value in kwargs.items():
+        found = _tensors_in(value)
+        named += [(str(key) if len(found) == 1 else f"{key}{j}", t) for j, t in enumerate(found)]
+    return named
 
 
 def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:
