@@ -11,6 +11,7 @@ from trainlint.trace import LayerTrace, ParamTrace, RunTrace
 
 from ._graph import (
     EMBEDDING_TYPES,
+    SHAPE_OPS,
     WEIGHT_LAYERS,
     ancestors,
     downstream,
@@ -19,6 +20,7 @@ from ._graph import (
     only_shape_ops,
     output_layer,
     output_nodes,
+    successors,
 )
 
 
@@ -339,8 +341,31 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     )
 
 
+def _backward_maker(trace: RunTrace, step: dict, first: LayerTrace) -> Optional[tuple]:
+    """``(module, gradient seen, via)`` of a module that takes ``first``'s output and whose own
+    output gradient at ``step`` is finite (or was not observed), preferring a seen finite
+    gradient and a module that is not a weight layer: its backward made the NaN/Inf."""
+    bad = step["nonfinite"].get("gradients", {})
+    layers = step.get("layers", {})
+    found = []
+    for dst, via in successors(trace, first.node):
+        facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
+        if facts is None or not dst[1]:
+            continue
+        keys = [node[1:] for node in output_nodes(trace, dst[1])]
+        if any(key in bad for key in keys):
+            continue
+        seen = any(layers.get(key, {}).get("grad_norm") is not None for key in keys)
+        found.append((not seen, facts.base in WEIGHT_LAYERS, dst[1], via))
+    if not found:
+        return None
+    unseen, _, name, via = min(found)
+    return name, not unseen, via
+
+
 def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
-    """(what, module, detail) for the first place NaN/Inf shows in one observed step."""
+    """(what, module, detail[, whether a computation's backward, not an overflow, made it])
+    for the first place NaN/Inf shows in one observed step."""
     bad = step.get("nonfinite") or {}
     if bad.get("inputs"):
         return "input", "", (f"the batch holds NaN/Inf before the model runs "
@@ -376,9 +401,20 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     grads = [by_key[key] for key in bad.get("gradients", {}) if key in by_key]
     if grads:
         first = min(grads, key=lambda lt: (lt.backward_order is None, lt.backward_order or 0))
-        return "backward", first.module, (f"the gradient at the output of {first.label} "
-                                          f"({first.type}) is the first NaN/Inf in backward "
-                                          f"order")
+        detail = (f"the gradient at the output of {first.label} ({first.type}) is the first "
+                  f"NaN/Inf in backward order")
+        maker = _backward_maker(trace, step, first)
+        if maker is None:
+            return "backward", first.module, detail
+        name, seen, via = maker
+        facts = trace.modules[name]
+        between = [op for op in via if op not in SHAPE_OPS]
+        ops = f" (or in the ops between them: {', '.join(between)})" if between else ""
+        gradient = ("is finite: the NaN/Inf was" if seen
+                    else "was not observed: the NaN/Inf was most likely")
+        detail = (f"{detail}, while the gradient at the output of {name} ({facts.type}), "
+                  f"which takes it, {gradient} made in the backward of {name}{ops}")
+        return "backward", name, detail, bool(between) or facts.base not in WEIGHT_LAYERS
     for what, names in (("parameter gradient", bad.get("parameter_grads", [])),
                         ("parameter", bad.get("parameters", []))):
         if names:
@@ -432,7 +468,10 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     NaN/Inf, a module whose own code (``torch.log`` in its ``forward``) made it before any
     observed output held any; else the loss; else the first module in backward order whose
     output gradient does; else the parameters (gradients, then values after the optimizer
-    step).
+    step). In the backward, when a module that takes that first module's output has a finite
+    output gradient (or none observed), its backward made the NaN/Inf, with a finite forward
+    (sqrt of a sum of squares at 0: the derivative is infinite, times 0): the finding names
+    that module (one that is not a weight layer first).
 
     ## Why is this bad?
     One NaN spreads to every weight in the next update: training is already broken.
@@ -443,25 +482,34 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Fix the named module's computation (clamp before log/sqrt/division, add an epsilon, use
-    ``log_softmax``/``logsumexp`` instead of ``log(softmax)``); for parameters, lower the
-    learning rate and clip gradients; in fp16, use a GradScaler or bf16.
+    ``log_softmax``/``logsumexp`` instead of ``log(softmax)``); for a NaN made in a backward,
+    add eps inside sqrt (or use ``torch.linalg.vector_norm``) and clamp the base of fractional
+    powers; for parameters, lower the learning rate and clip gradients; in fp16, use a
+    GradScaler or bf16.
     """
     for step in trace.per_step:
         found = _first_nonfinite(trace, step)
         if found is None:
             continue
-        what, module, detail = found
+        what, module, detail, *unsafe = found
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
-            fix=_nonfinite_fix(what, module, trace),
+            fix=_nonfinite_fix(what, module, trace, any(unsafe)),
             evidence={"step": step["step"], "where": what},
         )
         return
 
 
-def _nonfinite_fix(what: str, module: str, trace: RunTrace) -> str:
+def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False) -> str:
     facts = trace.modules.get(module)
+    if unsafe:
+        return (f"make the backward of {module!r} safe (its forward can be finite while its "
+                "gradient is not): sqrt of a sum of squares that can be 0 has an infinite "
+                "derivative there (add eps inside the sqrt: torch.sqrt(s + 1e-12), or use "
+                "torch.linalg.vector_norm, whose gradient at 0 is 0), as has x ** p with "
+                "0 < p < 1 at 0 (x.clamp_min(eps) ** p); add eps to denominators that can be 0; "
+                "with torch.where, make the unused branch's input safe too")
     if what in ("forward", "backward") and facts is not None and facts.base in WEIGHT_LAYERS:
         return (f"{module!r} overflowed: its weights or inputs grew out of range (check the "
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "

@@ -7,7 +7,7 @@ import math
 import pytest
 from trainlint.rules.gradients import nice_below
 
-from tests.rules.tracekit import defaults, hits, module, param, point, trace
+from tests.rules.tracekit import defaults, hits, module, param, point, to_module, trace
 from trainlint.engine import Skip
 
 
@@ -200,6 +200,28 @@ def test_tl504_names_the_first_module_in_backward_order():
     steps = [_nan_step(0, gradients={a.node[1:]: 1, b.node[1:]: 1})]
     found = hits("TL504", trace([a, b, c], per_step=steps))
     assert found[0].module == "b" and found[0].evidence["where"] == "backward"
+
+
+def test_tl504_names_the_consumer_whose_backward_made_the_nan():
+    """fc -> dist (sqrt of a sum of squares at 0): dist's output gradient is finite, fc's is
+    NaN, so dist's backward made it; a Linear taking fc's output too is named only when
+    alone (its backward can only overflow)."""
+    fc = point("fc", "Linear", depth=0, backward_order=2)
+    dist = point("dist", "Dist", depth=1, backward_order=1)
+    side = point("side", "Linear", depth=1, backward_order=0)
+    step = _nan_step(0, gradients={fc.node[1:]: 8})
+    step["layers"] = {dist.node[1:]: {"grad_norm": 0.1}, side.node[1:]: {"grad_norm": 0.1}}
+    both = hits("TL504", trace([fc, dist, side], per_step=[step],
+                               edges=[to_module(fc, "side"), to_module(fc, "dist")]))
+    assert both[0].module == "dist" and "made in the backward of dist" in both[0].message
+    assert "sqrt" in both[0].fix and "overflowed" not in both[0].fix
+    alone = hits("TL504", trace([fc, side], per_step=[step], edges=[to_module(fc, "side")]))
+    assert alone[0].module == "side" and "overflowed" in alone[0].fix
+    unordered = point("dist", "Dist", depth=1)  # its NaN gradient has no backward order
+    step["nonfinite"]["gradients"][dist.node[1:]] = 8
+    upstream = hits("TL504", trace([fc, unordered], per_step=[step],
+                                   edges=[to_module(fc, "dist")]))
+    assert upstream[0].module == "fc" and "made in" not in upstream[0].message
 
 
 def test_tl504_loss_then_parameters():
