@@ -255,15 +255,23 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 
 def update_ratio_of(p: ParamTrace) -> Optional[float]:
-    """The largest ‖Δw‖/‖w‖ over the observed steps that changed the parameter, or None."""
-    ratios = [r for r in p.update_ratios if r > 0 and math.isfinite(r)]
+    """The largest ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed the
+    parameter), or None."""
+    ratios = [r for r in p.update_ratios if math.isfinite(r)]
     return max(ratios) if ratios else None
+
+
+def had_gradient(trace: RunTrace, p: ParamTrace) -> bool:
+    """Whether the parameter's gradient was non-zero at an observed step."""
+    norms = [s.get("param_grad_norms", {}).get(p.name) for s in trace.per_step]
+    return any(g is not None and g > 0 for g in norms + [p.grad_norm])
 
 
 def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
     """Weight matrices/kernels with a measured update ratio: not biases or norm scales (1-D),
     not embedding tables (only the rows in the batch move), not zero-initialized ones (their
-    relative update is undefined at first)."""
+    relative update is undefined at first); one that no step changed only when it had a
+    gradient (ratio 0)."""
     judged = []
     for p in trace.params:
         facts = trace.modules.get(p.module)
@@ -272,7 +280,7 @@ def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
         if not p.norms_before or p.norms_before[0] == 0 or p.grad_steps == 0:
             continue
         ratio = update_ratio_of(p)
-        if ratio is not None:
+        if ratio is not None and (ratio > 0 or had_gradient(trace, p)):
             judged.append((p, ratio))
     return judged
 
@@ -288,10 +296,12 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rate too high) or below ``min_ratio`` (too low), lists the weights outside the band, and
     suggests a learning-rate factor toward ``target``. The learning rate is one number for all
     layers, so one layer out of the band (e.g. behind vanishing gradients) does not decide it.
-    Biases, norm scales, embedding tables and zero-initialized weights are not judged. The
-    band is wide on purpose: Adam's first steps move every weight by about the learning rate,
-    a ratio of lr / RMS(w) (~0.01-0.1 for lr=1e-3 on standard layers), and SGD with momentum
-    starts slowly.
+    Biases, norm scales, embedding tables and zero-initialized weights are not judged. A
+    weight whose gradient was not 0 but that no observed step changed has ratio 0 (learning
+    rate 0, or updates below the precision of bfloat16/float16 weights, which round them
+    away); a median of 0 is reported as such, without a factor. The band is wide on purpose:
+    Adam's first steps move every weight by about the learning rate, a ratio of lr / RMS(w)
+    (~0.01-0.1 for lr=1e-3 on standard layers), and SGD with momentum starts slowly.
 
     ## Why is this bad?
     Around 1e-3 each step changes a weight by a small fraction of itself. Far above, updates
@@ -303,7 +313,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Multiply the learning rate by the factor the finding suggests (and use warmup for large
-    rates); if the ratio is low because the gradients vanish, fix that first (TL501).
+    rates); if the ratio is low because the gradients vanish, fix that first (TL501). Updates
+    of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
+    (``torch.autocast`` instead of ``model.bfloat16()``).
     """
     judged = judged_params(trace)
     if not judged:
@@ -316,26 +328,41 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     direction = "high" if typical > t.max_ratio else "low"
     starved = [p.name for p in trace.params if len(p.shape) >= 2 and p.norms_before
                and p.norms_before[0] == 0]
-    if direction == "low" and starved:
+    if direction == "low" and typical > 0 and starved:
         raise Skip(f"{starved[0]} starts at zero, which starves the layers before it of "
                    "gradient in the first steps: their small updates do not measure the "
                    "learning rate")
     threshold = t.max_ratio if direction == "high" else t.min_ratio
     bad = [(p, r) for p, r in judged if (r > threshold if direction == "high" else r < threshold)]
     bad.sort(key=lambda pr: pr[1], reverse=direction == "high")
-    factor = t.target / typical
     listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
     more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-    cause = "" if direction == "high" else " (or the gradients vanish: check TL501 and the init)"
+    factor = t.target / typical if typical > 0 else None
+    if factor is None:
+        still = sum(r == 0 for _, r in judged)
+        message = (f"the optimizer steps left {still} of {len(judged)} weights exactly unchanged "
+                   f"although their gradient was not 0 (update ratio ‖Δw‖/‖w‖: median 0, "
+                   f"threshold {threshold:g}; {listed}{more}). The learning rate is 0 (a config "
+                   f"or scheduler bug, a warmup that starts at 0), or the updates are below the "
+                   f"weights' precision (bfloat16/float16 weights round small updates away)")
+        fix = ("set a learning rate above 0 (check optimizer.param_groups[i]['lr'] after the "
+               "scheduler is built); with bfloat16/float16 weights, keep float32 master "
+               "weights: train the float32 model under torch.autocast(device_type, "
+               "dtype=torch.bfloat16) instead of calling model.bfloat16()/.half()")
+    else:
+        cause = ("" if direction == "high"
+                 else " (or the gradients vanish: check TL501 and the init)")
+        message = (f"update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per step over "
+                   f"{len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
+                   f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. The "
+                   f"learning rate is too {direction}{cause}")
+        fix = (f"multiply the learning rate by about {factor:.2g} (toward an update ratio of "
+               f"~{t.target:g})" + ("; add warmup and gradient clipping"
+                                    if direction == "high" else ""))
     yield Hit(
         module="",
-        message=(f"update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per step over "
-                 f"{len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
-                 f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. The "
-                 f"learning rate is too {direction}{cause}"),
-        fix=(f"multiply the learning rate by about {factor:.2g} (toward an update ratio of "
-             f"~{t.target:g})" + ("; add warmup and gradient clipping"
-                                  if direction == "high" else "")),
+        message=message,
+        fix=fix,
         evidence={"direction": direction, "median_ratio": typical, "lr_factor": factor,
                   "params": [p.name for p, _ in bad], "threshold": threshold},
     )

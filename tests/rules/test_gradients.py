@@ -170,6 +170,18 @@ def test_tl503_low_ratios_behind_a_zero_initialized_layer_are_a_note():
         hits("TL503", trace([], params=params))
 
 
+def test_tl503_weights_that_no_step_changed_are_judged_at_zero():
+    """lr=0, or bfloat16 weights that round every update away: no factor to suggest."""
+    found = hits("TL503", _weights([0.0, 0.0, 0.0]))
+    assert found[0].evidence["median_ratio"] == 0 and found[0].evidence["lr_factor"] is None
+    assert "left 3 of 3 weights exactly unchanged" in found[0].message
+    assert "autocast" in found[0].fix and "inf" not in found[0].fix + found[0].message
+    one_moved = hits("TL503", _weights([0.0, 0.0, 1e-3]))
+    assert "left 2 of 3 weights" in one_moved[0].message
+    assert one_moved[0].evidence["params"] == ["l0.weight", "l1.weight"]
+    assert hits("TL503", _weights([0.0, 0.0, 0.0], grad_norm=0.0)) == []
+
+
 def test_tl503_without_an_optimizer_step_is_a_note():
     with pytest.raises(Skip):
         hits("TL503", trace([], params=[param("l.weight", (8, 8))]))
