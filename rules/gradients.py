@@ -295,7 +295,10 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     value over the steps. It fires when the median over the weights is above ``max_ratio`` (learning
     rate too high) or below ``min_ratio`` (too low), lists the weights outside the band, and
     suggests a learning-rate factor toward ``target``. The learning rate is one number for all
-    layers, so one layer out of the band (e.g. behind vanishing gradients) does not decide it.
+    the layers of a param group, so one layer out of the band (e.g. behind vanishing gradients)
+    does not decide it; with several param groups (a head at its own rate when fine-tuning)
+    each group with a judged weight is judged on its own median, and the finding names the
+    group and its learning rate.
     Biases, norm scales, embedding tables and zero-initialized weights are not judged. A
     weight whose gradient was not 0 but that no observed step changed has ratio 0 (learning
     rate 0, or updates below the precision of bfloat16/float16 weights, which round them
@@ -322,9 +325,30 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if any(p.update_norms for p in trace.params):
             return
         raise Skip("no optimizer step was observed (the update ratio needs one)")
+    groups: dict = {}
+    for p, r in judged:
+        groups.setdefault(p.group, []).append((p, r))
+    skipped, fired = None, False
+    for group in sorted(groups, key=lambda g: (g is None, g or 0)):
+        try:
+            hit = _ratio_hit(trace, t, groups[group], group if len(groups) > 1 else None)
+        except Skip as why:
+            skipped = why
+            continue
+        if hit is not None:
+            fired = True
+            yield hit
+    if skipped is not None and not fired:
+        raise skipped
+
+
+def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
+               group: Optional[int]) -> Optional[Hit]:
+    """TL503's finding on the judged weights of one param group (``group`` None: of the whole
+    optimizer), or None when their median is inside the band."""
     typical = median(r for _, r in judged)
     if t.min_ratio <= typical <= t.max_ratio:
-        return
+        return None
     direction = "high" if typical > t.max_ratio else "low"
     starved = [p.name for p in trace.params if len(p.shape) >= 2 and p.norms_before
                and p.norms_before[0] == 0]
@@ -338,34 +362,45 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
     more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
     factor = t.target / typical if typical > 0 else None
+    lr = judged[0][0].lr
+    whose = "the learning rate" + ("" if group is None else f" of param group {group}")
+    where = "" if group is None else (
+        f"param group {group}" + ("" if lr is None else f" (lr {lr:g})") + ": ")
     if factor is None:
         still = sum(r == 0 for _, r in judged)
-        message = (f"the optimizer steps left {still} of {len(judged)} weights exactly unchanged "
-                   f"although their gradient was not 0 (update ratio ‖Δw‖/‖w‖: median 0, "
-                   f"threshold {threshold:g}; {listed}{more}). The learning rate is 0 (a config "
-                   f"or scheduler bug, a warmup that starts at 0), or the updates are below the "
-                   f"weights' precision (bfloat16/float16 weights round small updates away)")
-        fix = ("set a learning rate above 0 (check optimizer.param_groups[i]['lr'] after the "
-               "scheduler is built); with bfloat16/float16 weights, keep float32 master "
-               "weights: train the float32 model under torch.autocast(device_type, "
-               "dtype=torch.bfloat16) instead of calling model.bfloat16()/.half()")
+        zero_lr = (f"{whose} is 0 (a config or scheduler bug, a warmup that starts at 0)"
+                   if not lr else "")
+        rounded = ("the updates are below the weights' precision (bfloat16/float16 weights "
+                   "round small updates away)" if lr != 0 else "")
+        cause = " or ".join(c for c in (zero_lr, rounded) if c)
+        message = (f"{where}the optimizer steps left {still} of {len(judged)} weights exactly "
+                   f"unchanged although their gradient was not 0 (update ratio ‖Δw‖/‖w‖: "
+                   f"median 0, threshold {threshold:g}; {listed}{more}): {cause}")
+        zero_fix = (f"set {whose} above 0 (check optimizer.param_groups[i]['lr'] after the "
+                    "scheduler is built)" + ("" if group is None else
+                                            "; to freeze the group on purpose, set "
+                                            "requires_grad=False on its parameters instead")
+                    if not lr else "")
+        rounded_fix = ("with bfloat16/float16 weights, keep float32 master weights: train the "
+                       "float32 model under torch.autocast(device_type, dtype=torch.bfloat16) "
+                       "instead of calling model.bfloat16()/.half()" if lr != 0 else "")
+        fix = "; ".join(f for f in (zero_fix, rounded_fix) if f)
     else:
         cause = ("" if direction == "high"
                  else " (or the gradients vanish: check TL501 and the init)")
-        message = (f"update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per step over "
-                   f"{len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
-                   f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. The "
-                   f"learning rate is too {direction}{cause}")
-        fix = (f"multiply the learning rate by about {factor:.2g} (toward an update ratio of "
+        message = (f"{where}update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per "
+                   f"step over {len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
+                   f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. "
+                   f"{whose[0].upper() + whose[1:]} is too {direction}{cause}")
+        to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
+        fix = (f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
                f"~{t.target:g})" + ("; add warmup and gradient clipping"
                                     if direction == "high" else ""))
-    yield Hit(
-        module="",
-        message=message,
-        fix=fix,
-        evidence={"direction": direction, "median_ratio": typical, "lr_factor": factor,
-                  "params": [p.name for p, _ in bad], "threshold": threshold},
-    )
+    evidence = {"direction": direction, "median_ratio": typical, "lr_factor": factor,
+                "params": [p.name for p, _ in bad], "threshold": threshold}
+    if group is not None:
+        evidence.update(group=group, lr=lr)
+    return Hit(module="", message=message, fix=fix, evidence=evidence)
 
 
 def _backward_maker(trace: RunTrace, step: dict, first: LayerTrace) -> Optional[tuple]:

@@ -66,6 +66,25 @@ def test_update_ratio_of_a_large_weight_is_estimated_from_a_sample():
     assert big.update_ratios == pytest.approx(expected["2.weight"], rel=0.1)
 
 
+def test_each_parameter_knows_its_param_group_and_its_learning_rate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+
+    def make_opt(params):
+        body, head = list(params)[:4], [model[4].weight]  # 4.bias left out of the optimizer
+        return torch.optim.Adam([{"params": body, "lr": 1e-3}, {"params": head, "lr": 1.0}])
+
+    report = trainlint.check(model, _batch(), optimizer=make_opt, steps=2)
+    groups = {p.name: (p.group, p.lr) for p in report.trace.params}
+    assert groups == {"0.weight": (0, 1e-3), "0.bias": (0, 1e-3), "2.weight": (0, 1e-3),
+                      "2.bias": (0, 1e-3), "4.weight": (1, 1.0), "4.bias": (None, None)}
+    [ratio] = [f for f in report.findings if f.code == "TL503"]
+    assert ratio.evidence["group"] == 1 and ratio.evidence["params"] == ["4.weight"]
+    default = trainlint.check(model, _batch(), steps=1).trace.params
+    assert {(p.group, p.lr) for p in default} == {(0, 0.01)}
+
+
 def test_a_parameter_that_never_gets_a_gradient_has_no_grad_steps():
     class Unused(nn.Module):
         def __init__(self):

@@ -209,7 +209,7 @@ class TraceBuilder:
             return
 
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
-        _, name, has_grad, has_update, in_opt, shape, requires_grad = tag
+        _, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr = tag
         values = [float(v) for v in value]
         norm, std = values[0], values[1]
         grad = values[2] if has_grad else None
@@ -218,7 +218,7 @@ class TraceBuilder:
         previous = self.params.get(name)
         trace = ParamTrace(name=name, module=module, shape=shape, requires_grad=requires_grad,
                            in_optimizer=in_opt, norm=norm, std=std, grad_norm=grad,
-                           update_norm=update,
+                           update_norm=update, group=group, lr=lr,
                            nonfinite=int(not math.isfinite(norm)
                                          or not self.param_finite.get(name, True)),
                            grad_nonfinite=int(grad is not None and not math.isfinite(grad)))

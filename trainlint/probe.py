@@ -871,7 +871,7 @@ class Probe:
             for p, before, delta in zip(params, sums[0], sums[1]):
                 scale = p.numel() / max(self.updates.sample_size(p), 1)
                 update_of[p] = (math.sqrt(delta * scale), math.sqrt(before * scale))
-        in_opt = _optimizer_params(self.optimizer)
+        groups = _optimizer_groups(self.optimizer)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         for (name, p), ((dev, row), grad_row) in zip(named, param_rows):
             std, sumsq, finite, m = rows[dev][3][row]
@@ -885,9 +885,11 @@ class Probe:
             update = update_of.get(p)
             if update is not None:
                 vec += list(update)
+            group, lr = groups.get(p, (None, None))
             values[("param", name, p.grad is not None, update is not None,
-                    (p in in_opt) if self.optimizer is not None else None,
-                    tuple(p.shape), p.requires_grad)] = np.asarray(vec, dtype=np.float64)
+                    (p in groups) if self.optimizer is not None else None,
+                    tuple(p.shape), p.requires_grad, group, lr)] = np.asarray(vec,
+                                                                         dtype=np.float64)
 
 
 @dataclass
@@ -967,10 +969,12 @@ def _stack(values: list, device: torch.device) -> torch.Tensor:
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
 
 
-def _optimizer_params(optimizer: Optional[torch.optim.Optimizer]) -> set:
+def _optimizer_groups(optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """``{param: (index of its param group, the group's lr when it is a plain number)}``."""
     if optimizer is None:
-        return set()
-    return {p for group in optimizer.param_groups for p in group["params"]}
+        return {}
+    return {p: (i, float(group["lr"]) if isinstance(group.get("lr"), (int, float)) else None)
+            for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
 
 
 def _model_device(model: nn.Module) -> torch.device:

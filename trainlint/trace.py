@@ -146,6 +146,10 @@ class ParamTrace:
     update_norms: list = field(default_factory=list)
     # Observed steps at which the parameter had a gradient (``.grad`` not None).
     grad_steps: int = 0
+    # The index of the optimizer's param group that holds it, and that group's learning rate
+    # at the last observed step (None when not in the optimizer, or not a plain number).
+    group: Optional[int] = None
+    lr: Optional[float] = None
 
     @property
     def update_ratio(self) -> Optional[float]:

@@ -182,6 +182,28 @@ def test_tl503_weights_that_no_step_changed_are_judged_at_zero():
     assert hits("TL503", _weights([0.0, 0.0, 0.0], grad_norm=0.0)) == []
 
 
+def _grouped(groups: list):
+    """Weights ``g{group}.l{i}.weight`` per ``(group, lr, ratios)``."""
+    return trace([], params=[param(f"g{g}.l{i}.weight", (8, 8), ratios=(r,), group=g, lr=lr)
+                             for g, lr, ratios in groups for i, r in enumerate(ratios)])
+
+
+def test_tl503_judges_each_param_group_on_its_own():
+    """A head group at lr=1 next to a healthy backbone: the median over all weights hides it."""
+    high = defaults("TL503")["max_ratio"] * 40
+    found = hits("TL503", _grouped([(0, 1e-3, [1e-3] * 3), (1, 1.0, [high])]))
+    assert [(h.evidence["group"], h.evidence["lr"], h.evidence["params"]) for h in found] == [
+        (1, 1.0, ["g1.l0.weight"])]
+    assert found[0].message.startswith("param group 1 (lr 1): ")
+    assert "learning rate of param group 1 by about" in found[0].fix
+    assert hits("TL503", _grouped([(0, 1e-3, [1e-3] * 3 + [high])])) == []
+    single = hits("TL503", _grouped([(0, 10.0, [high] * 3)]))
+    assert "group" not in single[0].evidence and "param group" not in single[0].message
+    frozen = hits("TL503", _grouped([(0, 1e-3, [1e-3] * 3), (1, 0.0, [0.0, 0.0])]))
+    assert frozen[0].evidence["group"] == 1 and "requires_grad=False" in frozen[0].fix
+    assert "param group 1 is 0" in frozen[0].message and "autocast" not in frozen[0].fix
+
+
 def test_tl503_without_an_optimizer_step_is_a_note():
     with pytest.raises(Skip):
         hits("TL503", trace([], params=[param("l.weight", (8, 8))]))
