@@ -79,7 +79,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     step at or below ``steady_z`` standard deviations of a flat curve's (a slow but sure start,
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
     later, it fires only if the loss rose by more than ``min_drop``. It needs at least
-    ``min_points`` observed steps; medians make it robust to noisy batches. A run that
+    ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
+    make it robust to noisy batches. A run that
     learned early and then converged also fell: the median of its first three points is
     ``min_drop`` above the last third's, beyond three standard errors of the noise.
 
@@ -97,9 +98,13 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     if trace.mode != "monitor":
         raise Skip("it needs a Monitor run (the loss over many training steps)")
-    curve = [(step, loss) for step, loss in loss_curve(trace) if math.isfinite(loss)]
-    if not curve:
+    observed = loss_curve(trace)
+    if not observed:
         raise Skip("no loss was observed (pass the loss to monitor.step(loss))")
+    curve = [(step, loss) for step, loss in observed if math.isfinite(loss)]
+    if not curve:
+        raise Skip(f"none of the {len(observed)} observed losses is finite (NaN/Inf: see "
+                   "TL604)")
     if len(curve) < t.min_points:
         raise Skip(f"it needs at least {t.min_points} observed steps with a loss; "
                    f"saw {len(curve)}")

@@ -109,6 +109,13 @@ def test_tl603_needs_a_monitor_run_and_enough_points():
     assert hits("TL603", _monitor(*[2.0] * points))
 
 
+def test_tl603_says_when_every_observed_loss_is_nonfinite():
+    with pytest.raises(Skip, match="none of the 3 observed losses is finite.*TL604"):
+        hits("TL603", _monitor(NAN, NAN, float("inf")))
+    with pytest.raises(Skip, match="no loss was observed"):
+        hits("TL603", trace([], mode="monitor", per_step=[{"step": 0, "layers": {}}]))
+
+
 @pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
 def test_tl604_rise_over_the_running_minimum(factor, fires):
     rise = defaults("TL604")["rise_factor"]
