@@ -47,6 +47,26 @@ def init_call(kind: str) -> str:
     return f"nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain('{kind}'))"
 
 
+def nonlinearity(trace: RunTrace, point: LayerTrace) -> Optional[tuple[str, float, str]]:
+    """``(name, gain, init call)`` of an activation point: by the probe's kind (relu, gelu,
+    tanh, sigmoid), else by its module's torch.nn class (the gains TL301's docstring gives)."""
+    if point.kind in GAINS:
+        return point.kind, GAINS[point.kind], init_call(point.kind)
+    facts = trace.modules.get(point.module)
+    if point.op != "output" or facts is None:
+        return None
+    slope = {"LeakyReLU": facts.attrs.get("negative_slope", 0.01),
+             "PReLU": facts.attrs.get("init", 0.25)}.get(facts.base)
+    if slope is not None:
+        return (facts.base, math.sqrt(2.0 / (1.0 + slope ** 2)),
+                f"nn.init.kaiming_normal_(layer.weight, a={slope:g}, nonlinearity='leaky_relu')")
+    if facts.base in ("ELU", "CELU"):
+        return facts.base, GAINS["relu"], init_call("relu")
+    if facts.base == "SELU":
+        return "SELU", 1.0, "nn.init.kaiming_normal_(layer.weight, nonlinearity='linear')"
+    return None
+
+
 def following_nonlinearity(trace: RunTrace, layer: LayerTrace) -> Optional[LayerTrace]:
     """The nonlinearity that takes this layer's output as it is (through reshapes only)."""
     for dst, via in downstream(trace, layer.node, hops=2):
@@ -57,7 +77,7 @@ def following_nonlinearity(trace: RunTrace, layer: LayerTrace) -> Optional[Layer
         else:
             point = next((lt for lt in trace.layers
                           if lt.module == dst[1] and lt.op == "output"), None)
-        if point is not None and point.kind in GAINS:
+        if point is not None and nonlinearity(trace, point) is not None:
             return point
     return None
 
@@ -131,7 +151,7 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
     fans = fan_in(weight.shape)
     if not fans or normalized_or_residual(trace, layer, act):
         return None
-    gain = GAINS[act.kind]
+    kind, gain, call = nonlinearity(trace, act)
     expected = gain / math.sqrt(fans)
     std = initial_weight_rms(weight)
     ratio = std / expected
@@ -149,7 +169,8 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
         direction = "large"
     else:
         return None
-    return {"module": layer.module, "type": facts.type, "kind": act.kind, "std": std,
+    return {"module": layer.module, "type": facts.type, "kind": kind, "gain": gain,
+            "call": call, "std": std,
             "expected_std": expected, "ratio": ratio, "signal_ratio": signal,
             "saturated_fraction": saturated, "fan_in": fans, "direction": direction,
             "activation": act.label}
@@ -162,12 +183,16 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     For every Linear/Conv layer whose output goes straight into a nonlinearity (ReLU, GELU,
-    tanh, sigmoid), it compares the weight's scale at the first training step (its RMS before
-    the first update) with ``gain / sqrt(fan_in)`` (Kaiming for ReLU/GELU, Xavier-style for
-    tanh/sigmoid, gains from ``nn.init.calculate_gain``). It fires when the ratio is below
-    ``min_ratio`` or above ``max_ratio`` AND the first step's activations show it: the layer's
-    output RMS against its input's is off by the same factor (or, for too-large weights, at
-    least ``saturated_fraction`` of a tanh/sigmoid output is saturated). Layers
+    tanh, sigmoid; LeakyReLU, PReLU, ELU, CELU, SELU modules), it compares the weight's scale
+    at the first training step (its RMS before the first update) with ``gain / sqrt(fan_in)``
+    (Kaiming for ReLU/GELU, Xavier-style for tanh/sigmoid, gains from
+    ``nn.init.calculate_gain``: LeakyReLU's of its negative slope, PReLU's of its initial slope
+    0.25 as He et al. derived; ELU/CELU take ReLU's, the init used for them in practice and in
+    the ELU paper; SELU takes 1, LeCun's 1/sqrt(fan_in) that self-normalization needs, as
+    PyTorch's docs advise, rather than calculate_gain('selu') = 3/4). It fires when the ratio
+    is below ``min_ratio`` or above ``max_ratio`` AND the first step's activations show it:
+    the layer's output RMS against its input's is off by the same factor (or, for too-large
+    weights, at least ``saturated_fraction`` of a tanh/sigmoid output is saturated). Layers
     in a block normalized by a norm layer, or on a residual branch, are skipped: there the
     scale of one layer does not carry on. PyTorch's default init (ratio 0.35-0.58) passes.
     Layers with the same problem are reported together, at the first one.
@@ -208,9 +233,9 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             module=first["module"],
             message=(f"{first['type']} {first['module']!r} feeds a {kind} with weight std "
                      f"{first['std']:.3g}, {first['ratio']:.3g}× the {first['expected_std']:.3g} "
-                     f"that fan-in {first['fan_in']} and gain {GAINS[kind]:.3g} call for "
+                     f"that fan-in {first['fan_in']} and gain {first['gain']:.3g} call for "
                      f"(threshold {threshold:g}×); {shows}{also}"),
-            fix=(f"initialize {'these layers' if others else 'it'} with {init_call(kind)} "
+            fix=(f"initialize {'these layers' if others else 'it'} with {first['call']} "
                  f"(std {first['expected_std']:.3g} here) and nn.init.zeros_(layer.bias), or "
                  f"put a normalization layer before the {kind}"),
             evidence={"ratio": first["ratio"], "signal_ratio": first["signal_ratio"],

@@ -12,6 +12,7 @@ from tests.rules.tracekit import (
     defaults,
     edge,
     hits,
+    module,
     param,
     point,
     steps,
@@ -26,16 +27,18 @@ FAN_IN, FAN_OUT = 100, 50
 
 def _stack(ratio: float, signal: float, *, prefix: str = "", depth: int = 0,
            kind: str = "relu", saturated: float = 0.0, feeder_type: str = "ReLU",
-           residual: bool = False) -> tuple[list, list, list, dict]:
+           residual: bool = False, act_type: str = "",
+           gain: float = 0.0) -> tuple[list, list, list, dict]:
     """prev -> fc -> act -> fc2, with fc's weight at ``ratio`` × gain/sqrt(fan_in) before the
-    first update and its pre-activation at ``signal`` × gain × (input RMS) at step 0.
+    first update and its pre-activation at ``signal`` × gain × (input RMS) at step 0
+    (``act_type``: an activation module the probe gives no kind, with this ``gain``).
     Returns (layers, params, edges, step-0 layer stats)."""
-    gain = GAINS[kind]
+    gain = gain or GAINS[kind]
     prev = point(f"{prefix}prev", feeder_type, depth=depth,
                  kind="relu" if feeder_type == "ReLU" else None)
     fc = point(f"{prefix}fc", "Linear", depth=depth + 1)
-    act = point(f"{prefix}act", kind.capitalize(), depth=depth + 2, kind=kind,
-                saturated=saturated)
+    act = point(f"{prefix}act", act_type or kind.capitalize(), depth=depth + 2,
+                kind=None if act_type else kind, saturated=saturated)
     fc2 = point(f"{prefix}fc2", "Linear", depth=depth + 3)
     in_rms = 0.8
     rms = ratio * gain / math.sqrt(FAN_IN)
@@ -49,9 +52,9 @@ def _stack(ratio: float, signal: float, *, prefix: str = "", depth: int = 0,
     return [prev, fc, act, fc2], [weight], edges, first
 
 
-def _layer_trace(ratio: float, signal: float, first_step: int = 0, **kwargs):
+def _layer_trace(ratio: float, signal: float, first_step: int = 0, modules=None, **kwargs):
     layers, params, edges, first = _stack(ratio, signal, **kwargs)
-    return trace(layers, params=params, edges=edges,
+    return trace(layers, modules, params=params, edges=edges,
                  per_step=[{"step": first_step, "layers": first}])
 
 
@@ -97,6 +100,26 @@ def test_tl301_default_pytorch_init_passes():
     for kind, gain in GAINS.items():
         default = (1 / math.sqrt(3)) / gain  # kaiming_uniform_(a=sqrt(5)): std 1/sqrt(3 fan_in)
         assert hits("TL301", _layer_trace(default, default, kind=kind)) == []
+
+
+@pytest.mark.parametrize("act_type, attrs, gain, call", [
+    ("LeakyReLU", {"negative_slope": 0.2}, nn.init.calculate_gain("leaky_relu", 0.2),
+     "a=0.2, nonlinearity='leaky_relu'"),
+    ("PReLU", {"init": 0.25}, nn.init.calculate_gain("leaky_relu", 0.25),
+     "a=0.25, nonlinearity='leaky_relu'"),
+    ("ELU", {"alpha": 1.0}, nn.init.calculate_gain("relu"), "nonlinearity='relu'"),
+    ("SELU", {}, 1.0, "nonlinearity='linear'"),
+])
+def test_tl301_leaky_relu_prelu_elu_selu_modules(act_type, attrs, gain, call):
+    t = defaults("TL301")
+    modules = [module("act", act_type, **attrs)]
+    for ratio in (t["min_ratio"] / 10, t["max_ratio"] * 10):
+        found = hits("TL301", _layer_trace(ratio, ratio, act_type=act_type, gain=gain,
+                                           modules=modules))
+        assert found[0].evidence["ratio"] == pytest.approx(ratio) and call in found[0].fix
+    for healthy in (1.0, (1 / math.sqrt(3)) / gain):  # its Kaiming; PyTorch's default init
+        assert hits("TL301", _layer_trace(healthy, healthy, act_type=act_type, gain=gain,
+                                          modules=modules)) == []
 
 
 def test_tl301_needs_the_first_step():
