@@ -17,6 +17,7 @@ from ._graph import (
     layer_at,
     only_shape_ops,
     output_layer,
+    output_nodes,
     sources,
 )
 
@@ -135,6 +136,22 @@ def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) 
     return False
 
 
+def scale_cancelled_after(trace: RunTrace, act: LayerTrace) -> bool:
+    """Whether the nonlinearity feeds a weight layer whose output goes straight into a norm
+    layer (DCGAN's discriminator: conv, LeakyReLU, conv, BatchNorm): that norm cancels the
+    scale (through reshapes only)."""
+    for dst, via in downstream(trace, act.node, hops=2):
+        facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
+        if facts is None or facts.base not in SCALED_LAYERS or not only_shape_ops(via):
+            continue
+        for node in output_nodes(trace, dst[1]):
+            for after, via2 in downstream(trace, node, hops=2):
+                norm = trace.modules.get(after[1]) if after[0] == "module" else None
+                if norm is not None and is_norm_type(norm.base) and only_shape_ops(via2):
+                    return True
+    return False
+
+
 def _weight(trace: RunTrace, module: str) -> Optional[ParamTrace]:
     for p in trace.params:
         if p.name == f"{module}.weight" and len(p.shape) >= 2:
@@ -163,6 +180,8 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
     # layer makes of this input (gain * input RMS).
     signal = out_rms / (gain * in_rms)
     saturated = act.activation.saturated_fraction or 0.0
+    if saturated < t.saturated_fraction and scale_cancelled_after(trace, act):
+        return None  # a saturated tanh/sigmoid loses what no norm after it gives back
     if ratio < t.min_ratio and signal < t.min_ratio:
         direction = "small"
     elif ratio > t.max_ratio and (signal > t.max_ratio or saturated >= t.saturated_fraction):
@@ -194,8 +213,10 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     the layer's output RMS against its input's is off by the same factor (or, for too-large
     weights, at least ``saturated_fraction`` of a tanh/sigmoid output is saturated). Layers
     in a block normalized by a norm layer, or on a residual branch, are skipped: there the
-    scale of one layer does not carry on. PyTorch's default init (ratio 0.35-0.58) passes.
-    Layers with the same problem are reported together, at the first one.
+    scale of one layer does not carry on; so are layers whose nonlinearity feeds a weight layer
+    that goes straight into a norm layer (DCGAN's discriminator: conv at std 0.02, LeakyReLU,
+    conv, BatchNorm), unless the nonlinearity saturates. PyTorch's default init (ratio
+    0.35-0.58) passes. Layers with the same problem are reported together, at the first one.
 
     ## Why is this bad?
     Each badly scaled layer multiplies the signal's scale by about the ratio: too small and

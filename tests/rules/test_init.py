@@ -122,6 +122,23 @@ def test_tl301_leaky_relu_prelu_elu_selu_modules(act_type, attrs, gain, call):
                                           modules=modules)) == []
 
 
+def test_tl301_skips_a_scale_that_the_next_layers_norm_cancels():
+    """DCGAN's discriminator: conv (std 0.02) -> LeakyReLU -> conv -> BatchNorm."""
+    t = defaults("TL301")
+    low = t["min_ratio"] / 10
+    layers, params, edges, first = _stack(low, low)
+    bn = point("bn", "BatchNorm1d", depth=4)
+    normed = trace(layers + [bn], params=params, edges=edges + [to_module(layers[-1], "bn")],
+                   per_step=[{"step": 0, "layers": first}])
+    assert hits("TL301", normed) == []
+    assert hits("TL301", _layer_trace(low, low))
+    layers, params, edges, first = _stack(t["max_ratio"] * 2, 1.0, kind="tanh",
+                                          saturated=t["saturated_fraction"] * 2)
+    saturated = trace(layers + [bn], params=params, edges=edges + [to_module(layers[-1], "bn")],
+                      per_step=[{"step": 0, "layers": first}])
+    assert hits("TL301", saturated)
+
+
 def test_tl301_needs_the_first_step():
     with pytest.raises(Skip):
         hits("TL301", _layer_trace(0.01, 0.01, first_step=100))
