@@ -122,6 +122,24 @@ def test_nonfinite_numbers_are_strings_and_the_document_stays_valid(schema_valid
     assert layer["gradient"] == {"norm": "nan", "rms": "-inf"}
 
 
+def test_a_gradient_with_nan_has_no_finite_norm_in_the_layers() -> None:
+    """sqrt of a sum of squares at 0: a finite forward, a NaN gradient; the table must not
+    show the norm of the gradient's finite part (0) as if nothing happened."""
+    class Distance(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return ((h - h.detach()) ** 2).sum(1, keepdim=True).sqrt()
+
+    torch.manual_seed(0)
+    report = trainlint.check(Distance(), (torch.randn(8, 4), torch.randn(8, 1)), steps=1)
+    row = next(r for r in json.loads(report.to_json())["layers"] if r["module"] == "fc")
+    assert row["gradient"] == {"norm": "nan", "rms": "nan"}
+
+
 def test_api_json_matches_the_cli_shape(schema_validator) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))

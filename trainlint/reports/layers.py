@@ -26,8 +26,10 @@ def layer_rows(trace: RunTrace) -> list[dict]:
                                        if lt.kind in ("tanh", "sigmoid") else None),
                 "dead_fraction": lt.dead_fraction,
             },
-            "gradient": None if lt.grad_norm is None else {"norm": lt.grad_norm,
-                                                          "rms": lt.grad_rms},
+            # A gradient that held NaN/Inf has a NaN norm (its finite part's is no norm of it).
+            "gradient": None if lt.grad_norm is None else (
+                {"norm": math.nan, "rms": math.nan} if lt.grad_nonfinite else
+                {"norm": lt.grad_norm, "rms": lt.grad_rms}),
         })
     return rows
 
