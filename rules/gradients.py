@@ -135,6 +135,9 @@ def suggested_max_norm(trace: RunTrace) -> tuple[float, float, int]:
     return nice_below(typical * math.sqrt(len(norms))), typical, len(norms)
 
 
+CLASSIFICATION_KINDS = ("cross_entropy", "nll", "bce_with_logits")
+
+
 def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
     clip, typical, count = suggested_max_norm(trace)
     if count and clip <= t.max_norm:
@@ -143,8 +146,13 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
         scale = ""
     else:
         clip, basis = 1.0, ""
-        scale = ("; the gradients are large everywhere, so the loss itself is too large: "
-                 "standardize regression targets, use reduction='mean'")
+        if trace.loss_kind in CLASSIFICATION_KINDS:  # its per-sample gradient is bounded
+            scale = ("; the gradients are large everywhere: the weights are too large for "
+                     "their fan-in (check TL301 and TL104) or the loss is summed, not averaged "
+                     "(reduction='mean')")
+        else:
+            scale = ("; the gradients are large everywhere, so the loss itself is too large: "
+                     "standardize regression targets, use reduction='mean'")
     return (f"clip between loss.backward() and optimizer.step(): "
             f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip:g}){basis}"
             f"{scale}; also lower the learning rate and use Kaiming/Xavier init or "

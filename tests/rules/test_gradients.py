@@ -108,6 +108,18 @@ def test_tl502_suggests_a_max_norm_from_the_median_gradient():
     assert f"max_norm={expected:g}" in found[0].fix
 
 
+@pytest.mark.parametrize("kind, regression", [("cross_entropy", False), ("mse", True)])
+def test_tl502_large_gradients_everywhere_get_advice_for_the_loss_kind(kind, regression):
+    """Every gradient huge: a classifier's loss has a bounded per-sample gradient, so the
+    advice to standardize regression targets is only for a regression loss."""
+    limit = defaults("TL502")["max_norm"]
+    per_step = [{"step": 0, "layers": {}, "grad_norm": 10 * limit}]
+    params = [param(f"l{i}.weight", (4, 4), grad_norm=10 * limit) for i in range(3)]
+    [found] = hits("TL502", trace([], per_step=per_step, params=params, loss_kind=kind))
+    assert ("standardize regression targets" in found.fix) is regression
+    assert ("TL301" in found.fix) is not regression
+
+
 @pytest.mark.parametrize("x, nice", [(0.7, 0.5), (3.2, 2.0), (10.0, 10.0), (99.0, 50.0),
                                      (1.0e-3, 1.0e-3)])
 def test_nice_below(x, nice):
