@@ -34,8 +34,9 @@ def values_per_channel(inp: InputTrace) -> int:
 
 
 def is_image(inp: InputTrace) -> bool:
-    """Channel-first input of at least 3 dims (N, C, ...) whose channels are dim 1."""
-    return len(inp.shape) >= 3 and inp.channel_dim == 1
+    """An image (or volume) batch, channels first (N, C, H, W) or last (N, H, W, C), or a
+    channel-first signal (N, C, L)."""
+    return len(inp.shape) >= 4 or (len(inp.shape) == 3 and inp.channel_dim == 1)
 
 
 def _values(xs: np.ndarray) -> str:

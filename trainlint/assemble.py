@@ -23,6 +23,9 @@ from .trace import (
 )
 
 _PLAIN = (bool, int, float, str)
+# Ops that move an input's dims around on the way to its first layer.
+REORDERING_OPS = frozenset({"permute", "transpose", "movedim", "swapaxes", "swapdims", "mT",
+                            "T", "moveaxis"})
 # The dead-unit records cover this many of the last observed steps: a unit that a too-high
 # learning rate killed mid-run is dead although it was active at the run's start.
 UNIT_WINDOW = 10
@@ -315,10 +318,14 @@ class TraceBuilder:
         return list(chosen.values())
 
     def _first_consumer_is_channel_first(self, name: str, modules: dict) -> bool:
-        for src, dst, _ in self.edges:
+        """Whether the input's channels are its dim 1: its first leaf consumer reads channels
+        first (Conv, BatchNorm...), unless the input is permuted on the way (an NHWC image
+        permuted for a Conv2d has its channels last, an NCHW one permuted for a Linear first)."""
+        for src, dst, via in sorted(self.edges, key=repr):
             if src == ("input", name) and dst[0] == "module":
                 facts: Optional[ModuleFacts] = modules.get(dst[1])
                 if facts is not None and facts.is_leaf:
-                    return facts.base.startswith(("Conv", "BatchNorm", "InstanceNorm",
-                                                  "GroupNorm", "MaxPool", "AvgPool"))
+                    first = facts.base.startswith(("Conv", "BatchNorm", "InstanceNorm",
+                                                   "GroupNorm", "MaxPool", "AvgPool"))
+                    return first != bool(REORDERING_OPS.intersection(via))
         return False

@@ -1,0 +1,67 @@
+"""An input's channels are the dim its first layer reads as channels, also when forward permutes
+it first (NHWC images for a Conv2d, (N, L, C) sequences for a Conv1d)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import trainlint
+
+
+class ChannelsLast(nn.Module):
+    """Takes (N, H, W, C) images and permutes them for its Conv2d."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x.permute(0, 3, 1, 2)))
+        return self.head(h.mean((2, 3)))
+
+
+def _check(images: torch.Tensor) -> trainlint.Report:
+    torch.manual_seed(0)
+    model = ChannelsLast(images.shape[-1])
+    return trainlint.check(model, (images, torch.randint(0, 3, (len(images),))), steps=1)
+
+
+def test_nhwc_pixels_are_measured_per_colour_channel() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(16, 12, 12, 3) * torch.tensor([255.0, 128.0, 64.0])
+    report = _check(images)
+    [inp] = report.trace.inputs
+    assert inp.shape[inp.channel_dim] == 3
+    assert list(inp.mean) == pytest.approx(images.double().mean((0, 1, 2)).tolist())
+    assert "TL201" in {f.code for f in report.findings}
+
+
+def test_a_constant_alpha_channel_last_is_a_constant_channel() -> None:
+    torch.manual_seed(0)
+    images = torch.cat([torch.randn(16, 12, 12, 3), torch.ones(16, 12, 12, 1)], dim=-1)
+    found = [f for f in _check(images).findings if f.code == "TL202"]
+    assert found and found[0].evidence["constant"] == [3]
+
+
+class Signals(nn.Module):
+    """Takes (N, L, C) sequences and transposes them for its Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x.transpose(1, 2))).mean(2))
+
+
+def test_sequences_transposed_for_a_conv1d_have_their_channels_last() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 20, 4) + torch.tensor([0.0, 0.0, 0.0, 50.0])
+    report = trainlint.check(Signals(), (x, torch.randint(0, 3, (16,))), steps=1)
+    [inp] = report.trace.inputs
+    assert inp.channel_dim in (-1, 2)
+    assert list(inp.mean) == pytest.approx(x.double().mean((0, 1)).tolist())
