@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import ModuleFacts, RunTrace
@@ -16,8 +16,8 @@ from ._graph import (
     SHAPE_OPS,
     WEIGHT_LAYERS,
     is_attention,
+    layer_at,
     only_shape_ops,
-    output_layer,
     sources,
     successors,
 )
@@ -255,6 +255,28 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 IMAGE_CHANNELS = (1, 2, 3, 4)
 
 
+# Element-wise ops that keep a tensor's shape: a generator's global residual (x - net(x)),
+# an output clamp or squashing.
+SHAPE_KEEPING = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul",
+                           "__mul__", "__rmul__", "clamp", "clamp_", "clip", "tanh", "sigmoid",
+                           "neg", "__neg__"})
+
+
+def _image_output_shape(trace: RunTrace) -> Optional[tuple]:
+    """The shape of the model's (first) output when a layer or an input makes it through
+    reshapes and shape-keeping element-wise ops (a residual generator returns x - net(x)),
+    else None."""
+    for origin, via in trace.output_ops[:1]:
+        if not set(via) <= SHAPE_OPS | SHAPE_KEEPING:
+            return None
+        if origin[0] == "point":
+            layer = layer_at(trace, origin)
+            return tuple(layer.shape) if layer is not None else None
+        if origin[0] == "input":
+            return next((tuple(i.shape) for i in trace.inputs if i.name == origin[1]), None)
+    return None
+
+
 @rule("TL405", "batchnorm-image-generator", "info")
 def batchnorm_image_generator(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """BatchNorm in an image-to-image generator.
@@ -279,22 +301,22 @@ def batchnorm_image_generator(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     if trace.loss_kind in ("cross_entropy", "nll", "bce_with_logits"):
         return
-    out = output_layer(trace)
+    out_shape = _image_output_shape(trace)
     images = [i for i in trace.inputs if len(i.shape) == 4 and i.channel_dim == 1]
-    if out is None or len(out.shape) != 4 or not images:
+    if out_shape is None or len(out_shape) != 4 or not images:
         return
     source = images[0].shape
-    if out.shape[1:] != source[1:] or out.shape[1] not in IMAGE_CHANNELS:
+    if tuple(out_shape[1:]) != tuple(source[1:]) or out_shape[1] not in IMAGE_CHANNELS:
         return
     for facts in batchnorms(trace):
         channels = facts.attrs.get("num_features")
         yield Hit(
             module=facts.name,
             message=(f"{facts.type} {facts.name!r} normalizes over the batch in an "
-                     f"image-to-image model (input {tuple(source)}, output {tuple(out.shape)}): "
+                     f"image-to-image model (input {tuple(source)}, output {tuple(out_shape)}): "
                      "each generated image depends on the others in its batch"),
             fix=f"replace it with nn.InstanceNorm2d({channels}, affine=True)",
-            evidence={"input_shape": list(source), "output_shape": list(out.shape)},
+            evidence={"input_shape": list(source), "output_shape": list(out_shape)},
         )
 
 

@@ -86,11 +86,22 @@ def test_tl403_only_straight_into_the_norm():
     assert len(hits("TL403", _conv_into(module("inorm", "InstanceNorm2d"), via=("view",)))) == 1
 
 
-def _image_model(out_shape, loss_kind="mse", norm="BatchNorm2d"):
+def _image_model(out_shape, loss_kind="mse", norm="BatchNorm2d", output=None):
     out = point("out", "Conv2d", shape=out_shape, depth=3)
     image = inputs("input0", (4, 3, 16, 16), [0.0] * 3, [1.0] * 3, channel_dim=1)
     return trace([out], modules=[_bn(type_=norm, shapes=((4, 16, 16, 16),))], inputs=[image],
-                 output_ops=((out.node, ()),), loss_kind=loss_kind)
+                 output_ops=(output or (out.node, ()),), loss_kind=loss_kind)
+
+
+def test_tl405_a_residual_generator_is_an_image_to_image_model():
+    """A denoiser returning x - net(x): the output comes from the input through a sub."""
+    residual = (("input", "input0"), ("sub",))
+    assert [h.module for h in hits("TL405", _image_model((4, 3, 16, 16), output=residual))] == [
+        "bn"]
+    out_plus = (("point", "out", "output", None), ("add",))
+    assert hits("TL405", _image_model((4, 3, 16, 16), output=out_plus))
+    pooled = (("point", "out", "output", None), ("mean",))
+    assert hits("TL405", _image_model((4, 3, 16, 16), output=pooled)) == []
 
 
 def test_tl405_batchnorm_in_an_image_to_image_model_fires():
