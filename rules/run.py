@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from statistics import median
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import RunTrace
+
+from .gradients import judged_params
 
 
 def loss_curve(trace: RunTrace) -> list[tuple[int, float]]:
@@ -66,8 +68,20 @@ def early_fall(losses: list, third: int) -> float:
     return (start - end) / (abs(start) if start else 1.0)
 
 
+def weights_moved(trace: RunTrace, steps: int) -> Optional[float]:
+    """How far the weights moved over ``steps`` training steps, relative to their norm: the
+    median over the weight matrices of their mean ‖Δw‖/‖w‖ per observed step, times
+    ``steps``; None when no update was measured (no optimizer)."""
+    means = []
+    for p, _ in judged_params(trace):
+        ratios = [r for r in p.update_ratios if math.isfinite(r)]
+        if ratios:
+            means.append(sum(ratios) / len(ratios))
+    return median(means) * steps if means else None
+
+
 @rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05,
-      min_steady_drop=0.005, steady_z=-2.33)
+      min_steady_drop=0.005, steady_z=-2.33, min_movement=0.1)
 def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Over a monitored run the loss does not go down.
 
@@ -82,7 +96,10 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. A run that
     learned early and then converged also fell: the median of its first three points is
-    ``min_drop`` above the last third's, beyond three standard errors of the noise.
+    ``min_drop`` above the last third's, beyond three standard errors of the noise. A loss
+    that barely fell is judged only once the weights moved at least ``min_movement`` of their
+    norm over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20
+    steps barely change the loss; a learning rate too low for them to move is TL503's).
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
@@ -117,7 +134,15 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     steady = (change <= -t.min_steady_drop
               and trend_z([loss for _, loss in curve]) <= t.steady_z)
     fell = change <= -t.min_drop or early_fall([loss for _, loss in curve], third) >= t.min_drop
-    if change > t.min_drop or (from_start and not fell and not steady):
+    rose = change > t.min_drop
+    if rose or (from_start and not fell and not steady):
+        if not rose:
+            moved = weights_moved(trace, curve[-1][0] - curve[0][0] + 1)
+            if moved is not None and moved < t.min_movement:
+                raise Skip(f"the loss barely fell ({change:+.1%}), but the weights moved only "
+                           f"~{moved:.1%} of their norm over the run (the median update ratio "
+                           f"per step times the steps): too little to expect it to fall yet "
+                           f"(TL503 judges the learning rate)")
         trend = "rose" if change > 0 else "barely fell"
         span = f"steps {curve[0][0]}-{curve[-1][0]}"
         yield Hit(

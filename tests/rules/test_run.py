@@ -7,7 +7,7 @@ import math
 import pytest
 from trainlint.rules import run
 
-from tests.rules.tracekit import defaults, hits, steps, trace
+from tests.rules.tracekit import defaults, hits, param, steps, trace
 from trainlint.engine import Skip
 
 NAN = float("nan")
@@ -80,6 +80,28 @@ def test_tl603_an_early_fall_must_clear_min_drop(factor, fires):
     drop = defaults("TL603")["min_drop"]
     start = 1.0 / (1 - factor * drop)  # (start - end) / start = factor * drop
     assert bool(hits("TL603", _monitor(*_converged(start, 1.0, 1e-4)))) is fires
+
+
+@pytest.mark.parametrize("factor, judged", [(0.98, False), (1.02, True)])
+def test_tl603_judges_a_barely_falling_loss_once_the_weights_moved(factor, judged):
+    """A fine-tuning run's first steps (lr 2e-5: ~1e-3 of the weights a step) barely change
+    the loss; it is judged once the weights moved min_movement of their norm."""
+    t = defaults("TL603")
+    losses = _noisy(2.0, 2.0 * (1 - 0.5 * t["min_drop"]))
+    steps_run = 50 * (len(losses) - 1) + 1  # every=50
+    per_step = factor * t["min_movement"] / steps_run
+    params = [param(f"l{i}.weight", (4, 4), ratios=(per_step,) * 3) for i in range(3)]
+    run = trace([], mode="monitor", params=params,
+                per_step=steps(*losses, every=50, key="loss_mean"))
+    if judged:
+        assert hits("TL603", run)
+    else:
+        with pytest.raises(Skip, match="moved only"):
+            hits("TL603", run)
+    rising = trace([], mode="monitor", params=params,  # a rise is judged whatever moved
+                   per_step=steps(*_noisy(2.0, 2.0 * (1 + 2 * t["min_drop"])), every=50,
+                                  key="loss_mean"))
+    assert hits("TL603", rising)
 
 
 def test_tl603_a_fall_within_the_noise_is_no_steady_fall():
