@@ -378,8 +378,12 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
         still = sum(r == 0 for _, r in judged)
         zero_lr = (f"{whose} is 0 (a config or scheduler bug, a warmup that starts at 0)"
                    if not lr else "")
-        rounded = ("the updates are below the weights' precision (bfloat16/float16 weights "
-                   "round small updates away)" if lr != 0 else "")
+        low_precision = any(p.dtype in ("bfloat16", "float16") for p, _ in judged)
+        rounded = "" if lr == 0 else (
+            "the updates are below the weights' precision (bfloat16/float16 weights round "
+            "small updates away)" if low_precision else
+            "the updates are below float32's precision: the gradients are vanishingly small "
+            "(check TL501 and the init; Adam's second moment of a ~1e-20 gradient underflows)")
         cause = " or ".join(c for c in (zero_lr, rounded) if c)
         message = (f"{where}the optimizer steps left {still} of {len(judged)} weights exactly "
                    f"unchanged although their gradient was not 0 (update ratio ‖Δw‖/‖w‖: "
@@ -389,9 +393,11 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
                                             "; to freeze the group on purpose, set "
                                             "requires_grad=False on its parameters instead")
                     if not lr else "")
-        rounded_fix = ("with bfloat16/float16 weights, keep float32 master weights: train the "
-                       "float32 model under torch.autocast(device_type, dtype=torch.bfloat16) "
-                       "instead of calling model.bfloat16()/.half()" if lr != 0 else "")
+        rounded_fix = "" if lr == 0 else (
+            "keep float32 master weights: train the float32 model under "
+            "torch.autocast(device_type, dtype=torch.bfloat16) instead of calling "
+            "model.bfloat16()/.half()" if low_precision else
+            "fix the vanishing gradients first (TL501: the init, normalization layers)")
         fix = "; ".join(f for f in (zero_fix, rounded_fix) if f)
     else:
         cause = ("" if direction == "high"

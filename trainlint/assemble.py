@@ -212,7 +212,7 @@ class TraceBuilder:
             return
 
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
-        _, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr = tag
+        _, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr, dtype = tag
         values = [float(v) for v in value]
         norm, std = values[0], values[1]
         grad = values[2] if has_grad else None
@@ -221,7 +221,7 @@ class TraceBuilder:
         previous = self.params.get(name)
         trace = ParamTrace(name=name, module=module, shape=shape, requires_grad=requires_grad,
                            in_optimizer=in_opt, norm=norm, std=std, grad_norm=grad,
-                           update_norm=update, group=group, lr=lr,
+                           update_norm=update, group=group, lr=lr, dtype=dtype,
                            nonfinite=int(not math.isfinite(norm)
                                          or not self.param_finite.get(name, True)),
                            grad_nonfinite=int(grad is not None and not math.isfinite(grad)))

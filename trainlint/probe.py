@@ -888,7 +888,8 @@ class Probe:
             group, lr = groups.get(p, (None, None))
             values[("param", name, p.grad is not None, update is not None,
                     (p in groups) if self.optimizer is not None else None,
-                    tuple(p.shape), p.requires_grad, group, lr)] = np.asarray(vec,
+                    tuple(p.shape), p.requires_grad, group, lr,
+                    str(p.dtype).replace("torch.", ""))] = np.asarray(vec,
                                                                          dtype=np.float64)
 
 

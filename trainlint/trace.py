@@ -150,6 +150,7 @@ class ParamTrace:
     # at the last observed step (None when not in the optimizer, or not a plain number).
     group: Optional[int] = None
     lr: Optional[float] = None
+    dtype: Optional[str] = None  # "float32", "bfloat16"...
 
     @property
     def update_ratio(self) -> Optional[float]:

@@ -182,12 +182,15 @@ def test_tl503_low_ratios_behind_a_zero_initialized_layer_are_a_note():
         hits("TL503", trace([], params=params))
 
 
-def test_tl503_weights_that_no_step_changed_are_judged_at_zero():
-    """lr=0, or bfloat16 weights that round every update away: no factor to suggest."""
-    found = hits("TL503", _weights([0.0, 0.0, 0.0]))
+@pytest.mark.parametrize("dtype, cause", [("bfloat16", "autocast"), ("float32", "TL501")])
+def test_tl503_weights_that_no_step_changed_are_judged_at_zero(dtype, cause):
+    """lr=0, bfloat16 weights that round every update away, or float32 weights whose
+    gradients are so small (~1e-20) that no update survives: no factor to suggest."""
+    found = hits("TL503", _weights([0.0, 0.0, 0.0], dtype=dtype))
     assert found[0].evidence["median_ratio"] == 0 and found[0].evidence["lr_factor"] is None
     assert "left 3 of 3 weights exactly unchanged" in found[0].message
-    assert "autocast" in found[0].fix and "inf" not in found[0].fix + found[0].message
+    assert cause in found[0].fix and "inf" not in found[0].fix + found[0].message
+    assert ("bfloat16/float16 weights round" in found[0].message) is (dtype == "bfloat16")
     one_moved = hits("TL503", _weights([0.0, 0.0, 1e-3]))
     assert "left 2 of 3 weights" in one_moved[0].message
     assert one_moved[0].evidence["params"] == ["l0.weight", "l1.weight"]

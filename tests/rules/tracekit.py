@@ -60,13 +60,14 @@ def module(name: str, type_: str, *, training: bool = True, leaf: bool = True,
 def param(name: str, shape: tuple, *, requires_grad: bool = True,
           in_optimizer: Optional[bool] = True, std: float = 0.1, grad_norm: Optional[float] = 1.0,
           ratios: tuple = (), norm_before: float = 1.0, grad_steps: int = 1,
-          group: Optional[int] = None, lr: Optional[float] = None) -> ParamTrace:
+          group: Optional[int] = None, lr: Optional[float] = None,
+          dtype: str = "float32") -> ParamTrace:
     owner = name.rsplit(".", 1)[0] if "." in name else ""
     return ParamTrace(name=name, module=owner, shape=shape, requires_grad=requires_grad,
                       in_optimizer=in_optimizer, norm=norm_before, std=std, grad_norm=grad_norm,
                       update_ratios=list(ratios), norms_before=[norm_before] * len(ratios),
                       update_norms=[r * norm_before for r in ratios], grad_steps=grad_steps,
-                      group=group, lr=lr)
+                      group=group, lr=lr, dtype=dtype)
 
 
 def inputs(name: str, shape: tuple, mean: list, std: list, *, channel_dim: int = -1,
