@@ -443,8 +443,13 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     """(what, module, detail[, whether a computation's backward, not an overflow, made it])
     for the first place NaN/Inf shows in one observed step."""
     bad = step.get("nonfinite") or {}
+    loss = step.get("loss")
+    seen = (bad.get("activations") or bad.get("gradients") or bad.get("parameters")
+            or bad.get("parameter_grads") or (loss is not None and not math.isfinite(loss)))
+    if not seen:  # NaN/Inf only in an input or a module's output: a -inf mask, not a fault
+        return None
     if bad.get("inputs"):
-        return "input", "", (f"the batch holds NaN/Inf before the model runs "
+        return "input", "", (f"the batch holds NaN before the model runs "
                              f"({', '.join(bad['inputs'])})")
     stale = bad.get("parameters_before") or []
     if stale:
@@ -471,7 +476,6 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
         count = bad["activations"][first.node[1:]]
         return "forward", first.module, (f"the output of {first.label} ({first.type}) holds "
                                          f"{count} NaN/Inf value(s)")
-    loss = step.get("loss")
     if loss is not None and not math.isfinite(loss):
         return "loss", "", f"the loss is {loss} while every observed activation is finite"
     grads = [by_key[key] for key in bad.get("gradients", {}) if key in by_key]

@@ -86,3 +86,27 @@ def test_tl302_judges_only_a_mean_loss(reduction: str, fires: bool) -> None:
     report = trainlint.check(model, batch, loss_fn=Wrapped(reduction), steps=1)
     assert any(f.code == "TL302" for f in report.findings) is fires
     assert ("TL302" in report.skipped) is not fires
+
+
+class AuxHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 16)
+        self.main, self.aux = nn.Linear(16, 10), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        h = torch.relu(self.body(x))
+        return self.main(h), self.aux(h)
+
+
+def test_tl302_leaves_a_loss_of_several_terms_alone() -> None:
+    """CE(main) + CE(aux) at init is ~2 ln(C): two uninformed classifiers, not a confident one."""
+    torch.manual_seed(0)
+    batch = (torch.randn(32, 6), torch.randint(0, 10, (32,)))
+
+    def deep_supervision(out: tuple, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out[0], t) + F.cross_entropy(out[1], t)
+
+    report = trainlint.check(AuxHeads(), batch, loss_fn=deep_supervision, steps=1)
+    assert report.trace.loss_terms == 2
+    assert "TL302" not in {f.code for f in report.findings} and "TL302" in report.skipped

@@ -3,6 +3,8 @@ module's own forward, ops between two layers, the input batch, or an unobserved 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -94,3 +96,55 @@ def test_nan_made_at_an_unobserved_step_is_not_blamed_on_the_first_layer() -> No
         found = _tl504(monitor.report())
     assert (found.evidence["step"], found.evidence["where"]) == (10, "stale parameter")
     assert "every=1" in found.fix
+
+
+class MaskedAttention(nn.Module):
+    """A causal mask of -inf passed as an input, and logits masked with -inf inside a module
+    with children: both legitimate, every loss finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.policy = Policy()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = x @ x.transpose(1, 2) + mask
+        return self.policy(torch.softmax(scores, -1) @ x)
+
+
+class Policy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(h.mean(1))
+        illegal = torch.zeros_like(logits, dtype=torch.bool)
+        illegal[:, 2] = True
+        return logits.masked_fill(illegal, float("-inf"))
+
+
+def test_minus_inf_masks_that_stay_contained_are_no_nonfinite_error() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, 8)
+    for fill in (float("-inf"), torch.finfo(torch.float32).min):
+        mask = torch.triu(torch.full((5, 5), fill), diagonal=1)
+        report = trainlint.check(MaskedAttention(), ({"x": x, "mask": mask},
+                                                     torch.randint(0, 2, (16,))), steps=2)
+        assert math.isfinite(report.trace.losses[0])
+        assert "TL504" not in {f.code for f in report.findings}
+
+
+class LogOfNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).log()  # negative logits: NaN made by the model's own forward
+
+
+def test_the_models_own_output_is_read() -> None:
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(LogOfNet(), _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("", "forward")
+    assert "the output of the model" in found.message

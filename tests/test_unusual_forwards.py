@@ -4,11 +4,15 @@ on, and what the probe reports comes from the ordinary training steps only."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils.checkpoint import checkpoint
 
 import trainlint
 
@@ -145,3 +149,105 @@ def test_a_nested_tensor_batch_is_checked(layout: torch.layout) -> None:
     assert report.trace.batch_size == 2
     assert report.trace.inputs == []  # a ragged input has no per-channel table
 
+
+
+@dataclass
+class Node:
+    """An output that refers to itself (a tree whose child points back to its parent)."""
+
+    value: torch.Tensor
+    parent: Optional[Node] = None
+    child: Optional[Node] = None
+
+
+class Tree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> Node:
+        root = Node(self.fc(x) * 2)
+        root.child = Node(root.value + 1, parent=root)
+        return root
+
+
+class UsesTree(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tree = Tree()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+        width = 4 if hint is None else hint.shape[-1]  # a meta tensor: only its shape is read
+        return self.head(self.tree(x[:, :width]).child.value)
+
+
+def test_cyclic_outputs_and_meta_inputs_are_passed_over() -> None:
+    torch.manual_seed(0)
+    model = UsesTree()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x, hint=torch.empty(8, 4, device="meta")), y)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.observed_steps == 2
+    assert {i.name for i in report.trace.inputs} == {"input0"}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpoints_recompute_in_backward_is_not_a_second_call(reentrant: bool) -> None:
+    """torch.utils.checkpoint runs the forward again during the backward: no new point, no
+    second row for the points of the step's forward."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = block, nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(checkpoint(self.a, x, use_reentrant=reentrant))
+
+    x = torch.randn(8, 6, requires_grad=reentrant)
+    report = trainlint.check(Checkpointed(), (x, torch.randint(0, 2, (8,))), steps=1)
+    keys = set(report.trace.layer_by_key())
+    assert keys == {("a.0", "output"), ("a.1", "output"), ("head", "output")}
+    assert next(lt for lt in report.trace.layers if lt.module == "a.0").activation.count == 8 * 16
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        logits = self.fc(self.drop(x))
+        return {"probs": torch.softmax(logits, -1), "logits": logits}
+
+
+def test_the_training_forward_is_found_through_any_output() -> None:
+    """The loss reads the second output; an eval-mode validation forward with autograd on
+    came first. TL602 and the batch size are the training forward's."""
+    torch.manual_seed(0)
+    model = TwoOutputs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(3):
+            model.eval()
+            model(x[:5])
+            model.train()
+            opt.zero_grad()
+            F.cross_entropy(model(x)["logits"], y).backward()
+            opt.step()
+            monitor.step()
+        report = monitor.report()
+    assert "TL602" not in {f.code for f in report.findings}
+    assert report.trace.batch_size == 64

@@ -53,8 +53,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     saved = snapshot(model, None if made_here else opt)
     probe = Probe(model, opt)
     builder = TraceBuilder(model, mode="check")
-    run: dict = {"loss_kind": None, "loss_reduction": None, "num_classes": None,
-                 "batch_size": None}
+    run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
+                 "num_classes": None, "batch_size": None}
     try:
         probe.attach()
         model.train()
@@ -68,6 +68,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     device = str(_model_device(model))
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
                           loss_kind=run["loss_kind"], loss_reduction=run["loss_reduction"],
+                          loss_terms=run["loss_terms"],
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
@@ -326,6 +327,7 @@ def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall], outputs:
     seen = call is not None and call.kind == kind
     run["loss_kind"] = kind
     run["loss_reduction"] = call.reduction if seen else None
+    run["loss_terms"] = call.calls if seen else None
     run["num_classes"] = (call.num_classes if seen else None) or _num_classes(choice, outputs)
 
 

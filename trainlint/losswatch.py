@@ -4,7 +4,7 @@ user's ``def loss_fn(o, t): return F.cross_entropy(o, t)`` or an ``nn.Module`` w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -27,6 +27,7 @@ class LossCall:
     reduction: str
     shape: tuple
     storage: int  # the input's storage address: a view or reshape of an output shares it
+    calls: int = 1  # torch losses the loss function called in all (an auxiliary head's too)
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -46,10 +47,13 @@ class LossWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         kind = LOSS_FUNCTIONS.get(func)
-        if kind is not None and self.call is None and args and isinstance(args[0], torch.Tensor):
-            x = args[0]
-            self.call = LossCall(kind, str(kwargs.get("reduction", "mean")), tuple(x.shape),
-                                 _storage(x))
+        if kind is not None and args and isinstance(args[0], torch.Tensor):
+            if self.call is None:
+                x = args[0]
+                self.call = LossCall(kind, str(kwargs.get("reduction", "mean")),
+                                     tuple(x.shape), _storage(x))
+            else:
+                self.call = replace(self.call, calls=self.call.calls + 1)
         return func(*args, **kwargs)
 
 

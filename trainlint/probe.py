@@ -99,14 +99,18 @@ def activation_kind(module: nn.Module) -> Optional[str]:
 
 
 _peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+# The autograd node running now: not None while a backward runs (a checkpoint's recompute).
+_current_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
 
 def ordinary_autograd() -> bool:
     """Whether the code running now is an ordinary forward/backward that the probe reads: not
     under inference mode (no training there, and its tensors cannot be written into the
     probe's buffers) nor inside a ``torch.func`` transform (vmap/grad/jvp wrap the tensors,
-    and the probe's in-place ops on them are refused)."""
-    return not torch.is_inference_mode_enabled() and _peek_transform() is None
+    and the probe's in-place ops on them are refused), nor a forward that a backward runs (the
+    recompute of ``torch.utils.checkpoint``: the step's forward was read already)."""
+    return (not torch.is_inference_mode_enabled() and _peek_transform() is None
+            and _current_node() is None)
 
 
 def training_forward() -> bool:
@@ -121,14 +125,18 @@ def compiled_inside(model: nn.Module) -> bool:
 
 
 def strided(t: torch.Tensor) -> bool:
-    """A dense tensor the statistics can read (not sparse, not nested)."""
-    return t.layout == torch.strided and not t.is_nested
+    """A dense tensor the statistics can read (not sparse, not nested, not on the meta
+    device)."""
+    return t.layout == torch.strided and not t.is_nested and t.device.type != "meta"
 
 
-def first_float_tensor(obj: Any) -> Optional[torch.Tensor]:
-    """The first dense floating-point tensor in a (nested) module output, or None."""
+def first_float_tensor(obj: Any, depth: int = 0) -> Optional[torch.Tensor]:
+    """The first dense floating-point tensor in a (nested, at most 4 deep: an output can
+    refer to itself) module output, or None."""
     if isinstance(obj, torch.Tensor):
         return obj if (obj.is_floating_point() or obj.is_complex()) and strided(obj) else None
+    if depth >= 4:
+        return None
     if isinstance(obj, dict):
         items = obj.values()
     elif isinstance(obj, (list, tuple)):
@@ -138,7 +146,7 @@ def first_float_tensor(obj: Any) -> Optional[torch.Tensor]:
     else:
         return None
     for item in items:
-        found = first_float_tensor(item)
+        found = first_float_tensor(item, depth + 1)
         if found is not None:
             return found
     return None
@@ -322,7 +330,6 @@ class Probe:
         root = self.model
         add = self.handles.append
         add(root.register_forward_pre_hook(OwnedHook(self._root_pre), with_kwargs=True))
-        add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
         enter, leave, leave_leaf = (OwnedHook(self._enter), OwnedHook(self._leave_container),
                                     OwnedHook(self._leave_leaf))
         norm_input = OwnedHook(self._norm_input)
@@ -332,6 +339,8 @@ class Probe:
             add(module.register_forward_hook(leave_leaf if leaf else leave, always_call=True))
             if isinstance(module, NORM_TYPES):
                 add(module.register_forward_pre_hook(norm_input))
+        # After the root's own leave hook, which reads its output while the mode still runs.
+        add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
         if self.optimizer is not None:
             add(self.optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
             add(self.optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
@@ -408,7 +417,7 @@ class Probe:
                     self.masks.add(name)
                 if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
                     with torch._C.DisableTorchFunction():
-                        self.input_probes.append((name, stats.full_probe(t)[0]))
+                        self.input_probes.append((name, stats.nan_probe(t)))
                 if (not self.inputs_seen and (t.is_floating_point() or t.dtype in RAW_INTS)
                         and strided(t) and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
@@ -427,15 +436,16 @@ class Probe:
 
     def _on_backward(self, output: Any, facts: Optional[tuple]) -> None:
         """Keep ``facts`` as the training forward's once a backward reaches ``output``."""
-        grad_out = next((t for t in _tensors_in(output) if t.requires_grad), None)
-        if grad_out is None or facts is None:
+        if facts is None:
             return
 
         def reached(grad: torch.Tensor) -> None:
             if self.trained_forward is None:
                 self.trained_forward = facts
 
-        self.tensor_handles.append(grad_out.register_hook(reached))
+        for t in _tensors_in(output):
+            if t.requires_grad:
+                self.tensor_handles.append(t.register_hook(reached))
 
     def _exit_mode(self) -> None:
         """Leave the probe's mode, if it is the innermost one; else (a forward interrupted by
@@ -483,7 +493,7 @@ class Probe:
             if origin is not None and origin[0][0] == "point" and not origin[1]:
                 return  # a point's output as it is: that point's read covers it
             self.container_probes.append((self.names.get(module, ""), self.last_key,
-                                          stats.full_probe(tensor)[0]))
+                                          stats.extremes_probe(tensor)))
 
     def _leave_leaf(self, module: nn.Module, args: tuple, output: Any) -> None:
         """A leaf module's forward is over: leave it, then observe its output (None when its

@@ -510,6 +510,19 @@ def full_probe(x: torch.Tensor) -> tuple:
     return (total.abs() if total.is_complex() else total,)  # a NaN/Inf imaginary part too
 
 
+def nan_probe(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor that is NaN when ``x`` holds a NaN, else 0 (an Inf is a mask's -inf, not a
+    fault, in a model input)."""
+    return torch.where(torch.isnan(x).any(), math.nan, 0.0)
+
+
+def extremes_probe(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor, non-finite exactly when ``x`` holds NaN/Inf, from its min and max (a
+    sum of huge finite values, such as a mask filled with finfo.min, would overflow)."""
+    lo, hi = torch.aminmax(x.abs() if x.is_complex() else x)
+    return finite_probe(lo, hi)
+
+
 def finish_activations(raw: np.ndarray, full: np.ndarray, meta: np.ndarray) -> np.ndarray:
     """``ACT_FIELDS`` rows from raw batch results (``_RAW_ACT``), the full read of each
     sampled tensor (``probe, min, max``; all NaN for a tensor copied whole) and per-row

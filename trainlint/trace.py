@@ -207,6 +207,8 @@ class RunTrace:
     loss_kind: Optional[str] = None
     # "mean", "sum" or "none" when the loss's torch call was seen (None: not seen).
     loss_reduction: Optional[str] = None
+    # How many torch losses the loss function called (an auxiliary head adds one).
+    loss_terms: Optional[int] = None
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)
