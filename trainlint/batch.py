@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TargetError
@@ -110,7 +109,6 @@ class LossChoice:
     fn: Callable[[Any, Any], torch.Tensor]
     kind: str
     note: Optional[str] = None
-    class_dim: int = 1
 
 
 def default_loss(outputs: Any, targets: Any) -> LossChoice:
@@ -130,7 +128,7 @@ def default_loss(outputs: Any, targets: Any) -> LossChoice:
                 targets.shape == out.shape[:-1]:
             return LossChoice(
                 lambda o, t: F.cross_entropy(primary_output(o).flatten(0, -2), t.flatten()),
-                "cross_entropy", "default loss: cross-entropy over the last dim", class_dim=-1)
+                "cross_entropy", "default loss: cross-entropy over the last dim")
         if targets.is_floating_point() and targets.shape == out.shape:
             return LossChoice(lambda o, t: F.mse_loss(primary_output(o), t), "mse",
                               "default loss: mean squared error")
@@ -138,16 +136,3 @@ def default_loss(outputs: Any, targets: Any) -> LossChoice:
                       "synthetic loss used (mean of squared outputs / 2): no loss_fn and no "
                       "targets that match the output")
 
-
-def loss_kind_of(loss_fn: Any) -> str:
-    """Which loss family a user's loss is, when recognisable (for TL302/TL601)."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss) or loss_fn in (F.cross_entropy,):
-        return "cross_entropy"
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss) or \
-            loss_fn is F.binary_cross_entropy_with_logits:
-        return "bce_with_logits"
-    if isinstance(loss_fn, nn.NLLLoss) or loss_fn is F.nll_loss:
-        return "nll"
-    if isinstance(loss_fn, nn.MSELoss) or loss_fn is F.mse_loss:
-        return "mse"
-    return "custom"

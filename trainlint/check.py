@@ -13,7 +13,6 @@ from .batch import (
     Batch,
     LossChoice,
     default_loss,
-    loss_kind_of,
     output_loss,
     primary_output,
     split_batch,
@@ -215,7 +214,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         _validate_loss(loss)
         _loss_reads_first(probe, call, outputs)
         if step == 0:
-            _note_loss(run, choice, call, outputs)
+            _note_loss(run, choice, call)
         phase = "backward"
         loss.backward()
         phase = "optimizer step"
@@ -285,7 +284,7 @@ def _flat(exc: BaseException) -> str:
 def _loss_choice(loss_fn: Optional[Callable], outputs: Any, data: Batch, notes: list,
                  step: int) -> LossChoice:
     if loss_fn is not None:
-        return LossChoice(loss_fn, loss_kind_of(loss_fn))
+        return LossChoice(loss_fn, "custom")  # known by the torch loss it calls (_note_loss)
     if output_loss(outputs) is None and primary_output(outputs) is None:
         raise TargetError(
             f"the model's forward returned {_describe_value(outputs)}, with no floating-point "
@@ -318,9 +317,9 @@ def _loss_reads_first(probe: Probe, call: Optional[LossCall], outputs: Any) -> N
         origins.insert(0, origins.pop(index))
 
 
-def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall], outputs: Any) -> None:
-    """The loss family (a user's function is known by the torch loss it calls), its
-    reduction and the number of classes it reads."""
+def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall]) -> None:
+    """The loss family (a user's function, or nn.CrossEntropyLoss, is known by the torch loss
+    it calls), its reduction, its terms and the number of classes it reads."""
     kind = choice.kind
     if kind == "custom" and call is not None:
         kind = call.kind
@@ -328,13 +327,4 @@ def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall], outputs:
     run["loss_kind"] = kind
     run["loss_reduction"] = call.reduction if seen else None
     run["loss_terms"] = call.calls if seen else None
-    run["num_classes"] = (call.num_classes if seen else None) or _num_classes(choice, outputs)
-
-
-def _num_classes(choice: LossChoice, outputs: Any) -> Optional[int]:
-    if choice.kind not in ("cross_entropy", "nll"):
-        return None
-    out = primary_output(outputs)
-    if out is None or out.dim() < 2:
-        return None
-    return int(out.shape[choice.class_dim])
+    run["num_classes"] = call.num_classes if seen else None
