@@ -26,6 +26,9 @@ FUNCTIONAL_PASS_THROUGH = frozenset(FUNCTIONAL_DROPOUT) | {
     f"{kind}_pool{d}d" for kind in ("max", "avg", "adaptive_max", "adaptive_avg")
     for d in (1, 2, 3)}
 # Leaf module types that hold weights applied to their input.
+# Losses whose value for an uninformed classifier is known (ln(C), or ln(2) per output) and
+# whose per-sample gradient is bounded.
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 WEIGHT_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                  "ConvTranspose3d", "Bilinear", "LazyLinear", "LSTM", "GRU", "RNN",
                  "NonDynamicallyQuantizableLinear", "Conv1D")
@@ -39,6 +42,17 @@ def successors(trace: RunTrace, node: tuple) -> list[tuple]:
 def output_nodes(trace: RunTrace, module: str) -> list[tuple]:
     """The observation nodes of a leaf module's output."""
     return [lt.node for lt in trace.layers if lt.module == module and lt.op == "output"]
+
+
+def feeds_norm(trace: RunTrace, module: str) -> bool:
+    """Whether the module's output goes straight (through reshapes, dropout, pooling) into a
+    normalization layer, which cancels the output's scale."""
+    for node in output_nodes(trace, module):
+        for dst, via in downstream(trace, node, hops=2):
+            norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
+            if norm is not None and is_norm_type(norm.base) and only_shape_ops(via):
+                return True
+    return False
 
 
 def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:

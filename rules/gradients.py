@@ -10,14 +10,13 @@ from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import LayerTrace, ParamTrace, RunTrace
 
 from ._graph import (
+    CLASSIFICATION_LOSSES,
     EMBEDDING_TYPES,
     SHAPE_OPS,
     WEIGHT_LAYERS,
     ancestors,
-    downstream,
+    feeds_norm,
     inside_attention_sublayer,
-    is_norm_type,
-    only_shape_ops,
     output_layer,
     output_nodes,
     successors,
@@ -135,9 +134,6 @@ def suggested_max_norm(trace: RunTrace) -> tuple[float, float, int]:
     return nice_below(typical * math.sqrt(len(norms))), typical, len(norms)
 
 
-CLASSIFICATION_KINDS = ("cross_entropy", "nll", "bce_with_logits")
-
-
 def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
     clip, typical, count = suggested_max_norm(trace)
     if count and clip <= t.max_norm:
@@ -146,7 +142,7 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
         scale = ""
     else:
         clip, basis = 1.0, ""
-        if trace.loss_kind in CLASSIFICATION_KINDS:  # its per-sample gradient is bounded
+        if trace.loss_kind in CLASSIFICATION_LOSSES:  # its per-sample gradient is bounded
             scale = ("; the gradients are large everywhere: the weights are too large for "
                      "their fan-in (check TL301 and TL104) or the loss is summed, not averaged "
                      "(reduction='mean')")
@@ -164,13 +160,9 @@ def scale_invariant_weights(trace: RunTrace) -> set:
     names = set()
     for p in trace.params:
         facts = trace.modules.get(p.module)
-        if len(p.shape) < 2 or facts is None or facts.base not in WEIGHT_LAYERS:
-            continue
-        for node in output_nodes(trace, p.module):
-            for dst, via in downstream(trace, node, hops=2):
-                norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
-                if norm is not None and is_norm_type(norm.base) and only_shape_ops(via):
-                    names.add(p.name)
+        if len(p.shape) >= 2 and facts is not None and facts.base in WEIGHT_LAYERS and \
+                feeds_norm(trace, p.module):
+            names.add(p.name)
     return names
 
 

@@ -12,12 +12,13 @@ from trainlint.trace import LayerTrace, ModuleFacts, ParamTrace, RunTrace
 
 from ._graph import (
     ADD_OPS,
+    CLASSIFICATION_LOSSES,
     downstream,
+    feeds_norm,
     is_norm_type,
     layer_at,
     only_shape_ops,
     output_layer,
-    output_nodes,
     sources,
 )
 
@@ -144,11 +145,8 @@ def scale_cancelled_after(trace: RunTrace, act: LayerTrace) -> bool:
         facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
         if facts is None or facts.base not in SCALED_LAYERS or not only_shape_ops(via):
             continue
-        for node in output_nodes(trace, dst[1]):
-            for after, via2 in downstream(trace, node, hops=2):
-                norm = trace.modules.get(after[1]) if after[0] == "module" else None
-                if norm is not None and is_norm_type(norm.base) and only_shape_ops(via2):
-                    return True
+        if feeds_norm(trace, dst[1]):
+            return True
     return False
 
 
@@ -264,10 +262,6 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "saturated_fraction": first["saturated_fraction"],
                       "layers": [f["module"] for f in found], "threshold": threshold},
         )
-
-
-# Losses whose value for an uninformed classifier is known: ln(C), or ln(2) per output.
-CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 
 
 # The RMS of the features reaching the last layer above which they, not its weights, make the

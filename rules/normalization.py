@@ -8,6 +8,7 @@ from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import ModuleFacts, RunTrace
 
 from ._graph import (
+    CLASSIFICATION_LOSSES,
     DROPOUT_TYPES,
     EMBEDDING_TYPES,
     FUNCTIONAL_DROPOUT,
@@ -299,7 +300,7 @@ def batchnorm_image_generator(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Replace ``nn.BatchNorm2d(C)`` with ``nn.InstanceNorm2d(C, affine=True)`` (or
     ``nn.GroupNorm``).
     """
-    if trace.loss_kind in ("cross_entropy", "nll", "bce_with_logits"):
+    if trace.loss_kind in CLASSIFICATION_LOSSES:
         return
     out_shape = _image_output_shape(trace)
     images = [i for i in trace.inputs if len(i.shape) == 4 and i.channel_dim == 1]

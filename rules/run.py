@@ -94,9 +94,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
     later, it fires only if the loss rose by more than ``min_drop``. It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
-    make it robust to noisy batches. A run that
-    learned early and then converged also fell: the median of its first three points is
-    ``min_drop`` above the last third's, beyond three standard errors of the noise. A loss
+    make it robust to noisy batches. A run that learned early and then converged also fell:
+    the median of its first three points is ``min_drop`` above the last third's, beyond three
+    standard errors of the noise. A loss
     that barely fell is judged only once the weights moved at least ``min_movement`` of their
     norm over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20
     steps barely change the loss; a learning rate too low for them to move is TL503's).
