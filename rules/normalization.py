@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
-from trainlint.trace import ModuleFacts, RunTrace
+from trainlint.trace import ELEMENTWISE_OPS, ModuleFacts, RunTrace
 
 from ._graph import (
     CLASSIFICATION_LOSSES,
@@ -256,19 +256,12 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 IMAGE_CHANNELS = (1, 2, 3, 4)
 
 
-# Element-wise ops that keep a tensor's shape: a generator's global residual (x - net(x)),
-# an output clamp or squashing.
-SHAPE_KEEPING = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul",
-                           "__mul__", "__rmul__", "clamp", "clamp_", "clip", "tanh", "sigmoid",
-                           "neg", "__neg__"})
-
-
 def _image_output_shape(trace: RunTrace) -> Optional[tuple]:
     """The shape of the model's (first) output when a layer or an input makes it through
-    reshapes and shape-keeping element-wise ops (a residual generator returns x - net(x)),
-    else None."""
+    reshapes and element-wise ops (a residual generator returns x - net(x), an output clamp
+    or squashing), else None."""
     for origin, via in trace.output_ops[:1]:
-        if not set(via) <= SHAPE_OPS | SHAPE_KEEPING:
+        if not set(via) <= SHAPE_OPS | ELEMENTWISE_OPS:
             return None
         if origin[0] == "point":
             layer = layer_at(trace, origin)

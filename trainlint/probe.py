@@ -24,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import stats
 from .hooks import OwnedHook
+from .trace import ELEMENTWISE_OPS
 from .updates import UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
@@ -77,14 +78,6 @@ RAW_INTS = (torch.uint8, torch.int8, torch.int16)
 MAX_VIA = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
-# Ops whose output has the dims of their input in the same order (element-wise ops, casts): a
-# tensor that flowed through only these has its producer's channel layout.
-LAYOUT_KEEPING = GATE_OPS | frozenset({
-    "add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__", "sub_",
-    "__isub__", "div", "__truediv__", "__rtruediv__", "div_", "__itruediv__", "neg", "__neg__",
-    "pow", "__pow__", "abs", "clamp", "clamp_", "clamp_min", "clamp_max", "contiguous", "clone",
-    "detach", "float", "half", "bfloat16", "to", "type", "dropout", "where", "addcmul",
-})
 
 
 def activation_kind(module: nn.Module) -> Optional[str]:
@@ -677,7 +670,7 @@ class Probe:
         """The channel layout of ``source`` when it comes from an observed point through
         element-wise ops only (an SE gate's product keeps the conv's layout), else None."""
         origin = None if source is None else self._origin_of(source)
-        if origin is None or origin[0][0] != "point" or not LAYOUT_KEEPING.issuperset(origin[1]):
+        if origin is None or origin[0][0] != "point" or not ELEMENTWISE_OPS.issuperset(origin[1]):
             return None
         point = self.points.get(origin[0][1:])
         return None if point is None else point.channel_first

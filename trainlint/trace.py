@@ -174,6 +174,19 @@ class InputTrace:
     max: np.ndarray
 
 
+# Op names in ``Edge.via`` whose output has its input's shape and dim order (element-wise
+# arithmetic, clamps, casts, dropout): a tensor that went through only these keeps its
+# producer's channel layout, and a model output made by them has its source's shape.
+ELEMENTWISE_OPS = frozenset({
+    "add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__", "sub_",
+    "__isub__", "mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_",
+    "div", "__truediv__", "__rtruediv__", "div_", "__itruediv__", "neg", "__neg__", "pow",
+    "__pow__", "abs", "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "tanh", "sigmoid",
+    "contiguous", "clone", "detach", "float", "half", "bfloat16", "to", "type", "dropout",
+    "where",
+})
+
+
 @dataclass
 class Edge:
     """Data flowed from one observation point to a consumer, through ``via`` plain ops."""
