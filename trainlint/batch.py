@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from .errors import TargetError
 
 
+def leading_size(tensors: list) -> Optional[int]:
+    """A batch's size: dim 0 of its first tensor that has dims."""
+    for t in tensors:
+        if t.dim() > 0:
+            return int(t.size(0))
+    return None
+
+
 @dataclass
 class Batch:
     """Model inputs (positional and keyword) and optional targets."""
@@ -25,10 +33,7 @@ class Batch:
 
     @property
     def size(self) -> Optional[int]:
-        for t in self.tensors():
-            if t.dim() > 0:
-                return int(t.size(0))
-        return None
+        return leading_size(self.tensors())
 
     def to(self, device: torch.device) -> Batch:
         return Batch(tuple(move_to(a, device) for a in self.args),

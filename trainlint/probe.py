@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from . import stats
+from .batch import leading_size
 from .hooks import OwnedHook
 from .trace import ELEMENTWISE_OPS
 from .updates import UpdateSampler
@@ -396,7 +397,8 @@ class Probe:
         if not self.observing or self.skipping:
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
-        self.last_forward = (training_flags(self.model), _batch_of(args, kwargs))
+        inputs = _named_inputs(args, kwargs)
+        self.last_forward = (training_flags(self.model), leading_size([t for _, t in inputs]))
         if self.first_forward is None:
             self.first_forward = self.last_forward
         self.call_counts.clear()
@@ -404,11 +406,12 @@ class Probe:
         self.last_key = None
         self.busy = True
         try:
-            for name, t in _named_inputs(args, kwargs):
+            for name, t in inputs:
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
-                if not (t.is_floating_point() or t.is_complex()):
+                floating = t.is_floating_point() or t.is_complex()
+                if not floating:
                     self.masks.add(name)
-                if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
+                if floating and strided(t) and t.numel():
                     with torch._C.DisableTorchFunction():
                         self.input_probes.append((name, stats.nan_probe(t)))
                 if (not self.inputs_seen and (t.is_floating_point() or t.dtype in RAW_INTS)
@@ -926,14 +929,6 @@ def _named_inputs(args: tuple, kwargs: dict) -> list:
         found = _tensors_in(value)
         named += [(str(key) if len(found) == 1 else f"{key}{j}", t) for j, t in enumerate(found)]
     return named
-
-
-def _batch_of(args: tuple, kwargs: dict) -> Optional[int]:
-    """Dim 0 of a forward's first input tensor, as ``trainlint check`` reads a batch's size."""
-    for t in _tensors_in(args) + _tensors_in(kwargs):
-        if t.dim() > 0:
-            return int(t.size(0))
-    return None
 
 
 def training_flags(model: nn.Module) -> dict:
