@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 import torch.nn as nn
@@ -218,25 +220,53 @@ def test_eval_mode_is_read_at_the_training_forward(eval_when: str) -> None:
     assert bool(found) is (eval_when == "whole_step")
 
 
-@pytest.mark.parametrize("train_after", [True, False])
-def test_eval_mode_is_read_at_the_forward_the_backward_reached(train_after: bool) -> None:
-    """A validation forward in eval mode with autograd on (no no_grad) before the training
-    forward: TL602 judges the forward whose output the backward reached."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+def _validate_then_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         x_val: torch.Tensor, train_mode: bool = True,
+                         logits: Callable = lambda out: out) -> trainlint.Report:
+    """Three observed steps that each start with a validation forward in eval mode with
+    autograd on (no no_grad, never backpropagated), then train; the Monitor's report."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
         for _ in range(3):
             model.eval()
-            F.cross_entropy(model(x[:8]), y[:8])  # validation, autograd on, never backpropagated
-            model.train(train_after)
+            model(x_val)
+            model.train(train_mode)
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(logits(model(x)), y).backward()
             opt.step()
             monitor.step()
-        found = [f for f in monitor.report().findings if f.code == "TL602"]
-    assert bool(found) is not train_after
+        return monitor.report()
+
+
+@pytest.mark.parametrize("train_after", [True, False])
+def test_eval_mode_is_read_at_the_forward_the_backward_reached(train_after: bool) -> None:
+    """TL602 judges the forward whose output the backward reached."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    report = _validate_then_train(model, x, y, x[:8], train_mode=train_after)
+    assert ("TL602" in {f.code for f in report.findings}) is not train_after
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        logits = self.fc(self.drop(x))
+        return {"probs": torch.softmax(logits, -1), "logits": logits}
+
+
+def test_the_training_forward_is_found_through_any_output() -> None:
+    """The loss reads the second output: TL602 and the batch size are still the training
+    forward's, not the validation forward's."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    report = _validate_then_train(TwoOutputs(), x, y, x[:5], logits=lambda out: out["logits"])
+    assert "TL602" not in {f.code for f in report.findings}
+    assert report.trace.batch_size == 64
 
 
 class FlatTokens(nn.Module):
@@ -257,16 +287,8 @@ def test_the_batch_size_is_dim_0_of_the_training_forwards_input() -> None:
     not the 3 of a validation forward run with autograd on before the training forward)."""
     torch.manual_seed(0)
     model = FlatTokens()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randint(0, 50, (8, 12)), torch.randint(0, 4, (8,))
-    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for _ in range(3):
-            model(x[:3])  # a validation forward, autograd on, never backpropagated
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            monitor.step()
-        report = monitor.report()
+    report = _validate_then_train(model, x, y, x[:3])
     assert report.trace.batch_size == 8
     assert "TL402" in {f.code for f in report.findings}
     assert report.trace.batch_size == trainlint.check(model, (x, y)).trace.batch_size

@@ -220,34 +220,3 @@ def test_a_checkpoints_recompute_in_backward_is_not_a_second_call(reentrant: boo
     assert keys == {("a.0", "output"), ("a.1", "output"), ("head", "output")}
     assert next(lt for lt in report.trace.layers if lt.module == "a.0").activation.count == 8 * 16
 
-
-class TwoOutputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-        self.drop = nn.Dropout(0.1)
-
-    def forward(self, x: torch.Tensor) -> dict:
-        logits = self.fc(self.drop(x))
-        return {"probs": torch.softmax(logits, -1), "logits": logits}
-
-
-def test_the_training_forward_is_found_through_any_output() -> None:
-    """The loss reads the second output; an eval-mode validation forward with autograd on
-    came first. TL602 and the batch size are the training forward's."""
-    torch.manual_seed(0)
-    model = TwoOutputs()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for _ in range(3):
-            model.eval()
-            model(x[:5])
-            model.train()
-            opt.zero_grad()
-            F.cross_entropy(model(x)["logits"], y).backward()
-            opt.step()
-            monitor.step()
-        report = monitor.report()
-    assert "TL602" not in {f.code for f in report.findings}
-    assert report.trace.batch_size == 64
