@@ -10,7 +10,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
 
-import jsonschema
 import pytest
 from click.testing import CliRunner
 
@@ -74,7 +73,9 @@ def report_schema() -> dict:
 
 
 @pytest.fixture(scope="session")
-def schema_validator() -> jsonschema.Draft202012Validator:
+def schema_validator() -> jsonschema.Draft202012Validator:  # noqa: F821
+    import jsonschema  # here, not at the top: a CUDA machine without it still runs the rest
+
     schema = report_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)

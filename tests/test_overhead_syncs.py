@@ -177,7 +177,7 @@ def test_cuda_observed_step_does_not_sync_before_its_copy() -> None:
                 monitor.step(loss)  # parameter statistics, then the one copy
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
         assert len(syncs) == 1, [str(w.message) for w in syncs]
         trace = monitor.report().trace
     assert trace.observed_steps == 2 and trace.device.startswith("cuda")
