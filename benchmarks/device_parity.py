@@ -1,11 +1,12 @@
-"""Every bundled fixture through ``trainlint check`` on the CPU and on CUDA: the same findings?
+"""Model files through ``trainlint check`` on the CPU and on CUDA: the same findings?
 
-    python benchmarks/device_parity.py [--jobs 8] [--json out.json]
+    python benchmarks/device_parity.py [--jobs 8] [--json out.json] [--dir models/]
 
-Each fixture runs as the CLI runs it (``python -m trainlint check F --device D --format
-json``), one process per fixture and device, ``--jobs`` at a time. Prints, per fixture, the
-exit status and rule codes on each device and marks the fixtures where they differ. Exit
-status 1 when any differ or a run fails with status 2 or more. Needs a CUDA machine.
+Each model file (the bundled fixtures, or those in ``--dir``) runs as the CLI runs it
+(``python -m trainlint check F --device D --format json``), one process per file and device,
+``--jobs`` at a time. Prints, per file, the exit status and rule codes on each device and
+marks the files where they differ. Exit status 1 when any differ or a run fails with status 2
+or more. Needs a CUDA machine.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--dir", type=Path, default=ROOT / "fixtures",
+                        help="folder of model files (default: fixtures/)")
     args = parser.parse_args(argv)
-    fixtures = sorted(p for p in (ROOT / "fixtures").glob("*.py") if not p.name.startswith("_"))
+    fixtures = sorted(p.resolve() for p in args.dir.glob("*.py") if not p.name.startswith("_"))
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {(f.name, d): pool.submit(run_check, f, d) for f in fixtures for d in DEVICES}
         results = {key: future.result() for key, future in futures.items()}
@@ -57,7 +60,7 @@ def main(argv: list | None = None) -> int:
             for device, result in (("cpu", cpu), ("cuda", cuda)):
                 if "error" in result:
                     print(f"   {device} error: {result['error']}")
-    print(f"\n{len(fixtures)} fixtures, {bad} differ or fail")
+    print(f"\n{len(fixtures)} model files, {bad} differ or fail")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {f"{name} {device}": r for (name, device), r in results.items()}, indent=1))

@@ -191,3 +191,33 @@ def test_a_sync_location_is_reported_where_it_happens() -> None:
     with syncs_seen() as seen:
         torch.ones(1, device="cuda").item()
     assert len(seen) == 1 and seen[0].startswith(f"{__file__}:"), seen
+
+
+class GruEncoder(nn.Module):
+    """A seq2seq encoder's pattern: the classifier reads the GRU's h_n alone. cuDNN's GRU is one
+    autograd node, so the backward reaches its (unused) output tensor with no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.gru = nn.GRU(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(self.embed(ids))
+        return self.head(h[-1])
+
+
+def test_an_rnn_trained_through_its_hidden_state_alone() -> None:
+    torch.manual_seed(0)
+    model = GruEncoder().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 50, (8, 12), generator=g), torch.randint(0, 3, (8,), generator=g)
+    ids, y = ids.cuda(), y.cuda()
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(2):
+            monitor.step(_train_step("gru", model, opt, ids, y))
+        layers = {lt.module: lt for lt in monitor.report().trace.layers}
+    assert layers["gru"].activation.count == 2 * 8 * 12 * 32 and layers["gru"].grad_norm is None
+    assert layers["head"].grad_norm > 0 and layers["embed"].grad_norm > 0

@@ -220,3 +220,44 @@ def test_a_checkpoints_recompute_in_backward_is_not_a_second_call(reentrant: boo
     assert keys == {("a.0", "output"), ("a.1", "output"), ("head", "output")}
     assert next(lt for lt in report.trace.layers if lt.module == "a.0").activation.count == 8 * 16
 
+
+
+class Halves(nn.Module):
+    """A leaf whose output is two chunks of one tensor: one autograd node, two outputs."""
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return x.chunk(2, dim=-1)
+
+
+class UsesSecondHalf(nn.Module):
+    """Trains on the second chunk only, as a seq2seq encoder trains on an RNN's h_n alone
+    (on CUDA, cuDNN's RNN is one node whose output tensor then gets no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.split, self.head = nn.Linear(4, 16), Halves(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.split(self.fc(x))[1])
+
+
+def test_an_output_that_gets_no_gradient_while_its_node_does() -> None:
+    """The backward calls the hook on the unused chunk with None: no gradient there, no crash
+    inside the user's loop."""
+    torch.manual_seed(0)
+    model = UsesSecondHalf()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    layers = _layers(report)
+    assert report.trace.observed_steps == 2
+    assert layers["split"].activation.count == 2 * 8 * 8  # its first chunk, read each step
+    assert layers["split"].grad_norm is None  # which no gradient reached
+    assert layers["fc"].grad_norm > 0 and layers["head"].grad_norm > 0

@@ -435,7 +435,7 @@ class Probe:
         if facts is None:
             return
 
-        def reached(grad: torch.Tensor) -> None:
+        def reached(grad: Optional[torch.Tensor]) -> None:
             if self.trained_forward is None:
                 self.trained_forward = facts
 
@@ -611,7 +611,9 @@ class Probe:
         return point
 
     def _grad_hook(self, point: Point) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: Optional[torch.Tensor]) -> None:
+            if grad is None:  # the backward reached the node that made this output, not the
+                return  # output itself (an unused chunk; cuDNN RNN's output beside its h_n)
             if point.backward_order is None:
                 point.backward_order = self.bw_counter
             self.bw_counter += 1
