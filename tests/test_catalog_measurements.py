@@ -124,6 +124,35 @@ def test_monitor_windows_average_every_step_between_observations():
         assert s["loss_max"] == pytest.approx(max(window))
 
 
+def test_a_window_longer_than_a_fold_keeps_each_steps_own_loss():
+    """A window of more steps than ``LOSS_FOLD`` (folded in parts), with a spike in its first
+    part; the loss passed is a running tensor the loop changes in place afterwards, and one
+    step passes a per-sample loss vector (its first element counts)."""
+    from trainlint import monitor as monitor_module
+
+    model = nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    every = monitor_module.LOSS_FOLD + 40
+    values = [1.0 + 0.001 * i for i in range(every + 1)]
+    values[5] = 50.0
+    running = torch.zeros(())
+    x, y = _batch()
+    with trainlint.Monitor(model, opt, every=every) as monitor:
+        for i, value in enumerate(values):
+            if i == 0 or i == every:
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            running.fill_(value)
+            monitor.step(torch.tensor([value, -7.0]) if i == 7 else running)
+            running.fill_(-1.0)  # what the loss tensor holds after step(): not read
+        per_step = monitor.report().trace.per_step
+    window = values[1:every + 1]
+    assert [s["step"] for s in per_step] == [0, every]
+    assert per_step[1]["loss"] == pytest.approx(values[-1])
+    assert per_step[1]["loss_mean"] == pytest.approx(sum(window) / len(window))
+    assert per_step[1]["loss_max"] == pytest.approx(50.0)
+
+
 def test_a_nan_between_observations_reaches_the_trace():
     model = nn.Linear(8, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

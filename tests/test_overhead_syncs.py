@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainlint
 from trainlint import stats
@@ -137,12 +138,26 @@ def test_idle_steps_read_nothing_and_carry_no_probe_hooks(monkeypatch: pytest.Mo
     with trainlint.Monitor(model, opt, every=100) as monitor:
         monitor.step(train_step(model, opt, x, y))
         assert not monitor.observing
-        leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-        assert not any(m._forward_hooks or m._forward_pre_hooks for m in leaves)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
         assert not (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks)
         with reads.window():
-            monitor.step(train_step(model, opt, x, y))
+            loss = train_step(model, opt, x, y)
+            with OpsSeen() as ops:
+                monitor.step(loss)
     assert reads.counts == bare
+    assert sorted(ops.seen) == ["clone", "detach"]  # a copy of the loss for its window
+
+
+class OpsSeen(TorchDispatchMode):
+    """The names of the aten ops run while it is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def test_check_reads_once_per_step_whatever_the_depth(monkeypatch: pytest.MonkeyPatch) -> None:

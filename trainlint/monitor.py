@@ -23,6 +23,9 @@ from .stats import G
 # Observed steps in a row that a GradScaler may skip (inf/NaN gradients at its loss scale)
 # before the step is linted as it is.
 MAX_SCALER_SKIPS = 8
+# The losses of the steps between observations wait in a list (a copy each: one op a step)
+# and are folded into the window's sum and max this many at a time, and at each observation.
+LOSS_FOLD = 256
 
 
 class RunFailed(TrainlintError):
@@ -88,11 +91,14 @@ class Monitor:
         self._autocast: Optional[str] = None
         self._model_loss: Optional[torch.Tensor] = None
         self.probe = Probe(self.model, optimizer).attach()
-        self._hooks = [self.model.register_forward_hook(OwnedHook(self._after_forward))]
-        # Device-side sum and max of the losses since the last observed step (no host sync).
+        # The root forward hook, on the model only while a step is observed (as the probe's).
+        self._hooks: list = []
+        # Device-side sum and max of the losses since the last observed step (no host sync),
+        # and the losses not folded into them yet.
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_max: Optional[torch.Tensor] = None
         self._loss_count = 0
+        self._pending_losses: list = []
         self.builder = TraceBuilder(self.model, mode="monitor")
         self._open()
 
@@ -112,6 +118,7 @@ class Monitor:
             if self.probe.observing:
                 extra = {}
                 if value is not None:
+                    self._fold_losses()
                     extra["loss"] = value
                     extra["loss_mean"] = self._loss_sum / self._loss_count
                     extra["loss_max"] = self._loss_max
@@ -124,6 +131,7 @@ class Monitor:
             self._open()
         else:
             self.probe.take_off()
+            self._unhook()
 
     def start_step(self) -> None:
         """Mark the start of a training step (optional; the callbacks call it).
@@ -149,6 +157,8 @@ class Monitor:
             self._scale = float(self.scaler.get_scale())
         if "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
             self._stance = torch.compiler.set_stance("force_eager")
+        if not self._hooks:
+            self._hooks.append(self.model.register_forward_hook(OwnedHook(self._after_forward)))
         self.probe.begin_step()
 
     def _close_stance(self) -> None:
@@ -225,20 +235,41 @@ class Monitor:
         return None
 
     def _accumulate(self, loss: Any) -> Optional[torch.Tensor]:
-        """This step's loss as a 1-element device tensor, added to the running window."""
+        """This step's loss (its first element) as a device tensor, a copy taken now, added to
+        the running window: one op a step, the folding into the sum and max comes later."""
         if isinstance(loss, torch.Tensor) and loss.numel() > 0:
-            value = loss.detach().float().reshape(-1)[:1]
+            value = loss.detach()
+            value = value.clone() if value.dim() == 0 else value.reshape(-1)[0].clone()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor([float(loss)], device=_model_device(self.model))
+            value = torch.tensor(float(loss), device=_model_device(self.model))
         else:
             return None
-        if self._loss_sum is None:
-            self._loss_sum, self._loss_max = value.clone(), value.clone()
-        else:
-            self._loss_sum += value.to(self._loss_sum.device)
-            torch.maximum(self._loss_max, value.to(self._loss_max.device), out=self._loss_max)
+        self._pending_losses.append(value)
         self._loss_count += 1
+        if len(self._pending_losses) >= LOSS_FOLD:
+            self._fold_losses()
         return value
+
+    def _fold_losses(self) -> None:
+        """Fold the waiting losses into the window's float32 sum and max (a few ops)."""
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return
+        first = pending[0]
+        if not all(v.dtype == first.dtype and v.device == first.device for v in pending):
+            pending = [v.float().to(first.device) for v in pending]
+        values = torch.stack(pending).float()
+        total, top = values.sum().reshape(1), values.max().reshape(1)
+        if self._loss_sum is None:
+            self._loss_sum, self._loss_max = total, top
+        else:  # (a model moved to another device since the window began: its device holds it)
+            self._loss_sum += total.to(self._loss_sum.device)
+            torch.maximum(self._loss_max, top.to(self._loss_max.device), out=self._loss_max)
+
+    def _unhook(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def report(self) -> Report:
         """Findings over the observed steps so far (the same on every rank)."""
@@ -265,9 +296,7 @@ class Monitor:
     def close(self) -> None:
         """Detach every hook (idempotent)."""
         self._close_stance()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        self._unhook()
         self.probe.detach()
 
     def __enter__(self) -> Monitor:
