@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from typing import Optional
 
 import numpy as np
+import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from . import stats
 from .origins import locate
@@ -42,9 +45,26 @@ def module_attrs(module: nn.Module) -> dict:
         ):
             attrs[key] = value
     for name in ("bias", "weight"):
-        if name in module._parameters or hasattr(module, name):
-            attrs[f"has_{name}"] = getattr(module, name, None) is not None
+        found = _present(module, name)
+        if found is not None:
+            attrs[f"has_{name}"] = found
     return attrs
+
+
+def _present(module: nn.Module, name: str) -> Optional[bool]:
+    """Whether ``module.<name>`` holds a tensor (None: no such attribute), found without
+    evaluating it: reading a parametrized weight runs its parametrization, and spectral_norm's
+    then takes a power-iteration step that changes the model's buffers."""
+    if name in module._parameters:
+        return module._parameters[name] is not None
+    if parametrize.is_parametrized(module, name):
+        return True
+    if name in module._buffers:
+        return module._buffers[name] is not None
+    if name in vars(module):  # a plain attribute (the hook-based spectral_norm's weight)
+        return vars(module)[name] is not None
+    static = inspect.getattr_static(module, name, None)  # a property is code: not run
+    return True if isinstance(static, torch.Tensor) else None
 
 
 def torch_base(cls: type) -> str:
