@@ -127,7 +127,7 @@ def test_monitor_windows_average_every_step_between_observations():
 def test_a_window_longer_than_a_fold_keeps_each_steps_own_loss():
     """A window of more steps than ``LOSS_FOLD`` (folded in parts), with a spike in its first
     part; the loss passed is a running tensor the loop changes in place afterwards, and one
-    step passes a per-sample loss vector (its first element counts)."""
+    step passes a per-sample loss vector (its mean counts)."""
     from trainlint import monitor as monitor_module
 
     model = nn.Linear(8, 4)
@@ -147,6 +147,7 @@ def test_a_window_longer_than_a_fold_keeps_each_steps_own_loss():
             running.fill_(-1.0)  # what the loss tensor holds after step(): not read
         per_step = monitor.report().trace.per_step
     window = values[1:every + 1]
+    window[6] = (values[7] - 7.0) / 2  # a per-sample loss vector counts by its mean
     assert [s["step"] for s in per_step] == [0, every]
     assert per_step[1]["loss"] == pytest.approx(values[-1])
     assert per_step[1]["loss_mean"] == pytest.approx(sum(window) / len(window))

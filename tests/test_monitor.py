@@ -136,6 +136,78 @@ def test_every_must_be_a_positive_whole_number(every: object) -> None:
         trainlint.Monitor(model, optimizer=opt, every=every)
 
 
+@pytest.mark.parametrize("bad,message", [
+    (lambda model: {"optimizer": list(model.parameters())}, "not the parameters"),
+    (lambda model: {"optimizer": "sgd"}, "must be a torch.optim.Optimizer"),
+    (lambda model: {"selection": ["TL101"]}, "selection must be"),
+])
+def test_bad_arguments_are_config_errors_that_leave_nothing_behind(bad, message: str) -> None:
+    import torch._dynamo  # noqa: F401  (loaded: a Monitor would take the eager stance)
+    from torch._dynamo import eval_frame
+
+    model, opt = make()
+    bare = hook_count(model, opt)
+    kwargs = {"optimizer": opt, **bad(model)}
+    with pytest.raises(trainlint.ConfigError, match=message):
+        trainlint.Monitor(model, every=2, **kwargs)
+    assert hook_count(model, opt) == bare
+    assert eval_frame._stance.stance == "default"
+
+
+def test_a_constructor_that_fails_after_attaching_detaches(monkeypatch) -> None:
+    from trainlint import monitor as monitor_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("trace builder failed")
+
+    model, opt = make()
+    bare = hook_count(model, opt)
+    monkeypatch.setattr(monitor_module, "TraceBuilder", broken)
+    with pytest.raises(RuntimeError, match="trace builder failed"):
+        trainlint.Monitor(model, optimizer=opt, every=1)
+    assert hook_count(model, opt) == bare
+
+
+def test_two_monitors_closed_in_any_order_restore_the_compile_stance() -> None:
+    """A GAN's two Monitors: each holds force_eager during its observed steps; the stance the
+    process had comes back when the last lets go, whatever the order they close in."""
+    import torch._dynamo  # noqa: F401
+    from torch._dynamo import eval_frame
+
+    generator, gen_opt = make()
+    critic, critic_opt = make()
+    first = trainlint.Monitor(generator, optimizer=gen_opt, every=2)
+    second = trainlint.Monitor(critic, optimizer=critic_opt, every=3)
+    assert eval_frame._stance.stance == "force_eager"
+    train(generator, gen_opt, first, 1)
+    assert eval_frame._stance.stance == "force_eager"  # the second still observes
+    first.close()
+    second.close()
+    assert eval_frame._stance.stance == "default"
+    third = trainlint.Monitor(critic, optimizer=critic_opt, every=2)
+    del third  # dropped without close(): it lets go when collected
+    import gc
+
+    gc.collect()
+    assert eval_frame._stance.stance == "default"
+
+
+def test_step_takes_a_tensor_or_a_number() -> None:
+    model, opt = make()
+    with trainlint.Monitor(model, optimizer=opt, every=4) as monitor:
+        with pytest.raises(trainlint.ConfigError, match="must be a tensor or a number"):
+            monitor.step("loss")
+        monitor.step(torch.tensor([1.0, 3.0]))  # a per-sample loss counts by its mean
+        monitor.step(torch.tensor(5.0))
+        for _ in range(2):
+            monitor.step(2.0)
+        last = train(model, opt, monitor, 1)[0]
+        first, window = monitor.report().trace.per_step
+    assert first["loss"] == 2.0
+    assert window["loss_max"] == 5.0
+    assert window["loss_mean"] == pytest.approx((5.0 + 2.0 + 2.0 + last) / 4)
+
+
 def test_every_step_observed_keeps_hooks_on_and_hooks_a_module_added_later() -> None:
     """With every=1 the hooks stay on between observed steps; a module added to the model
     between steps is hooked, under its name, at the next observed forward; close() leaves

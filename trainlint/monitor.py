@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-import sys
 from typing import Any, Optional
 
 import torch
@@ -12,6 +12,7 @@ import torch.nn as nn
 from . import distributed
 from .assemble import TraceBuilder
 from .batch import output_loss
+from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
@@ -65,6 +66,11 @@ class Monitor:
             raise ConfigError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
         if fail_on is not None and fail_on not in FAIL_LEVELS:
             raise ConfigError(f"fail_on must be one of {', '.join(FAIL_LEVELS)}, got {fail_on!r}")
+        _check_optimizer(optimizer)
+        if selection is not None and not isinstance(selection, Selection):
+            raise ConfigError("selection must be a trainlint.engine.Selection (e.g. "
+                              "Selection(select={'TL101'})), got "
+                              f"{type(selection).__name__}")
         self.compiled = compiled_inside(model)
         if self.compiled and not hasattr(torch.compiler, "set_stance"):
             raise ConfigError("Monitor on a torch.compile'd model needs torch>=2.6 (to run the "
@@ -87,7 +93,7 @@ class Monitor:
         self._scale: Optional[float] = None
         self._retry = False
         self._explicit = False
-        self._stance: Any = None
+        self._eager = EagerHold()
         self._autocast: Optional[str] = None
         self._model_loss: Optional[torch.Tensor] = None
         self.probe = Probe(self.model, optimizer).attach()
@@ -99,8 +105,12 @@ class Monitor:
         self._loss_max: Optional[torch.Tensor] = None
         self._loss_count = 0
         self._pending_losses: list = []
-        self.builder = TraceBuilder(self.model, mode="monitor")
-        self._open()
+        try:
+            self.builder = TraceBuilder(self.model, mode="monitor")
+            self._open()
+        except BaseException:  # leave nothing behind: no hook, no stance
+            self.close()
+            raise
 
     @property
     def observing(self) -> bool:
@@ -155,16 +165,13 @@ class Monitor:
         self._model_loss = None
         if self.scaler is not None:
             self._scale = float(self.scaler.get_scale())
-        if "torch._dynamo" in sys.modules and hasattr(torch.compiler, "set_stance"):
-            self._stance = torch.compiler.set_stance("force_eager")
+        self._eager.take()
         if not self._hooks:
             self._hooks.append(self.model.register_forward_hook(OwnedHook(self._after_forward)))
         self.probe.begin_step()
 
     def _close_stance(self) -> None:
-        if self._stance is not None:
-            stance, self._stance = self._stance, None
-            stance.__exit__(None, None, None)
+        self._eager.release()
 
     def _observed(self, extra: dict) -> None:
         """The observed step is over: sync once, merge ranks, fold it into the trace."""
@@ -235,15 +242,21 @@ class Monitor:
         return None
 
     def _accumulate(self, loss: Any) -> Optional[torch.Tensor]:
-        """This step's loss (its first element) as a device tensor, a copy taken now, added to
-        the running window: one op a step, the folding into the sum and max comes later."""
+        """This step's loss as a 0-d device tensor, a copy taken now (the mean of a per-sample
+        loss vector; the modulus of a complex one), added to the running window: one op a
+        step, the folding into the sum and max comes later."""
         if isinstance(loss, torch.Tensor) and loss.numel() > 0:
             value = loss.detach()
-            value = value.clone() if value.dim() == 0 else value.reshape(-1)[0].clone()
+            if value.is_complex():
+                value = value.abs()
+            value = value.clone() if value.dim() == 0 else value.float().mean()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = torch.tensor(float(loss), device=_model_device(self.model))
-        else:
+        elif loss is None or isinstance(loss, torch.Tensor):
             return None
+        else:
+            raise ConfigError(f"step(loss): the loss must be a tensor or a number, got "
+                              f"{type(loss).__name__} {loss!r:.40}")
         self._pending_losses.append(value)
         self._loss_count += 1
         if len(self._pending_losses) >= LOSS_FOLD:
@@ -319,3 +332,14 @@ def _batch_size(snap: ProbeSnapshot) -> Optional[int]:
         if tag[0] == "input" and tag[3]:
             return int(tag[3][0])
     return None
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """A ConfigError unless ``optimizer`` is None or a torch optimizer (what the probe hooks)."""
+    if optimizer is None or (hasattr(optimizer, "param_groups")
+                             and hasattr(optimizer, "register_step_pre_hook")):
+        return
+    hint = (": pass the optimizer, not the parameters" if isinstance(optimizer, (list, tuple))
+            or inspect.isgenerator(optimizer) else "")
+    raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
+                      f"{type(optimizer).__name__}{hint}")
