@@ -249,6 +249,30 @@ def test_functional_hardtanh_and_hardsigmoid_are_observed_with_their_family() ->
     assert tanh.activation.saturated_fraction == pytest.approx(expected)
 
 
+class WideClips(nn.Module):
+    """Hardtanh clipping at +-3 (a module and a call): most values sit above 0.99 without
+    being clipped, so they are no tanh's saturated units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.clip, self.head = nn.Linear(6, 16), nn.Hardtanh(-3.0, 3.0), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.hardtanh(self.clip(self.fc(x)), min_val=-3.0, max_val=3.0))
+
+
+def test_a_hardtanh_with_other_bounds_is_not_judged_as_a_tanh() -> None:
+    torch.manual_seed(0)
+    model = WideClips()
+    x = 4 * torch.randn(64, 6)
+    report = trainlint.check(model, (x, torch.randint(0, 2, (64,))), steps=2)
+    with torch.no_grad():
+        out = model.fc(x)
+    assert (out.abs() > 0.99).float().mean() > 0.5 > (out.abs() >= 3.0).float().mean()
+    assert {lt.kind for lt in report.trace.layers} == {None}
+    assert not [f for f in report.findings if f.code == "TL102"]
+
+
 class Shared(nn.Module):
     """One Linear applied twice per forward: its statistics merge both calls."""
 

@@ -89,6 +89,25 @@ def activation_kind(module: nn.Module) -> Optional[str]:
         name = type(module).__name__
         if any(g in name for g in GELU_NAMES):
             kind = "gelu"
+    if kind == "tanh" and isinstance(module, nn.Hardtanh) and not _unit_bounds(
+            module.min_val, module.max_val):
+        return None  # its saturation is at its own bounds, not at +-1 as a tanh's
+    return kind
+
+
+def _unit_bounds(low: Any, high: Any) -> bool:
+    """Whether a hardtanh clips at -1 and 1 (what the tanh family's saturation measures)."""
+    return low == -1.0 and high == 1.0
+
+
+def functional_kind(func: Callable, args: tuple, kwargs: dict) -> Optional[str]:
+    """The activation family of a torch function call (None: not an activation); a hardtanh
+    with bounds other than +-1 is not judged as a tanh."""
+    kind = FUNCTIONAL_ACTIVATIONS.get(func)
+    if kind == "tanh" and func in (F.hardtanh, F.hardtanh_):
+        low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        return kind if _unit_bounds(low, high) else None
     return kind
 
 
@@ -230,7 +249,7 @@ class _ProbeMode(TorchFunctionMode):
             return out
         probe.busy = True
         try:
-            op = FUNCTIONAL_ACTIVATIONS.get(func)
+            op = functional_kind(func, args, kwargs)
             if op is not None and not probe.inside_activation_module():
                 probe.on_functional(op, args, out)
             else:
