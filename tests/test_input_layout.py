@@ -65,3 +65,33 @@ def test_sequences_transposed_for_a_conv1d_have_their_channels_last() -> None:
     [inp] = report.trace.inputs
     assert inp.channel_dim in (-1, 2)
     assert list(inp.mean) == pytest.approx(x.double().mean((0, 1)).tolist())
+
+
+class Standardizes(nn.Module):
+    """Standardizes its raw features itself before the first layer: out of place, in place on
+    a copy, or (``how=None``) not at all."""
+
+    def __init__(self, how) -> None:
+        super().__init__()
+        self.how = how
+        self.f, self.head = nn.Linear(12, 32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "out of place":
+            x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+        elif self.how == "in place":
+            x = x.clone()
+            x.sub_(x.mean(0)).div_(x.std(0) + 1e-5)
+        return self.head(torch.relu(self.f(x)))
+
+
+@pytest.mark.parametrize("how,unnormalized", [("out of place", False), ("in place", False),
+                                              (None, True)])
+def test_raw_features_standardized_in_forward_are_not_unnormalized(how, unnormalized) -> None:
+    """In place or not, the first layer sees standardized values: no TL201; fed as they are,
+    the same raw features get it."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = 100 * torch.randn(64, 12, generator=g) + 50, torch.randint(0, 3, (64,), generator=g)
+    report = trainlint.check(Standardizes(how), (x, y), steps=2)
+    assert any(f.code == "TL201" for f in report.findings) == unnormalized

@@ -719,6 +719,11 @@ class Probe:
         if not origins:
             return
         outs = _tensors_in(out)
+        if outs and tensors and outs[0] is tensors[0] and origins[0][0] == 0:
+            # In place (x.sub_(m), out += identity): the tensor now holds the op's result.
+            src, via = origins[0][1]
+            if len(via) < MAX_VIA:
+                self.producers[id(outs[0])] = (weakref.ref(outs[0]), src, via + (op,))
         for i, (src, via) in origins[:2]:
             if len(via) >= MAX_VIA:
                 continue
