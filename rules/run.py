@@ -99,7 +99,10 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     standard errors of the noise. A loss
     that barely fell is judged only once the weights moved at least ``min_movement`` of their
     norm over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20
-    steps barely change the loss; a learning rate too low for them to move is TL503's).
+    steps barely change the loss; a learning rate too low for them to move is TL503's). A
+    loss that also depends on trainable tensors outside the model and its optimizer (a GAN
+    generator's loss runs through the discriminator) is not judged: it rises whenever the
+    other network gets better.
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
@@ -125,6 +128,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if len(curve) < t.min_points:
         raise Skip(f"it needs at least {t.min_points} observed steps with a loss; "
                    f"saw {len(curve)}")
+    if trace.foreign_params:
+        raise Skip(f"the loss also depends on {trace.foreign_params} trainable tensor(s) "
+                   "outside the model and its optimizer (another network, such as a GAN's "
+                   "discriminator): its level shows how the two compete, not whether this "
+                   "model learns")
     third = len(curve) // 3
     first = median(loss for _, loss in curve[:third])
     last = median(loss for _, loss in curve[-third:])

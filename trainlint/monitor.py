@@ -16,6 +16,7 @@ from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
+from .lossgraph import foreign_parameters
 from .probe import Probe, ProbeSnapshot, _model_device, compiled_inside, training_forward
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
@@ -105,6 +106,9 @@ class Monitor:
         self._loss_max: Optional[torch.Tensor] = None
         self._loss_count = 0
         self._pending_losses: list = []
+        # Trainable tensors outside the model and its optimizer that the loss depends on (read
+        # once, from the first observed loss that has an autograd graph).
+        self._foreign: Optional[int] = None
         try:
             self.builder = TraceBuilder(self.model, mode="monitor")
             self._open()
@@ -123,6 +127,9 @@ class Monitor:
             raise ConfigError("this Monitor is closed")
         if loss is None and self.probe.observing:
             loss = self._model_loss
+        if (self._foreign is None and self.probe.observing and isinstance(loss, torch.Tensor)
+                and loss.grad_fn is not None):
+            self._foreign = foreign_parameters(loss, self._own_parameters())
         value = self._accumulate(loss)
         try:
             if self.probe.observing:
@@ -298,8 +305,15 @@ class Monitor:
                                    device=str(_model_device(self.model)),
                                    world_size=self.world_size,
                                    global_batch_size=self.global_batch_size,
-                                   amp_dtype=self._amp_dtype())
+                                   amp_dtype=self._amp_dtype(),
+                                   foreign_params=self._foreign or 0)
         return build_report(trace, self.selection, notes=notes)
+
+    def _own_parameters(self) -> list:
+        own = list(self.model.parameters())
+        if self.optimizer is not None:
+            own += [p for group in self.optimizer.param_groups for p in group["params"]]
+        return own
 
     @property
     def is_main(self) -> bool:

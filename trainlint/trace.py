@@ -222,6 +222,9 @@ class RunTrace:
     loss_reduction: Optional[str] = None
     # How many torch losses the loss function called (an auxiliary head adds one).
     loss_terms: Optional[int] = None
+    # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
+    # on (a GAN generator's loss runs through the discriminator).
+    foreign_params: int = 0
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)

@@ -131,6 +131,15 @@ def test_tl603_needs_a_monitor_run_and_enough_points():
     assert hits("TL603", _monitor(*[2.0] * points))
 
 
+def test_tl603_does_not_judge_a_loss_that_runs_through_another_network():
+    rising = _curve(0.7, 1.5)
+    assert hits("TL603", _monitor(*rising))
+    adversarial = trace([], mode="monitor", per_step=steps(*rising, every=50, key="loss_mean"),
+                        foreign_params=6)
+    with pytest.raises(Skip, match="6 trainable tensor.*outside the model.*compete"):
+        hits("TL603", adversarial)
+
+
 def test_tl603_says_when_every_observed_loss_is_nonfinite():
     with pytest.raises(Skip, match="none of the 3 observed losses is finite.*TL604"):
         hits("TL603", _monitor(NAN, NAN, float("inf")))
