@@ -108,6 +108,22 @@ def test_file_that_exits_on_import() -> None:
                        'if __name__ == "__main__":', user_code=True, user_output=2)
 
 
+def test_user_code_that_exits_during_the_check_is_exit_2() -> None:
+    assert_clean_error(cli("exits_in_build.py"), "called sys.exit(3) during the check",
+                       user_code=True)
+
+
+def test_an_interrupted_check_is_exit_2_not_a_finding() -> None:
+    assert_clean_error(cli("interrupted.py"), "interrupted (KeyboardInterrupt)")
+
+
+def test_a_dataloader_batch_list_is_inputs_and_targets() -> None:
+    run = cli("loader_batch.py", "--format", "json")
+    assert run.exit_code in (0, 1), run.stderr
+    assert run.doc["run"]["batch_size"] == 32
+    assert "default loss: cross-entropy" in run.doc["run"]["notes"]  # with the list's targets
+
+
 def test_no_model_lists_the_names_looked_for() -> None:
     assert_clean_error(cli("no_model.py"), "no model found in no_model.py",
                        "looked for: build_model, model", "no_model.py:NAME")

@@ -52,9 +52,10 @@ def move_to(value: Any, device: torch.device) -> Any:
 
 
 def split_batch(batch: Any) -> Batch:
-    """``inputs`` or ``(inputs, targets)``; inputs: a tensor, a tuple of tensors or a dict."""
+    """``inputs`` or ``(inputs, targets)``; inputs: a tensor, a tuple of tensors or a dict.
+    A two-item list is ``[inputs, targets]`` too: what a DataLoader yields for (x, y) samples."""
     targets = None
-    if isinstance(batch, tuple) and len(batch) == 2:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
         batch, targets = batch
     if isinstance(batch, torch.Tensor):
         result = Batch((batch,), {}, targets)

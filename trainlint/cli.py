@@ -14,6 +14,7 @@ import click
 from tabulate import tabulate
 
 from .errors import TrainlintError, UserCodeError
+from .usercode import user_traceback
 
 if TYPE_CHECKING:
     from .report import Report
@@ -148,6 +149,12 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
             _step_summary(render(report, "markdown", fail_on=fail_on))
     except TrainlintError as exc:
         _fail(exc)
+    except SystemExit as exc:  # the user's code called sys.exit() (or exit()) during the check
+        _fail(UserCodeError(f"the model's code called sys.exit({exc.code!r}) during the check; "
+                            "code that ends the process must sit under `if __name__ == "
+                            "\"__main__\":`", user_traceback(exc)))
+    except KeyboardInterrupt:  # exit 2 (could not run), not click's "Aborted!" and 1 (findings)
+        _fail(TrainlintError("interrupted (KeyboardInterrupt): the check did not finish"))
     except Exception as exc:
         _internal_error(exc)
     sys.exit(report.exit_code(fail_on))
