@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import RunTrace
+from trainlint.trace import ModuleFacts, RunTrace
 
 from ._graph import (
     BATCHNORM_TYPES,
@@ -197,6 +197,18 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 
 MODE_TYPES = BATCHNORM_TYPES + DROPOUT_TYPES
+# Layers with a dropout inside, which their dropout argument switches on (an RNN's acts only
+# between its stacked layers).
+DROPOUT_INSIDE = ("MultiheadAttention", "LSTM", "GRU", "RNN")
+
+
+def _mode_dependent(facts: ModuleFacts) -> bool:
+    """Whether the module behaves differently in train and eval mode."""
+    if facts.base in MODE_TYPES:
+        return True
+    if facts.base not in DROPOUT_INSIDE or not facts.attrs.get("dropout"):
+        return False
+    return facts.base == "MultiheadAttention" or facts.attrs.get("num_layers", 1) > 1
 
 
 def _deliberate(trace: RunTrace, module: str) -> bool:
@@ -214,15 +226,17 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     At every observed step of a Monitor run it reads ``model.training`` and the mode of each
-    BatchNorm/Dropout submodule. It fires when the model is in eval mode (and has such layers,
-    whose behaviour depends on the mode), or when one of those submodules is in eval mode while
-    the model trains, at the outermost submodule whose BatchNorm/Dropout layers are all in eval
-    (never at the model itself, which trains). Submodules frozen on purpose are left alone:
-    their parameters are frozen (``requires_grad=False``), or a user class on their path
-    overrides ``train()`` to keep them in eval (the detection-backbone idiom; library wrappers
-    whose ``train()`` only passes the mode on, such as DDP or transformers' models, do not
-    count). ``trainlint check`` puts the model in train mode itself (as a training loop's
-    ``model.train()`` does, honouring ``train()`` overrides), so this rule needs a Monitor run.
+    BatchNorm/Dropout submodule (and of each MultiheadAttention and stacked RNN with a
+    ``dropout`` argument, whose dropout is inside). It fires when the model is in eval mode
+    (and has such layers, whose behaviour depends on the mode), or when one of those
+    submodules is in eval mode while the model trains, at the outermost submodule whose such
+    layers are all in eval (never at the model itself, which trains). Submodules frozen on
+    purpose are left alone: their parameters are frozen (``requires_grad=False``), or a user
+    class on their path overrides ``train()`` to keep them in eval (the detection-backbone
+    idiom; library wrappers whose ``train()`` only passes the mode on, such as DDP or
+    transformers' models, do not count). ``trainlint check`` puts the model in train mode
+    itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides), so
+    this rule needs a Monitor run.
 
     ## Why is this bad?
     In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running
@@ -243,7 +257,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     flags = trace.train_flags
     if not flags:
         return
-    mode_modules = {f.name for f in trace.modules.values() if f.base in MODE_TYPES}
+    mode_modules = {f.name for f in trace.modules.values() if _mode_dependent(f)}
     eval_steps = [f["step"] for f in flags if not f["model_training"]]
     if eval_steps and mode_modules:
         yield Hit(
@@ -251,7 +265,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             message=(f"{len(eval_steps)} of {len(flags)} observed training step(s) ran with the "
                      f"model in eval mode (model.training is False; first at step "
                      f"{eval_steps[0]}): its {len(mode_modules)} BatchNorm/Dropout layer(s) "
-                     "behave as at inference"),
+                     "(or layers with a dropout inside) behave as at inference"),
             fix="call model.train() before the training steps (after every validation pass)",
             evidence={"eval_steps": len(eval_steps), "observed_steps": len(flags),
                       "first_step": eval_steps[0]},

@@ -456,3 +456,31 @@ def test_a_loop_that_goes_on_after_run_failed_stays_on_the_every_grid() -> None:
             except trainlint.monitor.RunFailed:
                 failed_at.append(step)
     assert failed_at == [4, 6, 8]
+
+
+class Attends(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, dropout=0.2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.att(x, x, x)[0].mean(1))
+
+
+def test_attention_with_dropout_left_in_eval_while_the_model_trains() -> None:
+    torch.manual_seed(0)
+    model = Attends()
+    model.att.eval()  # its dropout is off for the whole run
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(3):
+            x, y = torch.randn(4, 5, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        found = [f for f in monitor.report().findings if f.code == "TL602"]
+    assert [f.module for f in found] == ["att"]

@@ -957,11 +957,16 @@ def _named_inputs(args: tuple, kwargs: dict) -> list:
     return named
 
 
+# Modules whose forward depends on the train/eval mode (MultiheadAttention and RNNs by their
+# dropout argument).
+MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd,
+                  nn.MultiheadAttention, nn.RNNBase)
+
+
 def training_flags(model: nn.Module) -> dict:
     """``model.training`` and the names of its BatchNorm/Dropout modules in eval mode."""
     eval_modules = [n for n, m in model.named_modules()
-                    if not m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
-                                                         nn.modules.dropout._DropoutNd))]
+                    if not m.training and isinstance(m, MODE_DEPENDENT)]
     return {"model_training": model.training, "eval_modules": eval_modules}
 
 

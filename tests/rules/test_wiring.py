@@ -152,6 +152,21 @@ def test_tl602_submodule_in_eval_while_training_fires():
     assert [h.module for h in found] == ["backbone"]
 
 
+@pytest.mark.parametrize("layer, fires", [
+    (module("enc.att", "MultiheadAttention", dropout=0.1), True),
+    (module("enc.att", "MultiheadAttention", dropout=0.0), False),
+    (module("enc.rnn", "LSTM", dropout=0.3, num_layers=2), True),
+    (module("enc.rnn", "GRU", dropout=0.3, num_layers=1), False),  # no layer to drop between
+])
+def test_tl602_layers_with_a_dropout_inside(layer, fires):
+    facts = [module("enc", "Encoder", leaf=False), layer]
+    in_eval = trace([], modules=facts, train_flags=_flags(model_training=False), mode="monitor")
+    sub_eval = trace([], modules=facts, train_flags=_flags(eval_modules=[layer.name]),
+                     mode="monitor")
+    assert bool(hits("TL602", in_eval)) is fires
+    assert [h.module for h in hits("TL602", sub_eval)] == (["enc"] if fires else [])
+
+
 def test_tl602_names_the_submodules_when_all_are_in_eval():
     alone = trace([], modules=[module("1", "BatchNorm1d")], train_flags=_flags(eval_modules=["1"]),
                   mode="monitor")
