@@ -577,3 +577,40 @@ def test_units_of_an_empty_call_are_not_dead_units(dead: bool) -> None:
     layers = {lt.module: lt for lt in report.trace.layers}
     assert layers["experts.1.1"].unit_ever_active is None  # no sample: no record at all
     assert flagged == ({"experts.0.1"} if dead else set())
+
+
+class Reordered(nn.Module):
+    """The channels of a ReLU's input moved by a transpose: Conv1d (N, C, L) -> (N, L, C), or
+    Linear (N, L, C) -> (N, C, L); 48 of the 64 channels get a bias of -8 (dead)."""
+
+    def __init__(self, conv_first: bool) -> None:
+        super().__init__()
+        self.conv_first = conv_first
+        self.conv = nn.Conv1d(8 if conv_first else 64, 64, 3, padding=1)
+        self.fc = nn.Linear(64 if conv_first else 8, 64)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(64, 3)
+        with torch.no_grad():
+            (self.conv if conv_first else self.fc).bias[16:] = -8.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_first:  # x: (N, 8, L)
+            h = self.fc(self.act(self.conv(x).transpose(1, 2)))
+        else:  # x: (N, L, 8)
+            h = self.conv(self.act(self.fc(x).permute(0, 2, 1)).contiguous()).transpose(1, 2)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("conv_first", [True, False])
+def test_the_units_of_a_relu_follow_their_channels_through_a_transpose(conv_first) -> None:
+    torch.manual_seed(0)
+    model = Reordered(conv_first)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, 40, generator=g) if conv_first else torch.randn(16, 40, 8, generator=g)
+    report = trainlint.check(model, (x, torch.randint(0, 3, (16,), generator=g)), steps=2)
+    act = report.trace.layer_by_key()[("act", "output")]
+    assert act.unit_ever_active.size == 64  # the channels, not the 40 time steps
+    assert (~act.unit_ever_active).sum() == 48
+    dead = [f for f in report.findings if f.code == "TL101"]
+    assert [f.module for f in dead] == ["act"]
+    assert dead[0].evidence["dead_fraction"] == pytest.approx(0.75)

@@ -283,6 +283,9 @@ class Probe:
         self.bw_counter = 0
         self.last_layout_channel_first = False
         self.producers: dict[int, tuple] = {}
+        # id(tensor) -> (weakref, its channel dim): tensors whose dims a permute/transpose of a
+        # point's output reordered (the channels are then neither dim 1 nor the last by rule).
+        self.channel_at: dict[int, tuple] = {}
         self.edges: set[tuple] = set()
         self.output_origins: list[tuple] = []
         self.input_rows: list[tuple] = []
@@ -397,6 +400,7 @@ class Probe:
         else:
             self._uninstall()
         self.producers.clear()
+        self.channel_at.clear()
         self.updates.clear()
         self.update_sums.clear()
         self.input_probes.clear()
@@ -422,6 +426,7 @@ class Probe:
             self.first_forward = self.last_forward
         self.call_counts.clear()
         self.producers.clear()
+        self.channel_at.clear()
         self.last_key = None
         self.busy = True
         try:
@@ -589,11 +594,16 @@ class Probe:
         channel_first = self._layout_from(source)
         if channel_first is None:
             channel_first = self.last_layout_channel_first
+        moved = self._channel_dim(source, tensor.dim())
+        if moved is not None:  # reordered on the way here: the channels are where they went
+            channel_first = tensor.dim() >= 3 and moved == 1
         unit_dim = None
         if kind in UNIT_KINDS and tensor.dim() >= 1:
             unit_dim = 1 if (tensor.dim() >= 3 and channel_first) else -1
             if tensor.dim() == 1:
                 unit_dim = 0
+            elif moved is not None:
+                unit_dim = moved if moved < tensor.dim() - 1 else -1
         units = tensor.shape[unit_dim] if unit_dim is not None else None
         count_key = (name, op)
         index = self.call_counts.get(count_key, 0)
@@ -719,6 +729,8 @@ class Probe:
         if not origins:
             return
         outs = _tensors_in(out)
+        if outs and tensors and origins[0][0] == 0:
+            self._carry_channel(op, args, kwargs, tensors[0], outs)
         if outs and tensors and outs[0] is tensors[0] and origins[0][0] == 0:
             # In place (x.sub_(m), out += identity): the tensor now holds the op's result.
             src, via = origins[0][1]
@@ -732,6 +744,41 @@ class Probe:
                     self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
             if op in GATE_OPS and self._gates(tensors, i):
                 self.edges.add((src, ("op", op), via))
+
+    def _channel_dim(self, t: Optional[torch.Tensor], ndim: int) -> Optional[int]:
+        """The channel dim of ``t`` (a tensor of ``ndim`` dims) when a permute/transpose moved
+        it on the way from a point, else None."""
+        found = None if t is None else self.channel_at.get(id(t))
+        if found is None or found[0]() is not t or t.dim() != ndim:
+            return None
+        return found[1]
+
+    def _point_channel(self, t: torch.Tensor) -> Optional[int]:
+        """The channel dim of a point's output ``t`` (through element-wise ops), if known."""
+        moved = self._channel_dim(t, t.dim())
+        if moved is not None:
+            return moved
+        layout = self._layout_from(t)
+        if layout is None or t.dim() < 2:
+            return None
+        return 1 if (layout and t.dim() >= 3) else t.dim() - 1
+
+    def _carry_channel(self, op: str, args: tuple, kwargs: dict, src: torch.Tensor,
+                       outs: list) -> None:
+        """Follow the channel dim of ``src`` through a reordering op (to where it goes) and
+        through element-wise ops (where it stays)."""
+        if op in REORDERING_OPS:
+            channel = self._point_channel(src)
+            moved = None if channel is None else _reordered(op, args, kwargs, channel,
+                                                            src.dim())
+        elif op in ELEMENTWISE_OPS:
+            moved = self._channel_dim(src, src.dim())
+        else:
+            return
+        if moved is not None:
+            for t in outs:
+                if t.dim() == src.dim():
+                    self.channel_at[id(t)] = (weakref.ref(t), moved)
 
     def _gates(self, tensors: list, i: int) -> bool:
         """Whether ``tensors[i]`` multiplies a tensor of data (an SE, GLU or LSTM gate): not
@@ -968,6 +1015,31 @@ def training_flags(model: nn.Module) -> dict:
     eval_modules = [n for n, m in model.named_modules()
                     if not m.training and isinstance(m, MODE_DEPENDENT)]
     return {"model_training": model.training, "eval_modules": eval_modules}
+
+
+# Ops that move a tensor's dims around (their channel dim goes with them).
+REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
+                            "swapaxes", "swapdims"})
+
+
+# Distinct dim sizes for a meta tensor that shows where a reordering op sends each dim.
+_MARKERS = (2, 3, 5, 7, 11, 13, 17, 19)
+
+
+def _reordered(op: str, args: tuple, kwargs: dict, channel: int, ndim: int) -> Optional[int]:
+    """Where dim ``channel`` of an ``ndim``-dim tensor goes under ``op(*args, **kwargs)``: the
+    same op run on a meta tensor whose dims all differ in size (no data, no kernel)."""
+    if ndim > len(_MARKERS):
+        return None
+    marked = torch.empty(_MARKERS[:ndim], device="meta")
+    try:
+        with torch._C.DisableTorchFunction():
+            out = getattr(torch.Tensor, op)(marked, *args[1:], **kwargs)
+    except (TypeError, RuntimeError, IndexError, ValueError, AttributeError):
+        return None
+    if not isinstance(out, torch.Tensor) or out.dim() != ndim:
+        return None
+    return list(out.shape).index(_MARKERS[channel])
 
 
 def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor]) -> tuple:
