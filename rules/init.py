@@ -25,7 +25,8 @@ from ._graph import (
 # nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
 GAINS = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0}
 # Layers whose weight is (out, in / groups, *kernel): fan-in = in / groups * prod(kernel).
-SCALED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+SCALED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                 "ConvTranspose3d")
 # How far to look past the nonlinearity for a residual sum.
 RESIDUAL_HOPS = 3
 
@@ -150,6 +151,13 @@ def scale_cancelled_after(trace: RunTrace, act: LayerTrace) -> bool:
     return False
 
 
+def _makes_the_output(trace: RunTrace, act: LayerTrace) -> bool:
+    """Whether the nonlinearity is the model's last (DCGAN's output tanh): no module reads it.
+    A small scale there shrinks the output, which its layer's updates fix, not a signal that
+    later layers lose."""
+    return not any(dst[0] == "module" for dst, _ in downstream(trace, act.node))
+
+
 def _weight(trace: RunTrace, module: str) -> Optional[ParamTrace]:
     for p in trace.params:
         if p.name == f"{module}.weight" and len(p.shape) >= 2:
@@ -180,7 +188,7 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
     saturated = act.activation.saturated_fraction or 0.0
     if saturated < t.saturated_fraction and scale_cancelled_after(trace, act):
         return None  # a saturated tanh/sigmoid loses what no norm after it gives back
-    if ratio < t.min_ratio and signal < t.min_ratio:
+    if ratio < t.min_ratio and signal < t.min_ratio and not _makes_the_output(trace, act):
         direction = "small"
     elif ratio > t.max_ratio and (signal > t.max_ratio or saturated >= t.saturated_fraction):
         direction = "large"
@@ -199,10 +207,10 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """A layer's weight scale is far from what its fan-in and nonlinearity call for.
 
     ## What it does
-    For every Linear/Conv layer whose output goes straight into a nonlinearity (ReLU, GELU,
-    tanh, sigmoid; LeakyReLU, PReLU, ELU, CELU, SELU modules), it compares the weight's scale
-    at the first training step (its RMS before the first update) with ``gain / sqrt(fan_in)``
-    (Kaiming for ReLU/GELU, Xavier-style for tanh/sigmoid, gains from
+    For every Linear/Conv/ConvTranspose layer whose output goes straight into a nonlinearity
+    (ReLU, GELU, tanh, sigmoid; LeakyReLU, PReLU, ELU, CELU, SELU modules), it compares the
+    weight's scale at the first training step (its RMS before the first update) with
+    ``gain / sqrt(fan_in)`` (Kaiming for ReLU/GELU, Xavier-style for tanh/sigmoid, gains from
     ``nn.init.calculate_gain``: LeakyReLU's of its negative slope, PReLU's of its initial slope
     0.25 as He et al. derived; ELU/CELU take ReLU's, the init used for them in practice and in
     the ELU paper; SELU takes 1, LeCun's 1/sqrt(fan_in) that self-normalization needs, as
@@ -213,8 +221,10 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     in a block normalized by a norm layer, or on a residual branch, are skipped: there the
     scale of one layer does not carry on; so are layers whose nonlinearity feeds a weight layer
     that goes straight into a norm layer (DCGAN's discriminator: conv at std 0.02, LeakyReLU,
-    conv, BatchNorm), unless the nonlinearity saturates. PyTorch's default init (ratio
-    0.35-0.58) passes. Layers with the same problem are reported together, at the first one.
+    conv, BatchNorm), unless the nonlinearity saturates; a layer whose nonlinearity is the
+    model's output (DCGAN's generator: ConvTranspose at std 0.02, then tanh) is judged only
+    for too-large weights. PyTorch's default init (ratio 0.35-0.58) passes. Layers with the
+    same problem are reported together, at the first one.
 
     ## Why is this bad?
     Each badly scaled layer multiplies the signal's scale by about the ratio: too small and

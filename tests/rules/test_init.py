@@ -96,6 +96,23 @@ def test_tl301_skips_normalized_and_residual_blocks(kwargs):
     assert hits("TL301", _layer_trace(low / 10, low / 10, **kwargs)) == []
 
 
+@pytest.mark.parametrize("layer_type", ["Linear", "ConvTranspose2d"])
+@pytest.mark.parametrize("direction, fires_at_the_output", [("small", False), ("large", True)])
+def test_tl301_at_the_models_output_only_too_large_weights_count(layer_type, direction,
+                                                                fires_at_the_output):
+    """fc -> tanh as the model's last op (DCGAN's generator: ConvTranspose2d at std 0.02,
+    then tanh): a small scale there is no signal lost by later layers."""
+    t = defaults("TL301")
+    ratio = t["min_ratio"] / 2 if direction == "small" else t["max_ratio"] * 2
+    layers, params, edges, first = _stack(ratio, ratio, kind="tanh")
+    layers[1].type = layers[1].base = layer_type
+    inside = trace(layers, params=params, edges=edges, per_step=[{"step": 0, "layers": first}])
+    assert [h.module for h in hits("TL301", inside)] == ["fc"]
+    last = trace(layers[:3], params=params, edges=edges[:2],
+                 per_step=[{"step": 0, "layers": first}])
+    assert bool(hits("TL301", last)) is fires_at_the_output
+
+
 def test_tl301_default_pytorch_init_passes():
     for kind, gain in GAINS.items():
         default = (1 / math.sqrt(3)) / gain  # kaiming_uniform_(a=sqrt(5)): std 1/sqrt(3 fan_in)
