@@ -49,9 +49,15 @@ def normalize_fix(inp: InputTrace) -> str:
     safe = np.where(std > 0, std, 1.0)
     where = "on the training set (these values come from one batch)"
     if len(mean) <= MAX_LISTED and is_image(inp):
-        return (f"normalize each channel: transforms.Normalize(mean={_values(mean)}, "
-                f"std={_values(safe)}) (torchvision), or x = (x - mean[:, None, None]) / "
-                f"std[:, None, None] in get_batch/the data pipeline; compute the statistics "
+        # The statistics broadcast over the dims after the channel's (none when it is last).
+        after = len(inp.shape) - 1 - inp.channel_dim % len(inp.shape)
+        index = "[:" + ", None" * after + "]" if after else ""
+        values = (f"mean = torch.tensor({_values(mean)}), std = torch.tensor({_values(safe)})")
+        torchvision = (f"transforms.Normalize(mean={_values(mean)}, std={_values(safe)}) "
+                       f"(torchvision, on (C, H, W) images), or "
+                       if len(inp.shape) == 4 and inp.channel_dim == 1 else "")
+        return (f"normalize each channel: {torchvision}x = (x - mean{index}) / std{index} "
+                f"with {values} in get_batch/the data pipeline; compute the statistics "
                 f"{where}")
     if len(mean) <= MAX_LISTED:
         return (f"standardize each feature: x = (x - mean) / std with "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 
 from tests.rules.tracekit import defaults, edge, hits, inputs, module, point, trace
 
@@ -62,6 +65,30 @@ def test_tl201_image_fix_prints_a_normalize_line_with_the_measured_values():
     assert len(found) == 1
     assert "transforms.Normalize(mean=[125.3, 123, 113.9], std=[63, 62.1, 66.7])" in found[0].fix
     assert found[0].evidence["mean"] == pytest.approx([125.3, 123.0, 113.9])
+
+
+@pytest.mark.parametrize("shape, channel_dim, consumer", [
+    ((8, 3, 16, 16), 1, "Conv2d"), ((8, 3, 40), 1, "Conv1d"), ((8, 3, 4, 8, 8), 1, "Conv3d"),
+    ((8, 16, 16, 3), -1, "Linear"),
+])
+def test_tl201_the_channel_fix_runs_on_the_inputs_layout(shape, channel_dim, consumer):
+    """The suggested line, run as written on a batch of this layout, standardizes each
+    channel (a (N, C, L) signal or a volume broadcasts over its own trailing dims)."""
+    means, stds = [125.0, 60.0, 30.0], [60.0, 20.0, 10.0]
+    found = hits("TL201", _fed_to(inputs("input0", shape, means, stds,
+                                         channel_dim=channel_dim), "layer", consumer))
+    line = re.search(r"x = \(x - mean[^)]*\) / std(\[[^\]]*\])?", found[0].fix).group(0)
+    values = re.search(r"mean = torch.tensor\([^)]*\), std = torch.tensor\([^)]*\)",
+                       found[0].fix).group(0)
+    view = [1] * len(shape)
+    view[channel_dim] = 3
+    x = torch.randn(shape) * torch.tensor(stds).view(view) + torch.tensor(means).view(view)
+    scope = {"torch": torch, "x": x}
+    exec(values.replace(", std =", "; std =") + "\n" + line, scope)
+    dims = [d for d in range(len(shape)) if d != channel_dim % len(shape)]
+    assert scope["x"].mean(dims).abs().max() < 0.2
+    assert (scope["x"].std(dims) - 1).abs().max() < 0.2
+    assert ("transforms.Normalize" in found[0].fix) is (len(shape) == 4 and channel_dim == 1)
 
 
 def test_tl201_many_features_get_one_overall_scale():
