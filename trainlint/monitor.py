@@ -87,6 +87,9 @@ class Monitor:
         sink = make_sink(log_to)
         self.sink = sink if self.rank == 0 else None
         self.steps_seen = 0
+        # The step number the sink logs at (a trainer's global step), when the caller sets it;
+        # else steps_seen.
+        self.log_step: Optional[int] = None
         self.batch_size: Optional[int] = None
         self.global_batch_size: Optional[int] = None
         self.scaler_skips = 0
@@ -201,7 +204,8 @@ class Monitor:
             self.global_batch_size = sum(batches)
         self.builder.add(snap, self.steps_seen)
         if self.sink is not None:
-            self.sink(step_scalars(self.builder.per_step[-1]), self.steps_seen)
+            step = self.steps_seen if self.log_step is None else self.log_step
+            self.sink(step_scalars(self.builder.per_step[-1]), step)
         if self.fail_on is not None:
             report = self.report()
             if report.failing(self.fail_on):

@@ -87,6 +87,16 @@ def test_dead_relu_reported_and_logged(tmp_path, capsys):
     assert float(logged[-1]["trainlint/net.0/act_std"]) == pytest.approx(step_std[key]["std"])
 
 
+def test_logged_at_the_optimizer_step_under_gradient_accumulation(tmp_path):
+    callback = TrainlintCallback(every=2, verbose=False)
+    trainer = fit(callback, tmp_path, accumulate_grad_batches=2, num_sanity_val_steps=0)
+    assert trainer.global_step == BATCHES // 2
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = [int(r["step"]) for r in rows if r.get("trainlint/net.3/dead_fraction")]
+    assert logged == [0, 1]  # batches 0 and 2: the first and the second optimizer step
+
+
 def test_fail_on_stops_a_doomed_run_early(tmp_path):
     callback = TrainlintCallback(every=1, fail_on="warning", verbose=False)
     with pytest.raises(RunFailed) as failed:

@@ -64,6 +64,9 @@ class TrainlintCallback(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.monitor is not None:
+            # Logged at the optimizer step the run's own metrics of this batch use (batches
+            # and steps differ under gradient accumulation).
+            self.monitor.log_step = trainer.global_step
             self.monitor.start_step()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
