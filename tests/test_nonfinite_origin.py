@@ -148,3 +148,20 @@ def test_the_models_own_output_is_read() -> None:
     found = _tl504(trainlint.check(LogOfNet(), _batch(), steps=1))
     assert (found.module, found.evidence["where"]) == ("", "forward")
     assert "the output of the model" in found.message
+
+
+def test_huge_finite_weights_are_not_nan_weights_from_an_earlier_step() -> None:
+    """lr=1e30: step 0's update leaves the weights finite (about 1e29) and step 1's forward
+    overflows. Their squares overflow float32, which read as 'NaN/Inf before the step began'
+    and blamed an unobserved step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    report = trainlint.check(model, batch, optimizer=lambda p: torch.optim.SGD(p, lr=1e30),
+                             steps=3)
+    nan = next(f for f in report.findings if f.code == "TL504")
+    assert not report.trace.per_step[1]["nonfinite"]["parameters_before"]
+    assert "not observed" not in nan.message and "forward" in nan.message
+    assert nan.evidence["step"] == 1

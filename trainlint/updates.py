@@ -59,7 +59,9 @@ class _Group:
         pair = self.buffer[0::2]
         if pair.is_complex():  # |z|^2
             pair = pair.abs()
-        torch.mul(pair, pair, out=self.squares)
+        # Squared in float64: a float32 weight of 1e20 squares past float32's range, and the
+        # weights would read as NaN/Inf before the step.
+        self.squares.copy_(pair).mul_(self.squares)
         out = torch.zeros((2, len(self.slots)), dtype=_F64, device=self.buffer.device)
         return out.index_add_(1, self.segments, self.squares)
 
