@@ -192,22 +192,31 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Initialize with ``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``, add a
     normalization layer before the activation, or use ReLU/GELU.
     """
+    # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
+    # make one finding, at the worst call.
+    calls: dict[tuple, list] = {}
     for lt in trace.layers:
         if lt.kind not in ("tanh", "sigmoid") or lt.activation is None:
             continue
         share = lt.activation.saturated_fraction or 0.0
         if share < t.saturated_fraction or is_model_output(trace, lt) or _is_gate(trace, lt):
             continue
+        calls.setdefault((lt.module, lt.op.split("#")[0]), []).append((share, lt))
+    for found in calls.values():
+        share, lt = max(found, key=lambda item: item[0])
+        which = (f"{len(found)} calls of {lt.kind} in {lt.module!r} saturate; at the worst, "
+                 f"{lt.label}, {_fmt_pct(share)} of the outputs" if len(found) > 1 else
+                 f"{_fmt_pct(share)} of the outputs of {lt.label} ({lt.kind})")
         yield Hit(
             module=lt.module,
-            message=(f"{_fmt_pct(share)} of the outputs of {lt.label} ({lt.kind}) sit in the "
-                     f"saturated tails (derivative < 2% of its peak; threshold "
-                     f"{_fmt_pct(t.saturated_fraction)}); output std {lt.activation.std:.3g}"),
+            message=(f"{which} sit in the saturated tails (derivative < 2% of its peak; "
+                     f"threshold {_fmt_pct(t.saturated_fraction)}); output std "
+                     f"{lt.activation.std:.3g}"),
             fix=(f"re-initialize the layer feeding it with nn.init.xavier_normal_(layer.weight, "
                  f"gain=nn.init.calculate_gain('{lt.kind}')), add nn.LayerNorm/BatchNorm before "
                  f"the {lt.kind}, or use a non-saturating activation (nn.ReLU, nn.GELU)"),
             evidence={"saturated_fraction": round(share, 4), "threshold": t.saturated_fraction,
-                      "std": lt.activation.std},
+                      "std": lt.activation.std, "calls": len(found)},
         )
 
 
