@@ -124,6 +124,25 @@ def test_a_dataloader_batch_list_is_inputs_and_targets() -> None:
     assert "default loss: cross-entropy" in run.doc["run"]["notes"]  # with the list's targets
 
 
+def test_a_file_that_does_not_parse_shows_where(tmp_path: Path) -> None:
+    (tmp_path / "broken.py").write_text("import torch\n\ndef build_model(:\n    pass\n")
+    run = cli("broken.py", cwd=tmp_path)
+    assert run.exit_code == 2 and run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert lines[0] == ("trainlint: error: broken.py does not parse: SyntaxError: invalid "
+                        "syntax (line 3); fix the error in your file")
+    assert lines[1] == "Where it fails to parse:"
+    assert "def build_model(:" in run.stderr and "library code" not in run.stderr
+    assert not any(OWN_PACKAGE in f.parents for f in frames(run.stderr))
+
+
+def test_an_input_shape_that_get_batch_overrides_is_noted() -> None:
+    run = cli("fixed_batch.py", "--input-shape", "4,8", "--format", "json")
+    assert run.exit_code == 0, run.stderr
+    assert ("--input-shape 4,8 was not used: get_batch() in fixed_batch.py makes the batch"
+            in run.doc["run"]["notes"])
+
+
 def test_no_model_lists_the_names_looked_for() -> None:
     assert_clean_error(cli("no_model.py"), "no model found in no_model.py",
                        "looked for: build_model, model", "no_model.py:NAME")

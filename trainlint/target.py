@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -74,6 +75,12 @@ def import_file(path: Path) -> ModuleType:
                             "script or parses the command line (argparse) at module level must "
                             "sit under `if __name__ == \"__main__\":`",
                             user_traceback(exc), phase="import") from None
+    except SyntaxError as exc:  # the file does not parse: where, not a traceback
+        sys.modules.pop(name, None)
+        where = "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+        raise UserCodeError(f"{path} does not parse: {type(exc).__name__}: {exc.msg} (line "
+                            f"{exc.lineno}); fix the error in your file",
+                            f"Where it fails to parse:\n{where}", phase="import") from None
     except Exception as exc:
         sys.modules.pop(name, None)
         raise UserCodeError(f"importing {path} raised {type(exc).__name__}: {_flat(exc)}; fix "
@@ -192,4 +199,8 @@ def load_target(spec: str, *, batch_size: Optional[int] = None,
     optimizer = getattr(module, "build_optimizer", None)
     if optimizer is not None and not callable(optimizer):
         raise TargetError(f"build_optimizer in {path} is not callable")
-    return Target(path=path, model=model, batch=batch, loss_fn=loss_fn, optimizer=optimizer)
+    target = Target(path=path, model=model, batch=batch, loss_fn=loss_fn, optimizer=optimizer)
+    if input_shape is not None and callable(getattr(module, "get_batch", None)):
+        target.notes.append(f"--input-shape {input_shape} was not used: get_batch() in "
+                            f"{path.name} makes the batch")
+    return target
