@@ -567,13 +567,17 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
-            fix=_nonfinite_fix(what, module, trace, any(unsafe)),
+            fix=_nonfinite_fix(what, module, trace, any(unsafe), first=step is trace.per_step[0]
+                               and step["step"] == 0),
             evidence={"step": step["step"], "where": what},
         )
         return
 
 
-def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False) -> str:
+def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False,
+                   first: bool = False) -> str:
+    """The fix for NaN/Inf first made by ``what`` in ``module`` (``first``: at step 0, before
+    any update)."""
     facts = trace.modules.get(module)
     if unsafe:
         return (f"make the backward of {module!r} safe (its forward can be finite while its "
@@ -582,7 +586,18 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "torch.linalg.vector_norm, whose gradient at 0 is 0), as has x ** p with "
                 "0 < p < 1 at 0 (x.clamp_min(eps) ** p); add eps to denominators that can be 0; "
                 "with torch.where, make the unused branch's input safe too")
-    if what in ("forward", "backward") and facts is not None and facts.base in WEIGHT_LAYERS:
+    weights = what in ("forward", "backward") and facts is not None and \
+        facts.base in WEIGHT_LAYERS
+    if weights and trace.amp_dtype == "float16":
+        return (f"{module!r} overflowed float16's range (65504) under autocast: run it in "
+                "bfloat16 (torch.autocast(..., dtype=torch.bfloat16)) or in float32 "
+                "(torch.autocast(..., enabled=False) around it), or bring its weights or "
+                "inputs to a smaller scale (TL301, TL201, TL104)")
+    if weights and first:
+        return (f"{module!r} overflowed at the first step, before any update: its weights or "
+                "inputs are out of range from the start (the init or the data: TL301, TL201, "
+                "TL104); use Kaiming/Xavier init and normalize the inputs")
+    if weights:
         return (f"{module!r} overflowed: its weights or inputs grew out of range (check the "
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "
                 "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)), and use "

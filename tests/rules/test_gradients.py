@@ -273,6 +273,23 @@ def test_tl504_names_the_consumer_whose_backward_made_the_nan():
     assert upstream[0].module == "fc" and "made in" not in upstream[0].message
 
 
+@pytest.mark.parametrize("first_step, amp, says, not_said", [
+    (1, None, "check the steps before", "first step"),
+    (0, None, "at the first step, before any update", "steps before"),
+    (0, "float16", "float16's range (65504)", "steps before"),
+    (1, "float16", "float16's range (65504)", "steps before"),
+    (0, "bfloat16", "at the first step, before any update", "float16's range"),
+])
+def test_tl504_an_overflowing_layers_fix_fits_the_step_and_the_dtype(first_step, amp, says,
+                                                                     not_said):
+    a, b, c = _nan_model()
+    steps = [_nan_step(first_step, activations={c.node[1:]: 5})]
+    if first_step:
+        steps.insert(0, _nan_step(0))
+    found = hits("TL504", trace([a, b, c], per_step=steps, amp_dtype=amp))
+    assert found[0].module == "c" and says in found[0].fix and not_said not in found[0].fix
+
+
 def test_tl504_loss_then_parameters():
     layers = _nan_model()
     loss = hits("TL504", trace(layers, per_step=[_nan_step(0, loss=float("nan"))]))
