@@ -379,20 +379,30 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Kaiming/Xavier initialization matched to the nonlinearity, normalization layers, and a
-    lower learning rate.
+    lower learning rate. When the profile was within the threshold at the first observed step
+    and grew past it later, training grew it: the fix named is the learning rate and gradient
+    clipping, not the init.
     """
-    for step, series, scales, reference in _scale_profiles(trace, t.window, t.min_layers):
+    profiles = _scale_profiles(trace, t.window, t.min_layers)
+    for step, series, scales, reference in profiles:
         deep = median(scales[-t.window:])
         ratio = deep / reference
         if ratio > t.max_ratio:
             first = next(i for i, s in enumerate(scales) if s > t.max_ratio * reference)
             where = series[first]
+            # Within the threshold at the first observed step: training grew it, not the init.
+            grew = step is not None and step != profiles[0][0]
+            fix = (f"the growth came with training (within the threshold"
+                   f"{_at_step(profiles[0][0])}): lower the learning rate (TL503) and clip "
+                   "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                   "max_norm=1.0)); normalization layers keep the scale in check" if grew
+                   else _init_fix(_dominant_nonlinearity(series)))
             yield Hit(
                 module=where.module,
                 message=(f"activation RMS grows along depth{_at_step(step)}: {reference:.3g} "
                          f"in the first layers, {deep:.3g} in the last ({ratio:.3g}×, "
                          f"threshold {t.max_ratio:g}×); it first exceeds it at {where.label}"),
-                fix=_init_fix(_dominant_nonlinearity(series)),
+                fix=fix,
                 evidence={"ratio": ratio, "threshold": t.max_ratio, "first_rms": reference,
                           "last_rms": deep, "step": step},
             )

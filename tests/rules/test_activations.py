@@ -323,6 +323,25 @@ def test_tl104_at_the_edges_of_max_ratio() -> None:
     assert "kaiming_normal_" in above.fix
 
 
+def test_tl104_growth_that_came_with_training_points_at_the_learning_rate() -> None:
+    """Within the threshold at the first observed step, past it at a later one (a learning
+    rate that blew the weights up): the fix is the learning rate, not the init."""
+    r = RULES["TL104"].defaults["max_ratio"]
+    trace = depth_trace(profile("TL104", 1.0), kind="relu")
+
+    def at(step: int, scales: list) -> dict:
+        return {"step": step, "layers": {lt.node[1:]: {"std": v, "mean": 0.0}
+                                         for lt, v in zip(trace.layers, scales)}}
+
+    trace.per_step = [at(0, profile("TL104", r / 2)), at(5, profile("TL104", r * 10))]
+    [grew] = run("TL104", trace)
+    assert grew.evidence["step"] == 5
+    assert "lower the learning rate" in grew.fix and "kaiming" not in grew.fix
+    trace.per_step = [at(0, profile("TL104", r * 10))]
+    [from_start] = run("TL104", trace)
+    assert "kaiming_normal_" in from_start.fix
+
+
 def test_tl104_fp16_range() -> None:
     frac = RULES["TL104"].defaults["fp16_fraction"]
     limit = frac * FP16_MAX
