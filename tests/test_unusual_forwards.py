@@ -182,19 +182,23 @@ class UsesTree(nn.Module):
         return self.head(self.tree(x[:, :width]).child.value)
 
 
-def test_cyclic_outputs_and_meta_inputs_are_passed_over() -> None:
-    torch.manual_seed(0)
-    model = UsesTree()
+def _two_monitored_steps(model: nn.Module, **forward_kwargs) -> trainlint.Report:
+    """Two training steps of ``model`` on one batch under a Monitor that observes both."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
         for _ in range(2):
             opt.zero_grad()
-            loss = F.cross_entropy(model(x, hint=torch.empty(8, 4, device="meta")), y)
+            loss = F.cross_entropy(model(x, **forward_kwargs), y)
             loss.backward()
             opt.step()
             monitor.step(loss)
-        report = monitor.report()
+        return monitor.report()
+
+
+def test_cyclic_outputs_and_meta_inputs_are_passed_over() -> None:
+    torch.manual_seed(0)
+    report = _two_monitored_steps(UsesTree(), hint=torch.empty(8, 4, device="meta"))
     assert report.trace.observed_steps == 2
     assert {i.name for i in report.trace.inputs} == {"input0"}
 
@@ -245,17 +249,7 @@ def test_an_output_that_gets_no_gradient_while_its_node_does() -> None:
     """The backward calls the hook on the unused chunk with None: no gradient there, no crash
     inside the user's loop."""
     torch.manual_seed(0)
-    model = UsesSecondHalf()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for _ in range(2):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
-        report = monitor.report()
+    report = _two_monitored_steps(UsesSecondHalf())
     layers = _layers(report)
     assert report.trace.observed_steps == 2
     assert layers["split"].activation.count == 2 * 8 * 8  # its first chunk, read each step
