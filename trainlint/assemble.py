@@ -16,6 +16,7 @@ from . import stats
 from .origins import locate
 from .probe import ProbeSnapshot, training_flags
 from .trace import (
+    REORDERING_OPS,
     ActivationStats,
     Edge,
     InputTrace,
@@ -26,9 +27,6 @@ from .trace import (
 )
 
 _PLAIN = (bool, int, float, str)
-# Ops that move an input's dims around on the way to its first layer.
-REORDERING_OPS = frozenset({"permute", "transpose", "movedim", "swapaxes", "swapdims", "mT",
-                            "T", "moveaxis"})
 # The dead-unit records cover this many of the last observed steps: a unit that a too-high
 # learning rate killed mid-run is dead although it was active at the run's start.
 UNIT_WINDOW = 10

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from . import stats
 from .batch import leading_size
 from .hooks import OwnedHook
-from .trace import ELEMENTWISE_OPS
+from .trace import ELEMENTWISE_OPS, REORDERING_OPS
 from .updates import UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
@@ -1015,11 +1015,6 @@ def training_flags(model: nn.Module) -> dict:
     eval_modules = [n for n, m in model.named_modules()
                     if not m.training and isinstance(m, MODE_DEPENDENT)]
     return {"model_training": model.training, "eval_modules": eval_modules}
-
-
-# Ops that move a tensor's dims around (their channel dim goes with them).
-REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
-                            "swapaxes", "swapdims"})
 
 
 # Distinct dim sizes for a meta tensor that shows where a reordering op sends each dim.

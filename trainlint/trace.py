@@ -187,6 +187,11 @@ ELEMENTWISE_OPS = frozenset({
 })
 
 
+# Ops that move a tensor's dims around (a channel dim goes where they send it).
+REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
+                            "swapaxes", "swapdims", "mT", "T"})
+
+
 @dataclass
 class Edge:
     """Data flowed from one observation point to a consumer, through ``via`` plain ops."""
