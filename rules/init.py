@@ -15,6 +15,7 @@ from ._graph import (
     CLASSIFICATION_LOSSES,
     downstream,
     feeds_norm,
+    is_model_output,
     is_norm_type,
     layer_at,
     only_shape_ops,
@@ -151,13 +152,6 @@ def scale_cancelled_after(trace: RunTrace, act: LayerTrace) -> bool:
     return False
 
 
-def _makes_the_output(trace: RunTrace, act: LayerTrace) -> bool:
-    """Whether the nonlinearity is the model's last (DCGAN's output tanh): no module reads it.
-    A small scale there shrinks the output, which its layer's updates fix, not a signal that
-    later layers lose."""
-    return not any(dst[0] == "module" for dst, _ in downstream(trace, act.node))
-
-
 def _weight(trace: RunTrace, module: str) -> Optional[ParamTrace]:
     for p in trace.params:
         if p.name == f"{module}.weight" and len(p.shape) >= 2:
@@ -188,7 +182,9 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
     saturated = act.activation.saturated_fraction or 0.0
     if saturated < t.saturated_fraction and scale_cancelled_after(trace, act):
         return None  # a saturated tanh/sigmoid loses what no norm after it gives back
-    if ratio < t.min_ratio and signal < t.min_ratio and not _makes_the_output(trace, act):
+    # At the model's output (DCGAN's generator tanh) a small scale shrinks the output, which
+    # its layer's updates fix: no signal that later layers lose.
+    if ratio < t.min_ratio and signal < t.min_ratio and not is_model_output(trace, act):
         direction = "small"
     elif ratio > t.max_ratio and (signal > t.max_ratio or saturated >= t.saturated_fraction):
         direction = "large"

@@ -108,9 +108,12 @@ def test_tl301_at_the_models_output_only_too_large_weights_count(layer_type, dir
     layers[1].type = layers[1].base = layer_type
     inside = trace(layers, params=params, edges=edges, per_step=[{"step": 0, "layers": first}])
     assert [h.module for h in hits("TL301", inside)] == ["fc"]
-    last = trace(layers[:3], params=params, edges=edges[:2],
+    last = trace(layers[:3], params=params, edges=edges[:2], output_ops=((layers[2].node, ()),),
                  per_step=[{"step": 0, "layers": first}])
     assert bool(hits("TL301", last)) is fires_at_the_output
+    gate = trace(layers[:3], params=params, edges=[*edges[:2], edge(layers[2].node, ("op", "mul"))],
+                 per_step=[{"step": 0, "layers": first}])  # an SE gate: read by a product only
+    assert [h.module for h in hits("TL301", gate)] == ["fc"]
 
 
 def test_tl301_default_pytorch_init_passes():
