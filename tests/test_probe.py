@@ -614,3 +614,27 @@ def test_the_units_of_a_relu_follow_their_channels_through_a_transpose(conv_firs
     dead = [f for f in report.findings if f.code == "TL101"]
     assert [f.module for f in dead] == ["act"]
     assert dead[0].evidence["dead_fraction"] == pytest.approx(0.75)
+
+
+class ConvTokens(nn.Module):
+    """A conv map turned into tokens, (N, C, H, W) -> (N, H*W, C), before a ReLU: the units
+    are the 16 channels (12 of them dead), not the 36 positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.conv.bias[4:] = -20.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x).permute(0, 2, 3, 1).flatten(1, 2)).mean(1))
+
+
+def test_the_units_of_a_relu_follow_their_channels_through_a_flatten() -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    report = trainlint.check(ConvTokens(), (x, y), steps=2)
+    act = report.trace.layer_by_key()[("act", "output")]
+    assert act.unit_ever_active.size == 16 and (~act.unit_ever_active).sum() == 12
+    assert [f.module for f in report.findings if f.code == "TL101"] == ["act"]

@@ -765,19 +765,21 @@ class Probe:
 
     def _carry_channel(self, op: str, args: tuple, kwargs: dict, src: torch.Tensor,
                        outs: list) -> None:
-        """Follow the channel dim of ``src`` through a reordering op (to where it goes) and
-        through element-wise ops (where it stays)."""
-        if op in REORDERING_OPS:
+        """Follow the channel dim of ``src`` through an op that moves dims (to where it goes)
+        and through element-wise ops (where it stays)."""
+        if op in DIM_MOVING_OPS:
             channel = self._point_channel(src)
-            moved = None if channel is None else _reordered(op, args, kwargs, channel,
+            found = None if channel is None else _reordered(op, args, kwargs, channel,
                                                             src.dim())
         elif op in ELEMENTWISE_OPS:
             moved = self._channel_dim(src, src.dim())
+            found = None if moved is None else (moved, src.dim())
         else:
             return
-        if moved is not None:
+        if found is not None:
+            moved, dims = found
             for t in outs:
-                if t.dim() == src.dim():
+                if t.dim() == dims:
                     self.channel_at[id(t)] = (weakref.ref(t), moved)
 
     def _gates(self, tensors: list, i: int) -> bool:
@@ -1018,12 +1020,18 @@ def training_flags(model: nn.Module) -> dict:
 
 
 # Distinct dim sizes for a meta tensor that shows where a reordering op sends each dim.
-_MARKERS = (2, 3, 5, 7, 11, 13, 17, 19)
+# Primes: a product of merged dims never equals one of them.
+_MARKERS = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+# Ops that move or merge dims without touching values: where the channel dim goes is read off
+# the same op on a marked meta tensor.
+DIM_MOVING_OPS = REORDERING_OPS | {"flatten", "unsqueeze"}
 
 
-def _reordered(op: str, args: tuple, kwargs: dict, channel: int, ndim: int) -> Optional[int]:
-    """Where dim ``channel`` of an ``ndim``-dim tensor goes under ``op(*args, **kwargs)``: the
-    same op run on a meta tensor whose dims all differ in size (no data, no kernel)."""
+def _reordered(op: str, args: tuple, kwargs: dict, channel: int, ndim: int) -> Optional[tuple]:
+    """``(index, dims)``: where dim ``channel`` of an ``ndim``-dim tensor goes under
+    ``op(*args, **kwargs)`` and how many dims the result has, from the same op run on a meta
+    tensor whose dims all differ in size (no data, no kernel); None when the channel dim is
+    merged with another or the op cannot say."""
     if ndim > len(_MARKERS):
         return None
     marked = torch.empty(_MARKERS[:ndim], device="meta")
@@ -1032,9 +1040,9 @@ def _reordered(op: str, args: tuple, kwargs: dict, channel: int, ndim: int) -> O
             out = getattr(torch.Tensor, op)(marked, *args[1:], **kwargs)
     except (TypeError, RuntimeError, IndexError, ValueError, AttributeError):
         return None
-    if not isinstance(out, torch.Tensor) or out.dim() != ndim:
+    if not isinstance(out, torch.Tensor) or _MARKERS[channel] not in out.shape:
         return None
-    return list(out.shape).index(_MARKERS[channel])
+    return list(out.shape).index(_MARKERS[channel]), out.dim()
 
 
 def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor]) -> tuple:
