@@ -438,6 +438,21 @@ def test_a_keyboard_interrupt_in_forward_leaves_no_mode_over_the_users() -> None
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_a_report_after_an_interrupted_forward_takes_the_probes_mode_off() -> None:
+    """In a notebook: Ctrl-C inside forward, then the report, and no further step or close():
+    every torch call afterwards would go through the probe's mode."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = trainlint.Monitor(model, optimizer=opt, every=1)
+    model[1].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(2, 4))
+    assert torch._C._len_torch_function_stack() == 1
+    monitor.report()
+    assert torch._C._len_torch_function_stack() == 0
+    monitor.close()
+
+
 def test_a_loop_that_goes_on_after_run_failed_stays_on_the_every_grid() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

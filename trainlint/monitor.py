@@ -297,6 +297,9 @@ class Monitor:
 
     def report(self) -> Report:
         """Findings over the observed steps so far (the same on every rank)."""
+        # A forward that a KeyboardInterrupt ended (no forward hook ran) left the probe's mode
+        # pushed: no forward runs now, so it goes (a notebook user inspects the report next).
+        self.probe._exit_mode()
         notes = []
         if self.compiled:
             notes.append("the model is torch.compile'd: observed steps ran eagerly "
