@@ -567,8 +567,7 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
-            fix=_nonfinite_fix(what, module, trace, any(unsafe), first=step is trace.per_step[0]
-                               and step["step"] == 0),
+            fix=_nonfinite_fix(what, module, trace, any(unsafe), first=step["step"] == 0),
             evidence={"step": step["step"], "where": what},
         )
         return

@@ -10,6 +10,7 @@ from trainlint.trace import ModuleFacts, RunTrace
 from ._graph import (
     BATCHNORM_TYPES,
     DROPOUT_TYPES,
+    RNN_TYPES,
     ancestors,
     layer_at,
     maximal_groups,
@@ -199,7 +200,7 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 MODE_TYPES = BATCHNORM_TYPES + DROPOUT_TYPES
 # Layers with a dropout inside, which their dropout argument switches on (an RNN's acts only
 # between its stacked layers).
-DROPOUT_INSIDE = ("MultiheadAttention", "LSTM", "GRU", "RNN")
+DROPOUT_INSIDE = ("MultiheadAttention",) + RNN_TYPES
 
 
 def _mode_dependent(facts: ModuleFacts) -> bool:

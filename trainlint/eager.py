@@ -46,10 +46,6 @@ class EagerHold:
     def release(self) -> None:
         _release(self._token)
 
-    @property
-    def held(self) -> bool:
-        return self._token in _holders
-
 
 def _release(token: object) -> None:
     global _restore
