@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
+from trainlint.stats import SATURATION_LEVEL
 
 
 def moments(tensors: list) -> dict:
@@ -245,12 +246,13 @@ def test_functional_hardtanh_and_hardsigmoid_are_observed_with_their_family() ->
     tanh, sigmoid = layers[("", "tanh")], layers[("", "sigmoid")]
     assert (tanh.kind, sigmoid.kind) == ("tanh", "sigmoid")
     with torch.no_grad():
-        expected = (F.hardtanh(model.fc(x)).abs() > 0.99).double().mean().item()
+        expected = (F.hardtanh(model.fc(x)).abs() > SATURATION_LEVEL).double().mean().item()
     assert tanh.activation.saturated_fraction == pytest.approx(expected)
 
 
 class WideClips(nn.Module):
-    """Hardtanh clipping at +-3 (a module and a call): most values sit above 0.99 without
+    """Hardtanh clipping at +-3 (a module and a call): most values sit above a tanh's
+    saturation level (SATURATION_LEVEL) without
     being clipped, so they are no tanh's saturated units."""
 
     def __init__(self) -> None:
@@ -268,7 +270,7 @@ def test_a_hardtanh_with_other_bounds_is_not_judged_as_a_tanh() -> None:
     report = trainlint.check(model, (x, torch.randint(0, 2, (64,))), steps=2)
     with torch.no_grad():
         out = model.fc(x)
-    assert (out.abs() > 0.99).float().mean() > 0.5 > (out.abs() >= 3.0).float().mean()
+    assert (out.abs() > SATURATION_LEVEL).float().mean() > 0.5 > (out.abs() >= 3.0).float().mean()
     assert {lt.kind for lt in report.trace.layers} == {None}
     assert not [f for f in report.findings if f.code == "TL102"]
 

@@ -232,16 +232,18 @@ def test_tl102_skips_model_outputs_gates_and_other_kinds() -> None:
 def test_tl102_the_calls_of_one_function_in_one_module_are_one_finding() -> None:
     """A hand-unrolled RNN calls tanh at each time step: one finding at the worst call, with
     the number of calls that saturate (a call below the threshold is not counted)."""
+    s = RULES["TL102"].defaults["saturated_fraction"]
+    worst = (1 + s) / 2
     fc = point("fc", "Linear", 0)
     calls = [point("", "Net", i + 1, op="tanh" if i == 0 else f"tanh#{i}", kind="tanh",
                    activation=act(0.9, saturated=share, peak=1.0))
-             for i, share in enumerate([0.4, 0.7, 0.5, 0.1])]
+             for i, share in enumerate([np.nextafter(s, 1), worst, (s + worst) / 2, s / 2])]
     trace = RunTrace(layers=[fc, *calls], modules={"": facts("", "Net"),
                                                    "fc": facts("fc", "Linear")},
                      edges=[Edge(c.node, ("module", "head")) for c in calls])
     [found] = run("TL102", trace)
     assert found.evidence["calls"] == 3
-    assert found.evidence["saturated_fraction"] == pytest.approx(0.7)
+    assert found.evidence["saturated_fraction"] == pytest.approx(worst)
     assert found.message.startswith("3 calls of tanh in '' saturate; at the worst, ")
     assert "tanh#1" in found.message
 
