@@ -315,7 +315,7 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     it (``nn.init.zeros_(head.weight)``), and set its bias to the log class priors.
     """
     if trace.loss_kind is None:
-        raise Skip("the loss function is not known (a Monitor sees only the loss value)")
+        raise Skip("the loss function is not known (no torch loss seen in the loss's graph)")
     if trace.loss_kind == "model":
         raise Skip("the loss comes from the model's own output (.loss): its kind is not known")
     if trace.loss_kind == "custom":

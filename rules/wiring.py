@@ -173,7 +173,9 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``log_softmax`` and use ``NLLLoss``.
     """
     if trace.loss_kind is None:
-        raise Skip("the loss function is not known (a Monitor sees only the loss value)")
+        raise Skip("the loss function is not known (no torch loss seen in the loss's graph)")
+    if trace.loss_reads_output is False:  # e.g. nll_loss(torch.log(probs)): applied as meant
+        return
     for origin, via in trace.output_ops[:1]:
         lt = layer_at(trace, origin) if origin[0] == "point" else None
         if lt is None or not only_shape_ops(tuple(op for op in via if op not in CLAMP_OPS)):

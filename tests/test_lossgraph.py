@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import trainlint
 from trainlint.engine import RULES, load_rules
-from trainlint.lossgraph import foreign_parameters
+from trainlint.lossgraph import foreign_parameters, read_loss_graph
 
 load_rules()
 
@@ -59,3 +59,137 @@ def test_a_monitored_generator_is_not_judged_by_its_rising_loss() -> None:
     assert critic_report.trace.foreign_params == 0
     assert any("TL603" in note and "compete" in note for note in gen_report.notes)
     assert not any("compete" in note for note in critic_report.notes)
+
+
+# ----------------------------------------------------------------------------- the loss's kind
+def _outputs(*tensors: torch.Tensor) -> list:
+    """The model outputs as the probe records them: ``(grad_fn, shape)``."""
+    return [(t.grad_fn, tuple(t.shape)) for t in tensors]
+
+
+def _head(classes: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def _after_backward(loss: torch.Tensor) -> torch.Tensor:
+    loss.backward()  # read after the backward, as Monitor.step reads it
+    return loss
+
+
+def test_cross_entropy_on_logits_is_known_with_its_classes_and_output() -> None:
+    model, y = _head(), torch.randint(0, 10, (8,))
+    hidden = model[:2](torch.randn(8, 6))
+    logits = model[2](hidden)
+    loss = _after_backward(F.cross_entropy(logits, y))
+    graph = read_loss_graph(loss, model.parameters(), _outputs(hidden, logits))
+    assert (graph.kind, graph.reduction, graph.terms) == ("cross_entropy", "mean", 1)
+    assert (graph.num_classes, graph.output_index, graph.reads_output) == (10, 1, True)
+    assert graph.foreign == 0
+
+
+def test_nll_of_the_models_own_log_probabilities_is_not_cross_entropy() -> None:
+    model, y = _head(), torch.randint(0, 10, (8,))
+    log_probs = F.log_softmax(model(torch.randn(8, 6)), dim=1)
+    graph = read_loss_graph(_after_backward(F.nll_loss(log_probs, y, reduction="sum")),
+                            model.parameters(), _outputs(log_probs))
+    assert (graph.kind, graph.reduction, graph.num_classes, graph.output_index) == \
+        ("nll", "sum", 10, 0)
+    again = F.log_softmax(model(torch.randn(8, 6)), dim=1)  # cross_entropy applies it again
+    graph = read_loss_graph(_after_backward(F.cross_entropy(again, y)), model.parameters(),
+                            _outputs(again))
+    assert (graph.kind, graph.output_index) == ("cross_entropy", 0)
+
+
+def test_a_loss_on_something_computed_from_the_output_does_not_read_the_output() -> None:
+    model, y = _head(), torch.randint(0, 10, (8,))
+    probs = torch.softmax(model(torch.randn(8, 6)), dim=1)
+    graph = read_loss_graph(_after_backward(F.nll_loss(torch.log(probs), y)),
+                            model.parameters(), _outputs(probs))
+    assert (graph.kind, graph.output_index, graph.reads_output) == ("nll", None, False)
+
+
+def test_reshapes_keep_the_output_but_hide_the_classes() -> None:
+    """A language model's (B, T, V) logits viewed as (B*T, V): the output is found through
+    the view, the class count is not guessed from the wrong dim."""
+    torch.manual_seed(0)
+    lm = nn.Linear(6, 11)
+    logits = lm(torch.randn(2, 5, 6))
+    loss = _after_backward(F.cross_entropy(logits.float().view(-1, 11),
+                                           torch.randint(0, 11, (10,))))
+    graph = read_loss_graph(loss, lm.parameters(), _outputs(logits))
+    assert (graph.kind, graph.output_index, graph.num_classes) == ("cross_entropy", 0, None)
+    seg = nn.Conv2d(3, 4, 1)  # per-pixel classes: (N, C, H, W), C = 4
+    maps = seg(torch.randn(2, 3, 5, 5))
+    graph = read_loss_graph(_after_backward(F.cross_entropy(maps, torch.randint(0, 4, (2, 5, 5)))),
+                            seg.parameters(), _outputs(maps))
+    assert (graph.kind, graph.num_classes, graph.output_index) == ("cross_entropy", 4, 0)
+
+
+def test_other_losses_terms_and_unknown_outputs() -> None:
+    model = _head(1)
+    logits = model(torch.randn(8, 6))
+    bce = _after_backward(F.binary_cross_entropy_with_logits(logits.squeeze(1), torch.ones(8)))
+    graph = read_loss_graph(bce, model.parameters(), _outputs(logits))
+    assert (graph.kind, graph.output_index) == ("bce_with_logits", 0)
+    out = model(torch.randn(8, 6))
+    mse = _after_backward(F.mse_loss(out, torch.zeros(8, 1)))
+    assert read_loss_graph(mse, model.parameters(), _outputs(out)).kind == "mse"
+    main, aux = _head(), _head()
+    x, y = torch.randn(8, 6), torch.randint(0, 10, (8,))
+    a, b = main(x), aux(x)
+    both = _after_backward(F.cross_entropy(a, y) + 0.3 * F.cross_entropy(b, y))
+    graph = read_loss_graph(both, [*main.parameters(), *aux.parameters()], _outputs(a, b))
+    assert (graph.kind, graph.terms, graph.output_index) == ("cross_entropy", 2, 0)
+    # Without the model's outputs a log_softmax inside the loss cannot be told from the
+    # model's own: the kind stays unknown.
+    c = main(x)
+    graph = read_loss_graph(_after_backward(F.cross_entropy(c, y)), main.parameters(), [])
+    assert (graph.kind, graph.terms, graph.reads_output) == (None, 1, None)
+    assert read_loss_graph((c * 0).sum().detach(), main.parameters(), _outputs(c)).kind is None
+
+
+def _monitored(model: nn.Module, loss_fn, steps: int = 3) -> trainlint.Report:  # noqa: ANN001
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(steps):
+            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 10, (32,), generator=g)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        return monitor.report()
+
+
+def _codes(report: trainlint.Report) -> set:
+    return {f.code for f in report.findings}
+
+
+def test_a_monitor_finds_softmax_twice_in_the_users_loop() -> None:
+    probs = _monitored(nn.Sequential(_head(), nn.Softmax(dim=1)), nn.CrossEntropyLoss())
+    assert "TL601" in _codes(probs)
+    assert probs.trace.loss_kind == "cross_entropy"
+    assert "TL601" not in _codes(_monitored(_head(), nn.CrossEntropyLoss()))
+    # The model's probabilities, logged and fed to nll_loss: applied as meant.
+    logged = _monitored(nn.Sequential(_head(), nn.Softmax(dim=1)),
+                        lambda p, y: F.nll_loss(torch.log(p + 1e-9), y))
+    assert "TL601" not in _codes(logged)
+
+
+def test_check_leaves_a_loss_on_the_logged_probabilities_alone() -> None:
+    model = nn.Sequential(_head(), nn.Softmax(dim=1))
+    batch = (torch.randn(16, 6), torch.randint(0, 10, (16,)))
+    logged = trainlint.check(model, batch, loss_fn=lambda p, y: F.nll_loss(torch.log(p), y))
+    assert "TL601" not in _codes(logged)
+    assert "TL601" in _codes(trainlint.check(model, batch, loss_fn=F.nll_loss))
+
+
+def test_a_monitor_from_the_first_step_finds_a_loss_far_above_ln_c() -> None:
+    model = _head()
+    nn.init.normal_(model[2].weight, std=4.0)
+    loud = _monitored(model, nn.CrossEntropyLoss())
+    assert "TL302" in _codes(loud)
+    assert loud.trace.num_classes == 10
+    assert "TL302" not in _codes(_monitored(_head(), nn.CrossEntropyLoss()))

@@ -20,6 +20,7 @@ from .batch import (
 from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
+from .lossgraph import read_loss_graph
 from .losswatch import LossCall, output_index, watched
 from .probe import Probe, _model_device, _tensors_in, compiled_inside
 from .report import Report, build_report
@@ -53,7 +54,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     probe = Probe(model, opt)
     builder = TraceBuilder(model, mode="check")
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
-                 "num_classes": None, "batch_size": None}
+                 "loss_reads_output": None, "num_classes": None, "batch_size": None}
     try:
         probe.attach()
         model.train()
@@ -68,6 +69,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
                           loss_kind=run["loss_kind"], loss_reduction=run["loss_reduction"],
                           loss_terms=run["loss_terms"],
+                          loss_reads_output=run["loss_reads_output"],
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
@@ -225,6 +227,9 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         if raised_by_trainlint(exc):
             raise
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
+    if step == 0:  # the graph outlives the backward (only its saved tensors are freed)
+        run["loss_reads_output"] = read_loss_graph(loss, model.parameters(),
+                                                   probe.output_nodes).reads_output
     return loss
 
 

@@ -16,7 +16,7 @@ from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
-from .lossgraph import foreign_parameters
+from .lossgraph import LossGraph, read_loss_graph
 from .probe import Probe, ProbeSnapshot, _model_device, compiled_inside, training_forward
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
@@ -109,9 +109,9 @@ class Monitor:
         self._loss_max: Optional[torch.Tensor] = None
         self._loss_count = 0
         self._pending_losses: list = []
-        # Trainable tensors outside the model and its optimizer that the loss depends on (read
-        # once, from the first observed loss that has an autograd graph).
-        self._foreign: Optional[int] = None
+        # What the loss is and depends on (trainable tensors outside the model and its
+        # optimizer), read once from the first observed loss that has an autograd graph.
+        self._loss_graph: Optional[LossGraph] = None
         try:
             self.builder = TraceBuilder(self.model, mode="monitor")
             self._open()
@@ -130,9 +130,8 @@ class Monitor:
             raise ConfigError("this Monitor is closed")
         if loss is None and self.probe.observing:
             loss = self._model_loss
-        if (self._foreign is None and self.probe.observing and isinstance(loss, torch.Tensor)
-                and loss.grad_fn is not None):
-            self._foreign = foreign_parameters(loss, self._own_parameters())
+        if self.probe.observing and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            self._read_loss(loss)
         value = self._accumulate(loss)
         try:
             if self.probe.observing:
@@ -313,8 +312,29 @@ class Monitor:
                                    world_size=self.world_size,
                                    global_batch_size=self.global_batch_size,
                                    amp_dtype=self._amp_dtype(),
-                                   foreign_params=self._foreign or 0)
+                                   **self._loss_facts())
         return build_report(trace, self.selection, notes=notes)
+
+    def _read_loss(self, loss: torch.Tensor) -> None:
+        """Read the loss's graph (once), and put the model output it reads first among the
+        step's outputs, where the rules look for the model's output (as ``check`` does)."""
+        if self._loss_graph is None:
+            self._loss_graph = read_loss_graph(loss, self._own_parameters(),
+                                               self.probe.output_nodes)
+        index = self._loss_graph.output_index
+        origins = self.probe.output_origins
+        if index is not None and 0 < index < len(origins) and \
+                len(origins) == len(self.probe.output_nodes):
+            origins.insert(0, origins.pop(index))
+
+    def _loss_facts(self) -> dict:
+        """The RunTrace fields on the loss, from its graph."""
+        graph = self._loss_graph or LossGraph()
+        return {"foreign_params": graph.foreign, "loss_kind": graph.kind,
+                "loss_reduction": graph.reduction if graph.kind else None,
+                "loss_terms": graph.terms if graph.kind else None,
+                "loss_reads_output": graph.reads_output,
+                "num_classes": graph.num_classes}
 
     def _own_parameters(self) -> list:
         own = list(self.model.parameters())

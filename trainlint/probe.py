@@ -288,6 +288,9 @@ class Probe:
         self.channel_at: dict[int, tuple] = {}
         self.edges: set[tuple] = set()
         self.output_origins: list[tuple] = []
+        # ``(grad_fn, shape)`` of each output of the step's last training forward: where a
+        # loss's autograd graph meets the model (read after the backward, dropped at the end).
+        self.output_nodes: list[tuple] = []
         self.input_rows: list[tuple] = []
         # Full reads for the exact NaN/Inf presence where no point looks: each float input of
         # a training forward ``(name, probe)``, and each output of a module with children
@@ -401,6 +404,7 @@ class Probe:
             self._uninstall()
         self.producers.clear()
         self.channel_at.clear()
+        self.output_nodes = []
         self.updates.clear()
         self.update_sums.clear()
         self.input_probes.clear()
@@ -449,7 +453,10 @@ class Probe:
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.mode is not None and output is not None and self.observing:
-            self.output_origins = [self._origin_of(t) for t in _tensors_in(output)]
+            outputs = _tensors_in(output)
+            self.output_origins = [self._origin_of(t) for t in outputs]
+            with torch._C.DisableTorchFunction():
+                self.output_nodes = [(t.grad_fn, tuple(t.shape)) for t in outputs]
             self._on_backward(output, self.last_forward)
         self._exit_mode()
         self.skipping = False

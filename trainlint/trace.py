@@ -227,6 +227,9 @@ class RunTrace:
     loss_reduction: Optional[str] = None
     # How many torch losses the loss function called (an auxiliary head adds one).
     loss_terms: Optional[int] = None
+    # Whether the torch loss reads one of the model's outputs as it is (through reshapes and
+    # casts only), not something computed from it, such as torch.log(probs); None: not known.
+    loss_reads_output: Optional[bool] = None
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0
