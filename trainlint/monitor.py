@@ -130,8 +130,8 @@ class Monitor:
             raise ConfigError("this Monitor is closed")
         if loss is None and self.probe.observing:
             loss = self._model_loss
-        if self.probe.observing and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
-            self._read_loss(loss)
+        if self.probe.observing:
+            self.read_loss(loss)
         value = self._accumulate(loss)
         try:
             if self.probe.observing:
@@ -315,9 +315,14 @@ class Monitor:
                                    **self._loss_facts())
         return build_report(trace, self.selection, notes=notes)
 
-    def _read_loss(self, loss: torch.Tensor) -> None:
-        """Read the loss's graph (once), and put the model output it reads first among the
-        step's outputs, where the rules look for the model's output (as ``check`` does)."""
+    def read_loss(self, loss: Any) -> None:
+        """Read what an observed step's loss computes off its autograd graph (once; before
+        or after its backward), and put the model output it reads first among the step's
+        outputs, where the rules look for the model's output (as ``check`` does). ``step``
+        does this with the loss it gets; an adapter whose framework hands ``step`` a detached
+        loss calls it with the loss before the backward. A loss without a graph is ignored."""
+        if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+            return
         if self._loss_graph is None:
             self._loss_graph = read_loss_graph(loss, self._own_parameters(),
                                                self.probe.output_nodes)

@@ -120,3 +120,28 @@ def test_an_unknown_submodule_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match=r"module='nope'.*children: \['net'\]"):
         fit(TrainlintCallback(module="nope"), tmp_path, num_sanity_val_steps=0)
+
+
+class SoftmaxTwiceModule(DeadReluModule):
+    """Ends in a softmax and trains with cross_entropy, which applies it again."""
+
+    def __init__(self, probabilities: bool) -> None:
+        super().__init__()
+        self.probabilities = probabilities
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out.softmax(dim=1) if self.probabilities else out
+
+
+@pytest.mark.parametrize("probabilities", [True, False])
+def test_softmax_twice_is_read_off_the_loss_lightning_hands_over(tmp_path, probabilities):
+    """on_train_batch_end gets the loss detached: its kind comes from on_before_backward."""
+    callback = TrainlintCallback(every=1, verbose=False)
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback])
+    trainer.fit(SoftmaxTwiceModule(probabilities), loader(BATCH * BATCHES, BATCH))
+    assert callback.report.trace.loss_kind == "cross_entropy"
+    assert ("TL601" in {f.code for f in callback.report.findings}) == probabilities

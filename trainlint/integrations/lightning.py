@@ -69,6 +69,13 @@ class TrainlintCallback(Callback):
             self.monitor.log_step = trainer.global_step
             self.monitor.start_step()
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule,
+                           loss: Any) -> None:
+        # The loss with its autograd graph (on_train_batch_end gets a detached copy): what
+        # it computes (TL601, TL302) is read off the graph.
+        if self.monitor is not None and self.monitor.observing:
+            self.monitor.read_loss(loss)
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
