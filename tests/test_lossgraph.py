@@ -193,3 +193,33 @@ def test_a_monitor_from_the_first_step_finds_a_loss_far_above_ln_c() -> None:
     assert "TL302" in _codes(loud)
     assert loud.trace.num_classes == 10
     assert "TL302" not in _codes(_monitored(_head(), nn.CrossEntropyLoss()))
+
+
+class _FeaturesThenProbabilities(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.top = _head()[:2], nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        features = self.body(x)
+        return features, self.top(features).softmax(dim=1)
+
+
+def test_the_output_the_loss_reads_is_found_once_per_step_whoever_hands_the_loss() -> None:
+    """An adapter hands the loss before the backward and step() gets it again after: the
+    loss's output (the 2nd) is taken for the model's output once, not swapped back."""
+    model = _FeaturesThenProbabilities()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(3):
+            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 10, (32,), generator=g)
+            loss = F.cross_entropy(model(x)[1], y)
+            monitor.read_loss(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert "TL601" in _codes(report)
+    assert report.trace.loss_reads_output is True

@@ -17,7 +17,14 @@ from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
 from .lossgraph import LossGraph, read_loss_graph
-from .probe import Probe, ProbeSnapshot, _model_device, compiled_inside, training_forward
+from .probe import (
+    Probe,
+    ProbeSnapshot,
+    _model_device,
+    _tensors_in,
+    compiled_inside,
+    training_forward,
+)
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
 from .stats import G
@@ -112,6 +119,7 @@ class Monitor:
         # What the loss is and depends on (trainable tensors outside the model and its
         # optimizer), read once from the first observed loss that has an autograd graph.
         self._loss_graph: Optional[LossGraph] = None
+        self._ordered = -1  # the step whose outputs were put in the loss's order
         try:
             self.builder = TraceBuilder(self.model, mode="monitor")
             self._open()
@@ -241,6 +249,10 @@ class Monitor:
             self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
         loss = output_loss(output)
         if loss is not None:
+            if self._loss_graph is None and loss.grad_fn is not None:  # (the probe's record
+                with torch._C.DisableTorchFunction():  # of the outputs comes after this hook)
+                    outputs = [(t.grad_fn, tuple(t.shape)) for t in _tensors_in(output)]
+                self._loss_graph = read_loss_graph(loss, self._own_parameters(), outputs)
             self._model_loss = loss.detach()
 
     def _amp_dtype(self) -> Optional[str]:
@@ -317,20 +329,26 @@ class Monitor:
 
     def read_loss(self, loss: Any) -> None:
         """Read what an observed step's loss computes off its autograd graph (once; before
-        or after its backward), and put the model output it reads first among the step's
-        outputs, where the rules look for the model's output (as ``check`` does). ``step``
-        does this with the loss it gets; an adapter whose framework hands ``step`` a detached
-        loss calls it with the loss before the backward. A loss without a graph is ignored."""
-        if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
-            return
-        if self._loss_graph is None:
+        or after its backward): the loss's kind for TL601/TL302, and the model output it
+        reads, which the rules then take for the model's output (as ``check`` does).
+        ``step`` does this with the loss it gets; an adapter whose framework hands ``step``
+        a detached loss calls it with the loss before the backward. A loss without a graph
+        is ignored."""
+        if self._loss_graph is None and isinstance(loss, torch.Tensor) and \
+                loss.grad_fn is not None:
             self._loss_graph = read_loss_graph(loss, self._own_parameters(),
                                                self.probe.output_nodes)
-        index = self._loss_graph.output_index
+        self._loss_output_first()
+
+    def _loss_output_first(self) -> None:
+        """Put the output the loss reads first among this observed step's outputs (once)."""
+        index = self._loss_graph.output_index if self._loss_graph is not None else None
+        if index is None or self._ordered == self.steps_seen:
+            return
         origins = self.probe.output_origins
-        if index is not None and 0 < index < len(origins) and \
-                len(origins) == len(self.probe.output_nodes):
+        if 0 < index < len(origins) and len(origins) == len(self.probe.output_nodes):
             origins.insert(0, origins.pop(index))
+            self._ordered = self.steps_seen
 
     def _loss_facts(self) -> dict:
         """The RunTrace fields on the loss, from its graph."""

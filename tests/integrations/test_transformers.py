@@ -58,6 +58,8 @@ def test_dead_gelu_reported(tmp_path, capsys):
     report = callback.report
     assert callback.monitor is None
     assert report.trace.observed_steps == STEPS // 2
+    # The model's own loss, read off its graph: cross-entropy over the logits it returns.
+    assert (report.trace.loss_kind, report.trace.loss_reads_output) == ("cross_entropy", True)
     assert logged == [0, 2]
     dead = [f for f in report.findings if f.code == "TL101"]
     assert [f.module for f in dead] == [DEAD]
