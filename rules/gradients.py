@@ -567,7 +567,8 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
-            fix=_nonfinite_fix(what, module, trace, any(unsafe), first=step["step"] == 0),
+            fix=_nonfinite_fix(what, module, trace, any(unsafe),
+                               first=step["step"] == 0 and not trace.resumed),
             evidence={"step": step["step"], "where": what},
         )
         return

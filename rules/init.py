@@ -34,7 +34,7 @@ RESIDUAL_HOPS = 3
 
 def first_step(trace: RunTrace) -> dict:
     """The observed data of training step 0; Skip when the run was not seen from the start."""
-    if not trace.per_step or trace.per_step[0]["step"] != 0:
+    if not trace.per_step or trace.per_step[0]["step"] != 0 or trace.resumed:
         raise Skip("it needs the first training step (trainlint check, or a Monitor created "
                    "before training starts)")
     return trace.per_step[0]
@@ -330,7 +330,7 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raise Skip(f"the loss is reduced by {trace.loss_reduction!r}, not averaged over the "
                    "samples: its first value is not comparable with ln(C)")
     first = next((s for s in trace.per_step if s.get("loss") is not None), None)
-    if first is None or first["step"] != 0 or not math.isfinite(first["loss"]):
+    if first is None or first["step"] != 0 or trace.resumed or not math.isfinite(first["loss"]):
         return
     if trace.loss_kind == "bce_with_logits":
         classes, expected = 2, math.log(2.0)

@@ -223,3 +223,31 @@ def test_the_output_the_loss_reads_is_found_once_per_step_whoever_hands_the_loss
         report = monitor.report()
     assert "TL601" in _codes(report)
     assert report.trace.loss_reads_output is True
+
+
+def test_a_monitor_created_after_training_began_does_not_judge_the_init() -> None:
+    """Resumed from a checkpoint (the optimizer holds state): the Monitor's first step is
+    not the run's first, so neither the first loss (TL302) nor the init (TL301) is judged."""
+    def loud() -> nn.Module:
+        model = _head()
+        nn.init.normal_(model[2].weight, std=4.0)
+        return model
+
+    assert "TL302" in _codes(_monitored(loud(), nn.CrossEntropyLoss()))
+    model = loud()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # state, weights as they are
+    F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 10, (4,))).backward()
+    opt.step()
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(3):
+            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 10, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.resumed
+    assert not {"TL302", "TL301"} & _codes(report)
+    assert "first training step" in report.skipped["TL301"]

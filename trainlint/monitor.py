@@ -86,6 +86,8 @@ class Monitor:
                               "lint it with trainlint.check(model, batch)")
         self.model = distributed.unwrap(model)
         self.optimizer = optimizer
+        # Training began before this Monitor (a resume): the optimizer already holds state.
+        self._resumed = any(getattr(optimizer, "state", {}).values())
         self.every = every
         self.selection = selection or Selection()
         self.scaler = scaler
@@ -324,7 +326,7 @@ class Monitor:
                                    world_size=self.world_size,
                                    global_batch_size=self.global_batch_size,
                                    amp_dtype=self._amp_dtype(),
-                                   **self._loss_facts())
+                                   resumed=self._resumed, **self._loss_facts())
         return build_report(trace, self.selection, notes=notes)
 
     def read_loss(self, loss: Any) -> None:

@@ -233,6 +233,9 @@ class RunTrace:
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0
+    # The Monitor was created once training had begun (its optimizer already held state, as
+    # after a resume from a checkpoint): its first observed step is not the run's first.
+    resumed: bool = False
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)
