@@ -324,8 +324,8 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.loss_kind not in CLASSIFICATION_LOSSES:
         return
     if trace.loss_terms is not None and trace.loss_terms > 1:
-        raise Skip(f"the loss adds {trace.loss_terms} torch losses (auxiliary heads): its first "
-                   "value is not one classifier's, comparable with ln(C)")
+        raise Skip(f"the loss adds {trace.loss_terms} terms (auxiliary heads, a distillation "
+                   "term): its first value is not one classifier's, comparable with ln(C)")
     if trace.loss_reduction not in (None, "mean"):
         raise Skip(f"the loss is reduced by {trace.loss_reduction!r}, not averaged over the "
                    "samples: its first value is not comparable with ln(C)")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
 from trainlint.engine import RULES, load_rules
-from trainlint.lossgraph import foreign_parameters, read_loss_graph
+from trainlint.lossgraph import LossGraph, foreign_parameters, read_loss_graph
 
 load_rules()
 
@@ -63,8 +65,8 @@ def test_a_monitored_generator_is_not_judged_by_its_rising_loss() -> None:
 
 # ----------------------------------------------------------------------------- the loss's kind
 def _outputs(*tensors: torch.Tensor) -> list:
-    """The model outputs as the probe records them: ``(grad_fn, shape)``."""
-    return [(t.grad_fn, tuple(t.shape)) for t in tensors]
+    """One forward's outputs as the probe records them: ``[[(grad_fn, shape), ...]]``."""
+    return [[(t.grad_fn, tuple(t.shape)) for t in tensors]]
 
 
 def _head(classes: int = 10) -> nn.Module:
@@ -109,16 +111,16 @@ def test_a_loss_on_something_computed_from_the_output_does_not_read_the_output()
     assert (graph.kind, graph.output_index, graph.reads_output) == ("nll", None, False)
 
 
-def test_reshapes_keep_the_output_but_hide_the_classes() -> None:
+def test_the_output_and_the_classes_are_found_through_reshapes() -> None:
     """A language model's (B, T, V) logits viewed as (B*T, V): the output is found through
-    the view, the class count is not guessed from the wrong dim."""
+    the view, and the classes are those of what the loss read (V), not the output's dim 1."""
     torch.manual_seed(0)
     lm = nn.Linear(6, 11)
     logits = lm(torch.randn(2, 5, 6))
     loss = _after_backward(F.cross_entropy(logits.float().view(-1, 11),
                                            torch.randint(0, 11, (10,))))
     graph = read_loss_graph(loss, lm.parameters(), _outputs(logits))
-    assert (graph.kind, graph.output_index, graph.num_classes) == ("cross_entropy", 0, None)
+    assert (graph.kind, graph.output_index, graph.num_classes) == ("cross_entropy", 0, 11)
     seg = nn.Conv2d(3, 4, 1)  # per-pixel classes: (N, C, H, W), C = 4
     maps = seg(torch.randn(2, 3, 5, 5))
     graph = read_loss_graph(_after_backward(F.cross_entropy(maps, torch.randint(0, 4, (2, 5, 5)))),
@@ -251,3 +253,77 @@ def test_a_monitor_created_after_training_began_does_not_judge_the_init() -> Non
     assert report.trace.resumed
     assert not {"TL302", "TL301"} & _codes(report)
     assert "first training step" in report.skipped["TL301"]
+
+
+def _graph_of(loss_fn, probabilities: bool = False, **model_kw) -> LossGraph:  # noqa: ANN001
+    """The graph facts of ``loss_fn(output, y)`` on a 10-class head (its output softmaxed
+    when ``probabilities``), read after the backward."""
+    model, y = _head(**model_kw), torch.randint(0, 10, (8,))
+    out = model(torch.randn(8, 6))
+    out = out.softmax(dim=1) if probabilities else out
+    loss = _after_backward(loss_fn(out, y))
+    return read_loss_graph(loss, model.parameters(), _outputs(out))
+
+
+def test_terms_count_what_the_loss_adds_from_the_outputs() -> None:
+    """A distillation KL on the outputs is a second term (the first loss is then no
+    classifier's alone); label smoothing's term reads the cross-entropy's own log_softmax
+    and a weight penalty reads no output: one term each."""
+    teacher = torch.randn(8, 10) * 5
+
+    def distilled(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kl = F.kl_div(F.log_softmax(o / 4, dim=1), F.softmax(teacher / 4, dim=1),
+                      reduction="batchmean")
+        return 0.9 * 16 * kl + 0.1 * F.cross_entropy(o, y)
+
+    assert (_graph_of(distilled).kind, _graph_of(distilled).terms) == ("cross_entropy", 2)
+    assert _graph_of(lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1)).terms == 1
+    penalty = _head()
+    assert _graph_of(lambda o, y: F.cross_entropy(o, y) + 1e-4 * sum(
+        (p ** 2).sum() for p in penalty.parameters())).terms == 1
+    mixed = _graph_of(lambda o, y: F.mse_loss(o, torch.zeros_like(o)) + F.cross_entropy(o, y))
+    assert (mixed.kind, mixed.terms) == ("cross_entropy", 2)  # the classifier's, not the first
+
+
+def test_classes_reduction_and_reading_through_casts_clamps_and_dim_minus_one() -> None:
+    minus_one = _graph_of(lambda o, y: F.nll_loss(F.log_softmax(o, dim=-1), y))
+    assert (minus_one.kind, minus_one.num_classes) == ("cross_entropy", 10)
+    averaged = _graph_of(lambda o, y: F.cross_entropy(o, y, reduction="none").mean() / 4)
+    assert averaged.reduction == "mean"
+    weighted = _graph_of(lambda o, y: (F.cross_entropy(o, y, reduction="none") * y).sum())
+    assert weighted.reduction == "none"
+    cast = _graph_of(lambda o, y: F.cross_entropy(o.double(), y))
+    assert (cast.num_classes, cast.reads_output) == (10, True)
+    clamped = _graph_of(lambda o, y: F.cross_entropy(o.clamp(1e-7, 1.0), y), probabilities=True)
+    assert clamped.reads_output is True
+
+
+def test_a_loss_on_an_earlier_forward_of_the_step_is_found() -> None:
+    """SAM and R-Drop run the model twice a step; the loss may read the first forward."""
+    model, y = _head(), torch.randint(0, 10, (8,))
+    first, second = model(torch.randn(8, 6)), model(torch.randn(8, 6))
+    loss = _after_backward(F.cross_entropy(first, y) + 0 * second.sum())
+    graph = read_loss_graph(loss, model.parameters(), _outputs(first) + _outputs(second))
+    assert (graph.kind, graph.output_index, graph.output_count) == ("cross_entropy", 0, 1)
+
+
+def test_check_and_the_monitor_leave_a_distilled_students_first_loss_alone() -> None:
+    """A healthy student at default init learning from a confident teacher: its first loss
+    is mostly the KL term, far above ln(10), and says nothing about its init."""
+    teacher = nn.Linear(6, 10)
+    nn.init.normal_(teacher.weight, std=3.0)
+
+    def distilled(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x_seen[0]) / 4, dim=1)
+        kl = F.kl_div(F.log_softmax(o / 4, dim=1), soft, reduction="batchmean")
+        return 0.9 * 16 * kl + 0.1 * F.cross_entropy(o, y)
+
+    x_seen = [torch.randn(32, 6)]
+    model = _head()
+    with torch.no_grad():
+        assert distilled(model(x_seen[0]), torch.zeros(32, dtype=torch.long)) > 2 * math.log(10)
+    report = trainlint.check(model, (x_seen[0], torch.randint(0, 10, (32,))), loss_fn=distilled)
+    assert report.trace.loss_terms == 2 and "TL302" not in _codes(report)
+    watched = _monitored(_head(), distilled)
+    assert watched.trace.loss_terms == 2 and "TL302" not in _codes(watched)

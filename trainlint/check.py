@@ -20,7 +20,7 @@ from .batch import (
 from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
-from .lossgraph import read_loss_graph
+from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, output_index, watched
 from .probe import Probe, _model_device, _tensors_in, compiled_inside
 from .report import Report, build_report
@@ -228,8 +228,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             raise
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
     if step == 0:  # the graph outlives the backward (only its saved tensors are freed)
-        run["loss_reads_output"] = read_loss_graph(loss, model.parameters(),
-                                                   probe.output_nodes).reads_output
+        _note_loss_graph(run, read_loss_graph(loss, model.parameters(), probe.output_nodes))
     return loss
 
 
@@ -320,6 +319,18 @@ def _loss_reads_first(probe: Probe, call: Optional[LossCall], outputs: Any) -> N
     origins = probe.output_origins
     if index is not None and 0 < index < len(origins):
         origins.insert(0, origins.pop(index))
+
+
+def _note_loss_graph(run: dict, graph: LossGraph) -> None:
+    """What the loss's graph adds to what its calls showed: whether it reads an output as it
+    is, terms computed from the outputs outside torch losses (a distillation KL), and a
+    per-sample loss (reduction "none") that is then averaged."""
+    run["loss_reads_output"] = graph.reads_output
+    if graph.kind is None or run["loss_terms"] is None:
+        return
+    run["loss_terms"] = max(run["loss_terms"], graph.terms)
+    if run["loss_reduction"] == "none" and graph.reduction == "mean":
+        run["loss_reduction"] = "mean"
 
 
 def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall]) -> None:

@@ -1,4 +1,4 @@
-"""What a loss is and what it depends on, read from its autograd graph after the backward.
+"""What a loss is and what it depends on, read from its autograd graph.
 
 The graph's nodes outlive the backward (only their saved tensors are freed), so a Monitor can
 read them from the loss it is handed after ``loss.backward()``:
@@ -7,9 +7,10 @@ read them from the loss it is handed after ``loss.backward()``:
   generator's loss runs through the discriminator: it measures how two networks compete, not
   whether the monitored one learns);
 * the torch loss it computes (``F.cross_entropy`` leaves an ``NllLossBackward0`` over a
-  ``LogSoftmaxBackward0`` of its input), its reduction, how many torch losses it adds, and
-  which of the model's outputs it read: the facts ``check`` reads while the loss runs
-  (:mod:`trainlint.losswatch`), for the rules on the loss (TL302, TL601).
+  ``LogSoftmaxBackward0`` of its input), its reduction, the number of classes it reads, how
+  many terms the loss adds (torch losses, and other terms computed from the model's outputs,
+  such as a distillation KL), and which of the model's outputs it reads: the facts ``check``
+  also reads while the loss runs (:mod:`trainlint.losswatch`), for TL302 and TL601.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 
 # Enough for the graph of a large model's step; a bigger graph is read this far.
 MAX_NODES = 200_000
+# Training forwards of one step whose outputs are kept (SAM and R-Drop run two).
+MAX_FORWARDS = 8
 
 # Backward nodes of torch losses (names without their version digit), by loss family.
 LOSS_NODES = {
@@ -31,22 +34,34 @@ LOSS_NODES = {
     "BinaryCrossEntropyWithLogitsBackward": "bce_with_logits",
     "MseLossBackward": "mse",
 }
+# Of several torch losses in one graph, the kind is a classifier's (TL601 and TL302 judge it).
+CLASSIFYING = ("nll", "bce_with_logits")
 # The ``reduction`` a loss node saves, as its name.
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
-# Nodes that only reshape, reorder, slice or cast their input on the way to the loss.
+# Nodes that only reshape, reorder or slice their input.
 SHAPE_NODES = frozenset({
     "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "PermuteBackward",
     "TransposeBackward", "SqueezeBackward", "UnsqueezeBackward", "ExpandBackward",
-    "CloneBackward", "SliceBackward", "SelectBackward", "ToCopyBackward", "AsStridedBackward",
+    "SliceBackward", "SelectBackward", "AsStridedBackward",
 })
+# Nodes that keep what the values are (probabilities stay probabilities): casts, clamps.
+KEEP_NODES = frozenset({"ToCopyBackward", "CloneBackward", "ClampBackward", "ClampMinBackward",
+                        "ClampMaxBackward"})
+# Nodes that combine the loss's terms: sums, differences, weights, averages.
+COMBINING_NODES = frozenset({"AddBackward", "SubBackward", "MulBackward", "DivBackward",
+                             "NegBackward", "MeanBackward", "SumBackward"})
+# Nodes between a loss of reduction "none" and its average that keep it a per-sample mean
+# (a constant factor: MulBackward1/DivBackward1 take a Python number).
+_SCALED = frozenset({"MulBackward1", "DivBackward1"})
 _VERSION = re.compile(r"\d+$")
+_U64 = 1 << 64
 
 
 @dataclass(frozen=True)
 class LossGraph:
     """What :func:`read_loss_graph` found. ``kind`` is None when no torch loss is in the graph
-    or the model's outputs are not known; ``output_index`` is the position among the model's
-    outputs of the one the loss read (None: not found)."""
+    or the model's outputs are not known; ``output_index`` is the position of the output the
+    loss read among its forward's ``output_count`` outputs (None: not found)."""
 
     foreign: int = 0
     kind: Optional[str] = None
@@ -54,6 +69,7 @@ class LossGraph:
     terms: int = 0
     num_classes: Optional[int] = None
     output_index: Optional[int] = None
+    output_count: int = 0
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -72,28 +88,48 @@ def _first_input(node: Any) -> Any:
     return inputs[0][0] if inputs else None
 
 
-def _below_shape_ops(node: Any, stops: dict) -> tuple:
+def _input_shape(node: Any) -> Optional[tuple]:
+    """The shape of ``node``'s first input in the forward, from the metadata of the node that
+    made it (None where this torch does not say)."""
+    if not node.next_functions or node.next_functions[0][0] is None:
+        return None
+    child, index = node.next_functions[0]
+    try:
+        return tuple(child._input_metadata[index].shape)
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+
+
+def _through(node: Any, stops: dict, path: set) -> tuple:
     """``(node, shaped)``: the first node at or below ``node`` (through first inputs) that is
-    a model output's (in ``stops``) or not a shape-only op, and whether a shape op was passed
-    on the way (a model's output may itself come from a view: a 3-D Linear's)."""
+    a model output's (in ``stops``) or neither a shape op nor a cast or clamp, and whether a
+    shape op was passed (a model's output may itself come from a view: a 3-D Linear's). The
+    nodes passed go into ``path``."""
     shaped = False
-    while node is not None and id(node) not in stops and node_name(node) in SHAPE_NODES:
-        node, shaped = _first_input(node), True
+    while node is not None and id(node) not in stops:
+        name = node_name(node)
+        if name not in SHAPE_NODES and name not in KEEP_NODES:
+            break
+        path.add(node)
+        shaped = shaped or name in SHAPE_NODES
+        node = _first_input(node)
     return node, shaped
 
 
 def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
-                    outputs: Optional[list] = None) -> LossGraph:
-    """Read ``loss``'s autograd graph: the leaf tensors that require grad other than ``known``,
-    and the torch losses in it, the first reached from the loss (operands in order) giving the
-    kind. ``outputs``: ``(grad_fn, shape)`` of each of the model's outputs of the step (in
-    order; None for one without a graph), which tell an ``nll_loss`` of the model's own
-    log-probabilities from a ``cross_entropy`` that applied log_softmax itself."""
+                    forwards: Optional[list] = None) -> LossGraph:
+    """Read ``loss``'s autograd graph: the leaf tensors that require grad other than
+    ``known``, and the torch losses in it (the kind is the first classifier's reached from
+    the loss, operands in order, else the first loss's). ``forwards``: per training forward of
+    the step, ``(grad_fn, shape)`` of each of the model's outputs (grad_fn None for one
+    without a graph); they tell an ``nll_loss`` of the model's own log-probabilities from a
+    ``cross_entropy`` that applied log_softmax itself, and which output the loss read."""
     root = loss.grad_fn
     if root is None:
         return LossGraph()
     ours = {id(p) for p in known}
     seen, todo, foreign, losses = {root}, deque([root]), set(), []
+    parent: dict = {}
     while todo and len(seen) < MAX_NODES:
         node = todo.popleft()
         variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
@@ -104,37 +140,105 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 seen.add(child)
+                parent[child] = node
                 todo.append(child)
-    if not losses or not any(grad_fn is not None for grad_fn, _ in outputs or ()):
+    where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
+             for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
+    if not losses or not where:
         return LossGraph(foreign=len(foreign), terms=len(losses))
-    return _describe(losses[0], len(losses), outputs, len(foreign))
+    described = [_describe(node, where, parent) for node in losses]
+    first = next((d for d in described if d["kind"] in CLASSIFYING + ("cross_entropy",)),
+                 described[0])
+    claimed = set().union(*(d["path"] for d in described))
+    terms = len(losses) + _other_terms(root, set(losses), claimed, where)
+    count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
+    return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
+                     terms=terms, num_classes=first["classes"], output_index=first["index"],
+                     output_count=count)
 
 
-def _describe(node: Any, terms: int, outputs: list, foreign: int) -> LossGraph:
-    """The facts of the loss node ``node`` (one of ``terms``) given the model's outputs."""
-    index_of = {id(grad_fn): i for i, (grad_fn, _) in enumerate(outputs) if grad_fn is not None}
+def _describe(node: Any, where: dict, parent: dict) -> dict:
+    """The facts of the loss node ``node`` given the model's outputs (``where``)."""
     kind = LOSS_NODES[node_name(node)]
-    reduction = REDUCTIONS.get(getattr(node, "_saved_reduction", None))
-    read, shaped = _below_shape_ops(_first_input(node), index_of)
-    classes = None
-    if kind == "nll" and read is not None and id(read) not in index_of and \
+    path: set = {node}
+    read, shaped = _through(_first_input(node), where, path)
+    if kind == "nll" and read is not None and id(read) not in where and \
             node_name(read) == "LogSoftmaxBackward":
-        # The loss applied log_softmax itself (cross_entropy); its input is one of the
-        # model's outputs when it reads the output as it is.
+        # The loss applied log_softmax itself (cross_entropy) to what it read.
         kind = "cross_entropy"
-        inner, reshaped = _below_shape_ops(_first_input(read), index_of)
-        shaped = shaped or reshaped
+        path.add(read)
         dim = getattr(read, "_saved_dim", None)
-        if inner is not None and id(inner) in index_of and not shaped and isinstance(dim, int):
-            shape = outputs[index_of[id(inner)]][1]
-            classes = shape[dim] if -len(shape) <= dim < len(shape) and len(shape) >= 2 else None
-        read = inner
-    elif kind == "nll" and read is not None and id(read) in index_of and not shaped:
-        shape = outputs[index_of[id(read)]][1]
-        classes = shape[1] if len(shape) >= 2 else None
-    index = index_of.get(id(read)) if read is not None else None
-    return LossGraph(foreign=foreign, kind=kind, reduction=reduction, terms=terms,
-                     num_classes=classes, output_index=index)
+        read, reshaped = _through(_first_input(read), where, path)
+        shaped = shaped or reshaped
+    else:
+        dim = 1
+    shape = _input_shape(node)  # what the loss itself read: (N, C, ...) for nll
+    classes = None
+    if kind in ("nll", "cross_entropy"):
+        if shape:
+            classes = shape[1] if len(shape) >= 2 else shape[0]
+        elif read is not None and id(read) in where and not shaped and isinstance(dim, int):
+            out_shape = where[id(read)][2]
+            dim = dim - _U64 if dim >= _U64 // 2 else dim  # a saved -1 comes back unsigned
+            if len(out_shape) >= 2 and -len(out_shape) <= dim < len(out_shape):
+                classes = out_shape[dim]
+    found = where.get(id(read)) if read is not None else None
+    return {"kind": kind, "reduction": _reduction(node, parent), "classes": classes,
+            "index": found[1] if found else None, "forward": found[0] if found else None,
+            "path": path}
+
+
+def _reduction(node: Any, parent: dict) -> Optional[str]:
+    """The loss node's reduction; "mean" for a reduction="none" loss that is then averaged
+    (times a constant: ``loss.mean() / accumulation``)."""
+    reduction = REDUCTIONS.get(getattr(node, "_saved_reduction", None))
+    if reduction != "none":
+        return reduction
+    above = parent.get(node)
+    while above is not None:
+        name = node_name(above)
+        if name == "MeanBackward":
+            return "mean"
+        if name not in SHAPE_NODES and name not in KEEP_NODES and above.name() not in _SCALED:
+            break
+        above = parent.get(above)
+    return reduction
+
+
+def _other_terms(root: Any, losses: set, claimed: set, where: dict) -> int:
+    """Terms the loss adds besides its torch losses that are computed from the model's
+    outputs (a distillation KL, a soft-target cross-entropy): the parts below the combining
+    nodes at the top of the graph that reach an output other than through the torch losses'
+    own reads (label smoothing's term reads the same log_softmax as its nll)."""
+    starts, todo, seen = [], [root], {root}
+    while todo:
+        node = todo.pop()
+        if node in losses:
+            continue
+        if node_name(node) not in COMBINING_NODES:
+            starts.append(node)
+            continue
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return sum(_reaches_output(start, losses | claimed, where) for start in starts)
+
+
+def _reaches_output(start: Any, blocked: set, where: dict) -> bool:
+    """Whether a model output is reachable from ``start`` other than through ``blocked``."""
+    if start in blocked:
+        return False
+    seen, todo = {start}, [start]
+    while todo and len(seen) < MAX_NODES:
+        node = todo.pop()
+        if id(node) in where:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen and child not in blocked:
+                seen.add(child)
+                todo.append(child)
+    return False
 
 
 def foreign_parameters(loss: torch.Tensor, known: Iterable[torch.Tensor]) -> int:

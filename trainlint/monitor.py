@@ -254,7 +254,7 @@ class Monitor:
             if self._loss_graph is None and loss.grad_fn is not None:  # (the probe's record
                 with torch._C.DisableTorchFunction():  # of the outputs comes after this hook)
                     outputs = [(t.grad_fn, tuple(t.shape)) for t in _tensors_in(output)]
-                self._loss_graph = read_loss_graph(loss, self._own_parameters(), outputs)
+                self._loss_graph = read_loss_graph(loss, self._own_parameters(), [outputs])
             self._model_loss = loss.detach()
 
     def _amp_dtype(self) -> Optional[str]:
@@ -348,7 +348,7 @@ class Monitor:
         if index is None or self._ordered == self.steps_seen:
             return
         origins = self.probe.output_origins
-        if 0 < index < len(origins) and len(origins) == len(self.probe.output_nodes):
+        if 0 < index < len(origins) and len(origins) == self._loss_graph.output_count:
             origins.insert(0, origins.pop(index))
             self._ordered = self.steps_seen
 

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from . import stats
 from .batch import leading_size
 from .hooks import OwnedHook
+from .lossgraph import MAX_FORWARDS
 from .trace import ELEMENTWISE_OPS, REORDERING_OPS
 from .updates import UpdateSampler
 
@@ -288,9 +289,10 @@ class Probe:
         self.channel_at: dict[int, tuple] = {}
         self.edges: set[tuple] = set()
         self.output_origins: list[tuple] = []
-        # ``(grad_fn, shape)`` of each output of the step's last training forward: where a
-        # loss's autograd graph meets the model (read after the backward, dropped at the end).
-        self.output_nodes: list[tuple] = []
+        # Per training forward of the step (the last MAX_FORWARDS), ``(grad_fn, shape)`` of
+        # each output: where a loss's autograd graph meets the model (read after the
+        # backward; dropped at the step's end).
+        self.output_nodes: list[list] = []
         self.input_rows: list[tuple] = []
         # Full reads for the exact NaN/Inf presence where no point looks: each float input of
         # a training forward ``(name, probe)``, and each output of a module with children
@@ -456,7 +458,8 @@ class Probe:
             outputs = _tensors_in(output)
             self.output_origins = [self._origin_of(t) for t in outputs]
             with torch._C.DisableTorchFunction():
-                self.output_nodes = [(t.grad_fn, tuple(t.shape)) for t in outputs]
+                self.output_nodes.append([(t.grad_fn, tuple(t.shape)) for t in outputs])
+            del self.output_nodes[:-MAX_FORWARDS]
             self._on_backward(output, self.last_forward)
         self._exit_mode()
         self.skipping = False

@@ -225,7 +225,8 @@ class RunTrace:
     loss_kind: Optional[str] = None
     # "mean", "sum" or "none" when the loss's torch call was seen (None: not seen).
     loss_reduction: Optional[str] = None
-    # How many torch losses the loss function called (an auxiliary head adds one).
+    # How many terms the loss adds: torch losses (an auxiliary head adds one) and other terms
+    # computed from the model's outputs (a distillation KL).
     loss_terms: Optional[int] = None
     # Whether the torch loss reads one of the model's outputs as it is (through reshapes and
     # casts only), not something computed from it, such as torch.log(probs); None: not known.
