@@ -499,3 +499,46 @@ def test_attention_with_dropout_left_in_eval_while_the_model_trains() -> None:
             monitor.step(loss)
         found = [f for f in monitor.report().findings if f.code == "TL602"]
     assert [f.module for f in found] == ["att"]
+
+
+class WithUnused(nn.Module):
+    """A classifier with a layer its forward never calls (TL505)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.unused = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_gradients_zeroed_right_after_the_step_are_still_read(accumulate: int) -> None:
+    """``opt.step(); opt.zero_grad(); monitor.step(loss)`` (the usual order under gradient
+    accumulation): the step's gradients are read before the optimizer applies them, so the
+    gradient and update rules see what a loop that zeroes first shows them."""
+    def run(zero_after: bool) -> trainlint.Report:
+        torch.manual_seed(0)
+        model = WithUnused()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-5)  # far too small: TL503
+        g = torch.Generator().manual_seed(1)
+        with trainlint.Monitor(model, opt, every=1) as monitor:
+            for _ in range(8):
+                if not zero_after:
+                    opt.zero_grad()
+                for _ in range(accumulate):
+                    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+                    loss = F.cross_entropy(model(x), y)
+                    (loss / accumulate).backward()
+                opt.step()
+                if zero_after:
+                    opt.zero_grad()
+                monitor.step(loss)
+            return monitor.report()
+
+    first, after = run(zero_after=False), run(zero_after=True)
+    assert {"TL503", "TL505"} <= {f.code for f in first.findings}
+    assert {f.code for f in after.findings} == {f.code for f in first.findings}
+    norms = [s["grad_norm"] for s in after.trace.per_step]
+    assert norms == pytest.approx([s["grad_norm"] for s in first.trace.per_step])

@@ -316,6 +316,8 @@ class Probe:
         # squares of the weight before the step and of the update.
         self.updates = UpdateSampler()
         self.update_sums: list[tuple] = []
+        # id(parameter) -> (device, row) of its gradient, read before the optimizer's step.
+        self.step_grads: dict[int, tuple] = {}
         self.mode: Optional[_ProbeMode] = None
         # The probe's modes whose forward ended without its hooks: popped once innermost.
         self.stale_modes: list[_ProbeMode] = []
@@ -407,6 +409,7 @@ class Probe:
         self.producers.clear()
         self.channel_at.clear()
         self.output_nodes = []
+        self.step_grads.clear()
         self.updates.clear()
         self.update_sums.clear()
         self.input_probes.clear()
@@ -812,6 +815,15 @@ class Probe:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if params:
             self.updates.before(params)
+        # The gradients the step applies, read now: a loop may zero them before
+        # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
+        for p in params:
+            if p.grad is not None:
+                self.step_grads[id(p)] = self._add_grad(p.grad)
+
+    def _add_grad(self, grad: torch.Tensor) -> tuple:
+        """``(device, row)`` of a parameter's gradient in this step's moment rows."""
+        return grad.device, self._batches(grad.device)[1].add(stored_values(grad))
 
     def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.observing:
@@ -845,10 +857,11 @@ class Probe:
             # values as the statistics' sample of p, without a second gather).
             after = self.updates.after_sample(p)
             row = moments.add(p if after is None else after)
-            grad = None if p.grad is None else (p.grad.device,
-                                                self._batches(p.grad.device)[1].add(
-                                                    stored_values(p.grad)))
+            grad = self.step_grads.get(id(p))
+            if grad is None and p.grad is not None:
+                grad = self._add_grad(p.grad)
             param_rows.append(((p.device, row), grad))
+        self.step_grads.clear()
         for dev, (acts, moments) in self.batches.items():
             add(("acts", dev), acts.device_part())
             add(("moments", dev), moments.device_part())
@@ -977,7 +990,7 @@ class Probe:
             if update is not None:
                 vec += list(update)
             group, lr = groups.get(p, (None, None))
-            values[("param", name, p.grad is not None, update is not None,
+            values[("param", name, grad_row is not None, update is not None,
                     (p in groups) if self.optimizer is not None else None,
                     tuple(p.shape), p.requires_grad, group, lr,
                     str(p.dtype).replace("torch.", ""))] = np.asarray(vec,
