@@ -303,7 +303,7 @@ def _scale_profiles(trace: RunTrace, window: int, min_layers: int,
 
 
 def _at_step(step: Optional[int]) -> str:
-    return "" if step is None else f" at step {step + 1}"
+    return "" if step is None else f" at step {step}"  # 0-based, as every rule's steps
 
 
 @rule("TL103", "vanishing-activations", "warning", min_ratio=0.01, window=3, min_layers=6)
@@ -421,7 +421,9 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             yield Hit(
                 module=lt.module,
                 message=(f"activations of {lt.label} reach |x| = {peak:.3g}, "
-                         f"{peak / FP16_MAX:.0%} of the float16 maximum (threshold "
+                         + (f"{peak / FP16_MAX:.0%} of" if peak < FP16_MAX else
+                            f"{peak / FP16_MAX:.3g}x") +
+                         f" the float16 maximum {FP16_MAX:g} (threshold "
                          f"{t.fp16_fraction:.0%}): {overflow}"),
                 fix=("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
                      "before it, or keep this part in float32/bfloat16"),

@@ -138,7 +138,7 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
     clip, typical, count = suggested_max_norm(trace)
     if count and clip <= t.max_norm:
         basis = (f" (the total norm if every parameter's gradient were at the measured median "
-                 f"{typical:.3g}, over {count} parameters)")
+                 f"{typical:.3g}, over {count} parameter{'s' if count != 1 else ''})")
         scale = ""
     else:
         clip, basis = 1.0, ""

@@ -357,6 +357,9 @@ def test_tl104_fp16_range() -> None:
     assert run("TL104", trace(np.nextafter(limit, 0))) == []
     [at] = run("TL104", trace(limit))
     assert at.module == "2" and at.evidence["threshold"] == limit
+    assert f"{frac:.0%} of the float16 maximum" in at.message
+    [beyond] = run("TL104", trace(FP16_MAX * 300))  # a float32 run far past float16's range
+    assert "300x the float16 maximum" in beyond.message
     nonfinite = trace(limit)
     nonfinite.layers[2].activation.nonfinite = 4
     assert run("TL104", nonfinite) == []
@@ -387,7 +390,7 @@ def test_depth_profile_is_judged_per_step(code: str) -> None:
     good = profile(code, 1.0)
     flat = depth_trace(good, kind="relu")  # merged statistics: no trend at all
     [finding] = run(code, with_steps(flat, good, [2 * s for s in bad]))
-    assert finding.evidence["step"] == 1 and "at step 2" in finding.message
+    assert finding.evidence["step"] == 1 and "at step 1:" in finding.message  # 0-based
     assert finding.evidence["first_rms"] == pytest.approx(2.0)
     quiet = with_steps(depth_trace(good, kind="relu"), good, good)
     assert run(code, quiet) == []
