@@ -14,11 +14,20 @@ from trainlint.trace import RunTrace
 from .gradients import judged_params
 
 
+def loss_points(trace: RunTrace) -> list[dict]:
+    """The observed steps' records, then a Monitor's losses since its last observed step (the
+    curve reaches the step the report came at)."""
+    tail = trace.loss_tail
+    last = trace.per_step[-1]["step"] if trace.per_step else -1
+    return trace.per_step + ([tail] if tail is not None and tail["step"] > last else [])
+
+
 def loss_curve(trace: RunTrace) -> list[tuple[int, float]]:
     """(step, loss) per observed step: in a Monitor run the mean loss over the steps since the
-    previous observation (every step counts, not only the observed ones); else the step's."""
+    previous observation (every step counts, not only the observed ones), and over those after
+    the last one; else the step's."""
     curve = []
-    for s in trace.per_step:
+    for s in loss_points(trace):
         value = s.get("loss_mean", s.get("loss"))
         if value is not None:
             curve.append((s["step"], value))
@@ -172,7 +181,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     Walks the loss of the observed steps (in a Monitor run: the mean and the maximum over
-    each window between observations, so a NaN between two observations counts). It fires
+    each window between observations, and over the steps after the last one up to the
+    report, so a NaN between two observations counts). It fires
     when the loss becomes NaN/Inf, or when it climbs above ``rise_factor`` × its running
     minimum and above its starting value (a noisy tail near zero is not a divergence).
 
@@ -193,7 +203,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raise Skip("no loss was observed (pass the loss to monitor.step(loss))")
     start = next((loss for _, loss in curve if math.isfinite(loss)), None)
     running = math.inf
-    for s in trace.per_step:
+    for s in loss_points(trace):
         values = [s[k] for k in ("loss", "loss_mean", "loss_max") if s.get(k) is not None]
         if any(not math.isfinite(v) for v in values):
             previous = "" if running == math.inf else f" (lowest before: {running:.4g})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import pytest
@@ -542,3 +543,24 @@ def test_gradients_zeroed_right_after_the_step_are_still_read(accumulate: int) -
     assert {f.code for f in after.findings} == {f.code for f in first.findings}
     norms = [s["grad_norm"] for s in after.trace.per_step]
     assert norms == pytest.approx([s["grad_norm"] for s in first.trace.per_step])
+
+
+def test_a_loss_gone_nan_after_the_last_observed_step_is_reported() -> None:
+    """every=10, the loss turns NaN at step 13 and the report comes at step 15, before the
+    next observation: the window since step 10 is read at the report (and left for it)."""
+    model, opt = make()
+    g = torch.Generator().manual_seed(1)
+    with trainlint.Monitor(model, opt, every=10) as monitor:
+        for step in range(16):
+            x, y = torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss * math.nan if step >= 13 else loss)
+        report = monitor.report()
+        assert [s["step"] for s in report.trace.per_step] == [0, 10]
+        [nan] = [f for f in report.findings if f.code == "TL604"]
+        assert nan.evidence["step"] == 15
+        again = monitor.report().trace.loss_tail  # read, not taken: the window stays
+        assert again["step"] == 15 and math.isnan(again["loss_mean"])

@@ -234,6 +234,9 @@ class RunTrace:
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0
+    # A Monitor's losses since its last observed step, when report() came before the next:
+    # ``{"step": the last step, "loss_mean": ..., "loss_max": ...}`` (None: none).
+    loss_tail: Optional[dict] = None
     # The Monitor was created once training had begun (its optimizer already held state, as
     # after a resume from a checkpoint): its first observed step is not the run's first.
     resumed: bool = False

@@ -178,3 +178,22 @@ def test_tl604_nan_between_two_monitor_observations_counts():
 def test_tl604_without_losses_is_a_note():
     with pytest.raises(Skip):
         hits("TL604", trace([], mode="monitor", per_step=[{"step": 0, "layers": {}}]))
+
+
+def test_the_losses_after_the_last_observed_step_count():
+    """report() between observations: a loss that became NaN since, or fell since, is read
+    from the Monitor's window after the last observed step; a tail at or before it is not."""
+    healthy = _monitor(*[2.0] * 9)
+    assert hits("TL604", healthy) == []
+    last = healthy.per_step[-1]["step"]
+    healthy.loss_tail = {"step": last + 30, "loss_mean": NAN, "loss_max": NAN}
+    [nan] = hits("TL604", healthy)
+    assert nan.evidence["step"] == last + 30
+    healthy.loss_tail["step"] = last  # already the last observed step's
+    assert hits("TL604", healthy) == []
+    drop = defaults("TL603")["min_drop"]
+    stuck = _monitor(*_noisy(2.0, 2.0 * (1 - 0.5 * drop)))
+    assert hits("TL603", stuck)
+    stuck.loss_tail = {"step": stuck.per_step[-1]["step"] + 40,
+                       "loss_mean": 2.0 * (1 - 3 * drop), "loss_max": 2.0}
+    assert run.loss_curve(stuck)[-1] == (stuck.loss_tail["step"], stuck.loss_tail["loss_mean"])
