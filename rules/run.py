@@ -162,11 +162,16 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                            f"(TL503 judges the learning rate)")
         trend = "rose" if change > 0 else "barely fell"
         span = f"steps {curve[0][0]}-{curve[-1][0]}"
+        points = f"the {len(curve)} observed steps"
+        if trace.loss_tail is not None and curve[-1][0] == trace.loss_tail["step"] and \
+                len(curve) > 1:
+            points = (f"the {len(curve) - 1} observed steps and the window of "
+                      f"{curve[-1][0] - curve[-2][0]} after them")
         yield Hit(
             module="",
             message=(f"the loss {trend} over {span}: median {first:.4g} in the first third of "
-                     f"the {len(curve)} observed steps, {last:.4g} in the last ({change:+.1%}; "
-                     f"it must fall by at least {t.min_drop:.0%})"),
+                     f"{points}, {last:.4g} in the last ({change:+.1%}; it must fall by at "
+                     f"least {t.min_drop:.0%})"),
             fix=("overfit one batch first; then check the learning rate (TL503), that every "
                  "parameter gets a gradient and is in the optimizer (TL505, TL506), and that "
                  "inputs and labels match"),

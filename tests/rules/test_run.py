@@ -197,3 +197,6 @@ def test_the_losses_after_the_last_observed_step_count():
     stuck.loss_tail = {"step": stuck.per_step[-1]["step"] + 40,
                        "loss_mean": 2.0 * (1 - 3 * drop), "loss_max": 2.0}
     assert run.loss_curve(stuck)[-1] == (stuck.loss_tail["step"], stuck.loss_tail["loss_mean"])
+    stuck.loss_tail["loss_mean"] = 2.0 * (1 - 0.5 * drop)  # still stuck: said with its window
+    [found] = hits("TL603", stuck)
+    assert f"the {len(stuck.per_step)} observed steps and the window of 40 after" in found.message
