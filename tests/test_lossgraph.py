@@ -1,4 +1,5 @@
-"""The trainable tensors outside the monitored model that its loss depends on (a GAN)."""
+"""The loss's autograd graph: trainable tensors outside the monitored model (a GAN), the
+torch loss it computes, its terms and the output it reads (TL601, TL302 in a Monitor)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 import trainlint
 from trainlint.engine import RULES, load_rules
-from trainlint.lossgraph import LossGraph, foreign_parameters, read_loss_graph
+from trainlint.lossgraph import LossGraph, read_loss_graph
 
 load_rules()
 
@@ -27,11 +28,11 @@ def test_the_loss_graph_names_what_lies_outside_the_model() -> None:
     z = torch.randn(8, 4)
     loss = critic(generator(z)).mean()
     loss.backward()  # the graph is read after the backward, as Monitor.step reads it
-    assert foreign_parameters(loss, generator.parameters()) == 4  # the critic's 2 + 2
-    assert foreign_parameters(loss, [*generator.parameters(), *critic.parameters()]) == 0
-    assert foreign_parameters(loss.detach(), generator.parameters()) == 0
+    assert read_loss_graph(loss, generator.parameters()).foreign == 4  # the critic's 2 + 2
+    assert read_loss_graph(loss, [*generator.parameters(), *critic.parameters()]).foreign == 0
+    assert read_loss_graph(loss.detach(), generator.parameters()).foreign == 0
     own = F.mse_loss(generator(z), torch.zeros(8, 2))
-    assert foreign_parameters(own, generator.parameters()) == 0
+    assert read_loss_graph(own, generator.parameters()).foreign == 0
 
 
 def test_a_monitored_generator_is_not_judged_by_its_rising_loss() -> None:

@@ -240,7 +240,3 @@ def _reaches_output(start: Any, blocked: set, where: dict) -> bool:
                 todo.append(child)
     return False
 
-
-def foreign_parameters(loss: torch.Tensor, known: Iterable[torch.Tensor]) -> int:
-    """How many leaf tensors that require grad the loss depends on, other than ``known``."""
-    return read_loss_graph(loss, known).foreign
