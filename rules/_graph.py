@@ -25,9 +25,6 @@ FUNCTIONAL_DROPOUT = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_d
 FUNCTIONAL_PASS_THROUGH = frozenset(FUNCTIONAL_DROPOUT) | {
     f"{kind}_pool{d}d" for kind in ("max", "avg", "adaptive_max", "adaptive_avg")
     for d in (1, 2, 3)}
-# Losses whose value for an uninformed classifier is known (ln(C), or ln(2) per output) and
-# whose per-sample gradient is bounded.
-CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 # Leaf module types that hold weights applied to their input.
 WEIGHT_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                  "ConvTranspose3d", "Bilinear", "LazyLinear", "LSTM", "GRU", "RNN",

@@ -7,10 +7,9 @@ from statistics import median
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import LayerTrace, ParamTrace, RunTrace
+from trainlint.trace import CLASSIFICATION_LOSSES, LayerTrace, ParamTrace, RunTrace
 
 from ._graph import (
-    CLASSIFICATION_LOSSES,
     EMBEDDING_TYPES,
     SHAPE_OPS,
     WEIGHT_LAYERS,

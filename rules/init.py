@@ -8,11 +8,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import LayerTrace, ModuleFacts, ParamTrace, RunTrace
+from trainlint.trace import CLASSIFICATION_LOSSES, LayerTrace, ModuleFacts, ParamTrace, RunTrace
 
 from ._graph import (
     ADD_OPS,
-    CLASSIFICATION_LOSSES,
     downstream,
     feeds_norm,
     is_model_output,

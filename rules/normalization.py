@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
-from trainlint.trace import ELEMENTWISE_OPS, ModuleFacts, RunTrace
+from trainlint.trace import CLASSIFICATION_LOSSES, ELEMENTWISE_OPS, ModuleFacts, RunTrace
 
 from ._graph import (
-    CLASSIFICATION_LOSSES,
     DROPOUT_TYPES,
     EMBEDDING_TYPES,
     FUNCTIONAL_DROPOUT,

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .trace import CLASSIFICATION_LOSSES
+
 # Enough for the graph of a large model's step; a bigger graph is read this far.
 MAX_NODES = 200_000
 # Training forwards of one step whose outputs are kept (SAM and R-Drop run two).
@@ -34,8 +36,6 @@ LOSS_NODES = {
     "BinaryCrossEntropyWithLogitsBackward": "bce_with_logits",
     "MseLossBackward": "mse",
 }
-# Of several torch losses in one graph, the kind is a classifier's (TL601 and TL302 judge it).
-CLASSIFYING = ("nll", "bce_with_logits")
 # The ``reduction`` a loss node saves, as its name.
 REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}
 # Nodes that only reshape, reorder or slice their input.
@@ -54,7 +54,6 @@ COMBINING_NODES = frozenset({"AddBackward", "SubBackward", "MulBackward", "DivBa
 # (a constant factor: MulBackward1/DivBackward1 take a Python number).
 _SCALED = frozenset({"MulBackward1", "DivBackward1"})
 _VERSION = re.compile(r"\d+$")
-_U64 = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,13 @@ class LossGraph:
     def reads_output(self) -> Optional[bool]:
         """Whether the loss reads a model output as it is (None: no torch loss seen)."""
         return None if self.kind is None else self.output_index is not None
+
+
+def output_nodes(outputs: list) -> list:
+    """``(grad_fn, shape)`` of each of a forward's output tensors: what
+    :func:`read_loss_graph` matches the loss's graph against."""
+    with torch._C.DisableTorchFunction():  # inside the probe's mode: no dispatch of our own
+        return [(t.grad_fn, tuple(t.shape)) for t in outputs]
 
 
 def node_name(node: Any) -> str:
@@ -100,20 +106,17 @@ def _input_shape(node: Any) -> Optional[tuple]:
         return None
 
 
-def _through(node: Any, stops: dict, path: set) -> tuple:
-    """``(node, shaped)``: the first node at or below ``node`` (through first inputs) that is
-    a model output's (in ``stops``) or neither a shape op nor a cast or clamp, and whether a
-    shape op was passed (a model's output may itself come from a view: a 3-D Linear's). The
-    nodes passed go into ``path``."""
-    shaped = False
+def _through(node: Any, stops: dict, path: set) -> Any:
+    """The first node at or below ``node`` (through first inputs) that is a model output's
+    (in ``stops``: a model's output may itself come from a view, a 3-D Linear's) or neither a
+    shape op nor a cast or clamp. The nodes passed go into ``path``."""
     while node is not None and id(node) not in stops:
         name = node_name(node)
         if name not in SHAPE_NODES and name not in KEEP_NODES:
             break
         path.add(node)
-        shaped = shaped or name in SHAPE_NODES
         node = _first_input(node)
-    return node, shaped
+    return node
 
 
 def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
@@ -147,8 +150,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     if not losses or not where:
         return LossGraph(foreign=len(foreign), terms=len(losses))
     described = [_describe(node, where, parent) for node in losses]
-    first = next((d for d in described if d["kind"] in CLASSIFYING + ("cross_entropy",)),
-                 described[0])
+    # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
+    first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
     claimed = set().union(*(d["path"] for d in described))
     terms = len(losses) + _other_terms(root, set(losses), claimed, where)
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
@@ -161,27 +164,17 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
     """The facts of the loss node ``node`` given the model's outputs (``where``)."""
     kind = LOSS_NODES[node_name(node)]
     path: set = {node}
-    read, shaped = _through(_first_input(node), where, path)
+    read = _through(_first_input(node), where, path)
     if kind == "nll" and read is not None and id(read) not in where and \
             node_name(read) == "LogSoftmaxBackward":
         # The loss applied log_softmax itself (cross_entropy) to what it read.
         kind = "cross_entropy"
         path.add(read)
-        dim = getattr(read, "_saved_dim", None)
-        read, reshaped = _through(_first_input(read), where, path)
-        shaped = shaped or reshaped
-    else:
-        dim = 1
+        read = _through(_first_input(read), where, path)
     shape = _input_shape(node)  # what the loss itself read: (N, C, ...) for nll
     classes = None
-    if kind in ("nll", "cross_entropy"):
-        if shape:
-            classes = shape[1] if len(shape) >= 2 else shape[0]
-        elif read is not None and id(read) in where and not shaped and isinstance(dim, int):
-            out_shape = where[id(read)][2]
-            dim = dim - _U64 if dim >= _U64 // 2 else dim  # a saved -1 comes back unsigned
-            if len(out_shape) >= 2 and -len(out_shape) <= dim < len(out_shape):
-                classes = out_shape[dim]
+    if kind in ("nll", "cross_entropy") and shape:
+        classes = shape[1] if len(shape) >= 2 else shape[0]
     found = where.get(id(read)) if read is not None else None
     return {"kind": kind, "reduction": _reduction(node, parent), "classes": classes,
             "index": found[1] if found else None, "forward": found[0] if found else None,

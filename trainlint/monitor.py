@@ -16,7 +16,7 @@ from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
-from .lossgraph import LossGraph, read_loss_graph
+from .lossgraph import LossGraph, output_nodes, read_loss_graph
 from .probe import (
     Probe,
     ProbeSnapshot,
@@ -251,10 +251,9 @@ class Monitor:
             self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
         loss = output_loss(output)
         if loss is not None:
-            if self._loss_graph is None and loss.grad_fn is not None:  # (the probe's record
-                with torch._C.DisableTorchFunction():  # of the outputs comes after this hook)
-                    outputs = [(t.grad_fn, tuple(t.shape)) for t in _tensors_in(output)]
-                self._loss_graph = read_loss_graph(loss, self._own_parameters(), [outputs])
+            if self._loss_graph is None and loss.grad_fn is not None:  # (the probe records
+                self._loss_graph = read_loss_graph(  # the outputs after this hook runs)
+                    loss, self._own_parameters(), [output_nodes(_tensors_in(output))])
             self._model_loss = loss.detach()
 
     def _amp_dtype(self) -> Optional[str]:

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from . import stats
 from .batch import leading_size
 from .hooks import OwnedHook
-from .lossgraph import MAX_FORWARDS
+from .lossgraph import MAX_FORWARDS, output_nodes
 from .trace import ELEMENTWISE_OPS, REORDERING_OPS
 from .updates import UpdateSampler
 
@@ -460,8 +460,7 @@ class Probe:
         if self.mode is not None and output is not None and self.observing:
             outputs = _tensors_in(output)
             self.output_origins = [self._origin_of(t) for t in outputs]
-            with torch._C.DisableTorchFunction():
-                self.output_nodes.append([(t.grad_fn, tuple(t.shape)) for t in outputs])
+            self.output_nodes.append(output_nodes(outputs))
             del self.output_nodes[:-MAX_FORWARDS]
             self._on_backward(output, self.last_forward)
         self._exit_mode()

@@ -9,6 +9,9 @@ import numpy as np
 
 # Activation families the probe distinguishes (what "kind" a LayerTrace has).
 RELU_FAMILY = "relu"
+# Losses whose value for an uninformed classifier is known (ln(C), or ln(2) per output) and
+# whose per-sample gradient is bounded (``RunTrace.loss_kind``).
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 SATURATING_FAMILY = ("tanh", "sigmoid")
 
 
