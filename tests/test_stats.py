@@ -219,6 +219,21 @@ def test_unit_active_gelu_family_uses_level() -> None:
     np.testing.assert_array_equal(got, np.abs(x.numpy()[0]) > stats.GELU_ACTIVE_LEVEL)
 
 
+
+@pytest.mark.parametrize("fill", ["nan", "inf", "-inf", "all -inf", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+def test_nan_probe_is_nan_exactly_when_the_tensor_holds_a_nan(fill: str,
+                                                              dtype: torch.dtype) -> None:
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if fill == "all -inf":
+        x = torch.full((64, 300), float("-inf")).to(dtype)
+    elif fill != "none":
+        x[17, 211] = float(fill) if dtype != torch.complex64 else complex(0.5, float(fill))
+    view = x.t()  # a transposed (non-contiguous) view reads the same
+    for t in (x, view):
+        probe = stats.nan_probe(t)
+        assert bool(torch.isnan(probe)) == bool(torch.isnan(t).any()) == (fill == "nan")
+
 def test_grad_stats_match_direct_norm_and_skip_nonfinite() -> None:
     g = torch.randn(10, 20, generator=torch.Generator().manual_seed(3))
     g[0, 0] = float("nan")
