@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,32 @@ def test_output_that_is_a_folder_is_a_usage_error(tmp_path: Path) -> None:
     run = check(tmp_path)
     assert run.exit_code == 2 and "is a directory" in run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symbolic_link_stays_one_and_its_file_gets_the_report(tmp_path: Path) -> None:
+    real = existing(tmp_path)
+    link = tmp_path / "link.json"
+    link.symlink_to(real.name)
+    run = check(link)
+    assert run.exit_code == 1, run.stderr
+    assert link.is_symlink() and os.readlink(link) == real.name
+    assert json.loads(real.read_text())["target"] == "fixtures/dead_relu.py"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "report.json"]
+
+
+def test_a_fifo_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    try:
+        write_atomic(fifo, "the report\n")
+    finally:
+        if reader.is_alive():  # unblock the reader if nothing was written
+            with open(fifo, "w"):
+                pass
+        reader.join(10)
+    assert received == ["the report\n"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode), "still a FIFO, not a regular file"
+    assert list(tmp_path.iterdir()) == [fifo]

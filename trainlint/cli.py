@@ -14,7 +14,7 @@ import click
 from tabulate import tabulate
 
 from .errors import TrainlintError, UserCodeError
-from .usercode import user_traceback
+from .usercode import flat_message, raised_by_trainlint, user_traceback
 
 if TYPE_CHECKING:
     from .report import Report
@@ -30,10 +30,10 @@ def _fail(exc: TrainlintError) -> None:
     sys.exit(2)
 
 
-def _internal_error(exc: Exception) -> None:
+def _internal_error(exc: BaseException) -> None:
     """A bug in trainlint itself: say so, keep the full traceback for the report, exit 2."""
-    click.echo(f"trainlint: internal error: {type(exc).__name__}: {exc}. This is a bug in "
-               "trainlint, not in your code; please report it with the traceback below.",
+    click.echo(f"trainlint: internal error: {type(exc).__name__}: {flat_message(exc)}. This is a "
+               "bug in trainlint, not in your code; please report it with the traceback below.",
                err=True)
     click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),
                err=True)
@@ -51,9 +51,15 @@ def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename: all or nothing.
 
     Readers see the old file or the complete new one, never a part; on any failure the old
-    file is untouched and the temp file is removed. An existing file keeps its permissions.
+    file is untouched and the temp file is removed. An existing file keeps its permissions; a
+    symbolic link stays one (the file it points to is replaced); what is not a regular file
+    (``/dev/null``, ``/dev/stdout``, a FIFO) is written in place, never replaced.
     """
-    folder = path.resolve().parent
+    if path.exists() and not path.is_file():
+        _write_in_place(path, text)
+        return
+    path = path.resolve()
+    folder = path.parent
     if not folder.is_dir():
         raise TrainlintError(f"cannot write {path}: folder {folder} does not exist")
     try:
@@ -75,6 +81,14 @@ def write_atomic(path: Path, text: str) -> None:
             raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}; the previous "
                                  "file, if any, is unchanged") from None
         raise
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _codes(values: tuple, option: str) -> list:
@@ -157,7 +171,13 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
         _fail(TrainlintError("interrupted (KeyboardInterrupt): the check did not finish"))
     except Exception as exc:
         _internal_error(exc)
+    except BaseException as exc:  # GeneratorExit, CancelledError, a user's own BaseException
+        if raised_by_trainlint(exc):
+            _internal_error(exc)
+        _fail(UserCodeError(f"the model's code raised {type(exc).__name__} during the check: "
+                            f"{flat_message(exc)}", user_traceback(exc)))
     sys.exit(report.exit_code(fail_on))
+
 
 
 def _write_baseline(report: Report, path: Path) -> None:
