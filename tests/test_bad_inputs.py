@@ -391,6 +391,82 @@ def test_out_of_memory_names_the_phase_and_suggests_a_smaller_batch() -> None:
     assert info.value.phase == "optimizer step"
 
 
+class CpuHungry(nn.Module):
+    """Asks the CPU allocator for a petabyte: a real out-of-memory error, a RuntimeError."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.empty(2**50, dtype=torch.uint8).sum()
+
+
+def test_running_out_of_cpu_memory_is_named_as_such() -> None:
+    with pytest.raises(UserCodeError, match="out of memory in the model's forward pass .*of "
+                                            "training step 1.*try a smaller batch") as info:
+        trainlint.check(nn.Sequential(nn.Linear(8, 8), CpuHungry()), small_batch())
+    assert "can't allocate memory" in str(info.value)
+
+
+class Cancelled(BaseException):
+    """Not an Exception: what asyncio.CancelledError and GeneratorExit are too."""
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+def test_a_base_exception_from_the_users_code_is_exit_2_with_their_traceback(
+        tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text(
+        "class Cancelled(BaseException):\n    pass\n\n\ndef build_model():\n"
+        "    raise Cancelled('stop')\n")
+    run = run_cli(["check", "model.py", "--config", NEUTRAL], cwd=tmp_path)
+    assert_clean_error(run, "the model's code raised Cancelled during the check: stop",
+                       user_code=True)
+
+
+def test_an_exception_whose_text_cannot_be_made_is_still_the_users() -> None:
+    def batch() -> tuple:
+        raise UnprintableError()
+
+    with pytest.raises(UserCodeError, match=r"the batch function raised UnprintableError: "
+                                            r"\(its message could not be shown"):
+        trainlint.check(small_model(), batch)
+
+
+def test_tensors_nested_in_dicts_of_the_batch_are_its_inputs() -> None:
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(8, 4)
+
+        def forward(self, a: dict) -> torch.Tensor:
+            return self.linear(a["x"]["y"])
+
+    x, y = small_batch()
+    report = trainlint.check(Nested(), ({"a": {"x": {"y": x}}}, y))
+    assert report.trace.batch_size == 8
+    with pytest.raises(TargetError, match="holds no tensor"):
+        trainlint.check(Nested(), ({"a": {"x": {"y": None}}}, y))
+
+
+def test_a_model_file_that_changes_the_working_directory_keeps_report_paths_ours(
+        tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "model.py").write_text(
+        "import os\nimport torch\nimport torch.nn as nn\n\n"
+        "os.chdir(os.path.dirname(os.path.abspath(__file__)))\n\n\n"
+        "def build_model():\n    torch.manual_seed(0)\n"
+        "    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))\n"
+        "    nn.init.constant_(model[0].bias, -5.0)\n    return model\n\n\n"
+        "def get_batch():\n    return torch.randn(8, 16), torch.randint(0, 4, (8,))\n")
+    run = run_cli(["check", "sub/model.py", "--format", "json", "--config", NEUTRAL],
+                  cwd=tmp_path)
+    assert run.exit_code == 1, run.stderr
+    assert run.doc["target"] == "sub/model.py"
+    paths = {f["location"]["path"] for f in run.doc["findings"] if f.get("location")}
+    assert paths == {"sub/model.py"}
+
+
 # ------------------------------------------------------------------ options
 
 @pytest.mark.parametrize("steps", ["0", "-3", str(10**12)])

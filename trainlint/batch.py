@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 from .errors import TargetError
 
+# How deep inputs are looked into for tensors (a structure may hold itself).
+MAX_NESTING = 8
+
 
 def leading_size(tensors: list) -> Optional[int]:
     """A batch's size: dim 0 of its first tensor that has dims."""
@@ -28,8 +31,8 @@ class Batch:
     targets: Any = None
 
     def tensors(self) -> list:
-        items = list(self.args) + list(self.kwargs.values())
-        return [t for t in items if isinstance(t, torch.Tensor)]
+        """The input tensors, in order, also inside lists, tuples and dicts (at any depth)."""
+        return _tensors_within(list(self.args) + list(self.kwargs.values()))
 
     @property
     def size(self) -> Optional[int]:
@@ -39,6 +42,16 @@ class Batch:
         return Batch(tuple(move_to(a, device) for a in self.args),
                      {k: move_to(v, device) for k, v in self.kwargs.items()},
                      move_to(self.targets, device))
+
+
+def _tensors_within(value: Any, depth: int = 0) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)) and depth < MAX_NESTING:
+        return [t for item in value for t in _tensors_within(item, depth + 1)]
+    return []
 
 
 def move_to(value: Any, device: torch.device) -> Any:

@@ -25,7 +25,7 @@ from .losswatch import LossCall, output_index, watched
 from .probe import Probe, _model_device, _tensors_in, compiled_inside
 from .report import Report, build_report
 from .state import restore, snapshot
-from .usercode import raised_by_trainlint, user_traceback
+from .usercode import flat_message, raised_by_trainlint, user_traceback
 
 MAX_STEPS = 1000
 BN_SINGLE_VALUE = "Expected more than 1 value per channel when training"
@@ -143,8 +143,9 @@ def _optimizer(optimizer: OptimizerArg, model: nn.Module, trainable: list,
         try:
             made = optimizer(trainable)
         except Exception as exc:
-            raise UserCodeError(f"building the optimizer raised {type(exc).__name__}: {exc}",
-                                user_traceback(exc), phase="optimizer") from exc
+            raise UserCodeError(f"building the optimizer raised {type(exc).__name__}: "
+                                f"{flat_message(exc)}", user_traceback(exc),
+                                phase="optimizer") from exc
         if not isinstance(made, torch.optim.Optimizer):
             raise TargetError(f"the optimizer factory returned {type(made).__name__}, "
                               "not a torch.optim.Optimizer")
@@ -170,8 +171,8 @@ def _next_batch(batch: Any) -> Batch:
     except TrainlintError:
         raise
     except Exception as exc:
-        raise UserCodeError(f"the batch function raised {type(exc).__name__}: {_flat(exc)}",
-                            user_traceback(exc), phase="batch") from exc
+        raise UserCodeError(f"the batch function raised {type(exc).__name__}: "
+                            f"{flat_message(exc)}", user_traceback(exc), phase="batch") from exc
     return split_batch(value)
 
 
@@ -242,16 +243,28 @@ def _user_error(exc: Exception, phase: str, step: int, data: Batch,
     where = PHASES[phase]
     if phase == "forward" and failed_module:
         where += f" (in module {failed_module!r})"
-    if isinstance(exc, torch.OutOfMemoryError):
+    if out_of_memory(exc):
         message = (f"out of memory in {where} of training step {step + 1}, fed "
-                   f"{_describe_batch(data)}: {_flat(exc)}; try a smaller batch (--batch-size, "
-                   "or fewer samples from get_batch()), shorter inputs or a smaller model")
+                   f"{_describe_batch(data)}: {flat_message(exc)}; try a smaller batch "
+                   "(--batch-size, or fewer samples from get_batch()), shorter inputs or a "
+                   "smaller model")
     else:
-        message = f"{where} raised {type(exc).__name__} in training step {step + 1}: {_flat(exc)}"
+        message = (f"{where} raised {type(exc).__name__} in training step {step + 1}: "
+                   f"{flat_message(exc)}")
         if phase == "forward":
             message += (f"; it was fed {_describe_batch(data)}: check that the batch is what "
                         "the model's forward expects")
     return UserCodeError(message, user_traceback(exc), phase=phase)
+
+
+# What the CPU allocator says when an allocation fails (CUDA's is a torch.OutOfMemoryError).
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed, on a GPU or on the CPU."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and CPU_OUT_OF_MEMORY in flat_message(exc))
 
 
 def _named_inputs(data: Batch) -> list:
@@ -280,9 +293,6 @@ def _describe_value(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _flat(exc: BaseException) -> str:
-    """The exception's text on one line."""
-    return " ".join(str(exc).split()) or "(no message)"
 
 
 def _loss_choice(loss_fn: Optional[Callable], outputs: Any, data: Batch, notes: list,

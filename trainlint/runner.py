@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from .check import MAX_STEPS, check
 from .config import Config, load_config
 from .engine import Selection, resolve_codes, set_thresholds
 from .errors import ConfigError, TargetError
-from .report import Report
+from .report import Report, relative_path
 from .reports import FORMATS, renderer
 from .suppress import resolve_ignores
 from .target import load_target
@@ -141,15 +142,22 @@ def run_check(options: CheckOptions) -> tuple[Report, str]:
     selection = selection_from(config, options.select, options.ignore)
     known = baseline.load(options.baseline) if options.baseline is not None else None
     seed_everything(seed)
-    target = load_target(options.target, batch_size=batch_size, input_shape=options.input_shape)
-    model = target.model
+    start = os.getcwd()
     try:
-        model = model.to(device)
-    except RuntimeError as exc:
-        raise TargetError(f"cannot move the model to {device}: {exc}") from exc
-    report = check(model, lambda: move_to(target.batch(), device), loss_fn=target.loss_fn,
-                   optimizer=target.optimizer, steps=steps, selection=selection,
-                   target=str(target.path), notes=target.notes)
+        target = load_target(options.target, batch_size=batch_size,
+                             input_shape=options.input_shape)
+        model = target.model
+        try:
+            model = model.to(device)
+        except RuntimeError as exc:
+            raise TargetError(f"cannot move the model to {device}: {exc}") from exc
+        report = check(model, lambda: move_to(target.batch(), device), loss_fn=target.loss_fn,
+                       optimizer=target.optimizer, steps=steps, selection=selection,
+                       target=str(target.path), notes=target.notes)
+    finally:  # the model's code may move it (os.chdir to its data): paths are the caller's
+        with contextlib.suppress(OSError):
+            os.chdir(start)
+    report.target = relative_path(str(target.path))
     if known is not None:
         baseline.apply(report, known)
     return report, fail_on

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import TargetError, UserCodeError
 from .origins import recording_origins
-from .usercode import user_traceback
+from .usercode import flat_message, user_traceback
 
 MODEL_NAMES = ("build_model", "model")
 
@@ -83,14 +83,11 @@ def import_file(path: Path) -> ModuleType:
                             f"Where it fails to parse:\n{where}", phase="import") from None
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise UserCodeError(f"importing {path} raised {type(exc).__name__}: {_flat(exc)}; fix "
-                            "the error in your file (your traceback follows)",
+        raise UserCodeError(f"importing {path} raised {type(exc).__name__}: "
+                            f"{flat_message(exc)}; fix the error in your file (your traceback "
+                            "follows)",
                             user_traceback(exc), phase="import") from exc
     return module
-
-
-def _flat(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or "(no message)"
 
 
 def _call_user(func: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
@@ -98,7 +95,7 @@ def _call_user(func: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
         with recording_origins():
             return func(*args, **kwargs)
     except Exception as exc:
-        raise UserCodeError(f"{what} raised {type(exc).__name__}: {_flat(exc)}",
+        raise UserCodeError(f"{what} raised {type(exc).__name__}: {flat_message(exc)}",
                             user_traceback(exc), phase=what) from exc
 
 

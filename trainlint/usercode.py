@@ -30,6 +30,15 @@ def user_traceback(exc: BaseException) -> str:
     return "".join(lines)
 
 
+def flat_message(exc: BaseException) -> str:
+    """The exception's text on one line (its class's ``__str__`` is user code and may fail)."""
+    try:
+        text = str(exc)
+    except Exception as inner:  # noqa: BLE001  (whatever a broken __str__ raises)
+        return f"(its message could not be shown: str() raised {type(inner).__name__})"
+    return " ".join(text.split()) or "(no message)"
+
+
 def raised_by_trainlint(exc: BaseException) -> bool:
     """Whether ``exc`` came out of trainlint's own hook code (a bug), not the user's.
 
