@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from trainlint.report import Report
@@ -68,3 +69,12 @@ def test_messages_cannot_inject_html(hand_report: Report) -> None:
                  "| severity | code | rule | module | location | message | fix |")[0]
     assert "<b>" not in row[5] and "&lt;b&gt;&amp;amp;&lt;/b&gt;" in row[5]
     assert "50% \\| " in markdown.render(hand_report)
+
+
+def test_a_line_break_in_a_module_name_keeps_the_row_on_one_line(hand_report: Report) -> None:
+    first = hand_report.findings[0]
+    hand_report.findings[0] = dataclasses.replace(first, module="blocks\r\nenc|0")
+    text = markdown.render(hand_report)
+    rows = _table(text, "| severity | code | rule | module | location | message | fix |")
+    assert len(rows) == len(hand_report.findings)
+    assert rows[0][3] == "`blocks\\r\\nenc\\|0`"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from urllib.parse import unquote
 
 import jsonschema
 import pytest
@@ -130,3 +132,14 @@ def test_notes_become_notifications(hand_report: Report) -> None:
     assert invocation["executionSuccessful"] is True
     texts = [n["message"]["text"] for n in invocation["toolExecutionNotifications"]]
     assert texts == hand_report.notes
+
+
+def test_relative_uris_are_percent_encoded(hand_report: Report) -> None:
+    odd = Path.cwd() / "a b#c%d" / "model.py"  # a space, a fragment mark and a percent sign
+    first = hand_report.findings[0]
+    hand_report.findings[0] = dataclasses.replace(
+        first, location=dataclasses.replace(first.location, path=str(odd)))
+    result = _doc(hand_report)["runs"][0]["results"][0]
+    uri = result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri == "a%20b%23c%25d/model.py"
+    assert unquote(uri) == "a b#c%d/model.py"

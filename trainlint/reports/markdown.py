@@ -18,7 +18,9 @@ def cell(text: object) -> str:
 
 
 def code(text: str) -> str:
-    """A table cell holding inline code (which survives backticks in ``text``)."""
+    """A table cell holding inline code (which survives backticks in ``text``); a line break
+    (a module name can hold one) shows as ``\\n``, keeping the row on one line."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
     return (f"`` {text} ``" if "`" in text else f"`{text}`").replace("|", "\\|")
 
 

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 from .. import __version__
 from ..engine import Finding, Rule, load_rules
@@ -44,9 +45,10 @@ def _descriptor(r: Rule) -> dict:
 
 
 def _uri(path: str) -> str:
-    """Repo-relative POSIX path when ``path`` is relative, else a file:// URI."""
+    """Repo-relative POSIX path when ``path`` is relative, else a file:// URI; percent-encoded
+    either way (a space or ``#`` in a folder name is not a URI's)."""
     p = Path(path)
-    return p.as_uri() if p.is_absolute() else p.as_posix()
+    return p.as_uri() if p.is_absolute() else quote(p.as_posix(), safe="/")
 
 
 def _result(report: Report, f: Finding, index: int,
