@@ -189,7 +189,9 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     each window between observations, and over the steps after the last one up to the
     report, so a NaN between two observations counts). It fires
     when the loss becomes NaN/Inf, or when it climbs above ``rise_factor`` × its running
-    minimum and above its starting value (a noisy tail near zero is not a divergence).
+    minimum and above its starting value (a noisy tail near zero is not a divergence). When
+    the loss is trainlint's synthetic one (a check with no ``loss_fn`` and no targets: the
+    mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale.
 
     ## Why is this bad?
     A diverging loss means the updates overshoot: the learning rate is too high (or warmup is
@@ -223,7 +225,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             )
             return
         value = s.get("loss_mean", s.get("loss"))
-        if value is None:
+        if value is None or trace.loss_kind == "synthetic":
             continue
         if (running > 0 and running != math.inf and value > t.rise_factor * running
                 and start is not None and value > start):

@@ -175,6 +175,20 @@ def test_tl604_nan_between_two_monitor_observations_counts():
     assert found and found[0].evidence["step"] == per_step[1]["step"]
 
 
+def test_tl604_judges_trainlints_synthetic_loss_by_nan_only():
+    """The synthetic loss of a check without targets (the mean of the squared outputs) follows
+    each batch's scale: a rise past the factor is no divergence, a NaN still is."""
+    rise = defaults("TL604")["rise_factor"]
+    rising = trace([], per_step=steps(1.0, 1.0, 2 * rise))
+    assert hits("TL604", rising)
+    rising.loss_kind = "synthetic"
+    assert hits("TL604", rising) == []
+    broken = trace([], per_step=steps(1.0, 2 * rise, NAN))
+    broken.loss_kind = "synthetic"
+    [nan] = hits("TL604", broken)
+    assert nan.evidence["step"] == 2
+
+
 def test_tl604_without_losses_is_a_note():
     with pytest.raises(Skip):
         hits("TL604", trace([], mode="monitor", per_step=[{"step": 0, "layers": {}}]))
