@@ -252,6 +252,17 @@ def test_input_shape_works_when_well_formed() -> None:
     assert run.exit_code in (0, 1) and run.doc["run"]["batch_size"] == 4
 
 
+def test_a_get_batch_that_needs_a_batch_size_without_one(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text(
+        "import torch\nimport torch.nn as nn\n\n\ndef build_model():\n"
+        "    return nn.Linear(8, 4)\n\n\ndef get_batch(n, scale=1.0):\n"
+        "    return scale * torch.randn(n, 8), torch.randint(0, 4, (n,))\n")
+    assert_clean_error(cli("model.py", cwd=tmp_path), "get_batch(n) in model.py needs a batch "
+                       "size: pass --batch-size N, or give n a default")
+    run = cli("model.py", "--batch-size", "4", "--format", "json", cwd=tmp_path)
+    assert run.exit_code in (0, 1) and run.doc["run"]["batch_size"] == 4
+
+
 def test_batch_size_with_a_get_batch_that_takes_no_argument() -> None:
     assert_clean_error(cli("fixed_batch.py", "--batch-size", "4"),
                        "--batch-size 4 was given but get_batch() in fixed_batch.py takes no "

@@ -160,13 +160,19 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
     get_batch = getattr(module, "get_batch", None)
     if callable(get_batch):
         try:
-            takes_size = len(inspect.signature(get_batch).parameters) > 0
+            params = list(inspect.signature(get_batch).parameters.values())
         except (TypeError, ValueError):
-            takes_size = True
+            params = None
+        takes_size = params is None or len(params) > 0
         if batch_size is not None and not takes_size:
             raise TargetError(f"--batch-size {batch_size} was given but get_batch() in {path} "
                               "takes no argument: drop --batch-size, or define "
                               "get_batch(batch_size) to use it")
+        required = [p.name for p in params or () if p.default is p.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if batch_size is None and required:
+            raise TargetError(f"get_batch({required[0]}) in {path} needs a batch size: pass "
+                              f"--batch-size N, or give {required[0]} a default")
 
         def batch() -> Any:
             if batch_size is not None:
