@@ -198,6 +198,32 @@ def test_a_monitor_from_the_first_step_finds_a_loss_far_above_ln_c() -> None:
     assert "TL302" not in _codes(_monitored(_head(), nn.CrossEntropyLoss()))
 
 
+class _OwnLoss(nn.Module):
+    """Computes its loss in its forward, as transformers' models do with labels."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self.head(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_check_knows_a_loss_the_model_computes_itself_by_its_graph() -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = {"x": torch.randn(32, 6, generator=g), "labels": torch.randint(0, 10, (32,),
+                                                                          generator=g)}
+    loud = _head()
+    nn.init.normal_(loud[2].weight, std=4.0)
+    report = trainlint.check(_OwnLoss(loud), batch)
+    assert (report.trace.loss_kind, report.trace.num_classes) == ("cross_entropy", 10)
+    assert "TL302" in _codes(report)
+    assert "TL302" not in _codes(trainlint.check(_OwnLoss(_head()), batch))
+    probs = trainlint.check(_OwnLoss(nn.Sequential(_head(), nn.Softmax(dim=1))), batch)
+    assert "TL601" in _codes(probs)
+
+
 class _FeaturesThenProbabilities(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -54,7 +54,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     probe = Probe(model, opt)
     builder = TraceBuilder(model, mode="check")
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
-                 "loss_reads_output": None, "num_classes": None, "batch_size": None}
+                 "loss_reads_output": None, "num_classes": None, "batch_size": None,
+                 "graph_output": None}
     try:
         probe.attach()
         model.train()
@@ -215,7 +216,9 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
         loss, call = watched(choice.fn, outputs, data.targets)
         _validate_loss(loss)
-        _loss_reads_first(probe, call, outputs)
+        tensors = _tensors_in(outputs)
+        _loss_reads_first(probe, output_index(call, tensors) if call is not None else
+                          run["graph_output"], len(tensors))
         if step == 0:
             _note_loss(run, choice, call)
         phase = "backward"
@@ -229,7 +232,10 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             raise
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
     if step == 0:  # the graph outlives the backward (only its saved tensors are freed)
-        _note_loss_graph(run, read_loss_graph(loss, model.parameters(), probe.output_nodes))
+        graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
+        _note_loss_graph(run, graph)
+        if run["graph_output"] is not None:  # a loss the model made: the graph says what it read
+            _loss_reads_first(probe, graph.output_index, graph.output_count)
     return loss
 
 
@@ -322,20 +328,25 @@ def _validate_loss(loss: Any) -> None:
                           "parameter (is the forward under torch.no_grad()?)")
 
 
-def _loss_reads_first(probe: Probe, call: Optional[LossCall], outputs: Any) -> None:
-    """Put the output the loss read first among the step's output origins (the rules read the
-    model's output there: a dict's 'logits' after its 'features', say)."""
-    index = output_index(call, _tensors_in(outputs))
+def _loss_reads_first(probe: Probe, index: Optional[int], count: int) -> None:
+    """Put output ``index`` (of ``count``), the one the loss read, first among the step's output
+    origins (the rules read the model's output there: a dict's 'logits' after its 'features',
+    or after the 'loss' the model computed itself)."""
     origins = probe.output_origins
-    if index is not None and 0 < index < len(origins):
+    if index is not None and 0 < index < len(origins) and len(origins) == count:
         origins.insert(0, origins.pop(index))
 
 
 def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     """What the loss's graph adds to what its calls showed: whether it reads an output as it
     is, terms computed from the outputs outside torch losses (a distillation KL), and a
-    per-sample loss (reduction "none") that is then averaged."""
+    per-sample loss (reduction "none") that is then averaged. A loss the model computed itself
+    (its ``.loss``: no loss call was seen) is known by the graph alone, as a Monitor knows it."""
     run["loss_reads_output"] = graph.reads_output
+    if run["loss_kind"] == "model" and graph.kind is not None:
+        run.update(loss_kind=graph.kind, loss_reduction=graph.reduction, loss_terms=graph.terms,
+                   num_classes=graph.num_classes, graph_output=graph.output_index)
+        return
     if graph.kind is None or run["loss_terms"] is None:
         return
     run["loss_terms"] = max(run["loss_terms"], graph.terms)
