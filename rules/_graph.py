@@ -168,6 +168,27 @@ def sources(trace: RunTrace, module: str) -> list[tuple]:
     return [(e.src, e.via) for e in trace.edges if e.dst == ("module", module)]
 
 
+def upstream(trace: RunTrace, module: str, hops: int = 4) -> list[tuple]:
+    """:func:`sources` of ``module``, looking back through pass-through modules (a Dropout
+    between a LayerNorm and a classifier's dense layer): (src, via) pairs, the pass-through
+    modules' types in ``via``."""
+    out: list[tuple] = []
+    frontier, seen = [(module, ())], {module}
+    for _ in range(hops):
+        nxt = []
+        for current, later in frontier:
+            for src, via in sources(trace, current):
+                facts = trace.modules.get(src[1]) if src[0] == "point" else None
+                if facts is not None and facts.is_leaf and facts.base in PASS_THROUGH:
+                    if src[1] not in seen:
+                        seen.add(src[1])
+                        nxt.append((src[1], (facts.base,) + via + later))
+                else:
+                    out.append((src, via + later))
+        frontier = nxt
+    return out
+
+
 def layer_at(trace: RunTrace, node: tuple) -> Optional[LayerTrace]:
     """The observation point of a ("point", ...) node, or None."""
     for lt in trace.layers:

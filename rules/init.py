@@ -20,6 +20,7 @@ from ._graph import (
     only_shape_ops,
     output_layer,
     sources,
+    upstream,
 )
 
 # nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
@@ -119,8 +120,9 @@ def input_rms(trace: RunTrace, module: str, first: dict) -> Optional[float]:
 
 def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) -> bool:
     """Whether the layer sits in a block whose scale a norm layer or a skip connection sets:
-    its input comes from a norm layer, or the path after its nonlinearity reaches a sum."""
-    for src, via in sources(trace, layer.module):
+    its input comes from a norm layer (through Dropout/Identity and reshapes), or the path
+    after its nonlinearity reaches a sum."""
+    for src, via in upstream(trace, layer.module):
         if src[0] == "point" and only_shape_ops(via):
             facts = trace.modules.get(src[1])
             if facts is not None and is_norm_type(facts.base):

@@ -96,6 +96,19 @@ def test_tl301_skips_normalized_and_residual_blocks(kwargs):
     assert hits("TL301", _layer_trace(low / 10, low / 10, **kwargs)) == []
 
 
+@pytest.mark.parametrize("between", ["Dropout", "Identity"])
+@pytest.mark.parametrize("norm_type, fires", [("LayerNorm", False), ("ReLU", True)])
+def test_tl301_finds_the_norm_through_dropout_and_identity(between, norm_type, fires):
+    """A classification head: LayerNorm -> Dropout -> dense -> tanh (the dense layer's input
+    scale is the norm's, as without the Dropout)."""
+    low = defaults("TL301")["min_ratio"]
+    layers, params, edges, first = _stack(low / 10, low / 10, depth=1, feeder_type=between)
+    before = point("before", norm_type, depth=0, kind="relu" if norm_type == "ReLU" else None)
+    t = trace([before] + layers, params=params, edges=[to_module(before, "prev")] + edges,
+              per_step=[{"step": 0, "layers": first}])
+    assert bool(hits("TL301", t)) is fires
+
+
 @pytest.mark.parametrize("layer_type", ["Linear", "ConvTranspose2d"])
 @pytest.mark.parametrize("direction, fires_at_the_output", [("small", False), ("large", True)])
 def test_tl301_at_the_models_output_only_too_large_weights_count(layer_type, direction,
