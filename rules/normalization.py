@@ -149,6 +149,17 @@ def _sequence_blocks(trace: RunTrace) -> list[str]:
     return found
 
 
+def _image_tokens(trace: RunTrace) -> bool:
+    """Whether the model's sequences are patches of images: no RNN or embedding layer, and
+    every model input is a float image or video (4-D or more; an integer input, such as
+    token ids or a padding mask, is no image)."""
+    if any(f.base in RNN_TYPES + EMBEDDING_TYPES for f in trace.modules.values()):
+        return False
+    images = {i.name for i in trace.inputs if len(i.shape) >= 4}
+    fed = {e.src[1] for e in trace.edges if e.src[0] == "input"}
+    return bool(images) and len(images) == len(trace.inputs) and fed <= images
+
+
 @rule("TL402", "batchnorm-in-sequence-model", "warning")
 def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """BatchNorm over token/time features in a sequence model.
@@ -157,7 +168,11 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     In a model with RNN, attention or embedding layers, it finds BatchNorm layers that
     normalize over time or token positions: a ``BatchNorm1d`` fed ``(N, C, L)`` sequences, or
     fed ``(N * L, C)`` rows of flattened tokens (more rows than the batch has samples).
-    BatchNorm over one feature vector per sample (tabular heads) is left alone.
+    BatchNorm over one feature vector per sample (tabular heads) is left alone, and so is a
+    vision model whose tokens are an image's fixed grid of patches (attention layers only, no
+    RNN or token embedding, every input an image or a video): no lengths or padding vary
+    there, and LeViT normalizes its tokens with BatchNorm on purpose (it folds into the
+    Linear before it for inference).
 
     ## Why is this bad?
     BatchNorm's statistics mix positions, sequence lengths and padding across the batch; they
@@ -172,7 +187,7 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     Use ``nn.LayerNorm(d_model)`` on the ``(N, L, C)`` tokens (no transpose needed).
     """
     blocks = _sequence_blocks(trace)
-    if not blocks:
+    if not blocks or _image_tokens(trace):
         return
     for facts in batchnorms(trace):
         if not facts.input_shapes or not facts.base.endswith(("1d", "SyncBatchNorm")):

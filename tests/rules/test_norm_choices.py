@@ -26,6 +26,26 @@ def test_tl402_flattened_tokens_count_as_time():
     assert len(hits("TL402", t)) == 1
 
 
+def test_tl402_leaves_batchnorm_on_an_images_patch_tokens_alone():
+    """LeViT: Linear + BatchNorm1d over (N * 64, C) patch tokens around attention; the tokens
+    are an image's fixed 8x8 grid. The same over tokens of a text model still fires."""
+    image = inputs("input0", (32, 3, 32, 32), [0.0] * 3, [1.0] * 3, channel_dim=1)
+    tokens = _bn(shapes=((32 * 64, 16),))
+    vit = trace([], modules=[tokens, module("attn", "MultiheadAttention")], batch_size=32,
+                inputs=[image], edges=[edge(("input", "input0"), ("module", "patch"))])
+    assert hits("TL402", vit) == []
+    masked = trace([], modules=[tokens, module("attn", "MultiheadAttention")], batch_size=32,
+                   inputs=[image], edges=[edge(("input", "input0"), ("module", "patch")),
+                                          edge(("input", "mask"), ("module", "attn"))])
+    assert len(hits("TL402", masked)) == 1, "an integer input (a padding mask): a sequence"
+    text = trace([], modules=[tokens, module("attn", "MultiheadAttention"),
+                              module("embed", "Embedding")], batch_size=32, inputs=[image])
+    assert len(hits("TL402", text)) == 1
+    series = inputs("input0", (32, 64, 16), [0.0] * 16, [1.0] * 16)
+    assert len(hits("TL402", trace([], modules=[tokens, module("attn", "MultiheadAttention")],
+                                   batch_size=32, inputs=[series]))) == 1
+
+
 def test_tl402_feature_batchnorm_in_a_sequence_model_is_fine():
     t = trace([], modules=[_bn(shapes=((32, 16),)), module("embed", "Embedding")], batch_size=32)
     assert hits("TL402", t) == []
