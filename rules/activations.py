@@ -39,8 +39,10 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     positive over all samples and positions of the last 10 observed steps (all of them in a
     ``trainlint check``; in a long Monitor run, units that a too-high learning rate killed
     mid-run count although they were active at its start). GELU-family outputs (GELU, SiLU,
-    Mish) count too: their unit is dead when |output| never exceeds 1e-3 (input below about
-    -3.4, where the derivative is ~0). It fires when the share of dead units is at least
+    Mish) count too: their unit is dead when its output is never positive nor below -1e-3
+    (input below about -3.4, where the derivative is ~0; tiny outputs of both signs come from
+    inputs near 0, where the slope is 0.5: that is a small signal, TL103's, not a dead unit).
+    It fires when the share of dead units is at least
     ``dead_fraction`` (in layers of at least ``min_units`` units). Healthy deep ReLU nets at
     init can show 20-30% units silent on a small batch, so the default sits above that.
 
@@ -70,7 +72,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         steps = trace.unit_steps or trace.observed_steps
         last = "the last " if steps < trace.observed_steps else ""
         samples = f" over {last}{steps} observed step(s)" if steps else ""
-        zero = "0" if lt.kind == "relu" else "~0 (|y| < 1e-3)"
+        zero = "0" if lt.kind == "relu" else "~0 (never > 0, never < -1e-3)"
         feeder = feeding_module(trace, lt)
         evidence = {"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),
                     "units": units, "threshold": t.dead_fraction}

@@ -213,10 +213,13 @@ def test_unit_active_matches_direct_any(shape: tuple, unit_dim: int) -> None:
     assert not got[::2].any()
 
 
-def test_unit_active_gelu_family_uses_level() -> None:
-    x = torch.tensor([[0.0, 5e-4, -2e-3, 0.5]])
+def test_unit_active_gelu_family_is_a_positive_output_or_one_below_the_level() -> None:
+    level = stats.GELU_ACTIVE_LEVEL
+    x = torch.tensor([[0.0, 0.5 * level, -0.5 * level, -2 * level, 0.5, -1e-30]])
     got = stats.unit_active(x, -1, "gelu").numpy()
-    np.testing.assert_array_equal(got, np.abs(x.numpy()[0]) > stats.GELU_ACTIVE_LEVEL)
+    direct = (x.numpy()[0] > 0) | (x.numpy()[0] < -level)
+    np.testing.assert_array_equal(got, direct)
+    np.testing.assert_array_equal(got, [False, True, False, True, True, False])
 
 
 
@@ -383,3 +386,23 @@ def test_between_sample_ignores_what_every_sample_shares():
     x = bias.expand(16, 64) + 1e-3 * torch.randn(16, 64)
     total, count = stats.between_sample(x).tolist()
     assert (total / count) ** 0.5 == pytest.approx(1e-3, rel=0.2)
+
+
+@pytest.mark.parametrize("bias, dead", [(0.0, False), (-10.0, True)])
+def test_a_gelu_fed_tiny_inputs_is_small_not_dead(bias: float, dead: bool) -> None:
+    """GELU after a layer of weights ~1e-5 (FocalNet's init): outputs of both signs below 1e-3,
+    from inputs near 0 where the slope is 0.5. After a bias of -10 the units are dead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 4))
+    nn.init.normal_(model[0].weight, std=1e-5)
+    nn.init.constant_(model[0].bias, bias)
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        y = model[1](model[0](x))
+    assert float(y.abs().max()) < stats.GELU_ACTIVE_LEVEL
+    report = trainlint.check(model, (x, torch.randint(0, 4, (16,))), steps=1)
+    layer = next(lt for lt in report.trace.layers if lt.module == "1")
+    direct = ((y.amax(0) <= 0) & (y.amin(0) >= -stats.GELU_ACTIVE_LEVEL)).float().mean()
+    assert layer.dead_fraction == pytest.approx(float(direct))
+    assert (layer.dead_fraction == 1.0) is dead
+    assert any(f.code == "TL101" for f in report.findings) is dead

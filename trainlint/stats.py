@@ -655,15 +655,19 @@ def grad_stats(g: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gradient_fields(batch.table(_host_rows(batch)))[0])
 
 
-# A GELU-family unit (GELU, SiLU, Mish) counts as active when |y| exceeds this: below it the
-# input is < about -3.4, where the local derivative is < 1% as well.
+# A GELU-family unit (GELU, SiLU, Mish) counts as dead when it never outputs a positive value
+# (its output is positive exactly when its input is) nor one below -GELU_ACTIVE_LEVEL: its
+# input stayed below about -3.4, where the local derivative is < 1% as well. A unit whose
+# outputs are tiny but positive at times sits near input 0, where the slope is 0.5: small
+# (TL103's concern), not dead.
 GELU_ACTIVE_LEVEL = 1e-3
 
 
 def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Tensor:
     """Per unit along ``unit_dim``: was any element of this call active? (bool vector).
 
-    Active means > 0 for the ReLU family and ``|y| > GELU_ACTIVE_LEVEL`` for the GELU family.
+    Active means > 0 for the ReLU family, and > 0 or < ``-GELU_ACTIVE_LEVEL`` for the GELU
+    family.
     One max (and for the GELU family one min) reduction over the other dims; a unit holding a
     NaN counts as active, so that a NaN never reads as a dead unit.
     """
@@ -688,7 +692,7 @@ def active_units(hi: torch.Tensor, lo: Optional[torch.Tensor], kind: str = "relu
     """:func:`unit_active` from :func:`unit_extremes` (possibly merged over calls)."""
     if kind == "relu" or lo is None:
         return ~(hi <= 0)
-    return ~((hi <= GELU_ACTIVE_LEVEL) & (lo >= -GELU_ACTIVE_LEVEL))
+    return ~((hi <= 0) & (lo >= -GELU_ACTIVE_LEVEL))
 
 
 def _per_unit(y: torch.Tensor, unit_dim: int, reduce: Callable) -> torch.Tensor:

@@ -41,7 +41,7 @@ def test_resnet_at_batch_2_through_the_cli() -> None:
 
 def gelu_dead_units(model: nn.Module, act: nn.Module, inputs: dict) -> tuple[int, int]:
     """(dead units, units) of ``act``'s output on ``inputs``, computed directly: a unit is dead
-    when its |output| stays at or below the GELU activity level for every token."""
+    when its output is never positive nor below minus the GELU activity level."""
     seen = []
     handle = act.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
     try:
@@ -49,8 +49,9 @@ def gelu_dead_units(model: nn.Module, act: nn.Module, inputs: dict) -> tuple[int
             model(**inputs)
     finally:
         handle.remove()
-    peak = seen[0].abs().reshape(-1, seen[0].shape[-1]).amax(dim=0)
-    return int((peak <= GELU_ACTIVE_LEVEL).sum()), peak.numel()
+    rows = seen[0].reshape(-1, seen[0].shape[-1])
+    dead = (rows.amax(dim=0) <= 0) & (rows.amin(dim=0) >= -GELU_ACTIVE_LEVEL)
+    return int(dead.sum()), dead.numel()
 
 
 def test_gpt2_mlp_bias_minus_10_gets_tl101_on_its_activation() -> None:
