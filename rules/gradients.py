@@ -7,7 +7,7 @@ from statistics import median
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import CLASSIFICATION_LOSSES, LayerTrace, ParamTrace, RunTrace
+from trainlint.trace import CLASSIFICATION_LOSSES, Edge, LayerTrace, ParamTrace, RunTrace
 
 from ._graph import (
     EMBEDDING_TYPES,
@@ -512,6 +512,8 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
         if edge.dst not in (("module", first.module), first.node) or \
                 not RISKY_OPS.intersection(edge.via):
             continue
+        if edge.src[0] == "input":  # the batch held no NaN (TL504 says so before it gets here)
+            return _made_from_the_input(trace, first, edge)
         src = by_node.get(edge.src)
         if src is None or src.node[1:] in bad:
             continue
@@ -523,6 +525,21 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
             f"from {src.label}, which is finite, through {ops} in the forward of "
             f"{parent or 'the model'}: those ops made it")
     return None
+
+
+def _made_from_the_input(trace: RunTrace, first: LayerTrace, edge: Edge) -> tuple:
+    """The first non-finite output's input came from a model input without NaN through ops
+    that can make NaN/Inf (a per-sample standardization dividing by a std of 0): they ran in
+    the forward of the innermost module around ``first`` that took the input as it is."""
+    name = edge.src[1]
+    took = {e.dst[1] for e in trace.edges if e.src == edge.src and e.dst[0] == "module"
+            and not RISKY_OPS.intersection(e.via)}
+    parent = next((m for m in ancestors(first.module) if m != first.module and m in took), "")
+    ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
+    return "forward", parent, (
+        f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes from "
+        f"the model's input {name}, which holds no NaN, through {ops} in the forward of "
+        f"{parent or 'the model'}: those ops made it")
 
 
 @rule("TL504", "nonfinite", "error")
@@ -537,12 +554,15 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     held NaN/Inf when the step began (it appeared at an unobserved step: a Monitor with
     ``every > 1``); else the first module in forward execution order whose output holds
     NaN/Inf, a module whose own code (``torch.log`` in its ``forward``) made it before any
-    observed output held any; else the loss; else the first module in backward order whose
-    output gradient does; else the parameters (gradients, then values after the optimizer
-    step). In the backward, when a module that takes that first module's output has a finite
-    output gradient (or none observed), its backward made the NaN/Inf, with a finite forward
-    (sqrt of a sum of squares at 0: the derivative is infinite, times 0): the finding names
-    that module (one that is not a weight layer first).
+    observed output held any (or the ops that fed that first output from a finite output or
+    a model input: a ``log`` between two layers, a per-sample division by a std of 0 before
+    the first layer, named with the module whose forward ran them); else the loss; else the
+    first module in backward order whose output gradient does; else the parameters
+    (gradients, then values after the optimizer step). In the backward, when a module that
+    takes that first module's output has a finite output gradient (or none observed), its
+    backward made the NaN/Inf, with a finite forward (sqrt of a sum of squares at 0: the
+    derivative is infinite, times 0): the finding names that module (one that is not a
+    weight layer first).
 
     ## Why is this bad?
     One NaN spreads to every weight in the next update: training is already broken.

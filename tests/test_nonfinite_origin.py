@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,6 +58,38 @@ def test_nan_made_by_ops_between_two_layers_names_their_parent_and_the_op() -> N
     assert found.module == ""
     assert "from a, which is finite, through log" in found.message
     assert "overflowed" not in found.fix
+
+
+class Standardized(nn.Module):
+    """Standardizes each sample by its own std (0/0 for an all-zero sample), then runs net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True))
+
+
+class Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Standardized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("model, parent", [(Standardized, ""), (Wrapped, "body")])
+def test_nan_made_from_the_input_before_a_child_names_the_module_that_made_it(
+        model: type, parent: str) -> None:
+    x, y = _batch()
+    x[0] = 0.0
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(model(), (x, y), steps=1))
+    assert (found.module, found.evidence["where"]) == (parent, "forward")
+    assert "the model's input input0, which holds no NaN, through div" in found.message
+    assert "overflowed" not in found.fix and "clamp inputs" in found.fix
 
 
 def test_nan_in_the_input_batch_is_the_datas() -> None:
