@@ -155,12 +155,14 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
 
 
 def scale_invariant_weights(trace: RunTrace) -> set:
-    """Names of weights whose layer's output goes straight into a normalization layer."""
+    """Names of weights whose layer's output goes straight into a normalization layer (an
+    embedding table too: RWKV starts its own at ~1e-4 before a LayerNorm, and the table's
+    gradient is then ~1/scale large by design)."""
     names = set()
     for p in trace.params:
         facts = trace.modules.get(p.module)
-        if len(p.shape) >= 2 and facts is not None and facts.base in WEIGHT_LAYERS and \
-                feeds_norm(trace, p.module):
+        if len(p.shape) >= 2 and facts is not None and \
+                facts.base in WEIGHT_LAYERS + EMBEDDING_TYPES and feeds_norm(trace, p.module):
             names.add(p.name)
     return names
 

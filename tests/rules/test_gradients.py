@@ -87,6 +87,22 @@ def test_tl502_total_norm_edge(factor, fires):
         assert found[0].evidence["step"] == 1
 
 
+@pytest.mark.parametrize("feeder, then, fires", [("Embedding", "LayerNorm", False),
+                                                  ("Linear", "LayerNorm", False),
+                                                  ("Embedding", "Linear", True)])
+def test_tl502_leaves_out_the_gradient_of_weights_a_norm_rescales(feeder, then, fires):
+    """A weight whose output goes straight into a norm layer (RWKV: a ~1e-4 embedding table
+    before a LayerNorm) gets a gradient ~1/its scale by design; the others count."""
+    limit = defaults("TL502")["max_norm"]
+    emb, norm = point("emb", feeder), point("norm", then)
+    per_step = [{"step": 0, "layers": {}, "param_grad_norms": {"emb.weight": 10 * limit,
+                                                               "head.weight": 1.0}}]
+    params = [param("emb.weight", (50, 8), grad_norm=10 * limit),
+              param("head.weight", (4, 8), grad_norm=1.0)]
+    t = trace([emb, norm], per_step=per_step, params=params, edges=[to_module(emb, "norm")])
+    assert bool(hits("TL502", t)) is fires
+
+
 def test_tl502_names_the_largest_gradient_of_the_step_it_reports():
     """A spike at step 0 that is gone later: the largest parameter named is step 0's, not the
     last step's."""
