@@ -31,7 +31,7 @@ class Batch:
     targets: Any = None
 
     def tensors(self) -> list:
-        """The input tensors, in order, also inside lists, tuples and dicts (at any depth)."""
+        """The input tensors, in order, also inside lists, tuples and dicts (MAX_NESTING deep)."""
         return _tensors_within(list(self.args) + list(self.kwargs.values()))
 
     @property
