@@ -564,3 +564,46 @@ def test_a_loss_gone_nan_after_the_last_observed_step_is_reported() -> None:
         assert nan.evidence["step"] == 15
         again = monitor.report().trace.loss_tail  # read, not taken: the window stays
         assert again["step"] == 15 and math.isnan(again["loss_mean"])
+
+
+class SparseBag(nn.Module):
+    """A sparse embedding (SparseAdam's) and a dense head (Adam's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16, sparse=True)
+        self.head = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids).mean(1))
+
+
+@pytest.mark.parametrize("head_lr, slow", [(1e-3, False), (1e-10, True)])
+def test_several_optimizers_that_each_step_part_of_the_model(head_lr: float, slow: bool) -> None:
+    torch.manual_seed(0)
+    model = SparseBag()
+    sparse = torch.optim.SparseAdam(model.embed.parameters(), lr=1e-2)
+    dense = torch.optim.Adam(model.head.parameters(), lr=head_lr)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, optimizer=[sparse, dense], every=1) as monitor:
+        for _ in range(6):
+            ids, y = torch.randint(0, 50, (32, 5), generator=g), torch.randint(0, 3, (32,),
+                                                                                generator=g)
+            loss = F.cross_entropy(model(ids), y)
+            sparse.zero_grad()
+            dense.zero_grad()
+            loss.backward()
+            sparse.step()
+            dense.step()
+            monitor.step(loss)
+        report = monitor.report()
+    codes = {f.code for f in report.findings}
+    assert "TL506" not in codes, "every parameter is in one of the optimizers"
+    params = {p.name: p for p in report.trace.params}
+    assert all(p.in_optimizer and p.update_ratios for p in params.values())
+    assert params["embed.weight"].group == 0 and params["head.0.weight"].group == 1
+    assert params["head.0.weight"].lr == head_lr
+    tl503 = [f for f in report.findings if f.code == "TL503"]
+    assert bool(tl503) is slow
+    with pytest.raises(trainlint.ConfigError, match="or a list of them, got str"):
+        trainlint.Monitor(model, optimizer=[sparse, "adam"])

@@ -23,6 +23,7 @@ from .probe import (
     _model_device,
     _tensors_in,
     compiled_inside,
+    optimizers_of,
     training_forward,
 )
 from .report import FAIL_LEVELS, Report, build_report
@@ -55,6 +56,8 @@ class Monitor:
 
     Call ``step(loss)`` once per training step, after ``optimizer.step()``. Between
     observations the hooks return at once; an observed step costs one host sync.
+    ``optimizer`` may be a list of optimizers that each step part of the model's parameters
+    (SparseAdam for a sparse embedding and Adam for the rest, Muon and AdamW).
 
     ``model`` may be wrapped in DistributedDataParallel or ``torch.compile`` (the module
     inside is hooked; observed steps of a compiled model run eagerly). Under a process group,
@@ -65,9 +68,9 @@ class Monitor:
     observed step yields a finding at or above that severity.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                 every: int = 100, *, selection: Optional[Selection] = None,
-                 log_to: Any = None, scaler: Any = None, fail_on: Optional[str] = None) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any = None, every: int = 100, *,
+                 selection: Optional[Selection] = None, log_to: Any = None, scaler: Any = None,
+                 fail_on: Optional[str] = None) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ConfigError(f"every must be a whole number >= 1, got {every!r}")
         if not isinstance(model, nn.Module):
@@ -86,8 +89,9 @@ class Monitor:
                               "lint it with trainlint.check(model, batch)")
         self.model = distributed.unwrap(model)
         self.optimizer = optimizer
-        # Training began before this Monitor (a resume): the optimizer already holds state.
-        self._resumed = any(getattr(optimizer, "state", {}).values())
+        self.optimizers = optimizers_of(optimizer)
+        # Training began before this Monitor (a resume): an optimizer already holds state.
+        self._resumed = any(any(getattr(o, "state", {}).values()) for o in self.optimizers)
         self.every = every
         self.selection = selection or Selection()
         self.scaler = scaler
@@ -375,8 +379,7 @@ class Monitor:
 
     def _own_parameters(self) -> list:
         own = list(self.model.parameters())
-        if self.optimizer is not None:
-            own += [p for group in self.optimizer.param_groups for p in group["params"]]
+        own += [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
         return own
 
     @property
@@ -413,11 +416,17 @@ def _batch_size(snap: ProbeSnapshot) -> Optional[int]:
 
 
 def _check_optimizer(optimizer: Any) -> None:
-    """A ConfigError unless ``optimizer`` is None or a torch optimizer (what the probe hooks)."""
-    if optimizer is None or (hasattr(optimizer, "param_groups")
-                             and hasattr(optimizer, "register_step_pre_hook")):
+    """A ConfigError unless ``optimizer`` is None, a torch optimizer (what the probe hooks) or
+    a non-empty list or tuple of them (optimizers that each step part of the model)."""
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if optimizer is None or (items and all(_is_optimizer(o) for o in items)):
         return
-    hint = (": pass the optimizer, not the parameters" if isinstance(optimizer, (list, tuple))
-            or inspect.isgenerator(optimizer) else "")
-    raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
-                      f"{type(optimizer).__name__}{hint}")
+    parameters = inspect.isgenerator(optimizer) or any(isinstance(o, torch.Tensor) for o in items)
+    hint = ": pass the optimizer, not the parameters" if parameters else ""
+    bad = next((o for o in items if not _is_optimizer(o)), optimizer)
+    raise ConfigError(f"optimizer must be a torch.optim.Optimizer or a list of them, got "
+                      f"{type(bad).__name__}{hint}")
+
+
+def _is_optimizer(obj: Any) -> bool:
+    return hasattr(obj, "param_groups") and hasattr(obj, "register_step_pre_hook")

@@ -267,9 +267,11 @@ class Probe:
     ``collect()`` (the one host sync), and ``detach()`` at the end (idempotent).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any = None) -> None:
         self.model = model
-        self.optimizer = optimizer
+        # The optimizers whose steps are read: one, or several that each step part of the
+        # model's parameters (SparseAdam + Adam, Muon + AdamW).
+        self.optimizers: list = optimizers_of(optimizer)
         self.names = {m: n for n, m in model.named_modules()}
         self.infos: dict[nn.Module, ModuleInfo] = {}
         self.param_names = {p: n for n, p in model.named_parameters()}
@@ -312,9 +314,9 @@ class Probe:
         self.first_forward: Optional[tuple] = None
         self.last_forward: Optional[tuple] = None
         self.trained_forward: Optional[tuple] = None
-        # The optimizer's parameters sampled around its step; per group of them, the sums of
-        # squares of the weight before the step and of the update.
-        self.updates = UpdateSampler()
+        # Per optimizer (by id), its parameters sampled around its step; per group of them, the
+        # sums of squares of the weight before the step and of the update.
+        self.samplers: dict[int, UpdateSampler] = {id(o): UpdateSampler() for o in self.optimizers}
         self.update_sums: list[tuple] = []
         # id(parameter) -> (device, row) of its gradient, read before the optimizer's step.
         self.step_grads: dict[int, tuple] = {}
@@ -364,9 +366,9 @@ class Probe:
                 add(module.register_forward_pre_hook(norm_input))
         # After the root's own leave hook, which reads its output while the mode still runs.
         add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
-        if self.optimizer is not None:
-            add(self.optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
-            add(self.optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
+        for optimizer in self.optimizers:
+            add(optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
+            add(optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
 
     def _uninstall(self) -> None:
         self._drop_step_hooks()
@@ -410,7 +412,7 @@ class Probe:
         self.channel_at.clear()
         self.output_nodes = []
         self.step_grads.clear()
-        self.updates.clear()
+        self._clear_samples()
         self.update_sums.clear()
         self.input_probes.clear()
         self.container_probes.clear()
@@ -813,7 +815,7 @@ class Probe:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if params:
-            self.updates.before(params)
+            self._sampler(optimizer).before(params)
         # The gradients the step applies, read now: a loop may zero them before
         # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
         for p in params:
@@ -826,7 +828,25 @@ class Probe:
 
     def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.observing:
-            self.update_sums = self.updates.after()
+            self.update_sums += self._sampler(optimizer).after()
+
+    def _sampler(self, optimizer: Any) -> UpdateSampler:
+        found = self.samplers.get(id(optimizer))
+        if found is None:
+            found = self.samplers[id(optimizer)] = UpdateSampler()
+        return found
+
+    def _after_sample(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """``p``'s sample after this step's optimizer step, from the optimizer that stepped it."""
+        for sampler in self.samplers.values():
+            found = sampler.after_sample(p)
+            if found is not None:
+                return found
+        return None
+
+    def _clear_samples(self) -> None:
+        for sampler in self.samplers.values():
+            sampler.clear()
 
     # ---------------------------------------------------------------- sync
     def collect(self, extra: Optional[dict] = None) -> ProbeSnapshot:
@@ -854,7 +874,7 @@ class Probe:
             moments = self._batches(p.device)[1]
             # The std of the sample the update measured after the optimizer step (the same
             # values as the statistics' sample of p, without a second gather).
-            after = self.updates.after_sample(p)
+            after = self._after_sample(p)
             row = moments.add(p if after is None else after)
             grad = self.step_grads.get(id(p))
             if grad is None and p.grad is not None:
@@ -926,7 +946,7 @@ class Probe:
         self.inputs_seen = self.inputs_seen or bool(self.input_rows)
         self.input_rows.clear()
         self.norm_calls.clear()
-        self.updates.clear()
+        self._clear_samples()
         self.update_sums = []
         self.bw_counter = 0
         return snapshot
@@ -972,9 +992,10 @@ class Probe:
         for i, (params, _) in enumerate(self.update_sums):
             sums = values.pop(("updates", i))
             for p, before, delta in zip(params, sums[0], sums[1]):
-                scale = p.numel() / max(self.updates.sample_size(p), 1)
+                size = max((s.sample_size(p) for s in self.samplers.values()), default=0)
+                scale = p.numel() / max(size, 1)
                 update_of[p] = (math.sqrt(delta * scale), math.sqrt(before * scale))
-        groups = _optimizer_groups(self.optimizer)
+        groups = _optimizer_groups(self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         for (name, p), ((dev, row), grad_row) in zip(named, param_rows):
             std, sumsq, finite, m = rows[dev][3][row]
@@ -990,7 +1011,7 @@ class Probe:
                 vec += list(update)
             group, lr = groups.get(p, (None, None))
             values[("param", name, grad_row is not None, update is not None,
-                    (p in groups) if self.optimizer is not None else None,
+                    (p in groups) if self.optimizers else None,
                     tuple(p.shape), p.requires_grad, group, lr,
                     str(p.dtype).replace("torch.", ""))] = np.asarray(vec,
                                                                          dtype=np.float64)
@@ -1096,12 +1117,19 @@ def _stack(values: list, device: torch.device) -> torch.Tensor:
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
 
 
-def _optimizer_groups(optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """``{param: (index of its param group, the group's lr when it is a plain number)}``."""
+def optimizers_of(optimizer: Any) -> list:
+    """The optimizers in ``optimizer``: none (None), one, or a list or tuple of them."""
     if optimizer is None:
-        return {}
+        return []
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+
+
+def _optimizer_groups(optimizers: list) -> dict:
+    """``{param: (index of its param group, the group's lr when it is a plain number)}``; the
+    groups of several optimizers are numbered on, in order."""
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
     return {p: (i, float(group["lr"]) if isinstance(group.get("lr"), (int, float)) else None)
-            for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            for i, group in enumerate(groups) for p in group["params"]}
 
 
 def _model_device(model: nn.Module) -> torch.device:
