@@ -320,7 +320,13 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rates); if the ratio is low because the gradients vanish, fix that first (TL501). Updates
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
     (``torch.autocast`` instead of ``model.bfloat16()``).
+
+    An optimizer whose step runs its closure several times (LBFGS) is not judged: each of its
+    steps is a line-searched solve, not a learning rate's update.
     """
+    if trace.closure_optimizer is not None:
+        raise Skip(f"the optimizer ({trace.closure_optimizer}) runs a line-searched solve per "
+                   "step: its update size does not measure a learning rate")
     judged = judged_params(trace)
     if not judged:
         if any(p.update_norms for p in trace.params):

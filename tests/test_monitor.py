@@ -607,3 +607,32 @@ def test_several_optimizers_that_each_step_part_of_the_model(head_lr: float, slo
     assert bool(tl503) is slow
     with pytest.raises(trainlint.ConfigError, match="or a list of them, got str"):
         trainlint.Monitor(model, optimizer=[sparse, "adam"])
+
+
+def test_lbfgs_steps_are_solves_not_learning_rate_updates() -> None:
+    """LBFGS runs a line-searched solve per step (its closure several times): TL503 says it
+    does not judge it, and check, which writes no closure, says what to do instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, line_search_fn="strong_wolfe")
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(4):
+            loss = opt.step(closure)
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.closure_optimizer == "LBFGS"
+    assert "TL503" not in {f.code for f in report.findings}
+    assert "LBFGS" in report.skipped["TL503"]
+    assert trainlint.probe.needs_closure(opt) and not trainlint.probe.needs_closure(
+        torch.optim.SGD(model.parameters(), lr=0.1))
+    for optimizer in (opt, lambda params: torch.optim.LBFGS(params)):
+        with pytest.raises(trainlint.TargetError, match=r"LBFGS.step\(\) needs a closure"):
+            trainlint.check(model, (x, y), optimizer=optimizer)

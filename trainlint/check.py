@@ -22,7 +22,7 @@ from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, output_index, watched
-from .probe import Probe, _model_device, _tensors_in, compiled_inside
+from .probe import Probe, _model_device, _tensors_in, compiled_inside, needs_closure
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import flat_message, raised_by_trainlint, user_traceback
@@ -139,7 +139,7 @@ def _optimizer(optimizer: OptimizerArg, model: nn.Module, trainable: list,
         notes.append(f"default optimizer used: {default!r}")
         return default, True
     if isinstance(optimizer, torch.optim.Optimizer):
-        return optimizer, False
+        return _steppable(optimizer), False
     if callable(optimizer):
         try:
             made = optimizer(trainable)
@@ -150,9 +150,19 @@ def _optimizer(optimizer: OptimizerArg, model: nn.Module, trainable: list,
         if not isinstance(made, torch.optim.Optimizer):
             raise TargetError(f"the optimizer factory returned {type(made).__name__}, "
                               "not a torch.optim.Optimizer")
-        return made, True
+        return _steppable(made), True
     raise TargetError(
         f"optimizer must be an Optimizer or a factory, got {type(optimizer).__name__}")
+
+
+def _steppable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer``, unless its step needs a closure, which a check does not write for it."""
+    if needs_closure(optimizer):
+        raise TargetError(f"{type(optimizer).__name__}.step() needs a closure that re-evaluates "
+                          "the loss, which trainlint check does not write: lint this model with "
+                          "another optimizer (the default SGD: no build_optimizer), or with a "
+                          "trainlint.Monitor in your own training loop")
+    return optimizer
 
 
 def _check_devices(batch: Batch, model: nn.Module) -> None:

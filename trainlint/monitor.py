@@ -23,6 +23,7 @@ from .probe import (
     _model_device,
     _tensors_in,
     compiled_inside,
+    needs_closure,
     optimizers_of,
     training_forward,
 )
@@ -330,6 +331,9 @@ class Monitor:
                                    global_batch_size=self.global_batch_size,
                                    amp_dtype=self._amp_dtype(),
                                    resumed=self._resumed, loss_tail=self._loss_tail(),
+                                   closure_optimizer=next((type(o).__name__ for o in
+                                                           self.optimizers if needs_closure(o)),
+                                                          None),
                                    **self._loss_facts())
         return build_report(trace, self.selection, notes=notes)
 

@@ -9,6 +9,7 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import weakref
@@ -1115,6 +1116,16 @@ def _stack(values: list, device: torch.device) -> torch.Tensor:
     if all(v.device == first.device and v.dtype == first.dtype for v in values):
         return torch.stack(values).to(device=device, dtype=torch.float64)
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+
+
+def needs_closure(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` must be given a closure (LBFGS: it re-evaluates the loss
+    during its line search)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 def optimizers_of(optimizer: Any) -> list:

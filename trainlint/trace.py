@@ -243,6 +243,9 @@ class RunTrace:
     # The Monitor was created once training had begun (its optimizer already held state, as
     # after a resume from a checkpoint): its first observed step is not the run's first.
     resumed: bool = False
+    # The class of an optimizer whose step runs its closure several times (LBFGS: a
+    # line-searched solve per step, with no learning rate in the usual sense), if any.
+    closure_optimizer: Optional[str] = None
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)
