@@ -611,3 +611,13 @@ def test_a_bug_in_trainlints_hooks_is_not_blamed_on_the_user(
 
 def test_every_api_error_is_a_trainlint_error() -> None:
     assert all(issubclass(e, TrainlintError) for e in (ConfigError, TargetError, UserCodeError))
+
+
+def test_an_optimizer_factory_that_returns_several_points_to_the_monitor() -> None:
+    def both(params: list) -> list:
+        params = list(params)
+        return [torch.optim.SGD(params[:2], lr=0.1), torch.optim.Adam(params[2:], lr=1e-3)]
+
+    with pytest.raises(TargetError, match=r"returned list.*trainlint.Monitor\(model, "
+                                          r"optimizer=\[\.\.\.\]\)"):
+        trainlint.check(small_model(), small_batch(), optimizer=both)

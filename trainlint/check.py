@@ -148,8 +148,13 @@ def _optimizer(optimizer: OptimizerArg, model: nn.Module, trainable: list,
                                 f"{flat_message(exc)}", user_traceback(exc),
                                 phase="optimizer") from exc
         if not isinstance(made, torch.optim.Optimizer):
+            several = isinstance(made, (list, tuple)) and all(
+                isinstance(o, torch.optim.Optimizer) for o in made)
             raise TargetError(f"the optimizer factory returned {type(made).__name__}, "
-                              "not a torch.optim.Optimizer")
+                              "not a torch.optim.Optimizer" + (
+                                  "; a check steps one optimizer: lint a model trained by "
+                                  "several (Muon + AdamW) with trainlint.Monitor(model, "
+                                  "optimizer=[...]) in its training loop" if several else ""))
         return _steppable(made), True
     raise TargetError(
         f"optimizer must be an Optimizer or a factory, got {type(optimizer).__name__}")
