@@ -317,7 +317,7 @@ class Probe:
         self.trained_forward: Optional[tuple] = None
         # Per optimizer (by id), its parameters sampled around its step; per group of them, the
         # sums of squares of the weight before the step and of the update.
-        self.samplers: dict[int, UpdateSampler] = {id(o): UpdateSampler() for o in self.optimizers}
+        self.samplers: dict[int, UpdateSampler] = {}
         self.update_sums: list[tuple] = []
         # id(parameter) -> (device, row) of its gradient, read before the optimizer's step.
         self.step_grads: dict[int, tuple] = {}
