@@ -145,3 +145,54 @@ def test_softmax_twice_is_read_off_the_loss_lightning_hands_over(tmp_path, proba
     trainer.fit(SoftmaxTwiceModule(probabilities), loader(BATCH * BATCHES, BATCH))
     assert callback.report.trace.loss_kind == "cross_entropy"
     assert ("TL601" in {f.code for f in callback.report.findings}) == probabilities
+
+
+class TwoOptimizerModule(DeadReluModule):
+    """Manual optimization with two optimizers, each stepping part of the network (as SparseAdam
+    and Adam, or Muon and AdamW, do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        first, rest = self.optimizers()
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        first.zero_grad()
+        rest.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        rest.step()
+        return loss
+
+    def configure_optimizers(self) -> list:
+        layers = list(self.net)
+        return [torch.optim.SGD(layers[0].parameters(), lr=0.01),
+                torch.optim.Adam([p for m in layers[1:] for p in m.parameters()], lr=1e-3)]
+
+
+@pytest.mark.parametrize("module", [None, "net"])
+def test_several_optimizers_of_the_watched_module_are_all_hooked(tmp_path, module):
+    callback = TrainlintCallback(every=1, verbose=False, module=module)
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback])
+    trainer.fit(TwoOptimizerModule(), loader(BATCH * BATCHES, BATCH))
+    report = callback.report
+    assert "TL506" not in {f.code for f in report.findings}
+    weights = [p for p in report.trace.params if p.name.endswith("weight")]
+    assert weights and all(p.in_optimizer and p.update_ratios for p in weights)
+    assert {p.group for p in weights} == {0, 1}
+
+
+def test_a_watched_generator_gets_its_own_optimizer_not_the_discriminators():
+    from trainlint.integrations.lightning import _optimizers_of
+
+    generator, discriminator = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    g_opt = torch.optim.Adam(generator.parameters())
+    d_opt = torch.optim.Adam(discriminator.parameters())
+    assert _optimizers_of(generator, [g_opt, d_opt]) == [g_opt]
+    assert _optimizers_of(generator, [g_opt]) is g_opt
+    assert _optimizers_of(generator, []) is None

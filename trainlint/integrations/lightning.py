@@ -55,7 +55,7 @@ class TrainlintCallback(Callback):
                 raise ConfigError(f"TrainlintCallback(module={self.module!r}): the "
                                   f"LightningModule has no such submodule ({err}); its "
                                   f"children: {names}") from None
-        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        optimizer = _optimizers_of(model, trainer.optimizers)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.monitor = Monitor(model, optimizer, every=self.every, selection=self.selection,
                                log_to=trainer.loggers if self.log else None, scaler=scaler,
@@ -100,3 +100,15 @@ class TrainlintCallback(Callback):
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+
+
+def _optimizers_of(model: nn.Module, optimizers: list) -> Any:
+    """What the Monitor hooks: the trainer's one optimizer; of several (a GAN's, SparseAdam +
+    Adam), those that step only ``model``'s parameters (a GAN's discriminator optimizer is not
+    the watched generator's: its parameters stay outside, as the generator's loss needs)."""
+    if len(optimizers) <= 1:
+        return optimizers[0] if optimizers else None
+    mine = {id(p) for p in model.parameters()}
+    steps_mine = [o for o in optimizers
+                  if all(id(p) in mine for group in o.param_groups for p in group["params"])]
+    return steps_mine or None
