@@ -232,8 +232,8 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         loss, call = watched(choice.fn, outputs, data.targets)
         _validate_loss(loss)
         tensors = _tensors_in(outputs)
-        _loss_reads_first(probe, output_index(call, tensors) if call is not None else
-                          run["graph_output"], len(tensors))
+        probe.loss_output_first(output_index(call, tensors) if call is not None else
+                                run["graph_output"], len(tensors))
         if step == 0:
             _note_loss(run, choice, call)
         phase = "backward"
@@ -250,7 +250,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
         _note_loss_graph(run, graph)
         if run["graph_output"] is not None:  # a loss the model made: the graph says what it read
-            _loss_reads_first(probe, graph.output_index, graph.output_count)
+            probe.loss_output_first(graph.output_index, graph.output_count)
     return loss
 
 
@@ -341,15 +341,6 @@ def _validate_loss(loss: Any) -> None:
     if not loss.requires_grad:
         raise TargetError("the loss does not require grad: nothing in it depends on a trainable "
                           "parameter (is the forward under torch.no_grad()?)")
-
-
-def _loss_reads_first(probe: Probe, index: Optional[int], count: int) -> None:
-    """Put output ``index`` (of ``count``), the one the loss read, first among the step's output
-    origins (the rules read the model's output there: a dict's 'logits' after its 'features',
-    or after the 'loss' the model computed itself)."""
-    origins = probe.output_origins
-    if index is not None and 0 < index < len(origins) and len(origins) == count:
-        origins.insert(0, origins.pop(index))
 
 
 def _note_loss_graph(run: dict, graph: LossGraph) -> None:

@@ -114,7 +114,7 @@ class Monitor:
         self._eager = EagerHold()
         self._autocast: Optional[str] = None
         self._model_loss: Optional[torch.Tensor] = None
-        self.probe = Probe(self.model, optimizer).attach()
+        self.probe = Probe(self.model, self.optimizers).attach()
         # The root forward hook, on the model only while a step is observed (as the probe's).
         self._hooks: list = []
         # Device-side sum and max of the losses since the last observed step (no host sync),
@@ -364,12 +364,10 @@ class Monitor:
 
     def _loss_output_first(self) -> None:
         """Put the output the loss reads first among this observed step's outputs (once)."""
-        index = self._loss_graph.output_index if self._loss_graph is not None else None
-        if index is None or self._ordered == self.steps_seen:
+        graph = self._loss_graph
+        if graph is None or self._ordered == self.steps_seen:
             return
-        origins = self.probe.output_origins
-        if 0 < index < len(origins) and len(origins) == self._loss_graph.output_count:
-            origins.insert(0, origins.pop(index))
+        if self.probe.loss_output_first(graph.output_index, graph.output_count):
             self._ordered = self.steps_seen
 
     def _loss_facts(self) -> dict:

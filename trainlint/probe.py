@@ -469,6 +469,16 @@ class Probe:
         self._exit_mode()
         self.skipping = False
 
+    def loss_output_first(self, index: Optional[int], count: int) -> bool:
+        """Put output ``index`` (of ``count``), the one the loss read, first among the step's
+        output origins (the rules read the model's output there: a dict's 'logits' after its
+        'features', or after the 'loss' the model computed itself); whether it moved."""
+        origins = self.output_origins
+        if index is None or not 0 < index < len(origins) or len(origins) != count:
+            return False
+        origins.insert(0, origins.pop(index))
+        return True
+
     def _on_backward(self, output: Any, facts: Optional[tuple]) -> None:
         """Keep ``facts`` as the training forward's once a backward reaches ``output``."""
         if facts is None:
