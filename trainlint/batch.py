@@ -10,9 +10,6 @@ import torch.nn.functional as F
 
 from .errors import TargetError
 
-# How deep inputs are looked into for tensors (a structure may hold itself).
-MAX_NESTING = 8
-
 
 def leading_size(tensors: list) -> Optional[int]:
     """A batch's size: dim 0 of its first tensor that has dims."""
@@ -31,8 +28,8 @@ class Batch:
     targets: Any = None
 
     def tensors(self) -> list:
-        """The input tensors, in order, also inside lists, tuples and dicts (MAX_NESTING deep)."""
-        return _tensors_within(list(self.args) + list(self.kwargs.values()))
+        """The input tensors, in order, also inside lists, tuples and dicts."""
+        return tensors_in(list(self.args) + list(self.kwargs.values()))
 
     @property
     def size(self) -> Optional[int]:
@@ -44,13 +41,19 @@ class Batch:
                      move_to(self.targets, device))
 
 
-def _tensors_within(value: Any, depth: int = 0) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)) and depth < MAX_NESTING:
-        return [t for item in value for t in _tensors_within(item, depth + 1)]
+def tensors_in(obj: Any, depth: int = 0) -> list:
+    """The tensors in ``obj``, in order: itself, or those inside its lists, tuples, dicts and
+    dataclasses, up to 3 levels of containers deep (an output can refer to itself)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 2:
+        return []
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif hasattr(obj, "__dataclass_fields__"):
+        obj = [getattr(obj, name) for name in obj.__dataclass_fields__]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in tensors_in(item, depth + 1)]
     return []
 
 

@@ -16,13 +16,14 @@ from .batch import (
     output_loss,
     primary_output,
     split_batch,
+    tensors_in,
 )
 from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, output_index, watched
-from .probe import Probe, _model_device, _tensors_in, compiled_inside, needs_closure
+from .probe import Probe, _model_device, compiled_inside, needs_closure
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import flat_message, raised_by_trainlint, user_traceback
@@ -231,7 +232,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
         loss, call = watched(choice.fn, outputs, data.targets)
         _validate_loss(loss)
-        tensors = _tensors_in(outputs)
+        tensors = tensors_in(outputs)
         probe.loss_output_first(output_index(call, tensors) if call is not None else
                                 run["graph_output"], len(tensors))
         if step == 0:

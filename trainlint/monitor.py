@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from . import distributed
 from .assemble import TraceBuilder
-from .batch import output_loss
+from .batch import output_loss, tensors_in
 from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
@@ -21,7 +21,6 @@ from .probe import (
     Probe,
     ProbeSnapshot,
     _model_device,
-    _tensors_in,
     compiled_inside,
     needs_closure,
     optimizers_of,
@@ -258,7 +257,7 @@ class Monitor:
         if loss is not None:
             if self._loss_graph is None and loss.grad_fn is not None:  # (the probe records
                 self._loss_graph = read_loss_graph(  # the outputs after this hook runs)
-                    loss, self._own_parameters(), [output_nodes(_tensors_in(output))])
+                    loss, self._own_parameters(), [output_nodes(tensors_in(output))])
             self._model_loss = loss.detach()
 
     def _amp_dtype(self) -> Optional[str]:

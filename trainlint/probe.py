@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from . import stats
-from .batch import leading_size
+from .batch import leading_size, tensors_in
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
 from .trace import ELEMENTWISE_OPS, REORDERING_OPS
@@ -176,23 +176,6 @@ def stored_values(t: torch.Tensor) -> torch.Tensor:
     if t.layout == torch.sparse_coo:
         return t.coalesce().values()
     return t.values()
-
-
-def _tensors_in(obj: Any, depth: int = 0) -> list:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if depth > 2:
-        return []
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    elif hasattr(obj, "__dataclass_fields__"):
-        obj = [getattr(obj, name) for name in obj.__dataclass_fields__]
-    if isinstance(obj, (list, tuple)):
-        out: list = []
-        for item in obj:
-            out.extend(_tensors_in(item, depth + 1))
-        return out
-    return []
 
 
 @dataclass(frozen=True)
@@ -461,7 +444,7 @@ class Probe:
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.mode is not None and output is not None and self.observing:
-            outputs = _tensors_in(output)
+            outputs = tensors_in(output)
             self.output_origins = [self._origin_of(t) for t in outputs]
             self.output_nodes.append(output_nodes(outputs))
             del self.output_nodes[:-MAX_FORWARDS]
@@ -488,7 +471,7 @@ class Probe:
             if self.trained_forward is None:
                 self.trained_forward = facts
 
-        for t in _tensors_in(output):
+        for t in tensors_in(output):
             if t.requires_grad:
                 self.tensor_handles.append(t.register_hook(reached))
 
@@ -602,9 +585,9 @@ class Probe:
         if tensor is None or not strided(tensor) or not self._reading():
             return
         info = self.info(self.stack[-1] if self.stack else self.model)
-        origins = [o for o in (self._origin_of(t) for t in _tensors_in(args)) if o is not None]
+        origins = [o for o in (self._origin_of(t) for t in tensors_in(args)) if o is not None]
         point = self._observe(info.name, info.type, op, op, tensor,
-                              next(iter(_tensors_in(args)), None))
+                              next(iter(tensors_in(args)), None))
         for src, via in origins:
             self.edges.add((src, ("point",) + point.key, via))
         self._set_producer(tensor, point.key)
@@ -739,7 +722,7 @@ class Probe:
             self.producers[id(t)] = (weakref.ref(t), ("point",) + key, ())
 
     def _link_inputs(self, args: Any, dst: tuple) -> None:
-        for t in _tensors_in(args):
+        for t in tensors_in(args):
             origin = self._origin_of(t)
             if origin is not None:
                 self.edges.add((origin[0], dst, origin[1]))
@@ -748,12 +731,12 @@ class Probe:
         """Carry producer tags through plain ops (views, arithmetic) so edges span them."""
         if not self.observing:
             return
-        tensors = _tensors_in(args)
+        tensors = tensors_in(args)
         origins = [(i, o) for i, o in enumerate(self._origin_of(t) for t in tensors)
                    if o is not None]
         if not origins:
             return
-        outs = _tensors_in(out)
+        outs = tensors_in(out)
         if outs and tensors and origins[0][0] == 0:
             self._carry_channel(op, args, kwargs, tensors[0], outs)
         if outs and tensors and outs[0] is tensors[0] and origins[0][0] == 0:
@@ -1053,9 +1036,9 @@ class ProbeSnapshot:
 def _named_inputs(args: tuple, kwargs: dict) -> list:
     """``(name, tensor)`` of a forward's inputs: ``input0``... for positional ones, the
     keyword's name (``mask``, or ``mask0``... when it holds several) for keyword ones."""
-    named = [(f"input{i}", t) for i, t in enumerate(_tensors_in(args))]
+    named = [(f"input{i}", t) for i, t in enumerate(tensors_in(args))]
     for key, value in kwargs.items():
-        found = _tensors_in(value)
+        found = tensors_in(value)
         named += [(str(key) if len(found) == 1 else f"{key}{j}", t) for j, t in enumerate(found)]
     return named
 
