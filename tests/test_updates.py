@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,21 +63,37 @@ def test_sums_match_a_direct_computation_on_each_parameters_sample() -> None:
             assert sampler.sample_size(p) == expected_m
 
 
-def test_after_sample_is_the_parameters_sample_after_the_step_until_cleared() -> None:
+def _moments_of_sample(p: torch.Tensor) -> tuple:
+    """Number of finite values, their mean and sum of squared deviations, of ``p``'s sample
+    (moduli for complex values; 16-bit values as float32), by numpy in float64."""
+    values = p.detach().reshape(-1)[stats.sample_positions(p)] if p.numel() else p.reshape(-1)
+    if p.is_complex():
+        values = values.abs()
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()
+    values = values.double().numpy()
+    finite = values[np.isfinite(values)]
+    mean = float(finite.mean()) if finite.size else 0.0
+    return finite.size, mean, float(((finite - mean) ** 2).sum())
+
+
+def test_moments_after_the_step_match_a_direct_computation_on_each_parameters_sample() -> None:
     params = _params()
+    params.append(torch.full((500,), 3.0) + torch.arange(500) * 1e-6)  # tiny spread, far from 0
     sampler = UpdateSampler()
-    assert sampler.after() == []  # no before: nothing measured
     sampler.before(params)
     _step(params)
-    sampler.after()
-    for p in params:
-        want = stats.sample_values(p)
-        if p.dtype in (torch.float16, torch.bfloat16):
-            want = want.float()
-        assert torch.equal(sampler.after_sample(p), want.reshape(-1))
-    assert sampler.after_sample(torch.zeros(3)) is None
-    sampler.clear()
-    assert sampler.after_sample(params[0]) is None
+    params[0].view(-1)[stats.sample_positions(params[0])[5]] = math.nan  # one NaN in a sample
+    params[1][0, 0] = -math.inf
+    seen = 0
+    for ps, sums in sampler.after():
+        for p, count, mean, m2 in zip(ps, *sums[2:].tolist()):
+            want_count, want_mean, want_m2 = _moments_of_sample(p)
+            assert count == want_count
+            assert mean == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
+            assert m2 == pytest.approx(want_m2, rel=1e-6, abs=1e-12)
+            seen += 1
+    assert seen == len(params)
 
 
 def test_nonfinite_values_in_the_sample_give_nonfinite_sums() -> None:

@@ -830,14 +830,6 @@ class Probe:
             found = self.samplers[id(optimizer)] = UpdateSampler()
         return found
 
-    def _after_sample(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        """``p``'s sample after this step's optimizer step, from the optimizer that stepped it."""
-        for sampler in self.samplers.values():
-            found = sampler.after_sample(p)
-            if found is not None:
-                return found
-        return None
-
     def _clear_samples(self) -> None:
         for sampler in self.samplers.values():
             sampler.clear()
@@ -863,17 +855,18 @@ class Probe:
 
         named = list(self.model.named_parameters())
         params = [p for _, p in named]
+        # A parameter the optimizer stepped has the moments of its sample after the step with
+        # its update sums (the same values as the statistics' sample); the others get a row.
+        stepped = {id(p) for sampled, _ in self.update_sums for p in sampled}
         param_rows = []
         for _, p in named:
-            moments = self._batches(p.device)[1]
-            # The std of the sample the update measured after the optimizer step (the same
-            # values as the statistics' sample of p, without a second gather).
-            after = self._after_sample(p)
-            row = moments.add(p if after is None else after)
+            row = None
+            if id(p) not in stepped:
+                row = (p.device, self._batches(p.device)[1].add(p))
             grad = self.step_grads.get(id(p))
             if grad is None and p.grad is not None:
                 grad = self._add_grad(p.grad)
-            param_rows.append(((p.device, row), grad))
+            param_rows.append((row, grad))
         self.step_grads.clear()
         for dev, (acts, moments) in self.batches.items():
             add(("acts", dev), acts.device_part())
@@ -982,17 +975,24 @@ class Probe:
             return
         values = snapshot.values
         probes = values.pop(("param_probes",))
-        update_of = {}
+        update_of, moments_of = {}, {}
         for i, (params, _) in enumerate(self.update_sums):
             sums = values.pop(("updates", i))
-            for p, before, delta in zip(params, sums[0], sums[1]):
-                size = max((s.sample_size(p) for s in self.samplers.values()), default=0)
-                scale = p.numel() / max(size, 1)
+            sizes = np.asarray([max((s.sample_size(p) for s in self.samplers.values()),
+                                    default=0) for p in params], dtype=np.float64)
+            numels = np.asarray([p.numel() for p in params], dtype=np.float64)
+            table = np.column_stack([numels, sizes, sums[2], sums[3], sums[4],
+                                     np.ones_like(sizes)])
+            moments = np.column_stack(stats.parameter_moments(table))
+            for p, before, delta, scale, row in zip(params, sums[0], sums[1],
+                                                    numels / np.maximum(sizes, 1), moments):
                 update_of[p] = (math.sqrt(delta * scale), math.sqrt(before * scale))
+                moments_of[id(p)] = row
         groups = _optimizer_groups(self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
-        for (name, p), ((dev, row), grad_row) in zip(named, param_rows):
-            std, sumsq, finite, m = rows[dev][3][row]
+        for (name, p), (row, grad_row) in zip(named, param_rows):
+            std, sumsq, finite, m = (moments_of[id(p)] if row is None
+                                     else rows[row[0]][3][row[1]])
             norm = math.sqrt(sumsq * p.numel() / m) if finite == m and m > 0 else (
                 0.0 if m == 0 else math.nan)
             vec = [norm, std]

@@ -3,8 +3,9 @@
 Each parameter's sample (the statistics' sample: all of a small parameter, else its runs of
 ``RUN`` values) is written straight into one flat buffer per device and sample dtype, so the
 update's size of every parameter of the group takes a few ops in all, not a few per
-parameter: ``after - before``, the squares of both, and one ``index_add_`` per group into
-per-parameter sums. The host scales the sums to the whole parameter.
+parameter: ``after - before``, the squares of both, and ``index_add_`` into per-parameter
+sums. The moments of the sample after the step (the parameter's statistics) come from the
+same buffer in a few more ops. The host scales the sums to the whole parameter.
 """
 
 from __future__ import annotations
@@ -30,17 +31,36 @@ class _Slot:
 
 class _Group:
     """The parameters of one device and sample dtype: their slots in ``buffer`` rows 0 (before
-    the step) and 1 (after it), row 2 their difference."""
+    the step) and 1 (after it), row 2 their difference. Slots of the same length sit side by
+    side (``runs``), so a per-parameter sum is one reduction per run over a ``[slots, length]``
+    view: a model has few distinct sample lengths (``index_add_`` over segments was several
+    times slower per value on a CPU)."""
 
     def __init__(self, slots: list, device: torch.device, dtype: torch.dtype) -> None:
         self.slots = slots
         total = sum(s.length for s in slots)
         self.buffer = torch.zeros((3, total), dtype=dtype, device=device)
-        self.squares = torch.zeros((2, total), dtype=_F64, device=device)
-        self.segments = torch.repeat_interleave(
-            torch.arange(len(slots), device=device),
-            torch.tensor([s.length for s in slots], device=device))
+        # float64 work rows: the squares of before and of the update, the non-finite flags
+        # and the values of the sample after the step, then its centred squares.
+        self.work = torch.zeros((5, total), dtype=_F64, device=device)
+        self.lengths = torch.tensor([s.length for s in slots], dtype=_F64, device=device)
+        # (first slot, end slot, first value, end value, length) of each run.
+        self.runs: list[tuple] = []
+        for i, slot in enumerate(slots):
+            if self.runs and self.runs[-1][4] == slot.length:
+                first, _, begin, _, length = self.runs[-1]
+                self.runs[-1] = (first, i + 1, begin, slot.offset + length, length)
+            else:
+                self.runs.append((i, i + 1, slot.offset, slot.offset + slot.length,
+                                  slot.length))
         self.views = [[self._view(row, s) for s in slots] for row in (0, 1)]
+
+    def _segment_sums(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Per slot, the sum of its values in each of ``rows`` (``[k, total]``) into ``out``
+        (``[k, params]``)."""
+        k = rows.shape[0]
+        for first, end, begin, stop, length in self.runs:
+            out[:, first:end] = rows[:, begin:stop].reshape(k, end - first, length).sum(2)
 
     def _view(self, row: int, slot: _Slot) -> torch.Tensor:
         return stats.shaped_for(self.buffer[row, slot.offset:slot.offset + slot.length],
@@ -52,22 +72,34 @@ class _Group:
                 _fill(out, slot)
 
     def sums(self) -> torch.Tensor:
-        """``[2, params]`` float64: per parameter, the sum of squares of its sample before the
-        step and of (after - before) (NaN where the sample holds NaN/Inf)."""
+        """``[5, params]`` float64: per parameter, the sum of squares of its sample before the
+        step and of (after - before) (NaN where the sample holds NaN/Inf), then of its sample
+        after the step the number of finite values, their mean and their sum of squared
+        deviations from it (moduli for a complex parameter)."""
         before, after, delta = self.buffer
         torch.sub(after, before, out=delta)
         pair = self.buffer[0::2]
         if pair.is_complex():  # |z|^2
-            pair = pair.abs()
+            pair, after = pair.abs(), after.abs()
         # Squared in float64: a float32 weight of 1e20 squares past float32's range, and the
         # weights would read as NaN/Inf before the step.
-        self.squares.copy_(pair).mul_(self.squares)
-        out = torch.zeros((2, len(self.slots)), dtype=_F64, device=self.buffer.device)
-        return out.index_add_(1, self.segments, self.squares)
-
-    def after(self, slot_index: int) -> torch.Tensor:
-        slot = self.slots[slot_index]
-        return self.buffer[1, slot.offset:slot.offset + slot.length]
+        squares, bad, values, centred = self.work[:2], self.work[2], self.work[3], self.work[4]
+        squares.copy_(pair).mul_(squares)
+        values.copy_(after)
+        torch.mul(values, 0.0, out=bad).nan_to_num_(1.0)  # 1 where NaN/Inf, else 0
+        values.nan_to_num_(0.0, 0.0, 0.0)
+        out = torch.empty((5, len(self.slots)), dtype=_F64, device=self.buffer.device)
+        self._segment_sums(self.work[:4], out[:4])
+        count = out[2].neg_().add_(self.lengths)
+        mean = out[3].div_(count.clamp(min=1.0))
+        # Deviations from the mean, 0 where the value was NaN/Inf (it stands in as the mean).
+        for first, end, begin, stop, length in self.runs:
+            at = mean[first:end, None]
+            values[begin:stop].view(end - first, length).addcmul_(
+                bad[begin:stop].view(end - first, length), at).sub_(at)
+        torch.mul(values, values, out=centred)
+        self._segment_sums(centred[None], out[4:])
+        return out
 
 
 def _fill(out: torch.Tensor, slot: _Slot) -> None:
@@ -93,8 +125,6 @@ class UpdateSampler:
         self.groups: list[_Group] = []
         self.where: dict = {}
         self.taken = False
-        # Whether the buffers hold samples from after a step not yet collected.
-        self.fresh = False
 
     def before(self, params: list) -> None:
         """Sample ``params`` before the optimizer changes them."""
@@ -114,6 +144,8 @@ class UpdateSampler:
         self.groups, self.where = [], {}
         for (device, dtype), members in by_group.items():
             slots, offset = [], 0
+            # Samples of the same length side by side (see _Group); the order is otherwise kept.
+            members.sort(key=lambda member: -member[1].m)
             for p, plan in members:
                 slots.append(_Slot(p, offset, plan.m, plan.copies[0], tuple(p.shape)))
                 self.where[p] = (len(self.groups), len(slots) - 1)
@@ -126,19 +158,11 @@ class UpdateSampler:
         if not self.taken:
             return []
         self.taken = False
-        self.fresh = True
         out = []
         for group in self.groups:
             group.fill(1)
             out.append(([s.param for s in group.slots], group.sums()))
         return out
-
-    def after_sample(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        """``p``'s sample from the last :meth:`after` (a view of the group's buffer)."""
-        found = self.where.get(p) if self.fresh else None
-        if found is None:
-            return None
-        return self.groups[found[0]].after(found[1])
 
     def sample_size(self, p: torch.Tensor) -> int:
         """The number of values in ``p``'s sample (0 when ``p`` is not laid out)."""
@@ -147,4 +171,4 @@ class UpdateSampler:
 
     def clear(self) -> None:
         """Forget the samples of this step (the buffers stay for the next)."""
-        self.taken = self.fresh = False
+        self.taken = False
