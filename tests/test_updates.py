@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainlint import stats
-from trainlint.updates import UpdateSampler
+from trainlint.updates import S, UpdateSampler
 
 
 def _params() -> list:
@@ -87,13 +87,42 @@ def test_moments_after_the_step_match_a_direct_computation_on_each_parameters_sa
     params[1][0, 0] = -math.inf
     seen = 0
     for ps, sums in sampler.after():
-        for p, count, mean, m2 in zip(ps, *sums[2:].tolist()):
+        rows = [sums[S[name]].tolist() for name in ("finite", "mean", "m2")]
+        for p, count, mean, m2 in zip(ps, *rows):
             want_count, want_mean, want_m2 = _moments_of_sample(p)
             assert count == want_count
             assert mean == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
             assert m2 == pytest.approx(want_m2, rel=1e-6, abs=1e-12)
             seen += 1
     assert seen == len(params)
+
+
+def test_gradients_laid_out_as_their_parameter_are_sampled_with_it() -> None:
+    params = _params()
+    g = torch.Generator().manual_seed(1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    # Gathered by runs of a contiguous parameter: a transposed gradient is left to a row.
+    params[0].grad = torch.randn(200, 300, generator=g).t()
+    # Gathered element by element (a transposed parameter): any layout will do.
+    params[2].grad = params[2].grad.contiguous()
+    params[2].grad.view(-1)[stats.sample_positions(params[2])[3]] = math.inf
+    params[1].grad = torch.randn(30, 40, generator=g).t()  # small: copied whole, any layout
+    params[6].grad = None
+    sampler = UpdateSampler()
+    taken = sampler.before(params)
+    assert taken == {id(p) for i, p in enumerate(params) if i not in (0, 6)}
+    _step(params)
+    for ps, sums in sampler.after():
+        for p, finite, sumsq in zip(ps, sums[S["grad_finite"]].tolist(),
+                                    sums[S["grad_sumsq"]].tolist()):
+            if id(p) not in taken:
+                continue
+            values = p.grad.reshape(-1)[stats.sample_positions(p)]
+            values = (values.abs() if values.is_complex() else values.float()).double()
+            ok = values[torch.isfinite(values)]
+            assert finite == ok.numel()
+            assert sumsq == pytest.approx(float((ok * ok).sum()), rel=1e-9)
 
 
 def test_nonfinite_values_in_the_sample_give_nonfinite_sums() -> None:
@@ -163,3 +192,31 @@ def test_a_nan_in_the_imaginary_part_of_a_complex_weight_is_seen() -> None:
     probe.detach()
     [(names, finite)] = [(k[1], v) for k, v in snap.values.items() if k[0] == "param_finite"]
     assert dict(zip(names, finite.tolist())) == {"weight": True, "bias": True, "c": False}
+
+
+def test_a_monitored_steps_parameter_statistics_match_the_tensors() -> None:
+    import trainlint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(),
+                                torch.nn.LayerNorm(256), torch.nn.Linear(256, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 256), torch.randint(0, 4, (16,))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        monitor.step(loss)
+        params = {p.name: p for p in monitor.report().trace.params}
+    for name, p in model.named_parameters():
+        positions = stats.sample_positions(p)
+        scale = p.numel() / positions.numel()
+        grad = grads[name].reshape(-1)[positions].double()
+        weight = p.detach().reshape(-1)[positions].double()
+        assert params[name].grad_norm == pytest.approx(float(grad.square().sum() * scale) ** 0.5,
+                                                       rel=1e-9)
+        assert params[name].norm == pytest.approx(float(weight.square().sum() * scale) ** 0.5,
+                                                  rel=1e-9)
+        assert params[name].std == pytest.approx(float(weight.std()), rel=1e-9)

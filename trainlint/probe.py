@@ -28,7 +28,7 @@ from .batch import leading_size, tensors_in
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
 from .trace import ELEMENTWISE_OPS, REORDERING_OPS
-from .updates import UpdateSampler
+from .updates import S, UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu",
@@ -81,6 +81,8 @@ RAW_INTS = (torch.uint8, torch.int8, torch.int16)
 MAX_VIA = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
+# ``step_grads`` value of a parameter whose gradient the optimizer hooks' sampler took.
+_SAMPLED = ("sampled",)
 
 
 def activation_kind(module: nn.Module) -> Optional[str]:
@@ -808,13 +810,14 @@ class Probe:
         if not self.observing:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if params:
-            self._sampler(optimizer).before(params)
         # The gradients the step applies, read now: a loop may zero them before
         # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
+        # The sampler takes those laid out as their parameter, a row takes the others.
+        taken = self._sampler(optimizer).before(params) if params else set()
         for p in params:
             if p.grad is not None:
-                self.step_grads[id(p)] = self._add_grad(p.grad)
+                self.step_grads[id(p)] = (_SAMPLED if id(p) in taken
+                                          else self._add_grad(p.grad))
 
     def _add_grad(self, grad: torch.Tensor) -> tuple:
         """``(device, row)`` of a parameter's gradient in this step's moment rows."""
@@ -864,6 +867,8 @@ class Probe:
             if id(p) not in stepped:
                 row = (p.device, self._batches(p.device)[1].add(p))
             grad = self.step_grads.get(id(p))
+            if grad is _SAMPLED and id(p) not in stepped:  # the optimizer's step did not end
+                grad = None
             if grad is None and p.grad is not None:
                 grad = self._add_grad(p.grad)
             param_rows.append((row, grad))
@@ -975,19 +980,25 @@ class Probe:
             return
         values = snapshot.values
         probes = values.pop(("param_probes",))
-        update_of, moments_of = {}, {}
+        update_of, moments_of, grad_of = {}, {}, {}
         for i, (params, _) in enumerate(self.update_sums):
             sums = values.pop(("updates", i))
             sizes = np.asarray([max((s.sample_size(p) for s in self.samplers.values()),
                                     default=0) for p in params], dtype=np.float64)
             numels = np.asarray([p.numel() for p in params], dtype=np.float64)
-            table = np.column_stack([numels, sizes, sums[2], sums[3], sums[4],
-                                     np.ones_like(sizes)])
+            table = np.column_stack([numels, sizes, sums[S["finite"]], sums[S["mean"]],
+                                     sums[S["m2"]], np.ones_like(sizes)])
             moments = np.column_stack(stats.parameter_moments(table))
-            for p, before, delta, scale, row in zip(params, sums[0], sums[1],
-                                                    numels / np.maximum(sizes, 1), moments):
+            grad_finite = sums[S["grad_finite"]]
+            grads = stats.finish_gradients(
+                np.column_stack([grad_finite, sums[S["grad_sumsq"]], grad_finite >= sizes]),
+                np.column_stack([numels, sizes]))
+            for p, before, delta, scale, row, grad in zip(
+                    params, sums[S["before"]], sums[S["update"]], numels / np.maximum(sizes, 1),
+                    moments, grads):
                 update_of[p] = (math.sqrt(delta * scale), math.sqrt(before * scale))
                 moments_of[id(p)] = row
+                grad_of[id(p)] = grad
         groups = _optimizer_groups(self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         for (name, p), (row, grad_row) in zip(named, param_rows):
@@ -997,7 +1008,8 @@ class Probe:
                 0.0 if m == 0 else math.nan)
             vec = [norm, std]
             if grad_row is not None:  # from the gradient's sample above SAMPLE_ABOVE elements
-                grad = rows[grad_row[0]][1][grad_row[1]]
+                grad = (grad_of[id(p)] if grad_row is _SAMPLED
+                        else rows[grad_row[0]][1][grad_row[1]])
                 vec.append(math.sqrt(grad[stats.G["sumsq"]]) if grad[stats.G["nonfinite"]] == 0
                            else math.nan)
             update = update_of.get(p)

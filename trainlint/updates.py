@@ -31,18 +31,19 @@ class _Slot:
 
 class _Group:
     """The parameters of one device and sample dtype: their slots in ``buffer`` rows 0 (before
-    the step) and 1 (after it), row 2 their difference. Slots of the same length sit side by
-    side (``runs``), so a per-parameter sum is one reduction per run over a ``[slots, length]``
-    view: a model has few distinct sample lengths (``index_add_`` over segments was several
-    times slower per value on a CPU)."""
+    the step) and 1 (after it), row 2 their difference, row 3 the gradient. Slots of the same
+    length sit side by side (``runs``), so a per-parameter sum is one reduction per run over a
+    ``[slots, length]`` view: a model has few distinct sample lengths (``index_add_`` over
+    segments was several times slower per value on a CPU)."""
 
     def __init__(self, slots: list, device: torch.device, dtype: torch.dtype) -> None:
         self.slots = slots
         total = sum(s.length for s in slots)
-        self.buffer = torch.zeros((3, total), dtype=dtype, device=device)
-        # float64 work rows: the squares of before and of the update, the non-finite flags
-        # and the values of the sample after the step, then its centred squares.
-        self.work = torch.zeros((5, total), dtype=_F64, device=device)
+        self.buffer = torch.zeros((4, total), dtype=dtype, device=device)
+        # float64 work rows: the squares of before and of the update; the NaN/Inf flags and
+        # the values of the sample after the step; those of the gradient (then its squares);
+        # the centred squares after the step.
+        self.work = torch.zeros((7, total), dtype=_F64, device=device)
         self.lengths = torch.tensor([s.length for s in slots], dtype=_F64, device=device)
         # (first slot, end slot, first value, end value, length) of each run.
         self.runs: list[tuple] = []
@@ -53,7 +54,7 @@ class _Group:
             else:
                 self.runs.append((i, i + 1, slot.offset, slot.offset + slot.length,
                                   slot.length))
-        self.views = [[self._view(row, s) for s in slots] for row in (0, 1)]
+        self.views = [[self._view(row, s) for s in slots] for row in range(4)]
 
     def _segment_sums(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """Per slot, the sum of its values in each of ``rows`` (``[k, total]``) into ``out``
@@ -69,46 +70,73 @@ class _Group:
     def fill(self, row: int) -> None:
         with torch.no_grad():
             for slot, out in zip(self.slots, self.views[row]):
-                _fill(out, slot)
+                _fill(out, slot.param.detach(), slot.copy)
+
+    def fill_grads(self) -> list:
+        """Sample each parameter's gradient into row 3 (the parameter's own positions) where
+        it is laid out as the parameter; the parameters whose gradient it sampled."""
+        taken = []
+        with torch.no_grad():
+            for slot, out in zip(self.slots, self.views[3]):
+                g, p = slot.param.grad, slot.param
+                if (g is not None and g.layout == torch.strided and g.shape == p.shape
+                        and g.dtype == p.dtype and (g.is_contiguous() or slot.copy.how != "runs")):
+                    _fill(out, g.detach(), slot.copy)
+                    taken.append(p)
+        return taken
 
     def sums(self) -> torch.Tensor:
-        """``[5, params]`` float64: per parameter, the sum of squares of its sample before the
-        step and of (after - before) (NaN where the sample holds NaN/Inf), then of its sample
-        after the step the number of finite values, their mean and their sum of squared
-        deviations from it (moduli for a complex parameter)."""
-        before, after, delta = self.buffer
+        """``[len(SUMS), params]`` float64, per parameter (moduli for a complex one):
+
+        * ``before``, ``update``: the sums of squares of its sample before the step and of
+          (after - before) (NaN where the sample holds NaN/Inf);
+        * ``finite``, ``mean``, ``m2``: of its sample after the step, the number of finite
+          values, their mean and their sum of squared deviations from it;
+        * ``grad_finite``, ``grad_sumsq``: of its gradient's sample (row 3, where
+          :meth:`fill_grads` wrote it), the number of finite values and the sum of their
+          squares."""
+        before, after, delta, grad = self.buffer
         torch.sub(after, before, out=delta)
         pair = self.buffer[0::2]
         if pair.is_complex():  # |z|^2
-            pair, after = pair.abs(), after.abs()
-        # Squared in float64: a float32 weight of 1e20 squares past float32's range, and the
-        # weights would read as NaN/Inf before the step.
-        squares, bad, values, centred = self.work[:2], self.work[2], self.work[3], self.work[4]
-        squares.copy_(pair).mul_(squares)
-        values.copy_(after)
-        torch.mul(values, 0.0, out=bad).nan_to_num_(1.0)  # 1 where NaN/Inf, else 0
-        values.nan_to_num_(0.0, 0.0, 0.0)
-        out = torch.empty((5, len(self.slots)), dtype=_F64, device=self.buffer.device)
-        self._segment_sums(self.work[:4], out[:4])
-        count = out[2].neg_().add_(self.lengths)
-        mean = out[3].div_(count.clamp(min=1.0))
+            pair, after, grad = pair.abs(), after.abs(), grad.abs()
+        # In float64: a float32 weight of 1e20 squares past float32's range, and the weights
+        # would read as NaN/Inf before the step.
+        work = self.work
+        work[0:2].copy_(pair).mul_(work[0:2])
+        work[3].copy_(after)
+        work[5].copy_(grad)
+        for bad, values in ((work[2], work[3]), (work[4], work[5])):
+            torch.mul(values, 0.0, out=bad).nan_to_num_(1.0)  # 1 where NaN/Inf, else 0
+            values.nan_to_num_(0.0, 0.0, 0.0)
+        work[5].mul_(work[5])
+        out = torch.empty((len(SUMS), len(self.slots)), dtype=_F64, device=self.buffer.device)
+        self._segment_sums(work[:6], out[:6])
+        out[2].neg_().add_(self.lengths)  # finite = length - NaN/Inf
+        out[4].neg_().add_(self.lengths)
+        mean = out[3].div_(out[2].clamp(min=1.0))
         # Deviations from the mean, 0 where the value was NaN/Inf (it stands in as the mean).
+        values, bad = work[3], work[2]
         for first, end, begin, stop, length in self.runs:
             at = mean[first:end, None]
             values[begin:stop].view(end - first, length).addcmul_(
                 bad[begin:stop].view(end - first, length), at).sub_(at)
-        torch.mul(values, values, out=centred)
-        self._segment_sums(centred[None], out[4:])
+        torch.mul(values, values, out=work[6])
+        self._segment_sums(work[6:7], out[6:7])
         return out
 
 
-def _fill(out: torch.Tensor, slot: _Slot) -> None:
-    """Write ``slot.param``'s sample into ``out`` (one op; two for 16-bit parameters)."""
-    p, copy = slot.param.detach(), slot.copy
-    if copy.how != "whole" and p.dtype != out.dtype:  # a gather keeps the dtype: cast after it
-        out.copy_(stats.sample_values(p).view(out.shape))
+# The rows of :meth:`_Group.sums`.
+SUMS = ("before", "update", "finite", "mean", "grad_finite", "grad_sumsq", "m2")
+S = {name: i for i, name in enumerate(SUMS)}
+
+
+def _fill(out: torch.Tensor, x: torch.Tensor, copy: stats.Copy) -> None:
+    """Write the sample of ``x`` into ``out`` (one op; two for 16-bit tensors)."""
+    if copy.how != "whole" and x.dtype != out.dtype:  # a gather keeps the dtype: cast after it
+        out.copy_(stats.sample_values(x).view(out.shape))
     else:
-        stats.fill(out, p, copy)
+        stats.fill(out, x, copy)
 
 
 def sample_dtype(p: torch.Tensor) -> torch.dtype:
@@ -126,15 +154,19 @@ class UpdateSampler:
         self.where: dict = {}
         self.taken = False
 
-    def before(self, params: list) -> None:
-        """Sample ``params`` before the optimizer changes them."""
+    def before(self, params: list) -> set:
+        """Sample ``params`` and their gradients before the optimizer changes them; the ids of
+        the parameters whose gradient was sampled (laid out as the parameter)."""
         key = tuple((id(p), p.shape, p.dtype, p.device, p.is_contiguous()) for p in params)
         if key != self.key:
             self._layout(params)
             self.key = key
+        taken = set()
         for group in self.groups:
             group.fill(0)
+            taken.update(id(p) for p in group.fill_grads())
         self.taken = True
+        return taken
 
     def _layout(self, params: list) -> None:
         by_group: dict = {}
