@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py HEAD~3                 # cnn, mlp, depth32; 30 steps
     python benchmarks/compare.py v0.1 --workloads mlp --steps 60
+    python benchmarks/compare.py DIR --device cuda       # DIR/trainlint: a copy made earlier
 
 On a machine shared with other jobs, two separate benchmark runs can differ by more than a
 change's effect. Here ``plain``, ``base`` (``trainlint.Monitor(every=1)`` of the revision,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,19 +33,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def import_revision(rev: str, into: Path) -> Any:
-    """The ``trainlint`` package of git revision ``rev``, imported as ``trainlint_base``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "trainlint"],
-                             capture_output=True, check=False)
-    if archive.returncode != 0:
-        raise SystemExit(f"git archive {rev}: {archive.stderr.decode().strip()}")
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    (into / "trainlint").rename(into / "trainlint_base")
+    """The ``trainlint`` package of git revision ``rev``, imported as ``trainlint_base``; or,
+    where ``rev`` is a folder holding a ``trainlint`` package (a copy of another revision, for
+    a machine without the git history), that package."""
+    copied = Path(rev) / "trainlint"
+    if (copied / "__init__.py").is_file():
+        shutil.copytree(copied, into / "trainlint_base")
+    else:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "trainlint"],
+                                 capture_output=True, check=False)
+        if archive.returncode != 0:
+            raise SystemExit(f"git archive {rev}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+        (into / "trainlint").rename(into / "trainlint_base")
     sys.path.insert(0, str(into))
     return importlib.import_module("trainlint_base")
 
 
 def compare(workload: overhead.Workload, base_package: Any, steps: int,
-            warmup: int) -> dict:
+            warmup: int, device: str = "cpu") -> dict:
     """Per mode (plain, base, current): (10th percentile, median) wall step time in seconds,
     from :func:`overhead.time_modes` (the modes take turns step by step)."""
     def factory(name: str, model: torch.nn.Module, optimizer: Any) -> overhead.Mode:
@@ -53,7 +61,7 @@ def compare(workload: overhead.Workload, base_package: Any, steps: int,
         return overhead.Trainlint(model, optimizer, every=1, package=package)
 
     times = overhead.time_modes(workload, ("plain", "base", "current"), steps, warmup,
-                                torch.device("cpu"), factory)
+                                torch.device(device), factory)
     out = {}
     for name, pairs in times.items():
         wall = sorted(w for w, _ in pairs)
@@ -63,11 +71,13 @@ def compare(workload: overhead.Workload, base_package: Any, steps: int,
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("rev", help="the git revision to compare with (e.g. HEAD~3)")
+    parser.add_argument("rev", help="the git revision to compare with (e.g. HEAD~3), or a "
+                        "folder holding a copy of its trainlint package")
     parser.add_argument("--workloads", default="cnn,mlp,depth32")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     table = overhead.workloads()
@@ -76,12 +86,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown workload(s) {unknown}; known: {', '.join(table)}")
     with tempfile.TemporaryDirectory() as tmp:
         base_package = import_revision(args.rev, Path(tmp))
-        print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} steps after "
-              f"{args.warmup}; base = {args.rev}")
+        print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, "
+              f"{args.steps} steps after {args.warmup}; base = {args.rev}")
         print(f"  {'workload':12s} {'mode':8s} {'p10 ms':>9s} {'x plain':>8s} "
               f"{'median ms':>10s} {'x plain':>8s}")
         for name in args.workloads.split(","):
-            result = compare(table[name], base_package, args.steps, args.warmup)
+            result = compare(table[name], base_package, args.steps, args.warmup,
+                             args.device)
             p10, med = result["plain"]
             for mode, (a, b) in result.items():
                 print(f"  {name:12s} {mode:8s} {1e3 * a:9.1f} {a / p10:8.3f} "
