@@ -255,3 +255,49 @@ def test_an_output_that_gets_no_gradient_while_its_node_does() -> None:
     assert layers["split"].activation.count == 2 * 8 * 8  # its first chunk, read each step
     assert layers["split"].grad_norm is None  # which no gradient reached
     assert layers["fc"].grad_norm > 0 and layers["head"].grad_norm > 0
+
+
+def test_a_checkpointed_block_trains_the_same_under_a_monitor() -> None:
+    """Non-reentrant activation checkpointing (transformers' gradient_checkpointing) compares
+    what autograd saved in the forward with the recompute in the backward: the probe's reads
+    of a block's own output (its residual sum) must record nothing."""
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln, self.fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.nn.functional.gelu(self.fc(self.ln(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return self.head(x.mean(1))
+
+    def train(monitored: bool) -> list:
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = trainlint.Monitor(model, optimizer=opt, every=1) if monitored else None
+        for _ in range(2):
+            x, y = torch.randn(4, 5, 16), torch.randint(0, 3, (4,))
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if monitor is not None:
+                monitor.step(loss)
+        if monitor is not None:
+            assert monitor.report().trace.observed_steps == 2
+            monitor.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for got, want in zip(train(True), train(False)):
+        assert torch.equal(got, want)

@@ -514,6 +514,7 @@ def nan_probe(x: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor that is NaN when ``x`` holds a NaN, else 0 (an Inf is a mask's -inf, not a
     fault, in a model input). One reduction: the max propagates a NaN and nothing else makes
     one (6x faster here than ``isnan(x).any()``, which writes a bool tensor and reads it)."""
+    x = x.detach()  # nothing recorded for autograd (a checkpointed region's saved tensors)
     top = (torch.view_as_real(x) if x.is_complex() else x).amax()
     return torch.where(top.isnan(), math.nan, 0.0)
 
@@ -521,6 +522,7 @@ def nan_probe(x: torch.Tensor) -> torch.Tensor:
 def extremes_probe(x: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor, non-finite exactly when ``x`` holds NaN/Inf, from its min and max (a
     sum of huge finite values, such as a mask filled with finfo.min, would overflow)."""
+    x = x.detach()  # nothing recorded for autograd (a checkpointed region's saved tensors)
     lo, hi = torch.aminmax(x.abs() if x.is_complex() else x)
     return finite_probe(lo, hi)
 
