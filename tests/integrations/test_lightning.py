@@ -97,6 +97,32 @@ def test_logged_at_the_optimizer_step_under_gradient_accumulation(tmp_path):
     assert logged == [0, 1]  # batches 0 and 2: the first and the second optimizer step
 
 
+class LossRecordingModule(DeadReluModule):
+    """Keeps the loss each training_step computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.computed: list = []
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.computed.append(float(loss))
+        return loss
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_losses_read_are_those_training_step_computed(tmp_path, accumulate):
+    """Under gradient accumulation Lightning hands on_train_batch_end the loss divided by
+    accumulate_grad_batches: the first loss would read N times too small (TL302, TL603)."""
+    callback = TrainlintCallback(every=1, verbose=False)
+    module = LossRecordingModule()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback], accumulate_grad_batches=accumulate)
+    trainer.fit(module, loader(BATCH * BATCHES, BATCH))
+    assert callback.report.trace.losses == pytest.approx(module.computed, rel=1e-6)
+
+
 def test_fail_on_stops_a_doomed_run_early(tmp_path):
     callback = TrainlintCallback(every=1, fail_on="warning", verbose=False)
     with pytest.raises(RunFailed) as failed:

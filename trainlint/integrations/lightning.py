@@ -13,6 +13,7 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback, LightningModule, Trainer
 
+import torch
 import torch.nn as nn
 
 from ..engine import Selection
@@ -80,7 +81,7 @@ class TrainlintCallback(Callback):
                            batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            self.monitor.step(loss)
+            self.monitor.step(_as_computed(trainer, pl_module, loss))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor is None:
@@ -100,6 +101,16 @@ class TrainlintCallback(Callback):
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+
+
+def _as_computed(trainer: Trainer, pl_module: LightningModule, loss: Any) -> Any:
+    """The loss ``training_step`` returned: under automatic optimization with gradient
+    accumulation Lightning hands back its value divided by ``accumulate_grad_batches`` (the
+    part of the accumulated gradient), which would read as a first loss N times too small."""
+    n = getattr(trainer, "accumulate_grad_batches", 1)
+    if isinstance(loss, torch.Tensor) and n > 1 and pl_module.automatic_optimization:
+        return loss * n
+    return loss
 
 
 def _optimizers_of(model: nn.Module, optimizers: list) -> Any:
