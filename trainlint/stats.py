@@ -1,7 +1,8 @@
 """Statistics of the observed tensors, computed on their device; merged on the host.
 
 The probe hands every observed activation to an :class:`ActivationBatch`, and every output
-gradient, parameter and parameter gradient to a :class:`MomentBatch`. Per tensor that is one
+gradient to a :class:`MomentBatch`, as it does the parameters and parameter gradients that the
+optimizer hooks' sampler (``trainlint.updates``) did not take. Per tensor that is one
 or two ops and never a sync (no ``.item()``, ``.cpu()``, ``bool(tensor)``; branches depend on
 shapes and dtypes only):
 
