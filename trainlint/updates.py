@@ -3,9 +3,10 @@
 Each parameter's sample (the statistics' sample: all of a small parameter, else its runs of
 ``RUN`` values) is written straight into one flat buffer per device and sample dtype, so the
 update's size of every parameter of the group takes a few ops in all, not a few per
-parameter: ``after - before``, the squares of both, and ``index_add_`` into per-parameter
-sums. The moments of the sample after the step (the parameter's statistics) come from the
-same buffer in a few more ops. The host scales the sums to the whole parameter.
+parameter: ``after - before``, the squares of both, and one reduction per run of
+equal-length samples into per-parameter sums. The moments of the sample after the step
+(the parameter's statistics) and of the gradient's sample come from the same buffer in a few
+more ops. The host scales the sums to the whole parameter.
 """
 
 from __future__ import annotations
@@ -111,10 +112,10 @@ class _Group:
             values.nan_to_num_(0.0, 0.0, 0.0)
         work[5].mul_(work[5])
         out = torch.empty((len(SUMS), len(self.slots)), dtype=_F64, device=self.buffer.device)
-        self._segment_sums(work[:6], out[:6])
-        out[2].neg_().add_(self.lengths)  # finite = length - NaN/Inf
-        out[4].neg_().add_(self.lengths)
-        mean = out[3].div_(out[2].clamp(min=1.0))
+        self._segment_sums(work[:6], out[:6])  # rows 2 and 4 hold the NaN/Inf counts
+        finite = out[S["finite"]].neg_().add_(self.lengths)
+        out[S["grad_finite"]].neg_().add_(self.lengths)
+        mean = out[S["mean"]].div_(finite.clamp(min=1.0))
         # Deviations from the mean, 0 where the value was NaN/Inf (it stands in as the mean).
         values, bad = work[3], work[2]
         for first, end, begin, stop, length in self.runs:
@@ -122,7 +123,7 @@ class _Group:
             values[begin:stop].view(end - first, length).addcmul_(
                 bad[begin:stop].view(end - first, length), at).sub_(at)
         torch.mul(values, values, out=work[6])
-        self._segment_sums(work[6:7], out[6:7])
+        self._segment_sums(work[6:7], out[S["m2"]:S["m2"] + 1])
         return out
 
 
