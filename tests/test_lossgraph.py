@@ -3,6 +3,7 @@ torch loss it computes, its terms and the output it reads (TL601, TL302 in a Mon
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 import trainlint
 from trainlint.engine import RULES, load_rules
-from trainlint.lossgraph import LossGraph, read_loss_graph
+from trainlint.lossgraph import LossGraph, item_mean, read_loss_graph
 
 load_rules()
 
@@ -282,13 +283,16 @@ def test_a_monitor_created_after_training_began_does_not_judge_the_init() -> Non
     assert "first training step" in report.skipped["TL301"]
 
 
-def _graph_of(loss_fn, probabilities: bool = False, **model_kw) -> LossGraph:  # noqa: ANN001
+def _graph_of(loss_fn, probabilities: bool = False, after_backward: bool = True,  # noqa: ANN001
+              **model_kw) -> LossGraph:
     """The graph facts of ``loss_fn(output, y)`` on a 10-class head (its output softmaxed
-    when ``probabilities``), read after the backward."""
+    when ``probabilities``), read after the backward (before it: not ``after_backward``)."""
     model, y = _head(**model_kw), torch.randint(0, 10, (8,))
     out = model(torch.randn(8, 6))
     out = out.softmax(dim=1) if probabilities else out
-    loss = _after_backward(loss_fn(out, y))
+    loss = loss_fn(out, y)
+    if after_backward:
+        _after_backward(loss)
     return read_loss_graph(loss, model.parameters(), _outputs(out))
 
 
@@ -356,3 +360,95 @@ def test_check_and_the_monitor_leave_a_distilled_students_first_loss_alone() -> 
     assert report.trace.loss_terms == 2 and "TL302" not in _codes(report)
     watched = _monitored(_head(), distilled)
     assert watched.trace.loss_terms == 2 and "TL302" not in _codes(watched)
+
+
+# ------------------------------------------------------- a sum divided by the count of its items
+def _sum_graph(divide, after_backward: bool = False) -> tuple:  # noqa: ANN001
+    """The graph of ``divide(cross_entropy(reduction="sum"), targets)`` on a head whose first
+    target is ignored (7 items of 8), read before its backward unless ``after_backward``."""
+    model, y = _head(), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(0))
+    y[0] = -100
+    out = model(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)))
+    loss = divide(F.cross_entropy(out, y, reduction="sum"), y)
+    if after_backward:
+        loss.backward()
+    graph = read_loss_graph(loss, model.parameters(), _outputs(out))
+    return graph, loss, float(F.cross_entropy(out, y))
+
+
+def test_a_sum_divided_by_the_count_of_its_items_is_a_mean() -> None:
+    """transformers' models under Trainer: cross_entropy(reduction="sum") / num_items_in_batch
+    (a tensor; the count of the whole accumulated batch under gradient accumulation). The
+    divisor is read from the graph before the backward frees it; a divisor that is no count
+    of the items (a temperature, a batch size below the count of its tokens) keeps it a sum."""
+    for divide in (lambda s, y: s / y.ne(-100).sum(), lambda s, y: s / 7):
+        graph, loss, mean = _sum_graph(divide)
+        assert (graph.kind, graph.reduction, graph.counted) == ("cross_entropy", "mean", True)
+        assert math.isclose(float(loss), mean, rel_tol=1e-5)
+        assert math.isclose(float(item_mean(loss)), mean, rel_tol=1e-5)
+    # Four micro-batches' count: the loss is a quarter of the mean; item_mean is the mean.
+    graph, loss, mean = _sum_graph(lambda s, y: s / (4 * y.ne(-100).sum()))
+    assert (graph.reduction, graph.counted) == ("mean", True)
+    assert math.isclose(4 * float(loss), mean, rel_tol=1e-5)
+    assert math.isclose(float(item_mean(loss)), mean, rel_tol=1e-5)
+    for divide in (lambda s, y: s / 2.0, lambda s, y: s / 3, lambda s, y: s / 7.5):
+        graph, loss, _ = _sum_graph(divide)
+        assert (graph.reduction, graph.counted) == ("sum", False)
+    graph, loss, _ = _sum_graph(lambda s, y: s / 7, after_backward=True)  # the 7 is freed
+    assert graph.reduction == "sum"
+    assert _sum_graph(lambda s, y: s)[0].reduction == "sum"
+    assert item_mean(_sum_graph(lambda s, y: s / 2.0 + 0 * s)[1]) is None
+    rows = _graph_of(lambda o, y: F.cross_entropy(o, y, reduction="none").sum() / len(y),
+                     after_backward=False)
+    assert rows.reduction == "mean"
+    per_pair = _graph_of(lambda o, y: F.cross_entropy(o, y, reduction="none").sum() / 2,
+                         after_backward=False)
+    assert per_pair.reduction == "none"
+
+
+class _SummedLoss(nn.Module):
+    """Computes its loss as transformers' models do under Trainer: the sum of the tokens'
+    cross-entropy over the number of items the caller counted (over ``accumulation`` batches
+    like this one under gradient accumulation)."""
+
+    def __init__(self, head: nn.Module, accumulation: int = 1) -> None:
+        super().__init__()
+        self.head, self.accumulation = head, accumulation
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self.head(x)
+        items = labels.ne(-100).sum() * self.accumulation
+        return {"loss": F.cross_entropy(logits, labels, reduction="sum") / items,
+                "logits": logits}
+
+
+def test_a_monitor_and_check_judge_the_first_loss_of_a_sum_over_a_count() -> None:
+    """TL302 judges a loss that sums its tokens' cross-entropy and divides by their count, in
+    the Monitor (the model's own .loss, read in its forward; the step's per-item mean is
+    recorded when the count covers accumulated batches) and in check (the loss_fn's)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 10, (32,), generator=g)
+    loud = _head()
+    nn.init.normal_(loud[2].weight, std=4.0)
+    with torch.no_grad():
+        first = float(F.cross_entropy(loud(x), y))
+    for accumulation in (1, 4):
+        model = _SummedLoss(copy.deepcopy(loud), accumulation)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with trainlint.Monitor(model, opt, every=1) as monitor:
+            for _ in range(2):
+                loss = model(x, y)["loss"]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                monitor.step()
+            report = monitor.report()
+        assert report.trace.loss_reduction == "mean"
+        assert math.isclose(report.trace.per_step[0]["loss"], first, rel_tol=1e-4)
+        assert "TL302" in _codes(report)
+    def summed(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(o, t, reduction="sum") / len(t)
+
+    checked = trainlint.check(loud, (x, y), loss_fn=summed)
+    assert checked.trace.loss_reduction == "mean" and "TL302" in _codes(checked)
+    assert "TL302" not in _codes(trainlint.check(_head(), (x, y), loss_fn=summed))

@@ -235,8 +235,12 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         tensors = tensors_in(outputs)
         probe.loss_output_first(output_index(call, tensors) if call is not None else
                                 run["graph_output"], len(tensors))
+        graph = None
         if step == 0:
             _note_loss(run, choice, call)
+            # Before the backward frees the saved values: a sum's divisor tells a count
+            # (a mean) from another number.
+            graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
         phase = "backward"
         loss.backward()
         phase = "optimizer step"
@@ -247,8 +251,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         if raised_by_trainlint(exc):
             raise
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
-    if step == 0:  # the graph outlives the backward (only its saved tensors are freed)
-        graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
+    if graph is not None:
         _note_loss_graph(run, graph)
         if run["graph_output"] is not None:  # a loss the model made: the graph says what it read
             probe.loss_output_first(graph.output_index, graph.output_count)
@@ -347,8 +350,9 @@ def _validate_loss(loss: Any) -> None:
 def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     """What the loss's graph adds to what its calls showed: whether it reads an output as it
     is, terms computed from the outputs outside torch losses (a distillation KL), and a
-    per-sample loss (reduction "none") that is then averaged. A loss the model computed itself
-    (its ``.loss``: no loss call was seen) is known by the graph alone, as a Monitor knows it."""
+    per-sample loss (reduction "none") or a sum that is then averaged. A loss the model
+    computed itself (its ``.loss``: no loss call was seen) is known by the graph alone, as a
+    Monitor knows it."""
     run["loss_reads_output"] = graph.reads_output
     if run["loss_kind"] == "model" and graph.kind is not None:
         run.update(loss_kind=graph.kind, loss_reduction=graph.reduction, loss_terms=graph.terms,
@@ -357,7 +361,7 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     if graph.kind is None or run["loss_terms"] is None:
         return
     run["loss_terms"] = max(run["loss_terms"], graph.terms)
-    if run["loss_reduction"] == "none" and graph.reduction == "mean":
+    if run["loss_reduction"] in ("none", "sum") and graph.reduction == "mean":
         run["loss_reduction"] = "mean"
 
 

@@ -11,10 +11,16 @@ read them from the loss it is handed after ``loss.backward()``:
   many terms the loss adds (torch losses, and other terms computed from the model's outputs,
   such as a distillation KL), and which of the model's outputs it reads: the facts ``check``
   also reads while the loss runs (:mod:`trainlint.losswatch`), for TL302 and TL601.
+
+A sum over items divided by their count is a mean (transformers' models compute
+``cross_entropy(reduction="sum") / num_items_in_batch`` under ``Trainer``): telling a count
+from another divisor (a temperature) takes the saved values, which the backward frees, so it
+is seen only in a loss read before its backward.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -69,6 +75,10 @@ class LossGraph:
     num_classes: Optional[int] = None
     output_index: Optional[int] = None
     output_count: int = 0
+    # The loss itself is a torch loss's sum divided by a count of at least as many items:
+    # :func:`item_mean` gives its per-item mean (a count over a whole accumulated batch
+    # makes its value a fraction of it).
+    counted: bool = False
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -155,9 +165,11 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     claimed = set().union(*(d["path"] for d in described))
     terms = len(losses) + _other_terms(root, set(losses), claimed, where)
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
+    top = _sum_divided(root)
+    counted = first["reduction"] == "mean" and top is not None and top[1] is first["node"]
     return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
-                     output_count=count)
+                     output_count=count, counted=counted)
 
 
 def _describe(node: Any, where: dict, parent: dict) -> dict:
@@ -178,13 +190,16 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
     found = where.get(id(read)) if read is not None else None
     return {"kind": kind, "reduction": _reduction(node, parent), "classes": classes,
             "index": found[1] if found else None, "forward": found[0] if found else None,
-            "path": path}
+            "path": path, "node": node}
 
 
 def _reduction(node: Any, parent: dict) -> Optional[str]:
     """The loss node's reduction; "mean" for a reduction="none" loss that is then averaged
-    (times a constant: ``loss.mean() / accumulation``)."""
+    (times a constant: ``loss.mean() / accumulation``), and for a sum over items divided by
+    a count of them (see :func:`_divided_by_count`)."""
     reduction = REDUCTIONS.get(getattr(node, "_saved_reduction", None))
+    if reduction == "sum":
+        return "mean" if _divided_by_count(node, parent, _items(node)) else reduction
     if reduction != "none":
         return reduction
     above = parent.get(node)
@@ -192,10 +207,116 @@ def _reduction(node: Any, parent: dict) -> Optional[str]:
         name = node_name(above)
         if name == "MeanBackward":
             return "mean"
+        if above.name() == "SumBackward0":  # every per-item loss added up
+            return "mean" if _divided_by_count(above, parent, _rows(node)) else reduction
         if name not in SHAPE_NODES and name not in KEEP_NODES and above.name() not in _SCALED:
             break
         above = parent.get(above)
     return reduction
+
+
+def _divided_by_count(node: Any, parent: dict, items: Optional[float]) -> bool:
+    """Whether the sum of ``items`` per-item losses that ``node`` returns is then divided
+    (through reshapes and casts) by a whole number at least ``items``: a count of them (its
+    value is their mean) or of a batch that holds them (gradient accumulation's count: its
+    value is at most their mean). A divisor that is no count (a temperature), or one that
+    cannot be read (a loss read after its backward: the saved values are freed), is not."""
+    below, above = node, parent.get(node)
+    while above is not None and (node_name(above) in SHAPE_NODES or
+                                 node_name(above) in KEEP_NODES):
+        below, above = above, parent.get(above)
+    if above is None or node_name(above) != "DivBackward" or _first_input(above) is not below:
+        return False
+    try:
+        divisor = _number(above._saved_other)
+    except (AttributeError, RuntimeError):  # freed by the backward
+        return False
+    if divisor is None or items is None or items <= 0:
+        return False
+    if math.isclose(divisor, items, rel_tol=1e-6):
+        return True
+    return divisor > items and divisor == round(divisor)
+
+
+def _number(value: Any) -> Optional[float]:
+    """A saved value as a float (a one-element tensor is read on the host, once per loss
+    graph); None when it is not one number."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        with torch._C.DisableTorchFunction():  # inside the probe's mode: no dispatch of our own
+            return float(value.detach().reshape(-1)[0])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _items(node: Any) -> Optional[float]:
+    """How many items a reduction="sum" loss node added: an NLL loss's saved total weight
+    (its targets that were not ignored, weighted), else every element it read; None when
+    the total weight was freed (read after the backward)."""
+    if LOSS_NODES[node_name(node)] == "nll":
+        try:
+            return _number(node._saved_total_weight)
+        except (AttributeError, RuntimeError):
+            return None
+    shape = _input_shape(node)
+    return float(math.prod(shape)) if shape else None
+
+
+def _rows(node: Any) -> Optional[float]:
+    """How many per-item losses a reduction="none" loss node returns: the elements it read,
+    less the class dimension of an NLL loss's (N, C, ...) input."""
+    shape = _input_shape(node)
+    if not shape:
+        return None
+    if LOSS_NODES[node_name(node)] == "nll" and len(shape) >= 2:
+        shape = shape[:1] + shape[2:]
+    return float(math.prod(shape))
+
+
+def _sum_divided(root: Any) -> Optional[tuple]:
+    """``(division, loss node)`` when the loss at ``root`` is, through reshapes and casts, a
+    reduction="sum" NLL loss divided by something; else None."""
+    node = root
+    while node is not None and (node_name(node) in SHAPE_NODES or node_name(node) in KEEP_NODES):
+        node = _first_input(node)
+    if node is None or node_name(node) != "DivBackward":
+        return None
+    division, node = node, _first_input(node)
+    while node is not None and (node_name(node) in SHAPE_NODES or node_name(node) in KEEP_NODES):
+        node = _first_input(node)
+    if node is None or LOSS_NODES.get(node_name(node)) != "nll" or \
+            REDUCTIONS.get(getattr(node, "_saved_reduction", None)) != "sum":
+        return None
+    return division, node
+
+
+def item_mean(loss: torch.Tensor) -> Optional[torch.Tensor]:
+    """The per-item mean of a loss that divides an NLL loss's sum by a count of items
+    (``LossGraph.counted``), read before its backward: ``loss * count / total weight``, on
+    the loss's device (no host sync). Under ``Trainer``'s gradient accumulation the count
+    covers every micro-batch of the step, so the loss itself is a fraction of this mean.
+    None for another loss, or one whose saved values are gone."""
+    top = _sum_divided(loss.grad_fn) if loss.grad_fn is not None else None
+    if top is None:
+        return None
+    division, node = top
+    try:
+        divisor, total = division._saved_other, node._saved_total_weight
+    except (AttributeError, RuntimeError):
+        return None
+    if not isinstance(total, torch.Tensor) or total.numel() != 1:
+        return None
+    with torch._C.DisableTorchFunction():  # inside the probe's mode: no dispatch of our own
+        value = loss.detach()
+        if isinstance(divisor, torch.Tensor):
+            if divisor.numel() != 1:
+                return None
+            divisor = divisor.detach().to(value.device).reshape(())
+        total = total.detach().to(value.device).reshape(())
+        scaled = (value.float() * divisor / total.clamp_min(1e-12)).to(value.dtype)
+        return torch.where(total > 0, scaled, value)
 
 
 def _other_terms(root: Any, losses: set, claimed: set, where: dict) -> int:

@@ -16,7 +16,7 @@ from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
-from .lossgraph import LossGraph, output_nodes, read_loss_graph
+from .lossgraph import LossGraph, item_mean, output_nodes, read_loss_graph
 from .probe import (
     Probe,
     ProbeSnapshot,
@@ -258,7 +258,11 @@ class Monitor:
             if self._loss_graph is None and loss.grad_fn is not None:  # (the probe records
                 self._loss_graph = read_loss_graph(  # the outputs after this hook runs)
                     loss, self._own_parameters(), [output_nodes(tensors_in(output))])
-            self._model_loss = loss.detach()
+            # A sum divided by a count of items (transformers' num_items_in_batch, which
+            # under gradient accumulation counts the whole step's): its per-item mean.
+            mean = item_mean(loss) if self._loss_graph is not None and \
+                self._loss_graph.counted else None
+            self._model_loss = loss.detach() if mean is None else mean
 
     def _amp_dtype(self) -> Optional[str]:
         if self._autocast is not None:

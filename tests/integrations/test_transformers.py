@@ -6,7 +6,14 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+)
 
 from trainlint.engine import RULES, load_rules
 from trainlint.integrations.transformers import TrainlintCallback
@@ -117,3 +124,39 @@ def test_a_train_that_raises_leaves_hooks_that_close_or_the_next_train_takes_off
     callback.close()
     callback.close()
     assert hooks(trainer.model) == 0
+
+
+def loud_gpt2() -> GPT2LMHeadModel:
+    """A 1-layer GPT-2 without dropout whose tied embedding is 100x too large: its first
+    loss is far above ln(vocab)."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(100)
+    return model
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_causal_lms_loss_over_num_items_in_batch_is_its_token_mean(tmp_path, accumulation):
+    """Trainer passes num_items_in_batch: the model's loss is its tokens' summed cross-entropy
+    over that count (of the whole accumulated batch). trainlint reads it as a mean (TL302
+    judges the first loss) and records each step's per-token mean, the loss the same model
+    returns without the count."""
+    ids = torch.arange(12) * 5 % 64
+    expected = float(loud_gpt2()(input_ids=ids[None].repeat(4, 1), labels=ids[None]
+                                 .repeat(4, 1)).loss)  # every sample the same: every batch's
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=accumulation, max_steps=2,
+                             learning_rate=0.0, report_to=[], use_cpu=True,
+                             logging_strategy="no", save_strategy="no", disable_tqdm=True,
+                             seed=0)
+    callback = TrainlintCallback(every=1, verbose=False)
+    Trainer(model=loud_gpt2(), args=args, train_dataset=[{"input_ids": ids, "labels": ids}] * 16,
+            callbacks=[callback]).train()
+    trace = callback.report.trace
+    assert (trace.loss_kind, trace.loss_reduction) == ("cross_entropy", "mean")
+    assert len(trace.losses) == 2
+    assert all(math.isclose(v, expected, rel_tol=1e-4) for v in trace.losses)
+    assert expected > 3 * math.log(64) and "TL302" in {f.code for f in callback.report.findings}
