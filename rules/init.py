@@ -22,6 +22,7 @@ from ._graph import (
     sources,
     upstream,
 )
+from .run import unknown_loss
 
 # nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
 GAINS = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0}
@@ -316,7 +317,7 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     it (``nn.init.zeros_(head.weight)``), and set its bias to the log class priors.
     """
     if trace.loss_kind is None:
-        raise Skip("the loss function is not known (no torch loss seen in the loss's graph)")
+        raise Skip(unknown_loss(trace))
     if trace.loss_kind == "model":
         raise Skip("the loss comes from the model's own output (.loss): its kind is not known")
     if trace.loss_kind == "custom":

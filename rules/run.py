@@ -22,6 +22,18 @@ def loss_points(trace: RunTrace) -> list[dict]:
     return trace.per_step + ([tail] if tail is not None and tail["step"] > last else [])
 
 
+def no_loss(trace: RunTrace) -> str:
+    """Why a rule that needs the loss has none: no loss was observed, and what to do."""
+    return f"no loss was observed ({trace.loss_hint or 'pass the loss to monitor.step(loss)'})"
+
+
+def unknown_loss(trace: RunTrace) -> str:
+    """Why a rule that needs the loss's kind has none (with the adapter's word on a loss it
+    never saw)."""
+    why = "the loss function is not known (no torch loss seen in the loss's graph)"
+    return f"{why}; {trace.loss_hint}" if trace.loss_hint and not trace.losses else why
+
+
 def loss_curve(trace: RunTrace) -> list[tuple[int, float]]:
     """(step, loss) per observed step: in a Monitor run the mean loss over the steps since the
     previous observation (every step counts, not only the observed ones), and over those after
@@ -129,7 +141,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raise Skip("it needs a Monitor run (the loss over many training steps)")
     observed = loss_curve(trace)
     if not observed:
-        raise Skip("no loss was observed (pass the loss to monitor.step(loss))")
+        raise Skip(no_loss(trace))
     curve = [(step, loss) for step, loss in observed if math.isfinite(loss)]
     if not curve:
         raise Skip(f"none of the {len(observed)} observed losses is finite (NaN/Inf: see "
@@ -207,7 +219,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     curve = loss_curve(trace)
     if not curve:
-        raise Skip("no loss was observed (pass the loss to monitor.step(loss))")
+        raise Skip(no_loss(trace))
     start = next((loss for _, loss in curve if math.isfinite(loss)), None)
     running = math.inf
     for s in loss_points(trace):

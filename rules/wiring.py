@@ -16,6 +16,7 @@ from ._graph import (
     maximal_groups,
     only_shape_ops,
 )
+from .run import unknown_loss
 
 
 def _listed(names: list, limit: int = 8) -> str:
@@ -173,7 +174,7 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``log_softmax`` and use ``NLLLoss``.
     """
     if trace.loss_kind is None:
-        raise Skip("the loss function is not known (no torch loss seen in the loss's graph)")
+        raise Skip(unknown_loss(trace))
     if trace.loss_reads_output is False:  # e.g. nll_loss(torch.log(probs)): applied as meant
         return
     for origin, via in trace.output_ops[:1]:

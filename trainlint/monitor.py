@@ -113,6 +113,9 @@ class Monitor:
         self._eager = EagerHold()
         self._autocast: Optional[str] = None
         self._model_loss: Optional[torch.Tensor] = None
+        # Set by an adapter whose framework may hide the loss: what the report says when no
+        # loss was observed (else: pass the loss to monitor.step(loss)).
+        self.loss_hint: Optional[str] = None
         self.probe = Probe(self.model, self.optimizers).attach()
         # The root forward hook, on the model only while a step is observed (as the probe's).
         self._hooks: list = []
@@ -334,6 +337,7 @@ class Monitor:
                                    global_batch_size=self.global_batch_size,
                                    amp_dtype=self._amp_dtype(),
                                    resumed=self._resumed, loss_tail=self._loss_tail(),
+                                   loss_hint=self.loss_hint,
                                    closure_optimizer=next((type(o).__name__ for o in
                                                            self.optimizers if needs_closure(o)),
                                                           None),

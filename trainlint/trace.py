@@ -246,6 +246,9 @@ class RunTrace:
     # The class of an optimizer whose step runs its closure several times (LBFGS: a
     # line-searched solve per step, with no learning rate in the usual sense), if any.
     closure_optimizer: Optional[str] = None
+    # An adapter's word on why a Monitor may see no loss and what to do (None: pass the loss
+    # to monitor.step(loss)); the rules that need a loss say it when none was observed.
+    loss_hint: Optional[str] = None
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)

@@ -222,3 +222,32 @@ def test_a_watched_generator_gets_its_own_optimizer_not_the_discriminators():
     assert _optimizers_of(generator, [g_opt, d_opt]) == [g_opt]
     assert _optimizers_of(generator, [g_opt]) is g_opt
     assert _optimizers_of(generator, []) is None
+
+
+class NoLossReturnedModule(DeadReluModule):
+    """Manual optimization whose training_step steps the optimizer and returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        opt.step()
+
+
+def test_a_training_step_that_returns_no_loss_is_told_to_return_it(tmp_path):
+    callback = TrainlintCallback(every=1, verbose=False)
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback])
+    trainer.fit(NoLossReturnedModule(), loader(BATCH * BATCHES, BATCH))
+    report = callback.report
+    assert report.trace.losses == []
+    for code in ("TL603", "TL604"):
+        assert "training_step returned no loss" in report.skipped[code]
+        assert "monitor.step(loss)" not in report.skipped[code]

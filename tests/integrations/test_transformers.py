@@ -160,3 +160,28 @@ def test_a_causal_lms_loss_over_num_items_in_batch_is_its_token_mean(tmp_path, a
     assert len(trace.losses) == 2
     assert all(math.isclose(v, expected, rel_tol=1e-4) for v in trace.losses)
     assert expected > 3 * math.log(64) and "TL302" in {f.code for f in callback.report.findings}
+
+
+@pytest.mark.parametrize("how", ["label_smoothing_factor", "compute_loss_func"])
+def test_a_loss_trainer_computes_itself_is_explained_where_the_loss_rules_skip(tmp_path, how):
+    """Trainer takes the labels from the model and computes the loss itself, showing
+    callbacks none: the rules that need the loss say what happened and what to do, not
+    'pass the loss to monitor.step(loss)', which a callback's user cannot."""
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs.logits, labels)
+
+    smoothing = {"label_smoothing_factor": 0.1} if how == "label_smoothing_factor" else {}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             max_steps=STEPS, learning_rate=1e-4, report_to=[], use_cpu=True,
+                             logging_strategy="no", save_strategy="no", disable_tqdm=True,
+                             seed=0, **smoothing)
+    callback = TrainlintCallback(every=1, verbose=False)
+    Trainer(model=tiny_bert(), args=args, train_dataset=dataset(), callbacks=[callback],
+            compute_loss_func=None if smoothing else loss_func).train()
+    report = callback.report
+    assert report.trace.losses == [] and report.trace.loss_kind is None
+    cause = "label_smoothing_factor=0.1" if smoothing else "compute_loss_func"
+    for code in ("TL603", "TL604", "TL302", "TL601"):
+        assert "the model returned no .loss" in report.skipped[code]
+        assert cause in report.skipped[code]
+        assert "pass the loss to monitor.step(loss)" not in report.skipped[code]

@@ -61,6 +61,8 @@ class TrainlintCallback(Callback):
         self.monitor = Monitor(model, optimizer, every=self.every, selection=self.selection,
                                log_to=trainer.loggers if self.log else None, scaler=scaler,
                                fail_on=self.fail_on)
+        self.monitor.loss_hint = ("training_step returned no loss: return it (or "
+                                  "{'loss': loss}) to have it watched")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -18,7 +18,10 @@ from ..report import Report
 class TrainlintCallback(TrainerCallback):
     """Observe every ``every``-th optimizer step; report at the end of training.
 
-    The loss is the model's own ``.loss`` (what ``Trainer`` trains on by default). With
+    The loss is the model's own ``.loss`` (what ``Trainer`` trains on by default; a sum over
+    ``num_items_in_batch`` is recorded as the batch's per-item mean). ``Trainer`` shows
+    callbacks no loss it computes itself (``label_smoothing_factor``, ``compute_loss_func``,
+    an overridden ``compute_loss``): the loss rules then say so and are skipped. With
     ``log_to`` (a ``SummaryWriter``, a callable ``(scalars, step)``...) per-layer scalars are
     written after each observed step (rank 0 only). With ``fail_on`` (``"error"``,
     ``"warning"`` or ``"info"``) training stops with ``trainlint.monitor.RunFailed`` at the
@@ -45,6 +48,7 @@ class TrainlintCallback(TrainerCallback):
         self.monitor = Monitor(model, inner, every=self.every, selection=self.selection,
                                log_to=self.log_to, scaler=getattr(optimizer, "scaler", None),
                                fail_on=self.fail_on)
+        self.monitor.loss_hint = _loss_hint(args)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState,
                       control: TrainerControl, **kwargs: Any) -> None:
@@ -80,3 +84,15 @@ class TrainlintCallback(TrainerCallback):
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+
+
+def _loss_hint(args: TrainingArguments) -> str:
+    """What the report says when the model returned no ``.loss`` on the observed steps."""
+    smoothing = getattr(args, "label_smoothing_factor", 0) or 0
+    by = (f"Trainer computes the loss itself (label_smoothing_factor={smoothing:g}) and"
+          if smoothing else "Trainer computes the loss outside the model (compute_loss_func "
+          "or an overridden compute_loss) and")
+    return (f"the model returned no .loss: {by} shows callbacks no loss; to have the loss "
+            "watched, let the model compute it (labels in the batch, no label_smoothing_factor "
+            "or compute_loss_func), or train in a loop of your own with "
+            "trainlint.Monitor and monitor.step(loss)")
