@@ -171,6 +171,39 @@ def test_check_reads_once_per_step_whatever_the_depth(monkeypatch: pytest.Monkey
     assert counts[8]["cpu"] == 2
 
 
+class SummedOverCount(nn.Module):
+    """Returns its own loss as transformers' models do under Trainer: the tokens' summed
+    cross-entropy over a count of them held in a tensor (``num_items_in_batch``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = deep_model(4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        items = y.ne(-100).sum()
+        return {"loss": F.cross_entropy(self.body(x), y, reduction="sum") / items}
+
+
+def test_a_loss_over_a_count_is_judged_within_the_one_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a sum's divisor counts its items is read off tensors: the check goes to the
+    host with the observed step's one copy, not by a read of its own."""
+    reads = HostReads(monkeypatch)
+    model = SummedOverCount()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = batch()
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        with reads.window():  # the first observed step reads the loss's graph
+            loss = model(x, y)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step()
+        counts = reads.counts
+        report = monitor.report()
+    assert counts["cpu"] == 1 and not any(counts[name] for name in SCALAR_READS), counts
+    assert report.trace.loss_reduction == "mean"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_observed_step_does_not_sync_before_its_copy() -> None:
     model = deep_model(16).cuda()

@@ -205,7 +205,15 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
         loss = _train_step(model, data, loss_fn, opt, probe, builder, step, run, notes)
         if loss is None:
             return False
-        builder.add(probe.collect(extra={"loss": loss.detach().float()}), step)
+        extra = {"loss": loss.detach().float()}
+        pending = run.pop("pending_graph", None)
+        if pending is not None:  # a check of the loss's divisor on the device: read it now
+            extra["count_check"] = pending.count_check
+        snapshot = probe.collect(extra=extra)
+        if pending is not None:
+            check = snapshot.values.pop(("extra", "count_check"))
+            _note_loss_graph(run, pending.resolve(bool(check.reshape(-1)[0])))
+        builder.add(snapshot, step)
     finally:
         probe.end_step()
     return True
@@ -253,6 +261,8 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
     if graph is not None:
         _note_loss_graph(run, graph)
+        if graph.count_check is not None:
+            run["pending_graph"] = graph
         if run["graph_output"] is not None:  # a loss the model made: the graph says what it read
             probe.loss_output_first(graph.output_index, graph.output_count)
     return loss

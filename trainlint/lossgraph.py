@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -79,11 +79,27 @@ class LossGraph:
     # :func:`item_mean` gives its per-item mean (a count over a whole accumulated batch
     # makes its value a fraction of it).
     counted: bool = False
+    # Whether the divisor of the first loss's sum is such a count, when that needs values
+    # held in tensors (a 0-d bool tensor on their device; reading it would sync): the
+    # reduction and ``counted`` above take it as False until :meth:`resolve` is handed its
+    # host value.
+    count_check: Optional[torch.Tensor] = None
+    # The loss itself is a sum divided as ``counted`` describes, whether or not the divisor
+    # is known to be a count yet.
+    sum_over: bool = False
 
     @property
     def reads_output(self) -> Optional[bool]:
         """Whether the loss reads a model output as it is (None: no torch loss seen)."""
         return None if self.kind is None else self.output_index is not None
+
+    def resolve(self, is_count: bool) -> LossGraph:
+        """This graph once the pending ``count_check`` reads ``is_count`` on the host."""
+        if self.count_check is None:
+            return self
+        counted = bool(is_count) and self.sum_over
+        return replace(self, count_check=None, counted=counted,
+                       reduction="mean" if is_count else self.reduction)
 
 
 def output_nodes(outputs: list) -> list:
@@ -166,10 +182,11 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     terms = len(losses) + _other_terms(root, set(losses), claimed, where)
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
     top = _sum_divided(root)
-    counted = first["reduction"] == "mean" and top is not None and top[1] is first["node"]
+    sum_over = top is not None and top[1] is first["node"]
     return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
-                     output_count=count, counted=counted)
+                     output_count=count, counted=first["reduction"] == "mean" and sum_over,
+                     count_check=first["count_check"], sum_over=sum_over)
 
 
 def _describe(node: Any, where: dict, parent: dict) -> dict:
@@ -188,39 +205,53 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
     if kind in ("nll", "cross_entropy") and shape:
         classes = shape[1] if len(shape) >= 2 else shape[0]
     found = where.get(id(read)) if read is not None else None
-    return {"kind": kind, "reduction": _reduction(node, parent), "classes": classes,
-            "index": found[1] if found else None, "forward": found[0] if found else None,
-            "path": path, "node": node}
+    reduction, count_check = _reduction(node, parent)
+    return {"kind": kind, "reduction": reduction, "count_check": count_check,
+            "classes": classes, "index": found[1] if found else None,
+            "forward": found[0] if found else None, "path": path, "node": node}
 
 
-def _reduction(node: Any, parent: dict) -> Optional[str]:
-    """The loss node's reduction; "mean" for a reduction="none" loss that is then averaged
-    (times a constant: ``loss.mean() / accumulation``), and for a sum over items divided by
-    a count of them (see :func:`_divided_by_count`)."""
+def _reduction(node: Any, parent: dict) -> tuple:
+    """``(reduction, pending count check)`` of the loss node: its reduction; "mean" for a
+    reduction="none" loss that is then averaged (times a constant: ``loss.mean() /
+    accumulation``), and for a sum over items divided by a count of them (see
+    :func:`_divided_by_count`; when that takes values held in tensors, the reduction is left
+    as it is and the check is returned, to be read with the step's one copy)."""
     reduction = REDUCTIONS.get(getattr(node, "_saved_reduction", None))
     if reduction == "sum":
-        return "mean" if _divided_by_count(node, parent, _items(node)) else reduction
+        return _if_counted(reduction, _divided_by_count(node, parent, lambda: _items(node)))
     if reduction != "none":
-        return reduction
+        return reduction, None
     above = parent.get(node)
     while above is not None:
         name = node_name(above)
         if name == "MeanBackward":
-            return "mean"
+            return "mean", None
         if above.name() == "SumBackward0":  # every per-item loss added up
-            return "mean" if _divided_by_count(above, parent, _rows(node)) else reduction
+            return _if_counted(reduction,
+                               _divided_by_count(above, parent, lambda: _rows(node)))
         if name not in SHAPE_NODES and name not in KEEP_NODES and above.name() not in _SCALED:
             break
         above = parent.get(above)
-    return reduction
+    return reduction, None
 
 
-def _divided_by_count(node: Any, parent: dict, items: Optional[float]) -> bool:
-    """Whether the sum of ``items`` per-item losses that ``node`` returns is then divided
+def _if_counted(reduction: Optional[str], counted: Any) -> tuple:
+    """``("mean", None)`` for a sum whose divisor is a count, ``(reduction, None)`` for one
+    whose divisor is not, ``(reduction, check)`` when that is a device tensor not read yet."""
+    if isinstance(counted, torch.Tensor):
+        return reduction, counted
+    return ("mean" if counted else reduction), None
+
+
+def _divided_by_count(node: Any, parent: dict, items_of: Callable[[], Any]) -> Any:
+    """Whether the sum of ``items_of()`` per-item losses that ``node`` returns is then divided
     (through reshapes and casts) by a whole number at least ``items``: a count of them (its
     value is their mean) or of a batch that holds them (gradient accumulation's count: its
     value is at most their mean). A divisor that is no count (a temperature), or one that
-    cannot be read (a loss read after its backward: the saved values are freed), is not."""
+    cannot be read (a loss read after its backward: the saved values are freed), is not.
+    Where a value is a tensor the answer is a 0-d bool tensor on its device: reading it now
+    would sync with the device (the caller reads it with the step's one copy)."""
     below, above = node, parent.get(node)
     while above is not None and (node_name(above) in SHAPE_NODES or
                                  node_name(above) in KEEP_NODES):
@@ -228,38 +259,44 @@ def _divided_by_count(node: Any, parent: dict, items: Optional[float]) -> bool:
     if above is None or node_name(above) != "DivBackward" or _first_input(above) is not below:
         return False
     try:
-        divisor = _number(above._saved_other)
+        divisor, items = _value(above._saved_other), items_of()
     except (AttributeError, RuntimeError):  # freed by the backward
         return False
-    if divisor is None or items is None or items <= 0:
+    if divisor is None or items is None:
         return False
-    if math.isclose(divisor, items, rel_tol=1e-6):
-        return True
-    return divisor > items and divisor == round(divisor)
+    if isinstance(divisor, float) and isinstance(items, float):
+        if items <= 0:
+            return False
+        if math.isclose(divisor, items, rel_tol=1e-6):
+            return True
+        return divisor > items and divisor == round(divisor)
+    device = next(v.device for v in (divisor, items) if isinstance(v, torch.Tensor))
+    with torch._C.DisableTorchFunction():
+        d, n = (v if isinstance(v, torch.Tensor) else
+                torch.full((), v, dtype=torch.float64, device=device) for v in (divisor, items))
+        close = (d - n).abs() <= 1e-6 * torch.maximum(d.abs(), n.abs())
+        return (n > 0) & (close | ((d > n) & (d == d.round())))
 
 
-def _number(value: Any) -> Optional[float]:
-    """A saved value as a float (a one-element tensor is read on the host, once per loss
-    graph); None when it is not one number."""
+def _value(value: Any) -> Any:
+    """A saved value as a float (a Python number) or a 0-d float64 tensor on its device (a
+    tensor: read later, with the step's one copy); None when it is not one number."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             return None
         with torch._C.DisableTorchFunction():  # inside the probe's mode: no dispatch of our own
-            return float(value.detach().reshape(-1)[0])
+            return value.detach().reshape(()).to(torch.float64)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
 
 
-def _items(node: Any) -> Optional[float]:
+def _items(node: Any) -> Any:
     """How many items a reduction="sum" loss node added: an NLL loss's saved total weight
     (its targets that were not ignored, weighted), else every element it read; None when
     the total weight was freed (read after the backward)."""
     if LOSS_NODES[node_name(node)] == "nll":
-        try:
-            return _number(node._saved_total_weight)
-        except (AttributeError, RuntimeError):
-            return None
+        return _value(node._saved_total_weight)
     shape = _input_shape(node)
     return float(math.prod(shape)) if shape else None
 

@@ -153,6 +153,8 @@ class Monitor:
         try:
             if self.probe.observing:
                 extra = {}
+                if self._loss_graph is not None and self._loss_graph.count_check is not None:
+                    extra["loss_count_check"] = self._loss_graph.count_check
                 if value is not None:
                     self._fold_losses()
                     extra["loss"] = value
@@ -202,6 +204,9 @@ class Monitor:
     def _observed(self, extra: dict) -> None:
         """The observed step is over: sync once, merge ranks, fold it into the trace."""
         snap = self.probe.collect(extra=extra)
+        check = snap.values.pop(("extra", "loss_count_check"), None)
+        if check is not None and self._loss_graph is not None:
+            self._loss_graph = self._loss_graph.resolve(bool(check.reshape(-1)[0]))
         # Hooks stay on (idle) when the next step is observed too: every=1 re-installs nothing.
         self.probe.end_step(keep_hooks=not self._explicit and self._due(ahead=1))
         self._close_stance()
@@ -261,11 +266,23 @@ class Monitor:
             if self._loss_graph is None and loss.grad_fn is not None:  # (the probe records
                 self._loss_graph = read_loss_graph(  # the outputs after this hook runs)
                     loss, self._own_parameters(), [output_nodes(tensors_in(output))])
-            # A sum divided by a count of items (transformers' num_items_in_batch, which
-            # under gradient accumulation counts the whole step's): its per-item mean.
-            mean = item_mean(loss) if self._loss_graph is not None and \
-                self._loss_graph.counted else None
-            self._model_loss = loss.detach() if mean is None else mean
+            self._model_loss = self._per_item(loss)
+
+    def _per_item(self, loss: torch.Tensor) -> torch.Tensor:
+        """The model's loss as recorded: for a sum divided by a count of items (transformers'
+        num_items_in_batch, which under gradient accumulation counts the whole step's), its
+        per-item mean; decided on the device while the divisor's check is pending."""
+        graph = self._loss_graph
+        mean = None
+        if graph is not None and graph.sum_over and (graph.counted or graph.count_check
+                                                     is not None):
+            mean = item_mean(loss)
+        if mean is None:
+            return loss.detach()
+        if graph.count_check is not None:
+            with torch._C.DisableTorchFunction():
+                return torch.where(graph.count_check, mean, loss.detach())
+        return mean
 
     def _amp_dtype(self) -> Optional[str]:
         if self._autocast is not None:
