@@ -545,6 +545,63 @@ def test_gradients_zeroed_right_after_the_step_are_still_read(accumulate: int) -
     assert norms == pytest.approx([s["grad_norm"] for s in first.trace.per_step])
 
 
+def accumulating_loop(monitor: trainlint.Monitor, model: nn.Module, opt: torch.optim.Optimizer,
+                      micro_batches: int, accumulate: int, batch: int = 4) -> list:
+    """``monitor.step(loss)`` once per micro-batch; the optimizer steps every ``accumulate``."""
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for i in range(micro_batches):
+        x, y = torch.randn(batch, 6, generator=g), torch.randint(0, 3, (batch,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        (loss / accumulate).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+        monitor.step(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("every", [4, 8, 6])
+def test_step_per_micro_batch_observes_on_to_the_optimizer_step(every: int) -> None:
+    """``step()`` per micro-batch of gradient accumulation, ``every`` a multiple of the window
+    (the default 100 with 4 micro-batches): an observed micro-batch saw no optimizer step, and
+    TL503 was never measured. The observation runs on to the micro-batch that steps it."""
+    accumulate, micro_batches = 4, 24
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)  # far too small: TL503
+    with trainlint.Monitor(model, opt, every=every) as monitor:
+        losses = accumulating_loop(monitor, model, opt, micro_batches, accumulate)
+        report = monitor.report()
+    trace = report.trace
+    starts = list(range(0, micro_batches, every))
+    ends = [s + (accumulate - 1 - s % accumulate) for s in starts]
+    assert [s["step"] for s in trace.per_step] == ends
+    assert trace.losses == pytest.approx([losses[i] for i in ends], rel=1e-6)
+    # The activations of every micro-batch from the due one to the one that stepped.
+    relu = trace.layer_by_key()[("1", "output")]
+    assert relu.activation.count == sum(e - s + 1 for s, e in zip(starts, ends)) * 4 * 16
+    assert all(p.update_ratios for p in trace.params)
+    assert "TL503" not in report.skipped
+    assert "TL503" in {f.code for f in report.findings}
+
+
+def test_an_observation_runs_on_at_most_max_accumulation_steps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that never steps the watched optimizer: the first observation ends after
+    MAX_ACCUMULATION steps without one, and the later ones are one step each again."""
+    from trainlint import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "MAX_ACCUMULATION", 3)
+    model, opt = make()
+    with trainlint.Monitor(model, opt, every=2) as monitor:
+        accumulating_loop(monitor, model, opt, 12, accumulate=100)
+        report = monitor.report()
+    assert [s["step"] for s in report.trace.per_step] == [3, 4, 6, 8, 10]
+    assert "TL503" in report.skipped
+
+
 def test_a_loss_gone_nan_after_the_last_observed_step_is_reported() -> None:
     """every=10, the loss turns NaN at step 13 and the report comes at step 15, before the
     next observation: the window since step 10 is read at the report (and left for it)."""

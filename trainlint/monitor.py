@@ -33,6 +33,9 @@ from .stats import G
 # Observed steps in a row that a GradScaler may skip (inf/NaN gradients at its loss scale)
 # before the step is linted as it is.
 MAX_SCALER_SKIPS = 8
+# Steps (micro-batches of gradient accumulation) that an observation runs on while the
+# optimizer has not stepped; past it the observation ends as it is, and no later one runs on.
+MAX_ACCUMULATION = 64
 # The losses of the steps between observations wait in a list (a copy each: one op a step)
 # and are folded into the window's sum and max this many at a time, and at each observation.
 LOSS_FOLD = 256
@@ -55,7 +58,11 @@ class Monitor:
     """Observe every ``every``-th training step of ``model``; ``report()`` lints what was seen.
 
     Call ``step(loss)`` once per training step, after ``optimizer.step()``. Between
-    observations the hooks return at once; an observed step costs one host sync.
+    observations the hooks return at once; an observed step costs one host sync. Under
+    gradient accumulation, calling it once per micro-batch works too (``every`` then counts
+    micro-batches): an observed micro-batch that no optimizer step ended is observed on into
+    the next ones, up to the one that steps (at most ``MAX_ACCUMULATION``), so its update
+    ratios are read.
     ``optimizer`` may be a list of optimizers that each step part of the model's parameters
     (SparseAdam for a sparse embedding and Adam for the rest, Muon and AdamW).
 
@@ -109,6 +116,10 @@ class Monitor:
         self._skips_in_row = 0
         self._scale: Optional[float] = None
         self._retry = False
+        # Steps the current observation ran on without an optimizer step, and whether one may
+        # still run on (not after one that reached MAX_ACCUMULATION).
+        self._ran_on = 0
+        self._run_on_allowed = True
         self._explicit = False
         self._eager = EagerHold()
         self._autocast: Optional[str] = None
@@ -150,8 +161,9 @@ class Monitor:
         if self.probe.observing:
             self.read_loss(loss)
         value = self._accumulate(loss)
+        running_on = self.probe.observing and self._runs_on()
         try:
-            if self.probe.observing:
+            if self.probe.observing and not running_on:
                 extra = {}
                 if self._loss_graph is not None and self._loss_graph.count_check is not None:
                     extra["loss_count_check"] = self._loss_graph.count_check
@@ -165,6 +177,8 @@ class Monitor:
                 self._observed(extra)
         finally:  # counted also when RunFailed: a loop that goes on stays on the every-N grid
             self.steps_seen += 1
+        if running_on:
+            return
         if not self._explicit and self._due():
             self._open()
         else:
@@ -183,6 +197,27 @@ class Monitor:
         if not self.probe.observing and self._due():
             self._open()
 
+    def _runs_on(self) -> bool:
+        """Whether the observation goes on into the next step: gradients wait on the watched
+        parameters and no optimizer stepped in it (``step()`` called per micro-batch of
+        gradient accumulation), so the update ratios (TL503) wait for the micro-batch that
+        steps it. Not without an optimizer to watch, nor when a GradScaler skipped the step
+        (the retry handles that; reading its scale is a host sync, on this path only), nor
+        past ``MAX_ACCUMULATION`` steps (then never again: the loop steps no watched
+        optimizer)."""
+        if not self.optimizers or self.probe.optimizer_stepped or not self._run_on_allowed:
+            return False
+        if not any(p.grad is not None for o in self.optimizers for group in o.param_groups
+                   for p in group["params"]):
+            return False
+        if self._ran_on >= MAX_ACCUMULATION:
+            self._run_on_allowed = False
+            return False
+        if self.scaler is not None and float(self.scaler.get_scale()) < (self._scale or 1.0):
+            return False
+        self._ran_on += 1
+        return True
+
     def _due(self, ahead: int = 0) -> bool:
         """Whether the step ``ahead`` steps after the current count is observed."""
         return self._retry or (self.steps_seen + ahead) % self.every == 0
@@ -190,6 +225,7 @@ class Monitor:
     def _open(self) -> None:
         """Start observing: read the loss scale, run compiled code eagerly, arm the probe."""
         self._retry = False
+        self._ran_on = 0
         self._model_loss = None
         if self.scaler is not None:
             self._scale = float(self.scaler.get_scale())

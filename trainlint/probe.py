@@ -306,6 +306,9 @@ class Probe:
         self.update_sums: list[tuple] = []
         # id(parameter) -> (device, row) of its gradient, read before the optimizer's step.
         self.step_grads: dict[int, tuple] = {}
+        # Whether an optimizer's step began since ``begin_step`` (a micro-batch of gradient
+        # accumulation has none).
+        self.optimizer_stepped = False
         self.mode: Optional[_ProbeMode] = None
         # The probe's modes whose forward ended without its hooks: popped once innermost.
         self.stale_modes: list[_ProbeMode] = []
@@ -379,6 +382,7 @@ class Probe:
     def begin_step(self) -> None:
         """Observe the next forward/backward/optimizer step (hooks go on the model now)."""
         self.observing = True
+        self.optimizer_stepped = False
         self.failed_module = None
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
@@ -809,6 +813,7 @@ class Probe:
     def _before_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self.observing:
             return
+        self.optimizer_stepped = True
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # The gradients the step applies, read now: a loop may zero them before
         # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
