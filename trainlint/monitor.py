@@ -139,7 +139,6 @@ class Monitor:
         # What the loss is and depends on (trainable tensors outside the model and its
         # optimizer), read once from the first observed loss that has an autograd graph.
         self._loss_graph: Optional[LossGraph] = None
-        self._ordered = -1  # the step whose outputs were put in the loss's order
         try:
             self.builder = TraceBuilder(self.model, mode="monitor")
             self._open()
@@ -423,12 +422,11 @@ class Monitor:
         self._loss_output_first()
 
     def _loss_output_first(self) -> None:
-        """Put the output the loss reads first among this observed step's outputs (once)."""
+        """Put the output the loss reads first among the last forward's outputs (once each:
+        the last of an observed step's forwards is the one the trace keeps)."""
         graph = self._loss_graph
-        if graph is None or self._ordered == self.steps_seen:
-            return
-        if self.probe.loss_output_first(graph.output_index, graph.output_count):
-            self._ordered = self.steps_seen
+        if graph is not None:
+            self.probe.loss_output_first(graph.output_index, graph.output_count)
 
     def _loss_facts(self) -> dict:
         """The RunTrace fields on the loss, from its graph."""

@@ -277,6 +277,8 @@ class Probe:
         self.channel_at: dict[int, tuple] = {}
         self.edges: set[tuple] = set()
         self.output_origins: list[tuple] = []
+        # Whether the last forward's output origins were put in the loss's order.
+        self.origins_ordered = False
         # Per training forward of the step (the last MAX_FORWARDS), ``(grad_fn, shape)`` of
         # each output: where a loss's autograd graph meets the model (read after the
         # backward; dropped at the step's end).
@@ -452,6 +454,7 @@ class Probe:
         if self.mode is not None and output is not None and self.observing:
             outputs = tensors_in(output)
             self.output_origins = [self._origin_of(t) for t in outputs]
+            self.origins_ordered = False
             self.output_nodes.append(output_nodes(outputs))
             del self.output_nodes[:-MAX_FORWARDS]
             self._on_backward(output, self.last_forward)
@@ -461,11 +464,14 @@ class Probe:
     def loss_output_first(self, index: Optional[int], count: int) -> bool:
         """Put output ``index`` (of ``count``), the one the loss read, first among the step's
         output origins (the rules read the model's output there: a dict's 'logits' after its
-        'features', or after the 'loss' the model computed itself); whether it moved."""
+        'features', or after the 'loss' the model computed itself), once per forward;
+        whether it moved."""
         origins = self.output_origins
-        if index is None or not 0 < index < len(origins) or len(origins) != count:
+        if (self.origins_ordered or index is None or not 0 < index < len(origins)
+                or len(origins) != count):
             return False
         origins.insert(0, origins.pop(index))
+        self.origins_ordered = True
         return True
 
     def _on_backward(self, output: Any, facts: Optional[tuple]) -> None:

@@ -88,13 +88,13 @@ def test_dead_relu_reported_and_logged(tmp_path, capsys):
 
 
 def test_logged_at_the_optimizer_step_under_gradient_accumulation(tmp_path):
-    callback = TrainlintCallback(every=2, verbose=False)
+    callback = TrainlintCallback(every=1, verbose=False)
     trainer = fit(callback, tmp_path, accumulate_grad_batches=2, num_sanity_val_steps=0)
     assert trainer.global_step == BATCHES // 2
     with open(f"{trainer.logger.log_dir}/metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     logged = [int(r["step"]) for r in rows if r.get("trainlint/net.3/dead_fraction")]
-    assert logged == [0, 1]  # batches 0 and 2: the first and the second optimizer step
+    assert logged == [0, 1]  # batches 0-1 and 2-3: the first and the second optimizer step
 
 
 class LossRecordingModule(DeadReluModule):
@@ -110,17 +110,68 @@ class LossRecordingModule(DeadReluModule):
         return loss
 
 
+class SlowLossRecordingModule(LossRecordingModule):
+    """Adam at a learning rate far too small (TL503); the second ReLU revived (the bias of the
+    Linear feeding it back at 0), so gradients reach every weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.net[2].bias.zero_()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-9)
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_the_losses_read_are_those_training_step_computed(tmp_path, accumulate):
     """Under gradient accumulation Lightning hands on_train_batch_end the loss divided by
-    accumulate_grad_batches: the first loss would read N times too small (TL302, TL603)."""
+    accumulate_grad_batches: the first loss would read N times too small (TL302, TL603).
+    An observed step's loss is its last batch's; its window's mean counts every batch."""
     callback = TrainlintCallback(every=1, verbose=False)
     module = LossRecordingModule()
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, logger=False,
                         callbacks=[callback], accumulate_grad_batches=accumulate)
     trainer.fit(module, loader(BATCH * BATCHES, BATCH))
-    assert callback.report.trace.losses == pytest.approx(module.computed, rel=1e-6)
+    computed = module.computed
+    trace = callback.report.trace
+    assert trace.losses == pytest.approx(computed[accumulate - 1::accumulate], rel=1e-6)
+    windows = [computed[i:i + accumulate] for i in range(0, len(computed), accumulate)]
+    assert [s["loss_mean"] for s in trace.per_step] == pytest.approx(
+        [sum(w) / len(w) for w in windows], rel=1e-6)
+    assert [s["loss_max"] for s in trace.per_step] == pytest.approx(
+        [max(w) for w in windows], rel=1e-6)
+
+
+@pytest.mark.parametrize("accumulate, batches, every, observed", [
+    (2, 8, 2, [(0, 1), (4, 5)]),
+    (4, 8, 1, [(0, 3), (4, 7)]),
+    (3, 8, 2, [(0, 2), (6, 7)]),  # the epoch's last window is short: Lightning steps there
+])
+def test_every_counts_optimizer_steps_under_gradient_accumulation(accumulate, batches, every,
+                                                                  observed):
+    """accumulate_grad_batches=N with ``every`` a multiple of N (the default 100 with N=2 or 4):
+    no observed batch held an optimizer step, and TL503 was skipped for the whole run. An
+    observed step is the accumulation window that ends in the optimizer step."""
+    callback = TrainlintCallback(every=every, verbose=False)
+    torch.manual_seed(0)
+    module = SlowLossRecordingModule()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback], accumulate_grad_batches=accumulate)
+    trainer.fit(module, loader(BATCH * batches, BATCH))
+    report = callback.report
+    trace = report.trace
+    assert trace.observed_steps == len(observed)
+    assert trace.losses == pytest.approx([module.computed[last] for _, last in observed],
+                                         rel=1e-6)
+    layer = next(lt for lt in trace.layers if lt.module == "net.1")
+    assert layer.activation.count == sum(b - a + 1 for a, b in observed) * BATCH * WIDTH
+    weights = [p for p in trace.params if p.name.endswith("weight")]
+    assert weights and all(p.update_ratios for p in weights)
+    assert "TL503" not in report.skipped
+    assert "TL503" in {f.code for f in report.findings}
 
 
 def test_fail_on_stops_a_doomed_run_early(tmp_path):
@@ -171,6 +222,34 @@ def test_softmax_twice_is_read_off_the_loss_lightning_hands_over(tmp_path, proba
     trainer.fit(SoftmaxTwiceModule(probabilities), loader(BATCH * BATCHES, BATCH))
     assert callback.report.trace.loss_kind == "cross_entropy"
     assert ("TL601" in {f.code for f in callback.report.findings}) == probabilities
+
+
+class DictSoftmaxModule(DeadReluModule):
+    """Returns ``{"features", "probs"}``; cross_entropy reads the second, a softmax's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = torch.nn.Softmax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"features": self.net[:2](x), "probs": self.act(self.net(x))}
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x)["probs"], y)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_output_the_loss_reads_is_found_in_every_batch_of_a_window(accumulate):
+    """An observed step of several batches: the output the loss reads is put first for the
+    last batch's forward too (the rules read that one), so TL601 finds the softmax."""
+    callback = TrainlintCallback(every=1, verbose=False)
+    torch.manual_seed(0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback], accumulate_grad_batches=accumulate)
+    trainer.fit(DictSoftmaxModule(), loader(BATCH * BATCHES, BATCH))
+    assert [f.module for f in callback.report.findings if f.code == "TL601"] == ["act"]
 
 
 class TwoOptimizerModule(DeadReluModule):

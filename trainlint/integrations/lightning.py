@@ -23,11 +23,15 @@ from ..report import Report
 
 
 class TrainlintCallback(Callback):
-    """Observe every ``every``-th training batch; report at the end of ``fit``.
+    """Observe every ``every``-th optimizer step; report at the end of ``fit``.
 
-    Per-layer summary scalars go to the trainer's loggers after each observed batch (rank 0
+    Without gradient accumulation an optimizer step is a training batch. With
+    ``accumulate_grad_batches`` an observed step covers the batches of its accumulation window,
+    up to the one whose optimizer step ends it (the gradients read are the accumulated ones).
+
+    Per-layer summary scalars go to the trainer's loggers after each observed step (rank 0
     only). With ``fail_on`` (``"error"``, ``"warning"`` or ``"info"``) the run stops with
-    ``trainlint.monitor.RunFailed`` at the first observed batch whose findings reach it.
+    ``trainlint.monitor.RunFailed`` at the first observed step whose findings reach it.
     ``module`` names the submodule of the LightningModule to observe (default: the
     LightningModule itself, whose ``forward`` must then be what ``training_step`` calls for
     functional activations and data flow to be seen). The last report is ``self.report``.
@@ -70,6 +74,8 @@ class TrainlintCallback(Callback):
             # Logged at the optimizer step the run's own metrics of this batch use (batches
             # and steps differ under gradient accumulation).
             self.monitor.log_step = trainer.global_step
+            # Opens an observation when due: the step count moves at a window's end only, so
+            # that is at a window's first batch.
             self.monitor.start_step()
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule,
@@ -82,8 +88,12 @@ class TrainlintCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            self.monitor.step(_as_computed(trainer, pl_module, loss))
+            loss = _as_computed(trainer, pl_module,
+                                outputs.get("loss") if isinstance(outputs, dict) else outputs)
+            if _steps_optimizer(trainer, pl_module, batch_idx):
+                self.monitor.step(loss)
+            else:  # a batch inside an accumulation window: its loss counts, the step goes on
+                self.monitor._accumulate(loss)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.monitor is None:
@@ -113,6 +123,19 @@ def _as_computed(trainer: Trainer, pl_module: LightningModule, loss: Any) -> Any
     if isinstance(loss, torch.Tensor) and n > 1 and pl_module.automatic_optimization:
         return loss * n
     return loss
+
+
+def _steps_optimizer(trainer: Trainer, pl_module: LightningModule, batch_idx: int) -> bool:
+    """Whether the optimizer steps at the end of this batch: always under manual optimization,
+    else at the end of each window of ``accumulate_grad_batches`` batches and at an epoch's
+    last batch (as Lightning decides it, at the batch's start or after)."""
+    n = getattr(trainer, "accumulate_grad_batches", 1)
+    if n <= 1 or not pl_module.automatic_optimization:
+        return True
+    should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+    if callable(should_accumulate):
+        return not should_accumulate()
+    return (batch_idx + 1) % n == 0 or batch_idx + 1 >= trainer.num_training_batches
 
 
 def _optimizers_of(model: nn.Module, optimizers: list) -> Any:
