@@ -185,3 +185,23 @@ def test_a_loss_trainer_computes_itself_is_explained_where_the_loss_rules_skip(t
         assert "the model returned no .loss" in report.skipped[code]
         assert cause in report.skipped[code]
         assert "pass the loss to monitor.step(loss)" not in report.skipped[code]
+
+
+def test_an_observed_step_under_gradient_accumulation_holds_its_optimizer_step(tmp_path):
+    """gradient_accumulation_steps=2, every=2: Trainer's on_step_begin fires at a window's
+    first micro-batch and on_optimizer_step after its last, so an observed step covers the
+    window, optimizer step included: update ratios are read (TL503 is judged)."""
+    callback = TrainlintCallback(every=2, verbose=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                             gradient_accumulation_steps=2, max_steps=STEPS,
+                             learning_rate=1e-4, report_to=[], use_cpu=True,
+                             logging_strategy="no", save_strategy="no", disable_tqdm=True,
+                             seed=0)
+    Trainer(model=tiny_bert(), args=args, train_dataset=dataset(BATCH * STEPS * 2),
+            callbacks=[callback]).train()
+    trace = callback.report.trace
+    assert trace.observed_steps == STEPS // 2
+    assert trace.batch_size == BATCH
+    assert "TL503" not in callback.report.skipped
+    trainable = [p for p in trace.params if p.requires_grad]
+    assert trainable and all(p.update_norm is not None for p in trainable)
