@@ -230,3 +230,38 @@ def test_cuda_observed_step_does_not_sync_before_its_copy() -> None:
         trace = monitor.report().trace
     assert trace.observed_steps == 2 and trace.device.startswith("cuda")
     assert all(lt.activation is not None for lt in trace.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_a_loss_over_a_count_is_judged_without_a_sync() -> None:
+    """The model's own sum-over-count loss on CUDA (its divisor a count on the device, or a
+    number): the check of the divisor and the per-item mean run on the device."""
+    for divide_by_number in (False, True):
+        model = SummedOverCount().cuda()
+        if divide_by_number:  # the count as a Python number: a 0-d tensor in host memory
+            model.forward = lambda x, y, m=model: {  # type: ignore[method-assign]
+                "loss": F.cross_entropy(m.body(x), y, reduction="sum") / len(y)}
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        x, y = batch("cuda")
+        with torch.no_grad():
+            expected = float(F.cross_entropy(model.body(x), y))  # every step's loss (lr 0)
+        with trainlint.Monitor(model, opt, every=1):  # one-off set-up (index caches)
+            _summed_step(model, opt, x, y)
+        with trainlint.Monitor(model, opt, every=1) as monitor:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:  # its first observed step: the loss's graph is read in the forward
+                _summed_step(model, opt, x, y)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            monitor.step()
+            report = monitor.report()
+        assert report.trace.loss_reduction == "mean"
+        assert abs(report.trace.per_step[0]["loss"] - expected) <= 1e-4 * expected
+
+
+def _summed_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> None:
+    loss = model(x, y)["loss"]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()

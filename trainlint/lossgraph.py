@@ -270,12 +270,24 @@ def _divided_by_count(node: Any, parent: dict, items_of: Callable[[], Any]) -> A
         if math.isclose(divisor, items, rel_tol=1e-6):
             return True
         return divisor > items and divisor == round(divisor)
-    device = next(v.device for v in (divisor, items) if isinstance(v, torch.Tensor))
+    device = _device(above) or next(v.device for v in (divisor, items)
+                                    if isinstance(v, torch.Tensor))
     with torch._C.DisableTorchFunction():
-        d, n = (v if isinstance(v, torch.Tensor) else
-                torch.full((), v, dtype=torch.float64, device=device) for v in (divisor, items))
+        # On the loss's device: a 0-d tensor in host memory (a divisor given as a number)
+        # goes into the op as a value, where a copy of it to the device would sync.
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        d, n = zero + divisor, zero + items
         close = (d - n).abs() <= 1e-6 * torch.maximum(d.abs(), n.abs())
         return (n > 0) & (close | ((d > n) & (d == d.round())))
+
+
+def _device(node: Any) -> Optional[torch.device]:
+    """The device of the tensor ``node``'s forward made (None where this torch does not
+    say)."""
+    try:
+        return node._input_metadata[0].device
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
 
 
 def _value(value: Any) -> Any:
@@ -350,8 +362,10 @@ def item_mean(loss: torch.Tensor) -> Optional[torch.Tensor]:
         if isinstance(divisor, torch.Tensor):
             if divisor.numel() != 1:
                 return None
-            divisor = divisor.detach().to(value.device).reshape(())
-        total = total.detach().to(value.device).reshape(())
+            # A 0-d tensor in host memory (a number) goes into the ops below as a value; a
+            # copy of it to the loss's device would sync.
+            divisor = divisor.detach().reshape(())
+        total = total.detach().reshape(())
         scaled = (value.float() * divisor / total.clamp_min(1e-12)).to(value.dtype)
         return torch.where(total > 0, scaled, value)
 
