@@ -123,6 +123,15 @@ class SlowLossRecordingModule(LossRecordingModule):
         return torch.optim.Adam(self.parameters(), lr=1e-9)
 
 
+def fit_epoch(callback: TrainlintCallback, module: L.LightningModule, accumulate: int = 1,
+              batches: int = BATCHES) -> None:
+    """One epoch of ``batches`` batches, ``accumulate`` batches to an optimizer step."""
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, logger=False,
+                        callbacks=[callback], accumulate_grad_batches=accumulate)
+    trainer.fit(module, loader(BATCH * batches, BATCH))
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_the_losses_read_are_those_training_step_computed(tmp_path, accumulate):
     """Under gradient accumulation Lightning hands on_train_batch_end the loss divided by
@@ -130,10 +139,7 @@ def test_the_losses_read_are_those_training_step_computed(tmp_path, accumulate):
     An observed step's loss is its last batch's; its window's mean counts every batch."""
     callback = TrainlintCallback(every=1, verbose=False)
     module = LossRecordingModule()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, logger=False,
-                        callbacks=[callback], accumulate_grad_batches=accumulate)
-    trainer.fit(module, loader(BATCH * BATCHES, BATCH))
+    fit_epoch(callback, module, accumulate)
     computed = module.computed
     trace = callback.report.trace
     assert trace.losses == pytest.approx(computed[accumulate - 1::accumulate], rel=1e-6)
@@ -157,10 +163,7 @@ def test_every_counts_optimizer_steps_under_gradient_accumulation(accumulate, ba
     callback = TrainlintCallback(every=every, verbose=False)
     torch.manual_seed(0)
     module = SlowLossRecordingModule()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, logger=False,
-                        callbacks=[callback], accumulate_grad_batches=accumulate)
-    trainer.fit(module, loader(BATCH * batches, BATCH))
+    fit_epoch(callback, module, accumulate, batches)
     report = callback.report
     trace = report.trace
     assert trace.observed_steps == len(observed)
@@ -245,10 +248,7 @@ def test_the_output_the_loss_reads_is_found_in_every_batch_of_a_window(accumulat
     last batch's forward too (the rules read that one), so TL601 finds the softmax."""
     callback = TrainlintCallback(every=1, verbose=False)
     torch.manual_seed(0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, logger=False,
-                        callbacks=[callback], accumulate_grad_batches=accumulate)
-    trainer.fit(DictSoftmaxModule(), loader(BATCH * BATCHES, BATCH))
+    fit_epoch(callback, DictSoftmaxModule(), accumulate)
     assert [f.module for f in callback.report.findings if f.code == "TL601"] == ["act"]
 
 
@@ -281,10 +281,7 @@ class TwoOptimizerModule(DeadReluModule):
 def test_several_optimizers_of_the_watched_module_are_all_hooked(tmp_path, module):
     callback = TrainlintCallback(every=1, verbose=False, module=module)
     torch.manual_seed(0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, logger=False,
-                        callbacks=[callback])
-    trainer.fit(TwoOptimizerModule(), loader(BATCH * BATCHES, BATCH))
+    fit_epoch(callback, TwoOptimizerModule())
     report = callback.report
     assert "TL506" not in {f.code for f in report.findings}
     weights = [p for p in report.trace.params if p.name.endswith("weight")]
@@ -321,10 +318,7 @@ class NoLossReturnedModule(DeadReluModule):
 def test_a_training_step_that_returns_no_loss_is_told_to_return_it(tmp_path):
     callback = TrainlintCallback(every=1, verbose=False)
     torch.manual_seed(0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, logger=False,
-                        callbacks=[callback])
-    trainer.fit(NoLossReturnedModule(), loader(BATCH * BATCHES, BATCH))
+    fit_epoch(callback, NoLossReturnedModule())
     report = callback.report
     assert report.trace.losses == []
     for code in ("TL603", "TL604"):
