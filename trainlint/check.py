@@ -328,8 +328,6 @@ def _describe_value(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-
-
 def _loss_choice(loss_fn: Optional[Callable], outputs: Any, data: Batch, notes: list,
                  step: int) -> LossChoice:
     if loss_fn is not None:

@@ -179,7 +179,6 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
     sys.exit(report.exit_code(fail_on))
 
 
-
 def _write_baseline(report: Report, path: Path) -> None:
     """Save the findings as the new baseline; the run then counts them as baselined."""
     from . import baseline

@@ -75,30 +75,31 @@ class LossGraph:
     num_classes: Optional[int] = None
     output_index: Optional[int] = None
     output_count: int = 0
-    # The loss itself is a torch loss's sum divided by a count of at least as many items:
-    # :func:`item_mean` gives its per-item mean (a count over a whole accumulated batch
-    # makes its value a fraction of it).
-    counted: bool = False
-    # Whether the divisor of the first loss's sum is such a count, when that needs values
-    # held in tensors (a 0-d bool tensor on their device; reading it would sync): the
-    # reduction and ``counted`` above take it as False until :meth:`resolve` is handed its
-    # host value.
-    count_check: Optional[torch.Tensor] = None
-    # The loss itself is a sum divided as ``counted`` describes, whether or not the divisor
-    # is known to be a count yet.
+    # The loss itself is a torch loss's sum divided by something (its first loss's sum: a
+    # count of its items when the reduction reads "mean", see ``counted``).
     sum_over: bool = False
+    # Whether the divisor of the first loss's sum is a count of its items, when that needs
+    # values held in tensors (a 0-d bool tensor on their device; reading it would sync): the
+    # reduction stays as if it were not until :meth:`resolve` is handed its host value.
+    count_check: Optional[torch.Tensor] = None
 
     @property
     def reads_output(self) -> Optional[bool]:
         """Whether the loss reads a model output as it is (None: no torch loss seen)."""
         return None if self.kind is None else self.output_index is not None
 
+    @property
+    def counted(self) -> bool:
+        """Whether the loss itself is a torch loss's sum divided by a count of at least as many
+        items: :func:`item_mean` gives its per-item mean (a count over a whole accumulated
+        batch makes its value a fraction of it)."""
+        return self.sum_over and self.reduction == "mean"
+
     def resolve(self, is_count: bool) -> LossGraph:
         """This graph once the pending ``count_check`` reads ``is_count`` on the host."""
         if self.count_check is None:
             return self
-        counted = bool(is_count) and self.sum_over
-        return replace(self, count_check=None, counted=counted,
+        return replace(self, count_check=None,
                        reduction="mean" if is_count else self.reduction)
 
 
@@ -185,8 +186,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     sum_over = top is not None and top[1] is first["node"]
     return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
-                     output_count=count, counted=first["reduction"] == "mean" and sum_over,
-                     count_check=first["count_check"], sum_over=sum_over)
+                     output_count=count, sum_over=sum_over, count_check=first["count_check"])
 
 
 def _describe(node: Any, where: dict, parent: dict) -> dict:

@@ -478,7 +478,7 @@ def _batch_size(snap: ProbeSnapshot) -> Optional[int]:
 def _check_optimizer(optimizer: Any) -> None:
     """A ConfigError unless ``optimizer`` is None, a torch optimizer (what the probe hooks) or
     a non-empty list or tuple of them (optimizers that each step part of the model)."""
-    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    items = optimizers_of(optimizer)
     if optimizer is None or (items and all(_is_optimizer(o) for o in items)):
         return
     parameters = inspect.isgenerator(optimizer) or any(isinstance(o, torch.Tensor) for o in items)
