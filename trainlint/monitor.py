@@ -337,7 +337,7 @@ class Monitor:
                 value = value.abs()
             value = value.clone() if value.dim() == 0 else value.float().mean()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss), device=_model_device(self.model))
+            value = torch.full((), float(loss), device=_model_device(self.model))  # no copy
         elif loss is None or isinstance(loss, torch.Tensor):
             return None
         else:

@@ -45,7 +45,6 @@ class _Group:
         # the values of the sample after the step; those of the gradient (then its squares);
         # the centred squares after the step.
         self.work = torch.zeros((7, total), dtype=_F64, device=device)
-        self.lengths = torch.tensor([s.length for s in slots], dtype=_F64, device=device)
         # (first slot, end slot, first value, end value, length) of each run.
         self.runs: list[tuple] = []
         for i, slot in enumerate(slots):
@@ -55,6 +54,11 @@ class _Group:
             else:
                 self.runs.append((i, i + 1, slot.offset, slot.offset + slot.length,
                                   slot.length))
+        # Each slot's length, filled in on the device one run at a time (a tensor made from a
+        # host list is a copy that waits for the GPU).
+        self.lengths = torch.empty(len(slots), dtype=_F64, device=device)
+        for first, end, _, _, length in self.runs:
+            self.lengths[first:end].fill_(length)
         self.views = [[self._view(row, s) for s in slots] for row in range(4)]
 
     def _segment_sums(self, rows: torch.Tensor, out: torch.Tensor) -> None:
