@@ -173,7 +173,7 @@ def test_a_bug_in_the_probes_optimizer_hook_is_trainlints_not_the_users(
     def broken(*args: object) -> None:
         raise IndexError("probe bug")
 
-    monkeypatch.setattr(trainlint.updates, "_fill", broken)  # read in the step hooks
+    monkeypatch.setattr(trainlint.updates._Group, "fill", broken)  # read in the step hooks
     with pytest.raises(IndexError, match="probe bug") as raised:
         trainlint.check(_model(), _batch(), steps=1)
     assert not isinstance(raised.value, UserCodeError)

@@ -60,6 +60,17 @@ class _Group:
         for first, end, _, _, length in self.runs:
             self.lengths[first:end].fill_(length)
         self.views = [[self._view(row, s) for s in slots] for row in range(4)]
+        # Per row, the slots copied whole in their own dtype go in one multi-tensor copy (one
+        # call for all of them, a few kernels on CUDA); the others take an op each.
+        self.batched: list[tuple] = [([], []) for _ in range(2)]
+        self.single: list[list] = [[], []]
+        for row in range(2):
+            for slot, out in zip(slots, self.views[row]):
+                if _copied_whole(slot, slot.param, out):
+                    self.batched[row][0].append(out)
+                    self.batched[row][1].append(slot.param)
+                else:
+                    self.single[row].append((slot, out))
 
     def _segment_sums(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """Per slot, the sum of its values in each of ``rows`` (``[k, total]``) into ``out``
@@ -73,21 +84,31 @@ class _Group:
                                 slot.copy, slot.shape)
 
     def fill(self, row: int) -> None:
+        """Sample every parameter into ``row`` (0: before the step, 1: after it)."""
         with torch.no_grad():
-            for slot, out in zip(self.slots, self.views[row]):
-                _fill(out, slot.param.detach(), slot.copy)
+            outs, params = self.batched[row]
+            if outs:
+                torch._foreach_copy_(outs, params)
+            for slot, out in self.single[row]:
+                _fill(out, slot.param, slot.copy)
 
     def fill_grads(self) -> list:
         """Sample each parameter's gradient into row 3 (the parameter's own positions) where
         it is laid out as the parameter; the parameters whose gradient it sampled."""
-        taken = []
+        taken, outs, grads = [], [], []
         with torch.no_grad():
             for slot, out in zip(self.slots, self.views[3]):
                 g, p = slot.param.grad, slot.param
                 if (g is not None and g.layout == torch.strided and g.shape == p.shape
                         and g.dtype == p.dtype and (g.is_contiguous() or slot.copy.how != "runs")):
-                    _fill(out, g.detach(), slot.copy)
+                    if _copied_whole(slot, g, out):
+                        outs.append(out)
+                        grads.append(g)
+                    else:
+                        _fill(out, g, slot.copy)
                     taken.append(p)
+            if outs:
+                torch._foreach_copy_(outs, grads)
         return taken
 
     def sums(self) -> torch.Tensor:
@@ -134,6 +155,11 @@ class _Group:
 # The rows of :meth:`_Group.sums`.
 SUMS = ("before", "update", "finite", "mean", "grad_finite", "grad_sumsq", "m2")
 S = {name: i for i, name in enumerate(SUMS)}
+
+
+def _copied_whole(slot: _Slot, x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``x`` (the slot's parameter or its gradient) is copied whole, as it is."""
+    return slot.copy.how == "whole" and x.dtype == out.dtype
 
 
 def _fill(out: torch.Tensor, x: torch.Tensor, copy: stats.Copy) -> None:
