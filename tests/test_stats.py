@@ -198,9 +198,16 @@ def test_strided_sample_does_not_alias_with_the_layout() -> None:
     assert merged["std"] == pytest.approx(float(x.double().std()), rel=5 * math.sqrt(2 / (4 * m)))
 
 
+@pytest.fixture(params=[False, True], ids=["cpu-layouts", "one-reduction"])
+def reduction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways of reducing per unit: the CPU's reshaped passes, and CUDA's one op."""
+    monkeypatch.setattr(stats, "one_reduction", lambda y: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape,unit_dim", [((4, 6), -1), ((3, 5, 4, 4), 1), ((2, 7, 6), -1),
-                                             ((6,), 0)])
-def test_unit_active_matches_direct_any(shape: tuple, unit_dim: int) -> None:
+                                             ((6,), 0), ((300, 80), -1), ((4, 3, 2, 5, 6), 1)])
+def test_unit_active_matches_direct_any(shape: tuple, unit_dim: int, reduction: bool) -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.relu(torch.randn(*shape, generator=g) - 1.0)
     units = shape[unit_dim]
@@ -211,6 +218,18 @@ def test_unit_active_matches_direct_any(shape: tuple, unit_dim: int) -> None:
     expected = (x.numpy() > 0).any(axis=axes) if axes else x.numpy() > 0
     np.testing.assert_array_equal(got, expected)
     assert not got[::2].any()
+
+
+@pytest.mark.parametrize("shape,unit_dim", [((5, 3, 4, 4), 1), ((6, 130), -1), ((2, 3, 9), -1)])
+def test_unit_extremes_match_direct_max_and_min_with_nan_kept(shape: tuple, unit_dim: int,
+                                                              reduction: bool) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    x.select(unit_dim, 1)[(0,) * (x.dim() - 1)] = math.nan
+    hi, lo = stats.unit_extremes(x, unit_dim, "gelu")
+    moved = np.moveaxis(x.numpy(), unit_dim, 0).reshape(shape[unit_dim], -1)
+    np.testing.assert_array_equal(hi.numpy(), moved.max(axis=1))  # NaN where the unit has one
+    np.testing.assert_array_equal(lo.numpy(), moved.min(axis=1))
+    assert math.isnan(hi[1]) and math.isnan(lo[1]) and not torch.isnan(hi[0])
 
 
 def test_unit_active_gelu_family_is_a_positive_output_or_one_below_the_level() -> None:
@@ -236,6 +255,46 @@ def test_nan_probe_is_nan_exactly_when_the_tensor_holds_a_nan(fill: str,
     for t in (x, view):
         probe = stats.nan_probe(t)
         assert bool(torch.isnan(probe)) == bool(torch.isnan(t).any()) == (fill == "nan")
+
+def test_a_take_of_the_sample_reads_the_same_values_as_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's one ``take`` per sample and the CPU's runs: the same elements, the same numbers."""
+    x = torch.randn(64, 300, 8, generator=torch.Generator().manual_seed(6))
+    x[3, 7, 2] = math.nan
+
+    def read() -> tuple:
+        stats._cache.clear()  # plans are cached per shape and device
+        plan = stats.plan_for(x, True)
+        return (plan.copies[-1].how, stats.sample_values(x), stats.activation_stats(x, "tanh"),
+                stats.between_sample(x), stats.grad_stats(x))
+
+    runs = read()
+    monkeypatch.setattr(stats, "gathers_runs", lambda device: False)
+    take = read()
+    stats._cache.clear()
+    assert (runs[0], take[0]) == ("runs", "take")
+    positions = stats.sample_positions(x)
+    torch.testing.assert_close(take[1], x.reshape(-1)[positions], equal_nan=True)
+    for a, b in zip(runs[1:], take[1:]):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_full_probes_are_finite_exactly_when_each_tensor_is(batched: bool) -> None:
+    """The weights' full reads: one sum each, or (CUDA) multi-tensor L1 norms per dtype."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, generator=g).to(dtype) for n in (70000, 300, 5, 20000)
+          for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.complex64)]
+    xs += [torch.zeros(0), torch.randn(8, 9, generator=g).t()]
+    for i, bad in ((1, math.nan), (6, math.inf), (10, -math.inf), (15, math.nan),
+                   (17, math.inf)):
+        xs[i][(3,) if xs[i].dim() == 1 else (3, 2)] = (
+            bad if not xs[i].is_complex() else complex(0.0, bad))
+    probes = stats.full_probes(xs, batched)
+    finite = [bool(torch.isfinite(torch.as_tensor(p)).all()) for p in probes]
+    assert finite == [bool(torch.isfinite(x).all()) for x in xs]
+    assert all(p.dim() == 0 for p in probes)
+
 
 def test_grad_stats_match_direct_norm_and_skip_nonfinite() -> None:
     g = torch.randn(10, 20, generator=torch.Generator().manual_seed(3))

@@ -893,8 +893,7 @@ class Probe:
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
         if named:  # the exact presence of NaN/Inf in the weights: one sum each
-            add(("param_probes",), _stack([stats.full_probe(p)[0] if p.numel() else
-                                           p.new_zeros(()) for p in params], device))
+            add(("param_probes",), _stack(stats.full_probes(params), device))
         for i, (_, sums) in enumerate(self.update_sums):
             add(("updates", i), sums)
         for tag, probes in (("input_probes", self.input_probes),
