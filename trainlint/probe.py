@@ -892,7 +892,7 @@ class Probe:
             add(("units", i), active)
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
-        if named:  # the exact presence of NaN/Inf in the weights: one sum each
+        if named:  # the exact presence of NaN/Inf in the weights: one full read each
             add(("param_probes",), _stack(stats.full_probes(params), device))
         for i, (_, sums) in enumerate(self.update_sums):
             add(("updates", i), sums)

@@ -11,8 +11,9 @@ shapes and dtypes only):
   output's per-unit record, which the probe reads anyway and which gives its exact max/min;
   parameter gradients are not: a NaN/Inf there reaches the weight, read in full after the
   optimizer step), and its sample of exactly ``SAMPLE_TARGET`` elements (runs of ``RUN``
-  consecutive elements at golden-ratio positions) is gathered into the row by one
-  ``index_select``;
+  consecutive elements at golden-ratio positions) is gathered into the row by one op
+  (``index_select`` of the runs; on CUDA a ``take`` of their elements, see
+  :func:`gathers_runs`);
 * an activation row also holds up to ``SIGNAL_WIDTH`` pairs of values from samples 0/1, 2/3 ...
   of the batch at the same positions: the between-sample signal.
 
