@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
+import torch.nn as nn
 from click.testing import CliRunner
 
 from trainlint.cli import main
@@ -22,6 +23,16 @@ FIXTURES = ROOT / "fixtures"
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+class NoForeach(nn.Parameter):
+    """A user's parameter type whose ``__torch_function__`` refuses multi-tensor (foreach) ops."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        if getattr(func, "__name__", "").startswith("_foreach"):
+            raise RuntimeError("NoForeach refuses " + func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 @dataclass

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trainlint
+from tests.conftest import NoForeach
 from trainlint import stats
 
 A = stats.A
@@ -290,6 +291,8 @@ def test_full_probes_are_finite_exactly_when_each_tensor_is(batched: bool) -> No
                    (17, math.inf)):
         xs[i][(3,) if xs[i].dim() == 1 else (3, 2)] = (
             bad if not xs[i].is_complex() else complex(0.0, bad))
+    xs += [NoForeach(torch.randn(300, generator=g)), NoForeach(torch.randn(300, generator=g))]
+    xs[-1].data[5] = math.nan  # a subclass keeps its own sum
     probes = stats.full_probes(xs, batched)
     finite = [bool(torch.isfinite(torch.as_tensor(p)).all()) for p in probes]
     assert finite == [bool(torch.isfinite(x).all()) for x in xs]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import NoForeach
 from trainlint import stats
 from trainlint.updates import S, UpdateSampler
 
@@ -145,6 +146,21 @@ def test_nonfinite_values_in_the_sample_give_nonfinite_sums() -> None:
     [(_, sums)] = sampler.after()
     assert math.isnan(sums[1, 0]) and math.isfinite(sums[0, 0])
     assert math.isinf(sums[1, 1])
+
+
+def test_a_parameter_subclass_is_sampled_by_its_own_copy() -> None:
+    g = torch.Generator().manual_seed(3)
+    params = [NoForeach(torch.randn(30, 4, generator=g)), torch.randn(50, generator=g)]
+    params[0].grad = torch.randn(30, 4, generator=g)
+    befores = [p.detach().clone() for p in params]
+    sampler = UpdateSampler()
+    assert sampler.before(params) == {id(params[0])}
+    with torch.no_grad():
+        _step(params)
+    [(ps, sums)] = sampler.after()
+    for p, before, got in zip(ps, befores, sums[S["update"]].tolist()):
+        assert got == pytest.approx(_direct(p, before)[1], rel=1e-9)
+    assert sums[S["grad_sumsq"], 0] == pytest.approx(float((params[0].grad.double() ** 2).sum()))
 
 
 def test_the_layout_follows_a_parameter_that_changes_shape() -> None:

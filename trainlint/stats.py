@@ -69,6 +69,7 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 _MAX_CACHED = 256
 _MAX_VIEWS = 4096
 _F64 = torch.float64
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)  # what multi-tensor ops take (no subclass)
 _cache: dict = {}
 
 
@@ -526,17 +527,18 @@ def full_probe(x: torch.Tensor) -> tuple:
 
 def full_probes(xs: list, batched: Optional[bool] = None) -> list:
     """:func:`full_probe` of each tensor in ``xs``, in order (0 for an empty one). On CUDA
-    (``batched`` None) the float32/float64 ones of each device and dtype take one multi-tensor
-    L1 norm instead: a few kernels for all of them, not one reduction each, and like the sum
-    finite exactly when every element is. On a CPU one sum each reads faster (measured: the norm
-    costs 2-5x the sum per element above 16k elements)."""
+    (``batched`` None) the plain float32/float64 tensors of each device and dtype take one
+    multi-tensor L1 norm instead: a few kernels for all of them, not one reduction each, and like
+    the sum finite exactly when every element is (a tensor subclass keeps its own sum, which a
+    multi-tensor op may not reach). On a CPU one sum each reads faster (measured: the norm costs
+    2-5x the sum per element above 16k elements)."""
     probes: list = [None] * len(xs)
     groups: dict = {}
     for i, x in enumerate(xs):
         if not x.numel():
             probes[i] = x.new_zeros(())
-        elif (x.is_cuda if batched is None else batched) and x.dtype in (torch.float32,
-                                                                         torch.float64):
+        elif ((x.is_cuda if batched is None else batched) and type(x) in PLAIN_TYPES
+              and x.dtype in (torch.float32, torch.float64)):
             groups.setdefault((x.device, x.dtype), []).append(i)
         else:
             probes[i] = full_probe(x)[0]

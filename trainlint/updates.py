@@ -158,8 +158,10 @@ S = {name: i for i, name in enumerate(SUMS)}
 
 
 def _copied_whole(slot: _Slot, x: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether ``x`` (the slot's parameter or its gradient) is copied whole, as it is."""
-    return slot.copy.how == "whole" and x.dtype == out.dtype
+    """Whether ``x`` (the slot's parameter or its gradient) goes whole, as it is, into the
+    row's one multi-tensor copy: a plain tensor (a subclass keeps its own ``copy_``, which a
+    multi-tensor op may not reach)."""
+    return slot.copy.how == "whole" and x.dtype == out.dtype and type(x) in stats.PLAIN_TYPES
 
 
 def _fill(out: torch.Tensor, x: torch.Tensor, copy: stats.Copy) -> None:
