@@ -133,15 +133,19 @@ def _input_shape(node: Any) -> Optional[tuple]:
         return None
 
 
-def _through(node: Any, stops: dict, path: set) -> Any:
+def _passes_values(node: Any) -> bool:
+    """Whether ``node`` only reshapes or casts or clamps what it is given."""
+    name = node_name(node)
+    return name in SHAPE_NODES or name in KEEP_NODES
+
+
+def _through(node: Any, stops: Optional[dict] = None, path: Optional[set] = None) -> Any:
     """The first node at or below ``node`` (through first inputs) that is a model output's
     (in ``stops``: a model's output may itself come from a view, a 3-D Linear's) or neither a
     shape op nor a cast or clamp. The nodes passed go into ``path``."""
-    while node is not None and id(node) not in stops:
-        name = node_name(node)
-        if name not in SHAPE_NODES and name not in KEEP_NODES:
-            break
-        path.add(node)
+    while node is not None and id(node) not in (stops or ()) and _passes_values(node):
+        if path is not None:
+            path.add(node)
         node = _first_input(node)
     return node
 
@@ -230,7 +234,7 @@ def _reduction(node: Any, parent: dict) -> tuple:
         if above.name() == "SumBackward0":  # every per-item loss added up
             return _if_counted(reduction,
                                _divided_by_count(above, parent, lambda: _rows(node)))
-        if name not in SHAPE_NODES and name not in KEEP_NODES and above.name() not in _SCALED:
+        if not _passes_values(above) and above.name() not in _SCALED:
             break
         above = parent.get(above)
     return reduction, None
@@ -253,8 +257,7 @@ def _divided_by_count(node: Any, parent: dict, items_of: Callable[[], Any]) -> A
     Where a value is a tensor the answer is a 0-d bool tensor on its device: reading it now
     would sync with the device (the caller reads it with the step's one copy)."""
     below, above = node, parent.get(node)
-    while above is not None and (node_name(above) in SHAPE_NODES or
-                                 node_name(above) in KEEP_NODES):
+    while above is not None and _passes_values(above):
         below, above = above, parent.get(above)
     if above is None or node_name(above) != "DivBackward" or _first_input(above) is not below:
         return False
@@ -327,14 +330,10 @@ def _rows(node: Any) -> Optional[float]:
 def _sum_divided(root: Any) -> Optional[tuple]:
     """``(division, loss node)`` when the loss at ``root`` is, through reshapes and casts, a
     reduction="sum" NLL loss divided by something; else None."""
-    node = root
-    while node is not None and (node_name(node) in SHAPE_NODES or node_name(node) in KEEP_NODES):
-        node = _first_input(node)
-    if node is None or node_name(node) != "DivBackward":
+    division = _through(root)
+    if division is None or node_name(division) != "DivBackward":
         return None
-    division, node = node, _first_input(node)
-    while node is not None and (node_name(node) in SHAPE_NODES or node_name(node) in KEEP_NODES):
-        node = _first_input(node)
+    node = _through(_first_input(division))
     if node is None or LOSS_NODES.get(node_name(node)) != "nll" or \
             REDUCTIONS.get(getattr(node, "_saved_reduction", None)) != "sum":
         return None
