@@ -59,13 +59,15 @@ class _Group:
         self.lengths = torch.empty(len(slots), dtype=_F64, device=device)
         for first, end, _, _, length in self.runs:
             self.lengths[first:end].fill_(length)
-        self.views = [[self._view(row, s) for s in slots] for row in range(4)]
-        # Per row, the slots copied whole in their own dtype go in one multi-tensor copy (one
-        # call for all of them, a few kernels on CUDA); the others take an op each.
+        self.grad_views = [self._view(3, s) for s in slots]
+        # Per row of samples (before, after), the slots copied whole in their own dtype go in
+        # one multi-tensor copy (one call for all of them, a few kernels on CUDA); the others
+        # take an op each.
         self.batched: list[tuple] = [([], []) for _ in range(2)]
         self.single: list[list] = [[], []]
         for row in range(2):
-            for slot, out in zip(slots, self.views[row]):
+            for slot in slots:
+                out = self._view(row, slot)
                 if _copied_whole(slot, slot.param, out):
                     self.batched[row][0].append(out)
                     self.batched[row][1].append(slot.param)
@@ -97,7 +99,7 @@ class _Group:
         it is laid out as the parameter; the parameters whose gradient it sampled."""
         taken, outs, grads = [], [], []
         with torch.no_grad():
-            for slot, out in zip(self.slots, self.views[3]):
+            for slot, out in zip(self.slots, self.grad_views):
                 g, p = slot.param.grad, slot.param
                 if (g is not None and g.layout == torch.strided and g.shape == p.shape
                         and g.dtype == p.dtype and (g.is_contiguous() or slot.copy.how != "runs")):
