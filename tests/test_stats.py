@@ -242,7 +242,6 @@ def test_unit_active_gelu_family_is_a_positive_output_or_one_below_the_level() -
     np.testing.assert_array_equal(got, [False, True, False, True, True, False])
 
 
-
 @pytest.mark.parametrize("fill", ["nan", "inf", "-inf", "all -inf", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
 def test_nan_probe_is_nan_exactly_when_the_tensor_holds_a_nan(fill: str,

@@ -150,7 +150,6 @@ def test_a_nested_tensor_batch_is_checked(layout: torch.layout) -> None:
     assert report.trace.inputs == []  # a ragged input has no per-channel table
 
 
-
 @dataclass
 class Node:
     """An output that refers to itself (a tree whose child points back to its parent)."""
@@ -223,7 +222,6 @@ def test_a_checkpoints_recompute_in_backward_is_not_a_second_call(reentrant: boo
     keys = set(report.trace.layer_by_key())
     assert keys == {("a.0", "output"), ("a.1", "output"), ("head", "output")}
     assert next(lt for lt in report.trace.layers if lt.module == "a.0").activation.count == 8 * 16
-
 
 
 class Halves(nn.Module):
