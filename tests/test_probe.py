@@ -493,6 +493,27 @@ def test_skipping_the_ops_inside_torch_nn_leaves_changes_no_data_flow(
     assert any(dst == ("module", "norm") for _, dst, _ in edges)
 
 
+def test_a_parameters_norm_is_nan_when_its_sample_holds_nan_and_zero_when_it_is_empty() -> None:
+    """Stepped or not: a weight whose values hold a NaN has a NaN norm (not the norm of its
+    finite values), an empty parameter the norm 0, the others their exact norm."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0)))
+    with torch.no_grad():
+        model[0].weight[1, 2] = math.nan
+    opt = torch.optim.SGD(list(model[0].parameters()) + [model.empty], lr=0.0)  # [1]: no step
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        loss = model(torch.randn(5, 4)).sum()
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+        params = {p.name: p for p in monitor.report().trace.params}
+    assert math.isnan(params["0.weight"].norm)
+    assert params["empty"].norm == 0.0
+    for name in ("0.bias", "1.weight", "1.bias"):
+        want = dict(model.named_parameters())[name].detach().double().norm().item()
+        assert params[name].norm == pytest.approx(want, rel=1e-9)
+
+
 def test_an_integer_parameter_is_measured_not_a_crash() -> None:
     model = nn.Linear(4, 2)
     model.register_parameter("k", nn.Parameter(torch.arange(5), requires_grad=False))
@@ -640,3 +661,35 @@ def test_the_units_of_a_relu_follow_their_channels_through_a_flatten() -> None:
     act = report.trace.layer_by_key()[("act", "output")]
     assert act.unit_ever_active.size == 16 and (~act.unit_ever_active).sum() == 12
     assert [f.module for f in report.findings if f.code == "TL101"] == ["act"]
+
+
+def test_point_rows_split_one_index_per_table_as_a_pick_per_point_does() -> None:
+    """The one-device path (one fancy index per table, a slice per point) gives each point
+    the rows, and the signal sums, that a pick of its own rows gives (the several-device
+    path), in the points' order: points with several calls, none, or gradients only."""
+    from trainlint.probe import Point, _point_rows
+
+    rng = np.random.default_rng(0)
+    cpu = torch.device("cpu")
+    tables = (rng.normal(size=(7, 5)), rng.normal(size=(6, 3)), rng.normal(size=(7, 2)), None)
+    calls = {"a": ([3, 0], [5]), "b": ([], [1, 2]), "c": ([6], []), "d": ([], []),
+             "e": ([1, 2, 4], [0, 4, 3])}
+    points = {}
+    for name, (acts, grads) in calls.items():
+        point = Point(key=(name,), module=name, type="T", op="output", kind=None, depth=0)
+        point.act_rows[:] = [(cpu, i) for i in acts]
+        point.grad_rows[:] = [(cpu, i) for i in grads]
+        points[(name,)] = point
+    one = _point_rows({cpu: tables}, points)
+    several = _point_rows({cpu: tables, "elsewhere": tables}, points)
+    assert [entry[0] for entry in one] == [entry[0] for entry in several] == list(points)
+    for (_, *mine), (_, *theirs), (acts, grads) in zip(one, several, calls.values()):
+        for got, want in zip(mine, theirs):
+            assert (got is None) == (want is None)
+            if want is not None:  # the signal's sums may differ in their last bit
+                np.testing.assert_allclose(got, want, rtol=1e-12)
+        if acts:
+            np.testing.assert_array_equal(mine[0], tables[0][acts])
+            np.testing.assert_allclose(mine[2], tables[2][acts].sum(axis=0))
+        if grads:
+            np.testing.assert_array_equal(mine[1], tables[1][grads])

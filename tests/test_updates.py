@@ -62,15 +62,16 @@ def test_sums_match_a_direct_computation_on_each_parameters_sample() -> None:
     sampler.before(params)
     _step(params)
     groups = sampler.after()
-    assert sorted(id(p) for ps, _ in groups for p in ps) == sorted(id(p) for p in params)
-    for ps, sums in groups:
-        for p, got_before, got_delta in zip(ps, sums[0].tolist(), sums[1].tolist()):
+    assert sorted(id(p) for ps, _, _ in groups for p in ps) == sorted(id(p) for p in params)
+    for ps, sizes, sums in groups:
+        for p, size, got_before, got_delta in zip(ps, sizes, sums[0].tolist(),
+                                                  sums[1].tolist()):
             i = next(k for k, q in enumerate(params) if q is p)
             want_before, want_delta = _direct(p, before[i])
             assert got_before == pytest.approx(want_before, rel=1e-6)
             assert got_delta == pytest.approx(want_delta, rel=1e-5)
             expected_m = p.numel() if p.numel() <= stats.SAMPLE_ABOVE else stats.SAMPLE_TARGET
-            assert sampler.sample_size(p) == expected_m
+            assert size == expected_m
 
 
 def _moments_of_sample(p: torch.Tensor) -> tuple:
@@ -96,7 +97,7 @@ def test_moments_after_the_step_match_a_direct_computation_on_each_parameters_sa
     params[0].view(-1)[stats.sample_positions(params[0])[5]] = math.nan  # one NaN in a sample
     params[1][0, 0] = -math.inf
     seen = 0
-    for ps, sums in sampler.after():
+    for ps, _, sums in sampler.after():
         rows = [sums[S[name]].tolist() for name in ("finite", "mean", "m2")]
         for p, count, mean, m2 in zip(ps, *rows):
             want_count, want_mean, want_m2 = _moments_of_sample(p)
@@ -125,7 +126,7 @@ def test_gradients_laid_out_as_their_parameter_are_sampled_with_it(gather: str) 
     left = (0, 6) if gather == "runs" else (6,)
     assert taken == {id(p) for i, p in enumerate(params) if i not in left}
     _step(params)
-    for ps, sums in sampler.after():
+    for ps, _, sums in sampler.after():
         for p, finite, sumsq in zip(ps, sums[S["grad_finite"]].tolist(),
                                     sums[S["grad_sumsq"]].tolist()):
             if id(p) not in taken:
@@ -143,7 +144,7 @@ def test_nonfinite_values_in_the_sample_give_nonfinite_sums() -> None:
     sampler.before(params)
     params[0][7] = math.nan
     params[1][3] = math.inf
-    [(_, sums)] = sampler.after()
+    [(_, _, sums)] = sampler.after()
     assert math.isnan(sums[1, 0]) and math.isfinite(sums[0, 0])
     assert math.isinf(sums[1, 1])
 
@@ -157,7 +158,7 @@ def test_a_parameter_subclass_is_sampled_by_its_own_copy() -> None:
     assert sampler.before(params) == {id(params[0])}
     with torch.no_grad():
         _step(params)
-    [(ps, sums)] = sampler.after()
+    [(ps, _, sums)] = sampler.after()
     for p, before, got in zip(ps, befores, sums[S["update"]].tolist()):
         assert got == pytest.approx(_direct(p, before)[1], rel=1e-9)
     assert sums[S["grad_sumsq"], 0] == pytest.approx(float((params[0].grad.double() ** 2).sum()))
@@ -171,10 +172,10 @@ def test_the_layout_follows_a_parameter_that_changes_shape() -> None:
     p.data = torch.randn(32)  # resized in place of the old tensor's data
     sampler.before([p, q])
     p.data.add_(1.0)
-    [(_, sums)] = sampler.after()
+    [(_, sizes, sums)] = sampler.after()
     assert sums[1, 0] == pytest.approx(32.0)
     assert sums[1, 1] == 0.0
-    assert sampler.sample_size(p) == 32
+    assert sizes.tolist() == [32, 8]
 
 
 def test_a_complex_parameters_update_is_measured_in_a_monitored_step() -> None:

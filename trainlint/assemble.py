@@ -187,7 +187,10 @@ class TraceBuilder:
         ``layers``, its NaN/Inf count into ``nonfinite``, and the rows folded into the run's
         (all points at once)."""
         keys = [key for key, _ in acts]
-        step = np.concatenate([stats.fold_moments(value) for _, value in acts])
+        if all(len(value) == 1 for _, value in acts):  # one call each: the rows as they are
+            step = np.concatenate([value for _, value in acts]).astype(np.float64, copy=False)
+        else:
+            step = np.concatenate([stats.fold_moments(value) for _, value in acts])
         summary = stats.moment_summaries(step)
         for i, key in enumerate(keys):
             layers[key].update(std=float(summary["std"][i]), mean=float(summary["mean"][i]),
@@ -196,25 +199,28 @@ class TraceBuilder:
                 nonfinite[key] = int(summary["nonfinite"][i])
         seen = [i for i, key in enumerate(keys) if key in self.act_rows]
         if seen:
-            pairs = np.stack([np.concatenate([self.act_rows[keys[i]], step[i:i + 1]])
-                              for i in seen])
-            step[seen] = stats.fold_stacked(pairs)
+            before = np.concatenate([self.act_rows[keys[i]] for i in seen])
+            step[seen] = stats.fold_stacked(np.stack([before, step[seen]], axis=1))
         for i, key in enumerate(keys):
             self.act_rows[key] = step[i:i + 1]
 
     def _add_grads(self, grads: list, layers: dict, nonfinite: dict) -> None:
         """This step's gradient rows of every point (all fields are sums): its norm into
         ``layers``, its NaN/Inf count into ``nonfinite``, and the sums into the run's."""
-        step = np.stack([value.reshape(-1, len(stats.GRAD_FIELDS)).sum(axis=0)
-                         for _, value in grads])
+        rows = [value.reshape(-1, len(stats.GRAD_FIELDS)) for _, value in grads]
+        starts = np.cumsum([0] + [len(r) for r in rows])[:-1]
+        step = np.add.reduceat(np.concatenate(rows).astype(np.float64, copy=False), starts)
         norms = np.sqrt(step[:, stats.G["sumsq"]])
         for i, (key, _) in enumerate(grads):
             layers[key]["grad_norm"] = float(norms[i])
             bad = int(step[i, stats.G["nonfinite"]])
             if bad:
                 nonfinite[key] = bad
-            seen = self.grad_rows.get(key)
-            self.grad_rows[key] = step[i:i + 1] if seen is None else seen + step[i:i + 1]
+        seen = [i for i, (key, _) in enumerate(grads) if key in self.grad_rows]
+        if seen:
+            step[seen] += np.concatenate([self.grad_rows[grads[i][0]] for i in seen])
+        for i, (key, _) in enumerate(grads):
+            self.grad_rows[key] = step[i:i + 1]
 
     def _add_input(self, tag: tuple, value: np.ndarray) -> None:
         _, _, name, shape, dtype, dim = tag

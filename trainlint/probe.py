@@ -10,7 +10,6 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -871,7 +870,7 @@ class Probe:
         params = [p for _, p in named]
         # A parameter the optimizer stepped has the moments of its sample after the step with
         # its update sums (the same values as the statistics' sample); the others get a row.
-        stepped = {id(p) for sampled, _ in self.update_sums for p in sampled}
+        stepped = {id(p) for sampled, _, _ in self.update_sums for p in sampled}
         param_rows = []
         for _, p in named:
             row = None
@@ -894,7 +893,7 @@ class Probe:
             add(("input", i, name, shape, dtype, dim), value)
         if named:  # the exact presence of NaN/Inf in the weights: one full read each
             add(("param_probes",), _stack(stats.full_probes(params), device))
-        for i, (_, sums) in enumerate(self.update_sums):
+        for i, (_, _, sums) in enumerate(self.update_sums):
             add(("updates", i), sums)
         for tag, probes in (("input_probes", self.input_probes),
                             ("container_probes", self.container_probes)):
@@ -930,14 +929,13 @@ class Probe:
             table = moments.table(snapshot.values.pop(("moments", dev)))
             rows[dev] = (act_rows, stats.gradient_fields(table), signal,
                          np.column_stack(stats.parameter_moments(table)))
-        for key, point in self.points.items():
-            for tag, which, ids in (("act", 0, point.act_rows), ("grad", 1, point.grad_rows)):
-                if ids:
-                    snapshot.values[(tag, key)] = _pick(rows, which, ids)
-            if point.act_rows:
-                pairs = _pick(rows, 2, point.act_rows).sum(axis=0)
-                if pairs[1] > 0:
-                    snapshot.values[("signal", key)] = pairs
+        for key, acts, grads, pairs in _point_rows(rows, self.points):
+            if acts is not None:
+                snapshot.values[("act", key)] = acts
+            if grads is not None:
+                snapshot.values[("grad", key)] = grads
+            if pairs is not None and pairs[1] > 0:
+                snapshot.values[("signal", key)] = pairs
         self._param_values(snapshot, named, rows, param_rows)
         for point in self.points.values():
             point.act_rows.clear()
@@ -985,52 +983,66 @@ class Probe:
         """Per-parameter vectors ``[norm, std, (grad norm), (update norm, norm before)]`` and
         the exact NaN/Inf presence of every weight (its full read). The norm comes from the
         std row: exact up to ``SAMPLE_ABOVE`` elements, else the sample's sum of squares
-        scaled to the whole (NaN when the sample holds NaN/Inf)."""
+        scaled to the whole (NaN when the sample holds NaN/Inf). Computed for all parameters
+        at once; each vector is a view of one table."""
         if not named:
             return
         values = snapshot.values
         probes = values.pop(("param_probes",))
-        update_of, moments_of, grad_of = {}, {}, {}
-        for i, (params, _) in enumerate(self.update_sums):
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        numels = np.asarray([p.numel() for _, p in named], dtype=np.float64)
+        moments = np.full((len(named), 4), np.nan)  # std, sumsq, finite, m
+        grads = np.full((len(named), len(stats.GRAD_FIELDS)), np.nan)
+        updates = np.full((len(named), 2), np.nan)  # update norm, norm before
+        updated = np.zeros(len(named), dtype=bool)
+        for i, (params, sizes, _) in enumerate(self.update_sums):
             sums = values.pop(("updates", i))
-            sizes = np.asarray([max((s.sample_size(p) for s in self.samplers.values()),
-                                    default=0) for p in params], dtype=np.float64)
-            numels = np.asarray([p.numel() for p in params], dtype=np.float64)
-            table = np.column_stack([numels, sizes, sums[S["finite"]], sums[S["mean"]],
+            group_numels = np.asarray([p.numel() for p in params], dtype=np.float64)
+            table = np.column_stack([group_numels, sizes, sums[S["finite"]], sums[S["mean"]],
                                      sums[S["m2"]], np.ones_like(sizes)])
-            moments = np.column_stack(stats.parameter_moments(table))
             grad_finite = sums[S["grad_finite"]]
-            grads = stats.finish_gradients(
+            scale = group_numels / np.maximum(sizes, 1)
+            # Parameters the optimizer steps outside the model have no vector.
+            mine = [j for j, p in enumerate(params) if id(p) in index]
+            at = [index[id(params[j])] for j in mine]
+            moments[at] = np.column_stack(stats.parameter_moments(table))[mine]
+            grads[at] = stats.finish_gradients(
                 np.column_stack([grad_finite, sums[S["grad_sumsq"]], grad_finite >= sizes]),
-                np.column_stack([numels, sizes]))
-            for p, before, delta, scale, row, grad in zip(
-                    params, sums[S["before"]], sums[S["update"]], numels / np.maximum(sizes, 1),
-                    moments, grads):
-                update_of[p] = (math.sqrt(delta * scale), math.sqrt(before * scale))
-                moments_of[id(p)] = row
-                grad_of[id(p)] = grad
+                np.column_stack([group_numels, sizes]))[mine]
+            updates[at] = np.sqrt(np.column_stack([sums[S["update"]], sums[S["before"]]])
+                                  * scale[:, None])[mine]
+            updated[at] = True
+        for dev, table in rows.items():  # parameters not stepped, and gradients read apart
+            own = [(i, row[1]) for i, (row, _) in enumerate(param_rows)
+                   if row is not None and row[0] == dev]
+            read = [(i, grad[1]) for i, (_, grad) in enumerate(param_rows)
+                    if grad is not None and grad is not _SAMPLED and grad[0] == dev]
+            for out, which, pairs in ((moments, 3, own), (grads, 1, read)):
+                if pairs:
+                    out[[i for i, _ in pairs]] = table[which][[r for _, r in pairs]]
+        std, sumsq, finite, m = moments.T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm = np.where((finite == m) & (m > 0), np.sqrt(sumsq * numels / m),
+                            np.where(m == 0, 0.0, np.nan))
+            grad_norm = np.where(grads[:, stats.G["nonfinite"]] == 0,
+                                 np.sqrt(grads[:, stats.G["sumsq"]]), np.nan)
+        vectors = np.column_stack([norm, std, grad_norm, updates])
         groups = _optimizer_groups(self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
-        for (name, p), (row, grad_row) in zip(named, param_rows):
-            std, sumsq, finite, m = (moments_of[id(p)] if row is None
-                                     else rows[row[0]][3][row[1]])
-            norm = math.sqrt(sumsq * p.numel() / m) if finite == m and m > 0 else (
-                0.0 if m == 0 else math.nan)
-            vec = [norm, std]
-            if grad_row is not None:  # from the gradient's sample above SAMPLE_ABOVE elements
-                grad = (grad_of[id(p)] if grad_row is _SAMPLED
-                        else rows[grad_row[0]][1][grad_row[1]])
-                vec.append(math.sqrt(grad[stats.G["sumsq"]]) if grad[stats.G["nonfinite"]] == 0
-                           else math.nan)
-            update = update_of.get(p)
-            if update is not None:
-                vec += list(update)
-            group, lr = groups.get(p, (None, None))
-            values[("param", name, grad_row is not None, update is not None,
-                    (p in groups) if self.optimizers else None,
+        for i, ((name, p), (_, grad_row)) in enumerate(zip(named, param_rows)):
+            has_grad, has_update = grad_row is not None, bool(updated[i])
+            columns = _PARAM_COLUMNS[has_grad, has_update]
+            group, lr = groups.get(id(p), (None, None))
+            values[("param", name, has_grad, has_update,
+                    (id(p) in groups) if self.optimizers else None,
                     tuple(p.shape), p.requires_grad, group, lr,
-                    str(p.dtype).replace("torch.", ""))] = np.asarray(vec,
-                                                                         dtype=np.float64)
+                    str(p.dtype).replace("torch.", ""))] = vectors[i, columns]
+
+
+# The columns of a parameter's vector (``[norm, std, grad norm, update norm, norm before]``)
+# by whether it has a gradient and an update: slices where they are contiguous.
+_PARAM_COLUMNS = {(True, True): slice(0, 5), (True, False): slice(0, 3),
+                  (False, False): slice(0, 2), (False, True): [0, 1, 3, 4]}
 
 
 @dataclass
@@ -1115,6 +1127,30 @@ def _known_extremes(x: torch.Tensor, hi: torch.Tensor, lo: Optional[torch.Tensor
     return stats.finite_probe(bottom, top), bottom, top
 
 
+def _point_rows(rows: dict, points: dict) -> list:
+    """Per point, ``(key, activation rows, gradient rows, signal [sum, pairs])``, None where
+    it has none. When every row is on one device (the usual case), one fancy index per table
+    for all points, each point's rows a slice of it; else a :func:`_pick` per point."""
+    if len(rows) != 1:
+        return [(key, _pick(rows, 0, p.act_rows) if p.act_rows else None,
+                 _pick(rows, 1, p.grad_rows) if p.grad_rows else None,
+                 _pick(rows, 2, p.act_rows).sum(axis=0) if p.act_rows else None)
+                for key, p in points.items()]
+    act_table, grad_table, signal, _ = next(iter(rows.values()))
+    act_ids = [i for p in points.values() for _, i in p.act_rows]
+    acts, grads = act_table[act_ids], grad_table[[i for p in points.values()
+                                                  for _, i in p.grad_rows]]
+    starts = np.cumsum([0] + [len(p.act_rows) for p in points.values() if p.act_rows])[:-1]
+    sums = np.add.reduceat(signal[act_ids], starts) if act_ids else signal[:0]
+    out, a, g, s = [], 0, 0, 0
+    for key, p in points.items():
+        na, ng = len(p.act_rows), len(p.grad_rows)
+        out.append((key, acts[a:a + na] if na else None, grads[g:g + ng] if ng else None,
+                    sums[s] if na else None))
+        a, g, s = a + na, g + ng, s + (na > 0)
+    return out
+
+
 def _pick(rows: dict, which: int, ids: list) -> np.ndarray:
     """The rows ``ids`` (``(device, row number)`` pairs) of table ``which`` of each device's
     ``rows``, stacked in order (one fancy index when they share a device)."""
@@ -1151,10 +1187,11 @@ def optimizers_of(optimizer: Any) -> list:
 
 
 def _optimizer_groups(optimizers: list) -> dict:
-    """``{param: (index of its param group, the group's lr when it is a plain number)}``; the
-    groups of several optimizers are numbered on, in order."""
+    """``{id(param): (index of its param group, the group's lr when it is a plain number)}``;
+    the groups of several optimizers are numbered on, in order."""
     groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-    return {p: (i, float(group["lr"]) if isinstance(group.get("lr"), (int, float)) else None)
+    return {id(p): (i, float(group["lr"]) if isinstance(group.get("lr"), (int, float))
+                    else None)
             for i, group in enumerate(groups) for p in group["params"]}
 
 

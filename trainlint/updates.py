@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import stats
@@ -59,6 +60,7 @@ class _Group:
         self.lengths = torch.empty(len(slots), dtype=_F64, device=device)
         for first, end, _, _, length in self.runs:
             self.lengths[first:end].fill_(length)
+        self.sizes = np.asarray([s.length for s in slots], dtype=np.float64)  # the same, host
         self.grad_views = [self._view(3, s) for s in slots]
         # Per row of samples (before, after), the slots copied whole in their own dtype go in
         # one multi-tensor copy (one call for all of them, a few kernels on CUDA); the others
@@ -220,21 +222,17 @@ class UpdateSampler:
             self.groups.append(_Group(slots, device, dtype))
 
     def after(self) -> list:
-        """Sample the parameters again after the step: per group, ``(params, sums)`` with
-        :meth:`_Group.sums` (device tensors); empty when :meth:`before` did not run."""
+        """Sample the parameters again after the step: per group, ``(params, sample sizes,
+        sums)``, the sizes a float64 array, the sums :meth:`_Group.sums` (device tensors);
+        empty when :meth:`before` did not run."""
         if not self.taken:
             return []
         self.taken = False
         out = []
         for group in self.groups:
             group.fill(1)
-            out.append(([s.param for s in group.slots], group.sums()))
+            out.append(([s.param for s in group.slots], group.sizes, group.sums()))
         return out
-
-    def sample_size(self, p: torch.Tensor) -> int:
-        """The number of values in ``p``'s sample (0 when ``p`` is not laid out)."""
-        found = self.where.get(p)
-        return 0 if found is None else self.groups[found[0]].slots[found[1]].length
 
     def clear(self) -> None:
         """Forget the samples of this step (the buffers stay for the next)."""
