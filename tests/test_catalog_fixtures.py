@@ -20,6 +20,7 @@ load_rules()
 FAULTS = {
     "sigmoid_hidden": ("TL105", {"1"}),
     "input_raw_pixels": ("TL201", {""}),
+    "input_tiny_scale": ("TL201", {""}),
     "constant_channel": ("TL202", {""}),
     "init_scale_mismatch": ("TL301", {"4"}),
     "loss_at_init": ("TL302", {"2"}),
@@ -38,6 +39,7 @@ FAULTS = {
 }
 TWINS = {
     "sigmoid_hidden": "sigmoid_hidden_ok", "input_raw_pixels": "input_raw_pixels_ok",
+    "input_tiny_scale": "input_bag_of_words_ok",
     "constant_channel": "constant_channel_ok", "init_scale_mismatch": "init_scale_mismatch_ok",
     "loss_at_init": "loss_at_init_ok", "batchnorm_sequence": "batchnorm_sequence_ok",
     "bias_before_norm": "bias_before_norm_ok", "batchnorm_generator": "batchnorm_generator_ok",

@@ -44,6 +44,35 @@ def test_tl201_std_lower_edge(scale, fires):
     assert bool(hits("TL201", _fed_to(_tabular([0.0, 0.0], [1.0, scale * limit])))) is fires
 
 
+@pytest.mark.parametrize("spread, fires", [(1.01, False), (0.99, True)])
+def test_tl201_a_sparse_feature_is_not_held_to_min_std(spread, fires):
+    """A bag-of-words/TF-IDF feature (minimum exactly 0, std above its mean: mostly zeros)
+    has a small std because it is sparse; one whose std is below its mean is a dense feature
+    of a small scale."""
+    small = 0.5 * defaults("TL201")["min_std"]
+    mean = small / spread
+    sparse = _tabular([0.0, mean], [1.0, small], lo=[-3.0, 0.0], hi=[3.0, 40 * small])
+    assert bool(hits("TL201", _fed_to(sparse))) is fires
+
+
+def test_tl201_a_sparse_feature_needs_an_exact_zero_minimum_and_a_features_input():
+    small = 0.5 * defaults("TL201")["min_std"]
+    above_zero = _tabular([0.0, small / 2], [1.0, small], lo=[-3.0, 1e-9], hi=[3.0, 40 * small])
+    assert hits("TL201", _fed_to(above_zero))
+    for shape, channel_dim, consumer in (((64, 2, 8, 8), 1, "Conv2d"), ((64, 10, 2), -1, "Linear")):
+        grid = inputs("input0", shape, [0.0, small / 2], [1.0, small], channel_dim=channel_dim,
+                      lo=[-3.0, 0.0], hi=[3.0, 40 * small])
+        assert hits("TL201", _fed_to(grid, "layer", consumer)), shape
+
+
+def test_tl201_counts_the_dense_narrow_features_beside_sparse_ones():
+    small = 0.5 * defaults("TL201")["min_std"]
+    mixed = _tabular([0.0, small / 2, small * 2, 0.0], [1.0, small, small, small],
+                     lo=[-3.0, 0.0, 0.0, -3 * small], hi=[3.0, 1.0, 1.0, 3 * small])
+    found = hits("TL201", _fed_to(mixed))
+    assert [h.evidence["not_normalized"] for h in found] == [2]
+
+
 def test_tl201_leaves_constant_features_to_tl202():
     assert hits("TL201", _fed_to(_tabular([0.0, 0.5], [1.0, 0.0]))) == []
     far = 2 * defaults("TL201")["max_abs_mean"]  # a constant 7: TL202's, even far from 0
