@@ -224,6 +224,46 @@ def test_a_checkpoints_recompute_in_backward_is_not_a_second_call(reentrant: boo
     assert next(lt for lt in report.trace.layers if lt.module == "a.0").activation.count == 8 * 16
 
 
+class CheckpointedOrFrozen(nn.Module):
+    """A block run through torch.utils.checkpoint (reentrant or not), or under no_grad."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.inp, self.head = nn.Linear(4, 6), nn.Linear(16, 2)
+        self.a = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        if self.how == "frozen":
+            with torch.no_grad():
+                h = self.a(x)
+            return self.head(h)
+        return self.head(checkpoint(self.a, x, use_reentrant=self.how == "reentrant"))
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non-reentrant", "frozen"])
+def test_reentrant_checkpointing_says_which_gradients_it_hides(how: str) -> None:
+    """A reentrant checkpoint runs its block with autograd off and again in the backward: no
+    gradient hook can go on the block's outputs, and the report says so (through the CLI's
+    check and through a Monitor); a non-reentrant one hides nothing, and a block frozen under
+    no_grad, never recomputed, has no gradient to hide."""
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    for report in (trainlint.check(CheckpointedOrFrozen(how), batch, steps=1),
+                   _two_monitored_steps(CheckpointedOrFrozen(how))):
+        notes = [n for n in report.notes if "use_reentrant=True" in n]
+        layers = _layers(report)
+        assert layers["head"].grad_norm is not None
+        if how == "reentrant":
+            assert len(notes) == 1 and notes[0].startswith("2 layer(s) ran with autograd off")
+            assert layers["a.0"].grad_norm is None and layers["a.1"].grad_norm is None
+        else:
+            assert notes == []
+        if how == "non-reentrant":
+            assert layers["a.0"].grad_norm > 0
+
+
 class Halves(nn.Module):
     """A leaf whose output is two chunks of one tensor: one autograd node, two outputs."""
 

@@ -116,11 +116,14 @@ class TraceBuilder:
         self.errors: list[dict] = []
         self.train_flags: list[dict] = []
         self.observed = 0
+        # Points whose gradients reentrant checkpointing hid (see ProbeSnapshot.checkpointed).
+        self.checkpointed: set = set()
 
     def add(self, snap: ProbeSnapshot, step: int) -> None:
         """Fold one observed step into the run."""
         self.observed += 1
         self.points.update(snap.points)
+        self.checkpointed.update(snap.checkpointed)
         self.norm_calls.extend(snap.norm_calls)
         self.edges |= snap.edges
         if snap.output_origins:
@@ -304,6 +307,12 @@ class TraceBuilder:
         )
         for name, value in run.items():
             setattr(trace, name, value)
+        if self.checkpointed:
+            trace.notes.append(
+                f"{len(self.checkpointed)} layer(s) ran with autograd off and were recomputed in "
+                "the backward (torch.utils.checkpoint with use_reentrant=True): their gradients "
+                "are not measured, and the gradient rules (TL501, TL502) read the other layers; "
+                "use_reentrant=False lets trainlint see them")
         return trace
 
     def _module_facts(self) -> dict:

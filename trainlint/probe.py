@@ -317,6 +317,11 @@ class Probe:
         self.skipping = False
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
+        # The points observed with autograd off inside the step's training forward (no gradient
+        # hook can go on their outputs), and whether a forward ran again inside a backward
+        # (torch.utils.checkpoint's recompute): reentrant checkpointing, when both.
+        self.gradless: set = set()
+        self.recomputed = False
         self.attached = False
         # The modules the hooks went on, in order (a change re-hooks them all).
         self.hooked: list[nn.Module] = []
@@ -387,6 +392,8 @@ class Probe:
         self.failed_module = None
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
+        self.gradless.clear()  # left over by a step that ended without its collect
+        self.recomputed = False
         if self.attached:
             self._install()
 
@@ -567,6 +574,7 @@ class Probe:
 
     def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._reading():
+            self.recomputed = self.recomputed or (self.observing and _current_node() is not None)
             return
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
@@ -656,6 +664,8 @@ class Probe:
             point.act_rows.append((tensor.device, acts.add(tensor, kind, known)))
             if tensor.requires_grad and torch.is_grad_enabled():
                 self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
+            elif not torch.is_grad_enabled():
+                self.gradless.add(key)
         return point
 
     def _grad_hook(self, point: Point) -> Callable[[torch.Tensor], None]:
@@ -910,7 +920,9 @@ class Probe:
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
                                                  if p.backward_order is not None},
-                                 train_flags=trained[0], batch_size=trained[1])
+                                 train_flags=trained[0], batch_size=trained[1],
+                                 checkpointed=sorted(self.gradless, key=repr)
+                                 if self.recomputed else [])
         self.first_forward = self.trained_forward = None
         offset = 0
         for tag, shape, numel in layout:
@@ -1065,6 +1077,9 @@ class ProbeSnapshot:
     # observed before it finished)`` of the modules with children whose own code made NaN/Inf.
     nonfinite_inputs: list = field(default_factory=list)
     nonfinite_modules: list = field(default_factory=list)
+    # The keys of the points that ran with autograd off in a step whose backward ran a forward
+    # again (reentrant torch.utils.checkpoint): their gradients are not read.
+    checkpointed: list = field(default_factory=list)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list:
