@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import ModuleFacts, RunTrace
@@ -35,6 +35,26 @@ def _where(module: str) -> str:
     return f"module {module!r}" if module else "the model itself"
 
 
+# Modules whose children the code that holds them calls: an unused child is that code's.
+_CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
+
+
+def _library_owner(trace: RunTrace, module: str, unused: set,
+                   trainable: list) -> Optional[ModuleFacts]:
+    """The library module whose own forward leaves ``module``'s unused parameters out:
+    ``module`` itself when only some of its parameters are unused, else the nearest ancestor
+    that is not a container (some of whose parameters train: ``module`` is the outermost
+    unused one). None when user code owns them: a backbone a ``.detach()`` cuts off whole is
+    the user's model's part."""
+    inside = [p.name for p in trainable if not module or p.name.startswith(module + ".")]
+    owner: Optional[str] = module
+    if all(n in unused for n in inside):
+        owner = next((a for a in ancestors(module)[1:]
+                      if getattr(trace.modules.get(a), "base", "") not in _CONTAINERS), None)
+    facts = trace.modules.get(owner) if owner is not None else None
+    return facts if facts is not None and facts.library else None
+
+
 @rule("TL505", "unused-parameters", "warning")
 def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Trainable parameters that never get a gradient.
@@ -57,6 +77,13 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Use the layer in ``forward`` (or drop it), remove the stray ``.detach()``, or freeze it on
     purpose with ``requires_grad_(False)``.
+
+    A library's own design (info, not a warning): when the unused parameters belong to a
+    module of an installed library (a transformers model) whose other parameters train, that
+    library's forward leaves them out for this head: a pooler that a masked-LM or token head
+    does not use, a mask token or embedding only pretraining reads. Unused parts that the
+    user's code owns (its own modules, or a ``ModuleList`` its loop does not reach) stay
+    warnings.
     """
     trainable = [p for p in trace.params if p.requires_grad]
     if not trainable or trace.observed_steps == 0:
@@ -71,6 +98,23 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for module, names in groups.items():
         # A group at the model itself holds the model's own parameters: name them.
         what = repr(module) if module else _listed([repr(n) for n in names])
+        owner = _library_owner(trace, module, unused, trainable)
+        if owner is not None:
+            yield Hit(
+                module=module,
+                message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no "
+                         f"gradient in {trace.observed_steps} observed step(s): "
+                         f"{_listed(names)}; {owner.library}'s {owner.type} builds them and "
+                         "its forward does not use them here, while its other parameters train"),
+                fix=("nothing to change for single-device training; under "
+                     "DistributedDataParallel they need find_unused_parameters=True, or leave "
+                     "them out: requires_grad_(False) on them, or the library's option that does "
+                     "not build them (add_pooling_layer=False for a pooler)"),
+                evidence={"params": names, "observed_steps": trace.observed_steps,
+                          "owner": owner.name, "library": owner.library},
+                severity="info",
+            )
+            continue
         yield Hit(
             module=module,
             message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no gradient "

@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from . import stats
-from .origins import locate
+from .origins import library_of, locate
 from .probe import ProbeSnapshot, training_flags
 from .trace import (
     REORDERING_OPS,
@@ -322,7 +322,7 @@ class TraceBuilder:
                 name=name, type=type(module).__name__, base=torch_base(type(module)),
                 training=module.training,
                 is_leaf=not any(True for _ in module.children()),
-                location=locate(self.model, name, module),
+                location=locate(self.model, name, module), library=library_of(type(module)),
                 attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
         for call in self.norm_calls:
             fact = facts.get(call.module)

@@ -33,6 +33,19 @@ def _is_user_file(path: str) -> bool:
     return not real.startswith(_LIBRARY_ROOTS) and "site-packages" not in real
 
 
+@functools.lru_cache(maxsize=512)
+def library_of(cls: type) -> str:
+    """The installed package that defines ``cls`` (``"transformers"``, ``"torch"``), or ""
+    for a class of the user's own code (or one whose source is unknown)."""
+    try:
+        path = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return ""
+    if not path or path.startswith("<") or _is_user_file(path):
+        return ""
+    return cls.__module__.split(".")[0]
+
+
 def _user_frame_location(module: nn.Module) -> Optional[Location]:
     """The innermost user-code frame outside ``module``'s own ``__init__`` chain (the line that
     called ``Block(...)``, not the ``super().__init__()`` inside ``Block``)."""

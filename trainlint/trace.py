@@ -121,6 +121,9 @@ class ModuleFacts:
     input_shapes: list = field(default_factory=list)
     # The torch.nn class the module is or derives from (``type`` when it derives from none).
     base: str = ""
+    # The installed package whose class the module is (``"transformers"``, ``"torch"``); ""
+    # for the user's own classes.
+    library: str = ""
 
     def __post_init__(self) -> None:
         self.base = self.base or self.type

@@ -47,6 +47,52 @@ def test_tl505_frozen_or_used_at_some_step_is_fine():
     assert hits("TL505", t) == []
 
 
+def _library(name: str, type_: str, base: str = "", package: str = "transformers"):
+    facts = module(name, type_, leaf=False)
+    facts.library, facts.base = package, base or type_
+    return facts
+
+
+UNUSED = {"grad_steps": 0, "grad_norm": None}
+
+
+def test_tl505_what_a_librarys_forward_leaves_out_is_info():
+    """A transformers model's pooler that its masked-LM head does not call, and a mask token
+    only pretraining reads, while the model's other parameters train: info, naming the
+    library class; the same parts of the user's own classes stay warnings."""
+    params = [param(n, (4,)) for n in ("enc.layer.weight", "emb.word.weight", "head.weight")]
+    params += [param(n, (4,), **UNUSED) for n in ("enc.pooler.dense.weight",
+                                                  "enc.pooler.dense.bias", "emb.mask_token")]
+    library = [_library("enc", "BigBirdModel"), _library("emb", "Dinov2Embeddings"),
+               _library("enc.pooler", "BigBirdPooler")]
+    found = {h.module: h for h in hits("TL505", trace([], modules=library, params=params,
+                                                      observed_steps=2))}
+    assert set(found) == {"enc.pooler", "emb"}
+    assert all(h.severity == "info" for h in found.values())
+    assert found["enc.pooler"].evidence["owner"] == "enc"
+    assert "transformers's BigBirdModel builds them" in found["enc.pooler"].message
+    assert found["emb"].evidence["params"] == ["emb.mask_token"]
+    assert "find_unused_parameters" in found["emb"].fix
+    own = [module("enc", "MyEncoder", leaf=False), module("emb", "MyEmbeddings", leaf=False)]
+    found = hits("TL505", trace([], modules=own, params=params, observed_steps=2))
+    assert sorted(h.module for h in found) == ["emb", "enc.pooler"]
+    assert all(h.severity is None for h in found)
+
+
+def test_tl505_a_librarys_unused_part_stays_a_warning_when_user_code_owns_it():
+    """A torch ModuleList whose last block the user's loop skips (the loop is the user's), and
+    a library backbone that trains nothing at all (cut off by a .detach()): warnings."""
+    blocks = [param(f"blocks.{i}.weight", (4,), **(UNUSED if i == 3 else {})) for i in range(4)]
+    containers = [_library("blocks", "ModuleList", package="torch")]
+    found = hits("TL505", trace([], modules=containers, params=blocks + [param("head.w", (4,))],
+                                observed_steps=2))
+    assert [(h.module, h.severity) for h in found] == [("blocks.3", None)]
+    backbone = [param(n, (4,), **UNUSED) for n in ("bert.layer.weight", "bert.pooler.weight")]
+    found = hits("TL505", trace([], modules=[_library("bert", "BertModel")],
+                                params=backbone + [param("head.weight", (4,))], observed_steps=2))
+    assert [(h.module, h.severity) for h in found] == [("bert", None)]
+
+
 def test_tl505_no_gradient_anywhere_is_a_note():
     none = {name: {"grad_steps": 0} for name in [p.name for p in _params()]}
     with pytest.raises(Skip):
