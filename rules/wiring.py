@@ -37,6 +37,10 @@ def _where(module: str) -> str:
 
 # Modules whose children the code that holds them calls: an unused child is that code's.
 _CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
+# Packages of published models, whose forward decides what a task head uses (a package of
+# the user's own, installed, is the user's code).
+MODEL_LIBRARIES = ("transformers", "timm", "diffusers", "torchvision", "torchaudio", "peft",
+                   "open_clip", "sentence_transformers", "torch")
 
 
 def _library_owner(trace: RunTrace, module: str, unused: set,
@@ -52,7 +56,7 @@ def _library_owner(trace: RunTrace, module: str, unused: set,
         owner = next((a for a in ancestors(module)[1:]
                       if getattr(trace.modules.get(a), "base", "") not in _CONTAINERS), None)
     facts = trace.modules.get(owner) if owner is not None else None
-    return facts if facts is not None and facts.library else None
+    return facts if facts is not None and facts.library in MODEL_LIBRARIES else None
 
 
 @rule("TL505", "unused-parameters", "warning")
@@ -79,7 +83,8 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     purpose with ``requires_grad_(False)``.
 
     A library's own design (info, not a warning): when the unused parameters belong to a
-    module of an installed library (a transformers model) whose other parameters train, that
+    module of a published-model library (transformers, timm, diffusers, torchvision, torch
+    itself, ...) whose other parameters train, that
     library's forward leaves them out for this head: a pooler that a masked-LM or token head
     does not use, a mask token or embedding only pretraining reads. Unused parts that the
     user's code owns (its own modules, or a ``ModuleList`` its loop does not reach) stay

@@ -74,9 +74,12 @@ def test_tl505_what_a_librarys_forward_leaves_out_is_info():
     assert found["emb"].evidence["params"] == ["emb.mask_token"]
     assert "find_unused_parameters" in found["emb"].fix
     own = [module("enc", "MyEncoder", leaf=False), module("emb", "MyEmbeddings", leaf=False)]
-    found = hits("TL505", trace([], modules=own, params=params, observed_steps=2))
-    assert sorted(h.module for h in found) == ["emb", "enc.pooler"]
-    assert all(h.severity is None for h in found)
+    installed = [_library("enc", "MyEncoder", package="acme_models"),
+                 _library("emb", "MyEmbeddings", package="acme_models")]  # the user's package
+    for modules in (own, installed):
+        found = hits("TL505", trace([], modules=modules, params=params, observed_steps=2))
+        assert sorted(h.module for h in found) == ["emb", "enc.pooler"]
+        assert all(h.severity is None for h in found)
 
 
 def test_tl505_a_librarys_unused_part_stays_a_warning_when_user_code_owns_it():
@@ -240,3 +243,19 @@ def test_tl602_is_a_monitor_rule():
 
 def test_tl602_training_mode_throughout_is_fine():
     assert hits("TL602", _mode_model(_flags())) == []
+
+
+def test_the_library_of_a_module_class_is_where_its_source_lives():
+    """torch's and transformers' classes are library ones; a class of the user's own file (this
+    test module) or one without a source file is the user's."""
+    import torch.nn as nn
+    from transformers.models.bert.modeling_bert import BertPooler
+
+    from trainlint.origins import library_of
+
+    class Mine(nn.Module):
+        pass
+
+    assert library_of(nn.Linear) == "torch" and library_of(nn.ModuleList) == "torch"
+    assert library_of(BertPooler) == "transformers"
+    assert library_of(Mine) == "" and library_of(type("Made", (nn.Module,), {})) == ""
