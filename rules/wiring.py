@@ -109,8 +109,9 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 module=module,
                 message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no "
                          f"gradient in {trace.observed_steps} observed step(s): "
-                         f"{_listed(names)}; {owner.library}'s {owner.type} builds them and "
-                         "its forward does not use them here, while its other parameters train"),
+                         f"{_listed(names)}; the {owner.library} class {owner.type} builds "
+                         "them and its forward does not use them here, while its other "
+                         "parameters train"),
                 fix=("nothing to change for single-device training; under "
                      "DistributedDataParallel they need find_unused_parameters=True, or leave "
                      "them out: requires_grad_(False) on them, or the library's option that does "

@@ -225,29 +225,34 @@ def test_a_checkpoints_recompute_in_backward_is_not_a_second_call(reentrant: boo
 
 
 class CheckpointedOrFrozen(nn.Module):
-    """A block run through torch.utils.checkpoint (reentrant or not), or under no_grad."""
+    """A block run through torch.utils.checkpoint (reentrant or not), or under no_grad; and a
+    frozen feature layer under no_grad beside it, never recomputed."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
         self.inp, self.head = nn.Linear(4, 6), nn.Linear(16, 2)
         self.a = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+        self.frozen = nn.Linear(4, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x)
+        with torch.no_grad():
+            x = self.inp(x) + self.frozen(x)
         if self.how == "frozen":
             with torch.no_grad():
                 h = self.a(x)
             return self.head(h)
-        return self.head(checkpoint(self.a, x, use_reentrant=self.how == "reentrant"))
+        reentrant = self.how == "reentrant"
+        return self.head(checkpoint(self.a, x.requires_grad_(), use_reentrant=reentrant))
 
 
 @pytest.mark.parametrize("how", ["reentrant", "non-reentrant", "frozen"])
 def test_reentrant_checkpointing_says_which_gradients_it_hides(how: str) -> None:
     """A reentrant checkpoint runs its block with autograd off and again in the backward: no
     gradient hook can go on the block's outputs, and the report says so (through the CLI's
-    check and through a Monitor); a non-reentrant one hides nothing, and a block frozen under
-    no_grad, never recomputed, has no gradient to hide."""
+    check and through a Monitor), counting those layers only, not the frozen ones beside them;
+    a non-reentrant one hides nothing, and a block frozen under no_grad, never recomputed, has
+    no gradient to hide."""
     torch.manual_seed(0)
     batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
     for report in (trainlint.check(CheckpointedOrFrozen(how), batch, steps=1),

@@ -318,10 +318,10 @@ class Probe:
         # Per device: the statistics batches of the observed step (their buffers are reused).
         self.batches: dict[torch.device, tuple] = {}
         # The points observed with autograd off inside the step's training forward (no gradient
-        # hook can go on their outputs), and whether a forward ran again inside a backward
-        # (torch.utils.checkpoint's recompute): reentrant checkpointing, when both.
+        # hook can go on their outputs), and the modules whose forward ran again inside a
+        # backward (torch.utils.checkpoint's recompute): reentrant checkpointing, for both.
         self.gradless: set = set()
-        self.recomputed = False
+        self.recomputed: set = set()
         self.attached = False
         # The modules the hooks went on, in order (a change re-hooks them all).
         self.hooked: list[nn.Module] = []
@@ -393,7 +393,7 @@ class Probe:
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
         self.gradless.clear()  # left over by a step that ended without its collect
-        self.recomputed = False
+        self.recomputed.clear()
         if self.attached:
             self._install()
 
@@ -530,6 +530,7 @@ class Probe:
         when its own code made it (not a point's output passed on as it is)."""
         self._leave(module, args, output)
         if output is None or self.mode is None or not self._reading():
+            self._note_recompute(module)
             return
         with torch._C.DisableTorchFunction():
             tensor = first_float_tensor(output)
@@ -540,6 +541,12 @@ class Probe:
                 return  # a point's output as it is: that point's read covers it
             self.container_probes.append((self.names.get(module, ""), self.last_key,
                                           stats.extremes_probe(tensor)))
+
+    def _note_recompute(self, module: nn.Module) -> None:
+        """Keep ``module``'s name when its forward runs inside a backward (the recompute of
+        torch.utils.checkpoint)."""
+        if self.observing and _current_node() is not None:
+            self.recomputed.add(self.names.get(module, ""))
 
     def _leave_leaf(self, module: nn.Module, args: tuple, output: Any) -> None:
         """A leaf module's forward is over: leave it, then observe its output (None when its
@@ -574,7 +581,7 @@ class Probe:
 
     def _leaf_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not self._reading():
-            self.recomputed = self.recomputed or (self.observing and _current_node() is not None)
+            self._note_recompute(module)
             return
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
@@ -921,8 +928,8 @@ class Probe:
                                  backward_order={k: p.backward_order for k, p in self.points.items()
                                                  if p.backward_order is not None},
                                  train_flags=trained[0], batch_size=trained[1],
-                                 checkpointed=sorted(self.gradless, key=repr)
-                                 if self.recomputed else [])
+                                 checkpointed=sorted((k for k in self.gradless
+                                                      if k[0] in self.recomputed), key=repr))
         self.first_forward = self.trained_forward = None
         offset = 0
         for tag, shape, numel in layout:
@@ -1077,8 +1084,8 @@ class ProbeSnapshot:
     # observed before it finished)`` of the modules with children whose own code made NaN/Inf.
     nonfinite_inputs: list = field(default_factory=list)
     nonfinite_modules: list = field(default_factory=list)
-    # The keys of the points that ran with autograd off in a step whose backward ran a forward
-    # again (reentrant torch.utils.checkpoint): their gradients are not read.
+    # The keys of the points that ran with autograd off and whose module's forward ran again
+    # in the backward (reentrant torch.utils.checkpoint): their gradients are not read.
     checkpointed: list = field(default_factory=list)
 
 

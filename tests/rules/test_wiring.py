@@ -70,7 +70,7 @@ def test_tl505_what_a_librarys_forward_leaves_out_is_info():
     assert set(found) == {"enc.pooler", "emb"}
     assert all(h.severity == "info" for h in found.values())
     assert found["enc.pooler"].evidence["owner"] == "enc"
-    assert "transformers's BigBirdModel builds them" in found["enc.pooler"].message
+    assert "the transformers class BigBirdModel builds them" in found["enc.pooler"].message
     assert found["emb"].evidence["params"] == ["emb.mask_token"]
     assert "find_unused_parameters" in found["emb"].fix
     own = [module("enc", "MyEncoder", leaf=False), module("emb", "MyEmbeddings", leaf=False)]
