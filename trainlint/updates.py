@@ -188,7 +188,6 @@ class UpdateSampler:
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
         self.groups: list[_Group] = []
-        self.where: dict = {}
         self.taken = False
 
     def before(self, params: list) -> set:
@@ -210,14 +209,13 @@ class UpdateSampler:
         for p in params:
             plan = stats.plan_for(p, False)
             by_group.setdefault((p.device, sample_dtype(p)), []).append((p, plan))
-        self.groups, self.where = [], {}
+        self.groups = []
         for (device, dtype), members in by_group.items():
             slots, offset = [], 0
             # Samples of the same length side by side (see _Group); the order is otherwise kept.
             members.sort(key=lambda member: -member[1].m)
             for p, plan in members:
                 slots.append(_Slot(p, offset, plan.m, plan.copies[0], tuple(p.shape)))
-                self.where[p] = (len(self.groups), len(slots) - 1)
                 offset += plan.m
             self.groups.append(_Group(slots, device, dtype))
 
