@@ -39,7 +39,7 @@ def _where(module: str) -> str:
 _CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
 # Packages of published models, whose forward decides what a task head uses (a package of
 # the user's own, installed, is the user's code).
-MODEL_LIBRARIES = ("transformers", "timm", "diffusers", "torchvision", "torchaudio", "peft",
+_MODEL_LIBRARIES = ("transformers", "timm", "diffusers", "torchvision", "torchaudio", "peft",
                    "open_clip", "sentence_transformers", "torch")
 
 
@@ -56,7 +56,7 @@ def _library_owner(trace: RunTrace, module: str, unused: set,
         owner = next((a for a in ancestors(module)[1:]
                       if getattr(trace.modules.get(a), "base", "") not in _CONTAINERS), None)
     facts = trace.modules.get(owner) if owner is not None else None
-    return facts if facts is not None and facts.library in MODEL_LIBRARIES else None
+    return facts if facts is not None and facts.library in _MODEL_LIBRARIES else None
 
 
 @rule("TL505", "unused-parameters", "warning")
@@ -84,11 +84,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch
-    itself, ...) whose other parameters train, that
-    library's forward leaves them out for this head: a pooler that a masked-LM or token head
-    does not use, a mask token or embedding only pretraining reads. Unused parts that the
-    user's code owns (its own modules, or a ``ModuleList`` its loop does not reach) stay
-    warnings.
+    itself, ...) whose other parameters train, that library's forward leaves them out for
+    this head: a pooler that a masked-LM or token head does not use, a mask token or
+    embedding only pretraining reads. Unused parts that the user's code owns (its own
+    modules, or a ``ModuleList`` its loop does not reach) stay warnings.
     """
     trainable = [p for p in trace.params if p.requires_grad]
     if not trainable or trace.observed_steps == 0:
@@ -103,34 +102,31 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for module, names in groups.items():
         # A group at the model itself holds the model's own parameters: name them.
         what = repr(module) if module else _listed([repr(n) for n in names])
+        found = (f"{len(names)} trainable parameter(s) of {_where(module)} got no gradient "
+                 f"in {trace.observed_steps} observed step(s): {_listed(names)}; ")
+        evidence = {"params": names, "observed_steps": trace.observed_steps}
         owner = _library_owner(trace, module, unused, trainable)
         if owner is not None:
             yield Hit(
                 module=module,
-                message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no "
-                         f"gradient in {trace.observed_steps} observed step(s): "
-                         f"{_listed(names)}; the {owner.library} class {owner.type} builds "
-                         "them and its forward does not use them here, while its other "
-                         "parameters train"),
+                message=(found + f"the {owner.library} class {owner.type} builds them and its "
+                         "forward does not use them here, while its other parameters train"),
                 fix=("nothing to change for single-device training; under "
                      "DistributedDataParallel they need find_unused_parameters=True, or leave "
                      "them out: requires_grad_(False) on them, or the library's option that does "
                      "not build them (add_pooling_layer=False for a pooler)"),
-                evidence={"params": names, "observed_steps": trace.observed_steps,
-                          "owner": owner.name, "library": owner.library},
+                evidence={**evidence, "owner": owner.name, "library": owner.library},
                 severity="info",
             )
             continue
         yield Hit(
             module=module,
-            message=(f"{len(names)} trainable parameter(s) of {_where(module)} got no gradient "
-                     f"in {trace.observed_steps} observed step(s): {_listed(names)}; they do "
-                     "not take part in the loss"),
+            message=found + "they do not take part in the loss",
             fix=(f"use {what} in forward (or delete it), remove a .detach() / "
                  "torch.no_grad() that cuts it off, or freeze it with requires_grad_(False); "
                  "under DistributedDataParallel unused parameters need "
                  "find_unused_parameters=True, which slows every step"),
-            evidence={"params": names, "observed_steps": trace.observed_steps},
+            evidence=evidence,
         )
 
 
