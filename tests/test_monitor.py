@@ -439,19 +439,65 @@ def test_a_keyboard_interrupt_in_forward_leaves_no_mode_over_the_users() -> None
     assert torch._C._len_torch_function_stack() == 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def test_a_report_after_an_interrupted_forward_takes_the_probes_mode_off() -> None:
-    """In a notebook: Ctrl-C inside forward, then the report, and no further step or close():
-    every torch call afterwards would go through the probe's mode."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    """In a notebook: Ctrl-C inside forward (here in the user's own block, where the probe's
+    mode is on the stack), then the report, and no further step or close(): every torch call
+    afterwards would go through the probe's mode."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU()))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = trainlint.Monitor(model, optimizer=opt, every=1)
-    model[1].register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    model[1].register_forward_pre_hook(_interrupt)
     with pytest.raises(KeyboardInterrupt):
         model(torch.randn(2, 4))
     assert torch._C._len_torch_function_stack() == 1
     monitor.report()
     assert torch._C._len_torch_function_stack() == 0
     monitor.close()
+
+
+def test_an_interrupt_inside_a_torch_nn_layer_leaves_no_mode_and_the_next_step_is_read() -> None:
+    """The probe's mode is off the stack while a torch.nn leaf runs (it follows nothing in
+    there): Ctrl-C inside one leaves no mode behind, and the next forward is read as usual,
+    its functional activation too (which only the mode sees)."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.tanh(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = trainlint.Monitor(model, optimizer=opt, every=1)
+    handle = model.out.register_forward_pre_hook(_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(2, 4))
+    assert torch._C._len_torch_function_stack() == 0
+    monitor.report()
+    assert not monitor.probe.stale_modes  # none waits to be popped: it is off the stack
+    with pytest.raises(KeyboardInterrupt):  # again, and this time straight on to training
+        model(torch.randn(2, 4))
+    handle.remove()
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        assert torch._C._len_torch_function_stack() == 0
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    layers = {(lt.module, lt.op): lt for lt in monitor.report().trace.layers}
+    assert set(layers) == {("fc", "output"), ("", "tanh"), ("out", "output")}
+    # Read in both steps (and in the interrupted forwards, which got past it, into the step).
+    assert layers[("", "tanh")].activation.count == 2 * 2 * 4 + 2 * 8 * 4
+    monitor.close()
+    assert torch._C._len_torch_function_stack() == 0
 
 
 def test_a_loop_that_goes_on_after_run_failed_stays_on_the_every_grid() -> None:
