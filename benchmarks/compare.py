@@ -88,14 +88,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         base_package = import_revision(args.rev, Path(tmp))
         print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, "
               f"{args.steps} steps after {args.warmup}; base = {args.rev}")
-        print(f"  {'workload':12s} {'mode':8s} {'p10 ms':>9s} {'x plain':>8s} "
+        print(f"  {'workload':14s} {'mode':8s} {'p10 ms':>9s} {'x plain':>8s} "
               f"{'median ms':>10s} {'x plain':>8s}")
         for name in args.workloads.split(","):
             result = compare(table[name], base_package, args.steps, args.warmup,
                              args.device)
             p10, med = result["plain"]
             for mode, (a, b) in result.items():
-                print(f"  {name:12s} {mode:8s} {1e3 * a:9.1f} {a / p10:8.3f} "
+                print(f"  {name:14s} {mode:8s} {1e3 * a:9.1f} {a / p10:8.3f} "
                       f"{1e3 * b:10.1f} {b / med:8.3f}")
     return 0
 

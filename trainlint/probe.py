@@ -221,7 +221,8 @@ class NormCall:
 
 
 class _ProbeMode(TorchFunctionMode):
-    """Sees every torch function during the root forward: functional activations and flow."""
+    """Sees every torch function during the root forward (but inside the ``torch.nn`` leaves
+    whose outputs the leaf hooks read): functional activations and flow."""
 
     def __init__(self, probe: Probe) -> None:
         super().__init__()
