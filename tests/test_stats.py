@@ -422,6 +422,29 @@ def test_probe_gradient_norms_match_captured_gradients(probed: tuple) -> None:
         assert layers[(name, "output")].grad_norm == pytest.approx(expected, rel=1e-5), name
 
 
+def test_steps_of_several_batches_of_rows_match_each_tensor_read_alone() -> None:
+    """A step with more rows than a batch holds, repeated as training repeats it (same
+    shapes, same order, new values; once with a smaller batch, as an epoch's last): the rows
+    that share a slot across the step's batches differ in size, and each step's statistics
+    equal those of each tensor read on its own (no value of another tensor, or of the same
+    tensor in a larger batch, left in a row's NaN padding)."""
+    per_batch = stats.batch_rows(stats.SAMPLE_TARGET + 2 * stats.SIGNAL_WIDTH)
+    shapes = [(4, 250) if i < per_batch else (2, 60) for i in range(per_batch + 5)]
+    shapes[per_batch + 1] = (4, 400)  # wider than what its slot held in the first batch
+    smaller = [(n // 2, width) for n, width in shapes]
+    g = torch.Generator().manual_seed(0)
+    batch = stats.ActivationBatch(torch.device("cpu"))
+    for step in (shapes, shapes, smaller, shapes):
+        xs = [torch.randn(*shape, generator=g) * (1 + i % 3) for i, shape in enumerate(step)]
+        for x in xs:
+            batch.add(x)
+        rows, signal = batch.rows(batch.device_part().numpy())
+        alone = np.stack([stats.activation_stats(x, None).numpy() for x in xs])
+        np.testing.assert_allclose(rows, alone, rtol=1e-12, atol=0)
+        pairs = np.stack([stats.between_sample(x).numpy() for x in xs])
+        np.testing.assert_allclose(signal, pairs, rtol=1e-12, atol=0)
+
+
 def test_between_sample_is_half_the_mean_squared_pair_difference():
     x = torch.randn(9, 3, 5, 5, dtype=torch.float64)
     total, count = stats.between_sample(x).tolist()

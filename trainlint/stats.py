@@ -261,40 +261,56 @@ def _work_buffers(device: torch.device, shape: tuple) -> list:
 class RowStore:
     """Rows of one dtype and width on one device waiting for their statistics (NaN where a
     row holds no value); every :func:`batch_rows` rows, ``kernel`` computes them all in float64.
-    """
+    Each batch of a step has its own buffer, so that a row is filled by the same tensor from
+    one step to the next (a training step adds the same tensors in the same order) and its NaN
+    padding stays as it was."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, width: int, extra: int,
                  kernel: Callable, fields: int) -> None:
         self.kernel = kernel
         self.fields = fields
         self.width = width
+        self.device = device
+        self.dtype = dtype
         self.batch = batch_rows(width + extra)
-        self.rows = torch.full((self.batch, width + extra), math.nan, dtype=dtype,
-                               device=device)
-        self.work = _work_buffers(device, tuple(self.rows.shape))
+        self.shape = (self.batch, width + extra)
+        self.buffers: list[torch.Tensor] = []
+        self.work = _work_buffers(device, self.shape)
         self.count = 0
         self.total = 0
         self.kinds: set = set()
         self.done: list = []
         self.views: dict = {}
-        # The plan each slot was last filled by: the same plan leaves its NaN padding as it was
-        # (a training step adds the same tensors in the same order each time).
-        self.last: list = [None] * self.batch
+        # Per buffer, the plan each of its rows was last filled by: the same plan leaves the
+        # row's NaN padding as it was.
+        self.last: list[list] = []
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The buffer the next row goes into (allocated, all NaN, when first needed)."""
+        index = len(self.done)
+        if index == len(self.buffers):
+            self.buffers.append(torch.full(self.shape, math.nan, dtype=self.dtype,
+                                           device=self.device))
+            self.last.append([None] * self.batch)
+        return self.buffers[index]
 
     def add(self, x: torch.Tensor, plan: Plan, kind: Optional[str] = None) -> int:
         """Fill the next row from ``x`` following ``plan``; the row's number."""
-        slot = self.count
-        padded = self.last[slot] is plan
-        self.last[slot] = plan
+        rows, slot, index = self.rows, self.count, len(self.done)
+        last = self.last[index]
+        padded = last[slot] is plan
+        last[slot] = plan
         for copy in plan.copies:
             if copy.how == "nan" and padded:
                 continue
-            key = (slot, copy, x.shape)
+            key = (index, slot, copy, x.shape)
             out = self.views.get(key)
             if out is None:
                 if len(self.views) >= _MAX_VIEWS:
                     self.views.clear()
-                out = self.views[key] = self._view(slot, copy, x.shape)
+                out = self.views[key] = shaped_for(
+                    rows[slot, copy.offset:copy.offset + copy.length], copy, x.shape)
             fill(out, x, copy)
         self.kinds.add(kind)
         self.count += 1
@@ -303,16 +319,13 @@ class RowStore:
             self.flush()
         return self.total - 1
 
-    def _view(self, slot: int, copy: Copy, shape: tuple) -> torch.Tensor:
-        """The part of row ``slot`` that ``copy`` fills, shaped for its one op."""
-        return shaped_for(self.rows[slot, copy.offset:copy.offset + copy.length], copy, shape)
-
     def flush(self) -> None:
         if self.count:
+            rows = self.buffers[len(self.done)]
             if self.count == self.batch:
-                rows, work = self.rows, list(self.work)
+                work = list(self.work)
             else:
-                rows, work = self.rows[:self.count], [w[:self.count] for w in self.work]
+                rows, work = rows[:self.count], [w[:self.count] for w in self.work]
             x = rows if rows.dtype == _F64 else work.pop().copy_(rows)
             self.done.append(self.kernel(x, work, self.kinds, self.width))
             self.count = 0
@@ -324,7 +337,7 @@ class RowStore:
         done, self.done = self.done, []
         self.total = 0
         if not done:
-            return torch.zeros((0, self.fields), dtype=_F64, device=self.rows.device)
+            return torch.zeros((0, self.fields), dtype=_F64, device=self.device)
         return torch.cat(done) if len(done) > 1 else done[0]
 
 
