@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import trainlint
 from trainlint import stats
@@ -496,6 +496,42 @@ def test_an_interrupt_inside_a_torch_nn_layer_leaves_no_mode_and_the_next_step_i
     assert set(layers) == {("fc", "output"), ("", "tanh"), ("out", "output")}
     # Read in both steps (and in the interrupted forwards, which got past it, into the step).
     assert layers[("", "tanh")].activation.count == 2 * 2 * 4 + 2 * 8 * 4
+    monitor.close()
+    assert torch._C._len_torch_function_stack() == 0
+
+
+class _Passthrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mode_a_hook_enters_inside_a_layer_and_leaves_after_it_is_popped_in_order() -> None:
+    """The user's hooks enter a mode before a torch.nn layer runs (while the probe's mode is
+    off the stack) and leave it after the layer's parent: the probe's mode must not go back
+    above it, or the user's exit would pop the probe's mode and leave the user's on."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = trainlint.Monitor(model, optimizer=opt, every=1)
+    users = _Passthrough()
+
+    def enter(*_: object) -> None:
+        users.__enter__()
+
+    def leave(*_: object) -> None:
+        users.__exit__(None, None, None)
+
+    model[0][0].register_forward_pre_hook(enter)
+    model[0].register_forward_hook(leave)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        assert torch._C._len_torch_function_stack() == 0
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+    assert not monitor.probe.stale_modes
+    layers = {lt.module for lt in monitor.report().trace.layers}
+    assert layers == {"0.0", "1"}
     monitor.close()
     assert torch._C._len_torch_function_stack() == 0
 

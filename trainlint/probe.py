@@ -267,7 +267,8 @@ class Probe:
         self.observing = False
         self.busy = False
         self.stack: list[nn.Module] = []
-        # ``(module, mode)``: the mode taken off the torch-function stack while ``module`` runs.
+        # ``(module, mode, depth)``: the mode taken off the torch-function stack while
+        # ``module`` runs, and the stack's depth without it.
         self.suspended: list[tuple] = []
         self.call_counts: dict[tuple, int] = {}
         self.counter = 0
@@ -505,7 +506,7 @@ class Probe:
         if self.mode is not None:
             mode, self.mode = self.mode, None
             mode.probe = None  # inert from now on
-            if not any(off is mode for _, off in self.suspended):  # else already off the stack
+            if not any(off is mode for _, off, _ in self.suspended):  # else off the stack
                 self.stale_modes.append(mode)
         self.suspended.clear()
         self._drop_stale_modes()
@@ -532,11 +533,18 @@ class Probe:
         it sees costs a Python call (264 a step on ResNet-50). Only when it is innermost."""
         depth = torch._C._len_torch_function_stack()
         if depth and torch._C._get_function_stack_at(depth - 1) is self.mode:
-            self.suspended.append((module, torch._C._pop_torch_function_stack()))
+            self.suspended.append((module, torch._C._pop_torch_function_stack(), depth - 1))
+
+    def _resume_mode(self, module: nn.Module) -> None:
+        """Put the mode back when ``module``'s forward is over, where it was: not above a mode
+        that a hook entered meanwhile and will leave later (that mode's exit pops the top of
+        the stack; the probe's mode then stays off for the rest of this forward)."""
+        if self.suspended and self.suspended[-1][0] is module:
+            if torch._C._len_torch_function_stack() == self.suspended[-1][2]:
+                torch._C._push_on_torch_function_stack(self.suspended.pop()[1])
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.suspended and self.suspended[-1][0] is module:
-            torch._C._push_on_torch_function_stack(self.suspended.pop()[1])
+        self._resume_mode(module)
         if not self.observing:
             return
         if output is None and sys.exc_info()[0] is not None and self.failed_module is None:
