@@ -422,14 +422,17 @@ def test_probe_gradient_norms_match_captured_gradients(probed: tuple) -> None:
         assert layers[(name, "output")].grad_norm == pytest.approx(expected, rel=1e-5), name
 
 
-def test_steps_of_several_batches_of_rows_match_each_tensor_read_alone() -> None:
+@pytest.mark.parametrize("batches", [2, stats.MAX_BUFFERS + 2])
+def test_steps_of_several_batches_of_rows_match_each_tensor_read_alone(batches: int) -> None:
     """A step with more rows than a batch holds, repeated as training repeats it (same
     shapes, same order, new values; once with a smaller batch, as an epoch's last): the rows
     that share a slot across the step's batches differ in size, and each step's statistics
     equal those of each tensor read on its own (no value of another tensor, or of the same
-    tensor in a larger batch, left in a row's NaN padding)."""
+    tensor in a larger batch, left in a row's NaN padding). Past MAX_BUFFERS batches the
+    last buffer is shared, and no more are made."""
     per_batch = stats.batch_rows(stats.SAMPLE_TARGET + 2 * stats.SIGNAL_WIDTH)
-    shapes = [(4, 250) if i < per_batch else (2, 60) for i in range(per_batch + 5)]
+    count = (batches - 1) * per_batch + 5
+    shapes = [(4, 250) if (i // per_batch) % 2 == 0 else (2, 60) for i in range(count)]
     shapes[per_batch + 1] = (4, 400)  # wider than what its slot held in the first batch
     smaller = [(n // 2, width) for n, width in shapes]
     g = torch.Generator().manual_seed(0)
@@ -443,6 +446,8 @@ def test_steps_of_several_batches_of_rows_match_each_tensor_read_alone() -> None
         np.testing.assert_allclose(rows, alone, rtol=1e-12, atol=0)
         pairs = np.stack([stats.between_sample(x).numpy() for x in xs])
         np.testing.assert_allclose(signal, pairs, rtol=1e-12, atol=0)
+    (store,) = batch.stores.values()
+    assert len(store.buffers) == min(batches, stats.MAX_BUFFERS)
 
 
 def test_between_sample_is_half_the_mean_squared_pair_difference():

@@ -258,12 +258,17 @@ def _work_buffers(device: torch.device, shape: tuple) -> list:
     return [b[:math.prod(shape)].view(shape) for b in buffers]
 
 
+# A store's first MAX_BUFFERS - 1 batches of a step each get a row buffer of their own; the
+# later ones share the last (a few MB at most, however many rows a step adds).
+MAX_BUFFERS = 4
+
+
 class RowStore:
     """Rows of one dtype and width on one device waiting for their statistics (NaN where a
     row holds no value); every :func:`batch_rows` rows, ``kernel`` computes them all in float64.
-    Each batch of a step has its own buffer, so that a row is filled by the same tensor from
-    one step to the next (a training step adds the same tensors in the same order) and its NaN
-    padding stays as it was."""
+    The batches of a step have buffers of their own (up to ``MAX_BUFFERS``), so that a row is
+    filled by the same tensor from one step to the next (a training step adds the same tensors
+    in the same order) and its NaN padding stays as it was."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, width: int, extra: int,
                  kernel: Callable, fields: int) -> None:
@@ -285,20 +290,20 @@ class RowStore:
         # row's NaN padding as it was.
         self.last: list[list] = []
 
-    @property
-    def rows(self) -> torch.Tensor:
-        """The buffer the next row goes into (allocated, all NaN, when first needed)."""
-        index = len(self.done)
+    def _buffer(self) -> int:
+        """The number of the buffer of this step's current batch (allocated, all NaN, when
+        first needed)."""
+        index = min(len(self.done), MAX_BUFFERS - 1)
         if index == len(self.buffers):
             self.buffers.append(torch.full(self.shape, math.nan, dtype=self.dtype,
                                            device=self.device))
             self.last.append([None] * self.batch)
-        return self.buffers[index]
+        return index
 
     def add(self, x: torch.Tensor, plan: Plan, kind: Optional[str] = None) -> int:
         """Fill the next row from ``x`` following ``plan``; the row's number."""
-        rows, slot, index = self.rows, self.count, len(self.done)
-        last = self.last[index]
+        index, slot = self._buffer(), self.count
+        rows, last = self.buffers[index], self.last[index]
         padded = last[slot] is plan
         last[slot] = plan
         for copy in plan.copies:
@@ -321,7 +326,7 @@ class RowStore:
 
     def flush(self) -> None:
         if self.count:
-            rows = self.buffers[len(self.done)]
+            rows = self.buffers[self._buffer()]
             if self.count == self.batch:
                 work = list(self.work)
             else:
