@@ -443,6 +443,19 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def _train_with_no_mode_left(model: nn.Module, opt: torch.optim.Optimizer,
+                             monitor: trainlint.Monitor, steps: int = 2) -> None:
+    """Observed steps on batches of 8 four-feature rows; no torch-function mode is left on
+    the stack after any forward."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        assert torch._C._len_torch_function_stack() == 0
+        loss.backward()
+        opt.step()
+        monitor.step(loss)
+
+
 def test_a_report_after_an_interrupted_forward_takes_the_probes_mode_off() -> None:
     """In a notebook: Ctrl-C inside forward (here in the user's own block, where the probe's
     mode is on the stack), then the report, and no further step or close(): every torch call
@@ -485,13 +498,7 @@ def test_an_interrupt_inside_a_torch_nn_layer_leaves_no_mode_and_the_next_step_i
     with pytest.raises(KeyboardInterrupt):  # again, and this time straight on to training
         model(torch.randn(2, 4))
     handle.remove()
-    for _ in range(2):
-        opt.zero_grad()
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        assert torch._C._len_torch_function_stack() == 0
-        loss.backward()
-        opt.step()
-        monitor.step(loss)
+    _train_with_no_mode_left(model, opt, monitor)
     layers = {(lt.module, lt.op): lt for lt in monitor.report().trace.layers}
     assert set(layers) == {("fc", "output"), ("", "tanh"), ("out", "output")}
     # Read in both steps (and in the interrupted forwards, which got past it, into the step).
@@ -522,13 +529,7 @@ def test_a_mode_a_hook_enters_inside_a_layer_and_leaves_after_it_is_popped_in_or
 
     model[0][0].register_forward_pre_hook(enter)
     model[0].register_forward_hook(leave)
-    for _ in range(2):
-        opt.zero_grad()
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        assert torch._C._len_torch_function_stack() == 0
-        loss.backward()
-        opt.step()
-        monitor.step(loss)
+    _train_with_no_mode_left(model, opt, monitor)
     assert not monitor.probe.stale_modes
     layers = {lt.module for lt in monitor.report().trace.layers}
     assert layers == {"0.0", "1"}
