@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -128,6 +129,20 @@ def test_monitor_report_finds_a_dead_layer() -> None:
         train(model, opt, monitor, 4, batch=16)
         report = monitor.report()
     assert [(f.code, f.module) for f in report.findings if f.code == "TL101"] == [("TL101", "2")]
+
+
+def test_a_report_keeps_its_parameter_numbers_while_training_goes_on() -> None:
+    model, opt = make()
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        train(model, opt, monitor, 2)
+        early = monitor.report().trace.params
+        as_built = [dataclasses.asdict(p) for p in early]
+        train(model, opt, monitor, 3)
+        later = monitor.report().trace.params
+    assert [dataclasses.asdict(p) for p in early] == as_built
+    assert all(len(p.update_norms) == 2 and p.grad_steps == 2 for p in early)
+    assert all(len(p.update_norms) == 5 and p.grad_steps == 5 for p in later)
+    assert [p.norm for p in later] != [p.norm for p in early]
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5, True])

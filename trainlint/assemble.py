@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -239,33 +240,35 @@ class TraceBuilder:
             return
 
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
+        """This step's vector of one parameter, folded into its ``ParamTrace`` in place (the
+        builder's own; :meth:`build` hands out copies)."""
         _, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr, dtype = tag
-        values = [float(v) for v in value]
+        values = value.tolist()
         norm, std = values[0], values[1]
         grad = values[2] if has_grad else None
-        update, before = (values[-2], values[-1]) if has_update else (None, None)
-        module = name.rsplit(".", 1)[0] if "." in name else ""
-        previous = self.params.get(name)
-        trace = ParamTrace(name=name, module=module, shape=shape, requires_grad=requires_grad,
-                           in_optimizer=in_opt, norm=norm, std=std, grad_norm=grad,
-                           update_norm=update, group=group, lr=lr, dtype=dtype,
-                           nonfinite=int(not math.isfinite(norm)
-                                         or not self.param_finite.get(name, True)),
-                           grad_nonfinite=int(grad is not None and not math.isfinite(grad)))
-        if previous is not None:
-            trace.update_ratios = previous.update_ratios
-            trace.norms_before = previous.norms_before
-            trace.update_norms = previous.update_norms
-            trace.grad_steps = previous.grad_steps
+        trace = self.params.get(name)
+        if trace is None:
+            module = name.rsplit(".", 1)[0] if "." in name else ""
+            trace = self.params[name] = ParamTrace(name=name, module=module, shape=shape,
+                                                   requires_grad=requires_grad,
+                                                   in_optimizer=in_opt, norm=norm, std=std,
+                                                   grad_norm=grad)
+        trace.shape, trace.requires_grad, trace.in_optimizer = shape, requires_grad, in_opt
+        trace.norm, trace.std, trace.grad_norm = norm, std, grad
+        trace.group, trace.lr, trace.dtype = group, lr, dtype
+        trace.nonfinite = int(not math.isfinite(norm) or not self.param_finite.get(name, True))
+        trace.grad_nonfinite = int(grad is not None and not math.isfinite(grad))
         trace.grad_steps += int(has_grad)
-        if update is not None:
+        trace.update_norm = None
+        if has_update:
+            update, before = values[-2], values[-1]
+            trace.update_norm = update
             if not math.isfinite(before):  # NaN/Inf in the weight's sample before the step
                 self.before_nonfinite.append(name)
             trace.norms_before.append(before)
             trace.update_norms.append(update)
             if before > 0:
                 trace.update_ratios.append(update / before)
-        self.params[name] = trace
 
     def build(self, **run: object) -> RunTrace:
         """The RunTrace of everything observed so far (``run`` fills RunTrace fields)."""
@@ -295,7 +298,10 @@ class TraceBuilder:
                 node=("point",) + key, base=facts.base if facts else point.type))
         layers.sort(key=lambda lt: lt.depth)
         trace = RunTrace(
-            layers=layers, modules=modules, params=list(self.params.values()),
+            layers=layers, modules=modules,
+            params=[replace(p, update_ratios=list(p.update_ratios),
+                            norms_before=list(p.norms_before),
+                            update_norms=list(p.update_norms)) for p in self.params.values()],
             inputs=self._chosen_inputs(modules),
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,
