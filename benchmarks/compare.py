@@ -8,7 +8,7 @@ On a machine shared with other jobs, two separate benchmark runs can differ by m
 change's effect. Here ``plain``, ``base`` (``trainlint.Monitor(every=1)`` of the revision,
 extracted with ``git archive`` and imported under another name) and ``current`` (this
 checkout's) train their own copies of the same model on the same batch, taking turns step by
-step in ONE process (the order rotates every round), so noise slows them alike. Printed: the
+step in ONE process (in a new shuffled order every round), so noise slows them alike. Printed: the
 10th-percentile and the median step time of each, and their ratios to ``plain``.
 """
 

@@ -5,7 +5,7 @@
     python benchmarks/overhead.py --device cuda
 
 Every mode trains its own copy of the same model on the same batch; the modes take turns
-step by step (the order rotates every round) in ONE process, so a noisy machine slows them
+step by step (in a new shuffled order every round) in ONE process, so a noisy machine slows them
 alike. Reported: the median step time over ``--steps`` steps after ``--warmup``, its ratio
 to ``plain``, and the peak memory of a separate short run per mode (RSS on the CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA).
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -161,6 +162,13 @@ def workloads(depth_width: int = 256) -> dict[str, Workload]:
         # each small enough to cost next to nothing to read.
         Workload("resnet50-thin", "ResNet-50 layout at 1/8 width, 16x16 images, batch 2, SGD",
                  lambda: _resnet50(thin=8), _images(2, 16, 1000), ce, _sgd),
+        # The MLP's and the CNN's layouts with tensors small enough that reading one costs next
+        # to nothing: what observing adds there is its fixed cost per tensor and per step.
+        Workload("mlp-w16", "8 x (Linear 16, ReLU), batch 256, SGD",
+                 lambda: _mlp(8, 16, 16),
+                 lambda: (torch.randn(256, 16), torch.randint(0, 10, (256,))), ce, _sgd),
+        Workload("cnn-tiny", "the CNN's layers on 8x8 images, batch 2, SGD",
+                 _cnn, _images(2, 8, 10), ce, _sgd),
     ]
     for depth in DEPTHS:
         table.append(Workload(
@@ -357,20 +365,23 @@ def _batch(workload: Workload, device: torch.device) -> tuple:
 
 
 def time_modes(workload: Workload, modes: tuple, steps: int, warmup: int,
-               device: torch.device, factory: Callable[..., Mode] = make_mode
-               ) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) step times per mode, the modes taking turns step by step in a rotating
-    order; ``factory(name, model, optimizer)`` makes each mode (default :func:`make_mode`)."""
+               device: torch.device, factory: Callable[..., Mode] = make_mode,
+               measure: Callable[[Runner], Any] = Runner.step) -> dict[str, list]:
+    """Per mode, ``measure(runner)`` of each timed step (default: (wall, CPU) step times),
+    the modes taking turns step by step in an order shuffled every round (seeded): no mode
+    always runs right after the same other one, whose leftovers (cold caches, garbage) would
+    fall on it (about 0.1 ms after an observed step); ``factory(name, model, optimizer)`` makes
+    each mode (default :func:`make_mode`)."""
     torch.manual_seed(0)
     base = workload.model()
     batch = _batch(workload, device)
     runners = [Runner(mode, base, workload, batch, device, factory) for mode in modes]
-    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    times: dict[str, list] = {mode: [] for mode in modes}
     try:
+        order = random.Random(0)
         for i in range(warmup + steps):
-            shift = i % len(runners)
-            for runner in runners[shift:] + runners[:shift]:
-                elapsed = runner.step()
+            for runner in order.sample(runners, len(runners)):
+                elapsed = measure(runner)
                 if i >= warmup:
                     times[runner.name].append(elapsed)
     finally:
