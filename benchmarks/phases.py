@@ -31,14 +31,13 @@ PHASES = ("zero_grad", "forward", "backward", "optimizer", "step hook", "total")
 
 def timed_phases(runner: overhead.Runner) -> tuple:
     """One training step of ``runner``: the wall seconds of each of ``PHASES``."""
-    marks = [time.perf_counter()]
+    marks: list[float] = []
 
     def mark() -> None:
         overhead._sync(runner.device)
         marks.append(time.perf_counter())
 
-    overhead._sync(runner.device)
-    marks[0] = time.perf_counter()
+    mark()
     runner.optimizer.zero_grad(set_to_none=True)
     mark()
     loss = runner.loss(runner.model(runner.inputs), runner.targets)
