@@ -427,8 +427,9 @@ class Probe:
     # ---------------------------------------------------------------- module stack
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.suspended:  # the last forward was interrupted inside a torch.nn leaf
-            self._exit_mode()
-        self._drop_stale_modes()
+            self._exit_mode()  # (drops the stale modes too)
+        else:
+            self._drop_stale_modes()
         # A forward of the model with autograd off (an evaluation between the observed step's
         # start and monitor.step()) is not the training step's: it is not read.
         self.skipping = not training_forward()
