@@ -344,13 +344,23 @@ class Runner:
         """One timed training step: (wall seconds, CPU seconds of this process)."""
         _sync(self.device)
         start, cpu = time.perf_counter(), time.process_time()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(self.inputs), self.targets)
-        loss.backward()
-        self.optimizer.step()
-        self.mode.after_step(loss)
+        self.train()
         _sync(self.device)
         return time.perf_counter() - start, time.process_time() - cpu
+
+    def train(self, mark: Callable[[], None] = lambda: None) -> None:
+        """One training step; ``mark()`` after each of its phases: zero_grad,
+        the forward with the loss, the backward, the optimizer step, the mode's step hook."""
+        self.optimizer.zero_grad(set_to_none=True)
+        mark()
+        loss = self.loss(self.model(self.inputs), self.targets)
+        mark()
+        loss.backward()
+        mark()
+        self.optimizer.step()
+        mark()
+        self.mode.after_step(loss)
+        mark()
 
 
 def _sync(device: torch.device) -> None:

@@ -38,16 +38,7 @@ def timed_phases(runner: overhead.Runner) -> tuple:
         marks.append(time.perf_counter())
 
     mark()
-    runner.optimizer.zero_grad(set_to_none=True)
-    mark()
-    loss = runner.loss(runner.model(runner.inputs), runner.targets)
-    mark()
-    loss.backward()
-    mark()
-    runner.optimizer.step()
-    mark()
-    runner.mode.after_step(loss)
-    mark()
+    runner.train(mark)
     return tuple(b - a for a, b in zip(marks, marks[1:])) + (marks[-1] - marks[0],)
 
 
