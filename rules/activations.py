@@ -10,13 +10,17 @@ from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import LayerTrace, ModuleFacts, RunTrace
 
 from ._graph import (
+    FUNCTIONAL_DROPOUT,
     PASS_THROUGH,
+    SHAPE_OPS,
     WEIGHT_LAYERS,
     feeds_weight_layer,
     inside_attention,
     is_gate,
     is_model_output,
     is_norm_type,
+    layer_at,
+    sources,
 )
 
 FP16_MAX = 65504.0
@@ -29,7 +33,8 @@ def _fmt_pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-@rule("TL101", "dead-relu", "warning", dead_fraction=0.5, min_units=8)
+@rule("TL101", "dead-relu", "warning", dead_fraction=0.5, min_units=8, alike_signal=0.5,
+      alike_dead_fraction=0.9)
 def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Dead ReLU units: units that output 0 for every sample and position of recent steps.
 
@@ -45,6 +50,14 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     It fires when the share of dead units is at least
     ``dead_fraction`` (in layers of at least ``min_units`` units). Healthy deep ReLU nets at
     init can show 20-30% units silent on a small batch, so the default sits above that.
+
+    A unit can only be seen dying where the samples differ at its input. When they barely do
+    (the between-sample RMS of what feeds the layer before the activation is below
+    ``alike_signal`` × its RMS, e.g. a squeeze-and-excitation gate or a head on globally
+    pooled features at init), each unit is on or off for the whole batch by the sign of its
+    offset: about half are off by chance, and the rule asks for ``alike_dead_fraction``.
+    Where that input comes through unobserved ops (``x.mean((2, 3))``), the between-sample
+    share of the layer's own output spread stands in for it.
 
     ## Why is this bad?
     A ReLU whose input is negative everywhere outputs 0 and passes no gradient: the unit
@@ -67,22 +80,29 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         dead = lt.dead_fraction
         if units < t.min_units or dead is None or dead < t.dead_fraction:
             continue
+        feeder = feeding_module(trace, lt)
+        spread = input_spread(trace, feeder)
+        alike = spread is not None and spread < t.alike_signal
+        if alike and dead < t.alike_dead_fraction:
+            continue
         listed = lt.dead_units[:10]
         more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
         steps = trace.unit_steps or trace.observed_steps
         last = "the last " if steps < trace.observed_steps else ""
         samples = f" over {last}{steps} observed step(s)" if steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (never > 0, never < -1e-3)"
-        feeder = feeding_module(trace, lt)
+        threshold = t.alike_dead_fraction if alike else t.dead_fraction
         evidence = {"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),
-                    "units": units, "threshold": t.dead_fraction}
+                    "units": units, "threshold": threshold}
+        if spread is not None:
+            evidence["input_spread"] = round(spread, 4)
         if feeder is not None:
             evidence["feeding_module"] = feeder.name
             evidence.update(_param_state(trace, feeder))
         yield Hit(
             module=lt.module,
             message=(f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type}) output "
-                     f"{zero} for every sample{samples} (threshold {_fmt_pct(t.dead_fraction)}); "
+                     f"{zero} for every sample{samples} (threshold {_fmt_pct(threshold)}); "
                      f"dead units: {listed}{more}"),
             fix=_dead_relu_fix(feeder, evidence, lt.kind),
             evidence=evidence,
@@ -102,6 +122,32 @@ def feeding_module(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[M
             return facts
         target = ("module", facts.name)
     return None
+
+
+def input_spread(trace: RunTrace, feeder: Optional[ModuleFacts]) -> Optional[float]:
+    """How much the samples differ where they enter ``feeder``: the between-sample RMS of the
+    observed outputs flowing into it unchanged (through reshapes, dropout) over their RMS;
+    where what flows in is made by other ops (a mean or pool over positions), the between-sample
+    share of the feeder's own output spread. None where the trace does not say (batches of
+    one, no edge)."""
+    fed = sources(trace, feeder.name) if feeder is not None else []
+    if not fed:
+        return None
+    if all(all(op in SHAPE_OPS or op in FUNCTIONAL_DROPOUT for op in via) for _, via in fed):
+        spreads = [_spread(layer_at(trace, src), "rms") if src[0] == "point" else None
+                   for src, _ in fed]
+        return None if None in spreads else max(spreads)
+    own = next((lt for lt in trace.layers if lt.module == feeder.name and lt.op == "output"),
+               None)
+    return _spread(own, "std")
+
+
+def _spread(lt: Optional[LayerTrace], scale: str) -> Optional[float]:
+    """An observed output's between-sample RMS over its ``scale`` (``rms`` or ``std``)."""
+    stats = lt.activation if lt is not None else None
+    if stats is None or stats.signal is None or not getattr(stats, scale) > 0:
+        return None
+    return stats.signal / getattr(stats, scale)
 
 
 def _param_state(trace: RunTrace, facts: ModuleFacts) -> dict:

@@ -36,6 +36,8 @@ REFINED = {case.name: case for case in [
     FixtureCase("healthy_relu", twin_of="dead_relu"),
     FixtureCase("functional_dead_relu", {"TL101": {"blocks.1"}}),
     FixtureCase("functional_relu", twin_of="functional_dead_relu"),
+    FixtureCase("squeeze_excitation_dead", {"TL101": {"1.3.act"}}),
+    FixtureCase("squeeze_excitation_ok", twin_of="squeeze_excitation_dead"),
     FixtureCase("init_tanh_large", {"TL102": TANH_MLP_ACTIVATIONS}),
     FixtureCase("init_tanh_small", {"TL103": None}),
     FixtureCase("init_tanh_xavier", twin_of="init_tanh_large"),

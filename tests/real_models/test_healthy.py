@@ -23,9 +23,10 @@ from .harness import (
 ACTIVATION_KIND = {
     "hf_bert": "gelu", "hf_distilbert": "gelu", "hf_gpt2": "gelu", "hf_t5": "relu",
     "hf_vit": "gelu", "hf_resnet": "relu", "hf_convnext": "gelu", "hf_mobilenet_v2": "relu",
-    "torch_transformer": "gelu", "torch_lstm_lm": None,
+    "hf_regnet": "relu", "torch_transformer": "gelu",
+    "torch_lstm_lm": None,
 }
-BATCHNORM_MODELS = ("hf_resnet", "hf_mobilenet_v2")
+BATCHNORM_MODELS = ("hf_resnet", "hf_mobilenet_v2", "hf_regnet")
 
 
 def test_every_architecture_has_a_model_file() -> None:

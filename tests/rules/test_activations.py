@@ -192,6 +192,67 @@ def test_tl101_thresholds_can_be_overridden() -> None:
         run("TL101", trace, no_such_threshold=1)
 
 
+def alike_trace(dead: int, units: int, spread: Optional[float], via: tuple = (),
+                own_spread: Optional[float] = None) -> RunTrace:
+    """relu_trace with 'fc' fed by a pooled output 'pool' whose between-sample RMS is
+    ``spread`` × its RMS (None: not measured), through ``via``; 'fc''s own output has a
+    between-sample RMS of ``own_spread`` × its std."""
+    trace = relu_trace(dead, units)
+    pool = point("pool", "AdaptiveAvgPool2d", 0, activation=act(2.0, mean=1.0))
+    pool.activation.signal = None if spread is None else spread * pool.activation.rms
+    fc = trace.layers[0]
+    fc.activation = act(1.0, mean=-0.5)
+    if own_spread is not None:
+        fc.activation.signal = own_spread * fc.activation.std
+    trace.layers.insert(0, pool)
+    trace.modules["pool"] = facts("pool", "AdaptiveAvgPool2d")
+    trace.edges.append(Edge(pool.node, ("module", "fc"), via))
+    return trace
+
+
+def test_tl101_asks_more_where_the_samples_are_alike_at_the_layers_input() -> None:
+    """Where the samples barely differ (a squeeze-and-excitation gate on pooled features),
+    half the units are off by chance: ``alike_dead_fraction`` is asked instead."""
+    t = RULES["TL101"].defaults
+    n, k = edge_sizes(t["alike_dead_fraction"], t["min_units"])
+    below, above = t["alike_signal"] * 0.99, t["alike_signal"] * 1.01
+    assert run("TL101", alike_trace(k - 1, n, below)) == []
+    [finding] = run("TL101", alike_trace(k, n, below))
+    assert finding.evidence["threshold"] == t["alike_dead_fraction"]
+    assert finding.evidence["input_spread"] == pytest.approx(below, abs=1e-4)
+    assert f"threshold {100 * t['alike_dead_fraction']:.0f}%" in finding.message
+    half = round(t["dead_fraction"] * n)
+    assert run("TL101", alike_trace(half, n, below)) == []
+    [finding] = run("TL101", alike_trace(half, n, above))
+    assert finding.evidence["threshold"] == t["dead_fraction"]
+    assert len(run("TL101", alike_trace(half, n, None))) == 1  # not measured: as before
+
+
+def test_tl101_through_a_mean_judges_the_spread_of_the_layers_own_output() -> None:
+    """``x.mean((2, 3))`` between the observed output and the layer: the pooled values are not
+    observed, so the between-sample share of the layer's own output spread stands in."""
+    t = RULES["TL101"].defaults
+    n = 64
+    half = round(t["dead_fraction"] * n)
+    low, high = t["alike_signal"] * 0.99, t["alike_signal"] * 1.01
+    assert run("TL101", alike_trace(half, n, 1.0, ("mean",), own_spread=low)) == []
+    assert len(run("TL101", alike_trace(half, n, 1.0, ("mean",), own_spread=high))) == 1
+    assert len(run("TL101", alike_trace(half, n, 1.0, ("mean",), own_spread=None))) == 1
+    # Through reshapes only, the input's own spread counts, not the layer's output's.
+    assert len(run("TL101", alike_trace(half, n, 1.0, ("flatten",), own_spread=low))) == 1
+    assert run("TL101", alike_trace(half, n, low, ("flatten",), own_spread=1.0)) == []
+
+
+def test_tl101_alike_thresholds_can_be_overridden() -> None:
+    t = RULES["TL101"].defaults
+    n = 64
+    half = round(t["dead_fraction"] * n)
+    trace = alike_trace(half, n, t["alike_signal"] / 2)
+    assert run("TL101", trace) == []
+    assert len(run("TL101", trace, alike_signal=t["alike_signal"] / 4)) == 1
+    assert len(run("TL101", trace, alike_dead_fraction=half / n)) == 1
+
+
 # ------------------------------------------------------------------------------ TL102
 
 def tanh_trace(share: float, kind: str = "tanh") -> RunTrace:
