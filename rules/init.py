@@ -132,7 +132,7 @@ def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) 
     for _ in range(RESIDUAL_HOPS):
         nxt = []
         for node in frontier:
-            for dst, via in downstream(trace, node, hops=2):
+            for dst, via in downstream(trace, node):
                 if any(op in ADD_OPS for op in via):
                     return True
                 nxt += [lt.node for lt in trace.layers

@@ -23,7 +23,7 @@ from .harness import (
 ACTIVATION_KIND = {
     "hf_bert": "gelu", "hf_distilbert": "gelu", "hf_gpt2": "gelu", "hf_t5": "relu",
     "hf_vit": "gelu", "hf_resnet": "relu", "hf_convnext": "gelu", "hf_mobilenet_v2": "relu",
-    "hf_regnet": "relu", "torch_transformer": "gelu",
+    "hf_regnet": "relu", "hf_segformer": "gelu", "torch_transformer": "gelu",
     "torch_lstm_lm": None,
 }
 BATCHNORM_MODELS = ("hf_resnet", "hf_mobilenet_v2", "hf_regnet")

@@ -109,6 +109,23 @@ def test_tl301_finds_the_norm_through_dropout_and_identity(between, norm_type, f
     assert bool(hits("TL301", t)) is fires
 
 
+@pytest.mark.parametrize("add, fires", [(True, False), (False, True)])
+def test_tl301_finds_the_residual_sum_through_dropout_and_identity(add, fires):
+    """SegFormer's Mix-FFN: dwconv -> GELU -> Dropout -> fc2, the same Dropout again, then a
+    drop path (nn.Identity at rate 0) -> + residual. The sum is three pass-through hops from
+    the nonlinearity."""
+    low = defaults("TL301")["min_ratio"]
+    layers, params, edges, first = _stack(low / 10, low / 10)
+    act, fc2 = layers[2], layers[3]
+    drop, ident = point("drop", "Dropout", depth=4), point("ident", "Identity", depth=5)
+    edges = [e for e in edges if e.src != act.node] + [
+        to_module(act, "drop"), to_module(drop, "fc2"), to_module(fc2, "drop"),
+        to_module(drop, "ident"), edge(ident.node, ("module", "out"), ("add",) if add else ())]
+    t = trace(layers + [drop, ident], params=params, edges=edges,
+              per_step=[{"step": 0, "layers": first}])
+    assert bool(hits("TL301", t)) is fires
+
+
 @pytest.mark.parametrize("layer_type", ["Linear", "ConvTranspose2d"])
 @pytest.mark.parametrize("direction, fires_at_the_output", [("small", False), ("large", True)])
 def test_tl301_at_the_models_output_only_too_large_weights_count(layer_type, direction,
