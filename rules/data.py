@@ -76,13 +76,19 @@ def _describe(inp: InputTrace) -> str:
     return f"input {inp.name!r} {tuple(inp.shape)} ({len(inp.mean)} {what}s)"
 
 
-def _sparse_features(inp: InputTrace, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """Per feature of a ``(samples, features)`` input: whether it is mostly exact zeros and
-    otherwise positive (its minimum is 0 and its std exceeds its mean). Channels of images and
-    features of sequences are never sparse here: their zeros are pixels or steps."""
-    if len(inp.shape) != 2:
-        return np.zeros(len(mean), dtype=bool)
-    return (np.asarray(inp.min, float) == 0) & (std > mean)
+def _sparse_features(inp: InputTrace, mean: np.ndarray, std: np.ndarray,
+                     min_std: float) -> np.ndarray:
+    """Per feature or channel: whether it is mostly exact zeros and otherwise positive (its
+    minimum is 0 and its std exceeds its mean), as a bag-of-words column is. A channel of
+    images or sequences also needs nonzero values of at least ``min_std`` (their typical size
+    E[x^2]/E[x], x for a 0-or-x channel): the one-hot channel of a rare character, not a
+    mostly black image scaled by 1/255 twice."""
+    sparse = (np.asarray(inp.min, float) == 0) & (std > mean)
+    if len(inp.shape) == 2:
+        return sparse
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nonzero = (mean * mean + std * std) / mean
+    return sparse & (mean > 0) & (nonzero >= min_std)
 
 
 @rule("TL201", "input-not-normalized", "warning", max_abs_mean=2.0, max_std=5.0, min_std=0.01,
@@ -98,11 +104,13 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``max_std`` or is below ``min_std`` (constant features are TL202's), over at least
     ``min_values`` values per channel. Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``) and inputs that go into a
-    normalization layer first are not checked. Images scaled to [0, 1] pass. A sparse
-    feature of a ``(samples, features)`` input (its minimum exactly 0 and its std above its
-    mean, as a 0-or-x feature's is when fewer than half its values are x: bag-of-words,
-    TF-IDF, multi-hot) is not held to ``min_std``: its std is small because it is mostly
-    zeros, and standardizing it would make it dense.
+    normalization layer first are not checked. Images scaled to [0, 1] pass; images that an
+    MLP takes flattened are measured per channel (dim 1 of NCHW), not per column. A sparse
+    feature or channel (its minimum exactly 0 and its std above its mean, as a 0-or-x
+    feature's is when fewer than half its values are x: bag-of-words, TF-IDF, multi-hot; for
+    images and sequences also its nonzero values of at least ``min_std``: the one-hot
+    channel of a rare character) is not held to ``min_std``: its std is small because it is
+    mostly zeros, and standardizing it would make it dense.
 
     ## Why is this bad?
     The first layer's init assumes inputs of unit scale around zero: raw values (0..255
@@ -127,7 +135,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
         off = (np.abs(mean) > t.max_abs_mean) & (std > 0)  # a constant one is TL202's
         wide = std > t.max_std
-        narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(inp, mean, std)
+        narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(inp, mean, std, t.min_std)
         bad = off | wide | narrow
         if not bad.any():
             continue

@@ -95,3 +95,45 @@ def test_raw_features_standardized_in_forward_are_not_unnormalized(how, unnormal
     x, y = 100 * torch.randn(64, 12, generator=g) + 50, torch.randint(0, 3, (64,), generator=g)
     report = trainlint.check(Standardizes(how), (x, y), steps=2)
     assert any(f.code == "TL201" for f in report.findings) == unnormalized
+
+
+class FlatMLP(nn.Module):
+    """An MLP on 28x28 one-channel images: flattened in forward, or by nn.Flatten."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten() if how == "module" else None
+        self.fc, self.head = nn.Linear(784, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x) if self.flatten is not None else x.view(len(x), -1)
+        return self.head(torch.relu(self.fc(x)))
+
+
+def _digits(layout: str, raw: bool) -> torch.Tensor:
+    """MNIST-like images: black 4-pixel borders, sparse strokes in the middle; raw 0..255 or
+    standardized over the batch (the borders become one constant value)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(32, 1, 28, 28)
+    middle = torch.rand(32, 1, 20, 20, generator=g)
+    x[:, :, 4:24, 4:24] = middle * (middle > 0.7)
+    x = x * 255 if raw else (x - x.mean()) / x.std()
+    return x.permute(0, 2, 3, 1) if layout == "NHWC" else x
+
+
+@pytest.mark.parametrize("how", ["view", "module"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_images_an_mlp_takes_flattened_are_measured_per_channel(how, layout) -> None:
+    """Flattened into a Linear, every pixel is a feature: the image's one channel is measured,
+    not its 28 columns (whose black borders would read as constant or not normalized)."""
+    torch.manual_seed(0)
+    codes = {}
+    for raw in (False, True):
+        x = _digits(layout, raw)
+        report = trainlint.check(FlatMLP(how), (x, torch.randint(0, 10, (32,))), steps=1)
+        [inp] = report.trace.inputs
+        assert inp.shape[inp.channel_dim] == 1
+        assert list(inp.mean) == pytest.approx([x.double().mean().item()])
+        codes[raw] = {f.code for f in report.findings}
+    assert not codes[False] & {"TL201", "TL202"}
+    assert "TL201" in codes[True]

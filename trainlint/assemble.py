@@ -344,27 +344,41 @@ class TraceBuilder:
         return facts
 
     def _chosen_inputs(self, modules: dict) -> list:
-        """One InputTrace per input; for 3-D inputs the channel dim follows the first consumer
-        (dim 1 for Conv1d/BatchNorm1d, the last dim otherwise)."""
+        """One InputTrace per input; for 3-D and larger inputs the channel dim follows the
+        first consumer (dim 1 for Conv1d/BatchNorm1d, the last dim otherwise; for a layer
+        that takes the input flattened, the shorter of the two)."""
         chosen: dict[str, InputTrace] = {}
         for (name, dim), trace in sorted(self.inputs.items(), key=lambda kv: kv[0][1]):
             if len(trace.shape) < 3:
                 chosen[name] = trace
                 continue
-            wants_channel_first = self._first_consumer_is_channel_first(name, modules)
+            wants_channel_first = self._first_consumer_is_channel_first(name, trace.shape,
+                                                                        modules)
             if (dim == 1) == wants_channel_first:
                 chosen[name] = trace
         return list(chosen.values())
 
-    def _first_consumer_is_channel_first(self, name: str, modules: dict) -> bool:
+    def _first_consumer_is_channel_first(self, name: str, shape: tuple, modules: dict) -> bool:
         """Whether the input's channels are its dim 1: its first leaf consumer reads channels
         first (Conv, BatchNorm...), unless the input is permuted on the way (an NHWC image
-        permuted for a Conv2d has its channels last, an NCHW one permuted for a Linear first)."""
+        permuted for a Conv2d has its channels last, an NCHW one permuted for a Linear first).
+        A consumer that takes the input flattened (nn.Flatten, or a Linear whose features are
+        not the last dim: an MLP on MNIST images) makes every element a feature; the channels
+        are then the shorter of dim 1 and the last dim (1 of (N, 1, 28, 28), 3 of NHWC)."""
         for src, dst, via in sorted(self.edges, key=repr):
             if src == ("input", name) and dst[0] == "module":
                 facts: Optional[ModuleFacts] = modules.get(dst[1])
                 if facts is not None and facts.is_leaf:
+                    if _takes_flattened(facts, shape):
+                        return shape[1] <= shape[-1]
                     first = facts.base.startswith(("Conv", "BatchNorm", "InstanceNorm",
                                                    "GroupNorm", "MaxPool", "AvgPool"))
                     return first != bool(REORDERING_OPS.intersection(via))
         return False
+
+
+def _takes_flattened(facts: ModuleFacts, shape: tuple) -> bool:
+    """Whether a layer takes an input of ``shape`` flattened: nn.Flatten, or a Linear whose
+    features are not the input's last dim."""
+    features = facts.attrs.get("in_features")
+    return facts.base == "Flatten" or (isinstance(features, int) and features != shape[-1])

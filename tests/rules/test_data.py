@@ -55,14 +55,28 @@ def test_tl201_a_sparse_feature_is_not_held_to_min_std(spread, fires):
     assert bool(hits("TL201", _fed_to(sparse))) is fires
 
 
-def test_tl201_a_sparse_feature_needs_an_exact_zero_minimum_and_a_features_input():
+def test_tl201_a_sparse_feature_needs_an_exact_zero_minimum():
     small = 0.5 * defaults("TL201")["min_std"]
     above_zero = _tabular([0.0, small / 2], [1.0, small], lo=[-3.0, 1e-9], hi=[3.0, 40 * small])
     assert hits("TL201", _fed_to(above_zero))
-    for shape, channel_dim, consumer in (((64, 2, 8, 8), 1, "Conv2d"), ((64, 10, 2), -1, "Linear")):
-        grid = inputs("input0", shape, [0.0, small / 2], [1.0, small], channel_dim=channel_dim,
-                      lo=[-3.0, 0.0], hi=[3.0, 40 * small])
-        assert hits("TL201", _fed_to(grid, "layer", consumer)), shape
+
+
+@pytest.mark.parametrize("shape, channel_dim, consumer",
+                         [((64, 2, 8, 8), 1, "Conv2d"), ((64, 2, 500), 1, "Conv1d"),
+                          ((64, 10, 2), -1, "Linear")])
+@pytest.mark.parametrize("scale, fires", [(1.01, False), (0.99, True)])
+def test_tl201_a_sparse_channel_of_images_or_sequences_needs_nonzero_values_of_min_std(
+        shape, channel_dim, consumer, scale, fires):
+    """The one-hot channel of a rare character (values 0 or x, x at least min_std) is sparse;
+    the same channel at x below min_std (a mostly black image scaled by 1/255 twice) is an
+    input of a tiny scale."""
+    limit = defaults("TL201")["min_std"]
+    p, x = 1e-5, scale * limit  # share of nonzero values, their value
+    mean, std = p * x, x * (p * (1 - p)) ** 0.5
+    assert std < limit
+    grid = inputs("input0", shape, [0.0, mean], [1.0, std], channel_dim=channel_dim,
+                  lo=[-3.0, 0.0], hi=[3.0, x])
+    assert bool(hits("TL201", _fed_to(grid, "layer", consumer))) is fires
 
 
 def test_tl201_counts_the_dense_narrow_features_beside_sparse_ones():
