@@ -90,10 +90,23 @@ def feeds_weight_layer(trace: RunTrace, layer: LayerTrace) -> list[str]:
     return names
 
 
-def is_model_output(trace: RunTrace, layer: LayerTrace) -> bool:
-    """Whether this point's output is (a reshape of) what the model returns."""
-    return any(origin == layer.node and only_shape_ops(via)
-               for origin, via in trace.output_ops)
+def is_model_output(trace: RunTrace, layer: LayerTrace, hops: int = 4) -> bool:
+    """Whether this point's output is (a reshape of) what the model returns, also through
+    pass-through modules (SqueezeNet's last ReLU, then AdaptiveAvgPool2d and a flatten)."""
+    nodes, seen = [layer.node], {layer.node}
+    for _ in range(hops):
+        if any(origin in nodes and only_shape_ops(via) for origin, via in trace.output_ops):
+            return True
+        passed = []
+        for node in nodes:
+            for dst, via in successors(trace, node):
+                facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
+                if (facts is not None and facts.is_leaf and facts.base in PASS_THROUGH
+                        and only_shape_ops(via)):
+                    passed += [out for out in output_nodes(trace, dst[1]) if out not in seen]
+        seen.update(passed)
+        nodes = passed
+    return False
 
 
 # Normalization layers, by what they normalize over.

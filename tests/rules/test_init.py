@@ -146,6 +146,26 @@ def test_tl301_at_the_models_output_only_too_large_weights_count(layer_type, dir
     assert [h.module for h in hits("TL301", gate)] == ["fc"]
 
 
+@pytest.mark.parametrize("at_the_output, fires", [(True, False), (False, True)])
+def test_tl301_the_models_output_through_pooling_and_a_flatten(at_the_output, fires):
+    """SqueezeNet's classifier: final conv at std 0.01 -> ReLU -> AdaptiveAvgPool2d -> flatten
+    is the output (torchvision's deliberate small init); the same ReLU feeding more layers is
+    judged."""
+    low = defaults("TL301")["min_ratio"]
+    layers, params, edges, first = _stack(low / 2, low / 2)
+    act = layers[2]
+    pool = point("pool", "AdaptiveAvgPool2d", depth=3)
+    edges = [*edges[:2], to_module(act, "pool")]
+    if at_the_output:
+        output_ops = ((pool.node, ("flatten",)),)
+    else:
+        edges.append(to_module(pool, "fc2", ("flatten",)))
+        output_ops = ((layers[3].node, ()),)
+    t = trace([*layers, pool], params=params, edges=edges, output_ops=output_ops,
+              per_step=[{"step": 0, "layers": first}])
+    assert bool(hits("TL301", t)) is fires
+
+
 def test_tl301_default_pytorch_init_passes():
     for kind, gain in GAINS.items():
         default = (1 / math.sqrt(3)) / gain  # kaiming_uniform_(a=sqrt(5)): std 1/sqrt(3 fan_in)
