@@ -346,8 +346,9 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         return
     head = output_layer(trace)
     module = head.module if head is not None else ""
-    logits = (f"; the output ({head.label}) has std {head.activation.std:.3g}"
-              if head is not None and head.activation is not None else "")
+    at_first = first["layers"].get(head.node[1:]) if head is not None else None
+    logits = (f"; the output ({head.label}) has std {at_first['std']:.3g} at that step"
+              if at_first and at_first.get("std") is not None else "")
     fed = _head_input(trace, head)
     yield Hit(
         module=module,

@@ -242,6 +242,19 @@ def test_tl302_ratio_edge(factor, fires):
         assert found[0].evidence["expected"] == pytest.approx(math.log(10))
 
 
+def test_tl302_quotes_the_outputs_std_at_the_first_step():
+    """The first loss is judged, so the logits' std quoted is the first step's, not the
+    std merged over every observed step."""
+    t = _loss_trace(3 * math.log(10))
+    t.layers[0].activation.std = 5.0  # merged over the steps
+    t.per_step[0]["layers"] = {t.layers[0].node[1:]: {"std": 2.5, "mean": 0.0}}
+    [found] = hits("TL302", t)
+    assert "has std 2.5 at that step" in found.message
+    t.per_step[0]["layers"] = {}
+    [found] = hits("TL302", t)
+    assert "has std" not in found.message
+
+
 def test_tl302_needs_a_large_excess_in_nats_for_few_classes():
     t = defaults("TL302")
     above_ratio = 1.01 * t["max_ratio"] * math.log(2)
