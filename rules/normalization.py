@@ -20,6 +20,7 @@ from ._graph import (
     only_shape_ops,
     sources,
     successors,
+    upstream,
 )
 
 BATCHNORM_TYPES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LazyBatchNorm1d",
@@ -149,6 +150,17 @@ def _sequence_blocks(trace: RunTrace) -> list[str]:
     return found
 
 
+def _fed_by_convolution(trace: RunTrace, name: str) -> bool:
+    """Whether everything module ``name`` takes is a Conv layer's output (through reshapes and
+    pass-through modules)."""
+    fed = upstream(trace, name)
+    for src, via in fed:
+        facts = trace.modules.get(src[1]) if src[0] == "point" else None
+        if facts is None or not facts.base.startswith("Conv") or not only_shape_ops(via):
+            return False
+    return bool(fed)
+
+
 def _image_tokens(trace: RunTrace) -> bool:
     """Whether the model's sequences are patches of images: no RNN or embedding layer, and
     every model input is a float image or video (4-D or more; an integer input, such as
@@ -172,7 +184,10 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     vision model whose tokens are an image's fixed grid of patches (attention layers only, no
     RNN or token embedding, every input an image or a video): no lengths or padding vary
     there, and LeViT normalizes its tokens with BatchNorm on purpose (it folds into the
-    Linear before it for inference).
+    Linear before it for inference). So is a BatchNorm that normalizes a convolution's output
+    maps (VDCNN's temporal conv blocks, a Conformer's convolution module, Informer's
+    distilling layer): over a conv's positions, BatchNorm is how convolutional networks
+    normalize, by their papers' design.
 
     ## Why is this bad?
     BatchNorm's statistics mix positions, sequence lengths and padding across the batch; they
@@ -191,6 +206,8 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
         return
     for facts in batchnorms(trace):
         if not facts.input_shapes or not facts.base.endswith(("1d", "SyncBatchNorm")):
+            continue
+        if _fed_by_convolution(trace, facts.name):
             continue
         over_time = [s for s in facts.input_shapes if len(s) == 3 or (
             len(s) == 2 and trace.batch_size and s[0] > trace.batch_size)]

@@ -46,6 +46,24 @@ def test_tl402_leaves_batchnorm_on_an_images_patch_tokens_alone():
                                    batch_size=32, inputs=[series]))) == 1
 
 
+def test_tl402_leaves_batchnorm_on_a_convolutions_output_alone():
+    """VDCNN: Embedding -> Conv1d -> BatchNorm1d over (N, C, L) conv maps, the paper's design;
+    the same BatchNorm on the embeddings themselves (transposed) still fires."""
+    embed, conv = point("embed", "Embedding"), point("conv", "Conv1d")
+    for src, fires in ((conv, False), (embed, True)):
+        t = trace([embed, conv, point("bn", "BatchNorm1d")],
+                  modules=[_bn(), module("embed", "Embedding"), module("conv", "Conv1d")],
+                  batch_size=32, edges=[to_module(embed, "conv", ("transpose",)),
+                                        to_module(src, "bn", ("transpose",))])
+        assert bool(hits("TL402", t)) is fires, src.module
+    through_pool = trace([conv, point("pool", "MaxPool1d"), point("bn", "BatchNorm1d")],
+                         modules=[_bn(), module("embed", "Embedding"), module("conv", "Conv1d"),
+                                  module("pool", "MaxPool1d")], batch_size=32,
+                         edges=[to_module(conv, "pool"),
+                                to_module(point("pool", "MaxPool1d"), "bn")])
+    assert hits("TL402", through_pool) == []
+
+
 def test_tl402_feature_batchnorm_in_a_sequence_model_is_fine():
     t = trace([], modules=[_bn(shapes=((32, 16),)), module("embed", "Embedding")], batch_size=32)
     assert hits("TL402", t) == []
