@@ -196,7 +196,10 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``max_ratio`` × that of the last ``window`` (at least ``min_layers`` layers; layers whose
     gradient is exactly 0, such as an auxiliary head weighted 0 or an expert that got no
     token, carry no backward signal and are left out), or when the total gradient norm
-    over the parameters exceeds ``max_norm`` at an observed step. Weights
+    over the parameters exceeds ``max_norm`` at an observed step (per sample when the loss
+    adds up its samples' terms with no average, ``reduction="sum"``: the pytorch/examples
+    VAE's gradients are batch-size times an averaged loss's, which its learning rate or
+    Adam's scaling absorbs). Weights
     of layers that feed a normalization layer directly are left out of that total: the norm
     cancels their scale, so their gradient's norm is about 1/‖w‖ (large for a small init such
     as transformers' std 0.02 before a BatchNorm) whatever the backward signal does; their
@@ -240,17 +243,23 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not totals:
         return
     step, total = max(totals, key=lambda pair: pair[1])
-    if total <= t.max_norm:
+    # A loss that adds up its samples' terms (reduction="sum") has gradients batch-size times
+    # an averaged loss's: judged per sample, as its learning rate or Adam's scaling takes them.
+    samples = trace.batch_size if trace.loss_summed and (trace.batch_size or 0) > 1 else 1
+    judged = total / samples
+    if judged <= t.max_norm:
         return
     biggest = _largest_grad(trace, step, invariant)
     largest = f"; the largest is {biggest[0]!r} ({biggest[1]:.3g})" if biggest else ""
+    norm = (f"{total:.3g}" if samples == 1 else
+            f"{total:.3g}, {judged:.3g} per sample (the loss sums its {samples} samples),")
     yield Hit(
         module="",
-        message=(f"the total gradient norm reaches {total:.3g} at step {step} (threshold "
+        message=(f"the total gradient norm reaches {norm} at step {step} (threshold "
                  f"{t.max_norm:g}){largest}"),
         fix=fix,
-        evidence={"total_grad_norm": total, "step": step, "threshold": t.max_norm,
-                  "largest_param": biggest[0] if biggest else None,
+        evidence={"total_grad_norm": total, "per_sample": judged, "step": step,
+                  "threshold": t.max_norm, "largest_param": biggest[0] if biggest else None,
                   "suggested_max_norm": clip},
     )
 

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 import trainlint
 from trainlint.engine import RULES, load_rules
-from trainlint.lossgraph import LossGraph, item_mean, read_loss_graph
+from trainlint.lossgraph import (
+    LossGraph,
+    item_mean,
+    read_loss_graph,
+    summed_over_items,
+)
 
 load_rules()
 
@@ -458,3 +463,27 @@ def test_a_monitor_and_check_judge_the_first_loss_of_a_sum_over_a_count() -> Non
     checked = trainlint.check(loud, (x, y), loss_fn=summed)
     assert checked.trace.loss_reduction == "mean" and "TL302" in _codes(checked)
     assert "TL302" not in _codes(trainlint.check(_head(), (x, y), loss_fn=summed))
+
+
+def test_a_loss_that_adds_up_its_items_with_no_average_is_summed() -> None:
+    """The pytorch/examples VAE's loss (a reduction="sum" BCE minus a constant times a full
+    .sum()) is summed, after its backward too; a mean, a division, a sum over some dims then
+    averaged, or a product of two terms anywhere is not."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 12)
+    recon = torch.sigmoid(torch.randn(8, 12, requires_grad=True))
+    mu, logvar = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    vae = F.binary_cross_entropy(recon, x, reduction="sum") + kld
+    assert summed_over_items(vae.grad_fn)
+    vae.backward(retain_graph=True)
+    assert summed_over_items(vae.grad_fn)
+    assert summed_over_items(((recon - x) ** 2).sum().grad_fn)
+    assert summed_over_items((F.mse_loss(recon, x, reduction="sum") - kld).grad_fn)
+    assert not summed_over_items(F.binary_cross_entropy(recon, x).grad_fn)
+    assert not summed_over_items((F.mse_loss(recon, x, reduction="sum") / 8).grad_fn)
+    assert not summed_over_items((((recon - x) ** 2).sum(1)).mean().grad_fn)
+    assert not summed_over_items((F.mse_loss(recon, x, reduction="sum") + F.mse_loss(recon, x)
+                                  ).grad_fn)
+    assert not summed_over_items((recon.sum() * mu.sum()).grad_fn)
+    assert read_loss_graph(vae, []).summed and not read_loss_graph(kld / 8, []).summed

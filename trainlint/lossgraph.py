@@ -59,6 +59,8 @@ COMBINING_NODES = frozenset({"AddBackward", "SubBackward", "MulBackward", "DivBa
 # Nodes between a loss of reduction "none" and its average that keep it a per-sample mean
 # (a constant factor: MulBackward1/DivBackward1 take a Python number).
 _SCALED = frozenset({"MulBackward1", "DivBackward1"})
+# Nodes that add terms up or scale one: what a summed loss combines its sums with.
+_SUMMING = frozenset({"AddBackward", "SubBackward", "NegBackward", "MulBackward"})
 _VERSION = re.compile(r"\d+$")
 
 
@@ -78,6 +80,9 @@ class LossGraph:
     # The loss itself is a torch loss's sum divided by something (its first loss's sum: a
     # count of its items when the reduction reads "mean", see ``counted``).
     sum_over: bool = False
+    # The loss adds up its items' terms over the batch, with no average (see
+    # :func:`summed_over_items`).
+    summed: bool = False
     # Whether the divisor of the first loss's sum is a count of its items, when that needs
     # values held in tensors (a 0-d bool tensor on their device; reading it would sync): the
     # reduction stays as if it were not until :meth:`resolve` is handed its host value.
@@ -161,6 +166,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     root = loss.grad_fn
     if root is None:
         return LossGraph()
+    summed = summed_over_items(root)
     ours = {id(p) for p in known}
     seen, todo, foreign, losses = {root}, deque([root]), set(), []
     parent: dict = {}
@@ -179,7 +185,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
     if not losses or not where:
-        return LossGraph(foreign=len(foreign), terms=len(losses))
+        return LossGraph(foreign=len(foreign), terms=len(losses), summed=summed)
     described = [_describe(node, where, parent) for node in losses]
     # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
     first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
@@ -190,7 +196,31 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     sum_over = top is not None and top[1] is first["node"]
     return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
-                     output_count=count, sum_over=sum_over, count_check=first["count_check"])
+                     output_count=count, sum_over=sum_over, summed=summed,
+                     count_check=first["count_check"])
+
+
+def summed_over_items(root: Any) -> bool:
+    """Whether the loss adds up its items' terms with no average: every term reached from the
+    root through sums, differences, negations and constant factors is a torch loss of
+    reduction "sum" or a full ``.sum()`` (the pytorch/examples VAE:
+    ``binary_cross_entropy(..., reduction="sum") - 0.5 * torch.sum(...)``). A division (by a
+    count, perhaps), a mean or a product of two terms anywhere makes it False."""
+    todo, found = [root], False
+    while todo:
+        node = todo.pop()
+        name = node_name(node)
+        if name in _SUMMING:
+            terms = [child for child, _ in node.next_functions if child is not None]
+            if name == "MulBackward" and len(terms) != 1:
+                return False  # a product of two terms, not a term times a constant
+            todo.extend(terms)
+        elif REDUCTIONS.get(getattr(node, "_saved_reduction", None)) == "sum" or \
+                node.name() == "SumBackward0":  # SumBackward1 sums over some dims only
+            found = True
+        else:
+            return False
+    return found
 
 
 def _describe(node: Any, where: dict, parent: dict) -> dict:

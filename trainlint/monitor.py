@@ -435,6 +435,7 @@ class Monitor:
                 "loss_reduction": graph.reduction if graph.kind else None,
                 "loss_terms": graph.terms if graph.kind else None,
                 "loss_reads_output": graph.reads_output,
+                "loss_summed": graph.summed if self._loss_graph is not None else None,
                 "num_classes": graph.num_classes}
 
     def _own_parameters(self) -> list:

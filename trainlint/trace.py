@@ -231,6 +231,9 @@ class RunTrace:
     loss_kind: Optional[str] = None
     # "mean", "sum" or "none" when the loss's torch call was seen (None: not seen).
     loss_reduction: Optional[str] = None
+    # The loss adds up its items' terms over the batch with no average (reduction="sum"
+    # losses and full .sum()s only); None: not known.
+    loss_summed: Optional[bool] = None
     # How many terms the loss adds: torch losses (an auxiliary head adds one) and other terms
     # computed from the model's outputs (a distillation KL).
     loss_terms: Optional[int] = None

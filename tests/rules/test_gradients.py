@@ -87,6 +87,23 @@ def test_tl502_total_norm_edge(factor, fires):
         assert found[0].evidence["step"] == 1
 
 
+@pytest.mark.parametrize("summed, factor, fires", [(True, 0.99, False), (True, 1.01, True),
+                                                   (False, 0.99, True), (None, 0.99, True)])
+def test_tl502_judges_a_summed_loss_per_sample(summed, factor, fires):
+    """A loss that adds up its 128 samples' terms (the pytorch/examples VAE) has gradients 128
+    times an averaged loss's: its total norm is judged per sample; a loss not known to be
+    summed, as it is."""
+    limit = defaults("TL502")["max_norm"]
+    total = factor * limit * 128
+    per_step = [{"step": 0, "layers": {}, "grad_norm": total}]
+    found = hits("TL502", trace([], per_step=per_step, loss_summed=summed, batch_size=128,
+                                params=[param("fc.weight", (4, 4), grad_norm=total)]))
+    assert bool(found) is fires
+    if fires and summed:
+        assert found[0].evidence["per_sample"] == pytest.approx(total / 128)
+        assert "per sample (the loss sums its 128 samples)" in found[0].message
+
+
 @pytest.mark.parametrize("feeder, then, fires", [("Embedding", "LayerNorm", False),
                                                   ("Linear", "LayerNorm", False),
                                                   ("Embedding", "Linear", True)])
