@@ -791,3 +791,37 @@ def test_lbfgs_steps_are_solves_not_learning_rate_updates() -> None:
     for optimizer in (opt, lambda params: torch.optim.LBFGS(params)):
         with pytest.raises(trainlint.TargetError, match=r"LBFGS.step\(\) needs a closure"):
             trainlint.check(model, (x, y), optimizer=optimizer)
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+def test_a_step_given_a_closure_reads_the_gradients_the_closure_made(as_keyword) -> None:
+    """Lightning calls optimizer.step(closure): the forward and backward run inside step(), so
+    the gradients are read when the closure returns, not in the step's pre-hook (which held the
+    previous batch's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+               for _ in range(4)]
+    made = []
+
+    def closure_for(x, y):
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            made.append({n: p.grad.norm().item() for n, p in model.named_parameters()})
+            return loss
+        return closure
+
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for x, y in batches:
+            closure = closure_for(x, y)
+            loss = opt.step(closure=closure) if as_keyword else opt.step(closure)
+            monitor.step(loss)
+        report = monitor.report()
+    read = [s["param_grad_norms"] for s in report.trace.per_step]
+    assert len(read) == len(made) == 4
+    for step_read, step_made in zip(read, made):
+        assert step_read == pytest.approx(step_made, rel=1e-5)

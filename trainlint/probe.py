@@ -860,10 +860,32 @@ class Probe:
         return False
 
     # ---------------------------------------------------------------- optimizer
-    def _before_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _before_opt_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Optional[tuple]:
         if not self.observing:
-            return
+            return None
         self.optimizer_stepped = True
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            self._take_step_grads(optimizer)
+            return None
+        # A closure computes the gradients inside step() (Lightning's training step, LBFGS):
+        # they are read when it first returns, before the update; the gradients here are the
+        # last step's.
+        read: list = []
+
+        def reading_closure(*a: Any, **k: Any) -> Any:
+            out = closure(*a, **k)
+            if not read:
+                read.append(True)
+                self._take_step_grads(optimizer)
+            return out
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": reading_closure}
+        return (args[0], reading_closure, *args[2:]), kwargs
+
+    def _take_step_grads(self, optimizer: Any) -> None:
+        """Sample the optimizer's parameters and the gradients its step applies."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # The gradients the step applies, read now: a loop may zero them before
         # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
