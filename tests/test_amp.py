@@ -79,6 +79,45 @@ def test_fp16_autocast_is_recorded():
     assert train(mlp(), 1).trace.amp_dtype is None
 
 
+class Large(nn.Module):
+    """Activations of ~4e4: fine in bfloat16, 61% of float16's range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+        with torch.no_grad():
+            self.body[2].weight.mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_autocast_entered_inside_the_forward_is_recorded() -> None:
+    """accelerate (transformers' Trainer with bf16=True) wraps model.forward in autocast: the
+    root module's hooks run outside it, the layers inside. The Monitor and check both record
+    bfloat16, so TL104's float16-range check stays silent on ~4e4 activations."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    wrapped = Large()
+    wrapped.forward = torch.autocast("cpu", dtype=torch.bfloat16)(wrapped.forward)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=1e-12)
+    with trainlint.Monitor(wrapped, opt, every=1) as monitor:
+        for _ in range(2):
+            loss = (wrapped(x).float() - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.amp_dtype == "bfloat16"
+    assert "TL104" not in {f.code for f in report.findings}
+    checked = trainlint.check(wrapped, (x, y), optimizer=lambda p: torch.optim.SGD(p, lr=1e-12))
+    assert checked.trace.amp_dtype == "bfloat16"
+    assert "TL104" not in {f.code for f in checked.findings}
+    plain = trainlint.check(Large(), (x, y), optimizer=lambda p: torch.optim.SGD(p, lr=1e-12))
+    assert plain.trace.amp_dtype is None and "TL104" in {f.code for f in plain.findings}
+
+
 def test_grad_scaler_gradients_are_unscaled():
     scale = 2.0 ** 10
     plain = train(mlp(), 2)

@@ -72,7 +72,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
                           loss_kind=run["loss_kind"], loss_reduction=run["loss_reduction"],
                           loss_terms=run["loss_terms"], loss_summed=run["loss_summed"],
-                          loss_reads_output=run["loss_reads_output"],
+                          loss_reads_output=run["loss_reads_output"], amp_dtype=probe.autocast,
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 

@@ -21,6 +21,7 @@ from .probe import (
     Probe,
     ProbeSnapshot,
     _model_device,
+    autocast_dtype,
     compiled_inside,
     needs_closure,
     optimizers_of,
@@ -293,9 +294,7 @@ class Monitor:
         """Root forward hook: note autocast's dtype and a loss the model computed itself."""
         if not self.probe.observing or not training_forward():
             return
-        device = _model_device(self.model).type
-        if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):
-            self._autocast = str(torch.get_autocast_dtype(device)).replace("torch.", "")
+        self._autocast = autocast_dtype(_model_device(self.model).type) or self._autocast
         loss = output_loss(output)
         if loss is not None:
             if self._loss_graph is None and loss.grad_fn is not None:  # (the probe records
@@ -320,8 +319,8 @@ class Monitor:
         return mean
 
     def _amp_dtype(self) -> Optional[str]:
-        if self._autocast is not None:
-            return self._autocast
+        if self._autocast is not None or self.probe.autocast is not None:
+            return self._autocast or self.probe.autocast
         for p in self.model.parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
                 return str(p.dtype).replace("torch.", "")

@@ -129,6 +129,13 @@ def ordinary_autograd() -> bool:
             and _current_node() is None)
 
 
+def autocast_dtype(device_type: str) -> Optional[str]:
+    """The dtype autocast runs ``device_type`` ops in now ("bfloat16"); None when it is off."""
+    if not hasattr(torch, "get_autocast_dtype") or not torch.is_autocast_enabled(device_type):
+        return None
+    return str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+
+
 def training_forward() -> bool:
     """Whether a forward running now can be the training step's: autograd on, ordinarily."""
     return torch.is_grad_enabled() and ordinary_autograd()
@@ -266,6 +273,10 @@ class Probe:
         self.points: dict[tuple, Point] = {}
         self.observing = False
         self.busy = False
+        # The dtype autocast ran the observed layers in ("bfloat16", "float16"; None: none
+        # seen), read inside the forward: a wrapper around ``model.forward`` (accelerate,
+        # transformers' Trainer) enters autocast after the root's hooks and leaves it before.
+        self.autocast: Optional[str] = None
         self.stack: list[nn.Module] = []
         # ``(module, mode, depth)``: the mode taken off the torch-function stack while
         # ``module`` runs, and the stack's depth without it.
@@ -619,6 +630,8 @@ class Probe:
         tensor = first_float_tensor(output)
         if tensor is None:
             return
+        if self.autocast is None:
+            self.autocast = autocast_dtype(tensor.device.type)
         self.busy = True
         try:
             info = self.info(module)
