@@ -115,7 +115,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
     later, it fires only if the loss rose by more than ``min_drop``. It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
-    make it robust to noisy batches. A run that learned early and then converged also fell:
+    make it robust to noisy batches. A Monitor created once training had begun (its optimizer
+    already held state: a resumed checkpoint, a second phase) joined later too, whatever its
+    step count says. A run that learned early and then converged also fell:
     the median of its first three points is ``min_drop`` above the last third's, beyond three
     standard errors of the noise. A loss
     that barely fell is judged only once the weights moved at least ``min_movement`` of their
@@ -159,7 +161,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     last = median(loss for _, loss in curve[-third:])
     scale = abs(first) if first else 1.0
     change = (last - first) / scale
-    from_start = curve[0][0] == 0
+    from_start = curve[0][0] == 0 and not trace.resumed
     steady = (change <= -t.min_steady_drop
               and trend_z([loss for _, loss in curve]) <= t.steady_z)
     fell = change <= -t.min_drop or early_fall([loss for _, loss in curve], third) >= t.min_drop

@@ -116,6 +116,15 @@ def test_tl603_joined_later_only_a_rise_counts(factor, fires):
     assert hits("TL603", _monitor(*_curve(1.0, 1.0), first=500)) == []
 
 
+@pytest.mark.parametrize("resumed, fires", [(False, True), (True, False)])
+def test_tl603_a_monitor_created_mid_training_joined_later(resumed, fires):
+    """Its steps count from its creation (step 0), but an optimizer that already held state
+    says training had begun (a resumed checkpoint): a flat loss is no finding then."""
+    t = _monitor(*_curve(1.0, 1.0))
+    t.resumed = resumed
+    assert bool(hits("TL603", t)) is fires
+
+
 def test_tl603_robust_to_one_noisy_window():
     curve = _curve(2.0, 1.0)
     curve[-1] = 5.0
