@@ -487,3 +487,11 @@ def test_a_loss_that_adds_up_its_items_with_no_average_is_summed() -> None:
                                   ).grad_fn)
     assert not summed_over_items((recon.sum() * mu.sum()).grad_fn)
     assert read_loss_graph(vae, []).summed and not read_loss_graph(kld / 8, []).summed
+
+
+def test_a_term_shared_by_the_sums_is_read_once() -> None:
+    """``s = s + s`` forty times: 2^40 paths through the graph, forty nodes."""
+    s = torch.randn(4, requires_grad=True).sum()
+    for _ in range(40):
+        s = s + s
+    assert summed_over_items(s.grad_fn)

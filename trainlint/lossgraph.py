@@ -206,7 +206,7 @@ def summed_over_items(root: Any) -> bool:
     reduction "sum" or a full ``.sum()`` (the pytorch/examples VAE:
     ``binary_cross_entropy(..., reduction="sum") - 0.5 * torch.sum(...)``). A division (by a
     count, perhaps), a mean or a product of two terms anywhere makes it False."""
-    todo, found = [root], False
+    todo, seen, found = [root], {root}, False
     while todo:
         node = todo.pop()
         name = node_name(node)
@@ -214,7 +214,8 @@ def summed_over_items(root: Any) -> bool:
             terms = [child for child, _ in node.next_functions if child is not None]
             if name == "MulBackward" and len(terms) != 1:
                 return False  # a product of two terms, not a term times a constant
-            todo.extend(terms)
+            todo.extend(term for term in terms if term not in seen)
+            seen.update(terms)
         elif REDUCTIONS.get(getattr(node, "_saved_reduction", None)) == "sum" or \
                 node.name() == "SumBackward0":  # SumBackward1 sums over some dims only
             found = True

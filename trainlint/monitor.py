@@ -319,8 +319,9 @@ class Monitor:
         return mean
 
     def _amp_dtype(self) -> Optional[str]:
-        if self._autocast is not None or self.probe.autocast is not None:
-            return self._autocast or self.probe.autocast
+        found = self._autocast or self.probe.autocast
+        if found is not None:
+            return found
         for p in self.model.parameters():
             if p.dtype in (torch.float16, torch.bfloat16):
                 return str(p.dtype).replace("torch.", "")
