@@ -41,6 +41,11 @@ def output_nodes(trace: RunTrace, module: str) -> list[tuple]:
     return [lt.node for lt in trace.layers if lt.module == module and lt.op == "output"]
 
 
+def output_point(trace: RunTrace, module: str) -> Optional[LayerTrace]:
+    """The observation point of a leaf module's output, or None."""
+    return next((lt for lt in trace.layers if lt.module == module and lt.op == "output"), None)
+
+
 def feeds_norm(trace: RunTrace, module: str) -> bool:
     """Whether the module's output goes straight (through reshapes, dropout, pooling) into a
     normalization layer, which cancels the output's scale."""

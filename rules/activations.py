@@ -20,6 +20,7 @@ from ._graph import (
     is_model_output,
     is_norm_type,
     layer_at,
+    output_point,
     sources,
 )
 
@@ -137,9 +138,7 @@ def input_spread(trace: RunTrace, feeder: Optional[ModuleFacts]) -> Optional[flo
         spreads = [_spread(layer_at(trace, src), "rms") if src[0] == "point" else None
                    for src, _ in fed]
         return None if None in spreads else max(spreads)
-    own = next((lt for lt in trace.layers if lt.module == feeder.name and lt.op == "output"),
-               None)
-    return _spread(own, "std")
+    return _spread(output_point(trace, feeder.name), "std")
 
 
 def _spread(lt: Optional[LayerTrace], scale: str) -> Optional[float]:

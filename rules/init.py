@@ -19,6 +19,8 @@ from ._graph import (
     layer_at,
     only_shape_ops,
     output_layer,
+    output_nodes,
+    output_point,
     sources,
     upstream,
 )
@@ -80,8 +82,7 @@ def following_nonlinearity(trace: RunTrace, layer: LayerTrace) -> Optional[Layer
         if dst[0] == "point":
             point = layer_at(trace, dst)
         else:
-            point = next((lt for lt in trace.layers
-                          if lt.module == dst[1] and lt.op == "output"), None)
+            point = output_point(trace, dst[1])
         if point is not None and nonlinearity(trace, point) is not None:
             return point
     return None
@@ -135,8 +136,8 @@ def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) 
             for dst, via in downstream(trace, node):
                 if any(op in ADD_OPS for op in via):
                     return True
-                nxt += [lt.node for lt in trace.layers
-                        if dst[0] == "module" and lt.module == dst[1] and lt.op == "output"]
+                if dst[0] == "module":
+                    nxt += output_nodes(trace, dst[1])
         frontier = nxt
     return False
 
