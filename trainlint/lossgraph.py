@@ -59,8 +59,9 @@ COMBINING_NODES = frozenset({"AddBackward", "SubBackward", "MulBackward", "DivBa
 # Nodes between a loss of reduction "none" and its average that keep it a per-sample mean
 # (a constant factor: MulBackward1/DivBackward1 take a Python number).
 _SCALED = frozenset({"MulBackward1", "DivBackward1"})
-# Nodes that add terms up or scale one: what a summed loss combines its sums with.
-_SUMMING = frozenset({"AddBackward", "SubBackward", "NegBackward", "MulBackward"})
+# The combining nodes that add terms up or scale one (no average, no division): what a
+# summed loss combines its sums with.
+_SUMMING = COMBINING_NODES - {"DivBackward", "MeanBackward", "SumBackward"}
 _VERSION = re.compile(r"\d+$")
 
 

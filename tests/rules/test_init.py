@@ -245,7 +245,8 @@ def test_tl302_ratio_edge(factor, fires):
 def test_tl302_quotes_the_outputs_std_at_the_first_step():
     """The first loss is judged, so the logits' std quoted is the first step's, not the
     std merged over every observed step."""
-    t = _loss_trace(3 * math.log(10))
+    limits = defaults("TL302")
+    t = _loss_trace(math.log(10) * limits["max_ratio"] + limits["max_excess"] + 1.0)
     t.layers[0].activation.std = 5.0  # merged over the steps
     t.per_step[0]["layers"] = {t.layers[0].node[1:]: {"std": 2.5, "mean": 0.0}}
     [found] = hits("TL302", t)
