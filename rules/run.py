@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from statistics import median
 from typing import Iterator, Optional
@@ -73,20 +74,45 @@ EARLY_POINTS = 3
 EARLY_SIGMAS = 3.0
 
 
+def _spread(values: list) -> float:
+    """A robust standard deviation of ``values``: 1.4826 times their median absolute
+    deviation."""
+    x = np.asarray(values, dtype=np.float64)
+    return 1.4826 * float(np.median(np.abs(x - np.median(x))))
+
+
+def _median_error(sigma: float, *counts: int) -> float:
+    """The standard error of a difference of medians of ``counts`` points each, for noise of
+    standard deviation ``sigma`` (a median of k points: about 1.2533 sigma / sqrt(k))."""
+    return 1.2533 * sigma * math.sqrt(sum(1.0 / k for k in counts))
+
+
 def early_fall(losses: list, third: int) -> float:
     """The relative fall from the first :data:`EARLY_POINTS` losses (their median) to the
     last third's median, or 0 when it is within :data:`EARLY_SIGMAS` standard errors of the
     noise (the last third's spread, robustly): a run that learned early and then converged
     fell, although its first third is mostly plateau already."""
     start = median(losses[:EARLY_POINTS])
-    tail = np.asarray(losses[-third:], dtype=np.float64)
-    end = float(np.median(tail))
-    sigma = 1.4826 * float(np.median(np.abs(tail - end)))
-    # the standard error of a median of k points is about 1.2533 sigma / sqrt(k)
-    error = 1.2533 * sigma * math.sqrt(1.0 / EARLY_POINTS + 1.0 / len(tail))
-    if start - end <= EARLY_SIGMAS * error:
+    tail = losses[-third:]
+    end = median(tail)
+    if start - end <= EARLY_SIGMAS * _median_error(_spread(tail), EARLY_POINTS, len(tail)):
         return 0.0
     return (start - end) / (abs(start) if start else 1.0)
+
+
+def rise_beyond_noise(first: list, last: list) -> bool:
+    """Whether the median of ``last`` is above that of ``first`` by more than
+    :data:`EARLY_SIGMAS` standard errors of the noise (the two parts' spreads, robustly): on
+    a converged run's plateau, heavy-tailed batch losses move a third's median by 20-30%."""
+    sigma = max(_spread(first), _spread(last))
+    return median(last) - median(first) > EARLY_SIGMAS * _median_error(sigma, len(first),
+                                                                       len(last))
+
+
+def joined_later(trace: RunTrace, curve: list) -> bool:
+    """Whether the loss ``curve`` starts after training began: its first point is not step 0,
+    or the optimizer already held state (a resumed checkpoint, a second phase)."""
+    return curve[0][0] != 0 or trace.resumed
 
 
 def weights_moved(trace: RunTrace, steps: int) -> Optional[float]:
@@ -113,7 +139,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``min_drop`` (relative), unless it fell steadily: a rank correlation of the loss with the
     step at or below ``steady_z`` standard deviations of a flat curve's (a slow but sure start,
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
-    later, it fires only if the loss rose by more than ``min_drop``. It needs at least
+    later, it fires only if the loss rose by more than ``min_drop`` and by more than three
+    standard errors of the noise (on a converged plateau, heavy-tailed batch losses move a
+    third's median by 20-30%). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. A Monitor created once training had begun (its optimizer
     already held state: a resumed checkpoint, a second phase) joined later too, whatever its
@@ -161,11 +189,12 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     last = median(loss for _, loss in curve[-third:])
     scale = abs(first) if first else 1.0
     change = (last - first) / scale
-    from_start = curve[0][0] == 0 and not trace.resumed
-    steady = (change <= -t.min_steady_drop
-              and trend_z([loss for _, loss in curve]) <= t.steady_z)
-    fell = change <= -t.min_drop or early_fall([loss for _, loss in curve], third) >= t.min_drop
-    rose = change > t.min_drop
+    from_start = not joined_later(trace, curve)
+    losses = [loss for _, loss in curve]
+    steady = change <= -t.min_steady_drop and trend_z(losses) <= t.steady_z
+    fell = change <= -t.min_drop or early_fall(losses, third) >= t.min_drop
+    rose = change > t.min_drop and (from_start or rise_beyond_noise(losses[:third],
+                                                                    losses[-third:]))
     if rose or (from_start and not fell and not steady):
         if not rose:
             moved = weights_moved(trace, curve[-1][0] - curve[0][0] + 1)
@@ -194,7 +223,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
 
 
-@rule("TL604", "loss-divergence", "error", rise_factor=3.0)
+@rule("TL604", "loss-divergence", "error", rise_factor=3.0, settle_points=3,
+      recovery=0.9)
 def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The loss rises sharply or becomes NaN/Inf.
 
@@ -203,7 +233,18 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     each window between observations, and over the steps after the last one up to the
     report, so a NaN between two observations counts). It fires
     when the loss becomes NaN/Inf, or when it climbs above ``rise_factor`` × its running
-    minimum and above its starting value (a noisy tail near zero is not a divergence). When
+    minimum and above its starting value (a noisy tail near zero is not a divergence), unless
+    training got past the spike: at least ``settle_points`` points follow it and the last
+    ``settle_points`` of the curve are all below ``recovery`` × the minimum before it. (A
+    BatchNorm ResNet at SGD lr 0.1 without warmup, the usual CIFAR recipe, can spike 1.4 → 9
+    in its first steps and be below 1.3 by step 19; an MLP that lr 1.5 knocked out settles at
+    chance, ln C, which is no lower than its start.) When the Monitor joined later (see TL603),
+    its first loss is one batch of a run already under way, not where training started, and
+    the lowest of a converged run's batch losses is luck (they can span 50×: 0.006 to 0.3
+    around a median of 0.06): the median of every ``settle_points`` points in a row must
+    climb above ``rise_factor`` × the median of all the points before it, and training got
+    past it when the median of the last ``settle_points`` points is back under that (knocked
+    out, a trained model's loss would sit at chance, far above). When
     the loss is trainlint's synthetic one (a check with no ``loss_fn`` and no targets: the
     mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale.
 
@@ -222,7 +263,6 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     curve = loss_curve(trace)
     if not curve:
         raise Skip(no_loss(trace))
-    start = next((loss for _, loss in curve if math.isfinite(loss)), None)
     running = math.inf
     for s in loss_points(trace):
         values = [s[k] for k in ("loss", "loss_mean", "loss_max") if s.get(k) is not None]
@@ -239,19 +279,79 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             )
             return
         value = s.get("loss_mean", s.get("loss"))
-        if value is None or trace.loss_kind == "synthetic":
-            continue
-        if (running > 0 and running != math.inf and value > t.rise_factor * running
-                and start is not None and value > start):
+        if value is not None:
+            running = min(running, value)
+    if trace.loss_kind == "synthetic":
+        return
+    late = joined_later(trace, curve)
+    k = t.settle_points if late else 1
+    levels = [(curve[i][0], median(loss for _, loss in curve[i + 1 - k:i + 1]))
+              for i in range(k - 1, len(curve))]
+    if not levels:
+        return
+    start = levels[0][1]
+    # Late: the typical loss before each level's points (their median); else its running
+    # minimum.
+    typical = medians_before([loss for _, loss in curve]) if late else None
+    running = math.inf
+    past = False  # inside a spike that training got past
+    for i, (step, value) in enumerate(levels):
+        if typical is not None:
+            running = typical[i]
+        spike = (running > 0 and running != math.inf and value > t.rise_factor * running
+                 and value > start)
+        past = spike and (past or _got_past(curve, step, running, t, late))
+        if spike and not past:
+            low = "typical loss before" if late else "running minimum"
+            of = f" (the median of the {k} points up to it)" if late else ""
             yield Hit(
                 module="",
-                message=(f"the loss diverges: {value:.4g} at step {s['step']}, "
-                         f"{value / running:.3g}× its running minimum {running:.4g} (threshold "
+                message=(f"the loss diverges: {value:.4g} at step {step}{of}, "
+                         f"{value / running:.3g}× its {low} {running:.4g} (threshold "
                          f"{t.rise_factor:g}×) and above its start {start:.4g}"),
                 fix=("lower the learning rate (e.g. 10×) and add warmup; clip gradients with "
                      "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
-                evidence={"step": s["step"], "loss": value, "running_min": running,
+                evidence={"step": step, "loss": value, "running_min": running,
                           "factor": value / running, "threshold": t.rise_factor},
             )
             return
         running = min(running, value)
+
+
+def medians_before(values: list) -> list:
+    """Per position ``i``, the median of ``values[:i]`` (inf for none), in O(n log n): two
+    heaps, the lower half (negated) and the upper half."""
+    lower: list = []
+    upper: list = []
+    out = []
+    for value in values:
+        if not lower:
+            out.append(math.inf)
+        elif len(lower) > len(upper):
+            out.append(-lower[0])
+        else:
+            out.append((-lower[0] + upper[0]) / 2.0)
+        if lower and value > -lower[0]:
+            heapq.heappush(upper, value)
+        else:
+            heapq.heappush(lower, -value)
+        if len(lower) > len(upper) + 1:
+            heapq.heappush(upper, -heapq.heappop(lower))
+        elif len(upper) > len(lower):
+            heapq.heappush(lower, -heapq.heappop(upper))
+    return out
+
+
+def _got_past(curve: list, step: int, low: float, t: Thresholds, late: bool) -> bool:
+    """Whether training got past a spike at ``step`` from the minimum ``low``: at least
+    ``settle_points`` points of ``curve`` follow it, and the last ``settle_points`` are all
+    below ``recovery`` × ``low`` (from the start: learning went on past it), or, when the
+    Monitor joined later, their median is back under ``rise_factor`` × ``low`` (a bump on a
+    trained plateau; knocked out, the loss would sit at chance, far above)."""
+    after = [loss for at, loss in curve if at > step]
+    if len(after) < t.settle_points:
+        return False
+    last = after[-t.settle_points:]
+    if late:
+        return median(last) < t.rise_factor * low
+    return all(loss < t.recovery * low for loss in last)

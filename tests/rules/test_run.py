@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 from trainlint.rules import run
@@ -116,6 +117,18 @@ def test_tl603_joined_later_only_a_rise_counts(factor, fires):
     assert hits("TL603", _monitor(*_curve(1.0, 1.0), first=500)) == []
 
 
+@pytest.mark.parametrize("spread, fires", [(0.4, False), (0.004, True)])
+def test_tl603_joined_later_a_rise_must_clear_the_noise(spread, fires):
+    """A third's median on a converged plateau moves with its heavy-tailed batches: a 10%
+    rise counts only beyond three standard errors of that noise."""
+    drop = defaults("TL603")["min_drop"]
+    shape = [0.0, -1.0, 1.0, -0.5, 0.5, 0.0]
+    first = [1.0 + spread * d for d in shape]
+    last = [1.0 + 2 * drop + spread * d for d in shape]
+    found = hits("TL603", _monitor(*first, *[1.0 + drop] * 6, *last, first=500))
+    assert bool(found) is fires
+
+
 @pytest.mark.parametrize("resumed, fires", [(False, True), (True, False)])
 def test_tl603_a_monitor_created_mid_training_joined_later(resumed, fires):
     """Its steps count from its creation (step 0), but an optimizer that already held state
@@ -165,6 +178,75 @@ def test_tl604_rise_over_the_running_minimum(factor, fires):
     if fires:
         assert found[0].evidence["step"] == 2
         assert found[0].evidence["running_min"] == 1.0
+
+
+@pytest.mark.parametrize("below, after, fires", [
+    (0.99, 0, False),  # the last settle_points points all under recovery x the minimum
+    (1.01, 0, True),   # one of them just above it
+    (0.99, -1, True),  # too few points after the spike to tell
+])
+def test_tl604_forgives_a_spike_that_training_got_past(below, after, fires):
+    """A spike followed by at least ``settle_points`` points, the last ``settle_points`` of
+    them all below ``recovery`` x the minimum before it, is not a divergence."""
+    t = defaults("TL604")
+    low = 1.0
+    settled = [t["recovery"] * low * 0.5] * (t["settle_points"] - 1) + \
+        [t["recovery"] * low * below]
+    losses = [2.0, low, 2 * t["rise_factor"] * low] + settled[:len(settled) + after]
+    found = hits("TL604", trace([], per_step=steps(*losses)))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["step"] == 2
+
+
+def test_tl604_a_loss_that_settles_back_at_its_old_level_still_diverged():
+    """lr 1.5 knocks an MLP out: the loss spikes, then sits at chance (ln 4), where it began:
+    training never got past the spike."""
+    t = defaults("TL604")
+    losses = [1.49, 1.33, 6.1, 3.1, 1.54, 1.66, 1.59, 1.55, 1.47]
+    [found] = hits("TL604", trace([], mode="monitor", per_step=steps(*losses, key="loss_mean")))
+    assert found.evidence["step"] == 2 and found.evidence["threshold"] == t["rise_factor"]
+
+
+def _joined(*losses):
+    """A Monitor run created on a resumed checkpoint: one point per step."""
+    return trace([], mode="monitor", resumed=True, per_step=steps(*losses, key="loss_mean"))
+
+
+def test_tl604_joined_later_a_converged_runs_lucky_batches_are_no_baseline():
+    """Its first loss (one lucky batch, 0.01) and a lucky streak sit far below the typical
+    0.06: judged from the start, 0.06 would be 6x the running minimum."""
+    plateau = [0.01, 0.06, 0.08, 0.05, 0.07, 0.02, 0.02, 0.03, 0.06, 0.07, 0.12, 0.11, 0.13,
+               0.06, 0.07, 0.05, 0.08]
+    assert hits("TL604", trace([], mode="monitor", per_step=steps(*plateau, key="loss_mean")))
+    assert hits("TL604", _joined(*plateau)) == []
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl604_joined_later_the_median_of_settle_points_must_climb(factor, fires):
+    t = defaults("TL604")
+    k = t["settle_points"]
+    high = factor * t["rise_factor"] * 1.0
+    found = hits("TL604", _joined(*[1.0] * 6, *[high] * k))
+    assert bool(found) is fires
+    if fires:  # the first window whose median is high: its last point
+        assert found[0].evidence["step"] == 6 + k // 2
+        assert found[0].evidence["running_min"] == 1.0
+
+
+def test_tl604_joined_later_a_real_divergence_fires_at_once():
+    found = hits("TL604", _joined(0.06, 0.05, 0.07, 0.06, 0.05, 0.07, 0.5, 2.0, 6.0, 9.0))
+    assert found and found[0].evidence["step"] == 7 and found[0].evidence["loss"] == 0.5
+
+
+@pytest.mark.parametrize("after, fires", [(1.0, False), (2.3, True)])
+def test_tl604_joined_later_a_bump_back_to_the_plateau_is_forgiven(after, fires):
+    """Back at the plateau's level training got past it; at chance (ln 10) the model was
+    knocked out."""
+    k = defaults("TL604")["settle_points"]
+    found = hits("TL604", _joined(*[0.1 if after == 2.3 else 1.0] * 6, *[5.0] * k,
+                                  *[after] * k))
+    assert bool(found) is fires
 
 
 def test_tl604_a_noisy_tail_below_the_start_is_not_divergence():
@@ -223,3 +305,10 @@ def test_the_losses_after_the_last_observed_step_count():
     stuck.loss_tail["loss_mean"] = 2.0 * (1 - 0.5 * drop)  # still stuck: said with its window
     [found] = hits("TL603", stuck)
     assert f"the {len(stuck.per_step)} observed steps and the window of 40 after" in found.message
+
+
+def test_medians_before_match_a_direct_median_of_each_prefix():
+    values = [0.3, 0.1, 0.1, 2.0, -1.0, 0.5, 0.5, 7.0, 0.2, 0.2, 0.9]
+    assert run.medians_before(values) == [math.inf] + [statistics.median(values[:i])
+                                                       for i in range(1, len(values))]
+    assert run.medians_before([]) == []

@@ -1,0 +1,91 @@
+"""TL603/TL604 on real loss curves: a spike that training gets past, and a Monitor that joins a
+converged run whose batch losses are heavy-tailed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+from .harness import threshold
+
+_MEANS = torch.randn(10, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+
+
+def _images(step: int) -> tuple:
+    g = torch.Generator().manual_seed(step)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    return torch.randn(64, 3, 16, 16, generator=g) + _MEANS[labels], labels
+
+
+def _bn_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def test_a_spike_that_training_gets_past_is_no_divergence() -> None:
+    """Adam at lr 1 throws a BatchNorm CNN's loss from 2.3 to ~20 in its first step; it is
+    below 1 twenty steps later. Too high a learning rate is TL503's finding, not TL604's."""
+    torch.manual_seed(1)
+    model = _bn_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.0)
+    losses = []
+    with trainlint.Monitor(model, optimizer, every=1) as monitor:
+        for step in range(40):
+            x, y = _images(step)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+            losses.append(loss.item())
+        report = monitor.report()
+    rise = threshold("TL604", "rise_factor")
+    assert max(losses) > 2 * rise * losses[0]  # it did spike
+    assert max(losses[-3:]) < losses[0] / 2  # and got past it
+    codes = {f.code for f in report.findings}
+    assert "TL604" not in codes
+    assert "TL503" in codes
+
+
+def _converged_monitor(seed: int, every: int) -> tuple:
+    """An MLP trained to a near-zero loss, then watched by a Monitor created on it (its
+    optimizer holds state: the run joined later) for 100 steps."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.randn(20, 5, generator=g)
+
+    def batch() -> tuple:
+        x = torch.randn(64, 20, generator=g)
+        return x, (x @ weights).argmax(1)
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 5))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(1500):
+        x, y = batch()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    losses = []
+    with trainlint.Monitor(model, optimizer, every=every) as monitor:
+        for _ in range(100):
+            x, y = batch()
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.step(loss)
+            losses.append(loss.item())
+        return monitor.report(), losses
+
+
+def test_a_monitor_joining_a_converged_run_takes_no_lucky_batch_for_its_level() -> None:
+    report, losses = _converged_monitor(seed=0, every=1)
+    ordered = sorted(losses)  # heavy-tailed: the 5th highest is over rise_factor x the 5th lowest
+    assert ordered[-5] > threshold("TL604", "rise_factor") * ordered[4]
+    assert [f.code for f in report.findings if f.code in ("TL603", "TL604")] == []
