@@ -315,7 +315,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                           "factor": value / running, "threshold": t.rise_factor},
             )
             return
-        running = min(running, value)
+        if typical is None:
+            running = min(running, value)
 
 
 def medians_before(values: list) -> list:

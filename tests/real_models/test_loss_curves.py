@@ -3,6 +3,8 @@ converged run whose batch losses are heavy-tailed."""
 
 from __future__ import annotations
 
+from typing import Iterator, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,22 +28,29 @@ def _bn_cnn() -> nn.Sequential:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator,
+           monitor: Optional[trainlint.Monitor] = None) -> list:
+    """Cross-entropy training steps, one per batch; the losses."""
+    losses = []
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.step(loss)
+        losses.append(loss.item())
+    return losses
+
+
 def test_a_spike_that_training_gets_past_is_no_divergence() -> None:
     """Adam at lr 1 throws a BatchNorm CNN's loss from 2.3 to ~20 in its first step; it is
     below 1 twenty steps later. Too high a learning rate is TL503's finding, not TL604's."""
     torch.manual_seed(1)
     model = _bn_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=1.0)
-    losses = []
     with trainlint.Monitor(model, optimizer, every=1) as monitor:
-        for step in range(40):
-            x, y = _images(step)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
-            losses.append(loss.item())
+        losses = _train(model, optimizer, map(_images, range(40)), monitor)
         report = monitor.report()
     rise = threshold("TL604", "rise_factor")
     assert max(losses) > 2 * rise * losses[0]  # it did spike
@@ -57,30 +66,18 @@ def _converged_monitor(seed: int, every: int) -> tuple:
     g = torch.Generator().manual_seed(seed)
     weights = torch.randn(20, 5, generator=g)
 
-    def batch() -> tuple:
-        x = torch.randn(64, 20, generator=g)
-        return x, (x @ weights).argmax(1)
+    def batches(count: int) -> Iterator:
+        for _ in range(count):
+            x = torch.randn(64, 20, generator=g)
+            yield x, (x @ weights).argmax(1)
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 5))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(1500):
-        x, y = batch()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    losses = []
+    _train(model, optimizer, batches(1500))
     with trainlint.Monitor(model, optimizer, every=every) as monitor:
-        for _ in range(100):
-            x, y = batch()
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            monitor.step(loss)
-            losses.append(loss.item())
+        losses = _train(model, optimizer, batches(100), monitor)
         return monitor.report(), losses
 
 
