@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from . import stats
 from .origins import library_of, locate
-from .probe import ProbeSnapshot, training_flags
+from .probe import ProbeSnapshot, is_leaf_module, training_flags
 from .trace import (
     REORDERING_OPS,
     ActivationStats,
@@ -72,8 +72,8 @@ def torch_base(cls: type) -> str:
     for klass in cls.__mro__:
         if klass is nn.Module:
             break
-        if klass.__module__.startswith("torch.nn."):
-            return klass.__name__
+        if klass.__module__.startswith("torch.nn.") and klass.__module__ != parametrize.__name__:
+            return klass.__name__  # (a ParametrizedConv2d is a Conv2d)
     return cls.__name__
 
 
@@ -327,7 +327,7 @@ class TraceBuilder:
             facts[name] = ModuleFacts(
                 name=name, type=type(module).__name__, base=torch_base(type(module)),
                 training=module.training,
-                is_leaf=not any(True for _ in module.children()),
+                is_leaf=is_leaf_module(module),
                 location=locate(self.model, name, module), library=library_of(type(module)),
                 attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
         for call in self.norm_calls:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -151,6 +152,21 @@ def strided(t: torch.Tensor) -> bool:
     """A dense tensor the statistics can read (not sparse, not nested, not on the meta
     device)."""
     return t.layout == torch.strided and not t.is_nested and t.device.type != "meta"
+
+
+def is_leaf_module(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer of its own: no children, or only the ``parametrizations``
+    of a parametrized module (``weight_norm``, ``spectral_norm``: a ``ParametrizedConv2d``
+    is a convolution whose weight is computed when its forward reads it)."""
+    return all(name == "parametrizations" and parametrize.is_parametrized(module)
+               for name, _ in module.named_children())
+
+
+def parametrization_modules(model: nn.Module) -> set:
+    """The modules that compute parametrized tensors (their outputs are weights, not
+    activations: they run inside the forward of the layer that reads the weight)."""
+    return {m for module in model.modules() if parametrize.is_parametrized(module)
+            for m in module.parametrizations.modules()}
 
 
 def first_float_tensor(obj: Any, depth: int = 0) -> Optional[torch.Tensor]:
@@ -368,9 +384,12 @@ class Probe:
         enter, leave, leave_leaf = (OwnedHook(self._enter), OwnedHook(self._leave_container),
                                     OwnedHook(self._leave_leaf))
         norm_input = OwnedHook(self._norm_input)
+        computing_weights = parametrization_modules(root)
         for module in root.modules():
+            if module in computing_weights:
+                continue
             add(module.register_forward_pre_hook(enter))
-            leaf = not any(True for _ in module.children())
+            leaf = is_leaf_module(module)
             add(module.register_forward_hook(leave_leaf if leaf else leave, always_call=True))
             if isinstance(module, NORM_TYPES):
                 add(module.register_forward_pre_hook(norm_input))
@@ -601,7 +620,8 @@ class Probe:
             found = self.infos[module] = ModuleInfo(
                 name=self.names.get(module, ""), type=type(module).__name__,
                 kind=activation_kind(module),
-                has_params=any(True for _ in module.parameters(recurse=False)),
+                has_params=(any(True for _ in module.parameters(recurse=False))
+                            or parametrize.is_parametrized(module)),
                 channel_first=isinstance(module, CHANNEL_FIRST_TYPES),
                 opaque=type(module) in OPAQUE_LEAVES)
         return found
