@@ -24,7 +24,7 @@ from ._graph import (
     sources,
     upstream,
 )
-from .run import unknown_loss
+from .run import chance_level, unknown_loss
 
 # nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
 GAINS = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0}
@@ -335,12 +335,10 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     first = next((s for s in trace.per_step if s.get("loss") is not None), None)
     if first is None or first["step"] != 0 or trace.resumed or not math.isfinite(first["loss"]):
         return
-    if trace.loss_kind == "bce_with_logits":
-        classes, expected = 2, math.log(2.0)
-    elif trace.num_classes and trace.num_classes >= 2:
-        classes, expected = trace.num_classes, math.log(trace.num_classes)
-    else:
+    chance = chance_level(trace)
+    if chance is None:
         return
+    classes, expected = chance
     loss = first["loss"]
     excess = loss - expected
     if excess < t.min_excess or (loss <= t.max_ratio * expected and excess <= t.max_excess):

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import RunTrace
+from trainlint.trace import CLASSIFICATION_LOSSES, RunTrace
 
 from .gradients import judged_params
 
@@ -109,10 +109,35 @@ def rise_beyond_noise(first: list, last: list) -> bool:
                                                                        len(last))
 
 
+def chance_level(trace: RunTrace) -> Optional[tuple[int, float]]:
+    """``(classes, loss)`` of an uninformed classifier under the trace's loss: ln(C) for one
+    averaged cross-entropy/NLL term over C classes, ln(2) for BCE with logits; None when the
+    loss is not such a term or C is unknown."""
+    if (trace.loss_kind not in CLASSIFICATION_LOSSES or (trace.loss_terms or 1) > 1
+            or trace.loss_reduction not in (None, "mean")):
+        return None
+    if trace.loss_kind == "bce_with_logits":
+        return 2, math.log(2.0)
+    if trace.num_classes and trace.num_classes >= 2:
+        return trace.num_classes, math.log(trace.num_classes)
+    return None
+
+
+# A Monitor whose first classification loss is below this fraction of ln(C) watches a model
+# that was trained before (at init the loss is about ln(C)), whatever its optimizer holds.
+TRAINED_BELOW = 0.5
+
+
 def joined_later(trace: RunTrace, curve: list) -> bool:
     """Whether the loss ``curve`` starts after training began: its first point is not step 0,
-    or the optimizer already held state (a resumed checkpoint, a second phase)."""
-    return curve[0][0] != 0 or trace.resumed
+    the optimizer already held state (a resumed checkpoint, a second phase), or, in a Monitor
+    run, its first classification loss is under :data:`TRAINED_BELOW` × ln(C) (plain SGD
+    keeps no state to tell)."""
+    if curve[0][0] != 0 or trace.resumed:
+        return True
+    chance = chance_level(trace)
+    return (trace.mode == "monitor" and chance is not None
+            and curve[0][1] < TRAINED_BELOW * chance[1])
 
 
 def weights_moved(trace: RunTrace, steps: int) -> Optional[float]:
@@ -144,10 +169,10 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     third's median by 20-30%). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. A Monitor created once training had begun (its optimizer
-    already held state: a resumed checkpoint, a second phase) joined later too, whatever its
-    step count says. A run that learned early and then converged also fell:
-    the median of its first three points is ``min_drop`` above the last third's, beyond three
-    standard errors of the noise. A loss
+    already held state: a resumed checkpoint, a second phase; or its first classification
+    loss is under half of ln(C)) joined later too, whatever its step count says. A run that
+    learned early and then converged also fell: the median of its first three points is
+    ``min_drop`` above the last third's, beyond three standard errors of the noise. A loss
     that barely fell is judged only once the weights moved at least ``min_movement`` of their
     norm over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20
     steps barely change the loss; a learning rate too low for them to move is TL503's). A
@@ -224,7 +249,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 
 @rule("TL604", "loss-divergence", "error", rise_factor=3.0, settle_points=3,
-      recovery=0.9)
+      recovery=0.9, late_floor=0.5)
 def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The loss rises sharply or becomes NaN/Inf.
 
@@ -244,7 +269,11 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     around a median of 0.06): the median of every ``settle_points`` points in a row must
     climb above ``rise_factor`` × the median of all the points before it, and training got
     past it when the median of the last ``settle_points`` points is back under that (knocked
-    out, a trained model's loss would sit at chance, far above). When
+    out, a trained model's loss would sit at chance, far above). A classifier's level must
+    also reach ``late_floor`` × ln(C) (0.5 x 2.30 for 10 classes): on a converged plateau at
+    0.001-0.02, one hard batch is a 10× "rise" at 1% of chance, not a divergence. A Monitor
+    run whose first classification loss is under half of ln(C) joined later too (its model
+    was trained: plain SGD keeps no optimizer state to say so). When
     the loss is trainlint's synthetic one (a check with no ``loss_fn`` and no targets: the
     mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale.
 
@@ -290,6 +319,9 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not levels:
         return
     start = levels[0][1]
+    chance = chance_level(trace)
+    if late and chance is not None:  # a diverged classifier is back near chance
+        start = max(start, t.late_floor * chance[1])
     # Late: the typical loss before each level's points (their median); else its running
     # minimum.
     typical = medians_before([loss for _, loss in curve]) if late else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,9 +61,9 @@ def test_a_spike_that_training_gets_past_is_no_divergence() -> None:
     assert "TL503" in codes
 
 
-def _converged_monitor(seed: int, every: int) -> tuple:
-    """An MLP trained to a near-zero loss, then watched by a Monitor created on it (its
-    optimizer holds state: the run joined later) for 100 steps."""
+def _converged_monitor(seed: int, every: int, plain_sgd: bool = False) -> tuple:
+    """An MLP trained to a near-zero loss, then watched by a Monitor created on it for 100
+    steps (Adam's state says the run joined later; plain SGD keeps none)."""
     g = torch.Generator().manual_seed(seed)
     weights = torch.randn(20, 5, generator=g)
 
@@ -74,15 +75,18 @@ def _converged_monitor(seed: int, every: int) -> tuple:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 5))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=0.1) if plain_sgd
+                 else torch.optim.Adam(model.parameters(), lr=1e-3))
     _train(model, optimizer, batches(1500))
     with trainlint.Monitor(model, optimizer, every=every) as monitor:
         losses = _train(model, optimizer, batches(100), monitor)
         return monitor.report(), losses
 
 
-def test_a_monitor_joining_a_converged_run_takes_no_lucky_batch_for_its_level() -> None:
-    report, losses = _converged_monitor(seed=0, every=1)
+@pytest.mark.parametrize("every, plain_sgd", [(1, False), (10, True)])
+def test_a_monitor_joining_a_converged_run_takes_no_lucky_batch_for_its_level(
+        every: int, plain_sgd: bool) -> None:
+    report, losses = _converged_monitor(seed=0, every=every, plain_sgd=plain_sgd)
     ordered = sorted(losses)  # heavy-tailed: the 5th highest is over rise_factor x the 5th lowest
     assert ordered[-5] > threshold("TL604", "rise_factor") * ordered[4]
     assert [f.code for f in report.findings if f.code in ("TL603", "TL604")] == []

@@ -249,6 +249,33 @@ def test_tl604_joined_later_a_bump_back_to_the_plateau_is_forgiven(after, fires)
     assert bool(found) is fires
 
 
+def _classifier(t, classes=10):
+    t.loss_kind, t.num_classes, t.loss_reduction = "cross_entropy", classes, "mean"
+    return t
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl604_joined_later_a_classifier_must_climb_to_late_floor_of_chance(factor, fires):
+    """On a converged plateau at 0.002, a median of 0.02 is 10x the typical loss at 1% of
+    ln(10): no divergence. The level must also reach late_floor x ln(C)."""
+    t = defaults("TL604")
+    high = factor * t["late_floor"] * math.log(10)
+    found = hits("TL604", _classifier(_joined(*[0.002] * 6, *[high] * t["settle_points"])))
+    assert bool(found) is fires
+    assert hits("TL604", _joined(*[0.002] * 6, *[0.02] * t["settle_points"]))  # no chance known
+
+
+@pytest.mark.parametrize("factor, late", [(0.99, True), (1.01, False)])
+def test_a_monitor_whose_first_classification_loss_is_far_below_chance_joined_later(factor,
+                                                                                    late):
+    """Plain SGD keeps no optimizer state: a model that starts under half of ln(C) was
+    trained before. Flat from there is no finding; flat from near chance is TL603's."""
+    first = factor * run.TRAINED_BELOW * math.log(10)
+    flat = _classifier(_monitor(*[first] * 9))
+    assert run.joined_later(flat, [(0, first)]) is late
+    assert bool(hits("TL603", flat)) is not late
+
+
 def test_tl604_a_noisy_tail_below_the_start_is_not_divergence():
     rise = defaults("TL604")["rise_factor"]
     assert hits("TL604", trace([], per_step=steps(2.0, 0.01, 0.01 * rise * 2))) == []
