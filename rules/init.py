@@ -24,7 +24,7 @@ from ._graph import (
     sources,
     upstream,
 )
-from .run import chance_level, unknown_loss
+from .run import chance_level, joined_later, loss_curve, unknown_loss
 
 # nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
 GAINS = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0}
@@ -37,7 +37,9 @@ RESIDUAL_HOPS = 3
 
 def first_step(trace: RunTrace) -> dict:
     """The observed data of training step 0; Skip when the run was not seen from the start."""
-    if not trace.per_step or trace.per_step[0]["step"] != 0 or trace.resumed:
+    curve = loss_curve(trace)
+    if (not trace.per_step or trace.per_step[0]["step"] != 0 or trace.resumed
+            or (curve and joined_later(trace, curve))):
         raise Skip("it needs the first training step (trainlint check, or a Monitor created "
                    "before training starts)")
     return trace.per_step[0]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch.nn as nn
+from trainlint.rules import init, run
 from trainlint.rules.init import LARGE_FEATURES
 
 from tests.rules.tracekit import (
@@ -305,3 +306,17 @@ def test_tl302_needs_step_zero():
 def test_tl302_unknown_loss_is_a_note(kind):
     with pytest.raises(Skip):
         hits("TL302", _loss_trace(50.0, kind=kind))
+
+
+@pytest.mark.parametrize("factor, judged", [(0.99, False), (1.01, True)])
+def test_a_monitor_whose_first_loss_is_far_below_chance_has_no_first_step(factor, judged):
+    """A model that starts a Monitor run under half of ln(C) was trained before (plain SGD
+    keeps no optimizer state to say so): its weights are not an init to judge."""
+    first = factor * run.TRAINED_BELOW * math.log(10)
+    t = trace([], mode="monitor", per_step=steps(first, first, first, key="loss_mean"))
+    t.loss_kind, t.num_classes, t.loss_reduction = "cross_entropy", 10, "mean"
+    if judged:
+        assert init.first_step(t) is t.per_step[0]
+    else:
+        with pytest.raises(Skip, match="first training step"):
+            init.first_step(t)
