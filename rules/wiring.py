@@ -15,6 +15,7 @@ from ._graph import (
     layer_at,
     maximal_groups,
     only_shape_ops,
+    output_layer,
 )
 from .run import unknown_loss
 
@@ -203,7 +204,9 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     clamps such as ``.clamp(min=1e-7)`` only) and at the loss: softmax into
     ``CrossEntropyLoss`` or ``NLLLoss``, sigmoid into ``BCEWithLogitsLoss``. ``log_softmax``
     into ``CrossEntropyLoss`` is reported as info: it computes the same loss, only
-    redundantly.
+    redundantly. The same bug made in the loss function (``F.cross_entropy(out.softmax(-1),
+    y)``, a sigmoid before ``binary_cross_entropy_with_logits``) is read from the loss's
+    autograd graph: a softmax/sigmoid between a model output and such a loss.
 
     ## Why is this bad?
     ``CrossEntropyLoss`` expects raw logits: fed probabilities, it squashes them into [0, 1]
@@ -221,6 +224,18 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     if trace.loss_kind is None:
         raise Skip(unknown_loss(trace))
+    entry = DOUBLE.get((trace.loss_squash, trace.loss_kind))
+    if entry is not None:  # the loss function squashed the model's output itself
+        head = output_layer(trace)
+        yield Hit(
+            module=head.module if head is not None else "",
+            message=(f"the loss function applies {trace.loss_squash} to the model's output "
+                     f"before {trace.loss_kind}: {entry[1]}"),
+            fix=(f"pass the raw logits to the loss (drop the {trace.loss_squash} in the loss "
+                 f"function) and apply {trace.loss_squash} only at inference"),
+            evidence={"loss_op": trace.loss_squash, "loss": trace.loss_kind},
+        )
+        return
     if trace.loss_reads_output is False:  # e.g. nll_loss(torch.log(probs)): applied as meant
         return
     for origin, via in trace.output_ops[:1]:

@@ -36,6 +36,7 @@ FAULTS = {
     "unused_parameters": ("TL505", {"aux_head"}),
     "parameters_not_in_optimizer": ("TL506", {"2"}),
     "double_softmax": ("TL601", {"3"}),
+    "double_softmax_in_loss": ("TL601", {"2"}),
 }
 TWINS = {
     "sigmoid_hidden": "sigmoid_hidden_ok", "input_raw_pixels": "input_raw_pixels_ok",
@@ -50,6 +51,7 @@ TWINS = {
     "unused_parameters": "unused_parameters_ok",
     "parameters_not_in_optimizer": "parameters_not_in_optimizer_ok",
     "double_softmax": "double_softmax_ok",
+    "double_softmax_in_loss": "double_softmax_in_loss_ok",
 }
 # Standard healthy models: nothing at all may fire on them, not even info.
 HEALTHY = ["resnet_small", "transformer_classifier", "lstm_lm", "healthy_relu",

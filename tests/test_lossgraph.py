@@ -495,3 +495,20 @@ def test_a_term_shared_by_the_sums_is_read_once() -> None:
     for _ in range(40):
         s = s + s
     assert summed_over_items(s.grad_fn)
+
+
+def test_a_softmax_or_sigmoid_the_loss_function_applies_to_an_output_is_read() -> None:
+    """TL601's bug made in the loss function: the squash between a model output and a loss
+    that applies its own. A computation before it (a temperature), log-probabilities made
+    from it, or a squash inside the model (TL601 reads that from the model) are not it."""
+    two = torch.randint(0, 2, (8, 10)).float()
+    assert _graph_of(lambda o, y: F.cross_entropy(o.softmax(-1), y)).squash == "softmax"
+    assert _graph_of(lambda o, y: F.nll_loss(F.softmax(o, 1), y)).squash == "softmax"
+    assert _graph_of(lambda o, y: F.binary_cross_entropy_with_logits(
+        torch.sigmoid(o.view(8, 10)), two)).squash == "sigmoid"
+    for healthy in (lambda o, y: F.cross_entropy(o, y),
+                    lambda o, y: F.nll_loss(torch.log(F.softmax(o, 1)), y),
+                    lambda o, y: F.cross_entropy((o / 2.0).softmax(-1), y),
+                    lambda o, y: F.binary_cross_entropy(torch.sigmoid(o), two)):
+        assert _graph_of(healthy).squash is None
+    assert _graph_of(lambda o, y: F.cross_entropy(o, y), probabilities=True).squash is None

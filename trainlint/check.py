@@ -56,7 +56,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     builder = TraceBuilder(model, mode="check")
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
                  "loss_summed": None,
-                 "loss_reads_output": None, "num_classes": None, "batch_size": None,
+                 "loss_reads_output": None, "loss_squash": None, "num_classes": None,
+                 "batch_size": None,
                  "graph_output": None}
     try:
         probe.attach()
@@ -72,7 +73,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
                           loss_kind=run["loss_kind"], loss_reduction=run["loss_reduction"],
                           loss_terms=run["loss_terms"], loss_summed=run["loss_summed"],
-                          loss_reads_output=run["loss_reads_output"], amp_dtype=probe.autocast,
+                          loss_reads_output=run["loss_reads_output"],
+                          loss_squash=run["loss_squash"], amp_dtype=probe.autocast,
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
@@ -363,6 +365,7 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     computed itself (its ``.loss``: no loss call was seen) is known by the graph alone, as a
     Monitor knows it."""
     run["loss_reads_output"] = graph.reads_output
+    run["loss_squash"] = graph.squash
     run["loss_summed"] = graph.summed
     if run["loss_kind"] == "model" and graph.kind is not None:
         run.update(loss_kind=graph.kind, loss_reduction=graph.reduction, loss_terms=graph.terms,

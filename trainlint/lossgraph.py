@@ -88,6 +88,10 @@ class LossGraph:
     # values held in tensors (a 0-d bool tensor on their device; reading it would sync): the
     # reduction stays as if it were not until :meth:`resolve` is handed its host value.
     count_check: Optional[torch.Tensor] = None
+    # "softmax"/"sigmoid" when the loss function applies it to a model output before a torch
+    # loss that applies its own (cross_entropy(out.softmax(-1), y)): TL601's bug, made in the
+    # loss function rather than in the model.
+    squash: Optional[str] = None
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -145,6 +149,12 @@ def _passes_values(node: Any) -> bool:
     return name in SHAPE_NODES or name in KEEP_NODES
 
 
+# Squashing nodes and the losses that squash what they read themselves: softmax into
+# cross_entropy or into nll_loss (which wants log-probabilities), sigmoid into BCE with logits.
+SQUASHED_BY = {"SoftmaxBackward": ("cross_entropy", "nll"),
+               "SigmoidBackward": ("bce_with_logits",)}
+
+
 def _through(node: Any, stops: Optional[dict] = None, path: Optional[set] = None) -> Any:
     """The first node at or below ``node`` (through first inputs) that is a model output's
     (in ``stops``: a model's output may itself come from a view, a 3-D Linear's) or neither a
@@ -198,7 +208,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,
-                     count_check=first["count_check"])
+                     count_check=first["count_check"], squash=first["squash"])
 
 
 def summed_over_items(root: Any) -> bool:
@@ -236,13 +246,19 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
         kind = "cross_entropy"
         path.add(read)
         read = _through(_first_input(read), where, path)
+    squash = None
+    if read is not None and id(read) not in where and kind in SQUASHED_BY.get(
+            node_name(read), ()):
+        inner = _through(_first_input(read), where)
+        if inner is not None and id(inner) in where:  # the loss function squashed an output
+            squash = node_name(read)[:-len("Backward")].lower()
     shape = _input_shape(node)  # what the loss itself read: (N, C, ...) for nll
     classes = None
     if kind in ("nll", "cross_entropy") and shape:
         classes = shape[1] if len(shape) >= 2 else shape[0]
     found = where.get(id(read)) if read is not None else None
     reduction, count_check = _reduction(node, parent)
-    return {"kind": kind, "reduction": reduction, "count_check": count_check,
+    return {"kind": kind, "reduction": reduction, "count_check": count_check, "squash": squash,
             "classes": classes, "index": found[1] if found else None,
             "forward": found[0] if found else None, "path": path, "node": node}
 

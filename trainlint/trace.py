@@ -240,6 +240,9 @@ class RunTrace:
     # Whether the torch loss reads one of the model's outputs as it is (through reshapes and
     # casts only), not something computed from it, such as torch.log(probs); None: not known.
     loss_reads_output: Optional[bool] = None
+    # "softmax"/"sigmoid" when the loss function applies it to a model output before a torch
+    # loss that applies its own (see ``LossGraph.squash``).
+    loss_squash: Optional[str] = None
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0

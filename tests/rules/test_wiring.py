@@ -173,6 +173,23 @@ def test_tl601_only_the_class_scores_count():
     assert hits("TL601", through_arithmetic) == []
 
 
+@pytest.mark.parametrize("squash, loss, fires", [
+    ("softmax", "cross_entropy", True), ("softmax", "nll", True),
+    ("sigmoid", "bce_with_logits", True), ("sigmoid", "cross_entropy", False),
+    (None, "cross_entropy", False),
+])
+def test_tl601_fires_when_the_loss_function_squashes_the_logits(squash, loss, fires):
+    """The model returns logits; the loss function's softmax/sigmoid before a loss that
+    applies its own (the loss graph's ``squash``) is the same bug. Reported on the head."""
+    t = _ending_in("relu", loss)
+    t.loss_squash = squash
+    t.loss_reads_output = False  # the loss reads the squash, not the output as it is
+    found = hits("TL601", t)
+    assert [h.module for h in found] == (["out"] if fires else [])
+    if fires:
+        assert found[0].severity is None and squash in found[0].message
+
+
 def test_tl601_unknown_loss_is_a_note():
     with pytest.raises(Skip):
         hits("TL601", _ending_in("softmax", None))
