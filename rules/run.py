@@ -375,16 +375,17 @@ def medians_before(values: list) -> list:
     return out
 
 
-def _got_past(curve: list, step: int, low: float, t: Thresholds, late: bool) -> bool:
-    """Whether training got past a spike at ``step`` from the minimum ``low``: at least
-    ``settle_points`` points of ``curve`` follow it, and the last ``settle_points`` are all
-    below ``recovery`` × ``low`` (from the start: learning went on past it), or, when the
-    Monitor joined later, their median is back under ``rise_factor`` × ``low`` (a bump on a
-    trained plateau; knocked out, the loss would sit at chance, far above)."""
+def _got_past(curve: list, step: int, reference: float, t: Thresholds, late: bool) -> bool:
+    """Whether training got past a spike at ``step`` above ``reference`` (the running
+    minimum; joined later, the typical loss before): at least ``settle_points`` points of
+    ``curve`` follow it, and the last ``settle_points`` are all below ``recovery`` ×
+    ``reference`` (from the start: learning went on past it), or, when the Monitor joined
+    later, their median is back under ``rise_factor`` × ``reference`` (a bump on a trained
+    plateau; knocked out, the loss would sit at chance, far above)."""
     after = [loss for at, loss in curve if at > step]
     if len(after) < t.settle_points:
         return False
     last = after[-t.settle_points:]
     if late:
-        return median(last) < t.rise_factor * low
-    return all(loss < t.recovery * low for loss in last)
+        return median(last) < t.rise_factor * reference
+    return all(loss < t.recovery * reference for loss in last)

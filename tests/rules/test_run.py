@@ -239,13 +239,12 @@ def test_tl604_joined_later_a_real_divergence_fires_at_once():
     assert found and found[0].evidence["step"] == 7 and found[0].evidence["loss"] == 0.5
 
 
-@pytest.mark.parametrize("after, fires", [(1.0, False), (2.3, True)])
-def test_tl604_joined_later_a_bump_back_to_the_plateau_is_forgiven(after, fires):
+@pytest.mark.parametrize("plateau, after, fires", [(1.0, 1.0, False), (0.1, 2.3, True)])
+def test_tl604_joined_later_a_bump_back_to_the_plateau_is_forgiven(plateau, after, fires):
     """Back at the plateau's level training got past it; at chance (ln 10) the model was
     knocked out."""
     k = defaults("TL604")["settle_points"]
-    found = hits("TL604", _joined(*[0.1 if after == 2.3 else 1.0] * 6, *[5.0] * k,
-                                  *[after] * k))
+    found = hits("TL604", _joined(*[plateau] * 6, *[5.0] * k, *[after] * k))
     assert bool(found) is fires
 
 
