@@ -198,3 +198,86 @@ def test_huge_finite_weights_are_not_nan_weights_from_an_earlier_step() -> None:
     assert not report.trace.per_step[1]["nonfinite"]["parameters_before"]
     assert "not observed" not in nan.message and "forward" in nan.message
     assert nan.evidence["step"] == 1
+
+
+class TwoOutputs(nn.Module):
+    """A leaf (no children) or a container (``wrap``) returning ``(mean, spread)``; the spread,
+    ``sqrt`` of a parameter, is NaN when the parameter is negative."""
+
+    def __init__(self, var: float, wrap: bool = False) -> None:
+        super().__init__()
+        self.var = nn.Parameter(torch.full((1,), var))
+        self.inner = nn.Identity() if wrap else None
+
+    def forward(self, mu: torch.Tensor) -> tuple:
+        if self.inner is not None:
+            mu = self.inner(mu)
+        return mu, self.var.sqrt().expand_as(mu)
+
+
+class Regressor(nn.Module):
+    def __init__(self, var: float, wrap: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.noise = TwoOutputs(var, wrap)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.noise(self.body(x))
+
+
+def _gaussian_nll(out: tuple, y: torch.Tensor) -> torch.Tensor:
+    mu, sd = out
+    return (((y - mu) / sd) ** 2 / 2 + torch.log(sd)).mean()
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["leaf", "container"])
+def test_nan_in_a_modules_second_output_names_that_module(wrap: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    report = trainlint.check(Regressor(-0.5, wrap), (x, 0.1 * x[:, :1]),
+                             loss_fn=_gaussian_nll, steps=1)
+    found = _tl504(report)
+    assert (found.module, found.evidence["where"]) == ("noise", "forward")
+    assert "own forward code" in found.message
+
+
+def test_a_finite_second_output_and_a_minus_inf_one_are_no_fault() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    report = trainlint.check(Regressor(0.5), (x, 0.1 * x[:, :1]), loss_fn=_gaussian_nll,
+                             steps=2)
+    assert "TL504" not in {f.code for f in report.findings}
+    report = trainlint.check(Masked(), _batch(), steps=1)
+    assert "TL504" not in {f.code for f in report.findings}
+    later = nn.Sequential(Masked(), LogBlock3())  # a NaN after the mask is not the mask's
+    found = _tl504(trainlint.check(later, _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("1", "forward")
+
+
+class LogBlock3(nn.Module):
+    """``LogBlock`` on 3 features, whose log always sees negative values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.fc(x) - 100.0)
+
+
+class MaskOut(nn.Module):
+    """Returns its input and an additive mask with -inf in it."""
+
+    def forward(self, h: torch.Tensor) -> tuple:
+        return h, torch.zeros_like(h).masked_fill(h < 0, float("-inf"))
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.mask, self.head = nn.Linear(8, 8), MaskOut(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, m = self.mask(self.fc(x))
+        assert torch.isinf(m).any()
+        return self.head(h * torch.exp(m))  # exp(-inf) = 0: the mask stays contained

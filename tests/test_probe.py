@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -273,6 +274,60 @@ def test_a_hardtanh_with_other_bounds_is_not_judged_as_a_tanh() -> None:
     assert (out.abs() > SATURATION_LEVEL).float().mean() > 0.5 > (out.abs() >= 3.0).float().mean()
     assert {lt.kind for lt in report.trace.layers} == {None}
     assert not [f for f in report.findings if f.code == "TL102"]
+
+
+class Clamped(nn.Module):
+    """A hand-written ReLU, ``clamp`` at 0, written one of several ways."""
+
+    def __init__(self, clamp: Callable[[torch.Tensor], torch.Tensor], bias: float) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 16), nn.Linear(16, 2)
+        nn.init.constant_(self.fc.bias, bias)
+        self.clamp = clamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.clamp(self.fc(x)))
+
+
+RELU_CLAMPS = {
+    "clamp(min=0)": lambda h: h.clamp(min=0),
+    "torch.clamp(h, 0, 6)": lambda h: torch.clamp(h, 0, 6),
+    "clamp_min(0)": lambda h: h.clamp_min(0.0),
+    "clip_(min=0)": lambda h: h.clone().clip_(min=0),
+    "F.threshold(h, 0, 0)": lambda h: F.threshold(h, 0.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("how", sorted(RELU_CLAMPS))
+def test_a_clamp_at_zero_is_observed_as_a_relu_and_its_dead_units_found(how: str) -> None:
+    torch.manual_seed(0)
+    model = Clamped(RELU_CLAMPS[how], bias=-8.0)
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        assert (model.fc(x) <= 0).all()  # every unit is dead
+    report = trainlint.check(model, (x, torch.randint(0, 2, (32,))), steps=1)
+    relu = report.trace.layer_by_key()[("", "relu")]
+    assert relu.kind == "relu" and relu.dead_fraction == 1.0
+    assert [f.module for f in report.findings if f.code == "TL101"] == [""]
+
+
+NOT_RELU_CLAMPS = {
+    "clamp(min=1e-3)": lambda h: h.clamp(min=1e-3),
+    "clamp(-1, 1)": lambda h: h.clamp(-1, 1),
+    "clamp(max=0)": lambda h: h.clamp(max=0),
+    "clamp(min=0, max=0)": lambda h: h.clamp(0, 0),
+    "clamp(min=zero tensor)": lambda h: h.clamp(min=torch.zeros(())),
+    "F.threshold(h, 0, -1)": lambda h: F.threshold(h, 0.0, -1.0),
+}
+
+
+@pytest.mark.parametrize("how", sorted(NOT_RELU_CLAMPS))
+def test_other_clamps_are_no_relu(how: str) -> None:
+    torch.manual_seed(0)
+    model = Clamped(NOT_RELU_CLAMPS[how], bias=-8.0)
+    report = trainlint.check(model, (torch.randn(32, 6), torch.randint(0, 2, (32,))), steps=1)
+    assert {lt.kind for lt in report.trace.layers} == {None}
+    assert not [f for f in report.findings if f.code == "TL101"]
 
 
 class Shared(nn.Module):

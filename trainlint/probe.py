@@ -79,6 +79,8 @@ UNIT_KINDS = ("relu", "gelu")
 # are not measurements).
 RAW_INTS = (torch.uint8, torch.int8, torch.int16)
 MAX_VIA = 4
+# Float tensors of a module's output read for NaN beside the one observed.
+MAX_OTHER_OUTPUTS = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
 # ``step_grads`` value of a parameter whose gradient the optimizer hooks' sampler took.
@@ -104,15 +106,43 @@ def _unit_bounds(low: Any, high: Any) -> bool:
     return low == -1.0 and high == 1.0
 
 
+# Clamps, a ReLU when written ``x.clamp(min=0)``, ``torch.clamp(x, 0, 6)`` (see _clamp_kind).
+CLAMPS = frozenset(getattr(owner, name) for owner in (torch, torch.Tensor)
+                   for name in ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_")
+                   if hasattr(owner, name))
+THRESHOLDS = frozenset({F.threshold, F.threshold_})
+
+
 def functional_kind(func: Callable, args: tuple, kwargs: dict) -> Optional[str]:
     """The activation family of a torch function call (None: not an activation); a hardtanh
-    with bounds other than +-1 is not judged as a tanh."""
+    with bounds other than +-1 is not judged as a tanh; a clamp or threshold at 0 is a
+    hand-written ReLU."""
+    if func in CLAMPS:
+        return _clamp_kind(args[1] if len(args) > 1 else kwargs.get("min"),
+                           args[2] if len(args) > 2 else kwargs.get("max"))
+    if func in THRESHOLDS:
+        cut = args[1] if len(args) > 1 else kwargs.get("threshold")
+        value = args[2] if len(args) > 2 else kwargs.get("value")
+        return "relu" if _number(cut) and _number(value) and cut == 0 == value else None
     kind = FUNCTIONAL_ACTIVATIONS.get(func)
     if kind == "tanh" and func in (F.hardtanh, F.hardtanh_):
         low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
         high = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
         return kind if _unit_bounds(low, high) else None
     return kind
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _clamp_kind(low: Any, high: Any) -> Optional[str]:
+    """"relu" for a clamp whose lower bound is the number 0 and whose upper bound is none or a
+    positive number (ReLU, ReLU6); None for any other clamp (a bound given as a tensor is not
+    read: that would wait for the device)."""
+    if not _number(low) or low != 0:
+        return None
+    return "relu" if high is None or (_number(high) and high > 0) else None
 
 
 _peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
@@ -592,13 +622,34 @@ class Probe:
             return
         with torch._C.DisableTorchFunction():
             tensor = first_float_tensor(output)
-            if tensor is None or not tensor.numel():
+            if tensor is None:
                 return
-            origin = self._origin_of(tensor)
-            if origin is not None and origin[0][0] == "point" and not origin[1]:
-                return  # a point's output as it is: that point's read covers it
-            self.container_probes.append((self.names.get(module, ""), self.last_key,
-                                          stats.extremes_probe(tensor)))
+            name = self.names.get(module, "")
+            if tensor.numel() and not self._passed_on(tensor):
+                self.container_probes.append((name, self.last_key,
+                                              stats.extremes_probe(tensor)))
+            self._probe_other_outputs(name, self.last_key, output, tensor, args)
+
+    def _passed_on(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a point's output or a model input as it is (their reads cover
+        it)."""
+        origin = self._origin_of(t)
+        return origin is not None and origin[0][0] in ("point", "input") and not origin[1]
+
+    def _probe_other_outputs(self, name: str, key: Optional[tuple], output: Any,
+                             first: torch.Tensor, args: tuple) -> None:
+        """Read the float tensors of a module's output beside ``first`` (its observed one) in
+        full for NaN (a -inf there is a mask's, as in a model input): up to
+        ``MAX_OTHER_OUTPUTS`` of them, not the module's inputs nor a point's output passed on
+        as they are."""
+        if isinstance(output, torch.Tensor):
+            return
+        inputs = {id(t) for t in tensors_in(args)}
+        others = [t for t in tensors_in(output) if t is not first and id(t) not in inputs
+                  and (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel()]
+        for t in others[:MAX_OTHER_OUTPUTS]:
+            if not self._passed_on(t):
+                self.container_probes.append((name, key, stats.nan_probe(t)))
 
     def _note_recompute(self, module: nn.Module) -> None:
         """Keep ``module``'s name when its forward runs inside a backward (the recompute of
@@ -660,6 +711,7 @@ class Probe:
             point = self._observe(info.name, info.type, "output", info.kind, tensor, source,
                                   own)
             self._set_producer(tensor, point.key)
+            self._probe_other_outputs(info.name, point.key, output, tensor, args)
             if info.channel_first:
                 self.last_layout_channel_first = True
             elif info.kind is None and info.has_params:
