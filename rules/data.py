@@ -172,10 +172,11 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     weight layer, not an embedding), it lists the channels
     (images: dim 1) or features (last dim) whose minimum equals their maximum over the whole
     batch (at least ``min_values`` values per channel). Left out, because a small batch
-    legitimately never varies them: a feature stuck at the input's overall minimum (an absent
-    category of a one-hot/multi-hot encoding, padding, an image border), and a non-image
-    feature stuck at exactly 0 or 1 (an indicator that is rare or common). Inputs of one value
-    per sample (timesteps, scalars) are not checked.
+    legitimately never varies them: a feature stuck at the overall minimum that the input's
+    other features go above (an absent category of a one-hot/multi-hot encoding, padding, an
+    image border), and a non-image feature stuck at exactly 0 or 1 (an indicator that is rare
+    or common). An input constant all over is flagged unless it is all 0 (an empty
+    placeholder). Inputs of one value per sample (timesteps, scalars) are not checked.
 
     ## Why is this bad?
     A feature that never varies carries no information: it wastes a channel of the first
@@ -200,7 +201,10 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if per_channel < t.min_values:
             continue
         lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
-        floor = float(lo.min())
+        # Stuck at the floor that other features reach; an input constant all over has none
+        # (a dead sensor, a modality the loader never filled), but an all-0 one may be an
+        # empty placeholder.
+        floor = float(lo.min()) if bool((lo < hi).any()) else 0.0
         indicators = (0.0, 1.0) if not is_image(inp) else ()
         constant = [i for i in range(len(lo))
                     if lo[i] == hi[i] and lo[i] != floor and lo[i] not in indicators]

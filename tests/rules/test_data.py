@@ -186,6 +186,21 @@ def test_tl202_features_stuck_at_the_input_floor_are_absent_categories():
     assert hits("TL202", _fed_to(one_hot)) == []
 
 
+def test_tl202_an_input_constant_all_over_has_no_floor_to_be_stuck_at():
+    depth = _constant([0.5], [0.5], shape=(4, 1, 32, 32), channel_dim=1)  # a dead sensor
+    found = hits("TL202", _fed_to(depth, "conv", "Conv2d"))
+    assert found and found[0].evidence["constant"] == [0]
+    solid = _constant([0.2, 0.0, 0.7], [0.2, 0.0, 0.7], shape=(4, 3, 8, 8), channel_dim=1)
+    assert hits("TL202", _fed_to(solid, "conv", "Conv2d"))[0].evidence["constant"] == [0, 2]
+    tabular = _constant([3.0, 3.0], [3.0, 3.0])
+    assert hits("TL202", _fed_to(tabular))[0].evidence["constant"] == [0, 1]
+
+
+def test_tl202_an_all_zero_input_is_a_placeholder():
+    blank = _constant([0.0, 0.0], [0.0, 0.0], shape=(4, 2, 8, 8), channel_dim=1)
+    assert hits("TL202", _fed_to(blank, "conv", "Conv2d")) == []
+
+
 def test_tl202_tabular_indicators_at_0_or_1_may_be_constant_in_a_batch():
     tabular = _constant([-2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, 1.0], shape=(64, 4))
     assert hits("TL202", _fed_to(tabular)) == []
