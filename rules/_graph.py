@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trainlint.trace import LayerTrace, RunTrace
+from trainlint.trace import LayerTrace, ModuleFacts, RunTrace
 
 # Leaf modules that pass their input on without weights: look through them.
 PASS_THROUGH = (
@@ -149,6 +149,12 @@ def is_attention(type_name: str) -> bool:
     return type_name in ATTENTION_TYPES or "Attention" in type_name
 
 
+def attends(facts: ModuleFacts) -> bool:
+    """Whether a module is an attention layer: by its class, or because its own forward calls
+    ``F.scaled_dot_product_attention`` (a hand-written attention named anything)."""
+    return is_attention(facts.base) or bool(facts.attrs.get("attends"))
+
+
 def ancestors(name: str) -> list[str]:
     """``name`` and every enclosing module's name, innermost first ("" = the model)."""
     parts = name.split(".") if name else []
@@ -159,7 +165,7 @@ def inside_attention(trace: RunTrace, module: str) -> bool:
     """Whether ``module`` is (inside) an attention block."""
     for name in ancestors(module):
         facts = trace.modules.get(name)
-        if facts is not None and is_attention(facts.base):
+        if facts is not None and (is_attention(facts.base) or (name and attends(facts))):
             return True
         leaf = name.rsplit(".", 1)[-1].lower()
         if "attn" in leaf or "attention" in leaf:
@@ -173,7 +179,7 @@ def inside_attention_sublayer(trace: RunTrace, module: str) -> bool:
     for name in ancestors(module)[1:]:
         facts = trace.modules.get(name)
         if facts is not None and (facts.base == "MultiheadAttention"
-                                  or "Attention" in facts.type):
+                                  or "Attention" in facts.type or (name and attends(facts))):
             return True
         leaf = name.rsplit(".", 1)[-1].lower()
         if "attn" in leaf or "attention" in leaf:

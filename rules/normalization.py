@@ -15,7 +15,7 @@ from ._graph import (
     RNN_TYPES,
     SHAPE_OPS,
     WEIGHT_LAYERS,
-    is_attention,
+    attends,
     layer_at,
     only_shape_ops,
     sources,
@@ -144,7 +144,7 @@ def _sequence_blocks(trace: RunTrace) -> list[str]:
     """Types of the RNN, attention and embedding layers in the model."""
     found = []
     for facts in trace.modules.values():
-        if (facts.base in RNN_TYPES + EMBEDDING_TYPES or is_attention(facts.base)) \
+        if (facts.base in RNN_TYPES + EMBEDDING_TYPES or attends(facts)) \
                 and facts.type not in found:
             found.append(facts.type)
     return found

@@ -748,3 +748,40 @@ def test_point_rows_split_one_index_per_table_as_a_pick_per_point_does() -> None
             np.testing.assert_allclose(mine[2], tables[2][acts].sum(axis=0))
         if grads:
             np.testing.assert_array_equal(mine[1], tables[1][grads])
+
+
+class TokenMixer(nn.Module):
+    """A hand-written attention whose name says nothing of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(F.scaled_dot_product_attention(q, k, v))
+
+
+class Mixing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.head = TokenMixer(), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mix(x)
+        return self.head(F.scaled_dot_product_attention(h, h, h).mean(1))
+
+
+def test_modules_calling_scaled_dot_product_attention_are_attention_layers() -> None:
+    from rules._graph import inside_attention, inside_attention_sublayer
+
+    torch.manual_seed(0)
+    report = trainlint.check(Mixing(), (torch.randn(4, 5, 8), torch.randint(0, 2, (4,))),
+                             steps=1)
+    modules = report.trace.modules
+    assert {n for n, f in modules.items() if f.attrs.get("attends")} == {"", "mix"}
+    assert inside_attention(report.trace, "mix.qkv")
+    assert inside_attention_sublayer(report.trace, "mix.qkv")
+    # The model's own forward called it too, which makes no layer of it an attention layer's.
+    assert not inside_attention(report.trace, "head")
+    assert not inside_attention_sublayer(report.trace, "head")

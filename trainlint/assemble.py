@@ -107,6 +107,8 @@ class TraceBuilder:
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
         self.norm_calls: list = []
+        # Modules whose own forward called F.scaled_dot_product_attention.
+        self.attention_calls: set = set()
         self.edges: set = set()
         self.output_origins: list = []
         self.before_nonfinite: list = []
@@ -126,6 +128,7 @@ class TraceBuilder:
         self.points.update(snap.points)
         self.checkpointed.update(snap.checkpointed)
         self.norm_calls.extend(snap.norm_calls)
+        self.attention_calls.update(snap.attention_calls)
         self.edges |= snap.edges
         if snap.output_origins:
             self.output_origins = snap.output_origins
@@ -330,6 +333,9 @@ class TraceBuilder:
                 is_leaf=is_leaf_module(module),
                 location=locate(self.model, name, module), library=library_of(type(module)),
                 attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
+        for name in self.attention_calls:
+            if name in facts:
+                facts[name].attrs["attends"] = True
         for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:

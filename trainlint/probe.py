@@ -289,6 +289,8 @@ class _ProbeMode(TorchFunctionMode):
             return out
         probe.busy = True
         try:
+            if func is F.scaled_dot_product_attention:
+                probe.attention_calls.add(probe.current_module_name())
             op = functional_kind(func, args, kwargs)
             if op is not None and not probe.inside_activation_module():
                 probe.on_functional(op, args, out)
@@ -355,6 +357,8 @@ class Probe:
         # The run's inputs are described by the first observed batch (the trace keeps that one).
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
+        # The modules whose own forward called F.scaled_dot_product_attention.
+        self.attention_calls: set = set()
         self.failed_module: Optional[str] = None
         # ``(train/eval flags, batch size)`` of this step's first forward with autograd on, of
         # the last such forward, and of the first forward whose output a backward reached (the
@@ -1058,6 +1062,7 @@ class Probe:
         host = flat.cpu().numpy()  # the one host sync of the observed step
         trained = self.trained_forward or self.first_forward or (None, None)
         snapshot = ProbeSnapshot(points=dict(self.points), norm_calls=list(self.norm_calls),
+                                 attention_calls=sorted(self.attention_calls),
                                  edges=set(self.edges), output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
@@ -1100,6 +1105,7 @@ class Probe:
         self.inputs_seen = self.inputs_seen or bool(self.input_rows)
         self.input_rows.clear()
         self.norm_calls.clear()
+        self.attention_calls.clear()
         self._clear_samples()
         self.update_sums = []
         self.bw_counter = 0
@@ -1205,6 +1211,7 @@ class ProbeSnapshot:
 
     points: dict
     norm_calls: list
+    attention_calls: list
     edges: set
     output_origins: list
     failed_module: Optional[str]

@@ -64,6 +64,14 @@ def test_tl402_leaves_batchnorm_on_a_convolutions_output_alone():
     assert hits("TL402", through_pool) == []
 
 
+def test_tl402_a_module_calling_scaled_dot_product_attention_is_attention():
+    mixer = module("blocks.0.mixer", "TokenMixer")  # any name
+    assert hits("TL402", trace([], modules=[_bn(), mixer], batch_size=32)) == []
+    mixer.attrs["attends"] = True  # its forward called F.scaled_dot_product_attention
+    found = hits("TL402", trace([], modules=[_bn(), mixer], batch_size=32))
+    assert [h.module for h in found] == ["bn"] and "TokenMixer" in found[0].message
+
+
 def test_tl402_feature_batchnorm_in_a_sequence_model_is_fine():
     t = trace([], modules=[_bn(shapes=((32, 16),)), module("embed", "Embedding")], batch_size=32)
     assert hits("TL402", t) == []
