@@ -187,7 +187,7 @@ def _largest_grad(trace: RunTrace, step: int, skip: set) -> Optional[tuple]:
 
 
 @rule("TL502", "exploding-gradients", "warning", max_ratio=1e3, max_norm=1e3, window=3,
-      min_layers=4)
+      min_layers=4, settle_steps=2, settle_rise=1.5)
 def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Exploding gradients: huge, or growing by orders of magnitude toward the input.
 
@@ -203,7 +203,11 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     of layers that feed a normalization layer directly are left out of that total: the norm
     cancels their scale, so their gradient's norm is about 1/‖w‖ (large for a small init such
     as transformers' std 0.02 before a BatchNorm) whatever the backward signal does; their
-    effective step is TL503's to judge.
+    effective step is TL503's to judge. A total above ``max_norm`` at the run's first step
+    alone is a transient of the init that training got past when at least ``settle_steps``
+    steps follow, each below ``max_norm`` with a loss at most ``settle_rise`` × the first
+    (DeiT's zero-initialized class and position tokens reach a LayerNorm of eps 1e-12 as zero
+    vectors at step 0: a total norm near 1e4 that step, ~10 after).
 
     ## Why is this bad?
     Huge gradients make huge updates: the loss jumps or diverges, and in mixed precision they
@@ -247,7 +251,7 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     # an averaged loss's: judged per sample, as its learning rate or Adam's scaling takes them.
     samples = trace.batch_size if trace.loss_summed and (trace.batch_size or 0) > 1 else 1
     judged = total / samples
-    if judged <= t.max_norm:
+    if judged <= t.max_norm or _init_transient(trace, totals, samples, t):
         return
     biggest = _largest_grad(trace, step, invariant)
     largest = f"; the largest is {biggest[0]!r} ({biggest[1]:.3g})" if biggest else ""
@@ -262,6 +266,21 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                   "threshold": t.max_norm, "largest_param": biggest[0] if biggest else None,
                   "suggested_max_norm": clip},
     )
+
+
+def _init_transient(trace: RunTrace, totals: list, samples: int, t: Thresholds) -> bool:
+    """Whether only the first step of a run observed from its start had a total gradient norm
+    above ``max_norm`` (``totals``: ``(step, norm)``, finite, in order), and at least
+    ``settle_steps`` steps followed, each below it with a finite loss at most ``settle_rise``
+    × the first."""
+    later = totals[1:]
+    if (trace.resumed or len(later) < t.settle_steps or not trace.per_step
+            or totals[0][0] != trace.per_step[0]["step"]
+            or any(norm / samples > t.max_norm for _, norm in later)):
+        return False
+    losses = trace.losses
+    return (len(losses) > len(later) and all(math.isfinite(v) for v in losses)
+            and max(losses[1:]) <= t.settle_rise * losses[0])
 
 
 def update_ratio_of(p: ParamTrace) -> Optional[float]:

@@ -120,6 +120,37 @@ def test_tl502_leaves_out_the_gradient_of_weights_a_norm_rescales(feeder, then, 
     assert bool(hits("TL502", t)) is fires
 
 
+def _spike_then(later_norms: list, losses: list, resumed: bool = False):
+    limit = defaults("TL502")["max_norm"]
+    norms = [10 * limit] + later_norms
+    per_step = [{"step": i, "layers": {}, "grad_norm": g} for i, g in enumerate(norms)]
+    return trace([], per_step=per_step, losses=losses, resumed=resumed,
+                 params=[param("fc.weight", (4, 4), grad_norm=norms[-1])])
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
+def test_tl502_a_first_step_spike_training_got_past_is_an_init_transient(factor, fires):
+    """DeiT: zero-initialized tokens into a LayerNorm of eps 1e-12 give a total norm of ~1e4
+    at step 0 only; the steps after it are back below ``max_norm``."""
+    t = defaults("TL502")
+    later = [10.0] * (t["settle_steps"] - 1) + [factor * t["max_norm"]]
+    losses = [2.4] + [2.3] * t["settle_steps"]
+    assert bool(hits("TL502", _spike_then(later, losses))) is fires
+
+
+def test_tl502_a_first_step_spike_is_judged_when_too_few_steps_follow_or_the_loss_jumped():
+    t = defaults("TL502")
+    settle, rise = t["settle_steps"], t["settle_rise"]
+    assert hits("TL502", _spike_then([10.0] * (settle - 1), [2.4] * settle))
+    for factor, fires in ((0.99, False), (1.01, True)):
+        losses = [2.0] + [2.0] * (settle - 1) + [factor * rise * 2.0]
+        assert bool(hits("TL502", _spike_then([10.0] * settle, losses))) is fires
+    losses = [2.0] + [math.nan] * settle
+    assert hits("TL502", _spike_then([10.0] * settle, losses))
+    # A Monitor that joined a run under way: its first observed step is no init.
+    assert hits("TL502", _spike_then([10.0] * settle, [2.0] * (settle + 1), resumed=True))
+
+
 def test_tl502_names_the_largest_gradient_of_the_step_it_reports():
     """A spike at step 0 that is gone later: the largest parameter named is step 0's, not the
     last step's."""
