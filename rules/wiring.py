@@ -184,8 +184,9 @@ DOUBLE = {
     ("softmax", "cross_entropy"): (None, "CrossEntropyLoss applies log_softmax itself"),
     ("softmax", "nll"): (None, "NLLLoss expects log-probabilities, not probabilities"),
     ("log_softmax", "cross_entropy"): (
-        "info", "CrossEntropyLoss applies log_softmax again (harmless: log_softmax is "
-                "idempotent, but redundant)"),
+        None, "CrossEntropyLoss applies log_softmax again (the loss comes out the same, "
+              "log_softmax being idempotent, but the model's outputs are not the logits the "
+              "loss takes, nor what code reading them as logits expects)"),
     ("sigmoid", "bce_with_logits"): (None, "BCEWithLogitsLoss applies the sigmoid itself"),
 }
 
@@ -202,11 +203,12 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Looks at the operation that produced the model's output (a module such as ``nn.Softmax``
     or a functional ``F.softmax``/``torch.sigmoid`` in ``forward``, through reshapes and
     clamps such as ``.clamp(min=1e-7)`` only) and at the loss: softmax into
-    ``CrossEntropyLoss`` or ``NLLLoss``, sigmoid into ``BCEWithLogitsLoss``. ``log_softmax``
-    into ``CrossEntropyLoss`` is reported as info: it computes the same loss, only
-    redundantly. The same bug made in the loss function (``F.cross_entropy(out.softmax(-1),
-    y)``, a sigmoid before ``binary_cross_entropy_with_logits``) is read from the loss's
-    autograd graph: a softmax/sigmoid between a model output and such a loss.
+    ``CrossEntropyLoss`` or ``NLLLoss``, log_softmax into ``CrossEntropyLoss`` (log-softmax
+    twice: the same loss value, from outputs that are not logits), sigmoid into
+    ``BCEWithLogitsLoss``. The same bug made in the loss function
+    (``F.cross_entropy(out.softmax(-1), y)``, a sigmoid before
+    ``binary_cross_entropy_with_logits``) is read from the loss's autograd graph: a
+    softmax/sigmoid between a model output and such a loss.
 
     ## Why is this bad?
     ``CrossEntropyLoss`` expects raw logits: fed probabilities, it squashes them into [0, 1]
