@@ -228,6 +228,10 @@ def test_check_knows_a_loss_the_model_computes_itself_by_its_graph() -> None:
     assert "TL302" not in _codes(trainlint.check(_OwnLoss(_head()), batch))
     probs = trainlint.check(_OwnLoss(nn.Sequential(_head(), nn.Softmax(dim=1))), batch)
     assert "TL601" in _codes(probs)
+    # The same through a loss_fn that returns the model's own loss.
+    report = trainlint.check(_OwnLoss(loud), batch, loss_fn=lambda out, _: out["loss"])
+    assert (report.trace.loss_kind, report.trace.num_classes) == ("cross_entropy", 10)
+    assert "TL302" in _codes(report)
 
 
 class _FeaturesThenProbabilities(nn.Module):

@@ -362,12 +362,16 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     """What the loss's graph adds to what its calls showed: whether it reads an output as it
     is, terms computed from the outputs outside torch losses (a distillation KL), and a
     per-sample loss (reduction "none") or a sum that is then averaged. A loss the model
-    computed itself (its ``.loss``: no loss call was seen) is known by the graph alone, as a
-    Monitor knows it."""
+    computed itself (its ``.loss``, taken by default or returned by a loss_fn: no loss call
+    was seen) is known by the graph alone, as a Monitor knows it."""
     run["loss_reads_output"] = graph.reads_output
     run["loss_squash"] = graph.squash
     run["loss_summed"] = graph.summed
-    if run["loss_kind"] == "model" and graph.kind is not None:
+    # A loss_fn that called no torch loss (it returns the model's own outputs.loss) is known
+    # by the graph as well.
+    by_graph = run["loss_kind"] == "model" or (run["loss_kind"] == "custom"
+                                               and run["loss_terms"] is None)
+    if by_graph and graph.kind is not None:
         run.update(loss_kind=graph.kind, loss_reduction=graph.reduction, loss_terms=graph.terms,
                    num_classes=graph.num_classes, graph_output=graph.output_index)
         return
