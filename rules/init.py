@@ -164,6 +164,22 @@ def _weight(trace: RunTrace, module: str) -> Optional[ParamTrace]:
     return None
 
 
+def _check_norm(trace: RunTrace, t: Thresholds, layer: LayerTrace, first: dict) -> Optional[dict]:
+    """A norm layer whose scale (gamma) starts far below 1 and whose output shows it."""
+    scale = next((p for p in trace.params if p.name == f"{layer.module}.weight"
+                  and len(p.shape) == 1), None)
+    out_rms = first_rms(layer, first)
+    if scale is None or out_rms is None:
+        return None
+    rms = initial_weight_rms(scale)
+    if not (0 < rms < t.min_norm_scale and 0 < out_rms < t.min_norm_scale):
+        return None
+    if any(ADD_OPS.intersection(via) for dst, via in downstream(trace, layer.node, hops=2)):
+        return None  # the end of a residual branch
+    return {"module": layer.module, "type": trace.modules[layer.module].type, "rms": rms,
+            "out_rms": out_rms}
+
+
 def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: ModuleFacts,
                  first: dict) -> Optional[dict]:
     weight = _weight(trace, layer.module)
@@ -203,7 +219,7 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
 
 
 @rule("TL301", "init-scale-mismatch", "warning", min_ratio=0.2, max_ratio=5.0,
-      saturated_fraction=0.3)
+      saturated_fraction=0.3, min_norm_scale=0.05)
 def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """A layer's weight scale is far from what its fan-in and nonlinearity call for.
 
@@ -227,6 +243,14 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for too-large weights. PyTorch's default init (ratio 0.35-0.58) passes. Layers with the
     same problem are reported together, at the first one.
 
+    A norm layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm...) starts with its scale
+    (``weight``, gamma) at 1: it fires when the scale's RMS before the first update is below
+    ``min_norm_scale`` (not 0: a zero-initialized last norm of a residual branch is a known
+    trick) and the layer's output RMS at the first step is below it too, unless the output
+    goes straight into a residual sum (the end of a branch, which a small scale only quiets).
+    That is the init meant for weight matrices (``normal_(std=0.02)``) applied to every
+    parameter, norm scales included: each such layer shrinks the signal ~50×.
+
     ## Why is this bad?
     Each badly scaled layer multiplies the signal's scale by about the ratio: too small and
     activations (and their gradients) shrink layer after layer; too large and tanh/sigmoid
@@ -243,9 +267,17 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     first = first_step(trace)
     groups: dict[tuple, list] = {}
+    norms: list = []
     for layer in trace.ordered_layers():
         facts = trace.modules.get(layer.module)
-        if layer.op != "output" or facts is None or facts.base not in SCALED_LAYERS:
+        if layer.op != "output" or facts is None:
+            continue
+        if is_norm_type(facts.base):
+            found = _check_norm(trace, t, layer, first)
+            if found is not None:
+                norms.append(found)
+            continue
+        if facts.base not in SCALED_LAYERS:
             continue
         found = _check_layer(trace, t, layer, facts, first)
         if found is not None:
@@ -273,6 +305,28 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "saturated_fraction": first["saturated_fraction"],
                       "layers": [f["module"] for f in found], "threshold": threshold},
         )
+    if norms:
+        yield _norm_hit(norms, t)
+
+
+def _norm_hit(norms: list, t: Thresholds) -> Hit:
+    """One finding for the norm layers whose scale starts far below 1, at the first."""
+    first, others = norms[0], [f["module"] for f in norms[1:]]
+    also = f"; {len(others)} more norm layer(s) alike: {others[:8]}" if others else ""
+    return Hit(
+        module=first["module"],
+        message=(f"{first['type']} {first['module']!r} starts with its scale (weight) at RMS "
+                 f"{first['rms']:.3g} where norm layers start at 1 (threshold "
+                 f"{t.min_norm_scale:g}): its output RMS at the first step is "
+                 f"{first['out_rms']:.3g} instead of ~1, so it shrinks the signal "
+                 f"{1 / first['rms']:.3g}×{also}"),
+        fix=("initialize norm layers with nn.init.ones_(norm.weight) and "
+             "nn.init.zeros_(norm.bias) (their default): leave them out of an init loop "
+             "meant for weight matrices, e.g. `if isinstance(m, (nn.Linear, nn.Conv2d)): "
+             "nn.init.normal_(m.weight, std=0.02)`"),
+        evidence={"scale_rms": first["rms"], "output_rms": first["out_rms"],
+                  "layers": [f["module"] for f in norms], "threshold": t.min_norm_scale},
+    )
 
 
 # The RMS of the features reaching the last layer above which they, not its weights, make the

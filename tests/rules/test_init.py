@@ -320,3 +320,45 @@ def test_a_monitor_whose_first_loss_is_far_below_chance_has_no_first_step(factor
     else:
         with pytest.raises(Skip, match="first training step"):
             init.first_step(t)
+
+
+def _norm_trace(scale: float, out: float, *, add: bool = False, first_step: int = 0,
+                norm_type: str = "BatchNorm2d"):
+    """conv -> bn -> relu -> conv2, bn's scale at RMS ``scale`` before the first update and its
+    output at RMS ``out`` at step 0 (``add``: bn's output goes into a residual sum instead)."""
+    conv, bn = point("conv", "Conv2d", depth=0), point("bn", norm_type, depth=1)
+    relu, conv2 = point("relu", "ReLU", depth=2, kind="relu"), point("conv2", "Conv2d", depth=3)
+    weight = param("bn.weight", (16,), norm_before=scale * 4.0, ratios=(1e-3,), std=scale)
+    edges = [to_module(conv, "bn"), to_module(bn, "relu"), to_module(relu, "conv2")]
+    if add:
+        edges[1] = edge(bn.node, ("module", "relu"), ("add",))
+    first = {bn.node[1:]: {"std": out, "mean": 0.0}}
+    return trace([conv, bn, relu, conv2], params=[weight], edges=edges,
+                 per_step=[{"step": first_step, "layers": first}])
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, True), (1.01, False)])
+def test_tl301_a_norm_scale_far_below_1_at_the_edge(factor, fires):
+    """A blanket normal_(std=0.02) init gives norm scales of RMS ~0.02 (MobileViT in
+    transformers 5.24): each such layer shrinks the signal ~50x."""
+    low = defaults("TL301")["min_norm_scale"]
+    for scale, out in ((factor * low, low / 2), (low / 2, factor * low)):
+        found = hits("TL301", _norm_trace(scale, out))
+        assert bool(found) is fires
+        if fires:
+            assert found[0].module == "bn" and "nn.init.ones_(norm.weight)" in found[0].fix
+            assert found[0].evidence["scale_rms"] == pytest.approx(scale)
+
+
+@pytest.mark.parametrize("norm_type", ["LayerNorm", "GroupNorm", "LlamaRMSNorm"])
+def test_tl301_judges_every_kind_of_norm_scale(norm_type):
+    low = defaults("TL301")["min_norm_scale"]
+    assert hits("TL301", _norm_trace(low / 2, low / 2, norm_type=norm_type))
+
+
+def test_tl301_a_zero_norm_scale_or_one_that_ends_a_residual_branch_is_no_mistake():
+    low = defaults("TL301")["min_norm_scale"]
+    assert hits("TL301", _norm_trace(0.0, 0.0)) == []  # zero_init_residual
+    assert hits("TL301", _norm_trace(low / 2, low / 2, add=True)) == []
+    with pytest.raises(Skip):
+        hits("TL301", _norm_trace(low / 2, low / 2, first_step=100))
