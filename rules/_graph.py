@@ -165,7 +165,7 @@ def inside_attention(trace: RunTrace, module: str) -> bool:
     """Whether ``module`` is (inside) an attention block."""
     for name in ancestors(module):
         facts = trace.modules.get(name)
-        if facts is not None and (is_attention(facts.base) or (name and attends(facts))):
+        if facts is not None and (attends(facts) if name else is_attention(facts.base)):
             return True
         leaf = name.rsplit(".", 1)[-1].lower()
         if "attn" in leaf or "attention" in leaf:

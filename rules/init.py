@@ -174,7 +174,7 @@ def _check_norm(trace: RunTrace, t: Thresholds, layer: LayerTrace, first: dict) 
     rms = initial_weight_rms(scale)
     if not (0 < rms < t.min_norm_scale and 0 < out_rms < t.min_norm_scale):
         return None
-    if any(ADD_OPS.intersection(via) for dst, via in downstream(trace, layer.node, hops=2)):
+    if any(ADD_OPS.intersection(via) for _, via in downstream(trace, layer.node, hops=2)):
         return None  # the end of a residual branch
     return {"module": layer.module, "type": trace.modules[layer.module].type, "rms": rms,
             "out_rms": out_rms}

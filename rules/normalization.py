@@ -177,7 +177,8 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     """BatchNorm over token/time features in a sequence model.
 
     ## What it does
-    In a model with RNN, attention or embedding layers, it finds BatchNorm layers that
+    In a model with RNN, attention (by class, or any module whose forward calls
+    ``F.scaled_dot_product_attention``) or embedding layers, it finds BatchNorm layers that
     normalize over time or token positions: a ``BatchNorm1d`` fed ``(N, C, L)`` sequences, or
     fed ``(N * L, C)`` rows of flattened tokens (more rows than the batch has samples).
     BatchNorm over one feature vector per sample (tabular heads) is left alone, and so is a

@@ -113,7 +113,7 @@ class ModuleFacts:
     location: Optional[Location] = None
     # Constructor-level facts (e.g. num_features, in_channels, bias, affine); plain values only.
     # ``overrides_train``: the module's class defines its own ``train()`` (e.g. to keep norms
-    # frozen).
+    # frozen); ``attends``: its own forward called F.scaled_dot_product_attention (observed).
     attrs: dict = field(default_factory=dict)
     # Shapes of the inputs seen by a normalization layer: values per channel per call.
     values_per_channel: list = field(default_factory=list)
