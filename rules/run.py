@@ -152,6 +152,16 @@ def weights_moved(trace: RunTrace, steps: int) -> Optional[float]:
     return median(means) * steps if means else None
 
 
+def _competing(trace: RunTrace) -> str:
+    """Why a loss's level is not judged: it measures a competition between two networks."""
+    if trace.foreign_params:
+        return (f"the loss also depends on {trace.foreign_params} trainable tensor(s) outside "
+                "the model and its optimizer (another network, such as a GAN's discriminator): "
+                "its level shows how the two compete, not whether this model learns")
+    return ("another Monitor's loss runs through this model (a GAN's generator through its "
+            "discriminator): its loss level shows how the two compete, not whether it learns")
+
+
 @rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05,
       min_steady_drop=0.005, steady_z=-2.33, min_movement=0.1)
 def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
@@ -204,11 +214,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if len(curve) < t.min_points:
         raise Skip(f"it needs at least {t.min_points} observed steps with a loss; "
                    f"saw {len(curve)}")
-    if trace.foreign_params:
-        raise Skip(f"the loss also depends on {trace.foreign_params} trainable tensor(s) "
-                   "outside the model and its optimizer (another network, such as a GAN's "
-                   "discriminator): its level shows how the two compete, not whether this "
-                   "model learns")
+    if trace.foreign_params or trace.adversarial:
+        raise Skip(_competing(trace))
     third = len(curve) // 3
     first = median(loss for _, loss in curve[:third])
     last = median(loss for _, loss in curve[-third:])
@@ -275,7 +282,10 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     run whose first classification loss is under half of ln(C) joined later too (its model
     was trained: plain SGD keeps no optimizer state to say so). When
     the loss is trainlint's synthetic one (a check with no ``loss_fn`` and no targets: the
-    mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale.
+    mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale; so
+    too when the loss competes with another network (a GAN: the loss runs through trainable
+    tensors outside the model and its optimizer, or another Monitor's loss runs through this
+    model): a generator's loss rises as its discriminator improves.
 
     ## Why is this bad?
     A diverging loss means the updates overshoot: the learning rate is too high (or warmup is
@@ -310,8 +320,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         value = s.get("loss_mean", s.get("loss"))
         if value is not None:
             running = min(running, value)
-    if trace.loss_kind == "synthetic":
-        return
+    if trace.loss_kind == "synthetic" or trace.foreign_params or trace.adversarial:
+        return  # (a competing loss: only NaN/Inf is judged, see _competing)
     late = joined_later(trace, curve)
     k = t.settle_points if late else 1
     levels = [(curve[i][0], median(loss for _, loss in curve[i + 1 - k:i + 1]))

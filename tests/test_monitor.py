@@ -825,3 +825,37 @@ def test_a_step_given_a_closure_reads_the_gradients_the_closure_made(as_keyword)
     assert len(read) == len(made) == 4
     for step_read, step_made in zip(read, made):
         assert step_read == pytest.approx(step_made, rel=1e-5)
+
+
+def test_a_gans_two_monitors_know_they_are_adversaries() -> None:
+    """The generator's loss runs through the discriminator, which its own Monitor watches: both
+    runs are marked adversarial (TL603/TL604 judge no loss level there); a Monitor alone is
+    not."""
+    torch.manual_seed(0)
+    gen, disc = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6)), nn.Sequential(
+        nn.Linear(6, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    bce = nn.BCEWithLogitsLoss()
+    mon_g = trainlint.Monitor(gen, optimizer=opt_g, every=1)
+    mon_d = trainlint.Monitor(disc, optimizer=opt_d, every=1)
+    lone_model, lone_opt = make()
+    lone = trainlint.Monitor(lone_model, optimizer=lone_opt, every=1)
+    train(lone_model, lone_opt, lone, 2)
+    for _ in range(3):
+        real, fake = torch.randn(16, 6), gen(torch.randn(16, 4))
+        opt_d.zero_grad()
+        loss_d = bce(disc(real), torch.ones(16, 1)) + bce(disc(fake.detach()), torch.zeros(16, 1))
+        loss_d.backward()
+        opt_d.step()
+        mon_d.step(loss_d)
+        opt_g.zero_grad()
+        loss_g = bce(disc(fake), torch.ones(16, 1))
+        loss_g.backward()
+        opt_g.step()
+        mon_g.step(loss_g)
+    for monitor in (mon_g, mon_d, lone):
+        monitor.close()
+    assert mon_g.report().trace.foreign_params == 4  # the discriminator's weights and biases
+    assert mon_g.report().trace.adversarial and mon_d.report().trace.adversarial
+    assert not lone.report().trace.adversarial

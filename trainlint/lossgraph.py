@@ -73,6 +73,8 @@ class LossGraph:
 
     foreign: int = 0
     kind: Optional[str] = None
+    # The ids of those trainable tensors (another Monitor's model: a GAN's two networks).
+    foreign_ids: frozenset = frozenset()
     reduction: Optional[str] = None
     terms: int = 0
     num_classes: Optional[int] = None
@@ -196,7 +198,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
     if not losses or not where:
-        return LossGraph(foreign=len(foreign), terms=len(losses), summed=summed)
+        return LossGraph(foreign=len(foreign), terms=len(losses), summed=summed,
+                         foreign_ids=frozenset(foreign))
     described = [_describe(node, where, parent) for node in losses]
     # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
     first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
@@ -205,7 +208,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
     top = _sum_divided(root)
     sum_over = top is not None and top[1] is first["node"]
-    return LossGraph(foreign=len(foreign), kind=first["kind"], reduction=first["reduction"],
+    return LossGraph(foreign=len(foreign), foreign_ids=frozenset(foreign),
+                     kind=first["kind"], reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,
                      count_check=first["count_check"], squash=first["squash"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -40,6 +41,8 @@ MAX_ACCUMULATION = 64
 # The losses of the steps between observations wait in a list (a copy each: one op a step)
 # and are folded into the window's sum and max this many at a time, and at each observation.
 LOSS_FOLD = 256
+# The Monitors not closed yet (weakly: one that is dropped leaves it).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 class RunFailed(TrainlintError):
@@ -129,6 +132,8 @@ class Monitor:
         # loss was observed (else: pass the loss to monitor.step(loss)).
         self.loss_hint: Optional[str] = None
         self.probe = Probe(self.model, self.optimizers).attach()
+        # Whether this model trains against another Monitor's (a GAN: see _note_adversaries).
+        self.adversary = False
         # The root forward hook, on the model only while a step is observed (as the probe's).
         self._hooks: list = []
         # Device-side sum and max of the losses since the last observed step (no host sync),
@@ -146,6 +151,7 @@ class Monitor:
         except BaseException:  # leave nothing behind: no hook, no stance
             self.close()
             raise
+        _LIVE.add(self)
 
     @property
     def observing(self) -> bool:
@@ -389,7 +395,7 @@ class Monitor:
                                    global_batch_size=self.global_batch_size,
                                    amp_dtype=self._amp_dtype(),
                                    resumed=self._resumed, loss_tail=self._loss_tail(),
-                                   loss_hint=self.loss_hint,
+                                   loss_hint=self.loss_hint, adversarial=self.adversary,
                                    closure_optimizer=next((type(o).__name__ for o in
                                                            self.optimizers if needs_closure(o)),
                                                           None),
@@ -419,7 +425,18 @@ class Monitor:
                 loss.grad_fn is not None:
             self._loss_graph = read_loss_graph(loss, self._own_parameters(),
                                                self.probe.output_nodes)
+            self._note_adversaries(self._loss_graph.foreign_ids)
         self._loss_output_first()
+
+    def _note_adversaries(self, foreign: frozenset) -> None:
+        """A loss that runs through another live Monitor's model (a GAN generator's through
+        its discriminator) makes the two adversaries: each one's loss level shows how they
+        compete, not whether it learns (TL603, TL604)."""
+        if not foreign:
+            return
+        for other in list(_LIVE):
+            if other is not self and any(id(p) in foreign for p in other.model.parameters()):
+                other.adversary = self.adversary = True
 
     def _loss_output_first(self) -> None:
         """Put the output the loss reads first among the last forward's outputs (once each:
@@ -450,6 +467,7 @@ class Monitor:
 
     def close(self) -> None:
         """Detach every hook (idempotent)."""
+        _LIVE.discard(self)
         self._close_stance()
         self._unhook()
         self.probe.detach()

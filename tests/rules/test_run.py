@@ -162,6 +162,29 @@ def test_tl603_does_not_judge_a_loss_that_runs_through_another_network():
         hits("TL603", adversarial)
 
 
+def test_tl603_does_not_judge_a_gan_discriminators_loss():
+    rising = _curve(0.7, 1.5)
+    adversarial = trace([], mode="monitor", per_step=steps(*rising, every=50, key="loss_mean"),
+                        adversarial=True)
+    with pytest.raises(Skip, match="another Monitor's loss runs through this model"):
+        hits("TL603", adversarial)
+
+
+@pytest.mark.parametrize("competing", [{"foreign_params": 6}, {"adversarial": True}])
+def test_tl604_judges_only_nan_in_a_loss_that_competes_with_another_network(competing):
+    """A GAN generator's loss climbs as its discriminator improves (DCGAN: 1.29 -> 3.9 over 50
+    steps), and the discriminator's swings from 0.015 to 2 when the generator fools it."""
+    climbing = [1.3, 1.3, 2.0, 3.9, 2.5, 4.2]
+    assert hits("TL604", _monitor(*climbing))
+    gan = trace([], mode="monitor", per_step=steps(*climbing, every=50, key="loss_mean"),
+                **competing)
+    assert hits("TL604", gan) == []
+    broken = trace([], mode="monitor", per_step=steps(1.3, 1.3, NAN, every=50,
+                                                      key="loss_mean"), **competing)
+    assert [h.message for h in hits("TL604", broken)] == [
+        "the loss became NaN/Inf by step 100 (lowest before: 1.3)"]
+
+
 def test_tl603_says_when_every_observed_loss_is_nonfinite():
     with pytest.raises(Skip, match="none of the 3 observed losses is finite.*TL604"):
         hits("TL603", _monitor(NAN, NAN, float("inf")))
