@@ -274,7 +274,12 @@ def _is_gate(trace: RunTrace, lt: LayerTrace) -> bool:
 
 def depth_series(trace: RunTrace) -> list[LayerTrace]:
     """The signal path along depth: weight-layer and nonlinearity outputs, in forward order,
-    without the model's own output (a zero-initialized head is not a vanishing signal)."""
+    without the model's own output (a zero-initialized head is not a vanishing signal) nor
+    the outputs of weight layers zero-initialized on purpose (adaLN-Zero's modulation, a
+    zero-initialized last projection of a residual branch, LoRA's B): they start at 0 and
+    grow as they learn."""
+    zero_init = {p.module for p in trace.params
+                 if p.name.endswith(".weight") and p.norms_before and p.norms_before[0] == 0}
     series = []
     for lt in trace.ordered_layers():
         act = lt.activation
@@ -283,7 +288,7 @@ def depth_series(trace: RunTrace) -> list[LayerTrace]:
         if not (lt.kind in ("relu", "tanh", "sigmoid", "gelu") or lt.base in WEIGHT_LAYERS
                 or lt.base in ACTIVATION_TYPES):
             continue
-        if is_model_output(trace, lt):
+        if is_model_output(trace, lt) or (lt.base in WEIGHT_LAYERS and lt.module in zero_init):
             continue
         series.append(lt)
     return series

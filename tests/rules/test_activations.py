@@ -367,6 +367,24 @@ def test_tl103_needs_min_layers_and_ignores_the_model_output() -> None:
     assert run("TL103", depth_trace(flat, head=1e-9)) == []
 
 
+def test_tl103_leaves_out_weight_layers_zero_initialized_on_purpose() -> None:
+    """adaLN-Zero: each block's modulation Linear starts at weight 0 and outputs 0 at step 0,
+    beside a main path at full scale; a Linear whose small output is not its init's is
+    judged."""
+    t = RULES["TL103"].defaults
+    n = max(t["min_layers"], 2 * t["window"]) + 3  # odd: the last layer is a Linear
+    scales = [1.0] * t["window"] + [0.0 if i % 2 == 0 else 1.0 for i in range(t["window"], n)]
+    trace = depth_trace(scales)
+    assert run("TL103", trace)
+    zeros = [lt.module for lt in trace.layers if lt.activation.rms == 0.0]
+    trace.params = [ParamTrace(f"{m}.weight", m, (8, 8), True, True, norm=0.0, std=0.0,
+                               grad_norm=1.0, norms_before=[0.0]) for m in zeros]
+    assert run("TL103", trace) == []
+    trace.params = [ParamTrace(f"{m}.weight", m, (8, 8), True, True, norm=1e-4, std=1e-5,
+                               grad_norm=1.0, norms_before=[1e-4]) for m in zeros]
+    assert run("TL103", trace)
+
+
 def test_tl103_threshold_override() -> None:
     r = RULES["TL103"].defaults["min_ratio"]
     trace = depth_trace(profile("TL103", r * 5))
