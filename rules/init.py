@@ -169,7 +169,7 @@ def _check_norm(trace: RunTrace, t: Thresholds, layer: LayerTrace, first: dict) 
     scale = next((p for p in trace.params if p.name == f"{layer.module}.weight"
                   and len(p.shape) == 1), None)
     out_rms = first_rms(layer, first)
-    if scale is None or out_rms is None:
+    if scale is None or not scale.requires_grad or out_rms is None:
         return None
     rms = initial_weight_rms(scale)
     if not (0 < rms < t.min_norm_scale and 0 < out_rms < t.min_norm_scale):
@@ -184,8 +184,8 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
                  first: dict) -> Optional[dict]:
     weight = _weight(trace, layer.module)
     act = following_nonlinearity(trace, layer)
-    if weight is None or act is None or act.activation is None:
-        return None
+    if weight is None or not weight.requires_grad or act is None or act.activation is None:
+        return None  # (a frozen layer's scale is a pretrained one)
     fans = fan_in(weight.shape)
     if not fans or normalized_or_residual(trace, layer, act):
         return None
@@ -241,7 +241,8 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     conv, BatchNorm), unless the nonlinearity saturates; a layer whose nonlinearity is the
     model's output (DCGAN's generator: ConvTranspose at std 0.02, then tanh) is judged only
     for too-large weights. PyTorch's default init (ratio 0.35-0.58) passes. Layers with the
-    same problem are reported together, at the first one.
+    same problem are reported together, at the first one. Frozen layers
+    (``requires_grad=False``: a pretrained backbone) are not judged.
 
     A norm layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm...) starts with its scale
     (``weight``, gamma) at 1: it fires when the scale's RMS before the first update is below
@@ -334,6 +335,25 @@ def _norm_hit(norms: list, t: Thresholds) -> Hit:
 LARGE_FEATURES = 10.0
 
 
+def _fine_tune(trace: RunTrace) -> Optional[str]:
+    """Why the first loss is a pretrained model's on a new task, not an untrained one's: its
+    output layer or most of its parameters are frozen (``requires_grad=False``: LoRA, linear
+    probing, adapters); None when neither."""
+    head = output_layer(trace)
+    weight = _weight(trace, head.module) if head is not None else None
+    if weight is not None and not weight.requires_grad:
+        return (f"the output layer {head.module!r} is frozen (requires_grad=False): a "
+                "pretrained model's first loss on its task says nothing of an init")
+    sizes = [(math.prod(p.shape), p.requires_grad) for p in trace.params]
+    total = sum(n for n, _ in sizes)
+    frozen = sum(n for n, trains in sizes if not trains)
+    if total and frozen > total / 2:
+        return (f"{frozen / total:.0%} of the model's parameters are frozen "
+                "(requires_grad=False): a fine-tune of a pretrained model, whose first loss "
+                "says nothing of an init")
+    return None
+
+
 def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[LayerTrace]:
     """The observed output feeding the last layer when its RMS is above LARGE_FEATURES."""
     if head is None or head.op != "output":
@@ -356,7 +376,9 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     when the loss of the first training step exceeds that value by at least ``min_excess``
     nats and either ``max_ratio`` × it or by more than ``max_excess`` nats (many classes:
     logits of std s add about s²/2 nats whatever C is, so 3 nats is a logit std of ~2.4 at
-    1000 classes as at 10). A first loss below ln(C) is not flagged (a pretrained model).
+    1000 classes as at 10). A first loss below ln(C) is not flagged (a pretrained model), nor
+    is a fine-tune's whose output layer or most of whose parameters are frozen (LoRA, linear
+    probing, adapters: the first loss is a pretrained model's on a new task).
     It needs the first step (``trainlint check``, or a Monitor created before training) and a
     recognised loss.
 
@@ -391,6 +413,9 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     first = next((s for s in trace.per_step if s.get("loss") is not None), None)
     if first is None or first["step"] != 0 or trace.resumed or not math.isfinite(first["loss"]):
         return
+    tuned = _fine_tune(trace)
+    if tuned is not None:
+        raise Skip(tuned)
     chance = chance_level(trace)
     if chance is None:
         return
