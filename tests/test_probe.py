@@ -316,6 +316,7 @@ NOT_RELU_CLAMPS = {
     "clamp(-1, 1)": lambda h: h.clamp(-1, 1),
     "clamp(max=0)": lambda h: h.clamp(max=0),
     "clamp(min=0, max=0)": lambda h: h.clamp(0, 0),
+    "clamp(0, 31): a coordinate in an image": lambda h: h.clamp(0, 31),
     "clamp(min=zero tensor)": lambda h: h.clamp(min=torch.zeros(())),
     "F.threshold(h, 0, -1)": lambda h: F.threshold(h, 0.0, -1.0),
 }

@@ -137,12 +137,12 @@ def _number(value: Any) -> bool:
 
 
 def _clamp_kind(low: Any, high: Any) -> Optional[str]:
-    """"relu" for a clamp whose lower bound is the number 0 and whose upper bound is none or a
-    positive number (ReLU, ReLU6); None for any other clamp (a bound given as a tensor is not
-    read: that would wait for the device)."""
+    """"relu" for a clamp whose lower bound is the number 0 and whose upper bound is none or 6
+    (ReLU, ReLU6); None for any other clamp (``clamp(0, width - 1)`` keeps coordinates in an
+    image; a bound given as a tensor is not read: that would wait for the device)."""
     if not _number(low) or low != 0:
         return None
-    return "relu" if high is None or (_number(high) and high > 0) else None
+    return "relu" if high is None or (_number(high) and high == 6) else None
 
 
 _peek_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
