@@ -337,20 +337,13 @@ LARGE_FEATURES = 10.0
 
 def _fine_tune(trace: RunTrace) -> Optional[str]:
     """Why the first loss is a pretrained model's on a new task, not an untrained one's: its
-    output layer or most of its parameters are frozen (``requires_grad=False``: LoRA, linear
-    probing, adapters); None when neither."""
+    output layer is frozen (``requires_grad=False``: LoRA, adapters); None otherwise (a fresh
+    head on a frozen backbone, linear probing, starts from its own init)."""
     head = output_layer(trace)
     weight = _weight(trace, head.module) if head is not None else None
     if weight is not None and not weight.requires_grad:
         return (f"the output layer {head.module!r} is frozen (requires_grad=False): a "
                 "pretrained model's first loss on its task says nothing of an init")
-    sizes = [(math.prod(p.shape), p.requires_grad) for p in trace.params]
-    total = sum(n for n, _ in sizes)
-    frozen = sum(n for n, trains in sizes if not trains)
-    if total and frozen > total / 2:
-        return (f"{frozen / total:.0%} of the model's parameters are frozen "
-                "(requires_grad=False): a fine-tune of a pretrained model, whose first loss "
-                "says nothing of an init")
     return None
 
 
@@ -377,8 +370,8 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     nats and either ``max_ratio`` × it or by more than ``max_excess`` nats (many classes:
     logits of std s add about s²/2 nats whatever C is, so 3 nats is a logit std of ~2.4 at
     1000 classes as at 10). A first loss below ln(C) is not flagged (a pretrained model), nor
-    is a fine-tune's whose output layer or most of whose parameters are frozen (LoRA, linear
-    probing, adapters: the first loss is a pretrained model's on a new task).
+    is a fine-tune's whose output layer is frozen (LoRA, adapters: the first loss is a
+    pretrained model's on a new task); a fresh head on a frozen backbone is judged.
     It needs the first step (``trainlint check``, or a Monitor created before training) and a
     recognised loss.
 
