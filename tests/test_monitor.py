@@ -859,3 +859,29 @@ def test_a_gans_two_monitors_know_they_are_adversaries() -> None:
     assert mon_g.report().trace.foreign_params == 4  # the discriminator's weights and biases
     assert mon_g.report().trace.adversarial and mon_d.report().trace.adversarial
     assert not lone.report().trace.adversarial
+
+
+def test_two_monitors_on_the_halves_of_one_model_cooperate() -> None:
+    """A backbone and a head, each with its optimizer and its Monitor, trained on one loss:
+    each loss runs through the other's model both ways, which is no GAN; the other half's
+    parameters are not outside the run (TL603/TL604 judge the loss)."""
+    torch.manual_seed(0)
+    backbone, head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3)
+    opt_b = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    opt_h = torch.optim.SGD(head.parameters(), lr=0.1)
+    mon_b = trainlint.Monitor(backbone, optimizer=opt_b, every=1)
+    mon_h = trainlint.Monitor(head, optimizer=opt_h, every=1)
+    for _ in range(3):
+        loss = F.cross_entropy(head(backbone(torch.randn(16, 8))), torch.randint(0, 3, (16,)))
+        opt_b.zero_grad()
+        opt_h.zero_grad()
+        loss.backward()
+        opt_b.step()
+        opt_h.step()
+        mon_b.step(loss)
+        mon_h.step(loss)
+    mon_b.close()
+    mon_h.close()
+    for monitor in (mon_b, mon_h):
+        trace = monitor.report().trace
+        assert (trace.adversarial, trace.foreign_params) == (False, 0)

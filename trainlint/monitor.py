@@ -132,8 +132,9 @@ class Monitor:
         # loss was observed (else: pass the loss to monitor.step(loss)).
         self.loss_hint: Optional[str] = None
         self.probe = Probe(self.model, self.optimizers).attach()
-        # Whether this model trains against another Monitor's (a GAN: see _note_adversaries).
-        self.adversary = False
+        # The live Monitors whose model this one's loss runs through, or whose loss runs
+        # through this model (see _competition).
+        self._partners: weakref.WeakSet = weakref.WeakSet()
         # The root forward hook, on the model only while a step is observed (as the probe's).
         self._hooks: list = []
         # Device-side sum and max of the losses since the last observed step (no host sync),
@@ -395,11 +396,12 @@ class Monitor:
                                    global_batch_size=self.global_batch_size,
                                    amp_dtype=self._amp_dtype(),
                                    resumed=self._resumed, loss_tail=self._loss_tail(),
-                                   loss_hint=self.loss_hint, adversarial=self.adversary,
+                                   loss_hint=self.loss_hint,
                                    closure_optimizer=next((type(o).__name__ for o in
                                                            self.optimizers if needs_closure(o)),
                                                           None),
                                    **self._loss_facts())
+        trace.adversarial, trace.foreign_params = self._competition()
         return build_report(trace, self.selection, notes=notes)
 
     def _loss_tail(self) -> Optional[dict]:
@@ -429,14 +431,36 @@ class Monitor:
         self._loss_output_first()
 
     def _note_adversaries(self, foreign: frozenset) -> None:
-        """A loss that runs through another live Monitor's model (a GAN generator's through
-        its discriminator) makes the two adversaries: each one's loss level shows how they
-        compete, not whether it learns (TL603, TL604)."""
+        """Pair this Monitor with every live one whose model its loss runs through (a GAN
+        generator's through its discriminator; a backbone's through the head that another
+        Monitor watches); :meth:`_competition` tells the two apart at the report."""
         if not foreign:
             return
         for other in list(_LIVE):
             if other is not self and any(id(p) in foreign for p in other.model.parameters()):
-                other.adversary = self.adversary = True
+                self._partners.add(other)
+                other._partners.add(self)
+
+    def _competition(self) -> tuple:
+        """``(adversarial, foreign)``: whether the loss competes with a paired Monitor's (one
+        loss runs through the other's model and not the other way: a GAN, whose levels show
+        how the two compete, not whether each learns), and how many trainable tensors
+        outside the model and its optimizer it depends on, less a cooperating partner's (two
+        Monitors on the two halves of one model, the same loss running through both)."""
+        graph = self._loss_graph
+        foreign = set(graph.foreign_ids) if graph is not None else set()
+        mine = {id(p) for p in self.model.parameters()}
+        adversarial = False
+        for other in list(self._partners):
+            theirs = {id(p) for p in other.model.parameters()}
+            known = other._loss_graph is not None
+            they_use = known and bool(other._loss_graph.foreign_ids & mine)
+            i_use = bool(foreign & theirs)
+            if i_use and they_use:
+                foreign -= theirs
+            elif i_use or they_use:
+                adversarial = True
+        return adversarial, len(foreign)
 
     def _loss_output_first(self) -> None:
         """Put the output the loss reads first among the last forward's outputs (once each:
@@ -448,7 +472,7 @@ class Monitor:
     def _loss_facts(self) -> dict:
         """The RunTrace fields on the loss, from its graph."""
         graph = self._loss_graph or LossGraph()
-        return {"foreign_params": graph.foreign, "loss_kind": graph.kind,
+        return {"loss_kind": graph.kind,
                 "loss_reduction": graph.reduction if graph.kind else None,
                 "loss_terms": graph.terms if graph.kind else None,
                 "loss_reads_output": graph.reads_output, "loss_squash": graph.squash,
