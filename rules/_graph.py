@@ -247,3 +247,24 @@ def maximal_groups(bad: set, universe: set, *, params: bool,
                 break
         groups.setdefault(key, []).append(name)
     return groups
+
+
+def quiet_branches(trace: RunTrace) -> list[str]:
+    """The blocks (the modules holding them) of norm layers whose scale was exactly 0 before
+    the first observed update: the last norm of a residual branch (torchvision's
+    ``zero_init_residual``, timm's ``zero_init_last``), which at first adds nothing, so the
+    block's layers get no gradient and make no update, by design. (A zero scale on the main
+    path zeroes every later block's output too, which the rules see there.)"""
+    zero = {p.module for p in trace.params if p.name.endswith(".weight") and len(p.shape) == 1
+            and p.norms_before and p.norms_before[0] == 0}
+    blocks = []
+    for name in sorted(zero):
+        facts = trace.modules.get(name)
+        if "." in name and facts is not None and is_norm_type(facts.base):
+            blocks.append(name.rsplit(".", 1)[0])
+    return blocks
+
+
+def in_blocks(name: str, blocks: list[str]) -> bool:
+    """Whether module or parameter ``name`` is inside one of ``blocks``."""
+    return any(name.startswith(block + ".") for block in blocks)

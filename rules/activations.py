@@ -15,12 +15,14 @@ from ._graph import (
     SHAPE_OPS,
     WEIGHT_LAYERS,
     feeds_weight_layer,
+    in_blocks,
     inside_attention,
     is_gate,
     is_model_output,
     is_norm_type,
     layer_at,
     output_point,
+    quiet_branches,
     sources,
 )
 
@@ -280,6 +282,7 @@ def depth_series(trace: RunTrace) -> list[LayerTrace]:
     grow as they learn."""
     zero_init = {p.module for p in trace.params
                  if p.name.endswith(".weight") and p.norms_before and p.norms_before[0] == 0}
+    quiet = quiet_branches(trace)
     series = []
     for lt in trace.ordered_layers():
         act = lt.activation
@@ -289,6 +292,8 @@ def depth_series(trace: RunTrace) -> list[LayerTrace]:
                 or lt.base in ACTIVATION_TYPES):
             continue
         if is_model_output(trace, lt) or (lt.base in WEIGHT_LAYERS and lt.module in zero_init):
+            continue
+        if in_blocks(lt.module, quiet):  # a branch that a zero-initialized norm quiets
             continue
         series.append(lt)
     return series

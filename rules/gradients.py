@@ -15,9 +15,11 @@ from ._graph import (
     WEIGHT_LAYERS,
     ancestors,
     feeds_norm,
+    in_blocks,
     inside_attention_sublayer,
     output_layer,
     output_nodes,
+    quiet_branches,
     successors,
 )
 
@@ -26,13 +28,15 @@ def gradient_series(trace: RunTrace) -> list[LayerTrace]:
     """Weight-layer outputs with a finite gradient, in forward order, without the model's
     output (its gradient is set by the loss, not by backpropagation through the network) and
     without projections inside attention blocks (at init the softmax is nearly flat, so the
-    query/key gradients are orders of magnitude below the rest in every healthy transformer)."""
+    query/key gradients are orders of magnitude below the rest in every healthy transformer)
+    nor layers of residual branches a zero-initialized norm quiets (:func:`quiet_branches`)."""
     out = output_layer(trace)
+    quiet = quiet_branches(trace)
     series = []
     for lt in trace.ordered_layers():
         if lt.op != "output" or lt.base not in WEIGHT_LAYERS or lt.grad_norm is None:
             continue
-        if inside_attention_sublayer(trace, lt.module):
+        if inside_attention_sublayer(trace, lt.module) or in_blocks(lt.module, quiet):
             continue
         if lt.grad_nonfinite or not math.isfinite(lt.grad_norm):
             continue
@@ -302,9 +306,12 @@ def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
     relative update is undefined at first); one that no step changed only when it had a
     gradient (ratio 0)."""
     judged = []
+    quiet = quiet_branches(trace)
     for p in trace.params:
         facts = trace.modules.get(p.module)
         if not p.requires_grad or len(p.shape) < 2 or (facts and facts.base in EMBEDDING_TYPES):
+            continue
+        if in_blocks(p.name, quiet):  # a zero-initialized norm ends its branch: no update yet
             continue
         if not p.norms_before or p.norms_before[0] == 0 or p.grad_steps == 0:
             continue
