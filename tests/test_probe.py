@@ -786,3 +786,42 @@ def test_modules_calling_scaled_dot_product_attention_are_attention_layers() -> 
     # The model's own forward called it too, which makes no layer of it an attention layer's.
     assert not inside_attention(report.trace, "head")
     assert not inside_attention_sublayer(report.trace, "head")
+
+
+class LN(nn.Module):
+    """nanoGPT's LayerNorm with an optional bias, under another name."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class PreNormMLP(nn.Module):
+    """x + fc2(gelu(fc(ln(x)))) with GPT-2's init (std 0.02); ``inline``: the block calls
+    F.layer_norm itself (a container is no norm layer)."""
+
+    def __init__(self, inline: bool = False) -> None:
+        super().__init__()
+        self.inline = inline
+        self.ln, self.fc, self.fc2 = LN(64), nn.Linear(64, 256), nn.Linear(256, 64)
+        for layer in (self.fc, self.fc2):
+            nn.init.normal_(layer.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(x, (64,)) if self.inline else self.ln(x)
+        return x + self.fc2(F.gelu(self.fc(h)))
+
+
+def test_a_leaf_whose_forward_is_f_layer_norm_is_a_layer_norm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), PreNormMLP(), PreNormMLP(), nn.Linear(64, 4))
+    batch = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    report = trainlint.check(model, batch, steps=1)
+    assert report.trace.modules["1.ln"].base == "LayerNorm"
+    assert "TL301" not in {f.code for f in report.findings}  # normalized: 0.02 is fine
+    inline = nn.Sequential(nn.Linear(16, 64), PreNormMLP(inline=True), nn.Linear(64, 4))
+    modules = trainlint.check(inline, batch, steps=1).trace.modules
+    assert modules["1"].base == "PreNormMLP"

@@ -107,8 +107,10 @@ class TraceBuilder:
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
         self.norm_calls: list = []
-        # Modules whose own forward called F.scaled_dot_product_attention.
+        # Modules whose own forward called F.scaled_dot_product_attention, or a functional norm
+        # (name -> the norm's torch.nn class name).
         self.attention_calls: set = set()
+        self.norm_functions: dict = {}
         self.edges: set = set()
         self.output_origins: list = []
         self.before_nonfinite: list = []
@@ -129,6 +131,7 @@ class TraceBuilder:
         self.checkpointed.update(snap.checkpointed)
         self.norm_calls.extend(snap.norm_calls)
         self.attention_calls.update(snap.attention_calls)
+        self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
         if snap.output_origins:
             self.output_origins = snap.output_origins
@@ -336,6 +339,10 @@ class TraceBuilder:
         for name in self.attention_calls:
             if name in facts:
                 facts[name].attrs["attends"] = True
+        for name, norm in self.norm_functions.items():
+            fact = facts.get(name)
+            if fact is not None and fact.is_leaf and fact.base == fact.type:
+                fact.base = norm  # a user's leaf class that is F.layer_norm: a LayerNorm
         for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:

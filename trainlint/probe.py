@@ -111,6 +111,11 @@ CLAMPS = frozenset(getattr(owner, name) for owner in (torch, torch.Tensor)
                    for name in ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_")
                    if hasattr(owner, name))
 THRESHOLDS = frozenset({F.threshold, F.threshold_})
+# A leaf module whose own forward calls one of these is that norm layer, whatever its class is
+# named (nanoGPT-style wrappers of F.layer_norm with an optional bias).
+FUNCTIONAL_NORMS = {F.layer_norm: "LayerNorm"}
+if hasattr(F, "rms_norm"):
+    FUNCTIONAL_NORMS[F.rms_norm] = "RMSNorm"
 
 
 def functional_kind(func: Callable, args: tuple, kwargs: dict) -> Optional[str]:
@@ -291,6 +296,8 @@ class _ProbeMode(TorchFunctionMode):
         try:
             if func is F.scaled_dot_product_attention:
                 probe.attention_calls.add(probe.current_module_name())
+            elif func in FUNCTIONAL_NORMS:
+                probe.norm_functions[probe.current_module_name()] = FUNCTIONAL_NORMS[func]
             op = functional_kind(func, args, kwargs)
             if op is not None and not probe.inside_activation_module():
                 probe.on_functional(op, args, out)
@@ -357,8 +364,10 @@ class Probe:
         # The run's inputs are described by the first observed batch (the trace keeps that one).
         self.inputs_seen = False
         self.norm_calls: list[NormCall] = []
-        # The modules whose own forward called F.scaled_dot_product_attention.
+        # The modules whose own forward called F.scaled_dot_product_attention, and those that
+        # called a functional norm (name -> the norm's torch.nn class name).
         self.attention_calls: set = set()
+        self.norm_functions: dict = {}
         self.failed_module: Optional[str] = None
         # ``(train/eval flags, batch size)`` of this step's first forward with autograd on, of
         # the last such forward, and of the first forward whose output a backward reached (the
@@ -1063,6 +1072,7 @@ class Probe:
         trained = self.trained_forward or self.first_forward or (None, None)
         snapshot = ProbeSnapshot(points=dict(self.points), norm_calls=list(self.norm_calls),
                                  attention_calls=sorted(self.attention_calls),
+                                 norm_functions=dict(self.norm_functions),
                                  edges=set(self.edges), output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
@@ -1106,6 +1116,7 @@ class Probe:
         self.input_rows.clear()
         self.norm_calls.clear()
         self.attention_calls.clear()
+        self.norm_functions.clear()
         self._clear_samples()
         self.update_sums = []
         self.bw_counter = 0
@@ -1212,6 +1223,7 @@ class ProbeSnapshot:
     points: dict
     norm_calls: list
     attention_calls: list
+    norm_functions: dict
     edges: set
     output_origins: list
     failed_module: Optional[str]
