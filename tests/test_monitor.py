@@ -885,3 +885,22 @@ def test_two_monitors_on_the_halves_of_one_model_cooperate() -> None:
     for monitor in (mon_b, mon_h):
         trace = monitor.report().trace
         assert (trace.adversarial, trace.foreign_params) == (False, 0)
+
+
+def test_a_loop_that_calls_the_models_children_labels_each_step_alike() -> None:
+    """A Monitor on Sequential(backbone, head) while the loop calls head(backbone(x)): the
+    model's own forward, which starts each forward's call counts, never runs; each observed
+    step's calls must still be the same points, not a ReLU's 'output#1', 'output#2'..."""
+    torch.manual_seed(0)
+    backbone, head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 3)
+    full = nn.Sequential(backbone, head)
+    opt = torch.optim.SGD(full.parameters(), lr=0.01)
+    with trainlint.Monitor(full, optimizer=opt, every=1) as monitor:
+        for _ in range(3):
+            loss = F.cross_entropy(head(backbone(torch.randn(16, 8))), torch.randint(0, 3, (16,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        labels = sorted(lt.label for lt in monitor.report().trace.layers)
+    assert labels == ["0.0", "0.1", "1"]

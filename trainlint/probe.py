@@ -470,6 +470,9 @@ class Probe:
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
         self.gradless.clear()  # left over by a step that ended without its collect
+        # Each step counts its calls anew (else a loop that calls the model's children and
+        # never the model itself, whose forward clears them, labels each step's calls #1, #2...).
+        self.call_counts.clear()
         self.recomputed.clear()
         if self.attached:
             self._install()
