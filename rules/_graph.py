@@ -253,15 +253,20 @@ def quiet_branches(trace: RunTrace) -> list[str]:
     """The blocks (the modules holding them) of norm layers whose scale was exactly 0 before
     the first observed update: the last norm of a residual branch (torchvision's
     ``zero_init_residual``, timm's ``zero_init_last``), which at first adds nothing, so the
-    block's layers get no gradient and make no update, by design. (A zero scale on the main
-    path zeroes every later block's output too, which the rules see there.)"""
-    zero = {p.module for p in trace.params if p.name.endswith(".weight") and len(p.shape) == 1
-            and p.norms_before and p.norms_before[0] == 0}
+    block's layers get no gradient and make no update, by design. Only a block whose other
+    norms start above 0 (the branch's earlier norms)."""
+    scales = {p.module: p.norms_before[0] for p in trace.params
+              if p.name.endswith(".weight") and len(p.shape) == 1 and p.norms_before}
+    norms = {name: scale for name, scale in scales.items()
+             if name in trace.modules and is_norm_type(trace.modules[name].base)}
     blocks = []
-    for name in sorted(zero):
-        facts = trace.modules.get(name)
-        if "." in name and facts is not None and is_norm_type(facts.base):
-            blocks.append(name.rsplit(".", 1)[0])
+    for name, scale in sorted(norms.items()):
+        block = name.rsplit(".", 1)[0] if "." in name else ""
+        # The branch's other norms start at scale 1: a block whose every norm is at 0 (an
+        # init that zeroes all norm scales) quiets the main path, a fault the rules must see.
+        if scale == 0 and block and any(s > 0 for n, s in norms.items()
+                                        if n.startswith(block + ".")):
+            blocks.append(block)
     return blocks
 
 

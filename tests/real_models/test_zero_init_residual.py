@@ -58,3 +58,17 @@ def test_zero_initialized_residual_branches_are_no_fault(steps: int) -> None:
     assert not {f.code for f in report.findings} & {"TL103", "TL501", "TL502", "TL503"}
     plain = trainlint.check(resnet(zero_init=False), batch, steps=steps)
     assert quiet_branches(plain.trace) == []
+
+
+def test_norm_scales_all_zeroed_are_no_quiet_branch() -> None:
+    """An init that zeroes every BatchNorm scale (the stem's and each branch's first too)
+    quiets the main path: no block is left out, and the dead signal is found."""
+    model = resnet(zero_init=False)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.zeros_(module.weight)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
+    report = trainlint.check(model, batch, steps=3)
+    assert quiet_branches(report.trace) == []
+    assert {"TL101", "TL501"} <= {f.code for f in report.findings}
