@@ -192,8 +192,8 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     for inp in trace.inputs:
         consumers = direct_consumers(trace, inp)
-        if len(inp.shape) < 2 or not consumers:
-            continue
+        if len(inp.shape) < 2 or math.prod(inp.shape[1:]) == 1 or not consumers:
+            continue  # (one value per sample: a timestep, a conditioning scalar)
         if inp.dtype.startswith(("uint", "int")) and not any(
                 f.base in WEIGHT_LAYERS for f in consumers):
             continue  # integer codes into an embedding or a lookup, not measurements

@@ -196,6 +196,12 @@ def test_tl202_an_input_constant_all_over_has_no_floor_to_be_stuck_at():
     assert hits("TL202", _fed_to(tabular))[0].evidence["constant"] == [0, 1]
 
 
+def test_tl202_an_input_of_one_value_per_sample_is_not_checked():
+    scalar = _constant([0.7], [0.7], shape=(64, 1))  # a conditioning scalar, the same for all
+    assert hits("TL202", _fed_to(scalar)) == []
+    assert hits("TL202", _fed_to(_constant([0.7, 0.7], [0.7, 0.7], shape=(64, 2))))
+
+
 def test_tl202_an_all_zero_input_is_a_placeholder():
     blank = _constant([0.0, 0.0], [0.0, 0.0], shape=(4, 2, 8, 8), channel_dim=1)
     assert hits("TL202", _fed_to(blank, "conv", "Conv2d")) == []
