@@ -246,8 +246,9 @@ class RunTrace:
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0
-    # Another Monitor's loss runs through this model, or this one's through another's (a GAN's
-    # discriminator and generator): its loss level shows how the two compete.
+    # This loss runs through another live Monitor's model, or that one's through this model,
+    # one way only (a GAN's generator and discriminator; both ways is one model in two
+    # halves): its loss level shows how the two compete.
     adversarial: bool = False
     # A Monitor's losses since its last observed step, when report() came before the next:
     # ``{"step": the last step, "loss_mean": ..., "loss_max": ...}`` (None: none).
