@@ -249,15 +249,20 @@ def maximal_groups(bad: set, universe: set, *, params: bool,
     return groups
 
 
+def first_weight_norms(trace: RunTrace) -> dict[str, float]:
+    """``{module: the norm of its weight before the first observed update}`` (0: initialized
+    at 0), for the modules whose ``weight`` an optimizer stepped."""
+    return {p.module: p.norms_before[0] for p in trace.params
+            if p.name.endswith(".weight") and p.norms_before}
+
+
 def quiet_branches(trace: RunTrace) -> list[str]:
     """The blocks (the modules holding them) of norm layers whose scale was exactly 0 before
     the first observed update: the last norm of a residual branch (torchvision's
     ``zero_init_residual``, timm's ``zero_init_last``), which at first adds nothing, so the
     block's layers get no gradient and make no update, by design. Only a block whose other
     norms start above 0 (the branch's earlier norms)."""
-    scales = {p.module: p.norms_before[0] for p in trace.params
-              if p.name.endswith(".weight") and len(p.shape) == 1 and p.norms_before}
-    norms = {name: scale for name, scale in scales.items()
+    norms = {name: scale for name, scale in first_weight_norms(trace).items()
              if name in trace.modules and is_norm_type(trace.modules[name].base)}
     blocks = []
     for name, scale in sorted(norms.items()):

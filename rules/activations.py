@@ -15,6 +15,7 @@ from ._graph import (
     SHAPE_OPS,
     WEIGHT_LAYERS,
     feeds_weight_layer,
+    first_weight_norms,
     in_blocks,
     inside_attention,
     is_gate,
@@ -280,8 +281,7 @@ def depth_series(trace: RunTrace) -> list[LayerTrace]:
     the outputs of weight layers zero-initialized on purpose (adaLN-Zero's modulation, a
     zero-initialized last projection of a residual branch, LoRA's B): they start at 0 and
     grow as they learn."""
-    zero_init = {p.module for p in trace.params
-                 if p.name.endswith(".weight") and p.norms_before and p.norms_before[0] == 0}
+    zero_init = {name for name, norm in first_weight_norms(trace).items() if norm == 0}
     quiet = quiet_branches(trace)
     series = []
     for lt in trace.ordered_layers():

@@ -71,10 +71,10 @@ class LossGraph:
     or the model's outputs are not known; ``output_index`` is the position of the output the
     loss read among its forward's ``output_count`` outputs (None: not found)."""
 
-    foreign: int = 0
-    kind: Optional[str] = None
-    # The ids of those trainable tensors (another Monitor's model: a GAN's two networks).
+    # The ids of the trainable tensors the loss depends on beyond the parameters given
+    # (another network: a GAN generator's loss runs through its discriminator).
     foreign_ids: frozenset = frozenset()
+    kind: Optional[str] = None
     reduction: Optional[str] = None
     terms: int = 0
     num_classes: Optional[int] = None
@@ -106,6 +106,11 @@ class LossGraph:
         items: :func:`item_mean` gives its per-item mean (a count over a whole accumulated
         batch makes its value a fraction of it)."""
         return self.sum_over and self.reduction == "mean"
+
+    @property
+    def foreign(self) -> int:
+        """How many trainable tensors beyond the parameters given the loss depends on."""
+        return len(self.foreign_ids)
 
     def resolve(self, is_count: bool) -> LossGraph:
         """This graph once the pending ``count_check`` reads ``is_count`` on the host."""
@@ -198,8 +203,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
     if not losses or not where:
-        return LossGraph(foreign=len(foreign), terms=len(losses), summed=summed,
-                         foreign_ids=frozenset(foreign))
+        return LossGraph(foreign_ids=frozenset(foreign), terms=len(losses), summed=summed)
     described = [_describe(node, where, parent) for node in losses]
     # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
     first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
@@ -208,8 +212,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
     top = _sum_divided(root)
     sum_over = top is not None and top[1] is first["node"]
-    return LossGraph(foreign=len(foreign), foreign_ids=frozenset(foreign),
-                     kind=first["kind"], reduction=first["reduction"],
+    return LossGraph(foreign_ids=frozenset(foreign), kind=first["kind"],
+                     reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,
                      count_check=first["count_check"], squash=first["squash"])

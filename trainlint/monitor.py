@@ -453,8 +453,8 @@ class Monitor:
         adversarial = False
         for other in list(self._partners):
             theirs = {id(p) for p in other.model.parameters()}
-            known = other._loss_graph is not None
-            they_use = known and bool(other._loss_graph.foreign_ids & mine)
+            they_use = (other._loss_graph is not None
+                        and bool(other._loss_graph.foreign_ids & mine))
             i_use = bool(foreign & theirs)
             if i_use and they_use:
                 foreign -= theirs
