@@ -368,7 +368,7 @@ def test_tl302_does_not_judge_a_fine_tune_whose_head_is_frozen():
     """LoRA on a pretrained Llama (head and base frozen): its first loss on a new task, 7.2 vs
     ln(64) = 4.16, is a pretrained model's confident answers, not a bad init's. A fresh head
     on a frozen backbone (linear probing) starts from its own init: judged."""
-    loud = 3 * math.log(10)
+    loud = (defaults("TL302")["max_ratio"] + 1) * math.log(10)  # above the threshold
     t = _loss_trace(loud)
     t.params = [param("head.weight", (10, 8), requires_grad=False), param("lora_b", (8, 8))]
     with pytest.raises(Skip, match="output layer 'head' is frozen"):
