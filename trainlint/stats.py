@@ -286,6 +286,7 @@ class RowStore:
         self.kinds: set = set()
         self.done: list = []
         self.views: dict = {}
+        self.kernels: dict = {}  # per (buffer, rows): the kernel with its views made
         # Per buffer, the plan each of its rows was last filled by: the same plan leaves the
         # row's NaN padding as it was.
         self.last: list[list] = []
@@ -326,13 +327,15 @@ class RowStore:
 
     def flush(self) -> None:
         if self.count:
-            rows = self.buffers[self._buffer()]
-            if self.count == self.batch:
-                work = list(self.work)
-            else:
-                rows, work = rows[:self.count], [w[:self.count] for w in self.work]
-            x = rows if rows.dtype == _F64 else work.pop().copy_(rows)
-            self.done.append(self.kernel(x, work, self.kinds, self.width))
+            index = self._buffer()
+            key = (index, self.count)
+            kernel = self.kernels.get(key)
+            if kernel is None:
+                rows, work = self.buffers[index], self.work
+                if self.count < self.batch:
+                    rows, work = rows[:self.count], [w[:self.count] for w in work]
+                kernel = self.kernels[key] = self.kernel(rows, work, self.width)
+            self.done.append(kernel(self.kinds))
             self.count = 0
             self.kinds = set()
 
@@ -354,46 +357,89 @@ _RAW_MOMENTS = ("finite", "mean", "m2")
 _KINDS = {"tanh": 1, "sigmoid": 2}
 
 
-def _act_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
-    """``_RAW_ACT`` of float64 rows: values in the first ``s`` columns, signal pairs (when
-    present) after them. NaN/Inf and the NaN padding are counted, then stand in as 0 (zeros,
-    tails) or as the row's mean (extremes, moments), where they change nothing. Row ops only."""
-    bad = torch.mul(x[:, :s], 0.0, out=work[0][:, :s]).nan_to_num_(1.0)
-    nonfinite = bad.sum(1)
-    count = s - nonfinite
-    z = torch.nan_to_num(x[:, :s], nan=0.0, posinf=0.0, neginf=0.0, out=work[1][:, :s])
-    t = work[2][:, :s]
-    zeros = s - nonfinite - torch.sign(z, out=t).abs_().sum(1)
-    tanh = sigmoid = torch.zeros_like(count)
-    if "tanh" in kinds:
-        tanh = torch.abs(z, out=t).sub_(SATURATION_LEVEL).clamp_min_(0.0).sign_().sum(1)
-    if "sigmoid" in kinds:
-        torch.mul(z, 2.0, out=t).sub_(1.0).abs_().sub_(SATURATION_LEVEL).clamp_min_(0.0)
-        sigmoid = t.sign_().sum(1) - nonfinite  # NaN/Inf/padding sit at z = 0, a lower tail
-    mean = z.sum(1) / count.clamp(min=1.0)
-    z.addcmul_(bad, mean[:, None])
-    columns = [count, mean, None, z.amin(1), z.amax(1), zeros, tanh, sigmoid]
-    centered = z.sub_(mean[:, None])
-    columns[2] = torch.linalg.vecdot(centered, centered)
-    if x.shape[1] > s:
-        p = SIGNAL_WIDTH
-        d = torch.sub(x[:, s:s + p], x[:, s + p:s + 2 * p], out=work[1][:, s:s + p])
-        bad_pairs = torch.mul(d, 0.0, out=work[2][:, s:s + p]).nan_to_num_(1.0).sum(1)
+class _Kernel:
+    """The statistics of the rows of one buffer (its first ``count`` rows), with every view
+    it works on made once: on a CPU an op that only makes a view costs as much dispatch as a
+    small reduction. Values are converted to float64 first (one copy into a work buffer);
+    NaN/Inf and the NaN padding are counted, then stand in as 0 (zeros, tails, sums) or as the
+    row's mean (extremes, moments), where they change nothing. Row ops only."""
+
+    def __init__(self, rows: torch.Tensor, work: list, s: int) -> None:
+        self.source = None if rows.dtype == _F64 else rows
+        x = rows if rows.dtype == _F64 else work[3]
+        self.x, self.s = x, s
+        self.values = x[:, :s]
+        self.bad, self.z, self.t = (w[:, :s] for w in work[:3])
+        r = x.shape[0]
+        self.mean = torch.empty(r, dtype=_F64, device=x.device)
+        self.mean_col = self.mean.unsqueeze(1)
+        self.nothing = torch.zeros(r, dtype=_F64, device=x.device)
+
+    def _moments(self) -> tuple:
+        """``(finite, extra, z)``: the number of finite values per row, what
+        :meth:`_before_centring` read, and ``z`` holding the values centred on the row's mean
+        (NaN/Inf at 0). Float ops only (on a CPU ``isfinite`` and a bool sum cost several
+        times a float op)."""
+        if self.source is not None:
+            self.x.copy_(self.source)
+        bad = torch.mul(self.values, 0.0, out=self.bad).nan_to_num_(1.0)
+        count = torch.rsub(bad.sum(1), self.s)
+        z = torch.nan_to_num(self.values, nan=0.0, posinf=0.0, neginf=0.0, out=self.z)
+        torch.div(z.sum(1), count.clamp(min=1.0), out=self.mean)
+        extra = self._before_centring(z, count)
+        return count, extra, z.addcmul_(bad, self.mean_col)
+
+    def _before_centring(self, z: torch.Tensor, count: torch.Tensor) -> tuple:
+        return ()
+
+
+class _MomentKernel(_Kernel):
+    """``_RAW_MOMENTS`` of the rows: ``(finite, mean, m2)``, NaN/Inf and padding left out."""
+
+    def __call__(self, kinds: set) -> torch.Tensor:
+        count, _, z = self._moments()
+        z.sub_(self.mean_col)
+        return torch.stack([count, self.mean, torch.linalg.vecdot(z, z)], dim=1)
+
+
+class _ActKernel(_Kernel):
+    """``_RAW_ACT`` of the rows: values in the first ``s`` columns, signal pairs (when present)
+    after them."""
+
+    def __init__(self, rows: torch.Tensor, work: list, s: int) -> None:
+        super().__init__(rows, work, s)
+        self.pairs = None
+        if self.x.shape[1] > s:
+            p = SIGNAL_WIDTH
+            self.pairs = (self.x[:, s:s + p], self.x[:, s + p:s + 2 * p], work[1][:, s:s + p],
+                          work[2][:, s:s + p])
+
+    def __call__(self, kinds: set) -> torch.Tensor:
+        self.kinds = kinds
+        count, (zeros, tanh, sigmoid), z = self._moments()
+        low, high = z.amin(1), z.amax(1)  # (aminmax over a dim is several times slower)
+        z.sub_(self.mean_col)
+        columns = [count, self.mean, torch.linalg.vecdot(z, z), low, high, zeros, tanh, sigmoid]
+        if self.pairs is None:
+            return torch.stack(columns + [self.nothing, self.nothing], dim=1)
+        a, b, d, bad = self.pairs
+        torch.sub(a, b, out=d)
+        missing = torch.mul(d, 0.0, out=bad).nan_to_num_(1.0).sum(1)
         d.nan_to_num_(0.0, 0.0, 0.0)
-        columns += [torch.linalg.vecdot(d, d) / 2.0, p - bad_pairs]
-    else:
-        columns += [torch.zeros_like(count), torch.zeros_like(count)]
-    return torch.stack(columns, dim=1)
+        return torch.stack(columns + [torch.linalg.vecdot(d, d).div_(2.0),
+                                      torch.rsub(missing, SIGNAL_WIDTH)], dim=1)
 
-
-def _moment_kernel(x: torch.Tensor, work: list, kinds: set, s: int) -> torch.Tensor:
-    """``(finite, mean, m2)`` of float64 rows, NaN/Inf and padding left out."""
-    bad = torch.mul(x, 0.0, out=work[0]).nan_to_num_(1.0)
-    count = s - bad.sum(1)
-    z = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, out=work[1])
-    mean = z.sum(1) / count.clamp(min=1.0)
-    z.addcmul_(bad, mean[:, None]).sub_(mean[:, None])
-    return torch.stack([count, mean, torch.linalg.vecdot(z, z)], dim=1)
+    def _before_centring(self, z: torch.Tensor, count: torch.Tensor) -> tuple:
+        """Exact zeros, and the tails of tanh/sigmoid rows (NaN/Inf and padding sit at 0: not
+        a zero, and taken back out of a sigmoid's lower tail)."""
+        zeros = count - torch.sign(z, out=self.t).abs_().sum(1)
+        tanh = sigmoid = self.nothing
+        if "tanh" in self.kinds:
+            tanh = torch.abs(z, out=self.t).gt_(SATURATION_LEVEL).sum(1)
+        if "sigmoid" in self.kinds:
+            sigmoid = (torch.mul(z, 2.0, out=self.t).sub_(1.0).abs_().gt_(SATURATION_LEVEL)
+                       .sum(1).add_(count).sub_(self.s))
+        return zeros, tanh, sigmoid
 
 
 class _Batch:
@@ -489,7 +535,7 @@ class ActivationBatch(_Batch):
     ``[sum of d**2 / 2, pairs]`` of each (count 0: not measured)."""
 
     def __init__(self, device: torch.device) -> None:
-        super().__init__(device, _act_kernel, len(_RAW_ACT), _full_read, True)
+        super().__init__(device, _ActKernel, len(_RAW_ACT), _full_read, True)
 
     def add(self, x: torch.Tensor, kind: Optional[str] = None,
             known: Optional[tuple] = None) -> int:
@@ -616,7 +662,7 @@ class MomentBatch(_Batch):
     optimizer step, and the probe reads every weight in full after it)."""
 
     def __init__(self, device: torch.device) -> None:
-        super().__init__(device, _moment_kernel, len(_RAW_MOMENTS), None, False)
+        super().__init__(device, _MomentKernel, len(_RAW_MOMENTS), None, False)
 
     def add(self, x: torch.Tensor, full_pass: bool = False) -> int:
         return self._add(x, (), None, full_probe if full_pass else None)

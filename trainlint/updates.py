@@ -75,13 +75,33 @@ class _Group:
                     self.batched[row][1].append(slot.param)
                 else:
                     self.single[row].append((slot, out))
+        self._views()
 
-    def _segment_sums(self, rows: torch.Tensor, out: torch.Tensor) -> None:
-        """Per slot, the sum of its values in each of ``rows`` (``[k, total]``) into ``out``
-        (``[k, params]``)."""
-        k = rows.shape[0]
+    def _views(self) -> None:
+        """The views :meth:`sums` works on, made once: on a CPU an op that only makes a view
+        costs a few microseconds of dispatch, as much as a small reduction."""
+        buffer, work = self.buffer, self.work
+        self.rows = buffer.unbind(0)
+        self.pair, self.pair_work = buffer[0::2], work[0:2]      # before, delta
+        self.values, self.values_work = buffer[1::2], work[3:6:2]  # after, grad
+        self.flags = work[2:5:2]
+        self.grad_work, self.after_work, self.centred = work[5], work[3], work[6]
+        self.out = torch.empty((len(SUMS), len(self.slots)), dtype=_F64, device=buffer.device)
+        out = self.out
+        self.counts = out[S["finite"]:S["grad_finite"] + 1:2]
+        self.finite, self.mean = out[S["finite"]], out[S["mean"]]
+        # Per run of equal-length slots: the values as [rows, slots, length] and the sums'
+        # columns; the centring views of the values after the step, their flags and means.
+        self.segments, self.centring, self.m2_segments = [], [], []
         for first, end, begin, stop, length in self.runs:
-            out[:, first:end] = rows[:, begin:stop].reshape(k, end - first, length).sum(2)
+            slots = end - first
+            self.segments.append((work[:6, begin:stop].view(6, slots, length),
+                                  out[:6, first:end]))
+            self.centring.append((work[3, begin:stop].view(slots, length),
+                                  work[2, begin:stop].view(slots, length),
+                                  out[S["mean"], first:end].unsqueeze(1)))
+            self.m2_segments.append((work[6, begin:stop].view(slots, length),
+                                     out[S["m2"], first:end]))
 
     def _view(self, row: int, slot: _Slot) -> torch.Tensor:
         return stats.shaped_for(self.buffer[row, slot.offset:slot.offset + slot.length],
@@ -125,35 +145,41 @@ class _Group:
         * ``grad_finite``, ``grad_sumsq``: of its gradient's sample (row 3, where
           :meth:`fill_grads` wrote it), the number of finite values and the sum of their
           squares."""
-        before, after, delta, grad = self.buffer
+        if self.buffer.is_complex():
+            return self._complex_sums()
+        before, after, delta, _ = self.rows
         torch.sub(after, before, out=delta)
-        pair = self.buffer[0::2]
-        if pair.is_complex():  # |z|^2
-            pair, after, grad = pair.abs(), after.abs(), grad.abs()
         # In float64: a float32 weight of 1e20 squares past float32's range, and the weights
-        # would read as NaN/Inf before the step.
-        work = self.work
-        work[0:2].copy_(pair).mul_(work[0:2])
-        work[3].copy_(after)
-        work[5].copy_(grad)
-        for bad, values in ((work[2], work[3]), (work[4], work[5])):
-            torch.mul(values, 0.0, out=bad).nan_to_num_(1.0)  # 1 where NaN/Inf, else 0
-            values.nan_to_num_(0.0, 0.0, 0.0)
-        work[5].mul_(work[5])
-        out = torch.empty((len(SUMS), len(self.slots)), dtype=_F64, device=self.buffer.device)
-        self._segment_sums(work[:6], out[:6])  # rows 2 and 4 hold the NaN/Inf counts
-        finite = out[S["finite"]].neg_().add_(self.lengths)
-        out[S["grad_finite"]].neg_().add_(self.lengths)
-        mean = out[S["mean"]].div_(finite.clamp(min=1.0))
+        # would read as NaN/Inf before the step. Rows 0, 1: the squares of before and delta
+        # (NaN/Inf stay); rows 2, 4: 1 where the value after the step / the gradient is
+        # NaN/Inf; rows 3, 5: those values, 0 where NaN/Inf (row 5 then squared).
+        self.pair_work.copy_(self.pair).square_()
+        self.values_work.copy_(self.values)
+        return self._finish()
+
+    def _complex_sums(self) -> torch.Tensor:
+        """:meth:`sums` of complex samples: of their moduli."""
+        before, after, delta, grad = self.rows
+        torch.sub(after, before, out=delta)
+        self.pair_work.copy_(self.pair.abs()).square_()
+        self.values_work.copy_(torch.stack([after.abs(), grad.abs()]))
+        return self._finish()
+
+    def _finish(self) -> torch.Tensor:
+        torch.mul(self.values_work, 0.0, out=self.flags).nan_to_num_(1.0)
+        self.values_work.nan_to_num_(0.0, 0.0, 0.0)
+        self.grad_work.square_()
+        for values, out in self.segments:
+            torch.sum(values, 2, out=out)
+        torch.sub(self.lengths, self.counts, out=self.counts)  # NaN/Inf counts -> finite
+        self.mean.div_(self.finite.clamp(min=1.0))
         # Deviations from the mean, 0 where the value was NaN/Inf (it stands in as the mean).
-        values, bad = work[3], work[2]
-        for first, end, begin, stop, length in self.runs:
-            at = mean[first:end, None]
-            values[begin:stop].view(end - first, length).addcmul_(
-                bad[begin:stop].view(end - first, length), at).sub_(at)
-        torch.mul(values, values, out=work[6])
-        self._segment_sums(work[6:7], out[S["m2"]:S["m2"] + 1])
-        return out
+        for values, flags, mean in self.centring:
+            values.addcmul_(flags, mean).sub_(mean)
+        torch.square(self.after_work, out=self.centred)
+        for values, out in self.m2_segments:
+            torch.sum(values, 1, out=out)
+        return self.out.clone()  # the buffer is reused by the next step
 
 
 # The rows of :meth:`_Group.sums`.
