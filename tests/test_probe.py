@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
+from trainlint import stats
 from trainlint.stats import SATURATION_LEVEL
 
 
@@ -471,6 +472,39 @@ def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():
     flagged = {p.name for p in report.trace.params if p.nonfinite}
     assert flagged == {"0.weight"}
     assert any(f.code == "TL504" and "0.weight" in f.message for f in report.findings)
+
+
+@pytest.mark.parametrize("name", ["0.bias", "0.weight", "2.weight"])
+def test_a_nonfinite_value_the_update_writes_is_seen_whatever_the_parameters_size(name):
+    """A parameter of up to SAMPLE_ABOVE elements is read whole (in the optimizer's sample
+    after its step), a larger one in full apart from its sample: a NaN the step writes where
+    no sample looks is seen either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2048))
+    target = dict(model.named_parameters())[name]
+    assert (target.numel() > stats.SAMPLE_ABOVE) is (name == "2.weight")
+    unsampled = sorted(set(range(target.numel())) - set(stats.sample_positions(target).tolist()))
+    at = unsampled[0] if unsampled else target.numel() - 1
+
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))])  # SGD.step patched: its hooks run inside
+    # the subclass's step, before the NaN is written (as after any SGD made earlier)
+
+    class Poisoning(torch.optim.SGD):
+        def step(self, closure=None):  # noqa: ANN001, ANN202
+            out = super().step(closure)
+            with torch.no_grad():
+                target.view(-1)[at] = float("nan")
+            return out
+
+    optimizer = Poisoning(model.parameters(), lr=0.01)
+    monitor = trainlint.Monitor(model, optimizer=optimizer, every=1)
+    loss = model(torch.randn(4, 8)).square().mean()
+    loss.backward()
+    optimizer.step()
+    monitor.step(loss)
+    report = monitor.report()
+    monitor.close()
+    assert {p.name for p in report.trace.params if p.nonfinite} == {name}
 
 
 def test_parameter_norms_are_exact_when_small_and_estimated_within_error_when_large():
