@@ -13,7 +13,8 @@ to ``plain``, and the peak memory of a separate short run per mode (RSS on the C
 Modes:
   plain               the training step alone
   floor               hooks that read every observed tensor once (one ``sum()`` into a
-                      device accumulator per leaf output and per gradient w.r.t. it)
+                      device accumulator per leaf output and per gradient w.r.t. it, but
+                      at an activation's output, which trainlint does not read)
   exact-floor         the floor plus the other full reads trainlint's exact answers need,
                       done as trainlint does them: a ReLU/GELU-family output's per-unit
                       max (and min) instead of its sum, one sum of every parameter after
@@ -209,12 +210,19 @@ class Mode:
 
 
 class Floor(Mode):
-    """One read of every tensor trainlint observes: a sum into a device accumulator."""
+    """One read of every tensor trainlint observes: a sum into a device accumulator (each leaf
+    output, and the gradient w.r.t. it but at an activation's output, which trainlint does not
+    read inside the network)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from trainlint.probe import activation_kind
+        from trainlint.trace import GRADIENT_FREE_KINDS
+
         super().__init__(model, optimizer)
         device = next(model.parameters()).device
         self.acc = torch.zeros((), device=device)
+        self.gradient_free = {m for _, m in _leaves(model)
+                              if activation_kind(m) in GRADIENT_FREE_KINDS}
         self.handles = [m.register_forward_hook(self._output) for _, m in _leaves(model)]
 
     def _output(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -222,7 +230,10 @@ class Floor(Mode):
         if t is None:
             return
         self.acc.add_(t.detach().sum())
-        if t.requires_grad:
+        self._hook_grad(module, t)
+
+    def _hook_grad(self, module: nn.Module, t: torch.Tensor) -> None:
+        if t.requires_grad and module not in self.gradient_free:
             t.register_hook(self._grad)
 
     def _grad(self, grad: torch.Tensor) -> None:
@@ -260,8 +271,7 @@ class ExactFloor(Floor):
             self.acc.add_(hi.amax() if lo is None else hi.amax() + lo.amin())
         else:
             self.acc.add_(t.detach().sum())
-        if t.requires_grad:
-            t.register_hook(self._grad)
+        self._hook_grad(module, t)
 
     def after_step(self, loss: torch.Tensor) -> None:
         with torch.no_grad():

@@ -7,7 +7,14 @@ from statistics import median
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import CLASSIFICATION_LOSSES, Edge, LayerTrace, ParamTrace, RunTrace
+from trainlint.trace import (
+    CLASSIFICATION_LOSSES,
+    GRADIENT_FREE_KINDS,
+    Edge,
+    LayerTrace,
+    ParamTrace,
+    RunTrace,
+)
 
 from ._graph import (
     EMBEDDING_TYPES,
@@ -458,19 +465,37 @@ def _backward_maker(trace: RunTrace, step: dict, first: LayerTrace) -> Optional[
     bad = step["nonfinite"].get("gradients", {})
     layers = step.get("layers", {})
     found = []
-    for dst, via in successors(trace, first.node):
-        facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
-        if facts is None or not dst[1]:
-            continue
-        keys = [node[1:] for node in output_nodes(trace, dst[1])]
+    for name, via in _takers(trace, first.node):
+        keys = [node[1:] for node in output_nodes(trace, name)]
         if any(key in bad for key in keys):
             continue
         seen = any(layers.get(key, {}).get("grad_norm") is not None for key in keys)
-        found.append((not seen, facts.base in WEIGHT_LAYERS, dst[1], via))
+        found.append((not seen, trace.modules[name].base in WEIGHT_LAYERS, name, via))
     if not found:
         return None
     unseen, _, name, via = min(found)
     return name, not unseen, via
+
+
+def _takers(trace: RunTrace, node: tuple, depth: int = 0) -> list[tuple]:
+    """``(module, via)`` of the modules that take ``node``'s output, looking through the
+    activation modules whose output gradient the probe does not read (``GRADIENT_FREE_KINDS``:
+    their backward only scales the gradient, and cannot make a NaN of finite values) to the
+    modules that take theirs."""
+    by_node = {lt.node: lt for lt in trace.layers}
+    found = []
+    for dst, via in successors(trace, node):
+        if dst[0] != "module" or not dst[1] or dst[1] not in trace.modules:
+            continue
+        outputs = [by_node[n] for n in output_nodes(trace, dst[1]) if n in by_node]
+        if depth < 4 and outputs and all(lt.kind in GRADIENT_FREE_KINDS and lt.grad_norm is None
+                                         for lt in outputs):
+            further = _takers(trace, outputs[0].node, depth + 1)
+            if further:
+                found += [(name, via + more) for name, more in further]
+                continue
+        found.append((dst[1], via))
+    return found
 
 
 def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:

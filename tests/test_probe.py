@@ -69,7 +69,7 @@ def test_inplace_relu_after_batchnorm_is_observed_correctly() -> None:
     assert_matches(act, [post])
     assert act.dead_units == sorted(np.flatnonzero(~(post > 0).any(0).numpy()))
     assert bn.grad_norm == pytest.approx(float(pre.grad.norm()), rel=1e-5)
-    assert act.grad_norm == pytest.approx(float(post.grad.norm()), rel=1e-5)
+    assert act.grad_norm is None  # an activation inside the network: its gradient is not read
 
 
 # ------------------------------------------------------------------ functional activations
@@ -197,7 +197,7 @@ def test_integer_token_ids_into_an_embedding() -> None:
     assert layers[("", "gelu")].kind == "gelu" and layers[("", "gelu")].unit_dim == -1
     assert report.trace.inputs == []  # integer ids are not a float input to describe
     assert report.trace.batch_size == 4
-    assert all(math.isfinite(lt.grad_norm) for lt in report.trace.layers)
+    assert all(math.isfinite(lt.grad_norm) for lt in report.trace.layers if lt.kind is None)
     assert report.trace.params[0].name == "embed.weight" and report.trace.params[0].grad_norm > 0
 
 
@@ -459,6 +459,41 @@ def test_a_scaled_or_masked_tanh_is_no_gate(how: str, fires: bool) -> None:
     batch = ((torch.randn(16, 10, 16) * 3, mask), torch.randint(0, 3, (16,)))
     report = trainlint.check(Tanhs(how), batch, steps=1)
     assert any(f.code == "TL102" for f in report.findings) is fires
+
+
+@pytest.mark.parametrize("tail", ["module", "functional", "reshaped"])
+def test_the_gradient_at_an_output_activation_is_read_and_inside_the_network_not(tail):
+    """The gradient at an activation's output is the next layer's input gradient, and is not
+    read (the layers' output gradients make the profile); at the model's output (a generator's
+    tanh), through reshapes, it is the loss's gradient and is read."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8)
+            self.tanh = nn.Tanh()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.out(self.act(self.fc(x)))
+            if tail == "functional":
+                return torch.tanh(y)
+            y = self.tanh(y)
+            return y.view(-1, 2, 4).transpose(1, 2) if tail == "reshaped" else y
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(5, 6)
+    target = torch.randn(5, 8) if tail != "reshaped" else torch.randn(5, 4, 2)
+    report = trainlint.check(model, (x, target), loss_fn=lambda out, y: (out - y).square().sum(),
+                             steps=1)
+    layers = report.trace.layer_by_key()
+    with torch.no_grad():
+        y = torch.tanh(model.out(torch.relu(model.fc(x))))  # restored to the state before
+    expected = float((2 * (y.view_as(target) if tail != "reshaped"
+                           else y.view(-1, 2, 4).transpose(1, 2)) - 2 * target).norm())
+    key = ("", "tanh") if tail == "functional" else ("tanh", "output")
+    assert layers[key].grad_norm == pytest.approx(expected, rel=1e-5)
+    assert layers[("act", "output")].grad_norm is None
+    assert layers[("fc", "output")].grad_norm > 0
 
 
 def test_nonfinite_weight_is_exact_even_where_no_output_shows_it():

@@ -27,7 +27,7 @@ from . import stats
 from .batch import leading_size, tensors_in
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
-from .trace import ELEMENTWISE_OPS, REORDERING_OPS
+from .trace import ELEMENTWISE_OPS, GRADIENT_FREE_KINDS, NORM_KEEPING_OPS, REORDERING_OPS
 from .updates import S, UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
@@ -543,12 +543,28 @@ class Probe:
         if self.mode is not None and output is not None and self.observing:
             outputs = tensors_in(output)
             self.output_origins = [self._origin_of(t) for t in outputs]
+            self._hook_output_activations(outputs)
             self.origins_ordered = False
             self.output_nodes.append(output_nodes(outputs))
             del self.output_nodes[:-MAX_FORWARDS]
             self._on_backward(output, self.last_forward)
         self._exit_mode()
         self.skipping = False
+
+    def _hook_output_activations(self, outputs: list) -> None:
+        """Read the gradient at the model's outputs made by an activation whose output gradient
+        the probe does not read elsewhere (``GRADIENT_FREE_KINDS``): the loss's gradient
+        there is what the gradient profile compares the network's with."""
+        hooked: set = set()
+        with torch._C.DisableTorchFunction():
+            for t, origin in zip(outputs, self.output_origins):
+                if origin is None or origin[0][0] != "point" or not t.requires_grad:
+                    continue
+                point = self.points.get(origin[0][1:])
+                if (point is not None and point.kind in GRADIENT_FREE_KINDS
+                        and NORM_KEEPING_OPS.issuperset(origin[1]) and id(t) not in hooked):
+                    hooked.add(id(t))
+                    self.tensor_handles.append(t.register_hook(self._grad_hook(point)))
 
     def loss_output_first(self, index: Optional[int], count: int) -> bool:
         """Put output ``index`` (of ``count``), the one the loss read, first among the step's
@@ -799,7 +815,8 @@ class Probe:
             acts = self._batches(tensor.device)[0]
             point.act_rows.append((tensor.device, acts.add(tensor, kind, known)))
             if tensor.requires_grad and torch.is_grad_enabled():
-                self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
+                if kind not in GRADIENT_FREE_KINDS:  # (the model's output: _root_post)
+                    self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
             elif not torch.is_grad_enabled():
                 self.gradless.add(key)
         return point

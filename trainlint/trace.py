@@ -196,6 +196,14 @@ ELEMENTWISE_OPS = frozenset({
 # Ops that move a tensor's dims around (a channel dim goes where they send it).
 REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
                             "swapaxes", "swapdims", "mT", "T"})
+# Activations whose backward only scales the gradient by their local slope: the probe does not
+# read the gradient at their output (the layers around them carry the gradient profile; reading
+# every gradient twice cost an MLP ~3% of its step), except where it is the model's output.
+GRADIENT_FREE_KINDS = frozenset({"relu", "gelu", "tanh", "sigmoid"})
+# Ops that pass a tensor on with its values as they are (in another shape or order): the
+# gradient reaching the result has the same norm as the one reaching the tensor.
+NORM_KEEPING_OPS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+                              "contiguous", "view_as", "reshape_as", "t", "clone"}) | REORDERING_OPS
 
 
 @dataclass

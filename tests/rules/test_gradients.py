@@ -337,6 +337,25 @@ def test_tl504_names_the_consumer_whose_backward_made_the_nan():
     assert upstream[0].module == "fc" and "made in" not in upstream[0].message
 
 
+def test_tl504_looks_through_an_activation_whose_gradient_is_not_read():
+    """fc -> relu -> dist: the probe does not read the gradient at the ReLU's output, so fc's
+    NaN gradient is the first seen; dist, behind the ReLU, made it (a ReLU's backward cannot
+    make a NaN of finite values)."""
+    fc = point("fc", "Linear", depth=0, backward_order=1)
+    relu = point("relu", "ReLU", depth=1, kind="relu")
+    dist = point("dist", "Dist", depth=2, backward_order=0)
+    step = _nan_step(0, gradients={fc.node[1:]: 8})
+    step["layers"] = {dist.node[1:]: {"grad_norm": 0.1}}
+    found = hits("TL504", trace([fc, relu, dist], per_step=[step],
+                                edges=[to_module(fc, "relu"), to_module(relu, "dist")]))
+    assert found[0].module == "dist" and "made in the backward of dist" in found[0].message
+    read = point("relu", "ReLU", depth=1, kind="relu", grad_norm=0.1)  # the model's output
+    step["layers"][read.node[1:]] = {"grad_norm": 0.1}
+    at_output = hits("TL504", trace([fc, read, dist], per_step=[step],
+                                    edges=[to_module(fc, "relu"), to_module(read, "dist")]))
+    assert at_output[0].module == "relu"
+
+
 @pytest.mark.parametrize("first_step, amp, says, not_said", [
     (1, None, "check the steps before", "first step"),
     (0, None, "at the first step, before any update", "steps before"),
