@@ -281,3 +281,34 @@ class Masked(nn.Module):
         h, m = self.mask(self.fc(x))
         assert torch.isinf(m).any()
         return self.head(h * torch.exp(m))  # exp(-inf) = 0: the mask stays contained
+
+
+
+class _NanBackward(torch.autograd.Function):
+    """The identity forward; a backward that makes NaN of a finite gradient (a sqrt at 0, a
+    0/0 in a user's autograd.Function)."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad * torch.full_like(grad, math.nan)
+
+
+class NanBackward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NanBackward.apply(x)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.GELU])
+def test_nan_made_in_a_backward_behind_an_activation_names_that_module(act: type) -> None:
+    """Linear -> activation -> NanBackward: the activation's output gradient is not read, so
+    the NaN is first seen at the Linear's output gradient; TL504 looks through the activation
+    to the module whose backward made it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), act(), NanBackward(), nn.Linear(8, 3))
+    found = _tl504(trainlint.check(model, _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("2", "backward")
+    assert "made in the backward of 2" in found.message
