@@ -375,21 +375,22 @@ class _Kernel:
         self.mean_col = self.mean.unsqueeze(1)
         self.nothing = torch.zeros(r, dtype=_F64, device=x.device)
 
-    def _moments(self) -> tuple:
+    def _moments(self, kinds: set) -> tuple:
         """``(finite, extra, z)``: the number of finite values per row, what
-        :meth:`_before_centring` read, and ``z`` holding the values centred on the row's mean
-        (NaN/Inf at 0). Float ops only (on a CPU ``isfinite`` and a bool sum cost several
-        times a float op)."""
+        :meth:`_before_centring` read, and ``z`` holding the values with each NaN/Inf at its
+        row's mean (``self.mean``), for the caller to centre. Float ops only (on a CPU
+        ``isfinite`` and a bool sum cost several times a float op)."""
         if self.source is not None:
             self.x.copy_(self.source)
         bad = torch.mul(self.values, 0.0, out=self.bad).nan_to_num_(1.0)
         count = torch.rsub(bad.sum(1), self.s)
         z = torch.nan_to_num(self.values, nan=0.0, posinf=0.0, neginf=0.0, out=self.z)
         torch.div(z.sum(1), count.clamp(min=1.0), out=self.mean)
-        extra = self._before_centring(z, count)
+        extra = self._before_centring(z, count, kinds)
         return count, extra, z.addcmul_(bad, self.mean_col)
 
-    def _before_centring(self, z: torch.Tensor, count: torch.Tensor) -> tuple:
+    def _before_centring(self, z: torch.Tensor, count: torch.Tensor, kinds: set) -> tuple:
+        """What a kernel reads of ``z`` while each NaN/Inf there is 0."""
         return ()
 
 
@@ -397,7 +398,7 @@ class _MomentKernel(_Kernel):
     """``_RAW_MOMENTS`` of the rows: ``(finite, mean, m2)``, NaN/Inf and padding left out."""
 
     def __call__(self, kinds: set) -> torch.Tensor:
-        count, _, z = self._moments()
+        count, _, z = self._moments(kinds)
         z.sub_(self.mean_col)
         return torch.stack([count, self.mean, torch.linalg.vecdot(z, z)], dim=1)
 
@@ -415,8 +416,7 @@ class _ActKernel(_Kernel):
                           work[2][:, s:s + p])
 
     def __call__(self, kinds: set) -> torch.Tensor:
-        self.kinds = kinds
-        count, (zeros, tanh, sigmoid), z = self._moments()
+        count, (zeros, tanh, sigmoid), z = self._moments(kinds)
         low, high = z.amin(1), z.amax(1)  # (aminmax over a dim is several times slower)
         z.sub_(self.mean_col)
         columns = [count, self.mean, torch.linalg.vecdot(z, z), low, high, zeros, tanh, sigmoid]
@@ -429,14 +429,14 @@ class _ActKernel(_Kernel):
         return torch.stack(columns + [torch.linalg.vecdot(d, d).div_(2.0),
                                       torch.rsub(missing, SIGNAL_WIDTH)], dim=1)
 
-    def _before_centring(self, z: torch.Tensor, count: torch.Tensor) -> tuple:
+    def _before_centring(self, z: torch.Tensor, count: torch.Tensor, kinds: set) -> tuple:
         """Exact zeros, and the tails of tanh/sigmoid rows (NaN/Inf and padding sit at 0: not
         a zero, and taken back out of a sigmoid's lower tail)."""
         zeros = count - torch.sign(z, out=self.t).abs_().sum(1)
         tanh = sigmoid = self.nothing
-        if "tanh" in self.kinds:
+        if "tanh" in kinds:
             tanh = torch.abs(z, out=self.t).gt_(SATURATION_LEVEL).sum(1)
-        if "sigmoid" in self.kinds:
+        if "sigmoid" in kinds:
             sigmoid = (torch.mul(z, 2.0, out=self.t).sub_(1.0).abs_().gt_(SATURATION_LEVEL)
                        .sum(1).add_(count).sub_(self.s))
         return zeros, tanh, sigmoid

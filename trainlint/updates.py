@@ -166,6 +166,7 @@ class _Group:
         return self._finish()
 
     def _finish(self) -> torch.Tensor:
+        """The sums from the float64 work rows :meth:`sums` filled."""
         torch.mul(self.values_work, 0.0, out=self.flags).nan_to_num_(1.0)
         self.values_work.nan_to_num_(0.0, 0.0, 0.0)
         self.grad_work.square_()
