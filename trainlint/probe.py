@@ -801,25 +801,36 @@ class Probe:
             self.points[key] = point
         self.counter += 1
         self.last_key = key
-        # Our own ops bypass the probe's TorchFunctionMode: it only needs the user's ops.
+        grad_enabled = torch.is_grad_enabled()
+        # Our own ops bypass the probe's TorchFunctionMode (it only needs the user's ops) and
+        # autograd (nothing to record: no detach op per read).
         with torch._C.DisableTorchFunction():
-            known = None
-            if unit_dim is not None and tensor.numel():  # an empty call is no evidence
-                hi, lo = stats.unit_extremes(tensor, unit_dim, kind)
-                point.unit_hi = hi if point.unit_hi is None else torch.maximum(point.unit_hi, hi)
-                if lo is not None:
-                    point.unit_lo = (lo if point.unit_lo is None
-                                     else torch.minimum(point.unit_lo, lo))
-                if tensor.numel() > stats.SAMPLE_ABOVE:  # the record read it all: reuse that
-                    known = _known_extremes(tensor, hi, lo)
-            acts = self._batches(tensor.device)[0]
-            point.act_rows.append((tensor.device, acts.add(tensor, kind, known)))
-            if tensor.requires_grad and torch.is_grad_enabled():
+            torch._C._set_grad_enabled(False)
+            try:
+                self._read_output(point, tensor, unit_dim, kind)
+            finally:
+                torch._C._set_grad_enabled(grad_enabled)
+            if tensor.requires_grad and grad_enabled:
                 if kind not in GRADIENT_FREE_KINDS:  # (the model's output: _root_post)
                     self.tensor_handles.append(tensor.register_hook(self._grad_hook(point)))
-            elif not torch.is_grad_enabled():
+            elif not grad_enabled:
                 self.gradless.add(key)
         return point
+
+    def _read_output(self, point: Point, tensor: torch.Tensor, unit_dim: Optional[int],
+                     kind: Optional[str]) -> None:
+        """``tensor``'s per-unit record (ReLU/GELU family) and its row."""
+        known = None
+        if unit_dim is not None and tensor.numel():  # an empty call is no evidence
+            hi, lo = stats.unit_extremes(tensor, unit_dim, kind)
+            point.unit_hi = hi if point.unit_hi is None else torch.maximum(point.unit_hi, hi)
+            if lo is not None:
+                point.unit_lo = (lo if point.unit_lo is None
+                                 else torch.minimum(point.unit_lo, lo))
+            if tensor.numel() > stats.SAMPLE_ABOVE:  # the record read it all: reuse that
+                known = _known_extremes(tensor, hi, lo)
+        acts = self._batches(tensor.device)[0]
+        point.act_rows.append((tensor.device, acts.add(tensor, kind, known)))
 
     def _grad_hook(self, point: Point) -> Callable[[torch.Tensor], None]:
         def hook(grad: Optional[torch.Tensor]) -> None:

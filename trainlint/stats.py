@@ -782,7 +782,7 @@ def unit_active(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> torch.Ten
 def unit_extremes(x: torch.Tensor, unit_dim: int, kind: str = "relu") -> tuple:
     """Per unit along ``unit_dim``: the max, and for the GELU family the min (else None), over
     the other dims. Merge calls with ``torch.maximum``/``torch.minimum``."""
-    y = x.detach() if x.requires_grad else x
+    y = x.detach() if x.requires_grad and torch.is_grad_enabled() else x
     if y.dim() == 0:
         y = y.reshape(1)
     unit_dim %= y.dim()
