@@ -221,8 +221,8 @@ class Floor(Mode):
         super().__init__(model, optimizer)
         device = next(model.parameters()).device
         self.acc = torch.zeros((), device=device)
-        self.gradient_free = {m for _, m in _leaves(model)
-                              if activation_kind(m) in GRADIENT_FREE_KINDS}
+        self.units = {m: activation_kind(m) for _, m in _leaves(model)}
+        self.gradient_free = {m for m, kind in self.units.items() if kind in GRADIENT_FREE_KINDS}
         self.handles = [m.register_forward_hook(self._output) for _, m in _leaves(model)]
 
     def _output(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -245,9 +245,8 @@ class ExactFloor(Floor):
     per-unit ever-active record, the weights' NaN/Inf presence), with trainlint's own reads."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        from trainlint.probe import CHANNEL_FIRST_TYPES, activation_kind
+        from trainlint.probe import CHANNEL_FIRST_TYPES
 
-        self.units = {m: activation_kind(m) for _, m in _leaves(model)}
         self.channel_first = {m: isinstance(m, CHANNEL_FIRST_TYPES) for _, m in _leaves(model)}
         self.has_params = {m: any(True for _ in m.parameters()) for _, m in _leaves(model)}
         super().__init__(model, optimizer)

@@ -482,12 +482,11 @@ def _takers(trace: RunTrace, node: tuple, depth: int = 0) -> list[tuple]:
     activation modules whose output gradient the probe does not read (``GRADIENT_FREE_KINDS``:
     their backward only scales the gradient, and cannot make a NaN of finite values) to the
     modules that take theirs."""
-    by_node = {lt.node: lt for lt in trace.layers}
     found = []
     for dst, via in successors(trace, node):
         if dst[0] != "module" or not dst[1] or dst[1] not in trace.modules:
             continue
-        outputs = [by_node[n] for n in output_nodes(trace, dst[1]) if n in by_node]
+        outputs = [lt for lt in trace.layers if lt.module == dst[1] and lt.op == "output"]
         if depth < 4 and outputs and all(lt.kind in GRADIENT_FREE_KINDS and lt.grad_norm is None
                                          for lt in outputs):
             further = _takers(trace, outputs[0].node, depth + 1)

@@ -373,7 +373,6 @@ class _Kernel:
         r = x.shape[0]
         self.mean = torch.empty(r, dtype=_F64, device=x.device)
         self.mean_col = self.mean.unsqueeze(1)
-        self.nothing = torch.zeros(r, dtype=_F64, device=x.device)
 
     def _moments(self, kinds: set) -> tuple:
         """``(finite, extra, z)``: the number of finite values per row, what
@@ -409,6 +408,7 @@ class _ActKernel(_Kernel):
 
     def __init__(self, rows: torch.Tensor, work: list, s: int) -> None:
         super().__init__(rows, work, s)
+        self.nothing = torch.zeros(self.x.shape[0], dtype=_F64, device=self.x.device)
         self.pairs = None
         if self.x.shape[1] > s:
             p = SIGNAL_WIDTH
