@@ -9,7 +9,8 @@ change's effect. Here ``plain``, ``base`` (``trainlint.Monitor(every=1)`` of the
 extracted with ``git archive`` and imported under another name) and ``current`` (this
 checkout's) train their own copies of the same model on the same batch, taking turns step by
 step in ONE process (in a new shuffled order every round), so noise slows them alike. Printed: the
-10th-percentile and the median step time of each, and their ratios to ``plain``.
+10th-percentile and the median step time of each, and their ratios to ``plain``, and the median
+minor page faults of a step (memory the heap gave back and took again).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def import_revision(rev: str, into: Path) -> Any:
 
 def compare(workload: overhead.Workload, base_package: Any, steps: int,
             warmup: int, device: str = "cpu") -> dict:
-    """Per mode (plain, base, current): (10th percentile, median) wall step time in seconds,
-    from :func:`overhead.time_modes` (the modes take turns step by step)."""
+    """Per mode (plain, base, current): (10th percentile, median) wall step time in seconds
+    and the median minor page faults a step, from :func:`overhead.time_modes` (the modes
+    take turns step by step)."""
     def factory(name: str, model: torch.nn.Module, optimizer: Any) -> overhead.Mode:
         if name == "plain":
             return overhead.Mode(model, optimizer)
@@ -64,8 +66,9 @@ def compare(workload: overhead.Workload, base_package: Any, steps: int,
                                 torch.device(device), factory)
     out = {}
     for name, pairs in times.items():
-        wall = sorted(w for w, _ in pairs)
-        out[name] = (wall[len(wall) // 10], statistics.median(wall))
+        wall = sorted(step[0] for step in pairs)
+        out[name] = (wall[len(wall) // 10], statistics.median(wall),
+                     statistics.median(step[2] for step in pairs))
     return out
 
 
@@ -89,14 +92,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, "
               f"{args.steps} steps after {args.warmup}; base = {args.rev}")
         print(f"  {'workload':14s} {'mode':8s} {'p10 ms':>9s} {'x plain':>8s} "
-              f"{'median ms':>10s} {'x plain':>8s}")
+              f"{'median ms':>10s} {'x plain':>8s} {'faults':>7s}")
         for name in args.workloads.split(","):
             result = compare(table[name], base_package, args.steps, args.warmup,
                              args.device)
-            p10, med = result["plain"]
-            for mode, (a, b) in result.items():
+            p10, med, _ = result["plain"]
+            for mode, (a, b, faults) in result.items():
                 print(f"  {name:14s} {mode:8s} {1e3 * a:9.1f} {a / p10:8.3f} "
-                      f"{1e3 * b:10.1f} {b / med:8.3f}")
+                      f"{1e3 * b:10.1f} {b / med:8.3f} {faults:7.0f}")
     return 0
 
 

@@ -349,13 +349,16 @@ class Runner:
         self.device = device
         self.mode = factory(mode, self.model, self.optimizer)
 
-    def step(self) -> tuple[float, float]:
-        """One timed training step: (wall seconds, CPU seconds of this process)."""
+    def step(self) -> tuple[float, float, int]:
+        """One timed training step: (wall seconds, CPU seconds of this process, its minor page
+        faults)."""
         _sync(self.device)
+        faults = _minor_faults()
         start, cpu = time.perf_counter(), time.process_time()
         self.train()
         _sync(self.device)
-        return time.perf_counter() - start, time.process_time() - cpu
+        return (time.perf_counter() - start, time.process_time() - cpu,
+                _minor_faults() - faults)
 
     def train(self, mark: Callable[[], None] = lambda: None) -> None:
         """One training step; ``mark()`` after each of its phases: zero_grad,
@@ -370,6 +373,12 @@ class Runner:
         mark()
         self.mode.after_step(loss)
         mark()
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (pages the kernel mapped on first touch: on
+    glibc, memory the heap gave back and took again)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _sync(device: torch.device) -> None:
@@ -452,15 +461,16 @@ def measure_memory(workload: str, modes: tuple, args: argparse.Namespace) -> dic
 
 
 # ----------------------------------------------------------------------------- report
-def summarize(times: dict[str, list[tuple[float, float]]], memory: Optional[dict]) -> list[dict]:
-    plain = statistics.median(wall for wall, _ in times["plain"])
-    plain_cpu = statistics.median(cpu for _, cpu in times["plain"])
+def summarize(times: dict[str, list[tuple]], memory: Optional[dict]) -> list[dict]:
+    plain = statistics.median(step[0] for step in times["plain"])
+    plain_cpu = statistics.median(step[1] for step in times["plain"])
     rows = []
     for mode, values in times.items():
-        median = statistics.median(wall for wall, _ in values)
-        cpu = statistics.median(c for _, c in values)
+        median = statistics.median(step[0] for step in values)
+        cpu = statistics.median(step[1] for step in values)
         row = {"mode": mode, "median_ms": 1e3 * median, "ratio": median / plain,
-               "cpu_ms": 1e3 * cpu, "cpu_ratio": cpu / plain_cpu, "steps": len(values)}
+               "cpu_ms": 1e3 * cpu, "cpu_ratio": cpu / plain_cpu, "steps": len(values),
+               "faults": statistics.median(step[2] for step in values)}
         if memory:
             mem, ref = memory[mode], memory["plain"]
             row["peak_mb"] = mem["peak"] / 2**20
@@ -483,14 +493,15 @@ def _cell(row: dict, key: str, width: int) -> str:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     header = (f"  {'mode':20s} {'wall ms':>9s} {'x plain':>8s} {'ovh/floor':>9s}"
-              f" {'cpu ms':>9s} {'x plain':>8s} {'ovh/floor':>9s}")
+              f" {'cpu ms':>9s} {'x plain':>8s} {'ovh/floor':>9s} {'faults':>7s}")
     if "peak_mb" in rows[0]:
         header += f" {'peak MB':>9s} {'x plain':>8s} {'step MB':>8s}"
     print(header)
     for row in rows:
         line = (f"  {row['mode']:20s} {row['median_ms']:9.1f} {row['ratio']:8.3f}"
                 + _cell(row, "vs_floor", 9)
-                + f" {row['cpu_ms']:9.1f} {row['cpu_ratio']:8.3f}" + _cell(row, "cpu_vs_floor", 9))
+                + f" {row['cpu_ms']:9.1f} {row['cpu_ratio']:8.3f}" + _cell(row, "cpu_vs_floor", 9)
+                + f" {row['faults']:7.0f}")
         if "peak_mb" in row:
             line += f" {row['peak_mb']:9.1f} {row['peak_ratio']:8.3f} {row['step_mb']:8.1f}"
         print(line)
