@@ -474,15 +474,12 @@ class _Batch:
             store = self.stores[key] = RowStore(self.device, x.dtype, plan.width, extra_columns,
                                                 self.kernel, self.fields)
             self.reduced[key] = []
+        row = store.add(x, plan, kind)
         reduced = -1
         full = full or self.full
         if plan.m < plan.n and full is not None:
             reduced = len(self.reduced[key])
             self.reduced[key].append(full(x))
-        # The sample after the full read: on a CPU its runs, spread over the pages, then hit the
-        # caches and the TLB the full read just filled (the gathers 0.3 ms a step cheaper on the
-        # CNN).
-        row = store.add(x, plan, kind)
         self.meta.append((key, row, reduced, plan) + extra)
         return len(self.meta) - 1
 
