@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device checks, as one script for a CUDA machine (about 5 minutes on an H100/H200). Each
+# The device checks, as one script for a CUDA machine (about 6 minutes on an H100/H200). Each
 # part runs under its own time limit and writes OUT/<part>.txt; a failing part does not stop
 # the others, and the exit status is 1 when any failed:
 #   tests     the CUDA tests (no host sync added to the user's step, one copy per observed
@@ -7,6 +7,8 @@
 #   overhead  benchmarks/overhead.py --device cuda: CNN, MLP, transformer, ResNet-50, depth rows
 #   memory    the ResNet-50 peak memory per mode (torch.cuda.max_memory_allocated)
 #   parity    every fixture through the CLI on the CPU and on CUDA: the same findings
+#   phases    each phase's extra ms on ResNet-50 and the MLP (each phase ends with a sync: what
+#             the host waits on in the forward, the backward, the optimizer, Monitor.step)
 #   profile   where an observed ResNet-50 step's extra time goes (torch.profiler tables)
 # PY picks the interpreter (default python), OUT the folder for the results (default .).
 set -uo pipefail
@@ -36,5 +38,6 @@ part memory 90 $PY benchmarks/overhead.py --device cuda --workloads resnet50 --n
     --steps 10 --modes plain,floor,trainlint-observed,trainlint-idle
 part parity 150 env OMP_NUM_THREADS=2 $PY benchmarks/device_parity.py --jobs 12 \
     --json "$OUT/parity.json"
+part phases 45 $PY benchmarks/phases.py --device cuda --workloads resnet50,mlp --steps 15
 part profile 60 $PY benchmarks/profile_step.py --workload resnet50 --device cuda --rows 30
 [ -z "$failed" ] || { echo "failed:$failed"; exit 1; }
