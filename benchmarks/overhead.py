@@ -7,7 +7,9 @@
 Every mode trains its own copy of the same model on the same batch; the modes take turns
 step by step (in a new shuffled order every round) in ONE process, so a noisy machine slows them
 alike. Reported: the median step time over ``--steps`` steps after ``--warmup``, its ratio
-to ``plain``, and the peak memory of a separate short run per mode (RSS on the CPU,
+to ``plain``, the median minor page faults a step (on glibc, the heap's top handed back to the
+kernel and taken again: they fall on whichever mode the interleaving disfavours, about 1 us
+each), and the peak memory of a separate short run per mode (RSS on the CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA).
 
 Modes:
