@@ -157,17 +157,18 @@ def scale_cancelled_after(trace: RunTrace, act: LayerTrace) -> bool:
     return False
 
 
-def _weight(trace: RunTrace, module: str) -> Optional[ParamTrace]:
+def _weight(trace: RunTrace, module: str, matrix: bool = True) -> Optional[ParamTrace]:
+    """``module``'s ``weight``: a matrix or kernel (2+ dims), else (``matrix=False``) a norm
+    layer's vector of scales."""
     for p in trace.params:
-        if p.name == f"{module}.weight" and len(p.shape) >= 2:
+        if p.name == f"{module}.weight" and (len(p.shape) >= 2 if matrix else len(p.shape) == 1):
             return p
     return None
 
 
 def _check_norm(trace: RunTrace, t: Thresholds, layer: LayerTrace, first: dict) -> Optional[dict]:
     """A norm layer whose scale (gamma) starts far below 1 and whose output shows it."""
-    scale = next((p for p in trace.params if p.name == f"{layer.module}.weight"
-                  and len(p.shape) == 1), None)
+    scale = _weight(trace, layer.module, matrix=False)
     out_rms = first_rms(layer, first)
     if scale is None or not scale.requires_grad or out_rms is None:
         return None
