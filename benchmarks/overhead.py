@@ -21,6 +21,10 @@ Modes:
                       done as trainlint does them: a ReLU/GELU-family output's per-unit
                       max (and min) instead of its sum, one sum of every parameter after
                       the optimizer step (no samples, no statistics)
+  sampled-floor       the exact floor plus trainlint's sample gathers (of each observed
+                      tensor, and of the parameters and their gradients around the
+                      optimizer step) into a row buffer, with no statistics or host work
+                      (not in the default table: ``--modes``, phases.py)
   naive               the usual hand-written monitor: per leaf output mean/std/zero
                       fraction, each read with ``.item()``
   trainlint-observed  ``trainlint.Monitor(every=1)``: every step observed
@@ -280,6 +284,69 @@ class ExactFloor(Floor):
                 self.acc.add_(p.sum())
 
 
+class SampledFloor(ExactFloor):
+    """The exact floor plus trainlint's samples, gathered as the probe gathers them (its plans:
+    runs of 16 values of a large tensor, a small one whole) into a row buffer: of each leaf
+    output and each gradient the floor reads, and of every parameter and its gradient before
+    the optimizer step and of the parameter after it. No statistics, no host work: what
+    trainlint-observed adds beyond this is its own machinery (statistics kernels, the host's
+    work on the copy, hook plumbing, Python)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(model, optimizer)
+        from trainlint import stats
+
+        self.stats = stats
+        self.views: dict = {}
+        self.row = 0
+        device = next(model.parameters()).device
+        self.rows = torch.empty((256, stats.SAMPLE_ABOVE + 2 * stats.SIGNAL_WIDTH),
+                                device=device)
+        self.handles.append(optimizer.register_step_pre_hook(self._before))
+        self.handles.append(optimizer.register_step_post_hook(self._after))
+
+    def _sample(self, t: torch.Tensor, with_signal: bool = True) -> None:
+        plan = self.stats.plan_for(t, with_signal)
+        row = self.row % len(self.rows)
+        self.row += 1
+        for part in plan.copies:
+            if part.how == "nan" or t.dtype != self.rows.dtype:
+                continue
+            key = (row, part, t.shape)
+            out = self.views.get(key)
+            if out is None:
+                out = self.views[key] = self.stats.shaped_for(
+                    self.rows[row, part.offset:part.offset + part.length], part, t.shape)
+            self.stats.fill(out, t, part)
+
+    def _output(self, module: nn.Module, args: Any, out: Any) -> None:
+        super()._output(module, args, out)
+        t = _first_float(out)
+        if t is not None:
+            with torch.no_grad():
+                self._sample(t)
+
+    def _grad(self, grad: torch.Tensor) -> None:
+        super()._grad(grad)
+        self._sample(grad, False)
+
+    def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for p in self.params:
+                self._sample(p, False)
+                if p.grad is not None:
+                    self._sample(p.grad, False)
+
+    def _after(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for p in self.params:
+                self._sample(p, False)
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        super().after_step(loss)
+        self.row = 0
+
+
 class Naive(Mode):
     """The common hand-written monitor: mean, std and zero fraction read with ``.item()``."""
 
@@ -328,6 +395,8 @@ def make_mode(name: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
         return Floor(model, optimizer)
     if name == "exact-floor":
         return ExactFloor(model, optimizer)
+    if name == "sampled-floor":
+        return SampledFloor(model, optimizer)
     if name == "naive":
         return Naive(model, optimizer)
     if name == "trainlint-observed":

@@ -6,6 +6,8 @@ zero_grad, the forward (with the loss), the backward, the optimizer step and the
     python benchmarks/phases.py --workloads mlp-w16 --threads 1 --steps 300
     python benchmarks/phases.py --modes plain,floor,trainlint-observed
 
+``sampled-floor`` (overhead.py's modes) does the reads and sample gathers an observed step does
+and nothing else: the difference to ``trainlint-observed`` is trainlint's own machinery.
 ``mlp-w16`` and ``cnn-tiny`` (overhead.py's workloads) have the MLP's and the CNN's layouts with
 tensors so small that reading one costs next to nothing: the extra time there is observing's
 fixed cost per observed tensor and per step (hooks, Python, op dispatch). On CUDA each phase
@@ -62,7 +64,8 @@ def print_phases(title: str, table: dict[str, list[float]]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default="cnn,mlp,cnn-tiny,mlp-w16")
-    parser.add_argument("--modes", default="plain,floor,exact-floor,trainlint-observed")
+    parser.add_argument("--modes",
+                        default="plain,floor,exact-floor,sampled-floor,trainlint-observed")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
