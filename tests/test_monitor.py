@@ -423,7 +423,7 @@ def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:
     first = next(lt for lt in report.trace.layers if lt.module == "0")
     assert first.activation.count == 3 * 64 * 16
     norm = report.trace.modules["1"]
-    assert norm.batch_sizes == [64, 64, 64]
+    assert norm.batch_sizes == [64]  # each distinct call once: never the evaluation's 3
 
 
 def test_a_keyboard_interrupt_in_forward_leaves_no_mode_over_the_users() -> None:
@@ -904,3 +904,24 @@ def test_a_loop_that_calls_the_models_children_labels_each_step_alike() -> None:
             monitor.step(loss)
         labels = sorted(lt.label for lt in monitor.report().trace.layers)
     assert labels == ["0.0", "0.1", "1"]
+
+
+def test_a_long_run_keeps_each_distinct_norm_call_once() -> None:
+    """Every observed step repeats the BatchNorm calls: the record keeps each distinct call (its
+    input shape, train mode) once, so it does not grow with the run, and the smallest batch
+    still counts."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for step in range(12):
+            batch = 4 if step == 5 else 16  # one short last batch of an epoch
+            x, y = torch.randn(batch, 3, 8, 8), torch.randint(0, 2, (batch,))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            monitor.step()
+        facts = monitor.report().trace.modules["1"]
+    assert sorted(facts.batch_sizes) == [4, 16]
+    assert facts.input_shapes == [(16, 8, 8, 8), (4, 8, 8, 8)]
+    assert facts.values_per_channel == [16 * 64, 4 * 64]

@@ -106,7 +106,9 @@ class TraceBuilder:
         self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
-        self.norm_calls: list = []
+        # The distinct normalization-layer calls (module, input shape, training), first seen
+        # first: every observed step repeats them, and the rules read their minimum and shapes.
+        self.norm_calls: dict = {}
         # Modules whose own forward called F.scaled_dot_product_attention, or a functional norm
         # (name -> the norm's torch.nn class name).
         self.attention_calls: set = set()
@@ -129,7 +131,8 @@ class TraceBuilder:
         self.observed += 1
         self.points.update(snap.points)
         self.checkpointed.update(snap.checkpointed)
-        self.norm_calls.extend(snap.norm_calls)
+        for call in snap.norm_calls:
+            self.norm_calls.setdefault((call.module, call.shape, call.training), call)
         self.attention_calls.update(snap.attention_calls)
         self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
@@ -343,7 +346,7 @@ class TraceBuilder:
             fact = facts.get(name)
             if fact is not None and fact.is_leaf and fact.base == fact.type:
                 fact.base = norm  # a user's leaf class that is F.layer_norm: a LayerNorm
-        for call in self.norm_calls:
+        for call in self.norm_calls.values():
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:
                 continue
