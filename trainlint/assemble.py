@@ -106,8 +106,8 @@ class TraceBuilder:
         self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
-        # The distinct normalization-layer calls (module, input shape, training), first seen
-        # first: every observed step repeats them, and the rules read their minimum and shapes.
+        # The distinct normalization-layer calls (an ordered set: every observed step repeats
+        # them, and the rules read their minimum batch and their shapes).
         self.norm_calls: dict = {}
         # Modules whose own forward called F.scaled_dot_product_attention, or a functional norm
         # (name -> the norm's torch.nn class name).
@@ -131,8 +131,7 @@ class TraceBuilder:
         self.observed += 1
         self.points.update(snap.points)
         self.checkpointed.update(snap.checkpointed)
-        for call in snap.norm_calls:
-            self.norm_calls.setdefault((call.module, call.shape, call.training), call)
+        self.norm_calls.update(dict.fromkeys(snap.norm_calls))
         self.attention_calls.update(snap.attention_calls)
         self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
@@ -346,7 +345,7 @@ class TraceBuilder:
             fact = facts.get(name)
             if fact is not None and fact.is_leaf and fact.base == fact.type:
                 fact.base = norm  # a user's leaf class that is F.layer_norm: a LayerNorm
-        for call in self.norm_calls.values():
+        for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:
                 continue

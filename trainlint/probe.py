@@ -271,7 +271,7 @@ class Point:
     channel_first: Optional[bool] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class NormCall:
     module: str
     shape: tuple
