@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections import deque
+from array import array
 from dataclasses import replace
 from typing import Optional
 
@@ -25,12 +25,35 @@ from .trace import (
     ModuleFacts,
     ParamTrace,
     RunTrace,
+    StepLayers,
+    StepValues,
 )
 
 _PLAIN = (bool, int, float, str)
 # The dead-unit records cover this many of the last observed steps: a unit that a too-high
 # learning rate killed mid-run is dead although it was active at the run's start.
 UNIT_WINDOW = 10
+_NO_SIGNAL = np.zeros(2)
+
+
+def _shared_index(keys: tuple, last: dict) -> dict:
+    """``{key: position}`` of ``keys``: ``last`` itself when it holds the same keys in the
+    same order (each step of a run then shares one)."""
+    if len(keys) == len(last) and all(a == b for a, b in zip(keys, last)):
+        return last
+    return {key: i for i, key in enumerate(keys)}
+
+
+def _put(columns: dict, name: str, size: int, at: list, values: np.ndarray) -> None:
+    """Set column ``name`` (of ``size`` positions) to ``values`` at positions ``at``, with a
+    mask of them unless they are all the positions."""
+    column = np.full(size, np.nan)
+    column[at] = values
+    mask = None
+    if len(at) < size:
+        mask = np.zeros(size, dtype=bool)
+        mask[at] = True
+    columns[name] = (column, mask)
 
 
 def module_attrs(module: nn.Module) -> dict:
@@ -101,7 +124,8 @@ class TraceBuilder:
         self.act_rows: dict[tuple, np.ndarray] = {}
         self.grad_rows: dict[tuple, np.ndarray] = {}
         self.units: dict[tuple, np.ndarray] = {}
-        self.unit_steps: dict[tuple, deque] = {}
+        self.unit_counts: dict[tuple, int] = {}
+        self.unit_last: dict[tuple, np.ndarray] = {}
         self.signal: dict[tuple, np.ndarray] = {}
         self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
@@ -120,6 +144,10 @@ class TraceBuilder:
         self.params: dict[str, ParamTrace] = {}
         self.losses: list[float] = []
         self.per_step: list[dict] = []
+        # The key -> position dicts of the last step's StepLayers and StepValues (shared by the
+        # next steps with the same keys).
+        self._layer_index: dict = {}
+        self._grad_index: dict = {}
         self.errors: list[dict] = []
         self.train_flags: list[dict] = []
         self.observed = 0
@@ -137,33 +165,19 @@ class TraceBuilder:
         self.edges |= snap.edges
         if snap.output_origins:
             self.output_origins = snap.output_origins
-        step_info: dict = {"step": step, "layers": {}}
+        step_info: dict = {"step": step}
         nonfinite: dict = {"activations": {}, "gradients": {},
                            "inputs": sorted({name for name, in snap.nonfinite_inputs}),
                            "modules": [[name, self.points[key].depth if key in self.points
                                         else -1] for name, key in snap.nonfinite_modules]}
         self.before_nonfinite = []
-        layers = step_info["layers"]
-        acts: list = []
-        grads: list = []
+        order: dict = {}  # the layers in the snapshot's order (an ordered set)
+        found: dict = {"act": [], "grad": [], "units": [], "signal": []}
         for tag, value in snap.values.items():
             kind = tag[0]
-            if kind in ("act", "grad", "units", "signal"):
-                layers.setdefault(tag[1], {})  # the layers in the snapshot's order
-            if kind == "act":
-                acts.append((tag[1], value))
-            elif kind == "grad":
-                grads.append((tag[1], value))
-            elif kind == "units":
-                window = self.unit_steps.setdefault(tag[1], deque(maxlen=UNIT_WINDOW))
-                window.append(value.astype(bool))
-                active = self.units[tag[1]] = np.logical_or.reduce(list(window))
-                if active.size:
-                    layers[tag[1]]["dead_fraction"] = 1.0 - np.count_nonzero(active) / active.size
-            elif kind == "signal":
-                self.signal[tag[1]] = self.signal.get(tag[1], 0.0) + value
-                if value[1] > 0:
-                    layers[tag[1]]["signal"] = float(np.sqrt(value[0] / value[1]))
+            if kind in found:
+                order[tag[1]] = None
+                found[kind].append((tag[1], value))
             elif kind == "input":
                 self._add_input(tag, value)
             elif kind == "param_finite":
@@ -176,16 +190,26 @@ class TraceBuilder:
                 step_info["loss"] = loss
             elif kind == "extra" and tag[1] in ("loss_mean", "loss_max"):
                 step_info[tag[1]] = float(value.reshape(-1)[0])
-        if acts:
-            self._add_acts(acts, layers, nonfinite["activations"])
-        if grads:
-            self._add_grads(grads, layers, nonfinite["gradients"])
-        for key, order in snap.backward_order.items():
-            self.backward_order.setdefault(key, order)
-        grad_total = [p.grad_norm for p in self.params.values() if p.grad_norm is not None]
-        step_info["grad_norm"] = math.sqrt(sum(g * g for g in grad_total)) if grad_total else None
-        step_info["param_grad_norms"] = {n: p.grad_norm for n, p in self.params.items()
-                                         if p.grad_norm is not None}
+        index = _shared_index(tuple(order), self._layer_index)
+        self._layer_index = index
+        columns: dict = {}
+        if found["act"]:
+            self._add_acts(found["act"], index, columns, nonfinite["activations"])
+        if found["grad"]:
+            self._add_grads(found["grad"], index, columns, nonfinite["gradients"])
+        if found["units"]:
+            self._add_units(found["units"], index, columns)
+        if found["signal"]:
+            self._add_signal(found["signal"], index, columns)
+        step_info["layers"] = StepLayers(index, columns)
+        for key, rank in snap.backward_order.items():
+            self.backward_order.setdefault(key, rank)
+        with_grad = [(n, p.grad_norm) for n, p in self.params.items() if p.grad_norm is not None]
+        step_info["grad_norm"] = (math.sqrt(sum(g * g for _, g in with_grad)) if with_grad
+                                  else None)
+        self._grad_index = _shared_index(tuple(n for n, _ in with_grad), self._grad_index)
+        step_info["param_grad_norms"] = StepValues(
+            self._grad_index, np.array([g for _, g in with_grad], dtype=np.float64))
         nonfinite["parameters"] = [p.name for p in self.params.values() if p.nonfinite]
         nonfinite["parameter_grads"] = [p.name for p in self.params.values() if p.grad_nonfinite]
         nonfinite["parameters_before"] = self.before_nonfinite
@@ -194,9 +218,9 @@ class TraceBuilder:
         # The modes the training forward ran in (read now when no forward said: a check).
         self.train_flags.append({"step": step, **(snap.train_flags or training_flags(self.model))})
 
-    def _add_acts(self, acts: list, layers: dict, nonfinite: dict) -> None:
+    def _add_acts(self, acts: list, index: dict, columns: dict, nonfinite: dict) -> None:
         """This step's activation rows of every point: its std, mean and zero fraction into
-        ``layers``, its NaN/Inf count into ``nonfinite``, and the rows folded into the run's
+        ``columns``, its NaN/Inf count into ``nonfinite``, and the rows folded into the run's
         (all points at once)."""
         keys = [key for key, _ in acts]
         if all(len(value) == 1 for _, value in acts):  # one call each: the rows as they are
@@ -204,11 +228,11 @@ class TraceBuilder:
         else:
             step = np.concatenate([stats.fold_moments(value) for _, value in acts])
         summary = stats.moment_summaries(step)
-        for i, key in enumerate(keys):
-            layers[key].update(std=float(summary["std"][i]), mean=float(summary["mean"][i]),
-                               zero_fraction=float(summary["zero_fraction"][i]))
-            if summary["nonfinite"][i]:
-                nonfinite[key] = int(summary["nonfinite"][i])
+        at = [index[key] for key in keys]
+        for name in ("std", "mean", "zero_fraction"):
+            _put(columns, name, len(index), at, summary[name])
+        for i in np.flatnonzero(summary["nonfinite"]).tolist():
+            nonfinite[keys[i]] = int(summary["nonfinite"][i])
         seen = [i for i, key in enumerate(keys) if key in self.act_rows]
         if seen:
             before = np.concatenate([self.act_rows[keys[i]] for i in seen])
@@ -216,23 +240,56 @@ class TraceBuilder:
         for i, key in enumerate(keys):
             self.act_rows[key] = step[i:i + 1]
 
-    def _add_grads(self, grads: list, layers: dict, nonfinite: dict) -> None:
+    def _add_grads(self, grads: list, index: dict, columns: dict, nonfinite: dict) -> None:
         """This step's gradient rows of every point (all fields are sums): its norm into
-        ``layers``, its NaN/Inf count into ``nonfinite``, and the sums into the run's."""
+        ``columns``, its NaN/Inf count into ``nonfinite``, and the sums into the run's."""
         rows = [value.reshape(-1, len(stats.GRAD_FIELDS)) for _, value in grads]
         starts = np.cumsum([0] + [len(r) for r in rows])[:-1]
         step = np.add.reduceat(np.concatenate(rows).astype(np.float64, copy=False), starts)
-        norms = np.sqrt(step[:, stats.G["sumsq"]])
-        for i, (key, _) in enumerate(grads):
-            layers[key]["grad_norm"] = float(norms[i])
-            bad = int(step[i, stats.G["nonfinite"]])
-            if bad:
-                nonfinite[key] = bad
+        _put(columns, "grad_norm", len(index), [index[key] for key, _ in grads],
+             np.sqrt(step[:, stats.G["sumsq"]]))
+        bad = step[:, stats.G["nonfinite"]]
+        for i in np.flatnonzero(bad).tolist():
+            nonfinite[grads[i][0]] = int(bad[i])
         seen = [i for i, (key, _) in enumerate(grads) if key in self.grad_rows]
         if seen:
             step[seen] += np.concatenate([self.grad_rows[grads[i][0]] for i in seen])
         for i, (key, _) in enumerate(grads):
             self.grad_rows[key] = step[i:i + 1]
+
+    def _add_units(self, units: list, index: dict, columns: dict) -> None:
+        """Each point's "ever active" record over its last ``UNIT_WINDOW`` observed calls, and
+        its dead fraction into ``columns``. Per unit, the number of the point's last step
+        that found it active (0: none yet): a unit is active in the window when that is one of
+        the last ``UNIT_WINDOW`` (one small array per point, one op per step)."""
+        at, dead = [], []
+        for key, value in units:
+            count = self.unit_counts.get(key, 0) + 1
+            last = self.unit_last.get(key)
+            if last is None or last.shape != value.shape:
+                last = self.unit_last[key] = np.zeros(value.shape, dtype=np.int32)
+            self.unit_counts[key] = count
+            np.putmask(last, value.astype(bool), count)
+            active = self.units[key] = last > max(count - UNIT_WINDOW, 0)
+            if active.size:
+                at.append(index[key])
+                dead.append(1.0 - np.count_nonzero(active) / active.size)
+        if at:
+            _put(columns, "dead_fraction", len(index), at, np.array(dead))
+
+    def _add_signal(self, signal: list, index: dict, columns: dict) -> None:
+        """Each point's between-sample ``[sum, pairs]``: added to the run's, and this step's
+        RMS into ``columns`` where it has pairs."""
+        keys = [key for key, _ in signal]
+        step = np.stack([value for _, value in signal]).astype(np.float64, copy=False)
+        before = np.stack([self.signal.get(key, _NO_SIGNAL) for key in keys])
+        total = before + step
+        for i, key in enumerate(keys):
+            self.signal[key] = total[i]
+        paired = np.flatnonzero(step[:, 1] > 0)
+        if len(paired):
+            _put(columns, "signal", len(index), [index[keys[i]] for i in paired.tolist()],
+                 np.sqrt(step[paired, 0] / step[paired, 1]))
 
     def _add_input(self, tag: tuple, value: np.ndarray) -> None:
         _, _, name, shape, dtype, dim = tag
@@ -257,10 +314,14 @@ class TraceBuilder:
         trace = self.params.get(name)
         if trace is None:
             module = name.rsplit(".", 1)[0] if "." in name else ""
+            # Its per-step series as arrays of doubles (8 bytes a value, not a float object
+            # each); build() hands out lists.
             trace = self.params[name] = ParamTrace(name=name, module=module, shape=shape,
                                                    requires_grad=requires_grad,
                                                    in_optimizer=in_opt, norm=norm, std=std,
-                                                   grad_norm=grad)
+                                                   grad_norm=grad, update_ratios=array("d"),
+                                                   norms_before=array("d"),
+                                                   update_norms=array("d"))
         trace.shape, trace.requires_grad, trace.in_optimizer = shape, requires_grad, in_opt
         trace.norm, trace.std, trace.grad_norm = norm, std, grad
         trace.group, trace.lr, trace.dtype = group, lr, dtype

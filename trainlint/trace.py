@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -213,6 +214,58 @@ class Edge:
     src: tuple
     dst: tuple
     via: tuple = ()
+
+
+class StepLayers(Mapping):
+    """One observed step's per-layer values (``RunTrace.per_step[i]["layers"]``), kept as
+    columns: ``index`` maps each point key to its position (one dict shared by the steps that
+    observed the same points) and ``columns`` each field to ``(float64 values, mask of the
+    positions that have it, or None when all do)``. An entry reads as a dict of the fields the
+    layer has at that step, as a dict per layer per step did, for a fraction of the memory."""
+
+    __slots__ = ("_index", "_columns")
+
+    def __init__(self, index: dict, columns: dict) -> None:
+        self._index = index
+        self._columns = columns
+
+    def __getitem__(self, key: tuple) -> dict:
+        i = self._index[key]
+        return {name: float(values[i]) for name, (values, mask) in self._columns.items()
+                if mask is None or mask[i]}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class StepValues(Mapping):
+    """One observed step's float per name (``RunTrace.per_step[i]["param_grad_norms"]``): an
+    ``index`` of the names (shared from step to step while they stay the same) and a float64
+    array."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict, values: np.ndarray) -> None:
+        self._index = index
+        self._values = values
+
+    def __getitem__(self, name: str) -> float:
+        return float(self._values[self._index[name]])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 @dataclass
