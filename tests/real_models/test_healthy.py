@@ -19,14 +19,16 @@ from .harness import (
     threshold,
 )
 
-# The activation family each architecture's hidden layers use (None: inside nn.LSTM's kernel).
+# The activation family each architecture's hidden layers use (None: inside nn.LSTM's or
+# nn.GRU's kernel).
 ACTIVATION_KIND = {
     "hf_bert": "gelu", "hf_distilbert": "gelu", "hf_gpt2": "gelu", "hf_t5": "relu",
     "hf_vit": "gelu", "hf_resnet": "relu", "hf_convnext": "gelu", "hf_mobilenet_v2": "relu",
-    "hf_regnet": "relu", "hf_segformer": "gelu", "torch_transformer": "gelu",
-    "torch_lstm_lm": None,
+    "hf_regnet": "relu", "hf_segformer": "gelu", "hf_llama": "gelu", "hf_swin": "gelu",
+    "torch_transformer": "gelu", "torch_lstm_lm": None, "torch_gru_lm": None,
+    "torch_densenet": "relu",
 }
-BATCHNORM_MODELS = ("hf_resnet", "hf_mobilenet_v2", "hf_regnet")
+BATCHNORM_MODELS = ("hf_resnet", "hf_mobilenet_v2", "hf_regnet", "torch_densenet")
 
 
 def test_every_architecture_has_a_model_file() -> None:
