@@ -7,7 +7,7 @@ from statistics import median
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
-from trainlint.trace import LayerTrace, ModuleFacts, RunTrace
+from trainlint.trace import LayerTrace, ModuleFacts, RunTrace, layer_columns
 
 from ._graph import (
     FUNCTIONAL_DROPOUT,
@@ -312,27 +312,25 @@ def _init_fix(kind: str) -> str:
             f"gain=nn.init.calculate_gain('{kind}')) (Glorot init)")
 
 
-def _step_scales(step: dict, series: list[LayerTrace], measure: str) -> Optional[list[float]]:
+def _step_scales(step: dict, series: list[LayerTrace], keys: list,
+                 measure: str) -> Optional[list[float]]:
     """Each series layer's scale at one observed step (``measure`` "signal": between-sample
     RMS; "rms": RMS); None when one of them was not measured or held NaN/Inf then (a diverged
-    step says nothing about scale)."""
-    layers = step.get("layers", {})
+    step says nothing about scale). ``keys``: the series' point keys."""
     bad = step.get("nonfinite", {}).get("activations", {})
-    scales = []
-    for lt in series:
-        key = lt.node[1:]
-        entry = layers.get(key)
-        if key in bad or entry is None or "std" not in entry:
+    if any(key in bad for key in keys):
+        return None
+    found = layer_columns(step.get("layers", {}), keys, ("std", "mean", "signal"))
+    if found is None or None in found["std"]:
+        return None
+    if measure == "signal":
+        if None in found["signal"]:
             return None
-        if measure == "signal":
-            if entry.get("signal") is None:
-                return None
-            scale = entry["signal"]
-        else:
-            scale = math.hypot(entry["std"], entry["mean"])
-        if scale == 0 and lt.activation.nonfinite:  # all NaN/Inf: no finite moments
-            return None
-        scales.append(scale)
+        scales = found["signal"]
+    else:
+        scales = [math.hypot(s, m) for s, m in zip(found["std"], found["mean"])]
+    if any(scale == 0 and lt.activation.nonfinite for scale, lt in zip(scales, series)):
+        return None  # all NaN/Inf: no finite moments
     return scales
 
 
@@ -343,8 +341,9 @@ def _scale_profiles(trace: RunTrace, window: int, min_layers: int,
     series = depth_series(trace)
     if len(series) < min_layers:
         return []
+    keys = [lt.node[1:] for lt in series]
     candidates = [(s.get("step"), scales) for s in trace.per_step
-                  if (scales := _step_scales(s, series, measure)) is not None]
+                  if (scales := _step_scales(s, series, keys, measure)) is not None]
     if not candidates:
         merged = [lt.activation.signal if measure == "signal" else lt.activation.rms
                   for lt in series]

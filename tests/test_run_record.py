@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import trainlint
 from trainlint.assemble import UNIT_WINDOW, TraceBuilder
 from trainlint.probe import ProbeSnapshot
+from trainlint.trace import StepLayers, layer_columns
 
 
 def _snapshot(values: dict) -> ProbeSnapshot:
@@ -86,7 +87,7 @@ def test_each_steps_layers_read_as_dicts_of_what_was_measured() -> None:
         assert set(layers) == set(keys.values()) and len(layers) == 3
         for name, key in keys.items():
             entry = layers[key]
-            assert isinstance(entry, dict) and key in layers
+            assert key in layers and dict(entry) == {k: entry[k] for k in entry}
             out = seen[name][i]
             assert entry["mean"] == pytest.approx(out.mean().item(), rel=1e-9, abs=1e-12)
             assert entry["std"] == pytest.approx(out.std(unbiased=False).item(), rel=1e-9)
@@ -152,3 +153,27 @@ def test_a_long_runs_record_grows_by_a_few_numbers_per_layer_and_step() -> None:
     per_step, points, params = _record_growth(width=16, depth=24, steps=30)
     assert points == 49 and params == 50
     assert per_step < 150 * (points + params), per_step
+
+
+def test_a_steps_layers_read_by_columns_as_by_entries() -> None:
+    """``layer_columns`` reads a step's fields for many layers at once, from the builder's
+    columns or from a plain dict of dicts (a hand-built trace), with the same answers: None
+    for a field a layer lacks, None for the whole when a layer was not observed."""
+    index = {("a", "output", None): 0, ("b", "output", 4): 1, ("c", "relu", 4): 2}
+    columns = {"std": (np.array([1.0, 2.0, 3.0]), None),
+               "grad_norm": (np.array([0.5, np.nan, 0.25]), np.array([True, False, True])),
+               "signal": (np.array([np.nan, np.nan, 7.0]), np.array([False, False, True]))}
+    packed = StepLayers(index, columns)
+    plain = {key: dict(packed[key]) for key in packed}
+    assert plain == {("a", "output", None): {"std": 1.0, "grad_norm": 0.5},
+                     ("b", "output", 4): {"std": 2.0},
+                     ("c", "relu", 4): {"std": 3.0, "grad_norm": 0.25, "signal": 7.0}}
+    assert packed == plain and len(packed[("b", "output", 4)]) == 1
+    assert packed.get(("b", "output", 4)).get("grad_norm", -1.0) == -1.0
+    keys = [("c", "relu", 4), ("a", "output", None)]
+    names = ("std", "grad_norm", "signal", "mean")
+    for layers in (packed, plain):
+        assert layer_columns(layers, keys, names) == {
+            "std": [3.0, 1.0], "grad_norm": [0.25, 0.5], "signal": [7.0, None],
+            "mean": [None, None]}
+        assert layer_columns(layers, keys + [("d", "output", None)], names) is None

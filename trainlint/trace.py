@@ -220,8 +220,8 @@ class StepLayers(Mapping):
     """One observed step's per-layer values (``RunTrace.per_step[i]["layers"]``), kept as
     columns: ``index`` maps each point key to its position (one dict shared by the steps that
     observed the same points) and ``columns`` each field to ``(float64 values, mask of the
-    positions that have it, or None when all do)``. An entry reads as a dict of the fields the
-    layer has at that step, as a dict per layer per step did, for a fraction of the memory."""
+    positions that have it, or None when all do)``. An entry reads like a dict of the fields
+    the layer has at that step (a dict per layer per step took several times the memory)."""
 
     __slots__ = ("_index", "_columns")
 
@@ -229,10 +229,12 @@ class StepLayers(Mapping):
         self._index = index
         self._columns = columns
 
-    def __getitem__(self, key: tuple) -> dict:
-        i = self._index[key]
-        return {name: float(values[i]) for name, (values, mask) in self._columns.items()
-                if mask is None or mask[i]}
+    def __getitem__(self, key: tuple) -> LayerValues:
+        return LayerValues(self._columns, self._index[key])
+
+    def get(self, key: tuple, default: object = None) -> object:
+        at = self._index.get(key)
+        return default if at is None else LayerValues(self._columns, at)
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -242,6 +244,63 @@ class StepLayers(Mapping):
 
     def __len__(self) -> int:
         return len(self._index)
+
+
+class LayerValues(Mapping):
+    """One layer's values at one step: a read-only view of position ``at`` of the columns."""
+
+    __slots__ = ("_columns", "_at")
+
+    def __init__(self, columns: dict, at: int) -> None:
+        self._columns = columns
+        self._at = at
+
+    def __getitem__(self, name: str) -> float:
+        values, mask = self._columns[name]
+        if mask is not None and not mask[self._at]:
+            raise KeyError(name)
+        return values.item(self._at)
+
+    def get(self, name: str, default: object = None) -> object:
+        found = self._columns.get(name)
+        if found is None or (found[1] is not None and not found[1][self._at]):
+            return default
+        return found[0].item(self._at)
+
+    def __contains__(self, name: object) -> bool:
+        found = self._columns.get(name)
+        return found is not None and (found[1] is None or bool(found[1][self._at]))
+
+    def __iter__(self) -> Iterator:
+        return (name for name in self._columns if name in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def layer_columns(layers: Mapping, keys: list, names: tuple) -> Optional[dict]:
+    """``{name: [value or None per key]}``: fields ``names`` of layers ``keys`` at one step
+    (``per_step[i]["layers"]``: a :class:`StepLayers`, read by columns, or a plain dict of
+    dicts); None when one of the keys was not observed then."""
+    if isinstance(layers, StepLayers):
+        at = [layers._index.get(key) for key in keys]
+        if None in at:
+            return None
+        out = {}
+        for name in names:
+            found = layers._columns.get(name)
+            if found is None:
+                out[name] = [None] * len(at)
+                continue
+            values = found[0][at].tolist()
+            if found[1] is not None:
+                values = [v if ok else None for v, ok in zip(values, found[1][at].tolist())]
+            out[name] = values
+        return out
+    entries = [layers.get(key) for key in keys]
+    if any(entry is None for entry in entries):
+        return None
+    return {name: [entry.get(name) for entry in entries] for name in names}
 
 
 class StepValues(Mapping):
@@ -256,7 +315,14 @@ class StepValues(Mapping):
         self._values = values
 
     def __getitem__(self, name: str) -> float:
-        return float(self._values[self._index[name]])
+        return self._values.item(self._index[name])
+
+    def get(self, name: str, default: object = None) -> object:
+        at = self._index.get(name)
+        return default if at is None else self._values.item(at)
+
+    def items(self):  # type: ignore[override]  # (in one pass: the index is in order)
+        return zip(self._index, self._values.tolist())
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
