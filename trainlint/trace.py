@@ -245,6 +245,23 @@ class StepLayers(Mapping):
     def __len__(self) -> int:
         return len(self._index)
 
+    def fields(self, keys: list, names: tuple) -> Optional[dict]:
+        """:func:`layer_columns` of this step: one fancy index per field."""
+        at = [self._index.get(key) for key in keys]
+        if None in at:
+            return None
+        out = {}
+        for name in names:
+            found = self._columns.get(name)
+            if found is None:
+                out[name] = [None] * len(at)
+                continue
+            values = found[0][at].tolist()
+            if found[1] is not None:
+                values = [v if ok else None for v, ok in zip(values, found[1][at].tolist())]
+            out[name] = values
+        return out
+
 
 class LayerValues(Mapping):
     """One layer's values at one step: a read-only view of position ``at`` of the columns."""
@@ -283,20 +300,7 @@ def layer_columns(layers: Mapping, keys: list, names: tuple) -> Optional[dict]:
     (``per_step[i]["layers"]``: a :class:`StepLayers`, read by columns, or a plain dict of
     dicts); None when one of the keys was not observed then."""
     if isinstance(layers, StepLayers):
-        at = [layers._index.get(key) for key in keys]
-        if None in at:
-            return None
-        out = {}
-        for name in names:
-            found = layers._columns.get(name)
-            if found is None:
-                out[name] = [None] * len(at)
-                continue
-            values = found[0][at].tolist()
-            if found[1] is not None:
-                values = [v if ok else None for v, ok in zip(values, found[1][at].tolist())]
-            out[name] = values
-        return out
+        return layers.fields(keys, names)
     entries = [layers.get(key) for key in keys]
     if any(entry is None for entry in entries):
         return None
@@ -321,8 +325,8 @@ class StepValues(Mapping):
         at = self._index.get(name)
         return default if at is None else self._values.item(at)
 
-    def items(self):  # type: ignore[override]  # (in one pass: the index is in order)
-        return zip(self._index, self._values.tolist())
+    def items(self) -> list:  # type: ignore[override]  # (one pass: the index is in order)
+        return list(zip(self._index, self._values.tolist()))
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
