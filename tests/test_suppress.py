@@ -170,3 +170,16 @@ def test_selection_carries_per_module_ignores_for_the_api(fixture_model) -> None
                              selection=selection)
     kinds = {(s.finding.module, s.kind) for s in report.suppressed}
     assert kinds == {("act1", "inline"), ("act2", "config")}
+
+
+def test_a_source_file_is_tokenized_again_only_when_it_changes(tmp_path) -> None:
+    """Reports built one after another (a Monitor with fail_on builds one per observed step)
+    read a model file's comments once, and again once it is edited."""
+    path = tmp_path / "model.py"
+    path.write_text("layer = 1  # trainlint: ignore[TL101]\n")
+    first = suppress.file_comments(str(path))
+    assert first == {1: "# trainlint: ignore[TL101]"}
+    assert suppress.file_comments(str(path)) is first  # unchanged: not read again
+    path.write_text("layer = 1\nother = 2  # trainlint: ignore\n")
+    assert suppress.file_comments(str(path)) == {2: "# trainlint: ignore"}
+    assert suppress.file_comments(str(tmp_path / "missing.py")) == {}

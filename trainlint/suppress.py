@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import os
 import re
 import tokenize
 from dataclasses import dataclass
@@ -65,6 +66,35 @@ def comments_by_line(source: str) -> dict[int, str]:
                 for i, line in enumerate(source.splitlines(), 1) if "#" in line}
 
 
+# The comments of the source files read so far, by path: ``((mtime_ns, size), comments)``,
+# tokenized again when the file changes (a Monitor with ``fail_on`` builds a report at every
+# observed step; tokenizing a model's file each time cost ~20 ms on a ResNet-50 layout).
+_FILE_COMMENTS: dict[str, tuple] = {}
+_MAX_FILES = 64
+
+
+def file_comments(path: str) -> dict[int, str]:
+    """:func:`comments_by_line` of the file at ``path`` ({} when it cannot be read), read
+    again only when its modification time or size changed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return {}
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _FILE_COMMENTS.get(path)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            comments = comments_by_line(handle.read())
+    except OSError:
+        return {}
+    if path not in _FILE_COMMENTS and len(_FILE_COMMENTS) >= _MAX_FILES:
+        _FILE_COMMENTS.pop(next(iter(_FILE_COMMENTS)))
+    _FILE_COMMENTS[path] = (version, comments)
+    return comments
+
+
 class _Comments:
     """Ignore comments of source lines, each file read at most once."""
 
@@ -75,11 +105,7 @@ class _Comments:
 
     def _comments(self, path: str) -> dict[int, str]:
         if path not in self.files:
-            try:
-                with open(path, encoding="utf-8", errors="replace") as handle:
-                    self.files[path] = comments_by_line(handle.read())
-            except OSError:
-                self.files[path] = {}
+            self.files[path] = file_comments(path)
         return self.files[path]
 
     def codes_at(self, path: str, line: int) -> frozenset:
