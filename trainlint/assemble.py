@@ -30,8 +30,9 @@ from .trace import (
 )
 
 _PLAIN = (bool, int, float, str)
-# The dead-unit records cover this many of the last observed steps: a unit that a too-high
-# learning rate killed mid-run is dead although it was active at the run's start.
+# The dead-unit records cover this many of a point's last observed steps (those that ran it): a
+# unit that a too-high learning rate killed mid-run is dead although it was active at the
+# run's start.
 UNIT_WINDOW = 10
 _NO_SIGNAL = np.zeros(2)
 
@@ -258,10 +259,10 @@ class TraceBuilder:
             self.grad_rows[key] = step[i:i + 1]
 
     def _add_units(self, units: list, index: dict, columns: dict) -> None:
-        """Each point's "ever active" record over its last ``UNIT_WINDOW`` observed calls, and
-        its dead fraction into ``columns``. Per unit, the number of the point's last step
-        that found it active (0: none yet): a unit is active in the window when that is one of
-        the last ``UNIT_WINDOW`` (one small array per point, one op per step)."""
+        """Each point's "ever active" record over its last ``UNIT_WINDOW`` records, and its
+        dead fraction into ``columns``. Per unit, the number of the point's last record that
+        found it active (its records counted from 1; 0: none yet): the unit is active in the
+        window when that is one of the last ``UNIT_WINDOW`` (one small array per point)."""
         at, dead = [], []
         for key, value in units:
             count = self.unit_counts.get(key, 0) + 1
