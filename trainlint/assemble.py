@@ -124,7 +124,6 @@ class TraceBuilder:
         # gradient row (memory stays O(points), however long the run).
         self.act_rows: dict[tuple, np.ndarray] = {}
         self.grad_rows: dict[tuple, np.ndarray] = {}
-        self.units: dict[tuple, np.ndarray] = {}
         self.unit_counts: dict[tuple, int] = {}
         self.unit_last: dict[tuple, np.ndarray] = {}
         self.signal: dict[tuple, np.ndarray] = {}
@@ -271,12 +270,20 @@ class TraceBuilder:
                 last = self.unit_last[key] = np.zeros(value.shape, dtype=np.int32)
             self.unit_counts[key] = count
             np.putmask(last, value.astype(bool), count)
-            active = self.units[key] = last > max(count - UNIT_WINDOW, 0)
+            active = self.active_units(key)
             if active.size:
                 at.append(index[key])
                 dead.append(1.0 - np.count_nonzero(active) / active.size)
         if at:
             _put(columns, "dead_fraction", len(index), at, np.array(dead))
+
+    def active_units(self, key: tuple) -> Optional[np.ndarray]:
+        """Which units of point ``key`` were active in its last ``UNIT_WINDOW`` records (None:
+        it has no unit record)."""
+        last = self.unit_last.get(key)
+        if last is None:
+            return None
+        return last > max(self.unit_counts[key] - UNIT_WINDOW, 0)
 
     def _add_signal(self, signal: list, index: dict, columns: dict) -> None:
         """Each point's between-sample ``[sum, pairs]``: added to the run's, and this step's
@@ -361,7 +368,7 @@ class TraceBuilder:
             facts = modules.get(point.module)
             layers.append(LayerTrace(
                 module=point.module, type=point.type, op=point.op, depth=point.depth,
-                kind=point.kind, activation=activation, unit_ever_active=self.units.get(key),
+                kind=point.kind, activation=activation, unit_ever_active=self.active_units(key),
                 unit_dim=point.unit_dim, grad_norm=grad_norm, grad_rms=grad_rms,
                 grad_nonfinite=grad_nonfinite, backward_order=self.backward_order.get(key),
                 location=facts.location if facts else None, shape=point.shape,

@@ -96,22 +96,17 @@ def file_comments(path: str) -> dict[int, str]:
 
 
 class _Comments:
-    """Ignore comments of source lines, each file read at most once."""
+    """Ignore comments of source lines, each line's parsed once (each file's read once:
+    :func:`file_comments`)."""
 
     def __init__(self, notes: list) -> None:
         self.notes = notes
-        self.files: dict[str, dict[int, str]] = {}
         self.parsed: dict[tuple, frozenset] = {}
-
-    def _comments(self, path: str) -> dict[int, str]:
-        if path not in self.files:
-            self.files[path] = file_comments(path)
-        return self.files[path]
 
     def codes_at(self, path: str, line: int) -> frozenset:
         key = (path, line)
         if key not in self.parsed:
-            match = IGNORE_COMMENT.search(self._comments(path).get(line, ""))
+            match = IGNORE_COMMENT.search(file_comments(path).get(line, ""))
             where = f"{relative_path(path)}:{line}"
             self.parsed[key] = (_codes_in(match.group(1), where, self.notes) if match
                                 else frozenset())

@@ -216,14 +216,29 @@ class Edge:
     via: tuple = ()
 
 
-class StepLayers(Mapping):
+class _Indexed(Mapping):
+    """A mapping over the keys of ``index`` (key -> position in the columns behind it)."""
+
+    __slots__ = ("_index",)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class StepLayers(_Indexed):
     """One observed step's per-layer values (``RunTrace.per_step[i]["layers"]``), kept as
     columns: ``index`` maps each point key to its position (one dict shared by the steps that
     observed the same points) and ``columns`` each field to ``(float64 values, mask of the
     positions that have it, or None when all do)``. An entry reads like a dict of the fields
     the layer has at that step (a dict per layer per step took several times the memory)."""
 
-    __slots__ = ("_index", "_columns")
+    __slots__ = ("_columns",)
 
     def __init__(self, index: dict, columns: dict) -> None:
         self._index = index
@@ -235,15 +250,6 @@ class StepLayers(Mapping):
     def get(self, key: tuple, default: object = None) -> object:
         at = self._index.get(key)
         return default if at is None else LayerValues(self._columns, at)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._index
-
-    def __iter__(self) -> Iterator:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     def fields(self, keys: list, names: tuple) -> Optional[dict]:
         """:func:`layer_columns` of this step: one fancy index per field."""
@@ -307,12 +313,12 @@ def layer_columns(layers: Mapping, keys: list, names: tuple) -> Optional[dict]:
     return {name: [entry.get(name) for entry in entries] for name in names}
 
 
-class StepValues(Mapping):
+class StepValues(_Indexed):
     """One observed step's float per name (``RunTrace.per_step[i]["param_grad_norms"]``): an
     ``index`` of the names (shared from step to step while they stay the same) and a float64
     array."""
 
-    __slots__ = ("_index", "_values")
+    __slots__ = ("_values",)
 
     def __init__(self, index: dict, values: np.ndarray) -> None:
         self._index = index
@@ -327,15 +333,6 @@ class StepValues(Mapping):
 
     def items(self) -> list:  # type: ignore[override]  # (one pass: the index is in order)
         return list(zip(self._index, self._values.tolist()))
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._index
-
-    def __iter__(self) -> Iterator:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
 
 
 @dataclass
