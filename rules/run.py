@@ -270,11 +270,16 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``settle_points`` of the curve are all below ``recovery`` × the minimum before it. (A
     BatchNorm ResNet at SGD lr 0.1 without warmup, the usual CIFAR recipe, can spike 1.4 → 9
     in its first steps and be below 1.3 by step 19; an MLP that lr 1.5 knocked out settles at
-    chance, ln C, which is no lower than its start.) When the Monitor joined later (see TL603),
+    chance, ln C, which is no lower than its start.) Where single points are noisy (a Monitor
+    at ``every=1`` on small batches: one batch's loss, 0.05 to 2 around a level of 0.5), the
+    points are the medians of :func:`noise_window` points in a row instead, so many that a
+    median's noise is about 15% of its level: the lowest single batch loss is luck, not a
+    level the loss reached. When the Monitor joined later (see TL603),
     its first loss is one batch of a run already under way, not where training started, and
     the lowest of a converged run's batch losses is luck (they can span 50×: 0.006 to 0.3
     around a median of 0.06): the median of every ``settle_points`` points in a row must
-    climb above ``rise_factor`` × the median of all the points before it, and training got
+    climb above ``rise_factor`` × the median of all the points before it (more points where
+    they are noisy), and training got
     past it when the median of the last ``settle_points`` points is back under that (knocked
     out, a trained model's loss would sit at chance, far above). A classifier's level must
     also reach ``late_floor`` × ln(C) (0.5 x 2.30 for 10 classes): on a converged plateau at
@@ -323,7 +328,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.loss_kind == "synthetic" or trace.foreign_params or trace.adversarial:
         return  # (a competing loss: only NaN/Inf is judged, see _competing)
     late = joined_later(trace, curve)
-    k = t.settle_points if late else 1
+    window = noise_window([loss for _, loss in curve])
+    k = max(t.settle_points, window) if late else window
     levels = [(curve[i][0], median(loss for _, loss in curve[i + 1 - k:i + 1]))
               for i in range(k - 1, len(curve))]
     if not levels:
@@ -342,10 +348,11 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             running = typical[i]
         spike = (running > 0 and running != math.inf and value > t.rise_factor * running
                  and value > start)
-        past = spike and (past or _got_past(curve, step, running, t, late))
+        past = spike and (past or _got_past(curve if k == 1 or late else levels, step,
+                                            running, t, late))
         if spike and not past:
             low = "typical loss before" if late else "running minimum"
-            of = f" (the median of the {k} points up to it)" if late else ""
+            of = f" (the median of the {k} points up to it)" if k > 1 else ""
             yield Hit(
                 module="",
                 message=(f"the loss diverges: {value:.4g} at step {step}{of}, "
@@ -359,6 +366,44 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             return
         if typical is None:
             running = min(running, value)
+
+
+# The relative noise (standard deviation) a loss level may have before TL604 judges medians
+# of several points instead of single points: levels three such deviations low and high are
+# still 2.6x apart, short of a 3x rise.
+LEVEL_NOISE = 0.15
+# Fewer points than this tell too little of their noise (a short climb reads as noise).
+NOISE_POINTS = 20
+
+
+def noise_window(losses: list) -> int:
+    """How many points in a row TL604 takes the median of, so that the median's relative
+    noise is about :data:`LEVEL_NOISE`: 1 for a quiet curve (a Monitor's means over its
+    windows, a check's few steps); more where each point is one small batch's loss (a Monitor
+    at ``every=1``, batch 16: single losses spread from 0.05 to 2 around 0.5, and the running
+    minimum of single points is luck). The per-point noise is estimated robustly from the
+    second differences (a steady trend does not move them; a spike moves few of them), in
+    each third of the curve, and the noisiest third counts (near chance a loss is quieter
+    than once it has fallen); at most a third of the points."""
+    n = len(losses)
+    if n < NOISE_POINTS:
+        return 1
+    noise = max(_relative_noise(part) for part in np.array_split(np.asarray(losses), 3))
+    if noise <= LEVEL_NOISE:
+        return 1
+    wanted = math.ceil((1.2533 * noise / LEVEL_NOISE) ** 2)  # a median of w: 1.2533 / sqrt(w)
+    return max(1, min(wanted, n // 3))
+
+
+def _relative_noise(losses: np.ndarray) -> float:
+    """The standard deviation of single points about their local trend, relative to their
+    median level (1.4826 times the median absolute second difference, over sqrt(6)); 0 for a
+    level of 0."""
+    level = float(np.median(np.abs(losses)))
+    if not level > 0:
+        return 0.0
+    bends = np.abs(np.diff(losses.astype(np.float64), 2))
+    return 1.4826 * float(np.median(bends)) / math.sqrt(6.0) / level
 
 
 def medians_before(values: list) -> list:

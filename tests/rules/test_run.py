@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
 import pytest
 from trainlint.rules import run
 
@@ -362,3 +363,55 @@ def test_medians_before_match_a_direct_median_of_each_prefix():
     assert run.medians_before(values) == [math.inf] + [statistics.median(values[:i])
                                                        for i in range(1, len(values))]
     assert run.medians_before([]) == []
+
+
+def _batch_losses(levels, spread: float = 0.6, seed: int = 0) -> list:
+    """One small batch's loss per step: ``levels`` times heavy-tailed (log-normal) noise, as a
+    Monitor at ``every=1`` records it."""
+    rng = np.random.default_rng(seed)
+    return [float(v) for v in np.asarray(levels) * rng.lognormal(0.0, spread, len(levels))]
+
+
+def _every_step(*losses):
+    return trace([], mode="monitor", per_step=steps(*losses, key="loss_mean"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tl604_a_noisy_falling_curve_of_single_batches_is_no_divergence(seed):
+    """A healthy run at every=1, batch 16: single losses spread 0.05-2 around a level that
+    falls from 1.6 to 0.5; the lowest single loss is luck, and 3x it is an ordinary batch."""
+    losses = _batch_losses(np.geomspace(1.6, 0.5, 300), seed=seed)
+    assert max(losses[100:]) > 3 * min(losses[:100])  # single points would read as a rise
+    assert run.noise_window(losses) > 1
+    assert hits("TL604", _every_step(*losses)) == []
+
+
+def test_tl604_a_noisy_curve_whose_level_rises_diverges():
+    """The same noise on a level that climbs from 0.5 to 2.5 at step 200 (a learning rate
+    raised mid-run): the median of the window's points climbs past 3x the lowest level."""
+    levels = np.r_[np.geomspace(1.6, 0.5, 200), np.full(100, 2.5)]
+    losses = _batch_losses(levels)
+    [found] = hits("TL604", _every_step(*losses))
+    k = run.noise_window(losses)
+    assert 200 <= found.evidence["step"] < 200 + k
+    assert f"the median of the {k} points up to it" in found.message
+
+
+@pytest.mark.parametrize("factor, window", [(0.99, 1), (1.01, 2)])
+def test_noise_window_takes_medians_once_single_points_are_noisier_than_level_noise(factor,
+                                                                                     window):
+    """Points alternating 1 +- a (thirds of 8: median 1) have second differences of 4a: a
+    relative noise of 1.4826 * 4a / sqrt(6)."""
+    a = factor * run.LEVEL_NOISE * math.sqrt(6.0) / (1.4826 * 4)
+    losses = [1.0 + a * (-1) ** i for i in range(24)]
+    assert run.NOISE_POINTS <= 24
+    assert run.noise_window(losses) == window
+    assert run.noise_window(losses[:run.NOISE_POINTS - 1]) == 1  # too few to tell their noise
+
+
+def test_noise_window_follows_the_noisiest_third():
+    """Near chance a loss is quiet; once it has fallen, noisy: the noisy third sets it."""
+    quiet = [1.6 + 0.01 * (-1) ** i for i in range(40)]
+    noisy = _batch_losses(np.full(20, 0.5))
+    assert run.noise_window(quiet) == 1
+    assert run.noise_window(quiet + noisy) > 1
