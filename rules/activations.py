@@ -45,9 +45,11 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## What it does
     For every ReLU-family output (``nn.ReLU``, ``F.relu``, ``x.relu()`` ...) it records, per
     unit (channel of a conv map, feature of a linear output), whether the unit was ever
-    positive over all samples and positions of the last 10 observed steps (all of them in a
+    positive over all samples and positions of the last 10 observed steps, or of as many more
+    (up to 256) as hold 512 values per unit (an MLP at batch 4: 128 steps; over 40 values a
+    unit active for 2% of its inputs looks dead half of the time); all of them in a
     ``trainlint check``; in a long Monitor run, units that a too-high learning rate killed
-    mid-run count although they were active at its start). GELU-family outputs (GELU, SiLU,
+    mid-run count although they were active at its start. GELU-family outputs (GELU, SiLU,
     Mish) count too: their unit is dead when its output is never positive nor below -1e-3
     (input below about -3.4, where the derivative is ~0; tiny outputs of both signs come from
     inputs near 0, where the slope is 0.5: that is a small signal, TL103's, not a dead unit).
@@ -91,7 +93,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         listed = lt.dead_units[:10]
         more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
-        steps = trace.unit_steps or trace.observed_steps
+        steps = lt.unit_records or trace.unit_steps or trace.observed_steps
         last = "the last " if steps < trace.observed_steps else ""
         samples = f" over {last}{steps} observed step(s)" if steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (never > 0, never < -1e-3)"

@@ -409,6 +409,36 @@ def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) ->
         assert f"over the last {UNIT_WINDOW} observed step(s)" in found[0].message
 
 
+@pytest.mark.parametrize("knock_out", [True, False])
+def test_at_batch_4_the_unit_window_holds_enough_samples(knock_out: bool) -> None:
+    """Each unit of a Linear(16, 256) + ReLU sees N(-2.3, 1) before the ReLU: active for 1%
+    of samples, so over ten steps of 4 (40 samples) 65% of the units look dead. The window
+    holds 512 samples per unit (128 steps) and finds ~0.4%; units knocked out at step 20 are
+    dead over those 128 steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(F.normalize(torch.randn(256, 16), dim=1))
+        model[0].bias.fill_(-2.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for step in range(150):
+            if step == 20 and knock_out:
+                with torch.no_grad():
+                    model[0].bias.fill_(-100.0)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(torch.randn(4, 16)), torch.randint(0, 3, (4,)))
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    found = [f for f in report.findings if f.code == "TL101"]
+    assert [f.module for f in found] == (["1"] if knock_out else [])
+    if knock_out:
+        assert found[0].evidence["dead_fraction"] == 1.0
+        assert "over the last 128 observed step(s)" in found[0].message
+
+
 def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:
     """A plain loop that evaluates (autograd off, eval mode, another batch size) between the
     training step and monitor.step(): the step's statistics are the training forward's."""

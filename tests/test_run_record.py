@@ -4,6 +4,7 @@ rules and sinks read it, and how much it grows over a long run."""
 from __future__ import annotations
 
 import gc
+import math
 import pickle
 import tracemalloc
 
@@ -14,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
-from trainlint.assemble import UNIT_WINDOW, TraceBuilder
+from trainlint import stats
+from trainlint.assemble import MAX_UNIT_WINDOW, UNIT_VALUES, UNIT_WINDOW, TraceBuilder, window_for
 from trainlint.probe import ProbeSnapshot
 from trainlint.trace import StepLayers, layer_columns
 
@@ -43,6 +45,53 @@ def test_the_dead_unit_window_covers_a_points_last_calls() -> None:
         assert builder.active_units(key).tolist() == expected.tolist(), step
         dead = builder.per_step[-1]["layers"][key]["dead_fraction"]
         assert dead == pytest.approx(1 - expected.mean())
+
+
+def _act_row(values: int) -> np.ndarray:
+    """An activation row (ACT_FIELDS) of ``values`` elements, all finite, read whole."""
+    row = np.zeros((1, len(stats.ACT_FIELDS)))
+    for field in ("n", "n_finite", "m", "m_finite"):
+        row[0, stats.A[field]] = values
+    row[0, stats.A["m2"]] = values / 4.0
+    row[0, stats.A["max"]] = 1.0
+    return row
+
+
+@pytest.mark.parametrize("per_unit, window", [
+    (64, UNIT_WINDOW),                     # a batch of 64: ten records hold 640 values
+    (4, UNIT_VALUES // 4),                 # a batch of 4: as many records as hold 512
+    (1, MAX_UNIT_WINDOW),                  # a batch of 1: at most MAX_UNIT_WINDOW records
+])
+def test_the_dead_unit_window_holds_enough_values_per_unit(per_unit: int, window: int) -> None:
+    """Over few values a rarely active unit looks dead: the window takes as many records as
+    hold UNIT_VALUES values per unit (the point's element count over its units), at least
+    UNIT_WINDOW, at most MAX_UNIT_WINDOW; each unit is checked against an independent OR of
+    the point's last ``window`` records."""
+    rng = np.random.default_rng(1)
+    builder = TraceBuilder(nn.Identity(), mode="monitor")
+    units = 16
+    key = ("relu", "output", units)
+    history = []
+    for step in range(window + 30):
+        record = rng.random(units) < 0.03
+        history.append(record)
+        builder.add(_snapshot({("act", key): _act_row(per_unit * units),
+                               ("units", key): record.astype(np.float64)}), step)
+        expected = np.logical_or.reduce(history[-window:])
+        assert builder.active_units(key).tolist() == expected.tolist(), step
+    assert builder.unit_records(key) == window
+    dead = builder.per_step[-1]["layers"][key]["dead_fraction"]
+    assert dead == pytest.approx(1 - expected.mean())
+
+
+@pytest.mark.parametrize("per_record, window", [
+    (UNIT_VALUES / UNIT_WINDOW, UNIT_WINDOW), (UNIT_VALUES / UNIT_WINDOW * 0.99, UNIT_WINDOW + 1),
+    (UNIT_VALUES / MAX_UNIT_WINDOW, MAX_UNIT_WINDOW),
+    (UNIT_VALUES / MAX_UNIT_WINDOW * 1.01, math.ceil(MAX_UNIT_WINDOW / 1.01)),
+    (0.0, MAX_UNIT_WINDOW),
+])
+def test_window_for_at_its_edges(per_record: float, window: int) -> None:
+    assert window_for(per_record) == window
 
 
 def _capture(model: nn.Module) -> tuple[dict, list]:

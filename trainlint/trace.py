@@ -67,6 +67,8 @@ class LayerTrace:
     kind: Optional[str] = None
     activation: Optional[ActivationStats] = None
     unit_ever_active: Optional[np.ndarray] = None
+    # How many of the point's last observed records ``unit_ever_active`` covers (0: not said).
+    unit_records: int = 0
     unit_dim: Optional[int] = None
     grad_norm: Optional[float] = None
     grad_rms: Optional[float] = None
