@@ -279,10 +279,11 @@ class TraceBuilder:
             self.grad_rows[key] = step[i:i + 1]
 
     def _add_units(self, units: list, index: dict, columns: dict) -> None:
-        """Each point's "ever active" record over its window of records (:meth:`window`), and
-        its dead fraction into ``columns``. Per unit, the number of the point's last record
-        that found it active (its records counted from 1; 0: none yet): the unit is active in
-        the window when that is one of the window's (one small array per point)."""
+        """Each point's "ever active" record over its window of records (:func:`window_for`
+        of this step's values per unit), and its dead fraction into ``columns``. Per unit, the
+        number of the point's last record that found it active (its records counted from 1;
+        0: none yet): the unit is active in the window when that is one of the window's (one
+        small array per point)."""
         at, dead = [], []
         for key, value in units:
             count = self.unit_counts.get(key, 0) + 1
