@@ -176,7 +176,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
     later, it fires only if the loss rose by more than ``min_drop`` and by more than three
     standard errors of the noise (on a converged plateau, heavy-tailed batch losses move a
-    third's median by 20-30%). It needs at least
+    third's median by 20-30%). Where each point is one small batch's loss and noisy (see
+    TL604's :func:`noise_window`: 20 points or more, each off by over 15% of the level), a
+    rise from the start must clear that noise too, and a loss that barely fell is judged only
+    when the noise lets a ``min_drop`` fall show (three standard errors of the thirds'
+    medians' difference). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. A Monitor created once training had begun (its optimizer
     already held state: a resumed checkpoint, a second phase; or its first classification
@@ -225,9 +229,20 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     losses = [loss for _, loss in curve]
     steady = change <= -t.min_steady_drop and trend_z(losses) <= t.steady_z
     fell = change <= -t.min_drop or early_fall(losses, third) >= t.min_drop
-    rose = change > t.min_drop and (from_start or rise_beyond_noise(losses[:third],
-                                                                    losses[-third:]))
+    noisy = noise_window(losses) > 1  # each point one small batch's loss (see TL604)
+    rose = change > t.min_drop and ((from_start and not noisy)
+                                    or rise_beyond_noise(losses[:third], losses[-third:]))
     if rose or (from_start and not fell and not steady):
+        if not rose and noisy:
+            blur = EARLY_SIGMAS * _median_error(
+                max(_spread(losses[:third]), _spread(losses[-third:])), third, third)
+            if first - last + blur >= t.min_drop * scale:
+                raise Skip(
+                    f"the observed losses are too noisy to tell a {t.min_drop:.0%} fall: the "
+                    f"median of the first third of the {len(curve)} points is {first:.4g}, of "
+                    f"the last {last:.4g}, and noise alone moves their difference by up to "
+                    f"{blur / scale:.0%}; observe less often (a larger `every`: each point is "
+                    f"then the mean loss of its window)")
         if not rose:
             moved = weights_moved(trace, curve[-1][0] - curve[0][0] + 1)
             if moved is not None and moved < t.min_movement:

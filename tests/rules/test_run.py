@@ -415,3 +415,26 @@ def test_noise_window_follows_the_noisiest_third():
     noisy = _batch_losses(np.full(20, 0.5))
     assert run.noise_window(quiet) == 1
     assert run.noise_window(quiet + noisy) > 1
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_tl603_too_noisy_single_batches_are_not_judged_barely_falling(seed):
+    """Online training (every=1, batch 1): single losses spread over orders of magnitude
+    around a level that falls 10% over 300 steps. The thirds' medians move by more than that
+    by noise alone: "rose" or "barely fell" would be a guess, so TL603 says why it cannot tell."""
+    losses = _batch_losses(np.geomspace(1.0, 0.9, 300), spread=1.0, seed=seed)
+    with pytest.raises(Skip, match="too noisy to tell a 5% fall"):
+        hits("TL603", _every_step(*losses))
+
+
+def test_tl603_a_noisy_curve_is_judged_where_its_noise_lets_a_fall_show():
+    """Stuck at chance (labels that do not match the inputs) with 20% noise per point: over
+    3000 points the thirds' medians are precise to ~3%, so a flat loss is reported; a rise far
+    beyond the noise is reported from a few hundred points."""
+    flat = _batch_losses(np.full(3000, 1.6), spread=0.2)
+    assert run.noise_window(flat) > 1
+    [found] = hits("TL603", _every_step(*flat))
+    assert abs(found.evidence["change"]) < defaults("TL603")["min_drop"]
+    rising = _batch_losses(np.geomspace(0.5, 1.5, 300), spread=0.6)
+    [found] = hits("TL603", _every_step(*rising))
+    assert found.message.startswith("the loss rose")
