@@ -159,10 +159,33 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
         else:
             scale = ("; the gradients are large everywhere, so the loss itself is too large: "
                      "standardize regression targets, use reduction='mean'")
-    return (f"clip between loss.backward() and optimizer.step(): "
+    targets = _target_scale(trace)
+    if targets:
+        scale = ""  # (the targets say why the gradients are large everywhere)
+    return (f"{targets}clip between loss.backward() and optimizer.step(): "
             f"torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip:g}){basis}"
             f"{scale}; also lower the learning rate and use Kaiming/Xavier init or "
             f"normalization layers"), clip
+
+
+# A first mean squared error at or above this is the targets' scale, not the model's: with
+# standardized targets it starts near 1 (their variance plus the outputs').
+TARGET_MSE = 100.0
+
+
+def _target_scale(trace: RunTrace) -> str:
+    """The fix's first words when the loss is one MSE term whose first value is at least
+    ``TARGET_MSE``: the regression targets are far from unit scale, and the loss's gradient
+    scales with them (an empty string otherwise)."""
+    if trace.loss_kind != "mse" or (trace.loss_terms or 1) > 1 or not trace.losses:
+        return ""
+    first = trace.losses[0]
+    if not (math.isfinite(first) and first >= TARGET_MSE):
+        return ""
+    return (f"standardize the regression targets (y - y.mean()) / y.std() and scale the "
+            f"predictions back: the first MSE is {first:.3g}, so the outputs start "
+            f"~{math.sqrt(first):.3g} (RMS) from the targets and every gradient scales with "
+            f"that; or ")
 
 
 def scale_invariant_weights(trace: RunTrace) -> set:
@@ -232,6 +255,9 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Clip the gradient norm between ``loss.backward()`` and ``optimizer.step()``:
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=...)`` (the finding suggests
     a value from the measured norms); lower the learning rate; fix the init; add normalization.
+    With one MSE loss whose first value is at least ``TARGET_MSE`` (100), the finding says
+    first to standardize the regression targets: the outputs start that far from them, and
+    every gradient scales with it (targets ~500, as in house prices, give ~1e3).
     """
     fix, clip = _clip_fix(trace, t)
     profile = _profile(trace, t.window, t.min_layers, with_signal=True)

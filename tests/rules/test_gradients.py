@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from trainlint.rules import gradients
 from trainlint.rules.gradients import nice_below
 
 from tests.rules.tracekit import defaults, hits, module, param, point, to_module, trace
@@ -398,3 +399,23 @@ def test_tl501_leaves_attention_projections_out_of_the_depth_profile():
     renamed = [point(n.replace("attn", "proj"), "Linear", depth=i, grad_norm=g)
                for i, (n, g) in enumerate(zip(names, grads))]
     assert hits("TL501", trace(renamed + [head], output_ops=((head.node, ()),)))
+
+
+@pytest.mark.parametrize("first, told", [(0.99 * gradients.TARGET_MSE, False),
+                                         (gradients.TARGET_MSE, True)])
+def test_tl502_names_unscaled_regression_targets(first, told):
+    """A first MSE of 100 or more says the targets are far from unit scale (standardized ones
+    start near 1): the fix says to standardize them, with the measured RMS gap."""
+    limit = defaults("TL502")["max_norm"]
+    per_step = [{"step": 0, "layers": {}, "grad_norm": 5 * limit}]
+    t = trace([], per_step=per_step, losses=[first],
+              params=[param("fc.weight", (4, 4), grad_norm=5 * limit)])
+    t.loss_kind = "mse"
+    [found] = hits("TL502", t)
+    assert found.fix.startswith("standardize the regression targets") is told
+    assert ("standardize regression targets" in found.fix) is not told  # said once
+    if told:
+        assert f"~{math.sqrt(first):.3g} (RMS)" in found.fix
+    t.loss_kind = "cross_entropy"
+    [found] = hits("TL502", t)
+    assert "standardize" not in found.fix
