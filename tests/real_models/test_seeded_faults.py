@@ -138,3 +138,15 @@ def test_softmax_output_into_cross_entropy_gets_tl601_on_the_softmax() -> None:
     report = api_check(module, model=model)
     hits = by_code(report.findings, "TL601")
     assert [(f.module, f.severity) for f in hits] == [("1", "error")], describe(report.findings)
+
+
+def test_whisper_under_plain_sgd_gets_tl501_on_its_encoder() -> None:
+    """The same Whisper that AdamW trains cleanly: its encoder gets ~1e-4 of the decoder's
+    gradient through cross-attention over 1500 positions. Plain SGD moves the encoder's
+    weights by that much less, so the fade shows in the updates too."""
+    module = load("hf_whisper")
+    report = api_check(module, optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    [hit] = by_code(report.findings, "TL501")
+    assert hit.module.startswith("model.encoder."), describe(report.findings)
+    assert hit.evidence["ratio"] < threshold("TL501", "min_ratio")
+    assert hit.evidence["update_fade"] < threshold("TL501", "update_fade")

@@ -34,6 +34,31 @@ def test_tl501_ratio_edge(factor, fires):
         assert found[0].evidence["ratio"] == pytest.approx(factor * t["min_ratio"])
 
 
+def _moving(early: float, late: float = 1e-3, layers: int = 8) -> list:
+    """Each layer's weight with this update ratio: the first three at ``early``."""
+    return [param(f"l{i}.weight", (4, 4), ratios=(early if i < 3 else late,))
+            for i in range(layers)]
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, True), (1.01, False)])
+def test_tl501_a_fade_must_show_in_the_updates_where_they_were_measured(factor, fires):
+    """Under Adam each weight moves by about the learning rate whatever its gradient's size:
+    early gradients 1e-5 of the last ones, with updates as large, are no finding; updates
+    below update_fade x the last layers' are."""
+    t = defaults("TL501")
+    grads = _profile(t["min_ratio"] / 100)
+    found = hits("TL501", _depth(grads, params=_moving(factor * t["update_fade"] * 1e-3)))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["update_fade"] == pytest.approx(factor * t["update_fade"])
+    assert hits("TL501", _depth(grads, params=_moving(1e-3)[3:]))  # no early update: judged
+
+
+def test_tl501_near_zero_fires_whatever_the_updates():
+    zero = defaults("TL501")["zero_ratio"]
+    assert hits("TL501", _depth([zero / 2] * 8, output_grad=1.0, params=_moving(1e-3)))
+
+
 def test_tl501_needs_depth():
     t = defaults("TL501")
     shallow = _profile(t["min_ratio"] / 100, layers=t["min_layers"] - 1)
