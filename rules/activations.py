@@ -45,11 +45,12 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## What it does
     For every ReLU-family output (``nn.ReLU``, ``F.relu``, ``x.relu()`` ...) it records, per
     unit (channel of a conv map, feature of a linear output), whether the unit was ever
-    positive over all samples and positions of the last 10 observed steps, or of as many more
-    (up to 256) as hold 512 values per unit (an MLP at batch 4: 128 steps; over 40 values a
-    unit active for 2% of its inputs looks dead half of the time); all of them in a
-    ``trainlint check``; in a long Monitor run, units that a too-high learning rate killed
-    mid-run count although they were active at its start. GELU-family outputs (GELU, SiLU,
+    positive over all samples and positions of the point's last observed steps: as many as
+    hold 512 values per unit, at least 3, at most 256 (a conv map or a token sequence: 3; an
+    MLP at batch 64: 8, at batch 4: 128; over 40 values a unit active for 2% of its inputs
+    looks dead half of the time); all of them in a ``trainlint check``. In a Monitor run,
+    units that a too-high learning rate killed mid-run count although they were active at
+    its start. GELU-family outputs (GELU, SiLU,
     Mish) count too: their unit is dead when its output is never positive nor below -1e-3
     (input below about -3.4, where the derivative is ~0; tiny outputs of both signs come from
     inputs near 0, where the slope is 0.5: that is a small signal, TL103's, not a dead unit).

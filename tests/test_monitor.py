@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import trainlint
 from trainlint import stats
-from trainlint.assemble import UNIT_WINDOW
+from trainlint.assemble import UNIT_WINDOW, window_for
 
 
 class ModeSpy(nn.Module):
@@ -391,8 +391,10 @@ def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) ->
                           nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    window = window_for(64)  # 64 samples a step: its window holds 512 per unit
+    assert window >= UNIT_WINDOW
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for step in range(5 + UNIT_WINDOW):
+        for step in range(5 + window):
             if step == 5 and knock_out:
                 with torch.no_grad():
                     model[2].bias -= 100.0
@@ -406,7 +408,33 @@ def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) ->
     assert [f.module for f in found] == (["3"] if knock_out else [])
     if knock_out:
         assert found[0].evidence["dead_fraction"] == 1.0
-        assert f"over the last {UNIT_WINDOW} observed step(s)" in found[0].message
+        assert f"over the last {window} observed step(s)" in found[0].message
+
+
+def test_units_killed_early_in_a_short_run_are_reported() -> None:
+    """Ten observed steps at batch 64, units knocked out at the third: the window holds 8
+    steps (512 samples per unit), all after the kill, so the layer reads 100% dead; a window
+    of the whole run would still see them active at its first two steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    assert window_for(64) == 8
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for step in range(10):
+            if step == 2:
+                with torch.no_grad():
+                    model[2].bias -= 100.0
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    [found] = [f for f in report.findings if f.code == "TL101"]
+    assert found.module == "3" and found.evidence["dead_fraction"] == 1.0
+    assert "over the last 8 observed step(s)" in found.message
 
 
 @pytest.mark.parametrize("knock_out", [True, False])

@@ -58,8 +58,9 @@ def _act_row(values: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("per_unit, window", [
-    (64, UNIT_WINDOW),                     # a batch of 64: ten records hold 640 values
-    (4, UNIT_VALUES // 4),                 # a batch of 4: as many records as hold 512
+    (UNIT_VALUES, UNIT_WINDOW),            # a conv map: UNIT_WINDOW records, the fewest
+    (64, UNIT_VALUES // 64),               # a batch of 64: as many records as hold 512
+    (4, UNIT_VALUES // 4),                 # a batch of 4
     (1, MAX_UNIT_WINDOW),                  # a batch of 1: at most MAX_UNIT_WINDOW records
 ])
 def test_the_dead_unit_window_holds_enough_values_per_unit(per_unit: int, window: int) -> None:

@@ -30,11 +30,11 @@ from .trace import (
 )
 
 _PLAIN = (bool, int, float, str)
-# The dead-unit records cover this many of a point's last observed steps (those that ran it): a
-# unit that a too-high learning rate killed mid-run is dead although it was active at the
-# run's start.
-UNIT_WINDOW = 10
-# ... and at least as many of them as hold this many values per unit (samples times positions):
+# The dead-unit records cover at least this many of a point's last observed steps (those that
+# ran it; a check's three): a unit that a too-high learning rate killed mid-run is dead
+# although it was active at the run's start, from a few observations after it died ...
+UNIT_WINDOW = 3
+# ... and as many of them as hold at least this many values per unit (samples times positions):
 # over 40 values a unit active for 2% of its inputs looks dead almost half of the time (an MLP
 # at batch 4 read 67% dead units where 20 000 fresh samples found 11-25%). At most
 # MAX_UNIT_WINDOW records: a unit killed earlier than that is still seen dying.
