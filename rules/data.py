@@ -103,8 +103,10 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or its std exceeds
     ``max_std`` or is below ``min_std`` (constant features are TL202's), over at least
     ``min_values`` values per channel. Token ids (int64), inputs the model transforms
-    before its first layer (``x / 255`` in ``forward``) and inputs that go into a
-    normalization layer first are not checked. Images scaled to [0, 1] pass; images that an
+    before its first layer (``x / 255`` in ``forward``), inputs that go into a
+    normalization layer first, and a recurrent state the model takes as an argument and hands
+    to an RNN as its ``hx`` (``model(data, hidden)``, the state carried over from the last
+    batch) are not checked. Images scaled to [0, 1] pass; images that an
     MLP takes flattened are measured per channel (dim 1 of NCHW), not per column. A sparse
     feature or channel (its minimum exactly 0 and its std above its mean, as a 0-or-x
     feature's is when fewer than half its values are x: bag-of-words, TF-IDF, multi-hot; for

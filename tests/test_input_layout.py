@@ -137,3 +137,55 @@ def test_images_an_mlp_takes_flattened_are_measured_per_channel(how, layout) -> 
         codes[raw] = {f.code for f in report.findings}
     assert not codes[False] & {"TL201", "TL202"}
     assert "TL201" in codes[True]
+
+
+class WordLM(nn.Module):
+    """PyTorch's word-language-model example: ``model(data, hidden)``, the LSTM's state carried
+    over from the last batch (zeros from ``init_hidden`` at the first)."""
+
+    def __init__(self, tokens: int = 50, width: int = 32) -> None:
+        super().__init__()
+        self.encoder = nn.Embedding(tokens, width)
+        self.rnn = nn.LSTM(width, width, 2)
+        self.decoder = nn.Linear(width, tokens)
+
+    def forward(self, x: torch.Tensor, hidden: tuple) -> tuple:
+        out, hidden = self.rnn(self.encoder(x), hidden)
+        return self.decoder(out), hidden
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.005, 50.0])
+def test_an_rnn_state_passed_into_the_model_is_not_an_input_to_normalize(scale: float) -> None:
+    """Zeros (TL202's constant features), a carried state of tiny features or of huge ones
+    (TL201's std bounds): none is data. The same tensor fed as the LSTM's data is."""
+    torch.manual_seed(0)
+    model = WordLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randint(0, 50, (35, 20)), torch.randint(0, 50, (35, 20))
+    hidden = tuple(scale * torch.randn(2, 20, 32) for _ in range(2))
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            out, _ = model(x, hidden)
+            loss = nn.functional.cross_entropy(out.reshape(-1, 50), y.reshape(-1))
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert not {f.code for f in report.findings} & {"TL201", "TL202"}, report
+    assert [inp.name for inp in report.trace.inputs] == ["input1", "input2"]  # h and c, read
+
+    class StateAsData(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(32, 32)
+            self.head = nn.Linear(32, 50)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(h)[0])
+
+    if scale:
+        data = (scale * torch.randn(35, 20, 32), torch.randint(0, 50, (35, 20)))
+        report = trainlint.check(StateAsData(), data, loss_fn=lambda o, t: nn.functional
+                                 .cross_entropy(o.reshape(-1, 50), t.reshape(-1)), steps=2)
+        assert "TL201" in {f.code for f in report.findings}

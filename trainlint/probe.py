@@ -75,6 +75,8 @@ OPAQUE_LEAVES = frozenset({
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 }) | frozenset(ACTIVATION_MODULES)
 UNIT_KINDS = ("relu", "gelu")
+# Recurrent layers: their arguments after the first are the state (``hx``), not data.
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 # Integer inputs recorded like float ones: raw pixel bytes and PCM samples (token ids, int64,
 # are not measurements).
 RAW_INTS = (torch.uint8, torch.int8, torch.int16)
@@ -616,7 +618,8 @@ class Probe:
         if self.observing:
             self.stack.append(module)
             if self.mode is not None:
-                self._link_inputs(args, ("module", self.names.get(module, "")))
+                self._link_inputs(args, ("module", self.names.get(module, "")),
+                                  state_from=1 if isinstance(module, RECURRENT) else None)
                 if self.info(module).opaque:
                     self._suspend_mode(module)
 
@@ -906,10 +909,17 @@ class Probe:
         if self.mode is not None:
             self.producers[id(t)] = (weakref.ref(t), ("point",) + key, ())
 
-    def _link_inputs(self, args: Any, dst: tuple) -> None:
-        for t in tensors_in(args):
-            origin = self._origin_of(t)
-            if origin is not None:
+    def _link_inputs(self, args: Any, dst: tuple, state_from: Optional[int] = None) -> None:
+        """Edges from the producers of the tensors in ``args`` to ``dst``; from argument
+        ``state_from`` on (an RNN's ``hx``) a model input is a recurrent state carried over
+        from the last batch (the word-language-model example's ``model(data, hidden)``), not
+        data: no edge from it."""
+        for i, arg in enumerate(args):
+            for t in tensors_in(arg):
+                origin = self._origin_of(t)
+                if origin is None or (state_from is not None and i >= state_from
+                                      and origin[0][0] == "input"):
+                    continue
                 self.edges.add((origin[0], dst, origin[1]))
 
     def propagate(self, op: str, args: tuple, kwargs: dict, out: Any) -> None:
