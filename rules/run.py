@@ -289,7 +289,12 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     at ``every=1`` on small batches: one batch's loss, 0.05 to 2 around a level of 0.5), the
     points are the medians of :func:`noise_window` points in a row instead, so many that a
     median's noise is about 15% of its level: the lowest single batch loss is luck, not a
-    level the loss reached. When the Monitor joined later (see TL603),
+    level the loss reached. A classifier's first loss within 50% of ln(C) is its loss at
+    init, a level whatever the batch: it starts the running minimum (a run that diverges at
+    once, Adam at lr 0.3: 2.3 -> 728 at step 1, has no calm first median), and the mean of
+    the same points above ``rise_factor`` × it fires too (spikes the median passes over: a
+    Transformer LM at SGD lr 20 with most batches near ln(C) and one in three at 15×). When
+    the Monitor joined later (see TL603),
     its first loss is one batch of a run already under way, not where training started, and
     the lowest of a converged run's batch losses is luck (they can span 50×: 0.006 to 0.3
     around a median of 0.06): the median of every ``settle_points`` points in a row must
@@ -345,10 +350,10 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     late = joined_later(trace, curve)
     window = noise_window([loss for _, loss in curve])
     k = max(t.settle_points, window) if late else window
-    levels = [(curve[i][0], median(loss for _, loss in curve[i + 1 - k:i + 1]))
-              for i in range(k - 1, len(curve))]
-    if not levels:
+    if len(curve) < k:
         return
+    ends, medians, means = _levels([loss for _, loss in curve], k)
+    levels = [(curve[i][0], m) for i, m in zip(ends, medians)]
     start = levels[0][1]
     chance = chance_level(trace)
     if late and chance is not None:  # a diverged classifier is back near chance
@@ -357,26 +362,35 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     # minimum.
     typical = medians_before([loss for _, loss in curve]) if late else None
     running = math.inf
+    init = _init_loss(curve, chance) if k > 1 and not late else None
+    if init is not None:
+        start = running = init
     past = False  # inside a spike that training got past
     for i, (step, value) in enumerate(levels):
-        if typical is not None:
-            running = typical[i]
+        if typical is not None:  # (the median of the points before this level's window)
+            running = typical[ends[i] - (k - 1)]
+        low = "typical loss before" if late else "running minimum"
+        of = f" (the median of the {k} points up to it)" if k > 1 else ""
+        reference = running
         spike = (running > 0 and running != math.inf and value > t.rise_factor * running
                  and value > start)
+        if not spike and init is not None and means[i] > t.rise_factor * init:
+            # Spikes that the median passes over: their mean is a loss no classifier at
+            # init makes (a Transformer LM at SGD lr 20: batches at ln(C), and at 15x it).
+            spike, value, reference = True, means[i], init
+            low, of = "loss at init", f" (the mean of the {k} points up to it)"
         past = spike and (past or _got_past(curve if k == 1 or late else levels, step,
-                                            running, t, late))
+                                            reference, t, late))
         if spike and not past:
-            low = "typical loss before" if late else "running minimum"
-            of = f" (the median of the {k} points up to it)" if k > 1 else ""
             yield Hit(
                 module="",
                 message=(f"the loss diverges: {value:.4g} at step {step}{of}, "
-                         f"{value / running:.3g}× its {low} {running:.4g} (threshold "
+                         f"{value / reference:.3g}× its {low} {reference:.4g} (threshold "
                          f"{t.rise_factor:g}×) and above its start {start:.4g}"),
                 fix=("lower the learning rate (e.g. 10×) and add warmup; clip gradients with "
                      "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
-                evidence={"step": step, "loss": value, "running_min": running,
-                          "factor": value / running, "threshold": t.rise_factor},
+                evidence={"step": step, "loss": value, "running_min": reference,
+                          "factor": value / reference, "threshold": t.rise_factor},
             )
             return
         if typical is None:
@@ -389,6 +403,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 LEVEL_NOISE = 0.15
 # Fewer points than this tell too little of their noise (a short climb reads as noise).
 NOISE_POINTS = 20
+# A classifier's first loss within this fraction of ln(C) is its loss at init (TL604).
+INIT_NEAR_CHANCE = 0.5
 
 
 def noise_window(losses: list) -> int:
@@ -408,6 +424,29 @@ def noise_window(losses: list) -> int:
         return 1
     wanted = math.ceil((1.2533 * noise / LEVEL_NOISE) ** 2)  # a median of w: 1.2533 / sqrt(w)
     return max(1, min(wanted, n // 3))
+
+
+def _levels(losses: list, k: int) -> tuple:
+    """``(ends, medians, means)`` of the windows of ``k`` points in a row of ``losses`` that
+    end at ``ends``: every point for small windows; for larger ones every ``k // 4`` points
+    and the last (a level moves little within a window: O(n) values, however long the
+    run)."""
+    n = len(losses)
+    stride = max(1, k // 4)
+    ends = list(range(k - 1, n, stride))
+    if ends[-1] != n - 1:
+        ends.append(n - 1)
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(losses, dtype=np.float64),
+                                                       k)[np.asarray(ends) - (k - 1)]
+    return ends, np.median(windows, axis=1).tolist(), windows.mean(axis=1).tolist()
+
+
+def _init_loss(curve: list, chance: Optional[tuple]) -> Optional[float]:
+    """A classifier's first loss when it sits within ``INIT_NEAR_CHANCE`` of ln(C): its loss at
+    init, which is near ln(C) whatever the batch (a level, not luck); else None."""
+    if chance is None or abs(curve[0][1] - chance[1]) > INIT_NEAR_CHANCE * chance[1]:
+        return None
+    return curve[0][1]
 
 
 def _relative_noise(losses: np.ndarray) -> float:

@@ -438,3 +438,48 @@ def test_tl603_a_noisy_curve_is_judged_where_its_noise_lets_a_fall_show():
     rising = _batch_losses(np.geomspace(0.5, 1.5, 300), spread=0.6)
     [found] = hits("TL603", _every_step(*rising))
     assert found.message.startswith("the loss rose")
+
+
+def _classifier_steps(*losses, classes=10):
+    return _classifier(_every_step(*losses), classes)
+
+
+def test_tl604_a_noisy_classifier_that_diverges_at_once_fires():
+    """Adam at lr 0.3: 2.3 (ln 10, at init) -> 728 at step 1, then decaying with noise. The
+    first median of k points already holds the spike; the loss at init is the reference."""
+    spike = np.r_[2.3, np.geomspace(700, 3, 60)]
+    losses = [2.3] + _batch_losses(spike[1:], spread=0.8)
+    assert run.noise_window(losses) > 1
+    [found] = hits("TL604", _classifier_steps(*losses))
+    assert found.evidence["running_min"] == 2.3
+    assert hits("TL604", _every_step(*losses)) == []  # no chance level known: levels only
+
+
+def test_tl604_spikes_the_median_passes_over_diverge_by_their_mean():
+    """A Transformer LM at SGD lr 20: most batches near ln(C), one in three at 15x it. The
+    median stays near ln(C); the mean is 5.7x the loss at init."""
+    chance = math.log(200)
+    losses = [chance] + [chance * (15.0 if i % 3 == 0 else 1.0 + 0.1 * (i % 2))
+                         for i in range(1, 90)]
+    [found] = hits("TL604", _classifier_steps(*losses, classes=200))
+    assert "the mean of the" in found.message and "loss at init" in found.message
+    assert found.evidence["factor"] > defaults("TL604")["rise_factor"]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tl604_a_noisy_classifier_falling_from_ln_c_stays_silent(seed):
+    losses = _batch_losses(np.geomspace(math.log(5), 0.5, 300), seed=seed)
+    losses[0] = math.log(5)
+    assert hits("TL604", _classifier_steps(*losses, classes=5)) == []
+
+
+@pytest.mark.parametrize("n, k", [(10, 1), (10, 3), (100, 8), (103, 33)])
+def test_levels_are_the_median_and_mean_of_each_window(n, k):
+    values = [float((i * 7919) % 101) for i in range(n)]
+    ends, medians, means = run._levels(values, k)
+    assert ends[0] == k - 1 and ends[-1] == n - 1
+    assert all(b - a <= max(1, k // 4) for a, b in zip(ends, ends[1:]))
+    for end, m, a in zip(ends, medians, means):
+        window = values[end + 1 - k:end + 1]
+        assert m == pytest.approx(statistics.median(window))
+        assert a == pytest.approx(sum(window) / k)
