@@ -293,8 +293,11 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     init, a level whatever the batch: it starts the running minimum (a run that diverges at
     once, Adam at lr 0.3: 2.3 -> 728 at step 1, has no calm first median), and the mean of
     the same points above ``rise_factor`` × it fires too (spikes the median passes over: a
-    Transformer LM at SGD lr 20 with most batches near ln(C) and one in three at 15×). When
-    the Monitor joined later (see TL603),
+    Transformer LM at SGD lr 20 with most batches near ln(C) and one in three at 15×). For
+    other losses, a median above ``rise_factor`` × exp(3 × the single points' relative noise)
+    × the first step's loss does, where that noise is at most 50% (an MSE regression at Adam
+    lr 0.3: 1.4 -> 3e6 at step 1; a batch-1 regression's first loss says nothing). When the
+    Monitor joined later (see TL603),
     its first loss is one batch of a run already under way, not where training started, and
     the lowest of a converged run's batch losses is luck (they can span 50×: 0.006 to 0.3
     around a median of 0.06): the median of every ``settle_points`` points in a row must
@@ -365,6 +368,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     init = _init_loss(curve, chance) if k > 1 and not late else None
     if init is not None:
         start = running = init
+    first = _first_loss(curve, t.rise_factor) if k > 1 and not late and init is None else None
     past = False  # inside a spike that training got past
     for i, (step, value) in enumerate(levels):
         if typical is not None:  # (the median of the points before this level's window)
@@ -379,6 +383,11 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             # init makes (a Transformer LM at SGD lr 20: batches at ln(C), and at 15x it).
             spike, value, reference = True, means[i], init
             low, of = "loss at init", f" (the mean of the {k} points up to it)"
+        elif not spike and first is not None and value > first[1] * first[0] and \
+                value > first[0]:
+            # Far above the first step's loss, beyond what its own batch noise allows (an MSE
+            # regression at Adam lr 0.3: 1.4 -> 3e6 at step 1, levels near 1e3 after).
+            spike, reference, low = True, first[0], "first loss"
         past = spike and (past or _got_past(curve if k == 1 or late else levels, step,
                                             reference, t, late))
         if spike and not past:
@@ -405,6 +414,10 @@ LEVEL_NOISE = 0.15
 NOISE_POINTS = 20
 # A classifier's first loss within this fraction of ln(C) is its loss at init (TL604).
 INIT_NEAR_CHANCE = 0.5
+# Where single points are off by more than this (relative), the first point is no reference
+# (TL604): one batch of a batch-1 regression (chi-square, one degree) is below 1/100 of the
+# mean loss about once in 12 runs.
+FIRST_NOISE = 0.5
 
 
 def noise_window(losses: list) -> int:
@@ -439,6 +452,19 @@ def _levels(losses: list, k: int) -> tuple:
     windows = np.lib.stride_tricks.sliding_window_view(np.asarray(losses, dtype=np.float64),
                                                        k)[np.asarray(ends) - (k - 1)]
     return ends, np.median(windows, axis=1).tolist(), windows.mean(axis=1).tolist()
+
+
+def _first_loss(curve: list, rise_factor: float) -> Optional[tuple]:
+    """``(first loss, factor)``: a level of a noisy curve more than ``factor`` × its first
+    loss diverged, the factor being ``rise_factor`` widened by how low three deviations of
+    the quietest third's noise could have put that first batch; None where single points
+    are noisier than ``FIRST_NOISE`` (a lucky first batch says nothing) or the first loss is
+    not above 0."""
+    noise = min(_relative_noise(part)
+                for part in np.array_split(np.asarray([v for _, v in curve]), 3))
+    if noise > FIRST_NOISE or not curve[0][1] > 0:
+        return None
+    return curve[0][1], rise_factor * math.exp(3.0 * noise)
 
 
 def _init_loss(curve: list, chance: Optional[tuple]) -> Optional[float]:

@@ -452,7 +452,23 @@ def test_tl604_a_noisy_classifier_that_diverges_at_once_fires():
     assert run.noise_window(losses) > 1
     [found] = hits("TL604", _classifier_steps(*losses))
     assert found.evidence["running_min"] == 2.3
-    assert hits("TL604", _every_step(*losses)) == []  # no chance level known: levels only
+
+
+@pytest.mark.parametrize("factor, fires", [(0.99, True), (1.01, False)])
+def test_tl604_a_noisy_curve_far_above_its_first_loss_diverged(factor, fires):
+    """Any loss: a level above rise_factor x exp(3 x noise) x the first loss, where single
+    points are off by at most FIRST_NOISE (an MSE regression at Adam lr 0.3: 1.4 -> 3e6 at
+    step 1). Noisier than that, one lucky first batch says nothing. Points alternate 20(1 +-
+    a): a relative noise of 1.4826 * 4a / sqrt(6)."""
+    noise = factor * run.FIRST_NOISE
+    a = noise * math.sqrt(6.0) / (1.4826 * 4)
+    assert 20 > defaults("TL604")["rise_factor"] * math.exp(3 * noise)
+    losses = [1.0] + [20.0 * (1 + a * (-1) ** i) for i in range(60)]
+    assert run.noise_window(losses) > 1
+    found = hits("TL604", _every_step(*losses))
+    assert bool(found) is fires
+    if fires:
+        assert "its first loss 1 " in found[0].message
 
 
 def test_tl604_spikes_the_median_passes_over_diverge_by_their_mean():
