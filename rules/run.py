@@ -375,19 +375,16 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             running = typical[ends[i] - (k - 1)]
         low = "typical loss before" if late else "running minimum"
         of = f" (the median of the {k} points up to it)" if k > 1 else ""
-        reference = running
+        reference, threshold, above = running, t.rise_factor, start
         spike = (running > 0 and running != math.inf and value > t.rise_factor * running
                  and value > start)
-        if not spike and init is not None and means[i] > t.rise_factor * init:
-            # Spikes that the median passes over: their mean is a loss no classifier at
-            # init makes (a Transformer LM at SGD lr 20: batches at ln(C), and at 15x it).
-            spike, value, reference = True, means[i], init
-            low, of = "loss at init", f" (the mean of the {k} points up to it)"
-        elif not spike and first is not None and value > first[1] * first[0] and \
-                value > first[0]:
-            # Far above the first step's loss, beyond what its own batch noise allows (an MSE
-            # regression at Adam lr 0.3: 1.4 -> 3e6 at step 1, levels near 1e3 after).
-            spike, reference, low = True, first[0], "first loss"
+        if not spike:
+            found = _from_first_loss(value, means[i], init, first, t.rise_factor)
+            if found is not None:
+                spike = True
+                value, reference, threshold, low, averaged = found
+                above = reference
+                of = f" (the {'mean' if averaged else 'median'} of the {k} points up to it)"
         past = spike and (past or _got_past(curve if k == 1 or late else levels, step,
                                             reference, t, late))
         if spike and not past:
@@ -395,11 +392,11 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 module="",
                 message=(f"the loss diverges: {value:.4g} at step {step}{of}, "
                          f"{value / reference:.3g}× its {low} {reference:.4g} (threshold "
-                         f"{t.rise_factor:g}×) and above its start {start:.4g}"),
+                         f"{threshold:.3g}×) and above its start {above:.4g}"),
                 fix=("lower the learning rate (e.g. 10×) and add warmup; clip gradients with "
                      "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
                 evidence={"step": step, "loss": value, "running_min": reference,
-                          "factor": value / reference, "threshold": t.rise_factor},
+                          "factor": value / reference, "threshold": threshold},
             )
             return
         if typical is None:
@@ -452,6 +449,21 @@ def _levels(losses: list, k: int) -> tuple:
     windows = np.lib.stride_tricks.sliding_window_view(np.asarray(losses, dtype=np.float64),
                                                        k)[np.asarray(ends) - (k - 1)]
     return ends, np.median(windows, axis=1).tolist(), windows.mean(axis=1).tolist()
+
+
+def _from_first_loss(median_level: float, mean_level: float, init: Optional[float],
+                     first: Optional[tuple], rise_factor: float) -> Optional[tuple]:
+    """``(level, reference, threshold, what the reference is, whether the level is the
+    mean)`` when a noisy curve's level diverged from where the run started, else None: a
+    classifier's mean above ``rise_factor`` × its loss at init (spikes the median passes over:
+    a Transformer LM at SGD lr 20, batches at ln(C) and at 15x it), or a median above
+    :func:`_first_loss`'s factor × the first loss (an MSE regression at Adam lr 0.3: 1.4 ->
+    3e6 at step 1, levels near 1e3 after)."""
+    if init is not None and mean_level > rise_factor * init:
+        return mean_level, init, rise_factor, "loss at init", True
+    if first is not None and median_level > first[1] * first[0] and median_level > first[0]:
+        return median_level, first[0], first[1], "first loss", False
+    return None
 
 
 def _first_loss(curve: list, rise_factor: float) -> Optional[tuple]:
