@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -382,20 +382,17 @@ def test_the_batch_size_is_dim_0_of_the_training_forwards_input() -> None:
     assert report.trace.batch_size == trainlint.check(model, (x, y)).trace.batch_size
 
 
-@pytest.mark.parametrize("knock_out", [True, False])
-def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) -> None:
-    """One huge update at step 5 (here: the bias pushed to -100) kills every unit of a layer
-    that was active before: a Monitor run reports them once they stay dead for the window."""
+def _knocked_out(steps: int, at: Optional[int]) -> list:
+    """TL101's findings after ``steps`` observed steps at batch 64 of a ReLU MLP whose second
+    layer's bias is pushed to -100 at step ``at`` (None: never)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
-    window = window_for(64)  # 64 samples a step: its window holds 512 per unit
-    assert window >= UNIT_WINDOW
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for step in range(5 + window):
-            if step == 5 and knock_out:
+        for step in range(steps):
+            if step == at:
                 with torch.no_grad():
                     model[2].bias -= 100.0
             opt.zero_grad()
@@ -404,7 +401,16 @@ def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) ->
             opt.step()
             monitor.step(loss)
         report = monitor.report()
-    found = [f for f in report.findings if f.code == "TL101"]
+    return [f for f in report.findings if f.code == "TL101"]
+
+
+@pytest.mark.parametrize("knock_out", [True, False])
+def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) -> None:
+    """One huge update at step 5 (here: the bias pushed to -100) kills every unit of a layer
+    that was active before: a Monitor run reports them once they stay dead for the window."""
+    window = window_for(64)  # 64 samples a step: its window holds 512 per unit
+    assert window >= UNIT_WINDOW
+    found = _knocked_out(5 + window, 5 if knock_out else None)
     assert [f.module for f in found] == (["3"] if knock_out else [])
     if knock_out:
         assert found[0].evidence["dead_fraction"] == 1.0
@@ -415,24 +421,8 @@ def test_units_killed_early_in_a_short_run_are_reported() -> None:
     """Ten observed steps at batch 64, units knocked out at the third: the window holds 8
     steps (512 samples per unit), all after the kill, so the layer reads 100% dead; a window
     of the whole run would still see them active at its first two steps."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                          nn.Linear(32, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     assert window_for(64) == 8
-    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
-        for step in range(10):
-            if step == 2:
-                with torch.no_grad():
-                    model[2].bias -= 100.0
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
-        report = monitor.report()
-    [found] = [f for f in report.findings if f.code == "TL101"]
+    [found] = _knocked_out(10, 2)
     assert found.module == "3" and found.evidence["dead_fraction"] == 1.0
     assert "over the last 8 observed step(s)" in found.message
 
