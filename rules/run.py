@@ -176,11 +176,13 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     as in a transformer's warmup) and a fall of at least ``min_steady_drop``. When it joined
     later, it fires only if the loss rose by more than ``min_drop`` and by more than three
     standard errors of the noise (on a converged plateau, heavy-tailed batch losses move a
-    third's median by 20-30%). Where each point is one small batch's loss and noisy (see
-    TL604's :func:`noise_window`: 20 points or more, each off by over 15% of the level), a
-    rise from the start must clear that noise too, and a loss that barely fell is judged only
-    when the noise lets a ``min_drop`` fall show (three standard errors of the thirds'
-    medians' difference). It needs at least
+    third's median by 20-30%). Where each point is one batch's loss (observed steps one
+    training step apart: ``every=1``), or the points are noisy (TL604's
+    :func:`noise_window`: 20 points or more, each off by over 15% of the level), it needs at
+    least 20 points, a rise from the start must clear that noise too, and a loss that barely
+    fell is judged only when the noise lets a ``min_drop`` fall show (three standard errors
+    of the thirds' medians' difference: during an AdamW warmup at batch 8, 34 single batches
+    cannot tell a 4% fall from noise). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. A Monitor created once training had begun (its optimizer
     already held state: a resumed checkpoint, a second phase; or its first classification
@@ -215,11 +217,15 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not curve:
         raise Skip(f"none of the {len(observed)} observed losses is finite (NaN/Inf: see "
                    "TL604)")
-    if len(curve) < t.min_points:
-        raise Skip(f"it needs at least {t.min_points} observed steps with a loss; "
-                   f"saw {len(curve)}")
     if trace.foreign_params or trace.adversarial:
         raise Skip(_competing(trace))
+    # Points one training step apart are single batches' losses, not a window's mean.
+    single = all(b - a == 1 for (a, _), (b, _) in zip(curve, curve[1:]))
+    needed = max(t.min_points, NOISE_POINTS) if single else t.min_points
+    if len(curve) < needed:
+        per = " (each one batch's loss: every=1)" if single and needed > t.min_points else ""
+        raise Skip(f"it needs at least {needed} observed steps with a loss{per}; "
+                   f"saw {len(curve)}")
     third = len(curve) // 3
     first = median(loss for _, loss in curve[:third])
     last = median(loss for _, loss in curve[-third:])
@@ -229,7 +235,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     losses = [loss for _, loss in curve]
     steady = change <= -t.min_steady_drop and trend_z(losses) <= t.steady_z
     fell = change <= -t.min_drop or early_fall(losses, third) >= t.min_drop
-    noisy = noise_window(losses) > 1  # each point one small batch's loss (see TL604)
+    noisy = single or noise_window(losses) > 1  # single batches' losses (see TL604)
     rose = change > t.min_drop and ((from_start and not noisy)
                                     or rise_beyond_noise(losses[:third], losses[-third:]))
     if rose or (from_start and not fell and not steady):

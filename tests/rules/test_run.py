@@ -499,3 +499,23 @@ def test_levels_are_the_median_and_mean_of_each_window(n, k):
         window = values[end + 1 - k:end + 1]
         assert m == pytest.approx(statistics.median(window))
         assert a == pytest.approx(sum(window) / k)
+
+
+def test_tl603_single_batch_points_need_noise_points():
+    """At every=1 each point is one batch's loss: six of them tell nothing of a trend."""
+    flat = [2.0] * (run.NOISE_POINTS - 1)
+    with pytest.raises(Skip, match=f"at least {run.NOISE_POINTS} observed steps.*every=1"):
+        hits("TL603", _every_step(*flat))
+    assert hits("TL603", _every_step(*flat, 2.0))  # flat and quiet: judged, and stuck
+    assert hits("TL603", _monitor(*flat[:defaults("TL603")["min_points"]]))  # window means
+
+
+def test_tl603_a_warmup_of_single_batches_is_not_judged_on_a_fall_noise_hides():
+    """AdamW warming up at batch 8, every=1: 34 single batches about 8% apart, the level 4%
+    lower at the end. Quiet enough for TL604's windows, but thirds of 11 such points cannot
+    tell that from a 5% fall: a note, not a finding (with fail_on the run would have
+    stopped at step 33)."""
+    losses = _batch_losses(np.geomspace(1.6, 1.6 * 0.96, 34), spread=0.08, seed=2)
+    assert run.noise_window(losses) == 1
+    with pytest.raises(Skip, match="too noisy to tell a 5% fall"):
+        hits("TL603", _every_step(*losses))
