@@ -414,7 +414,11 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     (``torch.autocast`` instead of ``model.bfloat16()``).
 
     An optimizer whose step runs its closure several times (LBFGS) is not judged: each of its
-    steps is a line-searched solve, not a learning rate's update.
+    steps is a line-searched solve, not a learning rate's update. Updates of 0 with every
+    param group at learning rate 0 are judged only once a second optimizer step was observed:
+    the first step of a warmup that starts at 0 (transformers'
+    ``get_linear_schedule_with_warmup``) runs at 0, and a Monitor with ``fail_on`` reports
+    at it. (One group at 0 beside others that train is judged at once.)
     """
     if trace.closure_optimizer is not None:
         raise Skip(f"the optimizer ({trace.closure_optimizer}) runs a line-searched solve per "
@@ -466,6 +470,12 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     where = "" if group is None else (
         f"param group {group}" + ("" if lr is None else f" (lr {lr:g})") + ": ")
     if factor is None:
+        if lr == 0 and all(len(p.update_ratios) == 1 for p, _ in judged) and all(
+                not q.lr for q in trace.params if q.lr is not None):
+            raise Skip("the one optimizer step observed so far ran at learning rate 0 in "
+                       "every param group (a warmup that starts at 0, as transformers' linear "
+                       "schedule does): the update ratio is judged from an observed step after "
+                       "it")
         still = sum(r == 0 for _, r in judged)
         zero_lr = (f"{whose} is 0 (a config or scheduler bug, a warmup that starts at 0)"
                    if not lr else "")

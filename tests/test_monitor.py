@@ -457,6 +457,28 @@ def test_at_batch_4_the_unit_window_holds_enough_samples(knock_out: bool) -> Non
         assert "over the last 128 observed step(s)" in found[0].message
 
 
+def test_a_warmup_from_zero_records_the_rate_of_each_step_and_does_not_fail_at_it() -> None:
+    """transformers' linear warmup starts at lr 0; the scheduler steps after the optimizer,
+    before monitor.step(). The record keeps the rate the update ran at (0, then 1e-5), and
+    fail_on='warning' does not stop the run at its first step on TL503."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, i / 100))
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    lrs = []
+    with trainlint.Monitor(model, optimizer=opt, every=1, fail_on="warning") as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            monitor.step(loss)
+            lrs.append({p.lr for p in monitor.report().trace.params})
+    assert lrs == [{0.0}, {1e-5}]
+
+
 def test_an_evaluation_inside_the_observed_window_is_not_read() -> None:
     """A plain loop that evaluates (autograd off, eval mode, another batch size) between the
     training step and monitor.step(): the step's statistics are the training forward's."""

@@ -386,6 +386,9 @@ class Probe:
         # Whether an optimizer's step began since ``begin_step`` (a micro-batch of gradient
         # accumulation has none).
         self.optimizer_stepped = False
+        # The param groups' learning rates as the observed step's first optimizer step began
+        # (a scheduler stepped after it changes them before the collect).
+        self.step_lrs: Optional[dict] = None
         self.mode: Optional[_ProbeMode] = None
         # The probe's modes whose forward ended without its hooks: popped once innermost.
         self.stale_modes: list[_ProbeMode] = []
@@ -468,6 +471,7 @@ class Probe:
         """Observe the next forward/backward/optimizer step (hooks go on the model now)."""
         self.observing = True
         self.optimizer_stepped = False
+        self.step_lrs = None
         self.failed_module = None
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
@@ -1003,6 +1007,8 @@ class Probe:
         if not self.observing:
             return None
         self.optimizer_stepped = True
+        if self.step_lrs is None:
+            self.step_lrs = _optimizer_groups(self.optimizers)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self._take_step_grads(optimizer)
@@ -1239,7 +1245,8 @@ class Probe:
             grad_norm = np.where(grads[:, stats.G["nonfinite"]] == 0,
                                  np.sqrt(grads[:, stats.G["sumsq"]]), np.nan)
         vectors = np.column_stack([norm, std, grad_norm, updates])
-        groups = _optimizer_groups(self.optimizers)
+        groups = self.step_lrs if self.step_lrs is not None else _optimizer_groups(
+            self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         for i, ((name, p), (_, grad_row)) in enumerate(zip(named, param_rows)):
             has_grad, has_update = grad_row is not None, bool(updated[i])

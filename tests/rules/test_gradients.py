@@ -444,3 +444,18 @@ def test_tl502_names_unscaled_regression_targets(first, told):
     t.loss_kind = "cross_entropy"
     [found] = hits("TL502", t)
     assert "standardize" not in found.fix
+
+
+def test_tl503_waits_past_the_first_step_of_a_warmup_from_zero():
+    """Every group at lr 0 for the one step observed so far is a warmup's first step
+    (transformers' linear schedule starts at 0); at a second step at lr 0 it is judged."""
+    warmup = _grouped([(0, 0.0, [0.0] * 3), (1, 0.0, [0.0])])
+    with pytest.raises(Skip, match="learning rate 0 in every param group.*warmup"):
+        hits("TL503", warmup)
+    for p in warmup.params:
+        p.update_ratios.append(0.0)
+        p.norms_before.append(p.norms_before[0])
+        p.update_norms.append(0.0)
+    found = hits("TL503", warmup)
+    assert [h.evidence["group"] for h in found] == [0, 1]
+    assert all(h.evidence["median_ratio"] == 0 for h in found)
