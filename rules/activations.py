@@ -94,7 +94,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         listed = lt.dead_units[:10]
         more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
-        steps = lt.unit_records or trace.unit_steps or trace.observed_steps
+        steps = lt.unit_records or trace.observed_steps
         last = "the last " if steps < trace.observed_steps else ""
         samples = f" over {last}{steps} observed step(s)" if steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (never > 0, never < -1e-3)"

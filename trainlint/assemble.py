@@ -144,7 +144,6 @@ class TraceBuilder:
         self.unit_counts: dict[tuple, int] = {}
         self.unit_last: dict[tuple, np.ndarray] = {}
         self.unit_window: dict[tuple, int] = {}
-        self._values: dict[tuple, float] = {}  # this step's element count per point
         self.signal: dict[tuple, np.ndarray] = {}
         self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
@@ -212,13 +211,13 @@ class TraceBuilder:
         index = _shared_index(tuple(order), self._layer_index)
         self._layer_index = index
         columns: dict = {}
-        self._values = {}
+        sizes: dict = {}  # this step's element count per point
         if found["act"]:
-            self._add_acts(found["act"], index, columns, nonfinite["activations"])
+            sizes = self._add_acts(found["act"], index, columns, nonfinite["activations"])
         if found["grad"]:
             self._add_grads(found["grad"], index, columns, nonfinite["gradients"])
         if found["units"]:
-            self._add_units(found["units"], index, columns)
+            self._add_units(found["units"], index, columns, sizes)
         if found["signal"]:
             self._add_signal(found["signal"], index, columns)
         step_info["layers"] = StepLayers(index, columns)
@@ -238,17 +237,17 @@ class TraceBuilder:
         # The modes the training forward ran in (read now when no forward said: a check).
         self.train_flags.append({"step": step, **(snap.train_flags or training_flags(self.model))})
 
-    def _add_acts(self, acts: list, index: dict, columns: dict, nonfinite: dict) -> None:
+    def _add_acts(self, acts: list, index: dict, columns: dict, nonfinite: dict) -> dict:
         """This step's activation rows of every point: its std, mean and zero fraction into
         ``columns``, its NaN/Inf count into ``nonfinite``, and the rows folded into the run's
-        (all points at once)."""
+        (all points at once). Returns each point's element count this step."""
         keys = [key for key, _ in acts]
         if all(len(value) == 1 for _, value in acts):  # one call each: the rows as they are
             step = np.concatenate([value for _, value in acts]).astype(np.float64, copy=False)
         else:
             step = np.concatenate([stats.fold_moments(value) for _, value in acts])
         summary = stats.moment_summaries(step)
-        self._values = dict(zip(keys, step[:, stats.A["n"]].tolist()))
+        sizes = dict(zip(keys, step[:, stats.A["n"]].tolist()))
         at = [index[key] for key in keys]
         for name in ("std", "mean", "zero_fraction"):
             _put(columns, name, len(index), at, summary[name])
@@ -260,6 +259,7 @@ class TraceBuilder:
             step[seen] = stats.fold_stacked(np.stack([before, step[seen]], axis=1))
         for i, key in enumerate(keys):
             self.act_rows[key] = step[i:i + 1]
+        return sizes
 
     def _add_grads(self, grads: list, index: dict, columns: dict, nonfinite: dict) -> None:
         """This step's gradient rows of every point (all fields are sums): its norm into
@@ -278,9 +278,10 @@ class TraceBuilder:
         for i, (key, _) in enumerate(grads):
             self.grad_rows[key] = step[i:i + 1]
 
-    def _add_units(self, units: list, index: dict, columns: dict) -> None:
+    def _add_units(self, units: list, index: dict, columns: dict, sizes: dict) -> None:
         """Each point's "ever active" record over its window of records (:func:`window_for`
-        of this step's values per unit), and its dead fraction into ``columns``. Per unit, the
+        of this step's values per unit: its element count in ``sizes`` over its units), and
+        its dead fraction into ``columns``. Per unit, the
         number of the point's last record that found it active (its records counted from 1;
         0: none yet): the unit is active in the window when that is one of the window's (one
         small array per point)."""
@@ -291,9 +292,9 @@ class TraceBuilder:
             if last is None or last.shape != value.shape:
                 last = self.unit_last[key] = np.zeros(value.shape, dtype=np.int32)
             self.unit_counts[key] = count
-            values = self._values.get(key)  # (None: not said; the window stays as it was)
-            if values is not None:
-                self.unit_window[key] = window_for(values / max(value.size, 1))
+            size = sizes.get(key)  # (None: not said; the window stays as it was)
+            if size is not None:
+                self.unit_window[key] = window_for(size / max(value.size, 1))
             np.putmask(last, value.astype(bool), count)
             active = self.active_units(key)
             if active.size:
@@ -413,7 +414,6 @@ class TraceBuilder:
             inputs=self._chosen_inputs(modules),
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,
-            unit_steps=min(self.observed, UNIT_WINDOW),
             model_type=type(self.model).__name__,
             output_ops=tuple(o for o in self.output_origins if o is not None),
             errors=list(self.errors), train_flags=list(self.train_flags),

@@ -349,8 +349,6 @@ class RunTrace:
     losses: list = field(default_factory=list)
     steps: int = 0
     observed_steps: int = 0
-    # How many of the last observed steps the per-unit "ever active" records cover.
-    unit_steps: int = 0
     batch_size: Optional[int] = None
     device: str = "cpu"
     mode: str = "check"
