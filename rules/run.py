@@ -100,13 +100,19 @@ def early_fall(losses: list, third: int) -> float:
     return (start - end) / (abs(start) if start else 1.0)
 
 
+def median_blur(first: list, last: list) -> float:
+    """How far noise alone may move the median of ``last`` from that of ``first``:
+    :data:`EARLY_SIGMAS` standard errors of their difference (the two parts' spreads,
+    robustly)."""
+    sigma = max(_spread(first), _spread(last))
+    return EARLY_SIGMAS * _median_error(sigma, len(first), len(last))
+
+
 def rise_beyond_noise(first: list, last: list) -> bool:
     """Whether the median of ``last`` is above that of ``first`` by more than
-    :data:`EARLY_SIGMAS` standard errors of the noise (the two parts' spreads, robustly): on
-    a converged run's plateau, heavy-tailed batch losses move a third's median by 20-30%."""
-    sigma = max(_spread(first), _spread(last))
-    return median(last) - median(first) > EARLY_SIGMAS * _median_error(sigma, len(first),
-                                                                       len(last))
+    :func:`median_blur`: on a converged run's plateau, heavy-tailed batch losses move a
+    third's median by 20-30%."""
+    return median(last) - median(first) > median_blur(first, last)
 
 
 def chance_level(trace: RunTrace) -> Optional[tuple[int, float]]:
@@ -240,8 +246,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                                     or rise_beyond_noise(losses[:third], losses[-third:]))
     if rose or (from_start and not fell and not steady):
         if not rose and noisy:
-            blur = EARLY_SIGMAS * _median_error(
-                max(_spread(losses[:third]), _spread(losses[-third:])), third, third)
+            blur = median_blur(losses[:third], losses[-third:])
             if first - last + blur >= t.min_drop * scale:
                 raise Skip(
                     f"the observed losses are too noisy to tell a {t.min_drop:.0%} fall: the "
@@ -357,11 +362,12 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.loss_kind == "synthetic" or trace.foreign_params or trace.adversarial:
         return  # (a competing loss: only NaN/Inf is judged, see _competing)
     late = joined_later(trace, curve)
-    window = noise_window([loss for _, loss in curve])
+    losses = [loss for _, loss in curve]
+    window = noise_window(losses)
     k = max(t.settle_points, window) if late else window
     if len(curve) < k:
         return
-    ends, medians, means = _levels([loss for _, loss in curve], k)
+    ends, medians, means = _levels(losses, k)
     levels = [(curve[i][0], m) for i, m in zip(ends, medians)]
     start = levels[0][1]
     chance = chance_level(trace)
@@ -369,7 +375,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         start = max(start, t.late_floor * chance[1])
     # Late: the typical loss before each level's points (their median); else its running
     # minimum.
-    typical = medians_before([loss for _, loss in curve]) if late else None
+    typical = medians_before(losses) if late else None
     running = math.inf
     init = _init_loss(curve, chance) if k > 1 and not late else None
     if init is not None:
@@ -435,7 +441,7 @@ def noise_window(losses: list) -> int:
     n = len(losses)
     if n < NOISE_POINTS:
         return 1
-    noise = max(_relative_noise(part) for part in np.array_split(np.asarray(losses), 3))
+    noise = max(_noise_by_thirds(losses))
     if noise <= LEVEL_NOISE:
         return 1
     wanted = math.ceil((1.2533 * noise / LEVEL_NOISE) ** 2)  # a median of w: 1.2533 / sqrt(w)
@@ -478,8 +484,7 @@ def _first_loss(curve: list, rise_factor: float) -> Optional[tuple]:
     the quietest third's noise could have put that first batch; None where single points
     are noisier than ``FIRST_NOISE`` (a lucky first batch says nothing) or the first loss is
     not above 0."""
-    noise = min(_relative_noise(part)
-                for part in np.array_split(np.asarray([v for _, v in curve]), 3))
+    noise = min(_noise_by_thirds([v for _, v in curve]))
     if noise > FIRST_NOISE or not curve[0][1] > 0:
         return None
     return curve[0][1], rise_factor * math.exp(3.0 * noise)
@@ -491,6 +496,11 @@ def _init_loss(curve: list, chance: Optional[tuple]) -> Optional[float]:
     if chance is None or abs(curve[0][1] - chance[1]) > INIT_NEAR_CHANCE * chance[1]:
         return None
     return curve[0][1]
+
+
+def _noise_by_thirds(losses: list) -> list:
+    """:func:`_relative_noise` of each third of ``losses``."""
+    return [_relative_noise(part) for part in np.array_split(np.asarray(losses), 3)]
 
 
 def _relative_noise(losses: np.ndarray) -> float:
