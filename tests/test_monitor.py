@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import trainlint
 from trainlint import stats
-from trainlint.assemble import UNIT_WINDOW, window_for
+from trainlint.assemble import UNIT_VALUES, UNIT_WINDOW, window_for
 
 
 class ModeSpy(nn.Module):
@@ -418,13 +418,14 @@ def test_units_killed_mid_run_are_dead_over_the_recent_steps(knock_out: bool) ->
 
 
 def test_units_killed_early_in_a_short_run_are_reported() -> None:
-    """Ten observed steps at batch 64, units knocked out at the third: the window holds 8
-    steps (512 samples per unit), all after the kill, so the layer reads 100% dead; a window
-    of the whole run would still see them active at its first two steps."""
-    assert window_for(64) == 8
-    [found] = _knocked_out(10, 2)
+    """Units knocked out at the third observed step at batch 64, the run as long as the
+    window after it (8 steps: 512 samples per unit): the layer reads 100% dead; a window of
+    the whole run would still see them active at its first two steps."""
+    window = window_for(64)
+    assert window == math.ceil(UNIT_VALUES / 64) > UNIT_WINDOW  # set by samples, not the floor
+    [found] = _knocked_out(2 + window, 2)
     assert found.module == "3" and found.evidence["dead_fraction"] == 1.0
-    assert "over the last 8 observed step(s)" in found.message
+    assert f"over the last {window} observed step(s)" in found.message
 
 
 @pytest.mark.parametrize("knock_out", [True, False])
@@ -454,7 +455,8 @@ def test_at_batch_4_the_unit_window_holds_enough_samples(knock_out: bool) -> Non
     assert [f.module for f in found] == (["1"] if knock_out else [])
     if knock_out:
         assert found[0].evidence["dead_fraction"] == 1.0
-        assert "over the last 128 observed step(s)" in found[0].message
+        assert 20 + window_for(4) <= 150
+        assert f"over the last {window_for(4)} observed step(s)" in found[0].message
 
 
 def test_a_warmup_from_zero_records_the_rate_of_each_step_and_does_not_fail_at_it() -> None:

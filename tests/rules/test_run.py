@@ -423,7 +423,7 @@ def test_tl603_too_noisy_single_batches_are_not_judged_barely_falling(seed):
     around a level that falls 10% over 300 steps. The thirds' medians move by more than that
     by noise alone: "rose" or "barely fell" would be a guess, so TL603 says why it cannot tell."""
     losses = _batch_losses(np.geomspace(1.0, 0.9, 300), spread=1.0, seed=seed)
-    with pytest.raises(Skip, match="too noisy to tell a 5% fall"):
+    with pytest.raises(Skip, match=f"too noisy to tell a {defaults('TL603')['min_drop']:.0%} fall"):
         hits("TL603", _every_step(*losses))
 
 
@@ -517,5 +517,5 @@ def test_tl603_a_warmup_of_single_batches_is_not_judged_on_a_fall_noise_hides():
     stopped at step 33)."""
     losses = _batch_losses(np.geomspace(1.6, 1.6 * 0.96, 34), spread=0.08, seed=2)
     assert run.noise_window(losses) == 1
-    with pytest.raises(Skip, match="too noisy to tell a 5% fall"):
+    with pytest.raises(Skip, match=f"too noisy to tell a {defaults('TL603')['min_drop']:.0%} fall"):
         hits("TL603", _every_step(*losses))
