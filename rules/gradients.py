@@ -563,7 +563,8 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     bad = step.get("nonfinite") or {}
     loss = step.get("loss")
     seen = (bad.get("activations") or bad.get("gradients") or bad.get("parameters")
-            or bad.get("parameter_grads") or (loss is not None and not math.isfinite(loss)))
+            or bad.get("parameter_grads") or (loss is not None and not math.isfinite(loss))
+            or _loss_raised(trace, step) is not None)
     if not seen:  # NaN/Inf only in an input or a module's output: a -inf mask, not a fault
         return None
     if bad.get("inputs"):
@@ -630,6 +631,13 @@ RISKY_OPS = frozenset({
 })
 
 
+def _loss_raised(trace: RunTrace, step: dict) -> Optional[str]:
+    """What the loss function raised at this step on model outputs holding NaN/Inf (which
+    stopped a check), or None."""
+    return next((e["message"] for e in trace.errors if e.get("kind") == "nonfinite-outputs"
+                 and e.get("step") == step["step"]), None)
+
+
 def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
     """When the first non-finite output's input came from a finite output through ops that
     can make NaN/Inf (``torch.log`` between two layers), those ops made it: they ran in the
@@ -644,8 +652,11 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
         src = by_node.get(edge.src)
         if src is None or src.node[1:] in bad:
             continue
-        parent = next(name for name in ancestors(first.module) if name != first.module and (
-            not name or src.module == name or src.module.startswith(name + ".")))
+        # A leaf module's input comes from its parent's forward; a functional activation's
+        # from the forward of the module that called it.
+        parent = next(name for name in ancestors(first.module)
+                      if (name != first.module or first.op != "output") and (
+                          not name or src.module == name or src.module.startswith(name + ".")))
         ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
         return "forward", parent, (
             f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes "
@@ -710,6 +721,9 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if found is None:
             continue
         what, module, detail, *unsafe = found
+        raised = _loss_raised(trace, step)
+        if raised is not None:
+            detail += f"; the loss function then raised {raised}"
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",

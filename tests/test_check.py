@@ -186,6 +186,7 @@ def test_batchnorm_single_value_is_reported_not_raised() -> None:
     codes = [(f.code, f.module) for f in report.findings]
     assert ("TL404", "1.0") in codes
     assert report.findings[0].severity == "error" and not report.ok
+    assert any(note.startswith("the check stopped at training step 1") for note in report.notes)
     assert_same(everything(model), before)
 
 

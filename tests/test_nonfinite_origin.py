@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
+from trainlint.reports.layers import layer_rows
 
 
 def _tl504(report: trainlint.Report) -> trainlint.Finding:
@@ -312,3 +313,56 @@ def test_nan_made_in_a_backward_behind_an_activation_names_that_module(act: type
     found = _tl504(trainlint.check(model, _batch(), steps=1))
     assert (found.module, found.evidence["where"]) == ("2", "backward")
     assert "made in the backward of 2" in found.message
+
+
+class LogThenFunctional(nn.Module):
+    """Ops in this module's own forward feed a functional activation: log of a shifted linear
+    output (all negative: NaN), then sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.log(self.lin(x) - 1000.0))
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_nan_made_by_ops_before_a_functional_activation_names_the_module_that_ran_them(
+        inside: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(LogThenFunctional()) if inside else LogThenFunctional()
+    batch = (torch.randn(16, 8), torch.rand(16, 4))
+    found = _tl504(trainlint.check(model, batch, loss_fn=F.mse_loss, steps=1))
+    assert found.module == ("0" if inside else "")
+    assert "from " + ("0.lin" if inside else "lin") + ", which is finite, through log" in \
+        found.message
+
+
+def test_a_loss_that_raises_on_nan_outputs_is_reported_where_the_nan_was_made() -> None:
+    """BCE raises on a NaN probability ("all elements of input should be between 0 and 1"):
+    the check reports where the model made the NaN and stops there, not a bare error."""
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 8), torch.rand(16, 4).round())
+    report = trainlint.check(LogThenFunctional(), batch, loss_fn=nn.BCELoss(), steps=3)
+    found = _tl504(report)
+    assert found.module == "" and "through log" in found.message
+    assert "the loss function then raised RuntimeError: all elements of input" in found.message
+    assert report.trace.observed_steps == 1
+    assert any("stopped at training step 1" in note and "NaN/Inf" in note
+               for note in report.notes)
+    rows = {row["label"]: row["activation"] for row in layer_rows(report.trace)}
+    nan_row = rows["(model):sigmoid"]
+    assert nan_row["nonfinite"] == nan_row["count"] == 64
+    assert all(math.isnan(nan_row[k]) for k in ("mean", "std", "rms"))
+    assert nan_row["saturated_fraction"] is None  # not measured: no finite value
+    assert math.isfinite(rows["lin"]["mean"])  # a finite output keeps its moments
+
+
+def test_a_loss_that_raises_on_finite_outputs_is_the_users_error() -> None:
+    def picky(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this loss needs a dict")
+
+    with pytest.raises(trainlint.UserCodeError, match="computing the loss raised ValueError"):
+        trainlint.check(nn.Linear(8, 4), (torch.randn(16, 8), torch.rand(16, 4)),
+                        loss_fn=picky, steps=1)

@@ -102,7 +102,7 @@ def test_summary_and_layers_agree_with_the_report(doc: dict) -> None:
 
 def _nonfinite_report() -> trainlint.Report:
     act = ActivationStats(count=10, mean=0.0, std=float("inf"), min=float("nan"),
-                          max=float("nan"), zero_fraction=0.0, nonfinite=10, rms=float("inf"))
+                          max=float("nan"), zero_fraction=0.0, nonfinite=4, rms=float("inf"))
     layer = LayerTrace(module="fc", type="Linear", op="output", depth=0, activation=act,
                        grad_norm=float("nan"), grad_rms=float("-inf"),
                        node=("point", "fc", "output", None))

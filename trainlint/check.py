@@ -238,6 +238,8 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             builder.errors.append({"module": probe.failed_module or "", "phase": "forward",
                                    "kind": "batchnorm-single-value", "message": str(exc)})
             builder.add(probe.collect(), step)
+            notes.append(f"the check stopped at training step {step + 1}: a BatchNorm saw one "
+                         "value per channel (TL404)")
             return None
         phase = "loss"
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
@@ -261,6 +263,16 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
     except Exception as exc:
         if raised_by_trainlint(exc):
             raise
+        if phase == "loss" and _nonfinite(outputs):
+            # The loss choked on NaN/Inf the model made (BCE: "all elements of input should be
+            # between 0 and 1"): where the model made it is the finding (TL504).
+            message = f"{type(exc).__name__}: {flat_message(exc)}"
+            builder.errors.append({"module": "", "phase": "loss", "kind": "nonfinite-outputs",
+                                   "message": message, "step": step})
+            builder.add(probe.collect(), step)
+            notes.append(f"the check stopped at training step {step + 1}: the loss raised "
+                         f"{message}, on model outputs that hold NaN/Inf (TL504)")
+            return None
         raise _user_error(exc, phase, step, data, probe.failed_module) from exc
     if graph is not None:
         _note_loss_graph(run, graph)
@@ -269,6 +281,13 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         if run["graph_output"] is not None:  # a loss the model made: the graph says what it read
             probe.loss_output_first(graph.output_index, graph.output_count)
     return loss
+
+
+def _nonfinite(outputs: Any) -> bool:
+    """Whether a floating-point tensor among the model's outputs holds NaN/Inf (a host sync:
+    only on the way out of a failed step)."""
+    return any((t.is_floating_point() or t.is_complex())
+               and not bool(torch.isfinite(t.detach()).all()) for t in tensors_in(outputs))
 
 
 PHASES = {"forward": "the model's forward pass", "loss": "computing the loss",

@@ -15,16 +15,21 @@ def layer_rows(trace: RunTrace) -> list[dict]:
     rows = []
     for lt in trace.ordered_layers():
         act = lt.activation
+        # An output with no finite value has no moments (its finite part's would read 0).
+        none_finite = act is not None and act.count > 0 and act.nonfinite >= act.count
         rows.append({
             "module": lt.module, "label": lt.label, "type": lt.type, "op": lt.op,
             "kind": lt.kind, "depth": lt.depth,
             "activation": None if act is None else {
-                "mean": act.mean, "std": act.std, "rms": act.rms, "min": act.min, "max": act.max,
-                "zero_fraction": act.zero_fraction, "count": act.count,
+                **({"mean": math.nan, "std": math.nan, "rms": math.nan} if none_finite else
+                   {"mean": act.mean, "std": act.std, "rms": act.rms}),
+                "min": act.min, "max": act.max,
+                "zero_fraction": act.zero_fraction,
+                "count": act.count,
                 "nonfinite": act.nonfinite, "sampled": act.sampled,
-                "saturated_fraction": (act.saturated_fraction
-                                       if lt.kind in ("tanh", "sigmoid") else None),
-                "dead_fraction": lt.dead_fraction,
+                "saturated_fraction": (act.saturated_fraction if lt.kind in ("tanh", "sigmoid")
+                                       and not none_finite else None),
+                "dead_fraction": None if none_finite else lt.dead_fraction,
             },
             # A gradient that held NaN/Inf has a NaN norm (its finite part's is no norm of it).
             "gradient": None if lt.grad_norm is None else (
