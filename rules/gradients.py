@@ -573,6 +573,10 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     stale = bad.get("parameters_before") or []
     if stale:
         owner = stale[0].rsplit(".", 1)[0] if "." in stale[0] else ""
+        if step["step"] == 0 and not trace.resumed:
+            return "initial parameters", owner, (
+                f"{len(stale)} parameter(s) held NaN/Inf before the first training step "
+                f"({stale[:5]}): the model was built or loaded with them")
         return "stale parameter", owner, (
             f"{len(stale)} parameter(s) already held NaN/Inf when the step began "
             f"({stale[:5]}): it appeared at a step that was not observed")
@@ -688,19 +692,23 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     The probe counts non-finite elements of every observed output, gradient and parameter on
     the device, and reads each input of the model and each output that a module's own code
     makes (a module with children, the model itself) in full. At the first observed step with
-    any, this names where it appeared first: the input batch; else parameters that already
-    held NaN/Inf when the step began (it appeared at an unobserved step: a Monitor with
-    ``every > 1``); else the first module in forward execution order whose output holds
-    NaN/Inf, a module whose own code (``torch.log`` in its ``forward``) made it before any
-    observed output held any (or the ops that fed that first output from a finite output or
-    a model input: a ``log`` between two layers, a per-sample division by a std of 0 before
-    the first layer, named with the module whose forward ran them); else the loss; else the
+    any, this names where it appeared first: the input batch (in a check, its float targets
+    too); else parameters that already held NaN/Inf when the step began (at the first
+    training step: the model was built or loaded with them; later, it appeared at an
+    unobserved step: a Monitor with ``every > 1``); else the first module in forward
+    execution order whose output holds NaN/Inf, a module whose own code (``torch.log`` in
+    its ``forward``) made it before any observed output held any (or the ops that fed that
+    first output from a finite output or a model input: a ``log`` between two layers, a
+    per-sample division by a std of 0 before the first layer, named with the module whose
+    forward ran them); else the loss; else the
     first module in backward order whose output gradient does; else the parameters
     (gradients, then values after the optimizer step). In the backward, when a module that
     takes that first module's output has a finite output gradient (or none observed), its
     backward made the NaN/Inf, with a finite forward (sqrt of a sum of squares at 0: the
     derivative is infinite, times 0): the finding names that module (one that is not a
-    weight layer first).
+    weight layer first). In a check, a loss function that raises on model outputs holding
+    NaN/Inf (BCE's "all elements of input should be between 0 and 1") ends the run at that
+    step, and the finding says what it raised.
 
     ## Why is this bad?
     One NaN spreads to every weight in the next update: training is already broken.
@@ -770,6 +778,10 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
         return ("clean the data before the model: find the samples with NaN/Inf "
                 "(torch.isfinite(x).all(dim=...)), drop or impute them (torch.nan_to_num), and "
                 "check the preprocessing (a division by a zero std, a log of 0)")
+    if what == "initial parameters":
+        return ("find where they came from: the init code or the checkpoint loaded "
+                "([n for n, p in model.named_parameters() if not p.isfinite().all()] lists "
+                "them); re-initialize or reload those parameters before training")
     if what == "stale parameter":
         return ("observe every step (trainlint.Monitor(every=1), or trainlint check) to find "
                 "where NaN/Inf first appears; meanwhile lower the learning rate and clip "

@@ -4,6 +4,7 @@ module's own forward, ops between two layers, the input batch, or an unobserved 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -101,6 +102,41 @@ def test_nan_in_the_input_batch_is_the_datas() -> None:
     found = _tl504(trainlint.check(model, (x, y), steps=1))
     assert found.evidence["where"] == "input"
     assert "input0" in found.message
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_nan_in_a_checks_regression_targets_is_the_datas(several: bool) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    y[5, 0] = float("nan")
+    targets = (torch.randn(16, 1), y) if several else y
+
+    def loss_fn(out: torch.Tensor, target: Any) -> torch.Tensor:
+        return sum(F.mse_loss(out, t) for t in target) if several else F.mse_loss(out, target)
+
+    found = _tl504(trainlint.check(nn.Linear(8, 1), (x, targets), loss_fn=loss_fn, steps=1))
+    assert found.evidence["where"] == "input"
+    assert ("targets[1]" if several else "(targets)") in found.message
+
+
+def test_finite_targets_with_a_nan_loss_still_blame_the_loss() -> None:
+    def log_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.log(out - out.detach()).mean() + F.mse_loss(out, target)  # log(0)
+
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(nn.Linear(8, 1), (torch.randn(16, 8), torch.randn(16, 1)),
+                                   loss_fn=log_loss, steps=1))
+    assert found.evidence["where"] == "loss"
+
+
+def test_nan_weights_before_training_are_the_inits_or_the_checkpoints() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    found = _tl504(trainlint.check(model, _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("2", "initial parameters")
+    assert "built or loaded" in found.message and "every=1" not in found.fix
 
 
 class Breaks(nn.Module):

@@ -204,6 +204,7 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
     _check_devices(data, model)
     run["batch_size"] = data.size
     probe.begin_step()
+    probe.record_targets(data.targets)
     try:
         loss = _train_step(model, data, loss_fn, opt, probe, builder, step, run, notes)
         if loss is None:

@@ -545,6 +545,18 @@ class Probe:
             self.mode = _ProbeMode(self)
             self.mode.__enter__()
 
+    def record_targets(self, targets: Any) -> None:
+        """Probe each floating-point target tensor the loss is given (a check's batch) for NaN,
+        as the model's inputs are: a NaN target makes a NaN loss that is the data's fault."""
+        if not self.observing:
+            return
+        tensors = [t for t in tensors_in(targets) if (t.is_floating_point() or t.is_complex())
+                   and strided(t) and t.numel()]
+        with torch._C.DisableTorchFunction():
+            for i, t in enumerate(tensors):
+                name = "targets" if len(tensors) == 1 else f"targets[{i}]"
+                self.input_probes.append((name, stats.nan_probe(t)))
+
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.mode is not None and output is not None and self.observing:
             outputs = tensors_in(output)
