@@ -21,6 +21,7 @@ from ._graph import (
     SHAPE_OPS,
     WEIGHT_LAYERS,
     ancestors,
+    attends,
     feeds_norm,
     in_blocks,
     inside_attention_sublayer,
@@ -770,6 +771,12 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "
                 "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)), and use "
                 "Kaiming/Xavier init")
+    if what == "forward" and facts is not None and attends(facts):
+        return (f"check the attention mask of {module!r}: a query whose keys are all masked "
+                "(a sample that is all padding in key_padding_mask, a -inf mask row) gets a "
+                "softmax over nothing, NaN; keep at least one key per query (drop empty "
+                "samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "
+                "inputs of log/sqrt/division in it")
     if what in ("forward", "backward"):
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
                 "log/sqrt/pow/division (x.clamp_min(eps)), add eps to denominators, use "

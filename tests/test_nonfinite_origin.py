@@ -402,3 +402,44 @@ def test_a_loss_that_raises_on_finite_outputs_is_the_users_error() -> None:
     with pytest.raises(trainlint.UserCodeError, match="computing the loss raised ValueError"):
         trainlint.check(nn.Linear(8, 4), (torch.randn(16, 8), torch.rand(16, 4)),
                         loss_fn=picky, steps=1)
+
+
+class PaddedAttention(nn.Module):
+    def __init__(self, by_hand: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.att = SelfAttention() if by_hand else nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        if isinstance(self.att, nn.MultiheadAttention):
+            h = self.att(h, h, h, key_padding_mask=x == 0)[0]
+        else:
+            h = self.att(h, x == 0)
+        return self.head(h.mean(1))
+
+
+class SelfAttention(nn.Module):
+    """A hand-written attention layer: softmax over scores masked with -inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(h).chunk(3, -1)
+        scores = (q @ k.transpose(1, 2)).masked_fill(padding[:, None, :], float("-inf"))
+        return torch.softmax(scores / 32 ** 0.5, -1) @ v
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_nan_from_a_sample_that_is_all_padding_points_at_the_attention_mask(
+        by_hand: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randint(1, 50, (8, 10))
+    x[2] = 0  # every key of sample 2 is padding: its softmax is over nothing
+    found = _tl504(trainlint.check(PaddedAttention(by_hand), (x, torch.randint(0, 3, (8,))),
+                                   steps=1))
+    assert (found.module, found.evidence["where"]) == ("att", "forward")
+    assert "attention mask of 'att'" in found.fix and "torch.finfo(dtype).min" in found.fix
