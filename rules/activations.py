@@ -38,7 +38,7 @@ def _fmt_pct(x: float) -> str:
 
 
 @rule("TL101", "dead-relu", "warning", dead_fraction=0.5, min_units=8, alike_signal=0.5,
-      alike_dead_fraction=0.9)
+      alike_dead_fraction=0.9, min_values=8)
 def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Dead ReLU units: units that output 0 for every sample and position of recent steps.
 
@@ -64,7 +64,9 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     pooled features at init), each unit is on or off for the whole batch by the sign of its
     offset: about half are off by chance, and the rule asks for ``alike_dead_fraction``.
     Where that input comes through unobserved ops (``x.mean((2, 3))``), the between-sample
-    share of the layer's own output spread stands in for it.
+    share of the layer's own output spread stands in for it. So too where the window holds
+    fewer than ``min_values`` values per unit (a check at batch 1; an expert of a mixture of
+    experts sent one token per step): a unit off for 3 values is a coin flip, not dead.
 
     ## Why is this bad?
     A ReLU whose input is negative everywhere outputs 0 and passes no gradient: the unit
@@ -89,12 +91,14 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         feeder = feeding_module(trace, lt)
         spread = input_spread(trace, feeder)
-        alike = spread is not None and spread < t.alike_signal
+        steps = lt.unit_records or trace.observed_steps
+        seen = _values_per_unit(lt, steps)
+        few = seen is not None and seen < t.min_values
+        alike = (spread is not None and spread < t.alike_signal) or few
         if alike and dead < t.alike_dead_fraction:
             continue
         listed = lt.dead_units[:10]
         more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
-        steps = lt.unit_records or trace.observed_steps
         last = "the last " if steps < trace.observed_steps else ""
         samples = f" over {last}{steps} observed step(s)" if steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (never > 0, never < -1e-3)"
@@ -103,6 +107,8 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                     "units": units, "threshold": threshold}
         if spread is not None:
             evidence["input_spread"] = round(spread, 4)
+        if few:
+            evidence["values_per_unit"] = seen
         if feeder is not None:
             evidence["feeding_module"] = feeder.name
             evidence.update(_param_state(trace, feeder))
@@ -114,6 +120,15 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             fix=_dead_relu_fix(feeder, evidence, lt.kind),
             evidence=evidence,
         )
+
+
+def _values_per_unit(lt: LayerTrace, steps: int) -> Optional[int]:
+    """How many values each unit of an activation point showed over its ``steps`` observed
+    records (the first call's elements per unit, times the records); None when unknown."""
+    units = lt.unit_ever_active.size if lt.unit_ever_active is not None else 0
+    if not lt.shape or not units or not steps:
+        return None
+    return math.prod(lt.shape) // units * steps
 
 
 def feeding_module(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[ModuleFacts]:

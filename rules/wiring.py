@@ -60,6 +60,28 @@ def _library_owner(trace: RunTrace, module: str, unused: set,
     return facts if facts is not None and facts.library in _MODEL_LIBRARIES else None
 
 
+def unrouted_experts(trace: RunTrace) -> set:
+    """Experts of a mixture of experts that no observed step called: same-class members of
+    a ``ModuleList``/``ModuleDict`` whose members that ran took different numbers of rows
+    (each expert runs on the tokens its router sends it, and one sent none is not called)."""
+    rows: dict = {}  # module -> the leading dim of its first observed point
+    for lt in trace.ordered_layers():
+        if lt.shape:
+            for name in ancestors(lt.module):
+                rows.setdefault(name, lt.shape[0])
+    groups: dict = {}
+    for name, facts in trace.modules.items():
+        parent = name.rpartition(".")[0]
+        if name and getattr(trace.modules.get(parent), "base", "") in ("ModuleList", "ModuleDict"):
+            groups.setdefault((parent, facts.type), []).append(name)
+    unrouted: set = set()
+    for members in groups.values():
+        ran = {rows[m] for m in members if m in rows}
+        if len(ran) > 1:
+            unrouted.update(m for m in members if m not in rows)
+    return unrouted
+
+
 @rule("TL505", "unused-parameters", "warning")
 def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Trainable parameters that never get a gradient.
@@ -83,6 +105,12 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Use the layer in ``forward`` (or drop it), remove the stray ``.detach()``, or freeze it on
     purpose with ``requires_grad_(False)``.
 
+    Experts of a mixture of experts that no observed step called are not reported: among
+    same-class members of a ``ModuleList``/``ModuleDict``, the ones that ran took different
+    numbers of rows
+    (tokens routed to each), so one that was sent no token is not called at all; with few
+    tokens per step (a check's batch) many are.
+
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch
     itself, ...) whose other parameters train, that library's forward leaves them out for
@@ -96,7 +124,9 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not any(p.grad_steps for p in trainable):
         raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
                    "after optimizer.step() and before zero_grad())")
-    unused = {p.name for p in trainable if p.grad_steps == 0}
+    unrouted = unrouted_experts(trace)
+    unused = {p.name for p in trainable if p.grad_steps == 0
+              and not any(a in unrouted for a in ancestors(p.module))}
     if not unused:
         return
     groups = maximal_groups(unused, {p.name for p in trainable}, params=True)

@@ -243,6 +243,32 @@ def test_tl101_through_a_mean_judges_the_spread_of_the_layers_own_output() -> No
     assert run("TL101", alike_trace(half, n, low, ("flatten",), own_spread=1.0)) == []
 
 
+def test_tl101_asks_more_where_each_unit_showed_few_values() -> None:
+    """One sample per step (a check at batch 1, an expert sent one token) over 3 steps: a
+    unit off for its 3 values is a coin flip, so ``alike_dead_fraction`` is asked; at
+    ``min_values`` values per unit, ``dead_fraction`` again."""
+    t = RULES["TL101"].defaults
+    n, k = edge_sizes(t["alike_dead_fraction"], t["min_units"])
+    half = round(t["dead_fraction"] * n)
+    steps = 3
+    rows = -(-t["min_values"] // steps)  # the fewest rows per call that reach min_values
+
+    def shaped(dead: int, rows_per_call: int) -> RunTrace:
+        trace = relu_trace(dead, n)
+        trace.layers[-1].shape = (rows_per_call, n)
+        trace.observed_steps = steps
+        return trace
+
+    assert run("TL101", shaped(half, rows - 1)) == []
+    assert run("TL101", shaped(k - 1, rows - 1)) == []
+    [finding] = run("TL101", shaped(k, rows - 1))
+    assert finding.evidence["threshold"] == t["alike_dead_fraction"]
+    assert finding.evidence["values_per_unit"] == (rows - 1) * steps
+    [finding] = run("TL101", shaped(half, rows))
+    assert finding.evidence["threshold"] == t["dead_fraction"]
+    assert "values_per_unit" not in finding.evidence
+
+
 def test_tl101_alike_thresholds_can_be_overridden() -> None:
     t = RULES["TL101"].defaults
     n = 64

@@ -96,6 +96,45 @@ def test_tl505_a_librarys_unused_part_stays_a_warning_when_user_code_owns_it():
     assert [(h.module, h.severity) for h in found] == [("bert", None)]
 
 
+def _experts(rows: dict, container: str = "ModuleList") -> tuple:
+    """Four Expert members of ``experts`` (a ``container``), expert ``i`` observed with
+    ``rows[i]`` rows (absent: never called, no gradient), and a trained head."""
+    layers = [point(f"experts.{i}.fc", "Linear", depth=i, shape=(n, 16))
+              for i, n in sorted(rows.items())]
+    modules = [module("experts", container, leaf=False)]
+    modules += [module(f"experts.{i}", "Expert", leaf=False) for i in range(4)]
+    modules += [module(f"experts.{i}.fc", "Linear") for i in range(4)]
+    params = [param(f"experts.{i}.fc.weight", (16, 8), **({} if i in rows else UNUSED))
+              for i in range(4)] + [param("head.weight", (3, 16))]
+    return layers, modules, params
+
+
+def test_tl505_experts_no_token_was_routed_to_are_not_unused():
+    """A mixture of experts: the experts that ran took 5 and 2 rows (tokens routed to each);
+    experts 2 and 3 were sent none, so they were never called. Not a wiring fault."""
+    layers, modules, params = _experts({0: 5, 1: 2})
+    t = trace(layers, modules=modules, params=params, observed_steps=3)
+    assert hits("TL505", t) == []
+
+
+def test_tl505_a_member_a_loop_skips_is_unused():
+    """The members that ran took the same rows (a loop over all but the last block): the one
+    never called is reported."""
+    layers, modules, params = _experts({0: 8, 1: 8, 2: 8})
+    found = hits("TL505", trace(layers, modules=modules, params=params, observed_steps=3))
+    assert [h.module for h in found] == ["experts.3"]
+
+
+def test_tl505_only_a_modulelists_or_moduledicts_members_are_experts():
+    """Children that took different rows but are a Sequential's stages (or plain attributes)
+    are no experts: the ones never called are reported."""
+    layers, modules, params = _experts({0: 8, 1: 5}, container="Sequential")
+    found = hits("TL505", trace(layers, modules=modules, params=params, observed_steps=3))
+    assert [h.module for h in found] == ["experts.2", "experts.3"]
+    layers, modules, params = _experts({0: 8, 1: 5}, container="ModuleDict")
+    assert hits("TL505", trace(layers, modules=modules, params=params, observed_steps=3)) == []
+
+
 def test_tl505_no_gradient_anywhere_is_a_note():
     none = {name: {"grad_steps": 0} for name in [p.name for p in _params()]}
     with pytest.raises(Skip):
