@@ -997,3 +997,37 @@ def test_a_long_run_keeps_each_distinct_norm_call_once() -> None:
     assert sorted(facts.batch_sizes) == [4, 16]
     assert facts.input_shapes == [(16, 8, 8, 8), (4, 8, 8, 8)]
     assert facts.values_per_channel == [16 * 64, 4 * 64]
+
+
+class Wrapper(nn.Module):
+    """A LightningModule-like holder: the training step may call ``holder.net`` directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("bypass", [True, False])
+def test_a_training_step_that_bypasses_the_models_forward_is_noted(bypass: bool) -> None:
+    """Layers ran but the observed model's own forward never did: its inputs and the loss's
+    link to its output were not read, and the note says which submodule to observe."""
+    torch.manual_seed(0)
+    holder = Wrapper()
+    opt = torch.optim.SGD(holder.parameters(), lr=0.1)
+    x, y = torch.randn(32, 4) * 50 + 100, torch.randint(0, 3, (32,))  # unnormalized inputs
+    with trainlint.Monitor(holder, optimizer=opt, every=2) as monitor:
+        for _ in range(6):
+            loss = F.cross_entropy(holder.net(x) if bypass else holder(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    noted = [n for n in report.notes if n.startswith("the model's own forward did not run")]
+    assert bool(noted) == bypass
+    if bypass:
+        assert "('net')" in noted[0] and "TrainlintCallback(module='net')" in noted[0]
+    assert ("TL201" in {f.code for f in report.findings}) != bypass

@@ -169,6 +169,10 @@ class TraceBuilder:
         self.errors: list[dict] = []
         self.train_flags: list[dict] = []
         self.observed = 0
+        # The model's children whose layers ran at observed steps where the model's own
+        # forward did not (a training step calling ``model.net(x)``), and how many such steps.
+        self.bypassed: set = set()
+        self.rootless = 0
         # Points whose gradients reentrant checkpointing hid (see ProbeSnapshot.checkpointed).
         self.checkpointed: set = set()
 
@@ -220,6 +224,9 @@ class TraceBuilder:
             self._add_units(found["units"], index, columns, sizes)
         if found["signal"]:
             self._add_signal(found["signal"], index, columns)
+        if snap.train_flags is None and found["act"]:  # layers ran, the model's forward did not
+            self.rootless += 1
+            self.bypassed.update(key[0].split(".")[0] for key, _ in found["act"] if key[0])
         step_info["layers"] = StepLayers(index, columns)
         for key, rank in snap.backward_order.items():
             self.backward_order.setdefault(key, rank)
@@ -421,6 +428,16 @@ class TraceBuilder:
         )
         for name, value in run.items():
             setattr(trace, name, value)
+        if self.rootless and self.rootless == self.observed and self.bypassed:
+            children = sorted(self.bypassed)
+            name = children[0] if len(children) == 1 else "..."
+            trace.notes.append(
+                f"the model's own forward did not run at the observed steps: the training step "
+                f"called its submodules directly ({', '.join(map(repr, children))}), so the "
+                "model's inputs (TL201, TL202) and the link from its output to the loss (TL302, "
+                "TL601) were not read; observe the submodule the training step calls "
+                f"(trainlint.Monitor(model.{name}, ...); with Lightning, "
+                f"TrainlintCallback(module={name!r}))")
         if self.checkpointed:
             trace.notes.append(
                 f"{len(self.checkpointed)} layer(s) ran with autograd off and were recomputed in "
