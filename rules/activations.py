@@ -38,7 +38,7 @@ def _fmt_pct(x: float) -> str:
 
 
 @rule("TL101", "dead-relu", "warning", dead_fraction=0.5, min_units=8, alike_signal=0.5,
-      alike_dead_fraction=0.9, min_values=8)
+      alike_dead_fraction=0.9, min_values=4)
 def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Dead ReLU units: units that output 0 for every sample and position of recent steps.
 
