@@ -107,9 +107,8 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     Experts of a mixture of experts that no observed step called are not reported: among
     same-class members of a ``ModuleList``/``ModuleDict``, the ones that ran took different
-    numbers of rows
-    (tokens routed to each), so one that was sent no token is not called at all; with few
-    tokens per step (a check's batch) many are.
+    numbers of rows (the tokens routed to each), so one sent no token is not called at all;
+    with few tokens per step (a check's batch) many are not.
 
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch

@@ -21,10 +21,10 @@ def layer_rows(trace: RunTrace) -> list[dict]:
             "module": lt.module, "label": lt.label, "type": lt.type, "op": lt.op,
             "kind": lt.kind, "depth": lt.depth,
             "activation": None if act is None else {
-                **({"mean": math.nan, "std": math.nan, "rms": math.nan} if none_finite else
-                   {"mean": act.mean, "std": act.std, "rms": act.rms}),
-                "min": act.min, "max": act.max,
-                "zero_fraction": act.zero_fraction,
+                "mean": math.nan if none_finite else act.mean,
+                "std": math.nan if none_finite else act.std,
+                "rms": math.nan if none_finite else act.rms,
+                "min": act.min, "max": act.max, "zero_fraction": act.zero_fraction,
                 "count": act.count,
                 "nonfinite": act.nonfinite, "sampled": act.sampled,
                 "saturated_fraction": (act.saturated_fraction if lt.kind in ("tanh", "sigmoid")
