@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -519,3 +520,45 @@ def test_a_softmax_or_sigmoid_the_loss_function_applies_to_an_output_is_read() -
                     lambda o, y: F.binary_cross_entropy(torch.sigmoid(o), two)):
         assert _graph_of(healthy).squash is None
     assert _graph_of(lambda o, y: F.cross_entropy(o, y), probabilities=True).squash is None
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_bce_weighing_its_terms_is_known_before_and_after_the_backward(backward: bool) -> None:
+    """pos_weight and weight are saved by BCE's node (freed by the backward: still told);
+    cross-entropy's class weights are a weighted mean, which leaves ln(C) as it is."""
+    model = _head(3)
+    y = torch.rand(8, 3).round()
+    for loss_fn, weighted in ((nn.BCEWithLogitsLoss(), False),
+                              (nn.BCEWithLogitsLoss(pos_weight=torch.full((3,), 9.0)), True),
+                              (nn.BCEWithLogitsLoss(weight=torch.full((8, 3), 2.0)), True),
+                              (nn.CrossEntropyLoss(weight=torch.rand(3)), False)):
+        hidden = model[:2](torch.randn(8, 6))
+        logits = model[2](hidden)
+        target = y.argmax(1) if isinstance(loss_fn, nn.CrossEntropyLoss) else y
+        loss = loss_fn(logits, target)
+        if backward:
+            _after_backward(loss)
+        assert read_loss_graph(loss, model.parameters(),
+                               _outputs(hidden, logits)).weighted is weighted
+
+
+def test_a_first_bce_loss_with_pos_weight_is_not_judged_against_ln2() -> None:
+    """An uninformed classifier under pos_weight=20 with 10% positives starts near
+    2.9 x ln(2): TL302 says why it does not judge it, in a check and in a Monitor."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 6, generator=g), (torch.rand(256, 1, generator=g) < 0.1).float()
+    weighted = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([20.0]))
+    report = trainlint.check(_head(1), (x, y), loss_fn=weighted)
+    assert report.trace.losses[0] > max(2, 1 + 1 / math.log(2)) * math.log(2)  # TL302 fired
+    assert "TL302" not in _codes(report)
+    assert any(n.startswith("TL302") and "pos_weight" in n for n in report.notes)
+    opt = torch.optim.SGD((model := _head(1)).parameters(), lr=0.01)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(3):
+            loss = weighted(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        assert "TL302" not in _codes(monitor.report())
+        assert monitor.report().trace.loss_weighted

@@ -94,6 +94,9 @@ class LossGraph:
     # loss that applies its own (cross_entropy(out.softmax(-1), y)): TL601's bug, made in the
     # loss function rather than in the model.
     squash: Optional[str] = None
+    # The classifier's loss weighs its terms by more than a mean does (BCE's pos_weight or
+    # weight): an uninformed classifier's loss is then not ln(2).
+    weighted: bool = False
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -216,7 +219,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                      reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,
-                     count_check=first["count_check"], squash=first["squash"])
+                     count_check=first["count_check"], squash=first["squash"],
+                     weighted=first["weighted"])
 
 
 def summed_over_items(root: Any) -> bool:
@@ -266,9 +270,22 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
         classes = shape[1] if len(shape) >= 2 else shape[0]
     found = where.get(id(read)) if read is not None else None
     reduction, count_check = _reduction(node, parent)
+    # BCE keeps pos_weight/weight out of its mean (cross-entropy's weighted mean does not).
+    weighted = kind == "bce_with_logits" and any(
+        _saved_tensor(node, name) for name in ("_saved_pos_weight", "_saved_weight"))
     return {"kind": kind, "reduction": reduction, "count_check": count_check, "squash": squash,
+            "weighted": weighted,
             "classes": classes, "index": found[1] if found else None,
             "forward": found[0] if found else None, "path": path, "node": node}
+
+
+def _saved_tensor(node: Any, name: str) -> bool:
+    """Whether the autograd node saved a tensor as ``name`` (None when the call got none); one
+    that the backward already freed counts too: reading it raises."""
+    try:
+        return getattr(node, name, None) is not None
+    except RuntimeError:
+        return True
 
 
 def _reduction(node: Any, parent: dict) -> tuple:

@@ -371,6 +371,9 @@ class RunTrace:
     # "softmax"/"sigmoid" when the loss function applies it to a model output before a torch
     # loss that applies its own (see ``LossGraph.squash``).
     loss_squash: Optional[str] = None
+    # The classification loss weighs its terms (BCE's pos_weight/weight; see
+    # ``LossGraph.weighted``): its level at init is not ln(2).
+    loss_weighted: bool = False
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0

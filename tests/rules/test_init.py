@@ -293,6 +293,15 @@ def test_tl302_bce_with_logits_expects_ln2():
     assert found and found[0].evidence["expected"] == pytest.approx(math.log(2))
 
 
+def test_tl302_a_weighted_bce_is_a_note():
+    t = defaults("TL302")
+    loss = max(t["max_ratio"] * math.log(2), math.log(2) + t["max_excess"]) * 1.5
+    weighted = _loss_trace(loss, kind="bce_with_logits", classes=None)
+    weighted.loss_weighted = True
+    with pytest.raises(Skip, match="pos_weight"):
+        hits("TL302", weighted)
+
+
 def test_tl302_silent_below_ln_c_and_for_regression():
     assert hits("TL302", _loss_trace(0.1)) == []
     assert hits("TL302", _loss_trace(50.0, kind="mse", classes=None)) == []
