@@ -594,7 +594,8 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
         break
     if acts:
         first = min(acts, key=lambda lt: lt.depth)
-        made = _made_on_the_way(trace, first, bad["activations"])
+        made = (_made_on_the_way(trace, first, bad["activations"])
+                or _fed_nonfinite(trace, first, bad["activations"]))
         if made is not None:
             return made
         count = bad["activations"][first.node[1:]]
@@ -657,16 +658,47 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
         src = by_node.get(edge.src)
         if src is None or src.node[1:] in bad:
             continue
-        # A leaf module's input comes from its parent's forward; a functional activation's
-        # from the forward of the module that called it.
-        parent = next(name for name in ancestors(first.module)
-                      if (name != first.module or first.op != "output") and (
-                          not name or src.module == name or src.module.startswith(name + ".")))
+        parent = _ran_in(first, src.module)
         ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
         return "forward", parent, (
             f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes "
             f"from {src.label}, which is finite, through {ops} in the forward of "
             f"{parent or 'the model'}: those ops made it")
+    return None
+
+
+def _ran_in(first: LayerTrace, src_module: str) -> str:
+    """The module whose forward ran the ops from ``src_module``'s output to ``first``: a leaf
+    module's input comes from its parent's forward, a functional activation's from the
+    forward of the module that called it."""
+    return next(name for name in ancestors(first.module)
+                if (name != first.module or first.op != "output") and (
+                    not name or src_module == name or src_module.startswith(name + ".")))
+
+
+def _fed_nonfinite(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
+    """When every value of the first non-finite output is NaN/Inf and it is a weight layer's
+    (its weights were finite: TL504 says so before it gets here), what it was fed held them
+    already: made by the ops between a finite output and it, in their common parent's
+    forward (where a second operand's ops, ``mu + exp(logvar) * eps``, are not traced).
+    ``(what, module, detail)`` or None."""
+    facts = trace.modules.get(first.module)
+    if (first.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS
+            or not first.shape or bad[first.node[1:]] < math.prod(first.shape)):
+        return None
+    by_node = {lt.node: lt for lt in trace.layers}
+    for edge in trace.edges:
+        src = by_node.get(edge.src)
+        if (edge.dst != ("module", first.module) or src is None or src.node[1:] in bad
+                or SHAPE_OPS.issuperset(edge.via)):  # fed a finite output as it is: overflow
+            continue
+        parent = _ran_in(first, src.module)
+        ops = f" ({', '.join(edge.via)})" if edge.via else ""
+        return "forward", parent, (
+            f"every value of the output of {first.label} ({first.type}) is NaN/Inf while its "
+            f"weights are finite: what it was fed held NaN/Inf already; it comes from "
+            f"{src.label}, which is finite, through ops{ops} in the forward of "
+            f"{parent or 'the model'}: one of them, or an operand they took in, made it")
     return None
 
 
@@ -779,7 +811,8 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "inputs of log/sqrt/division in it")
     if what in ("forward", "backward"):
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
-                "log/sqrt/pow/division (x.clamp_min(eps)), add eps to denominators, use "
+                "log/sqrt/pow/exp/division (x.clamp_min(eps); exp(x.clamp_max(80))), add eps "
+                "to denominators, use "
                 "F.log_softmax/torch.logsumexp instead of log(softmax(x))")
     if what == "input":
         return ("clean the data before the model: find the samples with NaN/Inf "

@@ -443,3 +443,40 @@ def test_nan_from_a_sample_that_is_all_padding_points_at_the_attention_mask(
                                    steps=1))
     assert (found.module, found.evidence["where"]) == ("att", "forward")
     assert "attention mask of 'att'" in found.fix and "torch.finfo(dtype).min" in found.fix
+
+
+class Reparameterized(nn.Module):
+    """A VAE's sampling step, ``mu + exp(logvar / 2) * eps``: a logvar of 200 overflows exp,
+    on the second operand of the sum (data flow keeps the first's origin, mu's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Linear(8, 8), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.enc.bias[4:] = 200.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.enc(x).chunk(2, -1)
+        return self.dec(mu + torch.exp(logvar / 2) * torch.randn_like(mu))
+
+
+def test_a_layer_fed_nothing_but_nan_by_ops_points_at_the_ops_not_at_the_layer() -> None:
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(Reparameterized(), _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("", "forward")
+    assert "every value of the output of dec (Linear) is NaN/Inf" in found.message
+    assert "comes from enc, which is finite, through ops (chunk, add)" in found.message
+    assert "overflowed" not in found.fix and "exp" in found.fix
+
+
+def test_a_layer_fed_a_finite_output_as_it_is_overflowed_itself() -> None:
+    """Every output Inf, but fed a finite output directly: the layer's own weights (finite,
+    3e38) overflowed, and the finding stays at it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(1.0)
+        model[2].weight.fill_(3e38)
+    found = _tl504(trainlint.check(model, _batch(), steps=1))
+    assert (found.module, found.evidence["where"]) == ("2", "forward")
+    assert "overflowed" in found.fix
