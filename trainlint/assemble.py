@@ -41,6 +41,28 @@ UNIT_WINDOW = 3
 UNIT_VALUES = 512
 MAX_UNIT_WINDOW = 256
 _NO_SIGNAL = np.zeros(2)
+# A long run keeps every observed step's losses and total gradient norm, but the per-layer
+# values and per-parameter gradient norms and update series of at most HISTORY observed steps
+# (~10 KB a step for 81 layers): each time HISTORY is reached, every other one between the
+# first KEEP_FIRST and the latest HISTORY // 2 is dropped, so older steps grow sparser.
+HISTORY = 1024
+KEEP_FIRST = 64
+# The ``nonfinite`` entry of every observed step that had none: one dict, shared, never
+# written (traces are pickled, which a read-only mapping proxy is not).
+_CLEAN: dict = {"activations": {}, "gradients": {}, "inputs": (), "modules": (),
+                "parameters": (), "parameter_grads": (), "parameters_before": ()}
+
+
+def kept_positions(n: int) -> list:
+    """The positions of a series of ``n`` entries that thinning keeps (all up to HISTORY)."""
+    if n <= HISTORY:
+        return list(range(n))
+    recent = n - HISTORY // 2
+    return [*range(KEEP_FIRST), *range(KEEP_FIRST, recent, 2), *range(recent, n)]
+
+
+def _thinned(series: array) -> array:
+    return array("d", (series[i] for i in kept_positions(len(series))))
 
 
 def window_for(per_record: float) -> int:
@@ -169,6 +191,8 @@ class TraceBuilder:
         self.errors: list[dict] = []
         self.train_flags: list[dict] = []
         self.observed = 0
+        # The positions in per_step of the steps that keep their per-layer values.
+        self._detailed: list[int] = []
         # The model's children whose layers ran at observed steps where the model's own
         # forward did not (a training step calling ``model.net(x)``), and how many such steps.
         self.bypassed: set = set()
@@ -239,10 +263,25 @@ class TraceBuilder:
         nonfinite["parameters"] = [p.name for p in self.params.values() if p.nonfinite]
         nonfinite["parameter_grads"] = [p.name for p in self.params.values() if p.grad_nonfinite]
         nonfinite["parameters_before"] = self.before_nonfinite
-        step_info["nonfinite"] = nonfinite
+        step_info["nonfinite"] = (nonfinite if any(nonfinite.values()) else _CLEAN)
         self.per_step.append(step_info)
+        self._detailed.append(len(self.per_step) - 1)
+        if len(self._detailed) > HISTORY:
+            self._thin()
         # The modes the training forward ran in (read now when no forward said: a check).
         self.train_flags.append({"step": step, **(snap.train_flags or training_flags(self.model))})
+
+    def _thin(self) -> None:
+        """Drop the per-layer values and per-parameter gradient norms of the observed steps
+        that :func:`kept_positions` leaves out (their losses and total norm stay); the rules
+        read such a step as one that kept none."""
+        keep = kept_positions(len(self._detailed))
+        kept = set(keep)
+        for i, at in enumerate(self._detailed):
+            if i not in kept:
+                self.per_step[at].pop("layers", None)
+                self.per_step[at].pop("param_grad_norms", None)
+        self._detailed = [self._detailed[i] for i in keep]
 
     def _add_acts(self, acts: list, index: dict, columns: dict, nonfinite: dict) -> dict:
         """This step's activation rows of every point: its std, mean and zero fraction into
@@ -384,6 +423,11 @@ class TraceBuilder:
             trace.update_norms.append(update)
             if before > 0:
                 trace.update_ratios.append(update / before)
+            if len(trace.norms_before) > HISTORY:
+                trace.norms_before, trace.update_norms = (_thinned(trace.norms_before),
+                                                          _thinned(trace.update_norms))
+            if len(trace.update_ratios) > HISTORY:
+                trace.update_ratios = _thinned(trace.update_ratios)
 
     def build(self, **run: object) -> RunTrace:
         """The RunTrace of everything observed so far (``run`` fills RunTrace fields)."""

@@ -147,7 +147,7 @@ def _steps(report: Report) -> list[Panel]:
         series = []
         for i, lt in enumerate(layers[j] for j in picked):
             key = tuple(lt.node[1:])
-            ys = [_positive(s["layers"].get(key, {}).get("std")) for s in per_step]
+            ys = [_positive(s.get("layers", {}).get(key, {}).get("std")) for s in per_step]
             if any(ys):
                 series.append(Series(lt.label, ys, "line", PALETTE[i % len(PALETTE)]))
         if series:
