@@ -562,3 +562,36 @@ def test_a_first_bce_loss_with_pos_weight_is_not_judged_against_ln2() -> None:
             monitor.step(loss)
         assert "TL302" not in _codes(monitor.report())
         assert monitor.report().trace.loss_weighted
+
+
+class ReturnsItsLoss(nn.Module):
+    """``loss = model(x, y)``: the forward returns its own cross-entropy, a scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _head()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.net(x), y)
+
+
+def test_a_forward_that_returns_its_scalar_loss_is_trained_on_it_and_judged() -> None:
+    g = torch.Generator().manual_seed(0)
+    batch = ((torch.randn(32, 6, generator=g), torch.randint(0, 10, (32,), generator=g)), None)
+    model = ReturnsItsLoss()
+    report = trainlint.check(model, batch)
+    assert "loss taken from the model's output (a scalar)" in report.notes
+    assert report.trace.loss_kind == "cross_entropy" and report.trace.num_classes == 10
+    assert report.trace.losses[0] == pytest.approx(model(*batch[0]).item(), rel=1e-6)
+    nn.init.normal_(model.net[2].weight, std=4.0)
+    assert "TL302" in _codes(trainlint.check(model, batch))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(3):
+            loss = model(*batch[0])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step()  # no loss passed: the model's own is read
+        monitor_report = monitor.report()
+    assert len(monitor_report.trace.losses) == 3 and "TL302" in _codes(monitor_report)

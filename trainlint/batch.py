@@ -104,8 +104,11 @@ def _describe(value: Any) -> str:
 
 
 def output_loss(outputs: Any) -> Optional[torch.Tensor]:
-    """The loss a model computed itself (transformers' ``ModelOutput.loss``, a dict 'loss')."""
+    """The loss a model computed itself (transformers' ``ModelOutput.loss``, a dict 'loss',
+    or the forward's only output when it is a floating-point scalar: ``loss = model(x, y)``)."""
     loss = None
+    if isinstance(outputs, torch.Tensor):
+        return outputs if outputs.dim() == 0 and outputs.is_floating_point() else None
     if isinstance(outputs, dict):
         loss = outputs.get("loss")
     elif hasattr(outputs, "loss"):
@@ -136,8 +139,9 @@ class LossChoice:
 def default_loss(outputs: Any, targets: Any) -> LossChoice:
     """SPEC's defaults: the model's own loss, cross-entropy, MSE, or a synthetic loss."""
     if output_loss(outputs) is not None:
+        what = "a scalar" if isinstance(outputs, torch.Tensor) else ".loss"
         return LossChoice(lambda out, _t: output_loss(out), "model",
-                          "loss taken from the model's output (.loss)")
+                          f"loss taken from the model's output ({what})")
     out = primary_output(outputs)
     if out is None:
         raise TargetError("the model's forward returned no floating-point tensor to train on")
