@@ -372,7 +372,9 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     logits of std s add about s²/2 nats whatever C is, so 3 nats is a logit std of ~2.4 at
     1000 classes as at 10). A first loss below ln(C) is not flagged (a pretrained model), nor
     is a fine-tune's whose output layer is frozen (LoRA, adapters: the first loss is a
-    pretrained model's on a new task); a fresh head on a frozen backbone is judged. A BCE
+    pretrained model's on a new task); a fresh head on a frozen backbone is judged. Nor is a
+    loss whose torch loss reads values its loss function computed from a model output
+    (ArcFace's ``s * cos(theta + m)`` starts some 30 nats above ln(C) by design). A BCE
     loss with ``pos_weight`` or ``weight`` is not judged: with ``pos_weight=20`` and 10%
     positives, an uninformed classifier starts at 2.9 × ln(2).
     It needs the first step (``trainlint check``, or a Monitor created before training) and a
@@ -409,6 +411,10 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.loss_weighted:
         raise Skip("the loss weighs its terms (BCEWithLogitsLoss's pos_weight or weight): an "
                    "uninformed classifier's first loss is not ln(2)")
+    if trace.loss_transforms_output:
+        raise Skip("the classification loss reads values the loss function computes from the "
+                   "model's output (a margin or a scale: ArcFace, a temperature), not the "
+                   "output itself: its first value is that function's, not the model's")
     first = next((s for s in trace.per_step if s.get("loss") is not None), None)
     if first is None or first["step"] != 0 or trace.resumed or not math.isfinite(first["loss"]):
         return

@@ -595,3 +595,40 @@ def test_a_forward_that_returns_its_scalar_loss_is_trained_on_it_and_judged() ->
             monitor.step()  # no loss passed: the model's own is read
         monitor_report = monitor.report()
     assert len(monitor_report.trace.losses) == 3 and "TL302" in _codes(monitor_report)
+
+
+class ArcMargin(nn.Module):
+    """ArcFace's loss on an embedding: cross-entropy of s * cos(theta + m) for the target,
+    s * cos(theta) elsewhere, with the class centres its own parameter."""
+
+    def __init__(self, dim: int = 10, classes: int = 50, s: float = 64.0, m: float = 0.5) -> None:
+        super().__init__()
+        self.centres = nn.Parameter(torch.randn(classes, dim) * 0.01)
+        self.s, self.m = s, m
+
+    def forward(self, emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(emb), F.normalize(self.centres)).clamp(-1 + 1e-7, 1 - 1e-7)
+        target = F.one_hot(y, cos.shape[1]).bool()
+        logits = self.s * torch.where(target, torch.cos(torch.acos(cos) + self.m), cos)
+        return F.cross_entropy(logits, y)
+
+
+def test_a_loss_on_values_its_function_computed_from_the_output_is_not_judged_at_init() -> None:
+    """ArcFace starts ~30 nats above ln(C) by design: TL302 says why it does not judge it.
+    A loss reading the output as it is, or a model's own loss on its inner logits, is judged
+    as before (a cross-entropy the loss function computes nothing for)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 50, (64,), generator=g)
+    margin = ArcMargin()
+    hidden = (model := _head()).forward(x)
+    graph = read_loss_graph(margin(hidden, y), model.parameters(), _outputs(hidden))
+    assert graph.transforms_output and not graph.reads_output
+    plain = read_loss_graph(F.cross_entropy(hidden, y % 10), model.parameters(),
+                            _outputs(hidden))
+    assert not plain.transforms_output and plain.reads_output
+    report = trainlint.check(_head(), (x, y), loss_fn=margin,
+                             optimizer=lambda p: torch.optim.SGD([*p, *margin.parameters()],
+                                                                 lr=0.01))
+    assert report.trace.losses[0] > math.log(50) + 10
+    assert "TL302" not in _codes(report) and report.trace.loss_transforms_output
+    assert any(n.startswith("TL302") and "ArcFace" in n for n in report.notes)

@@ -57,6 +57,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
                  "loss_summed": None,
                  "loss_reads_output": None, "loss_squash": None, "loss_weighted": False,
+                 "loss_transforms_output": False,
                  "num_classes": None,
                  "batch_size": None,
                  "graph_output": None}
@@ -76,6 +77,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                           loss_terms=run["loss_terms"], loss_summed=run["loss_summed"],
                           loss_reads_output=run["loss_reads_output"],
                           loss_squash=run["loss_squash"], loss_weighted=run["loss_weighted"],
+                          loss_transforms_output=run["loss_transforms_output"],
                           amp_dtype=probe.autocast,
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
@@ -389,6 +391,7 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     run["loss_reads_output"] = graph.reads_output
     run["loss_squash"] = graph.squash
     run["loss_weighted"] = graph.weighted
+    run["loss_transforms_output"] = graph.transforms_output
     run["loss_summed"] = graph.summed
     # A loss_fn that called no torch loss (it returns the model's own outputs.loss) is known
     # by the graph as well.

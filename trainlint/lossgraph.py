@@ -97,6 +97,9 @@ class LossGraph:
     # The classifier's loss weighs its terms by more than a mean does (BCE's pos_weight or
     # weight): an uninformed classifier's loss is then not ln(2).
     weighted: bool = False
+    # The classifier's loss reads values the loss function computed from a model output (not
+    # the output as it is): ArcFace's s * cos(theta + m) of an embedding the model outputs.
+    transforms_output: bool = False
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -220,7 +223,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,
                      count_check=first["count_check"], squash=first["squash"],
-                     weighted=first["weighted"])
+                     weighted=first["weighted"], transforms_output=first["transforms"])
 
 
 def summed_over_items(root: Any) -> bool:
@@ -270,13 +273,29 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
         classes = shape[1] if len(shape) >= 2 else shape[0]
     found = where.get(id(read)) if read is not None else None
     reduction, count_check = _reduction(node, parent)
+    transforms = found is None and read is not None and _reaches(read, where)
     # BCE keeps pos_weight/weight out of its mean (cross-entropy's weighted mean does not).
     weighted = kind == "bce_with_logits" and any(
         _saved_tensor(node, name) for name in ("_saved_pos_weight", "_saved_weight"))
     return {"kind": kind, "reduction": reduction, "count_check": count_check, "squash": squash,
-            "weighted": weighted,
+            "weighted": weighted, "transforms": transforms,
             "classes": classes, "index": found[1] if found else None,
             "forward": found[0] if found else None, "path": path, "node": node}
+
+
+def _reaches(node: Any, where: dict, budget: int = 2000) -> bool:
+    """Whether a model output's node (in ``where``) lies upstream of ``node``: what the loss
+    read was computed from a model output (within ``budget`` nodes)."""
+    seen, todo = {node}, deque([node])
+    while todo and len(seen) < budget:
+        current = todo.popleft()
+        if id(current) in where:
+            return True
+        for child, _ in current.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return False
 
 
 def _saved_tensor(node: Any, name: str) -> bool:

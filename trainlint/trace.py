@@ -374,6 +374,9 @@ class RunTrace:
     # The classification loss weighs its terms (BCE's pos_weight/weight; see
     # ``LossGraph.weighted``): its level at init is not ln(2).
     loss_weighted: bool = False
+    # The classification loss reads values computed from a model output by the loss function
+    # (see ``LossGraph.transforms_output``): its level at init is that function's.
+    loss_transforms_output: bool = False
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0

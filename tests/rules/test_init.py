@@ -302,6 +302,14 @@ def test_tl302_a_weighted_bce_is_a_note():
         hits("TL302", weighted)
 
 
+def test_tl302_a_loss_on_values_computed_from_the_output_is_a_note():
+    computed = _loss_trace(50.0)
+    computed.loss_transforms_output = True
+    with pytest.raises(Skip, match="ArcFace"):
+        hits("TL302", computed)
+    assert hits("TL302", _loss_trace(50.0))  # the same first loss on the output: judged
+
+
 def test_tl302_silent_below_ln_c_and_for_regression():
     assert hits("TL302", _loss_trace(0.1)) == []
     assert hits("TL302", _loss_trace(50.0, kind="mse", classes=None)) == []
