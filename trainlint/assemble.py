@@ -62,6 +62,7 @@ def kept_positions(n: int) -> list:
 
 
 def _thinned(series: array) -> array:
+    """A per-parameter series (doubles) thinned as :func:`kept_positions` says."""
     return array("d", (series[i] for i in kept_positions(len(series))))
 
 
