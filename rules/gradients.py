@@ -379,7 +379,8 @@ def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
     return judged
 
 
-@rule("TL503", "update-ratio", "warning", min_ratio=1e-5, max_ratio=0.5, target=1e-3)
+@rule("TL503", "update-ratio", "warning", min_ratio=1e-5, max_ratio=0.5, target=1e-3,
+      stall_points=8, stall_share=0.25, lr_fall=1e-4)
 def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The size of the optimizer's updates against the weights, ‖Δw‖/‖w‖, is far from ~1e-3.
 
@@ -414,6 +415,16 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
     (``torch.autocast`` instead of ``model.bfloat16()``).
 
+    In a Monitor run the updates can also stop partway: when at least ``stall_points`` updates
+    were observed, the median ratio of the last ``stall_share`` of them (and at least 3) all
+    sit below ``min_ratio`` after the first was inside the band, and the learning rate itself
+    fell below ``lr_fall`` × its peak, it fires too: the rate decayed to ~0 long before the
+    run's end (``StepLR(step_size=1, gamma=0.9)`` stepped per batch instead of per epoch).
+    A cosine or linear decay to 0 over the run sits below ``min_ratio`` for its last few
+    percent only; a converged model whose gradients shrank keeps its learning rate; a step
+    decay by 10× twice or three times (SGD on a converged model there updates by less than
+    ``min_ratio``) keeps it above ``lr_fall`` × its peak.
+
     An optimizer whose step runs its closure several times (LBFGS) is not judged: each of its
     steps is a line-searched solve, not a learning rate's update. Updates of 0 with every
     param group at learning rate 0 are judged only once a second optimizer step was observed:
@@ -435,7 +446,8 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     skipped, fired = None, False
     for group in sorted(groups, key=lambda g: (g is None, g or 0)):
         try:
-            hit = _ratio_hit(trace, t, groups[group], group if len(groups) > 1 else None)
+            named = group if len(groups) > 1 else None
+            hit = _ratio_hit(trace, t, groups[group], named) or _stall_hit(t, groups[group], named)
         except Skip as why:
             skipped = why
             continue
@@ -517,6 +529,37 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     if group is not None:
         evidence.update(group=group, lr=lr)
     return Hit(module="", message=message, fix=fix, evidence=evidence)
+
+
+def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hit]:
+    """TL503's finding when one param group's updates stopped partway: its learning rate
+    decayed to ~0 long before the run's end (see :func:`update_ratio`), or None."""
+    series = [p.update_ratios for p, _ in judged]
+    n = min(len(s) for s in series)
+    lr, peak = judged[0][0].lr, judged[0][0].peak_lr
+    if n < t.stall_points or not peak or lr is None or lr > t.lr_fall * peak:
+        return None
+    medians = [median(s[len(s) - n + i] for s in series) for i in range(n)]
+    stalled = next((i for i in range(n) if all(m < t.min_ratio for m in medians[i:])), n)
+    if medians[0] < t.min_ratio or n - stalled < max(3, math.ceil(t.stall_share * n)):
+        return None
+    whose = "the learning rate" + ("" if group is None else f" of param group {group}")
+    where = "" if group is None else f"param group {group}: "
+    return Hit(
+        module="",
+        message=(f"{where}the updates stopped partway: the median update ratio ‖Δw‖/‖w‖ went "
+                 f"from {medians[0]:.3g} at the first observed update to {medians[-1]:.3g} at "
+                 f"the last, below {t.min_ratio:g} for the last {n - stalled} of {n}, as "
+                 f"{whose} fell from {peak:.3g} to {lr:.3g}: it decayed to ~0 long before the "
+                 f"run's end, and training no longer moves the weights"),
+        fix=("step the scheduler as it is meant to be stepped (StepLR, MultiStepLR and "
+             "ExponentialLR once per epoch, not per batch), or give it a schedule that spans "
+             "the run (step_size, gamma, T_max in steps when stepped per batch); watch "
+             "optimizer.param_groups[0]['lr'] over the run"),
+        evidence={"direction": "stalled", "first_ratio": medians[0], "last_ratio": medians[-1],
+                  "stalled_updates": n - stalled, "updates": n, "lr": lr, "peak_lr": peak,
+                  "threshold": t.min_ratio, **({} if group is None else {"group": group})},
+    )
 
 
 def _backward_maker(trace: RunTrace, step: dict, first: LayerTrace) -> Optional[tuple]:

@@ -1031,3 +1031,29 @@ def test_a_training_step_that_bypasses_the_models_forward_is_noted(bypass: bool)
     if bypass:
         assert "('net')" in noted[0] and "TrainlintCallback(module='net')" in noted[0]
     assert ("TL201" in {f.code for f in report.findings}) != bypass
+
+
+@pytest.mark.parametrize("per_batch_decay", [True, False])
+def test_a_learning_rate_that_decays_to_zero_partway_is_reported(per_batch_decay: bool) -> None:
+    """StepLR(step_size=1, gamma=0.9) stepped every batch takes the rate to ~0 within 100
+    steps; cosine annealing over the run reaches 0 only at its end."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=g)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    steps = 300
+    schedule = (torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.9) if per_batch_decay
+                else torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps))
+    with trainlint.Monitor(model, optimizer=opt, every=10) as monitor:
+        for _ in range(steps):
+            y = torch.randint(0, 4, (32,), generator=g)
+            loss = F.cross_entropy(model(centres[y] + torch.randn(32, 8, generator=g)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+            monitor.step(loss)
+        found = [f for f in monitor.report().findings if f.code == "TL503"]
+    assert [f.evidence["direction"] for f in found] == (["stalled"] if per_batch_decay else [])

@@ -411,6 +411,8 @@ class TraceBuilder:
         trace.shape, trace.requires_grad, trace.in_optimizer = shape, requires_grad, in_opt
         trace.norm, trace.std, trace.grad_norm = norm, std, grad
         trace.group, trace.lr, trace.dtype = group, lr, dtype
+        if isinstance(lr, (int, float)) and math.isfinite(lr):
+            trace.peak_lr = lr if trace.peak_lr is None else max(trace.peak_lr, lr)
         trace.nonfinite = int(not math.isfinite(norm) or not self.param_finite.get(name, True))
         trace.grad_nonfinite = int(grad is not None and not math.isfinite(grad))
         trace.grad_steps += int(has_grad)

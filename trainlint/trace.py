@@ -159,6 +159,8 @@ class ParamTrace:
     # at the last observed step (None when not in the optimizer, or not a plain number).
     group: Optional[int] = None
     lr: Optional[float] = None
+    # The highest learning rate its group had at an observed step (None: never a number).
+    peak_lr: Optional[float] = None
     dtype: Optional[str] = None  # "float32", "bfloat16"...
 
     @property

@@ -221,6 +221,34 @@ def _weights(ratio_list, **kwargs):
                              for i, r in enumerate(ratio_list)])
 
 
+def _stalling(updates: int, stalled: int, lr: float, peak: float = 1e-2,
+              first: float = 1e-3) -> object:
+    """Three weights whose ratios sit at ``first`` and then, for the last ``stalled`` of
+    ``updates`` observed updates, at 1e-9; the group's rate now ``lr``, at most ``peak``."""
+    ratios = [first] * (updates - stalled) + [1e-9] * stalled
+    t = _weights([0] * 3)
+    for p in t.params:
+        p.update_ratios, p.lr, p.peak_lr = list(ratios), lr, peak
+    return t
+
+
+def test_tl503_updates_that_stop_partway_as_the_learning_rate_decays_to_zero():
+    d = defaults("TL503")
+    n = d["stall_points"]
+    last = max(3, math.ceil(d["stall_share"] * n))
+    low = d["lr_fall"] * 1e-2 * 0.99  # fell below lr_fall x the peak of 1e-2
+    [found] = hits("TL503", _stalling(n, last, low))
+    assert found.evidence["direction"] == "stalled"
+    assert found.evidence["stalled_updates"] == last and found.evidence["updates"] == n
+    assert "decayed to ~0 long before the run's end" in found.message
+    assert "per epoch, not per batch" in found.fix
+    assert hits("TL503", _stalling(n, last - 1, low)) == []  # a decay's last few updates
+    assert hits("TL503", _stalling(n - 1, last, low)) == []  # too few updates to tell
+    assert hits("TL503", _stalling(n, last, d["lr_fall"] * 1e-2 * 1.01)) == []  # rate kept
+    [never] = hits("TL503", _stalling(n, last, low, first=1e-9))  # never moved: too low
+    assert never.evidence["direction"] == "low"
+
+
 @pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
 def test_tl503_too_high_edge(factor, fires):
     high = defaults("TL503")["max_ratio"]
