@@ -360,7 +360,8 @@ def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[LayerTr
     return None
 
 
-@rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0, max_excess=3.0)
+@rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0, max_excess=3.0,
+      min_items=8)
 def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The classification loss at the first step is far above ln(num_classes).
 
@@ -372,7 +373,10 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     logits of std s add about s²/2 nats whatever C is, so 3 nats is a logit std of ~2.4 at
     1000 classes as at 10). A first loss below ln(C) is not flagged (a pretrained model), nor
     is a fine-tune's whose output layer is frozen (LoRA, adapters: the first loss is a
-    pretrained model's on a new task); a fresh head on a frozen backbone is judged. Nor is a
+    pretrained model's on a new task); a fresh head on a frozen backbone is judged. A first
+    loss over fewer than ``min_items`` items (samples times positions: a check at batch 1 of
+    a classifier) is not judged: one sample's loss strays several nats from ln(C) by chance
+    (5.8 against 2.3 for a healthy Kaiming MLP). Nor is a
     loss whose torch loss reads values its loss function computed from a model output
     (ArcFace's ``s * cos(theta + m)`` starts some 30 nats above ln(C) by design). A BCE
     loss with ``pos_weight`` or ``weight`` is not judged: with ``pos_weight=20`` and 10%
@@ -411,6 +415,10 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.loss_weighted:
         raise Skip("the loss weighs its terms (BCEWithLogitsLoss's pos_weight or weight): an "
                    "uninformed classifier's first loss is not ln(2)")
+    if trace.loss_items is not None and trace.loss_items < t.min_items:
+        raise Skip(f"the first loss averages {trace.loss_items} item(s) (samples times "
+                   f"positions), fewer than {t.min_items}: one sample's loss strays from ln(C) "
+                   "by several nats by chance")
     if trace.loss_transforms_output:
         raise Skip("the classification loss reads values the loss function computes from the "
                    "model's output (a margin or a scale: ArcFace, a temperature), not the "

@@ -632,3 +632,37 @@ def test_a_loss_on_values_its_function_computed_from_the_output_is_not_judged_at
     assert report.trace.losses[0] > math.log(50) + 10
     assert "TL302" not in _codes(report) and report.trace.loss_transforms_output
     assert any(n.startswith("TL302") and "ArcFace" in n for n in report.notes)
+
+
+def test_the_items_a_loss_averages_are_samples_times_positions() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 10)
+    logits = layer(torch.randn(4, 7, 6)).permute(0, 2, 1)  # (N, C, positions)
+    graph = read_loss_graph(F.cross_entropy(logits, torch.randint(0, 10, (4, 7))),
+                            layer.parameters(), _outputs(logits))
+    assert (graph.kind, graph.items) == ("cross_entropy", 28)
+    single = layer(torch.randn(6))  # unbatched (C,)
+    assert read_loss_graph(F.cross_entropy(single, torch.tensor(3)), layer.parameters(),
+                           _outputs(single)).items == 1
+    multi = layer(torch.randn(4, 6))
+    assert read_loss_graph(F.binary_cross_entropy_with_logits(multi, torch.rand(4, 10)),
+                           layer.parameters(), _outputs(multi)).items == 40
+
+
+def test_a_classifiers_first_loss_on_one_sample_is_not_judged_against_ln_c() -> None:
+    """One sample's cross-entropy strays from ln(C) by chance (a healthy MLP at batch 1:
+    5.8 against 2.3); a token model at batch 1 averages its positions, and is judged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 10))
+    nn.init.normal_(model[2].weight, std=1.0)  # confident: far above ln(10) on any batch
+    one = (torch.randn(1, 6), torch.tensor([3]))
+    report = trainlint.check(model, one)
+    assert report.trace.loss_items == 1 and "TL302" not in _codes(report)
+    assert any(n.startswith("TL302") and "1 item(s)" in n for n in report.notes)
+    assert "TL302" in _codes(trainlint.check(model, (torch.randn(16, 6),
+                                                     torch.randint(0, 10, (16,)))))
+    tokens = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 50))
+    nn.init.normal_(tokens[1].weight, std=3.0)
+    sequence = (torch.randint(0, 50, (1, 32)), torch.randint(0, 50, (1, 32)))
+    report = trainlint.check(tokens, sequence)
+    assert report.trace.loss_items == 32 and "TL302" in _codes(report)

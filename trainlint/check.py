@@ -57,7 +57,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
                  "loss_summed": None,
                  "loss_reads_output": None, "loss_squash": None, "loss_weighted": False,
-                 "loss_transforms_output": False,
+                 "loss_transforms_output": False, "loss_items": None,
                  "num_classes": None,
                  "batch_size": None,
                  "graph_output": None}
@@ -78,6 +78,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                           loss_reads_output=run["loss_reads_output"],
                           loss_squash=run["loss_squash"], loss_weighted=run["loss_weighted"],
                           loss_transforms_output=run["loss_transforms_output"],
+                          loss_items=run["loss_items"],
                           amp_dtype=probe.autocast,
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
@@ -399,7 +400,8 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
                                                and run["loss_terms"] is None)
     if by_graph and graph.kind is not None:
         run.update(loss_kind=graph.kind, loss_reduction=graph.reduction, loss_terms=graph.terms,
-                   num_classes=graph.num_classes, graph_output=graph.output_index)
+                   num_classes=graph.num_classes, graph_output=graph.output_index,
+                   loss_items=graph.items)
         return
     if graph.kind is None or run["loss_terms"] is None:
         return
@@ -419,3 +421,4 @@ def _note_loss(run: dict, choice: LossChoice, call: Optional[LossCall]) -> None:
     run["loss_reduction"] = call.reduction if seen else None
     run["loss_terms"] = call.calls if seen else None
     run["num_classes"] = call.num_classes if seen else None
+    run["loss_items"] = call.items if seen else None

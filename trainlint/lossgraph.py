@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from .losswatch import loss_items
 from .trace import CLASSIFICATION_LOSSES
 
 # Enough for the graph of a large model's step; a bigger graph is read this far.
@@ -100,6 +101,8 @@ class LossGraph:
     # The classifier's loss reads values the loss function computed from a model output (not
     # the output as it is): ArcFace's s * cos(theta + m) of an embedding the model outputs.
     transforms_output: bool = False
+    # How many items (samples times positions) the classifier's loss averages (None: unknown).
+    items: Optional[int] = None
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -223,7 +226,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,
                      count_check=first["count_check"], squash=first["squash"],
-                     weighted=first["weighted"], transforms_output=first["transforms"])
+                     weighted=first["weighted"], transforms_output=first["transforms"],
+                     items=first["items"])
 
 
 def summed_over_items(root: Any) -> bool:
@@ -278,7 +282,7 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
     weighted = kind == "bce_with_logits" and any(
         _saved_tensor(node, name) for name in ("_saved_pos_weight", "_saved_weight"))
     return {"kind": kind, "reduction": reduction, "count_check": count_check, "squash": squash,
-            "weighted": weighted, "transforms": transforms,
+            "weighted": weighted, "transforms": transforms, "items": loss_items(kind, shape),
             "classes": classes, "index": found[1] if found else None,
             "forward": found[0] if found else None, "path": path, "node": node}
 

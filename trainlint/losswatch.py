@@ -4,6 +4,7 @@ user's ``def loss_fn(o, t): return F.cross_entropy(o, t)`` or an ``nn.Module`` w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -19,6 +20,17 @@ LOSS_FUNCTIONS = {
 }
 
 
+def loss_items(kind: str, shape: Optional[tuple]) -> Optional[int]:
+    """How many items a torch loss of ``kind`` averages over an input of ``shape``: for
+    cross-entropy/NLL the samples times positions of an ``(N, C, ...)`` input (1 for an
+    unbatched ``(C,)``), else every element; None when the shape is not known."""
+    if shape is None:
+        return None
+    if kind in ("cross_entropy", "nll"):
+        return int(shape[0] * math.prod(shape[2:])) if len(shape) >= 2 else 1
+    return int(math.prod(shape))
+
+
 @dataclass(frozen=True)
 class LossCall:
     """The first torch loss a loss function called: its family, reduction and input."""
@@ -28,6 +40,11 @@ class LossCall:
     shape: tuple
     storage: int  # the input's storage address: a view or reshape of an output shares it
     calls: int = 1  # torch losses the loss function called in all (an auxiliary head's too)
+
+    @property
+    def items(self) -> Optional[int]:
+        """How many items the loss averages (see :func:`loss_items`)."""
+        return loss_items(self.kind, self.shape)
 
     @property
     def num_classes(self) -> Optional[int]:

@@ -379,6 +379,8 @@ class RunTrace:
     # The classification loss reads values computed from a model output by the loss function
     # (see ``LossGraph.transforms_output``): its level at init is that function's.
     loss_transforms_output: bool = False
+    # How many items (samples times positions) the first classification loss averaged.
+    loss_items: Optional[int] = None
     # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
     # on (a GAN generator's loss runs through the discriminator).
     foreign_params: int = 0

@@ -310,6 +310,17 @@ def test_tl302_a_loss_on_values_computed_from_the_output_is_a_note():
     assert hits("TL302", _loss_trace(50.0))  # the same first loss on the output: judged
 
 
+def test_tl302_needs_a_first_loss_over_enough_items():
+    t = defaults("TL302")
+    few = _loss_trace(50.0)
+    few.loss_items = t["min_items"] - 1
+    with pytest.raises(Skip, match="strays from ln"):
+        hits("TL302", few)
+    enough = _loss_trace(50.0)
+    enough.loss_items = t["min_items"]
+    assert hits("TL302", enough)
+
+
 def test_tl302_silent_below_ln_c_and_for_regression():
     assert hits("TL302", _loss_trace(0.1)) == []
     assert hits("TL302", _loss_trace(50.0, kind="mse", classes=None)) == []
