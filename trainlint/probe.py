@@ -530,12 +530,9 @@ class Probe:
         try:
             for name, t in inputs:
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
-                floating = t.is_floating_point() or t.is_complex()
-                if not floating:
+                if not (t.is_floating_point() or t.is_complex()):
                     self.masks.add(name)
-                if floating and strided(t) and t.numel():
-                    with torch._C.DisableTorchFunction():
-                        self.input_probes.append((name, stats.nan_probe(t)))
+                self._probe_for_nan(name, t)
                 if (not self.inputs_seen and (t.is_floating_point() or t.dtype in RAW_INTS)
                         and strided(t) and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
@@ -550,11 +547,15 @@ class Probe:
         as the model's inputs are: a NaN target makes a NaN loss that is the data's fault."""
         if not self.observing:
             return
-        tensors = [t for t in tensors_in(targets) if (t.is_floating_point() or t.is_complex())
-                   and strided(t) and t.numel()]
-        with torch._C.DisableTorchFunction():
-            for i, t in enumerate(tensors):
-                name = "targets" if len(tensors) == 1 else f"targets[{i}]"
+        tensors = tensors_in(targets)
+        for i, t in enumerate(tensors):
+            self._probe_for_nan("targets" if len(tensors) == 1 else f"targets[{i}]", t)
+
+    def _probe_for_nan(self, name: str, t: torch.Tensor) -> None:
+        """One device reduction that reads NaN when a floating-point batch tensor (a model
+        input, a check's target) holds any (TL504 blames the data then)."""
+        if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
+            with torch._C.DisableTorchFunction():
                 self.input_probes.append((name, stats.nan_probe(t)))
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
