@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trainlint.trace import LayerTrace, ModuleFacts, RunTrace
+from trainlint.trace import CONCAT_OPS, LayerTrace, ModuleFacts, RunTrace
 
 # Leaf modules that pass their input on without weights: look through them.
 PASS_THROUGH = (
@@ -78,9 +78,11 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
     return out
 
 
-def only_shape_ops(via: tuple) -> bool:
+def only_shape_ops(via: tuple, joins: bool = False) -> bool:
+    """Whether ``via`` only reshapes, moves or passes values on (``joins``: or concatenates
+    them with other tensors, which keeps each value as it is)."""
     return all(op in SHAPE_OPS or op in PASS_THROUGH or op in FUNCTIONAL_PASS_THROUGH
-               for op in via)
+               or (joins and op in CONCAT_OPS) for op in via)
 
 
 def feeds_weight_layer(trace: RunTrace, layer: LayerTrace) -> list[str]:

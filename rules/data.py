@@ -17,10 +17,11 @@ MAX_LISTED = 16
 
 
 def direct_consumers(trace: RunTrace, inp: InputTrace) -> list[ModuleFacts]:
-    """Leaf modules that take this input as it is (through reshapes and dropout only)."""
+    """Leaf modules that take this input as it is (through reshapes, dropout and
+    concatenations with other tensors only)."""
     found = []
     for dst, via in downstream(trace, ("input", inp.name)):
-        if dst[0] != "module" or not only_shape_ops(via):
+        if dst[0] != "module" or not only_shape_ops(via, joins=True):
             continue
         facts = trace.modules.get(dst[1])
         if facts is not None and facts.is_leaf and facts not in found:
@@ -99,10 +100,11 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## What it does
     For every floating-point input, and every uint8/int8/int16 one (raw pixel bytes cast with
     ``.float()`` in ``forward``, PCM audio), that reaches a weight layer (Linear, Conv, RNN) as
-    it is, it measures each channel's (images: dim 1) or feature's (last dim) mean and std
-    over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or its std exceeds
-    ``max_std`` or is below ``min_std`` (constant features are TL202's), over at least
-    ``min_values`` values per channel. Token ids (int64), inputs the model transforms
+    it is (reshaped, or concatenated with other tensors: a tabular model's numeric columns
+    beside its embeddings), it measures each channel's (images: dim 1) or feature's (last dim)
+    mean and std over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or
+    its std exceeds ``max_std`` or is below ``min_std`` (constant features are TL202's), over
+    at least ``min_values`` values per channel. Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``), inputs that go into a
     normalization layer first, and a recurrent state the model takes as an argument and hands
     to an RNN as its ``hx`` (``model(data, hidden)``, the state carried over from the last
@@ -170,8 +172,8 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Input features or channels that do not vary over the batch.
 
     ## What it does
-    For every floating-point input that reaches a layer as it is (uint8/int8/int16 ones: a
-    weight layer, not an embedding), it lists the channels
+    For every floating-point input that reaches a layer as it is, or concatenated with other
+    tensors (uint8/int8/int16 ones: a weight layer, not an embedding), it lists the channels
     (images: dim 1) or features (last dim) whose minimum equals their maximum over the whole
     batch (at least ``min_values`` values per channel). Left out, because a small batch
     legitimately never varies them: a feature stuck at the overall minimum that the input's

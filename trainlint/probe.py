@@ -27,7 +27,13 @@ from . import stats
 from .batch import leading_size, tensors_in
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
-from .trace import ELEMENTWISE_OPS, GRADIENT_FREE_KINDS, NORM_KEEPING_OPS, REORDERING_OPS
+from .trace import (
+    CONCAT_OPS,
+    ELEMENTWISE_OPS,
+    GRADIENT_FREE_KINDS,
+    NORM_KEEPING_OPS,
+    REORDERING_OPS,
+)
 from .updates import S, UpdateSampler
 
 ACTIVATION_MODULES: dict[type, str] = {
@@ -81,6 +87,8 @@ RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 # are not measurements).
 RAW_INTS = (torch.uint8, torch.int8, torch.int16)
 MAX_VIA = 4
+# Model inputs followed into one tensor beside its producer (``Probe.joined``).
+MAX_JOINED = 8
 # Float tensors of a module's output read for NaN beside the one observed.
 MAX_OTHER_OUTPUTS = 4
 # Element-wise products: a tensor flowing into one of these is used as a gate.
@@ -343,6 +351,10 @@ class Probe:
         self.bw_counter = 0
         self.last_layout_channel_first = False
         self.producers: dict[int, tuple] = {}
+        # id(tensor) -> (weakref, [(("input", name), via), ...]): the model inputs joined into a
+        # tensor by a concatenation beside the operand its producer entry follows (a tabular
+        # model's numeric columns after its embeddings).
+        self.joined: dict[int, tuple] = {}
         # id(tensor) -> (weakref, its channel dim): tensors whose dims a permute/transpose of a
         # point's output reordered (the channels are then neither dim 1 nor the last by rule).
         self.channel_at: dict[int, tuple] = {}
@@ -493,6 +505,7 @@ class Probe:
         else:
             self._uninstall()
         self.producers.clear()
+        self.joined.clear()
         self.channel_at.clear()
         self.output_nodes = []
         self.step_grads.clear()
@@ -524,6 +537,7 @@ class Probe:
             self.first_forward = self.last_forward
         self.call_counts.clear()
         self.producers.clear()
+        self.joined.clear()
         self.channel_at.clear()
         self.last_key = None
         self.busy = True
@@ -938,6 +952,31 @@ class Probe:
                                       and origin[0][0] == "input"):
                     continue
                 self.edges.add((origin[0], dst, origin[1]))
+                if self.joined:
+                    for src, via in self._joined_of(t):
+                        self.edges.add((src, dst, via))
+
+    def _joined_of(self, t: torch.Tensor) -> list:
+        """The model inputs joined into ``t`` beside its producer: ``[(src, via), ...]``."""
+        entry = self.joined.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else []
+
+    def _join(self, op: str, tensors: list, outs: list) -> None:
+        """Keep, for the outputs of ``op``, the model inputs among its operands (and those
+        joined into them) that its producer entry does not follow: a concatenation passes
+        every operand on; any other op passes on what its first operand carries."""
+        primary = self._origin_of(outs[0]) if outs else None
+        found = []
+        for t in (tensors if op in CONCAT_OPS else tensors[:1]):
+            origin = self._origin_of(t)
+            if op in CONCAT_OPS and origin is not None and origin[0][0] == "input":
+                found.append((origin[0], origin[1] + (op,)))
+            found += [(src, via + (op,)) for src, via in self._joined_of(t)]
+        found = [(src, via) for src, via in found
+                 if len(via) <= MAX_VIA and (primary is None or src != primary[0])]
+        if found:
+            for t in outs:
+                self.joined[id(t)] = (weakref.ref(t), found[:MAX_JOINED])
 
     def propagate(self, op: str, args: tuple, kwargs: dict, out: Any) -> None:
         """Carry producer tags through plain ops (views, arithmetic) so edges span them."""
@@ -964,6 +1003,8 @@ class Probe:
                     self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
             if op in GATE_OPS and self._gates(tensors, i):
                 self.edges.add((src, ("op", op), via))
+        if outs and (op in CONCAT_OPS or self.joined):
+            self._join(op, tensors, outs)
 
     def _channel_dim(self, t: Optional[torch.Tensor], ndim: int) -> Optional[int]:
         """The channel dim of ``t`` (a tensor of ``ndim`` dims) when a permute/transpose moved

@@ -198,6 +198,10 @@ ELEMENTWISE_OPS = frozenset({
 })
 
 
+# Ops that join tensors side by side (a feature column beside embeddings): each operand's
+# values reach the result as they are.
+CONCAT_OPS = frozenset({"cat", "concat", "concatenate", "hstack", "vstack", "dstack",
+                        "column_stack", "row_stack", "stack"})
 # Ops that move a tensor's dims around (a channel dim goes where they send it).
 REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
                             "swapaxes", "swapdims", "mT", "T"})
