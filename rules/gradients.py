@@ -25,6 +25,7 @@ from ._graph import (
     feeds_norm,
     in_blocks,
     inside_attention_sublayer,
+    layer_at,
     output_layer,
     output_nodes,
     quiet_branches,
@@ -564,8 +565,10 @@ def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hi
 
 def _backward_maker(trace: RunTrace, step: dict, first: LayerTrace) -> Optional[tuple]:
     """``(module, gradient seen, via)`` of a module that takes ``first``'s output and whose own
-    output gradient at ``step`` is finite (or was not observed), preferring a seen finite
-    gradient and a module that is not a weight layer: its backward made the NaN/Inf."""
+    output gradient at ``step`` is finite (or was not observed): its backward made the NaN/Inf.
+    A weight layer seen finite and fed through ops that cannot make NaN/Inf comes last (its
+    backward can only overflow); then a seen finite gradient, and a module that is not a weight
+    layer, come first."""
     bad = step["nonfinite"].get("gradients", {})
     layers = step.get("layers", {})
     found = []
@@ -574,20 +577,28 @@ def _backward_maker(trace: RunTrace, step: dict, first: LayerTrace) -> Optional[
         if any(key in bad for key in keys):
             continue
         seen = any(layers.get(key, {}).get("grad_norm") is not None for key in keys)
-        found.append((not seen, trace.modules[name].base in WEIGHT_LAYERS, name, via))
+        weights = trace.modules[name].base in WEIGHT_LAYERS
+        safe = seen and weights and not RISKY_OPS.intersection(via)
+        found.append((safe, not seen, weights, name, via))
     if not found:
         return None
-    unseen, _, name, via = min(found)
+    _, unseen, _, name, via = min(found)
     return name, not unseen, via
 
 
 def _takers(trace: RunTrace, node: tuple, depth: int = 0) -> list[tuple]:
     """``(module, via)`` of the modules that take ``node``'s output, looking through the
-    activation modules whose output gradient the probe does not read (``GRADIENT_FREE_KINDS``:
-    their backward only scales the gradient, and cannot make a NaN of finite values) to the
-    modules that take theirs."""
+    activations whose output gradient the probe does not read (``GRADIENT_FREE_KINDS``:
+    their backward only scales the gradient, and cannot make a NaN of finite values), modules
+    or functional calls (``torch.relu`` in a block's forward), to the modules that take theirs."""
     found = []
     for dst, via in successors(trace, node):
+        if dst[0] == "point":  # a functional activation
+            lt = layer_at(trace, dst)
+            if (depth < 4 and lt is not None and lt.kind in GRADIENT_FREE_KINDS
+                    and lt.grad_norm is None):
+                found += [(name, via + more) for name, more in _takers(trace, dst, depth + 1)]
+            continue
         if dst[0] != "module" or not dst[1] or dst[1] not in trace.modules:
             continue
         outputs = [lt for lt in trace.layers if lt.module == dst[1] and lt.op == "output"]
@@ -781,8 +792,10 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     (gradients, then values after the optimizer step). In the backward, when a module that
     takes that first module's output has a finite output gradient (or none observed), its
     backward made the NaN/Inf, with a finite forward (sqrt of a sum of squares at 0: the
-    derivative is infinite, times 0): the finding names that module (one that is not a
-    weight layer first). In a check, a loss function that raises on model outputs holding
+    derivative is infinite, times 0): the finding names that module (looking through
+    activations whose output gradient is not read, modules or calls such as ``torch.relu`` in
+    a block's forward; a weight layer fed through ops that cannot make NaN/Inf last, one that
+    is not a weight layer first). In a check, a loss function that raises on model outputs holding
     NaN/Inf (BCE's "all elements of input should be between 0 and 1") ends the run at that
     step, and the finding says what it raised.
 

@@ -351,6 +351,50 @@ def test_nan_made_in_a_backward_behind_an_activation_names_that_module(act: type
     assert "made in the backward of 2" in found.message
 
 
+class ReluBlock(nn.Module):
+    """A Linear, then ``torch.relu`` in the block's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
+class DistanceBlock(nn.Module):
+    """Weights each sample by exp(-its distance to a neighbour) before its Linear; a sample
+    paired with itself is at distance sqrt(0): a finite forward, an infinite derivative."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pair = torch.arange(len(h)) // 2 * 2  # 0, 0, 2, 2, ...: each even sample with itself
+        dist = torch.sqrt(((h - h[pair]) ** 2).sum(-1, keepdim=True) + self.eps)
+        return torch.relu(self.lin(0.5 * (h + torch.exp(-dist) * h[pair])))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_nan_made_by_a_blocks_backward_behind_a_functional_relu_names_that_block(eps) -> None:
+    """The first NaN gradient read is at block 0's Linear output (the ReLU after it, called
+    in the block's forward, has no gradient read); block 1's Linear has a finite one, fed
+    through safe ops: block 1's own ops made it in their backward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ReluBlock(), DistanceBlock(eps), nn.Linear(8, 3))
+    report = trainlint.check(model, _batch(), steps=1)
+    if eps:
+        assert not [f for f in report.findings if f.code == "TL504"]
+        return
+    found = _tl504(report)
+    assert (found.module, found.evidence["where"]) == ("1", "backward")
+    assert "gradient at the output of 0.lin" in found.message
+    assert "made in the backward of 1" in found.message
+    assert "sqrt" in found.fix and "overflowed" not in found.fix
+
+
 class LogThenFunctional(nn.Module):
     """Ops in this module's own forward feed a functional activation: log of a shifted linear
     output (all negative: NaN), then sigmoid."""

@@ -8,8 +8,8 @@ import pytest
 from trainlint.rules import gradients
 from trainlint.rules.gradients import nice_below
 
-from tests.rules.tracekit import defaults, hits, module, param, point, to_module, trace
-from trainlint.engine import Skip
+from tests.rules.tracekit import defaults, edge, hits, module, param, point, to_module, trace
+from trainlint.engine import Hit, Skip
 
 
 def _depth(grads: list, output_grad: float = 1.0, **fields):
@@ -408,6 +408,32 @@ def test_tl504_looks_through_an_activation_whose_gradient_is_not_read():
     at_output = hits("TL504", trace([fc, read, dist], per_step=[step],
                                     edges=[to_module(fc, "relu"), to_module(read, "dist")]))
     assert at_output[0].module == "relu"
+
+
+def test_tl504_looks_through_a_functional_activation_to_the_block_that_made_the_nan():
+    """blk.lin -> torch.relu in blk's forward -> next block, whose own ops (a sqrt of pairwise
+    distances) feed its Linear and whose output gradient is not read: next.lin's output
+    gradient is finite and the path to it holds no op that makes NaN, so its backward could
+    only overflow; the block's own backward made it. A Linear fed through a sqrt is still
+    named."""
+    lin = point("blk.lin", "Linear", depth=0, backward_order=1)
+    relu = point("blk", "Block", op="relu", depth=1, kind="relu")
+    nxt = point("next.lin", "Linear", depth=2, backward_order=0)
+    step = _nan_step(0, gradients={lin.node[1:]: 8})
+    step["layers"] = {nxt.node[1:]: {"grad_norm": 0.1}}
+    modules = [module("blk", "Block", leaf=False), module("next", "DistBlock", leaf=False)]
+
+    def found(via: tuple) -> Hit:
+        edges = [edge(lin.node, relu.node), to_module(relu, "next"),
+                 to_module(relu, "next.lin", via)]
+        return hits("TL504", trace([lin, relu, nxt], modules, per_step=[step], edges=edges))[0]
+
+    block = found(("add", "__rmul__"))
+    assert block.module == "next" and "made in the backward of next" in block.message
+    assert "sqrt" in block.fix and "overflowed" not in block.fix
+    through_sqrt = found(("sqrt", "add"))
+    assert through_sqrt.module == "next.lin" and "ops between them: sqrt, add" in \
+        through_sqrt.message
 
 
 @pytest.mark.parametrize("first_step, amp, says, not_said", [
