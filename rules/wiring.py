@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import ModuleFacts, RunTrace
+from trainlint.trace import ModuleFacts, ParamTrace, RunTrace
 
 from ._graph import (
     BATCHNORM_TYPES,
@@ -38,6 +39,9 @@ def _where(module: str) -> str:
 
 # Modules whose children the code that holds them calls: an unused child is that code's.
 _CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
+# A relative change of a parameter's norm between observed steps that an update made (a
+# norm recomputed from values that did not change is the same to the last bit).
+CHANGE = 1e-9
 # Packages of published models, whose forward decides what a task head uses (a package of
 # the user's own, installed, is the user's code).
 _MODEL_LIBRARIES = ("transformers", "timm", "diffusers", "torchvision", "torchaudio", "peft",
@@ -82,6 +86,19 @@ def unrouted_experts(trace: RunTrace) -> set:
     return unrouted
 
 
+def skips_steps(trace: RunTrace) -> bool:
+    """Whether steps went unobserved between the observed ones (a Monitor's ``every`` > 1)."""
+    steps = [s["step"] for s in trace.per_step]
+    return any(b - a > 1 for a, b in zip(steps, steps[1:]))
+
+
+def changed_between(p: ParamTrace) -> bool:
+    """Whether the parameter's norm before the observed optimizer steps changed from one to
+    another (so something updated it in between)."""
+    norms = [n for n in p.norms_before if math.isfinite(n)]
+    return len(norms) >= 2 and max(norms) - min(norms) > CHANGE * max(abs(n) for n in norms)
+
+
 @rule("TL505", "unused-parameters", "warning")
 def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Trainable parameters that never get a gradient.
@@ -110,6 +127,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     numbers of rows (the tokens routed to each), so one sent no token is not called at all;
     with few tokens per step (a check's batch) many are not.
 
+    A parameter whose values changed from one observed step to another, in a run that
+    observes every N-th step, is not reported: it trains at the steps in between (a task's
+    head in round-robin multi-task training, every other step, observed with an even ``every``).
+
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch
     itself, ...) whose other parameters train, that library's forward leaves them out for
@@ -124,8 +145,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
                    "after optimizer.step() and before zero_grad())")
     unrouted = unrouted_experts(trace)
+    gaps = skips_steps(trace)
     unused = {p.name for p in trainable if p.grad_steps == 0
-              and not any(a in unrouted for a in ancestors(p.module))}
+              and not any(a in unrouted for a in ancestors(p.module))
+              and not (gaps and changed_between(p))}
     if not unused:
         return
     groups = maximal_groups(unused, {p.name for p in trainable}, params=True)

@@ -1057,3 +1057,39 @@ def test_a_learning_rate_that_decays_to_zero_partway_is_reported(per_batch_decay
             monitor.step(loss)
         found = [f for f in monitor.report().findings if f.code == "TL503"]
     assert [f.evidence["direction"] for f in found] == (["stalled"] if per_batch_decay else [])
+
+
+class TwoTasks(nn.Module):
+    """A shared trunk with one head per task; ``spare`` is built and never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.head_a, self.head_b = nn.Linear(32, 2), nn.Linear(32, 1)
+        self.spare = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        h = self.trunk(x)
+        return self.head_a(h) if task == "a" else self.head_b(h)
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_round_robin_tasks_observed_on_one_tasks_steps_only_are_not_unused(every: int) -> None:
+    """Task a trains at even steps, task b at odd ones: with every=10 no observed step gives
+    head_b a gradient, yet it trains; the spare head never does and is reported either way."""
+    torch.manual_seed(0)
+    model = TwoTasks()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with trainlint.Monitor(model, opt, every=every) as monitor:
+        for i in range(60):
+            x = torch.randn(32, 16)
+            if i % 2 == 0:
+                loss = F.cross_entropy(model(x, "a"), (x[:, 0] > 0).long())
+            else:
+                loss = F.mse_loss(model(x, "b"), x[:, 1:2])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+    unused = [f.module for f in monitor.report().findings if f.code == "TL505"]
+    assert unused == ["spare"]

@@ -47,6 +47,26 @@ def test_tl505_frozen_or_used_at_some_step_is_fine():
     assert hits("TL505", t) == []
 
 
+@pytest.mark.parametrize("observed, norms, fires", [
+    ([0, 10, 20], [0.50, 0.52, 0.55], False),  # trained at the steps in between
+    ([0, 10, 20], [0.5, 0.5, 0.5], True),  # observed every 10th step, never moved
+    ([0, 10, 20], [0.5, 0.5, 0.5 * (1 + 2e-9)], False),  # just above the change bound
+    ([0, 10, 20], [0.5, 0.5, 0.5 * (1 + 5e-10)], True),  # below it: the same values
+    ([0, 1, 2], [0.50, 0.52, 0.55], True),  # every step observed: changed by something else
+    ([0, 10], [0.5], True),  # one update seen: nothing to compare
+])
+def test_tl505_a_parameter_trained_between_observed_steps_is_not_unused(observed, norms,
+                                                                         fires):
+    """Round-robin multi-task training observed every 10th step: one head gets its gradient
+    at odd steps only, so no observed step gives it one, yet its values move."""
+    params = _params(**{"aux.weight": {"grad_steps": 0, "grad_norm": None}})
+    aux = next(p for p in params if p.name == "aux.weight")
+    aux.norms_before = list(norms)
+    t = trace([], params=params, observed_steps=len(observed),
+              per_step=[{"step": s, "layers": {}} for s in observed])
+    assert [h.module for h in hits("TL505", t)] == (["aux"] if fires else [])
+
+
 def _library(name: str, type_: str, base: str = "", package: str = "transformers"):
     facts = module(name, type_, leaf=False)
     facts.library, facts.base = package, base or type_
