@@ -12,7 +12,7 @@ import numpy as np
 from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import CLASSIFICATION_LOSSES, RunTrace
 
-from .gradients import judged_params
+from .gradients import judged_params, nice_below
 
 
 def loss_points(trace: RunTrace) -> list[dict]:
@@ -169,7 +169,8 @@ def _competing(trace: RunTrace) -> str:
 
 
 @rule("TL603", "loss-not-decreasing", "warning", min_points=6, min_drop=0.05,
-      min_steady_drop=0.005, steady_z=-2.33, min_movement=0.1)
+      min_steady_drop=0.005, steady_z=-2.33, min_movement=0.1, chance_gap=0.05,
+      stuck_rate=1e-4, stuck_floor=1e-5, typical_rate=1e-3)
 def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Over a monitored run the loss does not go down.
 
@@ -197,10 +198,15 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``min_drop`` above the last third's, beyond three standard errors of the noise. A loss
     that barely fell is judged only once the weights moved at least ``min_movement`` of their
     norm over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20
-    steps barely change the loss; a learning rate too low for them to move is TL503's). A
-    loss that also depends on trainable tensors outside the model and its optimizer (a GAN
-    generator's loss runs through the discriminator) is not judged: it rises whenever the
-    other network gets better.
+    steps barely change the loss; a learning rate too low for them to move is TL503's),
+    unless it is stuck at chance: a classifier's loss within ``chance_gap`` (relative) of ln(C)
+    in the first and the last third while the weights move less than ``stuck_rate`` of their
+    norm a step (SGD at lr 2e-4 on an MLP: 1.5e-5 a step, inside TL503's band yet far too
+    slow to learn anything in the run), and at least ``stuck_floor`` (TL503's ``min_ratio``:
+    below it TL503 reports the learning rate), over a run long enough that weights moving
+    ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
+    trainable tensors outside the model and its optimizer (a GAN generator's loss runs through
+    the discriminator) is not judged: it rises whenever the other network gets better.
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
@@ -254,31 +260,58 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                     f"the last {last:.4g}, and noise alone moves their difference by up to "
                     f"{blur / scale:.0%}; observe less often (a larger `every`: each point is "
                     f"then the mean loss of its window)")
+        stuck = None
         if not rose:
-            moved = weights_moved(trace, curve[-1][0] - curve[0][0] + 1)
+            steps = curve[-1][0] - curve[0][0] + 1
+            moved = weights_moved(trace, steps)
             if moved is not None and moved < t.min_movement:
+                stuck = _stuck_at_chance(trace, first, last, moved, steps, t)
+            if stuck is None and moved is not None and moved < t.min_movement:
                 raise Skip(f"the loss barely fell ({change:+.1%}), but the weights moved only "
                            f"~{moved:.1%} of their norm over the run (the median update ratio "
                            f"per step times the steps): too little to expect it to fall yet "
                            f"(TL503 judges the learning rate)")
-        trend = "rose" if change > 0 else "barely fell"
+        trend = "rose" if rose else ("barely fell" if change < 0 else "did not fall")
         span = f"steps {curve[0][0]}-{curve[-1][0]}"
         points = f"the {len(curve)} observed steps"
         if trace.loss_tail is not None and curve[-1][0] == trace.loss_tail["step"] and \
                 len(curve) > 1:
             points = (f"the {len(curve) - 1} observed steps and the window of "
                       f"{curve[-1][0] - curve[-2][0]} after them")
-        yield Hit(
-            module="",
-            message=(f"the loss {trend} over {span}: median {first:.4g} in the first third of "
-                     f"{points}, {last:.4g} in the last ({change:+.1%}; it must fall by at "
-                     f"least {t.min_drop:.0%})"),
-            fix=("overfit one batch first; then check the learning rate (TL503), that every "
-                 "parameter gets a gradient and is in the optimizer (TL505, TL506), and that "
-                 "inputs and labels match"),
-            evidence={"first_median": first, "last_median": last, "change": change,
-                      "points": len(curve), "threshold": t.min_drop},
-        )
+        message = (f"the loss {trend} over {span}: median {first:.4g} in the first third of "
+                   f"{points}, {last:.4g} in the last ({change:+.1%}; it must fall by at "
+                   f"least {t.min_drop:.0%})")
+        fix = ("overfit one batch first; then check the learning rate (TL503), that every "
+               "parameter gets a gradient and is in the optimizer (TL505, TL506), and that "
+               "inputs and labels match")
+        evidence = {"first_median": first, "last_median": last, "change": change,
+                    "points": len(curve), "threshold": t.min_drop}
+        if stuck is not None:
+            message, fix = message + stuck[0], stuck[1]
+            evidence.update(stuck[2])
+        yield Hit(module="", message=message, fix=fix, evidence=evidence)
+
+
+def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, steps: int,
+                     t: Thresholds) -> Optional[tuple]:
+    """``(message, fix, evidence)`` when a classifier's loss stays at ln(C) while its weights
+    move ``t.stuck_floor`` to ``t.stuck_rate`` of their norm a step: a learning rate too low
+    to learn in the run (below the floor, TL503 says so). None otherwise."""
+    chance = chance_level(trace)
+    rate = moved / max(steps, 1)
+    if chance is None or not t.stuck_floor <= rate < t.stuck_rate or \
+            steps * t.typical_rate < t.min_movement or not all(
+            abs(loss - chance[1]) <= t.chance_gap * chance[1] for loss in (first, last)):
+        return None
+    classes, level = chance
+    message = (f"; it sits at ln({classes}) = {level:.4g}, an uninformed classifier's loss, "
+               f"while the weights move only {rate:.2g} of their norm a step ({moved:.2%} over "
+               f"the run; ~{t.typical_rate:g} is typical, threshold {t.stuck_rate:g}): the "
+               f"learning rate is too low for the model to learn anything in this run")
+    fix = (f"raise the learning rate, by about {nice_below(t.typical_rate / rate):g}x for "
+           f"updates of ~{t.typical_rate:g} of the weights' norm a step (or shorten a warmup "
+           f"that keeps it this low); then check that the loss falls")
+    return message, fix, {"update_rate": rate, "chance_loss": level}
 
 
 @rule("TL604", "loss-divergence", "error", rise_factor=3.0, settle_points=3,

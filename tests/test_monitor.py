@@ -1093,3 +1093,28 @@ def test_round_robin_tasks_observed_on_one_tasks_steps_only_are_not_unused(every
             monitor.step(loss)
     unused = [f.module for f in monitor.report().findings if f.code == "TL505"]
     assert unused == ["spare"]
+
+
+@pytest.mark.parametrize("lr, stuck", [(2e-4, True), (0.05, False)])
+def test_a_learning_rate_too_low_to_leave_chance_is_reported(lr: float, stuck: bool) -> None:
+    """Plain SGD at lr 2e-4 moves an MLP's weights ~1e-5 of their norm a step (inside TL503's
+    band): over 400 steps the loss stays at ln(10). At lr 0.05 it learns."""
+    torch.manual_seed(0)
+    teacher = torch.randn(32, 10)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with trainlint.Monitor(model, opt, every=10) as monitor:
+        for _ in range(400):
+            x = torch.randn(32, 32)
+            loss = F.cross_entropy(model(x), (x @ teacher).argmax(1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+    found = [f for f in monitor.report().findings if f.code in ("TL603", "TL503")]
+    if not stuck:
+        assert found == []
+        return
+    [tl603] = found
+    assert tl603.code == "TL603" and "ln(10) = 2.303" in tl603.message
+    assert 1e-6 < tl603.evidence["update_rate"] < 1e-4

@@ -7,7 +7,7 @@ import statistics
 
 import numpy as np
 import pytest
-from trainlint.rules import run
+from trainlint.rules import gradients, run
 
 from tests.rules.tracekit import defaults, hits, param, steps, trace
 from trainlint.engine import Skip
@@ -104,6 +104,52 @@ def test_tl603_judges_a_barely_falling_loss_once_the_weights_moved(factor, judge
                    per_step=steps(*_noisy(2.0, 2.0 * (1 + 2 * t["min_drop"])), every=50,
                                   key="loss_mean"))
     assert hits("TL603", rising)
+
+
+def _slow_classifier(level: float, rate: float, classes: int = 10, every: int = 50):
+    """A Monitor run (9 observed steps) of a classifier whose loss stays at ``level`` while
+    its weights move ``rate`` of their norm a step."""
+    params = [param(f"l{i}.weight", (4, 4), ratios=(rate,) * 3) for i in range(3)]
+    return _classifier(trace([], mode="monitor", params=params,
+                             per_step=steps(*[level] * 9, every=every, key="loss_mean")), classes)
+
+
+def test_tl603_a_run_too_short_to_expect_learning_is_not_stuck():
+    """At ln(C) with weights moving half of stuck_rate a step: judged once the run is long
+    enough that a typical rate would have moved the weights min_movement."""
+    t = defaults("TL603")
+    needed = t["min_movement"] / t["typical_rate"]  # steps
+    short, long = math.floor((needed - 1) / 8), math.ceil((needed - 1) / 8)  # 8 * every + 1
+    assert 8 * short + 1 < needed <= 8 * long + 1
+    with pytest.raises(Skip, match="moved only"):
+        hits("TL603", _slow_classifier(math.log(10), 0.5 * t["stuck_rate"], every=short))
+    assert hits("TL603", _slow_classifier(math.log(10), 0.5 * t["stuck_rate"], every=long))
+
+
+@pytest.mark.parametrize("gap, rate, fires", [
+    (0.0, ("stuck_rate", 0.98), True), (0.0, ("stuck_rate", 1.02), False),  # the update rate
+    (0.0, ("stuck_floor", 1.02), True), (0.0, ("stuck_floor", 0.98), False),  # TL503's below
+    (0.98, ("stuck_rate", 0.5), True), (1.02, ("stuck_rate", 0.5), False),  # the gap to ln(C)
+    (-0.98, ("stuck_rate", 0.5), True), (-1.02, ("stuck_rate", 0.5), False),
+])
+def test_tl603_a_loss_stuck_at_chance_with_weights_that_barely_move_is_reported(gap, rate,
+                                                                                fires):
+    """SGD at lr 2e-4 on an MLP: the loss sits at ln(10) for 400 steps while the weights move
+    1.1e-5 of their norm a step, inside TL503's band: too slow to learn in the run. Off ln(C),
+    or at a rate that only needs more steps (a fine-tune's first ones), it is not judged."""
+    t = defaults("TL603")
+    level = math.log(10) * (1 + gap * t["chance_gap"])
+    per_step = rate[1] * t[rate[0]]
+    run = _slow_classifier(level, per_step)
+    if not fires:
+        with pytest.raises(Skip, match="moved only"):
+            hits("TL603", run)
+        return
+    [found] = hits("TL603", run)
+    assert "ln(10) = 2.303, an uninformed classifier's loss" in found.message
+    assert found.message.startswith("the loss did not fall")
+    assert found.evidence["update_rate"] == pytest.approx(per_step)
+    assert f"by about {gradients.nice_below(t['typical_rate'] / per_step):g}x" in found.fix
 
 
 def test_tl603_a_fall_within_the_noise_is_no_steady_fall():
