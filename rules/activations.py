@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from statistics import median
 from typing import Iterator, Optional
 
@@ -50,7 +51,9 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     MLP at batch 64: 8, at batch 4: 128; over 40 values a unit active for 2% of its inputs
     looks dead half of the time); all of them in a ``trainlint check``. In a Monitor run,
     units that a too-high learning rate killed mid-run count although they were active at
-    its start. GELU-family outputs (GELU, SiLU,
+    its start; a layer killed since its window began (at ``every=10`` an MLP's window spans
+    80-160 steps) is judged over its recent records too, those that hold 128 values per unit,
+    where ``alike_dead_fraction`` of its units must be dead. GELU-family outputs (GELU, SiLU,
     Mish) count too: their unit is dead when its output is never positive nor below -1e-3
     (input below about -3.4, where the derivative is ~0; tiny outputs of both signs come from
     inputs near 0, where the slope is 0.5: that is a small signal, TL103's, not a dead unit).
@@ -85,6 +88,8 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for lt in trace.layers:
         if lt.kind not in ("relu", "gelu") or lt.unit_ever_active is None:
             continue
+        recent = _recently_dead(lt, t)
+        lt = recent or lt
         units = lt.unit_ever_active.size
         dead = lt.dead_fraction
         if units < t.min_units or dead is None or dead < t.dead_fraction:
@@ -94,7 +99,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         steps = lt.unit_records or trace.observed_steps
         seen = _values_per_unit(lt, steps)
         few = seen is not None and seen < t.min_values
-        alike = (spread is not None and spread < t.alike_signal) or few
+        alike = (spread is not None and spread < t.alike_signal) or few or recent is not None
         if alike and dead < t.alike_dead_fraction:
             continue
         listed = lt.dead_units[:10]
@@ -120,6 +125,19 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             fix=_dead_relu_fix(feeder, evidence, lt.kind),
             evidence=evidence,
         )
+
+
+def _recently_dead(lt: LayerTrace, t: Thresholds) -> Optional[LayerTrace]:
+    """``lt`` seen over its recent records, when at least ``alike_dead_fraction`` of its units
+    are dead there while its full window does not reach ``dead_fraction`` (the layer died
+    since that window began); else None."""
+    if lt.unit_recent_active is None or not lt.unit_recent_active.size:
+        return None
+    if (lt.dead_fraction or 0.0) >= t.dead_fraction or \
+            1.0 - lt.unit_recent_active.mean() < t.alike_dead_fraction:
+        return None
+    return replace(lt, unit_ever_active=lt.unit_recent_active,
+                   unit_records=lt.unit_recent_records)
 
 
 def _values_per_unit(lt: LayerTrace, steps: int) -> Optional[int]:

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 import trainlint
 from trainlint import stats
-from trainlint.assemble import UNIT_VALUES, UNIT_WINDOW, window_for
+from trainlint.assemble import RECENT_VALUES, UNIT_VALUES, UNIT_WINDOW, window_for
 
 
 class ModeSpy(nn.Module):
@@ -382,15 +382,15 @@ def test_the_batch_size_is_dim_0_of_the_training_forwards_input() -> None:
     assert report.trace.batch_size == trainlint.check(model, (x, y)).trace.batch_size
 
 
-def _knocked_out(steps: int, at: Optional[int]) -> list:
-    """TL101's findings after ``steps`` observed steps at batch 64 of a ReLU MLP whose second
-    layer's bias is pushed to -100 at step ``at`` (None: never)."""
+def _knocked_out(steps: int, at: Optional[int], every: int = 1) -> list:
+    """TL101's findings after ``steps`` training steps at batch 64 of a ReLU MLP whose second
+    layer's bias is pushed to -100 at step ``at`` (None: never), observed every ``every``."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
-    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+    with trainlint.Monitor(model, optimizer=opt, every=every) as monitor:
         for step in range(steps):
             if step == at:
                 with torch.no_grad():
@@ -426,6 +426,20 @@ def test_units_killed_early_in_a_short_run_are_reported() -> None:
     [found] = _knocked_out(2 + window, 2)
     assert found.module == "3" and found.evidence["dead_fraction"] == 1.0
     assert f"over the last {window} observed step(s)" in found.message
+
+
+@pytest.mark.parametrize("knock_out", [True, False])
+def test_units_killed_since_a_sparse_window_began_are_dead_over_its_recent_records(
+        knock_out: bool) -> None:
+    """At every=10 and batch 64 the window holds 8 records (80 steps); units knocked out 30
+    steps before the end are dead over the recent records that hold 128 values per unit."""
+    recent = window_for(64, RECENT_VALUES)
+    assert recent < window_for(64) and 10 * recent <= 30
+    found = _knocked_out(100, 70 if knock_out else None, every=10)
+    assert [f.module for f in found] == (["3"] if knock_out else [])
+    if knock_out:
+        assert found[0].evidence["dead_fraction"] == 1.0
+        assert f"over the last {recent} observed step(s)" in found[0].message
 
 
 @pytest.mark.parametrize("knock_out", [True, False])

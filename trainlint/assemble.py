@@ -40,6 +40,10 @@ UNIT_WINDOW = 3
 # MAX_UNIT_WINDOW records: a unit killed earlier than that is still seen dying.
 UNIT_VALUES = 512
 MAX_UNIT_WINDOW = 256
+# A shorter window, of the records that hold this many values per unit, shows a layer killed
+# since its full window began (a learning-rate spike 12 observed steps ago at every=10, where
+# the window holds 16); the rule asks nearly every unit dead there.
+RECENT_VALUES = 128
 _NO_SIGNAL = np.zeros(2)
 # A long run keeps every observed step's losses and total gradient norm, but the per-layer
 # values and per-parameter gradient norms and update series of at most HISTORY observed steps
@@ -66,15 +70,15 @@ def _thinned(series: array) -> array:
     return array("d", (series[i] for i in kept_positions(len(series))))
 
 
-def window_for(per_record: float) -> int:
+def window_for(per_record: float, values: int = UNIT_VALUES) -> int:
     """How many records a point's unit window holds when each gives ``per_record`` values per
-    unit: ``UNIT_WINDOW``, or as many as make ``UNIT_VALUES`` values (at most
+    unit: ``UNIT_WINDOW``, or as many as make ``values`` values (at most
     ``MAX_UNIT_WINDOW``)."""
-    if per_record * UNIT_WINDOW >= UNIT_VALUES:
+    if per_record * UNIT_WINDOW >= values:
         return UNIT_WINDOW
-    if per_record * MAX_UNIT_WINDOW <= UNIT_VALUES:
+    if per_record * MAX_UNIT_WINDOW <= values:
         return MAX_UNIT_WINDOW
-    return math.ceil(UNIT_VALUES / per_record)
+    return math.ceil(values / per_record)
 
 
 def _shared_index(keys: tuple, last: dict) -> dict:
@@ -167,6 +171,7 @@ class TraceBuilder:
         self.unit_counts: dict[tuple, int] = {}
         self.unit_last: dict[tuple, np.ndarray] = {}
         self.unit_window: dict[tuple, int] = {}
+        self.unit_recent: dict[tuple, int] = {}  # the records RECENT_VALUES take
         self.signal: dict[tuple, np.ndarray] = {}
         self.param_finite: dict[str, bool] = {}
         self.backward_order: dict[tuple, int] = {}
@@ -342,6 +347,7 @@ class TraceBuilder:
             size = sizes.get(key)  # (None: not said; the window stays as it was)
             if size is not None:
                 self.unit_window[key] = window_for(size / max(value.size, 1))
+                self.unit_recent[key] = window_for(size / max(value.size, 1), RECENT_VALUES)
             np.putmask(last, value.astype(bool), count)
             active = self.active_units(key)
             if active.size:
@@ -358,6 +364,17 @@ class TraceBuilder:
             return None
         window = self.unit_window.get(key, UNIT_WINDOW)
         return last > max(self.unit_counts[key] - window, 0)
+
+    def recent_units(self, key: tuple) -> tuple:
+        """``(active, records)`` of point ``key``'s units over its recent window, when that is
+        shorter than its full one and holds fewer records than the point has; else
+        ``(None, 0)``."""
+        recent = self.unit_recent.get(key, UNIT_WINDOW)
+        count = self.unit_counts.get(key, 0)
+        last = self.unit_last.get(key)
+        if last is None or recent >= min(self.unit_window.get(key, UNIT_WINDOW), count):
+            return None, 0
+        return last > count - recent, recent
 
     def unit_records(self, key: tuple) -> int:
         """How many of point ``key``'s records its unit window holds now."""
@@ -451,10 +468,12 @@ class TraceBuilder:
                 g = stats.merge_grads(self.grad_rows[key])
                 grad_norm, grad_rms, grad_nonfinite = g["norm"], g["rms"], g["nonfinite"]
             facts = modules.get(point.module)
+            recent, recent_records = self.recent_units(key)
             layers.append(LayerTrace(
                 module=point.module, type=point.type, op=point.op, depth=point.depth,
                 kind=point.kind, activation=activation, unit_ever_active=self.active_units(key),
-                unit_records=self.unit_records(key),
+                unit_records=self.unit_records(key), unit_recent_active=recent,
+                unit_recent_records=recent_records,
                 unit_dim=point.unit_dim, grad_norm=grad_norm, grad_rms=grad_rms,
                 grad_nonfinite=grad_nonfinite, backward_order=self.backward_order.get(key),
                 location=facts.location if facts else None, shape=point.shape,

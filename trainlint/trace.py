@@ -69,6 +69,10 @@ class LayerTrace:
     unit_ever_active: Optional[np.ndarray] = None
     # How many of the point's last observed records ``unit_ever_active`` covers (0: not said).
     unit_records: int = 0
+    # The same over the point's recent records (``assemble.RECENT_VALUES`` values per unit),
+    # when those are fewer than ``unit_records``; else None and 0.
+    unit_recent_active: Optional[np.ndarray] = None
+    unit_recent_records: int = 0
     unit_dim: Optional[int] = None
     grad_norm: Optional[float] = None
     grad_rms: Optional[float] = None

@@ -102,6 +102,34 @@ def relu_trace(dead: int, units: int, *, kind: str = "relu", functional: bool = 
                     observed_steps=3)
 
 
+def _recently_killed(dead_before: int, dead_recent: int, units: int) -> RunTrace:
+    """``relu_trace`` whose unit window (16 records) finds ``dead_before`` units dead, and
+    whose recent window (4 records) finds ``dead_recent``."""
+    t = relu_trace(dead_before, units)
+    act = t.layers[-1]
+    act.unit_records, act.unit_recent_records = 16, 4
+    act.unit_recent_active = np.arange(units) >= dead_recent
+    act.shape = (32, units)
+    t.observed_steps = 30
+    return t
+
+
+def test_tl101_a_layer_killed_since_its_window_began_is_judged_over_its_recent_records():
+    """At every=10 an MLP's window holds 16 records (160 steps); a learning-rate spike that
+    killed its ReLUs 40 steps before the end shows over the recent 4: judged there against
+    alike_dead_fraction."""
+    d = RULES["TL101"].defaults
+    n, k = edge_sizes(d["alike_dead_fraction"], d["min_units"])
+    assert run("TL101", _recently_killed(0, k - 1, n)) == []
+    [found] = run("TL101", _recently_killed(0, k, n))
+    assert found.evidence["threshold"] == d["alike_dead_fraction"]
+    assert found.evidence["dead_units"] == k
+    assert "over the last 4 observed step(s)" in found.message
+    full = run("TL101", _recently_killed(n // 2 + 1, n, n))  # the full window fires itself
+    assert "over the last 16 observed step(s)" in full[0].message
+    assert full[0].evidence["threshold"] == d["dead_fraction"]
+
+
 def test_tl101_at_the_edges_of_dead_fraction() -> None:
     d = RULES["TL101"].defaults["dead_fraction"]
     n, k = edge_sizes(d, RULES["TL101"].defaults["min_units"])
