@@ -174,6 +174,9 @@ class TraceBuilder:
         self.unit_recent: dict[tuple, int] = {}  # the records RECENT_VALUES take
         self.signal: dict[tuple, np.ndarray] = {}
         self.param_finite: dict[str, bool] = {}
+        # The weights read finite in full at the step before this one (None: not observed).
+        self.finite_before: Optional[dict] = None
+        self.last_step: Optional[int] = None
         self.backward_order: dict[tuple, int] = {}
         self.points: dict = {}
         # The distinct normalization-layer calls (an ordered set: every observed step repeats
@@ -217,6 +220,8 @@ class TraceBuilder:
         self.edges |= snap.edges
         if snap.output_origins:
             self.output_origins = snap.output_origins
+        self.finite_before = self.param_finite if self.last_step == step - 1 else None
+        self.last_step = step
         step_info: dict = {"step": step}
         nonfinite: dict = {"activations": {}, "gradients": {},
                            "inputs": sorted({name for name, in snap.nonfinite_inputs}),
@@ -430,14 +435,19 @@ class TraceBuilder:
         trace.group, trace.lr, trace.dtype = group, lr, dtype
         if isinstance(lr, (int, float)) and math.isfinite(lr):
             trace.peak_lr = lr if trace.peak_lr is None else max(trace.peak_lr, lr)
-        trace.nonfinite = int(not math.isfinite(norm) or not self.param_finite.get(name, True))
-        trace.grad_nonfinite = int(grad is not None and not math.isfinite(grad))
+        # NaN marks NaN/Inf values; +inf a sum of squares past float64's range (a float64
+        # weight or gradient of 1e160: finite values)
+        trace.nonfinite = int(math.isnan(norm) or not self.param_finite.get(name, True))
+        trace.grad_nonfinite = int(grad is not None and math.isnan(grad))
         trace.grad_steps += int(has_grad)
         trace.update_norm = None
         if has_update:
             update, before = values[-2], values[-1]
             trace.update_norm = update
-            if not math.isfinite(before):  # NaN/Inf in the weight's sample before the step
+            # NaN/Inf in the weight's sample before the step; +inf alone is also a sum of
+            # squares past float64's range, of finite weights where the step before read them
+            if math.isnan(before) or (math.isinf(before) and not (
+                    self.finite_before is not None and self.finite_before.get(name, False))):
                 self.before_nonfinite.append(name)
             trace.norms_before.append(before)
             trace.update_norms.append(update)

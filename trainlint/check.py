@@ -214,7 +214,8 @@ def _one_step(model: nn.Module, batch: Any, loss_fn: Optional[Callable],
         loss = _train_step(model, data, loss_fn, opt, probe, builder, step, run, notes)
         if loss is None:
             return False
-        extra = {"loss": loss.detach().float()}
+        # (collect reads it in float64: a float64 model's loss of 1e40 stays finite)
+        extra = {"loss": loss.detach() if loss.is_floating_point() else loss.detach().float()}
         pending = run.pop("pending_graph", None)
         if pending is not None:  # a check of the loss's divisor on the device: read it now
             extra["count_check"] = pending.count_check

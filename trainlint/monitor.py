@@ -342,7 +342,7 @@ class Monitor:
             value = loss.detach()
             if value.is_complex():
                 value = value.abs()
-            value = value.clone() if value.dim() == 0 else value.float().mean()
+            value = value.clone() if value.dim() == 0 else value.to(_wide(value)).mean()
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = torch.full((), float(loss), device=_model_device(self.model))  # no copy
         elif loss is None or isinstance(loss, torch.Tensor):
@@ -357,14 +357,16 @@ class Monitor:
         return value
 
     def _fold_losses(self) -> None:
-        """Fold the waiting losses into the window's float32 sum and max (a few ops)."""
+        """Fold the waiting losses into the window's sum and max (a few ops), in float64 (a
+        float64 model's loss of 1e40 is finite), float32 where the device has no float64."""
         pending, self._pending_losses = self._pending_losses, []
         if not pending:
             return
         first = pending[0]
+        wide = _wide(first)
         if not all(v.dtype == first.dtype and v.device == first.device for v in pending):
-            pending = [v.float().to(first.device) for v in pending]
-        values = torch.stack(pending).float()
+            pending = [v.to(device=first.device, dtype=wide) for v in pending]
+        values = torch.stack(pending).to(wide)
         total, top = values.sum().reshape(1), values.max().reshape(1)
         if self._loss_sum is None:
             self._loss_sum, self._loss_max = total, top
@@ -535,3 +537,8 @@ def _check_optimizer(optimizer: Any) -> None:
 
 def _is_optimizer(obj: Any) -> bool:
     return hasattr(obj, "param_groups") and hasattr(obj, "register_step_pre_hook")
+
+
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """The dtype losses on ``t``'s device are summed in: float64, or float32 on MPS."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
