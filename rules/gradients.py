@@ -22,10 +22,12 @@ from ._graph import (
     WEIGHT_LAYERS,
     ancestors,
     attends,
+    downstream,
     feeds_norm,
     in_blocks,
     inside_attention_sublayer,
     layer_at,
+    only_shape_ops,
     output_layer,
     output_nodes,
     quiet_branches,
@@ -637,6 +639,9 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
             f"({stale[:5]}): it appeared at a step that was not observed")
     by_key = {lt.node[1:]: lt for lt in trace.layers}
     acts = [by_key[key] for key in bad.get("activations", {}) if key in by_key]
+    infinite = _infinite_batch(trace, bad.get("infinite_inputs") or [], acts)
+    if infinite is not None:
+        return infinite
     first_depth = min((lt.depth for lt in acts), default=math.inf)
     for name, after in bad.get("modules", []):  # in the order they finished
         if after < first_depth:  # before any observed output held NaN/Inf
@@ -679,6 +684,24 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
         if names:
             owner = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
             return what, owner, f"{len(names)} {what}(s) hold NaN/Inf: {names[:5]}"
+    return None
+
+
+def _infinite_batch(trace: RunTrace, names: list, acts: list) -> Optional[tuple]:
+    """The data's fault when a batch tensor held ±Inf: a target (no layer output holds
+    NaN/Inf), or a model input that the first layer output holding NaN/Inf takes as it is
+    (an input's -inf elsewhere is a mask's, no fault). None otherwise."""
+    first = min(acts, key=lambda lt: lt.depth) if acts else None
+    for name in names:
+        if name.startswith("targets"):
+            if first is None:
+                return "input", "", f"the batch holds Inf before the model runs ({name})"
+            continue
+        if first is not None and any(
+                dst in (("module", first.module), first.node) and only_shape_ops(via, joins=True)
+                for dst, via in downstream(trace, ("input", name))):
+            return "input", "", (f"the batch holds Inf before the model runs ({name}), and "
+                                 f"{first.label} ({first.type}) takes it as it is")
     return None
 
 
@@ -776,28 +799,28 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """NaN or Inf in the loss, an activation, a gradient or a parameter.
 
     ## What it does
-    The probe counts non-finite elements of every observed output, gradient and parameter on
-    the device, and reads each input of the model and each output that a module's own code
-    makes (a module with children, the model itself) in full. At the first observed step with
-    any, this names where it appeared first: the input batch (in a check, its float targets
-    too); else parameters that already held NaN/Inf when the step began (at the first
-    training step: the model was built or loaded with them; later, it appeared at an
-    unobserved step: a Monitor with ``every > 1``); else the first module in forward
-    execution order whose output holds NaN/Inf, a module whose own code (``torch.log`` in
-    its ``forward``) made it before any observed output held any (or the ops that fed that
-    first output from a finite output or a model input: a ``log`` between two layers, a
-    per-sample division by a std of 0 before the first layer, named with the module whose
-    forward ran them); else the loss; else the
-    first module in backward order whose output gradient does; else the parameters
-    (gradients, then values after the optimizer step). In the backward, when a module that
-    takes that first module's output has a finite output gradient (or none observed), its
-    backward made the NaN/Inf, with a finite forward (sqrt of a sum of squares at 0: the
-    derivative is infinite, times 0): the finding names that module (looking through
-    activations whose output gradient is not read, modules or calls such as ``torch.relu`` in
-    a block's forward; a weight layer fed through ops that cannot make NaN/Inf last, one that
-    is not a weight layer first). In a check, a loss function that raises on model outputs holding
-    NaN/Inf (BCE's "all elements of input should be between 0 and 1") ends the run at that
-    step, and the finding says what it raised.
+    The probe counts non-finite elements of every observed output, gradient and parameter on the
+    device, and reads each input of the model and each output that a module's own code makes (a
+    module with children, the model itself) in full. At the first observed step with any, this
+    names where it appeared first: the input batch (in a check, its float targets too; an Inf in
+    a model input when the first layer output holding NaN/Inf takes it as it is, not a mask's
+    -inf that reaches attention scores through ops); else parameters that already held NaN/Inf
+    when the step began (at the first training step: the model was built or loaded with them;
+    later, it appeared at an unobserved step: a Monitor with ``every > 1``); else the first
+    module in forward execution order whose output holds NaN/Inf, a module whose own code
+    (``torch.log`` in its ``forward``) made it before any observed output held any (or the ops
+    that fed that first output from a finite output or a model input: a ``log`` between two
+    layers, a per-sample division by a std of 0 before the first layer, named with the module
+    whose forward ran them); else the loss; else the first module in backward order whose output
+    gradient does; else the parameters (gradients, then values after the optimizer step). In the
+    backward, when a module that takes that first module's output has a finite output gradient
+    (or none observed), its backward made the NaN/Inf, with a finite forward (sqrt of a sum of
+    squares at 0: the derivative is infinite, times 0): the finding names that module (looking
+    through activations whose output gradient is not read, modules or calls such as
+    ``torch.relu`` in a block's forward; a weight layer fed through ops that cannot make NaN/Inf
+    last, one that is not a weight layer first). In a check, a loss function that raises on
+    model outputs holding NaN/Inf (BCE's "all elements of input should be between 0 and 1") ends
+    the run at that step, and the finding says what it raised.
 
     ## Why is this bad?
     One NaN spreads to every weight in the next update: training is already broken.

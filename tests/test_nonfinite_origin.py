@@ -119,6 +119,54 @@ def test_nan_in_a_checks_regression_targets_is_the_datas(several: bool) -> None:
     assert ("targets[1]" if several else "(targets)") in found.message
 
 
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_inf_in_an_input_a_layer_takes_as_it_is_is_the_datas(value: float) -> None:
+    x, y = _batch()
+    x[3, 2] = value
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    found = _tl504(trainlint.check(model, (x, y), steps=1))
+    assert found.evidence["where"] == "input"
+    assert "holds Inf before the model runs (input0), and 0 (Linear) takes it" in found.message
+    assert found.fix.startswith("clean the data")
+
+
+def test_inf_in_a_checks_regression_targets_is_the_datas() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    y[5, 0] = math.inf
+    found = _tl504(trainlint.check(nn.Linear(8, 1), (x, y), loss_fn=F.mse_loss, steps=1))
+    assert found.evidence["where"] == "input" and "(targets)" in found.message
+
+
+class MaskedScores(nn.Module):
+    """Attention over 4 positions with an additive float mask (-inf where masked) given as an
+    input; the last sample's mask hides every key: a softmax over nothing, NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k = self.qk(x).chunk(2, dim=-1)
+        weights = torch.softmax(q @ k.transpose(1, 2) / 8 ** 0.5 + mask[:, None, :], dim=-1)
+        return self.head((weights @ x).mean(1))
+
+
+def test_a_masks_inf_is_not_blamed_on_the_data() -> None:
+    """The mask's -inf reaches the scores through an add, not as it is: the NaN is the
+    attention's, made where the mask hides a whole row."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 4, 8), torch.zeros(6, 4)
+    mask[:, 3] = -math.inf
+    mask[5] = -math.inf
+    found = _tl504(trainlint.check(MaskedScores(), ((x, mask), torch.randint(0, 3, (6,))),
+                                   steps=1))
+    assert found.evidence["where"] != "input"
+    assert "holds Inf" not in found.message
+
+
 def test_finite_targets_with_a_nan_loss_still_blame_the_loss() -> None:
     def log_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.log(out - out.detach()).mean() + F.mse_loss(out, target)  # log(0)

@@ -503,3 +503,22 @@ def test_a_gelu_fed_tiny_inputs_is_small_not_dead(bias: float, dead: bool) -> No
     assert layer.dead_fraction == pytest.approx(float(direct))
     assert (layer.dead_fraction == 1.0) is dead
     assert any(f.code == "TL101" for f in report.findings) is dead
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.complex64])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf, "both"])
+def test_the_batch_probe_tells_nan_from_inf(dtype: torch.dtype, bad: object) -> None:
+    """NaN where the tensor holds a NaN, +inf where it holds ±Inf and no NaN, else 0: as
+    isnan/isinf over its elements say."""
+    x = torch.randn(64, 33).to(dtype)
+    if bad == "both":
+        x[3, 4], x[60, 0] = -math.inf, math.nan
+    elif bad is not None:
+        x[7, 30] = bad
+    parts = torch.view_as_real(x) if x.is_complex() else x
+    nan, inf = bool(parts.isnan().any()), bool(parts.isinf().any())
+    value = float(stats.batch_probe(x))
+    if nan:
+        assert math.isnan(value)
+    else:
+        assert value == (math.inf if inf else 0.0)

@@ -274,6 +274,8 @@ class TraceBuilder:
         nonfinite["parameters"] = [p.name for p in self.params.values() if p.nonfinite]
         nonfinite["parameter_grads"] = [p.name for p in self.params.values() if p.grad_nonfinite]
         nonfinite["parameters_before"] = self.before_nonfinite
+        if any(nonfinite.values()):  # (a mask's -inf in an input every step is no fault)
+            nonfinite["infinite_inputs"] = sorted(set(snap.infinite_inputs))
         step_info["nonfinite"] = (nonfinite if any(nonfinite.values()) else _CLEAN)
         self.per_step.append(step_info)
         self._detailed.append(len(self.per_step) - 1)

@@ -567,10 +567,11 @@ class Probe:
 
     def _probe_for_nan(self, name: str, t: torch.Tensor) -> None:
         """One device reduction that reads NaN when a floating-point batch tensor (a model
-        input, a check's target) holds any (TL504 blames the data then)."""
+        input, a check's target) holds any, +inf when it holds ±Inf (TL504 blames the data
+        then, for an Inf where a layer takes the tensor as it is: not a mask's -inf)."""
         if (t.is_floating_point() or t.is_complex()) and strided(t) and t.numel():
             with torch._C.DisableTorchFunction():
-                self.input_probes.append((name, stats.nan_probe(t)))
+                self.input_probes.append((name, stats.batch_probe(t)))
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.mode is not None and output is not None and self.observing:
@@ -1231,8 +1232,12 @@ class Probe:
                                  ("container_probes", self.container_probes,
                                   snapshot.nonfinite_modules)):
             if probes:
-                finite = np.isfinite(snapshot.values.pop((tag,)))
-                out.extend(entry[:-1] for entry, ok in zip(probes, finite) if not ok)
+                values = snapshot.values.pop((tag,))
+                bad = np.isnan(values) if tag == "input_probes" else ~np.isfinite(values)
+                out.extend(entry[:-1] for entry, hit in zip(probes, bad) if hit)
+                if tag == "input_probes":
+                    snapshot.infinite_inputs.extend(
+                        entry[0] for entry, v in zip(probes, values) if np.isinf(v))
             probes.clear()
 
     def _unit_groups(self) -> list:
@@ -1339,6 +1344,8 @@ class ProbeSnapshot:
     # ``(input name,)`` of the inputs that held NaN/Inf; ``(module, key of the last point
     # observed before it finished)`` of the modules with children whose own code made NaN/Inf.
     nonfinite_inputs: list = field(default_factory=list)
+    # The names of the batch tensors that held ±Inf and no NaN (a mask's -inf, or bad data).
+    infinite_inputs: list = field(default_factory=list)
     nonfinite_modules: list = field(default_factory=list)
     # The keys of the points that ran with autograd off and whose module's forward ran again
     # in the backward (reentrant torch.utils.checkpoint): their gradients are not read.

@@ -622,6 +622,16 @@ def nan_probe(x: torch.Tensor) -> torch.Tensor:
     return torch.where(top.isnan(), math.nan, 0.0)
 
 
+def batch_probe(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor: NaN when ``x`` holds a NaN, +inf when it holds ±Inf and no NaN, else 0
+    (one ``aminmax`` read). An Inf in a model input may be a mask's -inf, which is no fault:
+    the caller decides."""
+    x = x.detach()  # nothing recorded for autograd (a checkpointed region's saved tensors)
+    lo, hi = torch.aminmax(torch.view_as_real(x) if x.is_complex() else x)
+    infinite = torch.where(lo.isinf() | hi.isinf(), math.inf, 0.0)
+    return torch.where(hi.isnan(), math.nan, infinite)
+
+
 def extremes_probe(x: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor, non-finite exactly when ``x`` holds NaN/Inf, from its min and max (a
     sum of huge finite values, such as a mask filled with finfo.min, would overflow)."""
