@@ -127,6 +127,11 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     numbers of rows (the tokens routed to each), so one sent no token is not called at all;
     with few tokens per step (a check's batch) many are not.
 
+    Where the unused module ran with autograd off inside the training forward
+    (``torch.no_grad()`` around it, or ``torch.utils.checkpoint(..., use_reentrant=True)`` on
+    inputs that need no gradient, whose outputs then need none), the finding says so and the
+    fix turns autograd on there (``use_reentrant=False``).
+
     A parameter whose values changed from one observed step to another, in a run that
     observes every N-th step, is not reported: it trains at the steps in between (a task's
     head in round-robin multi-task training, every other step, observed with an even ``every``).
@@ -170,6 +175,20 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                      "not build them (add_pooling_layer=False for a pooler)"),
                 evidence={**evidence, "owner": owner.name, "library": owner.library},
                 severity="info",
+            )
+            continue
+        if module and any(m == module or m.startswith(module + ".") for m in trace.gradless):
+            yield Hit(
+                module=module,
+                message=found + ("it ran with autograd off inside the training forward "
+                                 "(torch.no_grad() around it, or torch.utils.checkpoint with "
+                                 "use_reentrant=True on inputs that need no gradient: its "
+                                 "outputs then need none), so no gradient reaches them"),
+                fix=(f"run {what} with autograd on: torch.utils.checkpoint(..., "
+                     "use_reentrant=False) (or an input that requires grad), no "
+                     "torch.no_grad() around it; if it is meant to stay fixed, freeze it "
+                     "with requires_grad_(False)"),
+                evidence={**evidence, "ran_without_autograd": True},
             )
             continue
         yield Hit(

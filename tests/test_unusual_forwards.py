@@ -4,6 +4,7 @@ on, and what the probe reports comes from the ordinary training steps only."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -267,6 +268,46 @@ def test_reentrant_checkpointing_says_which_gradients_it_hides(how: str) -> None
             assert notes == []
         if how == "non-reentrant":
             assert layers["a.0"].grad_norm > 0
+
+
+class CheckpointedBlocks(nn.Module):
+    """A stem, then blocks through torch.utils.checkpoint (reentrant or not) or under no_grad,
+    on the stem's output or on the raw input, which needs no gradient."""
+
+    def __init__(self, how: str, on_input: bool) -> None:
+        super().__init__()
+        self.how, self.on_input = how, on_input
+        self.stem = nn.Linear(6, 6)
+        self.blocks = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.on_input else self.stem(x)
+        if self.how == "no_grad":
+            with torch.no_grad():
+                out = self.blocks(h)
+        else:
+            with warnings.catch_warnings():  # (torch warns that no input requires grad)
+                warnings.simplefilter("ignore")
+                out = checkpoint(self.blocks, h, use_reentrant=self.how == "reentrant")
+        return self.head(out + self.stem(x))
+
+
+@pytest.mark.parametrize("how, on_input, cut", [
+    ("reentrant", True, True), ("reentrant", False, False), ("non-reentrant", True, False),
+    ("no_grad", False, True)])
+def test_blocks_run_without_autograd_are_unused_for_that_reason(how, on_input, cut) -> None:
+    """A reentrant checkpoint whose input needs no gradient returns outputs that need none:
+    its blocks get no gradient, and TL505 says autograd was off there, with the fix; with the
+    stem's output (which needs a gradient) as input, or use_reentrant=False, they train."""
+    torch.manual_seed(0)
+    model = CheckpointedBlocks(how, on_input)
+    report = trainlint.check(model, (torch.randn(8, 6), torch.randint(0, 2, (8,))), steps=1)
+    found = [f for f in report.findings if f.code == "TL505"]
+    assert [f.module for f in found] == (["blocks"] if cut else [])
+    if cut:
+        assert "ran with autograd off inside the training forward" in found[0].message
+        assert "use_reentrant=False" in found[0].fix
 
 
 class Halves(nn.Module):

@@ -208,12 +208,14 @@ class TraceBuilder:
         self.rootless = 0
         # Points whose gradients reentrant checkpointing hid (see ProbeSnapshot.checkpointed).
         self.checkpointed: set = set()
+        self.gradless: set = set()  # (see ProbeSnapshot.gradless)
 
     def add(self, snap: ProbeSnapshot, step: int) -> None:
         """Fold one observed step into the run."""
         self.observed += 1
         self.points.update(snap.points)
         self.checkpointed.update(snap.checkpointed)
+        self.gradless.update(snap.gradless)
         self.norm_calls.update(dict.fromkeys(snap.norm_calls))
         self.attention_calls.update(snap.attention_calls)
         self.norm_functions.update(snap.norm_functions)
@@ -502,7 +504,7 @@ class TraceBuilder:
             model_type=type(self.model).__name__,
             output_ops=tuple(o for o in self.output_origins if o is not None),
             errors=list(self.errors), train_flags=list(self.train_flags),
-            per_step=list(self.per_step),
+            per_step=list(self.per_step), gradless=sorted(self.gradless),
         )
         for name, value in run.items():
             setattr(trace, name, value)

@@ -1181,7 +1181,8 @@ class Probe:
                                                  if p.backward_order is not None},
                                  train_flags=trained[0], batch_size=trained[1],
                                  checkpointed=sorted((k for k in self.gradless
-                                                      if k[0] in self.recomputed), key=repr))
+                                                      if k[0] in self.recomputed), key=repr),
+                                 gradless=sorted({k[0] for k in self.gradless}))
         self.first_forward = self.trained_forward = None
         offset = 0
         for tag, shape, numel in layout:
@@ -1350,6 +1351,9 @@ class ProbeSnapshot:
     # The keys of the points that ran with autograd off and whose module's forward ran again
     # in the backward (reentrant torch.utils.checkpoint): their gradients are not read.
     checkpointed: list = field(default_factory=list)
+    # The modules whose outputs were observed with autograd off inside the training forward
+    # (torch.no_grad() there, or a reentrant checkpoint's forward).
+    gradless: list = field(default_factory=list)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list:

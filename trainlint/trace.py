@@ -414,6 +414,9 @@ class RunTrace:
     train_flags: list = field(default_factory=list)
     amp_dtype: Optional[str] = None
     per_step: list = field(default_factory=list)
+    # Modules whose outputs were observed with autograd off inside the training forward
+    # (torch.no_grad() in a forward, a reentrant checkpoint's forward).
+    gradless: list = field(default_factory=list)
 
     def layer_by_key(self) -> dict:
         return {(lt.module, lt.op): lt for lt in self.layers}

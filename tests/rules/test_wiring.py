@@ -67,6 +67,19 @@ def test_tl505_a_parameter_trained_between_observed_steps_is_not_unused(observed
     assert [h.module for h in hits("TL505", t)] == (["aux"] if fires else [])
 
 
+def test_tl505_a_submodule_run_without_autograd_is_told_so():
+    """Its outputs were observed with autograd off inside the training forward (a reentrant
+    checkpoint on inputs that need no gradient): the fix turns autograd on, not 'use it'."""
+    unused = {"grad_steps": 0, "grad_norm": None}
+    params = _params(**{"aux.weight": unused, "aux.bias": unused})
+    quiet = hits("TL505", trace([], params=params, observed_steps=3, gradless=["body.0"]))
+    assert "do not take part in the loss" in quiet[0].message
+    [found] = hits("TL505", trace([], params=params, observed_steps=3, gradless=["aux"]))
+    assert found.module == "aux" and found.evidence["ran_without_autograd"]
+    assert "ran with autograd off inside the training forward" in found.message
+    assert "use_reentrant=False" in found.fix
+
+
 def _library(name: str, type_: str, base: str = "", package: str = "transformers"):
     facts = module(name, type_, leaf=False)
     facts.library, facts.base = package, base or type_
