@@ -868,6 +868,12 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "with torch.where, make the unused branch's input safe too")
     weights = what in ("forward", "backward") and facts is not None and \
         facts.base in WEIGHT_LAYERS
+    if weights and any(p.module == module and p.dtype == "float16" for p in trace.params):
+        return (f"{module!r} overflowed float16's range (65504): its weights are float16 "
+                "(model.half()); keep the weights in float32 and run the forward under "
+                "torch.autocast(..., dtype=torch.bfloat16) (or float16 with "
+                "torch.amp.GradScaler), or bring its weights or inputs to a smaller scale "
+                "(TL301, TL201, TL104)")
     if weights and trace.amp_dtype == "float16":
         return (f"{module!r} overflowed float16's range (65504) under autocast: run it in "
                 "bfloat16 (torch.autocast(..., dtype=torch.bfloat16)) or in float32 "

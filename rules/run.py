@@ -379,12 +379,16 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         values = [s[k] for k in ("loss", "loss_mean", "loss_max") if s.get(k) is not None]
         if any(not math.isfinite(v) for v in values):
             previous = "" if running == math.inf else f" (lowest before: {running:.4g})"
+            # At the first step no update ran yet: the learning rate is not the cause.
+            first = s["step"] == 0 and not trace.resumed
             yield Hit(
                 module="",
                 message=f"the loss became NaN/Inf by step {s['step']}{previous}",
-                fix=("find the first NaN/Inf (TL504); lower the learning rate, clip gradients "
-                     "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)); in "
-                     "float16 use a GradScaler or bfloat16"),
+                fix=("find the first NaN/Inf (TL504): at the first step, before any update, "
+                     "the data, the init or the forward's own computation made it" if first
+                     else "find the first NaN/Inf (TL504); lower the learning rate, clip "
+                     "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                     "max_norm=1.0)); in float16 use a GradScaler or bfloat16"),
                 evidence={"step": s["step"], "running_min": None if running == math.inf
                           else running},
             )

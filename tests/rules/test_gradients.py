@@ -453,6 +453,19 @@ def test_tl504_an_overflowing_layers_fix_fits_the_step_and_the_dtype(first_step,
     assert found[0].module == "c" and says in found[0].fix and not_said not in found[0].fix
 
 
+@pytest.mark.parametrize("dtype, half", [("float16", True), ("float32", False)])
+def test_tl504_a_half_models_overflow_is_told_to_keep_float32_weights(dtype, half):
+    """model.half() (the weights float16, no autocast): autocast(enabled=False) would not
+    help; the fix keeps the weights in float32 under autocast."""
+    a, b, c = _nan_model()
+    steps = [_nan_step(0, activations={c.node[1:]: 5})]
+    params = [param("c.weight", (4, 4), dtype=dtype)]
+    [found] = hits("TL504", trace([a, b, c], per_step=steps, params=params,
+                                  amp_dtype="float16" if half else None))
+    assert ("(model.half())" in found.fix) is half
+    assert "enabled=False" not in found.fix
+
+
 def test_tl504_loss_then_parameters():
     layers = _nan_model()
     loss = hits("TL504", trace(layers, per_step=[_nan_step(0, loss=float("nan"))]))

@@ -233,6 +233,14 @@ def test_tl604_judges_only_nan_in_a_loss_that_competes_with_another_network(comp
         "the loss became NaN/Inf by step 100 (lowest before: 1.3)"]
 
 
+@pytest.mark.parametrize("first", [0, 50])
+def test_tl604_a_nan_loss_at_the_first_step_is_not_the_learning_rates(first):
+    """No update ran before step 0: the fix points at TL504 without the learning rate."""
+    [found] = hits("TL604", _monitor(*([1.3] * (first // 50)), NAN))
+    assert found.message.startswith(f"the loss became NaN/Inf by step {first}")
+    assert ("learning rate" in found.fix) is (first > 0)
+
+
 def test_tl603_says_when_every_observed_loss_is_nonfinite():
     with pytest.raises(Skip, match="none of the 3 observed losses is finite.*TL604"):
         hits("TL603", _monitor(NAN, NAN, float("inf")))
