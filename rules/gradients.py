@@ -844,20 +844,30 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raised = _loss_raised(trace, step)
         if raised is not None:
             detail += f"; the loss function then raised {raised}"
+        masked = (what == "forward" and trace.amp_dtype != "float16"  # (not an overflow)
+                  and _softmax_first(trace, step))
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
             fix=_nonfinite_fix(what, module, trace, any(unsafe),
-                               first=step["step"] == 0 and not trace.resumed),
+                               first=step["step"] == 0 and not trace.resumed, masked=masked),
             evidence={"step": step["step"], "where": what},
         )
         return
 
 
+def _softmax_first(trace: RunTrace, step: dict) -> bool:
+    """Whether the first output holding NaN/Inf at ``step`` is a softmax's: of finite inputs
+    it is finite, so its NaN comes from a row whose inputs are all -inf (a fully masked row)."""
+    bad = (step.get("nonfinite") or {}).get("activations") or {}
+    acts = [lt for lt in trace.layers if lt.node[1:] in bad]
+    return bool(acts) and min(acts, key=lambda lt: lt.depth).kind in ("softmax", "log_softmax")
+
+
 def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False,
-                   first: bool = False) -> str:
+                   first: bool = False, masked: bool = False) -> str:
     """The fix for NaN/Inf first made by ``what`` in ``module`` (``first``: at step 0, before
-    any update)."""
+    any update; ``masked``: the first output holding it is a softmax's)."""
     facts = trace.modules.get(module)
     if unsafe:
         return (f"make the backward of {module!r} safe (its forward can be finite while its "
@@ -888,8 +898,9 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "
                 "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)), and use "
                 "Kaiming/Xavier init")
-    if what == "forward" and facts is not None and attends(facts):
-        return (f"check the attention mask of {module!r}: a query whose keys are all masked "
+    if masked or (what == "forward" and facts is not None and attends(facts)):
+        return (f"check the attention mask of {module or 'the model'!r}: a query whose keys "
+                "are all masked "
                 "(a sample that is all padding in key_padding_mask, a -inf mask row) gets a "
                 "softmax over nothing, NaN; keep at least one key per query (drop empty "
                 "samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "

@@ -156,7 +156,9 @@ class MaskedScores(nn.Module):
 
 def test_a_masks_inf_is_not_blamed_on_the_data() -> None:
     """The mask's -inf reaches the scores through an add, not as it is: the NaN is the
-    attention's, made where the mask hides a whole row."""
+    attention's, made where the mask hides a whole row, and the fix says so (a hand-written
+    attention that calls no scaled_dot_product_attention: its softmax is the first output
+    holding NaN)."""
     torch.manual_seed(0)
     x, mask = torch.randn(6, 4, 8), torch.zeros(6, 4)
     mask[:, 3] = -math.inf
@@ -165,6 +167,7 @@ def test_a_masks_inf_is_not_blamed_on_the_data() -> None:
                                    steps=1))
     assert found.evidence["where"] != "input"
     assert "holds Inf" not in found.message
+    assert found.fix.startswith("check the attention mask of 'the model': a query whose keys")
 
 
 def test_finite_targets_with_a_nan_loss_still_blame_the_loss() -> None:
