@@ -348,15 +348,25 @@ def _fine_tune(trace: RunTrace) -> Optional[str]:
     return None
 
 
-def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[LayerTrace]:
-    """The observed output feeding the last layer when its RMS is above LARGE_FEATURES."""
+def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[tuple]:
+    """``(what, RMS)`` of an observed output or a model input that the last layer takes as it
+    is (or concatenated with others) when its RMS is above LARGE_FEATURES."""
     if head is None or head.op != "output":
         return None
     for src, via in sources(trace, head.module):
+        if not only_shape_ops(via, joins=True):
+            continue
         fed = layer_at(trace, src) if src[0] == "point" else None
-        if fed is not None and fed.activation is not None and only_shape_ops(via) and \
+        if fed is not None and fed.activation is not None and \
                 fed.activation.rms > LARGE_FEATURES:
-            return fed
+            return fed.label, fed.activation.rms
+        inp = next((i for i in trace.inputs if i.name == src[1]), None) \
+            if src[0] == "input" else None
+        if inp is not None:
+            rms = float(np.sqrt(np.mean(np.asarray(inp.mean, float) ** 2
+                                        + np.asarray(inp.std, float) ** 2)))
+            if rms > LARGE_FEATURES:
+                return f"the model's input {inp.name!r}", rms
     return None
 
 
@@ -449,9 +459,9 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  f"ln({classes}) = {expected:.4g}, the loss of an uninformed classifier "
                  f"(threshold {t.max_ratio:g}× or +{t.max_excess:g} nats){logits}: the initial "
                  f"predictions are confidently random"),
-        fix=(f"the features reaching the last layer are too large ({fed.label} has RMS "
-             f"{fed.activation.rms:.3g}): fix the scale of the layers before it first (TL301, "
-             f"TL104: Kaiming/Xavier init, normalization)" if fed is not None else
+        fix=(f"the features reaching the last layer are too large ({fed[0]} has RMS "
+             f"{fed[1]:.3g}): fix the scale of the layers or inputs before it first (TL301, "
+             f"TL104, TL201: Kaiming/Xavier init, normalization)" if fed is not None else
              f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
              f"nn.init.normal_(layer.weight, std=0.01) or nn.init.zeros_(layer.weight), with "
              f"nn.init.zeros_(layer.bias) (or the log class priors)"),

@@ -84,3 +84,33 @@ def test_the_join_is_an_edge_from_the_input_to_the_layer() -> None:
     report = trainlint.check(Tabular("stacked"), batch(standardize=True), steps=1)
     edges = {(e.src, e.dst, e.via) for e in report.trace.edges}
     assert (("input", "input1"), ("module", "mlp.0"), ("unsqueeze", "cat", "flatten")) in edges
+
+
+class ImageAndMeta(nn.Module):
+    """Pooled conv features and a raw metadata vector, concatenated into the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten())
+        self.head = nn.Linear(8 + 3, 5)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.cnn(image), meta], 1))
+
+
+def test_a_raw_input_joined_into_the_head_is_what_tl302s_fix_names() -> None:
+    """The first loss is thousands of nats above ln(5) because the head takes the raw
+    metadata (RMS ~ the mean of 45, 60000 and 170): the fix points at that input, not at the
+    head's init (PyTorch's default)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    meta = torch.randn(32, 3, generator=g) * torch.tensor([15.0, 2e4, 10.0]) + \
+        torch.tensor([45.0, 6e4, 170.0])
+    batch = (torch.randn(32, 3, 16, 16, generator=g), meta), torch.randint(0, 5, (32,),
+                                                                           generator=g)
+    report = trainlint.check(ImageAndMeta(), batch, steps=1)
+    found = next(f for f in report.findings if f.code == "TL302")
+    rms = float(meta.double().pow(2).mean(0).mean().sqrt())
+    assert f"the model's input 'input1' has RMS {rms:.3g}" in found.fix
+    assert "scale down the last layer's init" not in found.fix
