@@ -907,8 +907,9 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "inputs of log/sqrt/division in it")
     if what in ("forward", "backward"):
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
-                "log/sqrt/pow/exp/division (x.clamp_min(eps); exp(x.clamp_max(80))), add eps "
-                "to denominators, use "
+                "log/sqrt/pow/exp/division (x.clamp_min(eps); exp(x.clamp_max(80))) and of "
+                "acos/asin (x.clamp(-1 + 1e-7, 1 - 1e-7)), add eps to denominators that can be "
+                "0 (a norm, a std, a count of positives in a batch), use "
                 "F.log_softmax/torch.logsumexp instead of log(softmax(x))")
     if what == "input":
         return ("clean the data before the model: find the samples with NaN/Inf "

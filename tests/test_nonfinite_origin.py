@@ -446,6 +446,27 @@ def test_nan_made_by_a_blocks_backward_behind_a_functional_relu_names_that_block
     assert "sqrt" in found.fix and "overflowed" not in found.fix
 
 
+class AngleBlock(nn.Module):
+    """The angle between each sample's features and a learned direction, by acos of their
+    cosine scaled past 1 (a margin-style head computed by hand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.direction = nn.Parameter(torch.randn(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos = F.cosine_similarity(x, self.direction.expand_as(x), dim=-1)
+        return torch.acos(4.0 * cos).unsqueeze(-1) * x
+
+
+def test_nan_from_acos_outside_its_domain_gets_the_clamp_in_the_fix() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), AngleBlock(), nn.Linear(8, 3))
+    found = _tl504(trainlint.check(model, _batch(), steps=1))
+    assert found.module == "1" and found.evidence["where"] == "forward"
+    assert "acos/asin (x.clamp(-1 + 1e-7, 1 - 1e-7))" in found.fix
+
+
 class LogThenFunctional(nn.Module):
     """Ops in this module's own forward feed a functional activation: log of a shifted linear
     output (all negative: NaN), then sigmoid."""
