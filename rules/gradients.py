@@ -900,10 +900,9 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "Kaiming/Xavier init")
     if masked or (what == "forward" and facts is not None and attends(facts)):
         return (f"check the attention mask of {module or 'the model'!r}: a query whose keys "
-                "are all masked "
-                "(a sample that is all padding in key_padding_mask, a -inf mask row) gets a "
-                "softmax over nothing, NaN; keep at least one key per query (drop empty "
-                "samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "
+                "are all masked (a sample that is all padding in key_padding_mask, a -inf mask "
+                "row) gets a softmax over nothing, NaN; keep at least one key per query (drop "
+                "empty samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "
                 "inputs of log/sqrt/division in it")
     if what in ("forward", "backward"):
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "

@@ -546,7 +546,7 @@ class Probe:
                 self.producers[id(t)] = (weakref.ref(t), ("input", name), ())
                 if not (t.is_floating_point() or t.is_complex()):
                     self.masks.add(name)
-                self._probe_for_nan(name, t)
+                self._probe_batch(name, t)
                 if (not self.inputs_seen and (t.is_floating_point() or t.dtype in RAW_INTS)
                         and strided(t) and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
@@ -563,9 +563,9 @@ class Probe:
             return
         tensors = tensors_in(targets)
         for i, t in enumerate(tensors):
-            self._probe_for_nan("targets" if len(tensors) == 1 else f"targets[{i}]", t)
+            self._probe_batch("targets" if len(tensors) == 1 else f"targets[{i}]", t)
 
-    def _probe_for_nan(self, name: str, t: torch.Tensor) -> None:
+    def _probe_batch(self, name: str, t: torch.Tensor) -> None:
         """One device reduction that reads NaN when a floating-point batch tensor (a model
         input, a check's target) holds any, +inf when it holds ±Inf (TL504 blames the data
         then, for an Inf where a layer takes the tensor as it is: not a mask's -inf)."""
