@@ -91,6 +91,8 @@ MAX_VIA = 4
 MAX_JOINED = 8
 # Float tensors of a module's output read for NaN beside the one observed.
 MAX_OTHER_OUTPUTS = 4
+# Sums: two paths of the forward that flow into one of these join there (a residual).
+SUM_OPS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
 # ``step_grads`` value of a parameter whose gradient the optimizer hooks' sampler took.
@@ -1004,6 +1006,12 @@ class Probe:
                     self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
             if op in GATE_OPS and self._gates(tensors, i):
                 self.edges.add((src, ("op", op), via))
+        if op in SUM_OPS and len(origins) >= 2:
+            # Two paths of the forward join (a residual x + f(x)): each reaches the sum, the
+            # right-hand one too (the result carries only the left-hand one's origin).
+            for _, (src, via) in origins:
+                if src[0] == "point" and len(via) < MAX_VIA:
+                    self.edges.add((src, ("sum", op), via + (op,)))
         if outs and (op in CONCAT_OPS or self.joined):
             self._join(op, tensors, outs)
 
