@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trainlint.trace import CONCAT_OPS, LayerTrace, ModuleFacts, RunTrace
+from trainlint.trace import CONCAT_OPS, SUM_OPS, LayerTrace, ModuleFacts, RunTrace
 
 # Leaf modules that pass their input on without weights: look through them.
 PASS_THROUGH = (
@@ -139,7 +139,7 @@ EMBEDDING_TYPES = ("Embedding", "EmbeddingBag")
 ATTENTION_TYPES = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
                    "Transformer", "TransformerEncoder", "TransformerDecoder")
 # Plain ops that sum two tensors: a residual connection when they join two paths.
-ADD_OPS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
+ADD_OPS = SUM_OPS
 
 
 def is_gate(trace: RunTrace, layer: LayerTrace) -> bool:

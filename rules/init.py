@@ -8,7 +8,14 @@ from typing import Iterator, Optional
 import numpy as np
 
 from trainlint.engine import Hit, Skip, Thresholds, rule
-from trainlint.trace import CLASSIFICATION_LOSSES, LayerTrace, ModuleFacts, ParamTrace, RunTrace
+from trainlint.trace import (
+    CLASSIFICATION_LOSSES,
+    InputTrace,
+    LayerTrace,
+    ModuleFacts,
+    ParamTrace,
+    RunTrace,
+)
 
 from ._graph import (
     ADD_OPS,
@@ -117,9 +124,14 @@ def input_rms(trace: RunTrace, module: str, first: dict) -> Optional[float]:
         elif src[0] == "input":
             for inp in trace.inputs:
                 if inp.name == src[1]:
-                    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
-                    return float(np.sqrt(np.mean(mean ** 2 + std ** 2)))
+                    return rms_of_input(inp)
     return None
+
+
+def rms_of_input(inp: InputTrace) -> float:
+    """RMS of a model input over its channels, from their means and stds."""
+    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+    return float(np.sqrt(np.mean(mean ** 2 + std ** 2)))
 
 
 def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) -> bool:
@@ -362,11 +374,8 @@ def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[tuple]:
             return fed.label, fed.activation.rms
         inp = next((i for i in trace.inputs if i.name == src[1]), None) \
             if src[0] == "input" else None
-        if inp is not None:
-            rms = float(np.sqrt(np.mean(np.asarray(inp.mean, float) ** 2
-                                        + np.asarray(inp.std, float) ** 2)))
-            if rms > LARGE_FEATURES:
-                return f"the model's input {inp.name!r}", rms
+        if inp is not None and (rms := rms_of_input(inp)) > LARGE_FEATURES:
+            return f"the model's input {inp.name!r}", rms
     return None
 
 

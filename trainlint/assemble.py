@@ -355,8 +355,9 @@ class TraceBuilder:
             self.unit_counts[key] = count
             size = sizes.get(key)  # (None: not said; the window stays as it was)
             if size is not None:
-                self.unit_window[key] = window_for(size / max(value.size, 1))
-                self.unit_recent[key] = window_for(size / max(value.size, 1), RECENT_VALUES)
+                per_record = size / max(value.size, 1)
+                self.unit_window[key] = window_for(per_record)
+                self.unit_recent[key] = window_for(per_record, RECENT_VALUES)
             np.putmask(last, value.astype(bool), count)
             active = self.active_units(key)
             if active.size:

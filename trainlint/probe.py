@@ -33,6 +33,7 @@ from .trace import (
     GRADIENT_FREE_KINDS,
     NORM_KEEPING_OPS,
     REORDERING_OPS,
+    SUM_OPS,
 )
 from .updates import S, UpdateSampler
 
@@ -91,8 +92,6 @@ MAX_VIA = 4
 MAX_JOINED = 8
 # Float tensors of a module's output read for NaN beside the one observed.
 MAX_OTHER_OUTPUTS = 4
-# Sums: two paths of the forward that flow into one of these join there (a residual).
-SUM_OPS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
 # Element-wise products: a tensor flowing into one of these is used as a gate.
 GATE_OPS = frozenset({"mul", "__mul__", "__rmul__", "mul_", "__imul__", "addcmul", "addcmul_"})
 # ``step_grads`` value of a parameter whose gradient the optimizer hooks' sampler took.

@@ -202,6 +202,8 @@ ELEMENTWISE_OPS = frozenset({
 })
 
 
+# Plain ops that sum two tensors: where two paths of the forward flow into one, a residual.
+SUM_OPS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
 # Ops that join tensors side by side (a feature column beside embeddings): each operand's
 # values reach the result as they are.
 CONCAT_OPS = frozenset({"cat", "concat", "concatenate", "hstack", "vstack", "dstack",
