@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from trainlint.rules.wiring import CHANGE
 
 from tests.rules.tracekit import hits, module, param, point, trace
 from trainlint.engine import Skip
@@ -50,8 +51,8 @@ def test_tl505_frozen_or_used_at_some_step_is_fine():
 @pytest.mark.parametrize("observed, norms, fires", [
     ([0, 10, 20], [0.50, 0.52, 0.55], False),  # trained at the steps in between
     ([0, 10, 20], [0.5, 0.5, 0.5], True),  # observed every 10th step, never moved
-    ([0, 10, 20], [0.5, 0.5, 0.5 * (1 + 2e-9)], False),  # just above the change bound
-    ([0, 10, 20], [0.5, 0.5, 0.5 * (1 + 5e-10)], True),  # below it: the same values
+    ([0, 10, 20], [0.5, 0.5, 0.5 * (1 + 2 * CHANGE)], False),  # just above the change bound
+    ([0, 10, 20], [0.5, 0.5, 0.5 * (1 + 0.5 * CHANGE)], True),  # below it: the same values
     ([0, 1, 2], [0.50, 0.52, 0.55], True),  # every step observed: changed by something else
     ([0, 10], [0.5], True),  # one update seen: nothing to compare
 ])
