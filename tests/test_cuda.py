@@ -66,6 +66,23 @@ class LstmLm(nn.Module):
         return self.head(torch.tanh(self.lstm(self.embed(ids))[0])).flatten(0, 1)
 
 
+class Tabular(nn.Module):
+    """Embedded category columns joined with the raw numeric ones by ``torch.cat`` (a model
+    input's join), and a residual written ``x + branch`` (a sum edge for each operand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.inp = nn.Linear(3 * 8 + 4, 64)
+        self.branch = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cats = self.embed(x[:, :3].long()).flatten(1)
+        h = torch.relu(self.inp(torch.cat([cats, x[:, 3:]], dim=1)))
+        return self.head(h + self.branch(h))
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 256),
                          nn.Tanh(), nn.Linear(256, 256), nn.GELU(), nn.LayerNorm(256),
@@ -81,10 +98,17 @@ def _case(name: str):
     if name == "lstm":
         ids = torch.randint(0, 100, (8, 20), generator=g)
         return LstmLm(), ids, torch.randint(0, 100, (8 * 20,), generator=g)
-    return _mlp(), torch.randn(320, 16, generator=g), torch.randint(0, 5, (320,), generator=g)
+    if name == "tabular":
+        cats = torch.randint(0, 20, (64, 3), generator=g).float()
+        x = torch.cat([cats, torch.randn(64, 4, generator=g) * 50 + 10], dim=1)
+        return Tabular(), x, torch.randint(0, 3, (64,), generator=g)
+    x, y = torch.randn(320, 16, generator=g), torch.randint(0, 5, (320,), generator=g)
+    if name == "mlp-float64":
+        return _mlp().double(), x.double(), y
+    return _mlp(), x, y
 
 
-CASES = ("mlp", "conv", "encoder", "encoder-bf16", "lstm")
+CASES = ("mlp", "conv", "encoder", "encoder-bf16", "lstm", "tabular", "mlp-float64")
 
 
 def _train_step(name: str, model: nn.Module, opt: torch.optim.Optimizer, x, y) -> torch.Tensor:
