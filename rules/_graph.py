@@ -31,6 +31,18 @@ WEIGHT_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "Con
                  "NonDynamicallyQuantizableLinear", "Conv1D")
 
 
+def passed_on_by(facts: Optional[ModuleFacts]) -> Optional[tuple]:
+    """How a leaf module passes its input on unchanged: ``(type,)`` for the pass-through types,
+    the ops of a user's leaf module without weights whose forward only reshapes or slices its
+    input (a causal conv's ``Chomp1d``); None for any other module."""
+    if facts is None or not facts.is_leaf:
+        return None
+    if facts.base in PASS_THROUGH:
+        return (facts.base,)
+    inner = facts.attrs.get("inner_ops")
+    return tuple(inner) if inner is not None and only_shape_ops(tuple(inner)) else None
+
+
 def successors(trace: RunTrace, node: tuple) -> list[tuple]:
     """Direct consumers of ``node``: (dst, via) pairs."""
     return [(e.dst, e.via) for e in trace.edges if e.src == node]
@@ -67,11 +79,12 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
         for current, via0 in frontier:
             for dst, via in successors(trace, current):
                 facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
-                if facts is not None and facts.is_leaf and facts.base in PASS_THROUGH:
+                passed = passed_on_by(facts)
+                if passed is not None:
                     for out_node in output_nodes(trace, dst[1]):
                         if out_node not in seen:
                             seen.add(out_node)
-                            nxt.append((out_node, via0 + via + (facts.base,)))
+                            nxt.append((out_node, via0 + via + passed))
                 elif facts is None or facts.is_leaf:
                     out.append((dst, via0 + via))
         frontier = nxt
@@ -108,8 +121,7 @@ def is_model_output(trace: RunTrace, layer: LayerTrace, hops: int = 4) -> bool:
         for node in nodes:
             for dst, via in successors(trace, node):
                 facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
-                if (facts is not None and facts.is_leaf and facts.base in PASS_THROUGH
-                        and only_shape_ops(via)):
+                if passed_on_by(facts) is not None and only_shape_ops(via):
                     passed += [out for out in output_nodes(trace, dst[1]) if out not in seen]
         seen.update(passed)
         nodes = passed
@@ -205,10 +217,11 @@ def upstream(trace: RunTrace, module: str, hops: int = 4) -> list[tuple]:
         for current, later in frontier:
             for src, via in sources(trace, current):
                 facts = trace.modules.get(src[1]) if src[0] == "point" else None
-                if facts is not None and facts.is_leaf and facts.base in PASS_THROUGH:
+                passed = passed_on_by(facts)
+                if passed is not None:
                     if src[1] not in seen:
                         seen.add(src[1])
-                        nxt.append((src[1], (facts.base,) + via + later))
+                        nxt.append((src[1], passed + via + later))
                 else:
                     out.append((src, via + later))
         frontier = nxt

@@ -12,7 +12,6 @@ from trainlint.trace import LayerTrace, ModuleFacts, RunTrace, layer_columns
 
 from ._graph import (
     FUNCTIONAL_DROPOUT,
-    PASS_THROUGH,
     SHAPE_OPS,
     WEIGHT_LAYERS,
     feeds_weight_layer,
@@ -24,6 +23,7 @@ from ._graph import (
     is_norm_type,
     layer_at,
     output_point,
+    passed_on_by,
     quiet_branches,
     sources,
 )
@@ -158,7 +158,7 @@ def feeding_module(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[M
         if not sources:
             return None
         facts = trace.modules.get(sources[0][1])
-        if facts is None or facts.base not in PASS_THROUGH:
+        if facts is None or passed_on_by(facts) is None:
             return facts
         target = ("module", facts.name)
     return None

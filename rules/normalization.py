@@ -12,12 +12,15 @@ from ._graph import (
     EMBEDDING_TYPES,
     FUNCTIONAL_DROPOUT,
     INSTANCENORM_TYPES,
+    PASS_THROUGH,
     RNN_TYPES,
     SHAPE_OPS,
     WEIGHT_LAYERS,
     attends,
     layer_at,
     only_shape_ops,
+    output_nodes,
+    passed_on_by,
     sources,
     successors,
     upstream,
@@ -150,10 +153,31 @@ def _sequence_blocks(trace: RunTrace) -> list[str]:
     return found
 
 
-def _fed_by_convolution(trace: RunTrace, name: str) -> bool:
-    """Whether everything module ``name`` takes is a Conv layer's output (through reshapes and
-    pass-through modules)."""
+def _fed_by_convolution(trace: RunTrace, name: str, hops: int = 2) -> bool:
+    """Whether everything module ``name`` takes is a Conv layer's output maps (through
+    reshapes, pass-through modules, and an activation after the conv: conv -> ReLU -> BN)."""
     fed = upstream(trace, name)
+    for src, via in fed:
+        facts = trace.modules.get(src[1]) if src[0] == "point" else None
+        if facts is None or not only_shape_ops(via):
+            return False
+        if facts.base.startswith("Conv"):
+            continue
+        act = layer_at(trace, src)
+        if not hops or act is None or act.kind is None:
+            return False
+        if act.op == "output":
+            if not _fed_by_convolution(trace, src[1], hops - 1):
+                return False
+        elif not _point_fed_by_convolution(trace, src):
+            return False
+    return bool(fed)
+
+
+def _point_fed_by_convolution(trace: RunTrace, node: tuple) -> bool:
+    """Whether a functional activation's point (``F.relu(conv(x))``) takes a Conv layer's
+    output maps, through reshapes only."""
+    fed = [(e.src, e.via) for e in trace.edges if e.dst == node]
     for src, via in fed:
         facts = trace.modules.get(src[1]) if src[0] == "point" else None
         if facts is None or not facts.base.startswith("Conv") or not only_shape_ops(via):
@@ -187,8 +211,10 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     there, and LeViT normalizes its tokens with BatchNorm on purpose (it folds into the
     Linear before it for inference). So is a BatchNorm that normalizes a convolution's output
     maps (VDCNN's temporal conv blocks, a Conformer's convolution module, Informer's
-    distilling layer): over a conv's positions, BatchNorm is how convolutional networks
-    normalize, by their papers' design.
+    distilling layer), also after an activation (conv -> ReLU -> BatchNorm) or through a
+    module of the user's that only slices or reshapes them (a causal TCN's ``Chomp1d``): over
+    a conv's positions, BatchNorm is how convolutional networks normalize, by their papers'
+    design.
 
     ## Why is this bad?
     BatchNorm's statistics mix positions, sequence lengths and padding across the batch; they
@@ -235,16 +261,42 @@ def _cancels_bias(norm: ModuleFacts) -> bool:
         "num_channels")
 
 
+def _sole_consumer(trace: RunTrace, node: tuple, hops: int = 3) -> Optional[ModuleFacts]:
+    """The one leaf module that takes ``node``'s output through reshapes only, looking through
+    a module that passes it on reshaped or sliced (a causal conv's ``Chomp1d``); None where the
+    output also goes elsewhere: every consumer (containers aside, what they do with it has
+    edges of its own) must be that module, so a bias that also reaches a residual add is not
+    cancelled."""
+    for _ in range(hops):
+        consumers = [(dst, via) for dst, via in successors(trace, node)
+                     if dst[0] != "module" or getattr(trace.modules.get(dst[1]), "is_leaf", True)]
+        if len(consumers) != 1:
+            return None
+        (dst, via), = consumers
+        facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
+        if facts is None or not set(via) <= SHAPE_OPS:
+            return None
+        if facts.base in PASS_THROUGH or passed_on_by(facts) is None:
+            return facts
+        nodes = output_nodes(trace, facts.name)
+        if len(nodes) != 1:
+            return None
+        node = nodes[0]
+    return None
+
+
 @rule("TL403", "bias-before-norm", "info")
 def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """A Conv/Linear bias that the next normalization layer cancels.
 
     ## What it does
-    Finds Conv/Linear layers with a bias whose output goes straight (through reshapes only)
-    into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per group (layers that
-    subtract a per-channel mean), and nowhere else: an output also used elsewhere (a residual
-    add) keeps the bias there. Recurrent layers (LSTM, GRU, RNN) are left alone: their biases
-    sit inside the gates, before the nonlinearities, where no later norm cancels them.
+    Finds Conv/Linear layers with a bias whose output goes straight (through reshapes, or a
+    module of the user's without weights that only slices or reshapes it, such as a causal
+    TCN's ``Chomp1d``) into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per
+    group (layers that subtract a per-channel mean), and nowhere else: an output also used
+    elsewhere (a residual add) keeps the bias there. Recurrent layers (LSTM, GRU, RNN) are
+    left alone: their biases sit inside the gates, before the nonlinearities, where no later
+    norm cancels them.
 
     ## Why is this bad?
     The mean subtraction removes any per-channel constant, so the bias has no effect on the
@@ -263,15 +315,8 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if not facts.attrs.get("has_bias") or facts.base in RNN_TYPES:
             continue
-        # Every consumer of the output (containers aside: what they do with it has edges of
-        # its own) must be the norm: a bias that also reaches a residual add is not cancelled.
-        consumers = [(dst, via) for dst, via in successors(trace, lt.node)
-                     if dst[0] != "module" or getattr(trace.modules.get(dst[1]), "is_leaf", True)]
-        if len(consumers) != 1:
-            continue
-        (dst, via), = consumers
-        norm = trace.modules.get(dst[1]) if dst[0] == "module" else None
-        if norm is None or not set(via) <= SHAPE_OPS or not _cancels_bias(norm):
+        norm = _sole_consumer(trace, lt.node)
+        if norm is None or not _cancels_bias(norm):
             continue
         shift = ("its affine shift β takes the bias's role" if norm.attrs.get("affine")
                  else "the norm has no affine shift, so the output has no offset at all")

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from . import stats
 from .origins import library_of, locate
-from .probe import ProbeSnapshot, is_leaf_module, training_flags
+from .probe import MIXED, ProbeSnapshot, is_leaf_module, training_flags
 from .trace import (
     REORDERING_OPS,
     ActivationStats,
@@ -186,6 +186,7 @@ class TraceBuilder:
         # (name -> the norm's torch.nn class name).
         self.attention_calls: set = set()
         self.norm_functions: dict = {}
+        self.inner_ops: dict = {}  # (see Probe.inner_ops)
         self.edges: set = set()
         self.output_origins: list = []
         self.before_nonfinite: list = []
@@ -218,6 +219,9 @@ class TraceBuilder:
         self.gradless.update(snap.gradless)
         self.norm_calls.update(dict.fromkeys(snap.norm_calls))
         self.attention_calls.update(snap.attention_calls)
+        for name, ops in snap.inner_ops.items():
+            if self.inner_ops.setdefault(name, ops) != ops:
+                self.inner_ops[name] = MIXED
         self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
         if snap.output_origins:
@@ -539,6 +543,9 @@ class TraceBuilder:
         for name in self.attention_calls:
             if name in facts:
                 facts[name].attrs["attends"] = True
+        for name, ops in self.inner_ops.items():
+            if name in facts and ops != MIXED:
+                facts[name].attrs["inner_ops"] = list(ops)
         for name, norm in self.norm_functions.items():
             fact = facts.get(name)
             if fact is not None and fact.is_leaf and fact.base == fact.type:

@@ -88,6 +88,9 @@ RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 # are not measurements).
 RAW_INTS = (torch.uint8, torch.int8, torch.int16)
 MAX_VIA = 4
+# What a leaf module's inner ops read when its output did not come from its first input by
+# ops the mode followed, or when its calls differed.
+MIXED = ("?",)
 # Model inputs followed into one tensor beside its producer (``Probe.joined``).
 MAX_JOINED = 8
 # Float tensors of a module's output read for NaN beside the one observed.
@@ -383,6 +386,10 @@ class Probe:
         # called a functional norm (name -> the norm's torch.nn class name).
         self.attention_calls: set = set()
         self.norm_functions: dict = {}
+        # The user's leaf modules without weights whose output was made from their first input
+        # by plain ops the mode followed (a causal conv's Chomp1d: x[:, :, :-n].contiguous()):
+        # name -> those ops; ``MIXED`` where calls differed.
+        self.inner_ops: dict = {}
         self.failed_module: Optional[str] = None
         # ``(train/eval flags, batch size)`` of this step's first forward with autograd on, of
         # the last such forward, and of the first forward whose output a backward reached (the
@@ -776,6 +783,9 @@ class Probe:
             info = self.info(module)
             source = args[0] if args and isinstance(args[0], torch.Tensor) else None
             own = True if info.channel_first else (False if info.has_params else None)
+            if not info.has_params and info.kind is None and not info.opaque \
+                    and source is not None:
+                self._note_inner_ops(info.name, source, tensor)
             point = self._observe(info.name, info.type, "output", info.kind, tensor, source,
                                   own)
             self._set_producer(tensor, point.key)
@@ -786,6 +796,18 @@ class Probe:
                 self.last_layout_channel_first = False
         finally:
             self.busy = False
+
+    def _note_inner_ops(self, name: str, source: torch.Tensor, out: torch.Tensor) -> None:
+        """Keep the ops by which a leaf module's forward made ``out`` from ``source``, when
+        the mode followed them there (before the output becomes the module's point)."""
+        given, got = self._origin_of(source), self._origin_of(out)
+        if given is None or got is None or got[0] != given[0] \
+                or got[1][:len(given[1])] != given[1]:
+            ops: tuple = MIXED
+        else:
+            ops = got[1][len(given[1]):]
+        if self.inner_ops.setdefault(name, ops) != ops:
+            self.inner_ops[name] = MIXED
 
     def on_functional(self, op: str, args: tuple, out: Any) -> None:
         tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
@@ -1181,6 +1203,7 @@ class Probe:
         trained = self.trained_forward or self.first_forward or (None, None)
         snapshot = ProbeSnapshot(points=dict(self.points), norm_calls=list(self.norm_calls),
                                  attention_calls=sorted(self.attention_calls),
+                                 inner_ops=dict(self.inner_ops),
                                  norm_functions=dict(self.norm_functions),
                                  edges=set(self.edges), output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
@@ -1226,6 +1249,7 @@ class Probe:
         self.input_rows.clear()
         self.norm_calls.clear()
         self.attention_calls.clear()
+        self.inner_ops.clear()
         self.norm_functions.clear()
         self._clear_samples()
         self.update_sums = []
@@ -1361,6 +1385,8 @@ class ProbeSnapshot:
     # The modules whose outputs were observed with autograd off inside the training forward
     # (torch.no_grad() there, or a reentrant checkpoint's forward).
     gradless: list = field(default_factory=list)
+    # See Probe.inner_ops.
+    inner_ops: dict = field(default_factory=dict)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list:

@@ -120,7 +120,9 @@ class ModuleFacts:
     location: Optional[Location] = None
     # Constructor-level facts (e.g. num_features, in_channels, bias, affine); plain values only.
     # ``overrides_train``: the module's class defines its own ``train()`` (e.g. to keep norms
-    # frozen); ``attends``: its own forward called F.scaled_dot_product_attention (observed).
+    # frozen); ``attends``: its own forward called F.scaled_dot_product_attention (observed);
+    # ``inner_ops``: a user's leaf module without weights made its output from its first input
+    # by these plain ops (observed; absent where it did not, or its calls differed).
     attrs: dict = field(default_factory=dict)
     # Shapes of the inputs seen by a normalization layer: values per channel per call.
     values_per_channel: list = field(default_factory=list)

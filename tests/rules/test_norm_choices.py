@@ -64,6 +64,66 @@ def test_tl402_leaves_batchnorm_on_a_convolutions_output_alone():
     assert hits("TL402", through_pool) == []
 
 
+def _tcn(inner_ops, *, between=("Conv1d",), bias=False):
+    """Embedding -> Conv1d -> (a user's ``Chomp1d`` with ``inner_ops``) -> ... -> BatchNorm1d."""
+    embed, conv = point("embed", "Embedding"), point("conv", "Conv1d")
+    chomp = point("chomp", "Chomp1d")
+    chomp_facts = module("chomp", "Chomp1d")
+    if inner_ops is not None:
+        chomp_facts.attrs["inner_ops"] = list(inner_ops)
+    return trace([embed, conv, chomp, point("bn", "BatchNorm1d")],
+                 modules=[_bn(), module("embed", "Embedding"),
+                          module("conv", "Conv1d", has_bias=bias), chomp_facts],
+                 batch_size=32, edges=[to_module(embed, "conv", ("transpose",)),
+                                       to_module(conv, "chomp"), to_module(chomp, "bn")])
+
+
+def test_tl402_looks_through_a_users_module_that_only_slices_a_convs_output():
+    """A causal TCN: Conv1d -> Chomp1d (``x[:, :, :-n].contiguous()``) -> BatchNorm1d. The
+    BatchNorm normalizes conv maps; a module that computes, or whose ops the probe did not
+    see, is no pass-through."""
+    assert hits("TL402", _tcn(("__getitem__", "contiguous"))) == []
+    assert hits("TL402", _tcn(())) == []  # returns its input as it is
+    for ops in (("cumsum",), ("__getitem__", "mul"), None):
+        assert len(hits("TL402", _tcn(ops))) == 1, ops
+
+
+def test_tl403_looks_through_a_users_module_that_only_slices_the_output():
+    found = hits("TL403", _tcn(("__getitem__", "contiguous"), bias=True))
+    assert [h.module for h in found] == ["conv"] and "'bn'" in found[0].message
+    assert hits("TL403", _tcn(("__getitem__", "mul"), bias=True)) == []
+    assert hits("TL403", _tcn(None, bias=True)) == []
+    also_elsewhere = _tcn(("__getitem__",), bias=True)
+    also_elsewhere.edges.append(to_module(point("chomp", "Chomp1d"), "head", ("add",)))
+    also_elsewhere.modules["head"] = module("head", "Linear")
+    assert hits("TL403", also_elsewhere) == []
+
+
+def test_tl402_conv_then_activation_then_batchnorm_normalizes_conv_maps():
+    """Conv1d -> ReLU -> BatchNorm1d (module or functional ReLU) is still BatchNorm over a
+    conv's maps; an activation of the embeddings is not."""
+    embed, conv = point("embed", "Embedding"), point("conv", "Conv1d")
+    modules = [_bn(), module("embed", "Embedding"), module("conv", "Conv1d"),
+               module("act", "ReLU"), module("block", "Block", leaf=False)]
+    for src, fires in ((conv, False), (embed, True)):
+        relu = point("act", "ReLU", kind="relu")
+        t = trace([embed, conv, relu, point("bn", "BatchNorm1d")], modules=modules,
+                  batch_size=32, edges=[to_module(embed, "conv", ("transpose",)),
+                                        to_module(src, "act", ("transpose",)),
+                                        to_module(relu, "bn")])
+        assert bool(hits("TL402", t)) is fires, src.module
+        functional = point("block", "Block", op="relu", kind="relu")
+        t = trace([embed, conv, functional, point("bn", "BatchNorm1d")], modules=modules,
+                  batch_size=32, edges=[to_module(embed, "conv", ("transpose",)),
+                                        edge(src.node, functional.node, ("transpose",)),
+                                        to_module(functional, "bn")])
+        assert bool(hits("TL402", t)) is fires, ("functional", src.module)
+    unknown = point("act", "ReLU", kind="relu")  # an activation with no edge in
+    t = trace([unknown, point("bn", "BatchNorm1d")], modules=modules, batch_size=32,
+              edges=[to_module(unknown, "bn")])
+    assert len(hits("TL402", t)) == 1
+
+
 def test_tl402_a_module_calling_scaled_dot_product_attention_is_attention():
     mixer = module("blocks.0.mixer", "TokenMixer")  # any name
     assert hits("TL402", trace([], modules=[_bn(), mixer], batch_size=32)) == []
