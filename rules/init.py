@@ -57,6 +57,26 @@ def fan_in(shape: tuple) -> int:
     return int(shape[1] * math.prod(shape[2:])) if len(shape) >= 2 else 0
 
 
+def fan_out(shape: tuple) -> int:
+    """``nn.init``'s fan-out of a weight of this shape (``mode='fan_out'``)."""
+    return int(shape[0] * math.prod(shape[2:])) if len(shape) >= 2 else 0
+
+
+# A weight within this factor of ``gain / sqrt(fan_out)`` is Kaiming's fan-out mode.
+FAN_OUT_BAND = (0.75, 1.33)
+
+
+def fan_out_mode(std: float, shape: tuple, gain: float) -> bool:
+    """Whether a weight of ``std`` is at Kaiming's fan-out scale (torchvision's VGG and ResNet
+    init, ``kaiming_normal_(mode='fan_out')``) where that differs from the fan-in scale. He et
+    al. derive it as the init that keeps the backward pass's scale: the forward pass changes
+    scale by fan_in / fan_out at such a layer, once, not layer after layer."""
+    fans, outs = fan_in(shape), fan_out(shape)
+    if not fans or not outs or fans == outs:
+        return False
+    return FAN_OUT_BAND[0] <= std / (gain / math.sqrt(outs)) <= FAN_OUT_BAND[1]
+
+
 def init_call(kind: str) -> str:
     if kind in ("relu", "gelu"):
         return "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')"
@@ -218,7 +238,8 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
         return None  # a saturated tanh/sigmoid loses what no norm after it gives back
     # At the model's output (DCGAN's generator tanh) a small scale shrinks the output, which
     # its layer's updates fix: no signal that later layers lose.
-    if ratio < t.min_ratio and signal < t.min_ratio and not is_model_output(trace, act):
+    if ratio < t.min_ratio and signal < t.min_ratio and not is_model_output(trace, act) \
+            and not fan_out_mode(std, weight.shape, gain):
         direction = "small"
     elif ratio > t.max_ratio and (signal > t.max_ratio or saturated >= t.saturated_fraction):
         direction = "large"
@@ -253,7 +274,11 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     that goes straight into a norm layer (DCGAN's discriminator: conv at std 0.02, LeakyReLU,
     conv, BatchNorm), unless the nonlinearity saturates; a layer whose nonlinearity is the
     model's output (DCGAN's generator: ConvTranspose at std 0.02, then tanh) is judged only
-    for too-large weights. PyTorch's default init (ratio 0.35-0.58) passes. Layers with the
+    for too-large weights. PyTorch's default init (ratio 0.35-0.58) passes, and so does
+    Kaiming's fan-out mode (``kaiming_normal_(mode='fan_out')``, torchvision's VGG and ResNet
+    init: within 0.75-1.33× ``gain / sqrt(fan_out)``), which He et al. derive as the init that
+    keeps the backward pass's scale: a stem conv from 1 channel to 64 starts at 0.125× its
+    fan-in scale and shrinks the forward signal there once, not layer after layer. Layers with the
     same problem are reported together, at the first one. Frozen layers
     (``requires_grad=False``: a pretrained backbone) are not judged.
 

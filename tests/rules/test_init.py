@@ -173,6 +173,38 @@ def test_tl301_default_pytorch_init_passes():
         assert hits("TL301", _layer_trace(default, default, kind=kind)) == []
 
 
+@pytest.mark.parametrize("factor, fires", [(0.74, True), (0.76, False), (1.0, False),
+                                           (1.32, False), (1.34, True)])
+def test_tl301_kaimings_fan_out_mode_passes(factor, fires):
+    """torchvision's VGG/ResNet init, ``kaiming_normal_(mode='fan_out')``, on a stem conv from 1
+    channel to 64 (3x3): std sqrt(2/576), 0.125x what its fan-in of 9 calls for. Within
+    FAN_OUT_BAND of the fan-out scale it passes; outside, the ratio to fan-in decides."""
+    shape = (64, 1, 3, 3)
+    assert init.FAN_OUT_BAND[0] < 0.76 and 1.32 < init.FAN_OUT_BAND[1]
+    std = factor * GAINS["relu"] / math.sqrt(init.fan_out(shape))
+    ratio = std / (GAINS["relu"] / math.sqrt(init.fan_in(shape)))
+    assert ratio < defaults("TL301")["min_ratio"]
+    layers, params, edges, first = _stack(ratio, ratio)
+    params = [param("fc.weight", shape, ratios=(1e-3,), norm_before=std * math.sqrt(576))]
+    found = hits("TL301", trace(layers, params=params, edges=edges,
+                                per_step=[{"step": 0, "layers": first}]))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["ratio"] == pytest.approx(ratio)
+
+
+def test_tl301_fan_out_mode_means_nothing_where_fans_are_equal():
+    """A square layer's fan-out scale is its fan-in scale: std 0.01 on 500-wide tanh layers
+    is no known init."""
+    low = defaults("TL301")["min_ratio"] / 2
+    layers, params, edges, first = _stack(low, low)
+    shape = (FAN_IN, FAN_IN)
+    std = low * GAINS["relu"] / math.sqrt(FAN_IN)
+    params = [param("fc.weight", shape, ratios=(1e-3,), norm_before=std * FAN_IN)]
+    assert len(hits("TL301", trace(layers, params=params, edges=edges,
+                                   per_step=[{"step": 0, "layers": first}]))) == 1
+
+
 @pytest.mark.parametrize("act_type, attrs, gain, call", [
     ("LeakyReLU", {"negative_slope": 0.2}, nn.init.calculate_gain("leaky_relu", 0.2),
      "a=0.2, nonlinearity='leaky_relu'"),
