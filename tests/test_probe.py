@@ -394,6 +394,59 @@ def test_each_call_of_an_activation_module_is_its_own_point() -> None:
     assert "bn1" in dead[0].fix
 
 
+class Tower(nn.Module):
+    """A Siamese net's shared tower: Linear -> ReLU (a module, or ``F.relu``) -> Linear."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.fc = nn.Linear(16, 64)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.fc(x)) if self.functional else self.relu(self.fc(x)))
+
+
+class Siamese(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.tower = Tower(functional)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple:
+        return self.tower(a), self.tower(b), self.tower(c)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_calls_of_a_shared_tower_are_one_point(functional: bool) -> None:
+    """The tower runs once per input: its ReLU's units are the same units in each call (fed by
+    the same Linear), so a unit is dead only if no call's samples make it fire. Anchors and
+    the others differ in sign, and many units fire for one kind only."""
+    torch.manual_seed(0)
+    model = Siamese(functional)
+    with torch.no_grad():
+        model.tower.fc.bias.fill_(-1.0)
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (sign * (1 + torch.randn(32, 16, generator=g).abs()) for sign in (1, -1, -1))
+    fired = torch.zeros(64, dtype=torch.bool)
+    per_call = []
+    with torch.no_grad():
+        for x in (a, b, c):
+            active = (model.tower.fc(x) > 0).any(0)
+            per_call.append(1 - active.float().mean().item())
+            fired |= active
+    loss = nn.TripletMarginLoss(margin=0.2)
+    report = trainlint.check(model, ((a, b, c), torch.zeros(32)), loss_fn=lambda o, _: loss(*o),
+                             steps=1)
+    op = "relu" if functional else "output"
+    points = [lt for lt in report.trace.layers if lt.module in ("tower", "tower.relu")
+              and lt.op.startswith(op)]
+    assert len(points) == 1, [lt.op for lt in points]
+    assert points[0].dead_fraction == pytest.approx(1 - fired.float().mean().item())
+    assert min(per_call) > 0.5 > points[0].dead_fraction  # each call alone looks dead
+    assert [f for f in report.findings if f.code == "TL101"] == []
+
+
 class GatedConv(nn.Module):
     """A conv map gated by a squeeze-excitation made of nn.Linear, then ReLU; and a ConvNeXt
     style channels-last MLP (permute, Linear, GELU) on the same map."""

@@ -351,6 +351,9 @@ class Probe:
         # ``module`` runs, and the stack's depth without it.
         self.suspended: list[tuple] = []
         self.call_counts: dict[tuple, int] = {}
+        # (module, op) -> {(producer node, via, units): label}: the point of an activation's
+        # call that an earlier call fed by the same producer made (see _observe).
+        self.fed_by: dict[tuple, dict] = {}
         self.counter = 0
         self.bw_counter = 0
         self.last_layout_channel_first = False
@@ -849,6 +852,13 @@ class Probe:
         # block's one nn.ReLU), is a point of its own: its units are other units. Other modules'
         # calls share their point.
         label = op if (index == 0 or (op == "output" and kind is None)) else f"{op}#{index}"
+        if kind is not None and source is not None:
+            # Unless a call takes what an earlier call took from the same producer (a shared
+            # tower run once per input of a Siamese net): the same units, the same point.
+            origin = self._origin_of(source)
+            if origin is not None:
+                label = self.fed_by.setdefault((name, op), {}).setdefault(
+                    (origin[0], origin[1], units), label)
         key = (name, label, units)
         point = self.points.get(key)
         if point is None:
