@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from trainlint.trace import CONCAT_OPS, SUM_OPS, LayerTrace, ModuleFacts, RunTrace
+import numpy as np
+
+from trainlint.trace import CONCAT_OPS, SUM_OPS, InputTrace, LayerTrace, ModuleFacts, RunTrace
 
 # Leaf modules that pass their input on without weights: look through them.
 PASS_THROUGH = (
@@ -41,6 +43,30 @@ def passed_on_by(facts: Optional[ModuleFacts]) -> Optional[tuple]:
         return (facts.base,)
     inner = facts.attrs.get("inner_ops")
     return tuple(inner) if inner is not None and only_shape_ops(tuple(inner)) else None
+
+
+# The RMS of features (or raw model inputs) above which they, not the weights of the layer
+# taking them, make its outputs large (normalized features have RMS ~1).
+LARGE_FEATURES = 10.0
+
+
+def rms_of_input(inp: InputTrace) -> float:
+    """RMS of a model input over its channels, from their means and stds."""
+    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+    return float(np.sqrt(np.mean(mean ** 2 + std ** 2)))
+
+
+def large_input_into(trace: RunTrace, module: str) -> Optional[tuple]:
+    """``(name, RMS)`` of a model input that ``module`` takes as it is (through reshapes, or
+    concatenated with others) with an RMS above ``LARGE_FEATURES``: raw values that no init
+    of ``module`` scales back."""
+    for src, via in sources(trace, module):
+        if src[0] != "input" or not only_shape_ops(via, joins=True):
+            continue
+        inp = next((i for i in trace.inputs if i.name == src[1]), None)
+        if inp is not None and (rms := rms_of_input(inp)) > LARGE_FEATURES:
+            return inp.name, rms
+    return None
 
 
 def successors(trace: RunTrace, node: tuple) -> list[tuple]:

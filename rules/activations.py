@@ -21,6 +21,7 @@ from ._graph import (
     is_gate,
     is_model_output,
     is_norm_type,
+    large_input_into,
     layer_at,
     output_point,
     passed_on_by,
@@ -276,7 +277,9 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Initialize with ``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``, add a
-    normalization layer before the activation, or use ReLU/GELU.
+    normalization layer before the activation, or use ReLU/GELU. Where the layer feeding it
+    takes a model input as it is with an RMS above 10 (raw timestamps, counts), the fix is to
+    standardize that input: no init keeps such values out of the tails.
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -293,16 +296,27 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         which = (f"{len(found)} calls of {lt.kind} in {lt.module!r} saturate; at the worst, "
                  f"{lt.label}, {_fmt_pct(share)} of the outputs" if len(found) > 1 else
                  f"{_fmt_pct(share)} of the outputs of {lt.label} ({lt.kind})")
+        feeder = feeding_module(trace, lt)
+        raw = large_input_into(trace, feeder.name) if feeder is not None else None
+        evidence = {"saturated_fraction": round(share, 4), "threshold": t.saturated_fraction,
+                    "std": lt.activation.std, "calls": len(found)}
+        if raw is not None:
+            evidence.update(raw_input=raw[0], raw_input_rms=raw[1])
+            fix = (f"standardize the model's input {raw[0]!r} (RMS {raw[1]:.3g}) before "
+                   f"{feeder.name!r} takes it: x = (x - mean) / std with the training set's "
+                   f"statistics (TL201); no init of {feeder.name!r} keeps such values out of "
+                   f"the {lt.kind}'s tails")
+        else:
+            fix = (f"re-initialize the layer feeding it with nn.init.xavier_normal_("
+                   f"layer.weight, gain=nn.init.calculate_gain('{lt.kind}')), add "
+                   f"nn.LayerNorm/BatchNorm before the {lt.kind}, or use a non-saturating "
+                   f"activation (nn.ReLU, nn.GELU)")
         yield Hit(
             module=lt.module,
             message=(f"{which} sit in the saturated tails (derivative < 2% of its peak; "
                      f"threshold {_fmt_pct(t.saturated_fraction)}); output std "
                      f"{lt.activation.std:.3g}"),
-            fix=(f"re-initialize the layer feeding it with nn.init.xavier_normal_(layer.weight, "
-                 f"gain=nn.init.calculate_gain('{lt.kind}')), add nn.LayerNorm/BatchNorm before "
-                 f"the {lt.kind}, or use a non-saturating activation (nn.ReLU, nn.GELU)"),
-            evidence={"saturated_fraction": round(share, 4), "threshold": t.saturated_fraction,
-                      "std": lt.activation.std, "calls": len(found)},
+            fix=fix, evidence=evidence,
         )
 
 
@@ -424,7 +438,10 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Kaiming init for ReLU (``nn.init.kaiming_normal_(w, nonlinearity='relu')``), Xavier for
     tanh (``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``), or add
-    normalization layers / residual connections.
+    normalization layers / residual connections. When the profile was within the threshold at
+    the first observed step and decayed past it later, training made it (units killed or
+    saturated by large updates): the fix named is the learning rate and gradient clipping, not
+    the init.
     """
     profiles = (_scale_profiles(trace, t.window, t.min_layers, "signal")
                 or _scale_profiles(trace, t.window, t.min_layers, "rms"))
@@ -435,13 +452,21 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         first = next(i for i, s in enumerate(scales) if s < t.min_ratio * reference)
         where = series[first]
+        # Within the threshold at the first observed step: training made it, not the init.
+        trained = step is not None and step != profiles[0][0]
+        fix = (f"the decay came with training (within the threshold"
+               f"{_at_step(profiles[0][0])}): large updates killed or saturated units (TL101, "
+               "TL102 name such layers): lower the learning rate (TL503) and clip gradients "
+               "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)); "
+               "normalization layers keep the scale in check" if trained
+               else _init_fix(_dominant_nonlinearity(series)))
         yield Hit(
             module=where.module,
             message=(f"activation scale decays along depth{_at_step(step)}: {reference:.3g} in "
                      f"the first layers, {deep:.3g} in the last ({ratio:.2g}×, threshold "
                      f"{t.min_ratio:g}×); it first falls below the threshold at {where.label} "
                      f"(layer {first + 1} of {len(series)})"),
-            fix=_init_fix(_dominant_nonlinearity(series)),
+            fix=fix,
             evidence={"ratio": ratio, "threshold": t.min_ratio, "first_rms": reference,
                       "last_rms": deep, "layers": len(series), "step": step},
         )
@@ -510,6 +535,14 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         peak = max(abs(act.min), abs(act.max))
         if math.isfinite(peak) and peak >= limit:
+            raw = large_input_into(trace, lt.module) if lt.op == "output" else None
+            if raw is None:
+                fix = ("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
+                       "before it, or keep this part in float32/bfloat16")
+            else:
+                fix = (f"standardize the model's input {raw[0]!r} (RMS {raw[1]:.3g}) before "
+                       f"{lt.module!r} takes it: x = (x - mean) / std with the training set's "
+                       "statistics (TL201); or keep this part in float32/bfloat16")
             yield Hit(
                 module=lt.module,
                 message=(f"activations of {lt.label} reach |x| = {peak:.3g}, "
@@ -517,8 +550,7 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                             f"{peak / FP16_MAX:.3g}x") +
                          f" the float16 maximum {FP16_MAX:g} (threshold "
                          f"{t.fp16_fraction:.0%}): {overflow}"),
-                fix=("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
-                     "before it, or keep this part in float32/bfloat16"),
+                fix=fix,
                 evidence={"max_abs": peak, "threshold": limit, "dtype": trace.amp_dtype},
             )
             return

@@ -5,12 +5,9 @@ from __future__ import annotations
 import math
 from typing import Iterator, Optional
 
-import numpy as np
-
 from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import (
     CLASSIFICATION_LOSSES,
-    InputTrace,
     LayerTrace,
     ModuleFacts,
     ParamTrace,
@@ -19,15 +16,19 @@ from trainlint.trace import (
 
 from ._graph import (
     ADD_OPS,
+    LARGE_FEATURES,
     downstream,
     feeds_norm,
     is_model_output,
     is_norm_type,
+    large_input_into,
     layer_at,
     only_shape_ops,
     output_layer,
     output_nodes,
     output_point,
+    passed_on_by,
+    rms_of_input,
     sources,
     upstream,
 )
@@ -148,12 +149,6 @@ def input_rms(trace: RunTrace, module: str, first: dict) -> Optional[float]:
     return None
 
 
-def rms_of_input(inp: InputTrace) -> float:
-    """RMS of a model input over its channels, from their means and stds."""
-    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
-    return float(np.sqrt(np.mean(mean ** 2 + std ** 2)))
-
-
 def normalized_or_residual(trace: RunTrace, layer: LayerTrace, act: LayerTrace) -> bool:
     """Whether the layer sits in a block whose scale a norm layer or a skip connection sets:
     its input comes from a norm layer (through Dropout/Identity and reshapes), or the path
@@ -225,6 +220,8 @@ def _check_layer(trace: RunTrace, t: Thresholds, layer: LayerTrace, facts: Modul
     kind, gain, call = nonlinearity(trace, act)
     expected = gain / math.sqrt(fans)
     std = initial_weight_rms(weight)
+    if std == 0:
+        return None  # zero-initialized on purpose (a flow's coupling starts as the identity)
     ratio = std / expected
     in_rms = input_rms(trace, layer.module, first)
     out_rms = first_rms(layer, first)
@@ -274,7 +271,9 @@ def init_scale_mismatch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     that goes straight into a norm layer (DCGAN's discriminator: conv at std 0.02, LeakyReLU,
     conv, BatchNorm), unless the nonlinearity saturates; a layer whose nonlinearity is the
     model's output (DCGAN's generator: ConvTranspose at std 0.02, then tanh) is judged only
-    for too-large weights. PyTorch's default init (ratio 0.35-0.58) passes, and so does
+    for too-large weights; a weight that starts at exactly 0 is zero-initialized on purpose
+    (the last layer of a RealNVP/Glow coupling net, so that it starts as the identity) and is
+    not judged. PyTorch's default init (ratio 0.35-0.58) passes, and so does
     Kaiming's fan-out mode (``kaiming_normal_(mode='fan_out')``, torchvision's VGG and ResNet
     init: within 0.75-1.33× ``gain / sqrt(fan_out)``), which He et al. derive as the init that
     keeps the backward pass's scale: a stem conv from 1 channel to 64 starts at 0.125× its
@@ -368,9 +367,6 @@ def _norm_hit(norms: list, t: Thresholds) -> Hit:
     )
 
 
-# The RMS of the features reaching the last layer above which they, not its weights, make the
-# logits large (normalized features have RMS ~1).
-LARGE_FEATURES = 10.0
 
 
 def _fine_tune(trace: RunTrace) -> Optional[str]:
@@ -397,11 +393,48 @@ def _head_input(trace: RunTrace, head: Optional[LayerTrace]) -> Optional[tuple]:
         if fed is not None and fed.activation is not None and \
                 fed.activation.rms > LARGE_FEATURES:
             return fed.label, fed.activation.rms
-        inp = next((i for i in trace.inputs if i.name == src[1]), None) \
-            if src[0] == "input" else None
-        if inp is not None and (rms := rms_of_input(inp)) > LARGE_FEATURES:
-            return f"the model's input {inp.name!r}", rms
-    return None
+    raw = large_input_into(trace, head.module)
+    return (f"the model's input {raw[0]!r}", raw[1]) if raw is not None else None
+
+
+def _weight_head(head: Optional[LayerTrace], trace: RunTrace) -> Optional[LayerTrace]:
+    """The layer that makes the model's output, looking back through modules that pass it on
+    (an ``nn.Identity`` or a Dropout after the classifier)."""
+    for _ in range(3):
+        if head is None or head.op != "output" or \
+                passed_on_by(trace.modules.get(head.module)) is None:
+            return head
+        fed = [src for src, via in sources(trace, head.module)
+               if src[0] == "point" and only_shape_ops(via)]
+        before = layer_at(trace, fed[0]) if len(fed) == 1 else None
+        if before is None:
+            return head
+        head = before
+    return head
+
+
+# The outputs' between-sample RMS below this share of their spread: the same for every sample.
+SAME_FOR_ALL = 0.25
+
+
+def _bias_driven(trace: RunTrace, head: Optional[LayerTrace],
+                 at_first: Optional[dict]) -> Optional[tuple]:
+    """``(bias name, its RMS at init, between-sample RMS, spread)`` when the first outputs
+    barely differ between samples while their spread (across classes for a softmax, their
+    size for BCE's sigmoid) is large, and the last layer's bias is about as large: the bias,
+    not the weights, makes the first predictions confident."""
+    if head is None or not at_first:
+        return None
+    signal, std = at_first.get("signal"), at_first.get("std")
+    if signal is None or std is None:
+        return None
+    spread = std if trace.loss_kind != "bce_with_logits" else math.hypot(
+        std, at_first.get("mean") or 0.0)
+    bias = next((p for p in trace.params if p.name == f"{head.module}.bias"), None)
+    if bias is None or not spread > 0 or signal > SAME_FOR_ALL * spread:
+        return None
+    rms = initial_weight_rms(bias)
+    return (bias.name, rms, signal, spread) if rms >= 0.5 * spread else None
 
 
 @rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0, max_excess=3.0,
@@ -439,7 +472,13 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Scale down the last layer's init (e.g. ``nn.init.normal_(head.weight, std=0.01)``) or zero
-    it (``nn.init.zeros_(head.weight)``), and set its bias to the log class priors.
+    it (``nn.init.zeros_(head.weight)``), and set its bias to the log class priors. The finding
+    names the layer that makes the output (behind an ``nn.Identity`` or a Dropout at the end).
+    Where the first outputs barely differ between samples (between-sample RMS below
+    ``SAME_FOR_ALL`` = 1/4 of their spread across classes, or of their size for BCE) and that
+    layer's bias is at least half as large as the spread, the bias sets the predictions (a +12
+    start on one tag), and the fix is to start it at zero; where the features reaching the
+    layer are large, the fix names them.
     """
     if trace.loss_kind is None:
         raise Skip(unknown_loss(trace))
@@ -481,24 +520,35 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     excess = loss - expected
     if excess < t.min_excess or (loss <= t.max_ratio * expected and excess <= t.max_excess):
         return
-    head = output_layer(trace)
+    head = _weight_head(output_layer(trace), trace)
     module = head.module if head is not None else ""
     at_first = first["layers"].get(head.node[1:]) if head is not None else None
     logits = (f"; the output ({head.label}) has std {at_first['std']:.3g} at that step"
               if at_first and at_first.get("std") is not None else "")
     fed = _head_input(trace, head)
+    biased = _bias_driven(trace, head, at_first) if fed is None else None
+    if biased is not None:
+        logits = (f"; the outputs differ between samples by RMS {biased[2]:.3g} against a "
+                  f"spread of {biased[3]:.3g}")
+        fix = (f"the last layer's bias ({biased[0]!r}, RMS {biased[1]:.3g} at init) sets the "
+               f"first predictions: start it at zero (nn.init.zeros_(layer.bias)) or at the "
+               f"log class priors")
+    elif fed is not None:
+        fix = (f"the features reaching the last layer are too large ({fed[0]} has RMS "
+               f"{fed[1]:.3g}): fix the scale of the layers or inputs before it first (TL301, "
+               f"TL104, TL201: Kaiming/Xavier init, normalization)")
+    else:
+        fix = (f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
+               f"nn.init.normal_(layer.weight, std=0.01) or nn.init.zeros_(layer.weight), with "
+               f"nn.init.zeros_(layer.bias) (or the log class priors)")
     yield Hit(
         module=module,
         message=(f"the first-step {trace.loss_kind} loss is {loss:.4g}, {loss / expected:.3g}× "
                  f"ln({classes}) = {expected:.4g}, the loss of an uninformed classifier "
                  f"(threshold {t.max_ratio:g}× or +{t.max_excess:g} nats){logits}: the initial "
-                 f"predictions are confidently random"),
-        fix=(f"the features reaching the last layer are too large ({fed[0]} has RMS "
-             f"{fed[1]:.3g}): fix the scale of the layers or inputs before it first (TL301, "
-             f"TL104, TL201: Kaiming/Xavier init, normalization)" if fed is not None else
-             f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
-             f"nn.init.normal_(layer.weight, std=0.01) or nn.init.zeros_(layer.weight), with "
-             f"nn.init.zeros_(layer.bias) (or the log class priors)"),
+                 f"predictions are confident{' and the same for every sample' if biased else ''}"
+                 f"{'' if biased else 'ly random'}"),
+        fix=fix,
         evidence={"loss": loss, "expected": expected, "ratio": loss / expected,
                   "num_classes": classes, "threshold": t.max_ratio},
     )

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 import pytest
+from trainlint.rules._graph import LARGE_FEATURES
 from trainlint.rules.activations import NORM_WEIGHT_COLLAPSED
 
 from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
@@ -14,6 +15,7 @@ from trainlint.errors import ConfigError
 from trainlint.trace import (
     ActivationStats,
     Edge,
+    InputTrace,
     LayerTrace,
     Location,
     ModuleFacts,
@@ -332,6 +334,32 @@ def test_tl102_at_the_edges_of_saturated_fraction(kind: str) -> None:
     assert f"calculate_gain('{kind}')" in at.fix
 
 
+def raw_input(rms: float) -> InputTrace:
+    """A (32, 96) float input of timestamps: every feature at mean ``rms``, std 0."""
+    return InputTrace(name="ts", shape=(32, 96), dtype="float32", channel_dim=1,
+                      mean=np.full(96, rms), std=np.zeros(96), min=np.full(96, rms),
+                      max=np.full(96, rms))
+
+
+@pytest.mark.parametrize("scale, blamed", [(0.99, False), (1.01, True)])
+def test_tl102_a_raw_input_into_the_layer_is_the_fix(scale: float, blamed: bool) -> None:
+    """Timestamps (~3.5e9) into Linear -> tanh: no init keeps them out of the tails; the fix
+    names the input from RMS LARGE_FEATURES on, through reshapes and joins."""
+    for via in ((), ("unsqueeze",), ("cat",)):
+        trace = tanh_trace(0.9)
+        trace.inputs = [raw_input(scale * LARGE_FEATURES)]
+        trace.edges.append(Edge(("input", "ts"), ("module", "fc"), via))
+        [found] = run("TL102", trace)
+        assert ("standardize the model's input 'ts'" in found.fix) is blamed, via
+        assert ("xavier_normal_" in found.fix) is not blamed
+        assert found.evidence.get("raw_input") == ("ts" if blamed else None)
+    computed = tanh_trace(0.9)
+    computed.inputs = [raw_input(2 * LARGE_FEATURES)]
+    computed.edges.append(Edge(("input", "ts"), ("module", "fc"), ("log",)))
+    [found] = run("TL102", computed)
+    assert "xavier_normal_" in found.fix
+
+
 def test_tl102_skips_model_outputs_gates_and_other_kinds() -> None:
     trace = tanh_trace(0.9)
     trace.output_ops = ((trace.layers[1].node, ("view",)),)
@@ -458,6 +486,26 @@ def test_tl104_at_the_edges_of_max_ratio() -> None:
     assert "kaiming_normal_" in above.fix
 
 
+def test_tl103_decay_that_came_with_training_points_at_the_learning_rate() -> None:
+    """Within the threshold at the first observed step, past it at a later one (a warm-up
+    that rose too far and killed a layer): the fix is the learning rate, not the init."""
+    r = RULES["TL103"].defaults["min_ratio"]
+    trace = depth_trace(profile("TL103", 1.0), kind="relu")
+
+    def at(step: int, scales: list) -> dict:
+        return {"step": step, "layers": {lt.node[1:]: {"std": v, "mean": 0.0}
+                                         for lt, v in zip(trace.layers, scales)}}
+
+    trace.per_step = [at(0, profile("TL103", r * 2)), at(130, profile("TL103", r / 10))]
+    [decayed] = run("TL103", trace)
+    assert decayed.evidence["step"] == 130
+    assert "came with training (within the threshold at step 0)" in decayed.fix
+    assert "lower the learning rate" in decayed.fix and "kaiming" not in decayed.fix
+    trace.per_step = [at(0, profile("TL103", r / 10))]
+    [from_start] = run("TL103", trace)
+    assert "kaiming_normal_" in from_start.fix
+
+
 def test_tl104_growth_that_came_with_training_points_at_the_learning_rate() -> None:
     """Within the threshold at the first observed step, past it at a later one (a learning
     rate that blew the weights up): the fix is the learning rate, not the init."""
@@ -497,6 +545,17 @@ def test_tl104_fp16_range() -> None:
     nonfinite.layers[2].activation.nonfinite = 4
     assert run("TL104", nonfinite) == []
     assert run("TL104", trace(limit), fp16_fraction=frac * 2) == []
+
+
+def test_tl104_fp16_range_of_a_layer_fed_raw_input_names_the_input() -> None:
+    few = RULES["TL104"].defaults["min_layers"] - 1
+    t = depth_trace([1.0] * few, kind="relu")
+    t.layers[0].activation = act(1.0, peak=5e9)
+    t.inputs = [raw_input(3.5e9)]
+    t.edges.append(Edge(("input", "ts"), ("module", t.layers[0].module), ("unsqueeze",)))
+    [found] = run("TL104", t)
+    assert "standardize the model's input 'ts' (RMS 3.5e+09)" in found.fix
+    assert "float32/bfloat16" in found.fix and "Kaiming" not in found.fix
 
 
 def test_tl104_threshold_override() -> None:

@@ -76,6 +76,13 @@ def test_tl301_large_weights_at_the_threshold(factor, fires):
     assert bool(hits("TL301", _layer_trace(high * factor, high * factor))) is fires
 
 
+def test_tl301_a_weight_zero_initialized_on_purpose_is_not_judged():
+    """The last layer of a RealNVP coupling net starts at 0 so the flow starts as the
+    identity; any weight that is not exactly 0 is judged."""
+    assert hits("TL301", _layer_trace(0.0, 0.0)) == []
+    assert len(hits("TL301", _layer_trace(1e-6, 1e-6))) == 1
+
+
 def test_tl301_needs_the_activations_to_show_it():
     low = defaults("TL301")["min_ratio"]
     assert hits("TL301", _layer_trace(low / 10, signal=1.0)) == []
@@ -316,6 +323,66 @@ def test_tl302_blames_large_features_over_the_head(rms, blamed):
                                 num_classes=10, per_step=steps(20.0, 18.0)))
     assert found[0].module == "head"
     assert ("features reaching the last layer" in found[0].fix) is (blamed == "features")
+
+
+def _biased_head(kind: str, *, std: float, mean: float, signal: float, bias_rms: float,
+                 through: str = ""):
+    """A head (optionally behind a pass-through ``through`` module at the output) whose first
+    outputs have ``std``/``mean`` and between-sample RMS ``signal``; its bias at RMS
+    ``bias_rms`` before the first update."""
+    head = point("head", "Linear", depth=1, shape=(8, 10))
+    layers, edges, out = [head], [], head
+    modules = [module("head", "Linear")]
+    if through:
+        out = point("out", through, depth=2, shape=(8, 10))
+        layers.append(out)
+        edges.append(to_module(head, "out"))
+        modules.append(module("out", through))
+    bias = param("head.bias", (10,), ratios=(1e-3,), norm_before=bias_rms * math.sqrt(10))
+    per_step = steps(20.0, 18.0)
+    values = {"std": std, "mean": mean, "signal": signal}
+    per_step[0]["layers"] = {head.node[1:]: values, out.node[1:]: values}
+    return trace(layers, modules, edges=edges, output_ops=((out.node, ()),), loss_kind=kind,
+                 num_classes=10, params=[bias], per_step=per_step)
+
+
+@pytest.mark.parametrize("share, blamed", [(0.24, True), (0.26, False)])
+def test_tl302_blames_the_bias_when_the_outputs_are_the_same_for_every_sample(share, blamed):
+    """A tagger's +12 bias on one tag: outputs spread 3.8 across classes, 0.06 between samples.
+    Scaling the weights down would leave the loss where it is."""
+    assert init.SAME_FOR_ALL == pytest.approx(0.25)
+    [found] = hits("TL302", _biased_head("cross_entropy", std=4.0, mean=1.3,
+                                         signal=share * 4.0, bias_rms=4.0))
+    assert ("'head.bias', RMS 4 at init" in found.fix) is blamed
+    assert ("nn.init.normal_(layer.weight, std=0.01)" in found.fix) is not blamed
+    assert ("the same for every sample" in found.message) is blamed
+
+
+@pytest.mark.parametrize("bias_share, blamed", [(0.49, False), (0.51, True)])
+def test_tl302_the_bias_must_be_about_as_large_as_the_spread(bias_share, blamed):
+    """Outputs the same for every sample with a small bias: the features are constant, and
+    the weights make them large."""
+    [found] = hits("TL302", _biased_head("cross_entropy", std=4.0, mean=0.0, signal=0.1,
+                                         bias_rms=bias_share * 4.0))
+    assert ("'head.bias'" in found.fix) is blamed
+
+
+def test_tl302_a_bce_outputs_size_counts_a_softmaxs_shift_does_not():
+    """BCE: logits all near +8 (mean 8, std 0.15) are confident; a softmax ignores a shift
+    common to every class, so there only the spread across classes counts."""
+    [bce] = hits("TL302", _biased_head("bce_with_logits", std=0.15, mean=8.0, signal=0.16,
+                                       bias_rms=8.0))
+    assert "'head.bias', RMS 8 at init" in bce.fix and "spread of 8" in bce.message
+    [softmax] = hits("TL302", _biased_head("cross_entropy", std=0.15, mean=8.0, signal=0.16,
+                                           bias_rms=8.0))
+    assert "'head.bias'" not in softmax.fix
+
+
+@pytest.mark.parametrize("through", ["Identity", "Dropout"])
+def test_tl302_names_the_layer_behind_a_pass_through_output(through):
+    [found] = hits("TL302", _biased_head("cross_entropy", std=4.0, mean=0.0, signal=4.0,
+                                         bias_rms=0.1, through=through))
+    assert found.module == "head" and "('head')" in found.fix
 
 
 def test_tl302_bce_with_logits_expects_ln2():
