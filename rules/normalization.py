@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
@@ -253,8 +254,12 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
         )
 
 
-def _cancels_bias(norm: ModuleFacts) -> bool:
-    """Whether the norm subtracts a per-channel mean (and so cancels a per-channel bias)."""
+def _cancels_bias(norm: ModuleFacts, biases: Optional[int]) -> bool:
+    """Whether the norm subtracts a per-channel mean over ``biases`` channels, one per bias
+    value (a Linear's 1024 biases viewed as 64 channels of 4x4 keep 15/16 of their spread)."""
+    channels = norm.attrs.get("num_features", norm.attrs.get("num_channels"))
+    if biases is not None and channels is not None and biases != channels:
+        return False
     if norm.base in BATCHNORM_TYPES + INSTANCENORM_TYPES:
         return True
     return norm.base == "GroupNorm" and norm.attrs.get("num_groups") == norm.attrs.get(
@@ -293,10 +298,12 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Finds Conv/Linear layers with a bias whose output goes straight (through reshapes, or a
     module of the user's without weights that only slices or reshapes it, such as a causal
     TCN's ``Chomp1d``) into a BatchNorm, an InstanceNorm, or a GroupNorm with one channel per
-    group (layers that subtract a per-channel mean), and nowhere else: an output also used
-    elsewhere (a residual add) keeps the bias there. Recurrent layers (LSTM, GRU, RNN) are
-    left alone: their biases sit inside the gates, before the nonlinearities, where no later
-    norm cancels them.
+    group (layers that subtract a per-channel mean), one bias value per channel of the norm,
+    and nowhere else: an output also used elsewhere (a residual add) keeps the bias there, and
+    so does a Linear whose 1024 outputs are viewed as 64 channels of 4x4 (DCGAN's generator
+    stem: the norm removes each channel's mean bias, not the 16 values' spread). Recurrent
+    layers (LSTM, GRU, RNN) are left alone: their biases sit inside the gates, before the
+    nonlinearities, where no later norm cancels them.
 
     ## Why is this bad?
     The mean subtraction removes any per-channel constant, so the bias has no effect on the
@@ -316,7 +323,8 @@ def bias_before_norm(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if not facts.attrs.get("has_bias") or facts.base in RNN_TYPES:
             continue
         norm = _sole_consumer(trace, lt.node)
-        if norm is None or not _cancels_bias(norm):
+        bias = next((p for p in trace.params if p.name == f"{lt.module}.bias"), None)
+        if norm is None or not _cancels_bias(norm, math.prod(bias.shape) if bias else None):
             continue
         shift = ("its affine shift β takes the bias's role" if norm.attrs.get("affine")
                  else "the norm has no affine shift, so the output has no offset at all")

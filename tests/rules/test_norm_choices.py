@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.rules.tracekit import edge, hits, inputs, module, point, to_module, trace
+from tests.rules.tracekit import edge, hits, inputs, module, param, point, to_module, trace
 
 
 def _bn(name="bn", type_="BatchNorm1d", shapes=((32, 16, 20),), **attrs):
@@ -158,6 +158,17 @@ def test_tl403_bias_into_batchnorm_fires():
 def test_tl403_no_bias_or_layernorm_is_fine():
     assert hits("TL403", _conv_into(_bn(type_="BatchNorm2d"), bias=False)) == []
     assert hits("TL403", _conv_into(module("ln", "LayerNorm"))) == []
+
+
+def test_tl403_one_bias_value_per_channel_of_the_norm():
+    """DCGAN's generator stem: Linear(100, 64 * 16) -> view(-1, 64, 4, 4) -> BatchNorm2d(64).
+    The norm removes each channel's mean bias, not the spread of its 16 values: not cancelled.
+    A conv's 16 biases into BatchNorm2d(16) are."""
+    norm = _bn(type_="BatchNorm2d")  # num_features=16
+    for biases, fires in ((16, True), (16 * 16, False), (8, False)):
+        t = _conv_into(norm, via=("view",))
+        t.params = [param("conv.bias", (biases,))]
+        assert bool(hits("TL403", t)) is fires, biases
 
 
 def test_tl403_groupnorm_cancels_the_bias_only_with_one_channel_per_group():
