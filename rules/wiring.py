@@ -99,6 +99,17 @@ def changed_between(p: ParamTrace) -> bool:
     return len(norms) >= 2 and max(norms) - min(norms) > CHANGE * max(abs(n) for n in norms)
 
 
+def updated_elsewhere(p: ParamTrace) -> bool:
+    """Whether no optimizer stepped the parameter at the observed steps, yet its norm changed
+    from the first observed step to the last: the user's code updates it (a BYOL/MoCo target
+    kept as an exponential moving average of the online network, a hand-written update)."""
+    if p.norms_before or p.first_norm is None:
+        return False
+    first, last = p.first_norm, p.norm
+    return math.isfinite(first) and math.isfinite(last) and \
+        abs(last - first) > CHANGE * max(abs(first), abs(last))
+
+
 @rule("TL505", "unused-parameters", "warning")
 def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Trainable parameters that never get a gradient.
@@ -135,6 +146,8 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     A parameter whose values changed from one observed step to another, in a run that
     observes every N-th step, is not reported: it trains at the steps in between (a task's
     head in round-robin multi-task training, every other step, observed with an even ``every``).
+    Nor is one that no optimizer steps and whose values changed all the same: the user's code
+    updates it (a BYOL/MoCo target network kept as a moving average of the online one).
 
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch
@@ -153,7 +166,7 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     gaps = skips_steps(trace)
     unused = {p.name for p in trainable if p.grad_steps == 0
               and not any(a in unrouted for a in ancestors(p.module))
-              and not (gaps and changed_between(p))}
+              and not (gaps and changed_between(p)) and not updated_elsewhere(p)}
     if not unused:
         return
     groups = maximal_groups(unused, {p.name for p in trainable}, params=True)
@@ -219,6 +232,10 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     ## Example
     ``opt = Adam(model.backbone.parameters())`` while ``model.head`` is trainable.
 
+    Parameters whose values changed between the first and the last observed step all the same
+    are updated by the user's code (a BYOL/MoCo target network kept as a moving average of the
+    online one): they are not reported.
+
     ## Fix
     Build the optimizer from ``model.parameters()`` after the model is complete, or add the
     group: ``optimizer.add_param_group({"params": model.head.parameters()})``, or just the
@@ -231,7 +248,8 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
         return
     if all(p.in_optimizer is None for p in trainable):
         raise Skip("no optimizer was given (pass optimizer= to the Monitor)")
-    missing = {p.name for p in trainable if p.in_optimizer is False}
+    missing = {p.name for p in trainable if p.in_optimizer is False
+               and not updated_elsewhere(p)}
     groups = maximal_groups(missing, {p.name for p in trainable}, params=True)
     for module, names in groups.items():
         under = [p for p in trace.params if not module or p.name.startswith(module + ".")]

@@ -438,7 +438,7 @@ class TraceBuilder:
                                                    in_optimizer=in_opt, norm=norm, std=std,
                                                    grad_norm=grad, update_ratios=array("d"),
                                                    norms_before=array("d"),
-                                                   update_norms=array("d"))
+                                                   update_norms=array("d"), first_norm=norm)
         trace.shape, trace.requires_grad, trace.in_optimizer = shape, requires_grad, in_opt
         trace.norm, trace.std, trace.grad_norm = norm, std, grad
         trace.group, trace.lr, trace.dtype = group, lr, dtype

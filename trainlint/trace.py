@@ -168,6 +168,9 @@ class ParamTrace:
     # The highest learning rate its group had at an observed step (None: never a number).
     peak_lr: Optional[float] = None
     dtype: Optional[str] = None  # "float32", "bfloat16"...
+    # ``norm`` at the first observed step (the norms of one tensor read the same elements at
+    # every step, so an unchanged parameter reads the same value).
+    first_norm: Optional[float] = None
 
     @property
     def update_ratio(self) -> Optional[float]:

@@ -209,6 +209,30 @@ def test_tl506_frozen_params_and_unknown_optimizer():
         hits("TL506", trace([], params=_params(**unknown)))
 
 
+@pytest.mark.parametrize("moved, fires", [(2.0, False), (0.5, True), (0.0, True)])
+def test_tl505_tl506_a_moving_average_target_is_updated_elsewhere(moved, fires):
+    """A BYOL target left with requires_grad=True, run under no_grad and updated as a moving
+    average of the online network: in no optimizer, no gradient, yet its values change from
+    the first observed step to the last (by ``moved`` x the change bound)."""
+    target = {"in_optimizer": False, "grad_steps": 0, "grad_norm": None}
+    params = _params() + [param("target.weight", (4, 4), **target),
+                          param("target.bias", (4,), **target)]
+    for p in params[-2:]:
+        p.first_norm, p.norm = 3.0, 3.0 * (1 + moved * CHANGE)
+    t = trace([], params=params, observed_steps=10,
+              per_step=[{"step": s, "layers": {}} for s in range(10)])
+    for code in ("TL505", "TL506"):
+        assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
+
+
+def test_tl506_a_parameter_the_optimizer_steps_is_judged_by_its_updates():
+    """A parameter with recorded optimizer updates is no moving-average copy, whatever its
+    first and last norms."""
+    p = param("head.weight", (4, 4), in_optimizer=False, ratios=(1e-3,))
+    p.first_norm, p.norm = 1.0, 2.0
+    assert [h.module for h in hits("TL506", trace([], params=_params() + [p]))] == ["head"]
+
+
 def _ending_in(kind: str, loss: str, shape=(8, 10), classes=10, via=()):
     last = point("out", kind.capitalize(), op="output", kind=kind, shape=shape)
     return trace([last], output_ops=((last.node, via),), loss_kind=loss, num_classes=classes)

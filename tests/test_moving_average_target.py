@@ -1,0 +1,60 @@
+"""A BYOL/MoCo target network left with ``requires_grad=True``, run under ``torch.no_grad()``
+and updated as a moving average of the online network: no optimizer holds it and it gets no
+gradient, yet it changes at every step. TL505/TL506 leave it alone; the same target never
+updated is still reported."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+
+class Byol(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.online = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        self.predictor = nn.Linear(8, 8)
+        self.target = copy.deepcopy(self.online)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.target(b)
+        p = self.predictor(self.online(a))
+        return 2 - 2 * F.cosine_similarity(p, z, dim=-1).mean()
+
+
+def _run(ema: bool) -> list:
+    torch.manual_seed(0)
+    model = Byol()
+    params = list(model.online.parameters()) + list(model.predictor.parameters())
+    opt = torch.optim.SGD(params, lr=0.05)
+    before = model.target[0].weight.detach().clone()
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(6):
+            x = torch.randn(32, 16)
+            loss = model(x + 0.1 * torch.randn_like(x), x + 0.1 * torch.randn_like(x))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if ema:
+                with torch.no_grad():
+                    for t, o in zip(model.target.parameters(), model.online.parameters()):
+                        t.mul_(0.99).add_(o, alpha=0.01)
+            monitor.step(loss)
+        report = monitor.report()
+    moved = (model.target[0].weight - before).norm() / before.norm()
+    assert (moved.item() > 1e-6) is ema  # the truth: the target moves exactly when updated
+    return sorted((f.code, f.module) for f in report.findings if f.code in ("TL505", "TL506"))
+
+
+def test_a_moving_average_target_is_not_reported() -> None:
+    assert _run(ema=True) == []
+
+
+def test_a_target_never_updated_is_reported() -> None:
+    assert _run(ema=False) == [("TL505", "target"), ("TL506", "target")]
