@@ -355,6 +355,12 @@ def update_ratio_of(p: ParamTrace) -> Optional[float]:
     return max(ratios) if ratios else None
 
 
+def typical_ratio_of(p: ParamTrace) -> float:
+    """The median ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed it)."""
+    ratios = [r for r in p.update_ratios if math.isfinite(r)]
+    return median(ratios) if ratios else 0.0
+
+
 def had_gradient(trace: RunTrace, p: ParamTrace) -> bool:
     """Whether the parameter's gradient was non-zero at an observed step."""
     norms = [s.get("param_grad_norms", {}).get(p.name) for s in trace.per_step]
@@ -414,7 +420,10 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Multiply the learning rate by the factor the finding suggests (and use warmup for large
-    rates); if the ratio is low because the gradients vanish, fix that first (TL501). Updates
+    rates); if the ratio is low because the gradients vanish, fix that first (TL501). For a
+    rate too high the factor comes from a typical step (the median over the weights of each
+    one's median ratio over the steps), not from the largest ratio that decides the finding:
+    in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. Updates
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
     (``torch.autocast`` instead of ``model.bfloat16()``).
 
@@ -480,7 +489,12 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     bad.sort(key=lambda pr: pr[1], reverse=direction == "high")
     listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
     more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-    factor = t.target / typical if typical > 0 else None
+    # Too high: the factor from a typical step's ratio (each weight's median over the steps),
+    # not the largest: Adam's first steps move every weight by about lr / RMS(w) whatever the
+    # rate is worth later, so a factor from them overshoots by 10-100x in a long run.
+    step_typical = typical if direction == "low" else median(
+        typical_ratio_of(p) for p, _ in judged)
+    factor = t.target / step_typical if step_typical > 0 else None
     lr = judged[0][0].lr
     whose = "the learning rate" + ("" if group is None else f" of param group {group}")
     where = "" if group is None else (
@@ -524,10 +538,13 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
                    f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. "
                    f"{whose[0].upper() + whose[1:]} is too {direction}{cause}")
         to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
+        per_step = ("" if step_typical == typical else
+                    f" at a typical step, whose ratio is {step_typical:.3g}")
         fix = (f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
-               f"~{t.target:g})" + ("; add warmup and gradient clipping"
-                                    if direction == "high" else ""))
+               f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
+                                               if direction == "high" else ""))
     evidence = {"direction": direction, "median_ratio": typical, "lr_factor": factor,
+                "typical_step_ratio": step_typical,
                 "params": [p.name for p, _ in bad], "threshold": threshold}
     if group is not None:
         evidence.update(group=group, lr=lr)

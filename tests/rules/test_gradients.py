@@ -282,6 +282,25 @@ def test_tl503_uses_each_weights_largest_step():
     assert hits("TL503", t)[0].evidence["median_ratio"] == pytest.approx(2 * high)
 
 
+def test_tl503_a_too_high_rates_factor_comes_from_a_typical_step():
+    """Adam at 20x its rate: the first step moves each weight by lr / RMS(w) (0.6), later ones
+    by ~0.01. The largest step decides the finding; the factor comes from the typical step
+    (each weight's median), else it would suggest a rate ~100x too low."""
+    d = defaults("TL503")
+    ratios = (0.6, 0.045, 0.013, 0.01, 0.005)
+    t = trace([], params=[param(f"l{i}.weight", (8, 8), ratios=ratios) for i in range(3)])
+    [found] = hits("TL503", t)
+    assert found.evidence["median_ratio"] == pytest.approx(0.6)
+    assert found.evidence["typical_step_ratio"] == pytest.approx(0.013)
+    assert found.evidence["lr_factor"] == pytest.approx(d["target"] / 0.013)
+    assert "at a typical step, whose ratio is 0.013" in found.fix
+    low = trace([], params=[param(f"l{i}.weight", (8, 8), ratios=(1e-6, 1e-7, 1e-7))
+                            for i in range(3)])
+    [slow] = hits("TL503", low)  # too low: from the largest step, the smaller raise
+    assert slow.evidence["lr_factor"] == pytest.approx(d["target"] / 1e-6)
+    assert "typical step" not in slow.fix
+
+
 def test_tl503_skips_biases_embeddings_and_zero_init():
     high = defaults("TL503")["max_ratio"] * 10
     biases = trace([], params=[param("l.bias", (8,), ratios=(high,))])
