@@ -441,10 +441,16 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     normalization layers / residual connections. When the profile was within the threshold at
     the first observed step and decayed past it later, training made it (units killed or
     saturated by large updates): the fix named is the learning rate and gradient clipping, not
-    the init.
+    the init. When the largest drop between two layers of the series is 10-fold or more
+    (``sqrt(min_ratio)``) and an observed output between them already holds most of it (a
+    VQ-VAE's codebook lookup, initialized at uniform(±1/K), between the encoder and the
+    decoder), the finding names that module and its scale.
     """
-    profiles = (_scale_profiles(trace, t.window, t.min_layers, "signal")
-                or _scale_profiles(trace, t.window, t.min_layers, "rms"))
+    measure = "signal"
+    profiles = _scale_profiles(trace, t.window, t.min_layers, measure)
+    if not profiles:
+        measure = "rms"
+        profiles = _scale_profiles(trace, t.window, t.min_layers, measure)
     for step, series, scales, reference in profiles:
         deep = median(scales[-t.window:])
         ratio = deep / reference
@@ -454,23 +460,70 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         where = series[first]
         # Within the threshold at the first observed step: training made it, not the init.
         trained = step is not None and step != profiles[0][0]
-        fix = (f"the decay came with training (within the threshold"
-               f"{_at_step(profiles[0][0])}): large updates killed or saturated units (TL101, "
-               "TL102 name such layers): lower the learning rate (TL503) and clip gradients "
-               "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)); "
-               "normalization layers keep the scale in check" if trained
-               else _init_fix(_dominant_nonlinearity(series)))
+        drop = None if trained else _drop_between(trace, step, series, scales[:first + 1],
+                                                  measure, math.sqrt(t.min_ratio))
+        at = ""
+        if trained:
+            fix = (f"the decay came with training (within the threshold"
+                   f"{_at_step(profiles[0][0])}): large updates killed or saturated units "
+                   "(TL101, TL102 name such layers): lower the learning rate (TL503) and clip "
+                   "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                   "max_norm=1.0)); normalization layers keep the scale in check")
+        elif drop is not None:
+            point, scale, before = drop
+            at = (f"; the signal falls at {point.label} ({point.type}), {scale:.3g} right "
+                  f"after {before[0].label}'s {before[1]:.3g}")
+            fix = (f"{point.module!r} ({point.type}) outputs a scale of {scale:.3g} where the "
+                   f"signal reaching it has {before[1]:.3g}, and the layers after it keep "
+                   f"that: initialize it at the signal's scale (an embedding or codebook "
+                   f"read as features: nn.init.normal_(weight, std=1.0), or the range of what "
+                   f"it stands for), or normalize its output")
+        else:
+            fix = _init_fix(_dominant_nonlinearity(series))
         yield Hit(
-            module=where.module,
+            module=where.module if drop is None else drop[0].module,
             message=(f"activation scale decays along depth{_at_step(step)}: {reference:.3g} in "
                      f"the first layers, {deep:.3g} in the last ({ratio:.2g}×, threshold "
                      f"{t.min_ratio:g}×); it first falls below the threshold at {where.label} "
-                     f"(layer {first + 1} of {len(series)})"),
+                     f"(layer {first + 1} of {len(series)}){at}"),
             fix=fix,
             evidence={"ratio": ratio, "threshold": t.min_ratio, "first_rms": reference,
                       "last_rms": deep, "layers": len(series), "step": step},
         )
         return
+
+
+def _drop_between(trace: RunTrace, step: Optional[int], series: list, scales: list,
+                  measure: str, steep: float) -> Optional[tuple]:
+    """``(point, its scale, (series layer before it, that layer's scale))`` of an observed
+    point outside the depth series (an embedding, a codebook lookup) where the signal falls:
+    the largest drop between two consecutive series layers in ``scales`` is at least
+    1 / ``steep``-fold, and the point runs between them with most of the drop (in log scale)
+    already behind it. None when no such point was seen."""
+    if step is None or len(scales) < 2:
+        return None
+    values = next((s.get("layers", {}) for s in trace.per_step if s.get("step") == step), {})
+    j = min(range(1, len(scales)), key=lambda i: scales[i] / scales[i - 1]
+            if scales[i - 1] > 0 else math.inf)
+    if not scales[j - 1] > 0 or scales[j] / scales[j - 1] > steep:
+        return None
+    lo, hi = series[j - 1].depth, series[j].depth
+    midway = math.sqrt(scales[j - 1] * scales[j])
+    found = []
+    for lt in trace.layers:
+        if not lo < lt.depth < hi or lt in series:
+            continue
+        found_values = values.get(lt.node[1:])
+        if not found_values:
+            continue
+        scale = (found_values.get("signal") if measure == "signal" else
+                 math.hypot(found_values.get("std") or 0.0, found_values.get("mean") or 0.0))
+        if scale is not None and scale <= midway:
+            found.append((scale, lt))
+    if not found:
+        return None
+    scale, point = min(found, key=lambda item: item[0])
+    return point, scale, (series[j - 1], scales[j - 1])
 
 
 @rule("TL104", "exploding-activations", "warning", max_ratio=1000.0, window=3, min_layers=6,

@@ -506,6 +506,45 @@ def test_tl103_decay_that_came_with_training_points_at_the_learning_rate() -> No
     assert "kaiming_normal_" in from_start.fix
 
 
+def _codebook_trace(scales: list, lookup: float, after: int = 2) -> RunTrace:
+    """A depth series at ``scales`` (step 0) with an Embedding lookup of scale ``lookup``
+    observed between series layers ``after`` and ``after + 1`` (a VQ-VAE's codebook)."""
+    trace = depth_trace(scales, kind="relu")
+    for lt in trace.layers:
+        lt.depth *= 2
+    code = point("vq.emb", "Embedding", 2 * after + 1, activation=act(lookup))
+    trace.layers.append(code)
+    trace.modules["vq.emb"] = facts("vq.emb", "Embedding")
+    layers = {lt.node[1:]: {"std": v, "mean": 0.0} for lt, v in zip(trace.layers, scales)}
+    layers[code.node[1:]] = {"std": lookup, "mean": 0.0}
+    trace.per_step = [{"step": 0, "layers": layers}]
+    return trace
+
+
+@pytest.mark.parametrize("share, named", [(0.98, True), (1.02, False)])
+def test_tl103_names_the_point_where_the_signal_falls(share: float, named: bool) -> None:
+    """Encoder at scale 1, a codebook lookup at ~0.01, a decoder at 0.005: the drop is the
+    lookup's. Named when its scale is past the geometric middle of the drop."""
+    window = RULES["TL103"].defaults["window"]
+    scales = [1.0] * window + [0.005] * window
+    midway = math.sqrt(1.0 * 0.005)
+    [found] = run("TL103", _codebook_trace(scales, share * midway))
+    assert (found.module == "vq.emb") is named
+    assert ("'vq.emb' (Embedding) outputs a scale of" in found.fix) is named
+    assert ("kaiming_normal_" in found.fix) is not named
+
+
+def test_tl103_a_gradual_decay_names_no_point() -> None:
+    """Each layer at 0.45x the one before: no single drop of 10x, so the lookup between two
+    of them is not the cause, whatever its own scale."""
+    window = RULES["TL103"].defaults["window"]
+    scales = [1.0] * window + [0.45 ** k for k in range(1, 8)]
+    steep = math.sqrt(RULES["TL103"].defaults["min_ratio"])
+    assert min(b / a for a, b in zip(scales, scales[1:])) > steep
+    [found] = run("TL103", _codebook_trace(scales, 1e-4, after=window))
+    assert found.module != "vq.emb" and "kaiming_normal_" in found.fix
+
+
 def test_tl104_growth_that_came_with_training_points_at_the_learning_rate() -> None:
     """Within the threshold at the first observed step, past it at a later one (a learning
     rate that blew the weights up): the fix is the learning rate, not the init."""
