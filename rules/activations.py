@@ -475,9 +475,9 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                   f"after {before[0].label}'s {before[1]:.3g}")
             fix = (f"{point.module!r} ({point.type}) outputs a scale of {scale:.3g} where the "
                    f"signal reaching it has {before[1]:.3g}, and the layers after it keep "
-                   f"that: initialize it at the signal's scale (an embedding or codebook "
-                   f"read as features: nn.init.normal_(weight, std=1.0), or the range of what "
-                   f"it stands for), or normalize its output")
+                   f"that: initialize its parameters at the signal's scale (an embedding or "
+                   f"codebook read as features: nn.init.normal_(weight, std=1.0), or the range "
+                   f"of what it stands for; a norm layer's scale: 1), or normalize its output")
         else:
             fix = _init_fix(_dominant_nonlinearity(series))
         yield Hit(
@@ -496,7 +496,8 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 def _drop_between(trace: RunTrace, step: Optional[int], series: list, scales: list,
                   measure: str, steep: float) -> Optional[tuple]:
     """``(point, its scale, (series layer before it, that layer's scale))`` of an observed
-    point outside the depth series (an embedding, a codebook lookup) where the signal falls:
+    point outside the depth series whose module holds parameters (an embedding, a codebook
+    lookup, a norm layer's scale) where the signal falls:
     the largest drop between two consecutive series layers in ``scales`` is at least
     1 / ``steep``-fold, and the point runs between them with most of the drop (in log scale)
     already behind it. None when no such point was seen."""
@@ -509,9 +510,10 @@ def _drop_between(trace: RunTrace, step: Optional[int], series: list, scales: li
         return None
     lo, hi = series[j - 1].depth, series[j].depth
     midway = math.sqrt(scales[j - 1] * scales[j])
+    weighted = {p.module for p in trace.params}  # a pooling's drop is no init's
     found = []
     for lt in trace.layers:
-        if not lo < lt.depth < hi or lt in series:
+        if not lo < lt.depth < hi or lt in series or lt.module not in weighted:
             continue
         found_values = values.get(lt.node[1:])
         if not found_values:

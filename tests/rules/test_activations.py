@@ -506,15 +506,21 @@ def test_tl103_decay_that_came_with_training_points_at_the_learning_rate() -> No
     assert "kaiming_normal_" in from_start.fix
 
 
-def _codebook_trace(scales: list, lookup: float, after: int = 2) -> RunTrace:
+def _codebook_trace(scales: list, lookup: float, after: int = 2,
+                    type_: str = "Embedding") -> RunTrace:
     """A depth series at ``scales`` (step 0) with an Embedding lookup of scale ``lookup``
-    observed between series layers ``after`` and ``after + 1`` (a VQ-VAE's codebook)."""
+    observed between series layers ``after`` and ``after + 1`` (a VQ-VAE's codebook); with
+    ``type_`` "AvgPool2d", a pooling there instead (no parameters)."""
     trace = depth_trace(scales, kind="relu")
     for lt in trace.layers:
         lt.depth *= 2
-    code = point("vq.emb", "Embedding", 2 * after + 1, activation=act(lookup))
+    code = point("vq.emb", type_, 2 * after + 1, activation=act(lookup))
     trace.layers.append(code)
-    trace.modules["vq.emb"] = facts("vq.emb", "Embedding")
+    trace.modules["vq.emb"] = facts("vq.emb", type_)
+    if type_ == "Embedding":
+        trace.params = [ParamTrace(name="vq.emb.weight", module="vq.emb", shape=(64, 16),
+                                   requires_grad=True, in_optimizer=True, norm=0.1, std=0.01,
+                                   grad_norm=1e-3)]
     layers = {lt.node[1:]: {"std": v, "mean": 0.0} for lt, v in zip(trace.layers, scales)}
     layers[code.node[1:]] = {"std": lookup, "mean": 0.0}
     trace.per_step = [{"step": 0, "layers": layers}]
@@ -532,6 +538,14 @@ def test_tl103_names_the_point_where_the_signal_falls(share: float, named: bool)
     assert (found.module == "vq.emb") is named
     assert ("'vq.emb' (Embedding) outputs a scale of" in found.fix) is named
     assert ("kaiming_normal_" in found.fix) is not named
+
+
+def test_tl103_a_pooling_where_the_signal_falls_is_not_named() -> None:
+    """Averaging over positions lowers the between-sample scale; no init sets it."""
+    window = RULES["TL103"].defaults["window"]
+    [found] = run("TL103", _codebook_trace([1.0] * window + [0.005] * window, 0.01,
+                                           type_="AvgPool2d"))
+    assert found.module != "vq.emb" and "kaiming_normal_" in found.fix
 
 
 def test_tl103_a_gradual_decay_names_no_point() -> None:
