@@ -915,6 +915,14 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "
                 "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)), and use "
                 "Kaiming/Xavier init")
+    if what == "forward" and trace.amp_dtype == "float16":
+        return (f"under float16 autocast the values computed in {module or 'the model'!r} can "
+                "overflow float16's range (65504): attention scores q·kᵀ or a product of large "
+                "weights or inputs; run it in bfloat16 (torch.autocast(..., "
+                "dtype=torch.bfloat16)) or in float32 (torch.autocast(..., enabled=False) "
+                "around it), or bring the weights or inputs feeding it to a smaller scale "
+                "(TL301, TL201, TL104); where it takes a mask, keep at least one key per "
+                "query")
     if masked or (what == "forward" and facts is not None and attends(facts)):
         return (f"check the attention mask of {module or 'the model'!r}: a query whose keys "
                 "are all masked (a sample that is all padding in key_padding_mask, a -inf mask "

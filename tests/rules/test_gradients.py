@@ -472,6 +472,24 @@ def test_tl504_an_overflowing_layers_fix_fits_the_step_and_the_dtype(first_step,
     assert found[0].module == "c" and says in found[0].fix and not_said not in found[0].fix
 
 
+@pytest.mark.parametrize("amp, says, not_said", [
+    ("float16", "overflow float16's range (65504): attention scores", "check the attention mask"),
+    (None, "check the attention mask", "float16"),
+    ("bfloat16", "check the attention mask", "float16's range"),
+])
+def test_tl504_a_hand_written_attention_under_float16_autocast_overflows(amp, says, not_said):
+    """NaN first at a hand-written attention's softmax: under float16 autocast, scores q·kᵀ
+    of 1.3e6 overflow to Inf (a fully masked row is the other cause, in any dtype)."""
+    a = point("blocks.0.qkv", "Linear", depth=0, backward_order=1)
+    soft = point("blocks.0.attn", "Attn", op="softmax", kind="softmax", depth=1,
+                 backward_order=0)
+    steps = [_nan_step(0, activations={soft.node[1:]: 9})]
+    [found] = hits("TL504", trace([a, soft], [module("blocks.0.attn", "Attn", leaf=False)],
+                                  per_step=steps, amp_dtype=amp))
+    assert found.module == "blocks.0.attn"
+    assert says in found.fix and not_said not in found.fix
+
+
 @pytest.mark.parametrize("dtype, half", [("float16", True), ("float32", False)])
 def test_tl504_a_half_models_overflow_is_told_to_keep_float32_weights(dtype, half):
     """model.half() (the weights float16, no autocast): autocast(enabled=False) would not
