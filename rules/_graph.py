@@ -69,6 +69,30 @@ def large_input_into(trace: RunTrace, module: str) -> Optional[tuple]:
     return None
 
 
+# A ReLU-family layer with at least this share of its units dead passes almost no signal on
+# and no gradient back: its own finding (TL101) explains a signal or gradient that vanishes
+# behind it.
+MOSTLY_DEAD = 0.9
+
+
+def mostly_dead(lt: Optional[LayerTrace]) -> bool:
+    """Whether ``lt`` is a unit-recorded layer with at least ``MOSTLY_DEAD`` of units dead."""
+    share = lt.dead_fraction if lt is not None else None
+    return share is not None and share >= MOSTLY_DEAD
+
+
+def feeds_dead_layer(trace: RunTrace, lt: LayerTrace) -> bool:
+    """Whether ``lt``'s output goes (through reshapes and pass-through modules) into a layer
+    whose units are mostly dead: no gradient comes back to it through them."""
+    for dst, via in downstream(trace, lt.node, hops=2):
+        if not only_shape_ops(via):
+            continue
+        nodes = output_nodes(trace, dst[1]) if dst[0] == "module" else [dst]
+        if any(mostly_dead(layer_at(trace, node)) for node in nodes):
+            return True
+    return False
+
+
 def successors(trace: RunTrace, node: tuple) -> list[tuple]:
     """Direct consumers of ``node``: (dst, via) pairs."""
     return [(e.dst, e.via) for e in trace.edges if e.src == node]

@@ -23,6 +23,7 @@ from ._graph import (
     is_norm_type,
     large_input_into,
     layer_at,
+    mostly_dead,
     output_point,
     passed_on_by,
     quiet_branches,
@@ -444,7 +445,10 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     the init. When the largest drop between two layers of the series is 10-fold or more
     (``sqrt(min_ratio)``) and an observed output between them already holds most of it (a
     VQ-VAE's codebook lookup, initialized at uniform(±1/K), between the encoder and the
-    decoder), the finding names that module and its scale.
+    decoder), the finding names that module and its scale. Two decays are left to other
+    rules: one behind a ReLU layer with 90% or more of its units dead (TL101 names it), and
+    a drop at a norm layer whose output keeps a scale of 0.1 or more (it brought a first
+    layer far too large back to scale).
     """
     measure = "signal"
     profiles = _scale_profiles(trace, t.window, t.min_layers, measure)
@@ -458,10 +462,15 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         first = next(i for i, s in enumerate(scales) if s < t.min_ratio * reference)
         where = series[first]
+        if any(mostly_dead(lt) for lt in series[:first + 1]):
+            continue  # dead ReLUs stop the signal: TL101 names them, with its own fix
+        drop = _drop_between(trace, step, series, scales[:first + 1], measure,
+                             math.sqrt(t.min_ratio))
+        if drop is not None and is_norm_type(drop[0].base) and drop[1] >= RESCALED:
+            continue  # a norm brings an outsized signal back to scale: nothing vanishes
         # Within the threshold at the first observed step: training made it, not the init.
         trained = step is not None and step != profiles[0][0]
-        drop = None if trained else _drop_between(trace, step, series, scales[:first + 1],
-                                                  measure, math.sqrt(t.min_ratio))
+        drop = None if trained else drop
         at = ""
         if trained:
             fix = (f"the decay came with training (within the threshold"
@@ -491,6 +500,12 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "last_rms": deep, "layers": len(series), "step": step},
         )
         return
+
+
+# A norm layer's output at or above this scale where the signal falls: the norm brought an
+# outsized signal back to its scale (a first layer far too large), which is TL104's or
+# TL301's to report; a norm whose scale (gamma) starts near 0 outputs far less.
+RESCALED = 0.1
 
 
 def _drop_between(trace: RunTrace, step: Optional[int], series: list, scales: list,

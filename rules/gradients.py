@@ -23,6 +23,7 @@ from ._graph import (
     ancestors,
     attends,
     downstream,
+    feeds_dead_layer,
     feeds_norm,
     in_blocks,
     inside_attention_sublayer,
@@ -89,7 +90,9 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     its own gradient's size (Adam, AdamW, Adafactor, Lion) moves the early layers as fast as
     the late ones however small their gradient (Whisper at init: 1500 audio positions behind
     cross-attention give the encoder 1e-4 of the decoder's gradient; under AdamW both move
-    0.5% a step, under SGD the encoder 100x slower).
+    0.5% a step, under SGD the encoder 100x slower). A layer whose output goes into a ReLU
+    layer with 90% or more of its units dead gets no gradient back through them: TL101 names
+    that layer with its fix, and this rule leaves it.
 
     ## Why is this bad?
     The weight gradient of a layer is proportional to the gradient reaching its output: if
@@ -120,6 +123,8 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         return
     limit = t.min_ratio * late if late > 0 else t.zero_ratio * (reference or 0.0)
     where = next((lt for lt in reversed(series) if lt.grad_norm <= limit), series[0])
+    if feeds_dead_layer(trace, where):
+        return  # its gradient stops at dead ReLUs: TL101 names them, with its own fix
     zero = (f"; {early:.3g} is ~0 next to the {reference:.3g} at the model's output "
             f"(threshold {t.zero_ratio:g}×)" if near_zero else "")
     yield Hit(

@@ -548,6 +548,37 @@ def test_tl103_a_pooling_where_the_signal_falls_is_not_named() -> None:
     assert found.module != "vq.emb" and "kaiming_normal_" in found.fix
 
 
+@pytest.mark.parametrize("dead, fires", [(0.89, True), (0.9, False)])
+def test_tl103_a_signal_stopped_by_dead_relus_is_tl101s(dead: float, fires: bool) -> None:
+    """All but a few units of a ReLU layer dead (a bias of -5): the signal after it is ~0.
+    TL101 names the layer and its fix; TL103's init advice would not help."""
+    window = RULES["TL103"].defaults["window"]
+    trace = depth_trace([1.0] * window + [1e-4] * window, kind="relu")
+    relu = trace.layers[window]  # an activation (odd index): the first layer below
+    assert relu.kind == "relu"
+    active = np.ones(100, dtype=bool)
+    active[:round(dead * 100)] = False
+    relu.unit_ever_active, relu.unit_dim = active, -1
+    assert bool(run("TL103", trace)) is fires
+
+
+@pytest.mark.parametrize("scale, fires", [(0.11, False), (0.09, True)])
+def test_tl103_a_norm_that_brings_a_huge_first_layer_back_to_scale(scale: float,
+                                                                   fires: bool) -> None:
+    """A qkv projection at std 30 (output 240), then LayerNorm to ~1 and on: no signal
+    vanishes, the first layer is too large. A norm whose output stays small (a gamma near 0)
+    is where the signal falls."""
+    window = RULES["TL103"].defaults["window"]
+    trace = _codebook_trace([240.0] * window + [scale] * window, scale)
+    trace.layers[-1].type = trace.layers[-1].base = "LayerNorm"
+    trace.modules["vq.emb"] = facts("vq.emb", "LayerNorm")
+    trace.params[0].name, trace.params[0].shape = "vq.emb.weight", (16,)
+    found = run("TL103", trace)
+    assert bool(found) is fires
+    if fires:
+        assert found[0].module == "vq.emb" and "a norm layer's scale: 1" in found[0].fix
+
+
 def test_tl103_a_gradual_decay_names_no_point() -> None:
     """Each layer at 0.45x the one before: no single drop of 10x, so the lookup between two
     of them is not the cause, whatever its own scale."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from trainlint.rules import gradients
 from trainlint.rules.gradients import nice_below
@@ -74,6 +75,21 @@ def test_tl501_near_zero_against_the_output_gradient(factor, fires):
 
 def test_tl501_exactly_zero_early_gradients_fire():
     assert hits("TL501", _depth([0.0, 0.0, 0.0, 0.5, 0.5, 0.5]))
+
+
+@pytest.mark.parametrize("dead, fires", [(0.89, True), (0.9, False)])
+def test_tl501_a_gradient_stopped_by_dead_relus_is_tl101s(dead, fires):
+    """A transformer's FFN with fc1's bias at -5: its ReLU is dead, so no gradient comes back
+    to fc1. TL101 names the ReLU with the right fix; TL501's init advice would not help."""
+    t = _depth(_profile(defaults("TL501")["min_ratio"] / 10))
+    active = np.ones(100, dtype=bool)
+    active[:round(dead * 100)] = False
+    relu = point("act", "ReLU", depth=2, kind="relu")
+    relu.unit_ever_active, relu.unit_dim = active, -1
+    relu.node = ("point", "act", "output", 100)
+    t.layers.append(relu)
+    t.edges.append(edge(t.layers[2].node, ("module", "act")))
+    assert bool(hits("TL501", t)) is fires
 
 
 @pytest.mark.parametrize("factor, fires", [(0.99, False), (1.01, True)])
