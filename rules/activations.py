@@ -512,10 +512,10 @@ def _drop_between(trace: RunTrace, step: Optional[int], series: list, scales: li
                   measure: str, steep: float) -> Optional[tuple]:
     """``(point, its scale, (series layer before it, that layer's scale))`` of an observed
     point outside the depth series whose module holds parameters (an embedding, a codebook
-    lookup, a norm layer's scale) where the signal falls:
-    the largest drop between two consecutive series layers in ``scales`` is at least
-    1 / ``steep``-fold, and the point runs between them with most of the drop (in log scale)
-    already behind it. None when no such point was seen."""
+    lookup, a norm layer's scale) where the signal falls: the largest drop between two
+    consecutive series layers in ``scales`` is at least 1 / ``steep``-fold, and the point
+    runs between them with most of the drop (in log scale) already behind it. None when no
+    such point was seen."""
     if step is None or len(scales) < 2:
         return None
     values = next((s.get("layers", {}) for s in trace.per_step if s.get("step") == step), {})
@@ -525,10 +525,13 @@ def _drop_between(trace: RunTrace, step: Optional[int], series: list, scales: li
         return None
     lo, hi = series[j - 1].depth, series[j].depth
     midway = math.sqrt(scales[j - 1] * scales[j])
-    weighted = {p.module for p in trace.params}  # a pooling's drop is no init's
+    # Only a module with parameters has an init that sets its scale (a pooling's average over
+    # positions lowers the between-sample scale by itself).
+    weighted = {p.module for p in trace.params}
+    in_series = {id(lt) for lt in series}
     found = []
     for lt in trace.layers:
-        if not lo < lt.depth < hi or lt in series or lt.module not in weighted:
+        if not lo < lt.depth < hi or id(lt) in in_series or lt.module not in weighted:
             continue
         found_values = values.get(lt.node[1:])
         if not found_values:
