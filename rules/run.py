@@ -195,22 +195,17 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     already held state: a resumed checkpoint, a second phase; or its first classification
     loss is under half of ln(C)) joined later too, whatever its step count says. A run that
     learned early and then converged also fell: the median of its first three points is
-    ``min_drop`` above the last third's, beyond three standard errors of the noise. A
-    classifier's steady fall within ``chance_gap`` of ln(C) in both thirds does not count: the
-    loss is settling onto the uninformed prediction (a post-LN transformer at too high a rate:
-    5.58 -> 5.54 against ln 256 = 5.545), unless the updates grew over the run (the weights'
-    update ratios in the last third over 1.5x those of the first: a warmup still raising the
-    learning rate, before which the loss sits at chance). A loss that
-    barely fell is judged only once the weights moved at least ``min_movement`` of their norm
-    over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20 steps
-    barely change the loss; a learning rate too low for them to move is TL503's), unless it is
-    stuck at chance: a classifier's loss within ``chance_gap`` (relative) of ln(C) in the first
-    and the last third while the weights move less than ``stuck_rate`` of their norm a step
-    (SGD at lr 2e-4 on an MLP: 1.5e-5 a step, inside TL503's band yet far too slow to learn
-    anything in the run), and at least ``stuck_floor`` (TL503's ``min_ratio``: below it TL503
-    reports the learning rate), over a run long enough that weights moving ``typical_rate`` a
-    step would have moved ``min_movement``. A loss that also depends on trainable tensors
-    outside the model and its optimizer (a GAN generator's loss runs through
+    ``min_drop`` above the last third's, beyond three standard errors of the noise. A loss
+    that barely fell is judged only once the weights moved at least ``min_movement`` of their
+    norm over the run (a fine-tuning run at lr 2e-5 moves them ~0.1% a step: its first 20
+    steps barely change the loss; a learning rate too low for them to move is TL503's),
+    unless it is stuck at chance: a classifier's loss within ``chance_gap`` (relative) of ln(C)
+    in the first and the last third while the weights move less than ``stuck_rate`` of their
+    norm a step (SGD at lr 2e-4 on an MLP: 1.5e-5 a step, inside TL503's band yet far too
+    slow to learn anything in the run), and at least ``stuck_floor`` (TL503's ``min_ratio``:
+    below it TL503 reports the learning rate), over a run long enough that weights moving
+    ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
+    trainable tensors outside the model and its optimizer (a GAN generator's loss runs through
     the discriminator) is not judged: it rises whenever the other network gets better.
 
     ## Why is this bad?
@@ -250,14 +245,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     change = (last - first) / scale
     from_start = not joined_later(trace, curve)
     losses = [loss for _, loss in curve]
-    chance = chance_level(trace)
-    # A classifier's loss within chance_gap of ln(C) in both thirds: settling onto the
-    # uninformed prediction is no learning, however steady (a post-LN transformer at too
-    # high a rate, 5.58 -> 5.54 against ln 256 = 5.545).
-    at_chance = chance is not None and all(
-        abs(loss - chance[1]) <= t.chance_gap * chance[1] for loss in (first, last)) \
-        and not updates_rising(trace)  # a warmup's first steps: not yet learning
-    steady = change <= -t.min_steady_drop and trend_z(losses) <= t.steady_z and not at_chance
+    steady = change <= -t.min_steady_drop and trend_z(losses) <= t.steady_z
     fell = change <= -t.min_drop or early_fall(losses, third) >= t.min_drop
     noisy = single or noise_window(losses) > 1  # single batches' losses (see TL604)
     rose = change > t.min_drop and ((from_start and not noisy)
@@ -301,30 +289,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if stuck is not None:
             message, fix = message + stuck[0], stuck[1]
             evidence.update(stuck[2])
-        elif at_chance and not rose:
-            message += (f"; it sits at ln({chance[0]}) = {chance[1]:.4g}, an uninformed "
-                        f"classifier's loss")
-            evidence["chance_loss"] = chance[1]
         yield Hit(module="", message=message, fix=fix, evidence=evidence)
-
-
-# The updates of the run's last third against its first: above this, the learning rate rose
-# over the run (a warmup), each step moving the weights further.
-RISING_UPDATES = 1.5
-
-
-def updates_rising(trace: RunTrace) -> bool:
-    """Whether the weights' update ratios grew over the observed steps (the median over the
-    weights of each one's last-third median over its first-third median is above
-    ``RISING_UPDATES``): a learning rate still warming up. Adam's first steps at lr / RMS(w)
-    make a constant rate's ratios fall, not rise."""
-    growth = []
-    for p in trace.params:
-        ratios = [r for r in p.update_ratios if math.isfinite(r) and r > 0]
-        third = len(ratios) // 3
-        if len(p.shape) >= 2 and third:
-            growth.append(median(ratios[-third:]) / median(ratios[:third]))
-    return bool(growth) and median(growth) > RISING_UPDATES
 
 
 def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, steps: int,

@@ -152,41 +152,19 @@ def test_tl603_a_loss_stuck_at_chance_with_weights_that_barely_move_is_reported(
     assert f"by about {gradients.nice_below(t['typical_rate'] / per_step):g}x" in found.fix
 
 
-def _settling(start: float, end: float, ratios: tuple, classes: int = 256):
-    """A Monitor run whose classifier loss falls steadily from ``start`` to ``end`` (in units
-    of ln(C)) over 20 observed steps, while each weight's update ratios over the steps are
-    ``ratios``."""
-    level = math.log(classes)
+@pytest.mark.parametrize("start, end", [(1.014, 1.0), (1.0, 0.98)])
+def test_tl603_a_classifiers_steady_fall_near_chance_is_learning(start, end):
+    """A 1000-class classifier's first 240 steps at a constant AdamW rate (6.908 -> 6.81, then
+    5.07 by step 1440), a 3-class task whose best possible loss is 1.073 against ln 3 = 1.099:
+    a slow, steady fall that stays near ln(C) is learning. (A post-LN transformer collapsed
+    at chance settles there the same way; nothing in the loss or the layers' gradients told
+    the two apart, so it is not judged.)"""
+    level = math.log(1000)
     losses = [level * (start + (end - start) * i / 19) for i in range(20)]
-    params = [param(f"l{i}.weight", (4, 4), ratios=ratios) for i in range(3)]
-    return _classifier(trace([], mode="monitor", params=params,
-                             per_step=steps(*losses, every=10, key="loss_mean")), classes)
-
-
-CONSTANT_RATE = (0.05,) * 12  # each weight's update ratios at a constant rate: no warmup
-
-
-@pytest.mark.parametrize("start, end, fires", [
-    (1.014, 1.0, True),  # a post-LN transformer at too high a rate: 5.58 -> 5.54 vs 5.545
-    (1.0, 1 - 0.98 * 0.05, True),  # ends inside chance_gap below ln(C)
-    (1.514, 1.5, False),  # the same steady fall far above chance: a slow start
-])
-def test_tl603_a_steady_fall_onto_chance_is_no_learning(start, end, fires):
-    """Settling onto ln(C) is the model becoming uninformed, not learning."""
-    assert defaults("TL603")["chance_gap"] == pytest.approx(0.05)
-    found = hits("TL603", _settling(start, end, CONSTANT_RATE))
-    assert bool(found) is fires
-    if fires:
-        assert "ln(256) = 5.545, an uninformed classifier's loss" in found[0].message
-
-
-@pytest.mark.parametrize("growth, fires", [(1.4, True), (1.6, False)])
-def test_tl603_a_warmup_at_chance_is_not_yet_learning(growth, fires):
-    """A 1000-step warmup observed for its first 200 steps: the loss sits at ln(C) while the
-    rate rises, the updates with it (last third over first third: ``growth``)."""
-    assert run.RISING_UPDATES == pytest.approx(1.5)
-    rising = (0.01,) * 4 + (0.01 * (1 + growth) / 2,) * 4 + (0.01 * growth,) * 4
-    assert bool(hits("TL603", _settling(1.014, 1.0, rising))) is fires
+    params = [param(f"l{i}.weight", (4, 4), ratios=(0.05,) * 12) for i in range(3)]
+    t = _classifier(trace([], mode="monitor", params=params,
+                          per_step=steps(*losses, every=10, key="loss_mean")), 1000)
+    assert hits("TL603", t) == []
 
 
 def test_tl603_a_fall_within_the_noise_is_no_steady_fall():
