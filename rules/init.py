@@ -478,7 +478,8 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``SAME_FOR_ALL`` = 1/4 of their spread across classes, or of their size for BCE) and that
     layer's bias is at least half as large as the spread, the bias sets the predictions (a +12
     start on one tag), and the fix is to start it at zero; where the features reaching the
-    layer are large, the fix names them.
+    layer are large, the fix names them; where the layer's weight is another module's (a
+    head tied to the token embedding), the fix names that weight.
     """
     if trace.loss_kind is None:
         raise Skip(unknown_loss(trace))
@@ -527,6 +528,8 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
               if at_first and at_first.get("std") is not None else "")
     fed = _head_input(trace, head)
     biased = _bias_driven(trace, head, at_first) if fed is None else None
+    facts = trace.modules.get(module)
+    tied = facts.attrs.get("weight_of") if facts is not None else None
     if biased is not None:
         logits = (f"; the outputs differ between samples by RMS {biased[2]:.3g} against a "
                   f"spread of {biased[3]:.3g}")
@@ -537,6 +540,11 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         fix = (f"the features reaching the last layer are too large ({fed[0]} has RMS "
                f"{fed[1]:.3g}): fix the scale of the layers or inputs before it first (TL301, "
                f"TL104, TL201: Kaiming/Xavier init, normalization)")
+    elif tied:
+        fix = (f"{module!r} shares its weight with {tied!r} (tied weights): scale that down at "
+               f"init (nn.init.normal_(weight, std=0.02), GPT-2's; multiply the embedding's "
+               f"output by sqrt(d_model) in the forward where the model needs it larger), not "
+               f"{module!r} alone")
     else:
         fix = (f"scale down the last layer's init{f' ({module!r})' if module else ''}: "
                f"nn.init.normal_(layer.weight, std=0.01) or nn.init.zeros_(layer.weight), with "

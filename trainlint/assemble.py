@@ -540,6 +540,14 @@ class TraceBuilder:
                 is_leaf=is_leaf_module(module),
                 location=locate(self.model, name, module), library=library_of(type(module)),
                 attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
+        # A weight shared with an earlier module (a language model's head tied to the token
+        # embedding) is named once, under that module: keep where.
+        canonical = {id(p): n for n, p in self.model.named_parameters()}
+        for name, module in self.model.named_modules():
+            weight = module._parameters.get("weight")
+            own = f"{name}.weight" if name else "weight"
+            if weight is not None and canonical.get(id(weight), own) != own:
+                facts[name].attrs["weight_of"] = canonical[id(weight)]
         for name in self.attention_calls:
             if name in facts:
                 facts[name].attrs["attends"] = True

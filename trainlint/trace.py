@@ -122,7 +122,8 @@ class ModuleFacts:
     # ``overrides_train``: the module's class defines its own ``train()`` (e.g. to keep norms
     # frozen); ``attends``: its own forward called F.scaled_dot_product_attention (observed);
     # ``inner_ops``: a user's leaf module without weights made its output from its first input
-    # by these plain ops (observed; absent where it did not, or its calls differed).
+    # by these plain ops (observed; absent where it did not, or its calls differed);
+    # ``weight_of``: the name its weight goes by when it is another module's (tied weights).
     attrs: dict = field(default_factory=dict)
     # Shapes of the inputs seen by a normalization layer: values per channel per call.
     values_per_channel: list = field(default_factory=list)

@@ -385,6 +385,16 @@ def test_tl302_names_the_layer_behind_a_pass_through_output(through):
     assert found.module == "head" and "('head')" in found.fix
 
 
+def test_tl302_a_head_tied_to_the_embedding_is_fixed_there():
+    """A language model whose head shares the token embedding's weight: shrinking 'head'
+    alone is shrinking the embedding; the fix names the shared weight."""
+    t = _biased_head("cross_entropy", std=4.0, mean=0.0, signal=4.0, bias_rms=0.1)
+    t.modules["head"].attrs["weight_of"] = "tok.weight"
+    [found] = hits("TL302", t)
+    assert "'head' shares its weight with 'tok.weight' (tied weights)" in found.fix
+    assert "std=0.01" not in found.fix
+
+
 def test_tl302_bce_with_logits_expects_ln2():
     t = defaults("TL302")
     loss = max(t["max_ratio"] * math.log(2), math.log(2) + t["min_excess"]) * 1.01
