@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -40,12 +40,35 @@ def is_image(inp: InputTrace) -> bool:
     return len(inp.shape) >= 4 or (len(inp.shape) == 3 and inp.channel_dim == 1)
 
 
-def _values(xs: np.ndarray) -> str:
-    return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
+def _precise(x: float, spread: float) -> str:
+    """``x`` with enough significant digits that its rounding stays within 1% of ``spread``
+    (a timestamp's mean of 1.7013e9 over a std of 3.6e4 needs 8)."""
+    digits = 4
+    if spread > 0 and abs(x) > spread:
+        digits = min(17, max(4, math.ceil(math.log10(abs(x) / spread)) + 3))
+    return f"{x:.{digits}g}"
 
 
-def normalize_fix(inp: InputTrace) -> str:
-    """A ready line that normalizes this input with the measured statistics."""
+def _values(xs: np.ndarray, spreads: Optional[np.ndarray] = None) -> str:
+    spreads = np.zeros(len(xs)) if spreads is None else spreads
+    return "[" + ", ".join(_precise(float(x), float(s)) for x, s in zip(xs, spreads)) + "]"
+
+
+def _minus(value: str) -> str:
+    """``- value`` written as a subtraction or an addition."""
+    return f"+ {value[1:]}" if value.startswith("-") else f"- {value}"
+
+
+def normalize_fix(inp: InputTrace, counts: bool = False) -> str:
+    """A ready line that normalizes this input with the measured statistics (``counts``:
+    non-negative, some features mostly zeros, as counts are: log1p first)."""
+    first = ("the values look like counts (never negative, some features mostly 0): "
+             "compress them first with torch.log1p(x) (or TF-IDF, or dividing each row by its "
+             "total), which keeps the zeros at 0; then " if counts else "")
+    return first + _standardize(inp)
+
+
+def _standardize(inp: InputTrace) -> str:
     mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
     safe = np.where(std > 0, std, 1.0)
     where = "on the training set (these values come from one batch)"
@@ -53,8 +76,9 @@ def normalize_fix(inp: InputTrace) -> str:
         # The statistics broadcast over the dims after the channel's (none when it is last).
         after = len(inp.shape) - 1 - inp.channel_dim % len(inp.shape)
         index = "[:" + ", None" * after + "]" if after else ""
-        values = (f"mean = torch.tensor({_values(mean)}), std = torch.tensor({_values(safe)})")
-        torchvision = (f"transforms.Normalize(mean={_values(mean)}, std={_values(safe)}) "
+        values = (f"mean = torch.tensor({_values(mean, safe)}), "
+                  f"std = torch.tensor({_values(safe)})")
+        torchvision = (f"transforms.Normalize(mean={_values(mean, safe)}, std={_values(safe)}) "
                        f"(torchvision, on (C, H, W) images), or "
                        if len(inp.shape) == 4 and inp.channel_dim == 1 else "")
         return (f"normalize each channel: {torchvision}x = (x - mean{index}) / std{index} "
@@ -62,14 +86,17 @@ def normalize_fix(inp: InputTrace) -> str:
                 f"{where}")
     if len(mean) <= MAX_LISTED:
         return (f"standardize each feature: x = (x - mean) / std with "
-                f"mean = torch.tensor({_values(mean)}), std = torch.tensor({_values(safe)}) "
-                f"(or sklearn's StandardScaler); compute the statistics {where}")
+                f"mean = torch.tensor({_values(mean, safe)}), std = torch.tensor("
+                f"{_values(safe)}) (or sklearn's StandardScaler); compute the statistics "
+                f"{where}")
     overall_mean = float(mean.mean())
     overall_std = float(math.sqrt(max(np.mean(std ** 2 + (mean - overall_mean) ** 2), 0.0)))
-    return (f"standardize the input per feature (sklearn's StandardScaler, or "
-            f"x = (x - mean) / std with per-feature statistics computed {where}); overall it "
-            f"has mean {overall_mean:.4g} and std {overall_std:.4g}, so at least "
-            f"x = (x - {overall_mean:.4g}) / {overall_std:.4g}")
+    centre = _precise(overall_mean, overall_std)
+    what = "channel" if is_image(inp) else "feature"
+    return (f"standardize the input per {what} (dim {inp.channel_dim % len(inp.shape)}; "
+            f"sklearn's StandardScaler, or x = (x - mean) / std with per-{what} statistics "
+            f"computed {where}); overall it has mean {centre} and std {overall_std:.4g}, so "
+            f"at least x = (x {_minus(centre)}) / {overall_std:.4g}")
 
 
 def _describe(inp: InputTrace) -> str:
@@ -128,7 +155,10 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Subtract the per-channel mean and divide by the per-channel std, computed on the training
     set only and applied to validation and test data too: ``transforms.Normalize(mean, std)``
-    for images, ``StandardScaler`` for tabular features. The finding prints the measured values.
+    for images, ``StandardScaler`` for tabular features. The finding prints the measured values
+    (a mean far larger than its std, a timestamp's, with the digits it needs to apply). Counts
+    (never negative, some features mostly 0: bag-of-words) are compressed first:
+    ``torch.log1p(x)``, TF-IDF or dividing each row by its total keep the zeros at 0.
     """
     for inp in trace.inputs:
         consumers = direct_consumers(trace, inp)
@@ -158,7 +188,8 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             message=(f"{_describe(inp)} is not normalized: {count} of {len(mean)} have "
                      f"{'; '.join(reasons)}; it goes straight into "
                      f"{', '.join(repr(f.name) for f in consumers[:3])}"),
-            fix=normalize_fix(inp),
+            fix=normalize_fix(inp, counts=bool(np.all(np.asarray(inp.min, float) >= 0))
+                              and bool(_sparse_features(inp, mean, std, t.min_std).any())),
             evidence={"input": inp.name, "channels": len(mean), "not_normalized": count,
                       "mean": [float(x) for x in mean[:MAX_LISTED]],
                       "std": [float(x) for x in std[:MAX_LISTED]],

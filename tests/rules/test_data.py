@@ -140,6 +140,34 @@ def test_tl201_many_features_get_one_overall_scale():
     assert "x = (x - 50) / 10" in found[0].fix
 
 
+def test_tl201_a_large_mean_is_printed_precisely_enough_to_apply():
+    """Timestamps at mean 1.7013061e9, std 3.6e4: applying the printed mean leaves the feature
+    centred (within 1% of its std), which 4 significant digits would not (off by 8 std)."""
+    mean, std = [0.0, 1.7013061e9], [1.0, 3.6e4]
+    [found] = hits("TL201", _fed_to(_tabular(mean, std)))
+    printed = float(re.search(r"mean = torch.tensor\(\[[^,]+, ([^\]]+)\]", found.fix).group(1))
+    assert abs(printed - mean[1]) <= 0.01 * std[1]
+    assert "1.701e+09" not in found.fix
+
+
+def test_tl201_a_negative_overall_mean_is_added():
+    found = hits("TL201", _fed_to(_tabular([-50.0] * 40, [10.0] * 40)))
+    assert "x = (x + 50) / 10" in found[0].fix and "- -" not in found[0].fix
+
+
+@pytest.mark.parametrize("low, counts", [(0.0, True), (-1.0, False)])
+def test_tl201_counts_are_compressed_before_they_are_standardized(low, counts):
+    """Bag-of-words counts: never negative, rare words mostly 0 (std above mean), frequent
+    ones at means up to 17. log1p keeps the zeros at 0; shifting by the mean makes them
+    dense. With negative values present they are no counts."""
+    mean = [17.0, 6.0] + [0.1] * 38
+    std = [3.6, 2.0] + [0.4] * 38
+    inp = _tabular(mean, std, lo=[low] * 40, hi=[30.0] * 40)
+    [found] = hits("TL201", _fed_to(inp))
+    assert ("torch.log1p(x)" in found.fix) is counts
+    assert "x = (x - mean) / std" in found.fix
+
+
 @pytest.mark.parametrize("consumer, type_, via", [
     ("bn", "BatchNorm1d", ()),          # the model normalizes its input itself
     ("fc", "Linear", ("div",)),          # forward computes x / 255 first
