@@ -251,9 +251,14 @@ def inside_attention_sublayer(trace: RunTrace, module: str) -> bool:
     return False
 
 
+def predecessors(trace: RunTrace, node: tuple) -> list[tuple]:
+    """What flows into ``node`` (a module's forward, a functional op's point): (src, via)."""
+    return [(e.src, e.via) for e in trace.edges if e.dst == node]
+
+
 def sources(trace: RunTrace, module: str) -> list[tuple]:
     """What flows into ``module``'s forward: (src, via) pairs."""
-    return [(e.src, e.via) for e in trace.edges if e.dst == ("module", module)]
+    return predecessors(trace, ("module", module))
 
 
 def upstream(trace: RunTrace, module: str, hops: int = 4) -> list[tuple]:

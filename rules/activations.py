@@ -26,6 +26,7 @@ from ._graph import (
     mostly_dead,
     output_point,
     passed_on_by,
+    predecessors,
     quiet_branches,
     sources,
 )
@@ -156,7 +157,7 @@ def feeding_module(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[M
     layers (Dropout, pooling, reshapes); None when the trace's edges do not say."""
     target = ("module", lt.module) if lt.op == "output" else lt.node
     for _ in range(hops):
-        sources = [e.src for e in trace.edges if e.dst == target and e.src[0] == "point"]
+        sources = [src for src, _ in predecessors(trace, target) if src[0] == "point"]
         if not sources:
             return None
         facts = trace.modules.get(sources[0][1])

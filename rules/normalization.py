@@ -22,6 +22,7 @@ from ._graph import (
     only_shape_ops,
     output_nodes,
     passed_on_by,
+    predecessors,
     sources,
     successors,
     upstream,
@@ -154,10 +155,15 @@ def _sequence_blocks(trace: RunTrace) -> list[str]:
     return found
 
 
-def _fed_by_convolution(trace: RunTrace, name: str, hops: int = 2) -> bool:
+def _fed_by_convolution(trace: RunTrace, name: str) -> bool:
     """Whether everything module ``name`` takes is a Conv layer's output maps (through
     reshapes, pass-through modules, and an activation after the conv: conv -> ReLU -> BN)."""
-    fed = upstream(trace, name)
+    return _conv_maps(trace, upstream(trace, name))
+
+
+def _conv_maps(trace: RunTrace, fed: list, hops: int = 2) -> bool:
+    """Whether every ``(src, via)`` of ``fed`` is a Conv layer's output through reshapes, or
+    an activation (a module or a functional op) of such output, up to ``hops`` deep."""
     for src, via in fed:
         facts = trace.modules.get(src[1]) if src[0] == "point" else None
         if facts is None or not only_shape_ops(via):
@@ -167,21 +173,8 @@ def _fed_by_convolution(trace: RunTrace, name: str, hops: int = 2) -> bool:
         act = layer_at(trace, src)
         if not hops or act is None or act.kind is None:
             return False
-        if act.op == "output":
-            if not _fed_by_convolution(trace, src[1], hops - 1):
-                return False
-        elif not _point_fed_by_convolution(trace, src):
-            return False
-    return bool(fed)
-
-
-def _point_fed_by_convolution(trace: RunTrace, node: tuple) -> bool:
-    """Whether a functional activation's point (``F.relu(conv(x))``) takes a Conv layer's
-    output maps, through reshapes only."""
-    fed = [(e.src, e.via) for e in trace.edges if e.dst == node]
-    for src, via in fed:
-        facts = trace.modules.get(src[1]) if src[0] == "point" else None
-        if facts is None or not facts.base.startswith("Conv") or not only_shape_ops(via):
+        behind = upstream(trace, src[1]) if act.op == "output" else predecessors(trace, src)
+        if not _conv_maps(trace, behind, hops - 1):
             return False
     return bool(fed)
 
