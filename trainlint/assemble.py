@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 from . import stats
 from .origins import library_of, locate
-from .probe import MIXED, ProbeSnapshot, is_leaf_module, training_flags
+from .probe import MIXED, ProbeSnapshot, is_leaf_module, keep_inner_ops, training_flags
 from .trace import (
     REORDERING_OPS,
     ActivationStats,
@@ -220,8 +220,7 @@ class TraceBuilder:
         self.norm_calls.update(dict.fromkeys(snap.norm_calls))
         self.attention_calls.update(snap.attention_calls)
         for name, ops in snap.inner_ops.items():
-            if self.inner_ops.setdefault(name, ops) != ops:
-                self.inner_ops[name] = MIXED
+            keep_inner_ops(self.inner_ops, name, ops)
         self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
         if snap.output_origins:

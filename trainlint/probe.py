@@ -91,6 +91,12 @@ MAX_VIA = 4
 # What a leaf module's inner ops read when its output did not come from its first input by
 # ops the mode followed, or when its calls differed.
 MIXED = ("?",)
+
+
+def keep_inner_ops(store: dict, name: str, ops: tuple) -> None:
+    """Record ``ops`` for ``name`` in ``store``; ``MIXED`` once two calls differ."""
+    if store.setdefault(name, ops) != ops:
+        store[name] = MIXED
 # Model inputs followed into one tensor beside its producer (``Probe.joined``).
 MAX_JOINED = 8
 # Float tensors of a module's output read for NaN beside the one observed.
@@ -809,8 +815,7 @@ class Probe:
             ops: tuple = MIXED
         else:
             ops = got[1][len(given[1]):]
-        if self.inner_ops.setdefault(name, ops) != ops:
-            self.inner_ops[name] = MIXED
+        keep_inner_ops(self.inner_ops, name, ops)
 
     def on_functional(self, op: str, args: tuple, out: Any) -> None:
         tensor = out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
