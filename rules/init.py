@@ -415,6 +415,8 @@ def _weight_head(head: Optional[LayerTrace], trace: RunTrace) -> Optional[LayerT
 
 # The outputs' between-sample RMS below this share of their spread: the same for every sample.
 SAME_FOR_ALL = 0.25
+# The last layer's bias at least this share of the outputs' spread: large enough to set them.
+BIAS_SHARE = 0.5
 
 
 def _bias_driven(trace: RunTrace, head: Optional[LayerTrace],
@@ -434,7 +436,7 @@ def _bias_driven(trace: RunTrace, head: Optional[LayerTrace],
     if bias is None or not spread > 0 or signal > SAME_FOR_ALL * spread:
         return None
     rms = initial_weight_rms(bias)
-    return (bias.name, rms, signal, spread) if rms >= 0.5 * spread else None
+    return (bias.name, rms, signal, spread) if rms >= BIAS_SHARE * spread else None
 
 
 @rule("TL302", "loss-at-init", "warning", max_ratio=2.0, min_excess=1.0, max_excess=3.0,

@@ -7,8 +7,8 @@ from typing import Optional
 
 import numpy as np
 import pytest
-from trainlint.rules._graph import LARGE_FEATURES
-from trainlint.rules.activations import NORM_WEIGHT_COLLAPSED
+from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
+from trainlint.rules.activations import NORM_WEIGHT_COLLAPSED, RESCALED
 
 from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
 from trainlint.errors import ConfigError
@@ -548,7 +548,7 @@ def test_tl103_a_pooling_where_the_signal_falls_is_not_named() -> None:
     assert found.module != "vq.emb" and "kaiming_normal_" in found.fix
 
 
-@pytest.mark.parametrize("dead, fires", [(0.89, True), (0.9, False)])
+@pytest.mark.parametrize("dead, fires", [(MOSTLY_DEAD - 0.01, True), (MOSTLY_DEAD, False)])
 def test_tl103_a_signal_stopped_by_dead_relus_is_tl101s(dead: float, fires: bool) -> None:
     """All but a few units of a ReLU layer dead (a bias of -5): the signal after it is ~0.
     TL101 names the layer and its fix; TL103's init advice would not help."""
@@ -562,7 +562,7 @@ def test_tl103_a_signal_stopped_by_dead_relus_is_tl101s(dead: float, fires: bool
     assert bool(run("TL103", trace)) is fires
 
 
-@pytest.mark.parametrize("scale, fires", [(0.11, False), (0.09, True)])
+@pytest.mark.parametrize("scale, fires", [(1.1 * RESCALED, False), (0.9 * RESCALED, True)])
 def test_tl103_a_norm_that_brings_a_huge_first_layer_back_to_scale(scale: float,
                                                                    fires: bool) -> None:
     """A qkv projection at std 30 (output 240), then LayerNorm to ~1 and on: no signal

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from trainlint.rules import gradients
+from trainlint.rules._graph import MOSTLY_DEAD
 from trainlint.rules.gradients import nice_below
 
 from tests.rules.tracekit import defaults, edge, hits, module, param, point, to_module, trace
@@ -77,7 +78,7 @@ def test_tl501_exactly_zero_early_gradients_fire():
     assert hits("TL501", _depth([0.0, 0.0, 0.0, 0.5, 0.5, 0.5]))
 
 
-@pytest.mark.parametrize("dead, fires", [(0.89, True), (0.9, False)])
+@pytest.mark.parametrize("dead, fires", [(MOSTLY_DEAD - 0.01, True), (MOSTLY_DEAD, False)])
 def test_tl501_a_gradient_stopped_by_dead_relus_is_tl101s(dead, fires):
     """A transformer's FFN with fc1's bias at -5: its ReLU is dead, so no gradient comes back
     to fc1. TL101 names the ReLU with the right fix; TL501's init advice would not help."""
