@@ -92,22 +92,23 @@ def skips_steps(trace: RunTrace) -> bool:
     return any(b - a > 1 for a, b in zip(steps, steps[1:]))
 
 
+def _changed(norms: list) -> bool:
+    """Whether these norms of one parameter (the finite ones) differ by more than ``CHANGE``."""
+    norms = [n for n in norms if math.isfinite(n)]
+    return len(norms) >= 2 and max(norms) - min(norms) > CHANGE * max(abs(n) for n in norms)
+
+
 def changed_between(p: ParamTrace) -> bool:
     """Whether the parameter's norm before the observed optimizer steps changed from one to
     another (so something updated it in between)."""
-    norms = [n for n in p.norms_before if math.isfinite(n)]
-    return len(norms) >= 2 and max(norms) - min(norms) > CHANGE * max(abs(n) for n in norms)
+    return _changed(list(p.norms_before))
 
 
 def updated_elsewhere(p: ParamTrace) -> bool:
     """Whether no optimizer stepped the parameter at the observed steps, yet its norm changed
     from the first observed step to the last: the user's code updates it (a BYOL/MoCo target
     kept as an exponential moving average of the online network, a hand-written update)."""
-    if p.norms_before or p.first_norm is None:
-        return False
-    first, last = p.first_norm, p.norm
-    return math.isfinite(first) and math.isfinite(last) and \
-        abs(last - first) > CHANGE * max(abs(first), abs(last))
+    return not p.norms_before and p.first_norm is not None and _changed([p.first_norm, p.norm])
 
 
 @rule("TL505", "unused-parameters", "warning")
