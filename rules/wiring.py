@@ -392,8 +392,9 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     class on their path overrides ``train()`` to keep them in eval (the detection-backbone
     idiom; library wrappers whose ``train()`` only passes the mode on, such as DDP or
     transformers' models, do not count). ``trainlint check`` puts the model in train mode
-    itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides), so
-    this rule needs a Monitor run.
+    itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides, and
+    leaving a submodule in eval with all its parameters frozen as it was), so this rule needs a
+    Monitor run.
 
     ## Why is this bad?
     In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running

@@ -63,7 +63,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                  "graph_output": None}
     try:
         probe.attach()
-        model.train()
+        train_mode(model)
         with _eager(model, notes):
             for step in range(steps):
                 if not _one_step(model, batch, loss_fn, opt, probe, builder, step, run, notes):
@@ -82,6 +82,23 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                           amp_dtype=probe.autocast,
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
+
+
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, as a training loop starts, but a submodule the user froze on purpose
+    stays as it was: one in eval mode whose parameters are all frozen (a fine-tuned backbone's
+    BatchNorm, put in eval with ``requires_grad_(False)``), as the user's own loop runs it."""
+    flags = {m: m.training for m in model.modules()}
+    kept = [m for m in model.modules() if m is not model and not m.training and _frozen(m)]
+    model.train()
+    for frozen in kept:
+        for m in frozen.modules():
+            m.training = flags[m]
+
+
+def _frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def _eager(model: nn.Module, notes: list) -> Any:

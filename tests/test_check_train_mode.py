@@ -1,0 +1,71 @@
+"""`trainlint check` trains in train mode, but leaves a submodule frozen on purpose in eval."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import trainlint
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _batch() -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, 16, 16, generator=gen), torch.randint(0, 4, (2,), generator=gen)
+
+
+def _note(seen: dict, name: str, module: nn.Module) -> None:
+    seen.setdefault(name, module.training)
+
+
+def _modes_seen(model: nn.Module) -> dict:
+    """Each BatchNorm's mode during the check's forwards, read by a hook of the test's own."""
+    seen: dict = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, a, o, name=name: _note(seen, name, mod))
+    return seen
+
+
+def test_batchnorm_frozen_on_purpose_stays_in_eval_and_is_not_linted_as_training() -> None:
+    torch.manual_seed(0)
+    model = _net()
+    frozen = model[1]
+    frozen.eval()
+    frozen.requires_grad_(False)
+    seen = _modes_seen(model)
+    report = trainlint.check(model, _batch(), steps=2)
+    assert seen == {"1": False, "4": True}
+    small = {f.module for f in report.findings if f.code == "TL401"}
+    assert small == {"4"}  # the trained BatchNorm at batch 2 is still reported
+    assert [m.training for m in model] == [True, False] + [True] * 7  # the user's flags
+
+
+def test_batchnorm_in_eval_but_trainable_is_put_in_train_mode() -> None:
+    torch.manual_seed(0)
+    model = _net()
+    model[1].eval()  # parameters still trainable: not frozen on purpose
+    seen = _modes_seen(model)
+    report = trainlint.check(model, _batch(), steps=2)
+    assert seen == {"1": True, "4": True}
+    assert {f.module for f in report.findings if f.code == "TL401"} == {"1", "4"}
+    assert not model[1].training
+
+
+def test_frozen_submodule_keeps_each_of_its_members_modes() -> None:
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4))
+    model = nn.Sequential(inner, nn.Linear(4, 4))
+    inner.eval()
+    inner[1].train()  # a mixed subtree: each member keeps its own flag
+    inner.requires_grad_(False)
+    seen: dict = {}
+    inner[1].register_forward_hook(lambda m, a, o: _note(seen, "dropout", m))
+    inner[0].register_forward_hook(lambda m, a, o: _note(seen, "linear", m))
+    trainlint.check(model, (torch.randn(4, 8), torch.randint(0, 4, (4,))), steps=1)
+    assert seen == {"dropout": True, "linear": False}
