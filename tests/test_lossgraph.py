@@ -191,6 +191,32 @@ def test_a_monitor_finds_softmax_twice_in_the_users_loop() -> None:
     assert "TL601" not in _codes(logged)
 
 
+_LABELLED = torch.arange(0, 32, 2)  # the rows with a label (a node classifier's train_idx)
+
+
+def _on_rows(how: str):  # noqa: ANN202
+    """A cross-entropy on the labelled rows only, picked by an index or by a bool mask."""
+    mask = torch.zeros(32, dtype=torch.bool)
+    mask[_LABELLED] = True
+    rows = _LABELLED if how == "index" else mask
+    return lambda out, y: F.cross_entropy(out[rows], y[rows])
+
+
+@pytest.mark.parametrize("how", ["index", "mask"])
+def test_a_loss_on_the_labelled_rows_reads_the_output_through_the_index(how: str) -> None:
+    probs = _monitored(nn.Sequential(_head(), nn.Softmax(dim=1)), _on_rows(how))
+    assert "TL601" in _codes(probs)
+    assert (probs.trace.loss_kind, probs.trace.num_classes) == ("cross_entropy", 10)
+    assert "TL601" not in _codes(_monitored(_head(), _on_rows(how)))
+    loud = _head()
+    nn.init.normal_(loud[2].weight, std=4.0)
+    assert "TL302" in _codes(_monitored(loud, _on_rows(how)))
+    assert "TL302" not in _codes(_monitored(_head(), _on_rows(how)))
+    model = nn.Sequential(_head(), nn.Softmax(dim=1))
+    batch = (torch.randn(32, 6), torch.randint(0, 10, (32,)))
+    assert "TL601" in _codes(trainlint.check(model, batch, loss_fn=_on_rows(how)))
+
+
 def test_check_leaves_a_loss_on_the_logged_probabilities_alone() -> None:
     model = nn.Sequential(_head(), nn.Softmax(dim=1))
     batch = (torch.randn(16, 6), torch.randint(0, 10, (16,)))

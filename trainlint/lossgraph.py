@@ -50,6 +50,9 @@ SHAPE_NODES = frozenset({
     "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "PermuteBackward",
     "TransposeBackward", "SqueezeBackward", "UnsqueezeBackward", "ExpandBackward",
     "SliceBackward", "SelectBackward", "AsStridedBackward",
+    # Rows picked by an index or a mask (``out[train_idx]``, ``out[mask]``): a node
+    # classifier's or a token classifier's loss on the labelled rows only.
+    "IndexBackward", "IndexSelectBackward",
 })
 # Nodes that keep what the values are (probabilities stay probabilities): casts, clamps.
 KEEP_NODES = frozenset({"ToCopyBackward", "CloneBackward", "ClampBackward", "ClampMinBackward",
