@@ -353,6 +353,11 @@ def _init_transient(trace: RunTrace, totals: list, samples: int, t: Thresholds) 
             and max(losses[1:]) <= t.settle_rise * losses[0])
 
 
+# A rate too high whose typical step calls for at least this factor (a cut by less than half)
+# is too high only in its largest steps: warmup, not a lower rate, is the fix.
+WORTH_CUTTING = 0.5
+
+
 def update_ratio_of(p: ParamTrace) -> Optional[float]:
     """The largest ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed the
     parameter), or None."""
@@ -428,7 +433,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rates); if the ratio is low because the gradients vanish, fix that first (TL501). For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
-    in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. Updates
+    in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. When
+    a typical step calls for cutting the rate by less than half, only the largest steps are too
+    large (the rate suits the run once under way): the fix is warmup and clipping. Updates
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
     (``torch.autocast`` instead of ``model.bfloat16()``).
 
@@ -548,6 +555,16 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
         fix = (f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
                f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
                                                if direction == "high" else ""))
+        if direction == "high" and factor >= WORTH_CUTTING:
+            # The largest steps overwrite the weights, a typical one does not: the rate suits
+            # the run once it is under way (Adam's first steps move each weight by ~lr/RMS(w)).
+            message += (f" for its largest steps: a typical step's ratio is {step_typical:.3g}, "
+                        f"near ~{t.target:g}")
+            fix = (f"warm {whose} up instead of cutting it (a typical step is near "
+                   f"~{t.target:g}): linearly from ~1% over the first few hundred steps, e.g. "
+                   "torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, "
+                   "total_iters=500) stepped per batch; and clip gradients "
+                   "(torch.nn.utils.clip_grad_norm_)")
     evidence = {"direction": direction, "median_ratio": typical, "lr_factor": factor,
                 "typical_step_ratio": step_typical,
                 "params": [p.name for p, _ in bad], "threshold": threshold}

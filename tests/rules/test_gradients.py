@@ -580,3 +580,21 @@ def test_tl503_waits_past_the_first_step_of_a_warmup_from_zero():
     found = hits("TL503", warmup)
     assert [h.evidence["group"] for h in found] == [0, 1]
     assert all(h.evidence["median_ratio"] == 0 for h in found)
+
+
+@pytest.mark.parametrize("edge, warmup", [(0.98, False), (1.02, True)])
+def test_tl503_too_high_only_in_the_largest_steps_is_fixed_by_warmup(edge, warmup):
+    """Adam at lr 0.1 on a small net: its first steps overwrite the weights (ratio ~1), its
+    typical step is near the target. Where a typical step calls for cutting the rate by less
+    than half (``WORTH_CUTTING``), the fix is warmup, not a factor of ~1 that contradicts "too
+    high"."""
+    d = defaults("TL503")
+    typical = d["target"] / (edge * gradients.WORTH_CUTTING)  # factor = target / typical
+    ratios = (0.9, typical, typical, typical, 0.8)
+    t = trace([], params=[param(f"l{i}.weight", (8, 8), ratios=ratios) for i in range(3)])
+    [found] = hits("TL503", t)
+    assert found.evidence["direction"] == "high"
+    assert found.evidence["lr_factor"] == pytest.approx(d["target"] / typical)
+    assert ("LinearLR" in found.fix) is warmup
+    assert ("multiply the learning rate" in found.fix) is not warmup
+    assert ("for its largest steps" in found.message) is warmup
