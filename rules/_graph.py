@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -343,6 +344,36 @@ def quiet_branches(trace: RunTrace) -> list[str]:
                                         if n.startswith(block + ".")):
             blocks.append(block)
     return blocks
+
+
+# A residual branch's layer scale (ConvNeXt's and CaiT's 1e-6 .. 1e-5, ReZero's 0) at most
+# this RMS quiets the branch by design: its layers' gradients are this small a share of the
+# stream's.
+LAYER_SCALE = 1e-3
+
+
+def layer_scaled_branches(trace: RunTrace) -> list[str]:
+    """The blocks whose residual branches a small learned scale quiets: a vector (or scalar)
+    parameter of RMS at most ``LAYER_SCALE`` before its first observed update, on a module that
+    is no weight, norm or embedding layer: the block itself (ConvNeXt's ``gamma``, transformers'
+    ``layer_scale_parameter``) or, for a leaf that only holds it (timm's ``LayerScale``), the
+    block around that leaf. Its branch's layers get a gradient that small, by design, while the
+    block's skip carries the stream. Never the model itself."""
+    blocks = set()
+    for p in trace.params:
+        facts = trace.modules.get(p.module)
+        if (facts is None or len(p.shape) > 1 or not p.norms_before
+                or p.name.endswith((".weight", ".bias"))  # a norm of the user's own, say
+                or facts.base in WEIGHT_LAYERS + EMBEDDING_TYPES or is_norm_type(facts.base)):
+            continue
+        numel = math.prod(p.shape)
+        if not numel or p.norms_before[0] > LAYER_SCALE * math.sqrt(numel):
+            continue
+        has_children = any(name.startswith(p.module + ".") for name in trace.modules)
+        block = p.module if has_children or not p.module else p.module.rpartition(".")[0]
+        if block:
+            blocks.add(block)
+    return sorted(blocks)
 
 
 def in_blocks(name: str, blocks: list[str]) -> bool:

@@ -28,6 +28,7 @@ from ._graph import (
     in_blocks,
     inside_attention_sublayer,
     layer_at,
+    layer_scaled_branches,
     only_shape_ops,
     output_layer,
     output_nodes,
@@ -41,9 +42,10 @@ def gradient_series(trace: RunTrace) -> list[LayerTrace]:
     output (its gradient is set by the loss, not by backpropagation through the network) and
     without projections inside attention blocks (at init the softmax is nearly flat, so the
     query/key gradients are orders of magnitude below the rest in every healthy transformer)
-    nor layers of residual branches a zero-initialized norm quiets (:func:`quiet_branches`)."""
+    nor layers of residual branches a zero-initialized norm or a small layer scale quiets
+    (:func:`quiet_branches`, :func:`layer_scaled_branches`)."""
     out = output_layer(trace)
-    quiet = quiet_branches(trace)
+    quiet = quiet_branches(trace) + layer_scaled_branches(trace)
     series = []
     for lt in trace.ordered_layers():
         if lt.op != "output" or lt.base not in WEIGHT_LAYERS or lt.grad_norm is None:
@@ -78,8 +80,10 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Vanishing gradients: early layers get gradients orders of magnitude below the last ones.
 
     ## What it does
-    Along depth (outputs of Linear/Conv/RNN layers, in forward order, the model's output and the
-    projections inside attention sub-layers left out) it takes the norm of the gradient of the
+    Along depth (outputs of Linear/Conv/RNN layers, in forward order, the model's output, the
+    projections inside attention sub-layers, and the layers of residual branches that a norm
+    initialized at 0 or a layer scale of RMS <= ``LAYER_SCALE`` (1e-3: ConvNeXt's 1e-6,
+    ReZero's 0) quiets by design left out) it takes the norm of the gradient of the
     loss with respect to each layer's output, over the observed steps. It fires when the median
     of the first ``window`` layers is below ``min_ratio`` × the median of the last ``window``
     (in a network of at least ``min_layers`` such layers), or below ``zero_ratio`` × the
@@ -383,12 +387,12 @@ def judged_params(trace: RunTrace) -> list[tuple[ParamTrace, float]]:
     relative update is undefined at first); one that no step changed only when it had a
     gradient (ratio 0)."""
     judged = []
-    quiet = quiet_branches(trace)
+    quiet = quiet_branches(trace) + layer_scaled_branches(trace)
     for p in trace.params:
         facts = trace.modules.get(p.module)
         if not p.requires_grad or len(p.shape) < 2 or (facts and facts.base in EMBEDDING_TYPES):
             continue
-        if in_blocks(p.name, quiet):  # a zero-initialized norm ends its branch: no update yet
+        if in_blocks(p.name, quiet):  # a zero norm or a small layer scale ends its branch
             continue
         if not p.norms_before or p.norms_before[0] == 0 or p.grad_steps == 0:
             continue
@@ -413,7 +417,8 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     does not decide it; with several param groups (a head at its own rate when fine-tuning)
     each group with a judged weight is judged on its own median, and the finding names the
     group and its learning rate.
-    Biases, norm scales, embedding tables and zero-initialized weights are not judged. A
+    Biases, norm scales, embedding tables, zero-initialized weights and the weights of residual
+    branches quieted by design (as TL501 says) are not judged. A
     weight whose gradient was not 0 but that no observed step changed has ratio 0 (learning
     rate 0, or updates below the precision of bfloat16/float16 weights, which round them
     away); a median of 0 is reported as such, without a factor. The band is wide on purpose:
