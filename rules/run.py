@@ -202,8 +202,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     unless it is stuck at chance: a classifier's loss within ``chance_gap`` (relative) of ln(C)
     in the first and the last third while the weights move less than ``stuck_rate`` of their
     norm a step (SGD at lr 2e-4 on an MLP: 1.5e-5 a step, inside TL503's band yet far too
-    slow to learn anything in the run), and at least ``stuck_floor`` (TL503's ``min_ratio``:
-    below it TL503 reports the learning rate), over a run long enough that weights moving
+    slow to learn anything in the run), unless TL503 reports the rate itself (its measure, the
+    median over the weights of each one's largest step, below ``stuck_floor``, TL503's
+    ``min_ratio``), over a run long enough that weights moving
     ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
     trainable tensors outside the model and its optimizer (a GAN generator's loss runs through
     the discriminator) is not judged: it rises whenever the other network gets better.
@@ -295,11 +296,18 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, steps: int,
                      t: Thresholds) -> Optional[tuple]:
     """``(message, fix, evidence)`` when a classifier's loss stays at ln(C) while its weights
-    move ``t.stuck_floor`` to ``t.stuck_rate`` of their norm a step: a learning rate too low
-    to learn in the run (below the floor, TL503 says so). None otherwise."""
+    move less than ``t.stuck_rate`` of their norm a step: a learning rate too low to learn in
+    the run (where TL503's measure is below ``t.stuck_floor``, TL503 says so). None
+    otherwise."""
     chance = chance_level(trace)
     rate = moved / max(steps, 1)
-    if chance is None or not t.stuck_floor <= rate < t.stuck_rate or \
+    # TL503's own measure (each weight's largest step, their median) below the floor: it
+    # reports the learning rate itself. The mean step can sit below the floor while TL503's
+    # measure does not (SGD with momentum at 1000x too low a rate: 1.0-1.1e-5 a step).
+    largest = [r for _, r in judged_params(trace)]
+    if not largest or median(largest) < t.stuck_floor:
+        return None
+    if chance is None or rate >= t.stuck_rate or \
             steps * t.typical_rate < t.min_movement or not all(
             abs(loss - chance[1]) <= t.chance_gap * chance[1] for loss in (first, last)):
         return None

@@ -152,6 +152,28 @@ def test_tl603_a_loss_stuck_at_chance_with_weights_that_barely_move_is_reported(
     assert f"by about {gradients.nice_below(t['typical_rate'] / per_step):g}x" in found.fix
 
 
+@pytest.mark.parametrize("last, fires", [(1.1, True), (0.95, False)])
+def test_tl603_stuck_at_chance_defers_only_to_what_tl503_reports(last, fires):
+    """SGD with momentum at 1000x too low a rate on a wide ResNet: 1.0-1.1e-5 a step, the mean
+    below TL503's floor, each weight's largest step (TL503's measure) above it, so TL503 is
+    silent: TL603 must report the loss stuck at ln(C). With every step below the floor TL503
+    reports the rate and TL603 leaves it."""
+    t = defaults("TL603")
+    floor = t["stuck_floor"]
+    ratios = (0.9 * floor, 0.9 * floor, last * floor)
+    assert sum(ratios) / 3 < floor
+    params = [param(f"l{i}.weight", (4, 4), ratios=ratios) for i in range(3)]
+    run = _classifier(trace([], mode="monitor", params=params,
+                            per_step=steps(*[math.log(10)] * 9, every=50, key="loss_mean")), 10)
+    assert bool(hits("TL503", run)) is not fires
+    if fires:
+        [found] = hits("TL603", run)
+        assert "the learning rate is too low for the model to learn" in found.message
+    else:
+        with pytest.raises(Skip, match="moved only"):
+            hits("TL603", run)
+
+
 @pytest.mark.parametrize("start, end", [(1.014, 1.0), (1.0, 0.98)])
 def test_tl603_a_classifiers_steady_fall_near_chance_is_learning(start, end):
     """A 1000-class classifier's first 240 steps at a constant AdamW rate (6.908 -> 6.81, then
