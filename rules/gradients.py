@@ -14,10 +14,12 @@ from trainlint.trace import (
     LayerTrace,
     ParamTrace,
     RunTrace,
+    layer_columns,
 )
 
 from ._graph import (
     EMBEDDING_TYPES,
+    LARGE_FEATURES,
     SHAPE_OPS,
     WEIGHT_LAYERS,
     ancestors,
@@ -33,6 +35,7 @@ from ._graph import (
     output_layer,
     output_nodes,
     quiet_branches,
+    rms_of_input,
     successors,
 )
 
@@ -170,11 +173,27 @@ def nice_below(x: float) -> float:
     return max(m * power for m in (1, 2, 5) if m * power <= x * (1 + 1e-9))
 
 
+# The max_norm suggested when the measured gradients are smaller (a run that converged
+# early: its last steps' gradients are ~0, and clipping to them would freeze training).
+MIN_CLIP = 1.0
+
+
+def _usual_grad_norm(trace: RunTrace, p: ParamTrace) -> Optional[float]:
+    """A parameter's usual gradient norm: the median of its finite, non-zero norms over the
+    observed steps that kept them (its last one where none did), or None."""
+    norms = [s["param_grad_norms"].get(p.name) for s in trace.per_step
+             if s.get("param_grad_norms")]
+    norms = [g for g in norms if g is not None and math.isfinite(g) and g > 0]
+    if not norms and p.grad_norm is not None and math.isfinite(p.grad_norm) and p.grad_norm > 0:
+        norms = [p.grad_norm]
+    return median(norms) if norms else None
+
+
 def suggested_max_norm(trace: RunTrace) -> tuple[float, float, int]:
     """A clip_grad_norm_ max_norm: the total norm the gradient would have with every
-    parameter's gradient at the median level. Returns (max_norm, median, count)."""
-    norms = [p.grad_norm for p in trace.params
-             if p.grad_norm is not None and math.isfinite(p.grad_norm) and p.grad_norm > 0]
+    parameter's gradient at the median of their usual levels. Returns (max_norm, median,
+    count)."""
+    norms = [g for g in (_usual_grad_norm(trace, p) for p in trace.params) if g is not None]
     if not norms:
         return 1.0, 0.0, 0
     typical = median(norms)
@@ -183,9 +202,15 @@ def suggested_max_norm(trace: RunTrace) -> tuple[float, float, int]:
 
 def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
     clip, typical, count = suggested_max_norm(trace)
-    if count and clip <= t.max_norm:
+    if count and clip < MIN_CLIP:
+        basis = (f" (the usual default: at the measured median {typical:.3g} over the steps, "
+                 f"the gradients would total only {clip:g}, "
+                 f"too little to clip to)")
+        clip, scale = MIN_CLIP, ""
+    elif count and clip <= t.max_norm:
         basis = (f" (the total norm if every parameter's gradient were at the measured median "
-                 f"{typical:.3g}, over {count} parameter{'s' if count != 1 else ''})")
+                 f"{typical:.3g} over the steps, over {count} parameter"
+                 f"{'s' if count != 1 else ''})")
         scale = ""
     else:
         clip, basis = 1.0, ""
@@ -210,19 +235,47 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
 TARGET_MSE = 100.0
 
 
+# Outputs whose own RMS at the first step is at least this share of their distance to the
+# targets (the first MSE's root) are what is far off, not the targets.
+OUTPUT_SHARE = 0.5
+
+
+def _first_output_rms(trace: RunTrace) -> Optional[float]:
+    """The RMS of the model's output at the first observed step that measured it, or None."""
+    out = output_layer(trace)
+    if out is None:
+        return None
+    for step in trace.per_step:
+        found = layer_columns(step.get("layers", {}), [out.node[1:]], ("std", "mean"))
+        if found is not None and None not in (found["std"][0], found["mean"][0]):
+            return math.hypot(found["std"][0], found["mean"][0])
+    return None
+
+
 def _target_scale(trace: RunTrace) -> str:
     """The fix's first words when the loss is one MSE term whose first value is at least
     ``TARGET_MSE``: the regression targets are far from unit scale, and the loss's gradient
-    scales with them (an empty string otherwise)."""
+    scales with them; or, when the outputs themselves start that far off (at least
+    ``OUTPUT_SHARE`` of the distance) and a model input is raw (RMS above ``LARGE_FEATURES``),
+    that input. An empty string otherwise."""
     if trace.loss_kind != "mse" or (trace.loss_terms or 1) > 1 or not trace.losses:
         return ""
     first = trace.losses[0]
     if not (math.isfinite(first) and first >= TARGET_MSE):
         return ""
-    return (f"standardize the regression targets (y - y.mean()) / y.std() and scale the "
-            f"predictions back: the first MSE is {first:.3g}, so the outputs start "
-            f"~{math.sqrt(first):.3g} (RMS) from the targets and every gradient scales with "
-            f"that; or ")
+    distance = math.sqrt(first)
+    outputs = _first_output_rms(trace)
+    if outputs is None or outputs < OUTPUT_SHARE * distance:
+        return (f"standardize the regression targets (y - y.mean()) / y.std() and scale the "
+                f"predictions back: the first MSE is {first:.3g}, so the outputs start "
+                f"~{distance:.3g} (RMS) from the targets and every gradient scales with "
+                f"that; or ")
+    raw = max(((rms_of_input(i), i.name) for i in trace.inputs), default=None)
+    if raw is None or raw[0] <= LARGE_FEATURES:
+        return ""
+    return (f"standardize the model's input {raw[1]!r} (RMS {raw[0]:.3g}) with the training "
+            f"set's mean and std (TL201): the outputs start at RMS {outputs:.3g}, ~{distance:.3g} "
+            f"from the targets (first MSE {first:.3g}), and every gradient scales with that; or ")
 
 
 def scale_invariant_weights(trace: RunTrace) -> set:
@@ -291,10 +344,16 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Clip the gradient norm between ``loss.backward()`` and ``optimizer.step()``:
     ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=...)`` (the finding suggests
-    a value from the measured norms); lower the learning rate; fix the init; add normalization.
+    the total norm the gradients would have with every parameter's at the median of their
+    usual levels over the observed steps; at least ``MIN_CLIP``, 1: a run that converged early
+    has gradients of ~0 at its last steps, and clipping to those would freeze training);
+    lower the learning rate; fix the init; add normalization.
     With one MSE loss whose first value is at least ``TARGET_MSE`` (100), the finding says
     first to standardize the regression targets: the outputs start that far from them, and
-    every gradient scales with it (targets ~500, as in house prices, give ~1e3).
+    every gradient scales with it (targets ~500, as in house prices, give ~1e3). When the
+    outputs themselves start at least ``OUTPUT_SHARE`` (half) of that distance off, the
+    targets are not the cause: a raw model input (RMS above ``LARGE_FEATURES``) is named
+    instead, where there is one.
     """
     fix, clip = _clip_fix(trace, t)
     profile = _profile(trace, t.window, t.min_layers, with_signal=True)

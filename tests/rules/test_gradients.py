@@ -567,6 +567,34 @@ def test_tl502_names_unscaled_regression_targets(first, told):
     assert "standardize" not in found.fix
 
 
+@pytest.mark.parametrize("edge, raw", [(0.98, True), (1.02, True), (1.02, False)])
+def test_tl502_names_a_raw_input_when_the_outputs_not_the_targets_are_far_off(edge, raw):
+    """DeepSets on raw inputs (RMS ~3e3) with standardized targets: the first MSE is 1.6e5
+    because the outputs start at RMS ~400, not because of the targets. Outputs at least
+    ``OUTPUT_SHARE`` of the distance off, with a raw input, get that input named; without
+    one, no cause is claimed."""
+    from tests.rules.tracekit import inputs
+
+    limit = defaults("TL502")["max_norm"]
+    first = 1.6e5
+    share = edge * gradients.OUTPUT_SHARE
+    head = point("head", "Linear", depth=1, grad_norm=1.0)
+    outputs = share * math.sqrt(first)
+    per_step = [{"step": 0, "layers": {head.node[1:]: {"std": outputs, "mean": 0.0}},
+                 "grad_norm": 5 * limit}]
+    scale = 3000.0 if raw else 1.0
+    t = trace([head], per_step=per_step, losses=[first], output_ops=((head.node, ()),),
+              inputs=[inputs("x", (16, 4), [0.0] * 4, [scale] * 4)],
+              params=[param("head.weight", (4, 4), grad_norm=5 * limit)])
+    t.loss_kind = "mse"
+    [found] = hits("TL502", t)
+    off = share >= gradients.OUTPUT_SHARE
+    assert found.fix.startswith("standardize the regression targets") is not off
+    assert found.fix.startswith("standardize the model's input 'x' (RMS 3e+03)") is (off and raw)
+    if off and raw:
+        assert f"the outputs start at RMS {outputs:.3g}" in found.fix
+
+
 def test_tl503_waits_past_the_first_step_of_a_warmup_from_zero():
     """Every group at lr 0 for the one step observed so far is a warmup's first step
     (transformers' linear schedule starts at 0); at a second step at lr 0 it is judged."""
@@ -580,6 +608,38 @@ def test_tl503_waits_past_the_first_step_of_a_warmup_from_zero():
     found = hits("TL503", warmup)
     assert [h.evidence["group"] for h in found] == [0, 1]
     assert all(h.evidence["median_ratio"] == 0 for h in found)
+
+
+def test_tl502_max_norm_comes_from_each_parameters_usual_gradient_over_the_steps():
+    """Raw features into a GraphSAGE under Adam: a total of 6e3 at step 0, then a loss of 0
+    and gradients of ~1e-9 by the last steps. The level comes from each parameter's median
+    over the observed steps, not its last gradient."""
+    limit = defaults("TL502")["max_norm"]
+    levels = [2 * limit, 3.0, 3.0, 3.0, 1e-9]
+    per_step = [{"step": i, "layers": {},
+                 "param_grad_norms": {f"l{j}.weight": g for j in range(4)}}
+                for i, g in enumerate(levels)]
+    params = [param(f"l{j}.weight", (4, 4), grad_norm=levels[-1]) for j in range(4)]
+    [found] = hits("TL502", trace([], per_step=per_step, params=params))
+    assert found.evidence["suggested_max_norm"] == nice_below(3.0 * math.sqrt(4))
+
+
+@pytest.mark.parametrize("edge", [0.9, 1.1])
+def test_tl502_never_suggests_clipping_below_min_clip(edge):
+    """A run that converged early: its gradients' usual total is ~0, and clipping to it
+    (max_norm=5e-10) would freeze training. Below ``MIN_CLIP`` the suggestion is
+    ``MIN_CLIP``."""
+    limit = defaults("TL502")["max_norm"]
+    total = edge * gradients.MIN_CLIP  # the usual total: four parameters at total / 2
+    per_step = [{"step": i, "layers": {},
+                 "param_grad_norms": {f"l{j}.weight": g for j in range(4)}}
+                for i, g in enumerate([2 * limit, total / 2, total / 2])]
+    params = [param(f"l{j}.weight", (4, 4), grad_norm=total / 2) for j in range(4)]
+    [found] = hits("TL502", trace([], per_step=per_step, params=params))
+    expected = max(gradients.MIN_CLIP, nice_below(total))
+    assert found.evidence["suggested_max_norm"] == expected
+    assert f"max_norm={expected:g}" in found.fix
+    assert ("too little to clip to" in found.fix) is (edge < 1)
 
 
 @pytest.mark.parametrize("edge, warmup", [(0.98, False), (1.02, True)])
