@@ -399,8 +399,9 @@ def _scale_profiles(trace: RunTrace, window: int, min_layers: int,
     if not candidates:
         merged = [lt.activation.signal if measure == "signal" else lt.activation.rms
                   for lt in series]
-        if any(v is None for v in merged):
-            return []
+        if any(v is None for v in merged) or any(
+                v == 0 and lt.activation.nonfinite for v, lt in zip(merged, series)):
+            return []  # all NaN/Inf somewhere: no finite moments to compare
         candidates = [(None, merged)]
     profiles = []
     for step, scales in candidates:

@@ -441,6 +441,21 @@ def test_tl103_at_the_edges_of_min_ratio() -> None:
     assert "kaiming_normal_" in relu.fix
 
 
+def test_tl103_says_nothing_of_layers_all_nan() -> None:
+    """A NaN made mid-network fills every layer after it: their finite moments are of no
+    value at all (RMS 0), which is TL504's, not a decay (merged over the run, as a check's
+    steps that all held NaN leave them)."""
+    t = RULES["TL103"].defaults
+    trace = depth_trace(profile("TL103", 0.0))
+    for lt in trace.layers[t["window"]:]:
+        lt.activation.nonfinite = lt.activation.count
+    assert run("TL103", trace) == []
+    partly = depth_trace(profile("TL103", t["min_ratio"] / 10))
+    for lt in partly.layers[t["window"]:]:
+        lt.activation.nonfinite = 1  # a few NaN beside finite values that decayed
+    assert run("TL103", partly)
+
+
 def test_tl103_needs_min_layers_and_ignores_the_model_output() -> None:
     t = RULES["TL103"].defaults
     scales = profile("TL103", t["min_ratio"] / 100)[: t["min_layers"] - 1]
