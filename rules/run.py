@@ -206,7 +206,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     median over the weights of each one's largest step, below ``stuck_floor``, TL503's
     ``min_ratio``), over a run long enough that weights moving
     ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
-    trainable tensors outside the model and its optimizer (a GAN generator's loss runs through
+    Parameters outside the model and its optimizer (a GAN generator's loss runs through
     the discriminator) is not judged: it rises whenever the other network gets better.
 
     ## Why is this bad?

@@ -40,6 +40,41 @@ def test_the_loss_graph_names_what_lies_outside_the_model() -> None:
     assert read_loss_graph(loss.detach(), generator.parameters()).foreign == 0
     own = F.mse_loss(generator(z), torch.zeros(8, 2))
     assert read_loss_graph(own, generator.parameters()).foreign == 0
+    # A leaf the forward makes each step (transformers' MRA attention on a CPU returns
+    # zeros_like(query).requires_grad_()) is no other network.
+    hidden = generator(z)
+    placeholder = F.mse_loss(hidden + torch.zeros_like(hidden).requires_grad_(),
+                             torch.zeros(8, 2))
+    assert read_loss_graph(placeholder, generator.parameters()).foreign == 0
+
+
+def test_a_loss_at_chance_beside_a_leaf_made_in_the_forward_is_judged() -> None:
+    """MRA's placeholder leaf made TL603 skip an unlearnable run as a GAN's."""
+
+    class Placeholder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(x))
+            return self.b(h + torch.zeros_like(h).requires_grad_())
+
+    torch.manual_seed(0)
+    model = Placeholder()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=10) as monitor:
+        for _ in range(100):  # labels independent of the inputs: nothing to learn
+            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.foreign_params == 0
+    assert "TL603" in _codes(report)
 
 
 def test_a_monitored_generator_is_not_judged_by_its_rising_loss() -> None:

@@ -3,7 +3,7 @@
 The graph's nodes outlive the backward (only their saved tensors are freed), so a Monitor can
 read them from the loss it is handed after ``loss.backward()``:
 
-* the trainable tensors outside the model and its optimizer that the loss reaches (a GAN
+* the Parameters outside the model and its optimizer that the loss reaches (a GAN
   generator's loss runs through the discriminator: it measures how two networks compete, not
   whether the monitored one learns);
 * the torch loss it computes (``F.cross_entropy`` leaves an ``NllLossBackward0`` over a
@@ -75,7 +75,7 @@ class LossGraph:
     or the model's outputs are not known; ``output_index`` is the position of the output the
     loss read among its forward's ``output_count`` outputs (None: not found)."""
 
-    # The ids of the trainable tensors the loss depends on beyond the parameters given
+    # The ids of the Parameters the loss depends on beyond the ones given
     # (another network: a GAN generator's loss runs through its discriminator).
     foreign_ids: frozenset = frozenset()
     kind: Optional[str] = None
@@ -203,7 +203,9 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     while todo and len(seen) < MAX_NODES:
         node = todo.popleft()
         variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
-        if isinstance(variable, torch.Tensor) and id(variable) not in ours:
+        # Another network's weights are Parameters; a leaf the forward makes each step
+        # (transformers' MRA: ``zeros_like(q).requires_grad_()``) is no network.
+        if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
             foreign.add(id(variable))
         if node_name(node) in LOSS_NODES:
             losses.append(node)
