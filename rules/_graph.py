@@ -142,6 +142,20 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
     return out
 
 
+def feeds_residual_sum(trace: RunTrace, lt: LayerTrace) -> bool:
+    """Whether ``lt``'s output is added to another path right away (through reshapes and
+    pass-through modules such as Dropout): a residual branch's last layer, whose scale is the
+    branch's share of the stream (small on purpose in GPT-2's or ModernBERT's init), not the
+    stream's."""
+    return any(dst[0] == "sum" and only_shape_ops(via[:-1])
+               for dst, via in downstream(trace, lt.node))
+
+
+# Ops that pick some positions of a tensor (a classifier's [CLS] token: ``hidden[:, 0]``).
+POSITION_PICKS = frozenset({"__getitem__", "select", "index_select", "narrow", "gather",
+                            "take_along_dim"})
+
+
 def only_shape_ops(via: tuple, joins: bool = False) -> bool:
     """Whether ``via`` only reshapes, moves or passes values on (``joins``: or concatenates
     them with other tensors, which keeps each value as it is)."""

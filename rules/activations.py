@@ -12,8 +12,10 @@ from trainlint.trace import LayerTrace, ModuleFacts, RunTrace, layer_columns
 
 from ._graph import (
     FUNCTIONAL_DROPOUT,
+    POSITION_PICKS,
     SHAPE_OPS,
     WEIGHT_LAYERS,
+    feeds_residual_sum,
     feeds_weight_layer,
     first_weight_norms,
     in_blocks,
@@ -387,10 +389,14 @@ def _step_scales(step: dict, series: list[LayerTrace], keys: list,
 
 
 def _scale_profiles(trace: RunTrace, window: int, min_layers: int,
-                    measure: str = "rms") -> list[tuple]:
+                    measure: str = "rms", stream_only: bool = False) -> list[tuple]:
     """(step, series, scales, reference) for each observed step whose profile is finite; one
-    profile of the statistics merged over the run (step None) when there is none."""
+    profile of the statistics merged over the run (step None) when there is none.
+    ``stream_only``: without residual branches' last layers (:func:`feeds_residual_sum`)."""
     series = depth_series(trace)
+    if stream_only:
+        series = [lt for lt in series
+                  if lt.base not in WEIGHT_LAYERS or not feeds_residual_sum(trace, lt)]
     if len(series) < min_layers:
         return []
     keys = [lt.node[1:] for lt in series]
@@ -427,7 +433,12 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     layer whose output is only its bias, the same for every input, counts as vanished; with
     batches of one it falls back to the RMS. It fires when the ratio falls below
     ``min_ratio`` in a network of at least ``min_layers`` such layers, naming the first layer
-    below it.
+    below it. A residual branch's last layer (its output added to the stream right away) is
+    left out: its scale is the branch's share, small on purpose in GPT-2's and ModernBERT's
+    inits, while the skip carries the stream. A layer that takes some positions of a point
+    (``hidden[:, 0]``, a [CLS] token) whose between-sample RMS is within the threshold, and
+    keeps at least ``min_ratio`` of that point's RMS, is no decay either: the signal is in the
+    stream, the positions picked do not carry it yet (ModernBERT's [CLS] at init).
 
     ## Why is this bad?
     When activations shrink layer after layer, so do the weight gradients (which are
@@ -453,10 +464,10 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     layer far too large back to scale).
     """
     measure = "signal"
-    profiles = _scale_profiles(trace, t.window, t.min_layers, measure)
+    profiles = _scale_profiles(trace, t.window, t.min_layers, measure, stream_only=True)
     if not profiles:
         measure = "rms"
-        profiles = _scale_profiles(trace, t.window, t.min_layers, measure)
+        profiles = _scale_profiles(trace, t.window, t.min_layers, measure, stream_only=True)
     for step, series, scales, reference in profiles:
         deep = median(scales[-t.window:])
         ratio = deep / reference
@@ -466,6 +477,9 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         where = series[first]
         if any(mostly_dead(lt) for lt in series[:first + 1]):
             continue  # dead ReLUs stop the signal: TL101 names them, with its own fix
+        if measure == "signal" and _picked_positions(trace, step, where, t.min_ratio,
+                                                     reference):
+            continue  # the stream holds the signal; the positions picked do not yet
         drop = _drop_between(trace, step, series, scales[:first + 1], measure,
                              math.sqrt(t.min_ratio))
         if drop is not None and is_norm_type(drop[0].base) and drop[1] >= RESCALED:
@@ -502,6 +516,39 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "last_rms": deep, "layers": len(series), "step": step},
         )
         return
+
+
+def _scales_at(trace: RunTrace, step: Optional[int], lt: LayerTrace) -> tuple:
+    """``(between-sample RMS or None, RMS)`` of ``lt``'s output at observed step ``step``
+    (merged over the run when the step did not measure it, or ``step`` is None)."""
+    entry = next((s for s in trace.per_step if s.get("step") == step), None)
+    found = (layer_columns(entry.get("layers", {}), [lt.node[1:]], ("std", "mean", "signal"))
+             if entry is not None else None)
+    if found is None or None in (found["std"][0], found["mean"][0]):
+        return lt.activation.signal, lt.activation.rms
+    return found["signal"][0], math.hypot(found["std"][0], found["mean"][0])
+
+
+def _picked_positions(trace: RunTrace, step: Optional[int], where: LayerTrace,
+                      min_ratio: float, reference: float) -> bool:
+    """Whether ``where`` takes some positions (``POSITION_PICKS``: a [CLS] token) of a point
+    whose between-sample RMS is at least ``min_ratio`` × ``reference``, and keeps at least
+    ``min_ratio`` of that point's RMS, as its between-sample RMS does not: the signal is in
+    the stream, but the positions picked do not carry it yet (ModernBERT at init: its
+    residual branches start ~100x below the stream, so the [CLS] token barely differs
+    between samples until they grow; the run learns)."""
+    own = _scales_at(trace, step, where)[1]
+    for edge in trace.edges:
+        if edge.dst not in (("module", where.module), where.node) or \
+                not POSITION_PICKS.intersection(edge.via):
+            continue
+        src = layer_at(trace, edge.src)
+        if src is None or src.activation is None:
+            continue
+        signal, rms = _scales_at(trace, step, src)
+        if signal is not None and signal >= min_ratio * reference and own >= min_ratio * rms:
+            return True
+    return False
 
 
 # A norm layer's output at or above this scale where the signal falls: the norm brought an

@@ -20,8 +20,8 @@ MODELS = Path(__file__).resolve().parent / "models"
 # Every architecture the suite must cover, by model.py file name.
 ARCHITECTURES = ("hf_bert", "hf_distilbert", "hf_gpt2", "hf_t5", "hf_vit", "hf_resnet",
                  "hf_convnext", "hf_mobilenet_v2", "hf_regnet", "hf_segformer", "hf_llama",
-                 "hf_swin", "hf_whisper", "torch_transformer", "torch_lstm_lm", "torch_gru_lm",
-                 "torch_densenet")
+                 "hf_swin", "hf_whisper", "hf_modernbert", "torch_transformer", "torch_lstm_lm",
+                 "torch_gru_lm", "torch_densenet")
 # Severities a healthy model must never get.
 FAILING = ("error", "warning")
 

@@ -25,7 +25,7 @@ ACTIVATION_KIND = {
     "hf_bert": "gelu", "hf_distilbert": "gelu", "hf_gpt2": "gelu", "hf_t5": "relu",
     "hf_vit": "gelu", "hf_resnet": "relu", "hf_convnext": "gelu", "hf_mobilenet_v2": "relu",
     "hf_regnet": "relu", "hf_segformer": "gelu", "hf_llama": "gelu", "hf_swin": "gelu",
-    "hf_whisper": "gelu",
+    "hf_whisper": "gelu", "hf_modernbert": "gelu",
     "torch_transformer": "gelu", "torch_lstm_lm": None, "torch_gru_lm": None,
     "torch_densenet": "relu",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -454,6 +455,67 @@ def test_tl103_says_nothing_of_layers_all_nan() -> None:
     for lt in partly.layers[t["window"]:]:
         lt.activation.nonfinite = 1  # a few NaN beside finite values that decayed
     assert run("TL103", partly)
+
+
+def _stack_trace(layers: list, extra_edges: list, output: LayerTrace) -> RunTrace:
+    """A plain stack of ``layers`` (each feeding the next) and the model's ``output``."""
+    layers = layers + [output]
+    modules = {lt.module: facts(lt.module, lt.type) for lt in layers}
+    edges = [Edge(a.node, ("module", b.module)) for a, b in zip(layers, layers[1:])]
+    return RunTrace(layers=layers, modules=modules, edges=edges + extra_edges,
+                    output_ops=((output.node, ()),))
+
+
+def test_tl103_leaves_out_residual_branches_last_layers() -> None:
+    """GPT-2's and ModernBERT's inits start each residual branch's last projection small on
+    purpose: it is the branch's share of the stream, not the stream, which the skip carries."""
+    r = RULES["TL103"].defaults["min_ratio"]
+    layers = [point("a0", "Linear", 0), point("a1", "Tanh", 1, kind="tanh")]
+    outs = []
+    for i in range(4):
+        layers.append(point(f"b{i}.fc", "Linear", 2 + 2 * i))
+        outs.append(point(f"b{i}.out", "Linear", 3 + 2 * i, activation=act(r / 10)))
+        layers.append(outs[-1])
+    head = point("head", "Linear", 10)
+    assert run("TL103", _stack_trace(layers, [], head))  # a plain stack: a decay
+    sums = [Edge(lt.node, ("sum", "add"), ("add",)) for lt in outs]
+    assert run("TL103", _stack_trace(layers, sums, head)) == []
+    via_dropout = [Edge(lt.node, ("sum", "add"), ("dropout", "add")) for lt in outs]
+    assert run("TL103", _stack_trace(layers, via_dropout, head)) == []
+    scaled = [Edge(lt.node, ("sum", "add"), ("mul", "add")) for lt in outs]
+    assert run("TL103", _stack_trace(layers, scaled, head))  # scaled first: not right away
+
+
+def _cls_head(head_rms: float, signal: float = 1e-5, via: tuple = ("__getitem__",)) -> RunTrace:
+    """Six stream layers at between-sample RMS 1, a final norm (RMS 1), then a head that
+    takes its [CLS] position: its output of RMS ``head_rms``, between-sample RMS ``signal``."""
+    def stats(rms: float, between: float) -> ActivationStats:
+        return replace(act(rms), signal=between)
+
+    layers = [point(f"l{i}", "Linear" if i % 2 == 0 else "GELU", i, kind="gelu" if i % 2 else None,
+                    activation=stats(1.0, 1.0)) for i in range(6)]
+    norm = point("norm", "LayerNorm", 6, activation=stats(1.0, 1.0))
+    dense = point("head.dense", "Linear", 7, activation=stats(head_rms, signal))
+    tanh = point("head.act", "Tanh", 8, kind="tanh", activation=stats(head_rms, signal))
+    out = point("head.out", "Linear", 9, activation=stats(1.0, signal))
+    layers = layers + [norm, dense, tanh]
+    modules = {lt.module: facts(lt.module, lt.type) for lt in layers + [out]}
+    edges = [Edge(a.node, ("module", b.module)) for a, b in zip(layers[:6], layers[1:7])]
+    edges += [Edge(norm.node, ("module", "head.dense"), via),
+              Edge(dense.node, ("module", "head.act")), Edge(tanh.node, ("module", "head.out"))]
+    return RunTrace(layers=layers + [out], modules=modules, edges=edges,
+                    output_ops=((out.node, ()),))
+
+
+@pytest.mark.parametrize("kept, fires", [(1.01, False), (0.99, True)])
+def test_tl103_a_cls_token_that_does_not_differ_yet_is_no_decay(kept: float, fires: bool) -> None:
+    """ModernBERT at init: the stream carries the signal (between-sample RMS 0.98), but the
+    [CLS] position the head takes barely differs between samples (3e-4) until the residual
+    branches grow, while the head's output keeps its RMS. A head whose own output shrinks
+    below ``min_ratio`` of what it takes is a decay."""
+    r = RULES["TL103"].defaults["min_ratio"]
+    assert bool(run("TL103", _cls_head(kept * r))) is fires
+    assert run("TL103", _cls_head(1.0, via=()))  # no position picked: a decay
 
 
 def test_tl103_needs_min_layers_and_ignores_the_model_output() -> None:
