@@ -164,6 +164,11 @@ def _competing(trace: RunTrace) -> str:
         return (f"the loss also depends on {trace.foreign_params} trainable tensor(s) outside "
                 "the model and its optimizer (another network, such as a GAN's discriminator): "
                 "its level shows how the two compete, not whether this model learns")
+    if trace.alternating:
+        return ("two optimizers stepped one after the other in a training step, each after a "
+                "backward of its own (a GAN's discriminator and generator, an actor and a "
+                "critic): the loss given to monitor.step() is one of losses that compete, and "
+                "its level shows how they compete, not whether the model learns")
     return ("another Monitor's loss runs through this model (a GAN's generator through its "
             "discriminator): its loss level shows how the two compete, not whether it learns")
 
@@ -207,7 +212,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``min_ratio``), over a run long enough that weights moving
     ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
     Parameters outside the model and its optimizer (a GAN generator's loss runs through
-    the discriminator) is not judged: it rises whenever the other network gets better.
+    the discriminator) is not judged: it rises whenever the other network gets better; nor
+    is the loss of a step in which two optimizers stepped one after the other, each after a
+    backward of its own (a GAN's two networks in one module).
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
@@ -230,7 +237,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not curve:
         raise Skip(f"none of the {len(observed)} observed losses is finite (NaN/Inf: see "
                    "TL604)")
-    if trace.foreign_params or trace.adversarial:
+    if trace.foreign_params or trace.adversarial or trace.alternating:
         raise Skip(_competing(trace))
     # Points one training step apart are single batches' losses, not a window's mean.
     single = all(b - a == 1 for (a, _), (b, _) in zip(curve, curve[1:]))
@@ -404,7 +411,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         value = s.get("loss_mean", s.get("loss"))
         if value is not None:
             running = min(running, value)
-    if trace.loss_kind == "synthetic" or trace.foreign_params or trace.adversarial:
+    if trace.loss_kind == "synthetic" or trace.foreign_params or trace.adversarial or \
+            trace.alternating:
         return  # (a competing loss: only NaN/Inf is judged, see _competing)
     late = joined_later(trace, curve)
     losses = [loss for _, loss in curve]

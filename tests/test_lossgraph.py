@@ -77,6 +77,44 @@ def test_a_loss_at_chance_beside_a_leaf_made_in_the_forward_is_judged() -> None:
     assert "TL603" in _codes(report)
 
 
+@pytest.mark.parametrize("alternate", [True, False])
+def test_one_monitor_on_a_gan_in_one_module_does_not_judge_the_level(alternate: bool) -> None:
+    """A GAN's generator and discriminator in one watched module (Lightning's default), each
+    with its optimizer stepping after a backward of its own: the generator's loss heads to
+    ln 2 as the discriminator improves, which is no stall. Two optimizers stepping after one
+    backward (parts of one model) train one loss, which is judged."""
+    generator, critic = _gan()
+    both = nn.ModuleDict({"G": generator, "D": critic})
+    gen_opt = torch.optim.Adam(generator.parameters(), lr=1e-4)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(both, [gen_opt, critic_opt], every=1) as monitor:
+        for _ in range(RULES["TL603"].defaults["min_points"] + 2):
+            real = torch.randn(16, 2, generator=g) + 3
+            fake = generator(torch.randn(16, 4, generator=g))
+            if alternate:
+                d_loss = F.softplus(-critic(real)).mean() + F.softplus(critic(fake.detach())).mean()
+                critic_opt.zero_grad()
+                d_loss.backward()
+                critic_opt.step()
+                loss = F.softplus(-critic(fake)).mean()
+            else:  # one loss, one backward, both optimizers step it
+                loss = F.mse_loss(critic(fake), torch.ones(16, 1))
+            gen_opt.zero_grad()
+            critic_opt.zero_grad()
+            loss.backward()
+            gen_opt.step()
+            if not alternate:
+                critic_opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert report.trace.alternating is alternate
+    if alternate:
+        assert "two optimizers stepped one after the other" in report.skipped["TL603"]
+    else:
+        assert "TL603" not in report.skipped or "compete" not in report.skipped["TL603"]
+
+
 def test_a_monitored_generator_is_not_judged_by_its_rising_loss() -> None:
     """Its adversarial loss rises as the critic improves (TL603 must not call that 'not
     learning'); nor is the critic's, when the generator's Monitor finds its loss running

@@ -131,6 +131,9 @@ class Monitor:
         # Set by an adapter whose framework may hide the loss: what the report says when no
         # loss was observed (else: pass the loss to monitor.step(loss)).
         self.loss_hint: Optional[str] = None
+        # Set by an adapter that saw a backward per optimizer in a training step (a GAN under
+        # Lightning's manual optimization); the probe sees it where it hooks both optimizers.
+        self.alternating = False
         self.probe = Probe(self.model, self.optimizers).attach()
         # The live Monitors whose model this one's loss runs through, or whose loss runs
         # through this model (see _competition).
@@ -404,6 +407,7 @@ class Monitor:
                                                           None),
                                    **self._loss_facts())
         trace.adversarial, trace.foreign_params = self._competition()
+        trace.alternating = self.probe.alternating or self.alternating
         return build_report(trace, self.selection, notes=notes)
 
     def _loss_tail(self) -> Optional[dict]:

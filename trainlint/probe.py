@@ -362,6 +362,10 @@ class Probe:
         self.fed_by: dict[tuple, dict] = {}
         self.counter = 0
         self.bw_counter = 0
+        # ``(optimizer, bw_counter)`` at this observed step's last optimizer step, and whether
+        # two optimizers ever stepped with a backward between them (see _before_opt_step).
+        self.last_opt_step: Optional[tuple] = None
+        self.alternating = False
         self.last_layout_channel_first = False
         self.producers: dict[int, tuple] = {}
         # id(tensor) -> (weakref, [(("input", name), via), ...]): the model inputs joined into a
@@ -509,6 +513,7 @@ class Probe:
         # never the model itself, whose forward clears them, labels each step's calls #1, #2...).
         self.call_counts.clear()
         self.recomputed.clear()
+        self.last_opt_step = None
         if self.attached:
             self._install()
 
@@ -1106,6 +1111,12 @@ class Probe:
         if not self.observing:
             return None
         self.optimizer_stepped = True
+        # Another optimizer stepped earlier in this step, and a backward ran since: each
+        # stepped on its own loss (a GAN's discriminator, then its generator).
+        last = self.last_opt_step
+        if last is not None and last[0] is not optimizer and self.bw_counter > last[1]:
+            self.alternating = True
+        self.last_opt_step = (optimizer, self.bw_counter)
         if self.step_lrs is None:
             self.step_lrs = _optimizer_groups(self.optimizers)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -1269,6 +1280,7 @@ class Probe:
         self._clear_samples()
         self.update_sums = []
         self.bw_counter = 0
+        self.last_opt_step = None
         return snapshot
 
     def _where_nonfinite(self, snapshot: ProbeSnapshot) -> None:

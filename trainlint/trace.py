@@ -397,13 +397,16 @@ class RunTrace:
     loss_transforms_output: bool = False
     # How many items (samples times positions) the first classification loss averaged.
     loss_items: Optional[int] = None
-    # Trainable tensors outside the model and its optimizer that the Monitor's loss depends
-    # on (a GAN generator's loss runs through the discriminator).
+    # Parameters outside the model and its optimizer that the Monitor's loss depends on (a
+    # GAN generator's loss runs through the discriminator).
     foreign_params: int = 0
     # This loss runs through another live Monitor's model, or that one's through this model,
     # one way only (a GAN's generator and discriminator; both ways is one model in two
     # halves): its loss level shows how the two compete.
     adversarial: bool = False
+    # In an observed step two optimizers stepped with a backward between them, each on its
+    # own loss (a GAN's discriminator and generator in one model, an actor and a critic).
+    alternating: bool = False
     # A Monitor's losses since its last observed step, when report() came before the next:
     # ``{"step": the last step, "loss_mean": ..., "loss_max": ...}`` (None: none).
     loss_tail: Optional[dict] = None

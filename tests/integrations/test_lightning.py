@@ -289,6 +289,55 @@ def test_several_optimizers_of_the_watched_module_are_all_hooked(tmp_path, modul
     assert {p.group for p in weights} == {0, 1}
 
 
+class GanModule(L.LightningModule):
+    """Lightning's GAN recipe: manual optimization, the discriminator's step, then the
+    generator's, each after a backward of its own; training_step returns the generator's
+    loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(),
+                                             torch.nn.Linear(16, 8))
+        self.discriminator = torch.nn.Sequential(torch.nn.Linear(8, 16),
+                                                 torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        g_opt, d_opt = self.optimizers()
+        real, _ = batch
+        fake = self.generator(torch.randn(real.shape[0], 4))
+        d_loss = (F.softplus(-self.discriminator(real)).mean()
+                  + F.softplus(self.discriminator(fake.detach())).mean())
+        d_opt.zero_grad()
+        self.manual_backward(d_loss)
+        d_opt.step()
+        g_loss = F.softplus(-self.discriminator(fake)).mean()
+        g_opt.zero_grad()
+        self.manual_backward(g_loss)
+        g_opt.step()
+        return g_loss
+
+    def configure_optimizers(self) -> list:
+        return [torch.optim.Adam(self.generator.parameters(), lr=2e-4),
+                torch.optim.Adam(self.discriminator.parameters(), lr=2e-4)]
+
+
+@pytest.mark.parametrize("module", [None, "discriminator", "generator"])
+def test_a_gans_generator_loss_level_is_not_judged_whatever_is_watched(module):
+    """With both networks watched, or the discriminator alone (whose loss graph read first is
+    the discriminator's, while the loss returned is the generator's), the level of the loss
+    returned shows how the two compete: TL603 must not call it 'not learning'."""
+    callback = TrainlintCallback(every=1, verbose=False, module=module)
+    torch.manual_seed(0)
+    fit_epoch(callback, GanModule(), batches=8)
+    report = callback.report
+    assert report.trace.alternating or report.trace.foreign_params
+    assert "compete" in report.skipped["TL603"]
+    cooperative = TrainlintCallback(every=1, verbose=False)
+    fit_epoch(cooperative, TwoOptimizerModule())
+    assert not cooperative.report.trace.alternating
+
+
 def test_a_watched_generator_gets_its_own_optimizer_not_the_discriminators():
     from trainlint.integrations.lightning import _optimizers_of
 

@@ -49,6 +49,7 @@ class TrainlintCallback(Callback):
         self.verbose = verbose
         self.monitor: Optional[Monitor] = None
         self.report: Optional[Report] = None
+        self._backwards = 0  # the backward passes of the current batch
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model: nn.Module = pl_module
@@ -70,6 +71,7 @@ class TrainlintCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._backwards = 0
         if self.monitor is not None:
             # Logged at the optimizer step the run's own metrics of this batch use (batches
             # and steps differ under gradient accumulation).
@@ -82,12 +84,18 @@ class TrainlintCallback(Callback):
                            loss: Any) -> None:
         # The loss with its autograd graph (on_train_batch_end gets a detached copy): what
         # it computes (TL601, TL302) is read off the graph.
+        self._backwards += 1
         if self.monitor is not None and self.monitor.observing:
             self.monitor.read_loss(loss)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
+            if (self._backwards > 1 and len(trainer.optimizers) > 1
+                    and not pl_module.automatic_optimization):
+                # Manual optimization with a backward per optimizer (a GAN's discriminator,
+                # then its generator): the loss returned is one of losses that compete.
+                self.monitor.alternating = True
             loss = _as_computed(trainer, pl_module,
                                 outputs.get("loss") if isinstance(outputs, dict) else outputs)
             if _steps_optimizer(trainer, pl_module, batch_idx):
