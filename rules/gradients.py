@@ -10,6 +10,7 @@ from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import (
     CLASSIFICATION_LOSSES,
     GRADIENT_FREE_KINDS,
+    RISKY_OPS,
     Edge,
     LayerTrace,
     ParamTrace,
@@ -808,15 +809,6 @@ def _infinite_batch(trace: RunTrace, names: list, acts: list) -> Optional[tuple]
     return None
 
 
-# Ops that make NaN/Inf out of finite values (log of 0 or less, 0/0, overflowing exp...).
-RISKY_OPS = frozenset({
-    "log", "log2", "log10", "log1p", "log_", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "div", "div_",
-    "true_divide", "__truediv__", "__rtruediv__", "__itruediv__", "reciprocal", "reciprocal_",
-    "pow", "pow_", "__pow__", "__rpow__", "exp", "exp_", "exp2", "expm1", "acos", "asin",
-    "atanh", "acosh", "tan", "lgamma", "digamma", "erfinv", "xlogy", "fmod", "remainder",
-})
-
-
 def _loss_raised(trace: RunTrace, step: dict) -> Optional[str]:
     """What the loss function raised at this step on model outputs holding NaN/Inf (which
     stopped a check), or None."""
@@ -826,8 +818,9 @@ def _loss_raised(trace: RunTrace, step: dict) -> Optional[str]:
 
 def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
     """When the first non-finite output's input came from a finite output through ops that
-    can make NaN/Inf (``torch.log`` between two layers), those ops made it: they ran in the
-    forward of the modules' common parent. ``(what, module, detail)`` or None."""
+    can make NaN/Inf (``torch.log`` between two layers), those ops made it: in the forward of
+    the module the probe saw the first of them run in (``RunTrace.op_sites``), else of the
+    modules' common parent. ``(what, module, detail)`` or None."""
     by_node = {lt.node: lt for lt in trace.layers}
     for edge in trace.edges:
         if edge.dst not in (("module", first.module), first.node) or \
@@ -838,7 +831,10 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
         src = by_node.get(edge.src)
         if src is None or src.node[1:] in bad:
             continue
-        parent = _ran_in(first, src.module)
+        risky = next(i for i, op in enumerate(edge.via) if op in RISKY_OPS)
+        parent = trace.op_sites.get((edge.src, edge.via[:risky + 1]))
+        if parent is None:
+            parent = _ran_in(first, src.module)
         ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
         return "forward", parent, (
             f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes "

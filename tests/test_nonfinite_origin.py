@@ -62,6 +62,47 @@ def test_nan_made_by_ops_between_two_layers_names_their_parent_and_the_op() -> N
     assert "overflowed" not in found.fix
 
 
+class LogFirst(nn.Module):
+    """A wrapper whose own forward takes the log of its input before its child runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.log(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, wrap_log: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 8)
+        self.dec = LogFirst() if wrap_log else nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.wrap_log = wrap_log
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.head(self.dec(h if self.wrap_log else torch.log(h)))
+
+
+@pytest.mark.parametrize("wrap_log, module", [(True, "dec"), (False, "")])
+def test_nan_made_before_a_child_names_the_module_whose_forward_ran_the_op(
+        wrap_log: bool, module: str) -> None:
+    """U-Net's decoder block taking the log of its input before its conv: the NaN is made in
+    dec's forward (its input from up is finite, measured below), not the model's; the same
+    log in the model's own forward is the model's."""
+    torch.manual_seed(0)
+    model = Decoder(wrap_log)
+    x, y = _batch()
+    with torch.no_grad():
+        assert torch.isfinite(model.up(x)).all()
+        assert not torch.isfinite(torch.log(model.up(x))).all()
+    found = _tl504(trainlint.check(model, (x, y), steps=1))
+    assert (found.module, found.evidence["where"]) == (module, "forward")
+    assert f"through log in the forward of {module or 'the model'}" in found.message
+
+
 class Standardized(nn.Module):
     """Standardizes each sample by its own std (0/0 for an all-zero sample), then runs net."""
 

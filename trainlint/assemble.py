@@ -188,6 +188,7 @@ class TraceBuilder:
         self.norm_functions: dict = {}
         self.inner_ops: dict = {}  # (see Probe.inner_ops)
         self.edges: set = set()
+        self.op_sites: dict = {}
         self.output_origins: list = []
         self.before_nonfinite: list = []
         self.inputs: dict = {}
@@ -223,6 +224,7 @@ class TraceBuilder:
             keep_inner_ops(self.inner_ops, name, ops)
         self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
+        self.op_sites.update(snap.op_sites)
         if snap.output_origins:
             self.output_origins = snap.output_origins
         self.finite_before = self.param_finite if self.last_step == step - 1 else None
@@ -504,6 +506,7 @@ class TraceBuilder:
                             update_norms=list(p.update_norms)) for p in self.params.values()],
             inputs=self._chosen_inputs(modules),
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
+            op_sites=dict(self.op_sites),
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,
             model_type=type(self.model).__name__,
             output_ops=tuple(o for o in self.output_origins if o is not None),

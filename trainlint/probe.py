@@ -33,6 +33,7 @@ from .trace import (
     GRADIENT_FREE_KINDS,
     NORM_KEEPING_OPS,
     REORDERING_OPS,
+    RISKY_OPS,
     SUM_OPS,
 )
 from .updates import S, UpdateSampler
@@ -376,6 +377,8 @@ class Probe:
         # point's output reordered (the channels are then neither dim 1 nor the last by rule).
         self.channel_at: dict[int, tuple] = {}
         self.edges: set[tuple] = set()
+        # See RunTrace.op_sites.
+        self.op_sites: dict[tuple, str] = {}
         self.output_origins: list[tuple] = []
         # Whether the last forward's output origins were put in the loss's order.
         self.origins_ordered = False
@@ -1034,14 +1037,19 @@ class Probe:
         outs = tensors_in(out)
         if outs and tensors and origins[0][0] == 0:
             self._carry_channel(op, args, kwargs, tensors[0], outs)
+        risky = op in RISKY_OPS
         if outs and tensors and outs[0] is tensors[0] and origins[0][0] == 0:
             # In place (x.sub_(m), out += identity): the tensor now holds the op's result.
             src, via = origins[0][1]
             if len(via) < MAX_VIA:
                 self.producers[id(outs[0])] = (weakref.ref(outs[0]), src, via + (op,))
+                if risky:
+                    self.op_sites.setdefault((src, via + (op,)), self.current_module_name())
         for i, (src, via) in origins[:2]:
             if len(via) >= MAX_VIA:
                 continue
+            if risky:
+                self.op_sites.setdefault((src, via + (op,)), self.current_module_name())
             for t in outs:
                 if id(t) not in self.producers or self._origin_of(t) is None:
                     self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
@@ -1231,7 +1239,8 @@ class Probe:
                                  attention_calls=sorted(self.attention_calls),
                                  inner_ops=dict(self.inner_ops),
                                  norm_functions=dict(self.norm_functions),
-                                 edges=set(self.edges), output_origins=list(self.output_origins),
+                                 edges=set(self.edges), op_sites=dict(self.op_sites),
+                                 output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
                                                  if p.backward_order is not None},
@@ -1414,6 +1423,8 @@ class ProbeSnapshot:
     gradless: list = field(default_factory=list)
     # See Probe.inner_ops.
     inner_ops: dict = field(default_factory=dict)
+    # See RunTrace.op_sites.
+    op_sites: dict = field(default_factory=dict)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list:

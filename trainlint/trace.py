@@ -214,6 +214,13 @@ SUM_OPS = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
 # values reach the result as they are.
 CONCAT_OPS = frozenset({"cat", "concat", "concatenate", "hstack", "vstack", "dstack",
                         "column_stack", "row_stack", "stack"})
+# Ops that make NaN/Inf out of finite values (log of 0 or less, 0/0, overflowing exp...).
+RISKY_OPS = frozenset({
+    "log", "log2", "log10", "log1p", "log_", "sqrt", "sqrt_", "rsqrt", "rsqrt_", "div", "div_",
+    "true_divide", "__truediv__", "__rtruediv__", "__itruediv__", "reciprocal", "reciprocal_",
+    "pow", "pow_", "__pow__", "__rpow__", "exp", "exp_", "exp2", "expm1", "acos", "asin",
+    "atanh", "acosh", "tan", "lgamma", "digamma", "erfinv", "xlogy", "fmod", "remainder",
+})
 # Ops that move a tensor's dims around (a channel dim goes where they send it).
 REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
                             "swapaxes", "swapdims", "mT", "T"})
@@ -364,6 +371,9 @@ class RunTrace:
     params: list = field(default_factory=list)
     inputs: list = field(default_factory=list)
     edges: list = field(default_factory=list)
+    # ``(source node, via up to and including a RISKY_OPS op)`` -> the module whose forward
+    # ran that op (a wrapper's own ``torch.log`` before its child): where NaN/Inf it made began.
+    op_sites: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     steps: int = 0
     observed_steps: int = 0
