@@ -88,7 +88,10 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Lower the learning rate; initialize with ``nn.init.kaiming_normal_(w, nonlinearity="relu")``
     and zero (or slightly positive) biases; normalize before the activation; or use
-    ``nn.LeakyReLU(0.01)`` / ``nn.GELU()``, which keep a gradient for x < 0.
+    ``nn.LeakyReLU(0.01)`` / ``nn.GELU()``, which keep a gradient for x < 0. A layer whose only
+    input comes, through a few weight or norm layers, from a ReLU layer with 90% or more of
+    its units dead (``MOSTLY_DEAD``) gets the same input for every sample: its fix names that
+    layer first.
     """
     for lt in trace.layers:
         if lt.kind not in ("relu", "gelu") or lt.unit_ever_active is None:
@@ -122,14 +125,43 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if feeder is not None:
             evidence["feeding_module"] = feeder.name
             evidence.update(_param_state(trace, feeder))
+        fix = _dead_relu_fix(feeder, evidence, lt.kind)
+        starved = _starved_by(trace, lt)
+        if starved is not None:
+            evidence["starved_by"] = starved.module
+            fix = (f"fix {starved.label} ({starved.type}) first: {_fmt_pct(starved.dead_fraction)}"
+                   f" of its units are dead, so what reaches this layer through it is the same "
+                   f"for every sample (0, or the biases and norm shifts after it), and its "
+                   f"finding says how; then, if units stay dead here: {fix}")
         yield Hit(
             module=lt.module,
             message=(f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type}) output "
                      f"{zero} for every sample{samples} (threshold {_fmt_pct(threshold)}); "
                      f"dead units: {listed}{more}"),
-            fix=_dead_relu_fix(feeder, evidence, lt.kind),
+            fix=fix,
             evidence=evidence,
         )
+
+
+def _starved_by(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[LayerTrace]:
+    """The ReLU-family layer with at least ``MOSTLY_DEAD`` of its units dead that ``lt`` takes
+    its only input from, through at most ``hops`` layers (weight, norm, pass-through): behind
+    it every sample reaches ``lt`` alike, so ``lt``'s dead units follow from it. None where a
+    join (a residual sum, a concatenation) brings other paths in, or none is found."""
+    target = ("module", lt.module) if lt.op == "output" else lt.node
+    seen = {lt.node}
+    for _ in range(hops):
+        found = [src for src, _ in predecessors(trace, target) if src[0] == "point"]
+        if len(found) != 1:
+            return None
+        src = layer_at(trace, found[0])
+        if src is None or src.node in seen:
+            return None
+        seen.add(src.node)
+        if src.kind in ("relu", "gelu") and mostly_dead(src):
+            return src
+        target = ("module", src.module) if src.op == "output" else src.node
+    return None
 
 
 def _recently_dead(lt: LayerTrace, t: Thresholds) -> Optional[LayerTrace]:
