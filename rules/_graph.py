@@ -205,6 +205,17 @@ NORM_TYPES = BATCHNORM_TYPES + INSTANCENORM_TYPES + ("GroupNorm", "LayerNorm", "
 NORM_NAME_ENDINGS = ("LayerNorm", "RMSNorm", "GroupNorm")
 
 
+def batchnorm_trained_in_eval(trace: RunTrace) -> bool:
+    """Whether a BatchNorm with trainable parameters ran in eval mode during an observed
+    training step (the model in eval, or the layer itself): it normalized with its running
+    statistics, not the batch's (TL602's fault)."""
+    trained = {p.module for p in trace.params if p.requires_grad}
+    norms = {f.name for f in trace.modules.values()
+             if f.base in BATCHNORM_TYPES and f.name in trained}
+    return bool(norms) and any(not f["model_training"] or norms & set(f["eval_modules"])
+                               for f in trace.train_flags)
+
+
 def is_norm_type(type_name: str) -> bool:
     """Whether a module type normalizes its input (torch's norm layers and named subclasses)."""
     return type_name in NORM_TYPES or type_name.endswith(NORM_NAME_ENDINGS)

@@ -15,6 +15,7 @@ from ._graph import (
     POSITION_PICKS,
     SHAPE_OPS,
     WEIGHT_LAYERS,
+    batchnorm_trained_in_eval,
     feeds_residual_sum,
     feeds_weight_layer,
     first_weight_norms,
@@ -385,9 +386,19 @@ def depth_series(trace: RunTrace) -> list[LayerTrace]:
     return series
 
 
-def _dominant_nonlinearity(series: list[LayerTrace]) -> str:
-    kinds = [lt.kind for lt in series if lt.kind in ("relu", "tanh", "sigmoid")]
+def _dominant_nonlinearity(trace: RunTrace, series: list[LayerTrace]) -> str:
+    """The most common nonlinearity of the series, gates (an SE block's sigmoid, multiplied
+    into the features) left out: they are not what the init is matched to."""
+    kinds = [lt.kind for lt in series if lt.kind in ("relu", "tanh", "sigmoid")
+             and not _is_gate(trace, lt)]
     return max(set(kinds), key=kinds.count) if kinds else "relu"
+
+
+# The fix of a scale that drifts because BatchNorm layers trained in eval mode (TL602).
+EVAL_MODE_FIX = ("the model's BatchNorm layers ran in eval mode while it trained (TL602): "
+                 "they normalized with their running statistics, not the batch's, so nothing "
+                 "kept the scale; call model.train() before the training steps (after every "
+                 "validation pass)")
 
 
 def _init_fix(kind: str) -> str:
@@ -493,7 +504,10 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     decoder), the finding names that module and its scale. Two decays are left to other
     rules: one behind a ReLU layer with 90% or more of its units dead (TL101 names it), and
     a drop at a norm layer whose output keeps a scale of 0.1 or more (it brought a first
-    layer far too large back to scale).
+    layer far too large back to scale). Where BatchNorm layers with trainable parameters ran
+    in eval mode during training (TL602), they normalized with running statistics: the fix
+    is ``model.train()``. The init fix follows the hidden layers' nonlinearity, gates (an SE
+    block's sigmoid) left out.
     """
     measure = "signal"
     profiles = _scale_profiles(trace, t.window, t.min_layers, measure, stream_only=True)
@@ -536,7 +550,9 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"codebook read as features: nn.init.normal_(weight, std=1.0), or the range "
                    f"of what it stands for; a norm layer's scale: 1), or normalize its output")
         else:
-            fix = _init_fix(_dominant_nonlinearity(series))
+            fix = _init_fix(_dominant_nonlinearity(trace, series))
+        if batchnorm_trained_in_eval(trace):
+            fix = EVAL_MODE_FIX
         yield Hit(
             module=where.module if drop is None else drop[0].module,
             message=(f"activation scale decays along depth{_at_step(step)}: {reference:.3g} in "
@@ -652,7 +668,8 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Kaiming/Xavier initialization matched to the nonlinearity, normalization layers, and a
     lower learning rate. When the profile was within the threshold at the first observed step
     and grew past it later, training grew it: the fix named is the learning rate and gradient
-    clipping, not the init.
+    clipping, not the init. Where BatchNorm layers with trainable parameters ran in eval mode
+    during training (TL602), the fix is ``model.train()``.
     """
     profiles = _scale_profiles(trace, t.window, t.min_layers)
     for step, series, scales, reference in profiles:
@@ -667,7 +684,9 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"{_at_step(profiles[0][0])}): lower the learning rate (TL503) and clip "
                    "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
                    "max_norm=1.0)); normalization layers keep the scale in check" if grew
-                   else _init_fix(_dominant_nonlinearity(series)))
+                   else _init_fix(_dominant_nonlinearity(trace, series)))
+            if batchnorm_trained_in_eval(trace):
+                fix = EVAL_MODE_FIX
             yield Hit(
                 module=where.module,
                 message=(f"activation RMS grows along depth{_at_step(step)}: {reference:.3g} "

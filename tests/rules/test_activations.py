@@ -476,6 +476,41 @@ def test_tl103_at_the_edges_of_min_ratio() -> None:
     assert "kaiming_normal_" in relu.fix
 
 
+@pytest.mark.parametrize("trainable, model_training, told", [
+    (True, False, True), (True, True, True), (False, False, False)])
+def test_tl103_with_batchnorm_trained_in_eval_names_the_mode(trainable: bool,
+                                                            model_training: bool,
+                                                            told: bool) -> None:
+    """An EfficientNet trained with model.eval() left on: its BatchNorms normalize with their
+    running statistics and the scale decays (fc 7.8e-5 against 0.58 in train mode, measured);
+    the fix is model.train(), not an init. A BatchNorm frozen on purpose (no trainable
+    parameter) is not that fault."""
+    from trainlint.rules.activations import EVAL_MODE_FIX
+
+    trace = depth_trace(profile("TL103", RULES["TL103"].defaults["min_ratio"] / 10))
+    trace.modules["bn"] = facts("bn", "BatchNorm2d", num_features=8)
+    trace.params = [ParamTrace("bn.weight", "bn", (8,), trainable, True, norm=1.0, std=0.0,
+                               grad_norm=0.1)]
+    trace.train_flags = [{"step": 0, "model_training": model_training,
+                          "eval_modules": [] if not model_training else ["bn"]}]
+    [found] = run("TL103", trace)
+    assert (found.fix == EVAL_MODE_FIX) is told
+
+
+def test_tl103_fix_matches_the_init_to_the_hidden_nonlinearity_not_to_gates() -> None:
+    """SE blocks' sigmoid gates, multiplied into the features, may outnumber the ReLUs: the
+    init fix follows the hidden layers' ReLUs all the same."""
+    trace = depth_trace(profile("TL103", RULES["TL103"].defaults["min_ratio"] / 10),
+                        kind="relu")
+    for i in range(4):  # one more gate than ReLUs, early in the profile
+        gate = point(f"g{i}", "Sigmoid", 0, kind="sigmoid")
+        trace.layers.insert(1, gate)
+        trace.modules[gate.module] = facts(gate.module, "Sigmoid")
+        trace.edges.append(Edge(gate.node, ("op", "mul")))
+    [found] = run("TL103", trace)
+    assert "kaiming_normal_" in found.fix
+
+
 def test_tl103_says_nothing_of_layers_all_nan() -> None:
     """A NaN made mid-network fills every layer after it: their finite moments are of no
     value at all (RMS 0), which is TL504's, not a decay (merged over the run, as a check's
