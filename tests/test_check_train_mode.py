@@ -44,6 +44,9 @@ def test_batchnorm_frozen_on_purpose_stays_in_eval_and_is_not_linted_as_training
     small = {f.module for f in report.findings if f.code == "TL401"}
     assert small == {"4"}  # the trained BatchNorm at batch 2 is still reported
     assert [m.training for m in model] == [True, False] + [True] * 7  # the user's flags
+    # A loop that calls model.train() every epoch would switch it back on: the report says so.
+    [note] = [n for n in report.notes if "frozen submodules" in n]
+    assert "'1'" in note and "after each model.train()" in note
 
 
 def test_batchnorm_in_eval_but_trainable_is_put_in_train_mode() -> None:
@@ -55,6 +58,7 @@ def test_batchnorm_in_eval_but_trainable_is_put_in_train_mode() -> None:
     assert seen == {"1": True, "4": True}
     assert {f.module for f in report.findings if f.code == "TL401"} == {"1", "4"}
     assert not model[1].training
+    assert not [n for n in report.notes if "frozen submodules" in n]
 
 
 def test_frozen_submodule_keeps_each_of_its_members_modes() -> None:

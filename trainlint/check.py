@@ -63,7 +63,9 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                  "graph_output": None}
     try:
         probe.attach()
-        train_mode(model)
+        held = train_mode(model)
+        if held:
+            notes.append(held)
         with _eager(model, notes):
             for step in range(steps):
                 if not _one_step(model, batch, loss_fn, opt, probe, builder, step, run, notes):
@@ -84,16 +86,33 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
 
-def train_mode(model: nn.Module) -> None:
+def train_mode(model: nn.Module) -> Optional[str]:
     """``model.train()``, as a training loop starts, but a submodule the user froze on purpose
     stays as it was: one in eval mode whose parameters are all frozen (a fine-tuned backbone's
-    BatchNorm, put in eval with ``requires_grad_(False)``), as the user's own loop runs it."""
+    BatchNorm, put in eval with ``requires_grad_(False)``), as the user's own loop runs it.
+    Returns a note for the report when such a submodule holds BatchNorm or Dropout layers in
+    eval mode: a loop that calls ``model.train()`` every epoch switches them back on."""
     flags = {m: m.training for m in model.modules()}
     kept = [m for m in model.modules() if m is not model and not m.training and _frozen(m)]
     model.train()
     for frozen in kept:
         for m in frozen.modules():
             m.training = flags[m]
+    names = {m: n for n, m in model.named_modules()}
+    held = sorted({names[m] for frozen in kept for m in frozen.modules()
+                   if not m.training and isinstance(m, _MODE_LAYERS)})
+    if not held:
+        return None
+    listed = ", ".join(repr(n) for n in held[:4]) + (f" (+{len(held) - 4} more)"
+                                                     if len(held) > 4 else "")
+    return (f"{len(held)} BatchNorm/Dropout layer(s) of frozen submodules (eval mode, parameters "
+            f"frozen) ran in eval mode, as the model was built: {listed}; a training loop that "
+            f"calls model.train() every epoch switches them back to training (BatchNorm then "
+            f"normalizes with the batch and updates its running statistics): put them back in "
+            f"eval after each model.train(), or override train() in their module")
+
+
+_MODE_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def _frozen(module: nn.Module) -> bool:
