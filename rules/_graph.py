@@ -383,7 +383,8 @@ def layer_scaled_branches(trace: RunTrace) -> list[str]:
     is no weight, norm or embedding layer: the block itself (ConvNeXt's ``gamma``, transformers'
     ``layer_scale_parameter``) or, for a leaf that only holds it (timm's ``LayerScale``), the
     block around that leaf. Its branch's layers get a gradient that small, by design, while the
-    block's skip carries the stream. Never the model itself."""
+    block's skip carries the stream: only a block with a residual sum inside. A vector of
+    zeros is a shift, not a scale. Never the model itself."""
     blocks = set()
     for p in trace.params:
         facts = trace.modules.get(p.module)
@@ -392,13 +393,24 @@ def layer_scaled_branches(trace: RunTrace) -> list[str]:
                 or facts.base in WEIGHT_LAYERS + EMBEDDING_TYPES or is_norm_type(facts.base)):
             continue
         numel = math.prod(p.shape)
-        if not numel or p.norms_before[0] > LAYER_SCALE * math.sqrt(numel):
+        first = p.norms_before[0]
+        # A scale multiplies: tiny but not 0 (1e-6 × ones), or ReZero's one scalar at 0; a
+        # vector of zeros is a shift (ResMLP's Affine beta), which quiets nothing.
+        if not numel or first > LAYER_SCALE * math.sqrt(numel) or (first == 0 and numel > 1):
             continue
         has_children = any(name.startswith(p.module + ".") for name in trace.modules)
         block = p.module if has_children or not p.module else p.module.rpartition(".")[0]
-        if block:
+        if block and _has_residual_sum(trace, block):
             blocks.add(block)
     return sorted(blocks)
+
+
+def _has_residual_sum(trace: RunTrace, block: str) -> bool:
+    """Whether an output observed inside ``block`` is added to another path: the block is a
+    residual one, whose skip carries the stream past its quieted branch (a tiny gain on a
+    block's only path quiets the stream itself)."""
+    return any(e.dst[0] == "sum" and e.src[0] == "point" and in_blocks(e.src[1], [block])
+               for e in trace.edges)
 
 
 def in_blocks(name: str, blocks: list[str]) -> bool:

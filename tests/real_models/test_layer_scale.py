@@ -119,3 +119,43 @@ def test_a_small_scale_on_the_main_path_or_a_small_norm_weight_quiets_no_branch(
     normed = nn.Sequential(nn.Linear(8, 32), nn.Sequential(OwnNorm(32), nn.Linear(32, 32)),
                            nn.ReLU(), nn.Linear(32, 4))
     assert layer_scaled_branches(trainlint.check(normed, batch, steps=2).trace) == []
+    # A tiny gain on each block's only path (no skip around it) quiets the stream itself:
+    # the vanishing gradient is reported.
+    gains = nn.Sequential(nn.Linear(8, 32), *[nn.Sequential(nn.Linear(32, 32), LayerScale(32, 1e-4),
+                                                            nn.ReLU()) for _ in range(6)],
+                          nn.Linear(32, 4))
+    report = trainlint.check(gains, batch, steps=2)
+    assert layer_scaled_branches(report.trace) == []
+    assert "TL501" in {f.code for f in report.findings}
+
+
+class Shift(nn.Module):
+    """ResMLP's Affine: a per-channel scale at 1 and shift at 0."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * x + self.beta
+
+
+class ShiftedBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.affine = Shift(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.sigmoid(self.affine(self.fc(x)))
+
+
+def test_a_shift_at_zero_is_no_layer_scale() -> None:
+    """A vector of zeros is a shift (ResMLP's Affine beta), added, not multiplied: it quiets
+    no branch (ReZero's one scalar at 0 does)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), *[ShiftedBlock(16) for _ in range(4)],
+                          nn.Linear(16, 4))
+    report = trainlint.check(model, (torch.randn(16, 8), torch.randint(0, 4, (16,))), steps=2)
+    assert layer_scaled_branches(report.trace) == []
