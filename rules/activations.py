@@ -481,7 +481,10 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     inits, while the skip carries the stream. A layer that takes some positions of a point
     (``hidden[:, 0]``, a [CLS] token) whose between-sample RMS is within the threshold, and
     keeps at least ``min_ratio`` of that point's RMS, is no decay either: the signal is in the
-    stream, the positions picked do not carry it yet (ModernBERT's [CLS] at init).
+    stream, the positions picked do not carry it yet (ModernBERT's [CLS] at init). Where they
+    hold exactly the same values for every sample (between-sample RMS at most ``IDENTICAL``,
+    1e-6, of the RMS: a causal model's first token, which sees no other), it is reported,
+    with a fix that reads the last real token or pools over the positions.
 
     ## Why is this bad?
     When activations shrink layer after layer, so do the weight gradients (which are
@@ -523,9 +526,14 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         where = series[first]
         if any(mostly_dead(lt) for lt in series[:first + 1]):
             continue  # dead ReLUs stop the signal: TL101 names them, with its own fix
-        if measure == "signal" and _picked_positions(trace, step, where, t.min_ratio,
-                                                     reference):
-            continue  # the stream holds the signal; the positions picked do not yet
+        picked = (_picked_positions(trace, step, where, t.min_ratio, reference)
+                  if measure == "signal" else None)
+        alike = None
+        if picked is not None:
+            signal, rms = _scales_at(trace, step, where)
+            if signal is None or signal > IDENTICAL * rms:
+                continue  # the stream holds the signal; the positions picked do not yet
+            alike = picked  # the same values for every sample: nothing to learn from
         drop = _drop_between(trace, step, series, scales[:first + 1], measure,
                              math.sqrt(t.min_ratio))
         if drop is not None and is_norm_type(drop[0].base) and drop[1] >= RESCALED:
@@ -553,6 +561,14 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             fix = _init_fix(_dominant_nonlinearity(trace, series))
         if batchnorm_trained_in_eval(trace):
             fix = EVAL_MODE_FIX
+        if alike is not None:
+            drop = None
+            fix = (f"{where.label} takes positions of {alike.label} that hold the same values "
+                   f"for every sample, while the others differ: nothing reaches them from the "
+                   f"input (a causal model's first token, BOS, sees no token after it; a "
+                   f"padding position); read the last real token instead "
+                   f"(hidden[torch.arange(n), lengths - 1]), or pool over the positions "
+                   f"(a masked mean)")
         yield Hit(
             module=where.module if drop is None else drop[0].module,
             message=(f"activation scale decays along depth{_at_step(step)}: {reference:.3g} in "
@@ -577,14 +593,20 @@ def _scales_at(trace: RunTrace, step: Optional[int], lt: LayerTrace) -> tuple:
     return found["signal"][0], math.hypot(found["std"][0], found["mean"][0])
 
 
+# A between-sample RMS at most this share of the RMS: every sample's values are the same
+# (float32 rounding aside).
+IDENTICAL = 1e-6
+
+
 def _picked_positions(trace: RunTrace, step: Optional[int], where: LayerTrace,
-                      min_ratio: float, reference: float) -> bool:
-    """Whether ``where`` takes some positions (``POSITION_PICKS``: a [CLS] token) of a point
-    whose between-sample RMS is at least ``min_ratio`` × ``reference``, and keeps at least
-    ``min_ratio`` of that point's RMS, as its between-sample RMS does not: the signal is in
-    the stream, but the positions picked do not carry it yet (ModernBERT at init: its
+                      min_ratio: float, reference: float) -> Optional[LayerTrace]:
+    """The point some positions of which (``POSITION_PICKS``: a [CLS] token) ``where`` takes,
+    when its between-sample RMS is at least ``min_ratio`` × ``reference`` and ``where`` keeps
+    at least ``min_ratio`` of its RMS, as its between-sample RMS does not: the signal is in
+    the stream, but the positions picked do not carry it (yet: ModernBERT at init, whose
     residual branches start ~100x below the stream, so the [CLS] token barely differs
-    between samples until they grow; the run learns)."""
+    between samples until they grow; or never: a causal model's first token). None
+    otherwise."""
     own = _scales_at(trace, step, where)[1]
     for edge in trace.edges:
         if edge.dst not in (("module", where.module), where.node) or \
@@ -595,8 +617,8 @@ def _picked_positions(trace: RunTrace, step: Optional[int], where: LayerTrace,
             continue
         signal, rms = _scales_at(trace, step, src)
         if signal is not None and signal >= min_ratio * reference and own >= min_ratio * rms:
-            return True
-    return False
+            return src
+    return None
 
 
 # A norm layer's output at or above this scale where the signal falls: the norm brought an

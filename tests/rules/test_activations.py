@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import pytest
 from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
-from trainlint.rules.activations import NORM_WEIGHT_COLLAPSED, RESCALED
+from trainlint.rules.activations import IDENTICAL, NORM_WEIGHT_COLLAPSED, RESCALED
 
 from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
 from trainlint.errors import ConfigError
@@ -585,6 +585,20 @@ def test_tl103_a_cls_token_that_does_not_differ_yet_is_no_decay(kept: float, fir
     r = RULES["TL103"].defaults["min_ratio"]
     assert bool(run("TL103", _cls_head(kept * r))) is fires
     assert run("TL103", _cls_head(1.0, via=()))  # no position picked: a decay
+
+
+@pytest.mark.parametrize("share, same", [(IDENTICAL * 0.5, True), (IDENTICAL * 2, False)])
+def test_tl103_a_picked_position_the_same_for_every_sample_is_reported(share: float,
+                                                                       same: bool) -> None:
+    """A causal LM's classifier reading position 0 (BOS, which sees no other token): its
+    input is the same for every sample (between-sample RMS exactly 0, measured), so the run
+    stays at chance. Reported, with a fix that reads the last real token instead."""
+    found = run("TL103", _cls_head(1.0, signal=share))
+    assert bool(found) is same
+    if same:
+        assert found[0].module == "head.dense"
+        assert "hold the same values for every sample" in found[0].fix
+        assert "lengths - 1" in found[0].fix
 
 
 def test_tl103_needs_min_layers_and_ignores_the_model_output() -> None:
