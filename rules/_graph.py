@@ -143,12 +143,13 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
 
 
 def feeds_residual_sum(trace: RunTrace, lt: LayerTrace) -> bool:
-    """Whether ``lt``'s output is added to another path right away (through reshapes and
-    pass-through modules such as Dropout): a residual branch's last layer, whose scale is the
-    branch's share of the stream (small on purpose in GPT-2's or ModernBERT's init), not the
-    stream's."""
-    return any(dst[0] == "sum" and only_shape_ops(via[:-1])
-               for dst, via in downstream(trace, lt.node))
+    """Whether ``lt``'s output goes nowhere but into sums with other paths, right away
+    (through reshapes and pass-through modules such as Dropout): a residual branch's last
+    layer, whose scale is the branch's share of the stream (small on purpose in GPT-2's or
+    ModernBERT's init), not the stream's. (The stream's own layers also feed the next block.)"""
+    taken = downstream(trace, lt.node)
+    return bool(taken) and all(dst[0] == "sum" and only_shape_ops(via[:-1])
+                               for dst, via in taken)
 
 
 # Ops that pick some positions of a tensor (a classifier's [CLS] token: ``hidden[:, 0]``).

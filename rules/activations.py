@@ -435,11 +435,15 @@ def _scale_profiles(trace: RunTrace, window: int, min_layers: int,
                     measure: str = "rms", stream_only: bool = False) -> list[tuple]:
     """(step, series, scales, reference) for each observed step whose profile is finite; one
     profile of the statistics merged over the run (step None) when there is none.
-    ``stream_only``: without residual branches' last layers (:func:`feeds_residual_sum`)."""
+    ``stream_only``: without residual branches' last layers (:func:`feeds_residual_sum`),
+    where at least ``min_layers`` others remain."""
     series = depth_series(trace)
     if stream_only:
-        series = [lt for lt in series
+        stream = [lt for lt in series
                   if lt.base not in WEIGHT_LAYERS or not feeds_residual_sum(trace, lt)]
+        # Where the branches' outputs are all that shows the stream (x = x + f(x) with no
+        # layer reading it otherwise), they stand for it.
+        series = stream if len(stream) >= min_layers else series
     if len(series) < min_layers:
         return []
     keys = [lt.node[1:] for lt in series]

@@ -526,33 +526,59 @@ def test_tl103_says_nothing_of_layers_all_nan() -> None:
     assert run("TL103", partly)
 
 
-def _stack_trace(layers: list, extra_edges: list, output: LayerTrace) -> RunTrace:
-    """A plain stack of ``layers`` (each feeding the next) and the model's ``output``."""
+def _stack_trace(layers: list, extra_edges: list, output: LayerTrace,
+                 ends: tuple = ()) -> RunTrace:
+    """A stack of ``layers`` (each feeding the next, but the ``ends``, which feed only
+    ``extra_edges``) and the model's ``output``."""
     layers = layers + [output]
     modules = {lt.module: facts(lt.module, lt.type) for lt in layers}
-    edges = [Edge(a.node, ("module", b.module)) for a, b in zip(layers, layers[1:])]
+    edges = [Edge(a.node, ("module", b.module)) for a, b in zip(layers, layers[1:])
+             if a.module not in ends]
     return RunTrace(layers=layers, modules=modules, edges=edges + extra_edges,
                     output_ops=((output.node, ()),))
 
 
-def test_tl103_leaves_out_residual_branches_last_layers() -> None:
-    """GPT-2's and ModernBERT's inits start each residual branch's last projection small on
-    purpose: it is the branch's share of the stream, not the stream, which the skip carries."""
+def _branches(stream_layers: int) -> tuple:
+    """``stream_layers`` layers at RMS 1, then 4 blocks whose fc reads the stream (RMS 1) and
+    whose out (RMS min_ratio / 10) is the branch's last layer; the head."""
     r = RULES["TL103"].defaults["min_ratio"]
-    layers = [point("a0", "Linear", 0), point("a1", "Tanh", 1, kind="tanh")]
+    layers = [point(f"a{i}", "Linear" if i % 2 == 0 else "Tanh", i,
+                    kind=None if i % 2 == 0 else "tanh") for i in range(stream_layers)]
     outs = []
     for i in range(4):
-        layers.append(point(f"b{i}.fc", "Linear", 2 + 2 * i))
-        outs.append(point(f"b{i}.out", "Linear", 3 + 2 * i, activation=act(r / 10)))
+        layers.append(point(f"b{i}.fc", "Linear", 10 + 2 * i))
+        outs.append(point(f"b{i}.out", "Linear", 11 + 2 * i, activation=act(r / 10)))
         layers.append(outs[-1])
-    head = point("head", "Linear", 10)
+    return layers, outs, point("head", "Linear", 20)
+
+
+def test_tl103_leaves_out_residual_branches_last_layers() -> None:
+    """GPT-2's and ModernBERT's inits start each residual branch's last projection small on
+    purpose: it is the branch's share of the stream, not the stream, which the skip carries
+    (the next block's layers read it)."""
+    layers, outs, head = _branches(2)
+    ends = tuple(lt.module for lt in outs)
     assert run("TL103", _stack_trace(layers, [], head))  # a plain stack: a decay
     sums = [Edge(lt.node, ("sum", "add"), ("add",)) for lt in outs]
-    assert run("TL103", _stack_trace(layers, sums, head)) == []
+    assert run("TL103", _stack_trace(layers, sums, head, ends)) == []
     via_dropout = [Edge(lt.node, ("sum", "add"), ("dropout", "add")) for lt in outs]
-    assert run("TL103", _stack_trace(layers, via_dropout, head)) == []
+    assert run("TL103", _stack_trace(layers, via_dropout, head, ends)) == []
     scaled = [Edge(lt.node, ("sum", "add"), ("mul", "add")) for lt in outs]
-    assert run("TL103", _stack_trace(layers, scaled, head))  # scaled first: not right away
+    assert run("TL103", _stack_trace(layers, scaled, head, ends))  # scaled first: not right away
+    assert run("TL103", _stack_trace(layers, sums, head))  # also read on: the stream itself
+
+
+def test_tl103_judges_branch_outputs_where_they_are_all_that_shows_the_stream() -> None:
+    """x = (x + lin(x)) / sqrt(2) sixteen times with small branch weights: every weight layer
+    after the stem feeds only a sum, and the stream decays 0.58 -> 5e-4 (SGD stays at
+    chance). Left out, they would leave fewer than min_layers to judge: they stand for the
+    stream."""
+    layers, outs, head = _branches(0)
+    ends = tuple(lt.module for lt in outs)
+    sums = [Edge(lt.node, ("sum", "add"), ("add",)) for lt in outs]
+    short = [lt for lt in layers if lt not in outs]
+    assert len(short) < RULES["TL103"].defaults["min_layers"] <= len(layers)
+    assert run("TL103", _stack_trace(layers, sums, head, ends))
 
 
 def _cls_head(head_rms: float, signal: float = 1e-5, via: tuple = ("__getitem__",)) -> RunTrace:
