@@ -115,6 +115,34 @@ def test_one_monitor_on_a_gan_in_one_module_does_not_judge_the_level(alternate: 
         assert "TL603" not in report.skipped or "compete" not in report.skipped["TL603"]
 
 
+def test_an_online_probe_with_its_own_optimizer_does_not_hide_a_stuck_loss() -> None:
+    """SimCLR-style: a linear probe on detached features, with its own optimizer and its own
+    backward after the model's. The model's loss never reaches the probe's parameters: no
+    competition, and a loss stuck at chance (labels shuffled in each batch) is reported."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 10))
+    probe = nn.Linear(32, 10)
+    both = nn.ModuleDict({"model": model, "probe": probe})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe_opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(both, [opt, probe_opt], every=10) as monitor:
+        for _ in range(200):
+            x, y = torch.randn(64, 6, generator=g), torch.randint(0, 10, (64,), generator=g)
+            loss = F.cross_entropy(model(x), y)  # labels unrelated to x: nothing to learn
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            probe_loss = F.cross_entropy(probe(model[:2](x).detach()), y)
+            probe_opt.zero_grad()
+            probe_loss.backward()
+            probe_opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert not report.trace.alternating
+    assert "TL603" in _codes(report)
+
+
 def test_a_monitored_generator_is_not_judged_by_its_rising_loss() -> None:
     """Its adversarial loss rises as the critic improves (TL603 must not call that 'not
     learning'); nor is the critic's, when the generator's Monitor finds its loss running

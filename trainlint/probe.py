@@ -367,6 +367,9 @@ class Probe:
         # two optimizers ever stepped with a backward between them (see _before_opt_step).
         self.last_opt_step: Optional[tuple] = None
         self.alternating = False
+        # id(optimizer) -> bw_counter at its last observed step: optimizers with different
+        # values stepped after different backward passes (on different losses).
+        self.opt_segments: dict[int, int] = {}
         self.last_layout_channel_first = False
         self.producers: dict[int, tuple] = {}
         # id(tensor) -> (weakref, [(("input", name), via), ...]): the model inputs joined into a
@@ -1125,6 +1128,7 @@ class Probe:
         if last is not None and last[0] is not optimizer and self.bw_counter > last[1]:
             self.alternating = True
         self.last_opt_step = (optimizer, self.bw_counter)
+        self.opt_segments[id(optimizer)] = self.bw_counter
         if self.step_lrs is None:
             self.step_lrs = _optimizer_groups(self.optimizers)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
