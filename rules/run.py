@@ -213,8 +213,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
     Parameters outside the model and its optimizer (a GAN generator's loss runs through
     the discriminator) is not judged: it rises whenever the other network gets better; nor
-    is the loss of a step in which two optimizers stepped one after the other, each after a
-    backward of its own (a GAN's two networks in one module).
+    is the loss of a step in which optimizers stepped after different backward passes and
+    the loss runs through the parameters of both (a GAN's two networks in one module).
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is
