@@ -6,7 +6,7 @@ import math
 from statistics import median
 from typing import Iterator, Optional
 
-from trainlint.engine import Hit, Skip, Thresholds, rule
+from trainlint.engine import RULES, Hit, Skip, Thresholds, rule
 from trainlint.trace import (
     CLASSIFICATION_LOSSES,
     GRADIENT_FREE_KINDS,
@@ -495,7 +495,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Multiply the learning rate by the factor the finding suggests (and use warmup for large
-    rates); if the ratio is low because the gradients vanish, fix that first (TL501). For a
+    rates); if the ratio is low because the gradients vanish, fix that first (TL501): where
+    TL103 or TL501 fire (at their defaults) on the same trace, the fix names them instead of a
+    factor, which would blow up once the signal is restored. For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. When
@@ -610,6 +612,14 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     else:
         cause = ("" if direction == "high"
                  else " (or the gradients vanish: check TL501 and the init)")
+        vanishing = _vanishing_signal(trace) if direction == "low" else []
+        if vanishing:
+            what = " and ".join(w for code, w in (("TL103", "activations"),
+                                                     ("TL501", "gradients"))
+                                if code in vanishing)
+            cause = (f": {' and '.join(vanishing)} find{'s' if len(vanishing) == 1 else ''} "
+                     f"the {what} vanishing along depth, which makes small updates whatever "
+                     f"the rate")
         message = (f"{where}update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per "
                    f"step over {len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
                    f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. "
@@ -620,6 +630,10 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
         fix = (f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
                f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
                                                if direction == "high" else ""))
+        if direction == "low" and vanishing:
+            fix = (f"fix the vanishing signal first ({', '.join(vanishing)}: the init, "
+                   f"normalization layers), then judge the learning rate again: raised "
+                   f"{factor:.2g}x now, it would blow up once the signal is restored")
         if direction == "high" and factor >= WORTH_CUTTING:
             # The largest steps overwrite the weights, a typical one does not: the rate suits
             # the run once it is under way (Adam's first steps move each weight by ~lr/RMS(w)).
@@ -636,6 +650,23 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     if group is not None:
         evidence.update(group=group, lr=lr)
     return Hit(module="", message=message, fix=fix, evidence=evidence)
+
+
+def _vanishing_signal(trace: RunTrace) -> list[str]:
+    """Of TL103 and TL501, the codes that find a vanishing signal in this trace (at their
+    default thresholds): small activations or gradients make small updates whatever the
+    learning rate, and raising it is no fix."""
+    found = []
+    for code in ("TL103", "TL501"):
+        registered = RULES.get(code)
+        if registered is None:
+            continue
+        try:
+            if any(True for _ in registered.func(trace, Thresholds(dict(registered.defaults)))):
+                found.append(code)
+        except Skip:
+            continue
+    return found
 
 
 def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hit]:

@@ -658,3 +658,18 @@ def test_tl503_too_high_only_in_the_largest_steps_is_fixed_by_warmup(edge, warmu
     assert ("LinearLR" in found.fix) is warmup
     assert ("multiply the learning rate" in found.fix) is not warmup
     assert ("for its largest steps" in found.message) is warmup
+
+
+@pytest.mark.parametrize("fade, vanishing", [(0.5, True), (2.0, False)])
+def test_tl503_too_low_behind_vanishing_gradients_names_them_first(fade, vanishing):
+    """A 10-layer sigmoid MLP at the default SGD rate: updates of ~1e-7 because the gradients
+    vanish (TL501); raising the rate 1.4e4x (what the ratio alone calls for) blew the loss
+    up to 1609 where Xavier init at the same rate trained (measured). With TL501 firing,
+    the fix names the vanishing signal first."""
+    low = defaults("TL503")["min_ratio"] / 100
+    edge = fade * defaults("TL501")["min_ratio"]
+    params = [param(f"l{i}.weight", (8, 8), ratios=(low,)) for i in range(3)]
+    [found] = hits("TL503", _depth(_profile(edge), params=params))
+    assert ("fix the vanishing signal first (TL501" in found.fix) is vanishing
+    assert ("multiply the learning rate" in found.fix) is not vanishing
+    assert ("TL501 finds the gradients vanishing" in found.message) is vanishing
