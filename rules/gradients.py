@@ -21,6 +21,7 @@ from trainlint.trace import (
 from ._graph import (
     EMBEDDING_TYPES,
     LARGE_FEATURES,
+    RNN_TYPES,
     SHAPE_OPS,
     WEIGHT_LAYERS,
     ancestors,
@@ -257,8 +258,8 @@ def _target_scale(trace: RunTrace) -> str:
     """The fix's first words when the loss is one MSE term whose first value is at least
     ``TARGET_MSE``: the regression targets are far from unit scale, and the loss's gradient
     scales with them; or, when the outputs themselves start that far off (at least
-    ``OUTPUT_SHARE`` of the distance) and a model input is raw (RMS above ``LARGE_FEATURES``),
-    that input. An empty string otherwise."""
+    ``OUTPUT_SHARE`` of the distance), a raw model input (RMS above ``LARGE_FEATURES``), or,
+    without one, the signal growing inside the model. An empty string otherwise."""
     if trace.loss_kind != "mse" or (trace.loss_terms or 1) > 1 or not trace.losses:
         return ""
     first = trace.losses[0]
@@ -273,7 +274,12 @@ def _target_scale(trace: RunTrace) -> str:
                 f"that; or ")
     raw = max(((rms_of_input(i), i.name) for i in trace.inputs), default=None)
     if raw is None or raw[0] <= LARGE_FEATURES:
-        return ""
+        recurrent = any(f.base in RNN_TYPES for f in trace.modules.values())
+        return (f"the model's outputs start at RMS {outputs:.3g}, ~{distance:.3g} from the "
+                f"targets (first MSE {first:.3g}), and every gradient scales with that: the "
+                f"signal grows inside the model (check TL104 and TL301"
+                + ("; a recurrent weight_hh above 1 grows the state at every time step: "
+                   "nn.init.orthogonal_(weight_hh)" if recurrent else "") + "); then ")
     return (f"standardize the model's input {raw[1]!r} (RMS {raw[0]:.3g}) with the training "
             f"set's mean and std (TL201): the outputs start at RMS {outputs:.3g}, ~{distance:.3g} "
             f"from the targets (first MSE {first:.3g}), and every gradient scales with that; or ")
@@ -497,7 +503,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Multiply the learning rate by the factor the finding suggests (and use warmup for large
     rates); if the ratio is low because the gradients vanish, fix that first (TL501): where
     TL103 or TL501 fire (at their defaults) on the same trace, the fix names them instead of a
-    factor, which would blow up once the signal is restored. For a
+    factor, which would blow up once the signal is restored; where the total gradient norm was
+    above TL502's ``max_norm`` at the run's first step, before any update, the init made the
+    updates huge, and the fix names the exploding gradients first. For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. When
@@ -610,46 +618,78 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
             "fix the vanishing gradients first (TL501: the init, normalization layers)")
         fix = "; ".join(f for f in (zero_fix, rounded_fix) if f)
     else:
-        cause = ("" if direction == "high"
-                 else " (or the gradients vanish: check TL501 and the init)")
-        vanishing = _vanishing_signal(trace) if direction == "low" else []
-        if vanishing:
-            what = " and ".join(w for code, w in (("TL103", "activations"),
-                                                     ("TL501", "gradients"))
-                                if code in vanishing)
-            cause = (f": {' and '.join(vanishing)} find{'s' if len(vanishing) == 1 else ''} "
-                     f"the {what} vanishing along depth, which makes small updates whatever "
-                     f"the rate")
-        message = (f"{where}update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per "
-                   f"step over {len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
-                   f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. "
-                   f"{whose[0].upper() + whose[1:]} is too {direction}{cause}")
-        to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
-        per_step = ("" if step_typical == typical else
-                    f" at a typical step, whose ratio is {step_typical:.3g}")
-        fix = (f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
-               f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
-                                               if direction == "high" else ""))
-        if direction == "low" and vanishing:
-            fix = (f"fix the vanishing signal first ({', '.join(vanishing)}: the init, "
-                   f"normalization layers), then judge the learning rate again: raised "
-                   f"{factor:.2g}x now, it would blow up once the signal is restored")
-        if direction == "high" and factor >= WORTH_CUTTING:
-            # The largest steps overwrite the weights, a typical one does not: the rate suits
-            # the run once it is under way (Adam's first steps move each weight by ~lr/RMS(w)).
-            message += (f" for its largest steps: a typical step's ratio is {step_typical:.3g}, "
-                        f"near ~{t.target:g}")
-            fix = (f"warm {whose} up instead of cutting it (a typical step is near "
-                   f"~{t.target:g}): linearly from ~1% over the first few hundred steps, e.g. "
-                   "torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, "
-                   "total_iters=500) stepped per batch; and clip gradients "
-                   "(torch.nn.utils.clip_grad_norm_)")
+        message, fix = _factor_texts(trace, t, direction, typical, step_typical, factor,
+                                     judged, bad, whose, where, group, lr)
     evidence = {"direction": direction, "median_ratio": typical, "lr_factor": factor,
                 "typical_step_ratio": step_typical,
                 "params": [p.name for p, _ in bad], "threshold": threshold}
     if group is not None:
         evidence.update(group=group, lr=lr)
     return Hit(module="", message=message, fix=fix, evidence=evidence)
+
+
+def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float,
+                  step_typical: float, factor: float, judged: list, bad: list, whose: str,
+                  where: str, group: Optional[int], lr: Optional[float]) -> tuple[str, str]:
+    """TL503's message and fix for a median ratio out of the band with a factor toward the
+    target; the cause named first where the ratio follows from another fault: a signal that
+    vanishes (TL103, TL501), gradients already huge before any update (TL502), or a rate too
+    high only in its largest steps (warmup)."""
+    threshold = t.max_ratio if direction == "high" else t.min_ratio
+    listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
+    more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+    head = (f"{where}update ratio ‖Δw‖/‖w‖ too {direction}: median {typical:.3g} per step "
+            f"over {len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
+            f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. ")
+    whose_cap = whose[0].upper() + whose[1:]
+    vanishing = _vanishing_signal(trace) if direction == "low" else []
+    if direction == "high" and _explodes_at_init(trace):
+        return (head + "The gradients were already huge at the first step, before any update "
+                "(TL502), so the updates are too: the init, not the rate, is the cause",
+                f"fix the exploding gradients first (TL502: clip with torch.nn.utils."
+                f"clip_grad_norm_(model.parameters(), max_norm=1.0), and the init: "
+                f"Kaiming/Xavier, orthogonal for a recurrent weight_hh), then judge "
+                f"{whose} again: cut {factor:.2g}x now, training would crawl once the "
+                f"gradients are in range")
+    if vanishing:
+        what = " and ".join(w for code, w in (("TL103", "activations"), ("TL501", "gradients"))
+                            if code in vanishing)
+        verb = "finds" if len(vanishing) == 1 else "find"
+        return (head + f"{whose_cap} is too low: {' and '.join(vanishing)} {verb} the {what} "
+                f"vanishing along depth, which makes small updates whatever the rate",
+                f"fix the vanishing signal first ({', '.join(vanishing)}: the init, "
+                f"normalization layers), then judge {whose} again: raised {factor:.2g}x now, "
+                f"it would blow up once the signal is restored")
+    if direction == "high" and factor >= WORTH_CUTTING:
+        # The largest steps overwrite the weights, a typical one does not: the rate suits the
+        # run once it is under way (Adam's first steps move each weight by ~lr/RMS(w)).
+        return (head + f"{whose_cap} is too high for its largest steps: a typical step's "
+                f"ratio is {step_typical:.3g}, near ~{t.target:g}",
+                f"warm {whose} up instead of cutting it (a typical step is near "
+                f"~{t.target:g}): linearly from ~1% over the first few hundred steps, e.g. "
+                "torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, "
+                "total_iters=500) stepped per batch; and clip gradients "
+                "(torch.nn.utils.clip_grad_norm_)")
+    cause = "" if direction == "high" else " (or the gradients vanish: check TL501 and the init)"
+    to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
+    per_step = ("" if step_typical == typical else
+                f" at a typical step, whose ratio is {step_typical:.3g}")
+    return (head + f"{whose_cap} is too {direction}{cause}",
+            f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
+            f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
+                                           if direction == "high" else ""))
+
+
+def _explodes_at_init(trace: RunTrace) -> bool:
+    """Whether the total gradient norm (scale-invariant weights left out) was above TL502's
+    ``max_norm`` at the run's first step, before any update (a Monitor that joined later saw
+    no first step): the init, not the rate, made the updates huge."""
+    registered = RULES.get("TL502")
+    if registered is None or trace.resumed or not trace.per_step:
+        return False
+    total = total_grad_norm(trace.per_step[0], scale_invariant_weights(trace))
+    return total is not None and math.isfinite(total) and \
+        total > registered.defaults["max_norm"]
 
 
 def _vanishing_signal(trace: RunTrace) -> list[str]:
