@@ -198,6 +198,18 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
 
 
+def _has_indicators(inp: InputTrace) -> bool:
+    """Whether some feature of ``inp`` varies between 0 and 1 and nothing else (a one-hot or
+    multi-hot column: min 0, max 1, and the variance of 0/1 values, p(1 - p) for a mean p,
+    within 10% for a sample's n/(n - 1)): beside such columns, one stuck at 0 or 1 is an
+    indicator a batch may never vary; among continuous features it is a constant."""
+    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+    lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
+    bernoulli = mean * (1 - mean)
+    binary = (lo == 0) & (hi == 1) & (np.abs(std ** 2 - bernoulli) <= 0.1 * bernoulli)
+    return bool(binary.any())
+
+
 @rule("TL202", "constant-input-features", "warning", min_values=16)
 def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Input features or channels that do not vary over the batch.
@@ -209,9 +221,11 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     batch (at least ``min_values`` values per channel). Left out, because a small batch
     legitimately never varies them: a feature stuck at the overall minimum that the input's
     other features go above (an absent category of a one-hot/multi-hot encoding, padding, an
-    image border), and a non-image feature stuck at exactly 0 or 1 (an indicator that is rare
-    or common). An input constant all over is flagged unless it is all 0 (an empty
-    placeholder). Inputs of one value per sample (timesteps, scalars) are not checked.
+    image border), and a non-image feature stuck at exactly 0 or 1 beside features that vary
+    between 0 and 1 only (an indicator that is rare or common; among continuous features, a
+    column stuck at 0 or 1 is a constant). An input constant all over is flagged unless it is
+    all 0 (an empty placeholder). Inputs of one value per sample (timesteps, scalars) are not
+    checked.
 
     ## Why is this bad?
     A feature that never varies carries no information: it wastes a channel of the first
@@ -240,7 +254,7 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         # (a dead sensor, a modality the loader never filled), but an all-0 one may be an
         # empty placeholder.
         floor = float(lo.min()) if bool((lo < hi).any()) else 0.0
-        indicators = (0.0, 1.0) if not is_image(inp) else ()
+        indicators = (0.0, 1.0) if not is_image(inp) and _has_indicators(inp) else ()
         constant = [i for i in range(len(lo))
                     if lo[i] == hi[i] and lo[i] != floor and lo[i] not in indicators]
         if not constant:

@@ -235,9 +235,19 @@ def test_tl202_an_all_zero_input_is_a_placeholder():
     assert hits("TL202", _fed_to(blank, "conv", "Conv2d")) == []
 
 
-def test_tl202_tabular_indicators_at_0_or_1_may_be_constant_in_a_batch():
-    tabular = _constant([-2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, 1.0], shape=(64, 4))
-    assert hits("TL202", _fed_to(tabular)) == []
+@pytest.mark.parametrize("spread, exempt", [(0.5, True), (0.5 * 1.1, False), (1.0, False)])
+def test_tl202_tabular_indicators_at_0_or_1_may_be_constant_in_a_batch(spread, exempt):
+    """Beside a one-hot/multi-hot column (values 0 and 1 only: min 0, max 1, variance p(1-p)),
+    a column stuck at 0 or 1 is an indicator a batch may never vary. Among continuous
+    features (a column that varies between 0 and 1 with another spread is no indicator), a
+    column a StandardScaler left at 0 is a constant: reported."""
+    lo, hi = [-2.0, 1.0, 0.0, -1.0, 0.0], [2.0, 1.0, 0.0, 1.0, 1.0]
+    tabular = _constant(lo, hi, shape=(64, 5))
+    tabular.std[4] = spread * 1.0  # the 0..1 column, mean 0.5: a 0/1 column's std is 0.5
+    found = hits("TL202", _fed_to(tabular))
+    assert (found == []) is exempt
+    if not exempt:
+        assert found[0].evidence["constant"] == [1, 2]
     image = _constant([-2.0, 1.0, -1.5], [2.0, 1.0, 1.5], shape=(4, 3, 8, 8), channel_dim=1)
     assert hits("TL202", _fed_to(image, "conv", "Conv2d"))[0].evidence["constant"] == [1]
 
