@@ -377,6 +377,14 @@ def _deliberate(trace: RunTrace, module: str) -> bool:
                for name in ancestors(module) if name in trace.modules)
 
 
+def _held(trace: RunTrace, flags: dict, module: str) -> bool:
+    """Whether ``module``'s eval mode at the step of ``flags`` was on purpose: it sat inside
+    a submodule in eval whose parameters were all frozen at that step (a frozen backbone or
+    teacher, a stage of gradual unfreezing not yet unfrozen), or :func:`_deliberate` says
+    so."""
+    return module in flags.get("frozen_eval", ()) or _deliberate(trace, module)
+
+
 @rule("TL602", "eval-mode-training", "error")
 def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Training steps run while the model, or a BatchNorm/Dropout in it, is in eval mode.
@@ -416,7 +424,9 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not flags:
         return
     mode_modules = {f.name for f in trace.modules.values() if _mode_dependent(f)}
-    eval_steps = [f["step"] for f in flags if not f["model_training"]]
+    # The mode layers that matter at a step in eval: those not frozen on purpose then.
+    eval_steps = [f["step"] for f in flags if not f["model_training"]
+                  and any(not _held(trace, f, n) for n in mode_modules)]
     if eval_steps and mode_modules:
         yield Hit(
             module="",
@@ -433,7 +443,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for f in flags:
         if f["model_training"]:
             for name in f["eval_modules"]:
-                if name in mode_modules and not _deliberate(trace, name):
+                if name in mode_modules and not _held(trace, f, name):
                     bad[name] = bad.get(name, 0) + 1
     if not bad:
         return

@@ -1448,10 +1448,28 @@ MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd,
 
 
 def training_flags(model: nn.Module) -> dict:
-    """``model.training`` and the names of its BatchNorm/Dropout modules in eval mode."""
+    """``model.training``, the names of its BatchNorm/Dropout modules in eval mode, and of
+    those frozen on purpose now (``frozen_eval``): inside a submodule in eval mode whose
+    parameters are all frozen (a frozen backbone, a distillation teacher), so their mode is
+    the user's choice, whatever later steps unfreeze."""
     eval_modules = [n for n, m in model.named_modules()
                     if not m.training and isinstance(m, MODE_DEPENDENT)]
-    return {"model_training": model.training, "eval_modules": eval_modules}
+    held = _frozen_in_eval(model) if eval_modules else set()
+    return {"model_training": model.training, "eval_modules": eval_modules,
+            "frozen_eval": [n for n in eval_modules if n in held]}
+
+
+def _frozen_in_eval(model: nn.Module) -> set:
+    """Names of the modules inside (or at) a submodule in eval mode that holds parameters,
+    none of them trainable."""
+    names: set = set()
+    for name, m in model.named_modules():
+        if m is model or m.training or name in names:
+            continue
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            names.update(f"{name}.{sub}" if sub else name for sub, _ in m.named_modules())
+    return names
 
 
 # Distinct dim sizes for a meta tensor that shows where a reordering op sends each dim.
