@@ -396,7 +396,10 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     (and has such layers, whose behaviour depends on the mode), or when one of those
     submodules is in eval mode while the model trains, at the outermost submodule whose such
     layers are all in eval (never at the model itself, which trains). Submodules frozen on
-    purpose are left alone: their parameters are frozen (``requires_grad=False``), or a user
+    purpose are left alone, also inside a model put in eval as a whole (a linear probe whose
+    head has no such layers): they sit, at that step, inside a submodule in eval whose
+    parameters are all frozen (``requires_grad=False``: a frozen backbone or teacher, a stage
+    of gradual unfreezing not unfrozen yet), or a user
     class on their path overrides ``train()`` to keep them in eval (the detection-backbone
     idiom; library wrappers whose ``train()`` only passes the mode on, such as DDP or
     transformers' models, do not count). ``trainlint check`` puts the model in train mode
