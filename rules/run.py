@@ -166,9 +166,10 @@ def _competing(trace: RunTrace) -> str:
                 "its level shows how the two compete, not whether this model learns")
     if trace.alternating:
         return ("two optimizers stepped one after the other in a training step, each after a "
-                "backward of its own (a GAN's discriminator and generator, an actor and a "
-                "critic): the loss given to monitor.step() is one of losses that compete, and "
-                "its level shows how they compete, not whether the model learns")
+                "backward of its own, and one backward ran through the network the other "
+                "steps (a GAN's discriminator and generator, an actor and a critic): the loss "
+                "given to monitor.step() is one of losses that compete, and its level shows how "
+                "they compete, not whether the model learns")
     return ("another Monitor's loss runs through this model (a GAN's generator through its "
             "discriminator): its loss level shows how the two compete, not whether it learns")
 
@@ -213,8 +214,9 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``typical_rate`` a step would have moved ``min_movement``. A loss that also depends on
     Parameters outside the model and its optimizer (a GAN generator's loss runs through
     the discriminator) is not judged: it rises whenever the other network gets better; nor
-    is the loss of a step in which optimizers stepped after different backward passes and
-    the loss runs through the parameters of both (a GAN's two networks in one module).
+    is the loss of a step in which optimizers stepped after different backward passes and one
+    of them ran through modules another optimizer steps (a GAN's two networks in one
+    module).
 
     ## Why is this bad?
     A training loss that does not fall means the model is not learning: the learning rate is

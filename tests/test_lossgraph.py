@@ -77,12 +77,15 @@ def test_a_loss_at_chance_beside_a_leaf_made_in_the_forward_is_judged() -> None:
     assert "TL603" in _codes(report)
 
 
-@pytest.mark.parametrize("alternate", [True, False])
-def test_one_monitor_on_a_gan_in_one_module_does_not_judge_the_level(alternate: bool) -> None:
+@pytest.mark.parametrize("alternate, watched", [(True, "g"), (True, "d"), (False, "g")])
+def test_one_monitor_on_a_gan_in_one_module_does_not_judge_the_level(alternate: bool,
+                                                                     watched: str) -> None:
     """A GAN's generator and discriminator in one watched module (Lightning's default), each
     with its optimizer stepping after a backward of its own: the generator's loss heads to
-    ln 2 as the discriminator improves, which is no stall. Two optimizers stepping after one
-    backward (parts of one model) train one loss, which is judged."""
+    ln 2 as the discriminator improves, which is no stall; nor is the discriminator's at 2 ln 2
+    (given to step instead: its graph never reaches the generator, but the generator's
+    backward runs through the discriminator). Two optimizers stepping after one backward
+    (parts of one model) train one loss, which is judged."""
     generator, critic = _gan()
     both = nn.ModuleDict({"G": generator, "D": critic})
     gen_opt = torch.optim.Adam(generator.parameters(), lr=1e-4)
@@ -98,15 +101,16 @@ def test_one_monitor_on_a_gan_in_one_module_does_not_judge_the_level(alternate: 
                 d_loss.backward()
                 critic_opt.step()
                 loss = F.softplus(-critic(fake)).mean()
+                watched_loss = d_loss if watched == "d" else loss
             else:  # one loss, one backward, both optimizers step it
-                loss = F.mse_loss(critic(fake), torch.ones(16, 1))
+                loss = watched_loss = F.mse_loss(critic(fake), torch.ones(16, 1))
             gen_opt.zero_grad()
             critic_opt.zero_grad()
             loss.backward()
             gen_opt.step()
             if not alternate:
                 critic_opt.step()
-            monitor.step(loss)
+            monitor.step(watched_loss)
         report = monitor.report()
     assert report.trace.alternating is alternate
     if alternate:

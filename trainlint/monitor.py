@@ -407,7 +407,7 @@ class Monitor:
                                                           None),
                                    **self._loss_facts())
         trace.adversarial, trace.foreign_params = self._competition()
-        trace.alternating = self.alternating or self._competing_steps()
+        trace.alternating = self.alternating or self.probe.competing
         return build_report(trace, self.selection, notes=notes)
 
     def _loss_tail(self) -> Optional[dict]:
@@ -446,23 +446,6 @@ class Monitor:
             if other is not self and any(id(p) in foreign for p in other.model.parameters()):
                 self._partners.add(other)
                 other._partners.add(self)
-
-    def _competing_steps(self) -> bool:
-        """Whether optimizers stepped after different backward passes (on different losses),
-        and the loss given to ``step`` runs through the parameters of optimizers of two of
-        them: one network trained on another loss (a GAN's discriminator, through which the
-        generator's loss runs). An online linear probe on detached features steps parameters
-        that the loss never reaches."""
-        if not self.probe.alternating:
-            return False
-        graph = self._loss_graph
-        if graph is None:
-            return True  # (a loss without a graph: nothing tells the two apart)
-        segments = self.probe.opt_segments
-        reached = {segments[id(o)] for o in self.optimizers if id(o) in segments
-                   and any(id(p) in graph.reached_ids
-                           for group in o.param_groups for p in group["params"])}
-        return len(reached) > 1
 
     def _competition(self) -> tuple:
         """``(adversarial, foreign)``: whether the loss competes with a paired Monitor's (one

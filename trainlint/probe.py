@@ -363,13 +363,16 @@ class Probe:
         self.fed_by: dict[tuple, dict] = {}
         self.counter = 0
         self.bw_counter = 0
-        # ``(optimizer, bw_counter)`` at this observed step's last optimizer step, and whether
-        # two optimizers ever stepped with a backward between them (see _before_opt_step).
-        self.last_opt_step: Optional[tuple] = None
-        self.alternating = False
-        # id(optimizer) -> bw_counter at its last observed step: optimizers with different
-        # values stepped after different backward passes (on different losses).
-        self.opt_segments: dict[int, int] = {}
+        # The backward passes of an observed step, split by the optimizer steps between them:
+        # the current segment, whether an optimizer stepped since a gradient hook fired, each
+        # segment's modules whose output gradient a hook saw, each optimizer's segment.
+        self.segment = 0
+        self.stepped_since_backward = False
+        self.segment_modules: dict[int, set] = {}
+        self.opt_segment: dict[int, int] = {}
+        # Whether, at an observed step, an optimizer stepped on one backward and another
+        # backward ran through the modules it steps (a GAN: see _note_competing).
+        self.competing = False
         self.last_layout_channel_first = False
         self.producers: dict[int, tuple] = {}
         # id(tensor) -> (weakref, [(("input", name), via), ...]): the model inputs joined into a
@@ -519,7 +522,7 @@ class Probe:
         # never the model itself, whose forward clears them, labels each step's calls #1, #2...).
         self.call_counts.clear()
         self.recomputed.clear()
-        self.last_opt_step = None
+        self._clear_segments()
         if self.attached:
             self._install()
 
@@ -923,6 +926,10 @@ class Probe:
             if point.backward_order is None:
                 point.backward_order = self.bw_counter
             self.bw_counter += 1
+            if self.stepped_since_backward:  # a backward after an optimizer step: another loss
+                self.segment += 1
+                self.stepped_since_backward = False
+            self.segment_modules.setdefault(self.segment, set()).add(point.module)
             with torch._C.DisableTorchFunction():
                 point.grad_rows.append((grad.device, self._batches(grad.device)[1].add(
                     grad, full_pass=True)))
@@ -1122,13 +1129,8 @@ class Probe:
         if not self.observing:
             return None
         self.optimizer_stepped = True
-        # Another optimizer stepped earlier in this step, and a backward ran since: each
-        # stepped on its own loss (a GAN's discriminator, then its generator).
-        last = self.last_opt_step
-        if last is not None and last[0] is not optimizer and self.bw_counter > last[1]:
-            self.alternating = True
-        self.last_opt_step = (optimizer, self.bw_counter)
-        self.opt_segments[id(optimizer)] = self.bw_counter
+        self.opt_segment[id(optimizer)] = self.segment
+        self.stepped_since_backward = True
         if self.step_lrs is None:
             self.step_lrs = _optimizer_groups(self.optimizers)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -1150,6 +1152,32 @@ class Probe:
         if "closure" in kwargs:
             return args, {**kwargs, "closure": reading_closure}
         return (args[0], reading_closure, *args[2:]), kwargs
+
+    def _clear_segments(self) -> None:
+        self.segment = 0
+        self.stepped_since_backward = False
+        self.segment_modules.clear()
+        self.opt_segment.clear()
+
+    def _note_competing(self) -> None:
+        """Set ``competing`` when an optimizer stepped on one backward and a backward of
+        another segment ran through a module whose parameters it steps: two losses pull at one
+        network (a GAN's discriminator trained on its loss, the generator's loss through it).
+        An online probe on detached features, trained after the model, runs through no
+        module of the model's optimizer."""
+        if self.competing or len(set(self.opt_segment.values())) < 2:
+            return
+        owners = {id(p): name.rpartition(".")[0] for name, p in self.model.named_parameters()}
+        for optimizer in self.optimizers:
+            segment = self.opt_segment.get(id(optimizer))
+            if segment is None:
+                continue
+            mine = {owners[id(p)] for group in optimizer.param_groups for p in group["params"]
+                    if id(p) in owners}
+            if any(mine & modules for other, modules in self.segment_modules.items()
+                   if other != segment):
+                self.competing = True
+                return
 
     def _take_step_grads(self, optimizer: Any) -> None:
         """Sample the optimizer's parameters and the gradients its step applies."""
@@ -1293,7 +1321,8 @@ class Probe:
         self._clear_samples()
         self.update_sums = []
         self.bw_counter = 0
-        self.last_opt_step = None
+        self._note_competing()
+        self._clear_segments()
         return snapshot
 
     def _where_nonfinite(self, snapshot: ProbeSnapshot) -> None:

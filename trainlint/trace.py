@@ -415,7 +415,8 @@ class RunTrace:
     # halves): its loss level shows how the two compete.
     adversarial: bool = False
     # In an observed step two optimizers stepped with a backward between them, each on its
-    # own loss (a GAN's discriminator and generator in one model, an actor and a critic).
+    # own loss, and one backward ran through modules the other optimizer steps (a GAN's
+    # discriminator and generator in one model, an actor and a critic).
     alternating: bool = False
     # A Monitor's losses since its last observed step, when report() came before the next:
     # ``{"step": the last step, "loss_mean": ..., "loss_max": ...}`` (None: none).
