@@ -208,13 +208,27 @@ NORM_NAME_ENDINGS = ("LayerNorm", "RMSNorm", "GroupNorm")
 
 def batchnorm_trained_in_eval(trace: RunTrace) -> bool:
     """Whether a BatchNorm with trainable parameters ran in eval mode during an observed
-    training step (the model in eval, or the layer itself): it normalized with its running
-    statistics, not the batch's (TL602's fault)."""
+    training step, not kept there on purpose (:func:`kept_in_eval`): it normalized with its
+    running statistics, not the batch's (TL602's fault)."""
     trained = {p.module for p in trace.params if p.requires_grad}
     norms = {f.name for f in trace.modules.values()
              if f.base in BATCHNORM_TYPES and f.name in trained}
-    return bool(norms) and any(not f["model_training"] or norms & set(f["eval_modules"])
-                               for f in trace.train_flags)
+    return any(name in f["eval_modules"] and not kept_in_eval(trace, f, name)
+               for f in trace.train_flags for name in norms)
+
+
+def kept_in_eval(trace: RunTrace, flags: dict, module: str) -> bool:
+    """Whether ``module``'s eval mode at the step of ``flags`` (a ``RunTrace.train_flags``
+    entry) was the user's choice: it sat inside a submodule in eval whose parameters were all
+    frozen then (``frozen_eval``), its own parameters are all frozen, or a user class on its
+    path overrides ``train()`` to keep it in eval (the detection-backbone idiom)."""
+    if module in flags.get("frozen_eval", ()):
+        return True
+    own = [p for p in trace.params if p.module == module]
+    if own and not any(p.requires_grad for p in own):
+        return True
+    return any(trace.modules[name].attrs.get("overrides_train")
+               for name in ancestors(module) if name in trace.modules)
 
 
 def is_norm_type(type_name: str) -> bool:

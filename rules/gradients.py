@@ -503,9 +503,7 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Multiply the learning rate by the factor the finding suggests (and use warmup for large
     rates); if the ratio is low because the gradients vanish, fix that first (TL501): where
     TL103 or TL501 fire (at their defaults) on the same trace, the fix names them instead of a
-    factor, which would blow up once the signal is restored; where the total gradient norm was
-    above TL502's ``max_norm`` at the run's first step, before any update, the init made the
-    updates huge, and the fix names the exploding gradients first. For a
+    factor, which would blow up once the signal is restored. For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. When
@@ -633,8 +631,7 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                   where: str, group: Optional[int], lr: Optional[float]) -> tuple[str, str]:
     """TL503's message and fix for a median ratio out of the band with a factor toward the
     target; the cause named first where the ratio follows from another fault: a signal that
-    vanishes (TL103, TL501), gradients already huge before any update (TL502), or a rate too
-    high only in its largest steps (warmup)."""
+    vanishes (TL103, TL501), or a rate too high only in its largest steps (warmup)."""
     threshold = t.max_ratio if direction == "high" else t.min_ratio
     listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
     more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -643,14 +640,6 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
             f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. ")
     whose_cap = whose[0].upper() + whose[1:]
     vanishing = _vanishing_signal(trace) if direction == "low" else []
-    if direction == "high" and _explodes_at_init(trace):
-        return (head + "The gradients were already huge at the first step, before any update "
-                "(TL502), so the updates are too: the init, not the rate, is the cause",
-                f"fix the exploding gradients first (TL502: clip with torch.nn.utils."
-                f"clip_grad_norm_(model.parameters(), max_norm=1.0), and the init: "
-                f"Kaiming/Xavier, orthogonal for a recurrent weight_hh), then judge "
-                f"{whose} again: cut {factor:.2g}x now, training would crawl once the "
-                f"gradients are in range")
     if vanishing:
         what = " and ".join(w for code, w in (("TL103", "activations"), ("TL501", "gradients"))
                             if code in vanishing)
@@ -678,18 +667,6 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
             f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
             f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
                                            if direction == "high" else ""))
-
-
-def _explodes_at_init(trace: RunTrace) -> bool:
-    """Whether the total gradient norm (scale-invariant weights left out) was above TL502's
-    ``max_norm`` at the run's first step, before any update (a Monitor that joined later saw
-    no first step): the init, not the rate, made the updates huge."""
-    registered = RULES.get("TL502")
-    if registered is None or trace.resumed or not trace.per_step:
-        return False
-    total = total_grad_norm(trace.per_step[0], scale_invariant_weights(trace))
-    return total is not None and math.isfinite(total) and \
-        total > registered.defaults["max_norm"]
 
 
 def _vanishing_signal(trace: RunTrace) -> list[str]:

@@ -13,6 +13,7 @@ from ._graph import (
     DROPOUT_TYPES,
     RNN_TYPES,
     ancestors,
+    kept_in_eval,
     layer_at,
     maximal_groups,
     only_shape_ops,
@@ -368,23 +369,6 @@ def _mode_dependent(facts: ModuleFacts) -> bool:
     return facts.base == "MultiheadAttention" or facts.attrs.get("num_layers", 1) > 1
 
 
-def _deliberate(trace: RunTrace, module: str) -> bool:
-    """Frozen on purpose: its parameters are frozen, or a class on its path overrides train()."""
-    own = [p for p in trace.params if p.module == module]
-    if own and not any(p.requires_grad for p in own):
-        return True
-    return any(trace.modules[name].attrs.get("overrides_train")
-               for name in ancestors(module) if name in trace.modules)
-
-
-def _held(trace: RunTrace, flags: dict, module: str) -> bool:
-    """Whether ``module``'s eval mode at the step of ``flags`` was on purpose: it sat inside
-    a submodule in eval whose parameters were all frozen at that step (a frozen backbone or
-    teacher, a stage of gradual unfreezing not yet unfrozen), or :func:`_deliberate` says
-    so."""
-    return module in flags.get("frozen_eval", ()) or _deliberate(trace, module)
-
-
 @rule("TL602", "eval-mode-training", "error")
 def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Training steps run while the model, or a BatchNorm/Dropout in it, is in eval mode.
@@ -429,7 +413,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     mode_modules = {f.name for f in trace.modules.values() if _mode_dependent(f)}
     # The mode layers that matter at a step in eval: those not frozen on purpose then.
     eval_steps = [f["step"] for f in flags if not f["model_training"]
-                  and any(not _held(trace, f, n) for n in mode_modules)]
+                  and any(not kept_in_eval(trace, f, n) for n in mode_modules)]
     if eval_steps and mode_modules:
         yield Hit(
             module="",
@@ -446,7 +430,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for f in flags:
         if f["model_training"]:
             for name in f["eval_modules"]:
-                if name in mode_modules and not _held(trace, f, name):
+                if name in mode_modules and not kept_in_eval(trace, f, name):
                     bad[name] = bad.get(name, 0) + 1
     if not bad:
         return

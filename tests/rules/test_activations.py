@@ -491,10 +491,15 @@ def test_tl103_with_batchnorm_trained_in_eval_names_the_mode(trainable: bool,
     trace.modules["bn"] = facts("bn", "BatchNorm2d", num_features=8)
     trace.params = [ParamTrace("bn.weight", "bn", (8,), trainable, True, norm=1.0, std=0.0,
                                grad_norm=0.1)]
-    trace.train_flags = [{"step": 0, "model_training": model_training,
-                          "eval_modules": [] if not model_training else ["bn"]}]
+    trace.train_flags = [{"step": 0, "model_training": model_training, "eval_modules": ["bn"]}]
     [found] = run("TL103", trace)
     assert (found.fix == EVAL_MODE_FIX) is told
+    if told:  # kept in eval on purpose: inside a frozen submodule then, or by a train() override
+        trace.train_flags[0]["frozen_eval"] = ["bn"]
+        assert run("TL103", trace)[0].fix != EVAL_MODE_FIX
+        trace.train_flags[0]["frozen_eval"] = []
+        trace.modules["bn"].attrs["overrides_train"] = True
+        assert run("TL103", trace)[0].fix != EVAL_MODE_FIX
 
 
 def test_tl103_fix_matches_the_init_to_the_hidden_nonlinearity_not_to_gates() -> None:
