@@ -90,9 +90,8 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Lower the learning rate; initialize with ``nn.init.kaiming_normal_(w, nonlinearity="relu")``
     and zero (or slightly positive) biases; normalize before the activation; or use
     ``nn.LeakyReLU(0.01)`` / ``nn.GELU()``, which keep a gradient for x < 0. A layer whose only
-    input comes, through a few weight or norm layers, from a ReLU layer with 90% or more of
-    its units dead (``MOSTLY_DEAD``) gets the same input for every sample: its fix names that
-    layer first.
+    input comes, through a few weight or norm layers, from a ReLU layer with every unit dead
+    gets the same input for every sample: its fix names that layer first.
     """
     for lt in trace.layers:
         if lt.kind not in ("relu", "gelu") or lt.unit_ever_active is None:
@@ -145,21 +144,22 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 
 def _starved_by(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[LayerTrace]:
-    """The ReLU-family layer with at least ``MOSTLY_DEAD`` of its units dead that ``lt`` takes
-    its only input from, through at most ``hops`` layers (weight, norm, pass-through): behind
-    it every sample reaches ``lt`` alike, so ``lt``'s dead units follow from it. None where a
-    join (a residual sum, a concatenation) brings other paths in, or none is found."""
+    """The ReLU-family layer with every unit dead that ``lt`` takes its only input from,
+    through at most ``hops`` layers (weight, norm, pass-through): behind it every sample
+    reaches ``lt`` alike, so ``lt``'s dead units follow from it. None where a join (a
+    residual sum, a concatenation, the model's input beside it) brings another path in, or
+    none is found."""
     target = ("module", lt.module) if lt.op == "output" else lt.node
     seen = {lt.node}
     for _ in range(hops):
-        found = [src for src, _ in predecessors(trace, target) if src[0] == "point"]
-        if len(found) != 1:
+        found = {src for src, _ in predecessors(trace, target)}
+        if len(found) != 1 or next(iter(found))[0] != "point":
             return None
-        src = layer_at(trace, found[0])
+        src = layer_at(trace, next(iter(found)))
         if src is None or src.node in seen:
             return None
         seen.add(src.node)
-        if src.kind in ("relu", "gelu") and mostly_dead(src):
+        if src.kind in ("relu", "gelu") and src.dead_fraction == 1.0:
             return src
         target = ("module", src.module) if src.op == "output" else src.node
     return None

@@ -237,20 +237,22 @@ def _clip_fix(trace: RunTrace, t: Thresholds) -> tuple[str, float]:
 TARGET_MSE = 100.0
 
 
-# Outputs whose own RMS at the first step is at least this share of their distance to the
-# targets (the first MSE's root) are what is far off, not the targets.
+# Outputs whose own spread (std) at the first step is at least this share of their distance
+# to the targets (the first MSE's root) are what is far off, not the targets.
 OUTPUT_SHARE = 0.5
 
 
-def _first_output_rms(trace: RunTrace) -> Optional[float]:
-    """The RMS of the model's output at the first observed step that measured it, or None."""
+def _first_output_spread(trace: RunTrace) -> Optional[float]:
+    """The std of the model's output at the first observed step that measured it, or None
+    (its spread, not its RMS: a head whose bias starts at the targets' mean is offset, not
+    far off)."""
     out = output_layer(trace)
     if out is None:
         return None
     for step in trace.per_step:
-        found = layer_columns(step.get("layers", {}), [out.node[1:]], ("std", "mean"))
-        if found is not None and None not in (found["std"][0], found["mean"][0]):
-            return math.hypot(found["std"][0], found["mean"][0])
+        found = layer_columns(step.get("layers", {}), [out.node[1:]], ("std",))
+        if found is not None and found["std"][0] is not None:
+            return found["std"][0]
     return None
 
 
@@ -266,7 +268,7 @@ def _target_scale(trace: RunTrace) -> str:
     if not (math.isfinite(first) and first >= TARGET_MSE):
         return ""
     distance = math.sqrt(first)
-    outputs = _first_output_rms(trace)
+    outputs = _first_output_spread(trace)
     if outputs is None or outputs < OUTPUT_SHARE * distance:
         return (f"standardize the regression targets (y - y.mean()) / y.std() and scale the "
                 f"predictions back: the first MSE is {first:.3g}, so the outputs start "
@@ -275,14 +277,15 @@ def _target_scale(trace: RunTrace) -> str:
     raw = max(((rms_of_input(i), i.name) for i in trace.inputs), default=None)
     if raw is None or raw[0] <= LARGE_FEATURES:
         recurrent = any(f.base in RNN_TYPES for f in trace.modules.values())
-        return (f"the model's outputs start at RMS {outputs:.3g}, ~{distance:.3g} from the "
+        return (f"the model's outputs start with a std of {outputs:.3g}, ~{distance:.3g} from the "
                 f"targets (first MSE {first:.3g}), and every gradient scales with that: the "
                 f"signal grows inside the model (check TL104 and TL301"
                 + ("; a recurrent weight_hh above 1 grows the state at every time step: "
                    "nn.init.orthogonal_(weight_hh)" if recurrent else "") + "); then ")
     return (f"standardize the model's input {raw[1]!r} (RMS {raw[0]:.3g}) with the training "
-            f"set's mean and std (TL201): the outputs start at RMS {outputs:.3g}, ~{distance:.3g} "
-            f"from the targets (first MSE {first:.3g}), and every gradient scales with that; or ")
+            f"set's mean and std (TL201): the outputs start with a std of {outputs:.3g}, "
+            f"~{distance:.3g} from the targets (first MSE {first:.3g}), and every gradient "
+            f"scales with that; or ")
 
 
 def scale_invariant_weights(trace: RunTrace) -> set:

@@ -168,9 +168,10 @@ def test_tl101_looks_back_through_dropout_to_the_weight_layer() -> None:
     assert finding.evidence["feeding_module"] == "fc"
 
 
-def _behind_dead(upstream_dead: float, join: bool = False) -> RunTrace:
+def _behind_dead(upstream_dead: float, join: str = "") -> RunTrace:
     """``relu_trace`` (act: 60 of 64 units dead) fed through conv2 and bn2 by 'up', a ReLU
-    with ``upstream_dead`` of its 64 units dead; ``join``: a second path into conv2."""
+    with ``upstream_dead`` of its 64 units dead; ``join``: a second path into conv2 (another
+    layer, or the model's input)."""
     t = relu_trace(60, 64)
     ever = np.arange(64) >= round(upstream_dead * 64)
     up = point("up", "ReLU", -3, kind="relu", ever_active=ever)
@@ -181,25 +182,28 @@ def _behind_dead(upstream_dead: float, join: bool = False) -> RunTrace:
                       "bn2": facts("bn2", "BatchNorm1d")})
     t.edges += [Edge(up.node, ("module", "conv2")), Edge(conv.node, ("module", "bn2")),
                 Edge(bn.node, ("module", "fc"))]
-    if join:
+    if join == "layer":
         other = point("skip", "Linear", -4)
         t.layers.insert(0, other)
         t.modules["skip"] = facts("skip", "Linear")
         t.edges.append(Edge(other.node, ("module", "conv2")))
+    elif join == "input":  # the raw input concatenated beside it
+        t.edges.append(Edge(("input", "x"), ("module", "conv2"), ("cat",)))
     return t
 
 
-@pytest.mark.parametrize("share, starved", [(MOSTLY_DEAD, True),
-                                            (MOSTLY_DEAD - 2 / 64, False)])
-def test_tl101_behind_a_mostly_dead_layer_points_at_it_first(share: float, starved: bool) -> None:
+@pytest.mark.parametrize("share, starved", [(1.0, True), (63 / 64, False)])
+def test_tl101_behind_a_dead_layer_points_at_it_first(share: float, starved: bool) -> None:
     """A 1D-CNN with one BatchNorm's shift at -5: its ReLU is 100% dead, so the next block's
     BatchNorm outputs exactly 0 and that block's ReLU is dead too. Fixing the first alone
-    revives both (measured); the second's fix must not blame its BatchNorm's shift."""
+    revives both (measured); the second's fix must not blame its BatchNorm's shift. With one
+    unit alive upstream the samples differ again: this layer's deadness is its own."""
     found = {f.module: f for f in run("TL101", _behind_dead(share))}
     assert ("fix up (ReLU) first" in found["act"].fix) is starved
     assert (found["act"].evidence.get("starved_by") == "up") is starved
-    joined = {f.module: f for f in run("TL101", _behind_dead(1.0, join=True))}
-    assert "first" not in joined["act"].fix  # another path feeds it too
+    for join in ("layer", "input"):  # another path feeds it too
+        joined = {f.module: f for f in run("TL101", _behind_dead(1.0, join=join))}
+        assert "first" not in joined["act"].fix
 
 
 def test_tl101_fed_by_a_norm_layer_points_at_its_shift() -> None:

@@ -570,9 +570,9 @@ def test_tl502_names_unscaled_regression_targets(first, told):
 @pytest.mark.parametrize("edge, raw", [(0.98, True), (1.02, True), (1.02, False)])
 def test_tl502_names_a_raw_input_when_the_outputs_not_the_targets_are_far_off(edge, raw):
     """DeepSets on raw inputs (RMS ~3e3) with standardized targets: the first MSE is 1.6e5
-    because the outputs start at RMS ~400, not because of the targets. Outputs at least
-    ``OUTPUT_SHARE`` of the distance off, with a raw input, get that input named; without
-    one, no cause is claimed."""
+    because the outputs start spread ~400 wide, not because of the targets. Outputs whose std
+    is at least ``OUTPUT_SHARE`` of the distance, with a raw input, get that input named;
+    without one, the signal growing inside the model."""
     from tests.rules.tracekit import inputs
 
     limit = defaults("TL502")["max_norm"]
@@ -592,10 +592,15 @@ def test_tl502_names_a_raw_input_when_the_outputs_not_the_targets_are_far_off(ed
     assert found.fix.startswith("standardize the regression targets") is not off
     assert found.fix.startswith("standardize the model's input 'x' (RMS 3e+03)") is (off and raw)
     if off and raw:
-        assert f"the outputs start at RMS {outputs:.3g}" in found.fix
+        assert f"the outputs start with a std of {outputs:.3g}" in found.fix
     if off and not raw:  # nothing raw comes in: the signal grows inside the model
-        assert found.fix.startswith(f"the model's outputs start at RMS {outputs:.3g}")
+        assert found.fix.startswith(f"the model's outputs start with a std of {outputs:.3g}")
         assert "standardize regression targets" not in found.fix
+    # A head whose bias starts at the targets' mean: its outputs are offset, not spread; the
+    # targets' scale is what the first MSE measures.
+    per_step[0]["layers"][head.node[1:]] = {"std": 0.16, "mean": 2e4}
+    [offset] = hits("TL502", t)
+    assert offset.fix.startswith("standardize the regression targets")
 
 
 def test_tl503_waits_past_the_first_step_of_a_warmup_from_zero():
