@@ -103,6 +103,67 @@ def test_nan_made_before_a_child_names_the_module_whose_forward_ran_the_op(
     assert f"through log in the forward of {module or 'the model'}" in found.message
 
 
+class Scaled(nn.Module):
+    """Divides its layer's output by sqrt(d): safe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) / 8 ** 0.5
+
+
+class Divides(nn.Module):
+    """Divides its input by a temperature, then runs its layer."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x / self.temperature)
+
+
+class TwoReaders(nn.Module):
+    """Two modules divide the same encoder output: one by 2 (safe), one by 0 (Inf)."""
+
+    def __init__(self, log_after_scaled: bool) -> None:
+        super().__init__()
+        self.log_after_scaled = log_after_scaled
+        self.pre, self.blk = Scaled(), LogFirst()
+        self.enc = nn.Linear(8, 8)
+        self.safe, self.bad = Divides(2.0), Divides(0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.log_after_scaled:
+            return self.head(self.blk(self.pre(x)))
+        h = self.enc(x)
+        return self.head(self.safe(h) + self.bad(h))
+
+
+def test_of_several_risky_ops_the_last_ones_module_is_named() -> None:
+    """pre divides its output by sqrt(d) (finite, measured), blk takes the log: named blk."""
+    torch.manual_seed(0)
+    model = TwoReaders(log_after_scaled=True)
+    x, y = _batch()
+    with torch.no_grad():
+        assert torch.isfinite(model.pre(x)).all()
+    found = _tl504(trainlint.check(model, (x, y), steps=1))
+    assert found.module == "blk"
+    assert "through div, log in the forward of blk" in found.message
+
+
+def test_the_same_ops_in_two_modules_name_neither() -> None:
+    """safe and bad both divide enc's output (by 2 and by 0): the same ops on the same
+    source, so the probe cannot tell which one made the Inf, and names neither."""
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(TwoReaders(log_after_scaled=False), _batch(), steps=1))
+    assert found.module not in ("safe", "safe.fc")
+
+
 class Standardized(nn.Module):
     """Standardizes each sample by its own std (0/0 for an all-zero sample), then runs net."""
 

@@ -15,7 +15,14 @@ from torch.nn.utils import parametrize
 
 from . import stats
 from .origins import library_of, locate
-from .probe import MIXED, ProbeSnapshot, is_leaf_module, keep_inner_ops, training_flags
+from .probe import (
+    MIXED,
+    ProbeSnapshot,
+    is_leaf_module,
+    keep_inner_ops,
+    note_site,
+    training_flags,
+)
 from .trace import (
     REORDERING_OPS,
     ActivationStats,
@@ -224,7 +231,8 @@ class TraceBuilder:
             keep_inner_ops(self.inner_ops, name, ops)
         self.norm_functions.update(snap.norm_functions)
         self.edges |= snap.edges
-        self.op_sites.update(snap.op_sites)
+        for key, module in snap.op_sites.items():
+            note_site(self.op_sites, key, module)
         if snap.output_origins:
             self.output_origins = snap.output_origins
         self.finite_before = self.param_finite if self.last_step == step - 1 else None

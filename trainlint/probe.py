@@ -94,6 +94,13 @@ MAX_VIA = 4
 MIXED = ("?",)
 
 
+def note_site(store: dict, key: tuple, module: Optional[str]) -> None:
+    """Record ``module`` as where the ops of ``key`` ran (``RunTrace.op_sites``); None once
+    two modules did."""
+    if store.setdefault(key, module) != module:
+        store[key] = None
+
+
 def keep_inner_ops(store: dict, name: str, ops: tuple) -> None:
     """Record ``ops`` for ``name`` in ``store``; ``MIXED`` once two calls differ."""
     if store.setdefault(name, ops) != ops:
@@ -1054,12 +1061,12 @@ class Probe:
             if len(via) < MAX_VIA:
                 self.producers[id(outs[0])] = (weakref.ref(outs[0]), src, via + (op,))
                 if risky:
-                    self.op_sites.setdefault((src, via + (op,)), self.current_module_name())
+                    self._note_site((src, via + (op,)))
         for i, (src, via) in origins[:2]:
             if len(via) >= MAX_VIA:
                 continue
             if risky:
-                self.op_sites.setdefault((src, via + (op,)), self.current_module_name())
+                self._note_site((src, via + (op,)))
             for t in outs:
                 if id(t) not in self.producers or self._origin_of(t) is None:
                     self.producers[id(t)] = (weakref.ref(t), src, via + (op,))
@@ -1073,6 +1080,11 @@ class Probe:
                     self.edges.add((src, ("sum", op), via + (op,)))
         if outs and (op in CONCAT_OPS or self.joined):
             self._join(op, tensors, outs)
+
+    def _note_site(self, key: tuple) -> None:
+        """Record the module whose forward runs the risky op ending ``key``'s ops; None once
+        two modules ran the same ops on the same source (then neither can be named)."""
+        note_site(self.op_sites, key, self.current_module_name())
 
     def _channel_dim(self, t: Optional[torch.Tensor], ndim: int) -> Optional[int]:
         """The channel dim of ``t`` (a tensor of ``ndim`` dims) when a permute/transpose moved

@@ -372,7 +372,8 @@ class RunTrace:
     inputs: list = field(default_factory=list)
     edges: list = field(default_factory=list)
     # ``(source node, via up to and including a RISKY_OPS op)`` -> the module whose forward
-    # ran that op (a wrapper's own ``torch.log`` before its child): where NaN/Inf it made began.
+    # ran that op (a wrapper's own ``torch.log`` before its child): where NaN/Inf it made began;
+    # None where two modules ran the same ops on the same source.
     op_sites: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     steps: int = 0
