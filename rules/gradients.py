@@ -431,6 +431,12 @@ def _init_transient(trace: RunTrace, totals: list, samples: int, t: Thresholds) 
 WORTH_CUTTING = 0.5
 
 
+def warmings_start(initial_lrs: list) -> bool:
+    """Whether a group at learning rate 0 sits at a scheduler's start: its ``initial_lr``
+    (the rate the scheduler was built on) is above 0 (transformers' linear warmup)."""
+    return any(lr > 0 for lr in initial_lrs)
+
+
 def update_ratio_of(p: ParamTrace) -> Optional[float]:
     """The largest ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed the
     parameter), or None."""
@@ -525,6 +531,8 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     decay by 10× twice or three times (SGD on a converged model there updates by less than
     ``min_ratio``) keeps it above ``lr_fall`` × its peak.
 
+    In a ``trainlint check`` a group at learning rate 0 whose ``initial_lr`` is above 0 sits
+    at an LR scheduler's warmup start (check does not step the scheduler): not judged.
     An optimizer whose step runs its closure several times (LBFGS) is not judged: each of its
     steps is a line-searched solve, not a learning rate's update. Updates of 0 with every
     param group at learning rate 0 are judged only once a second optimizer step was observed:
@@ -588,6 +596,11 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     where = "" if group is None else (
         f"param group {group}" + ("" if lr is None else f" (lr {lr:g})") + ": ")
     if factor is None:
+        warming = [p.initial_lr for p, _ in judged if p.initial_lr]
+        if lr == 0 and trace.mode == "check" and warmings_start(warming):
+            raise Skip(f"the learning rate is 0 where an LR scheduler's warmup starts (its "
+                       f"initial_lr is {warming[0]:g}), and trainlint check does not step the "
+                       f"scheduler: a Monitor run judges the update ratio from the steps after")
         if lr == 0 and all(len(p.update_ratios) == 1 for p, _ in judged) and all(
                 not q.lr for q in trace.params if q.lr is not None):
             raise Skip("the one optimizer step observed so far ran at learning rate 0 in "

@@ -433,7 +433,8 @@ class TraceBuilder:
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
         """This step's vector of one parameter, folded into its ``ParamTrace`` in place (the
         builder's own; :meth:`build` hands out copies)."""
-        _, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr, dtype = tag
+        (_, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr, initial_lr,
+         dtype) = tag
         values = value.tolist()
         norm, std = values[0], values[1]
         grad = values[2] if has_grad else None
@@ -451,6 +452,7 @@ class TraceBuilder:
         trace.shape, trace.requires_grad, trace.in_optimizer = shape, requires_grad, in_opt
         trace.norm, trace.std, trace.grad_norm = norm, std, grad
         trace.group, trace.lr, trace.dtype = group, lr, dtype
+        trace.initial_lr = initial_lr
         if isinstance(lr, (int, float)) and math.isfinite(lr):
             trace.peak_lr = lr if trace.peak_lr is None else max(trace.peak_lr, lr)
         # NaN marks NaN/Inf values; +inf a sum of squares past float64's range (a float64

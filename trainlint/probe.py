@@ -1423,10 +1423,10 @@ class Probe:
         for i, ((name, p), (_, grad_row)) in enumerate(zip(named, param_rows)):
             has_grad, has_update = grad_row is not None, bool(updated[i])
             columns = _PARAM_COLUMNS[has_grad, has_update]
-            group, lr = groups.get(id(p), (None, None))
+            group, lr, initial_lr = groups.get(id(p), (None, None, None))
             values[("param", name, has_grad, has_update,
                     (id(p) in groups) if self.optimizers else None,
-                    tuple(p.shape), p.requires_grad, group, lr,
+                    tuple(p.shape), p.requires_grad, group, lr, initial_lr,
                     str(p.dtype).replace("torch.", ""))] = vectors[i, columns]
 
 
@@ -1610,12 +1610,16 @@ def optimizers_of(optimizer: Any) -> list:
 
 
 def _optimizer_groups(optimizers: list) -> dict:
-    """``{id(param): (index of its param group, the group's lr when it is a plain number)}``;
-    the groups of several optimizers are numbered on, in order."""
+    """``{id(param): (index of its param group, the group's lr, its scheduler's
+    ``initial_lr``)}`` (each a plain number, else None); the groups of several optimizers are
+    numbered on, in order."""
     groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-    return {id(p): (i, float(group["lr"]) if isinstance(group.get("lr"), (int, float))
-                    else None)
+    return {id(p): (i, _number_or_none(group.get("lr")), _number_or_none(group.get("initial_lr")))
             for i, group in enumerate(groups) for p in group["params"]}
+
+
+def _number_or_none(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _model_device(model: nn.Module) -> torch.device:

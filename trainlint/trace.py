@@ -168,6 +168,8 @@ class ParamTrace:
     lr: Optional[float] = None
     # The highest learning rate its group had at an observed step (None: never a number).
     peak_lr: Optional[float] = None
+    # The group's ``initial_lr``, which an LR scheduler sets when it is built (None: none).
+    initial_lr: Optional[float] = None
     dtype: Optional[str] = None  # "float32", "bfloat16"...
     # ``norm`` at the first observed step (the norms of one tensor read the same elements at
     # every step, so an unchanged parameter reads the same value).

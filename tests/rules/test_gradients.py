@@ -681,3 +681,22 @@ def test_tl503_too_low_behind_vanishing_gradients_names_them_first(fade, vanishi
     assert ("fix the vanishing signal first (TL501" in found.fix) is vanishing
     assert ("multiply the learning rate" in found.fix) is not vanishing
     assert ("TL501 finds the gradients vanishing" in found.message) is vanishing
+
+
+@pytest.mark.parametrize("initial_lr, skipped", [(2e-5, True), (None, False), (0.0, False)])
+def test_tl503_check_at_a_warmups_start_from_zero_is_not_judged(initial_lr, skipped):
+    """trainlint.check on an optimizer that transformers' linear warmup has just set to lr 0
+    (its initial_lr is 2e-5): check does not step the scheduler, so every step runs at 0,
+    yet the real run trains (measured). A rate of 0 no scheduler set is still reported."""
+    params = [param(f"l{i}.weight", (8, 8), ratios=(0.0, 0.0, 0.0), lr=0.0) for i in range(3)]
+    for p in params:
+        p.initial_lr = initial_lr
+    t = trace([], params=params, mode="check")
+    if skipped:
+        with pytest.raises(Skip, match="initial_lr is 2e-05"):
+            hits("TL503", t)
+    else:
+        [found] = hits("TL503", t)
+        assert "set the learning rate above 0" in found.fix
+    t.mode = "monitor"  # a Monitor sees the scheduler step: a rate of 0 three steps on is judged
+    assert hits("TL503", t)
