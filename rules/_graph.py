@@ -260,6 +260,13 @@ def attends(facts: ModuleFacts) -> bool:
     return is_attention(facts.base) or bool(facts.attrs.get("attends"))
 
 
+def module_expr(module: str) -> str:
+    """Python that reaches ``module`` from ``model``."""
+    if all(part.isidentifier() for part in module.split(".")):
+        return f"model.{module}"
+    return f"model.get_submodule({module!r})"
+
+
 def ancestors(name: str) -> list[str]:
     """``name`` and every enclosing module's name, innermost first ("" = the model)."""
     parts = name.split(".") if name else []

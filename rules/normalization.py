@@ -19,6 +19,7 @@ from ._graph import (
     WEIGHT_LAYERS,
     attends,
     layer_at,
+    module_expr,
     only_shape_ops,
     output_nodes,
     passed_on_by,
@@ -75,7 +76,9 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Replace the layer with a batch-independent one (``nn.GroupNorm(32, C)`` for conv maps,
     ``nn.LayerNorm(C)`` for features); when training is distributed and the global batch is
-    large enough, ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` instead.
+    large enough, ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` instead. A BatchNorm
+    whose parameters are frozen (a fine-tuned backbone's) belongs in eval mode: the fix says
+    so first.
     """
     for facts in batchnorms(trace):
         if not facts.batch_sizes:
@@ -93,6 +96,13 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             fix = (f"replace {facts.type}({facts.attrs.get('num_features')}) with "
                    f"{replacement(facts)}, which does not depend on the batch; or raise the "
                    f"batch to >= {t.min_batch} per device")
+        own = [p for p in trace.params if p.module == facts.name]
+        if own and not any(p.requires_grad for p in own):
+            # Frozen (a fine-tuned backbone's) yet in training mode: it still normalizes with
+            # the batch and rewrites its running statistics; eval mode is what freezing meant.
+            fix = (f"its parameters are frozen, yet it runs in training mode: put it in eval "
+                   f"({module_expr(facts.name)}.eval(), again after every model.train()) so it "
+                   f"normalizes with its running statistics and keeps them; or " + fix)
         yield Hit(
             module=facts.name,
             message=(f"{facts.type} {facts.name!r} normalizes over batches of {batch} sample(s) "

@@ -16,6 +16,7 @@ from ._graph import (
     kept_in_eval,
     layer_at,
     maximal_groups,
+    module_expr,
     only_shape_ops,
     output_layer,
 )
@@ -25,13 +26,6 @@ from .run import unknown_loss
 def _listed(names: list, limit: int = 8) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def module_expr(module: str) -> str:
-    """Python that reaches ``module`` from ``model``."""
-    if all(part.isidentifier() for part in module.split(".")):
-        return f"model.{module}"
-    return f"model.get_submodule({module!r})"
 
 
 def _where(module: str) -> str:

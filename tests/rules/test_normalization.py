@@ -57,6 +57,23 @@ def test_tl401_fix_is_a_groupnorm_that_divides_the_channels() -> None:
     assert "nn.LayerNorm(32)" in features.fix
 
 
+def test_tl401_on_a_frozen_batchnorm_in_training_mode_says_eval_first() -> None:
+    """A fine-tuned backbone frozen with requires_grad_(False) but left in training mode at
+    batch 2: its BatchNorm still normalizes with the batch (measured: val acc 0.275, against
+    0.309 with it in eval). The fix names eval mode first; a trainable one keeps GroupNorm."""
+    from trainlint.trace import ParamTrace
+
+    for trainable in (False, True):
+        trace = trace_of(bn("backbone.1", 2))
+        trace.params = [ParamTrace(f"backbone.1.{n}", "backbone.1", (48,), trainable, True,
+                                   norm=1.0, std=0.0, grad_norm=None)
+                        for n in ("weight", "bias")]
+        [finding] = run("TL401", trace)
+        assert finding.fix.startswith("its parameters are frozen") is not trainable
+        assert ("model.get_submodule('backbone.1').eval()" in finding.fix) is not trainable
+        assert "nn.GroupNorm" in finding.fix
+
+
 def test_tl401_distributed_run_suggests_syncbatchnorm() -> None:
     m = RULES["TL401"].defaults["min_batch"]
     [finding] = run("TL401", trace_of(bn("bn", 4), world_size=m))
