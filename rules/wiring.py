@@ -145,6 +145,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Nor is one that no optimizer steps and whose values changed all the same: the user's code
     updates it (a BYOL/MoCo target network kept as a moving average of the online one).
 
+    Parameters that are exactly 0 and get a gradient of exactly 0 at every observed step (at
+    least two) are reported too: a product of two factors both initialized at 0 (LoRA's A
+    and B) leaves each without a gradient, for good.
+
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch
     itself, ...) whose other parameters train, that library's forward leaves them out for
@@ -163,6 +167,20 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     unused = {p.name for p in trainable if p.grad_steps == 0
               and not any(a in unrouted for a in ancestors(p.module))
               and not (gaps and changed_between(p)) and not updated_elsewhere(p)}
+    stuck = [p.name for p in trainable if _stuck_at_zero(trace, p)]
+    if stuck:
+        yield Hit(
+            module=_common_module([name.rpartition(".")[0] for name in stuck]),
+            message=(f"{len(stuck)} trainable parameter(s) are exactly 0 and got a gradient of "
+                     f"exactly 0 at each of the {trace.observed_steps} observed step(s): "
+                     f"{_listed(stuck)}; each is multiplied by another factor that is 0 too "
+                     "(a product of two factors both initialized at 0, as LoRA's A and B), so "
+                     "no gradient reaches either and they never move"),
+            fix=("initialize one factor of each product randomly and keep the other at 0 "
+                 "(LoRA: nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5)), "
+                 "nn.init.zeros_(lora_B)), so the product starts at 0 yet both learn"),
+            evidence={"params": stuck, "observed_steps": trace.observed_steps},
+        )
     if not unused:
         return
     groups = maximal_groups(unused, {p.name for p in trainable}, params=True)
@@ -209,6 +227,28 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  "find_unused_parameters=True, which slows every step"),
             evidence=evidence,
         )
+
+
+def _stuck_at_zero(trace: RunTrace, p: ParamTrace) -> bool:
+    """Whether ``p`` is exactly 0 and got a gradient of exactly 0 at every observed step (at
+    least two): a factor of a product whose other factor is 0 too."""
+    if p.grad_steps < 2 or p.norm != 0 or p.first_norm not in (0, None) or p.grad_norm != 0:
+        return False
+    norms = [s["param_grad_norms"].get(p.name) for s in trace.per_step
+             if s.get("param_grad_norms")]
+    return all(g == 0 for g in norms if g is not None)
+
+
+def _common_module(modules: list) -> str:
+    """The innermost module holding all of ``modules`` ("" = the model)."""
+    common = modules[0].split(".") if modules and modules[0] else []
+    for name in modules[1:]:
+        parts = name.split(".") if name else []
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
 
 
 @rule("TL506", "parameters-not-in-optimizer", "error")

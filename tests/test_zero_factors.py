@@ -1,0 +1,49 @@
+"""TL505 on a product of two factors both initialized at 0 (LoRA's A and B): neither gets a
+gradient, ever, though both are trainable and in the optimizer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update B @ A."""
+
+    def __init__(self, dim: int, rank: int, random_a: bool) -> None:
+        super().__init__()
+        self.base = nn.Linear(dim, dim)
+        self.base.requires_grad_(False)
+        self.A = nn.Parameter(torch.zeros(rank, dim))
+        self.B = nn.Parameter(torch.zeros(dim, rank))
+        if random_a:
+            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.A.T @ self.B.T
+
+
+@pytest.mark.parametrize("random_a", [False, True])
+def test_lora_factors_both_at_zero_are_reported(random_a: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(16, 4, random_a), nn.ReLU(), nn.Linear(16, 4))
+    batch = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    # Measured directly: A gets no gradient while B is 0, and B none while A is 0 too; with A
+    # random, B gets one and moves, and A follows from the next step.
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    assert model[0].A.grad.abs().max() == 0
+    assert bool(model[0].B.grad.abs().max() == 0) is (not random_a)
+    model.zero_grad()
+    report = trainlint.check(model, batch, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    found = [f for f in report.findings if f.code == "TL505"]
+    assert bool(found) is (not random_a)
+    if found:
+        assert found[0].module == "0"
+        assert found[0].evidence["params"] == ["0.A", "0.B"]
+        assert "kaiming_uniform_" in found[0].fix
