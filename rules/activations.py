@@ -514,7 +514,8 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     layer far too large back to scale). Where BatchNorm layers with trainable parameters ran
     in eval mode during training (TL602), they normalized with running statistics: the fix
     is ``model.train()``. The init fix follows the hidden layers' nonlinearity, gates (an SE
-    block's sigmoid) left out.
+    block's sigmoid) left out; where norm layers' scales start above 0 but below
+    ``NORM_WEIGHT_COLLAPSED`` (0.1), the fix names them (initialize them at 1).
     """
     measure = "signal"
     profiles = _scale_profiles(trace, t.window, t.min_layers, measure, stream_only=True)
@@ -563,6 +564,13 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"of what it stands for; a norm layer's scale: 1), or normalize its output")
         else:
             fix = _init_fix(_dominant_nonlinearity(trace, series))
+            shrunk = _shrunk_norms(trace)
+            if shrunk:
+                fix = (f"{len(shrunk)} norm layer(s) start with their scale (weight) near 0 "
+                       f"(RMS {shrunk[0][1]:.3g} at {shrunk[0][0]!r}"
+                       + (f", and {len(shrunk) - 1} more" if len(shrunk) > 1 else "")
+                       + "), so each scales its output down to that size: initialize them "
+                       "with nn.init.ones_(norm.weight) and nn.init.zeros_(norm.bias)")
         if batchnorm_trained_in_eval(trace):
             fix = EVAL_MODE_FIX
         if alike is not None:
@@ -623,6 +631,22 @@ def _picked_positions(trace: RunTrace, step: Optional[int], where: LayerTrace,
         if signal is not None and signal >= min_ratio * reference and own >= min_ratio * rms:
             return src
     return None
+
+
+def _shrunk_norms(trace: RunTrace) -> list[tuple]:
+    """``(name, weight RMS)`` of the norm layers whose scale started above 0 but below
+    ``NORM_WEIGHT_COLLAPSED`` (transformers' EfficientNet draws BatchNorm weights from
+    N(0, 0.02)), smallest first; a scale of exactly 0 is a residual branch's zero init."""
+    found = []
+    for p in trace.params:
+        facts = trace.modules.get(p.module)
+        if not p.name.endswith(".weight") or facts is None or not is_norm_type(facts.base) \
+                or not p.norms_before or not p.shape:
+            continue
+        rms = p.norms_before[0] / math.sqrt(math.prod(p.shape))
+        if 0 < rms < NORM_WEIGHT_COLLAPSED:
+            found.append((p.module, rms))
+    return sorted(found, key=lambda pair: pair[1])
 
 
 # A norm layer's output at or above this scale where the signal falls: the norm brought an

@@ -506,6 +506,23 @@ def test_tl103_with_batchnorm_trained_in_eval_names_the_mode(trainable: bool,
         assert run("TL103", trace)[0].fix != EVAL_MODE_FIX
 
 
+@pytest.mark.parametrize("scale, named", [(NORM_WEIGHT_COLLAPSED * 0.99, True),
+                                          (NORM_WEIGHT_COLLAPSED * 1.01, False), (0.0, False)])
+def test_tl103_names_norm_layers_whose_scale_starts_near_zero(scale: float, named: bool) -> None:
+    """transformers' EfficientNet draws its BatchNorm weights from N(0, 0.02): each norm
+    scales its output down ~50x, and no single drop stands out. Measured: Kaiming on every
+    conv (the generic fix) leaves the last block at 2e-10 of the stem; BatchNorm weights at 1
+    train. A scale of exactly 0 is a residual branch's zero init, not this."""
+    trace = depth_trace(profile("TL103", RULES["TL103"].defaults["min_ratio"] / 10))
+    trace.modules["bn"] = facts("bn", "BatchNorm2d", num_features=16)
+    bn_weight = ParamTrace("bn.weight", "bn", (16,), True, True, norm=scale * 4.0, std=0.0,
+                           grad_norm=0.1, norms_before=[scale * 4.0])  # RMS: norm / sqrt(16)
+    trace.params = [bn_weight]
+    [found] = run("TL103", trace)
+    assert ("nn.init.ones_(norm.weight)" in found.fix) is named
+    assert ("xavier_normal_" in found.fix) is not named
+
+
 def test_tl103_fix_matches_the_init_to_the_hidden_nonlinearity_not_to_gates() -> None:
     """SE blocks' sigmoid gates, multiplied into the features, may outnumber the ReLUs: the
     init fix follows the hidden layers' ReLUs all the same."""
