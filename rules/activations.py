@@ -564,7 +564,7 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"of what it stands for; a norm layer's scale: 1), or normalize its output")
         else:
             fix = _init_fix(_dominant_nonlinearity(trace, series))
-            shrunk = _shrunk_norms(trace)
+            shrunk = _shrunk_norms(trace, where)
             if shrunk:
                 fix = (f"{len(shrunk)} norm layer(s) start with their scale (weight) near 0 "
                        f"(RMS {shrunk[0][1]:.3g} at {shrunk[0][0]!r}"
@@ -633,10 +633,14 @@ def _picked_positions(trace: RunTrace, step: Optional[int], where: LayerTrace,
     return None
 
 
-def _shrunk_norms(trace: RunTrace) -> list[tuple]:
+def _shrunk_norms(trace: RunTrace, where: LayerTrace) -> list[tuple]:
     """``(name, weight RMS)`` of the norm layers whose scale started above 0 but below
     ``NORM_WEIGHT_COLLAPSED`` (transformers' EfficientNet draws BatchNorm weights from
-    N(0, 0.02)), smallest first; a scale of exactly 0 is a residual branch's zero init."""
+    N(0, 0.02)), those that run before ``where`` (the decay's first layer below the
+    threshold) first; none unless one does. A scale of exactly 0 is a residual branch's zero
+    init."""
+    order = trace.ordered_layers()
+    before = {lt.module for lt in order[:order.index(where)]} if where in order else set()
     found = []
     for p in trace.params:
         facts = trace.modules.get(p.module)
@@ -646,7 +650,9 @@ def _shrunk_norms(trace: RunTrace) -> list[tuple]:
         rms = p.norms_before[0] / math.sqrt(math.prod(p.shape))
         if 0 < rms < NORM_WEIGHT_COLLAPSED:
             found.append((p.module, rms))
-    return sorted(found, key=lambda pair: pair[1])
+    if not any(name in before for name, _ in found):
+        return []  # (a shrunk norm after the decay does not make it)
+    return sorted(found, key=lambda pair: (pair[0] not in before, pair[1]))
 
 
 # A norm layer's output at or above this scale where the signal falls: the norm brought an

@@ -895,10 +895,12 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
         src = by_node.get(edge.src)
         if src is None or src.node[1:] in bad:
             continue
-        # The last of them ran closest to the NaN/Inf seen (a safe division before a log).
-        risky = max(i for i, op in enumerate(edge.via) if op in RISKY_OPS)
-        parent = trace.op_sites.get((edge.src, edge.via[:risky + 1]))
-        if parent is None:  # not seen, or the same ops ran in two modules
+        # The module that ran them, where one did: ops in two modules (a safe division in one,
+        # a log in the next) do not tell which made the NaN/Inf, nor ops two modules ran.
+        sites = {trace.op_sites.get((edge.src, edge.via[:i + 1]))
+                 for i, op in enumerate(edge.via) if op in RISKY_OPS}
+        parent = sites.pop() if len(sites) == 1 else None
+        if parent is None:
             parent = _ran_in(first, src.module)
         ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
         return "forward", parent, (

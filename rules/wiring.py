@@ -145,9 +145,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Nor is one that no optimizer steps and whose values changed all the same: the user's code
     updates it (a BYOL/MoCo target network kept as a moving average of the online one).
 
-    Parameters that are exactly 0 and get a gradient of exactly 0 at every observed step (at
-    least two) are reported too: a product of two factors both initialized at 0 (LoRA's A
-    and B) leaves each without a gradient, for good.
+    A module whose trainable parameters (two or more) are all exactly 0 and get a gradient of
+    exactly 0 at every observed step (at least ``STUCK_STEPS``, at a learning rate above 0) is
+    reported too: a product of two factors both initialized at 0 (LoRA's A and B) leaves
+    each without a gradient, for good.
 
     A library's own design (info, not a warning): when the unused parameters belong to a
     module of a published-model library (transformers, timm, diffusers, torchvision, torch
@@ -167,19 +168,22 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     unused = {p.name for p in trainable if p.grad_steps == 0
               and not any(a in unrouted for a in ancestors(p.module))
               and not (gaps and changed_between(p)) and not updated_elsewhere(p)}
-    stuck = [p.name for p in trainable if _stuck_at_zero(trace, p)]
+    stuck = _zero_products(trace, trainable)
     if stuck:
         yield Hit(
-            module=_common_module([name.rpartition(".")[0] for name in stuck]),
-            message=(f"{len(stuck)} trainable parameter(s) are exactly 0 and got a gradient of "
-                     f"exactly 0 at each of the {trace.observed_steps} observed step(s): "
-                     f"{_listed(stuck)}; each is multiplied by another factor that is 0 too "
-                     "(a product of two factors both initialized at 0, as LoRA's A and B), so "
-                     "no gradient reaches either and they never move"),
+            module=_common_module(sorted(stuck)),
+            message=(f"{len(stuck)} module(s) hold trainable parameters that are all exactly 0 "
+                     f"and got a gradient of exactly 0 at each of the {trace.observed_steps} "
+                     f"observed step(s): {_listed(sorted(stuck))} "
+                     f"({_listed(sorted(n for names in stuck.values() for n in names))}); each "
+                     "multiplies another that is 0 too (a product of two factors both "
+                     "initialized at 0, as LoRA's A and B), so no gradient reaches either and "
+                     "they never move"),
             fix=("initialize one factor of each product randomly and keep the other at 0 "
                  "(LoRA: nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5)), "
                  "nn.init.zeros_(lora_B)), so the product starts at 0 yet both learn"),
-            evidence={"params": stuck, "observed_steps": trace.observed_steps},
+            evidence={"params": sorted(n for names in stuck.values() for n in names),
+                      "modules": sorted(stuck), "observed_steps": trace.observed_steps},
         )
     if not unused:
         return
@@ -229,10 +233,37 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
 
 
+# Observed steps with a gradient a parameter stuck at 0 needs: a chain of zero-initialized
+# factors (adaLN-Zero's gate, then the zero-initialized layer it scales) unlocks one link a
+# step.
+STUCK_STEPS = 3
+
+
+def _zero_products(trace: RunTrace, trainable: list) -> dict:
+    """``{module: its parameter names}`` of the innermost modules whose trainable parameters
+    (two or more) are all :func:`_stuck_at_zero`: the two factors of a product, both at 0 (a
+    LoRA layer's A and B beside its frozen base). A zero bias beside a weight that trains is
+    not one (a ReZero branch behind its alpha at 0, a head behind a dead layer: the
+    gradient comes once the other moves, or is TL101's)."""
+    stuck = {p.name for p in trainable if _stuck_at_zero(trace, p)}
+    found: dict = {}
+    for name in sorted(stuck):
+        for module in ancestors(name.rpartition(".")[0])[:-1]:  # never the model itself
+            inside = [p.name for p in trainable if p.name.startswith(module + ".")]
+            if len(inside) >= 2 and all(n in stuck for n in inside):
+                found[module] = inside
+                break
+            if any(n not in stuck for n in inside):
+                break
+    return found
+
+
 def _stuck_at_zero(trace: RunTrace, p: ParamTrace) -> bool:
     """Whether ``p`` is exactly 0 and got a gradient of exactly 0 at every observed step (at
-    least two): a factor of a product whose other factor is 0 too."""
-    if p.grad_steps < 2 or p.norm != 0 or p.first_norm not in (0, None) or p.grad_norm != 0:
+    least ``STUCK_STEPS``) while its learning rate was above 0 (a warmup's first steps at 0
+    move nothing): a factor of a product whose other factor is 0 too."""
+    if p.grad_steps < STUCK_STEPS or p.norm != 0 or p.first_norm not in (0, None) or \
+            p.grad_norm != 0 or p.lr == 0:
         return False
     norms = [s["param_grad_norms"].get(p.name) for s in trace.per_step
              if s.get("param_grad_norms")]

@@ -515,12 +515,17 @@ def test_tl103_names_norm_layers_whose_scale_starts_near_zero(scale: float, name
     train. A scale of exactly 0 is a residual branch's zero init, not this."""
     trace = depth_trace(profile("TL103", RULES["TL103"].defaults["min_ratio"] / 10))
     trace.modules["bn"] = facts("bn", "BatchNorm2d", num_features=16)
+    trace.layers.insert(1, point("bn", "BatchNorm2d", 0))  # on the path, before the decay
     bn_weight = ParamTrace("bn.weight", "bn", (16,), True, True, norm=scale * 4.0, std=0.0,
                            grad_norm=0.1, norms_before=[scale * 4.0])  # RMS: norm / sqrt(16)
     trace.params = [bn_weight]
     [found] = run("TL103", trace)
     assert ("nn.init.ones_(norm.weight)" in found.fix) is named
     assert ("xavier_normal_" in found.fix) is not named
+    late = trace.layers.pop(1)  # after the decay (before a head): not its cause
+    late.depth = 100
+    trace.layers.append(late)
+    assert "xavier_normal_" in run("TL103", trace)[0].fix
 
 
 def test_tl103_fix_matches_the_init_to_the_hidden_nonlinearity_not_to_gates() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from trainlint.rules import wiring
 from trainlint.rules.wiring import CHANGE
 
 from tests.rules.tracekit import hits, module, param, point, trace
@@ -373,3 +374,44 @@ def test_the_library_of_a_module_class_is_where_its_source_lives():
     assert library_of(nn.Linear) == "torch" and library_of(nn.ModuleList) == "torch"
     assert library_of(BertPooler) == "transformers"
     assert library_of(Mine) == "" and library_of(type("Made", (nn.Module,), {})) == ""
+
+
+def _lora(steps: int, lr: float, bias_trains: bool = False):  # noqa: ANN202
+    """A module 'q' with a frozen base and factors A, B at 0 whose gradients were 0 at every
+    one of ``steps`` steps (and, ``bias_trains``, a second module whose weight trains beside
+    a zero bias with a zero gradient: a ReZero branch behind its alpha)."""
+    from trainlint.trace import ParamTrace, RunTrace
+
+    def zero(name: str) -> ParamTrace:
+        return ParamTrace(name, name.rpartition(".")[0], (4, 4), True, True, norm=0.0, std=0.0,
+                          grad_norm=0.0, grad_steps=steps, lr=lr, first_norm=0.0)
+
+    params = [ParamTrace("q.base.weight", "q.base", (4, 4), False, False, norm=1.0, std=0.2,
+                         grad_norm=None),
+              zero("q.A"), zero("q.B"),
+              ParamTrace("head.weight", "head", (4, 4), True, True, norm=1.0, std=0.2,
+                         grad_norm=0.5, grad_steps=steps, lr=lr, first_norm=1.0)]
+    if bias_trains:
+        params += [ParamTrace("f.weight", "f", (4, 4), True, True, norm=1.0, std=0.2,
+                              grad_norm=0.0, grad_steps=steps, lr=lr, first_norm=1.0),
+                   zero("f.bias")]
+    per_step = [{"step": i, "param_grad_norms": {p.name: p.grad_norm for p in params
+                                                 if p.grad_norm is not None}}
+                for i in range(steps)]
+    modules = {n: module(n, "Linear") for n in ("q", "q.base", "head", "f")}
+    return RunTrace(params=params, modules=modules, per_step=per_step, observed_steps=steps)
+
+
+@pytest.mark.parametrize("steps, lr, reported", [
+    (wiring.STUCK_STEPS, 1e-3, True), (wiring.STUCK_STEPS - 1, 1e-3, False),
+    (wiring.STUCK_STEPS, 0.0, False)])
+def test_tl505_two_factors_stuck_at_zero(steps, lr, reported):
+    """LoRA's A and B both at 0 never get a gradient. Fewer steps than a chain of zero
+    factors needs to unlock (adaLN-Zero), or a rate of 0 (a warmup's start), prove nothing."""
+    found = [h for h in hits("TL505", _lora(steps, lr)) if "exactly 0" in h.message]
+    assert bool(found) is reported
+    if reported:
+        assert found[0].module == "q" and found[0].evidence["params"] == ["q.A", "q.B"]
+    beside = [h for h in hits("TL505", _lora(steps, lr, bias_trains=True))
+              if "exactly 0" in h.message]
+    assert [h.evidence["modules"] for h in beside] == ([["q"]] if reported else [])
