@@ -427,8 +427,13 @@ class TraceBuilder:
             self.inputs[(name, dim)] = InputTrace(name=name, shape=shape, dtype=dtype,
                                                   channel_dim=dim, mean=value[0], std=value[1],
                                                   min=value[2], max=value[3])
-        else:  # keep the first step's batch: inputs are the data, not the model state
-            return
+        elif current.min.shape == value[2].shape:
+            # The first step's batch gives the moments (inputs are the data, not the model
+            # state); the range spans every observed batch, so a feature constant in one batch
+            # by chance (a rare 0/1 indicator) varies over the run, and one constant for good
+            # does not.
+            current.min = np.minimum(current.min, value[2])
+            current.max = np.maximum(current.max, value[3])
 
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
         """This step's vector of one parameter, folded into its ``ParamTrace`` in place (the

@@ -53,6 +53,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     opt, made_here = _optimizer(optimizer, model, trainable, notes)
     saved = snapshot(model, None if made_here else opt)
     probe = Probe(model, opt)
+    probe.inputs_every_step = True  # a feature constant in one batch may vary in the next
     builder = TraceBuilder(model, mode="check")
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
                  "loss_summed": None,

@@ -408,8 +408,11 @@ class Probe:
         self.last_key: Optional[tuple] = None
         # The model's integer and bool inputs (token ids, padding masks), by name.
         self.masks: set = set()
-        # The run's inputs are described by the first observed batch (the trace keeps that one).
+        # The run's inputs are described by the first observed batch (the trace keeps that one);
+        # with ``inputs_every_step`` (a check's few steps, where reading them costs nothing that
+        # matters) every observed batch is read, and the trace widens their range.
         self.inputs_seen = False
+        self.inputs_every_step = False
         self.norm_calls: list[NormCall] = []
         # The modules whose own forward called F.scaled_dot_product_attention, and those that
         # called a functional norm (name -> the norm's torch.nn class name).
@@ -585,7 +588,8 @@ class Probe:
                 if not (t.is_floating_point() or t.is_complex()):
                     self.masks.add(name)
                 self._probe_batch(name, t)
-                if (not self.inputs_seen and (t.is_floating_point() or t.dtype in RAW_INTS)
+                if ((not self.inputs_seen or self.inputs_every_step)
+                        and (t.is_floating_point() or t.dtype in RAW_INTS)
                         and strided(t) and t.dim() >= 1 and t.numel() > 0):
                     self._record_input(name, t)
         finally:
