@@ -219,14 +219,14 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     tensors (uint8/int8/int16 ones: a weight layer, not an embedding), it lists the channels
     (images: dim 1) or features (last dim) whose minimum equals their maximum over the whole
     batch (at least ``min_values`` values per channel; in a ``trainlint check``, over every
-    batch it reads: a rare 0/1 flag one batch never sets varies in the next). Left out,
-    because a small batch legitimately never varies them: a feature stuck at the overall minimum that the input's
-    other features go above (an absent category of a one-hot/multi-hot encoding, padding, an
-    image border), and a non-image feature stuck at exactly 0 or 1 beside features that vary
-    between 0 and 1 only (an indicator that is rare or common; among continuous features, a
-    column stuck at 0 or 1 is a constant). An input constant all over is flagged unless it is
-    all 0 (an empty placeholder). Inputs of one value per sample (timesteps, scalars) are not
-    checked.
+    batch it reads: a rare 0/1 flag one batch never sets varies in the next). Left out, because
+    a small batch legitimately never varies them: a feature stuck at the overall minimum that
+    the input's other features go above (an absent category of a one-hot/multi-hot encoding,
+    padding, an image border), and a non-image feature stuck at exactly 0 or 1 beside features
+    that vary between 0 and 1 only (an indicator that is rare or common; among continuous
+    features, a column stuck at 0 or 1 is a constant). An input constant all over is flagged
+    unless it is all 0 (an empty placeholder). Inputs of one value per sample (timesteps,
+    scalars) are not checked.
 
     ## Why is this bad?
     A feature that never varies carries no information: it wastes a channel of the first
