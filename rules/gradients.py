@@ -512,7 +512,8 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Multiply the learning rate by the factor the finding suggests (and use warmup for large
     rates); if the ratio is low because the gradients vanish, fix that first (TL501): where
     TL103 or TL501 fire (at their defaults) on the same trace, the fix names them instead of a
-    factor, which would blow up once the signal is restored. For a
+    factor, which would blow up once the signal is restored; likewise, for a rate too high,
+    where TL201 (raw inputs) or TL104 (activations growing along depth) fire. For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. When
@@ -647,7 +648,8 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                   where: str, group: Optional[int], lr: Optional[float]) -> tuple[str, str]:
     """TL503's message and fix for a median ratio out of the band with a factor toward the
     target; the cause named first where the ratio follows from another fault: a signal that
-    vanishes (TL103, TL501), or a rate too high only in its largest steps (warmup)."""
+    vanishes (TL103, TL501), raw inputs or a signal that grows (TL201, TL104), or a rate too
+    high only in its largest steps (warmup)."""
     threshold = t.max_ratio if direction == "high" else t.min_ratio
     listed = ", ".join(f"{p.name} {r:.3g}" for p, r in bad[:5])
     more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -665,6 +667,17 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                 f"fix the vanishing signal first ({', '.join(vanishing)}: the init, "
                 f"normalization layers), then judge {whose} again: raised {factor:.2g}x now, "
                 f"it would blow up once the signal is restored")
+    upstream = firing(trace, ("TL201", "TL104")) if direction == "high" else []
+    if upstream:
+        cause = ("the model's inputs are not normalized (TL201)" if upstream[0] == "TL201"
+                 else "the activations grow along depth (TL104: the init)")
+        return (head + f"{whose_cap} is too high for this model as it is: {cause}, which makes "
+                f"the gradients and the updates large whatever the rate",
+                f"fix that first ({upstream[0]}: "
+                + ("standardize the inputs" if upstream[0] == "TL201" else
+                   "Kaiming/Xavier init matched to the nonlinearity")
+                + f"), then judge {whose} again: cut {factor:.2g}x now, training would crawl "
+                "once the signal is in range")
     if direction == "high" and factor >= WORTH_CUTTING:
         # The largest steps overwrite the weights, a typical one does not: the rate suits the
         # run once it is under way (Adam's first steps move each weight by ~lr/RMS(w)).
@@ -689,8 +702,13 @@ def _vanishing_signal(trace: RunTrace) -> list[str]:
     """Of TL103 and TL501, the codes that find a vanishing signal in this trace (at their
     default thresholds): small activations or gradients make small updates whatever the
     learning rate, and raising it is no fix."""
+    return firing(trace, ("TL103", "TL501"))
+
+
+def firing(trace: RunTrace, codes: tuple) -> list[str]:
+    """Of ``codes``, those whose rule finds something in this trace at its defaults."""
     found = []
-    for code in ("TL103", "TL501"):
+    for code in codes:
         registered = RULES.get(code)
         if registered is None:
             continue

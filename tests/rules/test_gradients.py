@@ -700,3 +700,21 @@ def test_tl503_check_at_a_warmups_start_from_zero_is_not_judged(initial_lr, skip
         assert "set the learning rate above 0" in found.fix
     t.mode = "monitor"  # a Monitor sees the scheduler step: a rate of 0 three steps on is judged
     assert hits("TL503", t)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_tl503_too_high_behind_raw_inputs_names_them_first(raw):
+    """uint8 images (0..255) into a CNN at SGD lr 0.01: updates ~2x the weights. Cutting the
+    rate 1000x left the first loss at 20.2; standardizing the inputs (TL201) gave 2.34 and
+    an update ratio of 0.0016 at the same rate (measured). With the inputs raw, the fix names
+    them first; with them standardized, the rate itself is cut."""
+    from tests.rules.tracekit import edge, inputs, module
+
+    mean = 127.0 if raw else 0.0
+    params = [param(f"l{i}.weight", (8, 8), ratios=(2.0, 2.0)) for i in range(3)]
+    t = trace([], params=params, modules=[module("l0", "Linear")],
+              inputs=[inputs("x", (64, 4), [mean] * 4, [1.0] * 4)],
+              edges=[edge(("input", "x"), ("module", "l0"))])
+    [found] = hits("TL503", t)
+    assert ("fix that first (TL201: standardize the inputs)" in found.fix) is raw
+    assert ("multiply the learning rate" in found.fix) is not raw
