@@ -93,9 +93,11 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    "model = nn.SyncBatchNorm.convert_sync_batchnorm(model) before wrapping it in "
                    f"DistributedDataParallel, or use {replacement(facts)}")
         else:
-            fix = (f"replace {facts.type}({facts.attrs.get('num_features')}) with "
-                   f"{replacement(facts)}, which does not depend on the batch; or raise the "
-                   f"batch to >= {t.min_batch} per device")
+            fix = (f"raise the batch to >= {t.min_batch} per device (gradient accumulation "
+                   f"does not widen what BatchNorm sees); or replace "
+                   f"{facts.type}({facts.attrs.get('num_features')}) with {replacement(facts)}, "
+                   f"which does not depend on the batch, and retune the learning rate (a "
+                   f"ResNet at batch 8 stalled with GroupNorm at SGD 0.1 and trained at 0.02)")
         own = [p for p in trace.params if p.module == facts.name]
         if own and not any(p.requires_grad for p in own):
             # Frozen (a fine-tuned backbone's) yet in training mode: it still normalizes with
