@@ -63,16 +63,8 @@ def test_a_loss_at_chance_beside_a_leaf_made_in_the_forward_is_judged() -> None:
     torch.manual_seed(0)
     model = Placeholder()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    with trainlint.Monitor(model, opt, every=10) as monitor:
-        for _ in range(100):  # labels independent of the inputs: nothing to learn
-            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 4, (32,), generator=g)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
-        report = monitor.report()
+    # Labels independent of the inputs: nothing to learn.
+    report = _trained(model, opt, steps=100, every=10, classes=4)
     assert report.trace.foreign_params == 0
     assert "TL603" in _codes(report)
 
@@ -267,6 +259,22 @@ def test_other_losses_terms_and_unknown_outputs() -> None:
     assert read_loss_graph((c * 0).sum().detach(), main.parameters(), _outputs(c)).kind is None
 
 
+def _trained(model: nn.Module, opt: torch.optim.Optimizer, steps: int, every: int = 1,
+             classes: int = 10) -> trainlint.Report:
+    """A Monitor's report on ``steps`` steps of cross-entropy on random (x, y) of 6 features
+    and ``classes`` classes: labels unrelated to the inputs."""
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=every) as monitor:
+        for _ in range(steps):
+            x, y = torch.randn(32, 6, generator=g), torch.randint(0, classes, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        return monitor.report()
+
+
 def _monitored(model: nn.Module, loss_fn, steps: int = 3) -> trainlint.Report:  # noqa: ANN001
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -412,16 +420,7 @@ def test_a_monitor_created_after_training_began_does_not_judge_the_init() -> Non
     opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # state, weights as they are
     F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 10, (4,))).backward()
     opt.step()
-    g = torch.Generator().manual_seed(0)
-    with trainlint.Monitor(model, opt, every=1) as monitor:
-        for _ in range(3):
-            x, y = torch.randn(32, 6, generator=g), torch.randint(0, 10, (32,), generator=g)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
-        report = monitor.report()
+    report = _trained(model, opt, steps=3)
     assert report.trace.resumed
     assert not {"TL302", "TL301"} & _codes(report)
     assert "first training step" in report.skipped["TL301"]
