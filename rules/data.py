@@ -198,6 +198,10 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
 
 
+# How far (relative) a 0/1 column's variance may sit from p(1 - p): a sample's n/(n - 1).
+BERNOULLI_SLACK = 0.1
+
+
 def _has_indicators(inp: InputTrace) -> bool:
     """Whether some feature of ``inp`` varies between 0 and 1 and nothing else (a one-hot or
     multi-hot column: min 0, max 1, and the variance of 0/1 values, p(1 - p) for a mean p,
@@ -206,7 +210,7 @@ def _has_indicators(inp: InputTrace) -> bool:
     mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
     lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
     bernoulli = mean * (1 - mean)
-    binary = (lo == 0) & (hi == 1) & (np.abs(std ** 2 - bernoulli) <= 0.1 * bernoulli)
+    binary = (lo == 0) & (hi == 1) & (np.abs(std ** 2 - bernoulli) <= BERNOULLI_SLACK * bernoulli)
     return bool(binary.any())
 
 

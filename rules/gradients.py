@@ -431,12 +431,6 @@ def _init_transient(trace: RunTrace, totals: list, samples: int, t: Thresholds) 
 WORTH_CUTTING = 0.5
 
 
-def warmings_start(initial_lrs: list) -> bool:
-    """Whether a group at learning rate 0 sits at a scheduler's start: its ``initial_lr``
-    (the rate the scheduler was built on) is above 0 (transformers' linear warmup)."""
-    return any(lr > 0 for lr in initial_lrs)
-
-
 def update_ratio_of(p: ParamTrace) -> Optional[float]:
     """The largest ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed the
     parameter), or None."""
@@ -597,8 +591,9 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     where = "" if group is None else (
         f"param group {group}" + ("" if lr is None else f" (lr {lr:g})") + ": ")
     if factor is None:
-        warming = [p.initial_lr for p, _ in judged if p.initial_lr]
-        if lr == 0 and trace.mode == "check" and warmings_start(warming):
+        # At a scheduler's start: the rate it was built on (initial_lr) is above 0.
+        warming = [p.initial_lr for p, _ in judged if p.initial_lr and p.initial_lr > 0]
+        if lr == 0 and trace.mode == "check" and warming:
             raise Skip(f"the learning rate is 0 where an LR scheduler's warmup starts (its "
                        f"initial_lr is {warming[0]:g}), and trainlint check does not step the "
                        f"scheduler: a Monitor run judges the update ratio from the steps after")
@@ -657,7 +652,8 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
             f"over {len(judged)} weights (threshold {threshold:g}); {len(bad)} are "
             f"{'above' if direction == 'high' else 'below'} it: {listed}{more}. ")
     whose_cap = whose[0].upper() + whose[1:]
-    vanishing = _vanishing_signal(trace) if direction == "low" else []
+    # A vanishing signal makes small updates whatever the rate: raising it is no fix.
+    vanishing = firing(trace, ("TL103", "TL501")) if direction == "low" else []
     if vanishing:
         what = " and ".join(w for code, w in (("TL103", "activations"), ("TL501", "gradients"))
                             if code in vanishing)
@@ -696,13 +692,6 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
             f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
             f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
                                            if direction == "high" else ""))
-
-
-def _vanishing_signal(trace: RunTrace) -> list[str]:
-    """Of TL103 and TL501, the codes that find a vanishing signal in this trace (at their
-    default thresholds): small activations or gradients make small updates whatever the
-    learning rate, and raising it is no fix."""
-    return firing(trace, ("TL103", "TL501"))
 
 
 def firing(trace: RunTrace, codes: tuple) -> list[str]:

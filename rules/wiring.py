@@ -272,14 +272,7 @@ def _stuck_at_zero(trace: RunTrace, p: ParamTrace) -> bool:
 
 def _common_module(modules: list) -> str:
     """The innermost module holding all of ``modules`` ("" = the model)."""
-    common = modules[0].split(".") if modules and modules[0] else []
-    for name in modules[1:]:
-        parts = name.split(".") if name else []
-        n = 0
-        while n < min(len(common), len(parts)) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    return ".".join(common)
+    return next(a for a in ancestors(modules[0]) if all(a in ancestors(m) for m in modules))
 
 
 @rule("TL506", "parameters-not-in-optimizer", "error")

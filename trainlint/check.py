@@ -23,7 +23,7 @@ from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, output_index, watched
-from .probe import Probe, _model_device, compiled_inside, needs_closure
+from .probe import Probe, _model_device, compiled_inside, frozen, needs_closure
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import flat_message, raised_by_trainlint, user_traceback
@@ -94,13 +94,13 @@ def train_mode(model: nn.Module) -> Optional[str]:
     Returns a note for the report when such a submodule holds BatchNorm or Dropout layers in
     eval mode: a loop that calls ``model.train()`` every epoch switches them back on."""
     flags = {m: m.training for m in model.modules()}
-    kept = [m for m in model.modules() if m is not model and not m.training and _frozen(m)]
+    kept = [m for m in model.modules() if m is not model and not m.training and frozen(m)]
     model.train()
-    for frozen in kept:
-        for m in frozen.modules():
+    for part in kept:
+        for m in part.modules():
             m.training = flags[m]
     names = {m: n for n, m in model.named_modules()}
-    held = sorted({names[m] for frozen in kept for m in frozen.modules()
+    held = sorted({names[m] for part in kept for m in part.modules()
                    if not m.training and isinstance(m, _MODE_LAYERS)})
     if not held:
         return None
@@ -114,11 +114,6 @@ def train_mode(model: nn.Module) -> Optional[str]:
 
 
 _MODE_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-
-
-def _frozen(module: nn.Module) -> bool:
-    params = list(module.parameters())
-    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def _eager(model: nn.Module, notes: list) -> Any:

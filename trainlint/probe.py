@@ -1504,15 +1504,19 @@ def training_flags(model: nn.Module) -> dict:
             "frozen_eval": [n for n in eval_modules if n in held]}
 
 
+def frozen(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters, none of them trainable."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def _frozen_in_eval(model: nn.Module) -> set:
-    """Names of the modules inside (or at) a submodule in eval mode that holds parameters,
-    none of them trainable."""
+    """Names of the modules inside (or at) a submodule in eval mode that is :func:`frozen`."""
     names: set = set()
     for name, m in model.named_modules():
         if m is model or m.training or name in names:
             continue
-        params = list(m.parameters())
-        if params and not any(p.requires_grad for p in params):
+        if frozen(m):
             names.update(f"{name}.{sub}" if sub else name for sub, _ in m.named_modules())
     return names
 
