@@ -621,3 +621,24 @@ def test_an_optimizer_factory_that_returns_several_points_to_the_monitor() -> No
     with pytest.raises(TargetError, match=r"returned list.*trainlint.Monitor\(model, "
                                           r"optimizer=\[\.\.\.\]\)"):
         trainlint.check(small_model(), small_batch(), optimizer=both)
+
+
+class CarriedState(nn.Module):
+    """An RNN whose hidden state is carried from one batch to the next without ``detach()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+        self.hidden: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, self.hidden = self.rnn(x, self.hidden)
+        return self.head(out[:, -1])
+
+
+def test_a_graph_kept_from_an_earlier_step_says_what_to_detach() -> None:
+    batch = (torch.randn(4, 5, 8), torch.randint(0, 4, (4,)))
+    with pytest.raises(UserCodeError, match="backward pass raised RuntimeError in training "
+                       r"step 2: .*second time.*carried over from an earlier step .*\.detach\(\)"):
+        trainlint.check(CarriedState(), batch)

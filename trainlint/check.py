@@ -350,8 +350,17 @@ def _user_error(exc: Exception, phase: str, step: int, data: Batch,
         if phase == "forward":
             message += (f"; it was fed {_describe_batch(data)}: check that the batch is what "
                         "the model's forward expects")
+        elif phase == "backward" and step > 0 and SECOND_BACKWARD in message:
+            message += ("; the first step's backward ran, so most likely a tensor carried over "
+                        "from an earlier step (an RNN's hidden state kept on the module, a "
+                        "running total of losses) still holds that step's graph: .detach() it "
+                        "where it is carried over (retain_graph=True would keep every earlier "
+                        "step's graph alive and backpropagate through all of them)")
     return UserCodeError(message, user_traceback(exc), phase=phase)
 
+
+# What autograd says when a backward reaches a graph an earlier backward has freed.
+SECOND_BACKWARD = "backward through the graph a second time"
 
 # What the CPU allocator says when an allocation fails (CUDA's is a torch.OutOfMemoryError).
 CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
