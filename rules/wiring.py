@@ -102,8 +102,10 @@ def changed_between(p: ParamTrace) -> bool:
 def updated_elsewhere(p: ParamTrace) -> bool:
     """Whether no optimizer stepped the parameter at the observed steps, yet its norm changed
     from the first observed step to the last: the user's code updates it (a BYOL/MoCo target
-    kept as an exponential moving average of the online network, a hand-written update)."""
-    return not p.norms_before and p.first_norm is not None and _changed([p.first_norm, p.norm])
+    kept as an exponential moving average of the online network, a hand-written update),
+    or within one observed step."""
+    return not p.norms_before and (p.moved_outside or (
+        p.first_norm is not None and _changed([p.first_norm, p.norm])))
 
 
 @rule("TL505", "unused-parameters", "warning")
@@ -142,8 +144,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     A parameter whose values changed from one observed step to another, in a run that
     observes every N-th step, is not reported: it trains at the steps in between (a task's
     head in round-robin multi-task training, every other step, observed with an even ``every``).
-    Nor is one that no optimizer steps and whose values changed all the same: the user's code
-    updates it (a BYOL/MoCo target network kept as a moving average of the online one).
+    Nor is one that no optimizer steps and whose values changed all the same (from one
+    observed step to another, or within one: between its start and ``monitor.step()``): the
+    user's code updates it (a BYOL/MoCo target network kept as a moving average of the
+    online one).
 
     A module whose trainable parameters (two or more) are all exactly 0 and get a gradient of
     exactly 0 at every observed step (at least ``STUCK_STEPS``, at a learning rate above 0) is
@@ -292,8 +296,9 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     ## Example
     ``opt = Adam(model.backbone.parameters())`` while ``model.head`` is trainable.
 
-    Parameters whose values changed between the first and the last observed step all the same
-    are updated by the user's code (a BYOL/MoCo target network kept as a moving average of the
+    Parameters whose values changed all the same (between the first and the last observed
+    step, or within one, between its start and ``monitor.step()``) are updated by the user's
+    code (a BYOL/MoCo target network kept as a moving average of the
     online one): they are not reported.
 
     ## Fix

@@ -28,14 +28,14 @@ class Byol(nn.Module):
         return 2 - 2 * F.cosine_similarity(p, z, dim=-1).mean()
 
 
-def _run(ema: bool) -> list:
+def _run(ema: bool, steps: int = 6, every: int = 1, fail_on: str = "never") -> list:
     torch.manual_seed(0)
     model = Byol()
     params = list(model.online.parameters()) + list(model.predictor.parameters())
     opt = torch.optim.SGD(params, lr=0.05)
     before = model.target[0].weight.detach().clone()
-    with trainlint.Monitor(model, opt, every=1) as monitor:
-        for _ in range(6):
+    with trainlint.Monitor(model, opt, every=every, fail_on=fail_on) as monitor:
+        for _ in range(steps):
             x = torch.randn(32, 16)
             loss = model(x + 0.1 * torch.randn_like(x), x + 0.1 * torch.randn_like(x))
             opt.zero_grad()
@@ -58,3 +58,11 @@ def test_a_moving_average_target_is_not_reported() -> None:
 
 def test_a_target_never_updated_is_reported() -> None:
     assert _run(ema=False) == [("TL505", "target"), ("TL506", "target")]
+
+
+def test_one_observed_step_is_enough_to_see_the_target_move() -> None:
+    """With one step observed there is no second step to compare with: the parameters no
+    optimizer holds are read as the step starts and at its ``monitor.step()``. A Monitor that
+    stops the run on errors lets the moving-average target train on."""
+    assert _run(ema=True, steps=5, every=100, fail_on="error") == []
+    assert _run(ema=False, steps=5, every=100) == [("TL505", "target"), ("TL506", "target")]

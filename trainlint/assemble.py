@@ -245,6 +245,7 @@ class TraceBuilder:
         self.before_nonfinite = []
         order: dict = {}  # the layers in the snapshot's order (an ordered set)
         found: dict = {"act": [], "grad": [], "units": [], "signal": []}
+        moved: set = set()
         for tag, value in snap.values.items():
             kind = tag[0]
             if kind in found:
@@ -256,12 +257,17 @@ class TraceBuilder:
                 self.param_finite = dict(zip(tag[1], value.astype(bool)))
             elif kind == "param":
                 self._add_param(tag, value)
+            elif kind == "moved_outside":
+                moved.update(n for n, m in zip(tag[1], value.tolist()) if m)
             elif kind == "extra" and tag[1] == "loss":
                 loss = float(value.reshape(-1)[0])
                 self.losses.append(loss)
                 step_info["loss"] = loss
             elif kind == "extra" and tag[1] in ("loss_mean", "loss_max"):
                 step_info[tag[1]] = float(value.reshape(-1)[0])
+        for name in moved:
+            if name in self.params:
+                self.params[name].moved_outside = True
         index = _shared_index(tuple(order), self._layer_index)
         self._layer_index = index
         columns: dict = {}

@@ -441,6 +441,8 @@ class Probe:
         # The param groups' learning rates as the observed step's first optimizer step began
         # (a scheduler stepped after it changes them before the collect).
         self.step_lrs: Optional[dict] = None
+        # The parameters no optimizer holds and their norms as the observed step began.
+        self.outside: Optional[tuple] = None
         self.mode: Optional[_ProbeMode] = None
         # The probe's modes whose forward ended without its hooks: popped once innermost.
         self.stale_modes: list[_ProbeMode] = []
@@ -533,8 +535,23 @@ class Probe:
         self.call_counts.clear()
         self.recomputed.clear()
         self._clear_segments()
+        self.outside = self._outside_fingerprints()
         if self.attached:
             self._install()
+
+    def _outside_fingerprints(self) -> Optional[tuple]:
+        """The trainable parameters no optimizer holds, with the float64 norm of each as the
+        step starts (a full read of each, done for these alone: usually there are none), so
+        the step's collect tells whether the user's code changed them (a moving-average
+        target updated after ``optimizer.step()``); None without an optimizer."""
+        if not self.optimizers:
+            return None
+        held = _optimizer_groups(self.optimizers)
+        named = [(n, p) for n, p in self.model.named_parameters()
+                 if p.requires_grad and id(p) not in held]
+        if not named:
+            return None
+        return named, _fingerprints([p for _, p in named], _model_device(self.model))
 
     def end_step(self, keep_hooks: bool = False) -> None:
         """Stop observing: take the hooks off (``keep_hooks``: leave the module and optimizer
@@ -1277,6 +1294,12 @@ class Probe:
                             ("container_probes", self.container_probes)):
             if probes:
                 add((tag,), _stack([entry[-1] for entry in probes], device))
+        if self.outside is not None:
+            outside, start = self.outside
+            now = _fingerprints([p for _, p in outside], device)
+            add(("moved_outside", tuple(n for n, _ in outside)),
+                (now != start) & ~(now.isnan() & start.isnan()))
+            self.outside = None
         for name, value in (extra or {}).items():
             if isinstance(value, torch.Tensor):
                 add(("extra", name), value)
@@ -1598,6 +1621,13 @@ def _stack(values: list, device: torch.device) -> torch.Tensor:
     if all(v.device == first.device and v.dtype == first.dtype for v in values):
         return torch.stack(values).to(device=device, dtype=torch.float64)
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
+
+
+def _fingerprints(params: list, device: torch.device) -> torch.Tensor:
+    """The float64 norm of each parameter, on ``device`` (the same reduction of the same values
+    gives the same number, so a change of any element shows)."""
+    return _stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params],
+                  device)
 
 
 def needs_closure(optimizer: Any) -> bool:

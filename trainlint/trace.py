@@ -174,6 +174,9 @@ class ParamTrace:
     # ``norm`` at the first observed step (the norms of one tensor read the same elements at
     # every step, so an unchanged parameter reads the same value).
     first_norm: Optional[float] = None
+    # Whether its values changed within an observed step though no optimizer holds it (the
+    # user's code updates it: a moving-average target network).
+    moved_outside: bool = False
 
     @property
     def update_ratio(self) -> Optional[float]:

@@ -226,6 +226,19 @@ def test_tl505_tl506_a_moving_average_target_is_updated_elsewhere(moved, fires):
         assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
 
 
+@pytest.mark.parametrize("moved", [True, False])
+def test_tl505_tl506_a_target_seen_moving_within_one_step(moved):
+    """One observed step: no second norm to compare, but the probe saw the values change
+    between the step's start and its collect."""
+    target = {"in_optimizer": False, "grad_steps": 0, "grad_norm": None}
+    params = _params() + [param("target.weight", (4, 4), **target)]
+    params[-1].first_norm = params[-1].norm = 3.0
+    params[-1].moved_outside = moved
+    t = trace([], params=params, observed_steps=1)
+    for code in ("TL505", "TL506"):
+        assert [h.module for h in hits(code, t)] == ([] if moved else ["target"]), code
+
+
 def test_tl506_a_parameter_the_optimizer_steps_is_judged_by_its_updates():
     """A parameter with recorded optimizer updates is no moving-average copy, whatever its
     first and last norms."""
