@@ -754,7 +754,7 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                          f"threshold {t.max_ratio:g}×); it first exceeds it at {where.label}"),
                 fix=fix,
                 evidence={"ratio": ratio, "threshold": t.max_ratio, "first_rms": reference,
-                          "last_rms": deep, "step": step},
+                          "last_rms": deep, "step": step, "grew_in_training": grew},
             )
             return
     if trace.amp_dtype == "bfloat16":

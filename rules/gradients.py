@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from statistics import median
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from trainlint.engine import RULES, Hit, Skip, Thresholds, rule
 from trainlint.trace import (
@@ -430,6 +430,10 @@ def _init_transient(trace: RunTrace, totals: list, samples: int, t: Thresholds) 
 # is too high only in its largest steps: warmup, not a lower rate, is the fix.
 WORTH_CUTTING = 0.5
 
+# A weight whose norm before an observed step grew past this many times its first one was
+# blown up by the updates: its typical step is measured against the first norm.
+INFLATED = 10.0
+
 
 def update_ratio_of(p: ParamTrace) -> Optional[float]:
     """The largest ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed the
@@ -439,8 +443,16 @@ def update_ratio_of(p: ParamTrace) -> Optional[float]:
 
 
 def typical_ratio_of(p: ParamTrace) -> float:
-    """The median ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed it)."""
-    ratios = [r for r in p.update_ratios if math.isfinite(r)]
+    """The median ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed it). Where
+    the steps inflated the weight past ``INFLATED`` times its norm at the first of them (a rate
+    that blew the weights up), each update is measured against that first norm: against the
+    inflated weight the same update looks small, and so would the rate."""
+    first = p.norms_before[0] if p.norms_before else 0.0
+    if math.isfinite(first) and first > 0 and any(
+            math.isfinite(n) and n > INFLATED * first for n in p.norms_before):
+        ratios = [u / first for u in p.update_norms if math.isfinite(u)]
+    else:
+        ratios = [r for r in p.update_ratios if math.isfinite(r)]
     return median(ratios) if ratios else 0.0
 
 
@@ -507,10 +519,13 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rates); if the ratio is low because the gradients vanish, fix that first (TL501): where
     TL103 or TL501 fire (at their defaults) on the same trace, the fix names them instead of a
     factor, which would blow up once the signal is restored; likewise, for a rate too high,
-    where TL201 (raw inputs) or TL104 (activations growing along depth) fire. For a
+    where TL201 (raw inputs) or TL104 (activations growing along depth from the first
+    observed step: growth that came with training is the rate's) fire. For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
-    in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low. When
+    in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low
+    (where the steps blew a weight up past 10× its first norm, its updates are measured
+    against that first norm: against the inflated weight they look small). When
     a typical step calls for cutting the rate by less than half, only the largest steps are too
     large (the rate suits the run once under way): the fix is warmup and clipping. Updates
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
@@ -663,7 +678,10 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                 f"fix the vanishing signal first ({', '.join(vanishing)}: the init, "
                 f"normalization layers), then judge {whose} again: raised {factor:.2g}x now, "
                 f"it would blow up once the signal is restored")
-    upstream = firing(trace, ("TL201", "TL104")) if direction == "high" else []
+    # TL104 names the init only where the growth was there from the start; one that came with
+    # training is this rate's doing.
+    upstream = firing(trace, ("TL201", "TL104"), lambda hit: not hit.evidence.get(
+        "grew_in_training", False)) if direction == "high" else []
     if upstream:
         cause = ("the model's inputs are not normalized (TL201)" if upstream[0] == "TL201"
                  else "the activations grow along depth (TL104: the init)")
@@ -694,15 +712,18 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                                            if direction == "high" else ""))
 
 
-def firing(trace: RunTrace, codes: tuple) -> list[str]:
-    """Of ``codes``, those whose rule finds something in this trace at its defaults."""
+def firing(trace: RunTrace, codes: tuple,
+           counts: Callable[[Hit], bool] = lambda hit: True) -> list[str]:
+    """Of ``codes``, those whose rule finds something in this trace at its defaults (a hit
+    that ``counts``)."""
     found = []
     for code in codes:
         registered = RULES.get(code)
         if registered is None:
             continue
         try:
-            if any(True for _ in registered.func(trace, Thresholds(dict(registered.defaults)))):
+            hits = registered.func(trace, Thresholds(dict(registered.defaults)))
+            if any(counts(hit) for hit in hits):
                 found.append(code)
         except Skip:
             continue

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from trainlint.rules import gradients
 from trainlint.rules._graph import MOSTLY_DEAD
-from trainlint.rules.gradients import nice_below
+from trainlint.rules.gradients import INFLATED, nice_below
 
 from tests.rules.tracekit import defaults, edge, hits, module, param, point, to_module, trace
 from trainlint.engine import Hit, Skip
@@ -718,3 +718,49 @@ def test_tl503_too_high_behind_raw_inputs_names_them_first(raw):
     [found] = hits("TL503", t)
     assert ("fix that first (TL201: standardize the inputs)" in found.fix) is raw
     assert ("multiply the learning rate" in found.fix) is not raw
+
+
+@pytest.mark.parametrize("grew", [True, False])
+def test_tl503_too_high_names_tl104_only_for_growth_from_the_init(grew):
+    """A DDPM denoiser at lr 0.2: its activations grew past TL104's bound during training
+    (within it at step 0). TL503 blamed the init; cut 0.5x the loss still peaked at 1.9e10,
+    at lr 2e-4 it reached 0.049 (measured). Growth already there at the first step is the
+    init's, and named first."""
+    from tests.rules.test_activations import depth_trace, profile
+
+    r = defaults("TL104")["max_ratio"]
+    t = depth_trace(profile("TL104", 1.0), kind="relu")
+
+    def at(step: int, deep: float) -> dict:
+        return {"step": step, "layers": {lt.node[1:]: {"std": v, "mean": 0.0}
+                                         for lt, v in zip(t.layers, profile("TL104", deep))}}
+
+    t.per_step = [at(0, r / 2 if grew else r * 10), at(130, r * 10)]
+    t.params = [param(f"{i}.weight", (8, 8), ratios=(2.0, 2.0)) for i in range(3)]
+    [growth] = hits("TL104", t)
+    assert growth.evidence["grew_in_training"] is grew
+    [found] = hits("TL503", t)
+    assert ("fix that first (TL104" in found.fix) is not grew
+    assert ("multiply the learning rate" in found.fix) is grew
+
+
+@pytest.mark.parametrize("growth", [INFLATED * 0.99, INFLATED * 1.01])
+def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_first_norm(growth):
+    """A DDPM denoiser at AdamW lr 0.2: the first updates moved the weights ~8x, inflating
+    them, after which each update looked small against them (0.002) and the fix said to
+    halve the rate; the loss still peaked at 1.9e10 at half, trained at 1/1000 (measured).
+    Past ``INFLATED`` x its first norm a weight's typical step is measured against that
+    norm."""
+    d = defaults("TL503")
+    norms = [1.0, growth, growth, growth]
+    updates = [8.0, 0.1, 0.1, 0.1]
+    params = []
+    for i in range(3):
+        p = param(f"l{i}.weight", (8, 8))
+        p.norms_before, p.update_norms = norms, updates
+        p.update_ratios = [u / n for u, n in zip(updates, norms)]
+        params.append(p)
+    [found] = hits("TL503", trace([], params=params))
+    typical = 0.1 if growth > INFLATED else 0.1 / growth
+    assert found.evidence["typical_step_ratio"] == pytest.approx(typical)
+    assert found.evidence["lr_factor"] == pytest.approx(d["target"] / typical)
