@@ -769,7 +769,15 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         peak = max(abs(act.min), abs(act.max))
         if math.isfinite(peak) and peak >= limit:
             raw = large_input_into(trace, lt.module) if lt.op == "output" else None
-            if raw is None:
+            grown = _grown_in_training(trace, lt)
+            if grown is not None:
+                (first_step, first), (step, later) = grown
+                fix = (f"the magnitudes came with training (RMS {first:.3g} at step "
+                       f"{first_step}, {later:.3g} at step {step}): lower the learning rate "
+                       "(TL503) and clip gradients (torch.nn.utils.clip_grad_norm_("
+                       "model.parameters(), max_norm=1.0)); or keep this part in "
+                       "float32/bfloat16")
+            elif raw is None:
                 fix = ("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
                        "before it, or keep this part in float32/bfloat16")
             else:
@@ -784,9 +792,33 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                          f" the float16 maximum {FP16_MAX:g} (threshold "
                          f"{t.fp16_fraction:.0%}): {overflow}"),
                 fix=fix,
-                evidence={"max_abs": peak, "threshold": limit, "dtype": trace.amp_dtype},
+                evidence={"max_abs": peak, "threshold": limit, "dtype": trace.amp_dtype,
+                          "grew_in_training": grown is not None},
             )
             return
+
+
+# A layer whose RMS at a later observed step is this many times its first one grew with
+# training.
+GREW = 10.0
+
+
+def _grown_in_training(trace: RunTrace, lt: LayerTrace) -> Optional[tuple]:
+    """``((first step, its RMS), (a later step, its RMS))`` where the layer's RMS at a later
+    observed step is past ``GREW`` x its RMS at the first (finite ones only), else None."""
+    key = lt.node[1:]
+    seen = []
+    for s in trace.per_step:
+        found = layer_columns(s.get("layers", {}), [key], ("std", "mean"))
+        if found is None or None in found["std"]:
+            continue
+        rms = math.hypot(found["std"][0], found["mean"][0] or 0.0)
+        if math.isfinite(rms):
+            seen.append((s.get("step"), rms))
+    if len(seen) < 2 or seen[0][1] <= 0:
+        return None
+    later = max(seen[1:], key=lambda item: item[1])
+    return (seen[0], later) if later[1] > GREW * seen[0][1] else None
 
 
 @rule("TL105", "sigmoid-hidden-activation", "info")

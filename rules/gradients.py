@@ -680,8 +680,8 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                 f"it would blow up once the signal is restored")
     # TL104 names the init only where the growth was there from the start; one that came with
     # training is this rate's doing.
-    upstream = firing(trace, ("TL201", "TL104"), lambda hit: not hit.evidence.get(
-        "grew_in_training", False)) if direction == "high" else []
+    upstream = firing(trace, ("TL201", "TL104"), lambda hit: hit.evidence.get(
+        "grew_in_training", False) is False) if direction == "high" else []
     if upstream:
         cause = ("the model's inputs are not normalized (TL201)" if upstream[0] == "TL201"
                  else "the activations grow along depth (TL104: the init)")

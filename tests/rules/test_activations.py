@@ -9,8 +9,9 @@ from typing import Optional
 import numpy as np
 import pytest
 from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
-from trainlint.rules.activations import IDENTICAL, NORM_WEIGHT_COLLAPSED, RESCALED
+from trainlint.rules.activations import GREW, IDENTICAL, NORM_WEIGHT_COLLAPSED, RESCALED
 
+from tests.rules.tracekit import param
 from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
 from trainlint.errors import ConfigError
 from trainlint.trace import (
@@ -864,6 +865,27 @@ def test_tl104_fp16_range_of_a_layer_fed_raw_input_names_the_input() -> None:
     [found] = run("TL104", t)
     assert "standardize the model's input 'ts' (RMS 3.5e+09)" in found.fix
     assert "float32/bfloat16" in found.fix and "Kaiming" not in found.fix
+
+
+@pytest.mark.parametrize("growth", [GREW * 0.99, GREW * 1.01])
+def test_tl104_fp16_range_reached_in_training_points_at_the_learning_rate(growth) -> None:
+    """A loss summed over a batch of 2048 at SGD 0.01: the weights blew up (std 1e4 against
+    Kaiming's 0.18) and a layer reached 1.2e5, from an RMS at step 0 well inside the range.
+    Kaiming init with the summed loss still ended at CE 17.6, lr / 10 trained (measured).
+    Where the layer's RMS grew past ``GREW`` x its first, the fix is the rate; TL503 then
+    does not send the user to the init."""
+    few = RULES["TL104"].defaults["min_layers"] - 1
+    t = depth_trace([1.0] * few, kind="relu")
+    t.layers[2].activation = act(1.0, peak=FP16_MAX * 2)
+    with_steps(t, [1.0] * few, [growth] * few)
+    t.params = [param(f"{i}.weight", (8, 8), ratios=(2.0, 2.0)) for i in range(3)]
+    [found] = run("TL104", t)
+    grew = growth > GREW
+    assert found.evidence["grew_in_training"] is grew
+    assert ("lower the learning rate" in found.fix) is grew
+    assert ("rescale the layer's init" in found.fix) is not grew
+    [rate] = run("TL503", t)
+    assert ("fix that first (TL104" in rate.fix) is not grew
 
 
 def test_tl104_threshold_override() -> None:
