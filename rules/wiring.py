@@ -114,7 +114,9 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## What it does
     Lists parameters with ``requires_grad=True`` whose ``.grad`` is still None after every
-    observed backward pass, while other parameters do get gradients. Parameters of one unused
+    observed backward pass, while other parameters do get gradients (in a ``trainlint
+    check``, which runs the backward itself, none getting one is reported too: the loss was
+    cut off from the model). Parameters of one unused
     submodule are reported together, at that submodule.
 
     ## Why is this bad?
@@ -165,6 +167,19 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not trainable or trace.observed_steps == 0:
         return
     if not any(p.grad_steps for p in trainable):
+        if trace.mode == "check":  # its own loop: the backward ran, and reached none of them
+            yield Hit(
+                module="",
+                message=(f"none of the model's {len(trainable)} trainable parameters got a "
+                         f"gradient in {trace.observed_steps} training step(s): the loss's "
+                         "backward does not reach the model, so nothing trains"),
+                fix=("compute the loss from the model's outputs as they are: no .detach(), "
+                     ".data, .item()/.numpy() round trip or torch.no_grad() between them and "
+                     "the loss (requires_grad_() on a detached output makes the loss "
+                     "differentiable but leaves the model out)"),
+                evidence={"params": len(trainable), "observed_steps": trace.observed_steps},
+            )
+            return
         raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
                    "after optimizer.step() and before zero_grad())")
     unrouted = unrouted_experts(trace)
@@ -376,7 +391,9 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Return logits from ``forward`` and apply softmax/sigmoid only at inference; or keep
-    ``log_softmax`` and use ``NLLLoss``.
+    ``log_softmax`` and use ``NLLLoss``. Softmax into ``NLLLoss``: log_softmax instead of
+    softmax (or logits with ``CrossEntropyLoss``), never raw logits into ``NLLLoss``, which
+    has no lower bound.
     """
     if trace.loss_kind is None:
         raise Skip(unknown_loss(trace))
@@ -387,8 +404,7 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             module=head.module if head is not None else "",
             message=(f"the loss function applies {trace.loss_squash} to the model's output "
                      f"before {trace.loss_kind}: {entry[1]}"),
-            fix=(f"pass the raw logits to the loss (drop the {trace.loss_squash} in the loss "
-                 f"function) and apply {trace.loss_squash} only at inference"),
+            fix=_double_fix(trace.loss_squash, trace.loss_kind, "in the loss function"),
             evidence={"loss_op": trace.loss_squash, "loss": trace.loss_kind},
         )
         return
@@ -409,12 +425,24 @@ def double_softmax(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             module=lt.module,
             message=(f"the model's output comes from {lt.kind} ({lt.label}) and the loss is "
                      f"{trace.loss_kind}: {why}"),
-            fix=(f"return the raw logits from forward (drop the final {lt.kind}) and apply "
-                 f"{lt.kind} only at inference" +
-                 ("; or keep log_softmax with nn.NLLLoss" if lt.kind == "log_softmax" else "")),
+            fix=_double_fix(lt.kind, trace.loss_kind, "in forward"),
             evidence={"output_op": lt.kind, "loss": trace.loss_kind},
             severity=severity,
         )
+
+
+def _double_fix(squash: str, loss: str, where: str) -> str:
+    """TL601's fix for ``squash`` (softmax, log_softmax, sigmoid) applied ``where`` before
+    ``loss``."""
+    if loss == "nll":
+        # NLLLoss on raw logits has no lower bound: the loss needs log-probabilities.
+        return (f"use log_softmax instead of {squash} {where} (nn.LogSoftmax(dim=1) / "
+                "F.log_softmax) and keep NLLLoss; or return the raw logits and use "
+                "nn.CrossEntropyLoss, which is log_softmax + NLLLoss in one (NLLLoss on raw "
+                "logits is unbounded below)")
+    fix = (f"pass the raw logits to the loss (drop the {squash} {where}) and apply {squash} "
+           "only at inference")
+    return fix + ("; or keep log_softmax with nn.NLLLoss" if squash == "log_softmax" else "")
 
 
 MODE_TYPES = BATCHNORM_TYPES + DROPOUT_TYPES

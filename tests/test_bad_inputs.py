@@ -642,3 +642,12 @@ def test_a_graph_kept_from_an_earlier_step_says_what_to_detach() -> None:
     with pytest.raises(UserCodeError, match="backward pass raised RuntimeError in training "
                        r"step 2: .*second time.*carried over from an earlier step .*\.detach\(\)"):
         trainlint.check(CarriedState(), batch)
+
+
+def test_a_loss_cut_off_from_the_model_is_a_finding_not_a_note() -> None:
+    """``requires_grad_()`` on detached outputs passes the loss check, and the model gets no
+    gradient at all."""
+    report = trainlint.check(small_model(), small_batch(), loss_fn=lambda out, y: F.cross_entropy(
+        out.detach().requires_grad_(), y))
+    assert [(f.code, f.module) for f in report.findings] == [("TL505", "")]
+    assert not report.ok
