@@ -23,6 +23,16 @@ def loss_points(trace: RunTrace) -> list[dict]:
     return trace.per_step + ([tail] if tail is not None and tail["step"] > last else [])
 
 
+def signed_loss(trace: RunTrace) -> Optional[float]:
+    """The lowest loss seen below 0 (a step's, or the lowest in a Monitor's window), or None:
+    a loss that goes negative (a policy gradient's, a likelihood's) has no floor at 0, so its
+    rises and falls relative to its level say nothing."""
+    values = [s[k] for s in loss_points(trace) for k in ("loss", "loss_mean", "loss_min")
+              if s.get(k) is not None and math.isfinite(s[k])]
+    low = min(values, default=0.0)
+    return low if low < 0 else None
+
+
 def no_loss(trace: RunTrace) -> str:
     """Why a rule that needs the loss has none: no loss was observed, and what to do."""
     return f"no loss was observed ({trace.loss_hint or 'pass the loss to monitor.step(loss)'})"
@@ -241,6 +251,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    "TL604)")
     if trace.foreign_params or trace.adversarial or trace.alternating:
         raise Skip(_competing(trace))
+    below = signed_loss(trace)
+    if below is not None:
+        raise Skip(f"the loss goes below 0 (to {below:.4g}): it has no floor at 0 (a policy "
+                   "gradient's or a likelihood's), so a relative fall says nothing of learning; "
+                   "track the task's own measure (return, accuracy)")
     # Points one training step apart are single batches' losses, not a window's mean.
     single = all(b - a == 1 for (a, _), (b, _) in zip(curve, curve[1:]))
     needed = max(t.min_points, NOISE_POINTS) if single else t.min_points
@@ -332,7 +347,7 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
 
 
 @rule("TL604", "loss-divergence", "error", rise_factor=3.0, settle_points=3,
-      recovery=0.9, late_floor=0.5)
+      recovery=0.9, late_floor=0.5, unbounded=1000.0)
 def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """The loss rises sharply or becomes NaN/Inf.
 
@@ -376,6 +391,10 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     tensors outside the model and its optimizer, or another Monitor's loss runs through this
     model): a generator's loss rises as its discriminator improves.
 
+    A loss that falls below ``-unbounded`` × its start (its first level; at least 1 in
+    magnitude) has no floor: it fires too (a VAE whose KL term is subtracted: 178 →
+    -5.6e21 while the reconstruction error rose 68 → 4178; NLLLoss on raw logits).
+
     ## Why is this bad?
     A diverging loss means the updates overshoot: the learning rate is too high (or warmup is
     missing), gradients spike, or a numerical problem produced NaN/Inf. Every step after it
@@ -416,6 +435,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if trace.loss_kind == "synthetic" or trace.foreign_params or trace.adversarial or \
             trace.alternating:
         return  # (a competing loss: only NaN/Inf is judged, see _competing)
+    signed = signed_loss(trace) is not None
     late = joined_later(trace, curve)
     losses = [loss for _, loss in curve]
     window = noise_window(losses)
@@ -425,6 +445,29 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ends, medians, means = _levels(losses, k)
     levels = [(curve[i][0], m) for i, m in zip(ends, medians)]
     start = levels[0][1]
+    size = max(abs(curve[0][1]), abs(start), 1.0)
+    fallen = next(((step, value) for step, value in levels if value < -t.unbounded * size),
+                  None)
+    if fallen is not None:
+        of = f" (the median of the {k} points up to it)" if k > 1 else ""
+        yield Hit(
+            module="",
+            message=(f"the loss falls without bound: {fallen[1]:.4g} at step {fallen[0]}{of}, "
+                     f"below -{t.unbounded:g}× the size of its start ({size:.4g}): a loss "
+                     "with a floor "
+                     "does not; a term enters with the wrong sign (a KL divergence or a "
+                     "log-likelihood subtracted where it is added), or a likelihood whose "
+                     "scale may shrink without limit"),
+            fix=("check the sign of every term of the loss: a KL divergence is >= 0 and is "
+                 "added, a negative log-likelihood is -log p; give a learned variance or "
+                 "scale a floor (e.g. softplus(x) + 1e-3); NLLLoss takes log-probabilities "
+                 "(log_softmax), never raw logits"),
+            evidence={"step": fallen[0], "loss": fallen[1], "start": size,
+                      "threshold": t.unbounded},
+        )
+        return
+    if signed:  # no floor at 0: a rise relative to the level says nothing (see TL603)
+        return
     chance = chance_level(trace)
     if late and chance is not None:  # a diverged classifier is back near chance
         start = max(start, t.late_floor * chance[1])

@@ -223,6 +223,24 @@ def test_step_takes_a_tensor_or_a_number() -> None:
     assert first["loss"] == 2.0
     assert window["loss_max"] == 5.0
     assert window["loss_mean"] == pytest.approx((5.0 + 2.0 + 2.0 + last) / 4)
+    assert window["loss_min"] == pytest.approx(min(2.0, last))
+
+
+def test_a_window_keeps_its_lowest_loss_and_so_does_the_tail() -> None:
+    """A policy-gradient loss dips below 0 between observations while the windows' means
+    stay above: the lowest loss of each window (and of the steps after the last observed
+    one) is kept, so the rules see that the loss has no floor at 0."""
+    model, opt = make()
+    with trainlint.Monitor(model, optimizer=opt, every=4) as monitor:
+        train(model, opt, monitor, 1)
+        for value in (0.5, -0.25, 0.75):
+            monitor.step(value)
+        train(model, opt, monitor, 1)
+        for value in (0.5, -0.5):
+            monitor.step(value)
+        trace = monitor.report().trace
+    assert trace.per_step[1]["loss_min"] == -0.25 and trace.per_step[1]["loss_mean"] > 0
+    assert trace.loss_tail["loss_min"] == -0.5
 
 
 def test_every_step_observed_keeps_hooks_on_and_hooks_a_module_added_later() -> None:

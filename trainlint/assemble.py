@@ -263,7 +263,7 @@ class TraceBuilder:
                 loss = float(value.reshape(-1)[0])
                 self.losses.append(loss)
                 step_info["loss"] = loss
-            elif kind == "extra" and tag[1] in ("loss_mean", "loss_max"):
+            elif kind == "extra" and tag[1] in ("loss_mean", "loss_max", "loss_min"):
                 step_info[tag[1]] = float(value.reshape(-1)[0])
         for name in moved:
             if name in self.params:

@@ -140,10 +140,11 @@ class Monitor:
         self._partners: weakref.WeakSet = weakref.WeakSet()
         # The root forward hook, on the model only while a step is observed (as the probe's).
         self._hooks: list = []
-        # Device-side sum and max of the losses since the last observed step (no host sync),
-        # and the losses not folded into them yet.
+        # Device-side sum, max and min of the losses since the last observed step (no host
+        # sync), and the losses not folded into them yet.
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_max: Optional[torch.Tensor] = None
+        self._loss_min: Optional[torch.Tensor] = None
         self._loss_count = 0
         self._pending_losses: list = []
         # What the loss is and depends on (trainable tensors outside the model and its
@@ -182,7 +183,8 @@ class Monitor:
                     extra["loss"] = value
                     extra["loss_mean"] = self._loss_sum / self._loss_count
                     extra["loss_max"] = self._loss_max
-                    self._loss_sum = self._loss_max = None
+                    extra["loss_min"] = self._loss_min
+                    self._loss_sum = self._loss_max = self._loss_min = None
                     self._loss_count = 0
                 self._observed(extra)
         finally:  # counted also when RunFailed: a loop that goes on stays on the every-N grid
@@ -360,7 +362,7 @@ class Monitor:
         return value
 
     def _fold_losses(self) -> None:
-        """Fold the waiting losses into the window's sum and max (a few ops), in float64 (a
+        """Fold the waiting losses into the window's sum, max and min (a few ops), in float64 (a
         float64 model's loss of 1e40 is finite), float32 where the device has no float64."""
         pending, self._pending_losses = self._pending_losses, []
         if not pending:
@@ -370,12 +372,14 @@ class Monitor:
         if not all(v.dtype == first.dtype and v.device == first.device for v in pending):
             pending = [v.to(device=first.device, dtype=wide) for v in pending]
         values = torch.stack(pending).to(wide)
-        total, top = values.sum().reshape(1), values.max().reshape(1)
+        total, top, bottom = (values.sum().reshape(1), values.max().reshape(1),
+                              values.min().reshape(1))
         if self._loss_sum is None:
-            self._loss_sum, self._loss_max = total, top
+            self._loss_sum, self._loss_max, self._loss_min = total, top, bottom
         else:  # (a model moved to another device since the window began: its device holds it)
             self._loss_sum += total.to(self._loss_sum.device)
             torch.maximum(self._loss_max, top.to(self._loss_max.device), out=self._loss_max)
+            torch.minimum(self._loss_min, bottom.to(self._loss_min.device), out=self._loss_min)
 
     def _unhook(self) -> None:
         for handle in self._hooks:
@@ -420,7 +424,8 @@ class Monitor:
             return None
         mean = float((self._loss_sum / self._loss_count).reshape(-1)[0])
         return {"step": self.steps_seen - 1, "loss_mean": mean,
-                "loss_max": float(self._loss_max.reshape(-1)[0])}
+                "loss_max": float(self._loss_max.reshape(-1)[0]),
+                "loss_min": float(self._loss_min.reshape(-1)[0])}
 
     def read_loss(self, loss: Any) -> None:
         """Read what an observed step's loss computes off its autograd graph (once; before

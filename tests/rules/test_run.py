@@ -610,3 +610,39 @@ def test_tl603_a_warmup_of_single_batches_is_not_judged_on_a_fall_noise_hides():
     assert run.noise_window(losses) == 1
     with pytest.raises(Skip, match=f"too noisy to tell a {defaults('TL603')['min_drop']:.0%} fall"):
         hits("TL603", _every_step(*losses))
+
+
+@pytest.mark.parametrize("start, share, fires", [
+    (178.0, 0.99, False), (178.0, 1.01, True), (0.01, 0.99, False), (0.01, 1.01, True)])
+def test_tl604_a_loss_falling_without_bound(start, share, fires):
+    """A VAE whose KL term is subtracted: the loss went 178 -> -5.6e21 while its
+    reconstruction error rose 68 -> 4178 (measured), with no NaN. Below -``unbounded`` x its
+    start (at least 1 in magnitude) the loss has no floor."""
+    floor = defaults("TL604")["unbounded"] * max(start, 1.0)
+    curve = [start, start * 0.5, -floor * share / 10, -floor * share]
+    found = hits("TL604", _monitor(*curve))
+    assert bool(found) is fires
+    if fires:
+        assert "falls without bound" in found[0].message
+        assert "sign of every term" in found[0].fix
+
+
+@pytest.mark.parametrize("lowest, signed", [(-1e-4, True), (0.0, False)])
+def test_a_loss_that_goes_below_zero_is_not_judged_by_relative_rises(lowest, signed):
+    """Actor-critic on CartPole with normalized advantages: the loss wanders around 0 (0.01,
+    0.039, -0.016, ...) while the episode length goes 66 -> 199 (measured); TL604 read a
+    '4.1x rise' and TL603 a '+82.8%' one. A loss seen below 0 (a point, or a window's
+    lowest) has no floor at 0: neither rule judges its rises; NaN/Inf and a fall without
+    bound still count."""
+    rise = defaults("TL604")["rise_factor"] * 1.5
+    curve = [0.01, 0.01, 0.01, 0.01 * rise, 0.01 * rise, 0.01 * rise] * 2
+    t = _monitor(*curve)
+    t.per_step[1]["loss_min"] = lowest
+    assert bool(hits("TL604", t)) is not signed
+    if signed:
+        with pytest.raises(Skip, match="goes below 0"):
+            hits("TL603", t)
+    else:
+        assert hits("TL603", t)
+    t.per_step[-1]["loss_mean"] = NAN
+    assert "NaN/Inf" in hits("TL604", t)[0].message
