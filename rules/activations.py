@@ -519,17 +519,25 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     in eval mode during training (TL602), they normalized with running statistics: the fix
     is ``model.train()``. The init fix follows the hidden layers' nonlinearity, gates (an SE
     block's sigmoid) left out; where norm layers' scales start above 0 but below
-    ``NORM_WEIGHT_COLLAPSED`` (0.1), the fix names them (initialize them at 1).
+    ``NORM_WEIGHT_COLLAPSED`` (0.1), the fix names them (initialize them at 1). In a Monitor
+    run whose last observed profile is back within the threshold, training escaped the decay
+    (a VQ-VAE whose codebook, at uniform(±1/K), grows toward the encoder's outputs): not
+    reported.
     """
     measure = "signal"
     profiles = _scale_profiles(trace, t.window, t.min_layers, measure, stream_only=True)
     if not profiles:
         measure = "rms"
         profiles = _scale_profiles(trace, t.window, t.min_layers, measure, stream_only=True)
+    last = profiles[-1] if profiles else None
+    # A Monitor run whose last observed profile is back within the threshold escaped the decay
+    # by training (a VQ-VAE's codebook at uniform(±1/K) grows toward the encoder's outputs).
+    resolved = (trace.mode == "monitor" and last is not None and last[0] is not None
+                and median(last[2][-t.window:]) / last[3] >= t.min_ratio)
     for step, series, scales, reference in profiles:
         deep = median(scales[-t.window:])
         ratio = deep / reference
-        if ratio >= t.min_ratio:
+        if ratio >= t.min_ratio or resolved:
             continue
         first = next(i for i, s in enumerate(scales) if s < t.min_ratio * reference)
         where = series[first]

@@ -731,6 +731,27 @@ def test_tl103_decay_that_came_with_training_points_at_the_learning_rate() -> No
     assert "kaiming_normal_" in from_start.fix
 
 
+@pytest.mark.parametrize("mode, last, fires", [
+    ("monitor", 1.01, False), ("monitor", 0.99, True), ("check", 1.01, True)])
+def test_tl103_a_decay_training_escaped_in_a_monitor_run(mode: str, last: float,
+                                                         fires: bool) -> None:
+    """A VQ-VAE with its codebook at uniform(±1/K): the decoder's between-sample scale starts
+    at 0.0046x the encoder's and is 0.39 of its own by step 200 (loss 0.638 -> 0.083,
+    measured). A Monitor run whose last profile is back within the threshold is not reported;
+    a check's few steps say nothing of where the run goes."""
+    r = RULES["TL103"].defaults["min_ratio"]
+    trace = depth_trace(profile("TL103", 1.0), kind="relu")
+    trace.mode = mode
+
+    def at(step: int, scales: list) -> dict:
+        return {"step": step, "layers": {lt.node[1:]: {"std": v, "mean": 0.0}
+                                         for lt, v in zip(trace.layers, scales)}}
+
+    trace.per_step = [at(0, profile("TL103", r / 10)), at(10, profile("TL103", r / 2)),
+                      at(190, profile("TL103", r * last))]
+    assert bool(run("TL103", trace)) is fires
+
+
 def _codebook_trace(scales: list, lookup: float, after: int = 2,
                     type_: str = "Embedding") -> RunTrace:
     """A depth series at ``scales`` (step 0) with an Embedding lookup of scale ``lookup``
