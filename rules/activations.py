@@ -319,6 +319,12 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     normalization layer before the activation, or use ReLU/GELU. Where the layer feeding it
     takes a model input as it is with an RMS above 10 (raw timestamps, counts), the fix is to
     standardize that input: no init keeps such values out of the tails.
+
+    The model's own output is judged in a ``trainlint check`` against the targets its loss is
+    given (not by a classification loss): where it comes from a sigmoid, tanh or ReLU and
+    ``OUT_OF_RANGE`` (10%) or more of a regression target of its size lies beyond that
+    activation's range (a decoder ending in sigmoid trained on images scaled to [-1, 1]), the
+    output can only saturate toward them: the fix matches the last activation to the targets.
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -359,6 +365,52 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                      f"{lt.activation.std:.3g}"),
             fix=fix, evidence=evidence,
         )
+    yield from _targets_out_of_range(trace)
+
+
+# What each output activation can reach: (lowest, highest, the target's share beyond them).
+OUTPUT_RANGES = {
+    "sigmoid": ("(0, 1)", lambda tt: tt.below_zero + tt.above_one),
+    "tanh": ("(-1, 1)", lambda tt: tt.below_minus_one + tt.above_one),
+    "relu": ("[0, inf)", lambda tt: tt.below_zero),
+}
+# A target with at least this share of its values beyond the output's range (TL102).
+OUT_OF_RANGE = 0.1
+
+
+def _targets_out_of_range(trace: RunTrace) -> Iterator[Hit]:
+    """TL102 where the model's output comes from a bounded activation and a regression target
+    of its size lies beyond that range in ``OUT_OF_RANGE`` of its values: the output can only
+    saturate toward them (a decoder's sigmoid trained on images scaled to [-1, 1])."""
+    if not trace.targets or trace.loss_kind in ("cross_entropy", "nll"):
+        return
+    for lt in trace.layers:
+        if lt.kind not in OUTPUT_RANGES or not lt.shape or not is_model_output(trace, lt):
+            continue
+        span, beyond = OUTPUT_RANGES[lt.kind]
+        for tt in trace.targets[:1] if len(trace.targets) == 1 else ():  # (several: which?)
+            share = beyond(tt)
+            if math.prod(tt.shape) != math.prod(lt.shape) or share < OUT_OF_RANGE:
+                continue
+            fix = {"sigmoid": "end the model in nn.Tanh() for targets in [-1, 1], in no "
+                              "activation for unbounded ones, or rescale the targets to [0, 1] "
+                              "((y + 1) / 2 for [-1, 1])",
+                   "tanh": "drop the final tanh for targets beyond [-1, 1] (or rescale the "
+                           "targets into it)",
+                   "relu": "drop the final ReLU: the targets go below 0 (a ReLU output there "
+                           "is 0 with no gradient)"}[lt.kind]
+            yield Hit(
+                module=lt.module,
+                message=(f"the model's output comes from {lt.kind} ({lt.label}), whose range "
+                         f"is {span}, but {_fmt_pct(share)} of {tt.name!r} lie outside it "
+                         f"(min {tt.min:.3g}, max {tt.max:.3g}): the output can never reach "
+                         f"them and is driven into the {lt.kind}'s flat tails"),
+                fix=fix,
+                evidence={"output_op": lt.kind, "target": tt.name, "outside": round(share, 4),
+                          "target_min": tt.min, "target_max": tt.max,
+                          "threshold": OUT_OF_RANGE},
+            )
+            return
 
 
 def _is_gate(trace: RunTrace, lt: LayerTrace) -> bool:

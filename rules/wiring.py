@@ -100,12 +100,14 @@ def changed_between(p: ParamTrace) -> bool:
 
 
 def updated_elsewhere(p: ParamTrace) -> bool:
-    """Whether no optimizer stepped the parameter at the observed steps, yet its norm changed
-    from the first observed step to the last: the user's code updates it (a BYOL/MoCo target
-    kept as an exponential moving average of the online network, a hand-written update),
-    or within one observed step."""
-    return not p.norms_before and (p.moved_outside or (
-        p.first_norm is not None and _changed([p.first_norm, p.norm])))
+    """Whether no optimizer stepped the parameter at the observed steps, yet the user's code
+    updates it (a BYOL/MoCo target kept as an exponential moving average of the online
+    network, a DQN target copied now and then): its norm changed from the first observed step
+    to the last, or its values changed outside the forward within the one observed step, or
+    within two of several (a clip of every weight in the loop changes them once)."""
+    return not p.norms_before and (
+        0 < min(2, p.outside_checks) <= p.moved_outside
+        or (p.first_norm is not None and _changed([p.first_norm, p.norm])))
 
 
 @rule("TL505", "unused-parameters", "warning")
@@ -167,7 +169,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     if not trainable or trace.observed_steps == 0:
         return
     if not any(p.grad_steps for p in trainable):
-        if trace.mode == "check":  # its own loop: the backward ran, and reached none of them
+        reached = any(lt.grad_norm for lt in trace.layers)
+        if trace.mode == "check" and not reached:
+            # Its own loop: the backward ran and reached no layer (not an optimizer fused into
+            # the backward, which steps each parameter and drops its .grad in a hook).
             yield Hit(
                 module="",
                 message=(f"none of the model's {len(trainable)} trainable parameters got a "

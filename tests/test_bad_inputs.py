@@ -651,3 +651,34 @@ def test_a_loss_cut_off_from_the_model_is_a_finding_not_a_note() -> None:
         out.detach().requires_grad_(), y))
     assert [(f.code, f.module) for f in report.findings] == [("TL505", "")]
     assert not report.ok
+
+
+class FusedStep(nn.Module):
+    """The optimizer step fused into the backward (PyTorch's memory-saving recipe): a hook
+    steps each parameter as its gradient lands and drops the ``.grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.opts = {p: torch.optim.SGD([p], lr=0.05) for p in self.net.parameters()}
+        for p in self.net.parameters():
+            p.register_post_accumulate_grad_hook(self._step)
+
+    def _step(self, p: nn.Parameter) -> None:
+        self.opts[p].step()
+        self.opts[p].zero_grad(set_to_none=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_an_optimizer_fused_into_the_backward_is_no_loss_cut_off() -> None:
+    model = FusedStep()
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = small_batch()
+    F.cross_entropy(model(x), y).backward()  # the truth: the backward alone trains it
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    report = trainlint.check(FusedStep(), small_batch())
+    assert "TL505" not in [f.code for f in report.findings]

@@ -66,3 +66,62 @@ def test_one_observed_step_is_enough_to_see_the_target_move() -> None:
     stops the run on errors lets the moving-average target train on."""
     assert _run(ema=True, steps=5, every=100, fail_on="error") == []
     assert _run(ema=False, steps=5, every=100) == [("TL505", "target"), ("TL506", "target")]
+
+
+def test_a_forgotten_layer_clipped_in_the_loop_is_still_reported() -> None:
+    """WGAN-style weight clipping of every parameter in the loop changes a layer left out of
+    the optimizer once (its first clip); an EMA changes its target at every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model[2].parameters(), lr=0.05)
+    with trainlint.Monitor(model, opt, every=2) as monitor:
+        for _ in range(8):
+            x = torch.randn(32, 16)
+            loss = F.cross_entropy(model(x), torch.randint(0, 4, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-0.1, 0.1)
+            monitor.step(loss)
+        report = monitor.report()
+    assert ("TL506", "0") in [(f.code, f.module) for f in report.findings]
+
+
+def test_what_the_forward_changes_is_not_an_update_from_the_loop() -> None:
+    """An embedding with ``max_norm`` renormalizes the rows it looks up, in place, in its
+    forward: left out of the optimizer it is still never trained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 8, max_norm=0.5), nn.Flatten(), nn.Linear(40, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # every row above max_norm: each lookup rewrites it
+    report = trainlint.check(model, (torch.randint(0, 50, (16, 5)), torch.randint(0, 3, (16,))),
+                             optimizer=lambda params: torch.optim.SGD(model[2].parameters(),
+                                                                      lr=0.1))
+    assert ("TL506", "0") in [(f.code, f.module) for f in report.findings]
+
+
+def test_a_complex_parameter_outside_the_optimizer_is_read_too() -> None:
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.filter = nn.Parameter(torch.randn(8, dtype=torch.complex64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.filter.abs()
+
+    model = Spectral()
+    opt = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(3):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.filter.mul_(0.99)  # updated by the loop: no finding
+            monitor.step(loss)
+        report = monitor.report()
+    assert [f.code for f in report.findings if f.code in ("TL505", "TL506")] == []

@@ -34,6 +34,7 @@ from .trace import (
     RunTrace,
     StepLayers,
     StepValues,
+    TargetTrace,
 )
 
 _PLAIN = (bool, int, float, str)
@@ -199,6 +200,7 @@ class TraceBuilder:
         self.output_origins: list = []
         self.before_nonfinite: list = []
         self.inputs: dict = {}
+        self.targets: dict = {}
         self.params: dict[str, ParamTrace] = {}
         self.losses: list[float] = []
         self.per_step: list[dict] = []
@@ -245,7 +247,7 @@ class TraceBuilder:
         self.before_nonfinite = []
         order: dict = {}  # the layers in the snapshot's order (an ordered set)
         found: dict = {"act": [], "grad": [], "units": [], "signal": []}
-        moved: set = set()
+        moved: dict = {}
         for tag, value in snap.values.items():
             kind = tag[0]
             if kind in found:
@@ -253,21 +255,24 @@ class TraceBuilder:
                 found[kind].append((tag[1], value))
             elif kind == "input":
                 self._add_input(tag, value)
+            elif kind == "target":
+                self._add_target(tag, value)
             elif kind == "param_finite":
                 self.param_finite = dict(zip(tag[1], value.astype(bool)))
             elif kind == "param":
                 self._add_param(tag, value)
             elif kind == "moved_outside":
-                moved.update(n for n, m in zip(tag[1], value.tolist()) if m)
+                moved.update(zip(tag[1], value.astype(bool).tolist()))
             elif kind == "extra" and tag[1] == "loss":
                 loss = float(value.reshape(-1)[0])
                 self.losses.append(loss)
                 step_info["loss"] = loss
             elif kind == "extra" and tag[1] in ("loss_mean", "loss_max", "loss_min"):
                 step_info[tag[1]] = float(value.reshape(-1)[0])
-        for name in moved:
+        for name, changed in moved.items():
             if name in self.params:
-                self.params[name].moved_outside = True
+                self.params[name].outside_checks += 1
+                self.params[name].moved_outside += int(changed)
         index = _shared_index(tuple(order), self._layer_index)
         self._layer_index = index
         columns: dict = {}
@@ -441,6 +446,17 @@ class TraceBuilder:
             current.min = np.minimum(current.min, value[2])
             current.max = np.maximum(current.max, value[3])
 
+    def _add_target(self, tag: tuple, value: np.ndarray) -> None:
+        """One step's range of a target tensor: the extremes over the run, the shares of the
+        first step that saw it."""
+        _, _, name, shape = tag
+        low, high, below, above, far_below = value.tolist()
+        current = self.targets.get(name)
+        if current is None:
+            self.targets[name] = TargetTrace(name, shape, low, high, below, above, far_below)
+        else:
+            current.min, current.max = min(current.min, low), max(current.max, high)
+
     def _add_param(self, tag: tuple, value: np.ndarray) -> None:
         """This step's vector of one parameter, folded into its ``ParamTrace`` in place (the
         builder's own; :meth:`build` hands out copies)."""
@@ -526,6 +542,7 @@ class TraceBuilder:
                             norms_before=list(p.norms_before),
                             update_norms=list(p.update_norms)) for p in self.params.values()],
             inputs=self._chosen_inputs(modules),
+            targets=[replace(t) for t in self.targets.values()],
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
             op_sites=dict(self.op_sites),
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,

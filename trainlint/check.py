@@ -354,8 +354,10 @@ def _user_error(exc: Exception, phase: str, step: int, data: Batch,
             message += ("; the first step's backward ran, so most likely a tensor carried over "
                         "from an earlier step (an RNN's hidden state kept on the module, a "
                         "running total of losses) still holds that step's graph: .detach() it "
-                        "where it is carried over (retain_graph=True would keep every earlier "
-                        "step's graph alive and backpropagate through all of them)")
+                        "where it is carried over, or recompute it every step where it must "
+                        "carry a gradient (a tensor computed once from parameters and cached); "
+                        "retain_graph=True would keep every earlier step's graph alive and "
+                        "backpropagate through all of them")
     return UserCodeError(message, user_traceback(exc), phase=phase)
 
 

@@ -400,6 +400,8 @@ class Probe:
         # backward; dropped at the step's end).
         self.output_nodes: list[list] = []
         self.input_rows: list[tuple] = []
+        # (name, shape, device vector of stats.target_range) per floating-point target.
+        self.target_rows: list[tuple] = []
         # Full reads for the exact NaN/Inf presence where no point looks: each float input of
         # a training forward ``(name, probe)``, and each output of a module with children
         # that its own code made ``(name, key of the last point observed before it, probe)``.
@@ -441,8 +443,11 @@ class Probe:
         # The param groups' learning rates as the observed step's first optimizer step began
         # (a scheduler stepped after it changes them before the collect).
         self.step_lrs: Optional[dict] = None
-        # The parameters no optimizer holds and their norms as the observed step began.
+        # The parameters no optimizer holds, their norms as the observed step began, and as
+        # its (training) forward began and ended: what the forward changes (an embedding's
+        # max_norm) is the model's doing, what changes outside it the loop's (an EMA).
         self.outside: Optional[tuple] = None
+        self.outside_forward: list = [None, None]
         self.mode: Optional[_ProbeMode] = None
         # The probe's modes whose forward ended without its hooks: popped once innermost.
         self.stale_modes: list[_ProbeMode] = []
@@ -536,6 +541,7 @@ class Probe:
         self.recomputed.clear()
         self._clear_segments()
         self.outside = self._outside_fingerprints()
+        self.outside_forward = [None, None]
         if self.attached:
             self._install()
 
@@ -548,10 +554,16 @@ class Probe:
             return None
         held = _optimizer_groups(self.optimizers)
         named = [(n, p) for n, p in self.model.named_parameters()
-                 if p.requires_grad and id(p) not in held]
+                 if p.requires_grad and id(p) not in held and strided(p)]
         if not named:
             return None
         return named, _fingerprints([p for _, p in named], _model_device(self.model))
+
+    def _outside_now(self) -> Optional[torch.Tensor]:
+        """The fingerprints of the parameters no optimizer holds, now (None: none)."""
+        if self.outside is None:
+            return None
+        return _fingerprints([p for _, p in self.outside[0]], _model_device(self.model))
 
     def end_step(self, keep_hooks: bool = False) -> None:
         """Stop observing: take the hooks off (``keep_hooks``: leave the module and optimizer
@@ -589,6 +601,8 @@ class Probe:
         if not self.observing or self.skipping:
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
+        if self.outside is not None and self.outside_forward[0] is None:
+            self.outside_forward[0] = self._outside_now()
         inputs = _named_inputs(args, kwargs)
         self.last_forward = (training_flags(self.model), leading_size([t for _, t in inputs]))
         if self.first_forward is None:
@@ -622,7 +636,10 @@ class Probe:
             return
         tensors = tensors_in(targets)
         for i, t in enumerate(tensors):
-            self._probe_batch("targets" if len(tensors) == 1 else f"targets[{i}]", t)
+            name = "targets" if len(tensors) == 1 else f"targets[{i}]"
+            self._probe_batch(name, t)
+            if t.is_floating_point() and t.numel() > 0:
+                self.target_rows.append((name, tuple(t.shape), stats.target_range(t)))
 
     def _probe_batch(self, name: str, t: torch.Tensor) -> None:
         """One device reduction that reads NaN when a floating-point batch tensor (a model
@@ -641,6 +658,8 @@ class Probe:
             self.output_nodes.append(output_nodes(outputs))
             del self.output_nodes[:-MAX_FORWARDS]
             self._on_backward(output, self.last_forward)
+            if self.outside is not None and not self.skipping:
+                self.outside_forward[1] = self._outside_now()
         self._exit_mode()
         self.skipping = False
 
@@ -1284,6 +1303,9 @@ class Probe:
         unit_groups = self._unit_groups()
         for i, (_, active) in enumerate(unit_groups):
             add(("units", i), active)
+        for i, (name, shape, value) in enumerate(self.target_rows):
+            add(("target", i, name, shape), value)
+        self.target_rows.clear()
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)
         if named:  # the exact presence of NaN/Inf in the weights: one full read each
@@ -1297,9 +1319,14 @@ class Probe:
         if self.outside is not None:
             outside, start = self.outside
             now = _fingerprints([p for _, p in outside], device)
-            add(("moved_outside", tuple(n for n, _ in outside)),
-                (now != start) & ~(now.isnan() & start.isnan()))
+            before, after = self.outside_forward
+            # Changed outside the forward: before it (or with no forward seen, at all), or
+            # after it.
+            moved = (_changed(start, before) | _changed(after, now) if before is not None
+                     and after is not None else _changed(start, now))
+            add(("moved_outside", tuple(n for n, _ in outside)), moved)
             self.outside = None
+            self.outside_forward = [None, None]
         for name, value in (extra or {}).items():
             if isinstance(value, torch.Tensor):
                 add(("extra", name), value)
@@ -1624,10 +1651,16 @@ def _stack(values: list, device: torch.device) -> torch.Tensor:
 
 
 def _fingerprints(params: list, device: torch.device) -> torch.Tensor:
-    """The float64 norm of each parameter, on ``device`` (the same reduction of the same values
-    gives the same number, so a change of any element shows)."""
-    return _stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64) for p in params],
-                  device)
+    """The norm of each parameter (float64 for real ones), on ``device`` (the same reduction of
+    the same values gives the same number, so a change of any element shows)."""
+    return _stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64)
+                   if p.is_floating_point() else torch.linalg.vector_norm(p.detach())
+                   for p in params], device)
+
+
+def _changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Element-wise: the fingerprints differ (NaN both times is no change)."""
+    return (after != before) & ~(after.isnan() & before.isnan())
 
 
 def needs_closure(optimizer: Any) -> bool:

@@ -589,6 +589,15 @@ def full_probe(x: torch.Tensor) -> tuple:
     return (total.abs() if total.is_complex() else total,)  # a NaN/Inf imaginary part too
 
 
+def target_range(t: torch.Tensor) -> torch.Tensor:
+    """``[min, max, share < 0, share > 1, share < -1]`` of a target tensor, on its device (a
+    check's targets: a few reductions a step, no sync)."""
+    x = t.detach().float()
+    low, high = torch.aminmax(x)
+    return torch.stack([low, high, (x < 0).float().mean(), (x > 1).float().mean(),
+                        (x < -1).float().mean()])
+
+
 def full_probes(xs: list, batched: Optional[bool] = None) -> list:
     """:func:`full_probe` of each tensor in ``xs``, in order (0 for an empty one). On CUDA
     (``batched`` None) the plain float32/float64 tensors of each device and dtype take one

@@ -174,9 +174,11 @@ class ParamTrace:
     # ``norm`` at the first observed step (the norms of one tensor read the same elements at
     # every step, so an unchanged parameter reads the same value).
     first_norm: Optional[float] = None
-    # Whether its values changed within an observed step though no optimizer holds it (the
-    # user's code updates it: a moving-average target network).
-    moved_outside: bool = False
+    # Observed steps at which it was in no optimizer (checked), and at which its values
+    # changed outside the forward all the same (the user's code updates it: a moving-average
+    # target network).
+    outside_checks: int = 0
+    moved_outside: int = 0
 
     @property
     def update_ratio(self) -> Optional[float]:
@@ -198,6 +200,21 @@ class InputTrace:
     std: np.ndarray
     min: np.ndarray
     max: np.ndarray
+
+
+@dataclass
+class TargetTrace:
+    """The range of one floating-point target tensor a check's loss was given (over the
+    observed steps): its extremes and the shares of its values below 0, above 1 and below -1
+    (what a sigmoid, tanh or ReLU output can reach)."""
+
+    name: str
+    shape: tuple
+    min: float
+    max: float
+    below_zero: float
+    above_one: float
+    below_minus_one: float
 
 
 # Op names in ``Edge.via`` whose output has its input's shape and dim order (element-wise
@@ -375,6 +392,8 @@ class RunTrace:
     modules: dict = field(default_factory=dict)
     params: list = field(default_factory=list)
     inputs: list = field(default_factory=list)
+    # TargetTrace of each floating-point target a check's loss was given (a Monitor sees none).
+    targets: list = field(default_factory=list)
     edges: list = field(default_factory=list)
     # ``(source node, via up to and including a RISKY_OPS op)`` -> the module whose forward
     # ran that op (a wrapper's own ``torch.log`` before its child): where NaN/Inf it made began;

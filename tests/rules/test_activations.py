@@ -9,7 +9,13 @@ from typing import Optional
 import numpy as np
 import pytest
 from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
-from trainlint.rules.activations import GREW, IDENTICAL, NORM_WEIGHT_COLLAPSED, RESCALED
+from trainlint.rules.activations import (
+    GREW,
+    IDENTICAL,
+    NORM_WEIGHT_COLLAPSED,
+    OUT_OF_RANGE,
+    RESCALED,
+)
 
 from tests.rules.tracekit import param
 from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
@@ -23,6 +29,7 @@ from trainlint.trace import (
     ModuleFacts,
     ParamTrace,
     RunTrace,
+    TargetTrace,
 )
 
 load_rules()
@@ -750,6 +757,53 @@ def test_tl103_a_decay_training_escaped_in_a_monitor_run(mode: str, last: float,
     trace.per_step = [at(0, profile("TL103", r / 10)), at(10, profile("TL103", r / 2)),
                       at(190, profile("TL103", r * last))]
     assert bool(run("TL103", trace)) is fires
+
+
+def _ending_in(kind: str, target: TargetTrace, loss: Optional[str] = "mse") -> RunTrace:
+    """A Linear, then ``kind`` as the model's output (8, 16), trained toward ``target``."""
+    head = point("head", "Linear", 0)
+    last = point("out", kind.capitalize(), 1, kind=kind)
+    last.shape = (8, 16)
+    return RunTrace(layers=[head, last], modules={"head": facts("head", "Linear"),
+                                                  "out": facts("out", kind.capitalize())},
+                    edges=[Edge(head.node, ("module", "out"))], output_ops=((last.node, ()),),
+                    targets=[target], loss_kind=loss)
+
+
+def _target(below: float = 0.0, above: float = 0.0, far: float = 0.0,
+            shape: tuple = (8, 16)) -> TargetTrace:
+    return TargetTrace("targets", shape, -1.0 if below else 0.0, 2.0 if above else 1.0,
+                       below, above, far)
+
+
+@pytest.mark.parametrize("share, fires", [(OUT_OF_RANGE * 0.99, False),
+                                          (OUT_OF_RANGE * 1.01, True)])
+def test_tl102_output_activation_that_cannot_reach_the_targets(share: float,
+                                                                fires: bool) -> None:
+    """A decoder ending in sigmoid trained with MSE on images scaled to [-1, 1] (88% of the
+    pixels below 0): MSE 0.285 against tanh's 0.090 on the same task (measured)."""
+    assert bool(run("TL102", _ending_in("sigmoid", _target(below=share)))) is fires
+    assert bool(run("TL102", _ending_in("sigmoid", _target(above=share)))) is fires
+    assert bool(run("TL102", _ending_in("relu", _target(below=share)))) is fires
+    assert bool(run("TL102", _ending_in("tanh", _target(far=share)))) is fires
+    assert run("TL102", _ending_in("tanh", _target(below=share))) == []  # tanh reaches -0.5
+    assert run("TL102", _ending_in("relu", _target(above=share))) == []
+    if fires:
+        [found] = run("TL102", _ending_in("sigmoid", _target(below=share)))
+        assert found.module == "out" and "whose range is (0, 1)" in found.message
+        assert "nn.Tanh()" in found.fix
+
+
+def test_tl102_output_range_needs_a_regression_target_of_the_outputs_size() -> None:
+    outside = _target(below=0.5)
+    assert run("TL102", _ending_in("sigmoid", outside, loss="cross_entropy")) == []
+    assert run("TL102", _ending_in("sigmoid", _target(below=0.5, shape=(8,)))) == []
+    two = _ending_in("sigmoid", outside)
+    two.targets = [outside, replace(outside, name="targets[1]")]  # which one the loss reads?
+    assert run("TL102", two) == []
+    hidden = _ending_in("sigmoid", outside)
+    hidden.output_ops = ()  # not the model's output
+    assert run("TL102", hidden) == []
 
 
 def _codebook_trace(scales: list, lookup: float, after: int = 2,

@@ -55,6 +55,11 @@ def test_tl505_no_gradient_anywhere(mode):
     [found] = hits("TL505", t)
     assert found.module == "" and "none of the model's 7 trainable parameters" in found.message
     assert ".detach()" in found.fix
+    # An optimizer fused into the backward (register_post_accumulate_grad_hook steps each
+    # parameter and drops its .grad): the layers' gradients show the backward reached them.
+    t.layers = [point("body.0", "Linear", grad_norm=0.134)]
+    with pytest.raises(Skip):
+        hits("TL505", t)
 
 
 def test_tl505_frozen_or_used_at_some_step_is_fine():
@@ -236,17 +241,20 @@ def test_tl505_tl506_a_moving_average_target_is_updated_elsewhere(moved, fires):
         assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
 
 
-@pytest.mark.parametrize("moved", [True, False])
-def test_tl505_tl506_a_target_seen_moving_within_one_step(moved):
-    """One observed step: no second norm to compare, but the probe saw the values change
-    between the step's start and its collect."""
+@pytest.mark.parametrize("checks, moved, fires", [(1, 1, False), (1, 0, True), (5, 2, False),
+                                                   (5, 1, True), (0, 0, True)])
+def test_tl505_tl506_a_target_seen_moving_within_observed_steps(checks, moved, fires):
+    """The first and last norms agree (one observed step, or a change undone), but the probe
+    saw the values change outside the forward within observed steps: at the only one, or at
+    two or more (a WGAN-style clip of every weight in the loop changes a forgotten layer once:
+    still reported)."""
     target = {"in_optimizer": False, "grad_steps": 0, "grad_norm": None}
     params = _params() + [param("target.weight", (4, 4), **target)]
     params[-1].first_norm = params[-1].norm = 3.0
-    params[-1].moved_outside = moved
-    t = trace([], params=params, observed_steps=1)
+    params[-1].outside_checks, params[-1].moved_outside = checks, moved
+    t = trace([], params=params, observed_steps=max(checks, 1))
     for code in ("TL505", "TL506"):
-        assert [h.module for h in hits(code, t)] == ([] if moved else ["target"]), code
+        assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
 
 
 def test_tl506_a_parameter_the_optimizer_steps_is_judged_by_its_updates():
