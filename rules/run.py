@@ -23,14 +23,28 @@ def loss_points(trace: RunTrace) -> list[dict]:
     return trace.per_step + ([tail] if tail is not None and tail["step"] > last else [])
 
 
+# A loss below -``unbounded`` x its start that fell by this factor more over its last third
+# falls without bound (TL604).
+STILL_FALLING = 10.0
+# A loss whose lowest value goes below -this share of its typical level's size swings around
+# 0: it has no floor at 0 near its level (TL603, TL604).
+SIGNED_SHARE = 0.5
+
+
 def signed_loss(trace: RunTrace) -> Optional[float]:
-    """The lowest loss seen below 0 (a step's, or the lowest in a Monitor's window), or None:
-    a loss that goes negative (a policy gradient's, a likelihood's) has no floor at 0, so its
-    rises and falls relative to its level say nothing."""
-    values = [s[k] for s in loss_points(trace) for k in ("loss", "loss_mean", "loss_min")
+    """The lowest loss seen (a step's, or the lowest in a Monitor's window) where it is below
+    0 by ``SIGNED_SHARE`` or more of the size of the typical level (the median of the
+    observed losses), else None: such a loss (a policy gradient's with normalized advantages,
+    around 0) has no floor at 0, so its rises and falls relative to its level say nothing. A
+    Gaussian NLL at 0.44 with one batch at -0.04 still has its level judged."""
+    points = loss_points(trace)
+    values = [s[k] for s in points for k in ("loss", "loss_mean", "loss_min")
               if s.get(k) is not None and math.isfinite(s[k])]
-    low = min(values, default=0.0)
-    return low if low < 0 else None
+    levels = [v for _, v in loss_curve(trace) if math.isfinite(v)]
+    if not values or not levels:
+        return None
+    low = min(values)
+    return low if low < 0 and low <= -SIGNED_SHARE * abs(median(levels)) else None
 
 
 def no_loss(trace: RunTrace) -> str:
@@ -391,9 +405,13 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     tensors outside the model and its optimizer, or another Monitor's loss runs through this
     model): a generator's loss rises as its discriminator improves.
 
-    A loss that falls below ``-unbounded`` × its start (its first level; at least 1 in
-    magnitude) has no floor: it fires too (a VAE whose KL term is subtracted: 178 →
-    -5.6e21 while the reconstruction error rose 68 → 4178; NLLLoss on raw logits).
+    A loss whose last level is below ``-unbounded`` × its start (its first level; at least 1
+    in magnitude) and still fell 10-fold over the last third of its levels has no floor: it
+    fires too (a VAE whose KL term is subtracted: 178 → -5.6e21 while the reconstruction
+    error rose 68 → 4178). A likelihood that converges far below 0 (a summed Gaussian NLL:
+    4 → -7837, its variance clamped) levels off. A loss that swings below 0 by half its
+    typical level or more (a policy gradient's with normalized advantages) has no floor at 0:
+    its relative rises are not judged.
 
     ## Why is this bad?
     A diverging loss means the updates overshoot: the learning rate is too high (or warmup is
@@ -446,8 +464,13 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     levels = [(curve[i][0], m) for i, m in zip(ends, medians)]
     start = levels[0][1]
     size = max(abs(curve[0][1]), abs(start), 1.0)
-    fallen = next(((step, value) for step, value in levels if value < -t.unbounded * size),
-                  None)
+    # Far below its start and still falling by an order of magnitude over its last third (a
+    # likelihood that converges far below 0, a summed Gaussian NLL, levels off).
+    fallen = levels[-1] if len(levels) >= 3 else None
+    earlier = levels[len(levels) - 1 - max(1, len(levels) // 3)][1] if len(levels) >= 3 else 0.0
+    if fallen is not None and not (fallen[1] < -t.unbounded * size
+                                   and fallen[1] < STILL_FALLING * min(earlier, -size)):
+        fallen = None
     if fallen is not None:
         of = f" (the median of the {k} points up to it)" if k > 1 else ""
         yield Hit(

@@ -10,7 +10,17 @@ from trainlint.rules import gradients
 from trainlint.rules._graph import MOSTLY_DEAD
 from trainlint.rules.gradients import INFLATED, nice_below
 
-from tests.rules.tracekit import defaults, edge, hits, module, param, point, to_module, trace
+from tests.rules.tracekit import (
+    defaults,
+    edge,
+    hits,
+    module,
+    param,
+    point,
+    steps,
+    to_module,
+    trace,
+)
 from trainlint.engine import Hit, Skip
 
 
@@ -744,13 +754,16 @@ def test_tl503_too_high_names_tl104_only_for_growth_from_the_init(grew):
     assert ("multiply the learning rate" in found.fix) is grew
 
 
-@pytest.mark.parametrize("growth", [INFLATED * 0.99, INFLATED * 1.01])
-def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_first_norm(growth):
+@pytest.mark.parametrize("growth, diverged", [(INFLATED * 0.99, True), (INFLATED * 1.01, True),
+                                              (INFLATED * 1.01, False)])
+def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_first_norm(
+        growth, diverged):
     """A DDPM denoiser at AdamW lr 0.2: the first updates moved the weights ~8x, inflating
     them, after which each update looked small against them (0.002) and the fix said to
     halve the rate; the loss still peaked at 1.9e10 at half, trained at 1/1000 (measured).
-    Past ``INFLATED`` x its first norm a weight's typical step is measured against that
-    norm."""
+    Where the loss diverged (TL604), past ``INFLATED`` x its first norm a weight's typical
+    step is measured against that norm. Weights initialized at std 0.001 grow 16-50x as they
+    learn under Adam at 1e-3 (a sensible rate): no blow-up, the step is measured as ever."""
     d = defaults("TL503")
     norms = [1.0, growth, growth, growth]
     updates = [8.0, 0.1, 0.1, 0.1]
@@ -760,7 +773,11 @@ def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_firs
         p.norms_before, p.update_norms = norms, updates
         p.update_ratios = [u / n for u, n in zip(updates, norms)]
         params.append(p)
-    [found] = hits("TL503", trace([], params=params))
-    typical = 0.1 if growth > INFLATED else 0.1 / growth
+    losses = (1.0, 1.0, 50.0, 1e4) if diverged else (1.0, 0.9, 0.8, 0.7)
+    t = trace([], params=params, mode="monitor", per_step=steps(*losses, every=50,
+                                                                key="loss_mean"))
+    assert bool(hits("TL604", t)) is diverged
+    [found] = hits("TL503", t)
+    typical = 0.1 if growth > INFLATED and diverged else 0.1 / growth
     assert found.evidence["typical_step_ratio"] == pytest.approx(typical)
     assert found.evidence["lr_factor"] == pytest.approx(d["target"] / typical)
