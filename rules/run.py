@@ -26,6 +26,9 @@ def loss_points(trace: RunTrace) -> list[dict]:
 # A loss below -``unbounded`` x its start that fell by this factor more over its last third
 # falls without bound (TL604).
 STILL_FALLING = 10.0
+# ...or that is this far below its start, falling or not: no likelihood of a batch gets there
+# (float32 densities stop ~100 below 0 per element).
+FAR_BELOW = 1e9
 # A loss whose lowest value goes below -this share of its typical level's size swings around
 # 0: it has no floor at 0 near its level (TL603, TL604).
 SIGNED_SHARE = 0.5
@@ -406,12 +409,12 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     model): a generator's loss rises as its discriminator improves.
 
     A loss whose last level is below ``-unbounded`` × its start (its first level; at least 1
-    in magnitude) and still fell 10-fold over the last third of its levels has no floor: it
-    fires too (a VAE whose KL term is subtracted: 178 → -5.6e21 while the reconstruction
-    error rose 68 → 4178). A likelihood that converges far below 0 (a summed Gaussian NLL:
-    4 → -7837, its variance clamped) levels off. A loss that swings below 0 by half its
-    typical level or more (a policy gradient's with normalized advantages) has no floor at 0:
-    its relative rises are not judged.
+    in magnitude) and still fell 10-fold over the last third of its levels, or is below
+    1e9 × its start, has no floor: it fires too (a VAE whose KL term is subtracted: 178 →
+    -5.6e21 while the reconstruction error rose 68 → 4178). A likelihood that converges far
+    below 0 (a summed Gaussian NLL: 4 → -7837, its variance clamped) levels off. A loss that
+    swings below 0 by half its typical level or more (a policy gradient's with normalized
+    advantages) has no floor at 0: its relative rises are not judged.
 
     ## Why is this bad?
     A diverging loss means the updates overshoot: the learning rate is too high (or warmup is
@@ -468,8 +471,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     # likelihood that converges far below 0, a summed Gaussian NLL, levels off).
     fallen = levels[-1] if len(levels) >= 3 else None
     earlier = levels[len(levels) - 1 - max(1, len(levels) // 3)][1] if len(levels) >= 3 else 0.0
-    if fallen is not None and not (fallen[1] < -t.unbounded * size
-                                   and fallen[1] < STILL_FALLING * min(earlier, -size)):
+    if fallen is not None and not (fallen[1] < -t.unbounded * size and (
+            fallen[1] < STILL_FALLING * min(earlier, -size) or fallen[1] < -FAR_BELOW * size)):
         fallen = None
     if fallen is not None:
         of = f" (the median of the {k} points up to it)" if k > 1 else ""

@@ -634,6 +634,10 @@ def test_tl604_a_likelihood_that_levels_off_far_below_zero_is_no_fall_without_bo
     level: measured). Below -1000x its start, but it levels off: only a loss still falling
     ``STILL_FALLING``-fold over its last third falls without bound."""
     assert bool(hits("TL604", _monitor(4.07, -2000.0, -5000.0, last))) is fires
+    # A VAE's KL subtracted: -5.3e15 by step 70, -5.6e21 at 200, slowing down: far below.
+    far = 4.07 * run.FAR_BELOW
+    assert bool(hits("TL604", _monitor(4.07, -far / 2, -far / 2, -far * 1.01)))
+    assert not hits("TL604", _monitor(4.07, -far / 2, -far / 2, -far * 0.99))
 
 
 @pytest.mark.parametrize("share, signed", [(run.SIGNED_SHARE * 1.01, True),
