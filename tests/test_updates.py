@@ -248,3 +248,4 @@ def test_a_monitored_steps_parameter_statistics_match_the_tensors() -> None:
         assert params[name].norm == pytest.approx(float(weight.square().sum() * scale) ** 0.5,
                                                   rel=1e-9)
         assert params[name].std == pytest.approx(float(weight.std()), rel=1e-9)
+

@@ -461,7 +461,7 @@ class TraceBuilder:
         """This step's vector of one parameter, folded into its ``ParamTrace`` in place (the
         builder's own; :meth:`build` hands out copies)."""
         (_, name, has_grad, has_update, in_opt, shape, requires_grad, group, lr, initial_lr,
-         dtype) = tag
+         dtype, optimizer) = tag
         values = value.tolist()
         norm, std = values[0], values[1]
         grad = values[2] if has_grad else None
@@ -480,6 +480,7 @@ class TraceBuilder:
         trace.norm, trace.std, trace.grad_norm = norm, std, grad
         trace.group, trace.lr, trace.dtype = group, lr, dtype
         trace.initial_lr = initial_lr
+        trace.optimizer = optimizer
         if isinstance(lr, (int, float)) and math.isfinite(lr):
             trace.peak_lr = lr if trace.peak_lr is None else max(trace.peak_lr, lr)
         # NaN marks NaN/Inf values; +inf a sum of squares past float64's range (a float64

@@ -1477,11 +1477,11 @@ class Probe:
         for i, ((name, p), (_, grad_row)) in enumerate(zip(named, param_rows)):
             has_grad, has_update = grad_row is not None, bool(updated[i])
             columns = _PARAM_COLUMNS[has_grad, has_update]
-            group, lr, initial_lr = groups.get(id(p), (None, None, None))
+            group, lr, initial_lr, kind = groups.get(id(p), (None, None, None, None))
             values[("param", name, has_grad, has_update,
                     (id(p) in groups) if self.optimizers else None,
                     tuple(p.shape), p.requires_grad, group, lr, initial_lr,
-                    str(p.dtype).replace("torch.", ""))] = vectors[i, columns]
+                    str(p.dtype).replace("torch.", ""), kind)] = vectors[i, columns]
 
 
 # The columns of a parameter's vector (``[norm, std, grad norm, update norm, norm before]``)
@@ -1682,11 +1682,13 @@ def optimizers_of(optimizer: Any) -> list:
 
 def _optimizer_groups(optimizers: list) -> dict:
     """``{id(param): (index of its param group, the group's lr, its scheduler's
-    ``initial_lr``)}`` (each a plain number, else None); the groups of several optimizers are
-    numbered on, in order."""
-    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
-    return {id(p): (i, _number_or_none(group.get("lr")), _number_or_none(group.get("initial_lr")))
-            for i, group in enumerate(groups) for p in group["params"]}
+    ``initial_lr``, the optimizer's class name)}`` (numbers plain, else None); the groups of
+    several optimizers are numbered on, in order."""
+    groups = [(group, type(optimizer).__name__) for optimizer in optimizers
+              for group in optimizer.param_groups]
+    return {id(p): (i, _number_or_none(group.get("lr")), _number_or_none(group.get("initial_lr")),
+                    kind)
+            for i, (group, kind) in enumerate(groups) for p in group["params"]}
 
 
 def _number_or_none(value: Any) -> Optional[float]:

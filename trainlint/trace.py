@@ -171,6 +171,8 @@ class ParamTrace:
     # The group's ``initial_lr``, which an LR scheduler sets when it is built (None: none).
     initial_lr: Optional[float] = None
     dtype: Optional[str] = None  # "float32", "bfloat16"...
+    # The class name of the optimizer that holds it ("Adagrad"; None: none).
+    optimizer: Optional[str] = None
     # ``norm`` at the first observed step (the norms of one tensor read the same elements at
     # every step, so an unchanged parameter reads the same value).
     first_norm: Optional[float] = None

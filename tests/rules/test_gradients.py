@@ -781,3 +781,22 @@ def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_firs
     typical = 0.1 if growth > INFLATED and diverged else 0.1 / growth
     assert found.evidence["typical_step_ratio"] == pytest.approx(typical)
     assert found.evidence["lr_factor"] == pytest.approx(d["target"] / typical)
+
+
+@pytest.mark.parametrize("optimizer, fires", [("Adagrad", False), ("Adam", True),
+                                               (None, True)])
+def test_tl503_adagrads_first_steps_do_not_make_its_rate_too_high(optimizer, fires):
+    """An MLP at Adagrad lr 0.05: its first step moved each weight by lr (ratio 0.97) and
+    TL503 said x0.024; measured, 0.05 trained best (accuracy 0.815) and 0.0015 reached 0.48.
+    Adagrad's later steps shrink as 1/sqrt(t): too high is not judged from its ratios; too
+    low still is."""
+    high = defaults("TL503")["max_ratio"] * 2
+    params = [param(f"l{i}.weight", (8, 8), ratios=(high, high / 1.4, high / 1.7))
+              for i in range(3)]
+    for p in params:
+        p.optimizer = optimizer
+    assert bool(hits("TL503", trace([], params=params))) is fires
+    low = [param(f"l{i}.weight", (8, 8), ratios=(1e-7, 1e-7)) for i in range(3)]
+    for p in low:
+        p.optimizer = optimizer
+    assert hits("TL503", trace([], params=low))
