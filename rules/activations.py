@@ -297,7 +297,8 @@ def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional
 
 @rule("TL102", "saturated-activation", "warning", saturated_fraction=0.3)
 def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
-    """Saturated tanh/sigmoid: many outputs sit in the flat tails, where the derivative is ~0.
+    """Saturated tanh/sigmoid: many outputs sit in the flat tails, where the derivative is ~0
+    (or, at the model's output, its targets lie beyond the last activation's range).
 
     ## What it does
     For every tanh/sigmoid-family output that is a hidden activation (not the model's own

@@ -366,7 +366,7 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
 @rule("TL604", "loss-divergence", "error", rise_factor=3.0, settle_points=3,
       recovery=0.9, late_floor=0.5, unbounded=1000.0)
 def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
-    """The loss rises sharply or becomes NaN/Inf.
+    """The loss rises sharply, falls without bound or becomes NaN/Inf.
 
     ## What it does
     Walks the loss of the observed steps (in a Monitor run: the mean and the maximum over
