@@ -7,6 +7,7 @@ from dataclasses import replace
 from statistics import median
 from typing import Iterator, Optional
 
+from trainlint import gates
 from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import LayerTrace, ModuleFacts, RunTrace, layer_columns
 
@@ -321,6 +322,13 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     takes a model input as it is with an RMS above 10 (raw timestamps, counts), the fix is to
     standardize that input: no init keeps such values out of the tails.
 
+    An ``nn.LSTM``'s gates are fused inside it: its forget gates are estimated from its
+    weights and its observed input at the first observed step (each unit's forget bias plus
+    the input's mean through its weights, against the spread its inputs and a hidden state
+    of mean square 1 give it). Where ``saturated_fraction`` of the units sit below 0.05 even
+    two spreads above their mean (a forget-gate bias of -5), the cell state is wiped at
+    every time step: the fix initializes those biases at 1.
+
     The model's own output is judged in a ``trainlint check`` against the targets its loss is
     given (not by a classification loss): where it comes from a sigmoid, tanh or ReLU and
     ``OUT_OF_RANGE`` (10%) or more of a regression target of its size lies beyond that
@@ -367,6 +375,12 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             fix=fix, evidence=evidence,
         )
     yield from _targets_out_of_range(trace)
+    for name, (share, bias, spread) in trace.forget_gates.items():
+        if share >= t.saturated_fraction:
+            what, fix = gates.describe(share, bias, spread)
+            yield Hit(module=name, message=f"LSTM {name!r}: {what}", fix=fix,
+                      evidence={"closed_fraction": round(share, 4), "forget_bias": bias,
+                                "spread": spread, "threshold": t.saturated_fraction})
 
 
 # What each output activation can reach: (lowest, highest, the target's share beyond them).

@@ -201,6 +201,7 @@ class TraceBuilder:
         self.before_nonfinite: list = []
         self.inputs: dict = {}
         self.targets: dict = {}
+        self.forget_gates: dict = {}
         self.params: dict[str, ParamTrace] = {}
         self.losses: list[float] = []
         self.per_step: list[dict] = []
@@ -257,6 +258,8 @@ class TraceBuilder:
                 self._add_input(tag, value)
             elif kind == "target":
                 self._add_target(tag, value)
+            elif kind == "gates":  # an LSTM's forget gates at the first step that ran it
+                self.forget_gates.setdefault(tag[1], tuple(value.tolist()))
             elif kind == "param_finite":
                 self.param_finite = dict(zip(tag[1], value.astype(bool)))
             elif kind == "param":
@@ -544,6 +547,7 @@ class TraceBuilder:
                             update_norms=list(p.update_norms)) for p in self.params.values()],
             inputs=self._chosen_inputs(modules),
             targets=[replace(t) for t in self.targets.values()],
+            forget_gates=dict(self.forget_gates),
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
             op_sites=dict(self.op_sites),
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,

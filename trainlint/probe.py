@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from . import stats
+from . import gates, stats
 from .batch import leading_size, tensors_in
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
@@ -402,6 +402,8 @@ class Probe:
         self.input_rows: list[tuple] = []
         # (name, shape, device vector of stats.target_range) per floating-point target.
         self.target_rows: list[tuple] = []
+        # name -> (nn.LSTM, its first input's moments) of the step (gates.py).
+        self.lstm_inputs: dict = {}
         # Full reads for the exact NaN/Inf presence where no point looks: each float input of
         # a training forward ``(name, probe)``, and each output of a module with children
         # that its own code made ``(name, key of the last point observed before it, probe)``.
@@ -841,6 +843,9 @@ class Probe:
         # The probe's mode would see every tensor method called here (``dim()``, ``shape``).
         with torch._C.DisableTorchFunction():
             self._observe_output(module, args, output)
+            x = gates.lstm_input(module, args)
+            if x is not None and module not in self.lstm_inputs:
+                self.lstm_inputs[module] = gates.input_moments(x)
 
     def _observe_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         tensor = first_float_tensor(output)
@@ -1303,6 +1308,11 @@ class Probe:
         unit_groups = self._unit_groups()
         for i, (_, active) in enumerate(unit_groups):
             add(("units", i), active)
+        for module, moments in self.lstm_inputs.items():
+            closed = gates.closed_forget_gates(module, moments)
+            if closed is not None:
+                add(("gates", self.names.get(module, "")), closed)
+        self.lstm_inputs.clear()
         for i, (name, shape, value) in enumerate(self.target_rows):
             add(("target", i, name, shape), value)
         self.target_rows.clear()

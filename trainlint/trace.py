@@ -396,6 +396,9 @@ class RunTrace:
     inputs: list = field(default_factory=list)
     # TargetTrace of each floating-point target a check's loss was given (a Monitor sees none).
     targets: list = field(default_factory=list)
+    # nn.LSTM name -> (share of units whose forget gate is closed, mean forget bias, mean
+    # spread of the forget pre-activation) at the first observed step that ran it (gates.py).
+    forget_gates: dict = field(default_factory=dict)
     edges: list = field(default_factory=list)
     # ``(source node, via up to and including a RISKY_OPS op)`` -> the module whose forward
     # ran that op (a wrapper's own ``torch.log`` before its child): where NaN/Inf it made began;
