@@ -28,6 +28,7 @@ from ._graph import (
     large_input_into,
     layer_at,
     mostly_dead,
+    only_shape_ops,
     output_point,
     passed_on_by,
     predecessors,
@@ -329,11 +330,14 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     two spreads above their mean (a forget-gate bias of -5), the cell state is wiped at
     every time step: the fix initializes those biases at 1.
 
-    The model's own output is judged in a ``trainlint check`` against the targets its loss is
-    given (not by a classification loss): where it comes from a sigmoid, tanh or ReLU and
-    ``OUT_OF_RANGE`` (10%) or more of a regression target of its size lies beyond that
-    activation's range (a decoder ending in sigmoid trained on images scaled to [-1, 1]), the
-    output can only saturate toward them: the fix matches the last activation to the targets.
+    The model's own output is judged in a ``trainlint check`` against the target a comparing
+    loss (MSE, L1, smooth L1, Huber, BCE) sets it against, as the loss gets it (after the loss
+    function's masks and rescaling): where the output the loss reads comes from a sigmoid,
+    tanh or ReLU (through reshapes and pass-through modules) and ``OUT_OF_RANGE`` (10%) or
+    more of that target lies beyond the activation's range (a decoder ending in sigmoid
+    trained on images scaled to [-1, 1]), the output can only saturate toward them: the fix
+    matches the last activation to the targets. A loss that reads a mix of outputs or a
+    rescaled one is not judged.
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -393,19 +397,36 @@ OUTPUT_RANGES = {
 OUT_OF_RANGE = 0.1
 
 
+def _bounded_origin(trace: RunTrace, origin: tuple) -> Optional[LayerTrace]:
+    """The sigmoid/tanh/ReLU point a model output comes from (through reshapes and
+    pass-through modules such as ``nn.Unflatten``), or None."""
+    node, via = origin
+    for _ in range(4):
+        lt = layer_at(trace, node) if node[0] == "point" and only_shape_ops(via) else None
+        if lt is None:
+            return None
+        if lt.kind in OUTPUT_RANGES:
+            return lt
+        if passed_on_by(trace.modules.get(lt.module)) is None:
+            return None
+        feeds = sources(trace, lt.module)
+        if len(feeds) != 1:
+            return None
+        node, via = feeds[0]
+    return None
+
+
 def _targets_out_of_range(trace: RunTrace) -> Iterator[Hit]:
-    """TL102 where the model's output comes from a bounded activation and a regression target
-    of its size lies beyond that range in ``OUT_OF_RANGE`` of its values: the output can only
+    """TL102 where a comparing loss (MSE, L1, BCE...) set a model output that comes from a
+    bounded activation against a target that lies beyond that range in ``OUT_OF_RANGE`` of
+    its values, as the loss got it (after its masks and rescaling): the output can only
     saturate toward them (a decoder's sigmoid trained on images scaled to [-1, 1])."""
-    if not trace.targets or trace.loss_kind in ("cross_entropy", "nll"):
-        return
-    for lt in trace.layers:
-        if lt.kind not in OUTPUT_RANGES or not lt.shape or not is_model_output(trace, lt):
-            continue
-        span, beyond = OUTPUT_RANGES[lt.kind]
-        for tt in trace.targets[:1] if len(trace.targets) == 1 else ():  # (several: which?)
+    for tt in trace.targets:
+        lt = _bounded_origin(trace, tt.origin) if tt.origin is not None else None
+        if lt is not None:
+            span, beyond = OUTPUT_RANGES[lt.kind]
             share = beyond(tt)
-            if math.prod(tt.shape) != math.prod(lt.shape) or share < OUT_OF_RANGE:
+            if share < OUT_OF_RANGE:
                 continue
             fix = {"sigmoid": "end the model in nn.Tanh() for targets in [-1, 1], in no "
                               "activation for unbounded ones, or rescale the targets to [0, 1] "
@@ -417,7 +438,7 @@ def _targets_out_of_range(trace: RunTrace) -> Iterator[Hit]:
             yield Hit(
                 module=lt.module,
                 message=(f"the model's output comes from {lt.kind} ({lt.label}), whose range "
-                         f"is {span}, but {_fmt_pct(share)} of {tt.name!r} lie outside it "
+                         f"is {span}, but {_fmt_pct(share)} of {tt.name} lie outside it "
                          f"(min {tt.min:.3g}, max {tt.max:.3g}): the output can never reach "
                          f"them and is driven into the {lt.kind}'s flat tails"),
                 fix=fix,

@@ -45,3 +45,53 @@ def test_a_monitor_sees_no_targets_and_says_nothing_of_them() -> None:
             monitor.step(loss)
         report = monitor.report()
     assert report.trace.targets == []
+
+
+class TwoHeads(nn.Module):
+    """A regression head and a sigmoid confidence head; the loss reads the regression."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+        self.pred = nn.Linear(32, 1)
+        self.conf = nn.Sequential(nn.Linear(32, 1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        h = self.body(x)
+        return self.pred(h), self.conf(h)
+
+
+def _tl102(model: nn.Module, batch: tuple, loss_fn) -> list:  # noqa: ANN001
+    return [f.module for f in trainlint.check(model, batch, loss_fn=loss_fn).findings
+            if f.code == "TL102"]
+
+
+def test_the_target_is_judged_as_the_loss_gets_it() -> None:
+    """Labels of -1 marking missing values that the loss masks out (Tox21-style multi-task
+    BCE), 8-bit images that the loss divides by 255, and a tuple whose sigmoid head the loss
+    does not compare: each trained well (measured by the sweep); none is reported. Through a
+    pass-through module (nn.Unflatten after the sigmoid) the bounded output is still found."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 8, generator=g)
+    labels = torch.randint(0, 2, (64, 8), generator=g).float()
+    labels[torch.rand(64, 8, generator=g) < 0.3] = -1.0  # missing
+
+    def masked_bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        keep = y >= 0
+        return nn.functional.binary_cross_entropy(out[keep], y[keep])
+
+    tagger = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Sigmoid())
+    assert _tl102(tagger, (x, labels), masked_bce) == []
+    pixels = torch.randint(0, 256, (64, 8), generator=g).float()
+    decoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Sigmoid())
+    assert _tl102(decoder, (x, pixels),
+                  lambda out, y: nn.functional.binary_cross_entropy(out, y / 255)) == []
+    assert _tl102(decoder, (x, pixels), nn.functional.mse_loss) == ["3"]  # unscaled: reported
+    standardized = torch.randn(64, 1, generator=g)
+    assert _tl102(TwoHeads(), (x, standardized),
+                  lambda out, y: nn.functional.mse_loss(out[0], y)) == []
+    unflattened = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Sigmoid(),
+                                nn.Unflatten(1, (2, 4)))
+    signed = torch.rand(64, 2, 4, generator=g) * 2 - 1
+    assert _tl102(unflattened, (x, signed), nn.functional.mse_loss) == ["3"]

@@ -452,11 +452,12 @@ class TraceBuilder:
     def _add_target(self, tag: tuple, value: np.ndarray) -> None:
         """One step's range of a target tensor: the extremes over the run, the shares of the
         first step that saw it."""
-        _, _, name, shape = tag
+        _, _, name, shape, origin = tag
         low, high, below, above, far_below = value.tolist()
         current = self.targets.get(name)
         if current is None:
-            self.targets[name] = TargetTrace(name, shape, low, high, below, above, far_below)
+            self.targets[name] = TargetTrace(name, shape, low, high, below, above, far_below,
+                                             origin)
         else:
             current.min, current.max = min(current.min, low), max(current.max, high)
 

@@ -22,7 +22,7 @@ from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
-from .losswatch import LossCall, output_index, watched
+from .losswatch import LossCall, compared_output, output_index, watched
 from .probe import Probe, _model_device, compiled_inside, frozen, needs_closure
 from .report import Report, build_report
 from .state import restore, snapshot
@@ -282,9 +282,13 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             return None
         phase = "loss"
         choice = _loss_choice(loss_fn, outputs, data, notes, step)
-        loss, call = watched(choice.fn, outputs, data.targets)
+        compared: list = []
+        loss, call = watched(choice.fn, outputs, data.targets, compared)
         _validate_loss(loss)
         tensors = tensors_in(outputs)
+        found = compared_output(compared[0], tensors)
+        if found is not None:
+            probe.record_compared(*found, count=len(tensors))
         probe.loss_output_first(output_index(call, tensors) if call is not None else
                                 run["graph_output"], len(tensors))
         graph = None

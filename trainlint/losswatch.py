@@ -20,6 +20,12 @@ LOSS_FUNCTIONS = {
 }
 
 
+# Losses that compare an output with a target of its shape, value for value: the target they
+# are handed (after any mask or rescaling in the loss function) is what the output must reach.
+COMPARED_LOSSES = frozenset({F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+                             F.binary_cross_entropy})
+
+
 def loss_items(kind: str, shape: Optional[tuple]) -> Optional[int]:
     """How many items a torch loss of ``kind`` averages over an input of ``shape``: for
     cross-entropy/NLL the samples times positions of an ``(N, C, ...)`` input (1 for an
@@ -60,9 +66,18 @@ class LossWatch(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.call: Optional[LossCall] = None
+        # (the storage of the input, the target) of the first comparing loss (see
+        # COMPARED_LOSSES) given a floating-point target of the input's size.
+        self.compared: Optional[tuple] = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if self.compared is None and func in COMPARED_LOSSES:
+            x = args[0] if args else kwargs.get("input")
+            y = args[1] if len(args) > 1 else kwargs.get("target")
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and \
+                    y.is_floating_point() and y.numel() == x.numel() > 0:
+                self.compared = (_storage(x), y)
         kind = LOSS_FUNCTIONS.get(func)
         if kind is not None and args and isinstance(args[0], torch.Tensor):
             if self.call is None:
@@ -91,9 +106,24 @@ def output_index(call: Optional[LossCall], outputs: list) -> Optional[int]:
     return None
 
 
-def watched(loss_fn: Any, outputs: Any, targets: Any) -> tuple[Any, Optional[LossCall]]:
-    """``loss_fn(outputs, targets)`` and the first torch loss it called."""
+def watched(loss_fn: Any, outputs: Any, targets: Any,
+            compared: Optional[list] = None) -> tuple[Any, Optional[LossCall]]:
+    """``loss_fn(outputs, targets)`` and the first torch loss it called (``compared``: a list
+    that gets the :attr:`LossWatch.compared` of the call)."""
     watch = LossWatch()
     with watch:
         loss = loss_fn(outputs, targets)
+    if compared is not None:
+        compared.append(watch.compared)
     return loss, watch.call
+
+
+def compared_output(compared: Optional[tuple], outputs: list) -> Optional[tuple]:
+    """``(position in outputs, target)`` where the comparing loss's input is (a view of) one of
+    the model's outputs, else None (a loss that compares a mix of them, or a rescaled one)."""
+    if compared is None or compared[0] in (-1, 0):
+        return None
+    for i, t in enumerate(outputs):
+        if isinstance(t, torch.Tensor) and _storage(t) == compared[0]:
+            return i, compared[1]
+    return None

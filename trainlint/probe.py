@@ -400,7 +400,8 @@ class Probe:
         # backward; dropped at the step's end).
         self.output_nodes: list[list] = []
         self.input_rows: list[tuple] = []
-        # (name, shape, device vector of stats.target_range) per floating-point target.
+        # (name, shape, device vector of stats.target_range, the output's origin) of the
+        # target a comparing loss set a model output against.
         self.target_rows: list[tuple] = []
         # name -> (nn.LSTM, its first input's moments) of the step (gates.py).
         self.lstm_inputs: dict = {}
@@ -638,10 +639,16 @@ class Probe:
             return
         tensors = tensors_in(targets)
         for i, t in enumerate(tensors):
-            name = "targets" if len(tensors) == 1 else f"targets[{i}]"
-            self._probe_batch(name, t)
-            if t.is_floating_point() and t.numel() > 0:
-                self.target_rows.append((name, tuple(t.shape), stats.target_range(t)))
+            self._probe_batch("targets" if len(tensors) == 1 else f"targets[{i}]", t)
+
+    def record_compared(self, index: int, target: torch.Tensor, count: int) -> None:
+        """The target a comparing loss (MSE, L1, BCE...) set output ``index`` (of ``count``)
+        against: its range, with the output's origin (before the loss's output moves first)."""
+        origins = self.output_origins
+        if not self.observing or len(origins) != count or origins[index] is None:
+            return
+        self.target_rows.append(("the loss's targets", tuple(target.shape),
+                                 stats.target_range(target), origins[index]))
 
     def _probe_batch(self, name: str, t: torch.Tensor) -> None:
         """One device reduction that reads NaN when a floating-point batch tensor (a model
@@ -1313,8 +1320,8 @@ class Probe:
             if closed is not None:
                 add(("gates", self.names.get(module, "")), closed)
         self.lstm_inputs.clear()
-        for i, (name, shape, value) in enumerate(self.target_rows):
-            add(("target", i, name, shape), value)
+        for i, (name, shape, value, origin) in enumerate(self.target_rows):
+            add(("target", i, name, shape, origin), value)
         self.target_rows.clear()
         for i, (name, shape, dtype, dim, value) in enumerate(self.input_rows):
             add(("input", i, name, shape, dtype, dim), value)

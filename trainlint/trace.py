@@ -206,9 +206,10 @@ class InputTrace:
 
 @dataclass
 class TargetTrace:
-    """The range of one floating-point target tensor a check's loss was given (over the
-    observed steps): its extremes and the shares of its values below 0, above 1 and below -1
-    (what a sigmoid, tanh or ReLU output can reach)."""
+    """The range of the target a check's comparing loss (MSE, L1, BCE...) set a model output
+    against, as the loss got it (over the observed steps): its extremes and the shares of its
+    values below 0, above 1 and below -1 (what a sigmoid, tanh or ReLU output can reach), and
+    that output's origin ``(node, via)``."""
 
     name: str
     shape: tuple
@@ -217,6 +218,7 @@ class TargetTrace:
     below_zero: float
     above_one: float
     below_minus_one: float
+    origin: Optional[tuple] = None
 
 
 # Op names in ``Edge.via`` whose output has its input's shape and dim order (element-wise
@@ -394,7 +396,8 @@ class RunTrace:
     modules: dict = field(default_factory=dict)
     params: list = field(default_factory=list)
     inputs: list = field(default_factory=list)
-    # TargetTrace of each floating-point target a check's loss was given (a Monitor sees none).
+    # TargetTrace of the target a check's comparing loss set an output against (a Monitor sees
+    # none).
     targets: list = field(default_factory=list)
     # nn.LSTM name -> (share of units whose forget gate is closed, mean forget bias, mean
     # spread of the forget pre-activation) at the first observed step that ran it (gates.py).

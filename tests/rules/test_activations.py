@@ -772,21 +772,21 @@ def test_tl103_a_decay_escaped_only_at_the_end_is_reported() -> None:
     [found] = run("TL103", trace)
     assert found.evidence["step"] == 0
 
-def _ending_in(kind: str, target: TargetTrace, loss: Optional[str] = "mse") -> RunTrace:
-    """A Linear, then ``kind`` as the model's output (8, 16), trained toward ``target``."""
+def _ending_in(kind: str, target: TargetTrace, via: tuple = ()) -> RunTrace:
+    """A Linear, then ``kind`` as the model's output (8, 16), which a comparing loss set
+    against ``target`` (read through ``via``)."""
     head = point("head", "Linear", 0)
     last = point("out", kind.capitalize(), 1, kind=kind)
-    last.shape = (8, 16)
+    target.origin = (last.node, via)
     return RunTrace(layers=[head, last], modules={"head": facts("head", "Linear"),
                                                   "out": facts("out", kind.capitalize())},
                     edges=[Edge(head.node, ("module", "out"))], output_ops=((last.node, ()),),
-                    targets=[target], loss_kind=loss)
+                    targets=[target], loss_kind="mse")
 
 
-def _target(below: float = 0.0, above: float = 0.0, far: float = 0.0,
-            shape: tuple = (8, 16)) -> TargetTrace:
-    return TargetTrace("targets", shape, -1.0 if below else 0.0, 2.0 if above else 1.0,
-                       below, above, far)
+def _target(below: float = 0.0, above: float = 0.0, far: float = 0.0) -> TargetTrace:
+    return TargetTrace("the loss's targets", (8, 16), -1.0 if below else 0.0,
+                       2.0 if above else 1.0, below, above, far)
 
 
 @pytest.mark.parametrize("share, fires", [(OUT_OF_RANGE * 0.99, False),
@@ -807,16 +807,13 @@ def test_tl102_output_activation_that_cannot_reach_the_targets(share: float,
         assert "nn.Tanh()" in found.fix
 
 
-def test_tl102_output_range_needs_a_regression_target_of_the_outputs_size() -> None:
-    outside = _target(below=0.5)
-    assert run("TL102", _ending_in("sigmoid", outside, loss="cross_entropy")) == []
-    assert run("TL102", _ending_in("sigmoid", _target(below=0.5, shape=(8,)))) == []
-    two = _ending_in("sigmoid", outside)
-    two.targets = [outside, replace(outside, name="targets[1]")]  # which one the loss reads?
-    assert run("TL102", two) == []
-    hidden = _ending_in("sigmoid", outside)
-    hidden.output_ops = ()  # not the model's output
-    assert run("TL102", hidden) == []
+def test_tl102_output_range_needs_the_loss_to_read_the_bounded_output_as_it_is() -> None:
+    """A loss reading ``out * 2 - 1`` (or a blend of outputs) compares something else."""
+    assert run("TL102", _ending_in("sigmoid", _target(below=0.5), via=("mul", "sub"))) == []
+    assert run("TL102", _ending_in("sigmoid", _target(below=0.5), via=("view",)))
+    unread = _ending_in("sigmoid", _target(below=0.5))
+    unread.targets[0].origin = None  # the loss read no output as it is
+    assert run("TL102", unread) == []
 
 
 def _codebook_trace(scales: list, lookup: float, after: int = 2,
