@@ -35,6 +35,7 @@ from ._graph import (
     quiet_branches,
     sources,
 )
+from .gradients import firing
 
 FP16_MAX = 65504.0
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -869,7 +870,9 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         peak = max(abs(act.min), abs(act.max))
         if math.isfinite(peak) and peak >= limit:
             raw = large_input_into(trace, lt.module) if lt.op == "output" else None
-            grown = _grown_in_training(trace, lt)
+            grown = _grown_in_training(trace, lt, peak, limit)
+            if grown is not None and firing(trace, ("TL301",)):
+                grown = None  # a weight's init is off the scale its fan-in calls for: the init
             if grown is not None:
                 (first_step, first), (step, later) = grown
                 fix = (f"the magnitudes came with training (RMS {first:.3g} at step "
@@ -903,9 +906,12 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 GREW = 10.0
 
 
-def _grown_in_training(trace: RunTrace, lt: LayerTrace) -> Optional[tuple]:
+def _grown_in_training(trace: RunTrace, lt: LayerTrace, peak: float,
+                       limit: float) -> Optional[tuple]:
     """``((first step, its RMS), (a later step, its RMS))`` where the layer's RMS at a later
-    observed step is past ``GREW`` x its RMS at the first (finite ones only), else None."""
+    observed step is past ``GREW`` x its RMS at the first (finite ones only), and the first
+    step's peak, taken as the run's ``peak`` scaled by the RMS, was below ``limit`` (a layer
+    past the limit at the first step is the init's, however it grew after), else None."""
     key = lt.node[1:]
     seen = []
     for s in trace.per_step:
@@ -918,7 +924,8 @@ def _grown_in_training(trace: RunTrace, lt: LayerTrace) -> Optional[tuple]:
     if len(seen) < 2 or seen[0][1] <= 0:
         return None
     later = max(seen[1:], key=lambda item: item[1])
-    return (seen[0], later) if later[1] > GREW * seen[0][1] else None
+    first_peak = peak * seen[0][1] / later[1]
+    return (seen[0], later) if later[1] > GREW * seen[0][1] and first_peak < limit else None
 
 
 @rule("TL105", "sigmoid-hidden-activation", "info")

@@ -95,3 +95,4 @@ def test_the_target_is_judged_as_the_loss_gets_it() -> None:
                                 nn.Unflatten(1, (2, 4)))
     signed = torch.rand(64, 2, 4, generator=g) * 2 - 1
     assert _tl102(unflattened, (x, signed), nn.functional.mse_loss) == ["3"]
+

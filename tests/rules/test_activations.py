@@ -973,6 +973,23 @@ def test_tl104_fp16_range_reached_in_training_points_at_the_learning_rate(growth
     assert ("fix that first (TL104" in rate.fix) is not grew
 
 
+@pytest.mark.parametrize("start, init", [(0.9, False), (1.1, True)])
+def test_tl104_fp16_range_already_reached_at_the_first_step_is_the_inits(start, init) -> None:
+    """An MLP at normal(std=1): its output peaked at 2.45e4 at step 0, past the bound, and
+    grew 19x after; cutting the rate 10-100x with clipping left CE at 8.6e3, the default init
+    reached 1.96 (measured). The first step's peak is the run's scaled by the RMS; past the
+    bound there, the fix is the init."""
+    few = RULES["TL104"].defaults["min_layers"] - 1
+    limit = RULES["TL104"].defaults["fp16_fraction"] * FP16_MAX
+    growth = GREW * 2
+    t = depth_trace([1.0] * few, kind="relu")
+    t.layers[2].activation = act(1.0, peak=limit * growth * start)
+    with_steps(t, [1.0] * few, [growth] * few)
+    [found] = run("TL104", t)
+    assert found.evidence["grew_in_training"] is not init
+    assert ("rescale the layer's init" in found.fix) is init
+
+
 def test_tl104_threshold_override() -> None:
     r = RULES["TL104"].defaults["max_ratio"]
     trace = depth_trace(profile("TL104", r / 2), kind="relu")
