@@ -185,6 +185,9 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 evidence={"params": len(trainable), "observed_steps": trace.observed_steps},
             )
             return
+        if trace.mode == "check":
+            raise Skip("the backward reached the layers, but no parameter kept its .grad (an "
+                       "optimizer fused into the backward, or a hook that clears them)")
         raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
                    "after optimizer.step() and before zero_grad())")
     unrouted = unrouted_experts(trace)
