@@ -335,7 +335,9 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     loss (MSE, L1, smooth L1, Huber, BCE) sets it against, as the loss gets it (after the loss
     function's masks and rescaling): where the output the loss reads comes from a sigmoid,
     tanh or ReLU (through reshapes and pass-through modules) and ``OUT_OF_RANGE`` (10%) or
-    more of that target lies beyond the activation's range (a decoder ending in sigmoid
+    more of that target lies beyond the activation's range, by ``OUT_OF_REACH`` (25%) of the
+    targets' span or more (noise around a bound is no mismatch), under a loss that reduces
+    (``reduction='none'`` is masked or weighted after) (a decoder ending in sigmoid
     trained on images scaled to [-1, 1]), the output can only saturate toward them: the fix
     matches the last activation to the targets. A loss that reads a mix of outputs or a
     rescaled one is not judged.
@@ -390,12 +392,17 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 # What each output activation can reach: (lowest, highest, the target's share beyond them).
 OUTPUT_RANGES = {
-    "sigmoid": ("(0, 1)", lambda tt: tt.below_zero + tt.above_one),
-    "tanh": ("(-1, 1)", lambda tt: tt.below_minus_one + tt.above_one),
-    "relu": ("[0, inf)", lambda tt: tt.below_zero),
+    "sigmoid": ("(0, 1)", lambda tt: tt.below_zero + tt.above_one,
+                lambda tt: max(-tt.min, tt.max - 1)),
+    "tanh": ("(-1, 1)", lambda tt: tt.below_minus_one + tt.above_one,
+             lambda tt: max(-1 - tt.min, tt.max - 1)),
+    "relu": ("[0, inf)", lambda tt: tt.below_zero, lambda tt: -tt.min),
 }
-# A target with at least this share of its values beyond the output's range (TL102).
+# A target with at least this share of its values beyond the output's range (TL102)...
 OUT_OF_RANGE = 0.1
+# ...reaching beyond it by at least this share of the targets' own span (noise around a
+# bound, a ReLU head on relu(f(x)) + noise, is no mismatch).
+OUT_OF_REACH = 0.25
 
 
 def _bounded_origin(trace: RunTrace, origin: tuple) -> Optional[LayerTrace]:
@@ -425,9 +432,9 @@ def _targets_out_of_range(trace: RunTrace) -> Iterator[Hit]:
     for tt in trace.targets:
         lt = _bounded_origin(trace, tt.origin) if tt.origin is not None else None
         if lt is not None:
-            span, beyond = OUTPUT_RANGES[lt.kind]
+            span, beyond, reach = OUTPUT_RANGES[lt.kind]
             share = beyond(tt)
-            if share < OUT_OF_RANGE:
+            if share < OUT_OF_RANGE or reach(tt) < OUT_OF_REACH * (tt.max - tt.min):
                 continue
             fix = {"sigmoid": "end the model in nn.Tanh() for targets in [-1, 1], in no "
                               "activation for unbounded ones, or rescale the targets to [0, 1] "
@@ -871,8 +878,9 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if math.isfinite(peak) and peak >= limit:
             raw = large_input_into(trace, lt.module) if lt.op == "output" else None
             grown = _grown_in_training(trace, lt, peak, limit)
-            if grown is not None and firing(trace, ("TL301",)):
-                grown = None  # a weight's init is off the scale its fan-in calls for: the init
+            if grown is not None and firing(trace, ("TL301",),
+                                            lambda hit: hit.evidence.get("ratio", 0) > 1):
+                grown = None  # weights initialized larger than their fan-in calls for: the init
             if grown is not None:
                 (first_step, first), (step, later) = grown
                 fix = (f"the magnitudes came with training (RMS {first:.3g} at step "

@@ -91,6 +91,21 @@ def test_the_target_is_judged_as_the_loss_gets_it() -> None:
     standardized = torch.randn(64, 1, generator=g)
     assert _tl102(TwoHeads(), (x, standardized),
                   lambda out, y: nn.functional.mse_loss(out[0], y)) == []
+    pads = torch.rand(64, 8, generator=g)
+    pads[:, 5:] = -100.0  # padding, masked after an elementwise loss
+
+    def padded_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        keep = (y != -100).float()
+        return (nn.functional.mse_loss(out, y, reduction="none") * keep).sum() / keep.sum()
+
+    assert _tl102(tagger, (x, pads), padded_mse) == []
+    signed_codes = torch.rand(64, 8, generator=g) * 2 - 1
+
+    def with_a_batch_term(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.1 * nn.functional.mse_loss(out.mean(0), y.mean(0)) + \
+            nn.functional.mse_loss(out, y)
+
+    assert _tl102(decoder, (x, signed_codes), with_a_batch_term) == ["3"]  # the second call
     unflattened = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Sigmoid(),
                                 nn.Unflatten(1, (2, 4)))
     signed = torch.rand(64, 2, 4, generator=g) * 2 - 1

@@ -286,7 +286,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         loss, call = watched(choice.fn, outputs, data.targets, compared)
         _validate_loss(loss)
         tensors = tensors_in(outputs)
-        found = compared_output(compared[0], tensors)
+        found = compared_output(compared, tensors)
         if found is not None:
             probe.record_compared(*found, count=len(tensors))
         probe.loss_output_first(output_index(call, tensors) if call is not None else

@@ -66,18 +66,14 @@ class LossWatch(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.call: Optional[LossCall] = None
-        # (the storage of the input, the target) of the first comparing loss (see
-        # COMPARED_LOSSES) given a floating-point target of the input's size.
-        self.compared: Optional[tuple] = None
+        # (the storage of the input, the target) of each comparing loss (see
+        # COMPARED_LOSSES) given a floating-point target of the input's size, in call order.
+        self.compared: list = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if self.compared is None and func in COMPARED_LOSSES:
-            x = args[0] if args else kwargs.get("input")
-            y = args[1] if len(args) > 1 else kwargs.get("target")
-            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and \
-                    y.is_floating_point() and y.numel() == x.numel() > 0:
-                self.compared = (_storage(x), y)
+        if func in COMPARED_LOSSES:
+            _compare(self, args, kwargs)
         kind = LOSS_FUNCTIONS.get(func)
         if kind is not None and args and isinstance(args[0], torch.Tensor):
             if self.call is None:
@@ -87,6 +83,19 @@ class LossWatch(TorchFunctionMode):
             else:
                 self.call = replace(self.call, calls=self.call.calls + 1)
         return func(*args, **kwargs)
+
+
+def _compare(watch: LossWatch, args: tuple, kwargs: dict) -> None:
+    """Note a comparing loss's input and target (the first that reads a model output decides:
+    each is kept until one does; one with ``reduction='none'`` is masked or weighted after,
+    so it is left out)."""
+    x = args[0] if args else kwargs.get("input")
+    y = args[1] if len(args) > 1 else kwargs.get("target")
+    if kwargs.get("reduction", "mean") == "none" or not (
+            isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+            and y.is_floating_point() and y.numel() == x.numel() > 0):
+        return
+    watch.compared.append((_storage(x), y))
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -114,16 +123,16 @@ def watched(loss_fn: Any, outputs: Any, targets: Any,
     with watch:
         loss = loss_fn(outputs, targets)
     if compared is not None:
-        compared.append(watch.compared)
+        compared.extend(watch.compared)
     return loss, watch.call
 
 
-def compared_output(compared: Optional[tuple], outputs: list) -> Optional[tuple]:
-    """``(position in outputs, target)`` where the comparing loss's input is (a view of) one of
-    the model's outputs, else None (a loss that compares a mix of them, or a rescaled one)."""
-    if compared is None or compared[0] in (-1, 0):
-        return None
-    for i, t in enumerate(outputs):
-        if isinstance(t, torch.Tensor) and _storage(t) == compared[0]:
-            return i, compared[1]
+def compared_output(compared: list, outputs: list) -> Optional[tuple]:
+    """``(position in outputs, target)`` of the first comparing loss whose input is (a view
+    of) one of the model's outputs, else None (losses that compare a mix of them, a rescaled
+    one, a mean over the batch)."""
+    storages = {_storage(t): i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)}
+    for storage, target in compared:
+        if storage not in (-1, 0) and storage in storages:
+            return storages[storage], target
     return None
