@@ -7,9 +7,14 @@ from dataclasses import replace
 from statistics import median
 from typing import Iterator, Optional
 
-from trainlint import gates
 from trainlint.engine import Hit, Thresholds, rule
-from trainlint.trace import LayerTrace, ModuleFacts, RunTrace, layer_columns
+from trainlint.trace import (
+    FORGET_GATE_CLOSED,
+    LayerTrace,
+    ModuleFacts,
+    RunTrace,
+    layer_columns,
+)
 
 from ._graph import (
     FUNCTIONAL_DROPOUT,
@@ -336,11 +341,11 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     function's masks and rescaling): where the output the loss reads comes from a sigmoid,
     tanh or ReLU (through reshapes and pass-through modules) and ``OUT_OF_RANGE`` (10%) or
     more of that target lies beyond the activation's range, by ``OUT_OF_REACH`` (25%) of the
-    targets' span or more (noise around a bound is no mismatch), under a loss that reduces
-    (``reduction='none'`` is masked or weighted after) (a decoder ending in sigmoid
-    trained on images scaled to [-1, 1]), the output can only saturate toward them: the fix
-    matches the last activation to the targets. A loss that reads a mix of outputs or a
-    rescaled one is not judged.
+    targets' span or more (noise around a bound is no mismatch), the output can only
+    saturate toward them (a decoder ending in sigmoid trained on images scaled to [-1, 1]):
+    the fix matches the last activation to the targets. A loss that reads a mix of outputs
+    or a rescaled one is not judged, nor one with ``reduction='none'`` (masked or weighted
+    after).
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -384,13 +389,21 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     yield from _targets_out_of_range(trace)
     for name, (share, bias, spread) in trace.forget_gates.items():
         if share >= t.saturated_fraction:
-            what, fix = gates.describe(share, bias, spread)
-            yield Hit(module=name, message=f"LSTM {name!r}: {what}", fix=fix,
-                      evidence={"closed_fraction": round(share, 4), "forget_bias": bias,
-                                "spread": spread, "threshold": t.saturated_fraction})
+            yield Hit(
+                module=name,
+                message=(f"LSTM {name!r}: {share:.0%} of its units have forget gates below "
+                         f"{FORGET_GATE_CLOSED:g} (sigmoid of a bias of {bias:.3g} against a "
+                         f"spread of +-{spread:.2g} from its inputs): the cell state is wiped "
+                         "at every time step, so nothing is remembered beyond one step"),
+                fix=("initialize the forget-gate biases at 1 (each layer's bias_ih[H:2H] = 1 "
+                     "and bias_hh[H:2H] = 0, H = hidden_size; PyTorch orders the gates input, "
+                     "forget, cell, output), so the cell keeps its state at first"),
+                evidence={"closed_fraction": round(share, 4), "forget_bias": bias,
+                          "spread": spread, "threshold": t.saturated_fraction})
 
 
-# What each output activation can reach: (lowest, highest, the target's share beyond them).
+# Per output activation: (its range as text, the target's share beyond it, how far beyond it
+# the target reaches).
 OUTPUT_RANGES = {
     "sigmoid": ("(0, 1)", lambda tt: tt.below_zero + tt.above_one,
                 lambda tt: max(-tt.min, tt.max - 1)),
@@ -431,30 +444,32 @@ def _targets_out_of_range(trace: RunTrace) -> Iterator[Hit]:
     saturate toward them (a decoder's sigmoid trained on images scaled to [-1, 1])."""
     for tt in trace.targets:
         lt = _bounded_origin(trace, tt.origin) if tt.origin is not None else None
-        if lt is not None:
-            span, beyond, reach = OUTPUT_RANGES[lt.kind]
-            share = beyond(tt)
-            if share < OUT_OF_RANGE or reach(tt) < OUT_OF_REACH * (tt.max - tt.min):
-                continue
-            fix = {"sigmoid": "end the model in nn.Tanh() for targets in [-1, 1], in no "
-                              "activation for unbounded ones, or rescale the targets to [0, 1] "
-                              "((y + 1) / 2 for [-1, 1])",
-                   "tanh": "drop the final tanh for targets beyond [-1, 1] (or rescale the "
-                           "targets into it)",
-                   "relu": "drop the final ReLU: the targets go below 0 (a ReLU output there "
-                           "is 0 with no gradient)"}[lt.kind]
-            yield Hit(
-                module=lt.module,
-                message=(f"the model's output comes from {lt.kind} ({lt.label}), whose range "
-                         f"is {span}, but {_fmt_pct(share)} of {tt.name} lie outside it "
-                         f"(min {tt.min:.3g}, max {tt.max:.3g}): the output can never reach "
-                         f"them and is driven into the {lt.kind}'s flat tails"),
-                fix=fix,
-                evidence={"output_op": lt.kind, "target": tt.name, "outside": round(share, 4),
-                          "target_min": tt.min, "target_max": tt.max,
-                          "threshold": OUT_OF_RANGE},
-            )
-            return
+        if lt is None:
+            continue
+        span, beyond, reach = OUTPUT_RANGES[lt.kind]
+        share = beyond(tt)
+        if share < OUT_OF_RANGE or reach(tt) < OUT_OF_REACH * (tt.max - tt.min):
+            continue
+        yield Hit(
+            module=lt.module,
+            message=(f"the model's output comes from {lt.kind} ({lt.label}), whose range is "
+                     f"{span}, but {_fmt_pct(share)} of {tt.name} lie outside it (min "
+                     f"{tt.min:.3g}, max {tt.max:.3g}): the output can never reach them and is "
+                     f"driven into the {lt.kind}'s flat tails"),
+            fix=RANGE_FIXES[lt.kind],
+            evidence={"output_op": lt.kind, "target": tt.name, "outside": round(share, 4),
+                      "target_min": tt.min, "target_max": tt.max, "threshold": OUT_OF_RANGE},
+        )
+        return
+
+
+RANGE_FIXES = {
+    "sigmoid": "end the model in nn.Tanh() for targets in [-1, 1], in no activation for "
+               "unbounded ones, or rescale the targets to [0, 1] ((y + 1) / 2 for [-1, 1])",
+    "tanh": "drop the final tanh for targets beyond [-1, 1] (or rescale the targets into it)",
+    "relu": "drop the final ReLU: the targets go below 0 (a ReLU output there is 0 with no "
+            "gradient)",
+}
 
 
 def _is_gate(trace: RunTrace, lt: LayerTrace) -> bool:

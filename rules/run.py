@@ -467,23 +467,16 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     levels = [(curve[i][0], m) for i, m in zip(ends, medians)]
     start = levels[0][1]
     size = max(abs(curve[0][1]), abs(start), 1.0)
-    # Far below its start and still falling by an order of magnitude over its last third (a
-    # likelihood that converges far below 0, a summed Gaussian NLL, levels off).
-    fallen = levels[-1] if len(levels) >= 3 else None
-    earlier = levels[len(levels) - 1 - max(1, len(levels) // 3)][1] if len(levels) >= 3 else 0.0
-    if fallen is not None and not (fallen[1] < -t.unbounded * size and (
-            fallen[1] < STILL_FALLING * min(earlier, -size) or fallen[1] < -FAR_BELOW * size)):
-        fallen = None
+    fallen = _fallen_without_bound(levels, size, t.unbounded)
     if fallen is not None:
         of = f" (the median of the {k} points up to it)" if k > 1 else ""
         yield Hit(
             module="",
             message=(f"the loss falls without bound: {fallen[1]:.4g} at step {fallen[0]}{of}, "
                      f"below -{t.unbounded:g}× the size of its start ({size:.4g}): a loss "
-                     "with a floor "
-                     "does not; a term enters with the wrong sign (a KL divergence or a "
-                     "log-likelihood subtracted where it is added), or a likelihood whose "
-                     "scale may shrink without limit"),
+                     "with a floor does not; a term enters with the wrong sign (a KL "
+                     "divergence or a log-likelihood subtracted where it is added), or a "
+                     "likelihood whose scale may shrink without limit"),
             fix=("check the sign of every term of the loss: a KL divergence is >= 0 and is "
                  "added, a negative log-likelihood is -log p; give a learned variance or "
                  "scale a floor (e.g. softplus(x) + 1e-3); NLLLoss takes log-probabilities "
@@ -551,6 +544,21 @@ INIT_NEAR_CHANCE = 0.5
 # (TL604): one batch of a batch-1 regression (chi-square, one degree) is below 1/100 of the
 # mean loss about once in 12 runs.
 FIRST_NOISE = 0.5
+
+
+def _fallen_without_bound(levels: list, size: float, unbounded: float) -> Optional[tuple]:
+    """The last ``(step, level)`` where it is below ``-unbounded`` x ``size`` and either still
+    fell ``STILL_FALLING``-fold over the last third of the levels or is ``FAR_BELOW`` x
+    ``size`` below 0 (a likelihood that converges far below 0, a summed Gaussian NLL, levels
+    off), else None."""
+    if len(levels) < 3:
+        return None
+    step, last = levels[-1]
+    earlier = levels[len(levels) - 1 - max(1, len(levels) // 3)][1]
+    if last < -unbounded * size and (last < STILL_FALLING * min(earlier, -size)
+                                     or last < -FAR_BELOW * size):
+        return step, last
+    return None
 
 
 def noise_window(losses: list) -> int:

@@ -99,6 +99,11 @@ def changed_between(p: ParamTrace) -> bool:
     return _changed(list(p.norms_before))
 
 
+# Observed steps (of several) at which a parameter no optimizer holds must change outside the
+# forward to count as updated by the user's code: a clip of every weight changes it once.
+MOVED_STEPS = 2
+
+
 def updated_elsewhere(p: ParamTrace) -> bool:
     """Whether no optimizer stepped the parameter at the observed steps, yet the user's code
     updates it (a BYOL/MoCo target kept as an exponential moving average of the online
@@ -106,7 +111,7 @@ def updated_elsewhere(p: ParamTrace) -> bool:
     to the last, or its values changed outside the forward within the one observed step, or
     within two of several (a clip of every weight in the loop changes them once)."""
     return not p.norms_before and (
-        0 < min(2, p.outside_checks) <= p.moved_outside
+        0 < min(MOVED_STEPS, p.outside_checks) <= p.moved_outside
         or (p.first_norm is not None and _changed([p.first_norm, p.norm])))
 
 

@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
-# A forget gate below this (sigma(x) < 0.05) keeps less than 5% of the cell state a step.
-CLOSED = 0.05
+from .trace import FORGET_GATE_CLOSED as CLOSED
+
 # How far above its mean a unit's pre-activation is taken (spreads): at two, 98% of a normal
 # pre-activation lies below.
 SPREADS = 2.0
+_LOGIT_CLOSED = math.log(CLOSED / (1 - CLOSED))
 
 
 def lstm_input(module: nn.Module, args: tuple) -> Optional[torch.Tensor]:
@@ -68,15 +69,3 @@ def closed_forget_gates(module: nn.LSTM, moments: tuple) -> Optional[torch.Tenso
     return torch.stack([torch.cat(closed).mean(), torch.cat(biases).mean(),
                         torch.cat(spreads).mean()])
 
-
-_LOGIT_CLOSED = math.log(CLOSED / (1 - CLOSED))
-
-
-def describe(share: float, bias: float, spread: float) -> tuple[str, str]:
-    """TL102's message tail and fix for an LSTM with closed forget gates."""
-    return (f"{share:.0%} of its units have forget gates below {CLOSED:g} (sigmoid of a bias of "
-            f"{bias:.3g} against a spread of +-{spread:.2g} from its inputs): the cell state is "
-            "wiped at every time step, so nothing is remembered beyond one step",
-            "initialize the forget-gate biases at 1 (each layer's bias_ih[H:2H] = 1 and "
-            "bias_hh[H:2H] = 0, H = hidden_size; PyTorch orders the gates input, forget, cell, "
-            "output), so the cell keeps its state at first")

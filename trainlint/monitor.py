@@ -415,17 +415,19 @@ class Monitor:
         return build_report(trace, self.selection, notes=notes)
 
     def _loss_tail(self) -> Optional[dict]:
-        """The mean and max of the losses after the last observed step (read at the report,
-        its one sync; left in the window for the next observed step), so the report's loss
+        """The mean, max and min of the losses after the last observed step (read at the report,
+        one copy; left in the window for the next observed step), so the report's loss
         curve reaches the last step: a loss that became NaN since is not missed. On one
         process only (each rank has its own losses; the report is the same on all)."""
         self._fold_losses()
         if not self._loss_count or self._loss_sum is None or self.world_size > 1:
             return None
-        mean = float((self._loss_sum / self._loss_count).reshape(-1)[0])
-        return {"step": self.steps_seen - 1, "loss_mean": mean,
-                "loss_max": float(self._loss_max.reshape(-1)[0]),
-                "loss_min": float(self._loss_min.reshape(-1)[0])}
+        device = self._loss_sum.device
+        mean, top, bottom = torch.cat([self._loss_sum / self._loss_count,
+                                       self._loss_max.to(device),
+                                       self._loss_min.to(device)]).tolist()
+        return {"step": self.steps_seen - 1, "loss_mean": mean, "loss_max": top,
+                "loss_min": bottom}
 
     def read_loss(self, loss: Any) -> None:
         """Read what an observed step's loss computes off its autograd graph (once; before

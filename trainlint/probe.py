@@ -403,7 +403,7 @@ class Probe:
         # (name, shape, device vector of stats.target_range, the output's origin) of the
         # target a comparing loss set a model output against.
         self.target_rows: list[tuple] = []
-        # name -> (nn.LSTM, its first input's moments) of the step (gates.py).
+        # nn.LSTM -> the moments of its first input in the step (gates.py).
         self.lstm_inputs: dict = {}
         # Full reads for the exact NaN/Inf presence where no point looks: each float input of
         # a training forward ``(name, probe)``, and each output of a module with children
@@ -560,13 +560,14 @@ class Probe:
                  if p.requires_grad and id(p) not in held and strided(p)]
         if not named:
             return None
-        return named, _fingerprints([p for _, p in named], _model_device(self.model))
+        return named, self._fingerprints_of(named)
 
     def _outside_now(self) -> Optional[torch.Tensor]:
         """The fingerprints of the parameters no optimizer holds, now (None: none)."""
-        if self.outside is None:
-            return None
-        return _fingerprints([p for _, p in self.outside[0]], _model_device(self.model))
+        return None if self.outside is None else self._fingerprints_of(self.outside[0])
+
+    def _fingerprints_of(self, named: list) -> torch.Tensor:
+        return _fingerprints([p for _, p in named], _model_device(self.model))
 
     def end_step(self, keep_hooks: bool = False) -> None:
         """Stop observing: take the hooks off (``keep_hooks``: leave the module and optimizer
@@ -1335,7 +1336,7 @@ class Probe:
                 add((tag,), _stack([entry[-1] for entry in probes], device))
         if self.outside is not None:
             outside, start = self.outside
-            now = _fingerprints([p for _, p in outside], device)
+            now = self._outside_now()
             before, after = self.outside_forward
             # Changed outside the forward: before it (or with no forward seen, at all), or
             # after it.

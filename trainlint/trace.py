@@ -14,6 +14,9 @@ RELU_FAMILY = "relu"
 # whose per-sample gradient is bounded (``RunTrace.loss_kind``).
 CLASSIFICATION_LOSSES = ("cross_entropy", "nll", "bce_with_logits")
 SATURATING_FAMILY = ("tanh", "sigmoid")
+# An LSTM forget gate below this keeps less than 5% of the cell state a step: the probe counts
+# units whose estimated forget gate stays below it (``RunTrace.forget_gates``).
+FORGET_GATE_CLOSED = 0.05
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from trainlint.rules import wiring
-from trainlint.rules.wiring import CHANGE
+from trainlint.rules.wiring import CHANGE, MOVED_STEPS
 
 from tests.rules.tracekit import hits, module, param, point, trace
 from trainlint.engine import Skip
@@ -241,13 +241,14 @@ def test_tl505_tl506_a_moving_average_target_is_updated_elsewhere(moved, fires):
         assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
 
 
-@pytest.mark.parametrize("checks, moved, fires", [(1, 1, False), (1, 0, True), (5, 2, False),
-                                                   (5, 1, True), (0, 0, True)])
+@pytest.mark.parametrize("checks, moved, fires", [
+    (1, 1, False), (1, 0, True), (5, MOVED_STEPS, False), (5, MOVED_STEPS - 1, True),
+    (0, 0, True)])
 def test_tl505_tl506_a_target_seen_moving_within_observed_steps(checks, moved, fires):
     """The first and last norms agree (one observed step, or a change undone), but the probe
     saw the values change outside the forward within observed steps: at the only one, or at
-    two or more (a WGAN-style clip of every weight in the loop changes a forgotten layer once:
-    still reported)."""
+    ``MOVED_STEPS`` or more (a WGAN-style clip of every weight in the loop changes a forgotten
+    layer once: still reported)."""
     target = {"in_optimizer": False, "grad_steps": 0, "grad_norm": None}
     params = _params() + [param("target.weight", (4, 4), **target)]
     params[-1].first_norm = params[-1].norm = 3.0
