@@ -40,7 +40,7 @@ from ._graph import (
     quiet_branches,
     sources,
 )
-from .gradients import firing
+from .gradients import UNBOUNDED_FIRST, firing, loss_unbounded
 
 FP16_MAX = 65504.0
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -851,7 +851,8 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Kaiming/Xavier initialization matched to the nonlinearity, normalization layers, and a
     lower learning rate. When the profile was within the threshold at the first observed step
     and grew past it later, training grew it: the fix named is the learning rate and gradient
-    clipping, not the init. Where BatchNorm layers with trainable parameters ran in eval mode
+    clipping, not the init; where the loss falls without bound as well (TL604), it is the
+    sign of that loss's term. Where BatchNorm layers with trainable parameters ran in eval mode
     during training (TL602), the fix is ``model.train()``.
     """
     profiles = _scale_profiles(trace, t.window, t.min_layers)
@@ -868,6 +869,8 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
                    "max_norm=1.0)); normalization layers keep the scale in check" if grew
                    else _init_fix(_dominant_nonlinearity(trace, series)))
+            if grew and loss_unbounded(trace):
+                fix = UNBOUNDED_FIRST
             if batchnorm_trained_in_eval(trace):
                 fix = EVAL_MODE_FIX
             yield Hit(
@@ -903,6 +906,8 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                        "(TL503) and clip gradients (torch.nn.utils.clip_grad_norm_("
                        "model.parameters(), max_norm=1.0)); or keep this part in "
                        "float32/bfloat16")
+                if loss_unbounded(trace):
+                    fix = UNBOUNDED_FIRST
             elif raw is None:
                 fix = ("rescale the layer's init (Kaiming/Xavier), add a normalization layer "
                        "before it, or keep this part in float32/bfloat16")

@@ -363,9 +363,12 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     every gradient scales with it (targets ~500, as in house prices, give ~1e3). When the
     outputs themselves start at least ``OUTPUT_SHARE`` (half) of that distance off, the
     targets are not the cause: a raw model input (RMS above ``LARGE_FEATURES``) is named
-    instead, where there is one.
+    instead, where there is one. Where the loss falls without bound (TL604), the fix is that
+    term's sign: the gradients grow with the loss, and clipping does not stop it.
     """
     fix, clip = _clip_fix(trace, t)
+    if loss_unbounded(trace):
+        fix = UNBOUNDED_FIRST
     profile = _profile(trace, t.window, t.min_layers, with_signal=True)
     if profile is not None:
         series, grads, early, late = profile
@@ -748,6 +751,18 @@ def firing(trace: RunTrace, codes: tuple,
         except Skip:
             continue
     return found
+
+
+def loss_unbounded(trace: RunTrace) -> bool:
+    """Whether TL604 finds the loss falling without bound (a term with the wrong sign): the
+    weights and gradients then grow with it, and a lower rate or clipping does not stop that."""
+    return bool(firing(trace, ("TL604",), lambda hit: bool(hit.evidence.get("unbounded"))))
+
+
+# The first words of a growth finding's fix where the loss falls without bound.
+UNBOUNDED_FIRST = ("the loss falls without bound (TL604) and this growth follows it: fix the "
+                   "sign of the loss term first (a KL divergence or a log-likelihood subtracted "
+                   "where it is added); a lower rate or clipping does not stop it")
 
 
 def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hit]:

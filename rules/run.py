@@ -482,7 +482,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  "scale a floor (e.g. softplus(x) + 1e-3); NLLLoss takes log-probabilities "
                  "(log_softmax), never raw logits"),
             evidence={"step": fallen[0], "loss": fallen[1], "start": size,
-                      "threshold": t.unbounded},
+                      "threshold": t.unbounded, "unbounded": True},
         )
         return
     if signed:  # no floor at 0: a rise relative to the level says nothing (see TL603)

@@ -936,6 +936,27 @@ def test_tl104_growth_that_came_with_training_points_at_the_learning_rate() -> N
     assert "kaiming_normal_" in from_start.fix
 
 
+@pytest.mark.parametrize("last, unbounded", [(-1010.0, True), (-990.0, False)])
+def test_tl104_growth_with_a_loss_falling_without_bound_points_at_its_sign(last, unbounded):
+    """A VAE whose KL term is subtracted: the decoder's RMS grew 1e7x with training while the
+    loss fell to -5.6e21, and the fix read 'lower the learning rate'. Measured: lr/10 still
+    reached -1.3e20, clipping -inf; the sign is the fix. Without TL604's fall without bound
+    (above -1000x the start) the rate stays the fix."""
+    r = RULES["TL104"].defaults["max_ratio"]
+    trace = depth_trace(profile("TL104", 1.0), kind="relu")
+    trace.mode = "monitor"
+    scales = [r / 2, r * 10, r * 10, r * 10]
+    trace.per_step = [
+        {"step": 50 * i, "loss_mean": loss,
+         "layers": {lt.node[1:]: {"std": v, "mean": 0.0}
+                    for lt, v in zip(trace.layers, profile("TL104", scale))}}
+        for i, (scale, loss) in enumerate(zip(scales, [1.0, 0.5, last / 20, last]))]
+    [grew] = run("TL104", trace)
+    assert grew.evidence["grew_in_training"]
+    assert ("sign of the loss term" in grew.fix) is unbounded
+    assert ("lower the learning rate (TL503)" in grew.fix) is not unbounded
+
+
 def test_tl104_fp16_range() -> None:
     frac = RULES["TL104"].defaults["fp16_fraction"]
     limit = frac * FP16_MAX
@@ -988,6 +1009,24 @@ def test_tl104_fp16_range_reached_in_training_points_at_the_learning_rate(growth
     assert ("rescale the layer's init" in found.fix) is not grew
     [rate] = run("TL503", t)
     assert ("fix that first (TL104" in rate.fix) is not grew
+
+
+@pytest.mark.parametrize("last, unbounded", [(-1010.0, True), (-990.0, False)])
+def test_tl104_fp16_range_reached_as_the_loss_falls_without_bound_points_at_its_sign(
+        last, unbounded) -> None:
+    """The float16-range branch, as the depth one: with the loss falling without bound
+    (TL604), the magnitudes follow the loss's sign, not the rate."""
+    few = RULES["TL104"].defaults["min_layers"] - 1
+    t = depth_trace([1.0] * few, kind="relu")
+    t.mode = "monitor"
+    t.layers[2].activation = act(1.0, peak=FP16_MAX * 2)
+    with_steps(t, [1.0] * few, *[[GREW * 2] * few] * 3)
+    for s, loss in zip(t.per_step, [1.0, 0.5, last / 20, last]):
+        s["loss_mean"] = loss
+    [found] = run("TL104", t)
+    assert found.evidence["grew_in_training"]
+    assert ("sign of the loss term" in found.fix) is unbounded
+    assert ("lower the learning rate" in found.fix) is not unbounded
 
 
 @pytest.mark.parametrize("start, init", [(0.9, False), (1.1, True)])

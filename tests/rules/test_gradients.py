@@ -809,3 +809,20 @@ def test_tl503_adagrads_first_steps_do_not_make_its_rate_too_high(optimizer, fir
     for p in low:
         p.optimizer = optimizer
     assert hits("TL503", trace([], params=low))
+
+
+@pytest.mark.parametrize("last, unbounded", [(-1010.0, True), (-990.0, False)])
+def test_tl502_where_the_loss_falls_without_bound_the_fix_is_its_sign(last, unbounded):
+    """A VAE whose KL term is subtracted: its gradients grow with the loss (1e24 at the
+    encoder), and the fix read 'standardize regression targets'. Measured: clipping at 1.0
+    reached -inf by step 54, lr/10 -1.3e20 at step 200; the sign is the fix. Where TL604 finds
+    no fall without bound (above -1000x the start), the usual fix stands."""
+    limit = defaults("TL502")["max_norm"]
+    per_step = steps(1.0, 0.5, last / 20, last, every=50, key="loss_mean")
+    for s in per_step:
+        s["grad_norm"] = 10 * limit
+    params = [param(f"l{i}.weight", (4, 4), grad_norm=10 * limit) for i in range(3)]
+    [found] = hits("TL502", trace([], mode="monitor", per_step=per_step, params=params,
+                                  loss_kind="mse"))
+    assert ("sign of the loss term" in found.fix) is unbounded
+    assert ("standardize regression targets" in found.fix) is not unbounded
