@@ -68,17 +68,53 @@ def unrouted_experts(trace: RunTrace) -> set:
         if lt.shape:
             for name in ancestors(lt.module):
                 rows.setdefault(name, lt.shape[0])
-    groups: dict = {}
-    for name, facts in trace.modules.items():
-        parent = name.rpartition(".")[0]
-        if name and getattr(trace.modules.get(parent), "base", "") in ("ModuleList", "ModuleDict"):
-            groups.setdefault((parent, facts.type), []).append(name)
+    groups = _member_groups(trace)
     unrouted: set = set()
     for members in groups.values():
         ran = {rows[m] for m in members if m in rows}
         if len(ran) > 1:
             unrouted.update(m for m in members if m not in rows)
     return unrouted
+
+
+# Below this chance that some member of a group of blocks skipped at random (LayerDrop) was
+# skipped at every observed step, one that was is reported as unused (TL505).
+SKIP_CHANCE = 0.01
+
+
+def _member_groups(trace: RunTrace) -> dict:
+    """Same-class members of each ``ModuleList``/``ModuleDict``: (parent, class) -> names."""
+    groups: dict = {}
+    for name, facts in trace.modules.items():
+        parent = name.rpartition(".")[0]
+        if name and getattr(trace.modules.get(parent), "base", "") in ("ModuleList", "ModuleDict"):
+            groups.setdefault((parent, facts.type), []).append(name)
+    return groups
+
+
+def skipped_at_random(trace: RunTrace, trainable: list) -> set:
+    """Blocks that got no gradient at any observed step among same-class siblings skipped at
+    some steps and not others (LayerDrop, stochastic depth that skips a whole block per
+    batch), where that could be chance: with each sibling's share of steps without a gradient
+    as the skip rate, some member of the group goes without at all ``n`` observed steps with
+    a chance of at least ``SKIP_CHANCE``."""
+    n = trace.observed_steps
+    steps: dict = {}  # member -> observed steps with a gradient at any of its parameters
+    groups = _member_groups(trace)
+    members = {m for names in groups.values() for m in names}
+    for p in trainable:
+        owner = next((a for a in ancestors(p.module) if a in members), None)
+        if owner is not None:
+            steps[owner] = max(steps.get(owner, 0), p.grad_steps)
+    skipped: set = set()
+    for names in groups.values():
+        ran = [steps[m] for m in names if steps.get(m, 0) > 0]
+        if n < 1 or not any(k < n for k in ran):
+            continue  # every sibling that ran, ran at every step: nothing is random here
+        rate = 1.0 - sum(ran) / (len(ran) * n)
+        if 1.0 - (1.0 - rate ** n) ** len(names) >= SKIP_CHANCE:
+            skipped.update(m for m in names if m in steps and steps[m] == 0)
+    return skipped
 
 
 def skips_steps(trace: RunTrace) -> bool:
@@ -145,6 +181,12 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     numbers of rows (the tokens routed to each), so one sent no token is not called at all;
     with few tokens per step (a check's batch) many are not.
 
+    Nor are blocks skipped at random (LayerDrop, stochastic depth that skips a whole block
+    per batch: ``if random() < p: continue``) that no observed step happened to run: among
+    same-class siblings of which some got a gradient at some observed steps and not others,
+    a block without any is left out while the chance that some sibling goes without at every
+    observed step, each at the siblings' measured rate, is at least ``SKIP_CHANCE`` (1%).
+
     Where the unused module ran with autograd off inside the training forward
     (``torch.no_grad()`` around it, or ``torch.utils.checkpoint(..., use_reentrant=True)`` on
     inputs that need no gradient, whose outputs then need none), the finding says so and the
@@ -195,7 +237,7 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                        "optimizer fused into the backward, or a hook that clears them)")
         raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
                    "after optimizer.step() and before zero_grad())")
-    unrouted = unrouted_experts(trace)
+    unrouted = unrouted_experts(trace) | skipped_at_random(trace, trainable)
     gaps = skips_steps(trace)
     unused = {p.name for p in trainable if p.grad_steps == 0
               and not any(a in unrouted for a in ancestors(p.module))
