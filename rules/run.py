@@ -219,10 +219,12 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     third's median by 20-30%). Where each point is one batch's loss (observed steps one
     training step apart: ``every=1``), or the points are noisy (TL604's
     :func:`noise_window`: 20 points or more, each off by over 15% of the level), it needs at
-    least 20 points, a rise from the start must clear that noise too, and a loss that barely
-    fell is judged only when the noise lets a ``min_drop`` fall show (three standard errors
-    of the thirds' medians' difference: during an AdamW warmup at batch 8, 34 single batches
-    cannot tell a 4% fall from noise). It needs at least
+    least 20 points and a rise from the start must clear that noise too. With 20 points or
+    more, whatever each is, a loss that barely fell is judged only when the noise lets a
+    ``min_drop`` fall show (three standard errors of the thirds' medians' difference: during
+    an AdamW warmup at batch 8, 34 single batches cannot tell a 4% fall from noise; at batch
+    2 and ``every=5``, 31 window means of 10 samples each read -3% for a loss that fell
+    10.6%). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. A Monitor created once training had begun (its optimizer
     already held state: a resumed checkpoint, a second phase; or its first classification
@@ -293,7 +295,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rose = change > t.min_drop and ((from_start and not noisy)
                                     or rise_beyond_noise(losses[:third], losses[-third:]))
     if rose or (from_start and not fell and not steady):
-        if not rose and noisy:
+        if not rose and (noisy or len(losses) >= NOISE_POINTS):
             blur = median_blur(losses[:third], losses[-third:])
             if first - last + blur >= t.min_drop * scale:
                 raise Skip(
