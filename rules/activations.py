@@ -346,6 +346,7 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     the fix matches the last activation to the targets. A loss that reads a mix of outputs
     or a rescaled one is not judged, nor one with ``reduction='none'`` (masked or weighted
     after).
+    A gate's fix keeps the gate (its range is its job) and re-initializes what feeds it.
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -374,6 +375,13 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"{feeder.name!r} takes it: x = (x - mean) / std with the training set's "
                    f"statistics (TL201); no init of {feeder.name!r} keeps such values out of "
                    f"the {lt.kind}'s tails")
+        elif _is_gate(trace, lt):
+            # A gate's (0, 1) or (-1, 1) range is its job: its inputs are what is off.
+            whose = f" ({feeder.name!r})" if feeder is not None else ""
+            fix = (f"keep the {lt.kind}: it gates another tensor and needs its range; bring "
+                   f"its inputs back near 0: re-initialize the weights feeding it{whose} at "
+                   f"the default or Xavier scale (nn.init.xavier_uniform_) and their biases at 0 "
+                   f"(an LSTM's forget gate at 1)")
         else:
             fix = (f"re-initialize the layer feeding it with nn.init.xavier_normal_("
                    f"layer.weight, gain=nn.init.calculate_gain('{lt.kind}')), add "
@@ -514,6 +522,30 @@ EVAL_MODE_FIX = ("the model's BatchNorm layers ran in eval mode while it trained
                  "they normalized with their running statistics, not the batch's, so nothing "
                  "kept the scale; call model.train() before the training steps (after every "
                  "validation pass)")
+
+
+def _residual_fix(trace: RunTrace) -> Optional[str]:
+    """TL104's fix where the model adds residual branches to a stream (at least two branch
+    ends): each block adds its branch at the stream's own scale, so the stream's variance
+    multiplies block after block whatever the per-layer init; None otherwise."""
+    layers = trace.ordered_layers()
+
+    def kind(lt: LayerTrace) -> tuple:  # the same place in blocks of one class
+        parent, _, leaf = lt.module.rpartition(".")
+        return getattr(trace.modules.get(parent), "type", None), leaf, lt.type, lt.op
+
+    # The data-flow graph may lose a sum now and then (paths longer than it follows): each
+    # layer in the place of a branch end it saw counts.
+    ends = {kind(lt) for lt in layers if feeds_residual_sum(trace, lt)}
+    blocks = sum(1 for lt in layers if kind(lt) in ends)
+    if blocks < 2:
+        return None
+    return (f"each of the {blocks} residual branches adds its output to the stream at about the "
+            "stream's own scale, so the stream's variance multiplies with every block (about "
+            "2x a block at Kaiming init): initialize each branch's last weight layer at "
+            f"Kaiming's std times 1/sqrt({blocks}) (x{1 / math.sqrt(blocks):.2g}), or "
+            "normalize each branch's input and the stream before the head (pre-norm: "
+            "nn.LayerNorm)")
 
 
 def _init_fix(kind: str) -> str:
@@ -851,7 +883,10 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Kaiming/Xavier initialization matched to the nonlinearity, normalization layers, and a
     lower learning rate. When the profile was within the threshold at the first observed step
     and grew past it later, training grew it: the fix named is the learning rate and gradient
-    clipping, not the init; where the loss falls without bound as well (TL604), it is the
+    clipping, not the init. In a model that adds residual branches to a stream, the fix is
+    the branches' scale (their last layer's init times 1/sqrt(blocks)) or pre-norm: a
+    30-block ``x + relu(fc(x))`` MLP still reached NaN at Kaiming init, and trained at
+    Kaiming x 1/sqrt(30). Where the loss falls without bound as well (TL604), it is the
     sign of that loss's term. Where BatchNorm layers with trainable parameters ran in eval mode
     during training (TL602), the fix is ``model.train()``.
     """
@@ -868,7 +903,7 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"{_at_step(profiles[0][0])}): lower the learning rate (TL503) and clip "
                    "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
                    "max_norm=1.0)); normalization layers keep the scale in check" if grew
-                   else _init_fix(_dominant_nonlinearity(trace, series)))
+                   else _residual_fix(trace) or _init_fix(_dominant_nonlinearity(trace, series)))
             if grew and loss_unbounded(trace):
                 fix = UNBOUNDED_FIRST
             if batchnorm_trained_in_eval(trace):

@@ -422,6 +422,12 @@ def test_tl102_skips_model_outputs_trained_gates_and_other_kinds() -> None:
     gated.mode = "check"  # from the init, where a healthy gate sits near 0.5
     [found] = run("TL102", gated)
     assert found.module == "act"
+    # A gate keeps its range: the fix is what feeds it (a hand-written GRU cell with gate
+    # weights x8 and biases in +-6 was told to use ReLU; measured: accuracy 0.63 against 0.69
+    # with Xavier and zero biases, 0.76 at the default init, no finding at either).
+    assert "keep the tanh" in found.fix and "nn.ReLU" not in found.fix
+    [plain] = run("TL102", tanh_trace(0.9))
+    assert "keep the" not in plain.fix and "nn.ReLU" in plain.fix
     relu = tanh_trace(0.9)
     relu.layers[1].kind = "relu"
     assert run("TL102", relu) == []
@@ -955,6 +961,23 @@ def test_tl104_growth_with_a_loss_falling_without_bound_points_at_its_sign(last,
     assert grew.evidence["grew_in_training"]
     assert ("sign of the loss term" in grew.fix) is unbounded
     assert ("lower the learning rate (TL503)" in grew.fix) is not unbounded
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_tl104_growth_at_init_along_a_residual_stream_names_the_branches_scale(branches):
+    """Two branch ends or more (their outputs go only into sums): the stream grows block after
+    block whatever each layer's init, so the fix is the branches' scale or pre-norm; one is no
+    stream of blocks."""
+    trace = depth_trace(profile("TL104", RULES["TL104"].defaults["max_ratio"] * 10),
+                        kind="relu")
+    ends = [lt for lt in trace.layers if lt.kind == "relu"][:branches]
+    trace.edges = [e for e in trace.edges if e.src not in {lt.node for lt in ends}]
+    trace.edges += [Edge(lt.node, ("sum", "add"), ("add",)) for lt in ends]
+    [found] = run("TL104", trace)
+    residual = branches > 1
+    assert (f"each of the {branches} residual branches" in found.fix) is residual
+    assert (f"1/sqrt({branches})" in found.fix) is residual
+    assert ("kaiming_normal_" in found.fix) is not residual
 
 
 def test_tl104_fp16_range() -> None:
