@@ -29,6 +29,7 @@ from ._graph import (
     downstream,
     feeds_dead_layer,
     feeds_norm,
+    frozen_at_zero,
     in_blocks,
     inside_attention_sublayer,
     layer_at,
@@ -115,7 +116,10 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
     ## Fix
     Kaiming/Xavier init matched to the nonlinearity; ReLU/GELU instead of sigmoid/tanh;
-    normalization layers; residual connections.
+    normalization layers; residual connections. Where the first layers' gradient is exactly
+    0 (the layer named too), the signal is cut, not faded: a factor at 0 that does not train
+    (a gate ``tanh(alpha)`` with ``alpha`` a plain tensor, not an ``nn.Parameter``; a zero
+    conv frozen by mistake), or a ``.detach()``; no init helps.
     """
     profile = _profile(trace, t.window, t.min_layers)
     if profile is None:
@@ -136,16 +140,29 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         return  # its gradient stops at dead ReLUs: TL101 names them, with its own fix
     zero = (f"; {early:.3g} is ~0 next to the {reference:.3g} at the model's output "
             f"(threshold {t.zero_ratio:g}×)" if near_zero else "")
+    fix = ("initialize weight layers with nn.init.kaiming_normal_(w, nonlinearity='relu') "
+           "(ReLU) or nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh')) (tanh); "
+           "prefer ReLU/GELU to sigmoid/tanh; add normalization layers or residual "
+           "connections")
+    frozen = frozen_at_zero(trace)
+    if early == 0 and where.grad_norm == 0 and frozen:
+        fix = (f"the gradient at {where.label} is exactly 0, not faded: "
+               f"{', '.join(repr(m) for m in frozen)} is frozen at 0 (requires_grad=False) and "
+               "multiplies everything behind it by 0; let it train (requires_grad_(True), in "
+               "the optimizer)")
+    elif early == 0 and where.grad_norm == 0:
+        fix = (f"the gradient at {where.label} is exactly 0, not faded: the backward signal is "
+               "cut on its way from the loss, and no init brings it back; look there for a "
+               "factor of exactly 0 that does not train (a gate or scale initialized at 0 but "
+               "held as a plain tensor or buffer, not an nn.Parameter; a layer at 0 frozen with "
+               "requires_grad_(False)) or a .detach()/.data/torch.no_grad()")
     yield Hit(
         module=where.module,
         message=(f"gradient norms fade toward the input: median {early:.3g} at the first "
                  f"{t.window} layers vs {late:.3g} at the last {t.window} ({ratio:.3g}×, "
                  f"threshold {t.min_ratio:g}×){zero}; going backward it first drops below the "
                  f"threshold at {where.label} ({series.index(where) + 1} of {len(series)})"),
-        fix=("initialize weight layers with nn.init.kaiming_normal_(w, nonlinearity='relu') "
-             "(ReLU) or nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh')) (tanh); "
-             "prefer ReLU/GELU to sigmoid/tanh; add normalization layers or residual "
-             "connections"),
+        fix=fix,
         evidence={"ratio": ratio, "first_grad_norm": early, "last_grad_norm": late,
                   "output_grad_norm": reference, "threshold": t.min_ratio,
                   "layers": len(series), "update_fade": moves},

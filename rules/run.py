@@ -12,7 +12,7 @@ import numpy as np
 from trainlint.engine import Hit, Skip, Thresholds, rule
 from trainlint.trace import CLASSIFICATION_LOSSES, RunTrace
 
-from .gradients import judged_params, nice_below
+from .gradients import firing, judged_params, nice_below
 
 
 def loss_points(trace: RunTrace) -> list[dict]:
@@ -340,8 +340,8 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
                      t: Thresholds) -> Optional[tuple]:
     """``(message, fix, evidence)`` when a classifier's loss stays at ln(C) while its weights
     move less than ``t.stuck_rate`` of their norm a step: a learning rate too low to learn in
-    the run (where TL503's measure is below ``t.stuck_floor``, TL503 says so). None
-    otherwise."""
+    the run (where TL503's measure is below ``t.stuck_floor``, TL503 says so), or, where TL505
+    or TL501 find gradients that do not reach the weights, those. None otherwise."""
     chance = chance_level(trace)
     rate = moved / max(steps, 1)
     # TL503's own measure (each weight's largest step, their median) below the floor: it
@@ -362,6 +362,14 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
     fix = (f"raise the learning rate, by about {nice_below(t.typical_rate / rate):g}x for "
            f"updates of ~{t.typical_rate:g} of the weights' norm a step (or shorten a warmup "
            f"that keeps it this low); then check that the loss falls")
+    cut = firing(trace, ("TL505", "TL501"))
+    if cut:  # weights without a gradient move by weight decay alone, whatever the rate
+        message = (f"; it sits at ln({classes}) = {level:.4g}, an uninformed classifier's "
+                   f"loss, while the weights move only {rate:.2g} of their norm a step: the "
+                   f"gradients do not reach them ({' and '.join(cut)})")
+        fix = (f"fix what {' and '.join(cut)} report{'s' if len(cut) == 1 else ''} first: a "
+               "weight without a gradient moves "
+               "by weight decay alone, and no learning rate changes that")
     return message, fix, {"update_rate": rate, "chance_loss": level}
 
 

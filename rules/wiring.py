@@ -13,6 +13,7 @@ from ._graph import (
     DROPOUT_TYPES,
     RNN_TYPES,
     ancestors,
+    frozen_at_zero,
     kept_in_eval,
     layer_at,
     maximal_groups,
@@ -253,9 +254,7 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                      "multiplies another that is 0 too (a product of two factors both "
                      "initialized at 0, as LoRA's A and B), so no gradient reaches either and "
                      "they never move"),
-            fix=("initialize one factor of each product randomly and keep the other at 0 "
-                 "(LoRA: nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5)), "
-                 "nn.init.zeros_(lora_B)), so the product starts at 0 yet both learn"),
+            fix=_zero_product_fix(trace),
             evidence={"params": sorted(n for names in stuck.values() for n in names),
                       "modules": sorted(stuck), "observed_steps": trace.observed_steps},
         )
@@ -330,6 +329,20 @@ def _zero_products(trace: RunTrace, trainable: list) -> dict:
             if any(n not in stuck for n in inside):
                 break
     return found
+
+
+def _zero_product_fix(trace: RunTrace) -> str:
+    """The fix for factors stuck at 0: one of each product initialized randomly, or, where a
+    layer at 0 is frozen, that layer trained: a frozen factor at 0 cuts the gradient to every
+    factor behind it, whatever their init (a ControlNet whose zero conv was frozen)."""
+    frozen = frozen_at_zero(trace)
+    if frozen:
+        return (f"let {_listed([repr(m) for m in frozen])} train (requires_grad_(True) and in "
+                "the optimizer): frozen at 0, it multiplies everything behind it by 0, so no "
+                "gradient reaches those whatever their init")
+    return ("initialize one factor of each product randomly and keep the other at 0 "
+            "(LoRA: nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5)), "
+            "nn.init.zeros_(lora_B)), so the product starts at 0 yet both learn")
 
 
 def _stuck_at_zero(trace: RunTrace, p: ParamTrace) -> bool:

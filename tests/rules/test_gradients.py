@@ -88,6 +88,30 @@ def test_tl501_exactly_zero_early_gradients_fire():
     assert hits("TL501", _depth([0.0, 0.0, 0.0, 0.5, 0.5, 0.5]))
 
 
+@pytest.mark.parametrize("early, cut", [(0.0, True), (1e-30, False)])
+def test_tl501_a_gradient_of_exactly_zero_is_cut_not_faded(early, cut):
+    """A Flamingo gate x + tanh(alpha) * dense(x) with alpha a plain tensor at 0: the
+    adapter's gradient is exactly 0 and the fix read 'kaiming_normal_'; measured, Kaiming left
+    the loss at 1.50 -> 1.52, alpha as an nn.Parameter 1.50 -> 1.09. Exactly 0 is a cut (a
+    factor at 0 that does not train); a tiny gradient is a fade, the init's."""
+    [found] = hits("TL501", _depth([early] * 3 + [0.5] * 3))
+    assert ("exactly 0, not faded" in found.fix) is cut
+    assert ("nn.Parameter" in found.fix) is cut
+    assert ("kaiming_normal_" in found.fix) is not cut
+
+
+def test_tl501_a_cut_behind_a_layer_frozen_at_zero_names_it():
+    """A ControlNet whose zero conv was frozen by mistake: the control branch's gradient is
+    exactly 0 behind it (the loss stayed at ln 10 at lr 3e-3, 3e-2 and 3e-1; measured)."""
+    frozen = [param(f"zero_out.{n}", (4,), requires_grad=False, in_optimizer=False,
+                    norm_before=0.0, grad_norm=None, grad_steps=0) for n in ("weight", "bias")]
+    [found] = hits("TL501", _depth([0.0] * 3 + [0.5] * 3, params=frozen))
+    assert "'zero_out' is frozen at 0" in found.fix
+    frozen[0].norm = 1.0  # a frozen layer that is not 0 cuts nothing
+    [other] = hits("TL501", _depth([0.0] * 3 + [0.5] * 3, params=frozen))
+    assert "zero_out" not in other.fix
+
+
 @pytest.mark.parametrize("dead, fires", [(MOSTLY_DEAD - 0.01, True), (MOSTLY_DEAD, False)])
 def test_tl501_a_gradient_stopped_by_dead_relus_is_tl101s(dead, fires):
     """A transformer's FFN with fc1's bias at -5: its ReLU is dead, so no gradient comes back

@@ -178,6 +178,22 @@ def test_tl603_a_loss_stuck_at_chance_with_weights_that_barely_move_is_reported(
     assert f"by about {gradients.nice_below(t['typical_rate'] / per_step):g}x" in found.fix
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_tl603_stuck_at_chance_with_weights_without_a_gradient_names_that(cut):
+    """A ControlNet whose zero conv was frozen: the branch's weights got no gradient and moved
+    3e-5 a step, AdamW's weight decay (lr 3e-3 x wd 0.01); TL603 said to raise the rate 20x,
+    and at 10x and 100x the loss stayed at ln(10) (measured). Where TL505 (or TL501) finds
+    weights the gradient does not reach, the fix is theirs."""
+    run = _slow_classifier(math.log(10), 0.5 * defaults("TL603")["stuck_rate"])
+    if cut:
+        run.params.append(param("branch.weight", (4, 4), grad_norm=None, grad_steps=0))
+        run.observed_steps = 9
+    [found] = hits("TL603", run)
+    assert ("raise the learning rate" in found.fix) is not cut
+    assert ("fix what TL505 reports first" in found.fix) is cut
+    assert ("the gradients do not reach them (TL505)" in found.message) is cut
+
+
 @pytest.mark.parametrize("last, fires", [(1.1, True), (0.95, False)])
 def test_tl603_stuck_at_chance_defers_only_to_what_tl503_reports(last, fires):
     """SGD with momentum at 1000x too low a rate on a wide ResNet: 1.0-1.1e-5 a step, the mean

@@ -485,3 +485,16 @@ def test_tl505_two_factors_stuck_at_zero(steps, lr, reported):
     beside = [h for h in hits("TL505", _lora(steps, lr, bias_trains=True))
               if "exactly 0" in h.message]
     assert [h.evidence["modules"] for h in beside] == ([["q"]] if reported else [])
+
+
+def test_tl505_factors_stuck_behind_a_layer_frozen_at_zero_name_that_layer():
+    """A ControlNet whose zero conv was frozen by mistake: its zero-initialized input conv
+    never gets a gradient, and the fix read 'initialize one factor randomly', which leaves
+    the branch cut; the frozen layer is the fix (unfrozen, the loss fell 2.30 -> 2.16)."""
+    t = _lora(wiring.STUCK_STEPS, 1e-3)
+    [found] = [h for h in hits("TL505", t) if "exactly 0" in h.message]
+    assert "kaiming_uniform_" in found.fix
+    t.params += [param(f"gate.{n}", (4,), requires_grad=False, in_optimizer=False,
+                       norm_before=0.0, grad_norm=None, grad_steps=0) for n in ("weight", "bias")]
+    [found] = [h for h in hits("TL505", t) if "exactly 0" in h.message]
+    assert "let 'gate' train" in found.fix and "kaiming_uniform_" not in found.fix
