@@ -878,7 +878,7 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     stale = bad.get("parameters_before") or []
     if stale:
         owner = stale[0].rsplit(".", 1)[0] if "." in stale[0] else ""
-        if step["step"] == 0 and not trace.resumed:
+        if trace.at_start(step):
             return "initial parameters", owner, (
                 f"{len(stale)} parameter(s) held NaN/Inf before the first training step "
                 f"({stale[:5]}): the model was built or loaded with them")
@@ -1096,7 +1096,7 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
             fix=_nonfinite_fix(what, module, trace, any(unsafe),
-                               first=step["step"] == 0 and not trace.resumed, masked=masked),
+                               first=trace.at_start(step), masked=masked),
             evidence={"step": step["step"], "where": what},
         )
         return

@@ -46,7 +46,7 @@ RESIDUAL_HOPS = 3
 def first_step(trace: RunTrace) -> dict:
     """The observed data of training step 0; Skip when the run was not seen from the start."""
     curve = loss_curve(trace)
-    if (not trace.per_step or trace.per_step[0]["step"] != 0 or trace.resumed
+    if (not trace.per_step or not trace.at_start(trace.per_step[0])
             or (curve and joined_later(trace, curve))):
         raise Skip("it needs the first training step (trainlint check, or a Monitor created "
                    "before training starts)")
@@ -510,7 +510,7 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    "model's output (a margin or a scale: ArcFace, a temperature), not the "
                    "output itself: its first value is that function's, not the model's")
     first = next((s for s in trace.per_step if s.get("loss") is not None), None)
-    if first is None or first["step"] != 0 or trace.resumed or not math.isfinite(first["loss"]):
+    if first is None or not trace.at_start(first) or not math.isfinite(first["loss"]):
         return
     tuned = _fine_tune(trace)
     if tuned is not None:

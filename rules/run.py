@@ -162,11 +162,13 @@ TRAINED_BELOW = 0.5
 
 
 def joined_later(trace: RunTrace, curve: list) -> bool:
-    """Whether the loss ``curve`` starts after training began: its first point is not step 0,
+    """Whether the loss ``curve`` starts after training began: its first point did not begin
+    at step 0 (:meth:`RunTrace.at_start`),
     the optimizer already held state (a resumed checkpoint, a second phase), or, in a Monitor
     run, its first classification loss is under :data:`TRAINED_BELOW` × ln(C) (plain SGD
     keeps no state to tell)."""
-    if curve[0][0] != 0 or trace.resumed:
+    first = next((s for s in trace.per_step if s["step"] == curve[0][0]), {"step": curve[0][0]})
+    if not trace.at_start(first):
         return True
     chance = chance_level(trace)
     return (trace.mode == "monitor" and chance is not None
@@ -447,7 +449,7 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if any(not math.isfinite(v) for v in values):
             previous = "" if running == math.inf else f" (lowest before: {running:.4g})"
             # At the first step no update ran yet: the learning rate is not the cause.
-            first = s["step"] == 0 and not trace.resumed
+            first = trace.at_start(s)
             yield Hit(
                 module="",
                 message=f"the loss became NaN/Inf by step {s['step']}{previous}",

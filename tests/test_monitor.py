@@ -790,6 +790,27 @@ def test_step_per_micro_batch_observes_on_to_the_optimizer_step(every: int) -> N
     assert "TL503" in {f.code for f in report.findings}
 
 
+@pytest.mark.parametrize("every", [1, 8])
+def test_an_observation_run_on_from_step_zero_is_the_runs_first_step(every: int) -> None:
+    """``step()`` per micro-batch from the start: the first observation begins at step 0 and
+    ends at the micro-batch that steps (3), all at the initial weights. It was read as a run
+    joined later, and a head at 30x its init (its first losses far above ln(3),
+    measured below) went without TL302."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(30.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with trainlint.Monitor(model, opt, every=every) as monitor:
+        losses = accumulating_loop(monitor, model, opt, 24, accumulate=4, batch=16)
+        report = monitor.report()
+    assert sum(losses[:4]) / 4 > 2 * math.log(3)  # four micro-batches at the initial weights
+    [found] = [f for f in report.findings if f.code == "TL302"]
+    assert found.module == "2"
+    first = report.trace.per_step[0]
+    assert (first["step"], first["started"]) == (3, 0) and report.trace.at_start(first)
+
+
 def test_an_observation_runs_on_at_most_max_accumulation_steps(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A loop that never steps the watched optimizer: the first observation ends after

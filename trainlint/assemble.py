@@ -222,8 +222,9 @@ class TraceBuilder:
         self.checkpointed: set = set()
         self.gradless: set = set()  # (see ProbeSnapshot.gradless)
 
-    def add(self, snap: ProbeSnapshot, step: int) -> None:
-        """Fold one observed step into the run."""
+    def add(self, snap: ProbeSnapshot, step: int, started: Optional[int] = None) -> None:
+        """Fold one observed step into the run (``started``: the step its observation began
+        at, where it ran on over micro-batches of gradient accumulation)."""
         self.observed += 1
         self.points.update(snap.points)
         self.checkpointed.update(snap.checkpointed)
@@ -241,6 +242,8 @@ class TraceBuilder:
         self.finite_before = self.param_finite if self.last_step == step - 1 else None
         self.last_step = step
         step_info: dict = {"step": step}
+        if started is not None and started != step:
+            step_info["started"] = started
         nonfinite: dict = {"activations": {}, "gradients": {},
                            "inputs": sorted({name for name, in snap.nonfinite_inputs}),
                            "modules": [[name, self.points[key].depth if key in self.points

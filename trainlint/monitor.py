@@ -124,6 +124,7 @@ class Monitor:
         # still run on (not after one that reached MAX_ACCUMULATION).
         self._ran_on = 0
         self._run_on_allowed = True
+        self._opened_at = 0  # the step the current observation began at
         self._explicit = False
         self._eager = EagerHold()
         self._autocast: Optional[str] = None
@@ -238,6 +239,7 @@ class Monitor:
         """Start observing: read the loss scale, run compiled code eagerly, arm the probe."""
         self._retry = False
         self._ran_on = 0
+        self._opened_at = self.steps_seen
         self._model_loss = None
         if self.scaler is not None:
             self._scale = float(self.scaler.get_scale())
@@ -271,7 +273,7 @@ class Monitor:
             self.batch_size = local_batch
         if all(b is not None for b in batches):
             self.global_batch_size = sum(batches)
-        self.builder.add(snap, self.steps_seen)
+        self.builder.add(snap, self.steps_seen, started=self._opened_at)
         if self.sink is not None:
             step = self.steps_seen if self.log_step is None else self.log_step
             self.sink(step_scalars(self.builder.per_step[-1]), step)

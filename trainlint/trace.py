@@ -479,6 +479,12 @@ class RunTrace:
     def layer_by_key(self) -> dict:
         return {(lt.module, lt.op): lt for lt in self.layers}
 
+    def at_start(self, step: dict) -> bool:
+        """Whether this observed step began at training step 0 of a run not resumed: before
+        any update (an observation that ran on over a gradient accumulation's micro-batches,
+        all at the initial weights, began there and ended at the one that stepped)."""
+        return step.get("started", step["step"]) == 0 and not self.resumed
+
     def ordered_layers(self) -> list:
         """Observation points in forward execution order."""
         return sorted(self.layers, key=lambda lt: lt.depth)
