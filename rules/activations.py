@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import (
     FORGET_GATE_CLOSED,
+    SUM_OPS,
     LayerTrace,
     ModuleFacts,
     RunTrace,
@@ -133,7 +134,11 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if feeder is not None:
             evidence["feeding_module"] = feeder.name
             evidence.update(_param_state(trace, feeder))
-        fix = _dead_relu_fix(feeder, evidence, lt.kind)
+        # Dead over every observed step from the run's first: dead before any update.
+        from_init = (recent is None and steps >= trace.observed_steps and bool(trace.per_step)
+                     and trace.at_start(trace.per_step[0]))
+        fix = _dead_relu_fix(feeder, evidence, lt.kind, from_init,
+                             joined=_after_sum(trace, lt))
         starved = _starved_by(trace, lt)
         if starved is not None:
             evidence["starved_by"] = starved.module
@@ -269,7 +274,24 @@ def _fan_in(facts: ModuleFacts) -> Optional[int]:
 NORM_WEIGHT_COLLAPSED = 0.1
 
 
-def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[str]) -> str:
+def _after_sum(trace: RunTrace, lt: LayerTrace) -> bool:
+    """Whether ``lt``'s input comes straight from a sum of paths (a residual join)."""
+    target = ("module", lt.module) if lt.op == "output" else lt.node
+    return any(any(op in SUM_OPS for op in via) for _, via in predecessors(trace, target))
+
+
+def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[str],
+                   from_init: bool = False, joined: bool = False) -> str:
+    """TL101's fix: the layer feeding the units, what it measured, and the learning rate
+    unless the units were dead from the first step (before any update: the init's or the
+    data's). Where the units' input is a sum of paths (a residual join), each path's last
+    layer is what to check."""
+    fix = _feeder_fix(feeder, evidence, kind, joined)
+    return fix.removeprefix("lower the learning rate; ") if from_init else fix
+
+
+def _feeder_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[str],
+                joined: bool) -> str:
     if kind == "relu":
         tail = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
     else:  # GELU family: ~0 out means inputs below about -3.4, or a scale collapsed to ~0
@@ -294,6 +316,11 @@ def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional
         return (f"lower the learning rate; re-initialize the layer feeding it, {layer}, with "
                 f"nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
                 f"nn.init.zeros_(layer.bias)" + tail)
+    if joined and not feeder.is_leaf:
+        return ("lower the learning rate; the units' input adds up several paths (a residual "
+                "join) and is negative for these units: check the last layer of each path, "
+                "e.g. a shortcut projection whose bias outweighs its weights sets each unit's "
+                "sign (nn.init.zeros_(layer.bias))" + tail)
     if evidence.get("feeding_norm_weight_rms", 1.0) < NORM_WEIGHT_COLLAPSED:
         return (f"re-initialize the norm layer feeding it, {layer}, with "
                 f"nn.init.ones_(layer.weight) and nn.init.zeros_(layer.bias): its weight "

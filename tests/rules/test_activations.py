@@ -114,6 +114,39 @@ def relu_trace(dead: int, units: int, *, kind: str = "relu", functional: bool = 
                     observed_steps=3)
 
 
+@pytest.mark.parametrize("first, records, from_init", [
+    (0, 3, True), (1, 3, False), (0, 2, False)])
+def test_tl101_units_dead_from_the_first_step_get_no_learning_rate_advice(first, records,
+                                                                           from_init):
+    """Dead over every observed step from the run's first, the units were dead before any
+    update: the init's or the data's. A TCN whose 1x1 shortcut conv had its default bias
+    against weights of 0.01 was told to lower the rate; at lr/10 and lr/100 the units stayed
+    50% dead and the loss got worse (1.03, 1.10 against 0.47; measured). Seen from a later
+    step, or over a window after the first, the rate may have killed them."""
+    t = relu_trace(30, 32)
+    t.per_step = [{"step": first + i, "layers": {}} for i in range(3)]
+    t.layers[-1].unit_records = records
+    [found] = run("TL101", t)
+    assert ("lower the learning rate" in found.fix) is not from_init
+    assert "kaiming_normal_" in found.fix
+
+
+def test_tl101_units_after_a_residual_join_point_at_each_paths_last_layer():
+    """F.relu(h + shortcut(x)) in a block: the units' feeder is the block itself, and the fix
+    read 'check the layer feeding it, TemporalBlock'; it names the join's paths instead."""
+    t = relu_trace(30, 32, functional=True)
+    t.modules["block"].is_leaf = False
+    inner = point("block", "Block", 1, kind="relu", op="relu#1",
+                  ever_active=np.ones(32, dtype=bool))
+    t.layers.insert(1, inner)
+    t.edges[-1] = Edge(inner.node, t.edges[-1].dst, ("dropout", "add"))
+    [found] = run("TL101", t)
+    assert "adds up several paths (a residual join)" in found.fix
+    t.edges[-1] = Edge(inner.node, t.edges[-1].dst, ("dropout",))
+    [plain] = run("TL101", t)
+    assert "residual join" not in plain.fix and "Block 'block'" in plain.fix
+
+
 def _recently_killed(dead_before: int, dead_recent: int, units: int) -> RunTrace:
     """``relu_trace`` whose unit window (16 records) finds ``dead_before`` units dead, and
     whose recent window (4 records) finds ``dead_recent``."""
