@@ -143,14 +143,15 @@ def downstream(trace: RunTrace, node: tuple, hops: int = 4) -> list[tuple]:
 
 
 def frozen_at_zero(trace: RunTrace) -> list[str]:
-    """Modules whose parameters are all frozen (``requires_grad=False``) and all exactly 0: a
-    zero-initialized layer (a ControlNet's zero conv, a LoRA B) left frozen by mistake, which
-    cuts the gradient to everything behind it for good."""
+    """Modules that ran and whose parameters are all frozen (``requires_grad=False``) and all
+    exactly 0: a zero-initialized layer (a ControlNet's zero conv, a LoRA B) left frozen by
+    mistake, which cuts the gradient to everything behind it for good."""
     owned: dict = {}
     for p in trace.params:
         owned.setdefault(p.module, []).append(p)
+    ran = {lt.module for lt in trace.layers}  # a module never called cuts nothing
     return sorted(m for m, ps in owned.items()
-                  if m and all(not p.requires_grad and p.norm == 0 for p in ps))
+                  if m and m in ran and all(not p.requires_grad and p.norm == 0 for p in ps))
 
 
 def feeds_residual_sum(trace: RunTrace, lt: LayerTrace) -> bool:

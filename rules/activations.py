@@ -42,6 +42,7 @@ from ._graph import (
     sources,
 )
 from .gradients import UNBOUNDED_FIRST, firing, loss_unbounded
+from .run import joined_later, loss_curve
 
 FP16_MAX = 65504.0
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -136,7 +137,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             evidence.update(_param_state(trace, feeder))
         # Dead over every observed step from the run's first: dead before any update.
         from_init = (recent is None and steps >= trace.observed_steps and bool(trace.per_step)
-                     and trace.at_start(trace.per_step[0]))
+                     and trace.at_start(trace.per_step[0]) and not _joined_later(trace))
         fix = _dead_relu_fix(feeder, evidence, lt.kind, from_init,
                              joined=_after_sum(trace, lt))
         starved = _starved_by(trace, lt)
@@ -274,6 +275,13 @@ def _fan_in(facts: ModuleFacts) -> Optional[int]:
 NORM_WEIGHT_COLLAPSED = 0.1
 
 
+def _joined_later(trace: RunTrace) -> bool:
+    """Whether a Monitor's first observed step came after training began (TL603's test: its
+    first classification loss already well below ln C, though plain SGD kept no state)."""
+    curve = loss_curve(trace)
+    return bool(curve) and joined_later(trace, curve)
+
+
 def _after_sum(trace: RunTrace, lt: LayerTrace) -> bool:
     """Whether ``lt``'s input comes straight from a sum of paths (a residual join)."""
     target = ("module", lt.module) if lt.op == "output" else lt.node
@@ -405,10 +413,13 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         elif _is_gate(trace, lt):
             # A gate's (0, 1) or (-1, 1) range is its job: its inputs are what is off.
             whose = f" ({feeder.name!r})" if feeder is not None else ""
-            fix = (f"keep the {lt.kind}: it gates another tensor and needs its range; bring "
-                   f"its inputs back near 0: re-initialize the weights feeding it{whose} at "
+            fix = (f"keep the {lt.kind} if it is a gate (its output multiplies another tensor "
+                   f"here: a gate needs its range); bring its inputs back near 0: "
+                   f"re-initialize the weights feeding it{whose}, and every layer whose output "
+                   f"adds into its input, at "
                    f"the default or Xavier scale (nn.init.xavier_uniform_) and their biases at 0 "
-                   f"(an LSTM's forget gate at 1)")
+                   f"(an LSTM's forget gate at 1), or, where that layer's own input is large, "
+                   f"normalize it (nn.LayerNorm before the layer)")
         else:
             fix = (f"re-initialize the layer feeding it with nn.init.xavier_normal_("
                    f"layer.weight, gain=nn.init.calculate_gain('{lt.kind}')), add "
@@ -551,10 +562,12 @@ EVAL_MODE_FIX = ("the model's BatchNorm layers ran in eval mode while it trained
                  "validation pass)")
 
 
-def _residual_fix(trace: RunTrace) -> Optional[str]:
-    """TL104's fix where the model adds residual branches to a stream (at least two branch
-    ends): each block adds its branch at the stream's own scale, so the stream's variance
-    multiplies block after block whatever the per-layer init; None otherwise."""
+def _residual_fix(trace: RunTrace, where: LayerTrace) -> Optional[str]:
+    """TL104's fix where the growth runs along a stream of residual branches (at least two
+    branch ends before ``where``, the first layer past the threshold): each block adds its
+    branch at the stream's own scale, so the stream's variance multiplies block after block
+    whatever the per-layer init; None otherwise (residual blocks after a plain trunk that
+    grew on its own: the trunk's init is the fix)."""
     layers = trace.ordered_layers()
 
     def kind(lt: LayerTrace) -> tuple:  # the same place in blocks of one class
@@ -565,7 +578,7 @@ def _residual_fix(trace: RunTrace) -> Optional[str]:
     # layer in the place of a branch end it saw counts.
     ends = {kind(lt) for lt in layers if feeds_residual_sum(trace, lt)}
     blocks = sum(1 for lt in layers if kind(lt) in ends)
-    if blocks < 2:
+    if sum(1 for lt in layers if kind(lt) in ends and lt.depth < where.depth) < 2:
         return None
     return (f"each of the {blocks} residual branches adds its output to the stream at about the "
             "stream's own scale, so the stream's variance multiplies with every block (about "
@@ -930,7 +943,8 @@ def exploding_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"{_at_step(profiles[0][0])}): lower the learning rate (TL503) and clip "
                    "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
                    "max_norm=1.0)); normalization layers keep the scale in check" if grew
-                   else _residual_fix(trace) or _init_fix(_dominant_nonlinearity(trace, series)))
+                   else _residual_fix(trace, where)
+                   or _init_fix(_dominant_nonlinearity(trace, series)))
             if grew and loss_unbounded(trace):
                 fix = UNBOUNDED_FIRST
             if batchnorm_trained_in_eval(trace):

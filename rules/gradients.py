@@ -155,7 +155,9 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                "cut on its way from the loss, and no init brings it back; look there for a "
                "factor of exactly 0 that does not train (a gate or scale initialized at 0 but "
                "held as a plain tensor or buffer, not an nn.Parameter; a layer at 0 frozen with "
-               "requires_grad_(False)) or a .detach()/.data/torch.no_grad()")
+               "requires_grad_(False)), a .detach()/.data/torch.no_grad(), or an op without a "
+               "gradient (round, sign, argmax, a comparison: a straight-through estimator, "
+               "x + (round(x) - x).detach(), passes one)")
     yield Hit(
         module=where.module,
         message=(f"gradient norms fade toward the input: median {early:.3g} at the first "
@@ -380,8 +382,9 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     every gradient scales with it (targets ~500, as in house prices, give ~1e3). When the
     outputs themselves start at least ``OUTPUT_SHARE`` (half) of that distance off, the
     targets are not the cause: a raw model input (RMS above ``LARGE_FEATURES``) is named
-    instead, where there is one. Where the loss falls without bound (TL604), the fix is that
-    term's sign: the gradients grow with the loss, and clipping does not stop it.
+    instead, where there is one. Where the loss falls without bound (TL604), the fix is the
+    loss (a term's sign, a scale without a floor): the gradients grow with it, and clipping
+    does not stop it.
     """
     fix, clip = _clip_fix(trace, t)
     if loss_unbounded(trace):
@@ -778,8 +781,9 @@ def loss_unbounded(trace: RunTrace) -> bool:
 
 # The first words of a growth finding's fix where the loss falls without bound.
 UNBOUNDED_FIRST = ("the loss falls without bound (TL604) and this growth follows it: fix the "
-                   "sign of the loss term first (a KL divergence or a log-likelihood subtracted "
-                   "where it is added); a lower rate or clipping does not stop it")
+                   "loss first (a term with the wrong sign, a KL divergence or a log-likelihood "
+                   "subtracted where it is added; a learned scale without a floor: TL604 says "
+                   "how); a lower rate or clipping does not stop it")
 
 
 def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hit]:

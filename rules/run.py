@@ -297,7 +297,14 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rose = change > t.min_drop and ((from_start and not noisy)
                                     or rise_beyond_noise(losses[:third], losses[-third:]))
     if rose or (from_start and not fell and not steady):
-        if not rose and (noisy or len(losses) >= NOISE_POINTS):
+        stuck = moved = None
+        if not rose:
+            steps = curve[-1][0] - curve[0][0] + 1
+            moved = weights_moved(trace, steps)
+            if moved is not None and moved < t.min_movement:
+                stuck = _stuck_at_chance(trace, first, last, moved, steps, t)
+        # Stuck at chance with weights that barely move is told by the weights, not the noise.
+        if not rose and stuck is None and (noisy or len(losses) >= NOISE_POINTS):
             blur = median_blur(losses[:third], losses[-third:])
             if first - last + blur >= t.min_drop * scale:
                 raise Skip(
@@ -306,12 +313,7 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                     f"the last {last:.4g}, and noise alone moves their difference by up to "
                     f"{blur / scale:.0%}; observe less often (a larger `every`: each point is "
                     f"then the mean loss of its window)")
-        stuck = None
         if not rose:
-            steps = curve[-1][0] - curve[0][0] + 1
-            moved = weights_moved(trace, steps)
-            if moved is not None and moved < t.min_movement:
-                stuck = _stuck_at_chance(trace, first, last, moved, steps, t)
             if stuck is None and moved is not None and moved < t.min_movement:
                 raise Skip(f"the loss barely fell ({change:+.1%}), but the weights moved only "
                            f"~{moved:.1%} of their norm over the run (the median update ratio "
@@ -342,8 +344,9 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
                      t: Thresholds) -> Optional[tuple]:
     """``(message, fix, evidence)`` when a classifier's loss stays at ln(C) while its weights
     move less than ``t.stuck_rate`` of their norm a step: a learning rate too low to learn in
-    the run (where TL503's measure is below ``t.stuck_floor``, TL503 says so), or, where TL505
-    or TL501 find gradients that do not reach the weights, those. None otherwise."""
+    the run (where TL503's measure is below ``t.stuck_floor``, TL503 says so), or, where half
+    the trainable weights or more get no gradient (or one of exactly 0) and TL505 or TL501
+    say where, those. None otherwise."""
     chance = chance_level(trace)
     rate = moved / max(steps, 1)
     # TL503's own measure (each weight's largest step, their median) below the floor: it
@@ -364,8 +367,13 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
     fix = (f"raise the learning rate, by about {nice_below(t.typical_rate / rate):g}x for "
            f"updates of ~{t.typical_rate:g} of the weights' norm a step (or shorten a warmup "
            f"that keeps it this low); then check that the loss falls")
-    cut = firing(trace, ("TL505", "TL501"))
-    if cut:  # weights without a gradient move by weight decay alone, whatever the rate
+    # Most of the judged weights without a gradient (or with one of exactly 0): they move by
+    # weight decay alone, whatever the rate (an unused head beside weights that train is not
+    # why the loss is stuck).
+    weights = [p for p in trace.params if p.requires_grad and len(p.shape) >= 2]
+    gradless = [p for p in weights if p.grad_steps == 0 or not p.grad_norm]
+    cut = firing(trace, ("TL505", "TL501")) if 2 * len(gradless) >= len(weights) else []
+    if cut:
         message = (f"; it sits at ln({classes}) = {level:.4g}, an uninformed classifier's "
                    f"loss, while the weights move only {rate:.2g} of their norm a step: the "
                    f"gradients do not reach them ({' and '.join(cut)})")

@@ -186,7 +186,9 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     per batch: ``if random() < p: continue``) that no observed step happened to run: among
     same-class siblings of which some got a gradient at some observed steps and not others,
     a block without any is left out while the chance that some sibling goes without at every
-    observed step, each at the siblings' measured rate, is at least ``SKIP_CHANCE`` (1%).
+    observed step, each at the siblings' measured rate, is at least ``SKIP_CHANCE`` (1%), in
+    a run observed at every step (with steps between observations, a block skipped at random
+    changed between them, and one never used did not: a task head a sampler never picks).
 
     Where the unused module ran with autograd off inside the training forward
     (``torch.no_grad()`` around it, or ``torch.utils.checkpoint(..., use_reentrant=True)`` on
@@ -238,8 +240,10 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                        "optimizer fused into the backward, or a hook that clears them)")
         raise Skip("no parameter had a gradient at the observed steps (call monitor.step() "
                    "after optimizer.step() and before zero_grad())")
-    unrouted = unrouted_experts(trace) | skipped_at_random(trace, trainable)
     gaps = skips_steps(trace)
+    # Between observations a block skipped at random trains (changed_between below tells);
+    # a block never used does not: the chance argument is only for runs observed throughout.
+    unrouted = unrouted_experts(trace) | (set() if gaps else skipped_at_random(trace, trainable))
     unused = {p.name for p in trainable if p.grad_steps == 0
               and not any(a in unrouted for a in ancestors(p.module))
               and not (gaps and changed_between(p)) and not updated_elsewhere(p)}

@@ -129,6 +129,13 @@ def test_tl101_units_dead_from_the_first_step_get_no_learning_rate_advice(first,
     [found] = run("TL101", t)
     assert ("lower the learning rate" in found.fix) is not from_init
     assert "kaiming_normal_" in found.fix
+    # A Monitor whose first classification loss is far below ln C came in mid-run (plain SGD
+    # keeps no state to tell): what killed the units may have been the rate.
+    t.mode, t.loss_kind, t.num_classes = "monitor", "cross_entropy", 10
+    for s in t.per_step:
+        s["loss_mean"] = 0.2
+    [later] = run("TL101", t)
+    assert "lower the learning rate" in later.fix
 
 
 def test_tl101_units_after_a_residual_join_point_at_each_paths_last_layer():
@@ -992,7 +999,7 @@ def test_tl104_growth_with_a_loss_falling_without_bound_points_at_its_sign(last,
         for i, (scale, loss) in enumerate(zip(scales, [1.0, 0.5, last / 20, last]))]
     [grew] = run("TL104", trace)
     assert grew.evidence["grew_in_training"]
-    assert ("sign of the loss term" in grew.fix) is unbounded
+    assert ("fix the loss first (a term with the wrong sign" in grew.fix) is unbounded
     assert ("lower the learning rate (TL503)" in grew.fix) is not unbounded
 
 
@@ -1001,9 +1008,9 @@ def test_tl104_growth_at_init_along_a_residual_stream_names_the_branches_scale(b
     """Two branch ends or more (their outputs go only into sums): the stream grows block after
     block whatever each layer's init, so the fix is the branches' scale or pre-norm; one is no
     stream of blocks."""
-    trace = depth_trace(profile("TL104", RULES["TL104"].defaults["max_ratio"] * 10),
-                        kind="relu")
-    ends = [lt for lt in trace.layers if lt.kind == "relu"][:branches]
+    grown = RULES["TL104"].defaults["max_ratio"] * 10
+    trace = depth_trace([1.0] * 6 + [grown] * 4, kind="relu")  # past it from layer 6 on
+    ends = [lt for lt in trace.layers if lt.kind == "relu"][:branches]  # at depths 1, 3
     trace.edges = [e for e in trace.edges if e.src not in {lt.node for lt in ends}]
     trace.edges += [Edge(lt.node, ("sum", "add"), ("add",)) for lt in ends]
     [found] = run("TL104", trace)
@@ -1011,6 +1018,19 @@ def test_tl104_growth_at_init_along_a_residual_stream_names_the_branches_scale(b
     assert (f"each of the {branches} residual branches" in found.fix) is residual
     assert (f"1/sqrt({branches})" in found.fix) is residual
     assert ("kaiming_normal_" in found.fix) is not residual
+
+
+def test_tl104_growth_in_a_plain_trunk_before_residual_blocks_names_the_init():
+    """A 10-layer plain trunk at 2.5x Kaiming, then two healthy residual blocks: the growth
+    is the trunk's (measured: the branch fix left it at 2.4e4 and the loss NaN, Kaiming
+    trained to 0.94). Branch ends after the first layer past the threshold do not count."""
+    grown = RULES["TL104"].defaults["max_ratio"] * 10
+    trace = depth_trace([1.0] * 3 + [grown] * 7, kind="relu")  # past it from layer 3 on
+    ends = [lt for lt in trace.layers if lt.kind == "relu"][-2:]  # at depths 7, 9
+    trace.edges = [e for e in trace.edges if e.src not in {lt.node for lt in ends}]
+    trace.edges += [Edge(lt.node, ("sum", "add"), ("add",)) for lt in ends]
+    [found] = run("TL104", trace)
+    assert "kaiming_normal_" in found.fix and "residual" not in found.fix
 
 
 def test_tl104_fp16_range() -> None:
@@ -1081,7 +1101,7 @@ def test_tl104_fp16_range_reached_as_the_loss_falls_without_bound_points_at_its_
         s["loss_mean"] = loss
     [found] = run("TL104", t)
     assert found.evidence["grew_in_training"]
-    assert ("sign of the loss term" in found.fix) is unbounded
+    assert ("fix the loss first (a term with the wrong sign" in found.fix) is unbounded
     assert ("lower the learning rate" in found.fix) is not unbounded
 
 

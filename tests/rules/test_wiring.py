@@ -216,6 +216,23 @@ def test_tl505_a_block_skipped_at_random_is_not_unused_where_that_may_be_chance(
     assert [h.module for h in _dropped([0, 2, 1, 2], 3)] == (["blocks.0"] if reported else [])
 
 
+def test_tl505_a_block_never_run_in_a_run_observed_every_nth_step_is_unused():
+    """A ModuleDict of task heads, one of which a buggy sampler never picks, at every=5: its
+    siblings ran at some observed steps and not others, which read as chance, and it went
+    unreported (measured: its weights bit-identical after 1000 steps, accuracy at chance).
+    With steps between observations a block skipped at random changed between them (not
+    reported, see changed_between); this one did not."""
+    found = _dropped([0, 2, 1, 2], 3)
+    assert found == []  # observed at every step: may be chance
+    modules = [module("heads", "ModuleDict", leaf=False)]
+    modules += [module(f"heads.{i}", "Head", leaf=False) for i in range(4)]
+    params = [param(f"heads.{i}.fc.weight", (8, 8), grad_steps=k, grad_norm=1.0 if k else None,
+                    ratios=(1e-3,) * 3) for i, k in enumerate([0, 2, 1, 2])]
+    per_step = [{"step": 5 * i, "layers": {}} for i in range(3)]
+    t = trace([], modules=modules, params=params, observed_steps=3, per_step=per_step)
+    assert [h.module for h in hits("TL505", t)] == ["heads.0"]
+
+
 def test_tl505_a_block_never_run_among_siblings_run_at_every_step_is_unused():
     """Siblings that ran at every observed step: nothing skips at random, and the block the
     loop never reaches is reported, as is one never run among blocks dropped at random over
@@ -496,5 +513,8 @@ def test_tl505_factors_stuck_behind_a_layer_frozen_at_zero_name_that_layer():
     assert "kaiming_uniform_" in found.fix
     t.params += [param(f"gate.{n}", (4,), requires_grad=False, in_optimizer=False,
                        norm_before=0.0, grad_norm=None, grad_steps=0) for n in ("weight", "bias")]
+    [found] = [h for h in hits("TL505", t) if "exactly 0" in h.message]
+    assert "kaiming_uniform_" in found.fix  # never called (an inactive adapter): no cut
+    t.layers.append(point("gate", "ZeroConv", depth=9))
     [found] = [h for h in hits("TL505", t) if "exactly 0" in h.message]
     assert "let 'gate' train" in found.fix and "kaiming_uniform_" not in found.fix
