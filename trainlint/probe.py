@@ -443,6 +443,11 @@ class Probe:
         # Whether an optimizer's step began since ``begin_step`` (a micro-batch of gradient
         # accumulation has none).
         self.optimizer_stepped = False
+        # Whether a watched optimizer's own step ran in an observed step, and the classes of
+        # the optimizers they wrap whose steps ran (a SAM whose second_step() steps its base
+        # optimizer, a wrapper whose step() torch never hooked).
+        self.own_step_seen = False
+        self.wrapped_stepped: set = set()
         # The param groups' learning rates as the observed step's first optimizer step began
         # (a scheduler stepped after it changes them before the collect).
         self.step_lrs: Optional[dict] = None
@@ -508,6 +513,8 @@ class Probe:
         for optimizer in self.optimizers:
             add(optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
             add(optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
+            for inner in wrapped_optimizers(optimizer, self.optimizers):
+                add(inner.register_step_pre_hook(OwnedHook(self._wrapped_step)))
 
     def _uninstall(self) -> None:
         self._drop_step_hooks()
@@ -1190,10 +1197,18 @@ class Probe:
         return False
 
     # ---------------------------------------------------------------- optimizer
+    def _wrapped_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        """An optimizer that a watched one wraps steps: the step's update happens (the
+        observation does not run on past it), whether or not the wrapper's own step() runs."""
+        if self.observing:
+            self.optimizer_stepped = True
+            self.wrapped_stepped.add(type(optimizer).__name__)
+
     def _before_opt_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Optional[tuple]:
         if not self.observing:
             return None
         self.optimizer_stepped = True
+        self.own_step_seen = True
         self.opt_segment[id(optimizer)] = self.segment
         self.stepped_since_backward = True
         if self.step_lrs is None:
@@ -1696,6 +1711,24 @@ def optimizers_of(optimizer: Any) -> list:
     if optimizer is None:
         return []
     return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+
+
+# Attributes under which optimizer wrappers keep the optimizer they step (SAM's
+# base_optimizer, Lookahead's optimizer or _base_optimizer).
+WRAPPED_ATTRS = ("base_optimizer", "_base_optimizer", "optimizer", "_optimizer",
+                 "inner_optimizer")
+
+
+def wrapped_optimizers(optimizer: Any, watched: list) -> list:
+    """The torch optimizers that ``optimizer`` keeps as attributes (a wrapper's inner one), not
+    watched themselves."""
+    found = []
+    for attr in WRAPPED_ATTRS:
+        inner = vars(optimizer).get(attr) if hasattr(optimizer, "__dict__") else None
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer and \
+                all(inner is not o for o in watched) and all(inner is not f for f in found):
+            found.append(inner)
+    return found
 
 
 def _optimizer_groups(optimizers: list) -> dict:

@@ -1,0 +1,110 @@
+"""Optimizer wrappers whose own step() never runs under torch's hooks (SAM used through
+first_step()/second_step(), a Lookahead that does not call Optimizer.__init__): the step of the
+optimizer they wrap ends each observation, so the run is observed on its schedule."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+
+class TwoStepSAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization as commonly written: first_step() climbs, second_step()
+    restores the weights and steps the base optimizer."""
+
+    def __init__(self, params, base: type, rho: float = 0.05, **kwargs) -> None:
+        super().__init__(params, dict(rho=rho, **kwargs))
+        self.base_optimizer = base(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        norm = torch.norm(torch.stack([p.grad.norm() for g in self.param_groups
+                                       for p in g["params"] if p.grad is not None]))
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    self.state[p]["old"] = p.detach().clone()
+                    p.add_(p.grad * g["rho"] / (norm + 1e-12))
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.copy_(self.state[p]["old"])
+        self.base_optimizer.step()
+
+
+class BareLookahead(torch.optim.Optimizer):
+    """A Lookahead that skips Optimizer.__init__ (torch then never hooks its step())."""
+
+    def __init__(self, base: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+        self.optimizer, self.k, self.alpha, self.count = base, k, alpha, 0
+        self.param_groups, self.defaults, self.state = base.param_groups, base.defaults, base.state
+        self.slow = [[p.detach().clone() for p in g["params"]] for g in self.param_groups]
+        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = self.optimizer.step(closure)
+        self.count += 1
+        if self.count % self.k == 0:
+            for g, slow in zip(self.param_groups, self.slow):
+                for p, q in zip(g["params"], slow):
+                    q.add_(p - q, alpha=self.alpha)
+                    p.copy_(q)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        model[2].weight.mul_(40.0)  # a first loss far above ln(10): TL302
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sam", "lookahead"])
+def test_the_wrapped_optimizers_step_ends_each_observation(kind: str) -> None:
+    model = _model()
+    if kind == "sam":
+        opt = TwoStepSAM(model.parameters(), torch.optim.Adam, lr=1e-3)
+        inner = opt.base_optimizer
+    else:
+        inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = BareLookahead(inner)
+    g = torch.Generator().manual_seed(1)
+    first = None
+    with trainlint.Monitor(model, opt, every=5) as monitor:
+        for _ in range(30):
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            first = first if first is not None else float(loss)
+            opt.zero_grad()
+            loss.backward()
+            if kind == "sam":
+                opt.first_step()
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.second_step()
+            else:
+                opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert [s["step"] for s in report.trace.per_step] == [0, 5, 10, 15, 20, 25]
+    assert first > 2 * math.log(10)
+    assert "TL302" in {f.code for f in report.findings}
+    assert any("pass the Adam to the Monitor" in n for n in report.notes)
+    assert not inner._optimizer_step_pre_hooks  # nothing left on the user's optimizer
