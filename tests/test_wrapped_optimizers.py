@@ -108,3 +108,57 @@ def test_the_wrapped_optimizers_step_ends_each_observation(kind: str) -> None:
     assert "TL302" in {f.code for f in report.findings}
     assert any("pass the Adam to the Monitor" in n for n in report.notes)
     assert not inner._optimizer_step_pre_hooks  # nothing left on the user's optimizer
+
+
+class TimmLikeLookahead(torch.optim.Optimizer):
+    """timm's Lookahead as written: no Optimizer.__init__ and no hook dicts of its own, so
+    torch cannot hook its step() at all (register_step_pre_hook raised AttributeError)."""
+
+    def __init__(self, base: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+        self._base_optimizer, self.k, self.alpha, self.count = base, k, alpha, 0
+        self.param_groups, self.defaults, self.state = base.param_groups, base.defaults, base.state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        loss = self._base_optimizer.step(closure)
+        self.count += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._base_optimizer.zero_grad(set_to_none)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 20) -> trainlint.Report:
+    g = torch.Generator().manual_seed(1)
+    with trainlint.Monitor(model, opt, every=5) as monitor:
+        for _ in range(steps):
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        return monitor.report()
+
+
+def test_a_wrapper_torch_cannot_hook_is_watched_through_the_optimizer_it_keeps() -> None:
+    """The Monitor raised a raw AttributeError on timm's Lookahead; the Adam it keeps is
+    watched instead, and its update ratios equal those of that Adam passed directly."""
+    model = _model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+    wrapped = _train(model, TimmLikeLookahead(inner))
+    assert [s["step"] for s in wrapped.trace.per_step] == [0, 5, 10, 15]
+    assert any("the Adam it keeps was watched instead" in n for n in wrapped.notes)
+    assert not inner._optimizer_step_pre_hooks and not inner._optimizer_step_post_hooks
+    model.load_state_dict(state)
+    direct = _train(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    ratios = {p.name: p.update_ratios for p in wrapped.trace.params}
+    assert ratios and ratios == {p.name: p.update_ratios for p in direct.trace.params}
+
+
+def test_a_wrapper_torch_cannot_hook_that_keeps_no_optimizer_is_a_config_error() -> None:
+    opt = TimmLikeLookahead(torch.optim.Adam(_model().parameters(), lr=1e-3))
+    del opt._base_optimizer
+    with pytest.raises(trainlint.ConfigError, match="pass the optimizer it steps"):
+        trainlint.Monitor(_model(), opt)

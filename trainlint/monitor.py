@@ -397,6 +397,13 @@ class Monitor:
         if self.compiled:
             notes.append("the model is torch.compile'd: observed steps ran eagerly "
                          "(torch.compiler.set_stance('force_eager')), the others compiled")
+        given = optimizers_of_given(self.optimizer)
+        for outer, watched in zip(given, self.optimizers):
+            if outer is not watched:
+                notes.append(f"the optimizer given ({type(outer).__name__}) skips "
+                             "Optimizer.__init__, so torch runs no hooks on its step(): the "
+                             f"{type(watched).__name__} it keeps was watched instead (its "
+                             "updates, without the wrapper's own changes to the weights)")
         if self.probe.wrapped_stepped and not self.probe.own_step_seen:
             inner = ", ".join(sorted(self.probe.wrapped_stepped))
             outer = ", ".join(type(o).__name__ for o in self.optimizers)
@@ -547,6 +554,12 @@ def _check_optimizer(optimizer: Any) -> None:
     """A ConfigError unless ``optimizer`` is None, a torch optimizer (what the probe hooks) or
     a non-empty list or tuple of them (optimizers that each step part of the model)."""
     items = optimizers_of(optimizer)
+    unhooked = next((o for o in items if isinstance(o, torch.optim.Optimizer)
+                     and not hasattr(o, "_optimizer_step_pre_hooks")), None)
+    if unhooked is not None:
+        raise ConfigError(f"the optimizer {type(unhooked).__name__} skips Optimizer.__init__, so "
+                          "torch runs no hooks on its step(), and it keeps no single optimizer "
+                          "that trainlint could watch instead: pass the optimizer it steps")
     if optimizer is None or (items and all(_is_optimizer(o) for o in items)):
         return
     parameters = inspect.isgenerator(optimizer) or any(isinstance(o, torch.Tensor) for o in items)
@@ -554,6 +567,13 @@ def _check_optimizer(optimizer: Any) -> None:
     bad = next((o for o in items if not _is_optimizer(o)), optimizer)
     raise ConfigError(f"optimizer must be a torch.optim.Optimizer or a list of them, got "
                       f"{type(bad).__name__}{hint}")
+
+
+def optimizers_of_given(optimizer: Any) -> list:
+    """The optimizers as the caller passed them (before :func:`hookable`)."""
+    if optimizer is None:
+        return []
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
 
 
 def _is_optimizer(obj: Any) -> bool:

@@ -1707,10 +1707,24 @@ def needs_closure(optimizer: Any) -> bool:
 
 
 def optimizers_of(optimizer: Any) -> list:
-    """The optimizers in ``optimizer``: none (None), one, or a list or tuple of them."""
+    """The optimizers in ``optimizer`` (none: None, one, or a list or tuple of them), each as
+    the one whose steps can be hooked (:func:`hookable`)."""
     if optimizer is None:
         return []
-    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    return [hookable(o) for o in items]
+
+
+def hookable(optimizer: Any) -> Any:
+    """``optimizer``, or, where it is a torch Optimizer subclass whose ``__init__`` skipped
+    ``Optimizer.__init__`` (timm's Lookahead: torch then runs no hooks on its ``step()``), the
+    optimizer it keeps and steps; unchanged where it keeps none (the caller's check says
+    so)."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or \
+            hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        return optimizer
+    inner = wrapped_optimizers(optimizer, [])
+    return inner[0] if len(inner) == 1 else optimizer
 
 
 # Attributes under which optimizer wrappers keep the optimizer they step (SAM's
