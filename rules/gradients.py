@@ -471,10 +471,11 @@ def update_ratio_of(p: ParamTrace) -> Optional[float]:
 
 def typical_ratio_of(p: ParamTrace, diverged: bool = False) -> float:
     """The median ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed it). In a
-    run whose loss diverged (``diverged``: TL604), where the steps inflated the weight past
-    ``INFLATED`` times its norm at the first of them, each update is measured against that
-    first norm: against the blown-up weight the same update looks small, and so would the
-    rate. (Weights that start small and grow as they learn are no blow-up.)"""
+    run whose loss diverged or did not fall (``diverged``: TL604, TL603), where the steps
+    inflated the weight past ``INFLATED`` times its norm at the first of them, each update is
+    measured against that first norm: against the blown-up weight the same update looks
+    small, and so would the rate. (Weights that start small and grow as they learn, with a
+    loss that falls, are no blow-up.)"""
     first = p.norms_before[0] if p.norms_before else 0.0
     if diverged and math.isfinite(first) and first > 0 and any(
             math.isfinite(n) and n > INFLATED * first for n in p.norms_before):
@@ -552,11 +553,14 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low
-    (where the loss diverged (TL604) and the steps blew a weight up past 10× its first norm,
-    its updates are measured against that first norm: against the inflated weight they look
-    small). When
+    (where the loss diverged or did not fall (TL604, TL603) and the steps blew a weight up
+    past 10× its first norm, its updates are measured against that first norm: against the
+    inflated weight they look small). When
     a typical step calls for cutting the rate by less than half, only the largest steps are too
-    large (the rate suits the run once under way): the fix is warmup and clipping. Updates
+    large (the rate suits the run once under way): the fix is warmup and clipping, where the
+    loss falls; where it fell by less than ``LEARNING_DROP`` (5%) over the run, the first steps
+    threw the weights where the run does not learn, and the fix cuts the rate by the geometric
+    mean of what the first steps and a typical step call for. Updates
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
     (``torch.autocast`` instead of ``model.bfloat16()``).
 
@@ -640,10 +644,17 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     # Too high: the factor from a typical step's ratio (each weight's median over the steps),
     # not the largest: Adam's first steps move every weight by about lr / RMS(w) whatever the
     # rate is worth later, so a factor from them overshoots by 10-100x in a long run.
-    diverged = direction == "high" and bool(firing(trace, ("TL604",)))
+    diverged = direction == "high" and bool(firing(trace, ("TL604", "TL603")))
     step_typical = typical if direction == "low" else median(
         typical_ratio_of(p, diverged) for p, _ in judged)
     factor = t.target / step_typical if step_typical > 0 else None
+    # Typical steps that look right while the loss does not fall: the rate's first steps threw
+    # the weights where it cannot learn. Adam's first step calls for far too low a rate in a
+    # long run, the typical step for none: the geometric mean of the two.
+    stalled = (direction == "high" and factor is not None and factor >= WORTH_CUTTING
+               and _not_learning(trace))
+    if stalled:
+        factor = math.sqrt(t.target / typical * min(factor, 1.0))
     lr = judged[0][0].lr
     whose = "the learning rate" + ("" if group is None else f" of param group {group}")
     where = "" if group is None else (
@@ -687,7 +698,7 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
         fix = "; ".join(f for f in (zero_fix, rounded_fix) if f)
     else:
         message, fix = _factor_texts(trace, t, direction, typical, step_typical, factor,
-                                     judged, bad, whose, where, group, lr)
+                                     judged, bad, whose, where, group, lr, stalled)
     evidence = {"direction": direction, "median_ratio": typical, "lr_factor": factor,
                 "typical_step_ratio": step_typical,
                 "params": [p.name for p, _ in bad], "threshold": threshold}
@@ -698,7 +709,8 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
 
 def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float,
                   step_typical: float, factor: float, judged: list, bad: list, whose: str,
-                  where: str, group: Optional[int], lr: Optional[float]) -> tuple[str, str]:
+                  where: str, group: Optional[int], lr: Optional[float],
+                  stalled: bool = False) -> tuple[str, str]:
     """TL503's message and fix for a median ratio out of the band with a factor toward the
     target; the cause named first where the ratio follows from another fault: a signal that
     vanishes (TL103, TL501), raw inputs or a signal that grows (TL201, TL104), or a rate too
@@ -735,6 +747,15 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                    "Kaiming/Xavier init matched to the nonlinearity")
                 + f"), then judge {whose} again: cut {factor:.2g}x now, training would crawl "
                 "once the signal is in range")
+    if stalled:  # (the factor: see _ratio_hit)
+        first_factor = t.target / typical
+        to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
+        return (head + f"{whose_cap} is too high: a typical step's ratio is {step_typical:.3g}, "
+                f"yet the loss does not fall ({LEARNING_DROP:.0%} or more from the first "
+                "third of the observed steps to the last)",
+                f"cut {whose} by about {factor:.2g}{to} (between what the first steps call "
+                f"for, {first_factor:.2g}x, and a typical step, ~1x); add warmup and gradient "
+                "clipping")
     if direction == "high" and factor >= WORTH_CUTTING:
         # The largest steps overwrite the weights, a typical one does not: the rate suits the
         # run once it is under way (Adam's first steps move each weight by ~lr/RMS(w)).
@@ -753,6 +774,24 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
             f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
             f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
                                            if direction == "high" else ""))
+
+
+# A loss whose last third is not this much below its first third (medians) is not learning
+# (TL503's warmup advice needs a run that learns once under way).
+LEARNING_DROP = 0.05
+
+
+def _not_learning(trace: RunTrace) -> bool:
+    """Whether the loss, over at least six observed points (a Monitor's window means, else
+    each step's), fell by less than ``LEARNING_DROP`` from its first third to its last
+    (medians); False where it cannot tell."""
+    losses = [s.get("loss_mean", s.get("loss")) for s in trace.per_step]
+    losses = [v for v in losses if v is not None and math.isfinite(v)]
+    if len(losses) < 6:
+        return False
+    third = len(losses) // 3
+    first, last = median(losses[:third]), median(losses[-third:])
+    return first > 0 and last > (1 - LEARNING_DROP) * first
 
 
 def firing(trace: RunTrace, codes: tuple,

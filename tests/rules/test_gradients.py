@@ -816,6 +816,54 @@ def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_firs
     assert found.evidence["lr_factor"] == pytest.approx(d["target"] / typical)
 
 
+@pytest.mark.parametrize("stuck", [True, False])
+def test_tl503_weights_blown_up_while_the_loss_did_not_fall_are_measured_from_their_start(
+        stuck):
+    """A tiny BERT at AdamW lr 0.1: the weights grew 15x (norm 1.79 -> 26) while the loss
+    stayed near chance (accuracy 0.21 against 1.0 at lr 1e-3), and each later update looked
+    typical against the blown-up weights: the fix said 'warm up instead of cutting'. The
+    loss that does not fall (TL603), like one that diverges (TL604), tells a blow-up from
+    weights that grow as they learn (measured: the new factor, x0.039, trained to 1.0)."""
+    norms = [1.0, 15.0, 15.0, 15.0]
+    updates = [5.0, 0.015, 0.015, 0.015]
+    params = []
+    for i in range(3):
+        p = param(f"l{i}.weight", (8, 8))
+        p.norms_before, p.update_norms = norms, updates
+        p.update_ratios = [u / n for u, n in zip(updates, norms)]
+        params.append(p)
+    losses = [1.8] * 15 if stuck else list(np.geomspace(1.8, 0.2, 15))
+    t = trace([], params=params, mode="monitor",
+              per_step=steps(*losses, every=10, key="loss_mean"))
+    assert bool(hits("TL603", t)) is stuck
+    [found] = hits("TL503", t)
+    assert ("warm the learning rate up instead of cutting it" in found.fix) is not stuck
+    assert ("multiply the learning rate by about" in found.fix) is stuck
+
+
+@pytest.mark.parametrize("share, stalled", [(0.99, True), (1.01, False)])
+def test_tl503_typical_steps_that_look_right_in_a_run_that_does_not_learn_are_no_warmup_case(
+        share, stalled):
+    """A tiny BERT at AdamW lr 0.03: the first step's ratio ~5, the later ones ~0.001, and the
+    loss 1.55 -> 1.50 at accuracy 0.27 (1.0 at lr 1e-3): the fix said 'warm up instead of
+    cutting', and the run does not learn once under way. Where the loss fell by less than
+    ``LEARNING_DROP``, the fix cuts the rate by the geometric mean of what the first steps
+    and a typical step call for (here x0.026, lr 7.8e-4: accuracy 1.0; measured)."""
+    from trainlint.rules.gradients import LEARNING_DROP
+    ratios = (5.0, 0.001, 0.001, 0.001)
+    params = [param(f"l{i}.weight", (8, 8), ratios=ratios) for i in range(3)]
+    last = 1.5 * (1 - share * LEARNING_DROP)
+    losses = [1.5] * 5 + [(1.5 + last) / 2] * 5 + [last] * 5
+    t = trace([], params=params, mode="monitor",
+              per_step=steps(*losses, every=10, key="loss_mean"))
+    [found] = hits("TL503", t)
+    assert ("warm the learning rate up instead of cutting it" in found.fix) is not stalled
+    if stalled:
+        expected = math.sqrt(defaults("TL503")["target"] / 5.0 * 1.0)
+        assert found.evidence["lr_factor"] == pytest.approx(expected)
+        assert f"cut the learning rate by about {expected:.2g}" in found.fix
+
+
 @pytest.mark.parametrize("optimizer, fires", [("Adagrad", False), ("Adam", True),
                                                (None, True)])
 def test_tl503_adagrads_first_steps_do_not_make_its_rate_too_high(optimizer, fires):
