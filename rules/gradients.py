@@ -471,11 +471,11 @@ def update_ratio_of(p: ParamTrace) -> Optional[float]:
 
 def typical_ratio_of(p: ParamTrace, diverged: bool = False) -> float:
     """The median ‖Δw‖/‖w‖ over the observed optimizer steps (0 when none changed it). In a
-    run whose loss diverged or did not fall (``diverged``: TL604, TL603), where the steps
-    inflated the weight past ``INFLATED`` times its norm at the first of them, each update is
-    measured against that first norm: against the blown-up weight the same update looks
-    small, and so would the rate. (Weights that start small and grow as they learn, with a
-    loss that falls, are no blow-up.)"""
+    run whose loss diverged (``diverged``: TL604), where the steps inflated the weight past
+    ``INFLATED`` times its norm at the first of them, each update is measured against that
+    first norm: against the blown-up weight the same update looks small, and so would the
+    rate. (Weights that start small and grow as they learn are no blow-up, also on a plateau
+    before the loss falls: a loss that does not fall is no sign of one.)"""
     first = p.norms_before[0] if p.norms_before else 0.0
     if diverged and math.isfinite(first) and first > 0 and any(
             math.isfinite(n) and n > INFLATED * first for n in p.norms_before):
@@ -553,9 +553,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low
-    (where the loss diverged or did not fall (TL604, TL603) and the steps blew a weight up
-    past 10× its first norm, its updates are measured against that first norm: against the
-    inflated weight they look small). When
+    (where the loss diverged (TL604) and the steps blew a weight up past 10× its first norm,
+    its updates are measured against that first norm: against the inflated weight they look
+    small). When
     a typical step calls for cutting the rate by less than half, only the largest steps are too
     large (the rate suits the run once under way): the fix is warmup and clipping, where the
     loss falls; where it fell by less than ``LEARNING_DROP`` (5%) over the run, the first steps
@@ -644,7 +644,7 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     # Too high: the factor from a typical step's ratio (each weight's median over the steps),
     # not the largest: Adam's first steps move every weight by about lr / RMS(w) whatever the
     # rate is worth later, so a factor from them overshoots by 10-100x in a long run.
-    diverged = direction == "high" and bool(firing(trace, ("TL604", "TL603")))
+    diverged = direction == "high" and bool(firing(trace, ("TL604",)))
     step_typical = typical if direction == "low" else median(
         typical_ratio_of(p, diverged) for p, _ in judged)
     factor = t.target / step_typical if step_typical > 0 else None

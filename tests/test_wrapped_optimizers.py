@@ -160,5 +160,47 @@ def test_a_wrapper_torch_cannot_hook_is_watched_through_the_optimizer_it_keeps()
 def test_a_wrapper_torch_cannot_hook_that_keeps_no_optimizer_is_a_config_error() -> None:
     opt = TimmLikeLookahead(torch.optim.Adam(_model().parameters(), lr=1e-3))
     del opt._base_optimizer
-    with pytest.raises(trainlint.ConfigError, match="pass the optimizer it steps"):
+    with pytest.raises(trainlint.ConfigError, match="pass the optimizers it steps"):
         trainlint.Monitor(_model(), opt)
+
+
+class TwoInside(torch.optim.Optimizer):
+    """A wrapper without Optimizer.__init__ keeping two optimizers (one per part)."""
+
+    def __init__(self, first: torch.optim.Optimizer, second: torch.optim.Optimizer) -> None:
+        self.optimizer, self.inner_optimizer = first, second
+        self.param_groups = first.param_groups + second.param_groups
+        self.defaults, self.state = first.defaults, {}
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        self.optimizer.step()
+        self.inner_optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+        self.inner_optimizer.zero_grad(set_to_none)
+
+
+def test_wrappers_of_wrappers_and_of_several_optimizers_are_watched_through_them() -> None:
+    """A wrapper keeping two optimizers made `trainlint check` fail with an internal error,
+    and a Lookahead of a Lookahead was a ConfigError: each optimizer kept is watched."""
+    model = _model()
+    first = torch.optim.Adam(model[0].parameters(), lr=1e-3)
+    second = torch.optim.SGD(model[2].parameters(), lr=1e-2)
+    report = _train(model, TwoInside(first, second))
+    assert {p.optimizer for p in report.trace.params} == {"Adam", "SGD"}
+    assert any("the Adam and SGD it keeps was watched instead" in n for n in report.notes)
+    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+    nested = _train(model, TimmLikeLookahead(TimmLikeLookahead(inner)))
+    assert [s["step"] for s in nested.trace.per_step] == [0, 5, 10, 15]
+    batch = (torch.randn(32, 8), torch.randint(0, 10, (32,)))
+
+
+    def split(params) -> TwoInside:  # noqa: ANN001
+        params = list(params)
+        return TwoInside(torch.optim.Adam(params[:2], lr=1e-3),
+                         torch.optim.SGD(params[2:], lr=1e-2))
+
+    checked = trainlint.check(_model(), batch, loss_fn=F.cross_entropy, optimizer=split)
+    assert checked.trace.observed_steps == 3
+    assert {p.optimizer for p in checked.trace.params} == {"Adam", "SGD"}

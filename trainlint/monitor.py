@@ -24,6 +24,7 @@ from .probe import (
     _model_device,
     autocast_dtype,
     compiled_inside,
+    hookable,
     needs_closure,
     optimizers_of,
     training_forward,
@@ -397,13 +398,14 @@ class Monitor:
         if self.compiled:
             notes.append("the model is torch.compile'd: observed steps ran eagerly "
                          "(torch.compiler.set_stance('force_eager')), the others compiled")
-        given = optimizers_of_given(self.optimizer)
-        for outer, watched in zip(given, self.optimizers):
-            if outer is not watched:
+        for outer in optimizers_of_given(self.optimizer):
+            watched = hookable(outer)
+            if watched != [outer]:
+                names = " and ".join(type(o).__name__ for o in watched)
                 notes.append(f"the optimizer given ({type(outer).__name__}) skips "
                              "Optimizer.__init__, so torch runs no hooks on its step(): the "
-                             f"{type(watched).__name__} it keeps was watched instead (its "
-                             "updates, without the wrapper's own changes to the weights)")
+                             f"{names} it keeps was watched instead (its updates, without the "
+                             "wrapper's own changes to the weights)")
         if self.probe.wrapped_stepped and not self.probe.own_step_seen:
             inner = ", ".join(sorted(self.probe.wrapped_stepped))
             outer = ", ".join(type(o).__name__ for o in self.optimizers)
@@ -554,12 +556,6 @@ def _check_optimizer(optimizer: Any) -> None:
     """A ConfigError unless ``optimizer`` is None, a torch optimizer (what the probe hooks) or
     a non-empty list or tuple of them (optimizers that each step part of the model)."""
     items = optimizers_of(optimizer)
-    unhooked = next((o for o in items if isinstance(o, torch.optim.Optimizer)
-                     and not hasattr(o, "_optimizer_step_pre_hooks")), None)
-    if unhooked is not None:
-        raise ConfigError(f"the optimizer {type(unhooked).__name__} skips Optimizer.__init__, so "
-                          "torch runs no hooks on its step(), and it keeps no single optimizer "
-                          "that trainlint could watch instead: pass the optimizer it steps")
     if optimizer is None or (items and all(_is_optimizer(o) for o in items)):
         return
     parameters = inspect.isgenerator(optimizer) or any(isinstance(o, torch.Tensor) for o in items)

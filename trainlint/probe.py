@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import gates, stats
 from .batch import leading_size, tensors_in
+from .errors import ConfigError
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
 from .trace import (
@@ -348,6 +349,12 @@ class Probe:
         # The optimizers whose steps are read: one, or several that each step part of the
         # model's parameters (SparseAdam + Adam, Muon + AdamW).
         self.optimizers: list = optimizers_of(optimizer)
+        unhooked = next((o for o in self.optimizers if unhookable(o)), None)
+        if unhooked is not None:
+            raise ConfigError(f"the optimizer {type(unhooked).__name__} skips "
+                              "Optimizer.__init__, so torch runs no hooks on its step(), and it "
+                              "keeps no optimizer that trainlint could watch instead: pass the "
+                              "optimizers it steps (a list where there are several)")
         self.names = {m: n for n, m in model.named_modules()}
         self.infos: dict[nn.Module, ModuleInfo] = {}
         self.param_names = {p: n for n, p in model.named_parameters()}
@@ -1712,19 +1719,24 @@ def optimizers_of(optimizer: Any) -> list:
     if optimizer is None:
         return []
     items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    return [hookable(o) for o in items]
+    return [h for o in items for h in hookable(o)]
 
 
-def hookable(optimizer: Any) -> Any:
-    """``optimizer``, or, where it is a torch Optimizer subclass whose ``__init__`` skipped
-    ``Optimizer.__init__`` (timm's Lookahead: torch then runs no hooks on its ``step()``), the
-    optimizer it keeps and steps; unchanged where it keeps none (the caller's check says
-    so)."""
-    if not isinstance(optimizer, torch.optim.Optimizer) or \
-            hasattr(optimizer, "_optimizer_step_pre_hooks"):
-        return optimizer
+def unhookable(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a torch Optimizer subclass whose ``__init__`` skipped
+    ``Optimizer.__init__`` (timm's Lookahead): torch then runs no hooks on its ``step()``."""
+    return isinstance(optimizer, torch.optim.Optimizer) and \
+        not hasattr(optimizer, "_optimizer_step_pre_hooks")
+
+
+def hookable(optimizer: Any, depth: int = 0) -> list:
+    """``[optimizer]``, or, where it is :func:`unhookable`, the optimizers it keeps and steps
+    (through wrappers of wrappers); ``[optimizer]`` where it keeps none (the caller's check
+    says so)."""
+    if not unhookable(optimizer) or depth > 4:
+        return [optimizer]
     inner = wrapped_optimizers(optimizer, [])
-    return inner[0] if len(inner) == 1 else optimizer
+    return [h for o in inner for h in hookable(o, depth + 1)] if inner else [optimizer]
 
 
 # Attributes under which optimizer wrappers keep the optimizer they step (SAM's

@@ -816,29 +816,25 @@ def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_firs
     assert found.evidence["lr_factor"] == pytest.approx(d["target"] / typical)
 
 
-@pytest.mark.parametrize("stuck", [True, False])
-def test_tl503_weights_blown_up_while_the_loss_did_not_fall_are_measured_from_their_start(
-        stuck):
-    """A tiny BERT at AdamW lr 0.1: the weights grew 15x (norm 1.79 -> 26) while the loss
-    stayed near chance (accuracy 0.21 against 1.0 at lr 1e-3), and each later update looked
-    typical against the blown-up weights: the fix said 'warm up instead of cutting'. The
-    loss that does not fall (TL603), like one that diverges (TL604), tells a blow-up from
-    weights that grow as they learn (measured: the new factor, x0.039, trained to 1.0)."""
-    norms = [1.0, 15.0, 15.0, 15.0]
-    updates = [5.0, 0.015, 0.015, 0.015]
+def test_tl503_weights_that_grow_on_a_plateau_are_no_blow_up():
+    """A BERT at initializer_range 0.002 and AdamW 3e-3 sits on a plateau for the 100
+    observed steps while its weights grow 16x as they start to learn (accuracy 1.0 by step
+    300). Measured from their first norm, the cut read x0.002 (lr 5.9e-6: accuracy 0.21):
+    only a loss that diverges (TL604) marks grown weights as blown up, not one that does not
+    fall (TL603)."""
+    norms = [1.0, 16.0, 16.0, 16.0]
+    updates = [5.0, 0.8, 0.8, 0.8]
     params = []
     for i in range(3):
         p = param(f"l{i}.weight", (8, 8))
         p.norms_before, p.update_norms = norms, updates
         p.update_ratios = [u / n for u, n in zip(updates, norms)]
         params.append(p)
-    losses = [1.8] * 15 if stuck else list(np.geomspace(1.8, 0.2, 15))
     t = trace([], params=params, mode="monitor",
-              per_step=steps(*losses, every=10, key="loss_mean"))
-    assert bool(hits("TL603", t)) is stuck
+              per_step=steps(*[1.8] * 15, every=10, key="loss_mean"))
+    assert hits("TL603", t) and not hits("TL604", t)
     [found] = hits("TL503", t)
-    assert ("warm the learning rate up instead of cutting it" in found.fix) is not stuck
-    assert ("multiply the learning rate by about" in found.fix) is stuck
+    assert found.evidence["typical_step_ratio"] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize("share, stalled", [(0.99, True), (1.01, False)])
