@@ -787,6 +787,17 @@ def test_tl503_too_high_names_tl104_only_for_growth_from_the_init(grew):
     assert ("multiply the learning rate" in found.fix) is grew
 
 
+def _grown(norms: list, updates: list) -> list:
+    """Three weights whose norms before each observed step and update norms are these."""
+    params = []
+    for i in range(3):
+        p = param(f"l{i}.weight", (8, 8))
+        p.norms_before, p.update_norms = norms, updates
+        p.update_ratios = [u / n for u, n in zip(updates, norms)]
+        params.append(p)
+    return params
+
+
 @pytest.mark.parametrize("growth, diverged", [(INFLATED * 0.99, True), (INFLATED * 1.01, True),
                                               (INFLATED * 1.01, False)])
 def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_first_norm(
@@ -798,14 +809,7 @@ def test_tl503_a_typical_step_of_weights_blown_up_is_measured_against_their_firs
     step is measured against that norm. Weights initialized at std 0.001 grow 16-50x as they
     learn under Adam at 1e-3 (a sensible rate): no blow-up, the step is measured as ever."""
     d = defaults("TL503")
-    norms = [1.0, growth, growth, growth]
-    updates = [8.0, 0.1, 0.1, 0.1]
-    params = []
-    for i in range(3):
-        p = param(f"l{i}.weight", (8, 8))
-        p.norms_before, p.update_norms = norms, updates
-        p.update_ratios = [u / n for u, n in zip(updates, norms)]
-        params.append(p)
+    params = _grown([1.0, growth, growth, growth], [8.0, 0.1, 0.1, 0.1])
     losses = (1.0, 1.0, 50.0, 1e4) if diverged else (1.0, 0.9, 0.8, 0.7)
     t = trace([], params=params, mode="monitor", per_step=steps(*losses, every=50,
                                                                 key="loss_mean"))
@@ -822,14 +826,7 @@ def test_tl503_weights_that_grow_on_a_plateau_are_no_blow_up():
     300). Measured from their first norm, the cut read x0.002 (lr 5.9e-6: accuracy 0.21):
     only a loss that diverges (TL604) marks grown weights as blown up, not one that does not
     fall (TL603)."""
-    norms = [1.0, 16.0, 16.0, 16.0]
-    updates = [5.0, 0.8, 0.8, 0.8]
-    params = []
-    for i in range(3):
-        p = param(f"l{i}.weight", (8, 8))
-        p.norms_before, p.update_norms = norms, updates
-        p.update_ratios = [u / n for u, n in zip(updates, norms)]
-        params.append(p)
+    params = _grown([1.0, 16.0, 16.0, 16.0], [5.0, 0.8, 0.8, 0.8])
     t = trace([], params=params, mode="monitor",
               per_step=steps(*[1.8] * 15, every=10, key="loss_mean"))
     assert hits("TL603", t) and not hits("TL604", t)
