@@ -23,7 +23,14 @@ from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, compared_output, output_index, watched
-from .probe import Probe, _model_device, compiled_inside, frozen, needs_closure
+from .probe import (
+    Probe,
+    _model_device,
+    compiled_inside,
+    frozen,
+    needs_closure,
+    wrapper_notes,
+)
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import flat_message, raised_by_trainlint, user_traceback
@@ -53,6 +60,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     opt, made_here = _optimizer(optimizer, model, trainable, notes)
     saved = snapshot(model, None if made_here else opt)
     probe = Probe(model, opt)
+    notes += wrapper_notes(opt)
     probe.inputs_every_step = True  # a feature constant in one batch may vary in the next
     builder = TraceBuilder(model, mode="check")
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,

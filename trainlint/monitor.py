@@ -24,10 +24,10 @@ from .probe import (
     _model_device,
     autocast_dtype,
     compiled_inside,
-    hookable,
     needs_closure,
     optimizers_of,
     training_forward,
+    wrapper_notes,
 )
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
@@ -398,14 +398,8 @@ class Monitor:
         if self.compiled:
             notes.append("the model is torch.compile'd: observed steps ran eagerly "
                          "(torch.compiler.set_stance('force_eager')), the others compiled")
-        for outer in optimizers_of_given(self.optimizer):
-            watched = hookable(outer)
-            if watched != [outer]:
-                names = " and ".join(type(o).__name__ for o in watched)
-                notes.append(f"the optimizer given ({type(outer).__name__}) skips "
-                             "Optimizer.__init__, so torch runs no hooks on its step(): the "
-                             f"{names} it keeps was watched instead (its updates, without the "
-                             "wrapper's own changes to the weights)")
+        if self.optimizer is not None:
+            notes += wrapper_notes(self.optimizer)
         if self.probe.wrapped_stepped and not self.probe.own_step_seen:
             inner = ", ".join(sorted(self.probe.wrapped_stepped))
             outer = ", ".join(type(o).__name__ for o in self.optimizers)
@@ -563,13 +557,6 @@ def _check_optimizer(optimizer: Any) -> None:
     bad = next((o for o in items if not _is_optimizer(o)), optimizer)
     raise ConfigError(f"optimizer must be a torch.optim.Optimizer or a list of them, got "
                       f"{type(bad).__name__}{hint}")
-
-
-def optimizers_of_given(optimizer: Any) -> list:
-    """The optimizers as the caller passed them (before :func:`hookable`)."""
-    if optimizer is None:
-        return []
-    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
 
 
 def _is_optimizer(obj: Any) -> bool:

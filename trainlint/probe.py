@@ -1722,6 +1722,21 @@ def optimizers_of(optimizer: Any) -> list:
     return [h for o in items for h in hookable(o)]
 
 
+def wrapper_notes(optimizer: Any) -> list[str]:
+    """A report's notes on the optimizers given that were watched through those they keep."""
+    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    notes = []
+    for outer in items:
+        watched = hookable(outer)
+        if watched != [outer]:
+            names = " and ".join(type(o).__name__ for o in watched)
+            notes.append(f"the optimizer given ({type(outer).__name__}) skips "
+                         "Optimizer.__init__, so torch runs no hooks on its step(): the "
+                         f"{names} it keeps was watched instead (its updates, without the "
+                         "wrapper's own changes to the weights)")
+    return notes
+
+
 def unhookable(optimizer: Any) -> bool:
     """Whether ``optimizer`` is a torch Optimizer subclass whose ``__init__`` skipped
     ``Optimizer.__init__`` (timm's Lookahead): torch then runs no hooks on its ``step()``."""
