@@ -42,7 +42,7 @@ from ._graph import (
     sources,
 )
 from .gradients import UNBOUNDED_FIRST, firing, loss_unbounded
-from .run import joined_later, loss_curve
+from .run import seen_from_start
 
 FP16_MAX = 65504.0
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -136,8 +136,7 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             evidence["feeding_module"] = feeder.name
             evidence.update(_param_state(trace, feeder))
         # Dead over every observed step from the run's first: dead before any update.
-        from_init = (recent is None and steps >= trace.observed_steps and bool(trace.per_step)
-                     and trace.at_start(trace.per_step[0]) and not _joined_later(trace))
+        from_init = recent is None and steps >= trace.observed_steps and seen_from_start(trace)
         fix = _dead_relu_fix(feeder, evidence, lt.kind, from_init,
                              joined=_after_sum(trace, lt))
         starved = _starved_by(trace, lt)
@@ -275,13 +274,6 @@ def _fan_in(facts: ModuleFacts) -> Optional[int]:
 NORM_WEIGHT_COLLAPSED = 0.1
 
 
-def _joined_later(trace: RunTrace) -> bool:
-    """Whether a Monitor's first observed step came after training began (TL603's test: its
-    first classification loss already well below ln C, though plain SGD kept no state)."""
-    curve = loss_curve(trace)
-    return bool(curve) and joined_later(trace, curve)
-
-
 def _after_sum(trace: RunTrace, lt: LayerTrace) -> bool:
     """Whether ``lt``'s input comes straight from a sum of paths (a residual join)."""
     target = ("module", lt.module) if lt.op == "output" else lt.node
@@ -294,19 +286,14 @@ def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional
     unless the units were dead from the first step (before any update: the init's or the
     data's). Where the units' input is a sum of paths (a residual join), each path's last
     layer is what to check."""
-    fix = _feeder_fix(feeder, evidence, kind, joined)
-    return fix.removeprefix("lower the learning rate; ") if from_init else fix
-
-
-def _feeder_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[str],
-                joined: bool) -> str:
+    rate = "" if from_init else "lower the learning rate; "
     if kind == "relu":
         tail = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
     else:  # GELU family: ~0 out means inputs below about -3.4, or a scale collapsed to ~0
         tail = ("; a GELU/SiLU output ~0 also means its input is ~0: check that the scale of "
                 "the signal does not collapse before it (TL103)")
     if feeder is None:
-        return ("lower the learning rate; re-initialize the layer feeding it with "
+        return (f"{rate}re-initialize the layer feeding it with "
                 "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
                 "nn.init.zeros_(layer.bias)" + tail)
     measured = []
@@ -321,11 +308,11 @@ def _feeder_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[st
     state = f" ({', '.join(measured)})" if measured else ""
     layer = f"{feeder.type} {feeder.name!r}{state}"
     if feeder.base in WEIGHT_LAYERS:
-        return (f"lower the learning rate; re-initialize the layer feeding it, {layer}, with "
+        return (f"{rate}re-initialize the layer feeding it, {layer}, with "
                 f"nn.init.kaiming_normal_(layer.weight, nonlinearity='relu') and "
                 f"nn.init.zeros_(layer.bias)" + tail)
     if joined and not feeder.is_leaf:
-        return ("lower the learning rate; the units' input adds up several paths (a residual "
+        return (f"{rate}the units' input adds up several paths (a residual "
                 "join) and is negative for these units: check the last layer of each path, "
                 "e.g. a shortcut projection whose bias outweighs its weights sets each unit's "
                 "sign (nn.init.zeros_(layer.bias))" + tail)
@@ -333,7 +320,7 @@ def _feeder_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[st
         return (f"re-initialize the norm layer feeding it, {layer}, with "
                 f"nn.init.ones_(layer.weight) and nn.init.zeros_(layer.bias): its weight "
                 f"scales every normalized output to about its own size" + tail)
-    return (f"lower the learning rate; check the layer feeding it, {layer}: its outputs are "
+    return (f"{rate}check the layer feeding it, {layer}: its outputs are "
             f"negative for these units (e.g. reset a norm layer's bias with "
             f"nn.init.zeros_(layer.bias))" + tail)
 

@@ -144,13 +144,13 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
            "(ReLU) or nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh')) (tanh); "
            "prefer ReLU/GELU to sigmoid/tanh; add normalization layers or residual "
            "connections")
-    frozen = frozen_at_zero(trace)
-    if early == 0 and where.grad_norm == 0 and frozen:
+    frozen = frozen_at_zero(trace) if early == 0 and where.grad_norm == 0 else None
+    if frozen:
         fix = (f"the gradient at {where.label} is exactly 0, not faded: "
                f"{', '.join(repr(m) for m in frozen)} is frozen at 0 (requires_grad=False) and "
                "multiplies everything behind it by 0; let it train (requires_grad_(True), in "
                "the optimizer)")
-    elif early == 0 and where.grad_norm == 0:
+    elif frozen is not None:  # exactly 0, with no frozen layer at 0 that ran
         fix = (f"the gradient at {where.label} is exactly 0, not faded: the backward signal is "
                "cut on its way from the loss, and no init brings it back; look there for a "
                "factor of exactly 0 that does not train (a gate or scale initialized at 0 but "

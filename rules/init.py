@@ -32,7 +32,7 @@ from ._graph import (
     sources,
     upstream,
 )
-from .run import chance_level, joined_later, loss_curve, unknown_loss
+from .run import chance_level, seen_from_start, unknown_loss
 
 # nn.init.calculate_gain for the nonlinearities the probe tells apart (GELU-family: ReLU's).
 GAINS = {"relu": math.sqrt(2.0), "gelu": math.sqrt(2.0), "tanh": 5.0 / 3.0, "sigmoid": 1.0}
@@ -45,9 +45,7 @@ RESIDUAL_HOPS = 3
 
 def first_step(trace: RunTrace) -> dict:
     """The observed data of training step 0; Skip when the run was not seen from the start."""
-    curve = loss_curve(trace)
-    if (not trace.per_step or not trace.at_start(trace.per_step[0])
-            or (curve and joined_later(trace, curve))):
+    if not seen_from_start(trace):
         raise Skip("it needs the first training step (trainlint check, or a Monitor created "
                    "before training starts)")
     return trace.per_step[0]

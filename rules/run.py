@@ -175,6 +175,16 @@ def joined_later(trace: RunTrace, curve: list) -> bool:
             and curve[0][1] < TRAINED_BELOW * chance[1])
 
 
+def seen_from_start(trace: RunTrace) -> bool:
+    """Whether the run was observed from its first training step: its first observed step
+    began at step 0 (:meth:`RunTrace.at_start`) and its loss curve did not join later
+    (:func:`joined_later`)."""
+    if not trace.per_step or not trace.at_start(trace.per_step[0]):
+        return False
+    curve = loss_curve(trace)
+    return not (curve and joined_later(trace, curve))
+
+
 def weights_moved(trace: RunTrace, steps: int) -> Optional[float]:
     """How far the weights moved over ``steps`` training steps, relative to their norm: the
     median over the weight matrices of their mean ‖Δw‖/‖w‖ per observed step, times
@@ -340,6 +350,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         yield Hit(module="", message=message, fix=fix, evidence=evidence)
 
 
+# The share of trainable weight matrices without a gradient (or with one of exactly 0) at
+# which a loss stuck at chance is theirs, not the learning rate's (TL603).
+GRADLESS_SHARE = 0.5
+
+
 def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, steps: int,
                      t: Thresholds) -> Optional[tuple]:
     """``(message, fix, evidence)`` when a classifier's loss stays at ln(C) while its weights
@@ -372,7 +387,8 @@ def _stuck_at_chance(trace: RunTrace, first: float, last: float, moved: float, s
     # why the loss is stuck).
     weights = [p for p in trace.params if p.requires_grad and len(p.shape) >= 2]
     gradless = [p for p in weights if p.grad_steps == 0 or not p.grad_norm]
-    cut = firing(trace, ("TL505", "TL501")) if 2 * len(gradless) >= len(weights) else []
+    cut = (firing(trace, ("TL505", "TL501"))
+           if len(gradless) >= GRADLESS_SHARE * len(weights) else [])
     if cut:
         message = (f"; it sits at ln({classes}) = {level:.4g}, an uninformed classifier's "
                    f"loss, while the weights move only {rate:.2g} of their norm a step: the "

@@ -398,16 +398,15 @@ class Monitor:
         if self.compiled:
             notes.append("the model is torch.compile'd: observed steps ran eagerly "
                          "(torch.compiler.set_stance('force_eager')), the others compiled")
-        if self.optimizer is not None:
-            notes += wrapper_notes(self.optimizer)
+        notes += wrapper_notes(self.optimizer)
         if self.probe.wrapped_stepped and not self.probe.own_step_seen:
             inner = ", ".join(sorted(self.probe.wrapped_stepped))
             outer = ", ".join(type(o).__name__ for o in self.optimizers)
             notes.append(f"the optimizer given ({outer}) never ran its own step() in an observed "
-                         f"step, while the one it wraps ({inner}) did (a SAM's second_step(), a "
-                         "wrapper whose step() torch does not hook): each observation ended "
-                         "there, but the update ratio (TL503) is measured on the optimizer "
-                         f"given; pass the {inner} to the Monitor to measure it")
+                         f"step, while the one it wraps ({inner}) did (a SAM's second_step()): "
+                         "each observation ended there, but the update ratio (TL503) is "
+                         f"measured on the optimizer given; pass the {inner} to the Monitor to "
+                         "measure it")
         if self.scaler_skips:
             notes.append(f"the GradScaler skipped {self.scaler_skips} observed step(s) "
                          "(inf/NaN gradients at its loss scale); the next step was observed "

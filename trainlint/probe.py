@@ -1716,17 +1716,20 @@ def needs_closure(optimizer: Any) -> bool:
 def optimizers_of(optimizer: Any) -> list:
     """The optimizers in ``optimizer`` (none: None, one, or a list or tuple of them), each as
     the one whose steps can be hooked (:func:`hookable`)."""
+    return [h for o in _given(optimizer) for h in hookable(o)]
+
+
+def _given(optimizer: Any) -> list:
+    """The optimizers as passed: none (None), one, or a list or tuple of them."""
     if optimizer is None:
         return []
-    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    return [h for o in items for h in hookable(o)]
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
 
 
 def wrapper_notes(optimizer: Any) -> list[str]:
     """A report's notes on the optimizers given that were watched through those they keep."""
-    items = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     notes = []
-    for outer in items:
+    for outer in _given(optimizer):
         watched = hookable(outer)
         if watched != [outer]:
             names = " and ".join(type(o).__name__ for o in watched)

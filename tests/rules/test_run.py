@@ -186,11 +186,12 @@ def test_tl603_stuck_at_chance_with_weights_without_a_gradient_names_that(gradle
     or more get no gradient, and TL505 (or TL501) says where, the fix is theirs; an unused
     head beside weights that train is not why the loss is stuck (a rate too low, measured:
     removing the head left the loss at 2.308, raising the rate reached 2.19)."""
-    run = _slow_classifier(math.log(10), 0.5 * defaults("TL603")["stuck_rate"])
-    run.params += [param(f"branch{i}.weight", (4, 4), grad_norm=None, grad_steps=0)
-                   for i in range(gradless)]  # 3 weights that train beside them
-    run.observed_steps = 9
-    [found] = hits("TL603", run)
+    slow = _slow_classifier(math.log(10), 0.5 * defaults("TL603")["stuck_rate"])
+    slow.params += [param(f"branch{i}.weight", (4, 4), grad_norm=None, grad_steps=0)
+                    for i in range(gradless)]  # 3 weights that train beside them
+    slow.observed_steps = 9
+    assert (gradless >= run.GRADLESS_SHARE * (gradless + 3)) is cut  # 3 of 6: at the share
+    [found] = hits("TL603", slow)
     assert ("raise the learning rate" in found.fix) is not cut
     assert ("fix what TL505 reports first" in found.fix) is cut
     assert ("the gradients do not reach them (TL505)" in found.message) is cut
