@@ -369,6 +369,12 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     or a rescaled one is not judged, nor one with ``reduction='none'`` (masked or weighted
     after).
     A gate's fix keeps the gate (its range is its job) and re-initializes what feeds it.
+
+    A unit that saturates only once the model has fitted is confident, not stuck: where the
+    observed steps at which the loss was still above ``FITTED_LOSS`` (10%) of its first
+    observed value had less than ``saturated_fraction`` of the outputs in the tails on
+    average, and the loss then fell to that level, the layer is left alone (a classifier's
+    tanh pooler saturates as its loss goes to 0).
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -381,6 +387,8 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if _is_gate(trace, lt) and trace.mode != "check":
             continue  # a trained gate may settle open or shut; at init it sits near 0.5
+        if _saturated_once_fitted(trace, lt, t):
+            continue
         calls.setdefault((lt.module, lt.op.split("#")[0]), []).append((share, lt))
     for found in calls.values():
         share, lt = max(found, key=lambda item: item[0])
@@ -433,6 +441,37 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                      "forget, cell, output), so the cell keeps its state at first"),
                 evidence={"closed_fraction": round(share, 4), "forget_bias": bias,
                           "spread": spread, "threshold": t.saturated_fraction})
+
+
+# A loss at or below this share of its first observed value has fitted the training data: a
+# tanh/sigmoid that saturates only from then on is confident, not stuck (TL102). A tiny BERT's
+# pooler tanh read 35% saturated over a 600-step run whose loss fell from ln 4 to 0.001, with
+# 0-10% while it was still falling.
+FITTED_LOSS = 0.1
+
+
+def _saturated_once_fitted(trace: RunTrace, lt: LayerTrace, t: Thresholds) -> bool:
+    """Whether ``lt`` saturated only at observed steps where the loss had fitted (at most
+    ``FITTED_LOSS`` x the first observed loss): at the steps before, its share of saturated
+    outputs was below ``t.saturated_fraction`` on average. False where no step fitted or the
+    per-step shares are not known."""
+    points = [s for s in trace.per_step if s.get("loss") is not None and s.get("layers")]
+    if len(points) < 2 or not trace.per_step or trace.per_step[0].get("loss") is None:
+        return False
+    first = trace.per_step[0]["loss"]
+    if not (math.isfinite(first) and first > 0):
+        return False
+    before, fitted = [], 0
+    for s in points:
+        found = layer_columns(s["layers"], [lt.node[1:]], ("saturated_fraction",))
+        share = found["saturated_fraction"][0] if found else None
+        if share is None:
+            continue
+        if math.isfinite(s["loss"]) and s["loss"] <= FITTED_LOSS * first:
+            fitted += 1
+        else:
+            before.append(share)
+    return fitted > 0 and bool(before) and sum(before) / len(before) < t.saturated_fraction
 
 
 # Per output activation: (its range as text, the target's share beyond it, how far beyond it

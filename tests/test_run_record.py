@@ -110,11 +110,14 @@ def _capture(model: nn.Module) -> tuple[dict, list]:
 
 
 def test_each_steps_layers_read_as_dicts_of_what_was_measured() -> None:
-    """per_step[i]["layers"][key] reads as a dict of that step's values: the output's mean, std
-    and zero fraction, the norm of the gradient w.r.t. it where it is read, the dead fraction
-    of a ReLU's units; computed here again from the same tensors."""
+    """per_step[i]["layers"][key] reads as a dict of that step's values: the output's mean, std,
+    zero and saturated fractions, the norm of the gradient w.r.t. it where it is read, the
+    dead fraction of a ReLU's units; computed here again from the same tensors."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(4.0)  # the tanh partly in its tails
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     seen, handles = _capture(model)
@@ -134,20 +137,24 @@ def test_each_steps_layers_read_as_dicts_of_what_was_measured() -> None:
     keys = {lt.module: lt.node[1:] for lt in trace.layers}
     for i, step in enumerate(trace.per_step):
         layers = step["layers"]
-        assert set(layers) == set(keys.values()) and len(layers) == 3
+        assert set(layers) == set(keys.values()) and len(layers) == 5
         for name, key in keys.items():
             entry = layers[key]
-            fields = {"std", "mean", "zero_fraction", "signal"}
-            assert set(entry) == fields | ({"dead_fraction"} if name == "1" else {"grad_norm"})
+            fields = {"std", "mean", "zero_fraction", "saturated_fraction", "signal"}
+            measured = {"1": {"dead_fraction"}, "3": set()}  # (activations: no gradient)
+            assert set(entry) == fields | measured.get(name, {"grad_norm"})
             out = seen[name][i]
             assert entry["mean"] == pytest.approx(out.mean().item(), rel=1e-9, abs=1e-12)
             assert entry["std"] == pytest.approx(out.std(unbiased=False).item(), rel=1e-9)
             assert entry["zero_fraction"] == pytest.approx((out == 0).double().mean().item())
+            tails = (out.abs() > 0.99).double().mean().item() if name == "3" else 0.0
+            assert entry["saturated_fraction"] == pytest.approx(tails)
+            assert (tails > 0) is (name == "3")
             if name == "1":  # the ReLU: its units, not its gradient
                 assert "grad_norm" not in entry
                 ever = np.logical_or.reduce([(o > 0).any(0).numpy() for o in seen[name][:i + 1]])
                 assert entry["dead_fraction"] == pytest.approx(1 - ever.mean())
-            else:
+            elif name != "3":
                 assert "dead_fraction" not in entry
                 assert entry["grad_norm"] == pytest.approx(
                     seen[name + ".grad"][i].norm().item(), rel=1e-9)

@@ -340,7 +340,7 @@ class TraceBuilder:
         summary = stats.moment_summaries(step)
         sizes = dict(zip(keys, step[:, stats.A["n"]].tolist()))
         at = [index[key] for key in keys]
-        for name in ("std", "mean", "zero_fraction"):
+        for name in ("std", "mean", "zero_fraction", "saturated_fraction"):
             _put(columns, name, len(index), at, summary[name])
         for i in np.flatnonzero(summary["nonfinite"]).tolist():
             nonfinite[keys[i]] = int(summary["nonfinite"][i])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
 from trainlint.rules.activations import (
+    FITTED_LOSS,
     GREW,
     IDENTICAL,
     NORM_WEIGHT_COLLAPSED,
@@ -499,6 +500,35 @@ def test_tl102_threshold_override() -> None:
     set_thresholds(selection, {"saturated-activation": {"saturated_fraction": s / 2}})
     findings, _ = run_rules(tanh_trace(s / 2), selection)
     assert len(findings) == 1
+
+
+def _fitting(before: float, fitted_at: float) -> RunTrace:
+    """A Monitor run's tanh at 0.9 saturated over the run: its share ``before`` at the two
+    observed steps before the loss fell to ``fitted_at`` x its first value, 0.9 at the two
+    after."""
+    trace = tanh_trace(0.9)
+    trace.mode = "monitor"
+    key = trace.layers[1].node[1:]
+    trace.per_step = [{"step": 10 * i, "loss": loss, "layers": {key: {"saturated_fraction": s}}}
+                      for i, (loss, s) in enumerate([(1.4, before), (0.7, before),
+                                                     (1.4 * fitted_at, 0.9), (0.1, 0.9)])]
+    return trace
+
+
+def test_tl102_saturation_only_once_the_loss_fitted_is_confidence() -> None:
+    """A tanh that saturates only at steps where the loss is at most FITTED_LOSS x its first
+    (a tiny BERT's pooler: 35% over 600 steps whose loss fell from ln 4 to 0.001) is left
+    alone; one already saturated before, or a loss that never fitted, is not."""
+    s = RULES["TL102"].defaults["saturated_fraction"]
+    assert run("TL102", _fitting(np.nextafter(s, 0), FITTED_LOSS)) == []
+    assert len(run("TL102", _fitting(s, FITTED_LOSS))) == 1
+    unfit = _fitting(0.0, np.nextafter(FITTED_LOSS, 1))
+    unfit.per_step[-1]["loss"] = unfit.per_step[-2]["loss"]
+    assert len(run("TL102", unfit)) == 1
+    unknown = _fitting(0.0, FITTED_LOSS)
+    for step in unknown.per_step:
+        del step["layers"]
+    assert len(run("TL102", unknown)) == 1
 
 
 # ------------------------------------------------------------------------------ TL103/104
