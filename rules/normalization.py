@@ -79,13 +79,19 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     large enough, ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` instead. A BatchNorm
     whose parameters are frozen (a fine-tuned backbone's) belongs in eval mode: the fix says
     so first.
+
+    In a Monitor run a small batch that comes alone now and then, with full ones between
+    (the last, incomplete batch of each epoch with ``DataLoader(drop_last=False)``), is left
+    alone: a batch below ``min_batch`` is judged where it came at two observed steps in a row
+    or at half of them or more (the message then says at how many).
     """
     for facts in batchnorms(trace):
-        if not facts.batch_sizes:
+        if not facts.batch_sizes or min(facts.values_per_channel) <= 1:
             continue
-        batch = min(facts.batch_sizes)
-        if batch >= t.min_batch or min(facts.values_per_channel) <= 1:
+        small = _small_batches(facts, t.min_batch)
+        if small is None:
             continue
+        batch, count, total = small
         global_batch = batch * max(trace.world_size, 1)
         if trace.world_size > 1 and global_batch >= t.min_batch:
             fix = (f"the global batch is {global_batch} over {trace.world_size} processes: "
@@ -108,12 +114,32 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         yield Hit(
             module=facts.name,
             message=(f"{facts.type} {facts.name!r} normalizes over batches of {batch} sample(s) "
-                     f"per device in training mode (threshold {t.min_batch}): its statistics "
-                     "are noisy and drift from the running estimates used at eval"),
+                     f"per device in training mode (threshold {t.min_batch})"
+                     + ("" if count == total else f" at {count} of {total} observed steps")
+                     + ": its statistics are noisy and drift from the running estimates used "
+                     "at eval"),
             fix=fix,
             evidence={"batch_size": batch, "threshold": t.min_batch,
-                      "world_size": trace.world_size, "global_batch": global_batch},
+                      "world_size": trace.world_size, "global_batch": global_batch,
+                      "small_steps": count, "observed_steps": total},
         )
+
+
+def _small_batches(facts: ModuleFacts, min_batch: int) -> Optional[tuple[int, int, int]]:
+    """(the smallest batch below ``min_batch``, the observed steps with one, the observed steps
+    that ran the layer) where such batches came at two observed steps in a row or at half of
+    them or more; None where none did, or each came alone between full ones (a DataLoader's
+    last incomplete batch of each epoch with drop_last=False: one step in many)."""
+    runs = facts.batch_runs or [[batch, 1] for batch in facts.batch_sizes]
+    small = [(batch, steps) for batch, steps in runs if batch < min_batch]
+    if not small:
+        return None
+    total, count = sum(steps for _, steps in runs), sum(steps for _, steps in small)
+    in_a_row = any(steps >= 2 for _, steps in small) or any(
+        a[0] < min_batch and b[0] < min_batch for a, b in zip(runs, runs[1:]))
+    if not in_a_row and 2 * count < total:
+        return None
+    return min(batch for batch, _ in small), count, total
 
 
 @rule("TL404", "batchnorm-single-value", "error")

@@ -190,6 +190,7 @@ class TraceBuilder:
         # The distinct normalization-layer calls (an ordered set: every observed step repeats
         # them, and the rules read their minimum batch and their shapes).
         self.norm_calls: dict = {}
+        self.batch_runs: dict[str, list] = {}
         # Modules whose own forward called F.scaled_dot_product_attention, or a functional norm
         # (name -> the norm's torch.nn class name).
         self.attention_calls: set = set()
@@ -230,6 +231,7 @@ class TraceBuilder:
         self.checkpointed.update(snap.checkpointed)
         self.gradless.update(snap.gradless)
         self.norm_calls.update(dict.fromkeys(snap.norm_calls))
+        self._add_batch_runs(snap.norm_calls)
         self.attention_calls.update(snap.attention_calls)
         for name, ops in snap.inner_ops.items():
             keep_inner_ops(self.inner_ops, name, ops)
@@ -315,6 +317,21 @@ class TraceBuilder:
             self._thin()
         # The modes the training forward ran in (read now when no forward said: a check).
         self.train_flags.append({"step": step, **(snap.train_flags or training_flags(self.model))})
+
+    def _add_batch_runs(self, calls: list) -> None:
+        """Each normalization layer's smallest training batch at this step onto its runs of
+        ``[batch, steps]`` (a run grows while the batch stays the same)."""
+        smallest: dict = {}
+        for call in calls:
+            if call.training and len(call.shape) >= 2:
+                batch = call.shape[0]
+                smallest[call.module] = min(smallest.get(call.module, batch), batch)
+        for module, batch in smallest.items():
+            runs = self.batch_runs.setdefault(module, [])
+            if runs and runs[-1][0] == batch:
+                runs[-1][1] += 1
+            else:
+                runs.append([batch, 1])
 
     def _thin(self) -> None:
         """Drop the per-layer values and per-parameter gradient norms of the observed steps
@@ -607,6 +624,9 @@ class TraceBuilder:
             fact = facts.get(name)
             if fact is not None and fact.is_leaf and fact.base == fact.type:
                 fact.base = norm  # a user's leaf class that is F.layer_norm: a LayerNorm
+        for name, runs in self.batch_runs.items():
+            if name in facts:
+                facts[name].batch_runs = [list(run) for run in runs]
         for call in self.norm_calls:
             fact = facts.get(call.module)
             if fact is None or len(call.shape) < 2 or not call.training:

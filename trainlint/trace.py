@@ -131,6 +131,9 @@ class ModuleFacts:
     # Shapes of the inputs seen by a normalization layer: values per channel per call.
     values_per_channel: list = field(default_factory=list)
     batch_sizes: list = field(default_factory=list)
+    # A normalization layer's smallest training batch at each observed step that ran it, as
+    # runs of [batch, steps] in order (how often a batch that small came, and in a row).
+    batch_runs: list = field(default_factory=list)
     input_shapes: list = field(default_factory=list)
     # The torch.nn class the module is or derives from (``type`` when it derives from none).
     base: str = ""

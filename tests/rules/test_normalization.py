@@ -46,6 +46,34 @@ def test_tl401_at_the_edges_of_min_batch() -> None:
     assert f"batches of {m - 1} sample" in below.message and f"threshold {m}" in below.message
 
 
+def _epochs(*runs: tuple) -> RunTrace:
+    """A BatchNorm observed over steps whose batches come as ``runs`` of (batch, steps)."""
+    facts = bn("bn", min(batch for batch, _ in runs))
+    facts.batch_sizes = sorted({batch for batch, _ in runs})
+    facts.batch_runs = [list(run) for run in runs]
+    return trace_of(facts)
+
+
+def test_tl401_a_small_batch_alone_between_full_ones_is_an_epochs_last() -> None:
+    """DataLoader(drop_last=False): 1024 + 10 samples at batch 64 give one step of 10 every 17
+    (a CNN trained to eval accuracy 1.0, as without it). Small at two observed steps in a row,
+    or at half of them, is judged (the batch dropping to 2 from step 300 of 600)."""
+    m = RULES["TL401"].defaults["min_batch"]
+    assert run("TL401", _epochs((64, 16), (10, 1), (64, 16), (10, 1), (64, 3))) == []
+    assert run("TL401", _epochs((64, 1), (10, 1), (64, 1), (2, 1), (64, 2))) == []
+    [in_a_row] = run("TL401", _epochs((64, 16), (10, 2), (64, 16)))
+    assert in_a_row.evidence["batch_size"] == 10 and in_a_row.evidence["small_steps"] == 2
+    assert "at 2 of 34 observed steps" in in_a_row.message
+    [neighbours] = run("TL401", _epochs((64, 9), (10, 1), (2, 1), (64, 9)))
+    assert neighbours.evidence["batch_size"] == 2
+    [half] = run("TL401", _epochs((64, 1), (m - 1, 1), (64, 1), (m - 1, 1)))
+    assert half.evidence["small_steps"] == 2 and half.evidence["observed_steps"] == 4
+    assert run("TL401", _epochs((64, 1), (m - 1, 1), (64, 1), (m - 1, 1), (64, 1))) == []
+    assert run("TL401", _epochs((64, 16), (m, 4))) == []
+    [every] = run("TL401", _epochs((m - 1, 3)))
+    assert "observed steps" not in every.message
+
+
 def test_tl401_fix_is_a_groupnorm_that_divides_the_channels() -> None:
     for channels in (48, 64, 30, 16, 7):
         [finding] = run("TL401", trace_of(bn("bn", 2, channels=channels)))
