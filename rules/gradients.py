@@ -945,7 +945,8 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     if acts:
         first = min(acts, key=lambda lt: lt.depth)
         made = (_made_on_the_way(trace, first, bad["activations"])
-                or _fed_nonfinite(trace, first, bad["activations"]))
+                or _fed_nonfinite(trace, first, bad["activations"])
+                or _fed_untraced(trace, first, bad["activations"]))
         if made is not None:
             return made
         count = bad["activations"][first.node[1:]]
@@ -1066,6 +1067,52 @@ def _fed_nonfinite(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tu
             f"{src.label}, which is finite, through ops{ops} in the forward of "
             f"{parent or 'the model'}: one of them, or an operand they took in, made it")
     return None
+
+
+# A float32 product overflows only where a factor is near the square root of its range
+# (3.4e38): a weight layer's own weights above this norm can overflow it alone (TL504).
+OVERFLOW_NORM = 1.8e19
+# Modules whose forward passes what it takes on to a child as it is, or that have none.
+CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict"})
+
+
+def _fed_untraced(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
+    """When the first non-finite output is a weight layer's and no observed tensor feeds it
+    (no layer output or model input reaches it: its input was built in a forward from tensors
+    the data-flow graph does not follow, a timestep embedding ``log(t) * freqs``), while no
+    weight of the model blew up (none past ``INFLATED`` x its first norm, its own not near
+    ``OVERFLOW_NORM``, not in float16: an overflow needs values out of range), the code that
+    built its input made the NaN/Inf: in the forward of the innermost module around it that
+    is not a container. ``(what, module, detail)`` or None."""
+    facts = trace.modules.get(first.module)
+    if first.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS:
+        return None
+    if not trace.edges or any(edge.dst in (("module", first.module), first.node)
+                              for edge in trace.edges):
+        return None  # (no edges at all: no data-flow graph was recorded)
+    own = [p for p in trace.params if p.module == first.module]
+    if trace.amp_dtype == "float16" or any(p.dtype == "float16" for p in own) or any(
+            n > OVERFLOW_NORM for p in own for n in [p.norm, *p.norms_before]):
+        return None  # float16's range, or weights large enough to overflow float32 alone
+    for p in trace.params:
+        norms = [n for n in p.norms_before if math.isfinite(n)]
+        if norms and norms[0] > 0 and max(norms) > INFLATED * norms[0]:
+            return None
+    parent = next((name for name in ancestors(first.module) if name != first.module and (
+        name not in trace.modules or trace.modules[name].base not in CONTAINERS)), "")
+    whose = trace.modules[parent].type if parent in trace.modules else "the model"
+    # Paths the graph lost at an op with an untraced operand, after ops that can make NaN/Inf.
+    lost = sorted({f"{', '.join(op for op in edge.via if op in RISKY_OPS)} on "
+                   f"{edge.src[1] if edge.src[0] == 'input' else edge.src[1] + ' output'}"
+                   for edge in trace.edges
+                   if edge.dst[0] == "op" and RISKY_OPS.intersection(edge.via)})
+    seen = f" (traced on the way: {'; '.join(lost)})" if lost else ""
+    return "forward", parent, (
+        f"the output of {first.label} ({first.type}) holds {bad[first.node[1:]]} NaN/Inf "
+        f"value(s) while its weights are finite and none of the model's grew out of range; "
+        f"no observed layer output or model input feeds it: its input was built in the "
+        f"forward of {parent or 'the model'} ({whose}) from tensors made there{seen}, and "
+        f"that code made the NaN/Inf")
 
 
 def _made_from_the_input(trace: RunTrace, first: LayerTrace, edge: Edge) -> tuple:

@@ -700,3 +700,52 @@ def test_a_layer_fed_a_finite_output_as_it_is_overflowed_itself() -> None:
     found = _tl504(trainlint.check(model, _batch(), steps=1))
     assert (found.module, found.evidence["where"]) == ("2", "forward")
     assert "overflowed" in found.fix
+
+
+class TimestepEmbedded(nn.Module):
+    """A diffusion model's timestep embedding, ``log(t) * freqs`` through sin/cos into an MLP:
+    the frequencies are a buffer, so the data-flow graph loses ``t``'s path at the product and
+    nothing observed feeds ``temb.0``. ``log(0)`` makes -inf, ``sin(-inf)`` NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(-torch.arange(4) / 4.0))
+        self.temb = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8))
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = torch.log(t.float())[:, None] * self.freqs
+        return self.head(self.fc(x) + self.temb(torch.cat([a.sin(), a.cos()], 1)))
+
+
+def _timesteps(lowest: int) -> tuple:
+    torch.manual_seed(0)
+    t = torch.randint(lowest, 100, (16,))
+    t[3] = lowest
+    return (torch.randn(16, 8), t), torch.randint(0, 3, (16,))
+
+
+def test_nan_in_a_layer_no_observed_tensor_feeds_names_the_code_that_built_its_input() -> None:
+    """Measured here: temb.0's weights are finite and its output NaN in one sample's row; the
+    finding names the model's forward (and the log the graph saw), not an overflow."""
+    torch.manual_seed(0)
+    model = TimestepEmbedded()
+    found = _tl504(trainlint.check(model, _timesteps(0), steps=1))
+    assert all(torch.isfinite(p).all() for p in model.temb[0].parameters())
+    assert (found.module, found.evidence["where"]) == ("", "forward")
+    assert "the output of temb.0 (Linear) holds 8 NaN/Inf" in found.message
+    assert "no observed layer output or model input feeds it" in found.message
+    assert "log on input1" in found.message
+    assert "overflowed" not in found.fix and "clamp inputs of log" in found.fix
+    healthy = trainlint.check(TimestepEmbedded(), _timesteps(1), steps=3)
+    assert [f for f in healthy.findings if f.code == "TL504"] == []
+
+
+def test_a_layer_no_observed_tensor_feeds_with_weights_out_of_range_overflowed_itself() -> None:
+    torch.manual_seed(0)
+    model = TimestepEmbedded()
+    with torch.no_grad():
+        model.temb[0].weight.fill_(3e38)
+    found = _tl504(trainlint.check(model, _timesteps(1), steps=1))
+    assert (found.module, found.evidence["where"]) == ("temb.0", "forward")
+    assert "overflowed" in found.fix
