@@ -124,6 +124,36 @@ def test_a_dataloader_batch_list_is_inputs_and_targets() -> None:
     assert "default loss: cross-entropy" in run.doc["run"]["notes"]  # with the list's targets
 
 
+def test_named_tuples_in_the_batch_stay_named_tuples(tmp_path: Path) -> None:
+    """Targets as a typing.NamedTuple read by the user's loss by field: the CLI moves them to
+    the device as they are (it once rebuilt them as type(t)(generator), which a named tuple's
+    constructor rejects, and blamed get_batch); a PackedSequence is refused as the API does."""
+    (tmp_path / "named.py").write_text(
+        "import torch, torch.nn as nn, torch.nn.functional as F\n"
+        "from typing import NamedTuple\n"
+        "class Targets(NamedTuple):\n"
+        "    cls: torch.Tensor\n"
+        "    reg: torch.Tensor\n"
+        "def build_model():\n"
+        "    return nn.Linear(16, 5)\n"
+        "def get_batch():\n"
+        "    return torch.randn(32, 16), Targets(torch.randint(0, 4, (32,)), torch.randn(32))\n"
+        "def loss_fn(out, t):\n"
+        "    assert isinstance(t, Targets)\n"
+        "    return F.cross_entropy(out[:, :4], t.cls) + F.mse_loss(out[:, 4], t.reg)\n")
+    run = cli("named.py", "--format", "json", cwd=tmp_path)
+    assert run.exit_code == 0, run.stderr
+    assert run.doc["run"]["batch_size"] == 32
+    (tmp_path / "packed.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "from torch.nn.utils.rnn import pack_padded_sequence\n"
+        "def build_model():\n"
+        "    return nn.LSTM(4, 8)\n"
+        "def get_batch():\n"
+        "    return pack_padded_sequence(torch.randn(5, 3, 4), [5, 4, 2])\n")
+    assert_clean_error(cli("packed.py", cwd=tmp_path), "got a PackedSequence")
+
+
 def test_a_file_that_does_not_parse_shows_where(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("import torch\n\ndef build_model(:\n    pass\n")
     run = cli("broken.py", cwd=tmp_path)

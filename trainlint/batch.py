@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
 
 from .errors import TargetError
 
@@ -58,8 +59,12 @@ def tensors_in(obj: Any, depth: int = 0) -> list:
 
 
 def move_to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
+    """``value`` with the tensors in it (through lists, tuples, named tuples and dicts) on
+    ``device``."""
+    if isinstance(value, (torch.Tensor, PackedSequence)):
         return value.to(device)
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):  # a named tuple
+        return type(value)(*(move_to(v, device) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(move_to(v, device) for v in value)
     if isinstance(value, dict):
