@@ -156,6 +156,18 @@ def test_missing_folder_is_a_clear_error_and_creates_nothing(tmp_path: Path) -> 
         write_atomic(out, "text")
 
 
+@pytest.mark.parametrize("option", ["--plot", "--write-baseline"])
+def test_a_missing_folder_for_another_file_is_said_before_the_run(tmp_path: Path,
+                                                                   option: str) -> None:
+    """The report is not written (nor the check run) when a second file cannot be."""
+    out, other = tmp_path / "report.json", tmp_path / "no" / "plots.png"
+    run = check(out, "fixtures/dead_relu.py", option, other)
+    assert run.exit_code == 2
+    assert run.stderr.startswith(f"trainlint: error: cannot write {other}: folder "
+                                 f"{other.parent} does not exist ({option})")
+    assert not out.exists()
+
+
 def test_output_that_is_a_folder_is_a_usage_error(tmp_path: Path) -> None:
     run = check(tmp_path)
     assert run.exit_code == 2 and "is a directory" in run.stderr

@@ -146,6 +146,11 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
     try:
         if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
             raise TrainlintError(f"--plot {plot}: use a .png or .svg file name")
+        for option, path in (("--output", output), ("--write-baseline", write_baseline),
+                             ("--plot", plot)):
+            if path is not None and not path.parent.is_dir():  # say so before the run
+                raise TrainlintError(f"cannot write {path}: folder {path.parent} does not "
+                                     f"exist ({option})")
         # stdout carries the report only (JSON, SARIF, JUnit must parse): what the user's code
         # prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
