@@ -205,6 +205,17 @@ def test_explicit_config_file_and_bad_threshold(tmp_path: Path) -> None:
     assert run.exit_code == 2 and "no_such" in run.stderr
 
 
+def test_a_renamed_pyproject_without_a_trainlint_table_says_so(tmp_path: Path) -> None:
+    """--config ci-pyproject.toml, a pyproject.toml copy with [tool.black] only: read as a bare
+    table it once said "unknown key(s) project, tool"."""
+    config = tmp_path / "ci-pyproject.toml"
+    config.write_text('[project]\nname = "x"\n[tool.black]\nline-length = 100\n')
+    run = run_cli(["check", "fixtures/dead_relu.py", "--config", config])
+    assert run.exit_code == 2
+    assert "no [tool.trainlint] table (the file has [tool] tables for black)" in run.stderr
+    assert "unknown key" not in run.stderr
+
+
 @pytest.mark.parametrize("value", ["nan", "-0.5", "-inf"])
 def test_a_threshold_of_no_sense_is_a_config_error(tmp_path: Path, value: str) -> None:
     """NaN (every comparison false: the rule silently off or always on) or a sign the default

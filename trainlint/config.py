@@ -57,6 +57,12 @@ def load_config(path: Optional[Path] = None, start: Optional[Path] = None) -> Co
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    tool = data.get("tool")
+    if isinstance(tool, dict) and "trainlint" not in tool and path.name != "pyproject.toml":
+        # A copy of a pyproject.toml under another name: its top level is no trainlint table.
+        raise ConfigError(f"{path}: no [tool.trainlint] table (the file has [tool] tables for "
+                          f"{', '.join(sorted(tool))}); add one, or write the settings at the "
+                          "top level of a file without a [tool] table")
     table = data.get("tool", {}).get("trainlint", data if path.name != "pyproject.toml" else {})
     return parse_table(table, path)
 
