@@ -143,6 +143,12 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     channel of a rare character) is not held to ``min_std``: its std is small because it is
     mostly zeros, and standardizing it would make it dense.
 
+    The first observed batch is read whole; a Monitor reads about 8 samples, spread over the
+    batch, of each later one. Where the first was inside the band and every observed step
+    from some step to the last had a feature whose |mean| or std is beyond it (two at least:
+    a normalization switched off at some epoch), it fires on the last batch read, from that
+    step.
+
     ## Why is this bad?
     The first layer's init assumes inputs of unit scale around zero: raw values (0..255
     pixels, ages, prices) make its outputs huge or offset, saturate the next nonlinearity,
@@ -171,8 +177,19 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         wide = std > t.max_std
         narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(inp, mean, std, t.min_std)
         bad = off | wide | narrow
+        since = ""
         if not bad.any():
-            continue
+            changed = _changed_later(trace, inp, t)
+            if changed is None:
+                continue
+            start, steps = changed
+            mean, std = np.asarray(inp.last_mean, float), np.asarray(inp.last_std, float)
+            off = (np.abs(mean) > t.max_abs_mean) & (std > 0)
+            wide = std > t.max_std
+            narrow = np.zeros_like(off)
+            bad = off | wide
+            since = (f" from step {start} on (at each of the {steps} observed steps since; "
+                     f"the first observed batch was normalized), as of step {inp.last_step}")
         worst_mean = float(np.abs(mean).max())
         reasons = []
         if off.any():
@@ -185,7 +202,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         count = int(bad.sum())
         yield Hit(
             module="",
-            message=(f"{_describe(inp)} is not normalized: {count} of {len(mean)} have "
+            message=(f"{_describe(inp)} is not normalized{since}: {count} of {len(mean)} have "
                      f"{'; '.join(reasons)}; it goes straight into "
                      f"{', '.join(repr(f.name) for f in consumers[:3])}"),
             fix=normalize_fix(inp, counts=bool(np.all(np.asarray(inp.min, float) >= 0))
@@ -196,6 +213,24 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "max_abs_mean": worst_mean, "max_std": float(std.max()),
                       "thresholds": t.as_dict()},
         )
+
+
+def _changed_later(trace: RunTrace, inp: InputTrace, t: Thresholds) -> Optional[tuple]:
+    """(the first observed step, how many observed steps) of the run's last stretch in
+    which ``inp`` had a channel with |mean| above ``max_abs_mean`` (varying) or std above
+    ``max_std`` at every observed step, up to the last one, where that stretch holds at least
+    two observed steps after a first batch inside the band; None otherwise."""
+    key = (inp.name, inp.channel_dim)
+    scales = [(s["step"], s["input_scale"][key]) for s in trace.per_step
+              if key in s.get("input_scale", {})]
+    stretch = []
+    for step, (mean, std) in reversed(scales):
+        if not (mean > t.max_abs_mean or std > t.max_std):
+            break
+        stretch.append(step)
+    if len(stretch) < 2 or len(stretch) == len(scales) or inp.last_mean is None:
+        return None
+    return stretch[-1], len(stretch)
 
 
 # How far (relative) a 0/1 column's variance may sit from p(1 - p): a sample's n/(n - 1).

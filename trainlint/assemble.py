@@ -253,6 +253,7 @@ class TraceBuilder:
         self.before_nonfinite = []
         order: dict = {}  # the layers in the snapshot's order (an ordered set)
         found: dict = {"act": [], "grad": [], "units": [], "signal": []}
+        scale: dict = {}  # per input: (largest |mean| of a varying feature, largest std)
         moved: dict = {}
         for tag, value in snap.values.items():
             kind = tag[0]
@@ -260,7 +261,7 @@ class TraceBuilder:
                 order[tag[1]] = None
                 found[kind].append((tag[1], value))
             elif kind == "input":
-                self._add_input(tag, value)
+                scale[tag[2], tag[5]] = self._add_input(tag, value)
             elif kind == "target":
                 self._add_target(tag, value)
             elif kind == "gates":  # an LSTM's forget gates at the first step that ran it
@@ -297,6 +298,8 @@ class TraceBuilder:
             self.rootless += 1
             self.bypassed.update(key[0].split(".")[0] for key, _ in found["act"] if key[0])
         step_info["layers"] = StepLayers(index, columns)
+        if scale:
+            step_info["input_scale"] = scale
         for key, rank in snap.backward_order.items():
             self.backward_order.setdefault(key, rank)
         with_grad = [(n, p.grad_norm) for n, p in self.params.items() if p.grad_norm is not None]
@@ -451,23 +454,33 @@ class TraceBuilder:
             _put(columns, "signal", len(index), [index[keys[i]] for i in paired.tolist()],
                  np.sqrt(step[paired, 0] / step[paired, 1]))
 
-    def _add_input(self, tag: tuple, value: np.ndarray) -> None:
+    def _add_input(self, tag: tuple, value: np.ndarray) -> tuple:
+        """One step's per-channel moments and range of a model input into its InputTrace;
+        returns the step's largest |mean| of a varying channel and largest std."""
         _, _, name, shape, dtype, dim = tag
         current = self.inputs.get((name, dim))
         if len(shape) == 1:  # one value per sample: a single feature over the batch
             value = np.array([[value[0].mean()], [value[0].std()], [value[2].min()],
                               [value[3].max()]])
+        varying = np.abs(value[0])[value[1] > 0]
+        scale = (float(varying.max()) if varying.size else 0.0,
+                 float(value[1].max()) if value[1].size else 0.0)
         if current is None:
             self.inputs[(name, dim)] = InputTrace(name=name, shape=shape, dtype=dtype,
                                                   channel_dim=dim, mean=value[0], std=value[1],
                                                   min=value[2], max=value[3])
-        elif current.min.shape == value[2].shape:
+            return scale
+        if current.mean.shape == value[0].shape:
+            current.last_mean, current.last_std = value[0], value[1]
+            current.last_step = self.last_step
+        if current.min.shape == value[2].shape:
             # The first step's batch gives the moments (inputs are the data, not the model
             # state); the range spans every observed batch, so a feature constant in one batch
             # by chance (a rare 0/1 indicator) varies over the run, and one constant for good
             # does not.
             current.min = np.minimum(current.min, value[2])
             current.max = np.maximum(current.max, value[3])
+        return scale
 
     def _add_target(self, tag: tuple, value: np.ndarray) -> None:
         """One step's range of a target tensor: the extremes over the run, the shares of the

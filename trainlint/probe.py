@@ -89,6 +89,10 @@ RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 # Integer inputs recorded like float ones: raw pixel bytes and PCM samples (token ids, int64,
 # are not measurements).
 RAW_INTS = (torch.uint8, torch.int8, torch.int16)
+# After the first observed batch (read whole), a Monitor reads about this many samples, spread
+# over the batch, of each later one (~0.2 ms for 8 x 1024 features, ~20 ms for all 256): enough
+# to see inputs whose scale changed mid-run (TL201), far beyond its thresholds.
+LATER_INPUT_ROWS = 8
 MAX_VIA = 4
 # What a leaf module's inner ops read when its output did not come from its first input by
 # ops the mode followed, or when its calls differed.
@@ -424,7 +428,7 @@ class Probe:
         # with ``inputs_every_step`` (a check's few steps, where reading them costs nothing that
         # matters) every observed batch is read, and the trace widens their range.
         self.inputs_seen = False
-        self.inputs_every_step = False
+        self.inputs_every_step = False  # (else later batches: their first LATER_INPUT_ROWS)
         self.norm_calls: list[NormCall] = []
         # The modules whose own forward called F.scaled_dot_product_attention, and those that
         # called a functional norm (name -> the norm's torch.nn class name).
@@ -637,10 +641,10 @@ class Probe:
                 if not (t.is_floating_point() or t.is_complex()):
                     self.masks.add(name)
                 self._probe_batch(name, t)
-                if ((not self.inputs_seen or self.inputs_every_step)
-                        and (t.is_floating_point() or t.dtype in RAW_INTS)
+                if ((t.is_floating_point() or t.dtype in RAW_INTS)
                         and strided(t) and t.dim() >= 1 and t.numel() > 0):
-                    self._record_input(name, t)
+                    full = not self.inputs_seen or self.inputs_every_step
+                    self._record_input(name, t, None if full else LATER_INPUT_ROWS)
         finally:
             self.busy = False
         if self.mode is None:
@@ -1018,11 +1022,16 @@ class Probe:
                                            stats.MomentBatch(device))
         return pair
 
-    def _record_input(self, name: str, t: torch.Tensor) -> None:
+    def _record_input(self, name: str, t: torch.Tensor, rows: Optional[int] = None) -> None:
         """Per-channel mean, std, min and max of a model input over its finite elements, for
-        the channel dim 1 (images, sequences of channels) and the last dim (features). Two
-        float64 temporaries the input's size, whatever its rank."""
-        x = t.detach().to(torch.float64, copy=True)
+        the channel dim 1 (images, sequences of channels) and the last dim (features), of
+        about ``rows`` samples spread evenly over the batch where given (a batch sorted within,
+        by length or class, is not read by one end). Two float64 temporaries the size read,
+        whatever its rank."""
+        x = t.detach()
+        if rows is not None and x.dim() >= 1 and x.shape[0] > rows:
+            x = x[::-(-x.shape[0] // rows)]
+        x = x.to(torch.float64, copy=True)
         if x.dim() == 1:
             x = x.unsqueeze(0)
         work = torch.empty_like(x)

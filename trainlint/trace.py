@@ -208,6 +208,11 @@ class InputTrace:
     std: np.ndarray
     min: np.ndarray
     max: np.ndarray
+    # The moments of the last observed step's batch, and that step (a Monitor run's data can
+    # change mid-run: a normalization switched off at some epoch).
+    last_mean: Optional[np.ndarray] = None
+    last_std: Optional[np.ndarray] = None
+    last_step: Optional[int] = None
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from trainlint.rules.data import BERNOULLI_SLACK
@@ -32,6 +33,38 @@ def test_tl201_mean_threshold_edge(scale, fires):
     if fires:
         assert found[0].module == ""
         assert found[0].evidence["not_normalized"] == 1
+
+
+def _switched(scales: list, last_mean: float = 25.0, last_std: float = 10.0):
+    """A Monitor run of a normalized first batch whose later observed steps (every 10th) had
+    the ``scales`` given: (largest |mean| of a varying feature, largest std) per step; the
+    last batch's moments ``last_mean`` +- ``last_std`` in each of its 3 features."""
+    inp = _tabular([0.0, 0.1, -0.1], [1.0, 1.0, 1.0])
+    inp.last_mean, inp.last_std = [last_mean] * 3, [last_std] * 3
+    inp.last_step = 10 * (len(scales) - 1)
+    t = _fed_to(inp)
+    t.mode = "monitor"
+    t.per_step = [{"step": 10 * i, "input_scale": {("input0", 1): scale}}
+                  for i, scale in enumerate(scales)]
+    return t
+
+
+def test_tl201_inputs_whose_scale_changed_mid_run_from_a_step_on():
+    """A normalization switched off at some epoch (an MLP's x * 8 + 20 from step 300: the
+    loss went from 0.36 to 1e15 and stayed at chance): judged on the last batch, where every
+    observed step from some step to the last was out of the band, two at least."""
+    d = defaults("TL201")
+    ok, off = (0.1, 1.0), (np.nextafter(d["max_abs_mean"], 3), 1.0)
+    wide = (0.1, np.nextafter(d["max_std"], 6))
+    [found] = hits("TL201", _switched([ok, ok, off, off]))
+    assert "from step 20 on (at each of the 2 observed steps since; the first observed batch " \
+        "was normalized), as of step 30" in found.message
+    assert found.evidence["max_abs_mean"] == 25.0 and found.evidence["not_normalized"] == 3
+    assert len(hits("TL201", _switched([ok, ok, wide, off]))) == 1
+    assert hits("TL201", _switched([ok, ok, ok, off])) == []  # one observed step
+    assert hits("TL201", _switched([ok, off, off, ok])) == []  # back in the band
+    at_edge = (d["max_abs_mean"], d["max_std"])
+    assert hits("TL201", _switched([ok, at_edge, at_edge, at_edge])) == []
 
 
 @pytest.mark.parametrize("scale, fires", [(0.99, False), (1.01, True)])
