@@ -457,6 +457,14 @@ WORTH_CUTTING = 0.5
 # them): their first steps, lr per weight, do not say the rate is too high (TL503).
 SHRINKING_STEPS = frozenset({"Adagrad"})
 
+# Optimizers whose first steps move every weight by about the learning rate (a step of
+# lr * m / sqrt(v), its sign at the first): there a sound rate's ratio is lr / RMS(w), ~0.01-0.1
+# (a ConvNeXt at AdamW 4e-3: 0.14; an MLP at Adam 1e-3: 0.027). A check's few steps are such
+# steps: a rate too high is cut toward FIRST_STEPS_TARGET, not toward ``target`` (a ConvNeXt at
+# 0.4 was told x7e-5, lr 2.8e-5, which reached a loss of 1.7 where 4e-3 reached 0.0016).
+SIGN_LIKE_STEPS = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "Lion"})
+FIRST_STEPS_TARGET = 0.05
+
 # A weight whose norm before an observed step grew past this many times its first one was
 # blown up by the updates: its typical step is measured against the first norm.
 INFLATED = 10.0
@@ -555,7 +563,12 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low
     (where the loss diverged (TL604) and the steps blew a weight up past 10× its first norm,
     its updates are measured against that first norm: against the inflated weight they look
-    small). When
+    small). In a ``trainlint check`` with Adam, AdamW, Adamax, NAdam or
+    Lion, whose first steps move every weight by about the rate, the factor comes from the
+    first step (lr / RMS(w), which scales with the rate) toward ``FIRST_STEPS_TARGET``
+    (0.05), what a sound rate's first steps give (~0.01-0.1), not toward ``target``: a
+    ConvNeXt at AdamW 0.4 was told x7e-5 (lr 2.8e-5, a loss of 1.7 after 150 steps where
+    4e-3 reached 0.0016); now x0.0025. When
     a typical step calls for cutting the rate by less than half, only the largest steps are too
     large (the rate suits the run once under way): the fix is warmup and clipping, where the
     loss falls; where it fell by less than ``LEARNING_DROP`` (5%) over the run, the first steps
@@ -647,7 +660,13 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     diverged = direction == "high" and bool(firing(trace, ("TL604",)))
     step_typical = typical if direction == "low" else median(
         typical_ratio_of(p, diverged) for p, _ in judged)
-    factor = t.target / step_typical if step_typical > 0 else None
+    # A check's Adam steps: each weight's largest, its first (lr / RMS(w)), scales with the rate.
+    first_steps = (direction == "high" and trace.mode == "check"
+                   and all(p.optimizer in SIGN_LIKE_STEPS for p, _ in judged))
+    if first_steps:
+        step_typical = typical
+    target = FIRST_STEPS_TARGET if first_steps else t.target
+    factor = target / step_typical if step_typical > 0 else None
     # Typical steps that look right while the loss does not fall: the rate's first steps threw
     # the weights where it cannot learn. Adam's first step calls for far too low a rate in a
     # long run, the typical step for none: the geometric mean of the two.
@@ -698,7 +717,8 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
         fix = "; ".join(f for f in (zero_fix, rounded_fix) if f)
     else:
         message, fix = _factor_texts(trace, t, direction, typical, step_typical, factor,
-                                     judged, bad, whose, where, group, lr, stalled)
+                                     judged, bad, whose, where, group, lr, stalled,
+                                     first_steps)
     evidence = {"direction": direction, "median_ratio": typical, "lr_factor": factor,
                 "typical_step_ratio": step_typical,
                 "params": [p.name for p, _ in bad], "threshold": threshold}
@@ -710,7 +730,7 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
 def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float,
                   step_typical: float, factor: float, judged: list, bad: list, whose: str,
                   where: str, group: Optional[int], lr: Optional[float],
-                  stalled: bool = False) -> tuple[str, str]:
+                  stalled: bool = False, first_steps: bool = False) -> tuple[str, str]:
     """TL503's message and fix for a median ratio out of the band with a factor toward the
     target; the cause named first where the ratio follows from another fault: a signal that
     vanishes (TL103, TL501), raw inputs or a signal that grows (TL201, TL104), or a rate too
@@ -770,10 +790,13 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
     to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
     per_step = ("" if step_typical == typical else
                 f" at a typical step, whose ratio is {step_typical:.3g}")
+    toward = (f"toward an update ratio of ~{FIRST_STEPS_TARGET:g} at its first step, where it "
+              f"is {step_typical:.3g}: {judged[0][0].optimizer} moves each weight by about "
+              f"the rate at first, and a sound rate's lr/RMS(w) is ~0.01-0.1" if first_steps
+              else f"toward an update ratio of ~{t.target:g}{per_step}")
     return (head + f"{whose_cap} is too {direction}{cause}",
-            f"multiply {whose} by about {factor:.2g}{to} (toward an update ratio of "
-            f"~{t.target:g}{per_step})" + ("; add warmup and gradient clipping"
-                                           if direction == "high" else ""))
+            f"multiply {whose} by about {factor:.2g}{to} ({toward})"
+            + ("; add warmup and gradient clipping" if direction == "high" else ""))
 
 
 # A loss whose last third is not this much below its first third (medians) is not learning

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from trainlint.rules import gradients
 from trainlint.rules._graph import MOSTLY_DEAD
-from trainlint.rules.gradients import INFLATED, nice_below
+from trainlint.rules.gradients import FIRST_STEPS_TARGET, INFLATED, SIGN_LIKE_STEPS, nice_below
 
 from tests.rules.tracekit import (
     defaults,
@@ -359,6 +359,29 @@ def test_tl503_a_too_high_rates_factor_comes_from_a_typical_step():
     [slow] = hits("TL503", low)  # too low: from the largest step, the smaller raise
     assert slow.evidence["lr_factor"] == pytest.approx(d["target"] / 1e-6)
     assert "typical step" not in slow.fix
+
+
+@pytest.mark.parametrize("optimizer, mode, target", [
+    ("AdamW", "check", FIRST_STEPS_TARGET), ("Adam", "check", FIRST_STEPS_TARGET),
+    ("SGD", "check", None), ("AdamW", "monitor", None)])
+def test_tl503_a_checks_adam_steps_are_cut_toward_what_a_sound_rates_first_steps_give(
+        optimizer, mode, target):
+    """A ConvNeXt at AdamW 0.4 (its first steps 14x the weights' RMS): toward ~1e-3 a check
+    said x7e-5 (lr 2.8e-5: loss 2.30 -> 1.73 in 150 steps, against 0.0016 at 4e-3); toward
+    what a sound rate's first steps give (lr / RMS(w) ~0.01-0.1) it says x0.0035 (lr 1.4e-3).
+    SGD's first steps, and a Monitor's typical step, keep ``target``."""
+    t = trace([], params=[param(f"l{i}.weight", (8, 8), ratios=(first, 6.0, 5.0))
+                          for i, first in enumerate([14.0, 14.2, 14.5])])
+    t.mode = mode
+    for p in t.params:
+        p.optimizer = optimizer
+    [found] = hits("TL503", t)
+    if target is None:  # from a typical step
+        assert found.evidence["lr_factor"] == pytest.approx(defaults("TL503")["target"] / 6.0)
+    else:  # from the first, whose ratio lr / RMS(w) scales with the rate
+        assert found.evidence["lr_factor"] == pytest.approx(target / 14.2)
+    assert ("at its first step, where it is 14.2" in found.fix) is (target is not None)
+    assert optimizer in SIGN_LIKE_STEPS or target is None
 
 
 def test_tl503_skips_biases_embeddings_and_zero_init():
