@@ -101,7 +101,10 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     and zero (or slightly positive) biases; normalize before the activation; or use
     ``nn.LeakyReLU(0.01)`` / ``nn.GELU()``, which keep a gradient for x < 0. A layer whose only
     input comes, through a few weight or norm layers, from a ReLU layer with every unit dead
-    gets the same input for every sample: its fix names that layer first.
+    gets the same input for every sample: its fix names that layer first. Units dead
+    from the run's first step (over every observed step, or, with a window after it, at
+    ``dead_fraction`` or more in the first step's batch) died before any update: their fix
+    does not name the learning rate.
     """
     for lt in trace.layers:
         if lt.kind not in ("relu", "gelu") or lt.unit_ever_active is None:
@@ -136,7 +139,8 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             evidence["feeding_module"] = feeder.name
             evidence.update(_param_state(trace, feeder))
         # Dead over every observed step from the run's first: dead before any update.
-        from_init = recent is None and steps >= trace.observed_steps and seen_from_start(trace)
+        from_init = recent is None and seen_from_start(trace) and (
+            steps >= trace.observed_steps or _dead_at_first(trace, lt, t))
         fix = _dead_relu_fix(feeder, evidence, lt.kind, from_init,
                              joined=_after_sum(trace, lt))
         starved = _starved_by(trace, lt)
@@ -278,6 +282,16 @@ def _after_sum(trace: RunTrace, lt: LayerTrace) -> bool:
     """Whether ``lt``'s input comes straight from a sum of paths (a residual join)."""
     target = ("module", lt.module) if lt.op == "output" else lt.node
     return any(any(op in SUM_OPS for op in via) for _, via in predecessors(trace, target))
+
+
+def _dead_at_first(trace: RunTrace, lt: LayerTrace, t: Thresholds) -> bool:
+    """Whether at the first observed step, before any update, ``dead_fraction`` or more of
+    ``lt``'s units were already dead in that step's batch (a run longer than the unit window
+    still shows its units dead from the init: a BatchNorm bias of -5 before a ReLU6)."""
+    first = trace.per_step[0] if trace.per_step else {}
+    found = layer_columns(first.get("layers", {}), [lt.node[1:]], ("dead_fraction",))
+    share = found["dead_fraction"][0] if found else None
+    return share is not None and share >= t.dead_fraction
 
 
 def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional[str],

@@ -139,6 +139,25 @@ def test_tl101_units_dead_from_the_first_step_get_no_learning_rate_advice(first,
     assert "lower the learning rate" in later.fix
 
 
+@pytest.mark.parametrize("from_init", [True, False])
+def test_tl101_a_window_after_the_first_step_with_the_units_dead_at_it_is_from_the_init(
+        from_init):
+    """A 150-step Monitor at every=10 reads its units over the last 3 observed steps: where
+    the first observed step's batch already had dead_fraction of them dead, they died before
+    any update (a MobileNet with BatchNorm biases of -5 before ReLU6 was told to lower the
+    rate; measured: lr/10 left the loss at 1.97 against 0.010 with the biases at 0)."""
+    edge = RULES["TL101"].defaults["dead_fraction"]
+    at_first = edge if from_init else np.nextafter(edge, 0)
+    t = relu_trace(30, 32)
+    key = t.layers[-1].node[1:]
+    t.per_step = [{"step": 10 * i, "layers": {key: {"dead_fraction": at_first if i == 0
+                                                    else 0.9}}} for i in range(15)]
+    t.observed_steps = 15
+    t.layers[-1].unit_records = 3
+    [found] = run("TL101", t)
+    assert ("lower the learning rate" in found.fix) is not from_init
+
+
 def test_tl101_units_after_a_residual_join_point_at_each_paths_last_layer():
     """F.relu(h + shortcut(x)) in a block: the units' feeder is the block itself, and the fix
     read 'check the layer feeding it, TemporalBlock'; it names the join's paths instead."""
