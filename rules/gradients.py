@@ -384,7 +384,10 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     targets are not the cause: a raw model input (RMS above ``LARGE_FEATURES``) is named
     instead, where there is one. Where the loss falls without bound (TL604), the fix is the
     loss (a term's sign, a scale without a floor): the gradients grow with it, and clipping
-    does not stop it.
+    does not stop it. Where the batch of the step it names holds values at least
+    ``OUTLIER_BATCH`` (1000) times their size at the other observed steps (each batch
+    tensor's min and max are read exactly at every observed step), a bad sample made the
+    gradient: the fix drops it first (TL503's and TL504's fixes then name that batch too).
     """
     fix, clip = _clip_fix(trace, t)
     if loss_unbounded(trace):
@@ -423,15 +426,51 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     largest = f"; the largest is {biggest[0]!r} ({biggest[1]:.3g})" if biggest else ""
     norm = (f"{total:.3g}" if samples == 1 else
             f"{total:.3g}, {judged:.3g} per sample (the loss sums its {samples} samples),")
+    outlier = outlier_batch(trace, step)
+    evidence = {"total_grad_norm": total, "per_sample": judged, "step": step,
+                "threshold": t.max_norm, "largest_param": biggest[0] if biggest else None,
+                "suggested_max_norm": clip}
+    bad = ""
+    if outlier is not None:
+        _, name, size, usual = outlier
+        evidence["outlier_batch"] = name
+        bad = (f"; that step's batch holds values up to {size:.3g} in {name!r}, "
+               f"{size / usual:.3g}x their size at the other observed steps ({usual:.3g}): a "
+               "bad sample made this gradient")
+        fix = (f"find and drop the bad sample of step {step} (the data there: a corrupt or "
+               f"unscaled record; e.g. keep samples with x.abs().amax(dim=1) below a bound), or "
+               f"clip the data in the input pipeline; then: {fix}")
     yield Hit(
         module="",
         message=(f"the total gradient norm reaches {norm} at step {step} (threshold "
-                 f"{t.max_norm:g}){largest}"),
-        fix=fix,
-        evidence={"total_grad_norm": total, "per_sample": judged, "step": step,
-                  "threshold": t.max_norm, "largest_param": biggest[0] if biggest else None,
-                  "suggested_max_norm": clip},
+                 f"{t.max_norm:g}){largest}{bad}"),
+        fix=fix, evidence=evidence,
     )
+
+
+# A batch tensor whose largest |value| at an observed step is at least this many times its
+# median over the other observed steps holds an outlier the data let through (one sample of
+# 1e30 in standardized features: gradient norm 7e28 that step, NaN the next) (TL502, TL503).
+OUTLIER_BATCH = 1e3
+
+
+def outlier_batch(trace: RunTrace, step: Optional[int] = None) -> Optional[tuple]:
+    """``(step, name, largest |value|, its median at the other observed steps)`` of a batch
+    tensor (model input, a check's target) whose values at ``step`` (else at any observed
+    step, the first such) are at least ``OUTLIER_BATCH`` times their usual size, with three
+    other observed steps at least to tell; None otherwise."""
+    sizes: dict = {}
+    for s in trace.per_step:
+        for name, (lo, hi) in (s.get("batch_range") or {}).items():
+            sizes.setdefault(name, []).append((s["step"], max(abs(lo), abs(hi))))
+    for at in [step] if step is not None else [s["step"] for s in trace.per_step]:
+        for name, series in sizes.items():
+            here = [v for st, v in series if st == at and math.isfinite(v)]
+            others = [v for st, v in series if st != at and math.isfinite(v)]
+            if here and len(others) >= 3 and 0 < median(others) and \
+                    here[0] >= OUTLIER_BATCH * median(others):
+                return at, name, here[0], median(others)
+    return None
 
 
 def _init_transient(trace: RunTrace, totals: list, samples: int, t: Thresholds) -> bool:
@@ -753,6 +792,15 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                 f"fix the vanishing signal first ({', '.join(vanishing)}: the init, "
                 f"normalization layers), then judge {whose} again: raised {factor:.2g}x now, "
                 f"it would blow up once the signal is restored")
+    # One batch holding an outlier (a sample of 1e30) makes updates whatever the rate.
+    outlier = outlier_batch(trace) if direction == "high" else None
+    if outlier is not None:
+        step, name, size, usual = outlier
+        return (head + f"The largest updates are the data's: the batch of step {step} holds "
+                f"values up to {size:.3g} in {name!r}, {size / usual:.3g}x their size at the "
+                f"other observed steps (TL502)",
+                f"drop the bad sample of step {step} first (TL502), then judge {whose} again: "
+                f"cut {factor:.2g}x now, it would be far too low for the other batches")
     # TL104 names the init only where the growth was there from the start; one that came with
     # training is this rate's doing.
     upstream = firing(trace, ("TL201", "TL104"), lambda hit: hit.evidence.get(
@@ -1209,7 +1257,7 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
             fix=_nonfinite_fix(what, module, trace, any(unsafe),
-                               first=trace.at_start(step), masked=masked),
+                               first=trace.at_start(step), masked=masked, step=step["step"]),
             evidence={"step": step["step"], "where": what},
         )
         return
@@ -1224,7 +1272,8 @@ def _softmax_first(trace: RunTrace, step: dict) -> bool:
 
 
 def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False,
-                   first: bool = False, masked: bool = False) -> str:
+                   first: bool = False, masked: bool = False,
+                   step: Optional[int] = None) -> str:
     """The fix for NaN/Inf first made by ``what`` in ``module`` (``first``: at step 0, before
     any update; ``masked``: the first output holding it is a softmax's)."""
     facts = trace.modules.get(module)
@@ -1252,6 +1301,12 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
         return (f"{module!r} overflowed at the first step, before any update: its weights or "
                 "inputs are out of range from the start (the init or the data: TL301, TL201, "
                 "TL104); use Kaiming/Xavier init and normalize the inputs")
+    outlier = outlier_batch(trace) if weights and step is not None else None
+    if outlier is not None and outlier[0] <= step:
+        return (f"{module!r} overflowed after the batch of step {outlier[0]}, which holds "
+                f"values up to {outlier[2]:.3g} in {outlier[1]!r} (TL502): drop that bad "
+                "sample (or clip the data in the input pipeline), and clip gradients "
+                "(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0))")
     if weights:
         return (f"{module!r} overflowed: its weights or inputs grew out of range (check the "
                 "steps before: TL502, TL503, TL104); lower the learning rate, clip gradients "

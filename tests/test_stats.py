@@ -517,8 +517,10 @@ def test_the_batch_probe_tells_nan_from_inf(dtype: torch.dtype, bad: object) -> 
         x[7, 30] = bad
     parts = torch.view_as_real(x) if x.is_complex() else x
     nan, inf = bool(parts.isnan().any()), bool(parts.isinf().any())
-    value = float(stats.batch_probe(x))
+    value, lo, hi = stats.batch_probe(x).tolist()
     if nan:
         assert math.isnan(value)
     else:
         assert value == (math.inf if inf else 0.0)
+        finite = parts.float()
+        assert (lo, hi) == (finite.min().item(), finite.max().item())

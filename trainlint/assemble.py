@@ -300,6 +300,8 @@ class TraceBuilder:
         step_info["layers"] = StepLayers(index, columns)
         if scale:
             step_info["input_scale"] = scale
+        if snap.batch_ranges:  # the batch tensors' extremes (the last forward's per name)
+            step_info["batch_range"] = {name: (lo, hi) for name, lo, hi in snap.batch_ranges}
         for key, rank in snap.backward_order.items():
             self.backward_order.setdefault(key, rank)
         with_grad = [(n, p.grad_norm) for n, p in self.params.items() if p.grad_norm is not None]

@@ -1449,6 +1449,11 @@ class Probe:
                                   snapshot.nonfinite_modules)):
             if probes:
                 values = snapshot.values.pop((tag,))
+                if tag == "input_probes":  # [flag, min, max] per batch tensor
+                    snapshot.batch_ranges.extend(
+                        (entry[0], float(lo), float(hi))
+                        for entry, (_, lo, hi) in zip(probes, values.reshape(-1, 3).tolist()))
+                    values = values.reshape(-1, 3)[:, 0]
                 bad = np.isnan(values) if tag == "input_probes" else ~np.isfinite(values)
                 out.extend(entry[:-1] for entry, hit in zip(probes, bad) if hit)
                 if tag == "input_probes":
@@ -1562,6 +1567,8 @@ class ProbeSnapshot:
     nonfinite_inputs: list = field(default_factory=list)
     # The names of the batch tensors that held ±Inf and no NaN (a mask's -inf, or bad data).
     infinite_inputs: list = field(default_factory=list)
+    # (name, min, max) of each floating-point batch tensor (model inputs, a check's targets).
+    batch_ranges: list = field(default_factory=list)
     nonfinite_modules: list = field(default_factory=list)
     # The keys of the points that ran with autograd off and whose module's forward ran again
     # in the backward (reentrant torch.utils.checkpoint): their gradients are not read.

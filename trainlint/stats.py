@@ -632,13 +632,15 @@ def nan_probe(x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_probe(x: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor: NaN when ``x`` holds a NaN, +inf when it holds ±Inf and no NaN, else 0
-    (one ``aminmax`` read). An Inf in a model input may be a mask's -inf, which is no fault:
-    the caller decides."""
+    """``[flag, min, max]`` in float32 (of a complex tensor's real and imaginary parts), from
+    one ``aminmax`` read: the flag is NaN when ``x`` holds a NaN, +inf when it holds ±Inf and
+    no NaN, else 0. An Inf in a model input may be a mask's -inf, which is no fault: the
+    caller decides."""
     x = x.detach()  # nothing recorded for autograd (a checkpointed region's saved tensors)
     lo, hi = torch.aminmax(torch.view_as_real(x) if x.is_complex() else x)
     infinite = torch.where(lo.isinf() | hi.isinf(), math.inf, 0.0)
-    return torch.where(hi.isnan(), math.nan, infinite)
+    flag = torch.where(hi.isnan(), math.nan, infinite)
+    return torch.stack([flag, lo.float(), hi.float()])
 
 
 def extremes_probe(x: torch.Tensor) -> torch.Tensor:

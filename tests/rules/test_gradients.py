@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from trainlint.rules import gradients
 from trainlint.rules._graph import MOSTLY_DEAD
-from trainlint.rules.gradients import FIRST_STEPS_TARGET, INFLATED, SIGN_LIKE_STEPS, nice_below
+from trainlint.rules.gradients import (
+    FIRST_STEPS_TARGET,
+    INFLATED,
+    OUTLIER_BATCH,
+    SIGN_LIKE_STEPS,
+    nice_below,
+    outlier_batch,
+)
 
 from tests.rules.tracekit import (
     defaults,
@@ -382,6 +389,18 @@ def test_tl503_a_checks_adam_steps_are_cut_toward_what_a_sound_rates_first_steps
         assert found.evidence["lr_factor"] == pytest.approx(target / 14.2)
     assert ("at its first step, where it is 14.2" in found.fix) is (target is not None)
     assert optimizer in SIGN_LIKE_STEPS or target is None
+
+
+def test_an_outlier_batch_is_outlier_batch_times_its_usual_size_with_three_steps_to_tell():
+    def ranges(sizes: list) -> object:
+        return trace([], per_step=[{"step": i, "batch_range": {"x": (-size / 2, size)}}
+                                   for i, size in enumerate(sizes)])
+    edge = OUTLIER_BATCH * 2.0
+    assert outlier_batch(ranges([2.0, 2.0, 2.0, edge])) == (3, "x", edge, 2.0)
+    assert outlier_batch(ranges([2.0, 2.0, 2.0, edge]), step=2) is None
+    assert outlier_batch(ranges([2.0, 2.0, 2.0, np.nextafter(edge, 0)])) is None
+    assert outlier_batch(ranges([2.0, 2.0, edge])) is None  # two other steps only
+    assert outlier_batch(ranges([0.0, 0.0, 0.0, edge])) is None  # nothing to compare with
 
 
 def test_tl503_skips_biases_embeddings_and_zero_init():

@@ -1,0 +1,54 @@
+"""One batch holding an outlier sample (1e30 in standardized features): the gradient
+explodes that step and the weights go NaN the next; TL502, TL503 and TL504 name the batch,
+not the learning rate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from trainlint.rules.gradients import OUTLIER_BATCH
+
+import trainlint
+
+
+def _run(outlier: float) -> tuple[dict, list]:
+    """An MLP at SGD 0.05 for 40 steps, every step observed; sample 3 of step 25's batch is
+    set to ``outlier``. Returns the findings by code and the batches fed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    fed = []
+    with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
+        for step in range(40):
+            x, y = torch.randn(64, 20), torch.randint(0, 10, (64,))
+            if step == 25:
+                x[3] = outlier
+            fed.append(x)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert [s["batch_range"]["input0"] for s in report.trace.per_step] == [
+        (x.min().item(), x.max().item()) for x in fed]
+    return {f.code: f for f in report.findings}, fed
+
+
+def test_a_batch_with_an_outlier_sample_is_named_for_the_gradient_it_made() -> None:
+    found, fed = _run(1e30)
+    usual = sorted(x.abs().max().item() for i, x in enumerate(fed) if i != 25)
+    assert 1e30 >= OUTLIER_BATCH * usual[len(usual) // 2]
+    assert found["TL502"].evidence["step"] == 25
+    assert found["TL502"].evidence["outlier_batch"] == "input0"
+    assert "that step's batch holds values up to 1e+30 in 'input0'" in found["TL502"].message
+    assert found["TL502"].fix.startswith("find and drop the bad sample of step 25")
+    assert "the data's: the batch of step 25" in found["TL503"].message
+    assert "overflowed after the batch of step 25" in found["TL504"].fix
+
+
+def test_a_large_but_usual_sample_is_no_outlier() -> None:
+    """Values 20x the usual size: the gradient grows, but no batch is blamed."""
+    found, _ = _run(60.0)
+    assert all("outlier_batch" not in f.evidence for f in found.values())
