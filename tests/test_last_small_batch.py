@@ -13,11 +13,11 @@ import trainlint
 
 
 def _bn_batches(small_from: int, epochs: int = 4) -> tuple[list, list]:
-    """A BN CNN on 4 x 64 + 6 images per epoch at batch 64, observed at every step; from step
+    """A BN CNN on 16 x 64 + 6 images per epoch at batch 64, observed at every step; from step
     ``small_from`` on, batches of 4. Returns (the batch size BatchNorm saw at each step, the
     TL401 findings' (module, small steps))."""
     torch.manual_seed(0)
-    x = torch.randn(4 * 64 + 6, 3, 8, 8)
+    x = torch.randn(16 * 64 + 6, 3, 8, 8)
     y = (x[:, 0].mean((1, 2)) > 0).long()
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
@@ -44,13 +44,14 @@ def _bn_batches(small_from: int, epochs: int = 4) -> tuple[list, list]:
 
 
 def test_the_last_incomplete_batch_of_each_epoch_is_no_finding() -> None:
+    """One step in 17 (under SMALL_SHARE of them) at a batch of 6."""
     seen, found = _bn_batches(small_from=10**9)
-    assert seen.count(6) == 4 and seen.count(64) == 16
+    assert seen.count(6) == 4 and seen.count(64) == 64
     assert found == []
 
 
 def test_a_batch_that_stays_small_is_reported() -> None:
-    seen, found = _bn_batches(small_from=10)
+    seen, found = _bn_batches(small_from=58)
     small = sum(batch < 16 for batch in seen)
-    assert small == 12
+    assert small == 3 + 10  # three epochs' last batches, then steps 58-67
     assert found == [("1", small)]
