@@ -526,7 +526,7 @@ def _fitting(before: float, fitted_at: float) -> RunTrace:
     observed steps before the loss fell to ``fitted_at`` x its first value, 0.9 at the two
     after."""
     trace = tanh_trace(0.9)
-    trace.mode = "monitor"
+    trace.mode, trace.loss_kind = "monitor", "cross_entropy"
     key = trace.layers[1].node[1:]
     trace.per_step = [{"step": 10 * i, "loss": loss, "layers": {key: {"saturated_fraction": s}}}
                       for i, (loss, s) in enumerate([(1.4, before), (0.7, before),
@@ -548,6 +548,9 @@ def test_tl102_saturation_only_once_the_loss_fitted_is_confidence() -> None:
     for step in unknown.per_step:
         del step["layers"]
     assert len(run("TL102", unknown)) == 1
+    regression = _fitting(0.0, FITTED_LOSS)  # a first loss that holds the targets' offset
+    regression.loss_kind = "mse"
+    assert len(run("TL102", regression)) == 1
 
 
 # ------------------------------------------------------------------------------ TL103/104
