@@ -1017,7 +1017,7 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
         first = min(acts, key=lambda lt: lt.depth)
         made = (_made_on_the_way(trace, first, bad["activations"])
                 or _fed_nonfinite(trace, first, bad["activations"])
-                or _fed_untraced(trace, first, bad["activations"]))
+                or _fed_untraced(trace, first, bad))
         if made is not None:
             return made
         count = bad["activations"][first.node[1:]]
@@ -1124,6 +1124,8 @@ def _fed_nonfinite(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tu
     if (first.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS
             or not first.shape or bad[first.node[1:]] < math.prod(first.shape)):
         return None
+    if blown_up(trace):  # weights out of range overflow what they take in
+        return None
     by_node = {lt.node: lt for lt in trace.layers}
     for edge in trace.edges:
         src = by_node.get(edge.src)
@@ -1147,14 +1149,29 @@ OVERFLOW_NORM = 1.8e19
 CONTAINERS = frozenset({"Sequential", "ModuleList", "ModuleDict"})
 
 
-def _fed_untraced(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
+def blown_up(trace: RunTrace) -> bool:
+    """Whether a weight of the model blew up: its norm before an observed step past
+    ``INFLATED`` x its first one and its RMS above 1 (a layer scale that grows from 1e-6 by
+    design is no blow-up; SGD at lr 50 took weights from ~0.5 to ~1e23 an element)."""
+    for p in trace.params:
+        norms = [n for n in p.norms_before if math.isfinite(n)]
+        size = math.prod(p.shape) or 1
+        if norms and norms[0] > 0 and max(norms) > INFLATED * norms[0] and \
+                max(norms) / math.sqrt(size) > 1:
+            return True
+    return False
+
+
+def _fed_untraced(trace: RunTrace, first: LayerTrace, step_bad: dict) -> Optional[tuple]:
     """When the first non-finite output is a weight layer's and no observed tensor feeds it
     (no layer output or model input reaches it: its input was built in a forward from tensors
     the data-flow graph does not follow, a timestep embedding ``log(t) * freqs``), while no
-    weight of the model blew up (none past ``INFLATED`` x its first norm, its own not near
-    ``OVERFLOW_NORM``, not in float16: an overflow needs values out of range), the code that
-    built its input made the NaN/Inf: in the forward of the innermost module around it that
-    is not a container. ``(what, module, detail)`` or None."""
+    weight of the model blew up (:func:`blown_up`; its own not near ``OVERFLOW_NORM``, not in
+    float16: an overflow needs values out of range), the code that built its input made the
+    NaN/Inf: in the forward of the module where the graph saw the ops that can make it run on
+    the paths it lost (``RunTrace.op_sites``), else of the innermost module around it that is
+    not a container; or, where such a path starts at a model input that held ±Inf, the batch.
+    ``(what, module, detail)`` or None."""
     facts = trace.modules.get(first.module)
     if first.op != "output" or facts is None or facts.base not in WEIGHT_LAYERS:
         return None
@@ -1163,27 +1180,34 @@ def _fed_untraced(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tup
         return None  # (no edges at all: no data-flow graph was recorded)
     own = [p for p in trace.params if p.module == first.module]
     if trace.amp_dtype == "float16" or any(p.dtype == "float16" for p in own) or any(
-            n > OVERFLOW_NORM for p in own for n in [p.norm, *p.norms_before]):
-        return None  # float16's range, or weights large enough to overflow float32 alone
-    for p in trace.params:
-        norms = [n for n in p.norms_before if math.isfinite(n)]
-        if norms and norms[0] > 0 and max(norms) > INFLATED * norms[0]:
-            return None
-    parent = next((name for name in ancestors(first.module) if name != first.module and (
-        name not in trace.modules or trace.modules[name].base not in CONTAINERS)), "")
-    whose = trace.modules[parent].type if parent in trace.modules else "the model"
+            n > OVERFLOW_NORM for p in own for n in [p.norm, *p.norms_before]) or \
+            blown_up(trace):
+        return None  # float16's range, or weights large enough to overflow float32
     # Paths the graph lost at an op with an untraced operand, after ops that can make NaN/Inf.
-    lost = sorted({f"{', '.join(op for op in edge.via if op in RISKY_OPS)} on "
+    lost = [edge for edge in trace.edges
+            if edge.dst[0] == "op" and RISKY_OPS.intersection(edge.via)]
+    infinite = step_bad.get("infinite_inputs") or []
+    for edge in trace.edges:  # a path from an input that held ±Inf, lost on the way
+        if edge.src[0] == "input" and edge.src[1] in infinite and edge.dst[0] == "op":
+            return "input", "", (
+                f"the batch holds Inf before the model runs ({edge.src[1]}), and the input of "
+                f"{first.label} ({first.type}) is built from it in the forward")
+    sites = {trace.op_sites.get((edge.src, edge.via[:i + 1]))
+             for edge in lost for i, op in enumerate(edge.via) if op in RISKY_OPS}
+    parent = sites.pop() if len(sites) == 1 and None not in sites else next(
+        (name for name in ancestors(first.module) if name != first.module and (
+            name not in trace.modules or trace.modules[name].base not in CONTAINERS)), "")
+    whose = trace.modules[parent].type if parent in trace.modules else "the model"
+    seen = sorted({f"{', '.join(op for op in edge.via if op in RISKY_OPS)} on "
                    f"{edge.src[1] if edge.src[0] == 'input' else edge.src[1] + ' output'}"
-                   for edge in trace.edges
-                   if edge.dst[0] == "op" and RISKY_OPS.intersection(edge.via)})
-    seen = f" (traced on the way: {'; '.join(lost)})" if lost else ""
+                   for edge in lost})
+    traced = f" (traced on the way: {'; '.join(seen)})" if seen else ""
     return "forward", parent, (
-        f"the output of {first.label} ({first.type}) holds {bad[first.node[1:]]} NaN/Inf "
-        f"value(s) while its weights are finite and none of the model's grew out of range; "
-        f"no observed layer output or model input feeds it: its input was built in the "
-        f"forward of {parent or 'the model'} ({whose}) from tensors made there{seen}, and "
-        f"that code made the NaN/Inf")
+        f"the output of {first.label} ({first.type}) holds "
+        f"{step_bad['activations'][first.node[1:]]} NaN/Inf value(s) while its weights are "
+        f"finite and none of the model's grew out of range; no observed layer output or model "
+        f"input feeds it: its input was built in the forward of {parent or 'the model'} "
+        f"({whose}) from tensors made there{traced}, and that code made the NaN/Inf")
 
 
 def _made_from_the_input(trace: RunTrace, first: LayerTrace, edge: Edge) -> tuple:
@@ -1241,7 +1265,10 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``log_softmax``/``logsumexp`` instead of ``log(softmax)``); for a NaN made in a backward,
     add eps inside sqrt (or use ``torch.linalg.vector_norm``) and clamp the base of fractional
     powers; for parameters, lower the learning rate and clip gradients; in fp16, use a
-    GradScaler or bf16.
+    GradScaler or bf16. Where a weight blew up before the step (past ``INFLATED`` x its first
+    norm, to an RMS above 1), NaN/Inf made in the forward after the first step is the
+    learning rate's: the fix says so, also for a layer without weights (a GroupNorm fed
+    values of 1e20).
     """
     for step in trace.per_step:
         found = _first_nonfinite(trace, step)
@@ -1326,6 +1353,11 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "row) gets a softmax over nothing, NaN; keep at least one key per query (drop "
                 "empty samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "
                 "inputs of log/sqrt/division in it")
+    if what == "forward" and not first and blown_up(trace):
+        return (f"the weights grew out of range before {module or 'the model'!r} made it (one "
+                "grew past 10x its first norm to an RMS above 1): lower the learning rate, "
+                "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
+                "max_norm=1.0)); check the steps before (TL502, TL503)")
     if what in ("forward", "backward"):
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
                 "log/sqrt/pow/exp/division (x.clamp_min(eps); exp(x.clamp_max(80))) and of "

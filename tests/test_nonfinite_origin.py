@@ -749,3 +749,40 @@ def test_a_layer_no_observed_tensor_feeds_with_weights_out_of_range_overflowed_i
     found = _tl504(trainlint.check(model, _timesteps(1), steps=1))
     assert (found.module, found.evidence["where"]) == ("temb.0", "forward")
     assert "overflowed" in found.fix
+
+
+class TimeMLP(nn.Module):
+    """A wrapper that takes the embedding as it is (diffusers' TimestepEmbedding's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear_1, self.act, self.linear_2 = nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(e)))
+
+
+class WrappedEmbedding(TimestepEmbedded):
+    """The timestep embedding built in the model's forward, handed to a TimeMLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temb = TimeMLP()
+
+
+def test_the_code_that_built_an_untraced_input_is_where_its_risky_op_ran() -> None:
+    """The log ran in the model's forward, not in the wrapper that received its result."""
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(WrappedEmbedding(), _timesteps(0), steps=1))
+    assert (found.module, found.evidence["where"]) == ("", "forward")
+    assert "the output of temb.linear_1 (Linear)" in found.message
+
+
+def test_an_inf_in_the_batch_that_an_untraced_input_is_built_from_is_the_datas() -> None:
+    (x, t), y = _timesteps(1)
+    t = t.float()
+    t[5] = math.inf
+    torch.manual_seed(0)
+    found = _tl504(trainlint.check(TimestepEmbedded(), ((x, t), y), steps=1))
+    assert (found.module, found.evidence["where"]) == ("", "input")
+    assert "the batch holds Inf before the model runs (input1)" in found.message

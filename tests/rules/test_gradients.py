@@ -13,6 +13,7 @@ from trainlint.rules.gradients import (
     INFLATED,
     OUTLIER_BATCH,
     SIGN_LIKE_STEPS,
+    blown_up,
     nice_below,
     outlier_batch,
 )
@@ -401,6 +402,17 @@ def test_an_outlier_batch_is_outlier_batch_times_its_usual_size_with_three_steps
     assert outlier_batch(ranges([2.0, 2.0, 2.0, np.nextafter(edge, 0)])) is None
     assert outlier_batch(ranges([2.0, 2.0, edge])) is None  # two other steps only
     assert outlier_batch(ranges([0.0, 0.0, 0.0, edge])) is None  # nothing to compare with
+
+
+def test_a_blown_up_weight_grew_past_inflated_times_its_first_norm_to_an_rms_above_1():
+    def grown(first: float, last: float) -> object:
+        p = param("l.weight", (10, 10), ratios=(0.1, 0.1))
+        p.norms_before = [first * 10, last * 10]  # RMS x 10 elements per side
+        return trace([], params=[p])
+    assert blown_up(grown(0.5, 0.5 * INFLATED * 1.01))
+    assert not blown_up(grown(0.5, 0.5 * INFLATED))
+    assert not blown_up(grown(1e-6, 4e-4))  # a layer scale grows from 1e-6 by design
+    assert not blown_up(grown(0.05, 0.99))  # past 10x, yet an RMS below 1
 
 
 def test_tl503_skips_biases_embeddings_and_zero_init():
