@@ -1050,7 +1050,8 @@ class Probe:
             mean = z.sum(o, keepdim=True) / n
             squares = torch.sub(z, mean, out=work).square_().sum(o, keepdim=True)
             var = (squares - gone * mean * mean) / n
-            value = torch.stack([mean.reshape(-1), var.clamp(min=0).sqrt().reshape(-1), lo, hi])
+            value = torch.stack([mean.reshape(-1), var.clamp(min=0).sqrt().reshape(-1), lo, hi,
+                                 n.reshape(-1).to(lo.dtype)])  # (the values read per channel)
             self.input_rows.append((name, tuple(t.shape), str(t.dtype).replace("torch.", ""),
                                     dim if t.dim() > 1 else 0, value))
 
