@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from trainlint.cli import main
@@ -90,3 +92,14 @@ def schema_validator() -> jsonschema.Draft202012Validator:  # noqa: F821
     schema = report_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
+
+
+def monitored_step(model: nn.Module, opt: torch.optim.Optimizer, monitor: object,
+                   x: torch.Tensor, y: torch.Tensor) -> float:
+    """One classification training step (cross-entropy) that ``monitor`` watches; its loss."""
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    monitor.step(loss)
+    return loss.item()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from trainlint.rules.activations import FITTED_LOSS
 
 import trainlint
+from tests.conftest import monitored_step
 from trainlint.engine import RULES, load_rules
 
 load_rules()
@@ -35,12 +35,7 @@ def _train(init_scale: float) -> tuple[list, list, list]:
     losses = []
     for _ in range(400):
         i = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        monitor.step(loss)
-        losses.append(loss.item())
+        losses.append(monitored_step(model, opt, monitor, x[i], y[i]))
     report = monitor.report()
     monitor.close()
     own.remove()

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import trainlint
+from tests.conftest import monitored_step
 from trainlint.assemble import SCALE_SIGMAS
 from trainlint.probe import LATER_INPUT_ROWS
 
@@ -28,11 +28,7 @@ def _run(switch_at: int, steps: int = 40) -> tuple[trainlint.Report, list]:
             if step >= switch_at:
                 x = x * 8 + 20
             batches.append(x)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
+            monitored_step(model, opt, monitor, x, y)
         report = monitor.report()
     return report, batches
 
@@ -79,10 +75,6 @@ def test_one_rare_value_in_the_samples_read_is_no_scale_change() -> None:
                 x[0, 7] = rare  # in the rows a later step reads
             whole = x[:, 7]
             assert abs(whole.mean().item()) < 0.1 and whole.std().item() < 1.1
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
+            monitored_step(model, opt, monitor, x, y)
         report = monitor.report()
     assert [f for f in report.findings if f.code == "TL201"] == []

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from trainlint.rules.gradients import OUTLIER_BATCH
 
 import trainlint
+from tests.conftest import monitored_step
 
 
 def _run(outlier: float) -> tuple[dict, list]:
@@ -25,11 +25,7 @@ def _run(outlier: float) -> tuple[dict, list]:
             if step == 25:
                 x[3] = outlier
             fed.append(x)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
+            monitored_step(model, opt, monitor, x, y)
         report = monitor.report()
     assert [s["batch_range"]["input0"] for s in report.trace.per_step] == [
         (x.min().item(), x.max().item()) for x in fed]
