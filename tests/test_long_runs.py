@@ -54,7 +54,8 @@ def test_a_long_monitor_run_keeps_its_losses_and_a_bounded_history(
     assert len(detailed) <= history
     assert detailed[:first] == list(range(first))
     assert detailed[-(history // 2):] == list(range(130 - history // 2, 130))
-    assert all("param_grad_norms" in s for s in trace.per_step if "layers" in s)
+    for key in ("param_grad_norms", "input_scale", "batch_range"):  # kept with "layers" only
+        assert [s["step"] for s in trace.per_step if key in s] == detailed
     assert all(len(p.norms_before) <= history and len(p.update_ratios) <= history
                for p in trace.params)
     assert all(s["grad_norm"] is not None for s in trace.per_step)

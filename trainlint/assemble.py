@@ -54,7 +54,8 @@ MAX_UNIT_WINDOW = 256
 RECENT_VALUES = 128
 _NO_SIGNAL = np.zeros(2)
 # A long run keeps every observed step's losses and total gradient norm, but the per-layer
-# values and per-parameter gradient norms and update series of at most HISTORY observed steps
+# values, per-parameter gradient norms, input scales and batch ranges, and the update series
+# of at most HISTORY observed steps
 # (~10 KB a step for 81 layers): each time HISTORY is reached, every other one between the
 # first KEEP_FIRST and the latest HISTORY // 2 is dropped, so older steps grow sparser.
 HISTORY = 1024
@@ -272,7 +273,7 @@ class TraceBuilder:
         self.before_nonfinite = []
         order: dict = {}  # the layers in the snapshot's order (an ordered set)
         found: dict = {"act": [], "grad": [], "units": [], "signal": []}
-        scale: dict = {}  # per input: (largest |mean| of a varying feature, largest std)
+        scale: dict = {}  # per input and channel dim: its _input_scale
         moved: dict = {}
         for tag, value in snap.values.items():
             kind = tag[0]
@@ -358,15 +359,16 @@ class TraceBuilder:
                 runs.append([batch, 1])
 
     def _thin(self) -> None:
-        """Drop the per-layer values and per-parameter gradient norms of the observed steps
-        that :func:`kept_positions` leaves out (their losses and total norm stay); the rules
+        """Drop the per-layer values, per-parameter gradient norms, input scales and batch
+        ranges of the observed steps that :func:`kept_positions` leaves out (their losses and
+        total norm stay); the rules
         read such a step as one that kept none."""
         keep = kept_positions(len(self._detailed))
         kept = set(keep)
         for i, at in enumerate(self._detailed):
             if i not in kept:
-                self.per_step[at].pop("layers", None)
-                self.per_step[at].pop("param_grad_norms", None)
+                for key in ("layers", "param_grad_norms", "input_scale", "batch_range"):
+                    self.per_step[at].pop(key, None)
         self._detailed = [self._detailed[i] for i in keep]
 
     def _add_acts(self, acts: list, index: dict, columns: dict, nonfinite: dict) -> dict:
@@ -477,7 +479,7 @@ class TraceBuilder:
 
     def _add_input(self, tag: tuple, value: np.ndarray) -> tuple:
         """One step's per-channel moments and range of a model input into its InputTrace;
-        returns the step's largest |mean| of a varying channel and largest std."""
+        returns the step's :func:`_input_scale`."""
         _, _, name, shape, dtype, dim = tag
         current = self.inputs.get((name, dim))
         if len(shape) == 1:  # one value per sample: a single feature over the batch
