@@ -616,6 +616,10 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     of 0: set a learning rate above 0; for 16-bit weights keep float32 master weights
     (``torch.autocast`` instead of ``model.bfloat16()``).
 
+    Where a group's learning rate rose ``RATE_JUMP`` (10) x or more between two observed
+    steps, a rate too high says where (a schedule bug that multiplied it by 100 at step 300
+    was told only to cut it).
+
     In a Monitor run the updates can also stop partway: when at least ``stall_points`` updates
     were observed, the median ratio of the last ``stall_share`` of them (and at least 3) all
     sit below ``min_ratio`` after the first was inside the band, and the learning rate itself
@@ -766,6 +770,23 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     return Hit(module="", message=message, fix=fix, evidence=evidence)
 
 
+# A param group's learning rate that rose by this factor or more between two observed steps
+# jumped (TL503 says where: a schedule bug, x100 at step 300, read as "cut the rate x0.05").
+RATE_JUMP = 10.0
+
+
+def rate_jump(trace: RunTrace, group: Optional[int]) -> Optional[tuple]:
+    """``(step before, step, lr before, lr after)`` of the first pair of observed steps between
+    which param group ``group``'s (None: the only one's) learning rate rose ``RATE_JUMP`` x or
+    more; None otherwise."""
+    key = 0 if group is None else group
+    series = [(s["step"], s["lrs"][key]) for s in trace.per_step if key in s.get("lrs", {})]
+    for (a, before), (b, after) in zip(series, series[1:]):
+        if before > 0 and after >= RATE_JUMP * before:
+            return a, b, before, after
+    return None
+
+
 def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float,
                   step_typical: float, factor: float, judged: list, bad: list, whose: str,
                   where: str, group: Optional[int], lr: Optional[float],
@@ -835,6 +856,12 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
                 "total_iters=500) stepped per batch; and clip gradients "
                 "(torch.nn.utils.clip_grad_norm_)")
     cause = "" if direction == "high" else " (or the gradients vanish: check TL501 and the init)"
+    jump = rate_jump(trace, group) if direction == "high" else None
+    if jump is not None:
+        a, b, before, after = jump
+        cause = (f" (it rose {after / before:.3g}x between steps {a} and {b}, from {before:.3g} "
+                 f"to {after:.3g}: check what set it there, a schedule, a restart or a rate set "
+                 f"by hand)")
     to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
     per_step = ("" if step_typical == typical else
                 f" at a typical step, whose ratio is {step_typical:.3g}")

@@ -54,7 +54,8 @@ MAX_UNIT_WINDOW = 256
 RECENT_VALUES = 128
 _NO_SIGNAL = np.zeros(2)
 # A long run keeps every observed step's losses and total gradient norm, but the per-layer
-# values, per-parameter gradient norms, input scales and batch ranges, and the update series
+# values, per-parameter gradient norms, input scales, batch ranges and learning rates, and the
+# update series
 # of at most HISTORY observed steps
 # (~10 KB a step for 81 layers): each time HISTORY is reached, every other one between the
 # first KEEP_FIRST and the latest HISTORY // 2 is dropped, so older steps grow sparser.
@@ -274,6 +275,7 @@ class TraceBuilder:
         order: dict = {}  # the layers in the snapshot's order (an ordered set)
         found: dict = {"act": [], "grad": [], "units": [], "signal": []}
         scale: dict = {}  # per input and channel dim: its _input_scale
+        lrs: dict = {}  # per param group: its learning rate
         moved: dict = {}
         for tag, value in snap.values.items():
             kind = tag[0]
@@ -290,6 +292,9 @@ class TraceBuilder:
                 self.param_finite = dict(zip(tag[1], value.astype(bool)))
             elif kind == "param":
                 self._add_param(tag, value)
+                group, lr = tag[7], tag[8]
+                if group is not None and isinstance(lr, (int, float)):
+                    lrs[group] = float(lr)
             elif kind == "moved_outside":
                 moved.update(zip(tag[1], value.astype(bool).tolist()))
             elif kind == "extra" and tag[1] == "loss":
@@ -320,6 +325,8 @@ class TraceBuilder:
         step_info["layers"] = StepLayers(index, columns)
         if scale:
             step_info["input_scale"] = scale
+        if lrs:
+            step_info["lrs"] = lrs
         if snap.batch_ranges:  # the batch tensors' extremes (the last forward's per name)
             step_info["batch_range"] = {name: (lo, hi) for name, lo, hi in snap.batch_ranges}
         for key, rank in snap.backward_order.items():
@@ -359,15 +366,14 @@ class TraceBuilder:
                 runs.append([batch, 1])
 
     def _thin(self) -> None:
-        """Drop the per-layer values, per-parameter gradient norms, input scales and batch
-        ranges of the observed steps that :func:`kept_positions` leaves out (their losses and
-        total norm stay); the rules
-        read such a step as one that kept none."""
+        """Drop the per-layer values, per-parameter gradient norms, input scales, batch ranges
+        and learning rates of the observed steps that :func:`kept_positions` leaves out (their
+        losses and total norm stay); the rules read such a step as one that kept none."""
         keep = kept_positions(len(self._detailed))
         kept = set(keep)
         for i, at in enumerate(self._detailed):
             if i not in kept:
-                for key in ("layers", "param_grad_norms", "input_scale", "batch_range"):
+                for key in ("layers", "param_grad_norms", "input_scale", "batch_range", "lrs"):
                     self.per_step[at].pop(key, None)
         self._detailed = [self._detailed[i] for i in keep]
 

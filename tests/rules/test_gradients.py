@@ -12,10 +12,12 @@ from trainlint.rules.gradients import (
     FIRST_STEPS_TARGET,
     INFLATED,
     OUTLIER_BATCH,
+    RATE_JUMP,
     SIGN_LIKE_STEPS,
     blown_up,
     nice_below,
     outlier_batch,
+    rate_jump,
 )
 
 from tests.rules.tracekit import (
@@ -413,6 +415,17 @@ def test_a_blown_up_weight_grew_past_inflated_times_its_first_norm_to_an_rms_abo
     assert not blown_up(grown(0.5, 0.5 * INFLATED))
     assert not blown_up(grown(1e-6, 4e-4))  # a layer scale grows from 1e-6 by design
     assert not blown_up(grown(0.05, 0.99))  # past 10x, yet an RMS below 1
+
+
+def test_a_rate_jump_is_a_rise_of_rate_jump_times_between_two_observed_steps():
+    def rates(*lrs: float, group: int = 0) -> object:
+        return trace([], per_step=[{"step": 10 * i, "lrs": {group: lr}}
+                                   for i, lr in enumerate(lrs)])
+    assert rate_jump(rates(0.1, 0.1, 0.1 * RATE_JUMP), None) == (10, 20, 0.1, 0.1 * RATE_JUMP)
+    assert rate_jump(rates(0.1, 0.1, np.nextafter(0.1 * RATE_JUMP, 0)), None) is None
+    assert rate_jump(rates(0.0, 0.5), None) is None  # a warmup from 0 has no factor
+    assert rate_jump(rates(0.1, 5.0, group=1), 1) == (0, 10, 0.1, 5.0)
+    assert rate_jump(rates(0.1, 5.0, group=1), 0) is None
 
 
 def test_tl503_skips_biases_embeddings_and_zero_init():
