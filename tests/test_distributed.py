@@ -204,7 +204,8 @@ def test_merge_inputs_matches_the_concatenated_batch():
     a, b = rng.normal(2, 3, (6, 5)), rng.normal(-1, 1, (10, 5))
 
     def row(x):
-        return np.stack([x.mean(0), x.std(0), x.min(0), x.max(0)])
+        return np.stack([x.mean(0), x.std(0), x.min(0), x.max(0), np.full(x.shape[1],
+                                                                          x.shape[0])])
 
     tag, merged = merge_inputs([(("input", 0, "input0", a.shape, "float32", 1), row(a)),
                                 (("input", 0, "input0", b.shape, "float32", 1), row(b))])

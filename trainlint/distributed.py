@@ -110,10 +110,12 @@ def reduce_values(per_rank: list[dict], world_size: Optional[int] = None) -> dic
 
 
 def merge_inputs(parts: list[tuple]) -> tuple[tuple, np.ndarray]:
-    """One input's per-channel ``[mean, std, min, max]`` rows from several ranks, merged.
+    """One input's per-channel ``[mean, std, min, max, count]`` rows from several ranks,
+    merged.
 
-    Each rank's count per channel is its tensor's size over the channel dim; the batch dim of
-    the merged shape is the sum of the ranks' batch dims.
+    Each rank's weight per channel is its count of values read (the whole tensor over the
+    channel dim, or a later step's sampled rows); the batch dim of the merged shape is the sum
+    of the ranks' batch dims.
     """
     tag0 = parts[0][0]
     kind, index, name, shape, dtype, dim = tag0
@@ -123,11 +125,12 @@ def merge_inputs(parts: list[tuple]) -> tuple[tuple, np.ndarray]:
         values = np.concatenate([v for _, v in parts], axis=1)
         total = sum(t[3][0] for t, _ in parts)
         return (kind, index, name, (total,) + tuple(shape[1:]), dtype, dim), values
-    counts = np.array([np.prod(t[3]) / t[3][dim] for t, _ in parts], dtype=np.float64)
     rows = np.stack([np.asarray(v, dtype=np.float64) for _, v in parts])
-    weights = counts[:, None] / counts.sum()
+    counts = rows[:, 4]
+    weights = counts / np.maximum(counts.sum(axis=0), 1.0)
     mean = (weights * rows[:, 0]).sum(axis=0)
     var = (weights * (rows[:, 1] ** 2 + (rows[:, 0] - mean) ** 2)).sum(axis=0)
-    merged = np.stack([mean, np.sqrt(var), rows[:, 2].min(axis=0), rows[:, 3].max(axis=0)])
+    merged = np.stack([mean, np.sqrt(var), rows[:, 2].min(axis=0), rows[:, 3].max(axis=0),
+                       counts.sum(axis=0)])
     total = sum(t[3][0] for t, _ in parts)
     return (kind, index, name, (total,) + tuple(shape[1:]), dtype, dim), merged
