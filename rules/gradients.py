@@ -457,8 +457,9 @@ OUTLIER_BATCH = 1e3
 def outlier_batch(trace: RunTrace, step: Optional[int] = None) -> Optional[tuple]:
     """``(step, name, largest |value|, its median at the other observed steps)`` of a batch
     tensor (model input, a check's target) whose values at ``step`` (else at any observed
-    step, the first such) are at least ``OUTLIER_BATCH`` times their usual size, with three
-    other observed steps at least to tell; None otherwise."""
+    step, the first such), and at no other observed step, are at least ``OUTLIER_BATCH``
+    times their usual size, with three other observed steps at least to tell; None
+    otherwise."""
     sizes: dict = {}
     for s in trace.per_step:
         for name, (lo, hi) in (s.get("batch_range") or {}).items():
@@ -467,9 +468,14 @@ def outlier_batch(trace: RunTrace, step: Optional[int] = None) -> Optional[tuple
         for name, series in sizes.items():
             here = [v for st, v in series if st == at and math.isfinite(v)]
             others = [v for st, v in series if st != at and math.isfinite(v)]
-            if here and len(others) >= 3 and 0 < median(others) and \
-                    here[0] >= OUTLIER_BATCH * median(others):
-                return at, name, here[0], median(others)
+            if not here or len(others) < 3 or median(others) <= 0:
+                continue
+            usual = median(others)
+            # One step only: values that large at other steps too are the data's own (a
+            # sentinel of -1e4 for "missing", masked in the forward).
+            if here[0] >= OUTLIER_BATCH * usual and all(
+                    v < OUTLIER_BATCH * usual for v in others):
+                return at, name, here[0], usual
     return None
 
 
@@ -1380,7 +1386,8 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "row) gets a softmax over nothing, NaN; keep at least one key per query (drop "
                 "empty samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "
                 "inputs of log/sqrt/division in it")
-    if what == "forward" and not first and blown_up(trace):
+    if what == "forward" and not first and facts is not None and facts.is_leaf and \
+            blown_up(trace):  # (a leaf without weights: a norm or an activation fed 1e20)
         return (f"the weights grew out of range before {module or 'the model'!r} made it (one "
                 "grew past 10x its first norm to an RMS above 1): lower the learning rate, "
                 "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "

@@ -83,7 +83,7 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     In a Monitor run a small batch that comes alone now and then, with full ones between
     (the last, incomplete batch of each epoch with ``DataLoader(drop_last=False)``), is left
     alone: a batch below ``min_batch`` is judged where it came at two observed steps in a row,
-    at every one, or at two or more that are ``SMALL_SHARE`` (10%) of them or more (the
+    at every one, or at two or more that are ``SMALL_SHARE`` (25%) of them or more (the
     message then says at how many).
     """
     for facts in batchnorms(trace):
@@ -127,10 +127,10 @@ def batchnorm_small_batch(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 
 
 # Small batches that each come alone between full ones are judged where they are at least this
-# share of the observed steps (and two at least): batch 2 at every third step left a BatchNorm
-# MLP at accuracy 0.80 against 0.88 for batches of 22; an epoch's last batch at one step in 17
-# left a CNN at 1.0, as without it.
-SMALL_SHARE = 0.1
+# share of the observed steps (and two at least): batch 2 at every second, third or fourth
+# step left a BatchNorm MLP at accuracy 0.77-0.83 against 0.88-0.92; an epoch's last batch at
+# one step in 6, 7 or 10 (MLPs and CNNs over 20-50 epochs, two seeds) did no measurable harm.
+SMALL_SHARE = 0.25
 
 
 def _small_batches(facts: ModuleFacts, min_batch: int) -> Optional[tuple[int, int, int]]:

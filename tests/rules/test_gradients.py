@@ -500,6 +500,35 @@ def _nan_model():
             point("c", "Linear", depth=2, backward_order=0)]
 
 
+@pytest.mark.parametrize("where, leaf, blamed", [
+    ("norm", True, True), ("", False, False), ("norm", True, False)])
+def test_tl504_weights_blown_up_make_an_overflow_of_a_leaf_without_weights(where, leaf, blamed):
+    """Adam at lr 1e3 grew weights x4.7e4 and a GroupNorm fed values of 1e20 went NaN: the
+    rate's. A cosine classifier's learned scale grew from 1 to 10.7 (past 10x, RMS above 1)
+    and a 0/0 in the model's own forward made the NaN: not the rate's (lr/10 still NaN)."""
+    lin = point("lin", "Linear", depth=0)
+    norm = point("norm", "GroupNorm", depth=1)
+    grown = param("lin.weight", (4, 4), ratios=(0.1, 0.1))
+    grown.norms_before = [1.0, 40.0 if blamed or not leaf else 1.0]  # RMS 10 at the last
+    t = trace([lin, norm], [module("", "Model", leaf=False), module("lin", "Linear"),
+                            module("norm", "GroupNorm")], params=[grown],
+              per_step=[_nan_step(0), _nan_step(1, activations={norm.node[1:]: 8})]
+              if leaf else [_nan_step(0), _nan_step(1, loss=math.nan, modules=[["", 5]])])
+    [found] = hits("TL504", t)
+    assert found.module == where
+    assert ("the weights grew out of range" in found.fix) is blamed
+    assert ("clamp inputs of log" in found.fix) is not blamed
+
+
+def test_an_outlier_batch_is_one_step_only():
+    """A sentinel of -1e4 for "missing" in 8 batches of 60 is the data's own, not a sample."""
+    t = trace([], per_step=[{"step": i, "batch_range": {"x": (-1e4 if i in (3, 9) else -2.0,
+                                                            2.0)}} for i in range(12)])
+    assert outlier_batch(t, step=3) is None and outlier_batch(t) is None
+    t.per_step[9]["batch_range"]["x"] = (-2.0, 2.0)
+    assert outlier_batch(t) == (3, "x", 1e4, 2.0)
+
+
 def test_tl504_names_the_first_module_in_forward_order():
     a, b, c = _nan_model()
     steps = [_nan_step(0), _nan_step(1, activations={c.node[1:]: 5, b.node[1:]: 7})]
