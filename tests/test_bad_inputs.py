@@ -270,6 +270,21 @@ def test_no_batch_at_all() -> None:
                        "--input-shape")
 
 
+def test_a_check_that_cannot_run_is_an_error_annotation_in_github_format() -> None:
+    """GitHub Actions shows workflow commands from the step's output: exit 2 without one left
+    the job's annotations empty. The user code's traceback stays on stderr."""
+    run = cli("no_batch.py", "--format", "github")
+    assert run.exit_code == 2
+    [line] = run.stdout.splitlines()
+    assert line.startswith("::error title=trainlint (exit 2)::trainlint could not run the "
+                           "check: no batch: define get_batch() in no_batch.py")
+    assert run.stderr.startswith("trainlint: error: no batch")
+    raised = cli("forward_raises.py", "--format", "github")
+    assert raised.exit_code == 2 and raised.stdout.startswith("::error title=")
+    assert len(raised.stdout.splitlines()) == 1 and "Traceback" not in raised.stdout
+    assert "Traceback" in raised.stderr
+
+
 @pytest.mark.parametrize("shape", ["a,b", "0,8", "", "8,-1", "8;8", "3,x", "32,,3", "8,"])
 def test_malformed_input_shape(shape: str) -> None:
     assert_clean_error(cli("no_batch.py", "--input-shape", shape),

@@ -23,15 +23,27 @@ FORMAT_CHOICES = ["text", "json", "sarif", "junit", "github", "markdown", "html"
 PLOT_SUFFIXES = (".png", ".svg")
 
 
-def _fail(exc: TrainlintError) -> None:
+def _fail(exc: TrainlintError, fmt: Optional[str] = None) -> None:
     click.echo(f"trainlint: error: {exc}", err=True)
     if isinstance(exc, UserCodeError) and exc.user_traceback:
         click.echo(exc.user_traceback.rstrip(), err=True)
+    _annotate_failure(fmt, f"trainlint could not run the check: {exc}")
     sys.exit(2)
 
 
-def _internal_error(exc: BaseException) -> None:
+def _annotate_failure(fmt: Optional[str], text: str) -> None:
+    """With ``--format github``, a check that could not run is an error annotation too (the
+    job's log shows it, not only its stderr)."""
+    if fmt == "github":
+        from .reports.github import escape_data, escape_property
+
+        click.echo(f"::error title={escape_property('trainlint (exit 2)')}::{escape_data(text)}")
+
+
+def _internal_error(exc: BaseException, fmt: Optional[str] = None) -> None:
     """A bug in trainlint itself: say so, keep the full traceback for the report, exit 2."""
+    _annotate_failure(fmt, f"trainlint failed with an internal error: {type(exc).__name__}: "
+                           f"{flat_message(exc)}")
     click.echo(f"trainlint: internal error: {type(exc).__name__}: {flat_message(exc)}. This is a "
                "bug in trainlint, not in your code; please report it with the traceback below.",
                err=True)
@@ -167,20 +179,20 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
         if fmt == "github":
             _step_summary(render(report, "markdown", fail_on=fail_on))
     except TrainlintError as exc:
-        _fail(exc)
+        _fail(exc, fmt)
     except SystemExit as exc:  # the user's code called sys.exit() (or exit()) during the check
         _fail(UserCodeError(f"the model's code called sys.exit({exc.code!r}) during the check; "
                             "code that ends the process must sit under `if __name__ == "
-                            "\"__main__\":`", user_traceback(exc)))
+                            "\"__main__\":`", user_traceback(exc)), fmt)
     except KeyboardInterrupt:  # exit 2 (could not run), not click's "Aborted!" and 1 (findings)
-        _fail(TrainlintError("interrupted (KeyboardInterrupt): the check did not finish"))
+        _fail(TrainlintError("interrupted (KeyboardInterrupt): the check did not finish"), fmt)
     except Exception as exc:
-        _internal_error(exc)
+        _internal_error(exc, fmt)
     except BaseException as exc:  # GeneratorExit, CancelledError, a user's own BaseException
         if raised_by_trainlint(exc):
-            _internal_error(exc)
+            _internal_error(exc, fmt)
         _fail(UserCodeError(f"the model's code raised {type(exc).__name__} during the check: "
-                            f"{flat_message(exc)}", user_traceback(exc)))
+                            f"{flat_message(exc)}", user_traceback(exc)), fmt)
     sys.exit(report.exit_code(fail_on))
 
 
