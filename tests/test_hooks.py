@@ -74,3 +74,18 @@ def test_torch_save_of_a_watched_model_holds_no_monitor() -> None:
     loaded = torch.load(saved, weights_only=False)
     out = loaded(torch.randn(3, 4))
     assert out.shape == (3, 2) and _hooks(loaded) == 0
+
+
+def test_a_monitor_dropped_without_close_takes_its_hooks_off_when_collected() -> None:
+    """Its hooks hold the probe, not the Monitor: once nothing refers to the Monitor (a
+    notebook cell run again), it is collected, and its hooks go with it."""
+    model, opt, monitor = _watched()
+    _step(model, opt, torch.randn(16, 4), monitor)
+    assert _hooks(model) > 0 and len(opt._optimizer_step_pre_hooks) > 0
+    del monitor
+    gc.collect()
+    assert _hooks(model) == 0
+    assert len(opt._optimizer_step_pre_hooks) == len(opt._optimizer_step_post_hooks) == 0
+    loss = F.cross_entropy(model(torch.randn(16, 4)), torch.zeros(16, dtype=torch.long))
+    loss.backward()
+    opt.step()  # trains as it would without a Monitor

@@ -142,6 +142,9 @@ class Monitor:
         self._partners: weakref.WeakSet = weakref.WeakSet()
         # The root forward hook, on the model only while a step is observed (as the probe's).
         self._hooks: list = []
+        # A Monitor dropped without close() (the hooks hold the probe, not the Monitor) still
+        # takes its hooks off the model and the optimizers when it is collected.
+        self._release = weakref.finalize(self, _release, self.probe, self._hooks, self._eager)
         # Device-side sum, max and min of the losses since the last observed step (no host
         # sync), and the losses not folded into them yet.
         self._loss_sum: Optional[torch.Tensor] = None
@@ -519,15 +522,22 @@ class Monitor:
     def close(self) -> None:
         """Detach every hook (idempotent)."""
         _LIVE.discard(self)
-        self._close_stance()
-        self._unhook()
-        self.probe.detach()
+        self._release()  # (once: a second call, or the Monitor's collection, does nothing)
 
     def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release(probe: Probe, hooks: list, eager: EagerHold) -> None:
+    """What :meth:`Monitor.close` undoes, for a Monitor collected without it."""
+    eager.release()
+    for handle in hooks:
+        handle.remove()
+    hooks.clear()
+    probe.detach()
 
 
 def _batch_size(snap: ProbeSnapshot) -> Optional[int]:
