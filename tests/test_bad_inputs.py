@@ -306,6 +306,13 @@ def test_a_get_batch_that_needs_a_batch_size_without_one(tmp_path: Path) -> None
                        "size: pass --batch-size N, or give n a default")
     run = cli("model.py", "--batch-size", "4", "--format", "json", cwd=tmp_path)
     assert run.exit_code in (0, 1) and run.doc["run"]["batch_size"] == 4
+    (tmp_path / "two.py").write_text(
+        "import torch\nimport torch.nn as nn\n\n\ndef build_model():\n"
+        "    return nn.Linear(8, 4)\n\n\ndef get_batch(n, scale):\n"
+        "    return scale * torch.randn(n, 8), torch.randint(0, 4, (n,))\n")
+    for extra in ((), ("--batch-size", "4")):
+        assert_clean_error(cli("two.py", *extra, cwd=tmp_path), "get_batch(n, scale) in two.py "
+                           "takes 2 arguments without defaults", "give scale a default")
 
 
 def test_batch_size_with_a_get_batch_that_takes_no_argument() -> None:

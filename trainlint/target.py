@@ -170,6 +170,11 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
                               "get_batch(batch_size) to use it")
         required = [p.name for p in params or () if p.default is p.empty
                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(required) > 1:
+            raise TargetError(f"get_batch({', '.join(required)}) in {path} takes "
+                              f"{len(required)} arguments without defaults: trainlint calls "
+                              f"get_batch() or get_batch(batch_size); give "
+                              f"{', '.join(required[1:])} a default")
         if batch_size is None and required:
             raise TargetError(f"get_batch({required[0]}) in {path} needs a batch size: pass "
                               f"--batch-size N, or give {required[0]} a default")
