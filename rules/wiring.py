@@ -273,10 +273,14 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         evidence = {"params": names, "observed_steps": trace.observed_steps}
         owner = _library_owner(trace, module, unused, trainable)
         if owner is not None:
+            ran = any(lt.module == module or lt.module.startswith(module + ".")
+                      for lt in trace.layers) if module else False
+            use = ("they run, but the loss does not depend on their output here (the head "
+                   "reads another output)" if ran else "its forward does not use them here")
             yield Hit(
                 module=module,
-                message=(found + f"the {owner.library} class {owner.type} builds them and its "
-                         "forward does not use them here, while its other parameters train"),
+                message=(found + f"the {owner.library} class {owner.type} builds them and "
+                         f"{use}, while its other parameters train"),
                 fix=("nothing to change for single-device training; under "
                      "DistributedDataParallel they need find_unused_parameters=True, or leave "
                      "them out: requires_grad_(False) on them, or the library's option that does "

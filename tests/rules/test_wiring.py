@@ -126,7 +126,12 @@ def test_tl505_what_a_librarys_forward_leaves_out_is_info():
     assert set(found) == {"enc.pooler", "emb"}
     assert all(h.severity == "info" for h in found.values())
     assert found["enc.pooler"].evidence["owner"] == "enc"
-    assert "the transformers class BigBirdModel builds them" in found["enc.pooler"].message
+    assert "the transformers class BigBirdModel builds them and its forward does not use " \
+        "them here" in found["enc.pooler"].message
+    ran = trace([point("enc.pooler.dense", "Linear")], modules=library, params=params,
+                observed_steps=2)  # (CLIP's post_layernorm runs; its classifier pools another)
+    [pooler] = [h for h in hits("TL505", ran) if h.module == "enc.pooler"]
+    assert "they run, but the loss does not depend on their output here" in pooler.message
     assert found["emb"].evidence["params"] == ["emb.mask_token"]
     assert "find_unused_parameters" in found["emb"].fix
     own = [module("enc", "MyEncoder", leaf=False), module("emb", "MyEmbeddings", leaf=False)]
