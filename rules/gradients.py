@@ -1108,6 +1108,20 @@ def _loss_raised(trace: RunTrace, step: dict) -> Optional[str]:
                  and e.get("step") == step["step"]), None)
 
 
+def _risky(via: tuple) -> str:
+    """The ops of ``via`` that can make NaN/Inf, as text."""
+    return ", ".join(op for op in via if op in RISKY_OPS)
+
+
+def _risky_site(trace: RunTrace, edges: list) -> Optional[str]:
+    """The one module whose forward the probe saw run the ops that can make NaN/Inf on
+    ``edges`` (``RunTrace.op_sites``); None where none or several did (a safe division in one
+    module and a log in the next do not tell which made it)."""
+    sites = {trace.op_sites.get((edge.src, edge.via[:i + 1]))
+             for edge in edges for i, op in enumerate(edge.via) if op in RISKY_OPS}
+    return sites.pop() if len(sites) == 1 else None
+
+
 def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[tuple]:
     """When the first non-finite output's input came from a finite output through ops that
     can make NaN/Inf (``torch.log`` between two layers), those ops made it: in the forward of
@@ -1123,14 +1137,10 @@ def _made_on_the_way(trace: RunTrace, first: LayerTrace, bad: dict) -> Optional[
         src = by_node.get(edge.src)
         if src is None or src.node[1:] in bad:
             continue
-        # The module that ran them, where one did: ops in two modules (a safe division in one,
-        # a log in the next) do not tell which made the NaN/Inf, nor ops two modules ran.
-        sites = {trace.op_sites.get((edge.src, edge.via[:i + 1]))
-                 for i, op in enumerate(edge.via) if op in RISKY_OPS}
-        parent = sites.pop() if len(sites) == 1 else None
+        parent = _risky_site(trace, [edge])
         if parent is None:
             parent = _ran_in(first, src.module)
-        ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
+        ops = _risky(edge.via)
         return "forward", parent, (
             f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes "
             f"from {src.label}, which is finite, through {ops} in the forward of "
@@ -1225,13 +1235,12 @@ def _fed_untraced(trace: RunTrace, first: LayerTrace, step_bad: dict) -> Optiona
             return "input", "", (
                 f"the batch holds Inf before the model runs ({edge.src[1]}), and the input of "
                 f"{first.label} ({first.type}) is built from it in the forward")
-    sites = {trace.op_sites.get((edge.src, edge.via[:i + 1]))
-             for edge in lost for i, op in enumerate(edge.via) if op in RISKY_OPS}
-    parent = sites.pop() if len(sites) == 1 and None not in sites else next(
-        (name for name in ancestors(first.module) if name != first.module and (
+    parent = _risky_site(trace, lost)
+    if parent is None:
+        parent = next((name for name in ancestors(first.module) if name != first.module and (
             name not in trace.modules or trace.modules[name].base not in CONTAINERS)), "")
     whose = trace.modules[parent].type if parent in trace.modules else "the model"
-    seen = sorted({f"{', '.join(op for op in edge.via if op in RISKY_OPS)} on "
+    seen = sorted({f"{_risky(edge.via)} on "
                    f"{edge.src[1] if edge.src[0] == 'input' else edge.src[1] + ' output'}"
                    for edge in lost})
     traced = f" (traced on the way: {'; '.join(seen)})" if seen else ""
@@ -1251,7 +1260,7 @@ def _made_from_the_input(trace: RunTrace, first: LayerTrace, edge: Edge) -> tupl
     took = {e.dst[1] for e in trace.edges if e.src == edge.src and e.dst[0] == "module"
             and not RISKY_OPS.intersection(e.via)}
     parent = next((m for m in ancestors(first.module) if m != first.module and m in took), "")
-    ops = ", ".join(op for op in edge.via if op in RISKY_OPS)
+    ops = _risky(edge.via)
     return "forward", parent, (
         f"the output of {first.label} ({first.type}) holds NaN/Inf, and its input comes from "
         f"the model's input {name}, which holds no NaN, through {ops} in the forward of "
