@@ -103,3 +103,10 @@ def monitored_step(model: nn.Module, opt: torch.optim.Optimizer, monitor: object
     opt.step()
     monitor.step(loss)
     return loss.item()
+
+
+def small_mlp(lr: float = 0.05, momentum: float = 0.9) -> tuple[nn.Module, torch.optim.SGD]:
+    """A 20 -> 64 -> 10 ReLU MLP (seeded) and its SGD, for the Monitor tests' 64 x 20 batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import trainlint
-from tests.conftest import monitored_step
+from tests.conftest import monitored_step, small_mlp
 from trainlint.assemble import SCALE_SIGMAS
 from trainlint.probe import LATER_INPUT_ROWS
 
@@ -18,9 +18,7 @@ from trainlint.probe import LATER_INPUT_ROWS
 def _run(switch_at: int, steps: int = 40) -> tuple[trainlint.Report, list]:
     """An MLP on standardized features; from step ``switch_at`` on the batch is x * 8 + 20.
     Returns the report and the batches fed."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, opt = small_mlp(lr=0.01, momentum=0.0)
     batches = []
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
         for step in range(steps):

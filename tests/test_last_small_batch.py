@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainlint
+from trainlint.engine import RULES, load_rules
+
+load_rules()
 
 
 def _bn_batches(small_from: int, epochs: int = 4) -> tuple[list, list]:
@@ -52,6 +55,6 @@ def test_the_last_incomplete_batch_of_each_epoch_is_no_finding() -> None:
 
 def test_a_batch_that_stays_small_is_reported() -> None:
     seen, found = _bn_batches(small_from=58)
-    small = sum(batch < 16 for batch in seen)
+    small = sum(batch < RULES["TL401"].defaults["min_batch"] for batch in seen)
     assert small == 3 + 10  # three epochs' last batches, then steps 58-67
     assert found == [("1", small)]

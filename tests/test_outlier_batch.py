@@ -5,19 +5,16 @@ not the learning rate."""
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 from trainlint.rules.gradients import OUTLIER_BATCH
 
 import trainlint
-from tests.conftest import monitored_step
+from tests.conftest import monitored_step, small_mlp
 
 
 def _run(outlier: float) -> tuple[dict, list]:
     """An MLP at SGD 0.05 for 40 steps, every step observed; sample 3 of step 25's batch is
     set to ``outlier``. Returns the findings by code and the batches fed."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, opt = small_mlp()
     fed = []
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
         for step in range(40):

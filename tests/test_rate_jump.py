@@ -4,16 +4,13 @@ jumped, with each observed step's rate per param group as the optimizer held it.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 import trainlint
-from tests.conftest import monitored_step
+from tests.conftest import monitored_step, small_mlp
 
 
 def test_tl503_says_where_the_rate_jumped() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model, opt = small_mlp()
     held = []
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
         for step in range(30):

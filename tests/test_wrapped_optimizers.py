@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
+from tests.conftest import monitored_step
 
 
 class TwoStepSAM(torch.optim.Optimizer):
@@ -133,11 +134,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 20) -> tra
     with trainlint.Monitor(model, opt, every=5) as monitor:
         for _ in range(steps):
             x, y = torch.randn(32, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            monitor.step(loss)
+            monitored_step(model, opt, monitor, x, y)
         return monitor.report()
 
 
