@@ -60,6 +60,16 @@ def _library_owner(trace: RunTrace, module: str, unused: set,
     return facts if facts is not None and facts.library in _MODEL_LIBRARIES else None
 
 
+def _reader(trace: RunTrace, owner: ModuleFacts) -> str:
+    """Who reads the other output: the head of the library model in use, where that is a
+    class other than the one that builds the unused layer (CLIPForImageClassification over
+    the CLIPVisionModel that builds post_layernorm)."""
+    root = trace.modules.get("")
+    if root is None or root.library not in _MODEL_LIBRARIES or root.type == owner.type:
+        return "the head"
+    return f"the head of {root.type}"
+
+
 def unrouted_experts(trace: RunTrace) -> set:
     """Experts of a mixture of experts that no observed step called: same-class members of
     a ``ModuleList``/``ModuleDict`` whose members that ran took different numbers of rows
@@ -275,8 +285,11 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if owner is not None:
             ran = any(lt.module == module or lt.module.startswith(module + ".")
                       for lt in trace.layers) if module else False
-            use = ("they run, but the loss does not depend on their output here (the head "
-                   "reads another output)" if ran else "its forward does not use them here")
+            use = (f"they run, but the loss does not depend on their output here "
+                   f"({_reader(trace, owner)} reads another output)" if ran
+                   else "its forward does not use them here")
+            option = (" (add_pooling_layer=False for a pooler)"
+                      if "pooler" in module.rpartition(".")[2] else "")
             yield Hit(
                 module=module,
                 message=(found + f"the {owner.library} class {owner.type} builds them and "
@@ -284,7 +297,7 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 fix=("nothing to change for single-device training; under "
                      "DistributedDataParallel they need find_unused_parameters=True, or leave "
                      "them out: requires_grad_(False) on them, or the library's option that does "
-                     "not build them (add_pooling_layer=False for a pooler)"),
+                     f"not build them{option}"),
                 evidence={**evidence, "owner": owner.name, "library": owner.library},
                 severity="info",
             )

@@ -150,6 +150,20 @@ def test_steps_really_trained_the_model() -> None:
     assert len(seen) == 3 and len(set(seen)) == 3
 
 
+@pytest.mark.parametrize("grad_off", [torch.no_grad, torch.inference_mode])
+def test_check_called_with_gradients_off_still_trains(grad_off) -> None:
+    """A check called from an evaluation function (under no_grad / inference_mode) runs its
+    training steps with gradients on, says so, and leaves the grad mode as it was."""
+    model, opt, batch = user_setup()
+    before = everything(model, opt)
+    with grad_off():
+        report = trainlint.check(model, batch, optimizer=opt, steps=2)
+        assert not torch.is_grad_enabled()
+    assert report.trace.observed_steps == 2
+    assert any("gradients off" in n for n in report.notes)
+    assert_same(everything(model, opt), before)
+
+
 @pytest.mark.parametrize("fail_on", [1, 2])
 def test_user_forward_raising_in_layer_three_restores_state_and_hooks(fail_on: int) -> None:
     model, opt, batch = user_setup(Boom())

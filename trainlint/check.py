@@ -75,7 +75,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
         held = train_mode(model)
         if held:
             notes.append(held)
-        with _eager(model, notes):
+        with _eager(model, notes), _grad_on(notes):
             for step in range(steps):
                 if not _one_step(model, batch, loss_fn, opt, probe, builder, step, run, notes):
                     break
@@ -135,6 +135,19 @@ def _eager(model: nn.Module, notes: list) -> Any:
     notes.append("torch.compile'd submodules ran eagerly (torch.compiler.set_stance"
                  "('force_eager'))")
     return torch.compiler.set_stance("force_eager")
+
+
+def _grad_on(notes: list) -> Any:
+    """Gradients on for the training steps: a check called under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (from an evaluation function) still trains, as a loop would."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    notes.append("trainlint.check was called with gradients off (torch.no_grad or "
+                 "torch.inference_mode): its training steps ran with them on")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 def _probe_target(model: Any, notes: list) -> nn.Module:

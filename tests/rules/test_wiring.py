@@ -131,9 +131,12 @@ def test_tl505_what_a_librarys_forward_leaves_out_is_info():
     ran = trace([point("enc.pooler.dense", "Linear")], modules=library, params=params,
                 observed_steps=2)  # (CLIP's post_layernorm runs; its classifier pools another)
     [pooler] = [h for h in hits("TL505", ran) if h.module == "enc.pooler"]
-    assert "they run, but the loss does not depend on their output here" in pooler.message
+    assert "they run, but the loss does not depend on their output here (the head reads" \
+        in pooler.message
+    assert "add_pooling_layer=False" in pooler.fix
     assert found["emb"].evidence["params"] == ["emb.mask_token"]
     assert "find_unused_parameters" in found["emb"].fix
+    assert "add_pooling_layer" not in found["emb"].fix  # no pooler there
     own = [module("enc", "MyEncoder", leaf=False), module("emb", "MyEmbeddings", leaf=False)]
     installed = [_library("enc", "MyEncoder", package="acme_models"),
                  _library("emb", "MyEmbeddings", package="acme_models")]  # the user's package
@@ -141,6 +144,23 @@ def test_tl505_what_a_librarys_forward_leaves_out_is_info():
         found = hits("TL505", trace([], modules=modules, params=params, observed_steps=2))
         assert sorted(h.module for h in found) == ["emb", "enc.pooler"]
         assert all(h.severity is None for h in found)
+
+
+def test_tl505_names_the_library_model_whose_head_reads_another_output():
+    """CLIPForImageClassification over the CLIPVisionModel that builds post_layernorm: the
+    layer runs, the model in use is the one whose head reads another output, and
+    add_pooling_layer (a BERT-family option) is not offered for a layer that is no pooler."""
+    params = [param(n, (4,)) for n in ("vision.encoder.weight", "classifier.weight")]
+    params += [param(n, (4,), **UNUSED) for n in ("vision.post_layernorm.weight",
+                                                  "vision.post_layernorm.bias")]
+    modules = [_library("", "CLIPForImageClassification"), _library("vision", "CLIPVisionModel")]
+    ran = trace([point("vision.post_layernorm", "LayerNorm")], modules=modules, params=params,
+                observed_steps=2)
+    [found] = hits("TL505", ran)
+    assert found.severity == "info" and found.module == "vision.post_layernorm"
+    assert "the transformers class CLIPVisionModel builds them" in found.message
+    assert "(the head of CLIPForImageClassification reads another output)" in found.message
+    assert "add_pooling_layer" not in found.fix
 
 
 def test_tl505_a_librarys_unused_part_stays_a_warning_when_user_code_owns_it():
