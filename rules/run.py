@@ -58,6 +58,9 @@ def no_loss(trace: RunTrace) -> str:
 def unknown_loss(trace: RunTrace) -> str:
     """Why a rule that needs the loss's kind has none (with the adapter's word on a loss it
     never saw)."""
+    if trace.rootless:
+        return ("the loss function is not known: the model's own forward did not run, so "
+                "the loss could not be traced to its output")
     why = "the loss function is not known (no torch loss seen in the loss's graph)"
     return f"{why}; {trace.loss_hint}" if trace.loss_hint and not trace.losses else why
 

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Callable, Optional
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -216,8 +217,11 @@ def test_step_takes_a_tensor_or_a_number() -> None:
             monitor.step("loss")
         monitor.step(torch.tensor([1.0, 3.0]))  # a per-sample loss counts by its mean
         monitor.step(torch.tensor(5.0))
-        for _ in range(2):
-            monitor.step(2.0)
+        monitor.step(np.float32(2.0))  # numpy scalars and one-value arrays are numbers
+        monitor.step(np.array(2.0))
+        for odd in (np.array([1.0, 2.0]), np.bool_(True), True):
+            with pytest.raises(trainlint.ConfigError, match="must be a tensor or a number"):
+                monitor.step(odd)
         last = train(model, opt, monitor, 1)[0]
         first, window = monitor.report().trace.per_step
     assert first["loss"] == 2.0
@@ -1085,6 +1089,12 @@ def test_a_training_step_that_bypasses_the_models_forward_is_noted(bypass: bool)
     if bypass:
         assert "('net')" in noted[0] and "TrainlintCallback(module='net')" in noted[0]
     assert ("TL201" in {f.code for f in report.findings}) != bypass
+    # The loss was cross-entropy all along: the rules that need its kind say why they lack it.
+    unknown = [n for n in report.notes if "TL302" in n and "not checked" in n]
+    assert bool(unknown) == bypass
+    if bypass:
+        assert "the model's own forward did not run" in unknown[0]
+        assert "no torch loss seen" not in unknown[0]
 
 
 @pytest.mark.parametrize("per_batch_decay", [True, False])

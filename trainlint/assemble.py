@@ -620,6 +620,7 @@ class TraceBuilder:
         for name, value in run.items():
             setattr(trace, name, value)
         if self.rootless and self.rootless == self.observed and self.bypassed:
+            trace.rootless = True
             children = sorted(self.bypassed)
             name = children[0] if len(children) == 1 else "..."
             trace.notes.append(

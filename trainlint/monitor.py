@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import weakref
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -354,7 +356,7 @@ class Monitor:
             if value.is_complex():
                 value = value.abs()
             value = value.clone() if value.dim() == 0 else value.to(_wide(value)).mean()
-        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        elif _number(loss):
             value = torch.full((), float(loss), device=_model_device(self.model))  # no copy
         elif loss is None or isinstance(loss, torch.Tensor):
             return None
@@ -575,3 +577,13 @@ def _is_optimizer(obj: Any) -> bool:
 def _wide(t: torch.Tensor) -> torch.dtype:
     """The dtype losses on ``t``'s device are summed in: float64, or float32 on MPS."""
     return torch.float32 if t.device.type == "mps" else torch.float64
+
+
+def _number(loss: Any) -> bool:
+    """Whether ``loss`` is one real number: a Python or numpy scalar, or a numpy array of one
+    value (``np.float32(x)``, ``np.array(x)``); not a bool."""
+    if isinstance(loss, (bool, np.bool_)):
+        return False
+    if isinstance(loss, np.ndarray):
+        return loss.size == 1 and loss.dtype.kind in "fiu"
+    return isinstance(loss, numbers.Real)

@@ -474,6 +474,9 @@ class RunTrace:
     # An adapter's word on why a Monitor may see no loss and what to do (None: pass the loss
     # to monitor.step(loss)); the rules that need a loss say it when none was observed.
     loss_hint: Optional[str] = None
+    # The model's own forward ran at no observed step (the training step called its
+    # submodules directly): its output's link to the loss was not read.
+    rootless: bool = False
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)
