@@ -29,6 +29,12 @@ def _listed(names: list, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _stopped_before_backward(trace: RunTrace) -> int:
+    """How many of a check's steps ended before their backward: a BatchNorm that saw one value
+    per channel stops the forward (TL404), a loss that choked on NaN outputs (TL504)."""
+    return sum(1 for e in trace.errors if e.get("phase") in ("forward", "loss"))
+
+
 def _where(module: str) -> str:
     return f"module {module!r}" if module else "the model itself"
 
@@ -228,6 +234,8 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     trainable = [p for p in trace.params if p.requires_grad]
     if not trainable or trace.observed_steps == 0:
         return
+    if trace.mode == "check" and trace.observed_steps <= _stopped_before_backward(trace):
+        raise Skip("the check stopped before its first backward pass (see the run's errors)")
     if not any(p.grad_steps for p in trainable):
         reached = any(lt.grad_norm for lt in trace.layers)
         if trace.mode == "check" and not reached:

@@ -201,6 +201,9 @@ def test_batchnorm_single_value_is_reported_not_raised() -> None:
     assert ("TL404", "1.0") in codes
     assert report.findings[0].severity == "error" and not report.ok
     assert any(note.startswith("the check stopped at training step 1") for note in report.notes)
+    # No backward ran: that no parameter got a gradient says nothing (TL505 stays out).
+    assert "TL505" not in {f.code for f in report.findings}
+    assert "before its first backward" in report.skipped["TL505"]
     assert_same(everything(model), before)
 
 

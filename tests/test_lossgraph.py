@@ -426,6 +426,23 @@ def test_a_monitor_created_after_training_began_does_not_judge_the_init() -> Non
     assert "first training step" in report.skipped["TL301"]
 
 
+def test_adagrad_state_made_at_construction_is_not_a_resume() -> None:
+    """Adagrad fills its state (step 0, sum of squares at its initial value) when it is
+    built: a fresh run with it is judged from its first step, as with SGD; one that has
+    stepped is a resume."""
+    model = _head()
+    nn.init.normal_(model[2].weight, std=4.0)
+    fresh = torch.optim.Adagrad(model.parameters(), lr=1e-5)
+    assert fresh.state  # (what made it look resumed)
+    report = _trained(model, fresh, steps=3)
+    assert not report.trace.resumed
+    assert "TL302" in _codes(report)
+    stepped = torch.optim.Adagrad(model.parameters(), lr=1e-5)
+    F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 10, (4,))).backward()
+    stepped.step()
+    assert _trained(model, stepped, steps=3).trace.resumed
+
+
 def _graph_of(loss_fn, probabilities: bool = False, after_backward: bool = True,  # noqa: ANN001
               **model_kw) -> LossGraph:
     """The graph facts of ``loss_fn(output, y)`` on a 10-class head (its output softmaxed

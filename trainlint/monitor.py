@@ -104,8 +104,8 @@ class Monitor:
         self.model = distributed.unwrap(model)
         self.optimizer = optimizer
         self.optimizers = optimizers_of(optimizer)
-        # Training began before this Monitor (a resume): an optimizer already holds state.
-        self._resumed = any(any(getattr(o, "state", {}).values()) for o in self.optimizers)
+        # Training began before this Monitor (a resume): an optimizer has stepped already.
+        self._resumed = any(_has_stepped(o) for o in self.optimizers)
         self.every = every
         self.selection = selection or Selection()
         self.scaler = scaler
@@ -587,3 +587,16 @@ def _number(loss: Any) -> bool:
     if isinstance(loss, np.ndarray):
         return loss.size == 1 and loss.dtype.kind in "fiu"
     return isinstance(loss, numbers.Real)
+
+
+def _has_stepped(optimizer: Any) -> bool:
+    """Whether ``optimizer`` holds the state of steps already taken: a step count above 0, or
+    any state where it keeps no count (SGD's momentum buffers). Adagrad fills its state, at a
+    count of 0, when it is built."""
+    for state in getattr(optimizer, "state", {}).values():
+        if not state:
+            continue
+        count = state.get("step") if isinstance(state, dict) else None
+        if count is None or float(count) > 0:
+            return True
+    return False
