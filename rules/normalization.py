@@ -6,7 +6,13 @@ import math
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
-from trainlint.trace import CLASSIFICATION_LOSSES, ELEMENTWISE_OPS, ModuleFacts, RunTrace
+from trainlint.trace import (
+    CLASSIFICATION_LOSSES,
+    ELEMENTWISE_OPS,
+    REORDERING_OPS,
+    ModuleFacts,
+    RunTrace,
+)
 
 from ._graph import (
     DROPOUT_TYPES,
@@ -268,7 +274,9 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     ``nn.BatchNorm1d(d_model)`` applied to ``x.transpose(1, 2)`` between transformer blocks.
 
     ## Fix
-    Use ``nn.LayerNorm(d_model)`` on the ``(N, L, C)`` tokens (no transpose needed).
+    Use ``nn.LayerNorm(d_model)`` on the ``(N, L, C)`` tokens (no transpose needed). A
+    ``BatchNorm1d(T)`` fed a batch-first RNN's ``(N, T, H)`` output as it is normalizes each
+    position: its LayerNorm takes the H features (``nn.LayerNorm(H)``).
     """
     blocks = _sequence_blocks(trace)
     if not blocks or _image_tokens(trace):
@@ -283,16 +291,37 @@ def batchnorm_in_sequence_model(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
         if not over_time:
             continue
         channels = facts.attrs.get("num_features")
+        fix = (f"replace it with nn.LayerNorm({channels}) applied to the (N, L, {channels}) "
+               "tokens")
+        features = _positions_first(trace, facts.name, over_time[0], channels)
+        if features is not None:
+            fix = (f"replace it with nn.LayerNorm({features}) over each position's {features} "
+                   f"features: its input {tuple(over_time[0])} comes as the sequence layer "
+                   f"made it, positions by features, so BatchNorm1d({channels}) takes the "
+                   f"{channels} positions for channels")
         yield Hit(
             module=facts.name,
             message=(f"{facts.type} {facts.name!r} normalizes over token/time positions "
                      f"(input {tuple(over_time[0])}) in a sequence model "
                      f"({', '.join(blocks[:3])}): its statistics mix positions, lengths and "
                      "padding across the batch"),
-            fix=(f"replace it with nn.LayerNorm({channels}) applied to the (N, L, {channels}) "
-                 "tokens"),
+            fix=fix,
             evidence={"input_shape": list(over_time[0]), "sequence_layers": blocks},
         )
+
+
+def _positions_first(trace: RunTrace, name: str, shape: tuple,
+                     channels: Optional[int]) -> Optional[int]:
+    """The feature size of a BatchNorm1d's ``(N, T, H)`` input that reaches it with no
+    reordering op from where it was made (a batch-first GRU's output as it is): BatchNorm1d(T)
+    there normalizes each position, and the LayerNorm that replaces it takes H. None where the
+    input was reordered (``x.transpose(1, 2)``: (N, C, L), LayerNorm(C) on the tokens) or the
+    data-flow graph does not say."""
+    into = [e for e in trace.edges if e.dst == ("module", name)]
+    if len(shape) != 3 or shape[2] == channels or not into or any(
+            REORDERING_OPS.intersection(e.via) for e in into):
+        return None
+    return shape[2]
 
 
 def _cancels_bias(norm: ModuleFacts, biases: Optional[int]) -> bool:
