@@ -1351,7 +1351,9 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "gradient is not): sqrt of a sum of squares that can be 0 has an infinite "
                 "derivative there (add eps inside the sqrt: torch.sqrt(s + 1e-12), or use "
                 "torch.linalg.vector_norm, whose gradient at 0 is 0), as has x ** p with "
-                "0 < p < 1 at 0 (x.clamp_min(eps) ** p); add eps to denominators that can be 0; "
+                "0 < p < 1 at 0 (x.clamp_min(eps) ** p), and acos/asin at ±1 (a cosine "
+                "similarity of 1: clamp their input to [-1 + 1e-7, 1 - 1e-7]); add eps to "
+                "denominators that can be 0; "
                 "with torch.where, make the unused branch's input safe too")
     weights = what in ("forward", "backward") and facts is not None and \
         facts.base in WEIGHT_LAYERS

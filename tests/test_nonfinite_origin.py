@@ -571,6 +571,37 @@ def test_nan_from_acos_outside_its_domain_gets_the_clamp_in_the_fix() -> None:
     assert "acos/asin (x.clamp(-1 + 1e-7, 1 - 1e-7))" in found.fix
 
 
+class CentreAngle(nn.Module):
+    """The angle to class centres that sit on samples (initialized from the data): acos of a
+    cosine of exactly 1 is finite, its derivative infinite."""
+
+    def __init__(self, margin: float) -> None:
+        super().__init__()
+        self.margin = margin
+        self.centres = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.centres.copy_(e[:3])
+        cos = F.cosine_similarity(e[:, None, :], self.centres[None], dim=-1)
+        return -torch.acos(cos.clamp(-1 + self.margin, 1 - self.margin))
+
+
+@pytest.mark.parametrize("margin", [0.0, 1e-7])
+def test_nan_from_acos_backward_at_one_gets_the_clamp_in_the_fix(margin: float) -> None:
+    """ArcFace-style: clamping to [-1, 1] keeps the forward finite, not the backward at 1;
+    the fix's clamp into the open interval (measured: no NaN at 1e-7) is what it names."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), CentreAngle(margin))
+    report = trainlint.check(model, _batch(), steps=1)
+    if margin:
+        assert not [f for f in report.findings if f.code == "TL504"]
+        return
+    found = _tl504(report)
+    assert found.module == "2" and found.evidence["where"] == "backward"
+    assert "acos/asin at ±1" in found.fix and "1 - 1e-7" in found.fix
+
+
 class LogThenFunctional(nn.Module):
     """Ops in this module's own forward feed a functional activation: log of a shifted linear
     output (all negative: NaN), then sigmoid."""
