@@ -634,7 +634,14 @@ def _residual_fix(trace: RunTrace, where: LayerTrace) -> Optional[str]:
             "nn.LayerNorm)")
 
 
-def _init_fix(kind: str) -> str:
+def _init_fix(kind: str, vanishing: bool = False) -> str:
+    if kind == "sigmoid" and vanishing:  # no init holds it: slope at most 1/4, not centred
+        return ("replace the hidden sigmoids (TL105) with ReLU and initialize with "
+                "nn.init.kaiming_normal_(layer.weight, nonlinearity='relu'), or tanh with "
+                "nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain('tanh')); "
+                "with sigmoids no init holds the scale (their slope is at most 1/4 and their "
+                "outputs are not centred), and Xavier at calculate_gain('sigmoid') = 1 leaves "
+                "it fading")
     if kind == "relu":
         return ("initialize every weight layer with nn.init.kaiming_normal_(layer.weight, "
                 "nonlinearity='relu') (He init, std = sqrt(2 / fan_in))")
@@ -735,7 +742,8 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ## Fix
     Kaiming init for ReLU (``nn.init.kaiming_normal_(w, nonlinearity='relu')``), Xavier for
     tanh (``nn.init.xavier_normal_(w, gain=nn.init.calculate_gain('tanh'))``), or add
-    normalization layers / residual connections. When the profile was within the threshold at
+    normalization layers / residual connections. Hidden sigmoids fade under any init (their
+    slope is at most 1/4): replace them (TL105). When the profile was within the threshold at
     the first observed step and decayed past it later, training made it (units killed or
     saturated by large updates): the fix named is the learning rate and gradient clipping, not
     the init. When the largest drop between two layers of the series is 10-fold or more
@@ -808,7 +816,7 @@ def vanishing_activations(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"codebook read as features: nn.init.normal_(weight, std=1.0), or the range "
                    f"of what it stands for; a norm layer's scale: 1), or normalize its output")
         else:
-            fix = _init_fix(_dominant_nonlinearity(trace, series))
+            fix = _init_fix(_dominant_nonlinearity(trace, series), vanishing=True)
             shrunk = _shrunk_norms(trace, where)
             if shrunk:
                 fix = (f"{len(shrunk)} norm layer(s) start with their scale (weight) near 0 "
