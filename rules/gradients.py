@@ -651,6 +651,10 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     the first step of a warmup that starts at 0 (transformers'
     ``get_linear_schedule_with_warmup``) runs at 0, and a Monitor with ``fail_on`` reports
     at it. (One group at 0 beside others that train is judged at once.)
+
+    Weights left exactly unchanged by steps that ran while no parameter had a gradient, with
+    gradients there by ``monitor.step()``, are told as what they are: ``optimizer.step()``
+    called before ``loss.backward()``.
     """
     if trace.closure_optimizer is not None:
         raise Skip(f"the optimizer ({trace.closure_optimizer}) runs a line-searched solve per "
@@ -741,6 +745,21 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
                        "schedule does): the update ratio is judged from an observed step after "
                        "it")
         still = sum(r == 0 for _, r in judged)
+        early = [s["step"] for s in trace.per_step if s.get("stepped_before_backward")]
+        if early:
+            return Hit(
+                module="",
+                message=(f"the optimizer steps left {still} of {len(judged)} weights exactly "
+                         f"unchanged ({listed}{more}): at {len(early)} of "
+                         f"{len(trace.per_step)} observed step(s) (first at step {early[0]}) "
+                         "optimizer.step() ran while no parameter had a gradient, and the "
+                         "backward came after it: each step applies nothing, and the next "
+                         "zero_grad() clears the gradients the backward made"),
+                fix=("call loss.backward() before optimizer.step(): zero_grad(), forward, "
+                     "loss, backward, step"),
+                evidence={"direction": "low", "median_ratio": 0.0, "lr_factor": None,
+                          "params": [p.name for p, _ in bad], "threshold": threshold,
+                          "stepped_before_backward": early})
         zero_lr = (f"{whose} is 0 (a config or scheduler bug, a warmup that starts at 0)"
                    if not lr else "")
         low_precision = any(p.dtype in ("bfloat16", "float16") for p, _ in judged)

@@ -327,6 +327,8 @@ class TraceBuilder:
             step_info["input_scale"] = scale
         if lrs:
             step_info["lrs"] = lrs
+        if snap.stepped_before_backward:
+            step_info["stepped_before_backward"] = True
         if snap.batch_ranges:  # the batch tensors' extremes (the last forward's per name)
             step_info["batch_range"] = {name: (lo, hi) for name, lo, hi in snap.batch_ranges}
         for key, rank in snap.backward_order.items():

@@ -462,6 +462,7 @@ class Probe:
         # The param groups' learning rates as the observed step's first optimizer step began
         # (a scheduler stepped after it changes them before the collect).
         self.step_lrs: Optional[dict] = None
+        self.gradless_step: list = []
         # The parameters no optimizer holds, their norms as the observed step began, and as
         # its (training) forward began and ended: what the forward changes (an embedding's
         # max_norm) is the model's doing, what changes outside it the loop's (an EMA).
@@ -552,6 +553,7 @@ class Probe:
         self.observing = True
         self.optimizer_stepped = False
         self.step_lrs = None
+        self.gradless_step: list = []  # the optimizers that stepped with no gradient at all
         self.failed_module = None
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
@@ -1283,10 +1285,19 @@ class Probe:
         # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
         # The sampler takes those laid out as their parameter, a row takes the others.
         taken = self._sampler(optimizer).before(params) if params else set()
+        if params and all(p.grad is None for p in params):
+            self.gradless_step.append(optimizer)
         for p in params:
             if p.grad is not None:
                 self.step_grads[id(p)] = (_SAMPLED if id(p) in taken
                                           else self._add_grad(p.grad))
+
+    def _stepped_before_backward(self) -> bool:
+        """Whether an optimizer stepped with no gradient on any of its parameters and they
+        hold one now: the loop ran ``optimizer.step()`` before ``loss.backward()`` (after a
+        ``zero_grad()``), so each step applies nothing."""
+        return any(p.grad is not None for o in self.gradless_step for group in o.param_groups
+                   for p in group["params"])
 
     def _add_grad(self, grad: torch.Tensor) -> tuple:
         """``(device, row)`` of a parameter's gradient in this step's moment rows."""
@@ -1395,7 +1406,8 @@ class Probe:
                                  train_flags=trained[0], batch_size=trained[1],
                                  checkpointed=sorted((k for k in self.gradless
                                                       if k[0] in self.recomputed), key=repr),
-                                 gradless=sorted({k[0] for k in self.gradless}))
+                                 gradless=sorted({k[0] for k in self.gradless}),
+                                 stepped_before_backward=self._stepped_before_backward())
         self.first_forward = self.trained_forward = None
         offset = 0
         for tag, shape, numel in layout:
@@ -1577,6 +1589,8 @@ class ProbeSnapshot:
     # The modules whose outputs were observed with autograd off inside the training forward
     # (torch.no_grad() there, or a reentrant checkpoint's forward).
     gradless: list = field(default_factory=list)
+    # An optimizer stepped before the step's backward (:meth:`Probe._stepped_before_backward`).
+    stepped_before_backward: bool = False
     # See Probe.inner_ops.
     inner_ops: dict = field(default_factory=dict)
     # See RunTrace.op_sites.
