@@ -671,7 +671,8 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for group in sorted(groups, key=lambda g: (g is None, g or 0)):
         try:
             named = group if len(groups) > 1 else None
-            hit = _ratio_hit(trace, t, groups[group], named) or _stall_hit(t, groups[group], named)
+            hit = _ratio_hit(trace, t, groups[group], named) or _stall_hit(
+                trace, t, groups[group], named)
         except Skip as why:
             skipped = why
             continue
@@ -948,9 +949,11 @@ UNBOUNDED_FIRST = ("the loss falls without bound (TL604) and this growth follows
                    "how); a lower rate or clipping does not stop it")
 
 
-def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hit]:
+def _stall_hit(trace: RunTrace, t: Thresholds, judged: list,
+               group: Optional[int]) -> Optional[Hit]:
     """TL503's finding when one param group's updates stopped partway: its learning rate
-    decayed to ~0 long before the run's end (see :func:`update_ratio`), or None."""
+    decayed to ~0 long before the run's end (see :func:`update_ratio`), or fell with a new
+    optimizer the loop built (``RunTrace.replaced_optimizers``); or None."""
     series = [p.update_ratios for p, _ in judged]
     n = min(len(s) for s in series)
     lr, peak = judged[0][0].lr, judged[0][0].peak_lr
@@ -962,17 +965,27 @@ def _stall_hit(t: Thresholds, judged: list, group: Optional[int]) -> Optional[Hi
         return None
     whose = "the learning rate" + ("" if group is None else f" of param group {group}")
     where = "" if group is None else f"param group {group}: "
+    found = (f"{where}the updates stopped partway: the median update ratio ‖Δw‖/‖w‖ went "
+             f"from {medians[0]:.3g} at the first observed update to {medians[-1]:.3g} at "
+             f"the last, below {t.min_ratio:g} for the last {n - stalled} of {n}, as "
+             f"{whose} fell from {peak:.3g} to {lr:.3g}")
+    message = found + (": it decayed to ~0 long before the run's end, and training no longer "
+                       "moves the weights")
+    fix = ("step the scheduler as it is meant to be stepped (StepLR, MultiStepLR and "
+           "ExponentialLR once per epoch, not per batch), or give it a schedule that spans "
+           "the run (step_size, gamma, T_max in steps when stepped per batch); watch "
+           "optimizer.param_groups[0]['lr'] over the run")
+    if trace.replaced_optimizers:
+        step, before, now = trace.replaced_optimizers[-1]
+        message = found + (f", with the optimizer the training loop built at step {step} "
+                           f"({now}, after {before}): training no longer moves the weights")
+        fix = (f"build the optimizer of step {step} with the learning rate the run needs "
+               f"(about {peak:.3g}, as before it, or what its own schedule calls for), or keep "
+               "the one that trains and change its param_groups' 'lr' instead of replacing it")
     return Hit(
         module="",
-        message=(f"{where}the updates stopped partway: the median update ratio ‖Δw‖/‖w‖ went "
-                 f"from {medians[0]:.3g} at the first observed update to {medians[-1]:.3g} at "
-                 f"the last, below {t.min_ratio:g} for the last {n - stalled} of {n}, as "
-                 f"{whose} fell from {peak:.3g} to {lr:.3g}: it decayed to ~0 long before the "
-                 f"run's end, and training no longer moves the weights"),
-        fix=("step the scheduler as it is meant to be stepped (StepLR, MultiStepLR and "
-             "ExponentialLR once per epoch, not per batch), or give it a schedule that spans "
-             "the run (step_size, gamma, T_max in steps when stepped per batch); watch "
-             "optimizer.param_groups[0]['lr'] over the run"),
+        message=message,
+        fix=fix,
         evidence={"direction": "stalled", "first_ratio": medians[0], "last_ratio": medians[-1],
                   "stalled_updates": n - stalled, "updates": n, "lr": lr, "peak_lr": peak,
                   "threshold": t.min_ratio, **({} if group is None else {"group": group})},

@@ -138,7 +138,11 @@ class Monitor:
         # Set by an adapter that saw a backward per optimizer in a training step (a GAN under
         # Lightning's manual optimization); the probe sees it where it hooks both optimizers.
         self.alternating = False
-        self.probe = Probe(self.model, self.optimizers).attach()
+        self.probe = Probe(self.model, self.optimizers)
+        self.probe.watch_others = bool(self.optimizers)
+        self.probe.attach()
+        # (step, what was watched, what is now) of each optimizer the loop replaced.
+        self._replaced: list = []
         # The live Monitors whose model this one's loss runs through, or whose loss runs
         # through this model (see _competition).
         self._partners: weakref.WeakSet = weakref.WeakSet()
@@ -224,7 +228,8 @@ class Monitor:
         (the retry handles that; reading its scale is a host sync, on this path only), nor
         past ``MAX_ACCUMULATION`` steps (then never again: the loop steps no watched
         optimizer)."""
-        if not self.optimizers or self.probe.optimizer_stepped or not self._run_on_allowed:
+        if not self.optimizers or self.probe.optimizer_stepped or not self._run_on_allowed or \
+                self.probe.unwatched:  # (another optimizer stepped the model: the step is over)
             return False
         if not any(p.grad is not None for o in self.optimizers for group in o.param_groups
                    for p in group["params"]):
@@ -254,6 +259,17 @@ class Monitor:
             self._hooks.append(self.model.register_forward_hook(OwnedHook(self._after_forward)))
         self.probe.begin_step()
 
+    def _replace_optimizers(self, found: list) -> None:
+        """The loop stepped the model's parameters with optimizers it was not given, and not
+        with those it was (a new optimizer built mid-run, as for a second phase): watch those
+        from now on, and say so in the report."""
+        before = ", ".join(_described(o) for o in self.optimizers)
+        self.optimizers = list(found)
+        self.optimizer = found[0] if len(found) == 1 else list(found)
+        self.probe.watch(self.optimizers)
+        self._replaced.append((self.steps_seen, before,
+                               ", ".join(_described(o) for o in found)))
+
     def _close_stance(self) -> None:
         self._eager.release()
 
@@ -266,6 +282,8 @@ class Monitor:
         # Hooks stay on (idle) when the next step is observed too: every=1 re-installs nothing.
         self.probe.end_step(keep_hooks=not self._explicit and self._due(ahead=1))
         self._close_stance()
+        if self.probe.unwatched and not self.probe.optimizer_stepped:
+            self._replace_optimizers(self.probe.unwatched)
         if self.scaler is not None and not self._unscale(snap):
             return
         local_batch = _batch_size(snap)
@@ -412,6 +430,11 @@ class Monitor:
                          "each observation ended there, but the update ratio (TL503) is "
                          f"measured on the optimizer given; pass the {inner} to the Monitor to "
                          "measure it")
+        for step, before, now in self._replaced:
+            notes.append(f"at step {step} the training loop stepped the model's parameters with "
+                         f"an optimizer the Monitor was not given ({now}), and no longer with "
+                         f"the one it was given ({before}): a new optimizer built mid-run; the "
+                         "Monitor watches the new one from there on")
         if self.scaler_skips:
             notes.append(f"the GradScaler skipped {self.scaler_skips} observed step(s) "
                          "(inf/NaN gradients at its loss scale); the next step was observed "
@@ -429,6 +452,7 @@ class Monitor:
                                    **self._loss_facts())
         trace.adversarial, trace.foreign_params = self._competition()
         trace.alternating = self.alternating or self.probe.competing
+        trace.replaced_optimizers = list(self._replaced)
         return build_report(trace, self.selection, notes=notes)
 
     def _loss_tail(self) -> Optional[dict]:
@@ -600,3 +624,10 @@ def _has_stepped(optimizer: Any) -> bool:
         if count is None or float(count) > 0:
             return True
     return False
+
+
+def _described(optimizer: Any) -> str:
+    """``Adam (lr 1e-07)``: an optimizer's class and its first group's learning rate."""
+    groups = getattr(optimizer, "param_groups", None) or [{}]
+    lr = groups[0].get("lr")
+    return type(optimizer).__name__ + ("" if lr is None else f" (lr {float(lr):g})")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -463,6 +464,10 @@ class Probe:
         # (a scheduler stepped after it changes them before the collect).
         self.step_lrs: Optional[dict] = None
         self.gradless_step: list = []
+        # Optimizers not given to the probe that stepped the model's parameters in the observed
+        # step (a Monitor's loop that built a new one), seen where ``watch_others`` is set.
+        self.watch_others = False
+        self.unwatched: list = []
         # The parameters no optimizer holds, their norms as the observed step began, and as
         # its (training) forward began and ended: what the forward changes (an embedding's
         # max_norm) is the model's doing, what changes outside it the loop's (an EMA).
@@ -522,6 +527,9 @@ class Probe:
                 add(module.register_forward_pre_hook(norm_input))
         # After the root's own leave hook, which reads its output while the mode still runs.
         add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
+        if self.watch_others:  # any optimizer's step, to see one the probe was not given
+            add(register_optimizer_step_post_hook(
+                OwnedHook(self._any_opt_step)))
         for optimizer in self.optimizers:
             add(optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
             add(optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
@@ -554,6 +562,7 @@ class Probe:
         self.optimizer_stepped = False
         self.step_lrs = None
         self.gradless_step: list = []  # the optimizers that stepped with no gradient at all
+        self.unwatched = []
         self.failed_module = None
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
@@ -1291,6 +1300,24 @@ class Probe:
             if p.grad is not None:
                 self.step_grads[id(p)] = (_SAMPLED if id(p) in taken
                                           else self._add_grad(p.grad))
+
+    def _any_opt_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        """Note an optimizer the probe was not given that stepped parameters of the model."""
+        if not self.observing or any(optimizer is o for o in self.optimizers + self.unwatched):
+            return
+        if any(optimizer is inner for o in self.optimizers
+               for inner in wrapped_optimizers(o, self.optimizers)):
+            return
+        if any(p in self.param_names for group in optimizer.param_groups
+               for p in group["params"]):
+            self.unwatched.append(optimizer)
+
+    def watch(self, optimizers: list) -> None:
+        """Watch ``optimizers`` instead of those given, between observed steps: their hooks go
+        on with the next observed step's (the hooks on now come off)."""
+        self.optimizers = list(optimizers)
+        self.samplers.clear()
+        self._uninstall()
 
     def _stepped_before_backward(self) -> bool:
         """Whether an optimizer stepped with no gradient on any of its parameters and they

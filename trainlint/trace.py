@@ -477,6 +477,9 @@ class RunTrace:
     # The model's own forward ran at no observed step (the training step called its
     # submodules directly): its output's link to the loss was not read.
     rootless: bool = False
+    # ``(step, the optimizers watched before, those watched after)`` where a Monitor's loop
+    # began stepping the model with optimizers it was not given (built mid-run), as text.
+    replaced_optimizers: list = field(default_factory=list)
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)
