@@ -417,7 +417,11 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``settle_points`` of the curve are all below ``recovery`` × the minimum before it. (A
     BatchNorm ResNet at SGD lr 0.1 without warmup, the usual CIFAR recipe, can spike 1.4 → 9
     in its first steps and be below 1.3 by step 19; an MLP that lr 1.5 knocked out settles at
-    chance, ln C, which is no lower than its start.) Where single points are noisy (a Monitor
+    chance, ln C, which is no lower than its start.) A rise with fewer than ``settle_points``
+    points after it (a 3-step check's last step, a Monitor's latest observations) cannot be
+    told from such an overshoot yet: it fires only past ``rise_factor``² (a healthy pre-LN
+    MLP at AdamW 1e-3 read 1.95, 1.05, 3.54 in a check, then 0.58; a rate 10x too high
+    reads 1.6 -> 42). Where single points are noisy (a Monitor
     at ``every=1`` on small batches: one batch's loss, 0.05 to 2 around a level of 0.5), the
     points are the medians of :func:`noise_window` points in a row instead, so many that a
     median's noise is about 15% of its level: the lowest single batch loss is luck, not a
@@ -553,8 +557,13 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 value, reference, threshold, low, averaged = found
                 above = reference
                 of = f" (the {'mean' if averaged else 'median'} of the {k} points up to it)"
-        past = spike and (past or _got_past(curve if k == 1 or late else levels, step,
-                                            reference, t, late))
+        seen = curve if k == 1 or late else levels
+        past = spike and (past or _got_past(seen, step, reference, t, late))
+        if spike and not past and _too_soon(seen, step, t):
+            # Too few points after it to tell an overshoot from a divergence.
+            if value <= t.rise_factor ** 2 * reference:
+                continue
+            threshold = t.rise_factor ** 2
         if spike and not past:
             yield Hit(
                 module="",
@@ -707,6 +716,15 @@ def medians_before(values: list) -> list:
         elif len(upper) > len(lower):
             heapq.heappush(lower, -heapq.heappop(upper))
     return out
+
+
+def _too_soon(curve: list, step: int, t: Thresholds) -> bool:
+    """Whether fewer than ``settle_points`` points of ``curve`` follow ``step``: a rise there
+    cannot yet be told from an overshoot that the next steps take back (a 3-step check of a
+    healthy pre-LN MLP at AdamW 1e-3: 1.95, 1.05, 3.54, then 0.58; at SGD 0.1 without warmup a
+    BatchNorm ResNet: 1.4 -> 9, below 1.3 by step 19); only one past ``rise_factor``² is
+    judged there (a rate 10x too high: 1.6 -> 42 at step 2)."""
+    return sum(1 for at, _ in curve if at > step) < t.settle_points
 
 
 def _got_past(curve: list, step: int, reference: float, t: Thresholds, late: bool) -> bool:
