@@ -99,12 +99,13 @@ def unrouted_experts(trace: RunTrace) -> set:
 SKIP_CHANCE = 0.01
 
 
-def _member_groups(trace: RunTrace) -> dict:
-    """Same-class members of each ``ModuleList``/``ModuleDict``: (parent, class) -> names."""
+def _member_groups(trace: RunTrace, parents: tuple = ("ModuleList", "ModuleDict")) -> dict:
+    """Same-class members of each container of a class in ``parents``: (parent, class) ->
+    names."""
     groups: dict = {}
     for name, facts in trace.modules.items():
         parent = name.rpartition(".")[0]
-        if name and getattr(trace.modules.get(parent), "base", "") in ("ModuleList", "ModuleDict"):
+        if name and getattr(trace.modules.get(parent), "base", "") in parents:
             groups.setdefault((parent, facts.type), []).append(name)
     return groups
 
@@ -114,15 +115,16 @@ def skipped_at_random(trace: RunTrace, trainable: list) -> set:
     some steps and not others (LayerDrop, stochastic depth that skips a whole block per
     batch), where that could be chance: with each sibling's share of steps without a gradient
     as the skip rate, some member of the group goes without at all ``n`` observed steps with
-    a chance of at least ``SKIP_CHANCE``."""
+    a chance of at least ``SKIP_CHANCE``. Siblings in a ``Sequential`` count too (a ResNet
+    stage of blocks, each of which skips its own branch)."""
     n = trace.observed_steps
-    steps: dict = {}  # member -> observed steps with a gradient at any of its parameters
-    groups = _member_groups(trace)
+    groups = _member_groups(trace, ("ModuleList", "ModuleDict", "Sequential"))
     members = {m for names in groups.values() for m in names}
+    steps: dict = {}  # member -> observed steps with a gradient at any of its parameters
     for p in trainable:
-        owner = next((a for a in ancestors(p.module) if a in members), None)
-        if owner is not None:
-            steps[owner] = max(steps.get(owner, 0), p.grad_steps)
+        for owner in ancestors(p.module):
+            if owner in members:
+                steps[owner] = max(steps.get(owner, 0), p.grad_steps)
     skipped: set = set()
     for names in groups.values():
         ran = [steps[m] for m in names if steps.get(m, 0) > 0]

@@ -48,3 +48,36 @@ def test_a_block_layer_drop_skipped_at_every_step_of_a_check_is_not_unused() -> 
 def test_a_block_the_loop_never_reaches_is_unused() -> None:
     """The same model whose siblings run at every step: block 0 is left out by the loop."""
     assert _tl505([(), (0, 1, 2), (0, 1, 2), (0, 1, 2)]) == ["blocks.0"]
+
+
+class DropPathBlock(nn.Module):
+    """A residual block that skips its whole branch for the batch at the scripted calls
+    (Huang et al.'s stochastic depth, as a ResNet's BasicBlock does it in its own forward)."""
+
+    def __init__(self, skips: tuple) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.skips, self.calls = skips, 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        skip = self.calls in self.skips
+        self.calls += 1
+        return h if skip else h + self.branch(h)
+
+
+def _stage(skips: list) -> list:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32),
+                          nn.Sequential(*[DropPathBlock(s) for s in skips]), nn.Linear(32, 4))
+    batch = (torch.randn(16, 12), torch.randint(0, 4, (16,)))
+    report = trainlint.check(model, batch, loss_fn=F.cross_entropy, steps=3,
+                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    return [f.module for f in report.findings if f.code == "TL505"]
+
+
+def test_stochastic_depth_in_a_sequential_stage_is_chance_too() -> None:
+    """The blocks of a ResNet stage sit in an nn.Sequential: one whose branch was skipped at
+    all three steps, beside siblings skipped at some, is not unused; one whose siblings never
+    skip is."""
+    assert _stage([(0, 1, 2), (1,), (0, 2), ()]) == []
+    assert _stage([(0, 1, 2), (), (), ()]) == ["1.0"]
