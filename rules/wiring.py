@@ -116,9 +116,12 @@ def skipped_at_random(trace: RunTrace, trainable: list) -> set:
     batch), where that could be chance: with each sibling's share of steps without a gradient
     as the skip rate, some member of the group goes without at all ``n`` observed steps with
     a chance of at least ``SKIP_CHANCE``. Siblings in a ``Sequential`` count too (a ResNet
-    stage of blocks, each of which skips its own branch)."""
+    stage of blocks, each of which skips its own branch), and so do the blocks of one class
+    over all the stages that hold them (a stage of two blocks says little on its own)."""
     n = trace.observed_steps
     groups = _member_groups(trace, ("ModuleList", "ModuleDict", "Sequential"))
+    for (_, cls), names in list(groups.items()):  # the same class over several stages too
+        groups.setdefault(("*", cls), []).extend(names)
     members = {m for names in groups.values() for m in names}
     steps: dict = {}  # member -> observed steps with a gradient at any of its parameters
     for p in trainable:

@@ -81,3 +81,17 @@ def test_stochastic_depth_in_a_sequential_stage_is_chance_too() -> None:
     skip is."""
     assert _stage([(0, 1, 2), (1,), (0, 2), ()]) == []
     assert _stage([(0, 1, 2), (), (), ()]) == ["1.0"]
+
+
+def test_stochastic_depth_is_judged_over_the_blocks_of_every_stage() -> None:
+    """Two stages of two blocks: the second stage's last block skipped at all three steps
+    while its sibling ran at every one; blocks of the first stage skipped at some. Over the
+    four blocks of the class that may be chance (a ResNet stage of two says little alone)."""
+    torch.manual_seed(0)
+    stages = [nn.Sequential(DropPathBlock((0,)), DropPathBlock((1, 2))),
+              nn.Sequential(DropPathBlock(()), DropPathBlock((0, 1, 2)))]
+    model = nn.Sequential(nn.Linear(12, 32), *stages, nn.Linear(32, 4))
+    batch = (torch.randn(16, 12), torch.randint(0, 4, (16,)))
+    report = trainlint.check(model, batch, loss_fn=F.cross_entropy, steps=3,
+                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    assert [f.module for f in report.findings if f.code == "TL505"] == []
