@@ -184,3 +184,41 @@ def test_tl104_fp16_check_follows_the_dtype(amp_dtype, fires, wording):
         assert wording in hits[0].message
     below = t.fp16_fraction * FP16_MAX * 0.99
     assert not list(rule.func(fp16_trace(below, amp_dtype), t))
+
+
+def test_a_scaler_that_skips_many_first_steps_is_waited_for_and_the_init_judged() -> None:
+    """A loss scale far above what the gradients allow (Megatron-LM starts at 2**32) is halved
+    at each skipped step, more steps than MAX_SCALER_SKIPS: the weights stay at the init
+    meanwhile, so the step finally linted is the run's first, its gradients finite."""
+    from trainlint.monitor import MAX_SCALER_SKIPS
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    report = train(mlp(), 16, scaler=scaler, every=8, gain=2.0 ** 10)
+    [note] = [n for n in report.notes if "GradScaler skipped" in n]
+    skipped = int(note.split("skipped ")[1].split(" ")[0])
+    assert skipped > MAX_SCALER_SKIPS
+    first = report.trace.per_step[0]
+    assert first["step"] == skipped and report.trace.at_start(first)
+    assert not [f for f in report.findings if f.code == "TL504"]
+
+
+class SqrtAtZero(nn.Module):
+    """sqrt of a sum of squares that is 0: a finite forward, an infinite gradient at any loss
+    scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        return out + torch.sqrt((out[:, :1] * 0) ** 2)
+
+
+def test_gradients_that_overflow_at_scale_one_are_linted() -> None:
+    """The scaler halves its scale down to 1 and still skips: the gradient is the model's own
+    Inf/NaN, and TL504 reports it."""
+    torch.manual_seed(0)
+    report = train(SqrtAtZero(), 16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 4),
+                   every=1)
+    assert [f for f in report.findings if f.code == "TL504"]

@@ -36,7 +36,8 @@ from .sinks import make_sink, step_scalars
 from .stats import G
 
 # Observed steps in a row that a GradScaler may skip (inf/NaN gradients at its loss scale)
-# before the step is linted as it is.
+# before the step is linted as it is, once its scale is down to 1 (from Megatron-LM's 2**32,
+# halved at each skip, that takes 32: a gradient that overflows unscaled is the model's own).
 MAX_SCALER_SKIPS = 8
 # Steps (micro-batches of gradient accumulation) that an observation runs on while the
 # optimizer has not stepped; past it the observation ends as it is, and no later one runs on.
@@ -248,9 +249,12 @@ class Monitor:
 
     def _open(self) -> None:
         """Start observing: read the loss scale, run compiled code eagerly, arm the probe."""
+        # A retry after steps the scaler skipped starts where they did: they left the weights
+        # as they were (a first observed step so retried is still at the init).
+        if not (self._retry and self._skips_in_row):
+            self._opened_at = self.steps_seen
         self._retry = False
         self._ran_on = 0
-        self._opened_at = self.steps_seen
         self._model_loss = None
         if self.scaler is not None:
             self._scale = float(self.scaler.get_scale())
@@ -315,7 +319,7 @@ class Monitor:
         loss = snap.values.get(("extra", "loss"))
         finite_loss = loss is None or bool(math.isfinite(float(loss.reshape(-1)[0])))
         if (float(self.scaler.get_scale()) < scale and finite_loss
-                and self._skips_in_row < MAX_SCALER_SKIPS):
+                and (self._skips_in_row < MAX_SCALER_SKIPS or scale > 1.0)):
             self.scaler_skips += 1
             self._skips_in_row += 1
             self._retry = True
