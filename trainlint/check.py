@@ -27,6 +27,7 @@ from .probe import (
     Probe,
     _model_device,
     compiled_inside,
+    exclusive,
     frozen,
     needs_closure,
     wrapper_notes,
@@ -75,7 +76,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
         held = train_mode(model)
         if held:
             notes.append(held)
-        with _eager(model, notes), _grad_on(notes):
+        with _eager(model, notes), _grad_on(notes), exclusive(probe):
             for step in range(steps):
                 if not _one_step(model, batch, loss_fn, opt, probe, builder, step, run, notes):
                     break

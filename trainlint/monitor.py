@@ -334,7 +334,7 @@ class Monitor:
 
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
         """Root forward hook: note autocast's dtype and a loss the model computed itself."""
-        if not self.probe.observing or not training_forward():
+        if not self.probe.observing or not training_forward() or self.probe.skipping:
             return
         self._autocast = autocast_dtype(_model_device(self.model).type) or self._autocast
         loss = output_loss(output)

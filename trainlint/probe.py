@@ -9,8 +9,10 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -312,6 +314,24 @@ class NormCall:
     training: bool
 
 
+# What the probes of one thread share: whether a probe's own code runs (its ops are none of
+# the model's, for any probe's data-flow mode), and the probe of a trainlint.check in
+# progress (another probe on the model, a Monitor's, leaves the check's steps alone).
+_SHARED = threading.local()
+
+
+@contextlib.contextmanager
+def exclusive(probe: Probe) -> Any:
+    """Within it, only ``probe`` observes: other probes skip the forwards and optimizer steps
+    that run (a ``trainlint.check`` called inside a monitored training loop)."""
+    before = getattr(_SHARED, "exclusive", None)
+    _SHARED.exclusive = probe
+    try:
+        yield
+    finally:
+        _SHARED.exclusive = before
+
+
 class _ProbeMode(TorchFunctionMode):
     """Sees every torch function during the root forward (but inside the ``torch.nn`` leaves
     whose outputs the leaf hooks read): functional activations and flow."""
@@ -367,7 +387,6 @@ class Probe:
         self.tensor_handles: list[RemovableHandle] = []
         self.points: dict[tuple, Point] = {}
         self.observing = False
-        self.busy = False
         # The dtype autocast ran the observed layers in ("bfloat16", "float16"; None: none
         # seen), read inside the forward: a wrapper around ``model.forward`` (accelerate,
         # transformers' Trainer) enters autocast after the root's hooks and leaves it before.
@@ -488,6 +507,21 @@ class Probe:
         self.attached = False
         # The modules the hooks went on, in order (a change re-hooks them all).
         self.hooked: list[nn.Module] = []
+
+    @property
+    def busy(self) -> bool:
+        """Whether a probe's own code runs in this thread (shared: another probe's data-flow
+        mode must not read its ops as the model's either)."""
+        return getattr(_SHARED, "busy", False)
+
+    @busy.setter
+    def busy(self, value: bool) -> None:
+        _SHARED.busy = value
+
+    def _foreign(self) -> bool:
+        """Whether another probe observes alone now (:func:`exclusive`)."""
+        holder = getattr(_SHARED, "exclusive", None)
+        return holder is not None and holder is not self
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self) -> Probe:
@@ -630,7 +664,7 @@ class Probe:
             self._drop_stale_modes()
         # A forward of the model with autograd off (an evaluation between the observed step's
         # start and monitor.step()) is not the training step's: it is not read.
-        self.skipping = not training_forward()
+        self.skipping = not training_forward() or self._foreign()
         if not self.observing or self.skipping:
             return
         self._install()  # a module replaced since begin_step (the same step) gets its hooks
@@ -1228,12 +1262,12 @@ class Probe:
     def _wrapped_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         """An optimizer that a watched one wraps steps: the step's update happens (the
         observation does not run on past it), whether or not the wrapper's own step() runs."""
-        if self.observing:
+        if self.observing and not self._foreign():
             self.optimizer_stepped = True
             self.wrapped_stepped.add(type(optimizer).__name__)
 
     def _before_opt_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Optional[tuple]:
-        if not self.observing:
+        if not self.observing or self._foreign():
             return None
         self.optimizer_stepped = True
         self.own_step_seen = True
@@ -1303,7 +1337,8 @@ class Probe:
 
     def _any_opt_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         """Note an optimizer the probe was not given that stepped parameters of the model."""
-        if not self.observing or any(optimizer is o for o in self.optimizers + self.unwatched):
+        if not self.observing or self._foreign() or any(
+                optimizer is o for o in self.optimizers + self.unwatched):
             return
         if any(optimizer is inner for o in self.optimizers
                for inner in wrapped_optimizers(o, self.optimizers)):
@@ -1331,7 +1366,7 @@ class Probe:
         return grad.device, self._batches(grad.device)[1].add(stored_values(grad))
 
     def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self.observing:
+        if self.observing and not self._foreign():
             self.update_sums += self._sampler(optimizer).after()
 
     def _sampler(self, optimizer: Any) -> UpdateSampler:
