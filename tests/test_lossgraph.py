@@ -815,3 +815,54 @@ def test_a_classifiers_first_loss_on_one_sample_is_not_judged_against_ln_c() -> 
     sequence = (torch.randint(0, 50, (1, 32)), torch.randint(0, 50, (1, 32)))
     report = trainlint.check(tokens, sequence)
     assert report.trace.loss_items == 32 and "TL302" in _codes(report)
+
+
+def _soft(y: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    """Probability targets (label smoothing as mixup and cutmix also give them)."""
+    return F.one_hot(y, 10).float() * (1 - smoothing) + smoothing / 10
+
+
+@pytest.mark.parametrize("loss_fn, reduction", [
+    (lambda o, y: F.cross_entropy(o, _soft(y)), "mean"),
+    (lambda o, y: -(_soft(y) * F.log_softmax(o, dim=1)).sum(dim=1).mean(), "mean"),
+    (lambda o, y: -(F.log_softmax(o, dim=-1) * _soft(y)).sum(), "sum"),
+    (lambda o, y: F.cross_entropy(o, _soft(y), reduction="sum"), "sum"),
+])
+def test_cross_entropy_with_probability_targets_is_known(loss_fn, reduction) -> None:
+    """Soft targets leave no NLL node, but a sum of the targets times a log_softmax of the
+    output: a cross-entropy over 10 classes, read from the output as it is."""
+    graph = _graph_of(loss_fn)
+    assert (graph.kind, graph.num_classes, graph.reduction) == ("cross_entropy", 10, reduction)
+    assert graph.reads_output and graph.squash is None
+    squashed = _graph_of(lambda o, y: F.cross_entropy(o.softmax(dim=1), _soft(y)))
+    assert squashed.kind == "cross_entropy" and squashed.squash == "softmax"
+    assert _graph_of(loss_fn, probabilities=True).reads_output  # (a model ending in softmax)
+
+
+def test_other_products_with_a_log_softmax_are_no_cross_entropy() -> None:
+    """A policy gradient's picked log-probabilities times advantages, and an entropy bonus
+    (probabilities that depend on the output times their logs) are not read as one."""
+    advantages = torch.randn(8, 1)
+
+    def policy(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -(advantages * F.log_softmax(o, dim=1).gather(1, y[:, None])).sum()
+
+    def entropy(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (o.softmax(dim=1) * F.log_softmax(o, dim=1)).sum()
+
+    assert _graph_of(policy).kind is None
+    assert _graph_of(entropy).kind is None
+
+
+def test_a_monitor_reads_mixup_targets_for_tl601_and_tl302() -> None:
+    """A model that ends in softmax, trained with mixup's probability targets: TL601; a head
+    whose bias makes the first loss far from ln(10): TL302."""
+    torch.manual_seed(0)
+    ends_in_softmax = nn.Sequential(_head(), nn.Softmax(dim=1))
+    assert "TL601" in _codes(_monitored(ends_in_softmax, lambda o, y: F.cross_entropy(o, _soft(y))))
+    loud = _head()
+    nn.init.normal_(loud[2].bias, std=8.0)
+    report = _monitored(loud, lambda o, y: F.cross_entropy(o, _soft(y, 0.3)))
+    assert report.trace.loss_kind == "cross_entropy" and "TL302" in _codes(report)
+    assert not {"TL601", "TL302"} & _codes(
+        _monitored(_head(), lambda o, y: F.cross_entropy(o, _soft(y, 0.3))))

@@ -207,7 +207,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
         # (transformers' MRA: ``zeros_like(q).requires_grad_()``) is no network.
         if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
             foreign.add(id(variable))
-        if node_name(node) in LOSS_NODES:
+        if node_name(node) in LOSS_NODES or _soft_cross_entropy(node, parent) is not None:
             losses.append(node)
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
@@ -259,8 +259,26 @@ def summed_over_items(root: Any) -> bool:
     return found
 
 
+def _soft_cross_entropy(node: Any, parent: dict) -> Any:
+    """The ``LogSoftmaxBackward`` node of a cross-entropy with probability targets, where
+    ``node`` is its product with them, else None: ``F.cross_entropy(logits, probs)`` (mixup,
+    cutmix, label-smoothed soft targets) and ``-(probs * log_softmax(logits)).sum(-1)`` leave
+    no loss node, but a sum of a constant times a log_softmax."""
+    if node_name(node) != "MulBackward" or node.name() != "MulBackward0":
+        return None
+    made = [child for child, _ in node.next_functions if child is not None]
+    above = parent.get(node)
+    if len(made) != 1 or node_name(made[0]) != "LogSoftmaxBackward" or above is None or \
+            node_name(above) != "SumBackward":
+        return None
+    return made[0]
+
+
 def _describe(node: Any, where: dict, parent: dict) -> dict:
     """The facts of the loss node ``node`` given the model's outputs (``where``)."""
+    soft = _soft_cross_entropy(node, parent)
+    if soft is not None:
+        return _describe_soft(node, soft, where, parent)
     kind = LOSS_NODES[node_name(node)]
     path: set = {node}
     read = _through(_first_input(node), where, path)
@@ -290,6 +308,37 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
             "weighted": weighted, "transforms": transforms, "items": loss_items(kind, shape),
             "classes": classes, "index": found[1] if found else None,
             "forward": found[0] if found else None, "path": path, "node": node}
+
+
+def _describe_soft(node: Any, log_softmax: Any, where: dict, parent: dict) -> dict:
+    """:func:`_describe`'s facts of a cross-entropy with probability targets: ``node`` the
+    product of the targets and ``log_softmax``'s output (the class dim is dim 1, as
+    ``F.cross_entropy`` takes it, or the last of a 2-D input); "mean" where a mean or a
+    division follows the sum of the terms, else "sum"."""
+    path: set = {node, log_softmax}
+    read = _through(_first_input(log_softmax), where, path)
+    squash = None
+    if read is not None and id(read) not in where and node_name(read) == "SoftmaxBackward":
+        inner = _through(_first_input(read), where)
+        if inner is not None and id(inner) in where:
+            squash = "softmax"
+    shape = _input_shape(log_softmax)
+    classes = (shape[1] if len(shape) >= 2 else shape[0]) if shape else None
+    reduction, above = "sum", parent.get(parent.get(node))
+    for _ in range(4):  # (the negation and a scale may come between)
+        if above is None:
+            break
+        if node_name(above) in ("MeanBackward", "DivBackward"):
+            reduction = "mean"
+            break
+        above = parent.get(above)
+    found = where.get(id(read)) if read is not None else None
+    return {"kind": "cross_entropy", "reduction": reduction, "count_check": None,
+            "squash": squash, "weighted": False,
+            "transforms": found is None and read is not None and _reaches(read, where),
+            "items": loss_items("cross_entropy", shape), "classes": classes,
+            "index": found[1] if found else None, "forward": found[0] if found else None,
+            "path": path, "node": node}
 
 
 def _reaches(node: Any, where: dict, budget: int = 2000) -> bool:
