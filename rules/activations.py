@@ -144,6 +144,13 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             steps >= trace.observed_steps or _dead_at_first(trace, lt, t))
         fix = _dead_relu_fix(feeder, evidence, lt.kind, from_init,
                              joined=_after_sum(trace, lt))
+        raw = _fed_by_input(trace, lt) if feeder is None else None
+        if raw is not None:
+            evidence["input"] = raw
+            fix = (f"its input is the model's input {raw!r}, not a layer's: those features are "
+                   f"<= 0 in every sample, and no init or learning rate changes that; "
+                   f"standardize the inputs (TL201: subtract each feature's mean and divide by "
+                   f"its std in the data pipeline), or leave the activation off the raw input")
         starved = _starved_by(trace, lt)
         if starved is not None:
             evidence["starved_by"] = starved.module
@@ -277,6 +284,14 @@ def _fan_in(facts: ModuleFacts) -> Optional[int]:
 # units after it read as dead whatever their input (transformers' EfficientNet/MobileViT init
 # draws gamma from N(0, 0.02)).
 NORM_WEIGHT_COLLAPSED = 0.1
+
+
+def _fed_by_input(trace: RunTrace, lt: LayerTrace) -> Optional[str]:
+    """The model input that ``lt``'s input comes straight from (through shape ops or none: a
+    functional ReLU on the batch), else None."""
+    target = ("module", lt.module) if lt.op == "output" else lt.node
+    return next((src[1] for src, via in predecessors(trace, target)
+                 if src[0] == "input" and SHAPE_OPS.issuperset(via)), None)
 
 
 def _after_sum(trace: RunTrace, lt: LayerTrace) -> bool:
