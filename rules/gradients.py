@@ -32,6 +32,7 @@ from ._graph import (
     frozen_at_zero,
     in_blocks,
     inside_attention_sublayer,
+    is_model_output,
     layer_at,
     layer_scaled_branches,
     only_shape_ops,
@@ -1096,6 +1097,12 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
         detail = (f"the gradient at the output of {first.label} ({first.type}) is the first "
                   f"NaN/Inf in backward order")
         maker = _backward_maker(trace, step, first)
+        if maker is None and loss is not None and math.isfinite(loss) and \
+                is_model_output(trace, first):
+            return "backward", "", (
+                f"the gradient at the model's output ({first.label}, {first.type}) is the first "
+                f"NaN/Inf in backward order, while the loss ({loss:.4g}) is finite: the loss "
+                f"function's backward made it"), True
         if maker is None:
             return "backward", first.module, detail
         name, seen, via = maker
@@ -1323,7 +1330,9 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     squares at 0: the derivative is infinite, times 0): the finding names that module (looking
     through activations whose output gradient is not read, modules or calls such as
     ``torch.relu`` in a block's forward; a weight layer fed through ops that cannot make NaN/Inf
-    last, one that is not a weight layer first). In a check, a loss function that raises on
+    last, one that is not a weight layer first); where that first module's output is the
+    model's and the loss is finite, the loss function's backward (a triplet loss's
+    ``sqrt`` of a distance of 0). In a check, a loss function that raises on
     model outputs holding NaN/Inf (BCE's "all elements of input should be between 0 and 1") ends
     the run at that step, and the finding says what it raised.
 
@@ -1379,7 +1388,8 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
     any update; ``masked``: the first output holding it is a softmax's)."""
     facts = trace.modules.get(module)
     if unsafe:
-        return (f"make the backward of {module!r} safe (its forward can be finite while its "
+        return (f"make the backward of {repr(module) if module else 'the loss function'} safe "
+                "(its forward can be finite while its "
                 "gradient is not): sqrt of a sum of squares that can be 0 has an infinite "
                 "derivative there (add eps inside the sqrt: torch.sqrt(s + 1e-12), or use "
                 "torch.linalg.vector_norm, whose gradient at 0 is 0), as has x ** p with "

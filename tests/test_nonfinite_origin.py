@@ -817,3 +817,30 @@ def test_an_inf_in_the_batch_that_an_untraced_input_is_built_from_is_the_datas()
     found = _tl504(trainlint.check(TimestepEmbedded(), ((x, t), y), steps=1))
     assert (found.module, found.evidence["where"]) == ("", "input")
     assert "the batch holds Inf before the model runs (input1)" in found.message
+
+
+def _triplet(out: torch.Tensor, y: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """A triplet loss whose first positive is its anchor itself: a distance of exactly 0, whose
+    sqrt has an infinite derivative (finite with ``eps`` inside)."""
+    positive, negative = out.roll(0, 0), out.roll(1, 0)
+    near = (((out - positive) ** 2).sum(1) + eps).sqrt()
+    far = (((out - negative) ** 2).sum(1) + eps).sqrt()
+    return F.relu(near - far + 1.0).mean()
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12])
+def test_nan_made_by_the_loss_functions_backward_names_the_loss(eps: float) -> None:
+    """The first NaN gradient is at the model's output and the loss is finite: the loss
+    function's backward made it (measured: its sqrt at 0; Kaiming init, the old fix, left the
+    gradients NaN; eps inside the sqrt made them finite)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    report = trainlint.check(model, _batch(), loss_fn=lambda o, y: _triplet(o, y, eps), steps=1)
+    if eps:
+        assert not [f for f in report.findings if f.code == "TL504"]
+        return
+    found = _tl504(report)
+    assert found.module == "" and found.evidence["where"] == "backward"
+    assert "the loss function's backward made it" in found.message
+    assert found.fix.startswith("make the backward of the loss function safe")
+    assert "Kaiming" not in found.fix
