@@ -145,7 +145,14 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         fix = _dead_relu_fix(feeder, evidence, lt.kind, from_init,
                              joined=_after_sum(trace, lt))
         raw = _fed_by_input(trace, lt) if feeder is None else None
-        if raw is not None:
+        own = _own_bias(trace, lt) if feeder is None else None
+        if own is not None:
+            evidence["own_bias"], evidence["own_bias_rms"] = own
+            fix = (f"{'' if from_init else 'lower the learning rate; '}{own[0]!r}, a bias "
+                   f"that {lt.module!r} holds itself (RMS {own[1]:.3g}), is added to these "
+                   f"units' input in its forward and keeps it below 0: initialize it at 0 "
+                   f"(nn.init.zeros_)" + (_DEAD_TAIL if lt.kind == "relu" else ""))
+        elif raw is not None:
             evidence["input"] = raw
             fix = (f"its input is the model's input {raw!r}, not a layer's: those features are "
                    f"<= 0 in every sample, and no init or learning rate changes that; "
@@ -284,6 +291,27 @@ def _fan_in(facts: ModuleFacts) -> Optional[int]:
 # units after it read as dead whatever their input (transformers' EfficientNet/MobileViT init
 # draws gamma from N(0, 0.02)).
 NORM_WEIGHT_COLLAPSED = 0.1
+
+
+# Where TL101's fix ends for a ReLU: what keeps a gradient below 0.
+_DEAD_TAIL = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
+# A module's own bias Parameter above this RMS sets its units' sign by itself (default inits
+# draw biases within ±1/sqrt(fan_in)).
+OWN_BIAS_RMS = 1.0
+
+
+def _own_bias(trace: RunTrace, lt: LayerTrace) -> Optional[tuple]:
+    """``(name, RMS)`` of a bias Parameter that ``lt``'s module holds itself (not in a child:
+    a graph conv's ``self.bias``, added before its functional ReLU) whose RMS is above
+    ``OWN_BIAS_RMS``, else None."""
+    if lt.op == "output":
+        return None
+    for p in trace.params:
+        size = math.prod(p.shape) if p.shape else 1
+        if p.module == lt.module and "bias" in p.name.rpartition(".")[2] and size and \
+                p.norm is not None and p.norm / math.sqrt(size) > OWN_BIAS_RMS:
+            return p.name, p.norm / math.sqrt(size)
+    return None
 
 
 def _fed_by_input(trace: RunTrace, lt: LayerTrace) -> Optional[str]:
