@@ -474,7 +474,14 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f"(an LSTM's forget gate at 1), or, where that layer's own input is large, "
                    f"normalize it (nn.LayerNorm before the layer)")
         else:
-            fix = (f"re-initialize the layer feeding it with nn.init.xavier_normal_("
+            feeders = sorted({f.name for f in (feeding_module(trace, c) for _, c in found)
+                              if f is not None and f.base in WEIGHT_LAYERS})
+            which_layers = (f"the layers feeding them ({', '.join(map(repr, feeders))})"
+                            if len(found) > 1 and feeders else
+                            f"the layer feeding it{f' ({feeders[0]!r})' if feeders else ''}")
+            if feeders:
+                evidence["feeding_modules"] = feeders
+            fix = (f"re-initialize {which_layers} with nn.init.xavier_normal_("
                    f"layer.weight, gain=nn.init.calculate_gain('{lt.kind}')), add "
                    f"nn.LayerNorm/BatchNorm before the {lt.kind}, or use a non-saturating "
                    f"activation (nn.ReLU, nn.GELU)")
