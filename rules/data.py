@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -254,6 +254,31 @@ def _has_indicators(inp: InputTrace) -> bool:
     return bool(binary.any())
 
 
+# Below this chance (over all the input's features) a standardized feature's usual value
+# held by every sample read is no rare category's luck (TL202).
+RARE_CHANCE = 0.01
+
+
+def _rare_standardized(inp: InputTrace, values: int) -> Optional[Callable[[float], bool]]:
+    """For an input whose varying features are standardized (median |mean| <= 0.5, median
+    std within [0.5, 2]): whether a feature constant at ``v`` over ``values`` samples may be
+    a rare value's column, standardized (a one-hot category or a pixel that is seldom set:
+    its usual value is ``-p / std``, a small number, not 0). Such a column, set in a share p
+    of the data, has v**2 <= p / (1 - p), so every sample read holds its usual value with a
+    chance of at most (1 + v**2) ** -values: kept while that is at least ``RARE_CHANCE``
+    over the number of features. None where the input is not standardized. A column at
+    exactly 0 (a constant one, standardized) is never excused."""
+    lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
+    varying = lo < hi
+    if not varying.any():
+        return None
+    mean, std = np.asarray(inp.mean, float)[varying], np.asarray(inp.std, float)[varying]
+    if not (np.median(np.abs(mean)) <= 0.5 and 0.5 <= np.median(std) <= 2.0):
+        return None
+    floor = RARE_CHANCE / len(lo)
+    return lambda v: v != 0.0 and -values * math.log1p(v * v) >= math.log(floor)
+
+
 @rule("TL202", "constant-input-features", "warning", min_values=16)
 def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Input features or channels that do not vary over the batch.
@@ -268,7 +293,11 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     the input's other features go above (an absent category of a one-hot/multi-hot encoding,
     padding, an image border), and a non-image feature stuck at exactly 0 or 1 beside features
     that vary between 0 and 1 only (an indicator that is rare or common; among continuous
-    features, a column stuck at 0 or 1 is a constant). An input constant all over is flagged
+    features, a column stuck at 0 or 1 is a constant), and, in an input whose varying features
+    are standardized, a column stuck at a value other than 0 that a rare category's column
+    holds when absent, as likely as ``RARE_CHANCE`` over the features to be all a batch
+    shows (StandardScaler on one-hot columns or seldom inked pixels). An input constant all
+    over is flagged
     unless it is all 0 (an empty placeholder). Inputs of one value per sample (timesteps,
     scalars) are not checked.
 
@@ -300,17 +329,22 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         # empty placeholder.
         floor = float(lo.min()) if bool((lo < hi).any()) else 0.0
         indicators = (0.0, 1.0) if not is_image(inp) and _has_indicators(inp) else ()
+        # In a check the extremes cover every batch it read.
+        values = per_channel * (max(trace.observed_steps, 1) if trace.mode == "check" else 1)
+        rare = _rare_standardized(inp, values) if not is_image(inp) else None
         constant = [i for i in range(len(lo))
-                    if lo[i] == hi[i] and lo[i] != floor and lo[i] not in indicators]
+                    if lo[i] == hi[i] and lo[i] != floor and lo[i] not in indicators
+                    and not (rare is not None and rare(lo[i]))]
         if not constant:
             continue
         what = "channel" if is_image(inp) else "feature"
         listed = ", ".join(f"{i} (= {lo[i]:.4g})" for i in constant[:MAX_LISTED])
         more = "" if len(constant) <= MAX_LISTED else f" and {len(constant) - MAX_LISTED} more"
+        over = f", over {trace.observed_steps} batches" if values > per_channel else ""
         yield Hit(
             module="",
             message=(f"{len(constant)} of the {len(lo)} {what}s of {_describe(inp)} are "
-                     f"constant over the batch ({per_channel} values each): "
+                     f"constant over the batch ({values} values each{over}): "
                      f"{what}s {listed}{more}"),
             fix=(f"drop {what}s {[i for i in constant[:MAX_LISTED]]}{more} from the input and "
                  f"shrink the first layer to match, or fix the data pipeline that leaves them "
