@@ -503,6 +503,10 @@ def loss_at_init(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         raise Skip(f"the first loss averages {trace.loss_items} item(s) (samples times "
                    f"positions), fewer than {t.min_items}: one sample's loss strays from ln(C) "
                    "by several nats by chance")
+    if trace.loss_soft_targets:
+        raise Skip("the cross-entropy is a sum of constants times a log_softmax: probability "
+                   "targets (mixup, soft labels) or a policy gradient's weights, which its "
+                   "graph does not tell apart; its first value is not judged against ln(C)")
     if trace.loss_transforms_output:
         raise Skip("the classification loss reads values the loss function computes from the "
                    "model's output (a margin or a scale: ArcFace, a temperature), not the "

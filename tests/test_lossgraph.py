@@ -16,6 +16,7 @@ from trainlint.engine import RULES, load_rules
 from trainlint.lossgraph import (
     LossGraph,
     item_mean,
+    output_nodes,
     read_loss_graph,
     summed_over_items,
 )
@@ -854,15 +855,43 @@ def test_other_products_with_a_log_softmax_are_no_cross_entropy() -> None:
     assert _graph_of(entropy).kind is None
 
 
-def test_a_monitor_reads_mixup_targets_for_tl601_and_tl302() -> None:
-    """A model that ends in softmax, trained with mixup's probability targets: TL601; a head
-    whose bias makes the first loss far from ln(10): TL302."""
+def test_a_monitor_reads_mixup_targets_for_tl601_not_for_tl302() -> None:
+    """A model that ends in softmax, trained with mixup's probability targets: TL601. The
+    first loss is not judged against ln(C) (TL302): a policy gradient's one-hot weights
+    times its returns make the same graph, and its level is the returns'."""
     torch.manual_seed(0)
     ends_in_softmax = nn.Sequential(_head(), nn.Softmax(dim=1))
     assert "TL601" in _codes(_monitored(ends_in_softmax, lambda o, y: F.cross_entropy(o, _soft(y))))
     loud = _head()
     nn.init.normal_(loud[2].bias, std=8.0)
     report = _monitored(loud, lambda o, y: F.cross_entropy(o, _soft(y, 0.3)))
-    assert report.trace.loss_kind == "cross_entropy" and "TL302" in _codes(report)
+    assert report.trace.loss_kind == "cross_entropy" and report.trace.loss_soft_targets
+    assert "policy gradient" in report.skipped["TL302"]
     assert not {"TL601", "TL302"} & _codes(
         _monitored(_head(), lambda o, y: F.cross_entropy(o, _soft(y, 0.3))))
+
+
+def test_a_policy_gradient_on_one_hot_actions_is_no_loss_at_ln_c() -> None:
+    """REINFORCE written as -(one_hot(a) * returns * log_softmax(logits)).sum(-1).mean(),
+    with returns near 100: its first value (~28 here) is no classifier's loss (measured: the
+    policy learns); TL302 stays out."""
+    torch.manual_seed(0)
+    returns = 100 + torch.randn(32, 1)
+
+    def reinforce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weights = F.one_hot(y, 10).float() * returns
+        return -(weights * F.log_softmax(o, dim=-1)).sum(-1).mean() / 10
+
+    report = _monitored(_head(), reinforce)
+    assert "TL302" not in _codes(report)
+
+
+def test_soft_targets_over_a_language_models_vocabulary_count_its_classes() -> None:
+    """Label-smoothed cross-entropy written by hand over (N, T, V) logits: V classes (the
+    log_softmax's dim), N x T items; not T."""
+    logits = torch.randn(4, 12, 50, requires_grad=True)
+    targets = torch.full((4, 12, 50), 0.1 / 50)
+    out = logits * 1.0  # (the model's output)
+    loss = -(targets * F.log_softmax(out, dim=-1)).sum(-1).mean()
+    graph = read_loss_graph(loss, [], [output_nodes([out])])
+    assert (graph.kind, graph.num_classes, graph.items) == ("cross_entropy", 50, 48)

@@ -68,6 +68,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                  "loss_summed": None,
                  "loss_reads_output": None, "loss_squash": None, "loss_weighted": False,
                  "loss_transforms_output": False, "loss_items": None,
+                 "loss_soft_targets": False,
                  "num_classes": None,
                  "batch_size": None,
                  "graph_output": None}
@@ -91,6 +92,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                           loss_squash=run["loss_squash"], loss_weighted=run["loss_weighted"],
                           loss_transforms_output=run["loss_transforms_output"],
                           loss_items=run["loss_items"],
+                          loss_soft_targets=run["loss_soft_targets"],
                           amp_dtype=probe.autocast,
                           num_classes=run["num_classes"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
@@ -471,7 +473,7 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     if by_graph and graph.kind is not None:
         run.update(loss_kind=graph.kind, loss_reduction=graph.reduction, loss_terms=graph.terms,
                    num_classes=graph.num_classes, graph_output=graph.output_index,
-                   loss_items=graph.items)
+                   loss_items=graph.items, loss_soft_targets=graph.soft_targets)
         return
     if graph.kind is None or run["loss_terms"] is None:
         return

@@ -106,6 +106,10 @@ class LossGraph:
     transforms_output: bool = False
     # How many items (samples times positions) the classifier's loss averages (None: unknown).
     items: Optional[int] = None
+    # The cross-entropy was read from a sum of constants times a log_softmax: probability
+    # targets (mixup, soft labels), or a policy gradient's one-hot weights times its returns;
+    # the graph does not tell which, so its level is not judged against ln(C).
+    soft_targets: bool = False
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -232,7 +236,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                      output_count=count, sum_over=sum_over, summed=summed,
                      count_check=first["count_check"], squash=first["squash"],
                      weighted=first["weighted"], transforms_output=first["transforms"],
-                     items=first["items"])
+                     items=first["items"], soft_targets=first.get("soft", False))
 
 
 def summed_over_items(root: Any) -> bool:
@@ -312,9 +316,9 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
 
 def _describe_soft(node: Any, log_softmax: Any, where: dict, parent: dict) -> dict:
     """:func:`_describe`'s facts of a cross-entropy with probability targets: ``node`` the
-    product of the targets and ``log_softmax``'s output (the class dim is dim 1, as
-    ``F.cross_entropy`` takes it, or the last of a 2-D input); "mean" where a mean or a
-    division follows the sum of the terms, else "sum"."""
+    product of the targets and ``log_softmax``'s output (the classes along the log_softmax's
+    dim: an LM's ``(N, T, V)`` logits over V); "mean" where a mean or a division follows the
+    sum of the terms, else "sum"."""
     path: set = {node, log_softmax}
     read = _through(_first_input(log_softmax), where, path)
     squash = None
@@ -323,7 +327,13 @@ def _describe_soft(node: Any, log_softmax: Any, where: dict, parent: dict) -> di
         if inner is not None and id(inner) in where:
             squash = "softmax"
     shape = _input_shape(log_softmax)
-    classes = (shape[1] if len(shape) >= 2 else shape[0]) if shape else None
+    dim = getattr(log_softmax, "_saved_dim", None)
+    if isinstance(dim, int) and dim >= 2 ** 63:  # (kept as an unsigned 64-bit number)
+        dim -= 2 ** 64
+    classes = items = None
+    if shape and isinstance(dim, int) and -len(shape) <= dim < len(shape):
+        classes = shape[dim]
+        items = math.prod(shape) // max(classes, 1)
     reduction, above = "sum", parent.get(parent.get(node))
     for _ in range(4):  # (the negation and a scale may come between)
         if above is None:
@@ -336,7 +346,7 @@ def _describe_soft(node: Any, log_softmax: Any, where: dict, parent: dict) -> di
     return {"kind": "cross_entropy", "reduction": reduction, "count_check": None,
             "squash": squash, "weighted": False,
             "transforms": found is None and read is not None and _reaches(read, where),
-            "items": loss_items("cross_entropy", shape), "classes": classes,
+            "items": items, "classes": classes, "soft": True,
             "index": found[1] if found else None, "forward": found[0] if found else None,
             "path": path, "node": node}
 

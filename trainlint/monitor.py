@@ -536,6 +536,7 @@ class Monitor:
                 "loss_reads_output": graph.reads_output, "loss_squash": graph.squash,
                 "loss_weighted": graph.weighted,
                 "loss_transforms_output": graph.transforms_output, "loss_items": graph.items,
+                "loss_soft_targets": graph.soft_targets,
                 "loss_summed": graph.summed if self._loss_graph is not None else None,
                 "num_classes": graph.num_classes}
 

@@ -449,6 +449,9 @@ class RunTrace:
     # The classification loss reads values computed from a model output by the loss function
     # (see ``LossGraph.transforms_output``): its level at init is that function's.
     loss_transforms_output: bool = False
+    # The cross-entropy was read from a sum of constants times a log_softmax (see
+    # ``LossGraph.soft_targets``): its first value is not judged against ln(C).
+    loss_soft_targets: bool = False
     # How many items (samples times positions) the first classification loss averaged.
     loss_items: Optional[int] = None
     # Parameters outside the model and its optimizer that the Monitor's loss depends on (a
