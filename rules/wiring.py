@@ -117,11 +117,13 @@ def skipped_at_random(trace: RunTrace, trainable: list) -> set:
     as the skip rate, some member of the group goes without at all ``n`` observed steps with
     a chance of at least ``SKIP_CHANCE``. Siblings in a ``Sequential`` count too (a ResNet
     stage of blocks, each of which skips its own branch), and so do the blocks of one class
-    over all the stages that hold them (a stage of two blocks says little on its own)."""
+    over all the stages that hold them (a stage of two blocks says little on its own), where
+    the class is not torch's own (a Linear or a Sequential anywhere is no stage's block)."""
     n = trace.observed_steps
     groups = _member_groups(trace, ("ModuleList", "ModuleDict", "Sequential"))
-    for (_, cls), names in list(groups.items()):  # the same class over several stages too
-        groups.setdefault(("*", cls), []).extend(names)
+    for (_, cls), names in list(groups.items()):  # a block class over several stages too
+        if getattr(trace.modules.get(names[0]), "library", None) != "torch":
+            groups.setdefault(("*", cls), []).extend(names)
     members = {m for names in groups.values() for m in names}
     steps: dict = {}  # member -> observed steps with a gradient at any of its parameters
     for p in trainable:

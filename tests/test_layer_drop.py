@@ -95,3 +95,23 @@ def test_stochastic_depth_is_judged_over_the_blocks_of_every_stage() -> None:
     report = trainlint.check(model, batch, loss_fn=F.cross_entropy, steps=3,
                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
     assert [f.module for f in report.findings if f.code == "TL505"] == []
+
+
+class DropWithNeck(ScriptedDrop):
+    """ScriptedDrop's blocks, skipped at random, and a neck of torch Linears that the forward
+    never calls (the line that calls it forgotten)."""
+
+    def __init__(self, runs: list) -> None:
+        super().__init__(runs)
+        self.neck = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+
+
+def test_a_never_called_module_is_unused_beside_blocks_skipped_at_random() -> None:
+    """The blocks' Linears skip at random; the neck's, of the same torch class, never run:
+    torch's own classes are no stage's blocks, so chance does not cover the neck."""
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 12), torch.randint(0, 4, (16,)))
+    report = trainlint.check(DropWithNeck([(0, 1), (2,), (0, 2), (1, 2)]), batch,
+                             loss_fn=F.cross_entropy, steps=3,
+                             optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    assert [f.module for f in report.findings if f.code == "TL505"] == ["neck"]
