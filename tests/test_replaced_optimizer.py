@@ -76,3 +76,45 @@ def test_a_second_optimizer_beside_the_watched_one_is_not_taken_for_a_replacemen
             monitor.step(loss)
         assert monitor.optimizers == [opt]
         assert not any("not given" in n for n in monitor.report().notes)
+
+
+class ActorCritic(torch.nn.Module):
+    """An encoder the critic's optimizer trains, read detached by the actor's head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU())
+        self.critic = torch.nn.Linear(32, 1)
+        self.actor = torch.nn.Linear(32, 4)
+
+
+def test_an_optimizer_that_steps_part_of_the_model_between_the_given_ones_steps() -> None:
+    """SAC-AE's pattern: the Monitor watches the actor's optimizer, which steps every second
+    iteration; the critic's (encoder and critic) steps every one. It is no replacement (it
+    does not hold the actor's head), and its parameters are in an optimizer (no TL506)."""
+    torch.manual_seed(0)
+    model = ActorCritic()
+    actor_opt = torch.optim.Adam(model.actor.parameters(), lr=1e-3)
+    critic_opt = torch.optim.Adam([*model.encoder.parameters(), *model.critic.parameters()],
+                                  lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    with trainlint.Monitor(model, optimizer=actor_opt, every=5) as monitor:
+        for i in range(40):
+            x = torch.randn(64, 20, generator=g)
+            value = model.critic(model.encoder(x))
+            critic_loss = (value - x[:, :1]).pow(2).mean()
+            critic_opt.zero_grad()
+            critic_loss.backward()
+            critic_opt.step()
+            loss = critic_loss
+            if i % 2:
+                action = model.actor(model.encoder(x).detach())
+                loss = (action - x[:, :4]).pow(2).mean()
+                actor_opt.zero_grad()
+                loss.backward()
+                actor_opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+        assert monitor.optimizers == [actor_opt]
+    assert not any("not given" in n for n in report.notes)
+    assert not [f for f in report.findings if f.code == "TL506"]

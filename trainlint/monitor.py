@@ -230,7 +230,7 @@ class Monitor:
         past ``MAX_ACCUMULATION`` steps (then never again: the loop steps no watched
         optimizer)."""
         if not self.optimizers or self.probe.optimizer_stepped or not self._run_on_allowed or \
-                self.probe.unwatched:  # (another optimizer stepped the model: the step is over)
+                self._replacement() is not None:  # (a new optimizer stepped: the step is over)
             return False
         if not any(p.grad is not None for o in self.optimizers for group in o.param_groups
                    for p in group["params"]):
@@ -263,10 +263,23 @@ class Monitor:
             self._hooks.append(self.model.register_forward_hook(OwnedHook(self._after_forward)))
         self.probe.begin_step()
 
+    def _replacement(self) -> Optional[list]:
+        """The optimizers the loop stepped the model with in this observed step instead of
+        those given, where those given did not step and the others hold every parameter they
+        did (a new optimizer built over the same model); None otherwise (an actor-critic's
+        critic optimizer, stepping a shared encoder at a step where the actor's does not)."""
+        found = self.probe.unwatched
+        if not found or self.probe.optimizer_stepped:
+            return None
+        held = {id(p) for o in found for group in o.param_groups for p in group["params"]}
+        given = {id(p) for o in self.optimizers for group in o.param_groups
+                 for p in group["params"]}
+        return list(found) if given <= held else None
+
     def _replace_optimizers(self, found: list) -> None:
-        """The loop stepped the model's parameters with optimizers it was not given, and not
-        with those it was (a new optimizer built mid-run, as for a second phase): watch those
-        from now on, and say so in the report."""
+        """The loop stepped the model's parameters with optimizers it was not given, which hold
+        all of those it was given, and not with those (a new optimizer built mid-run, as for a
+        second phase): watch those from now on, and say so in the report."""
         before = ", ".join(_described(o) for o in self.optimizers)
         self.optimizers = list(found)
         self.optimizer = found[0] if len(found) == 1 else list(found)
@@ -286,8 +299,9 @@ class Monitor:
         # Hooks stay on (idle) when the next step is observed too: every=1 re-installs nothing.
         self.probe.end_step(keep_hooks=not self._explicit and self._due(ahead=1))
         self._close_stance()
-        if self.probe.unwatched and not self.probe.optimizer_stepped:
-            self._replace_optimizers(self.probe.unwatched)
+        replacement = self._replacement()
+        if replacement is not None:
+            self._replace_optimizers(replacement)
         if self.scaler is not None and not self._unscale(snap):
             return
         local_batch = _batch_size(snap)

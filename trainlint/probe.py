@@ -487,6 +487,8 @@ class Probe:
         # step (a Monitor's loop that built a new one), seen where ``watch_others`` is set.
         self.watch_others = False
         self.unwatched: list = []
+        # Weak references to every such optimizer seen so far.
+        self.others: list = []
         # The parameters no optimizer holds, their norms as the observed step began, and as
         # its (training) forward began and ended: what the forward changes (an embedding's
         # max_norm) is the model's doing, what changes outside it the loop's (an EMA).
@@ -1346,6 +1348,8 @@ class Probe:
         if any(p in self.param_names for group in optimizer.param_groups
                for p in group["params"]):
             self.unwatched.append(optimizer)
+            if all(ref() is not optimizer for ref in self.others):
+                self.others.append(weakref.ref(optimizer))
 
     def watch(self, optimizers: list) -> None:
         """Watch ``optimizers`` instead of those given, between observed steps: their hooks go
@@ -1603,12 +1607,16 @@ class Probe:
         groups = self.step_lrs if self.step_lrs is not None else _optimizer_groups(
             self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
+        # Held by an optimizer the probe was not given that stepped the model (a GAN's critic
+        # in a module with its generator): in an optimizer all the same (TL506).
+        elsewhere = {id(p) for ref in self.others for o in [ref()] if o is not None
+                     for group in o.param_groups for p in group["params"]}
         for i, ((name, p), (_, grad_row)) in enumerate(zip(named, param_rows)):
             has_grad, has_update = grad_row is not None, bool(updated[i])
             columns = _PARAM_COLUMNS[has_grad, has_update]
             group, lr, initial_lr, kind = groups.get(id(p), (None, None, None, None))
             values[("param", name, has_grad, has_update,
-                    (id(p) in groups) if self.optimizers else None,
+                    (id(p) in groups or id(p) in elsewhere) if self.optimizers else None,
                     tuple(p.shape), p.requires_grad, group, lr, initial_lr,
                     str(p.dtype).replace("torch.", ""), kind)] = vectors[i, columns]
 
