@@ -39,11 +39,16 @@ def _report(monitor: trainlint.Monitor) -> tuple:
     return _rows(report), layers, [f.code for f in report.findings]
 
 
-def test_two_monitors_each_report_what_one_alone_does() -> None:
+def _alone() -> tuple:
+    """The report of a Monitor alone on the small MLP's run (see :func:`_report`)."""
     model, opt = small_mlp()
     with trainlint.Monitor(model, optimizer=opt, every=1) as alone:
         _train(model, opt, [alone])
-        expected = _report(alone)
+        return _report(alone)
+
+
+def test_two_monitors_each_report_what_one_alone_does() -> None:
+    expected = _alone()
     model, opt = small_mlp()
     with trainlint.Monitor(model, optimizer=opt, every=1) as first, \
             trainlint.Monitor(model, optimizer=opt, every=1) as second:
@@ -80,10 +85,7 @@ def test_a_monitor_on_a_submodule_adds_no_row_to_the_outer_one() -> None:
 
 
 def test_a_check_inside_a_monitored_loop_is_not_observed_by_the_monitor() -> None:
-    model, opt = small_mlp()
-    with trainlint.Monitor(model, optimizer=opt, every=1) as alone:
-        _train(model, opt, [alone])
-        expected = _report(alone)
+    expected = _alone()
     model, opt = small_mlp()
     with trainlint.Monitor(model, optimizer=opt, every=1) as monitor:
         _train(model, opt, [monitor], check_at=2)
