@@ -482,6 +482,7 @@ class Probe:
         # The param groups' learning rates as the observed step's first optimizer step began
         # (a scheduler stepped after it changes them before the collect).
         self.step_lrs: Optional[dict] = None
+        # The optimizers that stepped with no gradient on any of their parameters.
         self.gradless_step: list = []
         # Optimizers not given to the probe that stepped the model's parameters in the observed
         # step (a Monitor's loop that built a new one), seen where ``watch_others`` is set.
@@ -564,8 +565,7 @@ class Probe:
         # After the root's own leave hook, which reads its output while the mode still runs.
         add(root.register_forward_hook(OwnedHook(self._root_post), always_call=True))
         if self.watch_others:  # any optimizer's step, to see one the probe was not given
-            add(register_optimizer_step_post_hook(
-                OwnedHook(self._any_opt_step)))
+            add(register_optimizer_step_post_hook(OwnedHook(self._any_opt_step)))
         for optimizer in self.optimizers:
             add(optimizer.register_step_pre_hook(OwnedHook(self._before_opt_step)))
             add(optimizer.register_step_post_hook(OwnedHook(self._after_opt_step)))
@@ -597,7 +597,7 @@ class Probe:
         self.observing = True
         self.optimizer_stepped = False
         self.step_lrs = None
-        self.gradless_step: list = []  # the optimizers that stepped with no gradient at all
+        self.gradless_step = []
         self.unwatched = []
         self.failed_module = None
         self.first_forward = self.trained_forward = None
