@@ -150,8 +150,10 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             evidence["own_bias"], evidence["own_bias_rms"] = own
             fix = (f"{'' if from_init else 'lower the learning rate; '}{own[0]!r}, a bias "
                    f"that {lt.module!r} holds itself (RMS {own[1]:.3g}), is added to these "
-                   f"units' input in its forward and keeps it below 0: initialize it at 0 "
-                   f"(nn.init.zeros_)" + (_DEAD_TAIL if lt.kind == "relu" else ""))
+                   f"units' input in its forward: where it is negative it keeps them below 0, "
+                   f"so initialize it at 0 (nn.init.zeros_); where it is positive, the weights "
+                   f"feeding them do: re-initialize those with nn.init.kaiming_normal_("
+                   f"nonlinearity='relu')" + (_DEAD_TAIL if lt.kind == "relu" else ""))
         elif raw is not None:
             evidence["input"] = raw
             fix = (f"its input is the model's input {raw!r}, not a layer's: those features are "

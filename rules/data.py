@@ -257,17 +257,22 @@ def _has_indicators(inp: InputTrace) -> bool:
 # Below this chance (over all the input's features) a standardized feature's usual value
 # held by every sample read is no rare category's luck (TL202).
 RARE_CHANCE = 0.01
+# A rare value's standardized column reaches this when the value is set (a category in 10%
+# of the rows: sqrt(0.9 / 0.1) = 3): what a column of continuous values seldom does.
+RARE_VALUE = 3.0
 
 
 def _rare_standardized(inp: InputTrace, values: int) -> Optional[Callable[[float], bool]]:
     """For an input whose varying features are standardized (median |mean| <= 0.5, median
-    std within [0.5, 2]): whether a feature constant at ``v`` over ``values`` samples may be
-    a rare value's column, standardized (a one-hot category or a pixel that is seldom set:
-    its usual value is ``-p / std``, a small number, not 0). Such a column, set in a share p
-    of the data, has v**2 <= p / (1 - p), so every sample read holds its usual value with a
-    chance of at most (1 + v**2) ** -values: kept while that is at least ``RARE_CHANCE``
-    over the number of features. None where the input is not standardized. A column at
-    exactly 0 (a constant one, standardized) is never excused."""
+    std within [0.5, 2]) and hold columns of rare values, standardized (a one-hot category
+    or a pixel that is seldom set: its usual value a little below 0, above -1, and the rare
+    one ``RARE_VALUE`` or more), whether a feature constant at ``v`` over ``values`` samples
+    may be one more such column. Its usual value is ``-p / std``, below 0; a column set in a
+    share p of the data has v**2 <= p / (1 - p), so every sample read holds its usual value
+    with a chance of at most (1 + v**2) ** -values: kept while that is at least
+    ``RARE_CHANCE`` over the number of features. None where the input is not standardized or
+    holds no such column (continuous features: a sensor stuck at 0.2 std is a constant). A
+    column at 0 or above (a constant one, standardized, is at exactly 0) is never excused."""
     lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
     varying = lo < hi
     if not varying.any():
@@ -275,8 +280,10 @@ def _rare_standardized(inp: InputTrace, values: int) -> Optional[Callable[[float
     mean, std = np.asarray(inp.mean, float)[varying], np.asarray(inp.std, float)[varying]
     if not (np.median(np.abs(mean)) <= 0.5 and 0.5 <= np.median(std) <= 2.0):
         return None
+    if not ((lo[varying] > -1.0) & (lo[varying] < 0.0) & (hi[varying] >= RARE_VALUE)).any():
+        return None
     floor = RARE_CHANCE / len(lo)
-    return lambda v: v != 0.0 and -values * math.log1p(v * v) >= math.log(floor)
+    return lambda v: -1.0 < v < 0.0 and -values * math.log1p(v * v) >= math.log(floor)
 
 
 @rule("TL202", "constant-input-features", "warning", min_values=16)
@@ -294,10 +301,10 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     padding, an image border), and a non-image feature stuck at exactly 0 or 1 beside features
     that vary between 0 and 1 only (an indicator that is rare or common; among continuous
     features, a column stuck at 0 or 1 is a constant), and, in an input whose varying features
-    are standardized, a column stuck at a value other than 0 that a rare category's column
-    holds when absent, as likely as ``RARE_CHANCE`` over the features to be all a batch
-    shows (StandardScaler on one-hot columns or seldom inked pixels). An input constant all
-    over is flagged
+    are standardized and hold other rare values' columns, a column stuck a little below 0,
+    where a rare category's column sits when the category is absent, as likely as
+    ``RARE_CHANCE`` over the features to be all a batch shows (StandardScaler on one-hot
+    columns or seldom inked pixels). An input constant all over is flagged
     unless it is all 0 (an empty placeholder). Inputs of one value per sample (timesteps,
     scalars) are not checked.
 
@@ -329,9 +336,9 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         # empty placeholder.
         floor = float(lo.min()) if bool((lo < hi).any()) else 0.0
         indicators = (0.0, 1.0) if not is_image(inp) and _has_indicators(inp) else ()
-        # In a check the extremes cover every batch it read.
-        values = per_channel * (max(trace.observed_steps, 1) if trace.mode == "check" else 1)
-        rare = _rare_standardized(inp, values) if not is_image(inp) else None
+        spanned = per_channel if inp.range_values is None else max(
+            per_channel, int(np.min(inp.range_values)))
+        rare = _rare_standardized(inp, spanned) if not is_image(inp) else None
         constant = [i for i in range(len(lo))
                     if lo[i] == hi[i] and lo[i] != floor and lo[i] not in indicators
                     and not (rare is not None and rare(lo[i]))]
@@ -340,11 +347,10 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         what = "channel" if is_image(inp) else "feature"
         listed = ", ".join(f"{i} (= {lo[i]:.4g})" for i in constant[:MAX_LISTED])
         more = "" if len(constant) <= MAX_LISTED else f" and {len(constant) - MAX_LISTED} more"
-        over = f", over {trace.observed_steps} batches" if values > per_channel else ""
         yield Hit(
             module="",
             message=(f"{len(constant)} of the {len(lo)} {what}s of {_describe(inp)} are "
-                     f"constant over the batch ({values} values each{over}): "
+                     f"constant over the batch ({per_channel} values each): "
                      f"{what}s {listed}{more}"),
             fix=(f"drop {what}s {[i for i in constant[:MAX_LISTED]]}{more} from the input and "
                  f"shrink the first layer to match, or fix the data pipeline that leaves them "

@@ -497,7 +497,8 @@ class TraceBuilder:
         if current is None:
             self.inputs[(name, dim)] = InputTrace(name=name, shape=shape, dtype=dtype,
                                                   channel_dim=dim, mean=value[0], std=value[1],
-                                                  min=value[2], max=value[3])
+                                                  min=value[2], max=value[3],
+                                                  range_values=np.array(value[4], copy=True))
             return scale
         if current.mean.shape == value[0].shape:
             current.last_mean, current.last_std = value[0], value[1]
@@ -509,6 +510,9 @@ class TraceBuilder:
             # does not.
             current.min = np.minimum(current.min, value[2])
             current.max = np.maximum(current.max, value[3])
+            if self.mode == "monitor" and current.range_values is not None and \
+                    current.range_values.shape == value[4].shape:
+                current.range_values = current.range_values + value[4]
         return scale
 
     def _add_target(self, tag: tuple, value: np.ndarray) -> None:

@@ -213,6 +213,9 @@ class InputTrace:
     last_mean: Optional[np.ndarray] = None
     last_std: Optional[np.ndarray] = None
     last_step: Optional[int] = None
+    # How many values per channel the range (min, max) spans: in a Monitor run, those of
+    # every observed batch read (successive batches of the data); else one batch's.
+    range_values: Optional[np.ndarray] = None
 
 
 @dataclass

@@ -303,15 +303,16 @@ def test_tl202_skips_inputs_the_model_does_not_feed_to_a_layer_as_they_are():
 
 
 def _rare_at_edge(factor: float, rows: int = 64, features: int = 8) -> tuple:
-    """A standardized input of ``features`` columns; the last constant at the value ``v``
-    whose chance (1 + v**2) ** -rows is ``factor`` x RARE_CHANCE / features (a rare
-    category's column, standardized: its usual value)."""
+    """A standardized input of ``features`` columns, one of them a rare category's (-0.2 when
+    absent, 4.9 when set); the last constant at the value ``v`` below 0 whose chance
+    (1 + v**2) ** -rows is ``factor`` x RARE_CHANCE / features (one more such column, its
+    category absent from the batch)."""
     from trainlint.rules.data import RARE_CHANCE
 
     floor = RARE_CHANCE / features
     v = -math.sqrt(math.expm1(-math.log(floor * factor) / rows))
-    lo = [-2.0] * (features - 1) + [v]
-    hi = [2.0] * (features - 1) + [v]
+    lo = [-0.2] + [-2.0] * (features - 2) + [v]
+    hi = [4.9] + [2.0] * (features - 2) + [v]
     return _constant(lo, hi, shape=(rows, features)), v
 
 
@@ -329,23 +330,28 @@ def test_tl202_a_standardized_rare_category_may_hold_its_usual_value(factor, exe
         assert found[0].evidence["values"] == [v]
 
 
-def test_tl202_a_standardized_constant_column_at_0_or_a_raw_input_is_still_reported():
-    """A column with no variance at all leaves StandardScaler at exactly 0; an input that is
-    not standardized says nothing of rare categories."""
-    lo, hi = [-2.0, -2.0, 0.0], [2.0, 2.0, 0.0]
+def test_tl202_a_stuck_value_among_continuous_features_is_still_reported():
+    """A sensor stuck at 0.2 or -0.28 std among continuous features (no column of a rare
+    value beside it: measured, accuracy 0.665 against 0.979), one stuck above 0 beside rare
+    columns, and a column at exactly 0 (StandardScaler on a constant) are constants."""
+    rare, v = _rare_at_edge(10.0)
+    continuous = _constant([-2.0] * 7 + [v], [2.0] * 7 + [v])
+    assert hits("TL202", _fed_to(continuous))[0].evidence["constant"] == [7]
+    rare.min[-1] = rare.max[-1] = -v  # above 0: no category's absent value
+    assert hits("TL202", _fed_to(rare))[0].evidence["constant"] == [7]
+    lo, hi = [-0.2, -2.0, 0.0], [4.9, 2.0, 0.0]
     assert hits("TL202", _fed_to(_constant(lo, hi)))[0].evidence["constant"] == [2]
     raw, _ = _rare_at_edge(10.0)
-    raw.std[:-1] = 40.0  # the other columns in raw units
+    raw.std[:-1] = 40.0  # the other columns in raw units: not standardized
     assert hits("TL202", _fed_to(raw))
 
 
-def test_tl202_in_a_check_counts_the_values_of_every_batch_read():
-    rare, _ = _rare_at_edge(0.99, rows=192)  # just past the edge for 3 batches of 64
-    rare.shape = (64, rare.shape[1])
-    one = _fed_to(rare)
-    one.mode, one.observed_steps = "check", 1
-    assert hits("TL202", one) == []  # 64 values: likely enough for a rare category
-    three = _fed_to(rare)
-    three.mode, three.observed_steps = "check", 3
-    found = hits("TL202", three)  # 192 values: just past the edge
-    assert found and "(192 values each, over 3 batches)" in found[0].message
+def test_tl202_a_monitor_counts_the_values_of_every_batch_its_range_spans():
+    """A column held at -0.28 std (a median imputed before scaling, beside lognormal sensors
+    that look like rare values' columns) over one batch of 64 may be a rare category; over the
+    eight batches a Monitor read it is not (measured: accuracy 0.49 against 0.72)."""
+    rare, _ = _rare_at_edge(10.0, rows=64, features=16)
+    rare.min[-1] = rare.max[-1] = -0.28
+    assert hits("TL202", _fed_to(rare)) == []
+    rare.range_values = np.full(16, 64.0 + 7 * 8)  # a Monitor: the first batch, then 8 rows
+    assert hits("TL202", _fed_to(rare))[0].evidence["constant"] == [15]
