@@ -1332,7 +1332,10 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``torch.relu`` in a block's forward; a weight layer fed through ops that cannot make NaN/Inf
     last, one that is not a weight layer first); where that first module's output is the
     model's and the loss is finite, the loss function's backward (a triplet loss's
-    ``sqrt`` of a distance of 0). In a check, a loss function that raises on
+    ``sqrt`` of a distance of 0). A step whose only NaN/Inf is in what the model returns (and
+    the gradient there), with its loss, parameters and their gradients finite, is left alone:
+    the loss left those values out (logits masked with -inf on padded rows whose labels it
+    ignores). In a check, a loss function that raises on
     model outputs holding NaN/Inf (BCE's "all elements of input should be between 0 and 1") ends
     the run at that step, and the finding says what it raised.
 
@@ -1354,6 +1357,8 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     values of 1e20).
     """
     for step in trace.per_step:
+        if _masked_output_only(trace, step):
+            continue
         found = _first_nonfinite(trace, step)
         if found is None:
             continue
@@ -1371,6 +1376,24 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             evidence={"step": step["step"], "where": what},
         )
         return
+
+
+def _masked_output_only(trace: RunTrace, step: dict) -> bool:
+    """Whether the step's only NaN/Inf sat in what the model returns (and in the gradient at
+    it), while its loss, every parameter and every parameter's gradient stayed finite: the
+    loss left those values out (logits masked with -inf on padded rows whose labels it
+    ignores; the mask's backward zeroes their gradient), so nothing was spoiled."""
+    bad = step.get("nonfinite") or {}
+    loss = step.get("loss")
+    if not bad.get("activations") or loss is None or not math.isfinite(loss):
+        return False
+    if any(value for key, value in bad.items() if key not in ("activations", "gradients")):
+        return False
+    if not set(bad.get("gradients") or ()) <= set(bad["activations"]):
+        return False
+    by_key = {lt.node[1:]: lt for lt in trace.layers}
+    return all(key in by_key and is_model_output(trace, by_key[key])
+               for key in bad["activations"])
 
 
 def _softmax_first(trace: RunTrace, step: dict) -> bool:

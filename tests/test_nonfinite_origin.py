@@ -844,3 +844,36 @@ def test_nan_made_by_the_loss_functions_backward_names_the_loss(eps: float) -> N
     assert "the loss function's backward made it" in found.message
     assert found.fix.startswith("make the backward of the loss function safe")
     assert "Kaiming" not in found.fix
+
+
+class ActionMask(nn.Module):
+    def forward(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill(~allowed, float("-inf"))
+
+
+class MaskedLogits(nn.Module):
+    """Logits with the actions a mask forbids at -inf (padded rows: every action)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 5))
+        self.mask = ActionMask()
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return self.mask(self.body(x), allowed)
+
+
+@pytest.mark.parametrize("ignored", [True, False])
+def test_masked_logits_of_rows_the_loss_ignores_are_no_nan(ignored: bool) -> None:
+    """Padded rows masked to -inf whose labels the loss ignores: the loss, the parameters and
+    their gradients stay finite, so nothing is reported; the same rows with labels make the
+    loss infinite, and TL504 fires."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
+    allowed = torch.ones(32, 5, dtype=torch.bool)
+    allowed[:4] = False
+    if ignored:
+        y[:4] = -100
+    report = trainlint.check(MaskedLogits(), ((x, allowed), y), steps=2,
+                             loss_fn=lambda o, t: F.cross_entropy(o, t, ignore_index=-100))
+    assert bool([f for f in report.findings if f.code == "TL504"]) is not ignored
