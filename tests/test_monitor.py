@@ -676,7 +676,7 @@ def test_a_loop_that_goes_on_after_run_failed_stays_on_the_every_grid() -> None:
             opt.step()
             try:
                 monitor.step(loss)
-            except trainlint.monitor.RunFailed:
+            except trainlint.RunFailed:  # (exported at the top, as check and Monitor are)
                 failed_at.append(step)
     assert failed_at == [4, 6, 8]
 

@@ -744,3 +744,26 @@ def test_a_loss_that_swings_below_zero_is_not_judged_by_relative_rises(share, si
         assert hits("TL603", t)
     t.per_step[-1]["loss_mean"] = NAN
     assert "NaN/Inf" in hits("TL604", t)[0].message
+
+
+@pytest.mark.parametrize("peak, fires", [(1.99, True), (2.01, False)])
+def test_tl603_judges_the_loss_from_the_end_of_a_warmup(peak, fires):
+    """A loss flat at its start while the learning rate still rises (a linear warmup: a tiny
+    BERT sat at ln 4 through its 40 steps, then learned) is judged from the rate's peak on:
+    six flat points with the rate rising WARMUP_RISE x are too few after its peak; a rate
+    that rose less is no warmup."""
+    from trainlint.rules.run import WARMUP_RISE
+
+    t = _monitor(*[1.386] * 6)
+    rates = [1e-4 * (1 + (peak * WARMUP_RISE / 2.0 - 1) * i / 5) for i in range(6)]
+    for s, lr in zip(t.per_step, rates):
+        s["lrs"] = {0: lr}
+    if fires:
+        assert hits("TL603", t)
+    else:
+        with pytest.raises(Skip, match="warmup"):
+            hits("TL603", t)
+        flat = _monitor(*[1.386] * 12)  # the same rise, then six flat points at the peak
+        for i, s in enumerate(flat.per_step):
+            s["lrs"] = {0: rates[min(i, 5)]}
+        assert hits("TL603", flat)
