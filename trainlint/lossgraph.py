@@ -292,12 +292,7 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
         kind = "cross_entropy"
         path.add(read)
         read = _through(_first_input(read), where, path)
-    squash = None
-    if read is not None and id(read) not in where and kind in SQUASHED_BY.get(
-            node_name(read), ()):
-        inner = _through(_first_input(read), where)
-        if inner is not None and id(inner) in where:  # the loss function squashed an output
-            squash = node_name(read)[:-len("Backward")].lower()
+    squash = _squashed(read, kind, where)
     shape = _input_shape(node)  # what the loss itself read: (N, C, ...) for nll
     classes = None
     if kind in ("nll", "cross_entropy") and shape:
@@ -314,6 +309,18 @@ def _describe(node: Any, where: dict, parent: dict) -> dict:
             "forward": found[0] if found else None, "path": path, "node": node}
 
 
+def _squashed(read: Any, kind: str, where: dict) -> Optional[str]:
+    """The squash ("softmax", "sigmoid") where what a loss of ``kind`` read is the loss
+    function's own squashing of a model output (in ``where``) that the loss applies again,
+    else None."""
+    if read is None or id(read) in where or kind not in SQUASHED_BY.get(node_name(read), ()):
+        return None
+    inner = _through(_first_input(read), where)
+    if inner is None or id(inner) not in where:
+        return None
+    return node_name(read)[:-len("Backward")].lower()
+
+
 def _describe_soft(node: Any, log_softmax: Any, where: dict, parent: dict) -> dict:
     """:func:`_describe`'s facts of a cross-entropy with probability targets: ``node`` the
     product of the targets and ``log_softmax``'s output (the classes along the log_softmax's
@@ -321,11 +328,7 @@ def _describe_soft(node: Any, log_softmax: Any, where: dict, parent: dict) -> di
     sum of the terms, else "sum"."""
     path: set = {node, log_softmax}
     read = _through(_first_input(log_softmax), where, path)
-    squash = None
-    if read is not None and id(read) not in where and node_name(read) == "SoftmaxBackward":
-        inner = _through(_first_input(read), where)
-        if inner is not None and id(inner) in where:
-            squash = "softmax"
+    squash = _squashed(read, "cross_entropy", where)
     shape = _input_shape(log_softmax)
     dim = getattr(log_softmax, "_saved_dim", None)
     if isinstance(dim, int) and dim >= 2 ** 63:  # (kept as an unsigned 64-bit number)

@@ -27,6 +27,7 @@ from .probe import (
     autocast_dtype,
     compiled_inside,
     needs_closure,
+    optimizer_params,
     optimizers_of,
     training_forward,
     wrapper_notes,
@@ -232,8 +233,7 @@ class Monitor:
         if not self.optimizers or self.probe.optimizer_stepped or not self._run_on_allowed or \
                 self._replacement() is not None:  # (a new optimizer stepped: the step is over)
             return False
-        if not any(p.grad is not None for o in self.optimizers for group in o.param_groups
-                   for p in group["params"]):
+        if not any(p.grad is not None for p in optimizer_params(self.optimizers)):
             return False
         if self._ran_on >= MAX_ACCUMULATION:
             self._run_on_allowed = False
@@ -271,9 +271,8 @@ class Monitor:
         found = self.probe.unwatched
         if not found or self.probe.optimizer_stepped:
             return None
-        held = {id(p) for o in found for group in o.param_groups for p in group["params"]}
-        given = {id(p) for o in self.optimizers for group in o.param_groups
-                 for p in group["params"]}
+        held = {id(p) for p in optimizer_params(found)}
+        given = {id(p) for p in optimizer_params(self.optimizers)}
         return list(found) if given <= held else None
 
     def _replace_optimizers(self, found: list) -> None:
@@ -556,7 +555,7 @@ class Monitor:
 
     def _own_parameters(self) -> list:
         own = list(self.model.parameters())
-        own += [p for o in self.optimizers for group in o.param_groups for p in group["params"]]
+        own += optimizer_params(self.optimizers)
         return own
 
     @property

@@ -1325,7 +1325,7 @@ class Probe:
 
     def _take_step_grads(self, optimizer: Any) -> None:
         """Sample the optimizer's parameters and the gradients its step applies."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = optimizer_params([optimizer])
         # The gradients the step applies, read now: a loop may zero them before
         # monitor.step() (``opt.step(); opt.zero_grad()``, as under gradient accumulation).
         # The sampler takes those laid out as their parameter, a row takes the others.
@@ -1345,8 +1345,7 @@ class Probe:
         if any(optimizer is inner for o in self.optimizers
                for inner in wrapped_optimizers(o, self.optimizers)):
             return
-        if any(p in self.param_names for group in optimizer.param_groups
-               for p in group["params"]):
+        if any(p in self.param_names for p in optimizer_params([optimizer])):
             self.unwatched.append(optimizer)
             if all(ref() is not optimizer for ref in self.others):
                 self.others.append(weakref.ref(optimizer))
@@ -1362,8 +1361,7 @@ class Probe:
         """Whether an optimizer stepped with no gradient on any of its parameters and they
         hold one now: the loop ran ``optimizer.step()`` before ``loss.backward()`` (after a
         ``zero_grad()``), so each step applies nothing."""
-        return any(p.grad is not None for o in self.gradless_step for group in o.param_groups
-                   for p in group["params"])
+        return any(p.grad is not None for p in optimizer_params(self.gradless_step))
 
     def _add_grad(self, grad: torch.Tensor) -> tuple:
         """``(device, row)`` of a parameter's gradient in this step's moment rows."""
@@ -1609,8 +1607,8 @@ class Probe:
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         # Held by an optimizer the probe was not given that stepped the model (a GAN's critic
         # in a module with its generator): in an optimizer all the same (TL506).
-        elsewhere = {id(p) for ref in self.others for o in [ref()] if o is not None
-                     for group in o.param_groups for p in group["params"]}
+        elsewhere = {id(p) for p in optimizer_params([o for o in (ref() for ref in self.others)
+                                                       if o is not None])}
         for i, ((name, p), (_, grad_row)) in enumerate(zip(named, param_rows)):
             has_grad, has_update = grad_row is not None, bool(updated[i])
             columns = _PARAM_COLUMNS[has_grad, has_update]
@@ -1874,6 +1872,12 @@ def wrapped_optimizers(optimizer: Any, watched: list) -> list:
                 all(inner is not o for o in watched) and all(inner is not f for f in found):
             found.append(inner)
     return found
+
+
+def optimizer_params(optimizers: list) -> list:
+    """The parameters the optimizers' param groups hold, in order."""
+    return [p for optimizer in optimizers for group in optimizer.param_groups
+            for p in group["params"]]
 
 
 def _optimizer_groups(optimizers: list) -> dict:
