@@ -309,10 +309,11 @@ def _own_bias(trace: RunTrace, lt: LayerTrace) -> Optional[tuple]:
     if lt.op == "output":
         return None
     for p in trace.params:
-        size = math.prod(p.shape) if p.shape else 1
-        if p.module == lt.module and "bias" in p.name.rpartition(".")[2] and size and \
-                p.norm is not None and p.norm / math.sqrt(size) > OWN_BIAS_RMS:
-            return p.name, p.norm / math.sqrt(size)
+        if p.module != lt.module or "bias" not in p.name.rpartition(".")[2] or p.norm is None:
+            continue
+        rms = p.norm / math.sqrt(math.prod(p.shape) or 1)
+        if rms > OWN_BIAS_RMS:
+            return p.name, rms
     return None
 
 
@@ -348,7 +349,7 @@ def _dead_relu_fix(feeder: Optional[ModuleFacts], evidence: dict, kind: Optional
     layer is what to check."""
     rate = "" if from_init else "lower the learning rate; "
     if kind == "relu":
-        tail = "; or replace the ReLU with nn.LeakyReLU(0.01), which keeps a gradient for x < 0"
+        tail = _DEAD_TAIL
     else:  # GELU family: ~0 out means inputs below about -3.4, or a scale collapsed to ~0
         tail = ("; a GELU/SiLU output ~0 also means its input is ~0: check that the scale of "
                 "the signal does not collapse before it (TL103)")

@@ -173,9 +173,11 @@ def warmup_end(trace: RunTrace) -> Optional[int]:
     """The observed step at which the learning rate (the highest over the param groups)
     first reached its peak, where it rose ``WARMUP_RISE`` x or more from the first observed
     step to it (a scheduler's warmup), else None."""
-    series = [(s["step"], max(rates)) for s in trace.per_step
-              for rates in [[v for v in (s.get("lrs") or {}).values()
-                             if isinstance(v, (int, float)) and math.isfinite(v)]] if rates]
+    series = []
+    for s in trace.per_step:
+        rates = [v for v in (s.get("lrs") or {}).values() if math.isfinite(v)]
+        if rates:
+            series.append((s["step"], max(rates)))
     if len(series) < 2:
         return None
     top = max(lr for _, lr in series)

@@ -55,10 +55,9 @@ RECENT_VALUES = 128
 _NO_SIGNAL = np.zeros(2)
 # A long run keeps every observed step's losses and total gradient norm, but the per-layer
 # values, per-parameter gradient norms, input scales, batch ranges and learning rates, and the
-# update series
-# of at most HISTORY observed steps
-# (~10 KB a step for 81 layers): each time HISTORY is reached, every other one between the
-# first KEEP_FIRST and the latest HISTORY // 2 is dropped, so older steps grow sparser.
+# update series of at most HISTORY observed steps (~10 KB a step for 81 layers): each time
+# HISTORY is reached, every other one between the first KEEP_FIRST and the latest
+# HISTORY // 2 is dropped, so older steps grow sparser.
 HISTORY = 1024
 KEEP_FIRST = 64
 # The ``nonfinite`` entry of every observed step that had none: one dict, shared, never
