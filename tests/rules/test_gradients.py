@@ -14,11 +14,11 @@ from trainlint.rules.gradients import (
     OUTLIER_BATCH,
     RATE_JUMP,
     SIGN_LIKE_STEPS,
-    blown_up,
     nice_below,
     outlier_batch,
     rate_jump,
 )
+from trainlint.rules.nonfinite import blown_up
 
 from tests.rules.tracekit import (
     defaults,
