@@ -916,7 +916,7 @@ def test_lbfgs_steps_are_solves_not_learning_rate_updates() -> None:
     assert report.trace.closure_optimizer == "LBFGS"
     assert "TL503" not in {f.code for f in report.findings}
     assert "LBFGS" in report.skipped["TL503"]
-    assert trainlint.probe.needs_closure(opt) and not trainlint.probe.needs_closure(
+    assert trainlint.optimizers.needs_closure(opt) and not trainlint.optimizers.needs_closure(
         torch.optim.SGD(model.parameters(), lr=0.1))
     for optimizer in (opt, lambda params: torch.optim.LBFGS(params)):
         with pytest.raises(trainlint.TargetError, match=r"LBFGS.step\(\) needs a closure"):

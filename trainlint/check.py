@@ -23,14 +23,13 @@ from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, compared_output, output_index, watched
+from .optimizers import needs_closure, wrapper_notes
 from .probe import (
     Probe,
     _model_device,
     compiled_inside,
     exclusive,
     frozen,
-    needs_closure,
-    wrapper_notes,
 )
 from .report import Report, build_report
 from .state import restore, snapshot

@@ -20,17 +20,14 @@ from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .hooks import OwnedHook
 from .lossgraph import LossGraph, item_mean, output_nodes, read_loss_graph
+from .optimizers import needs_closure, optimizer_params, optimizers_of, wrapper_notes
 from .probe import (
     Probe,
     ProbeSnapshot,
     _model_device,
     autocast_dtype,
     compiled_inside,
-    needs_closure,
-    optimizer_params,
-    optimizers_of,
     training_forward,
-    wrapper_notes,
 )
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars

@@ -10,7 +10,6 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import threading
 import weakref
@@ -31,6 +30,13 @@ from .batch import leading_size, tensors_in
 from .errors import ConfigError
 from .hooks import OwnedHook
 from .lossgraph import MAX_FORWARDS, output_nodes
+from .optimizers import (
+    optimizer_groups,
+    optimizer_params,
+    optimizers_of,
+    unhookable,
+    wrapped_optimizers,
+)
 from .trace import (
     CONCAT_OPS,
     ELEMENTWISE_OPS,
@@ -620,7 +626,7 @@ class Probe:
         target updated after ``optimizer.step()``); None without an optimizer."""
         if not self.optimizers:
             return None
-        held = _optimizer_groups(self.optimizers)
+        held = optimizer_groups(self.optimizers)
         named = [(n, p) for n, p in self.model.named_parameters()
                  if p.requires_grad and id(p) not in held and strided(p)]
         if not named:
@@ -1276,7 +1282,7 @@ class Probe:
         self.opt_segment[id(optimizer)] = self.segment
         self.stepped_since_backward = True
         if self.step_lrs is None:
-            self.step_lrs = _optimizer_groups(self.optimizers)
+            self.step_lrs = optimizer_groups(self.optimizers)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
             self._take_step_grads(optimizer)
@@ -1602,7 +1608,7 @@ class Probe:
             grad_norm = np.where(grads[:, stats.G["nonfinite"]] == 0,
                                  np.sqrt(grads[:, stats.G["sumsq"]]), np.nan)
         vectors = np.column_stack([norm, std, grad_norm, updates])
-        groups = self.step_lrs if self.step_lrs is not None else _optimizer_groups(
+        groups = self.step_lrs if self.step_lrs is not None else optimizer_groups(
             self.optimizers)
         values[("param_finite", tuple(n for n, _ in named))] = np.isfinite(probes)
         # Held by an optimizer the probe was not given that stepped the model (a GAN's critic
@@ -1800,99 +1806,6 @@ def _fingerprints(params: list, device: torch.device) -> torch.Tensor:
 def _changed(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Element-wise: the fingerprints differ (NaN both times is no change)."""
     return (after != before) & ~(after.isnan() & before.isnan())
-
-
-def needs_closure(optimizer: Any) -> bool:
-    """Whether ``optimizer.step`` must be given a closure (LBFGS: it re-evaluates the loss
-    during its line search)."""
-    try:
-        closure = inspect.signature(optimizer.step).parameters.get("closure")
-    except (TypeError, ValueError):
-        return False
-    return closure is not None and closure.default is inspect.Parameter.empty
-
-
-def optimizers_of(optimizer: Any) -> list:
-    """The optimizers in ``optimizer`` (none: None, one, or a list or tuple of them), each as
-    the one whose steps can be hooked (:func:`hookable`)."""
-    return [h for o in _given(optimizer) for h in hookable(o)]
-
-
-def _given(optimizer: Any) -> list:
-    """The optimizers as passed: none (None), one, or a list or tuple of them."""
-    if optimizer is None:
-        return []
-    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-
-
-def wrapper_notes(optimizer: Any) -> list[str]:
-    """A report's notes on the optimizers given that were watched through those they keep."""
-    notes = []
-    for outer in _given(optimizer):
-        watched = hookable(outer)
-        if watched != [outer]:
-            names = " and ".join(type(o).__name__ for o in watched)
-            notes.append(f"the optimizer given ({type(outer).__name__}) skips "
-                         "Optimizer.__init__, so torch runs no hooks on its step(): the "
-                         f"{names} it keeps was watched instead (its updates, without the "
-                         "wrapper's own changes to the weights)")
-    return notes
-
-
-def unhookable(optimizer: Any) -> bool:
-    """Whether ``optimizer`` is a torch Optimizer subclass whose ``__init__`` skipped
-    ``Optimizer.__init__`` (timm's Lookahead): torch then runs no hooks on its ``step()``."""
-    return isinstance(optimizer, torch.optim.Optimizer) and \
-        not hasattr(optimizer, "_optimizer_step_pre_hooks")
-
-
-def hookable(optimizer: Any, depth: int = 0) -> list:
-    """``[optimizer]``, or, where it is :func:`unhookable`, the optimizers it keeps and steps
-    (through wrappers of wrappers); ``[optimizer]`` where it keeps none (the caller's check
-    says so)."""
-    if not unhookable(optimizer) or depth > 4:
-        return [optimizer]
-    inner = wrapped_optimizers(optimizer, [])
-    return [h for o in inner for h in hookable(o, depth + 1)] if inner else [optimizer]
-
-
-# Attributes under which optimizer wrappers keep the optimizer they step (SAM's
-# base_optimizer, Lookahead's optimizer or _base_optimizer).
-WRAPPED_ATTRS = ("base_optimizer", "_base_optimizer", "optimizer", "_optimizer",
-                 "inner_optimizer")
-
-
-def wrapped_optimizers(optimizer: Any, watched: list) -> list:
-    """The torch optimizers that ``optimizer`` keeps as attributes (a wrapper's inner one), not
-    watched themselves."""
-    found = []
-    for attr in WRAPPED_ATTRS:
-        inner = vars(optimizer).get(attr) if hasattr(optimizer, "__dict__") else None
-        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer and \
-                all(inner is not o for o in watched) and all(inner is not f for f in found):
-            found.append(inner)
-    return found
-
-
-def optimizer_params(optimizers: list) -> list:
-    """The parameters the optimizers' param groups hold, in order."""
-    return [p for optimizer in optimizers for group in optimizer.param_groups
-            for p in group["params"]]
-
-
-def _optimizer_groups(optimizers: list) -> dict:
-    """``{id(param): (index of its param group, the group's lr, its scheduler's
-    ``initial_lr``, the optimizer's class name)}`` (numbers plain, else None); the groups of
-    several optimizers are numbered on, in order."""
-    groups = [(group, type(optimizer).__name__) for optimizer in optimizers
-              for group in optimizer.param_groups]
-    return {id(p): (i, _number_or_none(group.get("lr")), _number_or_none(group.get("initial_lr")),
-                    kind)
-            for i, (group, kind) in enumerate(groups) for p in group["params"]}
-
-
-def _number_or_none(value: Any) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _model_device(model: nn.Module) -> torch.device:
