@@ -11,13 +11,11 @@ import pytest
 from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
 from trainlint.rules.activations import (
     FITTED_LOSS,
-    GREW,
-    IDENTICAL,
     NORM_WEIGHT_COLLAPSED,
     OUT_OF_RANGE,
     OUT_OF_REACH,
-    RESCALED,
 )
+from trainlint.rules.depth import GREW, IDENTICAL, RESCALED
 
 from tests.rules.tracekit import param
 from trainlint.engine import RULES, Selection, load_rules, run_rules, set_thresholds
@@ -608,7 +606,7 @@ def test_tl103_with_batchnorm_trained_in_eval_names_the_mode(trainable: bool,
     running statistics and the scale decays (fc 7.8e-5 against 0.58 in train mode, measured);
     the fix is model.train(), not an init. A BatchNorm frozen on purpose (no trainable
     parameter) is not that fault."""
-    from trainlint.rules.activations import EVAL_MODE_FIX
+    from trainlint.rules.depth import EVAL_MODE_FIX
 
     trace = depth_trace(profile("TL103", RULES["TL103"].defaults["min_ratio"] / 10))
     trace.modules["bn"] = facts("bn", "BatchNorm2d", num_features=8)
