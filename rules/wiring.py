@@ -564,6 +564,25 @@ def _mode_dependent(facts: ModuleFacts) -> bool:
     return facts.base == "MultiheadAttention" or facts.attrs.get("num_layers", 1) > 1
 
 
+def _frozen_statistics(module: str, names: list, types: list, steps: int, observed: int) -> Hit:
+    """TL602 as info: BatchNorms alone in eval while the model trains, with running statistics
+    gathered before: their statistics are kept frozen (a fine-tuning idiom), their affine
+    weights still train."""
+    return Hit(
+        module=module,
+        message=(f"{len(names)} {'/'.join(types)} layer(s) in module {module!r} were in eval "
+                 f"mode during {steps} of {observed} observed training step(s) while the model "
+                 f"trained, with running statistics gathered before: they normalize with those "
+                 f"frozen statistics (as mmdetection's norm_eval does when fine-tuning at small "
+                 f"batches): {_listed(names)}"),
+        fix=(f"nothing to change if frozen statistics are intended; otherwise call "
+             f"model.train() rather than leaving {module!r}'s BatchNorms in eval"),
+        evidence={"modules": names, "steps": steps, "observed_steps": observed,
+                  "frozen_statistics": True},
+        severity="info",
+    )
+
+
 @rule("TL602", "eval-mode-training", "error")
 def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Training steps run while the model, or a BatchNorm/Dropout in it, is in eval mode.
@@ -584,7 +603,12 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     transformers' models, do not count). ``trainlint check`` puts the model in train mode
     itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides, and
     leaving a submodule in eval with all its parameters frozen as it was), so this rule needs a
-    Monitor run.
+    Monitor run. BatchNorms alone in eval while the model trains, whose running statistics had
+    seen batches before (``num_batches_tracked`` above 0 at each such step), are reported as
+    info: their statistics are kept frozen while their affine weights train, as mmdetection's
+    ``norm_eval`` does when fine-tuning at small batches (a pretrained ResNet fine-tuned so at
+    batch 4 fitted its training set as with BatchNorm in train mode). Left at their init
+    statistics (a model trained from scratch), they do not normalize at all: an error.
 
     ## Why is this bad?
     In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running
@@ -622,11 +646,14 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
         return
     bad: dict[str, int] = {}
+    unsettled: set = set()  # in eval at a step with running statistics never gathered
     for f in flags:
         if f["model_training"]:
             for name in f["eval_modules"]:
                 if name in mode_modules and not kept_in_eval(trace, f, name):
                     bad[name] = bad.get(name, 0) + 1
+                    if name not in f.get("settled_norms", ()):
+                        unsettled.add(name)
     if not bad:
         return
     # The model trains: a group is a submodule (the model itself is not left in eval).
@@ -634,6 +661,9 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     for module, names in groups.items():
         steps = max(bad[n] for n in names)
         types = sorted({trace.modules[n].type for n in names})
+        if not unsettled.intersection(names):
+            yield _frozen_statistics(module, names, types, steps, len(flags))
+            continue
         yield Hit(
             module=module,
             message=(f"{len(names)} {'/'.join(types)} layer(s) in module {module!r} were in eval "

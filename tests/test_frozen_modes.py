@@ -95,3 +95,50 @@ def test_a_frozen_teacher_inside_the_model_is_no_fault() -> None:
         model.teacher.eval()
 
     assert _run(model, model.student.parameters(), 3, train_but_teacher) == []
+
+
+def _pretrained(steps: int) -> nn.Sequential:
+    """A BatchNorm net trained ``steps`` steps in train mode (0: fresh from init)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_backbone(), nn.Dropout(0.1), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(torch.randn(16, 8, generator=g)),
+                               torch.randint(0, 4, (16,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def _with_norms_in_eval(model: nn.Sequential, dropout_too: bool = False) -> list:
+    """TL602's findings over a loop that calls model.train() and then puts every BatchNorm
+    (and, with ``dropout_too``, every Dropout) in eval, its weights still trainable."""
+    kinds = (nn.BatchNorm1d, nn.Dropout) if dropout_too else (nn.BatchNorm1d,)
+
+    def norm_eval(step: int) -> None:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, kinds):
+                m.eval()
+    return _run(model, model.parameters(), 4, norm_eval)
+
+
+def test_batchnorms_kept_in_eval_with_gathered_statistics_are_info_not_an_error() -> None:
+    """mmdetection's norm_eval: BatchNorms of a trained network normalize with their frozen
+    running statistics while their affine weights and the rest train (measured on a
+    pretrained ResNet fine-tuned at batch 4: train accuracy 1.0, as with BatchNorm in train
+    mode). Left at their init statistics, the same BatchNorms never normalize: an error."""
+    found = _with_norms_in_eval(_pretrained(20))
+    assert sorted(f.module for f in found) == ["0.1", "0.5"]
+    assert {(f.severity, f.evidence.get("frozen_statistics")) for f in found} == {("info", True)}
+    assert all("frozen statistics" in f.message for f in found)
+    fresh = _with_norms_in_eval(_pretrained(0))
+    assert sorted((f.module, f.severity) for f in fresh) == [("0.1", "error"), ("0.5", "error")]
+
+
+def test_a_dropout_in_eval_beside_settled_batchnorms_is_still_an_error() -> None:
+    found = _with_norms_in_eval(_pretrained(20), dropout_too=True)
+    assert sorted((f.module, f.severity) for f in found) == [("0", "error"), ("1", "error")]
+    assert "BatchNorm1d/Dropout" in next(f.message for f in found if f.module == "0")

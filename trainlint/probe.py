@@ -1691,12 +1691,29 @@ def training_flags(model: nn.Module) -> dict:
     """``model.training``, the names of its BatchNorm/Dropout modules in eval mode, and of
     those frozen on purpose now (``frozen_eval``): inside a submodule in eval mode whose
     parameters are all frozen (a frozen backbone, a distillation teacher), so their mode is
-    the user's choice, whatever later steps unfreeze."""
+    the user's choice, whatever later steps unfreeze. While the model trains, also the
+    BatchNorms among them whose running statistics were gathered before (``settled_norms``:
+    ``num_batches_tracked`` above 0), read in one copy and only when there are any."""
     eval_modules = [n for n, m in model.named_modules()
                     if not m.training and isinstance(m, MODE_DEPENDENT)]
     held = _frozen_in_eval(model) if eval_modules else set()
     return {"model_training": model.training, "eval_modules": eval_modules,
-            "frozen_eval": [n for n in eval_modules if n in held]}
+            "frozen_eval": [n for n in eval_modules if n in held],
+            "settled_norms": _settled_norms(model) if model.training and eval_modules else []}
+
+
+def _settled_norms(model: nn.Module) -> list:
+    """Names of the BatchNorm-family modules in eval mode whose running statistics have seen
+    batches (``num_batches_tracked`` > 0): statistics kept frozen, not left at their init."""
+    norms = [(n, m.num_batches_tracked) for n, m in model.named_modules()
+             if not m.training and isinstance(m, nn.modules.batchnorm._NormBase)
+             and m.track_running_stats and isinstance(m.num_batches_tracked, torch.Tensor)]
+    if not norms:
+        return []
+    devices = {c.device for _, c in norms}
+    counts = (torch.stack([c.detach().reshape(()).double() for _, c in norms]).tolist()
+              if len(devices) == 1 else [float(c) for _, c in norms])
+    return [n for (n, _), count in zip(norms, counts) if count > 0]
 
 
 def frozen(module: nn.Module) -> bool:
