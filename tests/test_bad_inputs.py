@@ -127,7 +127,7 @@ def test_a_dataloader_batch_list_is_inputs_and_targets() -> None:
 def test_named_tuples_in_the_batch_stay_named_tuples(tmp_path: Path) -> None:
     """Targets as a typing.NamedTuple read by the user's loss by field: the CLI moves them to
     the device as they are (it once rebuilt them as type(t)(generator), which a named tuple's
-    constructor rejects, and blamed get_batch); a PackedSequence is refused as the API does."""
+    constructor rejects, and blamed get_batch)."""
     (tmp_path / "named.py").write_text(
         "import torch, torch.nn as nn, torch.nn.functional as F\n"
         "from typing import NamedTuple\n"
@@ -144,14 +144,34 @@ def test_named_tuples_in_the_batch_stay_named_tuples(tmp_path: Path) -> None:
     run = cli("named.py", "--format", "json", cwd=tmp_path)
     assert run.exit_code == 0, run.stderr
     assert run.doc["run"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize("inputs", ["packed", "(packed,)"])
+def test_a_packed_sequence_is_one_model_input(tmp_path: Path, inputs: str) -> None:
+    """A PackedSequence is a named tuple of four tensors, yet one argument of an RNN's forward:
+    it once became four positional arguments (the user's model raised a TypeError, and the
+    message blamed the batch), and inside a tuple of inputs it was refused. The batch size is
+    the sequences', not the packed data's (time steps x sequences)."""
     (tmp_path / "packed.py").write_text(
         "import torch, torch.nn as nn\n"
         "from torch.nn.utils.rnn import pack_padded_sequence\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.rnn, self.head = nn.GRU(4, 16), nn.Linear(16, 3)\n"
+        "    def forward(self, packed):\n"
+        "        return self.head(self.rnn(packed)[1][-1])\n"
         "def build_model():\n"
-        "    return nn.LSTM(4, 8)\n"
+        "    return Net()\n"
         "def get_batch():\n"
-        "    return pack_padded_sequence(torch.randn(5, 3, 4), [5, 4, 2])\n")
-    assert_clean_error(cli("packed.py", cwd=tmp_path), "got a PackedSequence")
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    lengths = torch.randint(2, 9, (24,), generator=g)\n"
+        "    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(8, 24, 4, generator=g),\n"
+        "                                               lengths, enforce_sorted=False)\n"
+        f"    return {inputs}, torch.randint(0, 3, (24,), generator=g)\n")
+    run = cli("packed.py", "--format", "json", cwd=tmp_path)
+    assert run.exit_code == 0, run.stderr
+    assert run.doc["run"]["batch_size"] == 24
 
 
 def test_a_file_that_does_not_parse_shows_where(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ class Batch:
 
     @property
     def size(self) -> Optional[int]:
+        for value in list(self.args) + list(self.kwargs.values()):
+            if isinstance(value, PackedSequence):  # its data's dim 0 counts time steps too
+                return int(value.batch_sizes[0]) if value.batch_sizes.numel() else 0
         return leading_size(self.tensors())
 
     def to(self, device: torch.device) -> Batch:
@@ -72,18 +75,24 @@ def move_to(value: Any, device: torch.device) -> Any:
     return value
 
 
+# One model input as it is: a PackedSequence is a named tuple, yet one argument of an RNN.
+SINGLE_INPUTS = (torch.Tensor, PackedSequence)
+
+
 def split_batch(batch: Any) -> Batch:
-    """``inputs`` or ``(inputs, targets)``; inputs: a tensor, a tuple of tensors or a dict.
-    A two-item list is ``[inputs, targets]`` too: what a DataLoader yields for (x, y) samples."""
+    """``inputs`` or ``(inputs, targets)``; inputs: a tensor (or a PackedSequence), a tuple of
+    them or a dict. A two-item list is ``[inputs, targets]`` too: what a DataLoader yields for
+    (x, y) samples."""
     targets = None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
+            not isinstance(batch, PackedSequence):
         batch, targets = batch
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, SINGLE_INPUTS):
         result = Batch((batch,), {}, targets)
     elif isinstance(batch, dict):
         result = Batch((), dict(batch), targets)
     elif isinstance(batch, (list, tuple)) and batch and all(
-            isinstance(b, torch.Tensor) for b in batch):
+            isinstance(b, SINGLE_INPUTS) for b in batch):
         result = Batch(tuple(batch), {}, targets)
     else:
         raise TargetError(
