@@ -164,6 +164,13 @@ def chance_level(trace: RunTrace) -> Optional[tuple[int, float]]:
 TRAINED_BELOW = 0.5
 
 
+# Mid-run (a Monitor's fail_on), TL603 judges a loss curve spanning at least this many
+# training steps (and NOISE_POINTS observed steps): healthy runs that sat on a plateau first
+# were stopped by it: a GRU seq2seq near ln(40) until step ~60 (every=10: stopped at step 50),
+# an LSTM LM for ~30 steps, a VAE for 50, a multi-label BCE MLP at every=5 at step 25.
+INTERIM_STEPS = 200
+
+
 # A learning rate that rose this many times over from the first observed step to its peak
 # was warming up (TL603 judges the loss from the peak on).
 WARMUP_RISE = 2.0
@@ -267,7 +274,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     2 and ``every=5``, 31 window means of 10 samples each read -3% for a loss that fell
     10.6%). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
-    make it robust to noisy batches. A Monitor created once training had begun (its optimizer
+    make it robust to noisy batches. Judged mid-run to stop it (a Monitor's ``fail_on``), it
+    waits for ``NOISE_POINTS`` observed steps over ``INTERIM_STEPS`` (200) training steps:
+    healthy runs sit on a plateau first (a GRU seq2seq near ln(40) for ~60 steps was stopped at
+    step 50, an LSTM LM's ~30 steps at step 22); the run's report judges what it saw. A
+    Monitor created once training had begun (its optimizer
     already held state: a resumed checkpoint, a second phase; or its first classification
     loss is under half of ln(C)) joined later too, whatever its step count says. A run that
     learned early and then converged also fell: the median of its first three points is
@@ -331,6 +342,12 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         per = " (each one batch's loss: every=1)" if single and needed > t.min_points else ""
         raise Skip(f"it needs at least {needed} observed steps with a loss{per}; "
                    f"saw {len(curve)}")
+    span = curve[-1][0] - curve[0][0]
+    if trace.interim and (len(curve) < NOISE_POINTS or span < INTERIM_STEPS):
+        raise Skip(f"judged mid-run to stop it (fail_on), it waits for {NOISE_POINTS} observed "
+                   f"steps with a loss over {INTERIM_STEPS} training steps (healthy runs sit "
+                   f"on a plateau for tens of steps first); so far {len(curve)} over {span}: "
+                   "the run's report judges what it saw")
     third = len(curve) // 3
     first = median(loss for _, loss in curve[:third])
     last = median(loss for _, loss in curve[-third:])

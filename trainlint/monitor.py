@@ -316,7 +316,7 @@ class Monitor:
             step = self.steps_seen if self.log_step is None else self.log_step
             self.sink(step_scalars(self.builder.per_step[-1]), step)
         if self.fail_on is not None:
-            report = self.report()
+            report = self._report(interim=True)
             if report.failing(self.fail_on):
                 self.probe.take_off()
                 raise RunFailed(report, self.fail_on)
@@ -428,6 +428,10 @@ class Monitor:
 
     def report(self) -> Report:
         """Findings over the observed steps so far (the same on every rank)."""
+        return self._report()
+
+    def _report(self, interim: bool = False) -> Report:
+        """The report; ``interim`` when judged mid-run to stop it (``fail_on``)."""
         # A forward that a KeyboardInterrupt ended (no forward hook ran) left the probe's mode
         # pushed: no forward runs now, so it goes (a notebook user inspects the report next).
         self.probe._exit_mode()
@@ -467,6 +471,7 @@ class Monitor:
         trace.adversarial, trace.foreign_params = self._competition()
         trace.alternating = self.alternating or self.probe.competing
         trace.replaced_optimizers = list(self._replaced)
+        trace.interim = interim
         return build_report(trace, self.selection, notes=notes)
 
     def _loss_tail(self) -> Optional[dict]:

@@ -486,6 +486,9 @@ class RunTrace:
     # ``(step, the optimizers watched before, those watched after)`` where a Monitor's loop
     # began stepping the model with optimizers it was not given (built mid-run), as text.
     replaced_optimizers: list = field(default_factory=list)
+    # Judged mid-run, to stop it (a Monitor's ``fail_on``), not at the run's report: a rule
+    # about the whole run (TL603) waits for more of it.
+    interim: bool = False
     num_classes: Optional[int] = None
     errors: list = field(default_factory=list)
     notes: list = field(default_factory=list)

@@ -767,3 +767,24 @@ def test_tl603_judges_the_loss_from_the_end_of_a_warmup(peak, fires):
         for i, s in enumerate(flat.per_step):
             s["lrs"] = {0: rates[min(i, 5)]}
         assert hits("TL603", flat)
+
+
+@pytest.mark.parametrize("points, every, judged", [
+    (run.NOISE_POINTS, 11, True),                                 # 20 points over 209 steps
+    (run.NOISE_POINTS, 10, False),                                # ... over 190
+    (run.NOISE_POINTS - 1, 12, False),                            # 19 points over 216
+])
+def test_tl603_mid_run_it_waits_for_enough_of_the_run(points, every, judged):
+    """Judged to stop a run (fail_on), a flat loss fires only over INTERIM_STEPS steps and
+    NOISE_POINTS points: healthy runs sit on plateaus for tens of steps first. The run's own
+    report judges from min_points on."""
+    assert run.INTERIM_STEPS == 200
+    flat = trace([], mode="monitor", per_step=steps(*[2.0] * points, every=every,
+                                                    key="loss_mean"))
+    assert hits("TL603", flat)
+    flat.interim = True
+    if judged:
+        assert hits("TL603", flat)
+    else:
+        with pytest.raises(Skip, match="mid-run"):
+            hits("TL603", flat)
