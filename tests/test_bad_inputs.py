@@ -404,6 +404,19 @@ def test_torchscript_model() -> None:
         trainlint.check(partly, small_batch())
 
 
+def test_a_monitor_on_a_torchscript_model_says_why_it_cannot_watch_it() -> None:
+    """Monitor once raised torch's own RuntimeError from hooking a scripted submodule
+    ("register_forward_pre_hook is not supported on ScriptModules"); it says what check says,
+    and leaves no hook behind."""
+    partly = nn.Sequential(nn.Linear(8, 8), torch.jit.script(nn.Linear(8, 4)))
+    opt = torch.optim.SGD(partly.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="submodule '1' is a TorchScript module"):
+        trainlint.Monitor(partly, opt)
+    assert not partly[0]._forward_hooks and not partly[0]._forward_pre_hooks
+    with pytest.raises(ConfigError, match="the model is a TorchScript module"):
+        trainlint.Monitor(torch.jit.script(small_model()), None)
+
+
 class CountingBackend:
     """A torch.compile backend that only counts how often Dynamo handed it a graph."""
 

@@ -30,6 +30,7 @@ from .probe import (
     compiled_inside,
     exclusive,
     frozen,
+    scripted_part,
 )
 from .report import Report, build_report
 from .state import restore, snapshot
@@ -154,20 +155,16 @@ def _grad_on(notes: list) -> Any:
 
 def _probe_target(model: Any, notes: list) -> nn.Module:
     if isinstance(model, torch.jit.ScriptModule):
-        raise TargetError("the model is a TorchScript module: scripted modules do not run Python "
-                          "hooks, so trainlint cannot observe them. Check the eager nn.Module "
-                          "before torch.jit.script/trace instead")
+        raise TargetError(scripted_part(model))
     original = getattr(model, "_orig_mod", None)
     if isinstance(original, nn.Module):
         notes.append("the model is torch.compile'd: the original module was probed eagerly")
         model = original
     if not isinstance(model, nn.Module):
         raise TargetError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
-        if isinstance(module, torch.jit.ScriptModule):
-            raise TargetError(f"submodule {name!r} is a TorchScript module: scripted modules do "
-                              "not run Python hooks, so trainlint cannot observe them. Build the "
-                              "model from the eager nn.Module instead of its scripted version")
+    scripted = scripted_part(model)
+    if scripted is not None:
+        raise TargetError(scripted)
     return model
 
 

@@ -27,6 +27,7 @@ from .probe import (
     _model_device,
     autocast_dtype,
     compiled_inside,
+    scripted_part,
     training_forward,
 )
 from .report import FAIL_LEVELS, Report, build_report
@@ -88,6 +89,9 @@ class Monitor:
             raise ConfigError(f"every must be a whole number >= 1, got {every!r}")
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Monitor needs a torch.nn.Module, got {type(model).__name__}")
+        scripted = scripted_part(model)
+        if scripted is not None:
+            raise ConfigError(scripted)
         if fail_on is not None and fail_on not in FAIL_LEVELS:
             raise ConfigError(f"fail_on must be one of {', '.join(FAIL_LEVELS)}, got {fail_on!r}")
         _check_optimizer(optimizer)

@@ -1716,6 +1716,21 @@ def _settled_norms(model: nn.Module) -> list:
     return [n for (n, _), count in zip(norms, counts) if count > 0]
 
 
+def scripted_part(model: nn.Module) -> Optional[str]:
+    """Why trainlint cannot observe ``model``: it, or a submodule, is a TorchScript module
+    (scripted modules run no Python hooks); None when it can."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return ("the model is a TorchScript module: scripted modules do not run Python hooks, "
+                "so trainlint cannot observe them. Pass the eager nn.Module, before "
+                "torch.jit.script/trace, instead")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            return (f"submodule {name!r} is a TorchScript module: scripted modules do not run "
+                    "Python hooks, so trainlint cannot observe them. Build the model from the "
+                    "eager nn.Module instead of its scripted version")
+    return None
+
+
 def frozen(module: nn.Module) -> bool:
     """Whether ``module`` holds parameters, none of them trainable."""
     params = list(module.parameters())
