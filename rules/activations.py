@@ -107,6 +107,13 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if units < t.min_units or dead is None or dead < t.dead_fraction:
             continue
         feeder = feeding_module(trace, lt)
+        dead_units = lt.dead_units
+        cut_from, pruned = _pruned(trace, feeder, units)
+        if pruned:  # zero on purpose: judged over the units left
+            dead_units = [u for u in dead_units if u not in pruned]
+            dead = len(dead_units) / (units - len(pruned)) if units > len(pruned) else 0.0
+            if dead < t.dead_fraction:
+                continue
         spread = input_spread(trace, feeder)
         steps = lt.unit_records or trace.observed_steps
         seen = _values_per_unit(lt, steps)
@@ -114,14 +121,16 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         alike = (spread is not None and spread < t.alike_signal) or few or recent is not None
         if alike and dead < t.alike_dead_fraction:
             continue
-        listed = lt.dead_units[:10]
-        more = "" if len(lt.dead_units) <= 10 else f" (+{len(lt.dead_units) - 10} more)"
+        listed = dead_units[:10]
+        more = "" if len(dead_units) <= 10 else f" (+{len(dead_units) - 10} more)"
         last = "the last " if steps < trace.observed_steps else ""
         samples = f" over {last}{steps} observed step(s)" if steps else ""
         zero = "0" if lt.kind == "relu" else "~0 (never > 0, never < -1e-3)"
         threshold = t.alike_dead_fraction if alike else t.dead_fraction
-        evidence = {"dead_fraction": round(dead, 4), "dead_units": len(lt.dead_units),
+        evidence = {"dead_fraction": round(dead, 4), "dead_units": len(dead_units),
                     "units": units, "threshold": threshold}
+        if pruned:
+            evidence["pruned_units"] = len(pruned)
         if spread is not None:
             evidence["input_spread"] = round(spread, 4)
         if few:
@@ -157,14 +166,34 @@ def dead_relu(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                    f" of its units are dead, so what reaches this layer through it is the same "
                    f"for every sample (0, or the biases and norm shifts after it), and its "
                    f"finding says how; then, if units stay dead here: {fix}")
+        of = (f"{_fmt_pct(dead)} of the {units - len(pruned)} units of {lt.label} ({lt.type}) "
+              f"left by pruning {cut_from!r}" if pruned else
+              f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type})")
         yield Hit(
             module=lt.module,
-            message=(f"{_fmt_pct(dead)} of the {units} units of {lt.label} ({lt.type}) output "
+            message=(f"{of} output "
                      f"{zero} for every sample{samples} (threshold {_fmt_pct(threshold)}); "
                      f"dead units: {listed}{more}"),
             fix=fix,
             evidence=evidence,
         )
+
+
+def _pruned(trace: RunTrace, feeder: Optional[ModuleFacts], units: int) -> tuple:
+    """``(name, units)``: the weight layer feeding a layer of ``units`` units, through norm
+    layers (one unit per output row), and the units ``torch.nn.utils.prune`` cut from it;
+    ``(None, set())`` where none were."""
+    for _ in range(3):
+        if feeder is None:
+            break
+        pruned = set(feeder.attrs.get("pruned_units", ()))
+        if pruned:
+            return (feeder.name, pruned) if max(pruned) < units else (None, set())
+        if not is_norm_type(feeder.type):
+            break
+        fed = [src for src, _ in sources(trace, feeder.name) if src[0] == "point"]
+        feeder = trace.modules.get(fed[0][1]) if len(fed) == 1 else None
+    return None, set()
 
 
 def _starved_by(trace: RunTrace, lt: LayerTrace, hops: int = 4) -> Optional[LayerTrace]:

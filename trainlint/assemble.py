@@ -146,6 +146,18 @@ def module_attrs(module: nn.Module) -> dict:
     return attrs
 
 
+def pruned_units(module: nn.Module) -> list:
+    """The output units (rows of the weight) of a Linear/Conv layer that
+    ``torch.nn.utils.prune`` masked out entirely (structured pruning): zero on purpose."""
+    mask = module._buffers.get("weight_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or \
+            not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or \
+            getattr(module, "transposed", False):
+        return []
+    kept = mask.detach().reshape(mask.shape[0], -1).ne(0).any(dim=1)
+    return torch.nonzero(~kept).flatten().tolist()
+
+
 def _present(module: nn.Module, name: str) -> Optional[bool]:
     """Whether ``module.<name>`` holds a tensor (None: no such attribute), found without
     evaluating it: reading a parametrized weight runs its parametrization, and spectral_norm's
@@ -660,6 +672,10 @@ class TraceBuilder:
             own = f"{name}.weight" if name else "weight"
             if weight is not None and canonical.get(id(weight), own) != own:
                 facts[name].attrs["weight_of"] = canonical[id(weight)]
+        for name, module in self.model.named_modules():
+            pruned = pruned_units(module)
+            if pruned:
+                facts[name].attrs["pruned_units"] = pruned
         for name in self.attention_calls:
             if name in facts:
                 facts[name].attrs["attends"] = True
