@@ -13,10 +13,11 @@ from trainlint.assemble import pruned_units
 
 
 def _net(prune_share: float, shift: float = 0.0) -> nn.Sequential:
-    """Linear -> BatchNorm -> ReLU, its first layer's rows pruned by L1 norm, the norm's bias
-    at ``shift`` (-5 kills every unit)."""
+    """Linear (no bias) -> BatchNorm -> ReLU, its first layer's rows pruned by L1 norm, the
+    norm's bias at ``shift`` (-5 kills every unit)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    net = nn.Sequential(nn.Linear(16, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+                        nn.Linear(32, 4))
     if prune_share:
         prune.ln_structured(net[0], "weight", amount=prune_share, n=1, dim=0)
     nn.init.constant_(net[1].bias, shift)
