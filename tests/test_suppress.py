@@ -73,6 +73,29 @@ def test_unknown_codes_are_reported_and_the_rest_still_apply(source: Path) -> No
         "unknown rule 'TL999' in a '# trainlint: ignore' comment")
 
 
+@pytest.mark.parametrize("comment, suppressed", [
+    ("# trainlint: ignore [TL102]", {"TL102"}),  # a space before the list
+    ("# trainlint: ignore  legacy layer, see #12", {"TL101", "TL102"}),  # a bare one, a reason
+    ("# trainlint: ignore[TL102", None),
+    ("# trainlint: ignore: TL102", None),
+    ("# trainlint: ignore(TL102)", None),
+    ("# trainlint: ignore=TL102", None),
+    ("# trainlint: ignore-TL102", None),
+])
+def test_a_malformed_code_list_suppresses_nothing_and_says_so(
+        tmp_path: Path, comment: str, suppressed) -> None:  # noqa: ANN001
+    """A typo in the code list once read as a bare ignore: every rule on the line went
+    silent, with no note."""
+    path = tmp_path / "model.py"
+    path.write_text(f"import torch.nn as nn\nact = nn.Tanh()  {comment}\n", encoding="utf-8")
+    kept, gone, notes = _split([_finding(c, "act", 2, path) for c in ("TL101", "TL102")])
+    if suppressed is None:
+        assert gone == [] and len(kept) == 2
+        assert len(notes) == 1 and "malformed '# trainlint: ignore' comment" in notes[0]
+    else:
+        assert {c for c, _ in gone} == suppressed and notes == []
+
+
 def test_other_lines_and_unlocated_findings_stay(source: Path) -> None:
     findings = [_finding("TL101", "plain", 6, source), _finding("TL101", "x", None),
                 _finding("TL101", "far", 99, source),

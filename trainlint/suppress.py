@@ -20,8 +20,9 @@ from .engine import Finding, resolve_codes
 from .errors import ConfigError
 from .report import relative_path
 
-IGNORE_COMMENT = re.compile(r"^#.*?\btrainlint:\s*ignore\b(?:\[([^\]]*)\])?", re.IGNORECASE)
+IGNORE_COMMENT = re.compile(r"^#.*?\btrainlint:\s*ignore\b(.*)$", re.IGNORECASE)
 ALL = "*"
+MALFORMED = object()
 
 
 @dataclass
@@ -36,6 +37,22 @@ class Suppressed:
 def resolve_ignores(table: Mapping[str, Iterable[str]]) -> dict[str, frozenset]:
     """Validate ``per-module-ignores`` (glob -> codes/names/prefixes) into glob -> codes."""
     return {pattern: frozenset(resolve_codes(list(codes))) for pattern, codes in table.items()}
+
+
+def _code_list(rest: str) -> object:
+    """What follows ``trainlint: ignore`` in a comment: the text of its code list (``[...]``,
+    a space before it allowed), None for a bare ignore (nothing, or words after a space: a
+    reason), or MALFORMED (``ignore: TL102``, ``ignore(TL102)``, an unclosed bracket), which
+    suppresses nothing: a typo must not switch every rule off."""
+    stripped = rest.lstrip()
+    if stripped.startswith("["):
+        end = stripped.find("]")
+        return stripped[1:end] if end > 0 else MALFORMED
+    if not stripped or stripped.startswith("#"):
+        return None
+    if stripped == rest or stripped[0] in ":(={":
+        return MALFORMED
+    return None
 
 
 def _codes_in(spec: Optional[str], where: str, notes: list) -> frozenset:
@@ -108,8 +125,14 @@ class _Comments:
         if key not in self.parsed:
             match = IGNORE_COMMENT.search(file_comments(path).get(line, ""))
             where = f"{relative_path(path)}:{line}"
-            self.parsed[key] = (_codes_in(match.group(1), where, self.notes) if match
-                                else frozenset())
+            spec = _code_list(match.group(1)) if match else MALFORMED
+            if match and spec is MALFORMED:
+                self.notes.append(f"{where}: malformed '# trainlint: ignore' comment "
+                                  f"({match.group(0)!r}) suppresses nothing; write "
+                                  "'# trainlint: ignore[TL101, TL102]' or a bare "
+                                  "'# trainlint: ignore'")
+            self.parsed[key] = (frozenset() if spec is MALFORMED
+                                else _codes_in(spec, where, self.notes))
         return self.parsed[key]
 
 
