@@ -171,6 +171,15 @@ def test_api_and_cli_agree_on_inline_suppression(fixture_model) -> None:
     assert run.exit_code == 1
 
 
+def test_the_text_report_counts_suppressed_findings_when_none_is_left(fixture_model) -> None:
+    """Every finding suppressed: the text said only 'No findings.' while JSON counted them."""
+    module = fixture_model
+    selection = Selection(select={"TL101"}, per_module_ignores={"act2": ["TL101"]})
+    report = trainlint.check(module.build_model(), module.get_batch(), selection=selection)
+    assert report.findings == [] and len(report.suppressed) == 2
+    assert "No findings (2 suppressed)." in str(report)
+
+
 def test_cli_per_module_ignores_from_config(tmp_path: Path) -> None:
     config = tmp_path / "trainlint.toml"
     config.write_text('[tool.trainlint.per-module-ignores]\n"act*" = ["dead-relu"]\n',

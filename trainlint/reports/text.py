@@ -40,7 +40,8 @@ def _header(report: Report) -> str:
 
 def _findings(report: Report) -> str:
     if not report.findings:
-        return "No findings."
+        return (f"No findings ({len(report.suppressed)} suppressed)." if report.suppressed
+                else "No findings.")
     lines = []
     for f in report.findings:
         where = relative_path(str(f.location)) if f.location else "-"
