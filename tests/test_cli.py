@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from tests.conftest import FIXTURES, ROOT, fixture_run, run_cli
 from tests.fixture_cases import REFINED, case_for, fixture_names, from_docstring
 from trainlint.engine import RULES, load_rules
+from trainlint.errors import TrainlintError
 from trainlint.reports.layers import SPARKS
 
 load_rules()
@@ -255,6 +257,55 @@ def test_output_writes_the_file(tmp_path: Path, schema_validator) -> None:
     doc = json.loads(target.read_text())
     schema_validator.validate(doc)
     assert [f["code"] for f in doc["findings"]] == ["TL101"]
+
+
+def _refuse_files_in(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New files in ``folder`` fail as on a read-only mount (root ignores permission bits)."""
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if Path(kwargs.get("dir", "")).resolve() == folder.resolve():
+            raise PermissionError(13, "Permission denied")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("option", ["--output", "--write-baseline", "--plot"])
+def test_an_unwritable_file_is_refused_before_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: str) -> None:
+    """--output into a folder that takes no file ran the whole check, then exited 2 with
+    nothing on stdout: the report was lost. --plot failed with an internal error."""
+    _refuse_files_in(tmp_path, monkeypatch)
+    calls = []
+    monkeypatch.setattr("trainlint.runner.run_check", lambda *a: calls.append(a))
+    run = run_cli(["check", "fixtures/dead_relu.py", option, tmp_path / "out.png"])
+    assert run.exit_code == 2 and calls == []
+    assert f"({option}): Permission denied" in run.stderr and "internal error" not in run.stderr
+
+
+def test_a_report_that_cannot_be_written_after_the_run_goes_to_stdout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder stopped taking files during the run: the report is not lost."""
+    import trainlint.cli as cli
+
+    def full(path: Path, text: str) -> None:
+        raise TrainlintError(f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(cli, "write_atomic", full)
+    run = run_cli(["check", "fixtures/dead_relu.py", "--format", "json", "--output",
+                   tmp_path / "r.json"])
+    assert run.exit_code == 2
+    assert [f["code"] for f in json.loads(run.stdout)["findings"]] == ["TL101"]
+    assert "the report was written to stdout instead" in run.stderr
+
+
+def test_a_job_summary_that_cannot_be_written_leaves_the_exit_status_to_the_findings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "missing" / "summary.md"))
+    run = run_cli(["check", "fixtures/dead_relu.py", "--format", "github", "--fail-on",
+                   "never"])
+    assert run.exit_code == 0, run.stderr
+    assert "::warning file=fixtures/dead_relu.py" in run.stdout
+    assert "warning: cannot append to $GITHUB_STEP_SUMMARY" in run.stderr
 
 
 NOISY_MODEL = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -95,6 +96,24 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def check_writable(path: Path, option: str) -> None:
+    """Before the run: ``path`` can be written (its folder exists and takes a new file, or it
+    is a device or pipe open for writing), so the run's report is not lost at the end."""
+    if path.exists() and not path.is_file():
+        if not os.access(path, os.W_OK):
+            raise TrainlintError(f"cannot write {path} ({option}): permission denied")
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise TrainlintError(f"cannot write {path}: folder {folder} does not exist ({option})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise TrainlintError(f"cannot write {path} ({option}): {exc.strerror or exc}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _write_in_place(path: Path, text: str) -> None:
     try:
         with open(path, "w", encoding="utf-8") as handle:
@@ -158,11 +177,12 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
     try:
         if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
             raise TrainlintError(f"--plot {plot}: use a .png or .svg file name")
+        if plot is not None and importlib.util.find_spec("matplotlib") is None:
+            raise TrainlintError("--plot needs matplotlib: pip install 'trainlint[plot]'")
         for option, path in (("--output", output), ("--write-baseline", write_baseline),
                              ("--plot", plot)):
-            if path is not None and not path.parent.is_dir():  # say so before the run
-                raise TrainlintError(f"cannot write {path}: folder {path.parent} does not "
-                                     f"exist ({option})")
+            if path is not None:  # say so before the run
+                check_writable(path, option)
         # stdout carries the report only (JSON, SARIF, JUnit must parse): what the user's code
         # prints goes to stderr.
         with contextlib.redirect_stdout(sys.stderr):
@@ -171,7 +191,12 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
             _write_baseline(report, write_baseline)
         text = render(report, fmt, fail_on=fail_on)
         if output is not None:
-            write_atomic(output, text)
+            try:
+                write_atomic(output, text)
+            except TrainlintError as exc:  # nothing lost: the report goes to stdout instead
+                click.echo(text, nl=False)
+                raise TrainlintError(f"{exc}; the report was written to stdout instead") \
+                    from None
         else:
             click.echo(text, nl=False)
         if plot is not None:
@@ -212,8 +237,9 @@ def _step_summary(markdown: str) -> None:
     try:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(markdown)
-    except OSError as exc:
-        raise TrainlintError(f"cannot append to $GITHUB_STEP_SUMMARY ({path}): {exc}") from None
+    except OSError as exc:  # the job summary is an extra: the findings decide the exit status
+        click.echo(f"trainlint: warning: cannot append to $GITHUB_STEP_SUMMARY ({path}): "
+                   f"{exc.strerror or exc}; the annotations above hold the findings", err=True)
 
 
 @main.command("rules")

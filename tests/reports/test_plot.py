@@ -60,3 +60,18 @@ def test_cli_plot_option(tmp_path: Path, name: str) -> None:
     else:
         assert run.exit_code == 2 and ".png or .svg" in run.stderr
         assert not out.exists()
+
+
+def test_cli_plot_without_matplotlib_says_so_before_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It ran the whole check, printed the report and only then exited 2."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    calls = []
+    monkeypatch.setattr("trainlint.runner.run_check", lambda *a: calls.append(a))
+    run = run_cli(["check", "fixtures/dead_relu.py", "--plot", tmp_path / "p.png"])
+    assert run.exit_code == 2 and calls == [] and run.stdout == ""
+    assert "--plot needs matplotlib: pip install 'trainlint[plot]'" in run.stderr

@@ -94,7 +94,10 @@ def save(fig: Any, path: Union[str, Path]) -> None:
     folder = path.resolve().parent
     if not folder.is_dir():
         raise TrainlintError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         umask = os.umask(0o022)
         os.umask(umask)
@@ -102,7 +105,9 @@ def save(fig: Any, path: Union[str, Path]) -> None:
         with os.fdopen(fd, "wb") as handle:
             fig.savefig(handle, format=fmt)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
