@@ -338,7 +338,46 @@ def test_a_get_batch_that_needs_a_batch_size_without_one(tmp_path: Path) -> None
 def test_batch_size_with_a_get_batch_that_takes_no_argument() -> None:
     assert_clean_error(cli("fixed_batch.py", "--batch-size", "4"),
                        "--batch-size 4 was given but get_batch() in fixed_batch.py takes no "
-                       "argument", "define get_batch(batch_size)")
+                       "batch size", "define get_batch(batch_size)")
+
+
+@pytest.mark.parametrize("signature, given", [("*, batch_size=16", True),
+                                              ("**options", True), ("*, seed=0", False)])
+def test_a_keyword_only_batch_size_is_passed_by_keyword(
+        tmp_path: Path, signature: str, given: bool) -> None:
+    """get_batch(*, batch_size=16) with --batch-size 8 raised the user's TypeError ('takes 0
+    positional arguments but 1 was given')."""
+    size = "batch_size" if "batch_size" in signature else "options.get('batch_size', 16)"
+    (tmp_path / "model.py").write_text(
+        "import torch\nimport torch.nn as nn\n\n\ndef build_model():\n"
+        f"    return nn.Linear(8, 4)\n\n\ndef get_batch({signature}):\n"
+        f"    n = {size if 'seed' not in signature else 16}\n"
+        "    return torch.randn(n, 8), torch.randint(0, 4, (n,))\n")
+    run = cli("model.py", "--batch-size", "8", "--format", "json", cwd=tmp_path)
+    if given:
+        assert run.exit_code in (0, 1), run.stderr
+        assert run.doc["run"]["batch_size"] == 8
+    else:
+        assert_clean_error(run, "get_batch() in model.py takes no batch size")
+
+
+def test_a_model_file_inside_a_package_imports_as_pytest_does(tmp_path: Path) -> None:
+    """pkg/model.py with `from .layers import make` failed ('attempted relative import with
+    no known parent package'); pytest imports it as pkg.model. Sibling absolute imports keep
+    working."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers.py").write_text("import torch.nn as nn\n\n\ndef make():\n"
+                                   "    return nn.Linear(8, 4)\n")
+    (pkg / "helpers.py").write_text("import torch\n\n\ndef batch():\n"
+                                    "    return torch.randn(16, 8), torch.randint(0, 4, (16,))\n")
+    (pkg / "model.py").write_text("from helpers import batch\n\nfrom .layers import make\n\n"
+                                  "model = make()\n\n\ndef get_batch():\n"
+                                  "    return batch()\n")
+    run = cli("pkg/model.py", "--format", "json", cwd=tmp_path)
+    assert run.exit_code in (0, 1), run.stderr
+    assert run.doc["run"]["batch_size"] == 16
 
 
 # ------------------------------------------------------------------ the model and loss

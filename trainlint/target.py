@@ -60,14 +60,19 @@ def import_file(path: Path) -> ModuleType:
     folder = str(path.resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    name = f"trainlint_target_{path.stem}"
+    base, package = package_of(path)
+    if package and str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    name = f"{package}.{path.stem}" if package else f"trainlint_target_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise TargetError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
         with recording_origins():
+            if package:  # its relative imports resolve against the package, as under pytest
+                importlib.import_module(package)
+            sys.modules[name] = module
             spec.loader.exec_module(module)
     except SystemExit as exc:
         sys.modules.pop(name, None)
@@ -154,6 +159,18 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def package_of(path: Path) -> tuple[Path, str]:
+    """``(base folder, dotted package)`` of a file inside packages (folders with an
+    ``__init__.py``), as pytest finds them: ``pkg/sub/model.py`` is ``pkg.sub.model``, imported
+    with the folder above ``pkg`` on sys.path; ``("", "")`` for a file outside any."""
+    parts: list = []
+    folder = path.resolve().parent
+    while (folder / "__init__.py").is_file() and folder.name.isidentifier():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return (folder, ".".join(parts)) if parts else (Path(), "")
+
+
 def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
                input_shape: Optional[str]) -> Callable[[], Any]:
     """``get_batch()`` / ``get_batch(batch_size)``, else a standard-normal ``--input-shape``."""
@@ -163,10 +180,17 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
             params = list(inspect.signature(get_batch).parameters.values())
         except (TypeError, ValueError):
             params = None
-        takes_size = params is None or len(params) > 0
+        positional = params is None or any(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+            for p in params)
+        # get_batch(*, batch_size=16) or get_batch(**options): the size goes by keyword.
+        by_keyword = not positional and any(
+            p.kind == p.VAR_KEYWORD or (p.kind == p.KEYWORD_ONLY and p.name == "batch_size")
+            for p in params)
+        takes_size = positional or by_keyword
         if batch_size is not None and not takes_size:
             raise TargetError(f"--batch-size {batch_size} was given but get_batch() in {path} "
-                              "takes no argument: drop --batch-size, or define "
+                              "takes no batch size: drop --batch-size, or define "
                               "get_batch(batch_size) to use it")
         required = [p.name for p in params or () if p.default is p.empty
                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -180,6 +204,8 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
                               f"--batch-size N, or give {required[0]} a default")
 
         def batch() -> Any:
+            if batch_size is not None and by_keyword:
+                return _call_user(get_batch, "get_batch()", batch_size=batch_size)
             if batch_size is not None:
                 return _call_user(get_batch, "get_batch()", batch_size)
             return _call_user(get_batch, "get_batch()")
