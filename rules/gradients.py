@@ -22,6 +22,7 @@ from ._graph import (
     WEIGHT_LAYERS,
     feeds_dead_layer,
     feeds_norm,
+    first_weight_norms,
     frozen_at_zero,
     in_blocks,
     inside_attention_sublayer,
@@ -91,7 +92,11 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     cross-attention give the encoder 1e-4 of the decoder's gradient; under AdamW both move
     0.5% a step, under SGD the encoder 100x slower). A layer whose output goes into a ReLU
     layer with 90% or more of its units dead gets no gradient back through them: TL101 names
-    that layer with its fix, and this rule leaves it.
+    that layer with its fix, and this rule leaves it. Gradients of exactly 0 seen at the run's
+    first step alone, with a weight the optimizer steps at exactly 0 then (MLP-Mixer's zero
+    head, a diffusion U-Net's zero output conv), are not judged yet: the first update moves
+    that weight and the gradient flows behind it from the next step on (a Monitor with
+    ``fail_on`` stopped such healthy runs at step 0).
 
     ## Why is this bad?
     The weight gradient of a layer is proportional to the gradient reaching its output: if
@@ -134,6 +139,8 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
            "prefer ReLU/GELU to sigmoid/tanh; add normalization layers or residual "
            "connections")
     frozen = frozen_at_zero(trace) if early == 0 and where.grad_norm == 0 else None
+    if frozen == [] and _zero_init_ahead(trace):
+        return  # the first update moves the weights at 0: the gradient flows from then on
     if frozen:
         fix = (f"the gradient at {where.label} is exactly 0, not faded: "
                f"{', '.join(repr(m) for m in frozen)} is frozen at 0 (requires_grad=False) and "
@@ -158,6 +165,15 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                   "output_grad_norm": reference, "threshold": t.min_ratio,
                   "layers": len(series), "update_fade": moves},
     )
+
+
+def _zero_init_ahead(trace: RunTrace) -> bool:
+    """Whether only the run's first step was observed and a weight the optimizer steps was
+    exactly 0 before it (MLP-Mixer's zero head, a diffusion U-Net's zero output conv, RWKV's
+    zero projections): everything behind it gets a gradient of exactly 0 at that step only,
+    by design (a Monitor with ``fail_on`` stopped such runs at step 0)."""
+    steps = [s["step"] for s in trace.per_step]
+    return steps == [0] and any(norm == 0 for norm in first_weight_norms(trace).values())
 
 
 def _update_fade(trace: RunTrace, series: list, window: int) -> Optional[float]:

@@ -47,3 +47,46 @@ def test_lora_factors_both_at_zero_are_reported(random_a: bool) -> None:
         assert found[0].module == "0"
         assert found[0].evidence["params"] == ["0.A", "0.B"]
         assert "kaiming_uniform_" in found[0].fix
+
+
+class GatedMLP(nn.Module):
+    """A 6-layer MLP whose head starts at 0 (MLP-Mixer's reference init) and, with
+    ``dead_gate``, a gate at 0 held as a buffer (it never trains: the fault)."""
+
+    def __init__(self, dead_gate: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[m for _ in range(5) for m in (nn.LazyLinear(32), nn.ReLU())])
+        self.head = nn.Linear(32, 4)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("gate", torch.tensor(0.0 if dead_gate else 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.head(h * self.gate + (1 - self.gate) * h.detach())
+
+
+@pytest.mark.parametrize("dead_gate", [False, True])
+def test_a_zero_initialized_head_does_not_stop_a_run_at_its_first_step(dead_gate: bool) -> None:
+    """At step 0 every gradient behind a head at 0 is exactly 0, by design: a Monitor with
+    fail_on stopped MLP-Mixer, a diffusion U-Net and RWKV there with TL501 (their runs trained:
+    Mixer's loss 2.23 -> 0.0088). A gradient still cut once the head moved is reported."""
+    torch.manual_seed(0)
+    model = GatedMLP(dead_gate)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    model(x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stopped = None
+    with trainlint.Monitor(model, opt, every=5, fail_on="warning") as monitor:
+        for step in range(11):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            try:
+                monitor.step(loss)
+            except trainlint.RunFailed as failed:
+                stopped = (step, [f.code for f in failed.report.failing("warning")])
+                break
+    assert stopped == ((5, ["TL501"]) if dead_gate else None)
