@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from statistics import median
 from typing import Iterator, Optional
 
 from trainlint.engine import Hit, Thresholds, rule
@@ -21,6 +22,7 @@ from ._graph import (
     FUNCTIONAL_DROPOUT,
     SHAPE_OPS,
     WEIGHT_LAYERS,
+    downstream,
     feeds_weight_layer,
     inside_attention,
     is_gate,
@@ -29,6 +31,7 @@ from ._graph import (
     large_input_into,
     layer_at,
     only_shape_ops,
+    output_layer,
     output_point,
     passed_on_by,
     predecessors,
@@ -454,7 +457,10 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     observed steps at which a classification loss was still above ``FITTED_LOSS`` (10%) of
     its first observed value had less than ``saturated_fraction`` of the outputs in the tails on
     average, and the loss then fell to that level, the layer is left alone (a classifier's
-    tanh pooler saturates as its loss goes to 0).
+    tanh pooler saturates as its loss goes to 0). So too a tanh/sigmoid that only the output
+    layer reads (through pass-through modules), below ``saturated_fraction`` at the run's
+    first observed step, in a run whose classification loss fell to ``LEARNED_LOSS`` (half)
+    of its first value: the classifier learned through it (a fine-tuned BERT's pooler).
     """
     # The calls of one function in one module (a hand-unrolled RNN's tanh at every time step)
     # make one finding, at the worst call.
@@ -467,7 +473,7 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if gate_layer(trace, lt) and trace.mode != "check":
             continue  # a trained gate may settle open or shut; at init it sits near 0.5
-        if _saturated_once_fitted(trace, lt, t):
+        if _saturated_once_fitted(trace, lt, t) or _saturated_by_training_head(trace, lt, t):
             continue
         calls.setdefault((lt.module, lt.op.split("#")[0]), []).append((share, lt))
     for found in calls.values():
@@ -535,6 +541,47 @@ def saturated_activation(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
 # pooler tanh read 35% saturated over a 600-step run whose loss fell from ln 4 to 0.001, with
 # 0-10% while it was still falling.
 FITTED_LOSS = 0.1
+
+
+# A classification loss whose last observed values are at most this share of its first has
+# learned: a saturated tanh/sigmoid that only the model's output layer reads (a BERT pooler
+# before its classifier) did not stop it (TL102). A tiny pretrained BERT's pooler went from
+# 19% to 81% saturated within 40 fine-tuning steps, then its loss fell from 1.39 to 0.28
+# (accuracy 0.959); re-initializing the pooler, the fix offered, gave 0.654.
+LEARNED_LOSS = 0.5
+
+
+def _saturated_by_training_head(trace: RunTrace, lt: LayerTrace, t: Thresholds) -> bool:
+    """Whether ``lt`` feeds only the output layer, was below ``t.saturated_fraction`` at the
+    run's first observed step (not saturated by its init) and the loss learned anyway."""
+    if not _feeds_head(trace, lt) or not _learned(trace):
+        return False
+    first = trace.per_step[0].get("layers")
+    found = layer_columns(first, [lt.node[1:]], ("saturated_fraction",)) if first else None
+    share = found["saturated_fraction"][0] if found else None
+    return share is not None and share < t.saturated_fraction
+
+
+def _learned(trace: RunTrace) -> bool:
+    """Whether a classification loss seen from its first step fell to ``LEARNED_LOSS`` x its
+    first value (the median of the last three observed losses)."""
+    if trace.loss_kind not in CLASSIFICATION_LOSSES or not seen_from_start(trace):
+        return False
+    losses = [s["loss"] for s in trace.per_step
+              if s.get("loss") is not None and math.isfinite(s["loss"])]
+    return len(losses) >= 4 and losses[0] > 0 and \
+        median(losses[-3:]) <= LEARNED_LOSS * losses[0]
+
+
+def _feeds_head(trace: RunTrace, lt: LayerTrace) -> bool:
+    """Whether ``lt``'s output goes only into the weight layer that makes the model's output
+    (through pass-through modules and reshapes)."""
+    head = output_layer(trace)
+    if head is None or head.base not in WEIGHT_LAYERS:
+        return False
+    taken = downstream(trace, lt.node)
+    return bool(taken) and all(dst == ("module", head.module) and only_shape_ops(via)
+                               for dst, via in taken)
 
 
 def _saturated_once_fitted(trace: RunTrace, lt: LayerTrace, t: Thresholds) -> bool:
