@@ -11,6 +11,7 @@ import pytest
 from trainlint.rules._graph import LARGE_FEATURES, MOSTLY_DEAD
 from trainlint.rules.activations import (
     FITTED_LOSS,
+    LEARNED_LOSS,
     NORM_WEIGHT_COLLAPSED,
     OUT_OF_RANGE,
     OUT_OF_REACH,
@@ -519,12 +520,16 @@ def test_tl102_threshold_override() -> None:
     assert len(findings) == 1
 
 
-def _fitting(before: float, fitted_at: float) -> RunTrace:
+def _fitting(before: float, fitted_at: float, head_reads: bool = False) -> RunTrace:
     """A Monitor run's tanh at 0.9 saturated over the run: its share ``before`` at the two
     observed steps before the loss fell to ``fitted_at`` x its first value, 0.9 at the two
-    after."""
+    after. Unless ``head_reads``, a hidden Linear (not the output layer) reads the tanh."""
     trace = tanh_trace(0.9)
     trace.mode, trace.loss_kind = "monitor", "cross_entropy"
+    if not head_reads:
+        trace.modules["mid"] = facts("mid", "Linear")
+        trace.edges = [Edge(trace.layers[1].node, ("module", "mid")) if e.dst[1] == "head"
+                       else e for e in trace.edges]
     key = trace.layers[1].node[1:]
     trace.per_step = [{"step": 10 * i, "loss": loss, "layers": {key: {"saturated_fraction": s}}}
                       for i, (loss, s) in enumerate([(1.4, before), (0.7, before),
@@ -549,6 +554,29 @@ def test_tl102_saturation_only_once_the_loss_fitted_is_confidence() -> None:
     regression = _fitting(0.0, FITTED_LOSS)  # a first loss that holds the targets' offset
     regression.loss_kind = "mse"
     assert len(run("TL102", regression)) == 1
+
+
+def test_tl102_a_tanh_only_the_output_layer_reads_is_judged_by_whether_the_run_learned() -> None:
+    """Below the threshold at the first observed step and the loss at LEARNED_LOSS x its first
+    (the median of the last three observed losses): the classifier learned through it (a
+    fine-tuned BERT pooler)."""
+    s = RULES["TL102"].defaults["saturated_fraction"]
+
+    def learning(first_share: float, last_loss: float) -> RunTrace:
+        trace = _fitting(first_share, 0.5, head_reads=True)
+        for step in trace.per_step[1:]:  # never fitted: only the head exception can apply
+            step["loss"] = max(step["loss"], FITTED_LOSS * 1.4 * 1.01)
+        for step in trace.per_step[-3:]:
+            step["loss"] = last_loss
+        return trace
+    assert run("TL102", learning(np.nextafter(s, 0), LEARNED_LOSS * 1.4)) == []
+    assert len(run("TL102", learning(s, LEARNED_LOSS * 1.4))) == 1
+    assert len(run("TL102", learning(0.0, np.nextafter(LEARNED_LOSS * 1.4, 2)))) == 1
+    hidden = learning(0.0, LEARNED_LOSS * 1.4)
+    hidden.edges = [Edge(hidden.layers[1].node, ("module", "mid")) if e.dst[1] == "head" else e
+                    for e in hidden.edges]
+    hidden.modules["mid"] = facts("mid", "Linear")
+    assert len(run("TL102", hidden)) == 1
 
 
 # ------------------------------------------------------------------------------ TL103/104
