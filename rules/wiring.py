@@ -56,14 +56,17 @@ def _library_owner(trace: RunTrace, module: str, unused: set,
     ``module`` itself when only some of its parameters are unused, else the nearest ancestor
     that is not a container (some of whose parameters train: ``module`` is the outermost
     unused one). None when user code owns them: a backbone a ``.detach()`` cuts off whole is
-    the user's model's part."""
+    the user's model's part; so too when the owner is the model whose own forward did not run
+    (the training step called its submodules itself: their wiring is the user's)."""
     inside = [p.name for p in trainable if not module or p.name.startswith(module + ".")]
     owner: Optional[str] = module
     if all(n in unused for n in inside):
         owner = next((a for a in ancestors(module)[1:]
                       if getattr(trace.modules.get(a), "base", "") not in _CONTAINERS), None)
     facts = trace.modules.get(owner) if owner is not None else None
-    return facts if facts is not None and facts.library in _MODEL_LIBRARIES else None
+    if facts is None or facts.library not in _MODEL_LIBRARIES or (owner == "" and trace.rootless):
+        return None
+    return facts
 
 
 def _reader(trace: RunTrace, owner: ModuleFacts) -> str:
