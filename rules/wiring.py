@@ -401,6 +401,28 @@ def _common_module(modules: list) -> str:
     return next(a for a in ancestors(modules[0]) if all(a in ancestors(m) for m in modules))
 
 
+def _trained_elsewhere(trace: RunTrace, trainable: int) -> Hit:
+    """TL506 for a loss that runs through trainable tensors outside the model and its
+    optimizer while none of the model's parameters got a gradient: the optimizer steps
+    parameters the loss does not use (a copy of the model trained in its place)."""
+    copy = (" They have the shapes of the model's parameters, one for one: a copy of the model "
+            "(copy.deepcopy, or a model rebuilt, after the optimizer was built) is trained in "
+            "its place." if trace.foreign_copy else "")
+    return Hit(
+        module="",
+        message=(f"the loss given to monitor.step() runs through {trace.foreign_params} trainable "
+                 f"tensor(s) that are neither the model's nor in its optimizer, while none of "
+                 f"the model's {trainable} trainable parameter(s) got a gradient in "
+                 f"{trace.observed_steps} observed step(s): the optimizer steps parameters the "
+                 f"loss does not use, and no optimizer updates those it does.{copy}"),
+        fix=("build the optimizer from the parameters of the module the training step runs, "
+             "after any copy.deepcopy or rebuild that makes new ones, and give that module to "
+             "the Monitor"),
+        evidence={"foreign_params": trace.foreign_params, "model_params": trainable,
+                  "copy": trace.foreign_copy, "observed_steps": trace.observed_steps},
+    )
+
+
 @rule("TL506", "parameters-not-in-optimizer", "error")
 def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Trainable parameters that no optimizer param group holds.
@@ -417,6 +439,12 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
 
     ## Example
     ``opt = Adam(model.backbone.parameters())`` while ``model.head`` is trainable.
+
+    In a Monitor run, a loss that runs through trainable tensors outside the model and its
+    optimizer while none of the model's parameters gets a gradient is reported too: the
+    optimizer steps parameters the loss does not use (a ``copy.deepcopy`` of the model made
+    after the optimizer was built, and trained in its place: the finding says so when those
+    tensors have the model's parameter shapes one for one).
 
     Parameters whose values changed all the same (between the first and the last observed
     step, or within one, between its start and ``monitor.step()``) are updated by the user's
@@ -435,6 +463,10 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
         return
     if all(p.in_optimizer is None for p in trainable):
         raise Skip("no optimizer was given (pass optimizer= to the Monitor)")
+    if trace.foreign_params and not trace.adversarial and trace.observed_steps and \
+            all(p.grad_steps == 0 for p in trainable):
+        yield _trained_elsewhere(trace, len(trainable))
+        return
     missing = {p.name for p in trainable if p.in_optimizer is False
                and not updated_elsewhere(p)}
     groups = maximal_groups(missing, {p.name for p in trainable}, params=True)

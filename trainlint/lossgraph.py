@@ -78,6 +78,8 @@ class LossGraph:
     # The ids of the Parameters the loss depends on beyond the ones given
     # (another network: a GAN generator's loss runs through its discriminator).
     foreign_ids: frozenset = frozenset()
+    # Their shapes, sorted (a copy of the model has the model's).
+    foreign_shapes: tuple = ()
     kind: Optional[str] = None
     reduction: Optional[str] = None
     terms: int = 0
@@ -203,6 +205,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     summed = summed_over_items(root)
     ours = {id(p) for p in known}
     seen, todo, foreign, losses = {root}, deque([root]), set(), []
+    shapes: dict = {}
     parent: dict = {}
     while todo and len(seen) < MAX_NODES:
         node = todo.popleft()
@@ -211,6 +214,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
         # (transformers' MRA: ``zeros_like(q).requires_grad_()``) is no network.
         if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
             foreign.add(id(variable))
+            shapes[id(variable)] = tuple(variable.shape)
         if node_name(node) in LOSS_NODES or _soft_cross_entropy(node, parent) is not None:
             losses.append(node)
         for child, _ in node.next_functions:
@@ -221,7 +225,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
     if not losses or not where:
-        return LossGraph(foreign_ids=frozenset(foreign), terms=len(losses), summed=summed)
+        return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=tuple(sorted(
+            shapes.values())), terms=len(losses), summed=summed)
     described = [_describe(node, where, parent) for node in losses]
     # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
     first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
@@ -230,7 +235,8 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
     top = _sum_divided(root)
     sum_over = top is not None and top[1] is first["node"]
-    return LossGraph(foreign_ids=frozenset(foreign), kind=first["kind"],
+    return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=tuple(sorted(shapes.values())),
+                     kind=first["kind"],
                      reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],
                      output_count=count, sum_over=sum_over, summed=summed,

@@ -473,6 +473,10 @@ class Monitor:
                                                           None),
                                    **self._loss_facts())
         trace.adversarial, trace.foreign_params = self._competition()
+        graph = self._loss_graph
+        trace.foreign_copy = graph is not None and bool(graph.foreign_shapes) and list(
+            graph.foreign_shapes) == sorted(tuple(p.shape) for p in self.model.parameters()
+                                            if p.requires_grad)
         trace.alternating = self.alternating or self.probe.competing
         trace.replaced_optimizers = list(self._replaced)
         trace.interim = interim

@@ -460,6 +460,9 @@ class RunTrace:
     # Parameters outside the model and its optimizer that the Monitor's loss depends on (a
     # GAN generator's loss runs through the discriminator).
     foreign_params: int = 0
+    # Those tensors have the shapes of the model's trainable parameters, one for one: a copy
+    # of the model (``copy.deepcopy`` after the optimizer was built) trained in its place.
+    foreign_copy: bool = False
     # This loss runs through another live Monitor's model, or that one's through this model,
     # one way only (a GAN's generator and discriminator; both ways is one model in two
     # halves): its loss level shows how the two compete.
