@@ -393,7 +393,32 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``OUTLIER_BATCH`` (1000) times their size at the other observed steps (each batch
     tensor's min and max are read exactly at every observed step), a bad sample made the
     gradient: the fix drops it first (TL503's and TL504's fixes then name that batch too).
+
+    In a Monitor run it also fires when gradients are carried from one optimizer step to the
+    next: after each observed step it watches one parameter of the optimizer that stepped,
+    until that optimizer's next step, for whether its ``.grad`` was reset (to ``None``, or to
+    zeros by ``zero_grad(set_to_none=False)``) before the next gradient was added. When it
+    never was, ``optimizer.zero_grad()`` is not called between steps: each step applies the sum
+    of every gradient so far, a step that grows without bound (an AdamW fine-tune reached
+    accuracy 0.506 against 0.957, its gradient norm at the step growing from 3 to 138; SGD
+    diverged, where a lower rate or clipping did not help). Gradient accumulation resets
+    ``.grad`` after each optimizer step, and a GAN generator's backward that adds to the
+    discriminator's ``.grad`` is reset by the discriminator's ``zero_grad()`` in time: neither
+    fires. The fix is ``optimizer.zero_grad()`` once per step.
     """
+    if trace.grads_carried:
+        steps = trace.grads_carried
+        yield Hit(
+            module="",
+            message=(f"gradients accumulate across optimizer steps: the gradients a step applied "
+                     f"were still in .grad, never reset, when the optimizer stepped next, after "
+                     f"{len(steps)} observed step(s) (first at step {steps[0]}), so each step "
+                     "applies the sum of every gradient so far"),
+            fix=("call optimizer.zero_grad() once per training step, before loss.backward() "
+                 "(under gradient accumulation, after each optimizer.step())"),
+            evidence={"carried_steps": list(steps)},
+        )
+        return
     fix, clip = _clip_fix(trace, t)
     if loss_unbounded(trace):
         fix = UNBOUNDED_FIRST

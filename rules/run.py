@@ -620,14 +620,22 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 message=(f"the loss diverges: {value:.4g} at step {step}{of}, "
                          f"{value / reference:.3g}× its {low} {reference:.4g} (threshold "
                          f"{threshold:.3g}×) and above its start {above:.4g}"),
-                fix=("lower the learning rate (e.g. 10×) and add warmup; clip gradients with "
-                     "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
+                fix=(CARRIED_FIRST if trace.grads_carried else "") + (
+                    "lower the learning rate (e.g. 10×) and add warmup; clip gradients with "
+                    "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"),
                 evidence={"step": step, "loss": value, "running_min": reference,
                           "factor": value / reference, "threshold": threshold},
             )
             return
         if typical is None:
             running = min(running, value)
+
+
+# TL604's fix where the gradients were never zeroed between steps (TL502): a lower rate or a
+# clip does not help a sum that grows every step (SGD at lr/10 still diverged; clipped at 1.0 it
+# stayed at chance; with zero_grad it reached accuracy 0.656).
+CARRIED_FIRST = ("call optimizer.zero_grad() every step first (TL502: each step applies the "
+                 "sum of every gradient so far); then, if it still diverges: ")
 
 
 # The relative noise (standard deviation) a loss level may have before TL604 judges medians

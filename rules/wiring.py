@@ -639,11 +639,13 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides, and
     leaving a submodule in eval with all its parameters frozen as it was), so this rule needs a
     Monitor run. BatchNorms alone in eval while the model trains, whose running statistics had
-    seen batches before (``num_batches_tracked`` above 0 at each such step), are reported as
+    settled before (at each such step, their init's weight in them, ``(1 - momentum) **
+    num_batches_tracked``, at most 10%: 22 batches at the default momentum), are reported as
     info: their statistics are kept frozen while their affine weights train, as mmdetection's
     ``norm_eval`` does when fine-tuning at small batches (a pretrained ResNet fine-tuned so at
     batch 4 fitted its training set as with BatchNorm in train mode). Left at their init
-    statistics (a model trained from scratch), they do not normalize at all: an error.
+    statistics, or near them (a model trained from scratch, whose BatchNorms ran once in train
+    mode), they do not normalize: an error.
 
     ## Why is this bad?
     In eval mode Dropout is off (no regularization) and BatchNorm normalizes with its running
@@ -709,3 +711,4 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  "(requires_grad_(False)) or override train() to keep it in eval"),
             evidence={"modules": names, "steps": steps, "observed_steps": len(flags)},
         )
+

@@ -61,6 +61,7 @@ MONITOR_FAULTS = {
     "eval_mode_training": ("TL602", "eval_mode_training_ok"),
     "loss_not_decreasing": ("TL603", "loss_not_decreasing_ok"),
     "loss_divergence": ("TL604", "loss_divergence_ok"),
+    "gradients_not_zeroed": ("TL502", "gradients_not_zeroed_ok"),
 }
 MONITOR_STEPS, MONITOR_EVERY = 45, 5
 

@@ -126,6 +126,9 @@ def test_one_copy_per_observed_step_whatever_the_depth(monkeypatch: pytest.Monke
 
 
 def test_idle_steps_read_nothing_and_carry_no_probe_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between observations no hook is on the model; for the one step after an observed one,
+    TL502's sentinel (a gradient hook on one parameter, a step pre-hook on the optimizer)
+    waits for the optimizer's next step, on the device, and is gone after it."""
     reads = HostReads(monkeypatch)
     x, y = batch()
     plain = deep_model(8)
@@ -139,11 +142,14 @@ def test_idle_steps_read_nothing_and_carry_no_probe_hooks(monkeypatch: pytest.Mo
         monitor.step(train_step(model, opt, x, y))
         assert not monitor.observing
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-        assert not (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks)
+        assert len(opt._optimizer_step_pre_hooks) == 1 and not opt._optimizer_step_post_hooks
+        assert sum(len(p._backward_hooks or {}) for p in model.parameters()) == 1
         with reads.window():
             loss = train_step(model, opt, x, y)
             with OpsSeen() as ops:
                 monitor.step(loss)
+        assert not (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks)
+        assert not any(p._backward_hooks for p in model.parameters())
     assert reads.counts == bare
     assert sorted(ops.seen) == ["clone", "detach"]  # a copy of the loss for its window
 

@@ -18,6 +18,7 @@ from .batch import output_loss, tensors_in
 from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
+from .gradcarry import GradCarry
 from .hooks import OwnedHook
 from .lossgraph import LossGraph, item_mean, output_nodes, read_loss_graph
 from .optimizers import needs_closure, optimizer_params, optimizers_of, wrapper_notes
@@ -143,6 +144,7 @@ class Monitor:
         self.alternating = False
         self.probe = Probe(self.model, self.optimizers)
         self.probe.watch_others = bool(self.optimizers)
+        self._carry = self.probe.carry = GradCarry()
         self.probe.attach()
         # (step, what was watched, what is now) of each optimizer the loop replaced.
         self._replaced: list = []
@@ -153,7 +155,8 @@ class Monitor:
         self._hooks: list = []
         # A Monitor dropped without close() (the hooks hold the probe, not the Monitor) still
         # takes its hooks off the model and the optimizers when it is collected.
-        self._release = weakref.finalize(self, _release, self.probe, self._hooks, self._eager)
+        self._release = weakref.finalize(self, _release, self.probe, self._hooks, self._eager,
+                                         self._carry)
         # Device-side sum, max and min of the losses since the last observed step (no host
         # sync), and the losses not folded into them yet.
         self._loss_sum: Optional[torch.Tensor] = None
@@ -203,6 +206,8 @@ class Monitor:
                 self._observed(extra)
         finally:  # counted also when RunFailed: a loop that goes on stays on the every-N grid
             self.steps_seen += 1
+            self._carry.step = self.steps_seen
+            self._carry.sweep()
         if running_on:
             return
         if not self._explicit and self._due():
@@ -479,6 +484,7 @@ class Monitor:
                                             if p.requires_grad)
         trace.alternating = self.alternating or self.probe.competing
         trace.replaced_optimizers = list(self._replaced)
+        trace.grads_carried = self._carry.carried()
         trace.interim = interim
         return build_report(trace, self.selection, notes=notes)
 
@@ -585,9 +591,10 @@ class Monitor:
         self.close()
 
 
-def _release(probe: Probe, hooks: list, eager: EagerHold) -> None:
+def _release(probe: Probe, hooks: list, eager: EagerHold, carry: GradCarry) -> None:
     """What :meth:`Monitor.close` undoes, for a Monitor collected without it."""
     eager.release()
+    carry.disarm()
     for handle in hooks:
         handle.remove()
     hooks.clear()

@@ -10,6 +10,7 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 import weakref
@@ -493,6 +494,9 @@ class Probe:
         # Optimizers not given to the probe that stepped the model's parameters in the observed
         # step (a Monitor's loop that built a new one), seen where ``watch_others`` is set.
         self.watch_others = False
+        # A Monitor's watch on gradients carried from one optimizer step to the next (armed
+        # after each observed step's update; None in a check, whose loop zeroes them).
+        self.carry: Any = None
         self.unwatched: list = []
         # Weak references to every such optimizer seen so far.
         self.others: list = []
@@ -1376,6 +1380,8 @@ class Probe:
     def _after_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.observing and not self._foreign():
             self.update_sums += self._sampler(optimizer).after()
+            if self.carry is not None:
+                self.carry.arm(optimizer)
 
     def _sampler(self, optimizer: Any) -> UpdateSampler:
         found = self.samplers.get(id(optimizer))
@@ -1702,18 +1708,36 @@ def training_flags(model: nn.Module) -> dict:
             "settled_norms": _settled_norms(model) if model.training and eval_modules else []}
 
 
+# Running statistics have settled once their init's weight in them is at most this share.
+INIT_WEIGHT_LEFT = 0.1
+
+
 def _settled_norms(model: nn.Module) -> list:
     """Names of the BatchNorm-family modules in eval mode whose running statistics have seen
-    batches (``num_batches_tracked`` > 0): statistics kept frozen, not left at their init."""
-    norms = [(n, m.num_batches_tracked) for n, m in model.named_modules()
-             if not m.training and isinstance(m, nn.modules.batchnorm._NormBase)
-             and m.track_running_stats and isinstance(m.num_batches_tracked, torch.Tensor)]
+    enough batches that their init's weight in them is at most ``INIT_WEIGHT_LEFT``
+    (``(1 - momentum) ** num_batches_tracked``; any batch for a cumulative average, momentum
+    None): statistics kept frozen, not left at (or near) their init. One batch at momentum
+    0.1 leaves 90% of the init's: a from-scratch net whose BatchNorms ran once in train mode
+    and then stayed in eval did not learn (accuracy 0.127, as at the init's statistics)."""
+    norms = []
+    for name, m in model.named_modules():
+        if m.training or not isinstance(m, nn.modules.batchnorm._NormBase) or \
+                not m.track_running_stats or not isinstance(m.num_batches_tracked, torch.Tensor):
+            continue
+        momentum = m.momentum
+        if momentum is None or momentum >= 1:
+            needed = 1
+        elif momentum <= 0:
+            continue  # the statistics never move from their init
+        else:
+            needed = math.ceil(math.log(INIT_WEIGHT_LEFT) / math.log(1 - momentum))
+        norms.append((name, m.num_batches_tracked, needed))
     if not norms:
         return []
-    devices = {c.device for _, c in norms}
-    counts = (torch.stack([c.detach().reshape(()).double() for _, c in norms]).tolist()
-              if len(devices) == 1 else [float(c) for _, c in norms])
-    return [n for (n, _), count in zip(norms, counts) if count > 0]
+    devices = {c.device for _, c, _ in norms}
+    counts = (torch.stack([c.detach().reshape(()).double() for _, c, _ in norms]).tolist()
+              if len(devices) == 1 else [float(c) for _, c, _ in norms])
+    return [n for (n, _, needed), count in zip(norms, counts) if count >= needed]
 
 
 def scripted_part(model: nn.Module) -> Optional[str]:

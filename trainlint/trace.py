@@ -489,6 +489,9 @@ class RunTrace:
     # ``(step, the optimizers watched before, those watched after)`` where a Monitor's loop
     # began stepping the model with optimizers it was not given (built mid-run), as text.
     replaced_optimizers: list = field(default_factory=list)
+    # Observed steps whose gradients were still held, never reset, when their optimizer
+    # stepped next: optimizer.zero_grad() is not called between steps (TL502).
+    grads_carried: list = field(default_factory=list)
     # Judged mid-run, to stop it (a Monitor's ``fail_on``), not at the run's report: a rule
     # about the whole run (TL603) waits for more of it.
     interim: bool = False
