@@ -1,0 +1,104 @@
+"""Gradients carried from one optimizer step to the next (no zero_grad between steps): TL502 in
+a Monitor run, through a sentinel armed after each observed step until that optimizer's next
+step; loops that do reset .grad in time stay clean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _batch(g: torch.Generator, n: int = 32) -> tuple:
+    x = torch.randn(n, 8, generator=g)
+    return x, x[:, :4].argmax(1)
+
+
+@pytest.mark.parametrize("reset", ["none", "set_to_none", "zeros", "after_forward",
+                                   "after_step"])
+def test_carried_gradients_are_reported_and_reset_ones_are_not(reset: str) -> None:
+    """An SGD loop without zero_grad diverged (TL604 said to lower the rate and clip, which did
+    not help); zero_grad before the backward, after the forward, after the step, or in place
+    (set_to_none=False) resets .grad in time."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=5) as monitor:
+        for _ in range(40):
+            x, y = _batch(g)
+            if reset in ("set_to_none", "zeros"):
+                opt.zero_grad(set_to_none=reset == "set_to_none")
+            loss = F.cross_entropy(model(x), y)
+            if reset == "after_forward":
+                opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if reset == "after_step":
+                opt.zero_grad()
+            monitor.step(loss)
+        report = monitor.report()
+    carried = [f for f in report.findings if f.code == "TL502"]
+    if reset == "none":
+        [found] = carried
+        assert found.module == "" and found.evidence["carried_steps"][:3] == [0, 5, 10]
+        assert "optimizer.zero_grad()" in found.fix
+        diverged = [f for f in report.findings if f.code == "TL604"]
+        assert all(f.fix.startswith("call optimizer.zero_grad() every step first")
+                   for f in diverged)
+    else:
+        assert carried == [] and report.trace.grads_carried == []
+    assert not any(p._backward_hooks for p in model.parameters())
+    assert not opt._optimizer_step_pre_hooks
+
+
+def test_gradient_accumulation_with_a_step_per_micro_batch_is_not_reported() -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=3) as monitor:
+        for step in range(40):
+            x, y = _batch(g, 16)
+            loss = F.cross_entropy(model(x), y)
+            (loss / 4).backward()
+            if step % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+            monitor.step(loss)
+        assert monitor.report().trace.grads_carried == []
+
+
+def test_a_generator_backward_into_the_discriminator_before_its_zero_grad_is_not_reported():
+    """DCGAN's loop: the generator's loss backpropagates into the discriminator's .grad after
+    the discriminator stepped; the discriminator's zero_grad() resets it before its next
+    backward."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+    disc = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt_g = torch.optim.Adam(gen.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), 2e-4, betas=(0.5, 0.999))
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(gen, opt_g, every=5) as mon_g, \
+            trainlint.Monitor(disc, opt_d, every=5) as mon_d:
+        for _ in range(30):
+            real, fake = torch.randn(32, 8, generator=g), gen(torch.randn(32, 4, generator=g))
+            disc.zero_grad()
+            loss_d = F.binary_cross_entropy_with_logits(disc(real), torch.ones(32, 1)) + \
+                F.binary_cross_entropy_with_logits(disc(fake.detach()), torch.zeros(32, 1))
+            loss_d.backward()
+            opt_d.step()
+            mon_d.step(loss_d)
+            gen.zero_grad()
+            loss_g = F.binary_cross_entropy_with_logits(disc(fake), torch.ones(32, 1))
+            loss_g.backward()
+            opt_g.step()
+            mon_g.step(loss_g)
+        assert mon_d.report().trace.grads_carried == []
+        assert mon_g.report().trace.grads_carried == []
