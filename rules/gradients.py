@@ -28,6 +28,7 @@ from ._graph import (
     inside_attention_sublayer,
     layer_scaled_branches,
     output_layer,
+    output_nodes,
     quiet_branches,
     rms_of_input,
 )
@@ -139,7 +140,7 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
            "prefer ReLU/GELU to sigmoid/tanh; add normalization layers or residual "
            "connections")
     frozen = frozen_at_zero(trace) if early == 0 and where.grad_norm == 0 else None
-    if frozen == [] and _zero_init_ahead(trace):
+    if frozen == [] and _zero_init_ahead(trace, series):
         return  # the first update moves the weights at 0: the gradient flows from then on
     if frozen:
         fix = (f"the gradient at {where.label} is exactly 0, not faded: "
@@ -167,13 +168,26 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     )
 
 
-def _zero_init_ahead(trace: RunTrace) -> bool:
-    """Whether only the run's first step was observed and a weight the optimizer steps was
-    exactly 0 before it (MLP-Mixer's zero head, a diffusion U-Net's zero output conv, RWKV's
-    zero projections): everything behind it gets a gradient of exactly 0 at that step only,
-    by design (a Monitor with ``fail_on`` stopped such runs at step 0)."""
-    steps = [s["step"] for s in trace.per_step]
-    return steps == [0] and any(norm == 0 for norm in first_weight_norms(trace).values())
+def _zero_init_ahead(trace: RunTrace, series: list) -> bool:
+    """Whether only the run's first step was observed and a weight layer whose weight the
+    optimizer steps was exactly 0 before it, with every layer of ``series`` (the gradient's
+    path along depth) before it in forward order at a gradient of exactly 0 (MLP-Mixer's
+    zero head, a diffusion U-Net's zero output conv): everything behind it gets a gradient of
+    exactly 0 at that step only, by design (a Monitor with ``fail_on`` stopped such runs at
+    step 0). A zero weight off to the side (a LoRA B beside a decoder whose layers get a
+    gradient) does not excuse a cut before them, such as a ``round`` without a
+    straight-through estimator."""
+    if [s["step"] for s in trace.per_step] != [0]:
+        return False
+    order = {lt.node: i for i, lt in enumerate(trace.ordered_layers())}
+    for name, norm in first_weight_norms(trace).items():
+        at = [order[node] for node in output_nodes(trace, name) if node in order]
+        if norm != 0 or not at:
+            continue
+        before = [lt for lt in series if order.get(lt.node, len(order)) < min(at)]
+        if before and all(lt.grad_norm == 0 for lt in before):
+            return True
+    return False
 
 
 def _update_fade(trace: RunTrace, series: list, window: int) -> Optional[float]:
