@@ -94,8 +94,10 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     0.5% a step, under SGD the encoder 100x slower). A layer whose output goes into a ReLU
     layer with 90% or more of its units dead gets no gradient back through them: TL101 names
     that layer with its fix, and this rule leaves it. Gradients of exactly 0 seen at the run's
-    first step alone, with a weight the optimizer steps at exactly 0 then (MLP-Mixer's zero
-    head, a diffusion U-Net's zero output conv), are not judged yet: the first update moves
+    first step alone, at every layer before a weight the optimizer steps that was exactly 0
+    then (MLP-Mixer's zero head, a diffusion U-Net's zero output conv), are not judged yet: a
+    zero weight off to the side (a LoRA B beside layers that get a gradient) is no cause for
+    them. The first update moves
     that weight and the gradient flows behind it from the next step on (a Monitor with
     ``fail_on`` stopped such healthy runs at step 0).
 
