@@ -380,6 +380,24 @@ def test_a_model_file_inside_a_package_imports_as_pytest_does(tmp_path: Path) ->
     assert run.doc["run"]["batch_size"] == 16
 
 
+def test_a_model_file_without_relative_imports_is_imported_as_before(tmp_path: Path) -> None:
+    """Only a file with relative imports is imported inside its package: a package whose
+    __init__ needs what is not installed, or a base folder with a module of a sibling's name,
+    broke files that worked."""
+    pkg = tmp_path / "proj"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("import not_installed_anywhere\n")
+    (pkg / "proj_blocks_x7.py").write_text("import torch.nn as nn\n\n\ndef make():\n"
+                                           "    return nn.Linear(8, 4)\n")
+    (tmp_path / "proj_blocks_x7.py").write_text("# the repository's own helpers: no make()\n")
+    (pkg / "model.py").write_text("import torch\nfrom proj_blocks_x7 import make\n\n"
+                                  "model = make()\n\n\n"
+                                  "def get_batch():\n"
+                                  "    return torch.randn(16, 8), torch.randint(0, 4, (16,))\n")
+    run = cli(pkg / "model.py", "--format", "json", cwd=tmp_path.parent)
+    assert run.exit_code in (0, 1), run.stderr
+
+
 # ------------------------------------------------------------------ the model and loss
 
 def test_model_with_no_trainable_parameters() -> None:

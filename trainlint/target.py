@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -58,11 +59,11 @@ def import_file(path: Path) -> ModuleType:
     if path.suffix != ".py":
         raise TargetError(f"target must be a Python file such as model.py, got {path}")
     folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    base, package = package_of(path)
+    base, package = package_of(path) if _relative_imports(path) else (Path(), "")
     if package and str(base) not in sys.path:
         sys.path.insert(0, str(base))
+    if folder not in sys.path:  # ahead of the package's base: its siblings come first
+        sys.path.insert(0, folder)
     name = f"{package}.{path.stem}" if package else f"trainlint_target_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -157,6 +158,18 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise TargetError(usage)
     return shape
+
+
+RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.", re.MULTILINE)
+
+
+def _relative_imports(path: Path) -> bool:
+    """Whether the file has a relative import (``from .layers import ...``): only then is it
+    imported inside its package, whose ``__init__`` runs first."""
+    try:
+        return bool(RELATIVE_IMPORT.search(path.read_text(encoding="utf-8", errors="replace")))
+    except OSError:
+        return False
 
 
 def package_of(path: Path) -> tuple[Path, str]:
