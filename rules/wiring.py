@@ -56,17 +56,14 @@ def _library_owner(trace: RunTrace, module: str, unused: set,
     ``module`` itself when only some of its parameters are unused, else the nearest ancestor
     that is not a container (some of whose parameters train: ``module`` is the outermost
     unused one). None when user code owns them: a backbone a ``.detach()`` cuts off whole is
-    the user's model's part; so too when the owner is the model whose own forward did not run
-    (the training step called its submodules itself: their wiring is the user's)."""
+    the user's model's part."""
     inside = [p.name for p in trainable if not module or p.name.startswith(module + ".")]
     owner: Optional[str] = module
     if all(n in unused for n in inside):
         owner = next((a for a in ancestors(module)[1:]
                       if getattr(trace.modules.get(a), "base", "") not in _CONTAINERS), None)
     facts = trace.modules.get(owner) if owner is not None else None
-    if facts is None or facts.library not in _MODEL_LIBRARIES or (owner == "" and trace.rootless):
-        return None
-    return facts
+    return facts if facts is not None and facts.library in _MODEL_LIBRARIES else None
 
 
 def _reader(trace: RunTrace, owner: ModuleFacts) -> str:
@@ -300,9 +297,13 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  f"in {trace.observed_steps} observed step(s): {_listed(names)}; ")
         evidence = {"params": names, "observed_steps": trace.observed_steps}
         owner = _library_owner(trace, module, unused, trainable)
+        ran = any(lt.module == module or lt.module.startswith(module + ".")
+                  for lt in trace.layers) if module else False
+        if owner is not None and owner.name == "" and trace.rootless and ran:
+            # The model's own forward did not run: the training step called these modules
+            # itself and cut them off (model.bert(...).detach()); that wiring is the user's.
+            owner = None
         if owner is not None:
-            ran = any(lt.module == module or lt.module.startswith(module + ".")
-                      for lt in trace.layers) if module else False
             use = (f"they run, but the loss does not depend on their output here "
                    f"({_reader(trace, owner)} reads another output)" if ran
                    else "its forward does not use them here")
