@@ -76,6 +76,11 @@ def test_unknown_codes_are_reported_and_the_rest_still_apply(source: Path) -> No
 @pytest.mark.parametrize("comment, suppressed", [
     ("# trainlint: ignore [TL102]", {"TL102"}),  # a space before the list
     ("# trainlint: ignore  legacy layer, see #12", {"TL101", "TL102"}),  # a bare one, a reason
+    ("# trainlint: ignore (kept on purpose, see the design doc)", {"TL101", "TL102"}),
+    ("# trainlint: ignore. reason", {"TL101", "TL102"}),
+    ("# trainlint: ignore; reason", {"TL101", "TL102"}),
+    ("# trainlint: ignore (dead-relu)", None),
+    ("# trainlint: ignore:TL9", None),
     ("# trainlint: ignore[TL102", None),
     ("# trainlint: ignore: TL102", None),
     ("# trainlint: ignore(TL102)", None),

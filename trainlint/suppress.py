@@ -39,20 +39,29 @@ def resolve_ignores(table: Mapping[str, Iterable[str]]) -> dict[str, frozenset]:
     return {pattern: frozenset(resolve_codes(list(codes))) for pattern, codes in table.items()}
 
 
+# The first word after ``ignore`` and any punctuation: a code list written the wrong way
+# names a rule there (``ignore: TL102``, ``ignore(dead-relu)``).
+_FIRST_WORD = re.compile(r"^[\s:(={;.,\-]*([A-Za-z][\w-]*)")
+
+
 def _code_list(rest: str) -> object:
     """What follows ``trainlint: ignore`` in a comment: the text of its code list (``[...]``,
-    a space before it allowed), None for a bare ignore (nothing, or words after a space: a
-    reason), or MALFORMED (``ignore: TL102``, ``ignore(TL102)``, an unclosed bracket), which
-    suppresses nothing: a typo must not switch every rule off."""
+    a space before it allowed), None for a bare ignore (nothing, or a reason: ``ignore (kept
+    on purpose)``), or MALFORMED where a rule is named outside brackets (``ignore: TL102``,
+    ``ignore(TL102)``) or the bracket is not closed, which suppresses nothing: a typo must not
+    switch every rule off."""
     stripped = rest.lstrip()
     if stripped.startswith("["):
         end = stripped.find("]")
         return stripped[1:end] if end > 0 else MALFORMED
-    if not stripped or stripped.startswith("#"):
+    word = _FIRST_WORD.match(rest)
+    if word is None:
         return None
-    if stripped == rest or stripped[0] in ":(={":
-        return MALFORMED
-    return None
+    try:
+        resolve_codes([word.group(1)])
+    except ConfigError:
+        return MALFORMED if re.fullmatch(r"TL\d*", word.group(1), re.IGNORECASE) else None
+    return MALFORMED
 
 
 def _codes_in(spec: Optional[str], where: str, notes: list) -> frozenset:
