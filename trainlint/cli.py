@@ -103,7 +103,7 @@ def check_writable(path: Path, option: str) -> None:
         if not os.access(path, os.W_OK):
             raise TrainlintError(f"cannot write {path} ({option}): permission denied")
         return
-    folder = path.parent
+    folder = path.resolve().parent  # a symbolic link's file is replaced where it points
     if not folder.is_dir():
         raise TrainlintError(f"cannot write {path}: folder {folder} does not exist ({option})")
     try:
