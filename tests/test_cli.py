@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -414,3 +415,27 @@ def test_text_numbers_match_the_json(text_runs: dict) -> None:
             assert cells[6] == "-"
         else:
             assert float(cells[6]) == pytest.approx(gradient["norm"], rel=5e-3)
+
+
+@pytest.mark.parametrize("fmt", ["sarif", "junit", "json"])
+def test_a_file_name_that_is_not_utf8_gives_well_formed_reports(tmp_path: Path, fmt: str) -> None:
+    """A name's byte 0xff (held by Python as a lone surrogate) made SARIF and --output fail
+    with an internal error, and JUnit on stdout was no XML."""
+    import xml.etree.ElementTree as ElementTree
+
+    name = os.fsdecode(b"m\xffx.py")
+    (tmp_path / name).write_text((FIXTURES / "dead_relu.py").read_text())
+    run = run_cli(["check", name, "--format", fmt], cwd=tmp_path)
+    assert run.exit_code == 1, run.stderr
+    run.stdout.encode("utf-8")  # no lone surrogate left
+    if fmt == "junit":
+        ElementTree.fromstring(run.stdout)
+    else:
+        doc = json.loads(run.stdout)
+        if fmt == "sarif":
+            [result] = doc["runs"][0]["results"]
+            uri = result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+            assert uri == "m%FFx.py"
+    out = tmp_path / f"report.{fmt}"
+    assert run_cli(["check", name, "--format", fmt, "--output", out], cwd=tmp_path).exit_code == 1
+    assert out.read_text(encoding="utf-8")

@@ -53,6 +53,13 @@ def _internal_error(exc: BaseException, fmt: Optional[str] = None) -> None:
     sys.exit(2)
 
 
+def displayable(text: str) -> str:
+    """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (which Python holds
+    as lone surrogates) become U+FFFD, so JSON, SARIF and JUnit stay well-formed."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") \
+        .encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def new_file_mode() -> int:
     """The mode ``open(path, "w")`` would give a new file (mkstemp's own is 0600)."""
     umask = os.umask(0o022)
@@ -189,7 +196,7 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
             report, fail_on = run_check(options)
         if write_baseline is not None:
             _write_baseline(report, write_baseline)
-        text = render(report, fmt, fail_on=fail_on)
+        text = displayable(render(report, fmt, fail_on=fail_on))
         if output is not None:
             try:
                 write_atomic(output, text)

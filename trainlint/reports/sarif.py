@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -23,7 +24,8 @@ SUPPRESSION_KINDS = {"inline": "inSource", "config": "external"}
 
 def fingerprint(code: str, module: str, target: str) -> str:
     """Stable across reruns: the rule, the module and the target, nothing measured."""
-    return hashlib.sha256(f"{code}\0{module}\0{target}".encode()).hexdigest()[:32]
+    text = f"{code}\0{module}\0{target}"  # a file name not in UTF-8 holds lone surrogates
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def _section(doc: str, title: str) -> str:
@@ -46,9 +48,11 @@ def _descriptor(r: Rule) -> dict:
 
 def _uri(path: str) -> str:
     """Repo-relative POSIX path when ``path`` is relative, else a file:// URI; percent-encoded
-    either way (a space or ``#`` in a folder name is not a URI's)."""
+    either way (a space or ``#`` in a folder name is not a URI's; a name's bytes that are not
+    UTF-8 are percent-encoded as the bytes they are)."""
     p = Path(path)
-    return p.as_uri() if p.is_absolute() else quote(p.as_posix(), safe="/")
+    quoted = quote(os.fsencode(p.as_posix()), safe="/")
+    return "file://" + quoted if p.is_absolute() else quoted
 
 
 def _result(report: Report, f: Finding, index: int,
