@@ -164,10 +164,18 @@ def chance_level(trace: RunTrace) -> Optional[tuple[int, float]]:
 TRAINED_BELOW = 0.5
 
 
+def micro_batches(trace: RunTrace) -> int:
+    """The micro-batches per optimizer step where ``monitor.step()`` runs per micro-batch of
+    gradient accumulation: the longest an observation ran on to its optimizer step (one that
+    began at a window's first micro-batch spans it all); 1 otherwise."""
+    return max([s["step"] - s.get("started", s["step"]) + 1 for s in trace.per_step] or [1])
+
+
 # Mid-run (a Monitor's fail_on), TL603 judges a loss curve spanning at least this many
-# training steps (and NOISE_POINTS observed steps): healthy runs that sat on a plateau first
+# optimizer steps (and NOISE_POINTS observed steps): healthy runs that sat on a plateau first
 # were stopped by it: a GRU seq2seq near ln(40) until step ~60 (every=10: stopped at step 50),
-# an LSTM LM for ~30 steps, a VAE for 50, a multi-label BCE MLP at every=5 at step 25.
+# an LSTM LM for ~30 steps, a VAE for 50, a multi-label BCE MLP at every=5 at step 25, and a
+# tiny BERT whose monitor.step() ran per micro-batch (4 per step) after 200 micro-batches.
 INTERIM_STEPS = 200
 
 
@@ -275,7 +283,8 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     10.6%). It needs at least
     ``min_points`` observed steps with a finite loss (NaN/Inf losses are TL604's); medians
     make it robust to noisy batches. Judged mid-run to stop it (a Monitor's ``fail_on``), it
-    waits for ``NOISE_POINTS`` observed steps over ``INTERIM_STEPS`` (200) training steps:
+    waits for ``NOISE_POINTS`` observed steps over ``INTERIM_STEPS`` (200) optimizer steps
+    (micro-batches of gradient accumulation counted as the steps they make up):
     healthy runs sit on a plateau first (a GRU seq2seq near ln(40) for ~60 steps was stopped at
     step 50, an LSTM LM's ~30 steps at step 22); the run's report judges what it saw. A
     Monitor created once training had begun (its optimizer
@@ -342,10 +351,11 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         per = " (each one batch's loss: every=1)" if single and needed > t.min_points else ""
         raise Skip(f"it needs at least {needed} observed steps with a loss{per}; "
                    f"saw {len(curve)}")
-    span = curve[-1][0] - curve[0][0]
+    # Optimizer steps, where monitor.step() runs per micro-batch of gradient accumulation.
+    span = (curve[-1][0] - curve[0][0]) // micro_batches(trace)
     if trace.interim and (len(curve) < NOISE_POINTS or span < INTERIM_STEPS):
         raise Skip(f"judged mid-run to stop it (fail_on), it waits for {NOISE_POINTS} observed "
-                   f"steps with a loss over {INTERIM_STEPS} training steps (healthy runs sit "
+                   f"steps with a loss over {INTERIM_STEPS} optimizer steps (healthy runs sit "
                    f"on a plateau for tens of steps first); so far {len(curve)} over {span}: "
                    "the run's report judges what it saw")
     third = len(curve) // 3

@@ -788,3 +788,20 @@ def test_tl603_mid_run_it_waits_for_enough_of_the_run(points, every, judged):
     else:
         with pytest.raises(Skip, match="mid-run"):
             hits("TL603", flat)
+
+
+@pytest.mark.parametrize("every, judged", [(40, False), (43, True)])
+def test_tl603_mid_run_counts_optimizer_steps_under_micro_batch_monitoring(every, judged):
+    """monitor.step() per micro-batch, 4 per optimizer step (an observation began at a
+    window's first micro-batch ran on over 4): 20 points spanning 760 micro-batches are 190
+    optimizer steps, too few to stop a run; 817 are 204."""
+    flat = trace([], mode="monitor", per_step=steps(*[2.0] * run.NOISE_POINTS, every=every,
+                                                    key="loss_mean"))
+    flat.per_step[1]["started"] = flat.per_step[1]["step"] - 3
+    flat.interim = True
+    assert run.micro_batches(flat) == 4
+    if judged:
+        assert hits("TL603", flat)
+    else:
+        with pytest.raises(Skip, match="optimizer steps"):
+            hits("TL603", flat)

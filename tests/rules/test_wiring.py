@@ -562,3 +562,19 @@ def test_tl505_factors_stuck_behind_a_layer_frozen_at_zero_name_that_layer():
     t.layers.append(point("gate", "ZeroConv", depth=9))
     [found] = [h for h in hits("TL505", t) if "exactly 0" in h.message]
     assert "let 'gate' train" in found.fix and "kaiming_uniform_" not in found.fix
+
+
+@pytest.mark.parametrize("seen", [wiring.INTERIM_STEPS_SEEN - 1, wiring.INTERIM_STEPS_SEEN])
+def test_tl505_mid_run_it_waits_for_as_many_steps_as_a_check(seen):
+    """At step 0 alone, fail_on stopped a multi-task model whose other task's head idled that
+    step, and a transformer whose block LayerDrop skipped; both trained."""
+    params = [param("body.weight", (4, 4)),
+              param("head_b.weight", (4, 4), grad_steps=0, grad_norm=None)]
+    idle = trace([], params=params, observed_steps=seen, mode="monitor")
+    assert hits("TL505", idle)
+    idle.interim = True
+    if seen >= wiring.INTERIM_STEPS_SEEN:
+        assert hits("TL505", idle)
+    else:
+        with pytest.raises(Skip, match="mid-run"):
+            hits("TL505", idle)
