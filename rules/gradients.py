@@ -411,9 +411,10 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     gradient: the fix drops it first (TL503's and TL504's fixes then name that batch too).
 
     In a Monitor run it also fires when gradients are carried from one optimizer step to the
-    next: after each observed step it watches one parameter of the optimizer that stepped,
-    until that optimizer's next step, for whether its ``.grad`` was reset (to ``None``, or to
-    zeros by ``zero_grad(set_to_none=False)``) before the next gradient was added. When it
+    next: after each observed step it watches up to four parameters of the optimizer that
+    stepped (the first, the last and between), until that optimizer's next step, for whether
+    each one's ``.grad`` was reset (to ``None``, to zeros by ``zero_grad(set_to_none=False)``,
+    or assigned anew, as after ``torch.autograd.grad``) before the next gradient was added. When it
     never was, ``optimizer.zero_grad()`` is not called between steps: each step applies the sum
     of every gradient so far, a step that grows without bound (an AdamW fine-tune reached
     accuracy 0.506 against 0.957, its gradient norm at the step growing from 3 to 138; SGD

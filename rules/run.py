@@ -166,9 +166,10 @@ TRAINED_BELOW = 0.5
 
 def micro_batches(trace: RunTrace) -> int:
     """The micro-batches per optimizer step where ``monitor.step()`` runs per micro-batch of
-    gradient accumulation: the longest an observation ran on to its optimizer step (one that
-    began at a window's first micro-batch spans it all); 1 otherwise."""
-    return max([s["step"] - s.get("started", s["step"]) + 1 for s in trace.per_step] or [1])
+    gradient accumulation: the most an observation ran on over to its optimizer step (one that
+    began at a window's first micro-batch spans it all; steps a GradScaler skipped do not
+    count); 1 otherwise."""
+    return max([s.get("micro_batches", 1) for s in trace.per_step] or [1])
 
 
 # Mid-run (a Monitor's fail_on), TL603 judges a loss curve spanning at least this many

@@ -417,8 +417,8 @@ def _common_module(modules: list) -> str:
 
 def _trained_elsewhere(trace: RunTrace, trainable: int) -> Hit:
     """TL506 for a loss that runs through trainable tensors outside the model and its
-    optimizer while none of the model's parameters got a gradient: the optimizer steps
-    parameters the loss does not use (a copy of the model trained in its place)."""
+    optimizer while none of the model's parameters got a gradient and that optimizer stepped:
+    it steps parameters the loss does not use (a copy of the model trained in its place)."""
     copy = (" They have the shapes of the model's parameters, one for one: a copy of the model "
             "(copy.deepcopy, or a model rebuilt, after the optimizer was built) is trained in "
             "its place." if trace.foreign_copy else "")
@@ -427,8 +427,8 @@ def _trained_elsewhere(trace: RunTrace, trainable: int) -> Hit:
         message=(f"the loss given to monitor.step() runs through {trace.foreign_params} trainable "
                  f"tensor(s) that are neither the model's nor in its optimizer, while none of "
                  f"the model's {trainable} trainable parameter(s) got a gradient in "
-                 f"{trace.observed_steps} observed step(s): the optimizer steps parameters the "
-                 f"loss does not use, and no optimizer updates those it does.{copy}"),
+                 f"{trace.observed_steps} observed step(s): the optimizer given steps "
+                 f"parameters the loss does not use, and not those it does.{copy}"),
         fix=("build the optimizer from the parameters of the module the training step runs, "
              "after any copy.deepcopy or rebuild that makes new ones, and give that module to "
              "the Monitor"),
@@ -455,7 +455,8 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     ``opt = Adam(model.backbone.parameters())`` while ``model.head`` is trainable.
 
     In a Monitor run, a loss that runs through trainable tensors outside the model and its
-    optimizer while none of the model's parameters gets a gradient is reported too: the
+    optimizer while none of the model's parameters gets a gradient, and that optimizer steps,
+    is reported too: the
     optimizer steps parameters the loss does not use (a ``copy.deepcopy`` of the model made
     after the optimizer was built, and trained in its place: the finding says so when those
     tensors have the model's parameter shapes one for one).
@@ -477,8 +478,8 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
         return
     if all(p.in_optimizer is None for p in trainable):
         raise Skip("no optimizer was given (pass optimizer= to the Monitor)")
-    if trace.foreign_params and not trace.adversarial and trace.observed_steps and \
-            all(p.grad_steps == 0 for p in trainable):
+    if trace.foreign_params and not trace.adversarial and trace.optimizer_stepped and \
+            trace.observed_steps and all(p.grad_steps == 0 for p in trainable):
         yield _trained_elsewhere(trace, len(trainable))
         return
     missing = {p.name for p in trainable if p.in_optimizer is False

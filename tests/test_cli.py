@@ -417,11 +417,15 @@ def test_text_numbers_match_the_json(text_runs: dict) -> None:
             assert float(cells[6]) == pytest.approx(gradient["norm"], rel=5e-3)
 
 
-@pytest.mark.parametrize("fmt", ["sarif", "junit", "json"])
-def test_a_file_name_that_is_not_utf8_gives_well_formed_reports(tmp_path: Path, fmt: str) -> None:
-    """A name's byte 0xff (held by Python as a lone surrogate) made SARIF and --output fail
-    with an internal error, and JUnit on stdout was no XML."""
+@pytest.mark.parametrize("fmt", ["sarif", "junit", "json", "github"])
+def test_a_file_name_that_is_not_utf8_gives_well_formed_reports(
+        tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name's byte 0xff (held by Python as a lone surrogate) made SARIF, --output and the
+    GitHub job summary fail with an internal error, and JUnit on stdout was no XML."""
     import xml.etree.ElementTree as ElementTree
+
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
 
     name = os.fsdecode(b"m\xffx.py")
     (tmp_path / name).write_text((FIXTURES / "dead_relu.py").read_text())
@@ -430,6 +434,8 @@ def test_a_file_name_that_is_not_utf8_gives_well_formed_reports(tmp_path: Path, 
     run.stdout.encode("utf-8")  # no lone surrogate left
     if fmt == "junit":
         ElementTree.fromstring(run.stdout)
+    elif fmt == "github":
+        assert "TL101" in summary.read_text(encoding="utf-8")
     else:
         doc = json.loads(run.stdout)
         if fmt == "sarif":

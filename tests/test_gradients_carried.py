@@ -102,3 +102,43 @@ def test_a_generator_backward_into_the_discriminator_before_its_zero_grad_is_not
             mon_g.step(loss_g)
         assert mon_d.report().trace.grads_carried == []
         assert mon_g.report().trace.grads_carried == []
+
+
+def _loop(model: nn.Module, opt: torch.optim.Optimizer, step_fn, steps: int = 30) -> list:
+    """The observed steps with carried gradients over ``steps`` of ``step_fn(x, y)``."""
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=5) as monitor:
+        for _ in range(steps):
+            monitor.step(step_fn(*_batch(g)))
+        return monitor.report().trace.grads_carried
+
+
+def test_gradients_assigned_by_the_loop_each_step_are_not_carried() -> None:
+    """MAML's meta-gradients and PCGrad assign .grad from torch.autograd.grad: each step
+    replaces it (measured: the same loss and accuracy as zero_grad + backward; TL502 said
+    'accumulate', and fail_on stopped the run at step 5)."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def assigned(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        for p, grad in zip(model.parameters(), torch.autograd.grad(loss, model.parameters())):
+            p.grad = grad
+        opt.step()
+        return loss
+    assert _loop(model, opt, assigned) == []
+
+
+def test_zeroing_only_part_of_the_model_is_reported() -> None:
+    """model[0].zero_grad() alone: the head carried its gradients (loss 1.45 -> 45.9), and the
+    one parameter once watched, the first, was reset."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def partial(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        model[0].zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+    assert _loop(model, opt, partial)[:3] == [0, 5, 10]

@@ -56,3 +56,23 @@ def test_a_model_trained_through_another_network_is_not_reported() -> None:
     model = _net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     assert _run(model, model, opt) == []
+
+
+def test_a_monitored_part_whose_optimizer_never_steps_is_not_reported() -> None:
+    """A Monitor on an encoder cut off by .detach(), with its own optimizer that the loop never
+    steps, while another optimizer trains the head: the optimizer given steps nothing, so it
+    is not stepping parameters the loss does not use."""
+    torch.manual_seed(0)
+    encoder, head = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 4)
+    idle = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    trained = torch.optim.Adam(head.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(encoder, idle, every=5) as monitor:
+        for _ in range(20):
+            x = torch.randn(32, 8, generator=g)
+            loss = F.cross_entropy(head(encoder(x).detach()), x[:, :4].argmax(1))
+            trained.zero_grad()
+            loss.backward()
+            trained.step()
+            monitor.step(loss)
+        assert [f for f in monitor.report().findings if f.code == "TL506"] == []

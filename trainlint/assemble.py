@@ -255,9 +255,12 @@ class TraceBuilder:
         self.checkpointed: set = set()
         self.gradless: set = set()  # (see ProbeSnapshot.gradless)
 
-    def add(self, snap: ProbeSnapshot, step: int, started: Optional[int] = None) -> None:
+    def add(self, snap: ProbeSnapshot, step: int, started: Optional[int] = None,
+            micro_batches: int = 1) -> None:
         """Fold one observed step into the run (``started``: the step its observation began
-        at, where it ran on over micro-batches of gradient accumulation)."""
+        at, where it ran on over micro-batches of gradient accumulation or was retried after
+        steps a GradScaler skipped; ``micro_batches``: the steps it ran on over, its own
+        included, before an optimizer step ended it)."""
         self.observed += 1
         self.points.update(snap.points)
         self.checkpointed.update(snap.checkpointed)
@@ -278,6 +281,8 @@ class TraceBuilder:
         step_info: dict = {"step": step}
         if started is not None and started != step:
             step_info["started"] = started
+        if micro_batches > 1:
+            step_info["micro_batches"] = micro_batches
         nonfinite: dict = {"activations": {}, "gradients": {},
                            "inputs": sorted({name for name, in snap.nonfinite_inputs}),
                            "modules": [[name, self.points[key].depth if key in self.points

@@ -209,7 +209,7 @@ def check(target: str, steps: Optional[int], batch_size: Optional[int],
         if plot is not None:
             report.plot(str(plot))
         if fmt == "github":
-            _step_summary(render(report, "markdown", fail_on=fail_on))
+            _step_summary(displayable(render(report, "markdown", fail_on=fail_on)))
     except TrainlintError as exc:
         _fail(exc, fmt)
     except SystemExit as exc:  # the user's code called sys.exit() (or exit()) during the check

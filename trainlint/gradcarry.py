@@ -1,16 +1,20 @@
 """Gradients carried over from one optimizer step to the next: ``optimizer.zero_grad()`` not
 called between steps, so each step applies the sum of every gradient so far (TL502).
 
-After an observed optimizer step, one of its parameters that had a gradient gets a tensor hook
-(it runs with each new gradient, before it is added to ``.grad``) and the optimizer a step
-pre-hook, both for that optimizer's next step only. The hook notes whether ``.grad`` was reset
-since (``None``, or all zeros for ``zero_grad(set_to_none=False)``); at the next step the
-verdict is whether it never was. Two hooks per observed step, one call each: nothing runs on
-the steps between. Values are compared on the device and read at the report.
+After an observed optimizer step, up to ``WATCHED`` of its parameters that had a gradient
+(spread over its parameter list: the first, the last and between) get a tensor hook (it runs
+with each new gradient, before it is added to ``.grad``) and the optimizer a step pre-hook,
+for that optimizer's next step only. A parameter carried its gradient when, at that step, its
+``.grad`` is still the tensor the observed step applied, never set to ``None`` nor zeroed in
+place (``zero_grad(set_to_none=False)``) before a new gradient came: backward added to it.
+A ``.grad`` the loop assigned anew (``p.grad = g`` after ``torch.autograd.grad``) is a reset.
+The values are compared on the device (a strided sample of ``SAMPLE`` elements) and read at
+the report; nothing runs on the steps between.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -19,39 +23,63 @@ from .optimizers import optimizer_params
 
 # Elements of .grad read to tell a reset (all zeros) from held values.
 SAMPLE = 4096
+# Parameters watched per optimizer (a loop may zero only part of the model).
+WATCHED = 4
 
 
-class _Sentinel:
-    """The watch on one optimizer's gradients from an observed step to its next step."""
+class _Watch:
+    """One parameter's ``.grad`` from an observed step to its optimizer's next step."""
 
-    def __init__(self, owner: GradCarry, optimizer: Any, param: torch.Tensor, step: int) -> None:
-        self.owner, self.step, self.param = owner, step, param
-        self.reset = self.done = False
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param = param
+        self.applied = weakref.ref(param.grad)  # the tensor the observed step applied
+        self.reset = False
         self.kept: list = []  # per new gradient: a device bool, .grad held values then
-        self.on_gradient = param.register_hook(self._on_gradient)
-        # Taken off at the next arm or at disarm, not by itself: torch is iterating the
-        # optimizer's pre-hooks when it runs.
-        self.on_step = optimizer.register_step_pre_hook(self._on_next_step)
+        self.handle = param.register_hook(self._on_gradient)
 
     def _on_gradient(self, grad: torch.Tensor) -> None:
         held = self.param.grad
-        if held is None:
+        if held is None or held is not self.applied():
             self.reset = True
         elif not self.reset:  # a strided sample: zeros in place read as zeros throughout
             flat = held.detach().reshape(-1)
             self.kept.append(flat[::max(1, flat.numel() // SAMPLE)].ne(0).any())
 
+    def carried(self) -> Any:
+        """A device bool (the gradient was added to held values), or None (it was reset, was
+        replaced, or no new gradient came)."""
+        if self.reset or not self.kept or self.param.grad is not self.applied():
+            return None
+        return torch.stack(self.kept).all()
+
+
+class _Sentinel:
+    """The watch on one optimizer's gradients from an observed step to its next step."""
+
+    def __init__(self, owner: GradCarry, optimizer: Any, params: list, step: int) -> None:
+        self.owner, self.step = owner, step
+        self.done = False
+        self.watches = [_Watch(p) for p in params]
+        # Taken off at the next arm or sweep, not by itself: torch is iterating the
+        # optimizer's pre-hooks when it runs.
+        self.on_step = optimizer.register_step_pre_hook(self._on_next_step)
+
     def _on_next_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         if self.done:
             return
         self.done = True
-        self.on_gradient.remove()
-        if not self.reset and self.kept:  # a backward ran and never found .grad reset
-            self.owner.verdicts.append((self.step, torch.stack(self.kept).all()))
-        self.kept = []
+        verdicts = [v for v in (w.carried() for w in self.watches) if v is not None]
+        for watch in self.watches:
+            watch.handle.remove()
+            watch.kept = []
+        if verdicts:
+            device = verdicts[0].device
+            self.owner.verdicts.append(
+                (self.step, torch.stack([v.to(device) for v in verdicts]).any()))
 
     def remove(self) -> None:
-        self.on_gradient.remove()
+        for watch in self.watches:
+            watch.handle.remove()
         self.on_step.remove()
 
 
@@ -71,10 +99,13 @@ class GradCarry:
                 return  # already watched from an earlier observed step
             watching.remove()  # spent at this step's start: torch has run its pre-hooks
             del self.pending[id(optimizer)]
-        param = next((p for p in optimizer_params([optimizer])
-                      if p.requires_grad and p.grad is not None), None)
-        if param is not None:
-            self.pending[id(optimizer)] = _Sentinel(self, optimizer, param, self.step)
+        with_grad = [p for p in optimizer_params([optimizer])
+                     if p.requires_grad and p.grad is not None]
+        if with_grad:
+            picks = sorted({round(i * (len(with_grad) - 1) / max(WATCHED - 1, 1))
+                            for i in range(WATCHED)})
+            self.pending[id(optimizer)] = _Sentinel(
+                self, optimizer, [with_grad[i] for i in picks], self.step)
 
     def sweep(self) -> None:
         """Take off the sentinels spent since (at their optimizer's next step)."""

@@ -320,7 +320,8 @@ class Monitor:
             self.batch_size = local_batch
         if all(b is not None for b in batches):
             self.global_batch_size = sum(batches)
-        self.builder.add(snap, self.steps_seen, started=self._opened_at)
+        self.builder.add(snap, self.steps_seen, started=self._opened_at,
+                         micro_batches=self._ran_on + 1)
         if self.sink is not None:
             step = self.steps_seen if self.log_step is None else self.log_step
             self.sink(step_scalars(self.builder.per_step[-1]), step)
@@ -485,6 +486,7 @@ class Monitor:
         trace.alternating = self.alternating or self.probe.competing
         trace.replaced_optimizers = list(self._replaced)
         trace.grads_carried = self._carry.carried()
+        trace.optimizer_stepped = self.probe.own_step_seen
         trace.interim = interim
         return build_report(trace, self.selection, notes=notes)
 

@@ -463,6 +463,8 @@ class RunTrace:
     # Those tensors have the shapes of the model's trainable parameters, one for one: a copy
     # of the model (``copy.deepcopy`` after the optimizer was built) trained in its place.
     foreign_copy: bool = False
+    # A Monitor's optimizer ran its own step() at an observed step.
+    optimizer_stepped: bool = False
     # This loss runs through another live Monitor's model, or that one's through this model,
     # one way only (a GAN's generator and discriminator; both ways is one model in two
     # halves): its loss level shows how the two compete.

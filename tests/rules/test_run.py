@@ -797,7 +797,7 @@ def test_tl603_mid_run_counts_optimizer_steps_under_micro_batch_monitoring(every
     optimizer steps, too few to stop a run; 817 are 204."""
     flat = trace([], mode="monitor", per_step=steps(*[2.0] * run.NOISE_POINTS, every=every,
                                                     key="loss_mean"))
-    flat.per_step[1]["started"] = flat.per_step[1]["step"] - 3
+    flat.per_step[1]["micro_batches"] = 4
     flat.interim = True
     assert run.micro_batches(flat) == 4
     if judged:
