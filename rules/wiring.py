@@ -415,6 +415,22 @@ def _common_module(modules: list) -> str:
     return next(a for a in ancestors(modules[0]) if all(a in ancestors(m) for m in modules))
 
 
+def _unregistered(holders: dict) -> Hit:
+    """TL506 for layers or Parameters the loss uses that sit in plain Python containers."""
+    listed = ", ".join(f"{name!r} ({count})" for name, count in sorted(holders.items()))
+    return Hit(
+        module="",
+        message=(f"{sum(holders.values())} trainable tensor(s) the loss depends on sit in plain "
+                 f"Python lists, tuples or dicts the model does not register: {listed}; "
+                 "model.parameters(), and an optimizer built from it, leave them out, so they "
+                 "never train (nor move with .to(), nor reach state_dict())"),
+        fix=("hold those layers in nn.ModuleList / nn.ModuleDict (Parameters in "
+             "nn.ParameterList / nn.ParameterDict) instead of a list, tuple or dict, and build "
+             "the optimizer after"),
+        evidence={"holders": dict(holders)},
+    )
+
+
 def _trained_elsewhere(trace: RunTrace, trainable: int) -> Hit:
     """TL506 for a loss that runs through trainable tensors outside the model and its
     optimizer while none of the model's parameters got a gradient and that optimizer stepped:
@@ -454,6 +470,11 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     ## Example
     ``opt = Adam(model.backbone.parameters())`` while ``model.head`` is trainable.
 
+    Layers the loss uses that sit in a plain Python list, tuple or dict attribute
+    (``self.proj = [nn.Linear(...), ...]`` instead of ``nn.ModuleList``) are reported too:
+    the model does not register them, so ``model.parameters()`` leaves them out (a GRU
+    seq2seq whose output projections sat in a list stayed at loss 2.01 against 0.52).
+
     In a Monitor run, a loss that runs through trainable tensors outside the model and its
     optimizer while none of the model's parameters gets a gradient, and that optimizer steps,
     is reported too: the
@@ -473,6 +494,8 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     only one group): ``[model.get_parameter("head.bias")]``; if they are frozen on purpose,
     ``requires_grad_(False)`` them.
     """
+    if trace.unregistered:
+        yield _unregistered(trace.unregistered)
     trainable = [p for p in trace.params if p.requires_grad]
     if not trainable:
         return

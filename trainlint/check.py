@@ -32,6 +32,7 @@ from .probe import (
     frozen,
     scripted_part,
 )
+from .registration import unregistered_holders
 from .report import Report, build_report
 from .state import restore, snapshot
 from .usercode import flat_message, raised_by_trainlint, user_traceback
@@ -71,7 +72,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                  "loss_soft_targets": False,
                  "num_classes": None,
                  "batch_size": None,
-                 "graph_output": None}
+                 "graph_output": None,
+                 "unregistered": {}}
     try:
         probe.attach()
         held = train_mode(model)
@@ -94,7 +96,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                           loss_items=run["loss_items"],
                           loss_soft_targets=run["loss_soft_targets"],
                           amp_dtype=probe.autocast,
-                          num_classes=run["num_classes"])
+                          num_classes=run["num_classes"],
+                          unregistered=run["unregistered"])
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
 
@@ -317,6 +320,7 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             # Before the backward frees the saved values: a sum's divisor tells a count
             # (a mean) from another number.
             graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
+            run["unregistered"] = unregistered_holders(model, graph.foreign_ids)
         phase = "backward"
         loss.backward()
         phase = "optimizer step"

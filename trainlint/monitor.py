@@ -31,6 +31,7 @@ from .probe import (
     scripted_part,
     training_forward,
 )
+from .registration import unregistered_holders
 from .report import FAIL_LEVELS, Report, build_report
 from .sinks import make_sink, step_scalars
 from .stats import G
@@ -487,6 +488,8 @@ class Monitor:
         trace.replaced_optimizers = list(self._replaced)
         trace.grads_carried = self._carry.carried()
         trace.optimizer_stepped = self.probe.own_step_seen
+        if graph is not None:
+            trace.unregistered = unregistered_holders(self.model, graph.foreign_ids)
         trace.interim = interim
         return build_report(trace, self.selection, notes=notes)
 

@@ -463,6 +463,9 @@ class RunTrace:
     # Those tensors have the shapes of the model's trainable parameters, one for one: a copy
     # of the model (``copy.deepcopy`` after the optimizer was built) trained in its place.
     foreign_copy: bool = False
+    # Plain list/tuple/dict attributes of the model (dotted names) holding layers or
+    # Parameters the loss depends on that the model does not register: {name: count}.
+    unregistered: dict = field(default_factory=dict)
     # A Monitor's optimizer ran its own step() at an observed step.
     optimizer_stepped: bool = False
     # This loss runs through another live Monitor's model, or that one's through this model,
