@@ -305,7 +305,9 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     where a rare category's column sits when the category is absent, as likely as
     ``RARE_CHANCE`` over the features to be all a batch shows (StandardScaler on one-hot
     columns or seldom inked pixels). An input constant all over is flagged
-    unless it is all 0 (an empty placeholder). Inputs of one value per sample (timesteps,
+    unless it is all 0 (an empty placeholder) or, but for images, all 1 (a float mask with
+    nothing masked: a time-series transformer's ``past_observed_mask`` where no value is
+    missing, a required argument of its forward). Inputs of one value per sample (timesteps,
     scalars) are not checked.
 
     ## Why is this bad?
@@ -331,6 +333,8 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if per_channel < t.min_values:
             continue
         lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
+        if not is_image(inp) and bool((lo == 1).all() and (hi == 1).all()):
+            continue  # a float mask with nothing masked (past_observed_mask with no gap)
         # Stuck at the floor that other features reach; an input constant all over has none
         # (a dead sensor, a modality the loader never filled), but an all-0 one may be an
         # empty placeholder.

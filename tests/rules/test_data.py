@@ -270,6 +270,19 @@ def test_tl202_an_all_zero_input_is_a_placeholder():
     assert hits("TL202", _fed_to(blank, "conv", "Conv2d")) == []
 
 
+def test_tl202_an_all_one_float_mask_with_nothing_masked_is_not_constant_data():
+    """TimeSeriesTransformer's past_observed_mask, float ones where no value is missing (a
+    required argument of its forward): 'drop features 0..15' could not be applied, and the
+    run trained (loss 3.82 -> 2.25). Ones beside a feature that varies, or an image that is
+    all 1, are still reported."""
+    mask = _constant([1.0] * 31, [1.0] * 31, shape=(16, 31))
+    assert hits("TL202", _fed_to(mask)) == []
+    beside = _constant([1.0, 1.0, -2.0], [1.0, 1.0, 2.0])
+    assert hits("TL202", _fed_to(beside))[0].evidence["constant"] == [0, 1]
+    white = _constant([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], shape=(4, 3, 8, 8), channel_dim=1)
+    assert hits("TL202", _fed_to(white, "conv", "Conv2d"))[0].evidence["constant"] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("spread, exempt", [
     (0.5, True), (0.5 * math.sqrt(1 + 0.99 * BERNOULLI_SLACK), True),
     (0.5 * math.sqrt(1 + 1.01 * BERNOULLI_SLACK), False), (1.0, False)])
