@@ -85,9 +85,9 @@ def init_call(kind: str) -> str:
 def nonlinearity(trace: RunTrace, point: LayerTrace) -> Optional[tuple[str, float, str]]:
     """``(name, gain, init call)`` of an activation point: by the probe's kind (relu, gelu,
     tanh, sigmoid), else by its module's torch.nn class (the gains TL301's docstring gives)."""
-    if point.kind in GAINS:
-        return point.kind, GAINS[point.kind], init_call(point.kind)
     facts = trace.modules.get(point.module)
+    if point.kind in GAINS:
+        return _named(point, facts), GAINS[point.kind], init_call(point.kind)
     if point.op != "output" or facts is None:
         return None
     slope = {"LeakyReLU": facts.attrs.get("negative_slope", 0.01),
@@ -100,6 +100,18 @@ def nonlinearity(trace: RunTrace, point: LayerTrace) -> Optional[tuple[str, floa
     if facts.base == "SELU":
         return "SELU", 1.0, "nn.init.kaiming_normal_(layer.weight, nonlinearity='linear')"
     return None
+
+
+def _named(point: LayerTrace, facts: object) -> str:
+    """The name a finding gives a nonlinearity of the probe's kind: a GELU-family one by its
+    own function or class (SiLU, Mish: the kind 'gelu' covers them all), else the kind."""
+    if point.kind != "gelu":
+        return point.kind
+    op = point.op.split("#")[0]
+    if op != "output":
+        return op
+    base = getattr(facts, "base", "")
+    return base if base in ("GELU", "SiLU", "Mish") else "GELU-family activation"
 
 
 def following_nonlinearity(trace: RunTrace, layer: LayerTrace) -> Optional[LayerTrace]:

@@ -525,3 +525,21 @@ def test_tl301_does_not_judge_frozen_layers():
     assert hits("TL301", norm)
     norm.params[0].requires_grad = False
     assert hits("TL301", norm) == []
+
+
+def test_tl301_names_a_gelu_family_activation_by_its_own_class() -> None:
+    """EfficientNet's squeeze-excite conv feeds SiLU, which the probe's kind 'gelu' covers:
+    the finding said 'feeds a gelu'."""
+    import torch
+    import torch.nn as nn
+
+    import trainlint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 64), nn.SiLU(),
+                          nn.Linear(64, 4))
+    nn.init.normal_(model[2].weight, std=0.002)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randn(64, 64, generator=g), torch.randint(0, 4, (64,), generator=g)
+    [found] = [f for f in trainlint.check(model, batch).findings if f.code == "TL301"]
+    assert "feeds a SiLU with weight std" in found.message
