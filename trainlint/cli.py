@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -15,6 +14,7 @@ import click
 from tabulate import tabulate
 
 from .errors import TrainlintError, UserCodeError
+from .tempfiles import temp_beside
 from .usercode import flat_message, raised_by_trainlint, user_traceback
 
 if TYPE_CHECKING:
@@ -79,13 +79,12 @@ def write_atomic(path: Path, text: str) -> None:
         _write_in_place(path, text)
         return
     path = path.resolve()
-    folder = path.parent
-    if not folder.is_dir():
-        raise TrainlintError(f"cannot write {path}: folder {folder} does not exist")
+    fd, tmp = temp_beside(path)
     try:
         mode = path.stat().st_mode & 0o7777 if path.is_file() else new_file_mode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
+        os.close(fd)
+        os.unlink(tmp)
         raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -110,13 +109,7 @@ def check_writable(path: Path, option: str) -> None:
         if not os.access(path, os.W_OK):
             raise TrainlintError(f"cannot write {path} ({option}): permission denied")
         return
-    folder = path.resolve().parent  # a symbolic link's file is replaced where it points
-    if not folder.is_dir():
-        raise TrainlintError(f"cannot write {path}: folder {folder} does not exist ({option})")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise TrainlintError(f"cannot write {path} ({option}): {exc.strerror or exc}") from None
+    fd, probe = temp_beside(path, option)  # where a symbolic link's file is replaced
     os.close(fd)
     os.unlink(probe)
 

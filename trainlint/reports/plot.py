@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 from ..errors import TrainlintError
 from ..report import Report
+from ..tempfiles import temp_beside
 from ._panels import Panel, panels
 
 MAX_XLABELS = 36
@@ -91,13 +91,7 @@ def save(fig: Any, path: Union[str, Path]) -> None:
     """Save ``fig`` (format from the suffix) through a temp file and a rename."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    folder = path.resolve().parent
-    if not folder.is_dir():
-        raise TrainlintError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise TrainlintError(f"cannot write {path}: {exc.strerror or exc}") from None
+    fd, tmp = temp_beside(path)
     try:
         umask = os.umask(0o022)
         os.umask(umask)
