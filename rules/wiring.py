@@ -477,10 +477,10 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
 
     In a Monitor run, a loss that runs through trainable tensors outside the model and its
     optimizer while none of the model's parameters gets a gradient, and that optimizer steps,
-    is reported too: the
-    optimizer steps parameters the loss does not use (a ``copy.deepcopy`` of the model made
-    after the optimizer was built, and trained in its place: the finding says so when those
-    tensors have the model's parameter shapes one for one).
+    is reported too: the optimizer steps parameters the loss does not use (a
+    ``copy.deepcopy`` of the model made after the optimizer was built, and trained in its
+    place: the finding says so when those tensors have the model's parameter shapes one for
+    one).
 
     Parameters whose values changed all the same (between the first and the last observed
     step, or within one, between its start and ``monitor.step()``) are updated by the user's
@@ -639,13 +639,13 @@ def _mode_dependent(facts: ModuleFacts) -> bool:
 
 def _frozen_statistics(module: str, names: list, types: list, steps: int, observed: int) -> Hit:
     """TL602 as info: BatchNorms alone in eval while the model trains, with running statistics
-    gathered before: their statistics are kept frozen (a fine-tuning idiom), their affine
+    settled before: their statistics are kept frozen (a fine-tuning idiom), their affine
     weights still train."""
     return Hit(
         module=module,
         message=(f"{len(names)} {'/'.join(types)} layer(s) in module {module!r} were in eval "
                  f"mode during {steps} of {observed} observed training step(s) while the model "
-                 f"trained, with running statistics gathered before: they normalize with those "
+                 f"trained, with running statistics settled before: they normalize with those "
                  f"frozen statistics (as mmdetection's norm_eval does when fine-tuning at small "
                  f"batches): {_listed(names)}"),
         fix=(f"nothing to change if frozen statistics are intended; otherwise call "
@@ -721,7 +721,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         )
         return
     bad: dict[str, int] = {}
-    unsettled: set = set()  # in eval at a step with running statistics never gathered
+    unsettled: set = set()  # in eval at a step whose running statistics had not settled
     for f in flags:
         if f["model_training"]:
             for name in f["eval_modules"]:
@@ -749,4 +749,3 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  "(requires_grad_(False)) or override train() to keep it in eval"),
             evidence={"modules": names, "steps": steps, "observed_steps": len(flags)},
         )
-

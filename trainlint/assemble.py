@@ -669,6 +669,9 @@ class TraceBuilder:
                 is_leaf=is_leaf_module(module),
                 location=locate(self.model, name, module), library=library_of(type(module)),
                 attrs={**module_attrs(module), "overrides_train": overrides_train(module)})
+            pruned = pruned_units(module)
+            if pruned:
+                facts[name].attrs["pruned_units"] = pruned
         # A weight shared with an earlier module (a language model's head tied to the token
         # embedding) is named once, under that module: keep where.
         canonical = {id(p): n for n, p in self.model.named_parameters()}
@@ -677,10 +680,6 @@ class TraceBuilder:
             own = f"{name}.weight" if name else "weight"
             if weight is not None and canonical.get(id(weight), own) != own:
                 facts[name].attrs["weight_of"] = canonical[id(weight)]
-        for name, module in self.model.named_modules():
-            pruned = pruned_units(module)
-            if pruned:
-                facts[name].attrs["pruned_units"] = pruned
         for name in self.attention_calls:
             if name in facts:
                 facts[name].attrs["attends"] = True

@@ -84,8 +84,7 @@ def split_batch(batch: Any) -> Batch:
     them or a dict. A two-item list is ``[inputs, targets]`` too: what a DataLoader yields for
     (x, y) samples."""
     targets = None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and \
-            not isinstance(batch, PackedSequence):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:  # (a PackedSequence holds 4)
         batch, targets = batch
     if isinstance(batch, SINGLE_INPUTS):
         result = Batch((batch,), {}, targets)

@@ -56,8 +56,11 @@ def _internal_error(exc: BaseException, fmt: Optional[str] = None) -> None:
 def displayable(text: str) -> str:
     """``text`` as valid UTF-8: the bytes of a file name that is not UTF-8 (which Python holds
     as lone surrogates) become U+FFFD, so JSON, SARIF and JUnit stay well-formed."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") \
-        .encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name's byte makes
+        data = text.encode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
 
 
 def new_file_mode() -> int:

@@ -224,9 +224,10 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                 todo.append(child)
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
+    foreign_shapes = tuple(sorted(shapes.values()))
     if not losses or not where:
-        return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=tuple(sorted(
-            shapes.values())), terms=len(losses), summed=summed)
+        return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=foreign_shapes,
+                         terms=len(losses), summed=summed)
     described = [_describe(node, where, parent) for node in losses]
     # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
     first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
@@ -235,7 +236,7 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     count = len(forwards[first["forward"]]) if first["forward"] is not None else 0
     top = _sum_divided(root)
     sum_over = top is not None and top[1] is first["node"]
-    return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=tuple(sorted(shapes.values())),
+    return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=foreign_shapes,
                      kind=first["kind"],
                      reduction=first["reduction"],
                      terms=terms, num_classes=first["classes"], output_index=first["index"],

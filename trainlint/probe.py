@@ -494,12 +494,12 @@ class Probe:
         # Optimizers not given to the probe that stepped the model's parameters in the observed
         # step (a Monitor's loop that built a new one), seen where ``watch_others`` is set.
         self.watch_others = False
-        # A Monitor's watch on gradients carried from one optimizer step to the next (armed
-        # after each observed step's update; None in a check, whose loop zeroes them).
-        self.carry: Any = None
         self.unwatched: list = []
         # Weak references to every such optimizer seen so far.
         self.others: list = []
+        # A Monitor's watch on gradients carried from one optimizer step to the next (armed
+        # after each observed step's update; None in a check, whose loop zeroes them).
+        self.carry: Any = None
         # The parameters no optimizer holds, their norms as the observed step began, and as
         # its (training) forward began and ended: what the forward changes (an embedding's
         # max_norm) is the model's doing, what changes outside it the loop's (an EMA).
@@ -1698,8 +1698,8 @@ def training_flags(model: nn.Module) -> dict:
     those frozen on purpose now (``frozen_eval``): inside a submodule in eval mode whose
     parameters are all frozen (a frozen backbone, a distillation teacher), so their mode is
     the user's choice, whatever later steps unfreeze. While the model trains, also the
-    BatchNorms among them whose running statistics were gathered before (``settled_norms``:
-    ``num_batches_tracked`` above 0), read in one copy and only when there are any."""
+    BatchNorms among them whose running statistics have settled (``settled_norms``: see
+    :func:`_settled_norms`), read in one copy and only when there are any."""
     eval_modules = [n for n, m in model.named_modules()
                     if not m.training and isinstance(m, MODE_DEPENDENT)]
     held = _frozen_in_eval(model) if eval_modules else set()

@@ -134,14 +134,17 @@ class _Comments:
         if key not in self.parsed:
             match = IGNORE_COMMENT.search(file_comments(path).get(line, ""))
             where = f"{relative_path(path)}:{line}"
-            spec = _code_list(match.group(1)) if match else MALFORMED
-            if match and spec is MALFORMED:
+            spec = _code_list(match.group(1)) if match else None
+            if match is None:
+                self.parsed[key] = frozenset()
+            elif spec is MALFORMED:
                 self.notes.append(f"{where}: malformed '# trainlint: ignore' comment "
                                   f"({match.group(0)!r}) suppresses nothing; write "
                                   "'# trainlint: ignore[TL101, TL102]' or a bare "
                                   "'# trainlint: ignore'")
-            self.parsed[key] = (frozenset() if spec is MALFORMED
-                                else _codes_in(spec, where, self.notes))
+                self.parsed[key] = frozenset()
+            else:
+                self.parsed[key] = _codes_in(spec, where, self.notes)
         return self.parsed[key]
 
 

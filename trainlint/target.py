@@ -175,7 +175,7 @@ def _relative_imports(path: Path) -> bool:
 def package_of(path: Path) -> tuple[Path, str]:
     """``(base folder, dotted package)`` of a file inside packages (folders with an
     ``__init__.py``), as pytest finds them: ``pkg/sub/model.py`` is ``pkg.sub.model``, imported
-    with the folder above ``pkg`` on sys.path; ``("", "")`` for a file outside any."""
+    with the folder above ``pkg`` on sys.path; ``(Path(), "")`` for a file outside any."""
     parts: list = []
     folder = path.resolve().parent
     while (folder / "__init__.py").is_file() and folder.name.isidentifier():
