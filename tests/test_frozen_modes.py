@@ -4,11 +4,14 @@ a whole (a linear probe whose head has no mode layers), or unfreezes it later.""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
+from trainlint.probe import INIT_WEIGHT_LEFT
 
 
 def _backbone() -> nn.Sequential:
@@ -97,6 +100,11 @@ def test_a_frozen_teacher_inside_the_model_is_no_fault() -> None:
     assert _run(model, model.student.parameters(), 3, train_but_teacher) == []
 
 
+# Train-mode batches after which BatchNorm's running statistics (momentum 0.1) hold at most
+# INIT_WEIGHT_LEFT of their init: 22 at 10%.
+SETTLED = math.ceil(math.log(INIT_WEIGHT_LEFT) / math.log(1 - 0.1))
+
+
 def _pretrained(steps: int) -> nn.Sequential:
     """A BatchNorm net trained ``steps`` steps in train mode (0: fresh from init)."""
     torch.manual_seed(0)
@@ -131,17 +139,17 @@ def test_batchnorms_kept_in_eval_with_gathered_statistics_are_info_not_an_error(
     pretrained ResNet fine-tuned at batch 4: train accuracy 1.0, as with BatchNorm in train
     mode). At their init statistics, or near them after a batch or a few, the same BatchNorms
     do not normalize: an error."""
-    found = _with_norms_in_eval(_pretrained(22))  # 0.9 ** 22 < 10% of the init left
+    found = _with_norms_in_eval(_pretrained(SETTLED))
     assert sorted(f.module for f in found) == ["0.1", "0.5"]
     assert {(f.severity, f.evidence.get("frozen_statistics")) for f in found} == {("info", True)}
     assert all("frozen statistics" in f.message for f in found)
-    for steps in (0, 1, 21):  # at the init's statistics, or near them (one batch: 90% init)
+    for steps in (0, 1, SETTLED - 1):  # at the init's statistics, or near them
         fresh = _with_norms_in_eval(_pretrained(steps))
         assert sorted((f.module, f.severity) for f in fresh) == [("0.1", "error"),
                                                                  ("0.5", "error")], steps
 
 
 def test_a_dropout_in_eval_beside_settled_batchnorms_is_still_an_error() -> None:
-    found = _with_norms_in_eval(_pretrained(22), dropout_too=True)
+    found = _with_norms_in_eval(_pretrained(SETTLED), dropout_too=True)
     assert sorted((f.module, f.severity) for f in found) == [("0", "error"), ("1", "error")]
     assert "BatchNorm1d/Dropout" in next(f.message for f in found if f.module == "0")

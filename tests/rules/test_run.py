@@ -770,15 +770,16 @@ def test_tl603_judges_the_loss_from_the_end_of_a_warmup(peak, fires):
 
 
 @pytest.mark.parametrize("points, every, judged", [
-    (run.NOISE_POINTS, 11, True),                                 # 20 points over 209 steps
-    (run.NOISE_POINTS, 10, False),                                # ... over 190
-    (run.NOISE_POINTS - 1, 12, False),                            # 19 points over 216
+    # NOISE_POINTS points spanning just past INTERIM_STEPS (209 at 200), just short (190),
+    # and one point fewer spanning past it (216).
+    (run.NOISE_POINTS, run.INTERIM_STEPS // (run.NOISE_POINTS - 1) + 1, True),
+    (run.NOISE_POINTS, run.INTERIM_STEPS // (run.NOISE_POINTS - 1), False),
+    (run.NOISE_POINTS - 1, run.INTERIM_STEPS // (run.NOISE_POINTS - 2) + 1, False),
 ])
 def test_tl603_mid_run_it_waits_for_enough_of_the_run(points, every, judged):
     """Judged to stop a run (fail_on), a flat loss fires only over INTERIM_STEPS steps and
     NOISE_POINTS points: healthy runs sit on plateaus for tens of steps first. The run's own
     report judges from min_points on."""
-    assert run.INTERIM_STEPS == 200
     flat = trace([], mode="monitor", per_step=steps(*[2.0] * points, every=every,
                                                     key="loss_mean"))
     assert hits("TL603", flat)
@@ -790,16 +791,22 @@ def test_tl603_mid_run_it_waits_for_enough_of_the_run(points, every, judged):
             hits("TL603", flat)
 
 
-@pytest.mark.parametrize("every, judged", [(40, False), (43, True)])
+# Micro-batches per optimizer step, and a spacing of NOISE_POINTS points that spans just short
+# of INTERIM_STEPS optimizer steps (760 micro-batches, 190 steps, at 200) or just past it (817).
+MICRO = 4
+SHORT = MICRO * (run.INTERIM_STEPS // (run.NOISE_POINTS - 1))
+
+
+@pytest.mark.parametrize("every, judged", [(SHORT, False), (SHORT + MICRO - 1, True)])
 def test_tl603_mid_run_counts_optimizer_steps_under_micro_batch_monitoring(every, judged):
     """monitor.step() per micro-batch, 4 per optimizer step (an observation began at a
     window's first micro-batch ran on over 4): 20 points spanning 760 micro-batches are 190
     optimizer steps, too few to stop a run; 817 are 204."""
     flat = trace([], mode="monitor", per_step=steps(*[2.0] * run.NOISE_POINTS, every=every,
                                                     key="loss_mean"))
-    flat.per_step[1]["micro_batches"] = 4
+    flat.per_step[1]["micro_batches"] = MICRO
     flat.interim = True
-    assert run.micro_batches(flat) == 4
+    assert run.micro_batches(flat) == MICRO
     if judged:
         assert hits("TL603", flat)
     else:
