@@ -637,6 +637,27 @@ def _mode_dependent(facts: ModuleFacts) -> bool:
     return facts.base == "MultiheadAttention" or facts.attrs.get("num_layers", 1) > 1
 
 
+# A BatchNorm's running statistics have settled once their init's weight in them,
+# (1 - momentum) ** num_batches_tracked, is at most this share: 22 batches at momentum 0.1. One
+# batch leaves 90% of it: a from-scratch net whose BatchNorms ran once in train mode and then
+# stayed in eval did not learn (accuracy 0.127, as at the init's statistics).
+INIT_WEIGHT_LEFT = 0.1
+
+
+def _settled(tracked: Optional[list]) -> bool:
+    """Whether a BatchNorm's ``[num_batches_tracked, momentum]`` (a training flag) tell
+    running statistics settled (any batch for a cumulative average, momentum None; never at
+    momentum 0, which keeps the init's)."""
+    if tracked is None:
+        return False
+    count, momentum = tracked
+    if momentum is None or momentum >= 1:
+        return count >= 1
+    if momentum <= 0:
+        return False
+    return count >= math.ceil(math.log(INIT_WEIGHT_LEFT) / math.log(1 - momentum))
+
+
 def _frozen_statistics(module: str, names: list, types: list, steps: int, observed: int) -> Hit:
     """TL602 as info: BatchNorms alone in eval while the model trains, with running statistics
     settled before: their statistics are kept frozen (a fine-tuning idiom), their affine
@@ -727,7 +748,7 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             for name in f["eval_modules"]:
                 if name in mode_modules and not kept_in_eval(trace, f, name):
                     bad[name] = bad.get(name, 0) + 1
-                    if name not in f.get("settled_norms", ()):
+                    if not _settled(f.get("norm_batches", {}).get(name)):
                         unsettled.add(name)
     if not bad:
         return

@@ -9,9 +9,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from trainlint.rules.wiring import INIT_WEIGHT_LEFT
 
 import trainlint
-from trainlint.probe import INIT_WEIGHT_LEFT
 
 
 def _backbone() -> nn.Sequential:

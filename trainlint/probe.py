@@ -10,7 +10,6 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import threading
 import weakref
@@ -1697,47 +1696,29 @@ def training_flags(model: nn.Module) -> dict:
     """``model.training``, the names of its BatchNorm/Dropout modules in eval mode, and of
     those frozen on purpose now (``frozen_eval``): inside a submodule in eval mode whose
     parameters are all frozen (a frozen backbone, a distillation teacher), so their mode is
-    the user's choice, whatever later steps unfreeze. While the model trains, also the
-    BatchNorms among them whose running statistics have settled (``settled_norms``: see
-    :func:`_settled_norms`), read in one copy and only when there are any."""
+    the user's choice, whatever later steps unfreeze. While the model trains, also how many
+    batches the BatchNorms among them tracked, and their momentum (``norm_batches``: see
+    :func:`_norm_batches`), read only when there are any."""
     eval_modules = [n for n, m in model.named_modules()
                     if not m.training and isinstance(m, MODE_DEPENDENT)]
     held = _frozen_in_eval(model) if eval_modules else set()
     return {"model_training": model.training, "eval_modules": eval_modules,
             "frozen_eval": [n for n in eval_modules if n in held],
-            "settled_norms": _settled_norms(model) if model.training and eval_modules else []}
+            "norm_batches": _norm_batches(model) if model.training and eval_modules else {}}
 
 
-# Running statistics have settled once their init's weight in them is at most this share.
-INIT_WEIGHT_LEFT = 0.1
-
-
-def _settled_norms(model: nn.Module) -> list:
-    """Names of the BatchNorm-family modules in eval mode whose running statistics have seen
-    enough batches that their init's weight in them is at most ``INIT_WEIGHT_LEFT``
-    (``(1 - momentum) ** num_batches_tracked``; any batch for a cumulative average, momentum
-    None): statistics kept frozen, not left at (or near) their init. One batch at momentum
-    0.1 leaves 90% of the init's: a from-scratch net whose BatchNorms ran once in train mode
-    and then stayed in eval did not learn (accuracy 0.127, as at the init's statistics)."""
-    norms = []
-    for name, m in model.named_modules():
-        if m.training or not isinstance(m, nn.modules.batchnorm._NormBase) or \
-                not m.track_running_stats or not isinstance(m.num_batches_tracked, torch.Tensor):
-            continue
-        momentum = m.momentum
-        if momentum is None or momentum >= 1:
-            needed = 1
-        elif momentum <= 0:
-            continue  # the statistics never move from their init
-        else:
-            needed = math.ceil(math.log(INIT_WEIGHT_LEFT) / math.log(1 - momentum))
-        norms.append((name, m.num_batches_tracked, needed))
+def _norm_batches(model: nn.Module) -> dict:
+    """``{name: [num_batches_tracked, momentum]}`` of the BatchNorm-family modules in eval mode
+    that track running statistics (momentum None: a cumulative average), read in one copy."""
+    norms = [(name, m.num_batches_tracked, m.momentum) for name, m in model.named_modules()
+             if not m.training and isinstance(m, nn.modules.batchnorm._NormBase)
+             and m.track_running_stats and isinstance(m.num_batches_tracked, torch.Tensor)]
     if not norms:
-        return []
+        return {}
     devices = {c.device for _, c, _ in norms}
     counts = (torch.stack([c.detach().reshape(()).double() for _, c, _ in norms]).tolist()
               if len(devices) == 1 else [float(c) for _, c, _ in norms])
-    return [n for (n, _, needed), count in zip(norms, counts) if count >= needed]
+    return {name: [count, momentum] for (name, _, momentum), count in zip(norms, counts)}
 
 
 def scripted_part(model: nn.Module) -> Optional[str]:

@@ -578,3 +578,14 @@ def test_tl505_mid_run_it_waits_for_as_many_steps_as_a_check(seen):
     else:
         with pytest.raises(Skip, match="mid-run"):
             hits("TL505", idle)
+
+
+def test_tl602_running_statistics_settle_by_their_momentum():
+    """(1 - momentum) ** batches of the init left, at most INIT_WEIGHT_LEFT; a cumulative
+    average (momentum None) after any batch; never at momentum 0."""
+    import math
+
+    needed = math.ceil(math.log(wiring.INIT_WEIGHT_LEFT) / math.log(0.9))
+    assert not wiring._settled([needed - 1, 0.1]) and wiring._settled([needed, 0.1])
+    assert not wiring._settled([0, None]) and wiring._settled([1, None])
+    assert not wiring._settled([10 ** 6, 0.0]) and not wiring._settled(None)
