@@ -1,15 +1,17 @@
 """Gradients carried over from one optimizer step to the next: ``optimizer.zero_grad()`` not
 called between steps, so each step applies the sum of every gradient so far (TL502).
 
-After an observed optimizer step, up to ``WATCHED`` of its parameters that had a gradient
-(spread over its parameter list: the first, the last and between) get a tensor hook (it runs
-with each new gradient, before it is added to ``.grad``) and the optimizer a step pre-hook,
-for that optimizer's next step only. A parameter carried its gradient when, at that step, its
-``.grad`` is still the tensor the observed step applied, never set to ``None`` nor zeroed in
-place (``zero_grad(set_to_none=False)``) before a new gradient came: backward added to it.
-A ``.grad`` the loop assigned anew (``p.grad = g`` after ``torch.autograd.grad``) is a reset.
-The values are compared on the device (a strided sample of ``SAMPLE`` elements) and read at
-the report; nothing runs on the steps between.
+After an observed optimizer step, up to ``WATCHED`` of its parameters that had a dense
+gradient (spread over its parameter list: the first, the last and between) get a tensor hook
+(it runs with each new gradient, before backward adds it to ``.grad``), a post-accumulate hook
+(it runs once backward has added it) and the optimizer a step pre-hook, for that optimizer's
+next step only. A parameter carried its gradient when, at that step, its ``.grad`` is still the
+tensor the observed step applied, never set to ``None`` nor zeroed in place
+(``zero_grad(set_to_none=False)``) before backward added a new gradient to it. A ``.grad`` the
+loop assigned anew (``p.grad = g`` after ``torch.autograd.grad``) is a reset; gradients that
+``torch.autograd.grad`` returns, copied into ``.grad`` in place, were never added to it. The
+values are compared on the device (a strided sample of ``SAMPLE`` elements) and read at the
+report; nothing runs on the steps between.
 """
 
 from __future__ import annotations
@@ -34,23 +36,36 @@ class _Watch:
         self.param = param
         self.applied = weakref.ref(param.grad)  # the tensor the observed step applied
         self.reset = False
-        self.kept: list = []  # per new gradient: a device bool, .grad held values then
-        self.handle = param.register_hook(self._on_gradient)
+        self.seen: Any = None  # .grad held values when the new gradient came (device bool)
+        self.kept: Any = None  # ... at every gradient backward added since (device bool)
+        self.handles = [param.register_hook(self._on_gradient),
+                        param.register_post_accumulate_grad_hook(self._on_added)]
 
     def _on_gradient(self, grad: torch.Tensor) -> None:
         held = self.param.grad
-        if held is None or held is not self.applied():
+        if held is None or held is not self.applied() or held.layout != torch.strided:
             self.reset = True
         elif not self.reset:  # a strided sample: zeros in place read as zeros throughout
             flat = held.detach().reshape(-1)
-            self.kept.append(flat[::max(1, flat.numel() // SAMPLE)].ne(0).any())
+            self.seen = flat[::max(1, flat.numel() // SAMPLE)].ne(0).any()
+
+    def _on_added(self, param: torch.Tensor) -> None:
+        # Backward added the gradient to .grad (torch.autograd.grad does not come here).
+        seen, self.seen = self.seen, None
+        if seen is not None and not self.reset:
+            self.kept = seen if self.kept is None else self.kept & seen
 
     def carried(self) -> Any:
         """A device bool (the gradient was added to held values), or None (it was reset, was
-        replaced, or no new gradient came)."""
-        if self.reset or not self.kept or self.param.grad is not self.applied():
+        replaced, or backward added no new gradient)."""
+        if self.reset or self.kept is None or self.param.grad is not self.applied():
             return None
-        return torch.stack(self.kept).all()
+        return self.kept
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.seen = self.kept = None
 
 
 class _Sentinel:
@@ -70,8 +85,7 @@ class _Sentinel:
         self.done = True
         verdicts = [v for v in (w.carried() for w in self.watches) if v is not None]
         for watch in self.watches:
-            watch.handle.remove()
-            watch.kept = []
+            watch.remove()
         if verdicts:
             device = verdicts[0].device
             self.owner.verdicts.append(
@@ -79,7 +93,7 @@ class _Sentinel:
 
     def remove(self) -> None:
         for watch in self.watches:
-            watch.handle.remove()
+            watch.remove()
         self.on_step.remove()
 
 
@@ -99,8 +113,8 @@ class GradCarry:
                 return  # already watched from an earlier observed step
             watching.remove()  # spent at this step's start: torch has run its pre-hooks
             del self.pending[id(optimizer)]
-        with_grad = [p for p in optimizer_params([optimizer])
-                     if p.requires_grad and p.grad is not None]
+        with_grad = [p for p in optimizer_params([optimizer]) if p.requires_grad
+                     and p.grad is not None and p.grad.layout == torch.strided]
         if with_grad:
             picks = sorted({round(i * (len(with_grad) - 1) / max(WATCHED - 1, 1))
                             for i in range(WATCHED)})
