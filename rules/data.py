@@ -31,7 +31,10 @@ def direct_consumers(trace: RunTrace, inp: InputTrace) -> list[ModuleFacts]:
 
 
 def values_per_channel(inp: InputTrace) -> int:
-    """How many values each channel's statistics are computed over."""
+    """How many values each channel's statistics are computed over (a (B,) input: one
+    feature, B values)."""
+    if len(inp.shape) == 1:
+        return inp.shape[0]
     return math.prod(inp.shape) // max(inp.shape[inp.channel_dim], 1)
 
 
@@ -102,7 +105,8 @@ def _standardize(inp: InputTrace) -> str:
 
 def _describe(inp: InputTrace) -> str:
     what = "channel" if is_image(inp) else "feature"
-    return f"input {inp.name!r} {tuple(inp.shape)} ({len(inp.mean)} {what}s)"
+    count = len(inp.mean)
+    return f"input {inp.name!r} {tuple(inp.shape)} ({count} {what}{'s' if count != 1 else ''})"
 
 
 def _sparse_features(inp: InputTrace, mean: np.ndarray, std: np.ndarray,
@@ -132,7 +136,8 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     beside its embeddings), it measures each channel's (images: dim 1) or feature's (last dim)
     mean and std over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or
     its std exceeds ``max_std`` or is below ``min_std`` (constant features are TL202's), over
-    at least ``min_values`` values per channel. Token ids (int64), inputs the model transforms
+    at least ``min_values`` values per channel (an input of one number per sample, (B,), is
+    one feature over the batch, as (B, 1) is). Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``), inputs that go into a
     normalization layer first, and a recurrent state the model takes as an argument and hands
     to an RNN as its ``hx`` (``model(data, hidden)``, the state carried over from the last

@@ -189,3 +189,41 @@ def test_an_rnn_state_passed_into_the_model_is_not_an_input_to_normalize(scale: 
         report = trainlint.check(StateAsData(), data, loss_fn=lambda o, t: nn.functional
                                  .cross_entropy(o.reshape(-1, 50), t.reshape(-1)), steps=2)
         assert "TL201" in {f.code for f in report.findings}
+
+
+class OnePrice(nn.Module):
+    """Regresses from one number per sample, taken as a (B,) tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.unsqueeze(1)).squeeze(1)
+
+
+def _one_feature_report(x: torch.Tensor) -> trainlint.Report:
+    torch.manual_seed(0)
+    return trainlint.check(OnePrice(), (x, torch.randn(len(x))), steps=1)
+
+
+def test_a_one_dim_input_is_one_feature_over_the_batch() -> None:
+    torch.manual_seed(1)
+    prices = 300.0 + 80.0 * torch.randn(64)
+    report = _one_feature_report(prices)
+    [inp] = report.trace.inputs
+    assert len(inp.mean) == 1
+    assert inp.mean[0] == pytest.approx(prices.double().mean().item())
+    assert inp.std[0] == pytest.approx(prices.double().std(unbiased=False).item())
+    found = [f for f in report.findings if f.code == "TL201"]
+    assert found and found[0].evidence["channels"] == 1
+
+
+@pytest.mark.parametrize("values", [
+    lambda g: torch.randn(64, generator=g),                        # standardized
+    lambda g: torch.rand(64, generator=g),                         # a time in [0, 1]
+    lambda g: (torch.randn(64, generator=g) * 1.2 - 1.2).exp(),    # EDM's noise levels
+])
+def test_a_one_dim_input_of_sound_scale_passes(values) -> None:
+    report = _one_feature_report(values(torch.Generator().manual_seed(2)))
+    assert "TL201" not in {f.code for f in report.findings}
