@@ -134,8 +134,10 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``.float()`` in ``forward``, PCM audio), that reaches a weight layer (Linear, Conv, RNN) as
     it is (reshaped, or concatenated with other tensors: a tabular model's numeric columns
     beside its embeddings), it measures each channel's (images: dim 1) or feature's (last dim)
-    mean and std over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean``, or
-    its std exceeds ``max_std`` or is below ``min_std`` (constant features are TL202's), over
+    mean and std over the batch. It fires when a channel's |mean| exceeds ``max_abs_mean`` and
+    its std (an offset at least as large as the spread: a feature of mean 2.3 and std 3.2, as
+    clustered synthetic data has, trains the same standardized), or its std exceeds
+    ``max_std`` or is below ``min_std`` (constant features are TL202's), over
     at least ``min_values`` values per channel (an input of one number per sample, (B,), is
     one feature over the batch, as (B, 1) is). Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``), inputs that go into a
@@ -182,7 +184,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if any(f.base in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
             continue
         mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
-        off = (np.abs(mean) > t.max_abs_mean) & (std > 0)  # a constant one is TL202's
+        off = _off_centre(mean, std, t)
         wide = std > t.max_std
         narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(inp, mean, std, t.min_std)
         bad = off | wide | narrow
@@ -193,7 +195,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 continue
             start, steps = changed
             mean, std = np.asarray(inp.last_mean, float), np.asarray(inp.last_std, float)
-            off = (np.abs(mean) > t.max_abs_mean) & (std > 0)
+            off = _off_centre(mean, std, t)
             wide = std > t.max_std
             narrow = np.zeros_like(off)
             bad = off | wide
@@ -223,6 +225,12 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "max_abs_mean": worst_mean, "max_std": float(std.max()),
                       "thresholds": t.as_dict()},
         )
+
+
+def _off_centre(mean: np.ndarray, std: np.ndarray, t: Thresholds) -> np.ndarray:
+    """Channels whose |mean| is above ``max_abs_mean`` and above their std (a constant one,
+    std 0, is TL202's)."""
+    return (np.abs(mean) > t.max_abs_mean) & (np.abs(mean) > std) & (std > 0)
 
 
 def _changed_later(trace: RunTrace, inp: InputTrace, t: Thresholds) -> Optional[tuple]:

@@ -35,6 +35,15 @@ def test_tl201_mean_threshold_edge(scale, fires):
         assert found[0].evidence["not_normalized"] == 1
 
 
+@pytest.mark.parametrize("spread, fires", [(0.99, True), (1.01, False)])
+def test_tl201_an_offset_counts_where_it_reaches_the_spread(spread, fires):
+    """A feature of mean 3 and std 3.2 (clustered synthetic data) trains the same
+    standardized: its offset is within its spread."""
+    mean = 1.5 * defaults("TL201")["max_abs_mean"]
+    found = hits("TL201", _fed_to(_tabular([0.0, mean, 0.1], [1.0, spread * mean, 1.0])))
+    assert bool(found) is fires
+
+
 def _switched(scales: list, last_mean: float = 25.0, last_std: float = 10.0):
     """A Monitor run of a normalized first batch whose later observed steps (every 10th) had
     the ``scales`` given: (largest |mean| of a varying feature, largest std) per step; the
