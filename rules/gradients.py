@@ -552,8 +552,10 @@ SHRINKING_STEPS = frozenset({"Adagrad"})
 # Optimizers whose first steps move every weight by about the learning rate (a step of
 # lr * m / sqrt(v), its sign at the first): there a sound rate's ratio is lr / RMS(w), ~0.01-0.1
 # (a ConvNeXt at AdamW 4e-3: 0.14; an MLP at Adam 1e-3: 0.027). A check's few steps are such
-# steps: a rate too high is cut toward FIRST_STEPS_TARGET, not toward ``target`` (a ConvNeXt at
-# 0.4 was told x7e-5, lr 2.8e-5, which reached a loss of 1.7 where 4e-3 reached 0.0016).
+# steps: a rate out of the band is moved toward FIRST_STEPS_TARGET, not toward ``target`` (a
+# ConvNeXt at 0.4 was told x7e-5, lr 2.8e-5, which reached a loss of 1.7 where 4e-3 reached
+# 0.0016; a BiGRU at Adam 1e-7 was told x840, lr 8.4e-5: a loss of 2.03 after 150 steps where
+# 1e-3 reached 0.11 and 4.2e-3, what the first step's ratio calls for, 0.002).
 SIGN_LIKE_STEPS = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "Lion"})
 FIRST_STEPS_TARGET = 0.05
 
@@ -649,7 +651,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     TL103 or TL501 fire (at their defaults) on the same trace, the fix names them instead of a
     factor, which would blow up once the signal is restored; likewise, for a rate too high,
     where TL201 (raw inputs) or TL104 (activations growing along depth from the first
-    observed step: growth that came with training is the rate's) fire. For a
+    observed step: growth that came with training is the rate's) fire, and for a rate too
+    low where TL201 fires (a raw column's scale skews the other weights' gradients: a
+    tabular ResNet with one column at ~1e5, its rate raised 340x as told, went to NaN). For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low
@@ -660,7 +664,8 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     first step (lr / RMS(w), which scales with the rate) toward ``FIRST_STEPS_TARGET``
     (0.05), what a sound rate's first steps give (~0.01-0.1), not toward ``target``: a
     ConvNeXt at AdamW 0.4 was told x7e-5 (lr 2.8e-5, a loss of 1.7 after 150 steps where
-    4e-3 reached 0.0016); now x0.0025. When
+    4e-3 reached 0.0016); now x0.0025. So too for a rate too low (a BiGRU at Adam 1e-7 was
+    told x840, to 8.4e-5, which barely trained; now x4.2e4, to 4.2e-3). When
     a typical step calls for cutting the rate by less than half, only the largest steps are too
     large (the rate suits the run once under way): the fix is warmup and clipping, where the
     loss falls; where it fell by less than ``LEARNING_DROP`` (5%) over the run, the first steps
@@ -762,7 +767,7 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
     step_typical = typical if direction == "low" else median(
         typical_ratio_of(p, diverged) for p, _ in judged)
     # A check's Adam steps: each weight's largest, its first (lr / RMS(w)), scales with the rate.
-    first_steps = (direction == "high" and trace.mode == "check"
+    first_steps = (trace.mode == "check"
                    and all(p.optimizer in SIGN_LIKE_STEPS for p, _ in judged))
     if first_steps:
         step_typical = typical
@@ -899,6 +904,15 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
     # training is this rate's doing.
     upstream = firing(trace, ("TL201", "TL104"), lambda hit: hit.evidence.get(
         "grew_in_training", False) is False) if direction == "high" else []
+    if direction == "low" and firing(trace, ("TL201",)):
+        # A raw feature's scale swamps the signal the other weights learn from: their small
+        # updates measure the inputs, and a rate raised to suit them blows up once they are
+        # standardized (a tabular ResNet with one column at ~1e5, told x340: NaN).
+        return (head + f"{whose_cap} is too low for this model as it is: the model's inputs "
+                "are not normalized (TL201), which skews the gradients' scales whatever the "
+                "rate",
+                f"fix that first (TL201: standardize the inputs), then judge {whose} again: "
+                f"raised {factor:.2g}x now, it would blow up once the inputs are in range")
     if upstream:
         cause = ("the model's inputs are not normalized (TL201)" if upstream[0] == "TL201"
                  else "the activations grow along depth (TL104: the init)")
