@@ -106,7 +106,11 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
     infinite = _infinite_batch(trace, bad.get("infinite_inputs") or [], acts)
     if infinite is not None:
         return infinite
-    first_depth = min((lt.depth for lt in acts), default=math.inf)
+    later = bad.get("later_call", {})
+
+    def depth(lt: LayerTrace) -> int:  # a shared module's call that held it, not its first
+        return lt.depth + later.get(lt.node[1:], 0)
+    first_depth = min((depth(lt) for lt in acts), default=math.inf)
     for name, after in bad.get("modules", []):  # in the order they finished
         if after < first_depth:  # before any observed output held NaN/Inf
             facts = trace.modules.get(name)
@@ -116,7 +120,7 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
                 f"forward code: every layer output observed before it is finite")
         break
     if acts:
-        first = min(acts, key=lambda lt: lt.depth)
+        first = min(acts, key=depth)
         made = (_made_on_the_way(trace, first, bad["activations"])
                 or _fed_nonfinite(trace, first, bad["activations"])
                 or _fed_untraced(trace, first, bad))

@@ -877,3 +877,43 @@ def test_masked_logits_of_rows_the_loss_ignores_are_no_nan(ignored: bool) -> Non
     report = trainlint.check(MaskedLogits(), ((x, allowed), y), steps=2,
                              loss_fn=lambda o, t: F.cross_entropy(o, t, ignore_index=-100))
     assert bool([f for f in report.findings if f.code == "TL504"]) is not ignored
+
+
+class SharedPool(nn.Module):
+    """One MaxPool1d called twice (as a U-Net's one pool is): 'big' overflows between the two
+    calls, at its first step when ``scale`` is large."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 16, 3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.big = nn.Conv1d(16, 16, 3, padding=1)
+        self.out = nn.Linear(16, 4)
+        nn.init.constant_(self.big.weight, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.big(self.pool(torch.relu(self.c1(x))))
+        return self.out(self.pool(h).mean(2))
+
+
+@pytest.mark.parametrize("scale", [1e38, 1e30])  # Inf at the first step; at the second
+def test_nan_made_between_two_calls_of_a_shared_module_names_the_maker(scale) -> None:
+    """The shared pool's first call was finite; its output held Inf from its second call on:
+    TL504 named 'pool', where 'big' made it (measured with hooks)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 16)
+    report = trainlint.check(SharedPool(scale), (x, x[:, :, 0].argmax(1)))
+    found = _tl504(report)
+    assert found.module == "big"
+    assert "the output of big (Conv1d)" in found.message
+
+
+def test_nan_from_a_shared_modules_first_call_still_names_it() -> None:
+    """Inf already in the pool's first call (its input overflowed in the ReLU's producer's own
+    output): the first layer that held it is named, as before."""
+    torch.manual_seed(0)
+    model = SharedPool(1.0)
+    nn.init.constant_(model.c1.weight, 1e38)
+    x = torch.randn(32, 4, 16).abs() + 1
+    report = trainlint.check(model, (x, x[:, :, 0].argmax(1)))
+    assert _tl504(report).module == "c1"

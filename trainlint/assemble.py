@@ -109,6 +109,22 @@ def window_for(per_record: float, values: int = UNIT_VALUES) -> int:
     return math.ceil(values / per_record)
 
 
+def _later_calls(acts: list, nonfinite: dict, shifts: dict) -> dict:
+    """Per point called more than once whose output held NaN/Inf, where its first call did
+    not: how many observations after its first call the first call that held it came (TL504
+    orders it there, not at the shared module's first call)."""
+    later = {}
+    for key, rows in acts:
+        calls = shifts.get(key)
+        if key not in nonfinite or calls is None or len(calls) != len(rows):
+            continue
+        rows = np.asarray(rows).reshape(-1, len(stats.ACT_FIELDS))
+        bad = np.flatnonzero(rows[:, stats.A["n_finite"]] < rows[:, stats.A["n"]])
+        if len(bad) and bad[0] > 0:
+            later[key] = calls[int(bad[0])]
+    return later
+
+
 def _shared_index(keys: tuple, last: dict) -> dict:
     """``{key: position}`` of ``keys``: ``last`` itself when it holds the same keys in the
     same order (each step of a run then shares one)."""
@@ -329,6 +345,9 @@ class TraceBuilder:
         sizes: dict = {}  # this step's element count per point
         if found["act"]:
             sizes = self._add_acts(found["act"], index, columns, nonfinite["activations"])
+            later = _later_calls(found["act"], nonfinite["activations"], snap.call_shifts)
+            if later:
+                nonfinite["later_call"] = later
         if found["grad"]:
             self._add_grads(found["grad"], index, columns, nonfinite["gradients"])
         if found["units"]:

@@ -304,6 +304,8 @@ class Point:
     unit_dim: Optional[int] = None
     shape: tuple = ()
     act_rows: list = field(default_factory=list)
+    # The probe's call count at each of this step's calls (one per act_rows entry).
+    call_counts: list = field(default_factory=list)
     grad_rows: list = field(default_factory=list)
     # Per-unit max (and min, GELU family) over every observed call: the "ever active" record.
     unit_hi: Optional[torch.Tensor] = None
@@ -1020,6 +1022,7 @@ class Probe:
                           channel_first=layout if layout is not None else (
                               channel_first if tensor.dim() >= 3 else None))
             self.points[key] = point
+        point.call_counts.append(self.counter)
         self.counter += 1
         self.last_key = key
         grad_enabled = torch.is_grad_enabled()
@@ -1504,6 +1507,9 @@ class Probe:
         for key, acts, grads, pairs in _point_rows(rows, self.points):
             if acts is not None:
                 snapshot.values[("act", key)] = acts
+                calls = self.points[key].call_counts
+                if len(calls) > 1:
+                    snapshot.call_shifts[key] = [c - calls[0] for c in calls]
             if grads is not None:
                 snapshot.values[("grad", key)] = grads
             if pairs is not None and pairs[1] > 0:
@@ -1511,6 +1517,7 @@ class Probe:
         self._param_values(snapshot, named, rows, param_rows)
         for point in self.points.values():
             point.act_rows.clear()
+            point.call_counts.clear()
             point.grad_rows.clear()
             point.backward_order = None
             point.unit_hi = point.unit_lo = None  # each step's record is its own
@@ -1649,6 +1656,9 @@ class ProbeSnapshot:
     failed_module: Optional[str]
     backward_order: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
+    # Per point called more than once this step (a shared pool, a block applied twice): how
+    # many observations after its first call each of its calls came, in the order of its rows.
+    call_shifts: dict = field(default_factory=dict)
     # The model's train/eval flags (:func:`training_flags`) and the batch size (dim 0 of its
     # first input) at the training forward: the first whose output a backward reached, else
     # the first with autograd on; None when no such forward was observed.
