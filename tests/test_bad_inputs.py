@@ -240,6 +240,19 @@ def test_batch_of_the_wrong_shape_shows_the_models_error_and_what_was_fed() -> N
     assert info.value.phase == "forward"
 
 
+def test_a_layer_inside_that_does_not_fit_names_what_reached_it() -> None:
+    """A second layer built for 15 features behind one that makes 16: the message showed the
+    batch (4, 8), which was fine, and said to check it."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(15, 3))
+    with pytest.raises(UserCodeError) as info:
+        trainlint.check(model, (torch.randn(4, 8), torch.randint(0, 3, (4,))))
+    message = str(info.value)
+    assert "(in module '2')" in message
+    assert "'2' was fed a float32 tensor of shape (4, 16)" in message
+    assert "the batch: input 0: float32 tensor of shape (4, 8)" in message
+    assert "check that the batch is what" not in message
+
+
 def test_batch_of_the_wrong_dtype() -> None:
     assert_clean_error(cli("wrong_dtype.py"), "mat1 and mat2 must have the same dtype",
                        "it was fed input 0: int64 tensor of shape (8, 8)", user_code=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -340,7 +340,8 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             notes.append(f"the check stopped at training step {step + 1}: the loss raised "
                          f"{message}, on model outputs that hold NaN/Inf (TL504)")
             return None
-        raise _user_error(exc, phase, step, data, probe.failed_module) from exc
+        raise _user_error(exc, phase, step, data, probe.failed_module,
+                          probe.failed_args) from exc
     if graph is not None:
         _note_loss_graph(run, graph)
         if graph.count_check is not None:
@@ -362,8 +363,9 @@ PHASES = {"forward": "the model's forward pass", "loss": "computing the loss",
 
 
 def _user_error(exc: Exception, phase: str, step: int, data: Batch,
-                failed_module: Optional[str]) -> UserCodeError:
-    """The user's code raised during ``phase``: say where, with what, and what to try."""
+                failed_module: Optional[str], failed_args: Sequence = ()) -> UserCodeError:
+    """The user's code raised during ``phase``: say where, with what, and what to try
+    (``failed_args``: what the module that raised was fed, as the probe saw it)."""
     where = PHASES[phase]
     if phase == "forward" and failed_module:
         where += f" (in module {failed_module!r})"
@@ -375,7 +377,16 @@ def _user_error(exc: Exception, phase: str, step: int, data: Batch,
     else:
         message = (f"{where} raised {type(exc).__name__} in training step {step + 1}: "
                    f"{flat_message(exc)}")
-        if phase == "forward":
+        batch = {(str(v.dtype).replace("torch.", ""), tuple(v.shape))
+                 for _, v in _named_inputs(data) if isinstance(v, torch.Tensor)}
+        if phase == "forward" and failed_module and failed_args and not batch.intersection(
+                a for a in failed_args if isinstance(a, tuple)):  # (not fed the batch itself)
+            fed = ", ".join(f"a {a[0]} tensor of shape {a[1]}" if isinstance(a, tuple)
+                            else f"a {a}" for a in failed_args)
+            message += (f"; {failed_module!r} was fed {fed} (the batch: "
+                        f"{_describe_batch(data)}): check that module's sizes against what "
+                        "reaches it")
+        elif phase == "forward":
             message += (f"; it was fed {_describe_batch(data)}: check that the batch is what "
                         "the model's forward expects")
         elif phase == "backward" and step > 0 and SECOND_BACKWARD in message:

@@ -467,6 +467,9 @@ class Probe:
         # name -> those ops; ``MIXED`` where calls differed.
         self.inner_ops: dict = {}
         self.failed_module: Optional[str] = None
+        # What that module was fed: per positional argument, (dtype, shape) of a tensor, else
+        # its type's name.
+        self.failed_args: list = []
         # ``(train/eval flags, batch size)`` of this step's first forward with autograd on, of
         # the last such forward, and of the first forward whose output a backward reached (the
         # training forward, not a validation run before it without no_grad).
@@ -611,6 +614,7 @@ class Probe:
         self.gradless_step = []
         self.unwatched = []
         self.failed_module = None
+        self.failed_args = []
         self.first_forward = self.trained_forward = None
         self.stack.clear()  # left over by a forward a KeyboardInterrupt ended
         self.gradless.clear()  # left over by a step that ended without its collect
@@ -841,6 +845,10 @@ class Probe:
             return
         if output is None and sys.exc_info()[0] is not None and self.failed_module is None:
             self.failed_module = self.names.get(module, "")
+            with torch._C.DisableTorchFunction():
+                self.failed_args = [(str(a.dtype).replace("torch.", ""), tuple(a.shape))
+                                    if isinstance(a, torch.Tensor) else type(a).__name__
+                                    for a in args]
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
 
