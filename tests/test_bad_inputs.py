@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import trainlint
 from tests.conftest import CliRun, run_cli
 from trainlint.errors import ConfigError, TargetError, TrainlintError, UserCodeError
-from trainlint.target import load_target
+from trainlint.target import load_target, parse_target
 
 BAD = Path(__file__).resolve().parent / "bad_inputs"
 NEUTRAL = BAD / "neutral.toml"
@@ -82,6 +82,18 @@ def test_a_file_name_with_a_colon_is_that_file(tmp_path: Path) -> None:
     run = run_cli(["check", "v2:model.py", "--format", "json"], cwd=tmp_path)
     assert run.exit_code == 0 and run.doc["target"]
     assert_clean_error(cli("missing.py:build_model"), "target file not found: missing.py")
+
+
+def test_a_name_after_a_path_with_a_colon_is_the_factory(tmp_path: Path) -> None:
+    """``c:d/model.py:build_model`` said 'target file not found' (only one colon was split)."""
+    folder = tmp_path / "c:d"
+    folder.mkdir()
+    (folder / "model.py").write_text((BAD / "fixed_batch.py").read_text())
+    (folder / "_helpers.py").write_text((BAD / "_helpers.py").read_text())
+    run = run_cli(["check", "c:d/model.py:build_model", "--format", "json"], cwd=tmp_path)
+    assert run.exit_code == 0 and run.doc["target"]
+    assert parse_target("C:\\proj\\model.py") == (Path("C:\\proj\\model.py"), None)
+    assert parse_target("C:\\proj\\model.py:small") == (Path("C:\\proj\\model.py"), "small")
 
 
 def test_folder_instead_of_file() -> None:

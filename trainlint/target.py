@@ -35,17 +35,14 @@ class Target:
 
 
 def parse_target(spec: str) -> tuple[Path, Optional[str]]:
-    """``path/to/model.py`` or ``path/to/model.py:NAME`` (a file whose name holds the colon
-    is that file)."""
+    """``path/to/model.py`` or ``path/to/model.py:NAME``, NAME after the last colon (a file
+    whose name holds the colon is that file; colons in the path, a Windows drive's, stay)."""
     if Path(spec).is_file():
         return Path(spec), None
-    path, _, name = spec.partition(":") if spec.count(":") == 1 and not _drive(spec) else (
-        spec, "", "")
-    return Path(path), (name or None)
-
-
-def _drive(spec: str) -> bool:
-    return len(spec) > 1 and spec[1] == ":" and spec[0].isalpha()
+    path, _, name = spec.rpartition(":")
+    if path and name.isidentifier():
+        return Path(path), name
+    return Path(spec), None
 
 
 def import_file(path: Path) -> ModuleType:
