@@ -197,6 +197,19 @@ def test_config_select_ignore_and_fail_on(tmp_path: Path) -> None:
     assert run.exit_code == 0 and [f["code"] for f in run.doc["findings"]] == ["TL101"]
 
 
+def test_the_config_nearest_the_checked_file_wins(tmp_path: Path) -> None:
+    """Run from above the project (CI at a monorepo's root): its pyproject.toml beside the
+    model was left out, and the finding it ignores failed the run."""
+    (tmp_path / "proj").mkdir()
+    project(tmp_path / "proj", '[tool.trainlint]\nignore = ["dead-relu"]\n')
+    (tmp_path / "pyproject.toml").write_text('[tool.trainlint]\nselect = ["TL101"]\n')
+    run = run_cli(["check", "proj/model.py", "--format", "json"], cwd=tmp_path)
+    assert "TL101" not in [f["code"] for f in run.doc["findings"]]
+    (tmp_path / "proj" / "pyproject.toml").write_text("[project]\nname = 'user'\n")
+    run = run_cli(["check", "proj/model.py", "--format", "json"], cwd=tmp_path)
+    assert [f["code"] for f in run.doc["findings"]] == ["TL101"], "else the working directory's"
+
+
 def test_explicit_config_file_and_bad_threshold(tmp_path: Path) -> None:
     config = tmp_path / "lint.toml"
     config.write_text('[tool.trainlint]\nselect = ["TL101"]\n'

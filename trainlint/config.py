@@ -46,9 +46,13 @@ def find_pyproject(start: Path) -> Optional[Path]:
 
 
 def load_config(path: Optional[Path] = None, start: Optional[Path] = None) -> Config:
-    """Read ``[tool.trainlint]`` from ``path`` or from the nearest pyproject.toml."""
+    """Read ``[tool.trainlint]`` from ``path`` or from the nearest pyproject.toml at or above
+    ``start`` (the checked file's folder), else at or above the working directory."""
     if path is None:
-        path = find_pyproject((start or Path.cwd()).resolve())
+        folders = [(start or Path.cwd()).resolve()]
+        if start is not None:
+            folders.append(Path.cwd().resolve())
+        path = next((found for found in map(find_pyproject, folders) if found), None)
         if path is None:
             return Config()
     if not path.is_file():

@@ -21,7 +21,7 @@ from .errors import ConfigError, TargetError
 from .report import Report, relative_path
 from .reports import FORMATS, renderer
 from .suppress import resolve_ignores
-from .target import load_target
+from .target import load_target, parse_target
 
 DEFAULT_STEPS = 3
 
@@ -124,7 +124,7 @@ def run_cli_check(options: CheckOptions) -> tuple[str, int]:
 
 def run_check(options: CheckOptions) -> tuple[Report, str]:
     """Run the check the CLI describes; return the report (baseline applied) and ``fail_on``."""
-    config = load_config(options.config)
+    config = load_config(options.config, parse_target(options.target)[0].parent)
     steps, what = _option(options, config, "steps", "steps")
     steps = _positive(DEFAULT_STEPS if steps is None else steps, what, MAX_STEPS)
     batch_size = _positive(*_option(options, config, "batch_size", "batch-size"), 1 << 20)
