@@ -360,10 +360,18 @@ def test_a_get_batch_that_needs_a_batch_size_without_one(tmp_path: Path) -> None
                            "takes 2 arguments without defaults", "give scale a default")
 
 
-def test_batch_size_with_a_get_batch_that_takes_no_argument() -> None:
+def test_batch_size_with_a_get_batch_that_takes_no_argument(tmp_path: Path) -> None:
     assert_clean_error(cli("fixed_batch.py", "--batch-size", "4"),
-                       "--batch-size 4 was given but get_batch() in fixed_batch.py takes no "
-                       "batch size", "define get_batch(batch_size)")
+                       "--batch-size is 4 but get_batch() in fixed_batch.py takes no "
+                       "batch size", "drop --batch-size, or define get_batch(batch_size)")
+    # Set in the config, not on the command line: the message says where.
+    (tmp_path / "fixed_batch.py").write_text((BAD / "fixed_batch.py").read_text())
+    (tmp_path / "_helpers.py").write_text((BAD / "_helpers.py").read_text())
+    (tmp_path / "lint.toml").write_text("[tool.trainlint]\nbatch-size = 16\n")
+    run = cli("fixed_batch.py", config=tmp_path / "lint.toml", cwd=tmp_path)
+    assert_clean_error(run, "batch-size in ", "lint.toml [tool.trainlint] is 16 but "
+                       "get_batch() in fixed_batch.py takes no batch size", "drop batch-size")
+    assert "--batch-size" not in run.stderr
 
 
 @pytest.mark.parametrize("signature, given", [("*, batch_size=16", True),

@@ -127,7 +127,8 @@ def run_check(options: CheckOptions) -> tuple[Report, str]:
     config = load_config(options.config, parse_target(options.target)[0].parent)
     steps, what = _option(options, config, "steps", "steps")
     steps = _positive(DEFAULT_STEPS if steps is None else steps, what, MAX_STEPS)
-    batch_size = _positive(*_option(options, config, "batch_size", "batch-size"), 1 << 20)
+    batch_size, batch_size_from = _option(options, config, "batch_size", "batch-size")
+    batch_size = _positive(batch_size, batch_size_from, 1 << 20)
     seed, what = _option(options, config, "seed", "seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed < 2**32):
@@ -145,7 +146,7 @@ def run_check(options: CheckOptions) -> tuple[Report, str]:
     start = os.getcwd()
     try:
         target = load_target(options.target, batch_size=batch_size,
-                             input_shape=options.input_shape)
+                             input_shape=options.input_shape, batch_size_from=batch_size_from)
         model = target.model
         try:
             model = model.to(device)

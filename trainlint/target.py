@@ -182,8 +182,10 @@ def package_of(path: Path) -> tuple[Path, str]:
 
 
 def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
-               input_shape: Optional[str]) -> Callable[[], Any]:
-    """``get_batch()`` / ``get_batch(batch_size)``, else a standard-normal ``--input-shape``."""
+               input_shape: Optional[str],
+               batch_size_from: str = "--batch-size") -> Callable[[], Any]:
+    """``get_batch()`` / ``get_batch(batch_size)``, else a standard-normal ``--input-shape``
+    (``batch_size_from``: where the batch size was set, for messages)."""
     get_batch = getattr(module, "get_batch", None)
     if callable(get_batch):
         try:
@@ -199,9 +201,9 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
             for p in params)
         takes_size = positional or by_keyword
         if batch_size is not None and not takes_size:
-            raise TargetError(f"--batch-size {batch_size} was given but get_batch() in {path} "
-                              "takes no batch size: drop --batch-size, or define "
-                              "get_batch(batch_size) to use it")
+            raise TargetError(f"{batch_size_from} is {batch_size} but get_batch() in {path} "
+                              f"takes no batch size: drop {batch_size_from.split(' in ')[0]}, "
+                              "or define get_batch(batch_size) to use it")
         required = [p.name for p in params or () if p.default is p.empty
                     and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(required) > 1:
@@ -231,12 +233,14 @@ def find_batch(module: ModuleType, path: Path, batch_size: Optional[int],
 
 
 def load_target(spec: str, *, batch_size: Optional[int] = None,
-                input_shape: Optional[str] = None) -> Target:
-    """Everything :func:`trainlint.check` needs from a model.py."""
+                input_shape: Optional[str] = None,
+                batch_size_from: str = "--batch-size") -> Target:
+    """Everything :func:`trainlint.check` needs from a model.py (``batch_size_from``: where
+    the batch size was set, for messages)."""
     path, name = parse_target(spec)
     module = import_file(path)
     model = find_model(module, path, name)
-    batch = find_batch(module, path, batch_size, input_shape)
+    batch = find_batch(module, path, batch_size, input_shape, batch_size_from)
     loss_fn = getattr(module, "loss_fn", None)
     if loss_fn is not None and not callable(loss_fn):
         raise TargetError(f"loss_fn in {path} is not callable")
