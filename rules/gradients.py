@@ -57,6 +57,11 @@ def gradient_series(trace: RunTrace) -> list[LayerTrace]:
     return series
 
 
+# Output activations that squash their input into a bounded range: the gradient of a loss on
+# their output is no measure of the backward signal (TL501 reads the layer before them).
+SQUASHING_KINDS = frozenset({"sigmoid", "tanh", "softmax"})
+
+
 def _profile(trace: RunTrace, window: int, min_layers: int,
              with_signal: bool = False) -> Optional[tuple]:
     """``(series, grads, early median, late median)`` along depth; ``with_signal``: only the
@@ -84,7 +89,10 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     loss with respect to each layer's output, over the observed steps. It fires when the median
     of the first ``window`` layers is below ``min_ratio`` × the median of the last ``window``
     (in a network of at least ``min_layers`` such layers), or below ``zero_ratio`` × the
-    gradient at the model's output (~0). The finding names the first layer, going backward from
+    gradient at the model's output (~0; where the output is a sigmoid, tanh or softmax, at the
+    layer before it: BCE on a sigmoid output has a gradient there of ~1/(p (1 - p)), 3.5e9 at
+    a Siamese ResNet's confidently wrong outputs, which the sigmoid's backward cancels). The
+    finding names the first layer, going backward from
     the output, below the threshold. Where the optimizer's updates were measured, a fade (not
     ~0) must also show in them: the median update ratio ‖Δw‖/‖w‖ of the first layers' weights
     below ``update_fade`` × the last layers'. An optimizer that scales each parameter's step by
@@ -123,6 +131,10 @@ def vanishing_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         return
     series, grads, early, late = profile
     out = output_layer(trace)
+    if out is not None and out.kind in SQUASHING_KINDS:
+        # A loss on probabilities (BCE on a sigmoid) has a gradient there of ~1/(p (1 - p)):
+        # 3.5e9 at confidently wrong outputs, all of it cancelled by the squash's backward.
+        out = next((lt for lt in reversed(series) if lt.depth < out.depth), None)
     reference = out.grad_norm if out is not None and out.grad_norm else None
     near_zero = reference is not None and early <= t.zero_ratio * reference
     ratio = early / late if late > 0 else (0.0 if early == 0 else math.inf)

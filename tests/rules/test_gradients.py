@@ -94,6 +94,19 @@ def test_tl501_near_zero_against_the_output_gradient(factor, fires):
     assert bool(hits("TL501", _depth(flat, output_grad=1.0))) is fires
 
 
+@pytest.mark.parametrize("kind, fires", [("sigmoid", False), ("softmax", False), (None, True)])
+def test_tl501_behind_a_squashing_output_compares_with_the_layer_before_it(kind, fires):
+    """BCE on a sigmoid output: the gradient there is ~1/(p (1 - p)), 3.5e9 at a Siamese
+    ResNet's confidently wrong outputs (which then trained to a loss of 0.015), and the
+    layers' 0.5 read as ~0 next to it. A plain head's gradient is still the reference."""
+    zero = defaults("TL501")["zero_ratio"]
+    layers = [point(f"l{i}", "Linear", depth=i, grad_norm=0.5) for i in range(6)]
+    out = point("out", "Sigmoid" if kind else "Linear", depth=6, kind=kind,
+                grad_norm=1.0 / zero * 1e3)
+    t = trace(layers + [out], output_ops=((out.node, ()),))
+    assert bool(hits("TL501", t)) is fires
+
+
 def test_tl501_exactly_zero_early_gradients_fire():
     assert hits("TL501", _depth([0.0, 0.0, 0.0, 0.5, 0.5, 0.5]))
 
