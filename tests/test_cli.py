@@ -297,6 +297,15 @@ def test_an_unwritable_file_is_refused_before_the_run(
     assert f"({option}): Permission denied" in run.stderr and "internal error" not in run.stderr
 
 
+def test_an_empty_output_name_is_refused_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output "" ran the whole check, then failed: "cannot write <cwd>: Is a directory"."""
+    calls = []
+    monkeypatch.setattr("trainlint.runner.run_check", lambda *a: calls.append(a))
+    run = run_cli(["check", "fixtures/dead_relu.py", "--output", ""])
+    assert run.exit_code == 2 and calls == []
+    assert "(--output): it is a folder" in run.stderr
+
+
 def test_a_report_that_cannot_be_written_after_the_run_goes_to_stdout(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The folder stopped taking files during the run: the report is not lost."""

@@ -108,6 +108,8 @@ def write_atomic(path: Path, text: str) -> None:
 def check_writable(path: Path, option: str) -> None:
     """Before the run: ``path`` can be written (its folder exists and takes a new file, or it
     is a device or pipe open for writing), so the run's report is not lost at the end."""
+    if path.is_dir():  # (an empty name is the working directory)
+        raise TrainlintError(f"cannot write {path} ({option}): it is a folder; give a file name")
     if path.exists() and not path.is_file():
         if not os.access(path, os.W_OK):
             raise TrainlintError(f"cannot write {path} ({option}): permission denied")
