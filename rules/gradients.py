@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from statistics import median
 from typing import Callable, Iterator, Optional
 
@@ -765,7 +766,7 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if hit is not None:
             fired = True
-            yield hit
+            yield replace(hit, location=hit.location or trace.optimizer_location)
     if skipped is not None and not fired:
         raise skipped
 

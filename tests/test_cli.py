@@ -467,3 +467,12 @@ def test_a_file_name_that_is_not_utf8_gives_well_formed_reports(
     out = tmp_path / f"report.{fmt}"
     assert run_cli(["check", name, "--format", fmt, "--output", out], cwd=tmp_path).exit_code == 1
     assert out.read_text(encoding="utf-8")
+
+
+def test_a_learning_rate_finding_points_at_build_optimizer() -> None:
+    """update_ratio_high.py imports its model from update_ratio_ok.py: TL503's annotation
+    landed on the model's line in the twin, not on the rate, set in this file."""
+    [found] = [f for f in fixture_run("update_ratio_high").doc["findings"] if f["code"] == "TL503"]
+    lines = (FIXTURES / "update_ratio_high.py").read_text().splitlines()
+    assert found["location"]["path"].endswith("update_ratio_high.py")
+    assert lines[found["location"]["line"] - 1].startswith("def build_optimizer(")

@@ -24,6 +24,7 @@ from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
 from .lossgraph import LossGraph, read_loss_graph
 from .losswatch import LossCall, compared_output, output_index, watched
 from .optimizers import needs_closure, wrapper_notes
+from .origins import function_line
 from .probe import (
     Probe,
     _model_device,
@@ -98,6 +99,8 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                           amp_dtype=probe.autocast,
                           num_classes=run["num_classes"],
                           unregistered=run["unregistered"])
+    if made_here and optimizer is not None:
+        trace.optimizer_location = function_line(optimizer)
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
 

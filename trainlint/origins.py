@@ -124,6 +124,14 @@ def _assignment_line(cls: type, attr: str) -> Optional[Location]:
     return None
 
 
+def function_line(fn: object) -> Optional[Location]:
+    """Where a function of the user's files is defined (its ``def`` line), else None."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not _is_user_file(code.co_filename):
+        return None
+    return Location(path=code.co_filename, line=code.co_firstlineno)
+
+
 @functools.lru_cache(maxsize=512)
 def _class_line(cls: type) -> Optional[Location]:
     source = _source(cls)

@@ -485,6 +485,9 @@ class RunTrace:
     # The class of an optimizer whose step runs its closure several times (LBFGS: a
     # line-searched solve per step, with no learning rate in the usual sense), if any.
     closure_optimizer: Optional[str] = None
+    # Where the optimizer was built, when a check got a factory from the user's file
+    # (``build_optimizer``): the learning rate's findings point there.
+    optimizer_location: Optional[Location] = None
     # An adapter's word on why a Monitor may see no loss and what to do (None: pass the loss
     # to monitor.step(loss)); the rules that need a loss say it when none was observed.
     loss_hint: Optional[str] = None
