@@ -25,3 +25,17 @@ def test_opening_commands_are_make_targets_and_ci_runs_the_test_one() -> None:
     for command in commands:
         assert re.search(rf"^{command.split()[1]}:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_the_example_output_is_what_the_demo_prints() -> None:
+    """The README shows `trainlint check fixtures/dead_relu.py` "from a real run": it had
+    drifted (the wording of the step count, a weight's std, the fix's first words)."""
+    from .conftest import run_cli
+
+    text = README
+    command = "$ trainlint check fixtures/dead_relu.py\n"
+    start = text.index(command) + len(command)
+    shown = text[start:text.index("```", start)]
+    run = run_cli(["check", "fixtures/dead_relu.py"])
+    assert run.exit_code == 1
+    assert run.stdout == shown
