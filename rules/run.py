@@ -350,8 +350,10 @@ def loss_not_decreasing(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                        f"fewer than {needed}")
     if len(curve) < needed:
         per = " (each one batch's loss: every=1)" if single and needed > t.min_points else ""
+        finite = "" if len(curve) == len(observed) else (
+            f" finite (of {len(observed)} observed: the others NaN/Inf, see TL604)")
         raise Skip(f"it needs at least {needed} observed steps with a loss{per}; "
-                   f"saw {len(curve)}")
+                   f"saw {len(curve)}{finite}")
     # Optimizer steps, where monitor.step() runs per micro-batch of gradient accumulation.
     span = (curve[-1][0] - curve[0][0]) // micro_batches(trace)
     if trace.interim and (len(curve) < NOISE_POINTS or span < INTERIM_STEPS):

@@ -812,3 +812,13 @@ def test_tl603_mid_run_counts_optimizer_steps_under_micro_batch_monitoring(every
     else:
         with pytest.raises(Skip, match="optimizer steps"):
             hits("TL603", flat)
+
+
+def test_tl603_too_few_losses_says_the_others_were_not_finite():
+    """20 observed steps, all NaN after the first (lr 30): the note said 'saw 1' as if one step
+    had been observed."""
+    t = _monitor(2.3, *[math.nan] * 19)
+    with pytest.raises(Skip, match=r"saw 1 finite \(of 20 observed: the others NaN/Inf"):
+        hits("TL603", t)
+    with pytest.raises(Skip, match=r"saw 3$"):
+        hits("TL603", _monitor(2.3, 2.2, 2.1))
