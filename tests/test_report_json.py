@@ -164,3 +164,20 @@ def test_paths_are_relative_below_the_working_directory(tmp_path: Path,
     schema_validator.validate(doc)
     assert os.path.isabs(doc["target"])
     assert os.path.isabs(doc["findings"][0]["location"]["path"])
+
+
+def test_paths_outside_the_working_directory_are_absolute_without_dot_dots(tmp_path) -> None:
+    """Run from a sibling folder: the location read '<cwd>/../repo/fixtures/dead_relu.py'."""
+    import os
+
+    from trainlint.report import relative_path
+
+    here = tmp_path / "here"
+    here.mkdir()
+    cwd = os.getcwd()
+    try:
+        os.chdir(here)
+        assert relative_path("../there/model.py") == str(tmp_path / "there" / "model.py")
+        assert relative_path(str(here / "sub" / ".." / "model.py")) == "model.py"
+    finally:
+        os.chdir(cwd)

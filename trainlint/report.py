@@ -83,7 +83,8 @@ class Report:
 
 
 def relative_path(path: str) -> str:
-    """``path`` relative to the working directory when it lies below it."""
+    """``path`` relative to the working directory when it lies below it, else absolute with
+    no ``..`` in it."""
     try:
         absolute = os.path.abspath(path)
         cwd = os.getcwd()
@@ -91,7 +92,7 @@ def relative_path(path: str) -> str:
         return path
     if absolute == cwd or absolute.startswith(cwd + os.sep):
         return os.path.relpath(absolute, cwd)
-    return path
+    return absolute
 
 
 def build_report(trace: RunTrace, selection: Selection, *, target: str = "",
