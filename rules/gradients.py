@@ -386,10 +386,7 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     over the parameters exceeds ``max_norm`` at an observed step (per sample when the loss
     adds up its samples' terms with no average, ``reduction="sum"``: the pytorch/examples
     VAE's gradients are batch-size times an averaged loss's, which its learning rate or
-    Adam's scaling absorbs; with Adam-like optimizers only, whose steps are the rate whatever
-    the gradient's scale, per unit of a loss above 1, unless one MSE term starts far from its
-    targets (below): fast_neural_style's content and style losses, weighted 1e5 and 1e10,
-    reach a norm of 1.7e4 and train as the same loss x1e-3 does, with a norm of 27). Weights
+    Adam's scaling absorbs). Weights
     of layers that feed a normalization layer directly are left out of that total: the norm
     cancels their scale, so their gradient's norm is about 1/‖w‖ (large for a small init such
     as transformers' std 0.02 before a BatchNorm) whatever the backward signal does; their
@@ -478,23 +475,18 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     totals = [(step, g) for step, g in totals if g is not None and math.isfinite(g)]
     if not totals:
         return
+    step, total = max(totals, key=lambda pair: pair[1])
     # A loss that adds up its samples' terms (reduction="sum") has gradients batch-size times
     # an averaged loss's: judged per sample, as its learning rate or Adam's scaling takes them.
     samples = trace.batch_size if trace.loss_summed and (trace.batch_size or 0) > 1 else 1
-    per_loss = _per_loss_unit(trace)
-    totals = [(at, norm / per_loss.get(at, 1.0)) for at, norm in totals]
-    step, judged_total = max(totals, key=lambda pair: pair[1])
-    judged = judged_total / samples
+    judged = total / samples
     if judged <= t.max_norm or _init_transient(trace, totals, samples, t):
         return
-    total = judged_total * per_loss.get(step, 1.0)
     biggest = _largest_grad(trace, step, invariant)
     largest = f"; the largest is {biggest[0]!r} ({biggest[1]:.3g})" if biggest else ""
     norm = (f"{total:.3g}" if samples == 1 else
             f"{total:.3g}, {judged:.3g} per sample (the loss sums its {samples} samples),")
     outlier = outlier_batch(trace, step)
-    if step in per_loss:
-        norm += f" against a loss of {per_loss[step]:.3g}"
     evidence = {"total_grad_norm": total, "per_sample": judged, "step": step,
                 "threshold": t.max_norm, "largest_param": biggest[0] if biggest else None,
                 "suggested_max_norm": clip}
@@ -514,21 +506,6 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                  f"{t.max_norm:g}){largest}{bad}"),
         fix=fix, evidence=evidence,
     )
-
-
-def _per_loss_unit(trace: RunTrace) -> dict:
-    """Per observed step, the |loss| that step's total gradient norm is judged against where
-    every optimizer moves each weight by about its rate whatever the gradient's scale (Adam
-    and its kind: a loss weighted by 1e10, as a style loss is, makes gradients 1e10 times
-    larger and the same steps), and the loss is above 1; empty otherwise, and where one MSE
-    term starts far from its targets (:func:`_target_scale`: raw house prices, which Adam's
-    steps of 1e-3 take forever to reach)."""
-    kinds = {p.optimizer for p in trace.params if p.requires_grad and p.optimizer}
-    if not kinds or not kinds <= SIGN_LIKE_STEPS or _target_scale(trace):
-        return {}
-    losses = {s["step"]: s.get("loss", s.get("loss_mean")) for s in trace.per_step}
-    return {step: abs(loss) for step, loss in losses.items()
-            if isinstance(loss, float) and math.isfinite(loss) and abs(loss) > 1.0}
 
 
 # A batch tensor whose largest |value| at an observed step is at least this many times its
