@@ -58,6 +58,10 @@ class _Watch:
     def carried(self) -> Any:
         """A device bool (the gradient was added to held values), or None (it was reset, was
         replaced, or backward added no new gradient)."""
+        if self.seen is not None and _in_backward():
+            # The optimizer steps inside the backward (from the user's post-accumulate hook,
+            # which ran before this watch's): the gradient is added by now.
+            self._on_added(self.param)
         if self.reset or self.kept is None or self.param.grad is not self.applied():
             return None
         return self.kept
@@ -66,6 +70,12 @@ class _Watch:
         for handle in self.handles:
             handle.remove()
         self.seen = self.kept = None
+
+
+def _in_backward() -> bool:
+    """Whether a backward pass is running (this code is called from one of its hooks)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class _Sentinel:
