@@ -665,8 +665,11 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     factor, which would blow up once the signal is restored; likewise, for a rate too high,
     where TL201 (raw inputs) or TL104 (activations growing along depth from the first
     observed step: growth that came with training is the rate's) fire, and for a rate too
-    low where TL201 fires (a raw column's scale skews the other weights' gradients: a
-    tabular ResNet with one column at ~1e5, its rate raised 340x as told, went to NaN). For a
+    low where TL201 fires, but for Adam-like optimizers, whose steps do not follow the
+    gradients' scale (a raw column's scale skews the other weights' gradients: a tabular
+    ResNet under SGD with one column at ~1e5, its rate raised 340x as told, went to NaN; an
+    MLP at Adam 1e-6 beside a raw age column gained nothing from standardizing, and 7e-3
+    trained best). For a
     rate too high the factor comes from a typical step (the median over the weights of each
     one's median ratio over the steps), not from the largest ratio that decides the finding:
     in a long run Adam's first step, at lr / RMS(w), would call for a rate 10-100× too low
@@ -917,10 +920,12 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
     # training is this rate's doing.
     upstream = firing(trace, ("TL201", "TL104"), lambda hit: hit.evidence.get(
         "grew_in_training", False) is False) if direction == "high" else []
-    if direction == "low" and firing(trace, ("TL201",)):
+    if direction == "low" and not all(p.optimizer in SIGN_LIKE_STEPS for p, _ in judged) \
+            and firing(trace, ("TL201",)):
         # A raw feature's scale swamps the signal the other weights learn from: their small
         # updates measure the inputs, and a rate raised to suit them blows up once they are
-        # standardized (a tabular ResNet with one column at ~1e5, told x340: NaN).
+        # standardized (a tabular ResNet with one column at ~1e5, told x340: NaN). (Adam's
+        # steps do not follow the gradients' scale: there the rate is what is low.)
         return (head + f"{whose_cap} is too low for this model as it is: the model's inputs "
                 "are not normalized (TL201), which skews the gradients' scales whatever the "
                 "rate",
