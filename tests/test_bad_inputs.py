@@ -94,6 +94,10 @@ def test_a_name_after_a_path_with_a_colon_is_the_factory(tmp_path: Path) -> None
     assert run.exit_code == 0 and run.doc["target"]
     assert parse_target("C:\\proj\\model.py") == (Path("C:\\proj\\model.py"), None)
     assert parse_target("C:\\proj\\model.py:small") == (Path("C:\\proj\\model.py"), "small")
+    # A file that exists, with an empty NAME or one that is no Python name.
+    model = str(folder / "model.py")
+    assert parse_target(model + ":") == (Path(model), None)
+    assert parse_target(model + ":build-model") == (Path(model), "build-model")
 
 
 def test_folder_instead_of_file() -> None:

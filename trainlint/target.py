@@ -40,8 +40,8 @@ def parse_target(spec: str) -> tuple[Path, Optional[str]]:
     if Path(spec).is_file():
         return Path(spec), None
     path, _, name = spec.rpartition(":")
-    if path and name.isidentifier():
-        return Path(path), name
+    if path and (name.isidentifier() or Path(path).is_file()):
+        return Path(path), name or None  # (a NAME that is no identifier: find_model says so)
     return Path(spec), None
 
 
