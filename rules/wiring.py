@@ -677,6 +677,29 @@ def _frozen_statistics(module: str, names: list, types: list, steps: int, observ
     )
 
 
+def _given_in_eval(trace: RunTrace) -> Iterator[Hit]:
+    """TL602 in a check: the model came in eval mode (``trace.given_flags``), with layers whose
+    behaviour depends on the mode; the check trained it in train mode, a loop that never calls
+    ``model.train()`` would not."""
+    given = trace.given_flags
+    mode_modules = {f.name for f in trace.modules.values() if _mode_dependent(f)}
+    if given is None or given["model_training"] or not any(
+            not kept_in_eval(trace, {"step": 0, **given}, n) for n in mode_modules):
+        raise Skip("trainlint check runs the model in train mode itself; a Monitor run "
+                   "watches the mode the training loop uses")
+    yield Hit(
+        module="",
+        severity="warning",
+        message=(f"the model was given in eval mode (model.training is False): its "
+                 f"{len(mode_modules)} BatchNorm/Dropout layer(s) (or layers with a dropout "
+                 "inside) behave as at inference in a training loop that does not call "
+                 "model.train() (trainlint check trained it in train mode)"),
+        fix=("call model.train() before training: build_model() (or the loaded model) returns "
+             "it in eval mode"),
+        evidence={"given_in_eval": True, "mode_layers": len(mode_modules)},
+    )
+
+
 @rule("TL602", "eval-mode-training", "error")
 def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Training steps run while the model, or a BatchNorm/Dropout in it, is in eval mode.
@@ -696,8 +719,11 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     idiom; library wrappers whose ``train()`` only passes the mode on, such as DDP or
     transformers' models, do not count). ``trainlint check`` puts the model in train mode
     itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides, and
-    leaving a submodule in eval with all its parameters frozen as it was), so this rule needs a
-    Monitor run. BatchNorms alone in eval while the model trains, whose running statistics had
+    leaving a submodule in eval with all its parameters frozen as it was), so there this rule
+    only says, as a warning, when the model was given in eval mode as a whole (``build_model()``
+    returning ``model.eval()``; not a transformers or Lightning model, whose trainers call
+    ``train()`` themselves: ``from_pretrained`` returns one in eval mode). BatchNorms alone in
+    eval while the model trains, whose running statistics had
     settled before (at each such step, their init's weight in them, ``(1 - momentum) **
     num_batches_tracked``, at most 10%: 22 batches at the default momentum), are reported as
     info: their statistics are kept frozen while their affine weights train, as mmdetection's
@@ -720,8 +746,8 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Call ``model.train()`` at the start of every training epoch (after each validation pass).
     """
     if trace.mode != "monitor":
-        raise Skip("trainlint check runs the model in train mode itself; a Monitor run "
-                   "watches the mode the training loop uses")
+        yield from _given_in_eval(trace)
+        return
     flags = trace.train_flags
     if not flags:
         return

@@ -73,3 +73,44 @@ def test_frozen_submodule_keeps_each_of_its_members_modes() -> None:
     inner[0].register_forward_hook(lambda m, a, o: _note(seen, "linear", m))
     trainlint.check(model, (torch.randn(4, 8), torch.randint(0, 4, (4,))), steps=1)
     assert seen == {"dropout": True, "linear": False}
+
+
+def _codes(model: nn.Module) -> dict:
+    report = trainlint.check(model, _batch())
+    return {f.code: f for f in report.findings}
+
+
+def test_a_model_given_in_eval_mode_is_reported() -> None:
+    """build_model() returning model.eval(): the check trained it in train mode and said only
+    'TL602 not checked'; a loop that never calls model.train() trains it as at inference."""
+    torch.manual_seed(0)
+    model = _net().eval()
+    found = _codes(model).get("TL602")
+    assert found is not None and found.severity == "warning" and found.module == ""
+    assert "given in eval mode" in found.message and "model.train()" in found.fix
+    assert not model.training  # left as it was given
+    assert "TL602" not in _codes(_net())  # given in train mode
+
+
+def test_a_model_in_eval_that_its_library_trains_is_not_reported() -> None:
+    """transformers' from_pretrained returns its model in eval mode; its Trainer (and
+    Lightning's) calls model.train() itself."""
+    class PreTrainedModel(nn.Module):  # stands in for transformers' base class by its name
+        pass
+
+    class Tiny(PreTrainedModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    torch.manual_seed(0)
+    assert "TL602" not in _codes(Tiny().eval())
+
+
+def test_a_model_in_eval_with_nothing_that_depends_on_the_mode_is_not_reported() -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
+    assert "TL602" not in _codes(plain)
