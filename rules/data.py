@@ -139,7 +139,9 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     clustered synthetic data has, trains the same standardized), or its std exceeds
     ``max_std`` or is below ``min_std`` (constant features are TL202's), over
     at least ``min_values`` values per channel (an input of one number per sample, (B,), is
-    one feature over the batch, as (B, 1) is). Token ids (int64), inputs the model transforms
+    one feature over the batch, judged by its offset only: a conditioning scalar such as a
+    diffusion model's log-SNR, uniform in [-10, 10], trained the same raw and standardized;
+    raw prices of mean 300 did not). Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``), inputs that go into a
     normalization layer first, and a recurrent state the model takes as an argument and hands
     to an RNN as its ``hx`` (``model(data, hidden)``, the state carried over from the last
@@ -183,10 +185,14 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if any(f.base in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
             continue
+        # One number per sample (B,), a conditioning scalar (a diffusion model's log-SNR in
+        # [-10, 10], std 5.8): its offset sets every unit's sign, its spread alone is no harm.
+        scalar = len(inp.shape) == 1
         mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
         off = _off_centre(mean, std, t)
-        wide = std > t.max_std
-        narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(inp, mean, std, t.min_std)
+        wide = (std > t.max_std) & (not scalar)
+        narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(
+            inp, mean, std, t.min_std) & (not scalar)
         bad = off | wide | narrow
         since = ""
         if not bad.any():
@@ -196,9 +202,11 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             start, steps = changed
             mean, std = np.asarray(inp.last_mean, float), np.asarray(inp.last_std, float)
             off = _off_centre(mean, std, t)
-            wide = std > t.max_std
+            wide = (std > t.max_std) & (not scalar)
             narrow = np.zeros_like(off)
             bad = off | wide
+            if not bad.any():
+                continue
             since = (f" from step {start} on (at each of the {steps} observed steps since; "
                      f"the first observed batch was normalized), as of step {inp.last_step}")
         worst_mean = float(np.abs(mean).max())

@@ -223,6 +223,7 @@ def test_a_one_dim_input_is_one_feature_over_the_batch() -> None:
     lambda g: torch.randn(64, generator=g),                        # standardized
     lambda g: torch.rand(64, generator=g),                         # a time in [0, 1]
     lambda g: (torch.randn(64, generator=g) * 1.2 - 1.2).exp(),    # EDM's noise levels
+    lambda g: torch.rand(64, generator=g) * 20 - 10,               # a log-SNR in [-10, 10]
 ])
 def test_a_one_dim_input_of_sound_scale_passes(values) -> None:
     report = _one_feature_report(values(torch.Generator().manual_seed(2)))
