@@ -568,9 +568,13 @@ SHRINKING_STEPS = frozenset({"Adagrad"})
 # steps: a rate out of the band is moved toward FIRST_STEPS_TARGET, not toward ``target`` (a
 # ConvNeXt at 0.4 was told x7e-5, lr 2.8e-5, which reached a loss of 1.7 where 4e-3 reached
 # 0.0016; a BiGRU at Adam 1e-7 was told x840, lr 8.4e-5: a loss of 2.03 after 150 steps where
-# 1e-3 reached 0.11 and 4.2e-3, what the first step's ratio calls for, 0.002).
+# 1e-3 reached 0.11 and 4.2e-3 0.002).
 SIGN_LIKE_STEPS = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "Lion"})
 FIRST_STEPS_TARGET = 0.05
+# A rate too low is raised toward the low end of that range: a rate raised past a sound one
+# diverges, one raised short of it trains (an MLP at Adam 1e-7 told x9.6e4, lr 9.6e-3, ended
+# at 0.12 where 1e-3 reached 0.0007; a BiGRU trained well from 1e-3 to 1e-2).
+FIRST_STEPS_RAISE = 0.01
 
 # A weight whose norm before an observed step grew past this many times its first one was
 # blown up by the updates: its typical step is measured against the first norm.
@@ -680,8 +684,9 @@ def update_ratio(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     first step (lr / RMS(w), which scales with the rate) toward ``FIRST_STEPS_TARGET``
     (0.05), what a sound rate's first steps give (~0.01-0.1), not toward ``target``: a
     ConvNeXt at AdamW 0.4 was told x7e-5 (lr 2.8e-5, a loss of 1.7 after 150 steps where
-    4e-3 reached 0.0016); now x0.0025. So too for a rate too low (a BiGRU at Adam 1e-7 was
-    told x840, to 8.4e-5, which barely trained; now x4.2e4, to 4.2e-3). When
+    4e-3 reached 0.0016); now x0.0025. So too for a rate too low, toward the low end of that
+    range, ``FIRST_STEPS_RAISE`` (0.01: a rate raised past a sound one diverges; a BiGRU at
+    Adam 1e-7 was told x840, to 8.4e-5, which barely trained; now x8.4e3, to 8.4e-4). When
     a typical step calls for cutting the rate by less than half, only the largest steps are too
     large (the rate suits the run once under way): the fix is warmup and clipping, where the
     loss falls; where it fell by less than ``LEARNING_DROP`` (5%) over the run, the first steps
@@ -787,7 +792,8 @@ def _ratio_hit(trace: RunTrace, t: Thresholds, judged: list,
                    and all(p.optimizer in SIGN_LIKE_STEPS for p, _ in judged))
     if first_steps:
         step_typical = typical
-    target = FIRST_STEPS_TARGET if first_steps else t.target
+    target = (t.target if not first_steps else
+              FIRST_STEPS_TARGET if direction == "high" else FIRST_STEPS_RAISE)
     factor = target / step_typical if step_typical > 0 else None
     # Typical steps that look right while the loss does not fall: the rate's first steps threw
     # the weights where it cannot learn. Adam's first step calls for far too low a rate in a
@@ -970,7 +976,8 @@ def _factor_texts(trace: RunTrace, t: Thresholds, direction: str, typical: float
     to = "" if group is None or not lr else f", to about {lr * factor:.2g}"
     per_step = ("" if step_typical == typical else
                 f" at a typical step, whose ratio is {step_typical:.3g}")
-    toward = (f"toward an update ratio of ~{FIRST_STEPS_TARGET:g} at its first step, where it "
+    aim = FIRST_STEPS_TARGET if direction == "high" else FIRST_STEPS_RAISE
+    toward = (f"toward an update ratio of ~{aim:g} at its first step, where it "
               f"is {step_typical:.3g}: {judged[0][0].optimizer} moves each weight by about "
               f"the rate at first, and a sound rate's lr/RMS(w) is ~0.01-0.1" if first_steps
               else f"toward an update ratio of ~{t.target:g}{per_step}")
