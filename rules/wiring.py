@@ -685,8 +685,7 @@ def _given_in_eval(trace: RunTrace) -> Iterator[Hit]:
     mode_modules = {f.name for f in trace.modules.values() if _mode_dependent(f)}
     if given is None or given["model_training"] or not any(
             not kept_in_eval(trace, {"step": 0, **given}, n) for n in mode_modules):
-        raise Skip("trainlint check runs the model in train mode itself; a Monitor run "
-                   "watches the mode the training loop uses")
+        return
     yield Hit(
         module="",
         severity="warning",
@@ -719,8 +718,9 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     idiom; library wrappers whose ``train()`` only passes the mode on, such as DDP or
     transformers' models, do not count). ``trainlint check`` puts the model in train mode
     itself (as a training loop's ``model.train()`` does, honouring ``train()`` overrides, and
-    leaving a submodule in eval with all its parameters frozen as it was), so there this rule
-    only says, as a warning, when the model was given in eval mode as a whole (``build_model()``
+    leaving a submodule in eval with all its parameters frozen as it was): there it reads the
+    modes the user's own code set after that (a forward that calls ``self.bn.eval()``), and
+    says, as a warning, when the model was given in eval mode as a whole (``build_model()``
     returning ``model.eval()``; not a transformers or Lightning model, whose trainers call
     ``train()`` themselves: ``from_pretrained`` returns one in eval mode). BatchNorms alone in
     eval while the model trains, whose running statistics had
@@ -746,8 +746,19 @@ def eval_mode_training(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     Call ``model.train()`` at the start of every training epoch (after each validation pass).
     """
     if trace.mode != "monitor":
-        yield from _given_in_eval(trace)
+        found = list(_given_in_eval(trace)) + list(_eval_in_training(trace))
+        if not found:
+            raise Skip("trainlint check runs the model in train mode itself; a Monitor run "
+                       "watches the mode the training loop uses")
+        yield from found
         return
+    yield from _eval_in_training(trace)
+
+
+def _eval_in_training(trace: RunTrace) -> Iterator[Hit]:
+    """TL602 on the modes read at each observed step's training forward (in a check, only
+    what the user's code set after the check's own ``model.train()``: a forward that calls
+    ``self.bn.eval()``)."""
     flags = trace.train_flags
     if not flags:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -114,3 +115,33 @@ def test_a_model_in_eval_with_nothing_that_depends_on_the_mode_is_not_reported()
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
     assert "TL602" not in _codes(plain)
+
+
+class _EvalInForward(nn.Module):
+    """Calls self.bn.eval() in its own forward: every training step after the first
+    normalizes with the running statistics at their init."""
+
+    def __init__(self, freeze: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64, bias=False)
+        self.bn = nn.BatchNorm1d(64)
+        self.fc2 = nn.Linear(64, 5)
+        self.freeze = freeze
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze:
+            self.bn.eval()
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_forward_that_puts_a_batchnorm_in_eval_is_reported(freeze: bool) -> None:
+    """A check trains in train mode, so it said 'TL602 not checked'; the modes the user's own
+    code sets after that are read at each training forward, as in a Monitor run."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    report = trainlint.check(_EvalInForward(freeze), (x, x[:, :5].argmax(1)))
+    found = [f for f in report.findings if f.code == "TL602"]
+    assert bool(found) is freeze
+    if freeze:
+        assert found[0].module == "bn" and found[0].severity == "error"
