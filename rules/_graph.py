@@ -232,15 +232,31 @@ def batchnorm_trained_in_eval(trace: RunTrace) -> bool:
 def kept_in_eval(trace: RunTrace, flags: dict, module: str) -> bool:
     """Whether ``module``'s eval mode at the step of ``flags`` (a ``RunTrace.train_flags``
     entry) was the user's choice: it sat inside a submodule in eval whose parameters were all
-    frozen then (``frozen_eval``), its own parameters are all frozen, or a user class on its
-    path overrides ``train()`` to keep it in eval (the detection-backbone idiom)."""
+    frozen then (``frozen_eval``), its own parameters are all frozen, the submodule it sits in
+    holds no parameter an optimizer steps (an EMA teacher), or a user class on its path
+    overrides ``train()`` to keep it in eval (the detection-backbone idiom)."""
     if module in flags.get("frozen_eval", ()):
         return True
     own = [p for p in trace.params if p.module == module]
     if own and not any(p.requires_grad for p in own):
         return True
+    if _untrained_copy(trace, module):
+        return True
     return any(trace.modules[name].attrs.get("overrides_train")
                for name in ancestors(module) if name in trace.modules)
+
+
+def _untrained_copy(trace: RunTrace, module: str) -> bool:
+    """Whether the nearest submodule at or above ``module`` (the model itself left out) that
+    holds parameters holds none that trains: none an optimizer holds, or none that got a
+    gradient at an observed step (an EMA teacher or a target network run under no_grad,
+    updated by the user's code, not by the optimizer)."""
+    for name in [module] + [a for a in ancestors(module) if a]:
+        held = [p for p in trace.params if p.name.startswith(name + ".")]
+        if held:
+            return all(p.in_optimizer is False for p in held) or not any(
+                p.grad_steps for p in held)
+    return False
 
 
 def is_norm_type(type_name: str) -> bool:

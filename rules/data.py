@@ -139,9 +139,10 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     clustered synthetic data has, trains the same standardized), or its std exceeds
     ``max_std`` or is below ``min_std`` (constant features are TL202's), over
     at least ``min_values`` values per channel (an input of one number per sample, (B,), is
-    one feature over the batch, judged by its offset only: a conditioning scalar such as a
-    diffusion model's log-SNR, uniform in [-10, 10], trained the same raw and standardized;
-    raw prices of mean 300 did not). Token ids (int64), inputs the model transforms
+    one feature over the batch, its std held to ``SCALAR_SPREAD`` (4) x ``max_std`` and not
+    to ``min_std``: a conditioning scalar such as a diffusion model's log-SNR, uniform in
+    [-10, 10], trained the same raw and standardized; raw prices of mean 300, or a centred
+    scalar of std 185, did not). Token ids (int64), inputs the model transforms
     before its first layer (``x / 255`` in ``forward``), inputs that go into a
     normalization layer first, and a recurrent state the model takes as an argument and hands
     to an RNN as its ``hx`` (``model(data, hidden)``, the state carried over from the last
@@ -186,11 +187,13 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if any(f.base in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
             continue
         # One number per sample (B,), a conditioning scalar (a diffusion model's log-SNR in
-        # [-10, 10], std 5.8): its offset sets every unit's sign, its spread alone is no harm.
+        # [-10, 10], std 5.8, trained the same standardized): its spread is judged against
+        # SCALAR_SPREAD x max_std (a centred scalar of std 185 did not train raw).
         scalar = len(inp.shape) == 1
         mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
         off = _off_centre(mean, std, t)
-        wide = (std > t.max_std) & (not scalar)
+        widest = t.max_std * (SCALAR_SPREAD if scalar else 1.0)
+        wide = std > widest
         narrow = (std > 0) & (std < t.min_std) & ~_sparse_features(
             inp, mean, std, t.min_std) & (not scalar)
         bad = off | wide | narrow
@@ -202,7 +205,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             start, steps = changed
             mean, std = np.asarray(inp.last_mean, float), np.asarray(inp.last_std, float)
             off = _off_centre(mean, std, t)
-            wide = (std > t.max_std) & (not scalar)
+            wide = std > widest
             narrow = np.zeros_like(off)
             bad = off | wide
             if not bad.any():
@@ -214,7 +217,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if off.any():
             reasons.append(f"|mean| up to {worst_mean:.4g} (threshold {t.max_abs_mean:g})")
         if wide.any():
-            reasons.append(f"std up to {float(std.max()):.4g} (threshold {t.max_std:g})")
+            reasons.append(f"std up to {float(std.max()):.4g} (threshold {widest:g})")
         if narrow.any():
             reasons.append(f"std down to {float(std[std > 0].min()):.4g} "
                            f"(threshold {t.min_std:g})")
@@ -233,6 +236,10 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                       "max_abs_mean": worst_mean, "max_std": float(std.max()),
                       "thresholds": t.as_dict()},
         )
+
+
+# A (B,) input, one conditioning number per sample, may spread this many times ``max_std``.
+SCALAR_SPREAD = 4.0
 
 
 def _off_centre(mean: np.ndarray, std: np.ndarray, t: Thresholds) -> np.ndarray:

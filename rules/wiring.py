@@ -629,9 +629,12 @@ DROPOUT_INSIDE = ("MultiheadAttention",) + RNN_TYPES
 
 
 def _mode_dependent(facts: ModuleFacts) -> bool:
-    """Whether the module behaves differently in train and eval mode."""
-    if facts.base in MODE_TYPES:
-        return True
+    """Whether the module behaves differently in train and eval mode (a Dropout of p=0 and a
+    BatchNorm without running statistics do not)."""
+    if facts.base in DROPOUT_TYPES:
+        return facts.attrs.get("p", 0.5) != 0
+    if facts.base in BATCHNORM_TYPES:
+        return facts.attrs.get("track_running_stats", True) is not False
     if facts.base not in DROPOUT_INSIDE or not facts.attrs.get("dropout"):
         return False
     return facts.base == "MultiheadAttention" or facts.attrs.get("num_layers", 1) > 1

@@ -145,3 +145,44 @@ def test_a_forward_that_puts_a_batchnorm_in_eval_is_reported(freeze: bool) -> No
     assert bool(found) is freeze
     if freeze:
         assert found[0].module == "bn" and found[0].severity == "error"
+
+
+class _Teacher(nn.Module):
+    """A student and its EMA teacher, run in eval under no_grad in the forward; the teacher's
+    parameters still require grad (PyTorch's DQN target net is written so)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                                     nn.Dropout(0.1), nn.Linear(64, 5))
+        self.teacher = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                                     nn.Dropout(0.1), nn.Linear(64, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.teacher.eval()
+        with torch.no_grad():
+            target = self.teacher(x)
+        return self.student(x) + 0.0 * target
+
+
+def test_an_ema_teacher_put_in_eval_by_the_forward_is_not_reported() -> None:
+    """It trained (loss 1.56 -> 0.002, both at 100% accuracy): TL602 said error in a check
+    and in a Monitor run."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    report = trainlint.check(_Teacher(), (x, x[:, :5].argmax(1)))
+    assert "TL602" not in {f.code for f in report.findings}
+
+
+@pytest.mark.parametrize("layer, counts", [
+    (lambda: nn.Dropout(0.0), False),
+    (lambda: nn.BatchNorm1d(16, track_running_stats=False), False),
+    (lambda: nn.Dropout(0.1), True),
+])
+def test_layers_that_behave_alike_in_both_modes_do_not_count(layer, counts: bool) -> None:
+    """nanoGPT at dropout=0.0, given after .eval(): bit-identical losses in either mode, yet
+    'its 3 BatchNorm/Dropout layer(s) behave as at inference'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), layer(), nn.ReLU(), nn.Linear(16, 3)).eval()
+    report = trainlint.check(model, (torch.randn(16, 8), torch.randint(0, 3, (16,))))
+    assert ("TL602" in {f.code for f in report.findings}) is counts

@@ -228,3 +228,19 @@ def test_a_one_dim_input_is_one_feature_over_the_batch() -> None:
 def test_a_one_dim_input_of_sound_scale_passes(values) -> None:
     report = _one_feature_report(values(torch.Generator().manual_seed(2)))
     assert "TL201" not in {f.code for f in report.findings}
+
+
+def test_a_one_dim_input_spread_far_beyond_unit_scale_is_reported() -> None:
+    """A centred scalar of std 185 into Linear(1, 64): Adam ended at 0.20 raw against 0.003
+    standardized (the review). Its spread is held to SCALAR_SPREAD x max_std."""
+    from trainlint.rules.data import SCALAR_SPREAD
+
+    from trainlint.engine import RULES
+
+    widest = SCALAR_SPREAD * RULES["TL201"].defaults["max_std"]
+    g = torch.Generator().manual_seed(3)
+    wide = _one_feature_report(torch.randn(64, generator=g) * 185.0)
+    found = [f for f in wide.findings if f.code == "TL201"]
+    assert found and f"(threshold {widest:g})" in found[0].message
+    within = _one_feature_report(torch.randn(64, generator=g) * widest * 0.5)
+    assert "TL201" not in {f.code for f in within.findings}

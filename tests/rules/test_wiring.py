@@ -480,8 +480,14 @@ def test_tl602_frozen_on_purpose_is_fine():
     assert hits("TL602", overridden) == []
 
 
-def test_tl602_is_a_monitor_rule():
+def test_tl602_in_a_check_reads_only_the_modes_the_users_code_set():
+    """A check puts the model in train mode itself: eval at its training forward was set by
+    the user's code (a forward calling self.eval()); otherwise the rule says it could not
+    tell what the user's loop does."""
     t = _mode_model(_flags(model_training=False))
+    t.mode = "check"
+    assert hits("TL602", t)
+    t = _mode_model(_flags())
     t.mode = "check"
     with pytest.raises(Skip):
         hits("TL602", t)
