@@ -431,6 +431,21 @@ def _unregistered(holders: dict) -> Hit:
     )
 
 
+def _remade(shapes: tuple) -> Hit:
+    """TL506 for layers built anew at every step (in the forward, or in the loss)."""
+    listed = ", ".join(str(s) for s in shapes[:6]) + (" ..." if len(shapes) > 6 else "")
+    return Hit(
+        module="",
+        message=(f"the loss runs through {len(shapes)} trainable tensor(s) outside the model that "
+                 f"are new at every step (shapes {listed}): a layer built in forward() (or in "
+                 "the loss), e.g. nn.Linear(64, 5)(h), starts from a fresh random init each "
+                 "call, no optimizer holds it, and it never trains"),
+        fix=("build the layer once, in __init__ (self.head = nn.Linear(...)), and call it in "
+             "forward(); then build the optimizer from model.parameters()"),
+        evidence={"remade_shapes": [list(s) for s in shapes]},
+    )
+
+
 def _trained_elsewhere(trace: RunTrace, trainable: int) -> Hit:
     """TL506 for a loss that runs through trainable tensors outside the model and its
     optimizer while none of the model's parameters got a gradient and that optimizer stepped:
@@ -487,6 +502,12 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     code (a BYOL/MoCo target network kept as a moving average of the
     online one): they are not reported.
 
+    In a ``trainlint check``, a loss that runs through Parameters outside the model at its
+    first step and, at its second, through others of the same shapes and none of the first's
+    is reported too: a layer built anew in every forward (``nn.Linear(64, 5)(h)``) starts from
+    a fresh init at each call and never trains (loss 1.62 -> 1.61 over 100 steps against
+    1.66 -> 1.16 with the layer built in ``__init__``).
+
     ## Fix
     Build the optimizer from ``model.parameters()`` after the model is complete, or add the
     group: ``optimizer.add_param_group({"params": model.head.parameters()})``, or just the
@@ -496,6 +517,8 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     """
     if trace.unregistered:
         yield _unregistered(trace.unregistered)
+    if trace.remade_params:
+        yield _remade(trace.remade_params)
     trainable = [p for p in trace.params if p.requires_grad]
     if not trainable:
         return

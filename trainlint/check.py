@@ -21,7 +21,7 @@ from .batch import (
 from .default_optimizer import DefaultSGD
 from .engine import Selection
 from .errors import ConfigError, TargetError, TrainlintError, UserCodeError
-from .lossgraph import LossGraph, read_loss_graph
+from .lossgraph import LossGraph, foreign_parameters, read_loss_graph
 from .losswatch import LossCall, compared_output, output_index, watched
 from .optimizers import needs_closure, wrapper_notes
 from .origins import function_line
@@ -104,6 +104,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     if made_here and optimizer is not None:
         trace.optimizer_location = function_line(optimizer)
     trace.given_flags = given
+    trace.remade_params = run.get("remade", ())
     return build_report(trace, selection or Selection(), target=target, notes=notes)
 
 
@@ -337,6 +338,11 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             # (a mean) from another number.
             graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
             run["unregistered"] = unregistered_holders(model, graph.foreign_ids)
+            if graph.foreign_ids and not run["unregistered"]:  # held until the next step
+                run["foreign_kept"] = foreign_parameters(loss, model.parameters())
+        elif step == 1 and run.get("foreign_kept"):
+            run["remade"] = _remade(run.pop("foreign_kept"),
+                                    foreign_parameters(loss, model.parameters()))
         phase = "backward"
         loss.backward()
         phase = "optimizer step"
@@ -365,6 +371,17 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
         if run["graph_output"] is not None:  # a loss the model made: the graph says what it read
             probe.loss_output_first(graph.output_index, graph.output_count)
     return loss
+
+
+def _remade(before: list, now: list) -> tuple:
+    """The shapes of ``now``'s Parameters when they stand in for ``before``'s, none of which the
+    loss reached again (the same shapes, new tensors: layers built anew each step); else ()."""
+    again = {id(p) for p in now}
+    shapes = sorted(tuple(p.shape) for p in now)
+    if not now or any(id(p) in again for p in before) or \
+            shapes != sorted(tuple(p.shape) for p in before):
+        return ()
+    return tuple(shapes)
 
 
 def _nonfinite(outputs: Any) -> bool:

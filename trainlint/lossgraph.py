@@ -191,6 +191,25 @@ def _through(node: Any, stops: Optional[dict] = None, path: Optional[set] = None
     return node
 
 
+def foreign_parameters(loss: torch.Tensor, known: Iterable) -> list:
+    """The Parameters other than ``known`` whose gradient ``loss``'s autograd graph reaches."""
+    root = loss.grad_fn
+    if root is None:
+        return []
+    ours = {id(p) for p in known}
+    seen, todo, found = {root}, deque([root]), []
+    while todo and len(seen) < MAX_NODES:
+        node = todo.popleft()
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
+            found.append(variable)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return found
+
+
 def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                     forwards: Optional[list] = None) -> LossGraph:
     """Read ``loss``'s autograd graph: the leaf tensors that require grad other than

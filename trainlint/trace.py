@@ -466,6 +466,10 @@ class RunTrace:
     # Plain list/tuple/dict attributes of the model (dotted names) holding layers or
     # Parameters the loss depends on that the model does not register: {name: count}.
     unregistered: dict = field(default_factory=dict)
+    # A check's loss ran through Parameters outside the model at its first step and through
+    # others of the same shapes at its second, none of the first's: layers the forward (or the
+    # loss) builds anew at every step, which never train. Their shapes.
+    remade_params: tuple = ()
     # A Monitor's optimizer ran its own step() at an observed step.
     optimizer_stepped: bool = False
     # This loss runs through another live Monitor's model, or that one's through this model,
