@@ -255,7 +255,7 @@ def _untrained_copy(trace: RunTrace, module: str) -> bool:
         held = [p for p in trace.params if p.name.startswith(name + ".")]
         if held:
             return all(p.in_optimizer is False for p in held) or not any(
-                p.grad_steps for p in held)
+                p.grad_steps or (p.grad_norm or 0) > 0 for p in held)
     return False
 
 

@@ -105,3 +105,21 @@ def test_outside_parameters_that_stay_the_same_are_not_remade() -> None:
     report = trainlint.check(model, _remade_batch(), loss_fn=loss_fn)
     assert report.trace.remade_params == ()
     assert "TL506" not in {f.code for f in report.findings}
+
+
+@pytest.mark.parametrize("extra", ["perceptual", "projections"])
+def test_nets_a_loss_builds_per_call_are_not_layers_of_the_model(extra: str) -> None:
+    """A perceptual net rebuilt inside loss_fn (lpips.LPIPS() per call), or a sliced-Wasserstein
+    loss's fresh random projections: new Parameters every step that are not meant to train
+    (the runs trained: 1.090 -> 0.087, 0.268 -> 0.010), but TL506 said error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        net = (nn.Sequential(nn.Linear(16, 32), nn.ReLU()) if extra == "perceptual"
+               else nn.Linear(16, 32, bias=False))
+        return F.mse_loss(out, y) + F.mse_loss(net(out), net(y))
+    x = torch.randn(32, 16)
+    report = trainlint.check(model, (x, x.flip(1)), loss_fn=loss_fn)
+    assert report.trace.remade_params == ()
+    assert "TL506" not in {f.code for f in report.findings}

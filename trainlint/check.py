@@ -339,10 +339,12 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
             graph = read_loss_graph(loss, model.parameters(), probe.output_nodes)
             run["unregistered"] = unregistered_holders(model, graph.foreign_ids)
             if graph.foreign_ids and not run["unregistered"]:  # held until the next step
-                run["foreign_kept"] = foreign_parameters(loss, model.parameters())
+                # (those the model's outputs reach: a loss's own nets, a perceptual one built
+                # per call or a sliced-Wasserstein loss's random projections, are no layers)
+                run["foreign_kept"] = foreign_parameters(tensors, model.parameters())
         elif step == 1 and run.get("foreign_kept"):
             run["remade"] = _remade(run.pop("foreign_kept"),
-                                    foreign_parameters(loss, model.parameters()))
+                                    foreign_parameters(tensors, model.parameters()))
         phase = "backward"
         loss.backward()
         phase = "optimizer step"

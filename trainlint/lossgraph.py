@@ -191,13 +191,12 @@ def _through(node: Any, stops: Optional[dict] = None, path: Optional[set] = None
     return node
 
 
-def foreign_parameters(loss: torch.Tensor, known: Iterable) -> list:
-    """The Parameters other than ``known`` whose gradient ``loss``'s autograd graph reaches."""
-    root = loss.grad_fn
-    if root is None:
-        return []
+def foreign_parameters(tensors: Iterable, known: Iterable) -> list:
+    """The Parameters other than ``known`` whose gradient the autograd graphs of ``tensors``
+    reach."""
+    roots = [t.grad_fn for t in tensors if getattr(t, "grad_fn", None) is not None]
     ours = {id(p) for p in known}
-    seen, todo, found = {root}, deque([root]), []
+    seen, todo, found = set(roots), deque(roots), []
     while todo and len(seen) < MAX_NODES:
         node = todo.popleft()
         variable = getattr(node, "variable", None)
