@@ -7,7 +7,7 @@ from dataclasses import replace
 from statistics import median
 from typing import Iterator, Optional
 
-from trainlint.engine import RULES, Hit, Skip, Thresholds, rule
+from trainlint.engine import Hit, Thresholds, rule
 from trainlint.trace import (
     CLASSIFICATION_LOSSES,
     FORGET_GATE_CLOSED,
@@ -38,6 +38,7 @@ from ._graph import (
     sources,
 )
 from .data import direct_consumers
+from .gradients import hits_at_defaults
 from .run import seen_from_start
 
 # Module types whose output is a nonlinearity (beyond the relu/tanh/sigmoid kinds).
@@ -367,15 +368,11 @@ def _fed_by_input(trace: RunTrace, lt: LayerTrace) -> Optional[str]:
 def _unnormalized_input_into(trace: RunTrace, feeder: ModuleFacts) -> Optional[Hit]:
     """TL201's finding (at its defaults) on a model input that ``feeder`` takes as it is, or
     None."""
-    registered = RULES.get("TL201")
-    if registered is None or feeder.base not in WEIGHT_LAYERS:
-        return None
-    try:
-        hits = list(registered.func(trace, Thresholds(dict(registered.defaults))))
-    except Skip:
+    if feeder.base not in WEIGHT_LAYERS:
         return None
     inputs = {inp.name: inp for inp in trace.inputs}
-    return next((hit for hit in hits if hit.evidence.get("input") in inputs
+    return next((hit for hit in hits_at_defaults(trace, "TL201")
+                 if hit.evidence.get("input") in inputs
                  and feeder in direct_consumers(trace, inputs[hit.evidence["input"]])), None)
 
 

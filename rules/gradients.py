@@ -1004,22 +1004,23 @@ def _not_learning(trace: RunTrace) -> bool:
     return first > 0 and last > (1 - LEARNING_DROP) * first
 
 
+def hits_at_defaults(trace: RunTrace, code: str) -> list[Hit]:
+    """What rule ``code`` finds in this trace at its default thresholds ([] when it is not
+    registered or skips)."""
+    registered = RULES.get(code)
+    if registered is None:
+        return []
+    try:
+        return list(registered.func(trace, Thresholds(dict(registered.defaults))))
+    except Skip:
+        return []
+
+
 def firing(trace: RunTrace, codes: tuple,
            counts: Callable[[Hit], bool] = lambda hit: True) -> list[str]:
     """Of ``codes``, those whose rule finds something in this trace at its defaults (a hit
     that ``counts``)."""
-    found = []
-    for code in codes:
-        registered = RULES.get(code)
-        if registered is None:
-            continue
-        try:
-            hits = registered.func(trace, Thresholds(dict(registered.defaults)))
-            if any(counts(hit) for hit in hits):
-                found.append(code)
-        except Skip:
-            continue
-    return found
+    return [code for code in codes if any(counts(hit) for hit in hits_at_defaults(trace, code))]
 
 
 def loss_unbounded(trace: RunTrace) -> bool:
