@@ -703,13 +703,19 @@ def _frozen_statistics(module: str, names: list, types: list, steps: int, observ
     )
 
 
+# Model classes whose library puts them in train mode itself before training (transformers'
+# Trainer, Lightning's): from_pretrained returns a model in eval mode, and that is no fault.
+LIBRARY_TRAINED = frozenset({"PreTrainedModel", "LightningModule"})
+
+
 def _given_in_eval(trace: RunTrace) -> Iterator[Hit]:
     """TL602 in a check: the model came in eval mode (``trace.given_flags``), with layers whose
     behaviour depends on the mode; the check trained it in train mode, a loop that never calls
     ``model.train()`` would not."""
     given = trace.given_flags
     mode_modules = {f.name for f in trace.modules.values() if _mode_dependent(f)}
-    if given is None or given["model_training"] or not any(
+    if given is None or given["model_training"] or LIBRARY_TRAINED.intersection(
+            given.get("classes", ())) or not any(
             not kept_in_eval(trace, {"step": 0, **given}, n) for n in mode_modules):
         return
     yield Hit(

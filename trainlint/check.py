@@ -76,7 +76,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
                  "batch_size": None,
                  "graph_output": None,
                  "unregistered": {}}
-    given = None if library_trained(model) else training_flags(model)
+    given = {**training_flags(model), "classes": [c.__name__ for c in type(model).__mro__]}
     try:
         probe.attach()
         held = train_mode(model)
@@ -106,16 +106,6 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     trace.given_flags = given
     trace.remade_params = run.get("remade", ())
     return build_report(trace, selection or Selection(), target=target, notes=notes)
-
-
-# Model classes whose library puts them in train mode itself before training (transformers'
-# Trainer, Lightning's): from_pretrained returns a model in eval mode, and that is no fault.
-LIBRARY_TRAINED = ("PreTrainedModel", "LightningModule")
-
-
-def library_trained(model: nn.Module) -> bool:
-    """Whether ``model`` is of a class that its library trains in train mode itself."""
-    return any(c.__name__ in LIBRARY_TRAINED for c in type(model).__mro__)
 
 
 def train_mode(model: nn.Module) -> Optional[str]:

@@ -512,8 +512,8 @@ class RunTrace:
     notes: list = field(default_factory=list)
     train_flags: list = field(default_factory=list)
     # A check's model as it was given, before the check put it in train mode
-    # (:func:`trainlint.probe.training_flags`); None for a Monitor run, and for a model whose
-    # library trains it in train mode whatever it was given in (transformers, Lightning).
+    # (:func:`trainlint.probe.training_flags`, and ``classes``: the names of its class and
+    # its bases); None for a Monitor run.
     given_flags: Optional[dict] = None
     amp_dtype: Optional[str] = None
     per_step: list = field(default_factory=list)
