@@ -24,7 +24,7 @@ import math
 import re
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -191,22 +191,38 @@ def _through(node: Any, stops: Optional[dict] = None, path: Optional[set] = None
     return node
 
 
+def _walk(roots: list, parent: Optional[dict] = None) -> Iterator[Any]:
+    """The autograd nodes reachable from ``roots``, breadth first, at most ``MAX_NODES``;
+    ``parent``, where given, gets each node's first parent."""
+    seen, todo = set(roots), deque(roots)
+    while todo and len(seen) < MAX_NODES:
+        node = todo.popleft()
+        yield node
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                if parent is not None:
+                    parent[child] = node
+                todo.append(child)
+
+
+def _outside_parameter(node: Any, ours: set) -> Optional[torch.nn.Parameter]:
+    """The Parameter, not one of ``ours`` (ids), whose gradient ``node`` accumulates, else None.
+    Another network's weights are Parameters; a leaf the forward makes each step
+    (transformers' MRA: ``zeros_like(q).requires_grad_()``) is no network."""
+    variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
+    if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
+        return variable
+    return None
+
+
 def foreign_parameters(tensors: Iterable, known: Iterable) -> list:
     """The Parameters other than ``known`` whose gradient the autograd graphs of ``tensors``
     reach."""
     roots = [t.grad_fn for t in tensors if getattr(t, "grad_fn", None) is not None]
     ours = {id(p) for p in known}
-    seen, todo, found = set(roots), deque(roots), []
-    while todo and len(seen) < MAX_NODES:
-        node = todo.popleft()
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
-            found.append(variable)
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return found
+    return [p for p in (_outside_parameter(node, ours) for node in _walk(roots))
+            if p is not None]
 
 
 def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
@@ -222,24 +238,16 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
         return LossGraph()
     summed = summed_over_items(root)
     ours = {id(p) for p in known}
-    seen, todo, foreign, losses = {root}, deque([root]), set(), []
+    foreign, losses = set(), []
     shapes: dict = {}
     parent: dict = {}
-    while todo and len(seen) < MAX_NODES:
-        node = todo.popleft()
-        variable = getattr(node, "variable", None)  # an AccumulateGrad: a leaf's gradient
-        # Another network's weights are Parameters; a leaf the forward makes each step
-        # (transformers' MRA: ``zeros_like(q).requires_grad_()``) is no network.
-        if isinstance(variable, torch.nn.Parameter) and id(variable) not in ours:
+    for node in _walk([root], parent):
+        variable = _outside_parameter(node, ours)
+        if variable is not None:
             foreign.add(id(variable))
             shapes[id(variable)] = tuple(variable.shape)
         if node_name(node) in LOSS_NODES or _soft_cross_entropy(node, parent) is not None:
             losses.append(node)
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                parent[child] = node
-                todo.append(child)
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
     foreign_shapes = tuple(sorted(shapes.values()))
