@@ -367,7 +367,8 @@ def _train_step(model: nn.Module, data: Batch, loss_fn: Optional[Callable],
 
 def _remade(before: list, now: list) -> tuple:
     """The shapes of ``now``'s Parameters when they stand in for ``before``'s, none of which the
-    loss reached again (the same shapes, new tensors: layers built anew each step); else ()."""
+    model's outputs reached again (the same shapes, new tensors: layers built anew each step);
+    else ()."""
     again = {id(p) for p in now}
     shapes = sorted(tuple(p.shape) for p in now)
     if not now or any(id(p) in again for p in before) or \
@@ -387,6 +388,14 @@ PHASES = {"forward": "the model's forward pass", "loss": "computing the loss",
           "backward": "the backward pass", "optimizer step": "the optimizer step"}
 
 
+def _fed_the_batch(data: Batch, args: Sequence) -> bool:
+    """Whether the module that raised was fed a batch input as it is (or nothing is known of
+    what it was fed: ``args``, the probe's (dtype, shape) of its tensors, is empty)."""
+    batch = {(str(v.dtype).replace("torch.", ""), tuple(v.shape))
+             for _, v in _named_inputs(data) if isinstance(v, torch.Tensor)}
+    return not args or bool(batch.intersection(a for a in args if isinstance(a, tuple)))
+
+
 def _user_error(exc: Exception, phase: str, step: int, data: Batch,
                 failed_module: Optional[str], failed_args: Sequence = ()) -> UserCodeError:
     """The user's code raised during ``phase``: say where, with what, and what to try
@@ -402,10 +411,7 @@ def _user_error(exc: Exception, phase: str, step: int, data: Batch,
     else:
         message = (f"{where} raised {type(exc).__name__} in training step {step + 1}: "
                    f"{flat_message(exc)}")
-        batch = {(str(v.dtype).replace("torch.", ""), tuple(v.shape))
-                 for _, v in _named_inputs(data) if isinstance(v, torch.Tensor)}
-        if phase == "forward" and failed_module and failed_args and not batch.intersection(
-                a for a in failed_args if isinstance(a, tuple)):  # (not fed the batch itself)
+        if phase == "forward" and failed_module and not _fed_the_batch(data, failed_args):
             fed = ", ".join(f"a {a[0]} tensor of shape {a[1]}" if isinstance(a, tuple)
                             else f"a {a}" for a in failed_args)
             message += (f"; {failed_module!r} was fed {fed} (the batch: "
