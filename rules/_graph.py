@@ -233,7 +233,7 @@ def kept_in_eval(trace: RunTrace, flags: dict, module: str) -> bool:
     """Whether ``module``'s eval mode at the step of ``flags`` (a ``RunTrace.train_flags``
     entry) was the user's choice: it sat inside a submodule in eval whose parameters were all
     frozen then (``frozen_eval``), its own parameters are all frozen, the submodule it sits in
-    holds no parameter an optimizer steps (an EMA teacher), or a user class on its path
+    does not train (:func:`_untrained_copy`: an EMA teacher), or a user class on its path
     overrides ``train()`` to keep it in eval (the detection-backbone idiom)."""
     if module in flags.get("frozen_eval", ()):
         return True
