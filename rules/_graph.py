@@ -259,6 +259,31 @@ def _untrained_copy(trace: RunTrace, module: str) -> bool:
     return False
 
 
+def trained_twin(trace: RunTrace, module: str) -> Optional[str]:
+    """Another module of ``module``'s class, neither inside it nor holding it, whose
+    parameters have the same names and shapes one for one and got a gradient: ``module`` is
+    its copy (a BYOL/MoCo target, a mean teacher, a DQN target network); None otherwise."""
+    facts = trace.modules.get(module)
+    if not module or facts is None:
+        return None
+
+    def layout(name: str) -> tuple:
+        held = [p for p in trace.params if p.name.startswith(name + ".")]
+        return sorted((p.name[len(name) + 1:], tuple(p.shape)) for p in held), held
+
+    mine, _ = layout(module)
+    if not mine:
+        return None
+    for name, other in trace.modules.items():
+        if not name or other.type != facts.type or name == module or \
+                name.startswith(module + ".") or module.startswith(name + "."):
+            continue
+        theirs, held = layout(name)
+        if theirs == mine and any(p.grad_steps for p in held):
+            return name
+    return None
+
+
 def is_norm_type(type_name: str) -> bool:
     """Whether a module type normalizes its input (torch's norm layers and named subclasses)."""
     return type_name in NORM_TYPES or type_name.endswith(NORM_NAME_ENDINGS)

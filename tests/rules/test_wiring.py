@@ -331,8 +331,8 @@ def test_tl505_tl506_a_moving_average_target_is_updated_elsewhere(moved, fires):
         p.first_norm, p.norm = 3.0, 3.0 * (1 + moved * CHANGE)
     t = trace([], params=params, observed_steps=10,
               per_step=[{"step": s, "layers": {}} for s in range(10)])
-    for code in ("TL505", "TL506"):
-        assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
+    assert [h.module for h in hits("TL505", t)] == (["target"] if fires else [])
+    assert hits("TL506", t) == []  # no gradient: an optimizer would not move it either
 
 
 @pytest.mark.parametrize("checks, moved, fires", [
@@ -348,8 +348,27 @@ def test_tl505_tl506_a_target_seen_moving_within_observed_steps(checks, moved, f
     params[-1].first_norm = params[-1].norm = 3.0
     params[-1].outside_checks, params[-1].moved_outside = checks, moved
     t = trace([], params=params, observed_steps=max(checks, 1))
-    for code in ("TL505", "TL506"):
-        assert [h.module for h in hits(code, t)] == (["target"] if fires else []), code
+    assert [h.module for h in hits("TL505", t)] == (["target"] if fires else [])
+    assert hits("TL506", t) == []  # no gradient: an optimizer would not move it either
+
+
+@pytest.mark.parametrize("grad_steps, others, fires", [
+    (0, 3, False),  # no gradient while others got one: TL505's, an optimizer would not move it
+    (1, 3, True),  # a gradient at one observed step: never applied
+    (0, 0, True),  # no parameter got a gradient: nothing tells it from the others
+])
+def test_tl506_judges_parameters_that_get_a_gradient(grad_steps, others, fires):
+    """A linear probe's backbone run under torch.no_grad() with requires_grad left on, the
+    optimizer over the head only: TL506 said error, yet an optimizer over model.parameters()
+    left the backbone bit-identical (no .grad; loss 3.11 -> 0.062 either way, measured)."""
+    backbone = {"in_optimizer": False, "grad_steps": grad_steps, "grad_norm": None}
+    params = _params(**{n: {"grad_steps": others} for n in ("head.weight", "head.bias")})
+    params = [p for p in params if not p.name.startswith(("body", "aux"))]
+    params += [param("body.0.weight", (4, 4), **backbone), param("body.0.bias", (4,), **backbone)]
+    t = trace([], params=params, observed_steps=3)
+    assert [h.module for h in hits("TL506", t)] == (["body"] if fires else [])
+    if others:  # (none got one: TL505 says the loss does not reach the model)
+        assert [h.module for h in hits("TL505", t)] == (["body"] if grad_steps == 0 else [])
 
 
 def test_tl506_a_parameter_the_optimizer_steps_is_judged_by_its_updates():
