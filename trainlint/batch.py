@@ -142,6 +142,24 @@ def primary_output(outputs: Any) -> Optional[torch.Tensor]:
     return first_float_tensor(outputs)
 
 
+# Autograd nodes that only reshape or move their input's values.
+_SHAPE_NODES = ("View", "Reshape", "UnsafeView", "Permute", "Transpose", "T", "Squeeze",
+                "Unsqueeze", "Clone", "Expand", "Contiguous", "Select", "Slice")
+
+
+def _log_probabilities(out: torch.Tensor) -> bool:
+    """Whether ``out`` was made by log_softmax, through ops that only reshape it."""
+    node = out.grad_fn
+    while node is not None:
+        name = type(node).__name__.rstrip("0123456789")
+        if name == "LogSoftmaxBackward":
+            return True
+        if not name.endswith("Backward") or name[:-len("Backward")] not in _SHAPE_NODES:
+            return False
+        node = next((n for n, _ in node.next_functions if n is not None), None)
+    return False
+
+
 @dataclass
 class LossChoice:
     fn: Callable[[Any, Any], torch.Tensor]
@@ -159,15 +177,21 @@ def default_loss(outputs: Any, targets: Any) -> LossChoice:
     if out is None:
         raise TargetError("the model's forward returned no floating-point tensor to train on")
     if isinstance(targets, torch.Tensor):
+        # Log-probabilities (a model ending in log_softmax, as pytorch/examples' MNIST) take
+        # NLLLoss: cross-entropy over them is the same value, but it is TL601's double softmax.
+        logs = _log_probabilities(out)
+        ce, kind, what = ((F.nll_loss, "nll", "negative log-likelihood (the model's output is "
+                           "log_softmax)") if logs else
+                          (F.cross_entropy, "cross_entropy", "cross-entropy"))
         if not targets.is_floating_point() and out.dim() >= 2 and \
                 targets.shape == out.shape[:1] + out.shape[2:]:
-            return LossChoice(lambda o, t: F.cross_entropy(primary_output(o), t),
-                              "cross_entropy", "default loss: cross-entropy")
+            return LossChoice(lambda o, t: ce(primary_output(o), t), kind,
+                              f"default loss: {what}")
         if not targets.is_floating_point() and out.dim() >= 2 and \
                 targets.shape == out.shape[:-1]:
             return LossChoice(
-                lambda o, t: F.cross_entropy(primary_output(o).flatten(0, -2), t.flatten()),
-                "cross_entropy", "default loss: cross-entropy over the last dim")
+                lambda o, t: ce(primary_output(o).flatten(0, -2), t.flatten()), kind,
+                f"default loss: {what} over the last dim")
         if targets.is_floating_point() and targets.shape == out.shape:
             return LossChoice(lambda o, t: F.mse_loss(primary_output(o), t), "mse",
                               "default loss: mean squared error")
