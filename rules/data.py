@@ -30,6 +30,32 @@ def direct_consumers(trace: RunTrace, inp: InputTrace) -> list[ModuleFacts]:
     return found
 
 
+# Constructor facts that give how many values a weight layer takes at a time.
+INPUT_WIDTHS = ("in_features", "in_channels", "input_size")
+
+
+def as_positions(trace: RunTrace, inp: InputTrace) -> Optional[InputTrace]:
+    """A (B, L) input whose direct consumers take fewer than L values at a time between them
+    (an FNO's function on a grid, stacked with the coordinates into ``Linear(2, w)``; a raw
+    signal unsqueezed into ``Conv1d(1, ...)``): its L values per sample are positions of one
+    signal, not L features. Returns it as one feature over all its values (its mean, std and
+    range pooled), else None."""
+    if len(inp.shape) != 2:
+        return None
+    widths = [next((f.attrs[k] for k in INPUT_WIDTHS if isinstance(f.attrs.get(k), int)), None)
+              for f in direct_consumers(trace, inp) if f.base in WEIGHT_LAYERS]
+    if not widths or None in widths or sum(widths) >= inp.shape[-1]:
+        return None
+    mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)
+    centre = float(mean.mean())
+    spread = math.sqrt(max(float(np.mean(std ** 2 + (mean - centre) ** 2)), 0.0))
+    low, high = float(np.min(inp.min)), float(np.max(inp.max))
+    return replace(inp, mean=np.array([centre]), std=np.array([spread]), min=np.array([low]),
+                   max=np.array([high]), last_mean=None, last_std=None,
+                   range_values=None if inp.range_values is None
+                   else np.array([np.sum(inp.range_values)]))
+
+
 def values_per_channel(inp: InputTrace) -> int:
     """How many values each channel's statistics are computed over (a (B,) input: one
     feature, B values)."""
@@ -142,8 +168,13 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     one feature over the batch, its std held to ``SCALAR_SPREAD`` (10) x ``max_std`` and not
     to ``min_std``: a conditioning scalar such as a diffusion model's log-SNR, uniform in
     [-10, 10], trained the same raw and standardized; raw prices of mean 300, or a centred
-    scalar of std 185, did not). Token ids (int64), inputs the model transforms
-    before its first layer (``x / 255`` in ``forward``), inputs that go into a
+    scalar of std 185, did not). A (B, L) input whose consumers take fewer than L values at a
+    time between them (``in_features``, ``in_channels``, ``input_size``: an FNO's function on
+    a 64-point grid stacked with its coordinates into ``Linear(2, w)``, a signal unsqueezed
+    into ``Conv1d(1, ...)``) is one feature over its positions, its statistics pooled (an FNO
+    with its grid's boundary at 0 was told 1 of 64 features had std 2.7e-7; standardized per
+    position it trained no better, 0.0055 against 0.0043). Token ids (int64), inputs the
+    model transforms before its first layer (``x / 255`` in ``forward``), inputs that go into a
     normalization layer first, and a recurrent state the model takes as an argument and hands
     to an RNN as its ``hx`` (``model(data, hidden)``, the state carried over from the last
     batch) are not checked. Images scaled to [0, 1] pass; images that an
@@ -186,6 +217,7 @@ def input_not_normalized(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
             continue
         if any(f.base in NORM_TYPES for f in consumers) or values_per_channel(inp) < t.min_values:
             continue
+        inp = as_positions(trace, inp) or inp
         # One number per sample (B,), a conditioning scalar (a diffusion model's log-SNR in
         # [-10, 10], std 5.8, trained the same standardized): its spread is judged against
         # SCALAR_SPREAD x max_std (a centred scalar of std 185 did not train raw).
@@ -337,7 +369,8 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     unless it is all 0 (an empty placeholder) or, but for images, all 1 (a float mask with
     nothing masked: a time-series transformer's ``past_observed_mask`` where no value is
     missing, a required argument of its forward). Inputs of one value per sample (timesteps,
-    scalars) are not checked.
+    scalars) are not checked, nor the positions of a (B, L) signal (see TL201: a grid's
+    boundary held at 0).
 
     ## Why is this bad?
     A feature that never varies carries no information: it wastes a channel of the first
@@ -361,6 +394,8 @@ def constant_input_features(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         per_channel = values_per_channel(inp)
         if per_channel < t.min_values:
             continue
+        # A signal's positions (a grid's boundary held at 0) are no features to drop.
+        inp = as_positions(trace, inp) or inp
         lo, hi = np.asarray(inp.min, float), np.asarray(inp.max, float)
         if not is_image(inp) and bool((lo == 1).all() and (hi == 1).all()):
             continue  # a float mask with nothing masked (past_observed_mask with no gap)

@@ -377,3 +377,37 @@ def test_tl202_a_monitor_counts_the_values_of_every_batch_its_range_spans():
     assert hits("TL202", _fed_to(rare)) == []
     rare.range_values = np.full(16, 64.0 + 7 * 8)  # a Monitor: the first batch, then 8 rows
     assert hits("TL202", _fed_to(rare))[0].evidence["constant"] == [15]
+
+
+def _grid_signal(mean, std, width: int, type_: str = "Linear", attr: str = "in_features"):
+    """A (32, 64) input whose consumer takes ``width`` values at a time (an FNO's function
+    on a 64-point grid, stacked with its coordinates into Linear(2, w))."""
+    inp = inputs("input0", (32, 64), mean, std)
+    layer = point("lift", type_)
+    return trace([layer], modules=[module("lift", type_, **{attr: width})], inputs=[inp],
+                 edges=[edge(INPUT, ("module", "lift"), ("stack",))])
+
+
+@pytest.mark.parametrize("width, type_, attr, fires", [
+    (2, "Linear", "in_features", False),  # positions of one signal: pooled, centred
+    (1, "Conv1d", "in_channels", False),
+    (63, "Linear", "in_features", False),
+    (64, "Linear", "in_features", True),  # 64 features
+])
+def test_a_signals_positions_are_one_feature(width, type_, attr, fires):
+    """A grid whose boundary is held at 0: two positions of std 2.7e-7 and 0 among others of
+    std 0.7 (measured on an FNO that trained the same standardized per position or not)."""
+    std = [2.7e-7, 0.0] + [0.7] * 62
+    t = _grid_signal([0.0] * 64, std, width, type_, attr)
+    assert bool(hits("TL201", t)) is fires
+    assert bool(hits("TL202", t)) is fires
+
+
+@pytest.mark.parametrize("centre, fires", [(0.99, False), (1.01, True)])
+def test_a_signals_positions_are_judged_pooled(centre, fires):
+    """Positions of one raw signal offset past ``max_abs_mean`` (and its spread) all along."""
+    offset = centre * max(defaults("TL201")["max_abs_mean"], 0.7)
+    found = hits("TL201", _grid_signal([offset] * 64, [0.7] * 64, 2))
+    assert bool(found) is fires
+    if fires:
+        assert found[0].evidence["channels"] == 1
