@@ -12,6 +12,7 @@ from trainlint.trace import (
     Edge,
     LayerTrace,
     RunTrace,
+    inf_fill,
 )
 
 from ._graph import (
@@ -158,8 +159,77 @@ def _first_nonfinite(trace: RunTrace, step: dict) -> Optional[tuple]:
                         ("parameter", bad.get("parameters", []))):
         if names:
             owner = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
-            return what, owner, f"{len(names)} {what}(s) hold NaN/Inf: {names[:5]}"
+            detail = f"{len(names)} {what}(s) hold NaN/Inf: {names[:5]}"
+            ops = _ops_run(trace, owner)
+            if what == "parameter gradient" and loss is not None and math.isfinite(loss) and \
+                    not bad.get("gradients") and ops:
+                return what, owner, (
+                    f"{detail}, while the loss and every observed gradient are finite: the "
+                    f"backward of {owner or 'the model'}'s own forward, which ran "
+                    f"{_op_names(ops)}, made it"), True
+            return what, owner, detail
     return None
+
+
+def _within(name: str, module: str) -> bool:
+    """Whether ``name`` is ``module`` or a module inside it (the model's own forward: ``""``
+    only)."""
+    return name == module or (bool(module) and name.startswith(module + "."))
+
+
+def _ops_run(trace: RunTrace, module: str) -> list:
+    """The ops that can make NaN/Inf that the forward of ``module`` or of a module inside it
+    ran (``RunTrace.module_ops``, ``RunTrace.op_sites``), fills with ±inf among them."""
+    found = {via[-1] for (_, via), site in trace.op_sites.items()
+             if site is not None and _within(site, module)}
+    for name, ops in trace.module_ops.items():
+        if _within(name, module):
+            found.update(ops)
+    return sorted(found, key=lambda op: (not inf_fill(op), op))
+
+
+def _inf_filled(trace: RunTrace, module: str) -> bool:
+    """Whether a fill with ±inf ran in the forward of ``module``, a module inside it or one
+    around it (a scorer's ``masked_fill(mask, -inf)`` before its parent's softmax)."""
+    return any(any(inf_fill(op) for op in ops) and (_within(name, module) or _within(module, name)
+                                                      or not name)
+               for name, ops in trace.module_ops.items())
+
+
+def _op_names(ops: list) -> str:
+    """``ops`` as text: a fill with -inf as ``masked_fill with -inf``."""
+    return ", ".join(f"{op.split('(')[0]} with {op.split('(')[1][:-1]}" if inf_fill(op) else op
+                     for op in ops)
+
+
+# What makes each op that can make NaN/Inf safe (``_op_advice``), in this order.
+_OP_ADVICE = (
+    (("log", "log2", "log10", "log_", "log1p", "xlogy", "lgamma", "digamma"),
+     "clamp the input of log (torch.log(x.clamp_min(1e-12)); noise u in [0, 1] before "
+     "log(-log(u)): u.clamp(1e-6, 1 - 1e-6))"),
+    (("exp", "exp_", "exp2", "expm1"),
+     "clamp the input of exp (torch.exp(x.clamp_max(80))) or stay in log space "
+     "(torch.logsumexp, F.softplus, F.log_softmax)"),
+    (("sqrt", "sqrt_", "rsqrt", "rsqrt_"), "add eps inside sqrt (torch.sqrt(s + 1e-12))"),
+    (("div", "div_", "true_divide", "__truediv__", "__rtruediv__", "__itruediv__",
+      "reciprocal", "reciprocal_", "fmod", "remainder"),
+     "add eps to denominators that can be 0 (a norm, a std, a count of unmasked items)"),
+    (("pow", "pow_", "__pow__", "__rpow__"), "clamp the base of fractional powers "
+     "(x.clamp_min(1e-12) ** p)"),
+    (("acos", "asin", "atanh", "acosh", "tan", "erfinv"),
+     "clamp the input of acos/asin (x.clamp(-1 + 1e-7, 1 - 1e-7))"),
+)
+
+
+def _op_advice(ops: list) -> str:
+    """What makes ``ops`` safe, as text (a fill with -inf first)."""
+    found = []
+    if any(inf_fill(op) for op in ops):
+        found.append("fill with torch.finfo(dtype).min instead of -inf (0 * -inf, a mask "
+                     "times the filled tensor or a mean over it, is NaN, as is a softmax over a "
+                     "row all -inf)")
+    found += [text for names, text in _OP_ADVICE if set(names).intersection(ops)]
+    return "; ".join(found)
 
 
 def _infinite_batch(trace: RunTrace, names: list, acts: list) -> Optional[tuple]:
@@ -391,7 +461,22 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     ``log_softmax``/``logsumexp`` instead of ``log(softmax)``); for a NaN made in a backward,
     add eps inside sqrt (or use ``torch.linalg.vector_norm``) and clamp the base of fractional
     powers; for parameters, lower the learning rate and clip gradients; in fp16, use a
-    GradScaler or bf16. Where a weight blew up before the step (past ``INFLATED`` x its first
+    GradScaler or bf16. The fix names the ops that can make NaN/Inf which the named module's
+    forward ran (on any tensor, traced or not: ``RunTrace.module_ops``) or the loss function
+    ran on the outputs (``RunTrace.loss_ops``), with what makes each safe: a custom Poisson
+    loss ``exp(rate)`` that an outlier batch took to inf is told ``exp(x.clamp_max(80))``; a
+    masked mean over a ``masked_fill(pad, -inf)`` (0 * -inf: NaN for every padded sample,
+    which eps in the denominator does not change) is told ``torch.finfo(dtype).min``, which
+    made it finite. The attention-mask advice leads where a softmax's output holds the first
+    NaN only when a fill with ±inf ran in or around the module, a model input held ±inf, or
+    the module ran no such op: a Gumbel softmax's ``-log(-log(u))`` at u = 1 is told to clamp
+    the input of log. A parameter gradient holding NaN while the loss and every observed
+    gradient are finite was made in the backward of its module's own forward: at step 0 of
+    ``torch.where(h > 0, torch.log(h), 0)`` with h = counts x a learned scale, lowering the
+    learning rate and clipping (the old fix) spread the NaN total norm to every parameter;
+    the fix is the safe unselected branch, ``torch.log(h.clamp_min(1e-12))``. A loss that
+    overflows after a weight blew up (SGD at lr 5: 4.7 -> 1.3e3 -> 4.7e11 by step 3; lr 0.01
+    trains) is the learning rate's, as below. Where a weight blew up before the step (past ``INFLATED`` x its first
     norm, to an RMS above 1), NaN/Inf made in the forward after the first step is the
     learning rate's: the fix says so, also for a layer without weights (a GroupNorm fed
     values of 1e20).
@@ -407,7 +492,7 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
         if raised is not None:
             detail += f"; the loss function then raised {raised}"
         masked = (what == "forward" and trace.amp_dtype != "float16"  # (not an overflow)
-                  and _softmax_first(trace, step))
+                  and _softmax_first(trace, step) and _mask_possible(trace, module, step))
         yield Hit(
             module=module,
             message=f"NaN/Inf first appears at step {step['step']} in the {what}: {detail}",
@@ -444,16 +529,31 @@ def _softmax_first(trace: RunTrace, step: dict) -> bool:
     return bool(acts) and min(acts, key=lambda lt: lt.depth).kind in ("softmax", "log_softmax")
 
 
+def _mask_possible(trace: RunTrace, module: str, step: dict) -> bool:
+    """Whether a mask's -inf can be what a softmax's NaN came from: a fill with ±inf ran in or
+    around ``module``, a model input held ±inf (an additive mask), or the forward of
+    ``module`` ran no op that can make NaN/Inf itself (a Gumbel noise's ``log(-log(u))`` at
+    u = 1 is +inf: no mask there)."""
+    return (_inf_filled(trace, module) or bool((step.get("nonfinite") or {}).get(
+        "infinite_inputs")) or not _ops_run(trace, module))
+
+
 def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False,
                    first: bool = False, masked: bool = False,
                    step: Optional[int] = None) -> str:
     """The fix for NaN/Inf first made by ``what`` in ``module`` (``first``: at step 0, before
     any update; ``masked``: the first output holding it is a softmax's)."""
     facts = trace.modules.get(module)
+    ops = _ops_run(trace, module) if what != "loss" else []
     if unsafe:
+        ran = f"; its forward ran {_op_names(ops)}" if ops else ""
+        if {"log", "log2", "log10", "log1p"}.intersection(ops):
+            ran += (": torch.where(x > 0, torch.log(x), 0) still sends the unselected branch "
+                    "log's infinite derivative at 0 (0 * inf = NaN), so make that branch's "
+                    "input safe, torch.where(x > 0, torch.log(x.clamp_min(1e-12)), 0)")
         return (f"make the backward of {repr(module) if module else 'the loss function'} safe "
-                "(its forward can be finite while its "
-                "gradient is not): sqrt of a sum of squares that can be 0 has an infinite "
+                f"(its forward can be finite while its gradient is not{ran}): "
+                "sqrt of a sum of squares that can be 0 has an infinite "
                 "derivative there (add eps inside the sqrt: torch.sqrt(s + 1e-12), or use "
                 "torch.linalg.vector_norm, whose gradient at 0 is 0), as has x ** p with "
                 "0 < p < 1 at 0 (x.clamp_min(eps) ** p), and acos/asin at ±1 (a cosine "
@@ -502,12 +602,19 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
                 "row) gets a softmax over nothing, NaN; keep at least one key per query (drop "
                 "empty samples) or mask with torch.finfo(dtype).min instead of -inf; and clamp "
                 "inputs of log/sqrt/division in it")
-    if what == "forward" and not first and facts is not None and facts.is_leaf and \
-            blown_up(trace):  # (a leaf without weights: a norm or an activation fed 1e20)
-        return (f"the weights grew out of range before {module or 'the model'!r} made it (one "
+    if not first and blown_up(trace) and (what == "loss" or (
+            what == "forward" and facts is not None and facts.is_leaf)):
+        # (a leaf without weights: a norm or an activation fed 1e20; a loss of outputs of 1e20)
+        return (f"the weights grew out of range before "
+                f"{'the loss' if what == 'loss' else repr(module or 'the model')} made it (one "
                 "grew past 10x its first norm to an RMS above 1): lower the learning rate, "
                 "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), "
                 "max_norm=1.0)); check the steps before (TL502, TL503)")
+    if what in ("forward", "backward") and ops:
+        return (f"make the computation in {module or 'the model'!r} safe: its forward ran "
+                f"{_op_names(ops)}: {_op_advice(ops)}; elsewhere in it, clamp inputs of "
+                "log/sqrt/pow/exp/division and use F.log_softmax/torch.logsumexp instead of "
+                "log(softmax(x))")
     if what in ("forward", "backward"):
         return (f"make the computation in {module or 'the model'!r} safe: clamp inputs of "
                 "log/sqrt/pow/exp/division (x.clamp_min(eps); exp(x.clamp_max(80))) and of "
@@ -526,6 +633,11 @@ def _nonfinite_fix(what: str, module: str, trace: RunTrace, unsafe: bool = False
         return ("observe every step (trainlint.Monitor(every=1), or trainlint check) to find "
                 "where NaN/Inf first appears; meanwhile lower the learning rate and clip "
                 "gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0))")
+    if what == "loss" and trace.loss_ops:
+        return (f"make the loss safe: the loss function ran {', '.join(trace.loss_ops)} on the "
+                f"model's outputs: {_op_advice(list(trace.loss_ops))}; use "
+                "nn.CrossEntropyLoss/BCEWithLogitsLoss on logits rather than log of "
+                "probabilities, and check the targets' range")
     if what == "loss":
         return ("make the loss safe: use nn.CrossEntropyLoss/BCEWithLogitsLoss on logits "
                 "rather than log of probabilities, clamp inside log, check the targets' range")

@@ -917,3 +917,95 @@ def test_nan_from_a_shared_modules_first_call_still_names_it() -> None:
     x = torch.randn(32, 4, 16).abs() + 1
     report = trainlint.check(model, (x, x[:, :, 0].argmax(1)))
     assert _tl504(report).module == "c1"
+
+
+class _LogCounts(nn.Module):
+    """torch.where(h > 0, log(h), 0), h = counts x a learned scale: a count of 0 makes the
+    unselected log's gradient 0 * inf = NaN in the scale's gradient, the forward finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.scale
+        return torch.where(h > 0, torch.log(h), torch.zeros_like(h))
+
+
+def test_a_nan_parameter_gradient_at_step_0_is_the_unsafe_where_not_the_learning_rate() -> None:
+    """At step 0 no update ran: lowering the rate and clipping (the old fix) spread the NaN
+    total norm to every parameter; the traced log names the safe unselected branch."""
+    model = nn.Sequential(_LogCounts(), nn.Linear(4, 1))
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [1.0, 0.0, 4.0, 2.0]])
+    found = _tl504(trainlint.check(model, (x, torch.ones(2, 1)), steps=1))
+    assert found.module == "0" and "which ran log" in found.message
+    assert "torch.log(x.clamp_min(1e-12))" in found.fix and "learning rate" not in found.fix
+
+
+class _Gumbel(nn.Module):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        u = torch.ones_like(logits)  # quantized noise that reached 1
+        return torch.softmax(logits - torch.log(-torch.log(u)), -1)
+
+
+def test_a_gumbel_softmax_nan_is_told_to_clamp_the_log_not_to_check_a_mask() -> None:
+    """No fill with -inf ran: the softmax's NaN is the log's (-log(-log 1) = +inf)."""
+    model = nn.Sequential(nn.Linear(4, 4), _Gumbel(), nn.Linear(4, 2))
+    found = _tl504(trainlint.check(model, (torch.randn(3, 4), torch.randn(3, 2)), steps=1))
+    assert found.module == "1" and not found.fix.startswith("check the attention mask")
+    assert "clamp the input of log" in found.fix
+
+
+class _MaskedMean(nn.Module):
+    def forward(self, h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        keep = (~pad).float()[..., None]
+        filled = h.masked_fill(pad[..., None], float("-inf"))
+        return torch.cat([filled.max(1).values, (filled * keep).sum(1) / keep.sum(1)], -1)
+
+
+def test_a_masked_mean_over_a_minus_inf_fill_is_told_to_fill_with_finfo_min() -> None:
+    """0 * -inf is NaN: eps in the denominator does not help, finfo.min does."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.pool, self.out = nn.Linear(3, 4), _MaskedMean(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+            return self.out(self.pool(self.emb(x), pad))
+
+    pad = torch.arange(5)[None] >= torch.tensor([[5], [3]])
+    found = _tl504(trainlint.check(Net(), ((torch.randn(2, 5, 3), pad), torch.tensor([0, 1])),
+                                   steps=1))
+    assert found.module == "pool" and "masked_fill with -inf" in found.fix
+    assert "torch.finfo(dtype).min instead of -inf" in found.fix
+
+
+def test_an_overflowing_exp_in_a_custom_loss_is_named() -> None:
+    def poisson(rate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (torch.exp(rate) - y * rate).mean()
+
+    x = torch.randn(4, 3)
+    x[0] *= 5000.0
+    found = _tl504(trainlint.check(nn.Linear(3, 1), (x, torch.ones(4, 1)), loss_fn=poisson,
+                                   steps=1))
+    assert found.evidence["where"] == "loss" and "ran exp" in found.fix
+    assert "exp(x.clamp_max(80))" in found.fix
+
+
+def test_a_loss_overflowing_after_the_weights_blew_up_is_the_learning_rates() -> None:
+    """SGD at lr 5 on MSE: weights 4.7 -> 1.3e3 -> 4.7e11, then the loss is inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=5.0, momentum=0.9)
+    with trainlint.Monitor(model, optimizer=opt, every=1) as mon:
+        for step in range(5):
+            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+            loss = F.mse_loss(model(x), x[:, :1] * 2 + x[:, 1:2])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss)
+        found = _tl504(mon.report())
+    assert found.evidence["where"] == "loss" and "lower the learning rate" in found.fix
+    assert "CrossEntropyLoss" not in found.fix

@@ -246,6 +246,7 @@ class TraceBuilder:
         self.inner_ops: dict = {}  # (see Probe.inner_ops)
         self.edges: set = set()
         self.op_sites: dict = {}
+        self.module_ops: dict = {}
         self.output_origins: list = []
         self.before_nonfinite: list = []
         self.inputs: dict = {}
@@ -290,6 +291,8 @@ class TraceBuilder:
         self.edges |= snap.edges
         for key, module in snap.op_sites.items():
             note_site(self.op_sites, key, module)
+        for name, ops in snap.module_ops.items():
+            self.module_ops.setdefault(name, set()).update(ops)
         if snap.output_origins:
             self.output_origins = snap.output_origins
         self.finite_before = self.param_finite if self.last_step == step - 1 else None
@@ -652,6 +655,7 @@ class TraceBuilder:
             forget_gates=dict(self.forget_gates),
             edges=[Edge(src=s, dst=d, via=v) for s, d, v in sorted(self.edges, key=repr)],
             op_sites=dict(self.op_sites),
+            module_ops={name: tuple(sorted(ops)) for name, ops in self.module_ops.items()},
             losses=list(self.losses), observed_steps=self.observed, mode=self.mode,
             model_type=type(self.model).__name__,
             output_ops=tuple(o for o in self.output_origins if o is not None),

@@ -68,7 +68,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     probe.inputs_every_step = True  # a feature constant in one batch may vary in the next
     builder = TraceBuilder(model, mode="check")
     run: dict = {"loss_kind": None, "loss_reduction": None, "loss_terms": None,
-                 "loss_summed": None,
+                 "loss_summed": None, "loss_ops": (),
                  "loss_reads_output": None, "loss_squash": None, "loss_weighted": False,
                  "loss_transforms_output": False, "loss_items": None,
                  "loss_soft_targets": False,
@@ -93,6 +93,7 @@ def check(model: nn.Module, batch: Any, loss_fn: Optional[Callable] = None,
     trace = builder.build(steps=steps, batch_size=run["batch_size"], device=device,
                           loss_kind=run["loss_kind"], loss_reduction=run["loss_reduction"],
                           loss_terms=run["loss_terms"], loss_summed=run["loss_summed"],
+                          loss_ops=run["loss_ops"],
                           loss_reads_output=run["loss_reads_output"],
                           loss_squash=run["loss_squash"], loss_weighted=run["loss_weighted"],
                           loss_transforms_output=run["loss_transforms_output"],
@@ -508,6 +509,7 @@ def _note_loss_graph(run: dict, graph: LossGraph) -> None:
     run["loss_weighted"] = graph.weighted
     run["loss_transforms_output"] = graph.transforms_output
     run["loss_summed"] = graph.summed
+    run["loss_ops"] = graph.ops
     # A loss_fn that called no torch loss (it returns the model's own outputs.loss) is known
     # by the graph as well.
     by_graph = run["loss_kind"] == "model" or (run["loss_kind"] == "custom"

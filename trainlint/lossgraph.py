@@ -112,6 +112,9 @@ class LossGraph:
     # targets (mixup, soft labels), or a policy gradient's one-hot weights times its returns;
     # the graph does not tell which, so its level is not judged against ln(C).
     soft_targets: bool = False
+    # The ops that can make NaN/Inf (``RISKY_OPS`` names: "exp", "log") that the loss function
+    # ran between the model's outputs and the loss, sorted (``RunTrace.loss_ops``).
+    ops: tuple = ()
 
     @property
     def reads_output(self) -> Optional[bool]:
@@ -251,9 +254,10 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
     where = {id(grad_fn): (i, j, shape) for i, outputs in enumerate(forwards or ())
              for j, (grad_fn, shape) in enumerate(outputs) if grad_fn is not None}
     foreign_shapes = tuple(sorted(shapes.values()))
+    ops = _loss_ops(root, where)
     if not losses or not where:
         return LossGraph(foreign_ids=frozenset(foreign), foreign_shapes=foreign_shapes,
-                         terms=len(losses), summed=summed)
+                         terms=len(losses), summed=summed, ops=ops)
     described = [_describe(node, where, parent) for node in losses]
     # Of several torch losses, a classifier's gives the kind (TL601 and TL302 judge it).
     first = next((d for d in described if d["kind"] in CLASSIFICATION_LOSSES), described[0])
@@ -269,7 +273,37 @@ def read_loss_graph(loss: torch.Tensor, known: Iterable[torch.Tensor],
                      output_count=count, sum_over=sum_over, summed=summed,
                      count_check=first["count_check"], squash=first["squash"],
                      weighted=first["weighted"], transforms_output=first["transforms"],
-                     items=first["items"], soft_targets=first.get("soft", False))
+                     items=first["items"], soft_targets=first.get("soft", False), ops=ops)
+
+
+# Backward nodes of ops that can make NaN/Inf, as the op's name (DivBackward0: by a tensor).
+RISKY_NODES = {"ExpBackward0": "exp", "Exp2Backward0": "exp2", "Expm1Backward0": "expm1",
+               "LogBackward0": "log", "Log2Backward0": "log2", "Log10Backward0": "log10",
+               "Log1PBackward0": "log1p", "SqrtBackward0": "sqrt", "RsqrtBackward0": "rsqrt",
+               "PowBackward0": "pow", "PowBackward1": "pow", "ReciprocalBackward0": "reciprocal",
+               "DivBackward0": "div", "AcosBackward0": "acos", "AsinBackward0": "asin",
+               "XlogyBackward0": "xlogy"}
+
+
+def _loss_ops(root: Any, outputs: dict) -> tuple:
+    """The ops that can make NaN/Inf on the way from the model's outputs (the ids of their
+    grad_fns in ``outputs``) to the loss: the nodes from ``root`` down to them (none where
+    the outputs are not known: the walk would go through the model)."""
+    if not outputs:
+        return ()
+    found, seen, todo = set(), {root}, deque([root])
+    while todo and len(seen) < MAX_NODES:
+        node = todo.popleft()
+        if id(node) in outputs:
+            continue
+        op = RISKY_NODES.get(node.name())
+        if op is not None:
+            found.add(op)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return tuple(sorted(found))
 
 
 def summed_over_items(root: Any) -> bool:

@@ -572,7 +572,7 @@ class Monitor:
                 "loss_transforms_output": graph.transforms_output, "loss_items": graph.items,
                 "loss_soft_targets": graph.soft_targets,
                 "loss_summed": graph.summed if self._loss_graph is not None else None,
-                "num_classes": graph.num_classes}
+                "num_classes": graph.num_classes, "loss_ops": graph.ops}
 
     def _own_parameters(self) -> list:
         own = list(self.model.parameters())

@@ -10,6 +10,7 @@ statistic is a device tensor until :meth:`Probe.collect` copies them all at once
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 import weakref
@@ -40,6 +41,7 @@ from .optimizers import (
 from .trace import (
     CONCAT_OPS,
     ELEMENTWISE_OPS,
+    FILL_OPS,
     GRADIENT_FREE_KINDS,
     NORM_KEEPING_OPS,
     REORDERING_OPS,
@@ -113,6 +115,17 @@ def note_site(store: dict, key: tuple, module: Optional[str]) -> None:
     two modules did."""
     if store.setdefault(key, module) != module:
         store[key] = None
+
+
+def _inf_fill(op: str, args: tuple, kwargs: dict) -> Optional[str]:
+    """``"masked_fill(-inf)"`` for a fill op (``FILL_OPS``) given ±inf as a Python number, else
+    None (a value held in a tensor is not read: that would sync)."""
+    if op not in FILL_OPS:
+        return None
+    for value in (*args[1:], *kwargs.values()):
+        if isinstance(value, float) and math.isinf(value):
+            return f"{op}({'-' if value < 0 else ''}inf)"
+    return None
 
 
 def keep_inner_ops(store: dict, name: str, ops: tuple) -> None:
@@ -431,6 +444,8 @@ class Probe:
         self.edges: set[tuple] = set()
         # See RunTrace.op_sites.
         self.op_sites: dict[tuple, str] = {}
+        # See RunTrace.module_ops (sets here).
+        self.module_ops: dict[str, set] = {}
         self.output_origins: list[tuple] = []
         # Whether the last forward's output origins were put in the loss's order.
         self.origins_ordered = False
@@ -1190,6 +1205,9 @@ class Probe:
         """Carry producer tags through plain ops (views, arithmetic) so edges span them."""
         if not self.observing:
             return
+        noted = op if op in RISKY_OPS else _inf_fill(op, args, kwargs)
+        if noted is not None:
+            self.module_ops.setdefault(self.current_module_name(), set()).add(noted)
         tensors = tensors_in(args)
         origins = [(i, o) for i, o in enumerate(self._origin_of(t) for t in tensors)
                    if o is not None]
@@ -1485,6 +1503,7 @@ class Probe:
                                  inner_ops=dict(self.inner_ops),
                                  norm_functions=dict(self.norm_functions),
                                  edges=set(self.edges), op_sites=dict(self.op_sites),
+                                 module_ops={k: set(v) for k, v in self.module_ops.items()},
                                  output_origins=list(self.output_origins),
                                  failed_module=self.failed_module,
                                  backward_order={k: p.backward_order for k, p in self.points.items()
@@ -1692,6 +1711,8 @@ class ProbeSnapshot:
     inner_ops: dict = field(default_factory=dict)
     # See RunTrace.op_sites.
     op_sites: dict = field(default_factory=dict)
+    # See RunTrace.module_ops (sets).
+    module_ops: dict = field(default_factory=dict)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list:

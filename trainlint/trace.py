@@ -261,6 +261,18 @@ RISKY_OPS = frozenset({
     "pow", "pow_", "__pow__", "__rpow__", "exp", "exp_", "exp2", "expm1", "acos", "asin",
     "atanh", "acosh", "tan", "lgamma", "digamma", "erfinv", "xlogy", "fmod", "remainder",
 })
+# Ops that can fill a tensor with a value given as a Python number (``masked_fill(mask,
+# float("-inf"))``, ``torch.full(shape, -inf)``, ``x[mask] = -inf``): with ±inf the probe notes
+# them in ``RunTrace.module_ops`` as ``"masked_fill(-inf)"``.
+FILL_OPS = frozenset({"masked_fill", "masked_fill_", "fill", "fill_", "full", "full_like",
+                      "new_full", "where", "__setitem__", "index_fill", "index_fill_"})
+
+
+def inf_fill(op: str) -> bool:
+    """Whether ``op``, a ``RunTrace.module_ops`` entry, is a fill with ±inf."""
+    return op.endswith("inf)")
+
+
 # Ops that move a tensor's dims around (a channel dim goes where they send it).
 REORDERING_OPS = frozenset({"permute", "transpose", "transpose_", "movedim", "moveaxis",
                             "swapaxes", "swapdims", "mT", "T"})
@@ -421,6 +433,10 @@ class RunTrace:
     # ran that op (a wrapper's own ``torch.log`` before its child): where NaN/Inf it made began;
     # None where two modules ran the same ops on the same source.
     op_sites: dict = field(default_factory=dict)
+    # Module -> the ops that can make NaN/Inf (``RISKY_OPS``) that its own forward ran on any
+    # tensor, the graph's or not (``log(-log(u))`` of noise made there), and its fills with
+    # ±inf (``"masked_fill(-inf)"``), sorted.
+    module_ops: dict = field(default_factory=dict)
     losses: list = field(default_factory=list)
     steps: int = 0
     observed_steps: int = 0
@@ -437,6 +453,8 @@ class RunTrace:
     # The loss adds up its items' terms over the batch with no average (reduction="sum"
     # losses and full .sum()s only); None: not known.
     loss_summed: Optional[bool] = None
+    # See LossGraph.ops: the ops that can make NaN/Inf the loss function ran on the outputs.
+    loss_ops: tuple = ()
     # How many terms the loss adds: torch losses (an auxiliary head adds one) and other terms
     # computed from the model's outputs (a distillation KL).
     loss_terms: Optional[int] = None
