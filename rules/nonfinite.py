@@ -476,10 +476,10 @@ def nonfinite(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     learning rate and clipping (the old fix) spread the NaN total norm to every parameter;
     the fix is the safe unselected branch, ``torch.log(h.clamp_min(1e-12))``. A loss that
     overflows after a weight blew up (SGD at lr 5: 4.7 -> 1.3e3 -> 4.7e11 by step 3; lr 0.01
-    trains) is the learning rate's, as below. Where a weight blew up before the step (past ``INFLATED`` x its first
-    norm, to an RMS above 1), NaN/Inf made in the forward after the first step is the
-    learning rate's: the fix says so, also for a layer without weights (a GroupNorm fed
-    values of 1e20).
+    trains) is the learning rate's, as below. Where a weight blew up before the step (past
+    ``INFLATED`` x its first norm, to an RMS above 1), NaN/Inf made in the forward after the
+    first step is the learning rate's: the fix says so, also for a layer without weights (a
+    GroupNorm fed values of 1e20).
     """
     for step in trace.per_step:
         if _masked_output_only(trace, step):
