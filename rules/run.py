@@ -51,7 +51,10 @@ def signed_loss(trace: RunTrace) -> Optional[float]:
 
 
 def no_loss(trace: RunTrace) -> str:
-    """Why a rule that needs the loss has none: no loss was observed, and what to do."""
+    """Why a rule that needs the loss has none: no loss was observed, and what to do (a check
+    computes the loss itself: it stopped before one, and its errors say why)."""
+    if trace.mode == "check":
+        return "no loss was observed: the check stopped before its first loss (see its errors)"
     return f"no loss was observed ({trace.loss_hint or 'pass the loss to monitor.step(loss)'})"
 
 
@@ -61,6 +64,8 @@ def unknown_loss(trace: RunTrace) -> str:
     if trace.rootless:
         return ("the loss function is not known: the model's own forward did not run, so "
                 "the loss could not be traced to its output")
+    if trace.mode == "check" and not loss_curve(trace):
+        return no_loss(trace)
     why = "the loss function is not known (no torch loss seen in the loss's graph)"
     return f"{why}; {trace.loss_hint}" if trace.loss_hint and not trace.losses else why
 
@@ -508,8 +513,8 @@ def loss_divergence(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     0.001-0.02, one hard batch is a 10× "rise" at 1% of chance, not a divergence. A Monitor
     run whose first classification loss is under half of ln(C) joined later too (its model
     was trained: plain SGD keeps no optimizer state to say so). When
-    the loss is trainlint's synthetic one (a check with no ``loss_fn`` and no targets: the
-    mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale; so
+    the loss is trainlint's synthetic one (a check with no ``loss_fn`` and no targets: half
+    the mean of the squared outputs) only NaN/Inf counts: its level follows each batch's scale; so
     too when the loss competes with another network (a GAN: the loss runs through trainable
     tensors outside the model and its optimizer, or another Monitor's loss runs through this
     model): a generator's loss rises as its discriminator improves.

@@ -204,6 +204,10 @@ def test_batchnorm_single_value_is_reported_not_raised() -> None:
     # No backward ran: that no parameter got a gradient says nothing (TL505 stays out).
     assert "TL505" not in {f.code for f in report.findings}
     assert "before its first backward" in report.skipped["TL505"]
+    # Nor did a loss: the notes say so, not Monitor advice or an unknown loss function.
+    for code in ("TL302", "TL601", "TL604"):
+        assert "the check stopped before its first loss" in report.skipped[code], code
+        assert "monitor.step" not in report.skipped[code]
     assert_same(everything(model), before)
 
 

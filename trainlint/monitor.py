@@ -67,7 +67,8 @@ class Monitor:
     """Observe every ``every``-th training step of ``model``; ``report()`` lints what was seen.
 
     Call ``step(loss)`` once per training step, after ``optimizer.step()``. Between
-    observations the hooks return at once; an observed step costs one host sync. Under
+    observations no hook of its own is on the model (with ``every=1`` they stay on, idle);
+    an observed step costs one host sync. Under
     gradient accumulation, calling it once per micro-batch works too (``every`` then counts
     micro-batches): an observed micro-batch that no optimizer step ended is observed on into
     the next ones, up to the one that steps (at most ``MAX_ACCUMULATION``), so its update
