@@ -504,6 +504,33 @@ def _trained_elsewhere(trace: RunTrace, trainable: int) -> Hit:
     )
 
 
+def _cleared_before_step(trace: RunTrace) -> Optional[Hit]:
+    """TL506 for the gradients backward computed cleared before ``optimizer.step()`` used them
+    (``zero_grad()`` between the two) at more than half of the observed steps judged (each a
+    Monitor's verdict: :mod:`trainlint.gradclear`)."""
+    judged = [s["step"] for s in trace.per_step if "grads_cleared" in s]
+    cleared = [s["step"] for s in trace.per_step if s.get("grads_cleared")]
+    if not cleared or 2 * len(cleared) <= len(judged):
+        return None
+    weights = [p for p in trace.params if p.requires_grad and p.update_norms]
+    still = [p for p in weights if all(u == 0 for u in p.update_norms)]
+    unchanged = (f"; the observed steps left {len(still)} of {len(weights)} parameter(s) "
+                 "exactly unchanged" if still else "")
+    return Hit(
+        module="",
+        message=(f"at {len(cleared)} of {len(judged)} observed optimizer step(s) (first at step "
+                 f"{cleared[0]}) the gradients backward computed were cleared before "
+                 "optimizer.step() used them (.grad None, or zeroed in place): zero_grad() is "
+                 "called between loss.backward() and optimizer.step(), so the optimizer never "
+                 f"updates the trainable parameters from their gradients{unchanged}"),
+        fix=("call optimizer.zero_grad() before loss.backward() (zero_grad, forward, loss, "
+             "backward, step), or right after optimizer.step(); never between backward and "
+             "step"),
+        evidence={"cleared_steps": cleared, "judged_steps": len(judged),
+                  "unchanged_params": len(still)},
+    )
+
+
 @rule("TL506", "parameters-not-in-optimizer", "error")
 def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """Trainable parameters that no optimizer param group holds.
@@ -548,13 +575,27 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     a fresh init at each call and never trains (loss 1.62 -> 1.61 over 100 steps against
     1.66 -> 1.16 with the layer built in ``__init__``).
 
+    In a Monitor run, gradients that the backward computed and that were cleared before
+    ``optimizer.step()`` ran (``.grad`` None, or zeroed in place) at more than half of the
+    observed optimizer steps are reported too: ``optimizer.zero_grad()`` or
+    ``model.zero_grad()`` called between ``loss.backward()`` and ``optimizer.step()`` leaves
+    every parameter at its init (Adam, SGD and AdamW on an MLP: weights bit-identical after
+    400 steps, accuracy 0.098 against 0.709 in the right order), while TL503 sees no
+    gradient to judge an update by. A few of each optimizer's parameters are watched from the
+    backward to the step; a step that runs a closure (LBFGS) is not judged, nor a parameter
+    the backward gave no gradient (frozen or unused ones are TL505's).
+
     ## Fix
     Build the optimizer from ``model.parameters()`` after the model is complete, or add the
     group: ``optimizer.add_param_group({"params": model.head.parameters()})``, or just the
     missing parameters when the module's others are in a group already (a parameter may be in
     only one group): ``[model.get_parameter("head.bias")]``; if they are frozen on purpose,
-    ``requires_grad_(False)`` them.
+    ``requires_grad_(False)`` them. Gradients cleared before the step: call ``zero_grad()``
+    before ``loss.backward()``, or right after ``optimizer.step()``.
     """
+    cleared = _cleared_before_step(trace)
+    if cleared is not None:
+        yield cleared
     if trace.unregistered:
         yield _unregistered(trace.unregistered)
     if trace.remade_params:

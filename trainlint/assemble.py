@@ -332,6 +332,8 @@ class TraceBuilder:
                     lrs[group] = float(lr)
             elif kind == "moved_outside":
                 moved.update(zip(tag[1], value.astype(bool).tolist()))
+            elif kind == "grads_cleared":  # see trainlint.gradclear
+                step_info["grads_cleared"] = bool(np.any(value))
             elif kind == "extra" and tag[1] == "loss":
                 loss = float(value.reshape(-1)[0])
                 self.losses.append(loss)

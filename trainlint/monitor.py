@@ -19,6 +19,7 @@ from .eager import EagerHold
 from .engine import Selection
 from .errors import ConfigError, TrainlintError
 from .gradcarry import GradCarry
+from .gradclear import GradClear
 from .hooks import OwnedHook
 from .lossgraph import LossGraph, item_mean, output_nodes, read_loss_graph
 from .optimizers import needs_closure, optimizer_params, optimizers_of, wrapper_notes
@@ -147,6 +148,7 @@ class Monitor:
         self.probe = Probe(self.model, self.optimizers)
         self.probe.watch_others = bool(self.optimizers)
         self._carry = self.probe.carry = GradCarry()
+        self.probe.cleared = GradClear()
         self.probe.attach()
         # (step, what was watched, what is now) of each optimizer the loop replaced.
         self._replaced: list = []

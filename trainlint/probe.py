@@ -519,6 +519,9 @@ class Probe:
         # A Monitor's watch on gradients carried from one optimizer step to the next (armed
         # after each observed step's update; None in a check, whose loop zeroes them).
         self.carry: Any = None
+        # A Monitor's watch on gradients cleared between an observed step's backward and its
+        # optimizer's step (None in a check, whose loop steps them in order).
+        self.cleared: Any = None
         # The parameters no optimizer holds, their norms as the observed step began, and as
         # its (training) forward began and ended: what the forward changes (an embedding's
         # max_norm) is the model's doing, what changes outside it the loop's (an EMA).
@@ -618,6 +621,9 @@ class Probe:
     def detach(self) -> None:
         """Remove every hook this probe attached and leave no mode on the stack."""
         self._uninstall()
+        if self.cleared is not None:
+            self.cleared.disarm()
+            self.cleared.take()
         self.observing = False
         self.attached = False
 
@@ -642,6 +648,8 @@ class Probe:
         self.outside_forward = [None, None]
         if self.attached:
             self._install()
+            if self.cleared is not None:
+                self.cleared.arm(self.optimizers)
 
     def _outside_fingerprints(self) -> Optional[tuple]:
         """The trainable parameters no optimizer holds, with the float64 norm of each as the
@@ -673,6 +681,8 @@ class Probe:
             self._drop_step_hooks()
         else:
             self._uninstall()
+        if self.cleared is not None:
+            self.cleared.disarm()
         self.producers.clear()
         self.joined.clear()
         self.channel_at.clear()
@@ -1305,6 +1315,7 @@ class Probe:
         if self.observing and not self._foreign():
             self.optimizer_stepped = True
             self.wrapped_stepped.add(type(optimizer).__name__)
+            self._judge_cleared(optimizer, args, kwargs)
 
     def _before_opt_step(self, optimizer: Any, args: tuple, kwargs: dict) -> Optional[tuple]:
         if not self.observing or self._foreign():
@@ -1315,7 +1326,8 @@ class Probe:
         self.stepped_since_backward = True
         if self.step_lrs is None:
             self.step_lrs = optimizer_groups(self.optimizers)
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        closure = _closure_of(args, kwargs)
+        self._judge_cleared(optimizer, args, kwargs)
         if not callable(closure):
             self._take_step_grads(optimizer)
             return None
@@ -1334,6 +1346,17 @@ class Probe:
         if "closure" in kwargs:
             return args, {**kwargs, "closure": reading_closure}
         return (args[0], reading_closure, *args[2:]), kwargs
+
+    def _judge_cleared(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        """Whether the gradients the step's backward made were cleared before this step
+        (:mod:`trainlint.gradclear`); a closure's step computes its own: not judged."""
+        if self.cleared is None or not self.cleared.added:
+            return
+        params = optimizer_params([optimizer])
+        if callable(_closure_of(args, kwargs)):
+            self.cleared.forget(params)
+        else:
+            self.cleared.judge(params)
 
     def _clear_segments(self) -> None:
         self.segment = 0
@@ -1481,6 +1504,9 @@ class Probe:
                             ("container_probes", self.container_probes)):
             if probes:
                 add((tag,), _stack([entry[-1] for entry in probes], device))
+        cleared = self.cleared.take() if self.cleared is not None else []
+        if cleared:
+            add(("grads_cleared",), torch.stack([v.to(device) for v in cleared]))
         if self.outside is not None:
             outside, start = self.outside
             now = self._outside_now()
@@ -1713,6 +1739,12 @@ class ProbeSnapshot:
     op_sites: dict = field(default_factory=dict)
     # See RunTrace.module_ops (sets).
     module_ops: dict = field(default_factory=dict)
+
+
+def _closure_of(args: tuple, kwargs: dict) -> Any:
+    """The closure an optimizer's ``step()`` was given (its pre-hook's ``args`` hold the
+    optimizer first), or None."""
+    return kwargs.get("closure", args[1] if len(args) > 1 else None)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> list:

@@ -319,6 +319,30 @@ def test_tl506_frozen_params_and_unknown_optimizer():
         hits("TL506", trace([], params=_params(**unknown)))
 
 
+@pytest.mark.parametrize("verdicts, fires", [
+    ([True], True), ([True, True, False], True), ([True, False], False),
+    ([False, None, False], False), ([None, None], False)])
+def test_tl506_gradients_cleared_before_the_step(verdicts, fires):
+    """A Monitor's verdicts (``grads_cleared``, absent where a step was not judged): the
+    gradients backward made were cleared before optimizer.step() at more than half of the
+    observed steps judged."""
+    per_step = [{"step": 5 * i, "layers": {}} for i in range(len(verdicts))]
+    for s, v in zip(per_step, verdicts):
+        if v is not None:
+            s["grads_cleared"] = v
+    params = _params()
+    for p in params:
+        p.update_norms = [0.0] * len(verdicts)
+    found = hits("TL506", trace([], params=params, per_step=per_step,
+                                observed_steps=len(verdicts)))
+    assert len(found) == int(fires)
+    if fires:
+        assert found[0].evidence["cleared_steps"][0] == 0
+        assert found[0].evidence["unchanged_params"] == len(params)
+        assert "zero_grad() is called between loss.backward() and optimizer.step()" in \
+            found[0].message
+
+
 @pytest.mark.parametrize("moved, fires", [(2.0, False), (0.5, True), (0.0, True)])
 def test_tl505_tl506_a_moving_average_target_is_updated_elsewhere(moved, fires):
     """A BYOL target left with requires_grad=True, run under no_grad and updated as a moving

@@ -1,0 +1,231 @@
+"""zero_grad() called between loss.backward() and optimizer.step(): every step applies no
+gradient and the weights never change (measured: bit-identical after 400 steps, accuracy 0.098
+against 0.709 in the right order), while only TL603 spoke, late. TL506 in a Monitor run,
+through post-accumulate hooks on a few parameters per optimizer read at its step pre-hook;
+loops that step the gradients backward made stay clean."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import trainlint
+from tests.test_wrapped_optimizers import TwoStepSAM
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _batch(g: torch.Generator, n: int = 32) -> tuple:
+    x = torch.randn(n, 8, generator=g)
+    return x, x[:, :4].argmax(1)
+
+
+def _cleared(report: trainlint.Report) -> list:
+    return [f for f in report.findings if f.code == "TL506"]
+
+
+ZEROING: dict[str, Callable] = {
+    "optimizer": lambda opt, model: opt.zero_grad(),
+    "in_place": lambda opt, model: opt.zero_grad(set_to_none=False),
+    "model": lambda opt, model: model.zero_grad(),
+}
+
+
+@pytest.mark.parametrize("zeroing", sorted(ZEROING))
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_zero_grad_between_backward_and_step_is_reported(zeroing: str, kind: str) -> None:
+    model = _net()
+    opt = (torch.optim.Adam(model.parameters(), 1e-3) if kind == "adam" else
+           torch.optim.SGD(model.parameters(), 0.05, momentum=0.9))
+    start = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=5) as monitor:
+        for _ in range(20):
+            x, y = _batch(g)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            ZEROING[zeroing](opt, model)
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
+    [found] = _cleared(report)
+    assert found.severity == "error" and found.module == ""
+    assert "between loss.backward() and optimizer.step()" in found.message
+    assert found.evidence["cleared_steps"] == [0, 5, 10, 15]
+    assert found.evidence["unchanged_params"] == 4
+    assert found.fix.startswith("call optimizer.zero_grad() before loss.backward()")
+    assert not any(getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+
+
+def _healthy(loop: Callable, optimizer: Callable = lambda m: torch.optim.SGD(
+        m.parameters(), 0.05), model: nn.Module = None, steps: int = 20, **kw) -> list:
+    """The TL506 findings and the run of a Monitor (every=3) over ``loop(model, opt, x, y)``."""
+    model = model if model is not None else _net()
+    opt = optimizer(model)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=3, **kw) as monitor:
+        for step in range(steps):
+            x, y = _batch(g)
+            loss = loop(step, model, opt, x, y)
+            monitor.step(loss)
+        report = monitor.report()
+    assert any("grads_cleared" in s for s in report.trace.per_step) is (loop is not _lbfgs)
+    return _cleared(report)
+
+
+def _usual(step: int, model: nn.Module, opt: torch.optim.Optimizer, x, y) -> torch.Tensor:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _in_place_before(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
+    opt.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _accumulated(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
+    loss = F.cross_entropy(model(x), y)
+    (loss / 4).backward()
+    if step % 4 == 3:
+        opt.step()
+        opt.zero_grad()
+    return loss
+
+
+def _lbfgs(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return opt.step(closure)
+
+
+def _sam(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.first_step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()
+    return loss
+
+
+def _partly_gradless(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
+    """The model's last layer is unused, its first frozen: only the middle one gets a gradient."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model[2](model[1](model[0](x))), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+@pytest.mark.parametrize("loop", [_usual, _in_place_before, _accumulated, _lbfgs, _sam])
+def test_loops_that_step_their_gradients_are_not_reported(loop: Callable) -> None:
+    optimizer = {_lbfgs: lambda m: torch.optim.LBFGS(m.parameters(), lr=0.1, max_iter=2),
+                 _sam: lambda m: TwoStepSAM(m.parameters(), torch.optim.SGD, lr=0.05)}.get(
+                     loop, lambda m: torch.optim.SGD(m.parameters(), 0.05))
+    assert _healthy(loop, optimizer) == []
+
+
+def test_only_some_parameters_without_a_gradient_are_not_reported() -> None:
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4), nn.Linear(4, 4))
+    model[0].requires_grad_(False)
+    assert _healthy(_partly_gradless, model=model) == []
+
+
+def test_a_step_the_grad_scaler_skips_and_two_optimizers_are_not_reported() -> None:
+    """Two optimizers (body and head), each zeroed before its own loss's backward; a GradScaler
+    that skips the head's step where its gradients hold inf (steps 3, 9, 15, 21: observed)."""
+    model = _net()
+    body, head = (torch.optim.SGD(model[0].parameters(), 0.05),
+                  torch.optim.SGD(model[2].parameters(), 0.05))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, [body, head], every=3, scaler=scaler) as monitor:
+        for step in range(24):
+            x, y = _batch(g)
+            body.zero_grad()
+            head.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            if step % 6 == 3:
+                model[2].bias.grad[0] = float("inf")
+            scaler.step(body)
+            scaler.step(head)
+            scaler.update()
+            head.zero_grad()
+            F.cross_entropy(model(x).detach() + model[2](model[1](model[0](x))), y).backward()
+            head.step()
+            monitor.step(loss)
+        report = monitor.report()
+        assert monitor.scaler_skips > 0
+    assert any("grads_cleared" in s for s in report.trace.per_step)
+    assert _cleared(report) == []
+
+
+@pytest.mark.parametrize("hooked", ["before", "after"])
+def test_an_optimizer_stepped_in_the_backward_is_not_reported(hooked: str) -> None:
+    """PyTorch's optimizer-in-backward recipe: one SGD per parameter, stepped and zeroed in a
+    post-accumulate hook, registered before the Monitor (its zero_grad runs before the
+    Monitor's hook, which then sees no gradient: no verdict) or after it (the step's pre-hook
+    reads the gradient the Monitor's hook saw added)."""
+    model = _net()
+    opts = {p: torch.optim.SGD([p], lr=0.05) for p in model.parameters()}
+
+    def hook(p: torch.Tensor) -> None:
+        opts[p].step()
+        opts[p].zero_grad()
+
+    def register() -> None:
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(hook)
+    if hooked == "before":
+        register()
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, list(opts.values()), every=3) as monitor:
+        if hooked == "after":
+            register()
+        for _ in range(12):
+            x, y = _batch(g)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            monitor.step(loss)
+        report = monitor.report()
+    judged = [s["step"] for s in report.trace.per_step if "grads_cleared" in s]
+    assert judged == ([0] if hooked == "after" else [])
+    assert _cleared(report) == []
+
+
+def test_a_lazy_module_built_before_its_first_forward_is_watched_once_materialized() -> None:
+    """An optimizer built over a LazyLinear before its first forward: its uninitialized
+    parameter takes no hook (registering one raised ValueError, which ended the run)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), 0.05)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=3) as monitor:
+        for _ in range(9):
+            x, y = _batch(g)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.zero_grad()
+            opt.step()
+            monitor.step(loss)
+        report = monitor.report()
+    assert _cleared(report)[0].evidence["cleared_steps"] == [0, 3, 6]
