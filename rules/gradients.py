@@ -438,15 +438,20 @@ def exploding_gradients(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
     """
     if trace.grads_carried:
         steps = trace.grads_carried
+        # Among several optimizers, the ones whose zero_grad() is missing.
+        whose = " and ".join(trace.carried_by)
         yield Hit(
             module="",
             message=(f"gradients accumulate across optimizer steps: the gradients a step applied "
-                     f"were still in .grad, never reset, when the optimizer stepped next, after "
+                     f"were still in .grad, never reset, when the optimizer "
+                     f"{f'({whose}) ' if whose else ''}stepped next, after "
                      f"{len(steps)} observed step(s) (first at step {steps[0]}), so each step "
                      "applies the sum of every gradient so far"),
-            fix=("call optimizer.zero_grad() once per training step, before loss.backward() "
-                 "(under gradient accumulation, after each optimizer.step())"),
-            evidence={"carried_steps": list(steps)},
+            fix=((f"also call zero_grad() on the {whose}" if whose else
+                  "call optimizer.zero_grad()") + " once per training step, before "
+                 "loss.backward() (under gradient accumulation, after each optimizer.step())"),
+            evidence={"carried_steps": list(steps),
+                      **({"optimizers": list(trace.carried_by)} if whose else {})},
         )
         return
     fix, clip = _clip_fix(trace, t)

@@ -234,3 +234,33 @@ def test_an_optimizer_stepped_in_the_backward_is_watched(zeroed: bool) -> None:
         carried = monitor.report().trace.grads_carried
     assert (carried == []) is zeroed
     assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
+
+
+@pytest.mark.parametrize("zero_head", [True, False])
+def test_of_two_optimizers_the_one_never_zeroed_is_named(zero_head: bool) -> None:
+    """An Adam over the body, zeroed, and an SGD over the head, not: its gradients pile up
+    (accuracy 0.484 against 0.689 with both zeroed, measured). The user calls one
+    zero_grad() already: the finding names the other."""
+    model = _net()
+    body = torch.optim.Adam(model[0].parameters(), lr=1e-3)
+    head = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, [body, head], every=5) as monitor:
+        for _ in range(30):
+            x, y = _batch(g)
+            body.zero_grad()
+            if zero_head:
+                head.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            body.step()
+            head.step()
+            monitor.step(loss)
+        carried = [f for f in monitor.report().findings if f.code == "TL502"]
+    if zero_head:
+        assert carried == []
+        return
+    [found] = carried
+    assert found.evidence["optimizers"] == ["SGD over '2'"]
+    assert "(SGD over '2')" in found.message
+    assert found.fix.startswith("also call zero_grad() on the SGD over '2'")

@@ -99,7 +99,7 @@ class _Sentinel:
         if verdicts:
             device = verdicts[0].device
             self.owner.verdicts.append(
-                (self.step, torch.stack([v.to(device) for v in verdicts]).any()))
+                (self.step, torch.stack([v.to(device) for v in verdicts]).any(), optimizer))
 
     def remove(self) -> None:
         for watch in self.watches:
@@ -112,7 +112,10 @@ class GradCarry:
 
     def __init__(self) -> None:
         self.pending: dict[int, _Sentinel] = {}  # by id of the optimizer watched
-        self.verdicts: list[tuple] = []  # (observed step, device bool: .grad never reset)
+        # (observed step, device bool: .grad never reset, the optimizer watched)
+        self.verdicts: list[tuple] = []
+        # The optimizers whose verdicts :meth:`carried` read as held, in order of first step.
+        self.carried_by: list = []
         self.step = 0  # the training step under way (the Monitor's count)
 
     def arm(self, optimizer: Any) -> None:
@@ -142,8 +145,10 @@ class GradCarry:
         if not self.verdicts:
             return []
         device = self.verdicts[0][1].device
-        held = torch.stack([v.to(device) for _, v in self.verdicts]).tolist()
-        return [step for (step, _), kept in zip(self.verdicts, held) if kept]
+        held = torch.stack([v.to(device) for _, v, _ in self.verdicts]).tolist()
+        kept = [(step, optimizer) for (step, _, optimizer), h in zip(self.verdicts, held) if h]
+        self.carried_by = list({id(o): o for _, o in kept}.values())
+        return [step for step, _ in kept]
 
     def disarm(self) -> None:
         """Remove every hook (the Monitor closes)."""

@@ -490,11 +490,28 @@ class Monitor:
         trace.alternating = self.alternating or self.probe.competing
         trace.replaced_optimizers = list(self._replaced)
         trace.grads_carried = self._carry.carried()
+        if len(self.optimizers) > 1:
+            trace.carried_by = [self._optimizer_label(o) for o in self._carry.carried_by]
         trace.optimizer_stepped = self.probe.own_step_seen
         if graph is not None:
             trace.unregistered = unregistered_holders(self.model, graph.foreign_ids)
         trace.interim = interim
         return build_report(trace, self.selection, notes=notes)
+
+    def _optimizer_label(self, optimizer: Any) -> str:
+        """``optimizer`` as the report names it among several: its class and the innermost
+        module holding every parameter it steps ("Adam over 'head'")."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        held = [names[id(p)].split(".")[:-1] for p in optimizer_params([optimizer])
+                if id(p) in names]
+        common = held[0] if held else []
+        for parts in held[1:]:
+            same = 0
+            while same < min(len(common), len(parts)) and common[same] == parts[same]:
+                same += 1
+            common = common[:same]
+        where = f" over {'.'.join(common)!r}" if common else ""
+        return f"{type(optimizer).__name__}{where}"
 
     def _loss_tail(self) -> Optional[dict]:
         """The mean, max and min of the losses after the last observed step (read at the report,

@@ -522,6 +522,9 @@ class RunTrace:
     # Observed steps whose gradients were still held, never reset, when their optimizer
     # stepped next: optimizer.zero_grad() is not called between steps (TL502).
     grads_carried: list = field(default_factory=list)
+    # Where a Monitor watches several optimizers: those whose gradients were carried, as
+    # "Adam over 'head'" (their class and the module holding their parameters).
+    carried_by: list = field(default_factory=list)
     # Judged mid-run, to stop it (a Monitor's ``fail_on``), not at the run's report: a rule
     # about the whole run (TL603) waits for more of it.
     interim: bool = False
