@@ -32,18 +32,32 @@ def direct_consumers(trace: RunTrace, inp: InputTrace) -> list[ModuleFacts]:
 
 # Constructor facts that give how many values a weight layer takes at a time.
 INPUT_WIDTHS = ("in_features", "in_channels", "input_size")
+# Ops that give an input's values a new axis, and ops that cut some of them out.
+NEW_AXIS_OPS = ("stack", "unsqueeze")
+SLICING_OPS = ("__getitem__", "chunk", "split", "narrow")
 
 
 def as_positions(trace: RunTrace, inp: InputTrace) -> Optional[InputTrace]:
-    """A (B, L) input whose direct consumers take fewer than L values at a time between them
-    (an FNO's function on a grid, stacked with the coordinates into ``Linear(2, w)``; a raw
-    signal unsqueezed into ``Conv1d(1, ...)``): its L values per sample are positions of one
-    signal, not L features. Returns it as one feature over all its values (its mean, std and
-    range pooled), else None."""
+    """A (B, L) input given a new axis on its way to each weight layer that takes it (stacked
+    or unsqueezed, no value sliced out) whose layers take fewer than L values at a time
+    between them (an FNO's function on a grid, stacked with the coordinates into
+    ``Linear(2, w)``; a raw signal unsqueezed into ``Conv1d(1, ...)``): its L values per
+    sample are positions of one signal, not L features. Returns it as one feature over all
+    its values (its mean, std and range pooled), else None."""
     if len(inp.shape) != 2:
         return None
-    widths = [next((f.attrs[k] for k in INPUT_WIDTHS if isinstance(f.attrs.get(k), int)), None)
-              for f in direct_consumers(trace, inp) if f.base in WEIGHT_LAYERS]
+    widths = []
+    for dst, via in downstream(trace, ("input", inp.name)):
+        facts = trace.modules.get(dst[1]) if dst[0] == "module" else None
+        if facts is None or not facts.is_leaf or facts.base not in WEIGHT_LAYERS or \
+                not only_shape_ops(via, joins=True):
+            continue
+        # A new axis for the values (stacked with coordinates, unsqueezed into channels),
+        # none of them cut out: a slice of columns into a Linear is a few of many features.
+        if not any(op in NEW_AXIS_OPS for op in via) or any(op in SLICING_OPS for op in via):
+            return None
+        widths.append(next((facts.attrs[k] for k in INPUT_WIDTHS
+                            if isinstance(facts.attrs.get(k), int)), None))
     if not widths or None in widths or sum(widths) >= inp.shape[-1]:
         return None
     mean, std = np.asarray(inp.mean, float), np.asarray(inp.std, float)

@@ -379,26 +379,33 @@ def test_tl202_a_monitor_counts_the_values_of_every_batch_its_range_spans():
     assert hits("TL202", _fed_to(rare))[0].evidence["constant"] == [15]
 
 
-def _grid_signal(mean, std, width: int, type_: str = "Linear", attr: str = "in_features"):
+def _grid_signal(mean, std, width: int, type_: str = "Linear", attr: str = "in_features",
+                 via: tuple = ("stack",)):
     """A (32, 64) input whose consumer takes ``width`` values at a time (an FNO's function
     on a 64-point grid, stacked with its coordinates into Linear(2, w))."""
     inp = inputs("input0", (32, 64), mean, std)
     layer = point("lift", type_)
     return trace([layer], modules=[module("lift", type_, **{attr: width})], inputs=[inp],
-                 edges=[edge(INPUT, ("module", "lift"), ("stack",))])
+                 edges=[edge(INPUT, ("module", "lift"), via)])
 
 
-@pytest.mark.parametrize("width, type_, attr, fires", [
-    (2, "Linear", "in_features", False),  # positions of one signal: pooled, centred
-    (1, "Conv1d", "in_channels", False),
-    (63, "Linear", "in_features", False),
-    (64, "Linear", "in_features", True),  # 64 features
+@pytest.mark.parametrize("width, type_, attr, via, fires", [
+    (2, "Linear", "in_features", ("stack",), False),  # positions of one signal: pooled
+    (1, "Conv1d", "in_channels", ("unsqueeze",), False),
+    (63, "Linear", "in_features", ("stack",), False),
+    (64, "Linear", "in_features", ("stack",), True),  # 64 features
+    (16, "Linear", "in_features", ("__getitem__",), True),  # 16 numeric columns sliced out
+    (2, "Linear", "in_features", ("unsqueeze", "__getitem__"), True),
+    (2, "Linear", "in_features", (), True),  # no new axis: features
 ])
-def test_a_signals_positions_are_one_feature(width, type_, attr, fires):
+def test_a_signals_positions_are_one_feature(width, type_, attr, via, fires):
     """A grid whose boundary is held at 0: two positions of std 2.7e-7 and 0 among others of
-    std 0.7 (measured on an FNO that trained the same standardized per position or not)."""
+    std 0.7 (measured on an FNO that trained the same standardized per position or not). A
+    tabular input whose 16 numeric columns are sliced into Linear(16) (the other 48 are codes
+    for an embedding) stays 64 features: standardized per column it reached accuracy 0.642,
+    with one pooled mean and std 0.549 (measured)."""
     std = [2.7e-7, 0.0] + [0.7] * 62
-    t = _grid_signal([0.0] * 64, std, width, type_, attr)
+    t = _grid_signal([0.0] * 64, std, width, type_, attr, via)
     assert bool(hits("TL201", t)) is fires
     assert bool(hits("TL202", t)) is fires
 
