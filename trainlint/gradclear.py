@@ -1,23 +1,24 @@
 """Gradients cleared between ``loss.backward()`` and ``optimizer.step()``: a ``zero_grad()``
-(the optimizer's or the model's, ``set_to_none`` either way) called between them, so every
-step applies no gradient and the weights never change (TL506).
+(the optimizer's or the model's, at its default ``set_to_none=True``) called between them, so
+every step applies no gradient and the weights never change (TL506).
 
 While a step is observed, up to ``WATCHED`` of each watched optimizer's trainable parameters
 (the first, the last and between, as :mod:`trainlint.gradcarry` picks them) get a
-post-accumulate hook: it keeps, once backward has added a gradient to ``.grad``, that tensor
-and whether its strided sample (``SAMPLE`` elements) held a value other than 0 (a device
-bool). At the optimizer's step pre-hook, the parameters the latest backward gave a gradient
-are read again: ``.grad`` is None (known on the host), or is the tensor backward made and its
-sample is now all zeros (a device bool); a ``.grad`` the loop replaced by another tensor is
-no clearing. The step's verdict, a device bool (some parameter got a gradient that was not
-0, and each that did had it cleared), travels in the observed step's one copy to the host.
-A step that runs a closure (LBFGS, a SAM's ``step(closure)``) computes its gradients inside
-``step()``: not judged. Nothing runs outside observed steps.
+post-accumulate hook: it keeps, once backward has added a gradient to ``.grad``, whether a
+strided sample of it (``SAMPLE`` elements) held a value other than 0 (a device bool). At the
+optimizer's step pre-hook, the parameters the latest backward gave a gradient are read
+again: cleared where ``.grad`` is None (known on the host). A ``.grad`` zeroed in place
+(``set_to_none=False``) is not judged: a sample cannot tell it from a loop that zeroes all
+but a few rows on purpose (textual inversion: TL506 said error on a run that trained, loss
+0.83 -> 0.49), and a full read of each gradient would cost a pass over it. The step's
+verdict, a device bool (some parameter got a gradient that was not 0, and each that did had
+``.grad`` set to None), travels in the observed step's one copy to the host. A step that
+runs a closure (LBFGS, a SAM's ``step(closure)``) computes its gradients inside ``step()``:
+not judged. Nothing runs outside observed steps.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -45,8 +46,8 @@ class GradClear:
 
     def __init__(self) -> None:
         self.handles: list = []
-        # id(parameter) -> (weak .grad backward added to, its sample held a value other than 0
-        # (device bool), the backward's id), for the watched parameters.
+        # id(parameter) -> (its gradient's sample held a value other than 0 (device bool), the
+        # backward's id), for the watched parameters.
         self.added: dict[int, tuple] = {}
         self.verdicts: list = []  # device bools, one per optimizer step judged
 
@@ -74,7 +75,7 @@ class GradClear:
             self.added.pop(id(param), None)
             return
         with torch.no_grad():
-            self.added[id(param)] = (weakref.ref(grad), _nonzero(grad), _task())
+            self.added[id(param)] = (_nonzero(grad), _task())
 
     def judge(self, params: list) -> None:
         """At an optimizer's step (its pre-hook, no closure): whether the gradients the latest
@@ -85,23 +86,16 @@ class GradClear:
         found = [(p, self.added.pop(id(p))) for p in params if id(p) in self.added]
         if not found:
             return
-        latest = max(task for _, (_, _, task) in found)
-        had, cleared = [], []
+        latest = max(task for _, (_, task) in found)
+        # Cleared where every .grad is None now; one still there is kept, or zeroed in place,
+        # or in part (textual inversion zeroes each row of an embedding's gradient but its new
+        # token's): a sample cannot tell those apart, and a full read costs a pass over it.
+        had = [nonzero for p, (nonzero, task) in found if task == latest]
+        kept = any(p.grad is not None for p, (_, task) in found if task == latest)
         with torch.no_grad():
-            for p, (ref, nonzero, task) in found:
-                if task != latest:  # an earlier backward's (another loss's): not this step's
-                    continue
-                grad = p.grad
-                if grad is None:
-                    cleared.append(None)
-                elif grad is ref():
-                    cleared.append(~_nonzero(grad))  # zeroed in place (set_to_none=False)
-                else:
-                    return  # the loop put another tensor in .grad: not a clearing
-                had.append(nonzero)
-        verdict = _verdict(had, cleared)
-        if verdict is not None:
-            self.verdicts.append(verdict)
+            verdict = _verdict(had)
+            if verdict is not None:
+                self.verdicts.append(verdict & False if kept else verdict)
 
     def forget(self, params: list) -> None:
         """Spend the watched records of ``params`` without a verdict (a closure's step)."""
@@ -121,15 +115,10 @@ class GradClear:
         self.added.clear()
 
 
-def _verdict(had: list, cleared: list) -> Optional[torch.Tensor]:
-    """A device bool: some parameter got a gradient other than 0 and each that did had it
-    cleared (``cleared``: None where ``.grad`` was None, else a device bool)."""
+def _verdict(had: list) -> Optional[torch.Tensor]:
+    """A device bool: some parameter got a gradient other than 0 (each had it set to None
+    since, or the step was not judged)."""
     if not had:
         return None
     device = had[0].device
-    got = torch.stack([h.to(device) for h in had])
-    if all(c is None for c in cleared):
-        return got.any()
-    gone = torch.stack([torch.ones_like(h) if c is None else c.to(device)
-                        for h, c in zip(had, cleared)])
-    return got.any() & (gone | ~got).all()
+    return torch.stack([h.to(device) for h in had]).any()
