@@ -3,6 +3,7 @@ module's own forward, ops between two layers, the input batch, or an unobserved 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -1009,3 +1010,51 @@ def test_a_loss_overflowing_after_the_weights_blew_up_is_the_learning_rates() ->
         found = _tl504(mon.report())
     assert found.evidence["where"] == "loss" and "lower the learning rate" in found.fix
     assert "CrossEntropyLoss" not in found.fix
+
+
+MASK_BUFFER_MODEL = """
+import math, torch, torch.nn as nn
+
+
+class Attn(nn.Module):
+    def __init__(self, d=16, t=8):
+        super().__init__()
+        self.d = d
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("mask", torch.triu(torch.full((t, t), float("-inf")), diagonal=0))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        att = q @ k.transpose(-2, -1) / math.sqrt(self.d) + self.mask
+        return self.proj(att.softmax(-1) @ v)
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn, self.head = nn.Embedding(50, 16), Attn(), nn.Linear(16, 50)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.attn(h))
+"""
+
+
+def test_a_mask_buffer_that_hides_every_key_is_the_masks_not_a_division(tmp_path) -> None:
+    """Causal attention whose -inf mask is a buffer built with triu(diagonal=0): query 0 sees
+    no key, a softmax over nothing (measured: NaN at step 0; diagonal=1 trains, 3.66 after 50
+    steps). The fix had become "its forward ran div: add eps to denominators", which cannot
+    help: its only division is by sqrt(d), a number, no NaN maker. (The model is the user's
+    file, as a model.py is.)"""
+    path = tmp_path / "mask_model.py"
+    path.write_text(MASK_BUFFER_MODEL)
+    spec = importlib.util.spec_from_file_location("mask_model", path)
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 50, (32, 8)), torch.randint(0, 50, (32, 8))
+    report = trainlint.check(user.TinyLM(), (ids, y))
+    [found] = [f for f in report.findings if f.code == "TL504"]
+    assert found.module == "attn"
+    assert found.fix.startswith("check the attention mask of 'attn'")
+    assert "eps to denominators" not in found.fix

@@ -128,6 +128,22 @@ def _inf_fill(op: str, args: tuple, kwargs: dict) -> Optional[str]:
     return None
 
 
+# Divisions whose divisor is their second argument.
+_DIVIDES = frozenset({"div", "div_", "true_divide", "__truediv__", "__itruediv__"})
+
+
+def _module_op(op: str, args: tuple, kwargs: dict) -> Optional[str]:
+    """What a module's forward ran that can make NaN/Inf, for TL504's fix: a risky op, less a
+    division by a Python number other than 0 (``/ math.sqrt(d)`` in attention), or a fill
+    with ±inf (:func:`_inf_fill`); else None."""
+    if op in RISKY_OPS:
+        divisor = args[1] if len(args) > 1 else kwargs.get("other")
+        if op in _DIVIDES and isinstance(divisor, (int, float)) and divisor != 0:
+            return None
+        return op
+    return _inf_fill(op, args, kwargs)
+
+
 def keep_inner_ops(store: dict, name: str, ops: tuple) -> None:
     """Record ``ops`` for ``name`` in ``store``; ``MIXED`` once two calls differ."""
     if store.setdefault(name, ops) != ops:
@@ -1215,7 +1231,8 @@ class Probe:
         """Carry producer tags through plain ops (views, arithmetic) so edges span them."""
         if not self.observing:
             return
-        noted = op if op in RISKY_OPS else _inf_fill(op, args, kwargs)
+        noted = _module_op(op, args, kwargs)
+        risky = noted is not None and op in RISKY_OPS
         if noted is not None:
             self.module_ops.setdefault(self.current_module_name(), set()).add(noted)
         tensors = tensors_in(args)
@@ -1226,7 +1243,6 @@ class Probe:
         outs = tensors_in(out)
         if outs and tensors and origins[0][0] == 0:
             self._carry_channel(op, args, kwargs, tensors[0], outs)
-        risky = op in RISKY_OPS
         if outs and tensors and outs[0] is tensors[0] and origins[0][0] == 0:
             # In place (x.sub_(m), out += identity): the tensor now holds the op's result.
             src, via = origins[0][1]
