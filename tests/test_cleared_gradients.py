@@ -14,17 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import trainlint
+from tests.test_gradients_carried import _batch, _net
 from tests.test_wrapped_optimizers import TwoStepSAM
-
-
-def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
-
-
-def _batch(g: torch.Generator, n: int = 32) -> tuple:
-    x = torch.randn(n, 8, generator=g)
-    return x, x[:, :4].argmax(1)
 
 
 def _cleared(report: trainlint.Report) -> list:
