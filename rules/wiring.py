@@ -520,7 +520,7 @@ def _cleared_before_step(trace: RunTrace) -> Optional[Hit]:
         module="",
         message=(f"at {len(cleared)} of {len(judged)} observed optimizer step(s) (first at step "
                  f"{cleared[0]}) the gradients backward computed were cleared before "
-                 "optimizer.step() used them (.grad set to None): zero_grad() is "
+                 "optimizer.step() used them (.grad None, or zeroed in place): zero_grad() is "
                  "called between loss.backward() and optimizer.step(), so the optimizer never "
                  f"updates the trainable parameters from their gradients{unchanged}"),
         fix=("call optimizer.zero_grad() before loss.backward() (zero_grad, forward, loss, "
@@ -576,17 +576,18 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     1.66 -> 1.16 with the layer built in ``__init__``).
 
     In a Monitor run, gradients that the backward computed and that were cleared before
-    ``optimizer.step()`` ran (``.grad`` set to None) at more than half of the
+    ``optimizer.step()`` ran (``.grad`` None, or zeroed in place) at more than half of the
     observed optimizer steps are reported too: ``optimizer.zero_grad()`` or
     ``model.zero_grad()`` called between ``loss.backward()`` and ``optimizer.step()`` leaves
     every parameter at its init (Adam, SGD and AdamW on an MLP: weights bit-identical after
     400 steps, accuracy 0.098 against 0.709 in the right order), while TL503 sees no
     gradient to judge an update by. A few of each optimizer's parameters are watched from the
     backward to the step; a step that runs a closure (LBFGS) is not judged, nor a parameter
-    the backward gave no gradient (frozen or unused ones are TL505's). Gradients zeroed in
-    place (``zero_grad(set_to_none=False)``) are not judged: a sample of them cannot tell that
-    from a loop that zeroes all rows but a few on purpose (textual inversion keeps its new
-    token's row of the embedding's gradient: said error, yet it trained, 0.83 -> 0.49).
+    the backward gave no gradient (frozen or unused ones are TL505's). A gradient zeroed in
+    place (``zero_grad(set_to_none=False)``) counts where the optimizer's smallest, read whole
+    (``FULL_READ`` elements at most, a bias's), is all zeros: a sample could not tell it from
+    a loop that zeroes all rows but a few on purpose (textual inversion keeps its new token's
+    row of the embedding's gradient: said error, yet it trained, 0.83 -> 0.49).
 
     ## Fix
     Build the optimizer from ``model.parameters()`` after the model is complete, or add the

@@ -1,24 +1,25 @@
 """Gradients cleared between ``loss.backward()`` and ``optimizer.step()``: a ``zero_grad()``
-(the optimizer's or the model's, at its default ``set_to_none=True``) called between them, so
-every step applies no gradient and the weights never change (TL506).
+(the optimizer's or the model's, ``set_to_none`` either way) called between them, so every
+step applies no gradient and the weights never change (TL506).
 
 While a step is observed, up to ``WATCHED`` of each watched optimizer's trainable parameters
-(the first, the last and between, as :mod:`trainlint.gradcarry` picks them) get a
-post-accumulate hook: it keeps, once backward has added a gradient to ``.grad``, whether a
-strided sample of it (``SAMPLE`` elements) held a value other than 0 (a device bool). At the
-optimizer's step pre-hook, the parameters the latest backward gave a gradient are read
-again: cleared where ``.grad`` is None (known on the host). A ``.grad`` zeroed in place
-(``set_to_none=False``) is not judged: a sample cannot tell it from a loop that zeroes all
-but a few rows on purpose (textual inversion: TL506 said error on a run that trained, loss
-0.83 -> 0.49), and a full read of each gradient would cost a pass over it. The step's
-verdict, a device bool (some parameter got a gradient that was not 0, and each that did had
-``.grad`` set to None), travels in the observed step's one copy to the host. A step that
-runs a closure (LBFGS, a SAM's ``step(closure)``) computes its gradients inside ``step()``:
-not judged. Nothing runs outside observed steps.
+(the first, the last and between, as :mod:`trainlint.gradcarry` picks them), and its
+smallest, get a post-accumulate hook: it keeps, once backward has added a gradient to
+``.grad``, that tensor and whether a strided sample of it (``SAMPLE`` elements) held a value
+other than 0 (a device bool). At the optimizer's step pre-hook, the parameters the latest
+backward gave a gradient are read again: cleared where ``.grad`` is None (known on the host),
+or where it is the tensor backward made and the smallest of those, read whole (at most
+``FULL_READ`` elements: a bias), is all zeros. A sample would not do: textual inversion
+zeroes every row of an embedding's gradient but its new token's (TL506 said error on a run
+that trained, loss 0.83 -> 0.49); a ``.grad`` the loop replaced by another tensor is no
+clearing. The step's verdict, a device bool, travels in the observed step's one copy to the
+host. A step that runs a closure (LBFGS, a SAM's ``step(closure)``) computes its gradients
+inside ``step()``: not judged. Nothing runs outside observed steps.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -47,7 +48,7 @@ class GradClear:
     def __init__(self) -> None:
         self.handles: list = []
         # id(parameter) -> (its gradient's sample held a value other than 0 (device bool), the
-        # backward's id), for the watched parameters.
+        # backward's id, a weak reference to that gradient), for the watched parameters.
         self.added: dict[int, tuple] = {}
         self.verdicts: list = []  # device bools, one per optimizer step judged
 
@@ -62,9 +63,11 @@ class GradClear:
                          and id(p) not in seen]
             if not trainable:
                 continue
-            picks = sorted({round(i * (len(trainable) - 1) / max(WATCHED - 1, 1))
-                            for i in range(WATCHED)})
-            for i in picks:
+            picks = {round(i * (len(trainable) - 1) / max(WATCHED - 1, 1))
+                     for i in range(WATCHED)}
+            # ... and its smallest, whose gradient zeroed in place a full read can tell.
+            picks.add(min(range(len(trainable)), key=lambda i: trainable[i].numel()))
+            for i in sorted(picks):
                 p = trainable[i]
                 seen.add(id(p))
                 self.handles.append(p.register_post_accumulate_grad_hook(self._on_added))
@@ -75,7 +78,7 @@ class GradClear:
             self.added.pop(id(param), None)
             return
         with torch.no_grad():
-            self.added[id(param)] = (_nonzero(grad), _task())
+            self.added[id(param)] = (_nonzero(grad), _task(), weakref.ref(grad))
 
     def judge(self, params: list) -> None:
         """At an optimizer's step (its pre-hook, no closure): whether the gradients the latest
@@ -86,16 +89,24 @@ class GradClear:
         found = [(p, self.added.pop(id(p))) for p in params if id(p) in self.added]
         if not found:
             return
-        latest = max(task for _, (_, task) in found)
-        # Cleared where every .grad is None now; one still there is kept, or zeroed in place,
-        # or in part (textual inversion zeroes each row of an embedding's gradient but its new
-        # token's): a sample cannot tell those apart, and a full read costs a pass over it.
-        had = [nonzero for p, (nonzero, task) in found if task == latest]
-        kept = any(p.grad is not None for p, (_, task) in found if task == latest)
+        latest = max(task for _, (_, task, _) in found)
+        current = [(p, nonzero, ref) for p, (nonzero, task, ref) in found if task == latest]
+        verdict = _verdict([nonzero for _, nonzero, _ in current])
+        if verdict is None:
+            return
+        # Another tensor put in .grad is no clearing. One zeroed in place, or in part
+        # (textual inversion zeroes each row of an embedding's gradient but its new token's),
+        # a sample cannot tell: a full read of the smallest such gradient, where it is small.
+        replaced = any(p.grad is not None and p.grad is not ref() for p, _, ref in current)
+        in_place = [p for p, _, ref in current if p.grad is not None and p.grad is ref()]
         with torch.no_grad():
-            verdict = _verdict(had)
-            if verdict is not None:
-                self.verdicts.append(verdict & False if kept else verdict)
+            if replaced:
+                verdict = verdict & False
+            elif in_place:
+                small = min(in_place, key=lambda p: p.numel())
+                verdict = (verdict & ~small.grad.ne(0).any() if small.numel() <= FULL_READ
+                           else verdict & False)
+        self.verdicts.append(verdict)
 
     def forget(self, params: list) -> None:
         """Spend the watched records of ``params`` without a verdict (a closure's step)."""
@@ -115,9 +126,13 @@ class GradClear:
         self.added.clear()
 
 
+# The most elements of a gradient zeroed in place read whole to judge it (a bias's, a norm
+# scale's: next to nothing beside the step).
+FULL_READ = 2 ** 16
+
+
 def _verdict(had: list) -> Optional[torch.Tensor]:
-    """A device bool: some parameter got a gradient other than 0 (each had it set to None
-    since, or the step was not judged)."""
+    """A device bool: some watched parameter got a gradient other than 0."""
     if not had:
         return None
     device = had[0].device
