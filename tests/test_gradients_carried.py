@@ -264,3 +264,24 @@ def test_of_two_optimizers_the_one_never_zeroed_is_named(zero_head: bool) -> Non
     assert found.evidence["optimizers"] == ["SGD over '2'"]
     assert "(SGD over '2')" in found.message
     assert found.fix.startswith("also call zero_grad() on the SGD over '2'")
+
+
+def test_of_two_optimizers_alike_the_one_never_zeroed_is_named_by_its_place() -> None:
+    """Two Adams, each over a weight of one layer and a bias of the other (no module in
+    common): the label alone would read "the Adam" for either."""
+    model = _net()
+    first, second = (torch.optim.Adam([model[0].weight, model[2].bias], lr=1e-3),
+                     torch.optim.Adam([model[0].bias, model[2].weight], lr=1e-3))
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, [first, second], every=5) as monitor:
+        for _ in range(30):
+            x, y = _batch(g)
+            first.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            first.step()
+            second.step()
+            monitor.step(loss)
+        [found] = [f for f in monitor.report().findings if f.code == "TL502"]
+    assert found.evidence["optimizers"] == ["Adam (optimizer 1 of those given)"]
+    assert "also call zero_grad() on the Adam (optimizer 1 of those given)" in found.fix

@@ -491,7 +491,13 @@ class Monitor:
         trace.replaced_optimizers = list(self._replaced)
         trace.grads_carried = self._carry.carried()
         if len(self.optimizers) > 1:
-            trace.carried_by = [self._optimizer_label(o) for o in self._carry.carried_by]
+            labels = [self._optimizer_label(o) for o in self.optimizers]
+            # Two alike (two Adams over no common module): their place in the list given.
+            labels = [f"{label} (optimizer {i} of those given)" if labels.count(label) > 1
+                      else label for i, label in enumerate(labels)]
+            by_id = {id(o): label for o, label in zip(self.optimizers, labels)}
+            trace.carried_by = [by_id.get(id(o), self._optimizer_label(o))
+                                for o in self._carry.carried_by]
         trace.optimizer_stepped = self.probe.own_step_seen
         if graph is not None:
             trace.unregistered = unregistered_holders(self.model, graph.foreign_ids)
