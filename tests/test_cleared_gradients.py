@@ -252,3 +252,18 @@ def test_gradients_zeroed_in_place_but_one_row_are_not_cleared(rows: int) -> Non
     the row; one too large to read whole is not judged."""
     assert 32 * 1024 <= gradclear.FULL_READ < 32 * 8192
     assert _textual_inversion(rows) == []
+
+
+def _bias_kept_still(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
+    """The last layer's bias kept at its init by zeroing its gradient in place each step."""
+    opt.zero_grad(set_to_none=False)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model[2].bias.grad.zero_()
+    opt.step()
+    return loss
+
+
+def test_one_bias_gradient_zeroed_on_purpose_is_no_clearing() -> None:
+    """The smallest watched gradient (that bias's) is all zeros, the weights' are not."""
+    assert _healthy(_bias_kept_still) == []

@@ -8,13 +8,14 @@ smallest, get a post-accumulate hook: it keeps, once backward has added a gradie
 ``.grad``, that tensor and whether a strided sample of it (``SAMPLE`` elements) held a value
 other than 0 (a device bool). At the optimizer's step pre-hook, the parameters the latest
 backward gave a gradient are read again: cleared where ``.grad`` is None (known on the host),
-or where it is the tensor backward made and the smallest of those, read whole (at most
-``FULL_READ`` elements: a bias), is all zeros. A sample would not do: textual inversion
-zeroes every row of an embedding's gradient but its new token's (TL506 said error on a run
-that trained, loss 0.83 -> 0.49); a ``.grad`` the loop replaced by another tensor is no
-clearing. The step's verdict, a device bool, travels in the observed step's one copy to the
-host. A step that runs a closure (LBFGS, a SAM's ``step(closure)``) computes its gradients
-inside ``step()``: not judged. Nothing runs outside observed steps.
+or where it is the tensor backward made, the smallest of those read whole (at most
+``FULL_READ`` elements: a bias) is all zeros, and so are the others' samples. A sample alone
+would not do: textual inversion zeroes every row of an embedding's gradient but its new
+token's (TL506 said error on a run that trained, loss 0.83 -> 0.49). A ``.grad`` the loop
+replaced by another tensor is no clearing. The step's verdict, a device bool, travels in the
+observed step's one copy to the host. A step that runs a closure (LBFGS, a SAM's
+``step(closure)``) computes its gradients inside ``step()``: not judged. Nothing runs
+outside observed steps.
 """
 
 from __future__ import annotations
@@ -103,9 +104,15 @@ class GradClear:
             if replaced:
                 verdict = verdict & False
             elif in_place:
+                # The smallest read whole, the others' samples: a loop that zeroes one bias's
+                # gradient on purpose keeps the weights'.
                 small = min(in_place, key=lambda p: p.numel())
-                verdict = (verdict & ~small.grad.ne(0).any() if small.numel() <= FULL_READ
-                           else verdict & False)
+                if small.numel() > FULL_READ:
+                    verdict = verdict & False
+                else:
+                    left = [small.grad.ne(0).any()] + [_nonzero(p.grad) for p in in_place
+                                                        if p is not small]
+                    verdict = verdict & ~torch.stack(left).any()
         self.verdicts.append(verdict)
 
     def forget(self, params: list) -> None:
