@@ -583,11 +583,13 @@ def parameters_not_in_optimizer(trace: RunTrace, t: Thresholds) -> Iterator[Hit]
     400 steps, accuracy 0.098 against 0.709 in the right order), while TL503 sees no
     gradient to judge an update by. A few of each optimizer's parameters are watched from the
     backward to the step; a step that runs a closure (LBFGS) is not judged, nor a parameter
-    the backward gave no gradient (frozen or unused ones are TL505's). A gradient zeroed in
-    place (``zero_grad(set_to_none=False)``) counts where the optimizer's smallest, read whole
-    (``FULL_READ`` elements at most, a bias's), is all zeros: a sample could not tell it from
-    a loop that zeroes all rows but a few on purpose (textual inversion keeps its new token's
-    row of the embedding's gradient: said error, yet it trained, 0.83 -> 0.49).
+    the backward gave no gradient (frozen or unused ones are TL505's). A step's gradients
+    count as cleared when every parameter the optimizer holds has ``.grad`` None, or when
+    those left are all zeros, read whole where they hold ``FULL_READ`` (2^20) elements at
+    most in all (``zero_grad(set_to_none=False)``; a larger model's are not judged): a loop
+    may keep one layer's gradient, or a few rows of an embedding's, and clear the rest on
+    purpose (textual inversion: said error, yet it trained, 0.83 -> 0.49; a model trained in
+    its middle layer alone, 1.375 -> 1.136).
 
     ## Fix
     Build the optimizer from ``model.parameters()`` after the model is complete, or add the

@@ -3,19 +3,19 @@
 step applies no gradient and the weights never change (TL506).
 
 While a step is observed, up to ``WATCHED`` of each watched optimizer's trainable parameters
-(the first, the last and between, as :mod:`trainlint.gradcarry` picks them), and its
-smallest, get a post-accumulate hook: it keeps, once backward has added a gradient to
-``.grad``, that tensor and whether a strided sample of it (``SAMPLE`` elements) held a value
-other than 0 (a device bool). At the optimizer's step pre-hook, the parameters the latest
-backward gave a gradient are read again: cleared where ``.grad`` is None (known on the host),
-or where it is the tensor backward made, the smallest of those read whole (at most
-``FULL_READ`` elements: a bias) is all zeros, and so are the others' samples. A sample alone
-would not do: textual inversion zeroes every row of an embedding's gradient but its new
-token's (TL506 said error on a run that trained, loss 0.83 -> 0.49). A ``.grad`` the loop
-replaced by another tensor is no clearing. The step's verdict, a device bool, travels in the
-observed step's one copy to the host. A step that runs a closure (LBFGS, a SAM's
-``step(closure)``) computes its gradients inside ``step()``: not judged. Nothing runs
-outside observed steps.
+(the first, the last and between, as :mod:`trainlint.gradcarry` picks them) get a
+post-accumulate hook: it keeps, once backward has added a gradient to ``.grad``, that tensor
+and whether a strided sample of it (``SAMPLE`` elements) held a value other than 0 (a device
+bool). At the optimizer's step pre-hook, where one of them did, the step's gradients were
+cleared when every parameter the optimizer holds has ``.grad`` None (known on the host), or
+when those left are all zeros, read whole where they hold at most ``FULL_READ`` elements in
+all (``set_to_none=False``; a larger model's are not judged). Fewer would not do: a loop may
+keep one layer's gradient, or a few rows of an embedding's (textual inversion: TL506 said
+error on runs that trained, 0.83 -> 0.49 and 1.52 -> 0.83), and clear the rest on purpose.
+A watched ``.grad`` the loop replaced by another tensor is no clearing. The step's verdict, a
+device bool, travels in the observed step's one copy to the host. A step that runs a closure
+(LBFGS, a SAM's ``step(closure)``) computes its gradients inside ``step()``: not judged.
+Nothing runs outside observed steps.
 """
 
 from __future__ import annotations
@@ -64,11 +64,9 @@ class GradClear:
                          and id(p) not in seen]
             if not trainable:
                 continue
-            picks = {round(i * (len(trainable) - 1) / max(WATCHED - 1, 1))
-                     for i in range(WATCHED)}
-            # ... and its smallest, whose gradient zeroed in place a full read can tell.
-            picks.add(min(range(len(trainable)), key=lambda i: trainable[i].numel()))
-            for i in sorted(picks):
+            picks = sorted({round(i * (len(trainable) - 1) / max(WATCHED - 1, 1))
+                            for i in range(WATCHED)})
+            for i in picks:
                 p = trainable[i]
                 seen.add(id(p))
                 self.handles.append(p.register_post_accumulate_grad_hook(self._on_added))
@@ -95,24 +93,19 @@ class GradClear:
         verdict = _verdict([nonzero for _, nonzero, _ in current])
         if verdict is None:
             return
-        # Another tensor put in .grad is no clearing. One zeroed in place, or in part
-        # (textual inversion zeroes each row of an embedding's gradient but its new token's),
-        # a sample cannot tell: a full read of the smallest such gradient, where it is small.
+        # Cleared: every gradient of the optimizer's parameters is None now, or all those left
+        # are zeros, read whole, where they are few elements in all; another tensor put in a
+        # watched .grad is no clearing. Watched gradients alone, or samples, would not do: a
+        # loop may keep one layer's, or a few rows of an embedding's (textual inversion), and
+        # zero the rest on purpose.
+        present = [p.grad for p in params if p.requires_grad and p.grad is not None]
         replaced = any(p.grad is not None and p.grad is not ref() for p, _, ref in current)
-        in_place = [p for p, _, ref in current if p.grad is not None and p.grad is ref()]
         with torch.no_grad():
-            if replaced:
+            if present and (replaced or sum(g.numel() for g in present) > FULL_READ
+                            or any(g.layout != torch.strided for g in present)):
                 verdict = verdict & False
-            elif in_place:
-                # The smallest read whole, the others' samples: a loop that zeroes one bias's
-                # gradient on purpose keeps the weights'.
-                small = min(in_place, key=lambda p: p.numel())
-                if small.numel() > FULL_READ:
-                    verdict = verdict & False
-                else:
-                    left = [small.grad.ne(0).any()] + [_nonzero(p.grad) for p in in_place
-                                                        if p is not small]
-                    verdict = verdict & ~torch.stack(left).any()
+            elif present:
+                verdict = verdict & ~torch.stack([g.ne(0).any() for g in present]).any()
         self.verdicts.append(verdict)
 
     def forget(self, params: list) -> None:
@@ -133,9 +126,9 @@ class GradClear:
         self.added.clear()
 
 
-# The most elements of a gradient zeroed in place read whole to judge it (a bias's, a norm
-# scale's: next to nothing beside the step).
-FULL_READ = 2 ** 16
+# The most elements, over all of an optimizer's gradients left in place, read whole to
+# judge whether they were zeroed (a small model's: next to nothing beside its step).
+FULL_READ = 2 ** 20
 
 
 def _verdict(had: list) -> Optional[torch.Tensor]:
