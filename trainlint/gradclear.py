@@ -105,7 +105,9 @@ class GradClear:
                             or any(g.layout != torch.strided for g in present)):
                 verdict = verdict & False
             elif present:
-                verdict = verdict & ~torch.stack([g.ne(0).any() for g in present]).any()
+                largest = torch._foreach_norm(present, float("inf"))  # one call for all
+                verdict = verdict & ~torch.stack(
+                    [n.to(verdict.device, torch.float32) for n in largest]).ne(0).any()
         self.verdicts.append(verdict)
 
     def forget(self, params: list) -> None:
