@@ -294,3 +294,22 @@ def _bias_kept_still(step: int, model: nn.Module, opt, x, y) -> torch.Tensor:
 def test_one_bias_gradient_zeroed_on_purpose_is_no_clearing() -> None:
     """The smallest watched gradient (that bias's) is all zeros, the weights' are not."""
     assert _healthy(_bias_kept_still) == []
+
+
+def test_a_run_takes_its_first_verdicts_only() -> None:
+    """The watch costs ~2% of a small CNN's observed step on a CPU: it stops after
+    ``JUDGED`` verdicts (a loop that clears its gradients does so at every step)."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), 0.05)
+    g = torch.Generator().manual_seed(0)
+    with trainlint.Monitor(model, opt, every=1) as monitor:
+        for _ in range(gradclear.JUDGED + 4):
+            x, y = _batch(g)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.zero_grad()
+            opt.step()
+            monitor.step(loss)
+        [found] = _cleared(monitor.report())
+    assert found.evidence["judged_steps"] == gradclear.JUDGED
+    assert found.evidence["cleared_steps"] == list(range(gradclear.JUDGED))
