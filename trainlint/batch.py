@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import TargetError
+from .lossgraph import made_by
 
 
 def leading_size(tensors: list) -> Optional[int]:
@@ -142,24 +143,6 @@ def primary_output(outputs: Any) -> Optional[torch.Tensor]:
     return first_float_tensor(outputs)
 
 
-# Autograd nodes that only reshape or move their input's values.
-_SHAPE_NODES = ("View", "Reshape", "UnsafeView", "Permute", "Transpose", "T", "Squeeze",
-                "Unsqueeze", "Clone", "Expand", "Contiguous", "Select", "Slice")
-
-
-def _log_probabilities(out: torch.Tensor) -> bool:
-    """Whether ``out`` was made by log_softmax, through ops that only reshape it."""
-    node = out.grad_fn
-    while node is not None:
-        name = type(node).__name__.rstrip("0123456789")
-        if name == "LogSoftmaxBackward":
-            return True
-        if not name.endswith("Backward") or name[:-len("Backward")] not in _SHAPE_NODES:
-            return False
-        node = next((n for n, _ in node.next_functions if n is not None), None)
-    return False
-
-
 @dataclass
 class LossChoice:
     fn: Callable[[Any, Any], torch.Tensor]
@@ -179,7 +162,7 @@ def default_loss(outputs: Any, targets: Any) -> LossChoice:
     if isinstance(targets, torch.Tensor):
         # Log-probabilities (a model ending in log_softmax, as pytorch/examples' MNIST) take
         # NLLLoss: cross-entropy over them is the same value, but it is TL601's double softmax.
-        logs = _log_probabilities(out)
+        logs = made_by(out) == "LogSoftmaxBackward"
         ce, kind, what = ((F.nll_loss, "nll", "negative log-likelihood (the model's output is "
                            "log_softmax)") if logs else
                           (F.cross_entropy, "cross_entropy", "cross-entropy"))

@@ -194,6 +194,13 @@ def _through(node: Any, stops: Optional[dict] = None, path: Optional[set] = None
     return node
 
 
+def made_by(t: torch.Tensor) -> Optional[str]:
+    """The name of the autograd node that made ``t``'s values, through reshapes, casts and
+    clamps (``"LogSoftmaxBackward"`` for a model ending in log_softmax); None for a leaf."""
+    node = _through(t.grad_fn)
+    return None if node is None else node_name(node)
+
+
 def _walk(roots: list, parent: Optional[dict] = None) -> Iterator[Any]:
     """The autograd nodes reachable from ``roots``, breadth first, at most ``MAX_NODES``;
     ``parent``, where given, gets each node's first parent."""
