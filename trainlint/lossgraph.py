@@ -201,12 +201,16 @@ def made_by(t: torch.Tensor) -> Optional[str]:
     return None if node is None else node_name(node)
 
 
-def _walk(roots: list, parent: Optional[dict] = None) -> Iterator[Any]:
-    """The autograd nodes reachable from ``roots``, breadth first, at most ``MAX_NODES``;
-    ``parent``, where given, gets each node's first parent."""
+def _walk(roots: list, parent: Optional[dict] = None,
+          stops: Iterable[int] = ()) -> Iterator[Any]:
+    """The autograd nodes reachable from ``roots``, breadth first, at most ``MAX_NODES``, not
+    through nor at those whose ids are in ``stops``; ``parent``, where given, gets each node's
+    first parent."""
     seen, todo = set(roots), deque(roots)
     while todo and len(seen) < MAX_NODES:
         node = todo.popleft()
+        if id(node) in stops:
+            continue
         yield node
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
@@ -298,19 +302,8 @@ def _loss_ops(root: Any, outputs: dict) -> tuple:
     the outputs are not known: the walk would go through the model)."""
     if not outputs:
         return ()
-    found, seen, todo = set(), {root}, deque([root])
-    while todo and len(seen) < MAX_NODES:
-        node = todo.popleft()
-        if id(node) in outputs:
-            continue
-        op = RISKY_NODES.get(node.name())
-        if op is not None:
-            found.add(op)
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                seen.add(child)
-                todo.append(child)
-    return tuple(sorted(found))
+    found = {RISKY_NODES.get(node.name()) for node in _walk([root], stops=outputs)}
+    return tuple(sorted(found - {None}))
 
 
 def summed_over_items(root: Any) -> bool:
