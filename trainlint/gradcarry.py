@@ -29,6 +29,21 @@ SAMPLE = 4096
 WATCHED = 4
 
 
+def sampled_nonzero(grad: torch.Tensor) -> torch.Tensor:
+    """Whether a strided sample of ``SAMPLE`` elements of ``grad`` holds a value other than 0
+    (a device bool)."""
+    flat = grad.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // SAMPLE)].ne(0).any()
+
+
+def spread(params: list) -> list:
+    """Up to ``WATCHED`` of ``params``, spread over the list: the first, the last and between."""
+    if not params:
+        return []
+    picks = {round(i * (len(params) - 1) / max(WATCHED - 1, 1)) for i in range(WATCHED)}
+    return [params[i] for i in sorted(picks)]
+
+
 class _Watch:
     """One parameter's ``.grad`` from an observed step to its optimizer's next step."""
 
@@ -46,8 +61,7 @@ class _Watch:
         if held is None or held is not self.applied() or held.layout != torch.strided:
             self.reset = True
         elif not self.reset:  # a strided sample: zeros in place read as zeros throughout
-            flat = held.detach().reshape(-1)
-            self.seen = flat[::max(1, flat.numel() // SAMPLE)].ne(0).any()
+            self.seen = sampled_nonzero(held)
 
     def _on_added(self, param: torch.Tensor) -> None:
         # Backward added the gradient to .grad (torch.autograd.grad does not come here).
@@ -72,10 +86,15 @@ class _Watch:
         self.seen = self.kept = None
 
 
+def graph_task() -> int:
+    """The running backward's id (increasing from one backward call to the next), or -1."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if task is None else task()
+
+
 def _in_backward() -> bool:
     """Whether a backward pass is running (this code is called from one of its hooks)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+    return graph_task() != -1
 
 
 class _Sentinel:
@@ -129,10 +148,8 @@ class GradCarry:
         with_grad = [p for p in optimizer_params([optimizer]) if p.requires_grad
                      and p.grad is not None and p.grad.layout == torch.strided]
         if with_grad:
-            picks = sorted({round(i * (len(with_grad) - 1) / max(WATCHED - 1, 1))
-                            for i in range(WATCHED)})
-            self.pending[id(optimizer)] = _Sentinel(
-                self, optimizer, [with_grad[i] for i in picks], self.step)
+            self.pending[id(optimizer)] = _Sentinel(self, optimizer, spread(with_grad),
+                                                    self.step)
 
     def sweep(self) -> None:
         """Take off the sentinels spent since (at their optimizer's next step)."""

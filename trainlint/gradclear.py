@@ -26,20 +26,8 @@ from typing import Optional
 import torch
 from torch.nn.parameter import is_lazy
 
-from .gradcarry import SAMPLE, WATCHED
+from .gradcarry import graph_task, sampled_nonzero, spread
 from .optimizers import optimizer_params
-
-
-def _nonzero(grad: torch.Tensor) -> torch.Tensor:
-    """Whether a strided sample of ``grad`` holds a value other than 0 (a device bool)."""
-    flat = grad.detach().reshape(-1)
-    return flat[::max(1, flat.numel() // SAMPLE)].ne(0).any()
-
-
-def _task() -> int:
-    """The running backward's id (increasing from one backward call to the next), or -1."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if task is None else task()
 
 
 class GradClear:
@@ -66,12 +54,7 @@ class GradClear:
             trainable = [p for p in optimizer_params([optimizer]) if p.requires_grad
                          and p.is_leaf and p.layout == torch.strided and not is_lazy(p)
                          and id(p) not in seen]
-            if not trainable:
-                continue
-            picks = sorted({round(i * (len(trainable) - 1) / max(WATCHED - 1, 1))
-                            for i in range(WATCHED)})
-            for i in picks:
-                p = trainable[i]
+            for p in spread(trainable):
                 seen.add(id(p))
                 self.handles.append(p.register_post_accumulate_grad_hook(self._on_added))
 
@@ -81,7 +64,7 @@ class GradClear:
             self.added.pop(id(param), None)
             return
         with torch.no_grad():
-            self.added[id(param)] = (_nonzero(grad), _task(), weakref.ref(grad))
+            self.added[id(param)] = (sampled_nonzero(grad), graph_task(), weakref.ref(grad))
 
     def judge(self, params: list) -> None:
         """At an optimizer's step (its pre-hook, no closure): whether the gradients the latest
