@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 import weakref
 from typing import Any, Optional
 
@@ -510,12 +511,7 @@ class Monitor:
         names = {id(p): n for n, p in self.model.named_parameters()}
         held = [names[id(p)].split(".")[:-1] for p in optimizer_params([optimizer])
                 if id(p) in names]
-        common = held[0] if held else []
-        for parts in held[1:]:
-            same = 0
-            while same < min(len(common), len(parts)) and common[same] == parts[same]:
-                same += 1
-            common = common[:same]
+        common = os.path.commonprefix(held) if held else []  # (element-wise, on lists too)
         where = f" over {'.'.join(common)!r}" if common else ""
         return f"{type(optimizer).__name__}{where}"
 
