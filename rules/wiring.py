@@ -340,12 +340,13 @@ def unused_parameters(trace: RunTrace, t: Thresholds) -> Iterator[Hit]:
                 severity="info",
             )
             continue
-        twin = trained_twin(trace, module) if module else None
-        if twin is not None and any(m == module or m.startswith(module + ".")
-                                    for m in trace.gradless):
+        gradless = bool(module) and any(m == module or m.startswith(module + ".")
+                                        for m in trace.gradless)
+        twin = trained_twin(trace, module) if gradless else None
+        if twin is not None:
             yield _target_copy(trace, module, twin, found, evidence)
             continue
-        if module and any(m == module or m.startswith(module + ".") for m in trace.gradless):
+        if gradless:
             yield Hit(
                 module=module,
                 message=found + ("it ran with autograd off inside the training forward "
